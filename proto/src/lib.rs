@@ -1,0 +1,15 @@
+//! Pieces every Tether process must agree on.
+//!
+//! Layout:
+//! - [`id`]: client ids — the alphabet the balancer and nodes accept, and minting new ones;
+//! - [`hrw`]: rendezvous (highest random weight) ranking of nodes for a client id, with a
+//!   fixed, specified hash so that every balancer process, release and machine agrees;
+//! - [`wire`]: the JSON protocol between clients and nodes (client messages, node events,
+//!   error and close codes, room and display-name rules);
+//! - [`logging`]: the tracing set-up shared by the binaries (`RUST_LOG`, `--log-format json`).
+#![forbid(unsafe_code)]
+
+pub mod hrw;
+pub mod id;
+pub mod logging;
+pub mod wire;
