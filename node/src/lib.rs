@@ -1,1 +1,35 @@
+//! `tether-node`: a WebSocket room server whose rooms span every node through a backbone.
+//!
+//! Layout, in the order a connection meets them:
+//! - [`server`]: the listener; HTTP/1.1 (`/healthz`, `/readyz`, `/metrics`) and the
+//!   WebSocket upgrade on any path; shutdown and drain;
+//! - [`session`]: one client connection: decodes frames, joins/leaves rooms, publishes
+//!   messages, and writes its bounded send queue to the socket;
+//! - [`hub`]: which local connections are in which room, and the non-blocking fan-out of
+//!   one backbone frame to them;
+//! - [`backbone`]: how frames travel between nodes (Redis pub/sub + streams, or none);
+//! - [`config`]: `configs/node.toml` and its validation;
+//! - [`metrics`]: every exported metric.
+//!
+//! The binary (`main.rs`) only parses flags, loads the config, binds and calls [`run`].
+#![forbid(unsafe_code)]
 
+pub mod backbone;
+pub mod config;
+pub mod hub;
+pub mod metrics;
+pub mod server;
+pub mod session;
+
+pub use config::{Config, FileConfig};
+pub use server::run;
+
+/// Why the node could not run. Per-connection errors never get here: they are logged at the
+/// connection's boundary and cost only that connection.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("listener: {0}")]
+    Io(#[source] std::io::Error),
+    #[error("backbone set-up: {0}")]
+    Backbone(String),
+}

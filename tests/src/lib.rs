@@ -1,1 +1,303 @@
+//! Fixtures for Tether's end-to-end tests.
+//!
+//! - [`WsClient`]: a real WebSocket client (tokio-tungstenite) with deadline-bound receive
+//!   helpers, so tests wait on conditions, never on sleeps;
+//! - [`InProcessNode`]: a `tether-node` served in this process on a port-0 listener, with
+//!   its own runtime thread so that "killing" it drops every socket at once;
+//! - process fixtures (a real `redis-server` on a free port, node and balancer processes)
+//!   come from the `tether` crate's [`tether::cluster`] module, shared with `tether up`.
 
+use anyhow::{anyhow, bail, Context, Result};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+use tokio_util::sync::CancellationToken;
+
+pub use tether::cluster;
+
+/// Default deadline for anything a test waits for.
+pub const DEADLINE: Duration = Duration::from_secs(10);
+
+/// A WebSocket client speaking Tether's JSON protocol.
+pub struct WsClient {
+    ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    /// Every frame received so far, in order (also those `recv_until` skipped over).
+    pub seen: Vec<Value>,
+    /// Response headers of the upgrade.
+    pub headers: http::HeaderMap,
+}
+
+/// How a connection ended, as seen by the client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Closed {
+    /// A close frame with this code and reason.
+    Code(u16, String),
+    /// The connection ended without a close frame (EOF or reset).
+    Dropped,
+}
+
+impl WsClient {
+    /// Connects to `url` (e.g. `ws://127.0.0.1:8080/ws?client=alice`).
+    pub async fn connect(url: &str) -> Result<Self> {
+        Self::connect_with(url, &[]).await
+    }
+
+    /// Connects with extra request headers.
+    pub async fn connect_with(url: &str, headers: &[(&str, &str)]) -> Result<Self> {
+        let mut req = url.into_client_request().context("building the request")?;
+        for (k, v) in headers {
+            req.headers_mut().insert(
+                http::HeaderName::from_bytes(k.as_bytes())?,
+                http::HeaderValue::from_str(v)?,
+            );
+        }
+        let (ws, resp) = tokio::time::timeout(DEADLINE, tokio_tungstenite::connect_async(req))
+            .await
+            .map_err(|_| anyhow!("connecting to {url} timed out"))?
+            .with_context(|| format!("connecting to {url}"))?;
+        Ok(Self {
+            ws,
+            seen: Vec::new(),
+            headers: resp.headers().clone(),
+        })
+    }
+
+    /// Connects and reads the `connected` frame.
+    pub async fn connect_ready(url: &str) -> Result<(Self, Value)> {
+        let mut c = Self::connect(url).await?;
+        let hello = c.recv_type("connected").await?;
+        Ok((c, hello))
+    }
+
+    pub async fn send(&mut self, v: Value) -> Result<()> {
+        self.send_text(v.to_string()).await
+    }
+
+    pub async fn send_text(&mut self, text: String) -> Result<()> {
+        self.ws
+            .send(Message::Text(text.into()))
+            .await
+            .context("sending")
+    }
+
+    pub async fn send_raw(&mut self, msg: Message) -> Result<()> {
+        self.ws.send(msg).await.context("sending")
+    }
+
+    /// The next JSON frame, within `DEADLINE`.
+    pub async fn recv(&mut self) -> Result<Value> {
+        self.recv_within(DEADLINE).await
+    }
+
+    pub async fn recv_within(&mut self, deadline: Duration) -> Result<Value> {
+        loop {
+            let msg = tokio::time::timeout(deadline, self.ws.next())
+                .await
+                .map_err(|_| {
+                    anyhow!("no frame within {deadline:?}; seen so far: {:?}", self.seen)
+                })?;
+            match msg {
+                Some(Ok(Message::Text(t))) => {
+                    let v: Value =
+                        serde_json::from_str(t.as_str()).with_context(|| format!("frame {t:?}"))?;
+                    self.seen.push(v.clone());
+                    return Ok(v);
+                }
+                Some(Ok(Message::Close(c))) => bail!("closed by the server: {c:?}"),
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => bail!("receive failed: {e}"),
+                None => bail!("connection ended"),
+            }
+        }
+    }
+
+    /// Reads frames until one satisfies `pred`, within `DEADLINE` in all.
+    pub async fn recv_until(&mut self, what: &str, pred: impl Fn(&Value) -> bool) -> Result<Value> {
+        let end = tokio::time::Instant::now() + DEADLINE;
+        loop {
+            let left = end.saturating_duration_since(tokio::time::Instant::now());
+            let v = self
+                .recv_within(left)
+                .await
+                .with_context(|| format!("waiting for {what}"))?;
+            if pred(&v) {
+                return Ok(v);
+            }
+        }
+    }
+
+    /// Reads until a frame of `type` arrives.
+    pub async fn recv_type(&mut self, kind: &str) -> Result<Value> {
+        self.recv_until(kind, |v| v["type"] == kind).await
+    }
+
+    /// Joins `room` and waits for this client's own `user_joined` (the join is complete).
+    pub async fn join(&mut self, room: &str) -> Result<()> {
+        self.send(json!({"type":"join","room":room})).await?;
+        let id = self.id_hint();
+        self.recv_until("own user_joined", |v| {
+            v["type"] == "user_joined"
+                && v["room"] == room
+                && id.as_ref().is_none_or(|id| v["id"] == *id)
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// The client id from the `connected` frame, once seen.
+    pub fn id_hint(&self) -> Option<String> {
+        self.seen
+            .iter()
+            .find(|v| v["type"] == "connected")
+            .and_then(|v| v["id"].as_str().map(String::from))
+    }
+
+    /// Waits for the connection to end and says how.
+    pub async fn closed(&mut self) -> Result<Closed> {
+        self.closed_within(DEADLINE).await
+    }
+
+    pub async fn closed_within(&mut self, deadline: Duration) -> Result<Closed> {
+        let end = tokio::time::Instant::now() + deadline;
+        loop {
+            let left = end.saturating_duration_since(tokio::time::Instant::now());
+            let msg = tokio::time::timeout(left, self.ws.next())
+                .await
+                .map_err(|_| anyhow!("connection still open after {deadline:?}"))?;
+            match msg {
+                Some(Ok(Message::Close(Some(f)))) => {
+                    return Ok(Closed::Code(f.code.into(), f.reason.to_string()))
+                }
+                Some(Ok(Message::Close(None))) => return Ok(Closed::Code(1005, String::new())),
+                Some(Ok(Message::Text(t))) => {
+                    if let Ok(v) = serde_json::from_str(t.as_str()) {
+                        self.seen.push(v);
+                    }
+                }
+                Some(Ok(_)) => {}
+                Some(Err(_)) | None => return Ok(Closed::Dropped),
+            }
+        }
+    }
+
+    pub async fn close(mut self) {
+        let _ = self.ws.close(None).await;
+    }
+}
+
+/// A node served in this process, on its own runtime thread.
+pub struct InProcessNode {
+    pub name: String,
+    pub addr: SocketAddr,
+    shutdown: CancellationToken,
+    thread: Option<std::thread::JoinHandle<()>>,
+    kill: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl InProcessNode {
+    /// Starts a node named `name` on 127.0.0.1:0 with `config` tweaks applied.
+    pub fn start(
+        name: &str,
+        redis_url: &str,
+        tweak: impl FnOnce(&mut tether_node::Config),
+    ) -> Result<Self> {
+        let mut cfg = tether_node::Config::with_defaults(name, redis_url);
+        cfg.listen = "127.0.0.1:0".parse()?;
+        tweak(&mut cfg);
+        let std_listener = std::net::TcpListener::bind(cfg.listen)?;
+        std_listener.set_nonblocking(true)?;
+        let addr = std_listener.local_addr()?;
+        let shutdown = CancellationToken::new();
+        let (kill_tx, kill_rx) = tokio::sync::oneshot::channel();
+        let token = shutdown.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("node-{name}"))
+            .spawn(move || {
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()
+                    .expect("test runtime");
+                rt.block_on(async move {
+                    let listener =
+                        tokio::net::TcpListener::from_std(std_listener).expect("listener");
+                    tokio::select! {
+                        r = tether_node::run(listener, cfg, token) => { let _ = r; }
+                        _ = kill_rx => {}
+                    }
+                });
+                // Dropping the runtime drops every task and socket at once, as a SIGKILL would.
+                rt.shutdown_background();
+            })?;
+        Ok(Self {
+            name: name.to_string(),
+            addr,
+            shutdown,
+            thread: Some(thread),
+            kill: Some(kill_tx),
+        })
+    }
+
+    pub fn ws_url(&self, client: &str) -> String {
+        format!("ws://{}/ws?client={client}", self.addr)
+    }
+
+    /// Graceful stop (as SIGTERM): clients get 1012.
+    pub fn stop(&mut self) {
+        self.shutdown.cancel();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+
+    /// Abrupt stop: every task and socket dropped, no goodbye to anyone.
+    pub fn kill(&mut self) {
+        if let Some(k) = self.kill.take() {
+            let _ = k.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for InProcessNode {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Polls `check` until it returns `Some`, or fails after `DEADLINE`.
+pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let end = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        if let Some(v) = check().await {
+            return Ok(v);
+        }
+        if tokio::time::Instant::now() >= end {
+            bail!("gave up waiting for {what} after {DEADLINE:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `PUBSUB NUMSUB channel` on the given Redis.
+pub async fn numsub(redis_url: &str, channel: &str) -> Result<i64> {
+    let client = redis::Client::open(redis_url)?;
+    let mut con = client.get_multiplexed_async_connection().await?;
+    let (_, n): (String, i64) = redis::cmd("PUBSUB")
+        .arg("NUMSUB")
+        .arg(channel)
+        .query_async(&mut con)
+        .await?;
+    Ok(n)
+}

@@ -1,0 +1,66 @@
+//! The backbone: how a room's frames travel between nodes.
+//!
+//! A node never delivers a room frame to its local members directly: it publishes once to
+//! the backbone and delivers only what comes back from its subscription (the seed lesson's
+//! "double delivery" mistake cannot happen). Implementations:
+//! - [`redis::RedisBackbone`]: Redis pub/sub for live frames; a Lua script assigns each
+//!   message its per-room `seq`, appends it to the room's log stream and publishes it, in
+//!   one atomic step, so every node sees a room's messages in seq order;
+//! - [`local::LocalBackbone`]: no backbone at all (`--backbone none`): sticky sessions
+//!   alone, a room reaches only the members on the same node.
+//!
+//! A third backbone (NATS, issue 5) is a new module implementing [`Backbone`].
+
+pub mod local;
+pub mod redis;
+
+use futures_util::future::BoxFuture;
+
+/// What the atomic publish step assigned to a message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Published {
+    pub seq: u64,
+    pub epoch: String,
+}
+
+/// Why the backbone could not do what was asked. Always answered to the client as
+/// `backbone_unavailable`: the node is fine, its backbone is not.
+#[derive(Debug, thiserror::Error)]
+pub enum BackboneError {
+    #[error("backbone not connected")]
+    NotConnected,
+    #[error("backbone did not answer within {0:?}")]
+    Timeout(std::time::Duration),
+    #[error("redis: {0}")]
+    Redis(#[from] ::redis::RedisError),
+}
+
+/// The operations a node needs from its backbone. Object-safe, so the node holds an
+/// `Arc<dyn Backbone>` chosen by configuration.
+pub trait Backbone: Send + Sync {
+    /// Assigns the next seq of `room`, completes the frame (`prefix` + seq + epoch), logs it
+    /// and publishes it to every subscribed node, atomically.
+    fn publish_message<'a>(
+        &'a self,
+        room: &'a str,
+        prefix: String,
+    ) -> BoxFuture<'a, Result<Published, BackboneError>>;
+
+    /// Publishes a membership event (no seq, not logged) to every subscribed node.
+    fn publish_event<'a>(
+        &'a self,
+        room: &'a str,
+        json: String,
+    ) -> BoxFuture<'a, Result<(), BackboneError>>;
+
+    /// Makes sure this node receives `room`'s frames; returns once the subscription is live,
+    /// so anything published afterwards reaches this node.
+    fn subscribe<'a>(&'a self, room: &'a str) -> BoxFuture<'a, Result<(), BackboneError>>;
+
+    /// Drops the subscription to `room` if no local member is left (checked under the same
+    /// lock as `subscribe`, so a concurrent join either keeps it or re-subscribes).
+    fn release<'a>(&'a self, room: &'a str) -> BoxFuture<'a, ()>;
+
+    /// Whether the backbone is connected (drives `/readyz`).
+    fn is_ready(&self) -> bool;
+}

@@ -1,0 +1,358 @@
+//! Node configuration: the TOML file (`configs/node.toml`), validated into [`Config`].
+//!
+//! `FileConfig` mirrors the file with every field optional and unknown fields refused;
+//! `main.rs` lays CLI flags over it; [`FileConfig::validate`] turns the result into a
+//! [`Config`] with every default filled in, or an error naming the offending field.
+
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:9001";
+pub const DEFAULT_REDIS: &str = "redis://127.0.0.1:6379/";
+pub const DEFAULT_PREFIX: &str = "tether:";
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024;
+pub const DEFAULT_SEND_QUEUE_LEN: usize = 1024;
+pub const DEFAULT_HISTORY_LEN: u64 = 1000;
+pub const DEFAULT_LOG_TTL_SECS: u64 = 24 * 3600;
+pub const DEFAULT_READ_BUFFER_BYTES: usize = 4096;
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+pub const DEFAULT_MAX_ROOMS_PER_CLIENT: usize = 100;
+pub const DEFAULT_GRACE_PERIOD_MS: u64 = 5_000;
+pub const DEFAULT_REDIS_TIMEOUT_MS: u64 = 2_000;
+pub const DEFAULT_HEADER_READ_TIMEOUT_MS: u64 = 5_000;
+pub const DEFAULT_RECONNECT_MIN_MS: u64 = 100;
+pub const DEFAULT_RECONNECT_MAX_MS: u64 = 5_000;
+
+/// Which backbone carries rooms between nodes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackboneKind {
+    /// Redis pub/sub, with seq, logs and (later) sessions and presence in Redis.
+    Redis,
+    /// Sticky sessions alone: a room reaches only the members on the same node.
+    None,
+}
+
+impl std::str::FromStr for BackboneKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "redis" => Ok(Self::Redis),
+            "none" => Ok(Self::None),
+            "nats" => Err(
+                "backbone `nats` is not implemented yet (planned in issue 5); use redis or none"
+                    .into(),
+            ),
+            other => Err(format!("unknown backbone {other:?}; use redis or none")),
+        }
+    }
+}
+
+/// The file as written; every field optional.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub listen: Option<String>,
+    pub name: Option<String>,
+    pub redis: Option<String>,
+    pub backbone: Option<BackboneKind>,
+    pub prefix: Option<String>,
+    pub max_message_bytes: Option<usize>,
+    pub send_queue_len: Option<usize>,
+    pub history_len: Option<u64>,
+    pub log_ttl_secs: Option<u64>,
+    pub read_buffer_bytes: Option<usize>,
+    pub max_connections: Option<usize>,
+    pub max_rooms_per_client: Option<usize>,
+    pub grace_period_ms: Option<u64>,
+    pub redis_timeout_ms: Option<u64>,
+    pub header_read_timeout_ms: Option<u64>,
+    pub reconnect_min_ms: Option<u64>,
+    pub reconnect_max_ms: Option<u64>,
+}
+
+/// A validated configuration with every default applied.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Address to bind (the binary binds it; `run` takes a bound listener).
+    pub listen: SocketAddr,
+    /// This node's name, shown to clients as `server`.
+    pub name: String,
+    /// Redis URL (used by the `redis` backbone).
+    pub redis: String,
+    pub backbone: BackboneKind,
+    /// Prefix of every Redis key and channel.
+    pub prefix: String,
+    /// Largest accepted frame or message; larger closes with 1009.
+    pub max_message_bytes: usize,
+    /// Frames queued for one client before it counts as a slow consumer (closed with 1008).
+    pub send_queue_len: usize,
+    /// Messages kept in each room's log for resume.
+    pub history_len: u64,
+    /// How long a room's log and counter outlive its last message.
+    pub log_ttl: Duration,
+    /// WebSocket read buffer per connection; decides most of an idle client's memory.
+    pub read_buffer_bytes: usize,
+    pub max_connections: usize,
+    pub max_rooms_per_client: usize,
+    /// How long a shutdown waits for clients to be told and cleaned up.
+    pub grace_period: Duration,
+    /// Deadline of each Redis command; past it the client gets `backbone_unavailable`.
+    pub redis_timeout: Duration,
+    pub header_read_timeout: Duration,
+    /// Backoff bounds of the Redis subscriber's reconnect loop.
+    pub reconnect_min: Duration,
+    pub reconnect_max: Duration,
+}
+
+/// A configuration value that cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("parsing {path}: {source}")]
+    Parse {
+        path: String,
+        source: Box<toml::de::Error>,
+    },
+    #[error("field `{field}`: {reason}")]
+    Invalid { field: &'static str, reason: String },
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field,
+        reason: reason.into(),
+    }
+}
+
+impl FileConfig {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        Self::parse(&text, &path.display().to_string())
+    }
+
+    pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_string(),
+            source: Box::new(e),
+        })
+    }
+
+    pub fn validate(self) -> Result<Config, ConfigError> {
+        let listen_text = self.listen.unwrap_or_else(|| DEFAULT_LISTEN.to_string());
+        let listen: SocketAddr = listen_text
+            .parse()
+            .map_err(|e| invalid("listen", format!("{listen_text:?} is not IP:PORT ({e})")))?;
+        let name = match self.name {
+            Some(n) => n,
+            None => format!("{}:{}", hostname(), listen.port()),
+        };
+        if name.is_empty()
+            || name.len() > 64
+            || name.chars().any(|c| c.is_whitespace() || c.is_control())
+        {
+            return Err(invalid(
+                "name",
+                format!("{name:?}: 1–64 bytes, no whitespace or control characters"),
+            ));
+        }
+        let redis = self.redis.unwrap_or_else(|| DEFAULT_REDIS.to_string());
+        if !(redis.starts_with("redis://")
+            || redis.starts_with("rediss://")
+            || redis.starts_with("unix://"))
+        {
+            return Err(invalid("redis", format!("{redis:?} is not a redis:// URL")));
+        }
+        let prefix = self.prefix.unwrap_or_else(|| DEFAULT_PREFIX.to_string());
+        if prefix
+            .chars()
+            .any(|c| c.is_whitespace() || c == '{' || c == '}')
+        {
+            return Err(invalid(
+                "prefix",
+                "no whitespace or braces (braces are the room hash tag)",
+            ));
+        }
+        let nonzero =
+            |field: &'static str, v: Option<u64>, default: u64| -> Result<u64, ConfigError> {
+                match v.unwrap_or(default) {
+                    0 => Err(invalid(field, "must be greater than zero")),
+                    v => Ok(v),
+                }
+            };
+        let nonzero_usize =
+            |field: &'static str, v: Option<usize>, default: usize| -> Result<usize, ConfigError> {
+                match v.unwrap_or(default) {
+                    0 => Err(invalid(field, "must be greater than zero")),
+                    v => Ok(v),
+                }
+            };
+        let max_message_bytes = nonzero_usize(
+            "max_message_bytes",
+            self.max_message_bytes,
+            DEFAULT_MAX_MESSAGE_BYTES,
+        )?;
+        if max_message_bytes > 16 * 1024 * 1024 {
+            return Err(invalid("max_message_bytes", "at most 16 MiB"));
+        }
+        let read_buffer_bytes = nonzero_usize(
+            "read_buffer_bytes",
+            self.read_buffer_bytes,
+            DEFAULT_READ_BUFFER_BYTES,
+        )?;
+        if read_buffer_bytes < 256 {
+            return Err(invalid("read_buffer_bytes", "at least 256"));
+        }
+        let reconnect_min = nonzero(
+            "reconnect_min_ms",
+            self.reconnect_min_ms,
+            DEFAULT_RECONNECT_MIN_MS,
+        )?;
+        let reconnect_max = nonzero(
+            "reconnect_max_ms",
+            self.reconnect_max_ms,
+            DEFAULT_RECONNECT_MAX_MS,
+        )?;
+        if reconnect_max < reconnect_min {
+            return Err(invalid(
+                "reconnect_max_ms",
+                "must not be below reconnect_min_ms",
+            ));
+        }
+        Ok(Config {
+            listen,
+            name,
+            redis,
+            backbone: self.backbone.unwrap_or(BackboneKind::Redis),
+            prefix,
+            max_message_bytes,
+            send_queue_len: nonzero_usize(
+                "send_queue_len",
+                self.send_queue_len,
+                DEFAULT_SEND_QUEUE_LEN,
+            )?,
+            history_len: nonzero("history_len", self.history_len, DEFAULT_HISTORY_LEN)?,
+            log_ttl: Duration::from_secs(nonzero(
+                "log_ttl_secs",
+                self.log_ttl_secs,
+                DEFAULT_LOG_TTL_SECS,
+            )?),
+            read_buffer_bytes,
+            max_connections: nonzero_usize(
+                "max_connections",
+                self.max_connections,
+                DEFAULT_MAX_CONNECTIONS,
+            )?,
+            max_rooms_per_client: nonzero_usize(
+                "max_rooms_per_client",
+                self.max_rooms_per_client,
+                DEFAULT_MAX_ROOMS_PER_CLIENT,
+            )?,
+            grace_period: Duration::from_millis(nonzero(
+                "grace_period_ms",
+                self.grace_period_ms,
+                DEFAULT_GRACE_PERIOD_MS,
+            )?),
+            redis_timeout: Duration::from_millis(nonzero(
+                "redis_timeout_ms",
+                self.redis_timeout_ms,
+                DEFAULT_REDIS_TIMEOUT_MS,
+            )?),
+            header_read_timeout: Duration::from_millis(nonzero(
+                "header_read_timeout_ms",
+                self.header_read_timeout_ms,
+                DEFAULT_HEADER_READ_TIMEOUT_MS,
+            )?),
+            reconnect_min: Duration::from_millis(reconnect_min),
+            reconnect_max: Duration::from_millis(reconnect_max),
+        })
+    }
+}
+
+impl Config {
+    /// A configuration with every default, for tests and embedding.
+    pub fn with_defaults(name: &str, redis: &str) -> Self {
+        FileConfig {
+            name: Some(name.into()),
+            redis: Some(redis.into()),
+            ..Default::default()
+        }
+        .validate()
+        .expect("defaults are valid")
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "node".to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_config_parses_and_validates() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/node.toml");
+        let cfg = FileConfig::load(Path::new(path))
+            .expect("configs/node.toml parses")
+            .validate()
+            .expect("valid");
+        assert_eq!(cfg.max_message_bytes, DEFAULT_MAX_MESSAGE_BYTES);
+        assert_eq!(cfg.backbone, BackboneKind::Redis);
+    }
+
+    #[test]
+    fn unknown_fields_and_zeros_are_refused_by_name() {
+        let err = FileConfig::parse("listn = \"x\"", "t")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("listn"), "{err}");
+        let err = FileConfig::parse("send_queue_len = 0", "t")
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("send_queue_len"), "{err}");
+        let err = FileConfig::parse("listen = \"nowhere\"", "t")
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("listen"), "{err}");
+        let err = FileConfig::parse("name = \"a b\"", "t")
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("name"), "{err}");
+        let err = FileConfig::parse("backbone = \"kafka\"", "t")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("backbone") || err.contains("kafka"), "{err}");
+    }
+
+    #[test]
+    fn default_name_is_host_and_port() {
+        let cfg = FileConfig {
+            listen: Some("127.0.0.1:9555".into()),
+            ..Default::default()
+        }
+        .validate()
+        .unwrap();
+        assert!(cfg.name.ends_with(":9555"), "{}", cfg.name);
+    }
+}

@@ -1,0 +1,129 @@
+//! `tether-node` binary: flags → config → bind → [`tether_node::run`].
+
+use clap::Parser;
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use tether_node::config::{BackboneKind, FileConfig};
+use tether_proto::logging::{self, LogFormat};
+use tokio_util::sync::CancellationToken;
+
+/// A Tether room node: WebSocket rooms shared across nodes through Redis.
+#[derive(Debug, Parser)]
+#[command(name = "tether-node", version)]
+struct Args {
+    /// TOML config file (see configs/node.toml); flags override it.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Address to listen on, e.g. 127.0.0.1:9001 (port 0 picks a free one).
+    #[arg(long)]
+    listen: Option<String>,
+    /// Node name shown to clients as `server` (default: hostname:port).
+    #[arg(long)]
+    name: Option<String>,
+    /// Redis URL of the backbone.
+    #[arg(long)]
+    redis: Option<String>,
+    /// Backbone: redis, or none (sticky sessions only).
+    #[arg(long)]
+    backbone: Option<BackboneKind>,
+    /// NATS URL (the nats backbone is planned in issue 5).
+    #[arg(long)]
+    nats: Option<String>,
+    /// Log format on stderr: text or json. Filter with RUST_LOG.
+    #[arg(long, default_value = "text")]
+    log_format: LogFormat,
+}
+
+/// Exit code for a configuration error (EX_CONFIG-style usage error, as sysexits' EX_USAGE).
+const EXIT_CONFIG: u8 = 64;
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    logging::init(args.log_format, "info");
+    let mut file = match &args.config {
+        Some(path) => match FileConfig::load(path) {
+            Ok(f) => f,
+            Err(e) => return config_error(&e),
+        },
+        None => FileConfig::default(),
+    };
+    if args.nats.is_some() {
+        eprintln!(
+            "tether-node: --nats: the nats backbone is not implemented yet (planned in issue 5)"
+        );
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let derived_name = args.name.is_none() && file.name.is_none();
+    file.listen = args.listen.or(file.listen);
+    file.name = args.name.or(file.name);
+    file.redis = args.redis.or(file.redis);
+    file.backbone = args.backbone.or(file.backbone);
+    let config = match file.validate() {
+        Ok(c) => c,
+        Err(e) => return config_error(&e),
+    };
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("tether-node: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        let listener = match tokio::net::TcpListener::bind(config.listen).await {
+            Ok(l) => l,
+            Err(e) => {
+                eprintln!("tether-node: cannot listen on {}: {e}", config.listen);
+                return ExitCode::FAILURE;
+            }
+        };
+        let local = match listener.local_addr() {
+            Ok(a) => a,
+            Err(e) => {
+                eprintln!("tether-node: listener address: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let mut config = config;
+        // A name derived from the port must use the real one when port 0 was asked for.
+        if derived_name && config.listen.port() == 0 {
+            config.name = format!(
+                "{}{}",
+                config.name.trim_end_matches(":0"),
+                format_args!(":{}", local.port())
+            );
+        }
+        // The one machine-readable line: tools that start nodes on port 0 parse it.
+        println!("tether-node ready name={} listen={local}", config.name);
+        let _ = std::io::stdout().flush();
+        let shutdown = CancellationToken::new();
+        tokio::spawn(signals(shutdown.clone()));
+        match tether_node::run(listener, config, shutdown).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("tether-node: {e}");
+                ExitCode::FAILURE
+            }
+        }
+    })
+}
+
+fn config_error(e: &dyn std::fmt::Display) -> ExitCode {
+    eprintln!("tether-node: configuration: {e}");
+    ExitCode::from(EXIT_CONFIG)
+}
+
+/// SIGTERM or Ctrl-C cancels `shutdown` once.
+async fn signals(shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+    tracing::info!("shutdown requested");
+    shutdown.cancel();
+}

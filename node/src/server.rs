@@ -1,0 +1,283 @@
+//! The listener: accepts TCP connections, serves HTTP/1.1 on each (`/healthz`, `/readyz`,
+//! `/metrics`), and upgrades WebSocket requests on any path into a [`session`].
+//!
+//! Shutdown is one token: the accept loop stops, every session closes its client with 1012
+//! and leaves its rooms, and [`run`] waits for them up to `grace_period`.
+
+use crate::backbone::{local::LocalBackbone, redis::RedisBackbone, Backbone};
+use crate::config::{BackboneKind, Config};
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+use crate::session;
+use crate::NodeError;
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+use tether_proto::id::{self, IdSource};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::WebSocketStream;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+/// A node reached through the balancer gets the id in `X-Client-Id` (which the balancer
+/// chose by *its* order); reached directly, the query and cookie apply.
+const NODE_ID_ORDER: [IdSource; 3] = [IdSource::Header, IdSource::Query, IdSource::Cookie];
+
+/// Everything a connection needs, shared.
+pub struct NodeState {
+    pub cfg: Arc<Config>,
+    pub hub: Arc<Hub>,
+    pub backbone: Arc<dyn Backbone>,
+    pub metrics: Metrics,
+    /// Cancelled when the node shuts down; sessions close their clients with 1012.
+    pub shutdown: CancellationToken,
+    ws_config: WebSocketConfig,
+    /// Every connection and session task, so shutdown can wait for them.
+    tracker: TaskTracker,
+}
+
+/// Serves `listener` until `shutdown` is cancelled, then drains.
+pub async fn run(
+    listener: TcpListener,
+    cfg: Config,
+    shutdown: CancellationToken,
+) -> Result<(), NodeError> {
+    let cfg = Arc::new(cfg);
+    let hub = Arc::new(Hub::new());
+    let metrics = Metrics::new();
+    // The backbone outlives the sessions: they still publish their `user_left` while draining.
+    let backbone_stop = CancellationToken::new();
+    let backbone: Arc<dyn Backbone> = match cfg.backbone {
+        BackboneKind::Redis => RedisBackbone::start(
+            Arc::clone(&cfg),
+            Arc::clone(&hub),
+            metrics.clone(),
+            backbone_stop.clone(),
+        )
+        .map_err(|e| NodeError::Backbone(e.to_string()))?,
+        BackboneKind::None => Arc::new(LocalBackbone::new(Arc::clone(&hub), metrics.clone())),
+    };
+    let ws_config = WebSocketConfig::default()
+        .read_buffer_size(cfg.read_buffer_bytes)
+        // Frames are written as they come and flushed in batches by the writer task.
+        .write_buffer_size(0)
+        .max_message_size(Some(cfg.max_message_bytes))
+        .max_frame_size(Some(cfg.max_message_bytes));
+    let tracker = TaskTracker::new();
+    let state = Arc::new(NodeState {
+        cfg: Arc::clone(&cfg),
+        hub,
+        backbone,
+        metrics,
+        shutdown: shutdown.clone(),
+        ws_config,
+        tracker: tracker.clone(),
+    });
+    let local = listener.local_addr().map_err(NodeError::Io)?;
+    info!(node = %cfg.name, listen = %local, backbone = ?cfg.backbone, "node serving");
+
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let state = Arc::clone(&state);
+                tracker.spawn(serve_connection(stream, peer, state));
+            }
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning; the loop never dies.
+                warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    drop(listener);
+    tracker.close();
+    let clean = tokio::time::timeout(cfg.grace_period, tracker.wait())
+        .await
+        .is_ok();
+    backbone_stop.cancel();
+    if clean {
+        info!(node = %cfg.name, "drained cleanly");
+    } else {
+        warn!(node = %cfg.name, remaining = tracker.len(), "grace period over; dropping remaining connections");
+    }
+    Ok(())
+}
+
+async fn serve_connection(stream: TcpStream, peer: SocketAddr, state: Arc<NodeState>) {
+    let _ = stream.set_nodelay(true);
+    let io = TokioIo::new(stream);
+    let svc_state = Arc::clone(&state);
+    let svc = service_fn(move |req| {
+        let state = Arc::clone(&svc_state);
+        async move { Ok::<_, Infallible>(route(req, peer, state)) }
+    });
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(state.cfg.header_read_timeout)
+        .max_buf_size(16 * 1024)
+        .serve_connection(io, svc)
+        .with_upgrades();
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => if let Err(e) = r { debug!(%peer, error = %e, "http connection ended with an error") },
+        _ = state.shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}
+
+fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+fn route(req: Request<Incoming>, peer: SocketAddr, state: Arc<NodeState>) -> Response<Full<Bytes>> {
+    if req.headers().contains_key(header::UPGRADE) {
+        return upgrade(req, peer, state);
+    }
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/healthz") => text(StatusCode::OK, "ok\n"),
+        (&Method::GET, "/readyz") => {
+            if state.backbone.is_ready() {
+                text(StatusCode::OK, "ready\n")
+            } else {
+                text(StatusCode::SERVICE_UNAVAILABLE, "backbone not connected\n")
+            }
+        }
+        (&Method::GET, "/metrics") => {
+            let mut r = Response::new(Full::new(Bytes::from(state.metrics.render())));
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
+            );
+            r
+        }
+        _ => text(
+            StatusCode::UPGRADE_REQUIRED,
+            "this is a tether node: connect with a WebSocket upgrade\n",
+        ),
+    }
+}
+
+fn header_has_token(req: &Request<Incoming>, name: header::HeaderName, token: &str) -> bool {
+    req.headers().get_all(name).iter().any(|v| {
+        v.to_str()
+            .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+    })
+}
+
+fn bad_request(reason: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(reason + "\n")));
+    *r.status_mut() = StatusCode::BAD_REQUEST;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+fn upgrade(
+    mut req: Request<Incoming>,
+    peer: SocketAddr,
+    state: Arc<NodeState>,
+) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET
+        || !header_has_token(&req, header::UPGRADE, "websocket")
+        || !header_has_token(&req, header::CONNECTION, "upgrade")
+    {
+        return bad_request("only WebSocket upgrades (GET, Upgrade: websocket) are served".into());
+    }
+    if req
+        .headers()
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .map(HeaderValue::as_bytes)
+        != Some(b"13")
+    {
+        return bad_request("Sec-WebSocket-Version must be 13".into());
+    }
+    let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY) else {
+        return bad_request("Sec-WebSocket-Key is missing".into());
+    };
+    let accept = derive_accept_key(key.as_bytes());
+    let cookies: Vec<&[u8]> = req
+        .headers()
+        .get_all(header::COOKIE)
+        .iter()
+        .map(HeaderValue::as_bytes)
+        .collect();
+    let found = id::extract_client_id(
+        req.uri().query(),
+        req.headers()
+            .get(id::CLIENT_ID_HEADER)
+            .map(HeaderValue::as_bytes),
+        cookies.iter().copied(),
+        &NODE_ID_ORDER,
+    );
+    let (client_id, minted) = match found {
+        Ok(Some(id)) => (id.to_string(), false),
+        Ok(None) => (id::mint_client_id(), true),
+        Err(e) => return bad_request(format!("bad client id: {e}")),
+    };
+    if state.metrics.connections_active.get() >= state.cfg.max_connections as i64 {
+        state.metrics.connections_refused.inc();
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "node is at max_connections\n",
+        );
+    }
+    // Ids are header-safe by construction (validated alphabet, or minted hex).
+    let cookie = minted.then(|| {
+        HeaderValue::from_str(&id::session_cookie(&client_id)).expect("ids are header-safe")
+    });
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let task_state = Arc::clone(&state);
+    state.tracker.spawn(async move {
+        match on_upgrade.await {
+            Ok(upgraded) => {
+                let io = TokioIo::new(upgraded);
+                let ws_config = task_state.ws_config;
+                let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(ws_config)).await;
+                session::run(ws, client_id, peer.to_string(), task_state).await;
+            }
+            Err(e) => debug!(%peer, error = %e, "upgrade failed"),
+        }
+    });
+    let mut resp = Response::new(Full::new(Bytes::new()));
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = resp.headers_mut();
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    // The accept key is base64: always a valid header value.
+    h.insert(
+        header::SEC_WEBSOCKET_ACCEPT,
+        HeaderValue::from_str(&accept).expect("base64 is a valid header"),
+    );
+    if let Some(cookie) = cookie {
+        h.insert(header::SET_COOKIE, cookie);
+    }
+    resp
+}

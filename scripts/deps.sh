@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Makes sure this machine has what Tether's cluster and test suite need, installing what is
+# missing through apt (Debian/Ubuntu) and saying so. Fails — never skips — when something
+# cannot be had.
+#
+#   scripts/deps.sh            check and install: cargo, redis-server, cargo-nextest
+set -euo pipefail
+
+say() { printf 'deps: %s\n' "$*" >&2; }
+die() { printf 'deps: error: %s\n' "$*" >&2; exit 1; }
+
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then "$@";
+  elif command -v sudo >/dev/null 2>&1; then sudo "$@";
+  else die "need root (or sudo) to run: $*"; fi
+}
+
+apt_updated=0
+apt_install() {
+  command -v apt-get >/dev/null 2>&1 || die "$1 is missing and this is not a Debian/Ubuntu machine (no apt-get): install $1 yourself"
+  if [ "$apt_updated" -eq 0 ]; then
+    say "running apt-get update"
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq >&2 || die "apt-get update failed"
+    apt_updated=1
+  fi
+  say "installing $* through apt"
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >&2 || die "apt-get install $* failed"
+}
+
+command -v cargo >/dev/null 2>&1 || die "cargo is missing: install Rust (stable) from your distribution or rustup"
+
+if ! command -v redis-server >/dev/null 2>&1; then
+  say "redis-server not found"
+  apt_install redis-server
+  # The Debian package starts a system Redis on 6379; Tether's tools and tests start their
+  # own on free ports and never use it.
+fi
+command -v redis-server >/dev/null 2>&1 || die "redis-server still missing after install"
+say "redis-server: $(redis-server --version | head -n1)"
+
+if ! cargo nextest --version >/dev/null 2>&1; then
+  say "cargo-nextest not found; installing it with cargo (a few minutes, once)"
+  cargo install --locked cargo-nextest >&2 || die "cargo install cargo-nextest failed"
+fi
+say "cargo-nextest: $(cargo nextest --version 2>/dev/null | head -n1)"
