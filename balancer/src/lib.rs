@@ -1,1 +1,120 @@
+//! `tether-balancer`: the front door of a Tether cluster. It pins each client to a node by
+//! rendezvous-hashing its client id, proxies the WebSocket (and plain HTTP) to that node,
+//! health-checks the nodes, and when a node dies sends that node's clients — and only those —
+//! to the next node in each client's rank.
+//!
+//! Layout, in the order a connection meets it:
+//! - [`config`]: the TOML file, flag overrides, validation into [`Config`];
+//! - `server`: accept loops for the client and admin listeners, connection cap, hyper set-up,
+//!   graceful shutdown of each connection;
+//! - `proxy`: per request — client id (query, header, cookie; minted when absent), node choice
+//!   with failover along the client's rank, forwarding with `X-Client-Id`/`X-Forwarded-For`;
+//! - `tunnel`: the upgraded byte tunnel, torn down as a whole when either side ends or its node
+//!   goes down;
+//! - `pool`: node states (`up|unready|down|draining`), the routing choice, the state machine;
+//! - `health`: the `GET /readyz` probes that drive that state machine;
+//! - `admin`: `/status`, `/route`, `/metrics`, drain/undrain, the HTML page;
+//! - `metrics`: every Prometheus metric name, in one place;
+//! - [`Error`]: what went wrong and whose fault it was.
+//!
+//! [`run`] takes already-bound listeners, so tests (and `main`) choose the ports.
+#![forbid(unsafe_code)]
 
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn};
+
+mod admin;
+pub mod config;
+mod error;
+mod health;
+pub mod metrics;
+mod pool;
+mod proxy;
+mod server;
+mod tunnel;
+
+pub use config::{Config, FileConfig, FileNode, NodeConfig, Overrides};
+pub use error::Error;
+
+/// State shared by every task of one [`run`].
+#[derive(Debug)]
+pub(crate) struct Shared {
+    config: Config,
+    pool: pool::Pool,
+    metrics: metrics::Metrics,
+    /// Every client connection, admin connection, upstream connection and tunnel, so that
+    /// shutdown can wait for them.
+    tracker: TaskTracker,
+    /// Fired when the shutdown grace is over: whatever still runs is cut.
+    hard_stop: CancellationToken,
+}
+
+/// Runs the balancer on two bound listeners until `shutdown` fires, then stops accepting,
+/// lets open connections and tunnels finish for up to `config.grace_period`, cuts the rest,
+/// and returns.
+pub async fn run(
+    listener: TcpListener,
+    admin: TcpListener,
+    config: Config,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    let listen_addr = listener.local_addr().map_err(Error::Listener)?;
+    let admin_addr = admin.local_addr().map_err(Error::Listener)?;
+    let metrics = metrics::Metrics::new();
+    let pool = pool::Pool::new(&config.nodes, &metrics);
+    let shared = Arc::new(Shared {
+        config,
+        pool,
+        metrics,
+        tracker: TaskTracker::new(),
+        hard_stop: CancellationToken::new(),
+    });
+
+    let health_stop = CancellationToken::new();
+    let mut checks = JoinSet::new();
+    for index in 0..shared.pool.nodes().len() {
+        checks.spawn(health::check_loop(
+            Arc::clone(&shared),
+            index,
+            health_stop.clone(),
+        ));
+    }
+    info!(addr = %listen_addr, nodes = shared.pool.nodes().len(), "proxy listening");
+    info!(addr = %admin_addr, "admin listening");
+
+    tokio::join!(
+        server::serve_proxy(Arc::clone(&shared), listener, shutdown.clone()),
+        server::serve_admin(Arc::clone(&shared), admin, shutdown.clone()),
+    );
+
+    // Both listeners are closed now. Probes go on during the grace period, so tunnels to a
+    // node that dies meanwhile are still closed.
+    let grace = shared.config.grace_period;
+    info!(
+        open = shared.tracker.len(),
+        grace_ms = grace.as_millis() as u64,
+        "shutting down: waiting for open connections"
+    );
+    shared.tracker.close();
+    if tokio::time::timeout(grace, shared.tracker.wait())
+        .await
+        .is_ok()
+    {
+        info!("drained cleanly");
+    } else {
+        warn!(
+            remaining = shared.tracker.len(),
+            "grace period over; closing the remaining connections"
+        );
+        shared.hard_stop.cancel();
+        shared.tracker.wait().await;
+    }
+    health_stop.cancel();
+    checks.shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,245 @@
+//! The admin listener's endpoints: `/status`, `/route`, `/metrics`, node drain/undrain and a
+//! small HTML page. It runs on its own port so that operators and Prometheus never compete
+//! with clients, and it only reads the pool (drain flags aside): nothing here blocks routing.
+
+use std::convert::Infallible;
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use http::header::{self, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use serde::Serialize;
+use tether_proto::id::{query_param, validate_client_id};
+
+use crate::proxy::{full, text_response, Body};
+use crate::Shared;
+
+/// Content type of the Prometheus exposition (prometheus-client writes OpenMetrics text).
+const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+#[derive(Serialize)]
+struct Status<'a> {
+    nodes: Vec<NodeStatus<'a>>,
+    /// Open upstream connections over all nodes.
+    active_connections: i64,
+}
+
+#[derive(Serialize)]
+struct NodeStatus<'a> {
+    name: &'a str,
+    addr: &'a str,
+    state: &'static str,
+    active_connections: i64,
+    total_connections: u64,
+}
+
+#[derive(Serialize)]
+struct Route<'a> {
+    client: &'a str,
+    node: &'a str,
+    addr: &'a str,
+    state: &'static str,
+    /// The client's full preference order, whatever the nodes' states.
+    rank: Vec<&'a str>,
+}
+
+#[derive(Serialize)]
+struct Drained<'a> {
+    node: &'a str,
+    state: &'static str,
+    changed: bool,
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: &'a str,
+}
+
+/// The hyper service of the admin listener.
+pub(crate) async fn handle(
+    shared: Arc<Shared>,
+    request: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let path = request.uri().path();
+    let method = request.method();
+    let response = match path {
+        "/" | "/status" | "/route" | "/metrics" if method != Method::GET => {
+            method_not_allowed("GET")
+        }
+        "/" => html(&shared),
+        "/status" => json(StatusCode::OK, &status(&shared)),
+        "/route" => route(&shared, request.uri().query()),
+        "/metrics" => {
+            let mut response = Response::new(full(shared.metrics.encode()));
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static(METRICS_CONTENT_TYPE),
+            );
+            response
+        }
+        _ => match path
+            .strip_prefix("/nodes/")
+            .and_then(|r| r.rsplit_once('/'))
+        {
+            Some((name, action @ ("drain" | "undrain"))) => {
+                if method != Method::POST {
+                    method_not_allowed("POST")
+                } else {
+                    drain(&shared, name, action == "drain")
+                }
+            }
+            _ => error(StatusCode::NOT_FOUND, "no such endpoint"),
+        },
+    };
+    Ok(response)
+}
+
+fn status(shared: &Shared) -> Status<'_> {
+    Status {
+        nodes: shared
+            .pool
+            .nodes()
+            .iter()
+            .map(|n| NodeStatus {
+                name: &n.name,
+                addr: &n.addr,
+                state: n.state_str(),
+                active_connections: n.metrics.active.get(),
+                total_connections: n.metrics.connections.get(),
+            })
+            .collect(),
+        active_connections: shared.pool.active_connections(),
+    }
+}
+
+fn route(shared: &Shared, query: Option<&str>) -> Response<Body> {
+    let Some(client) = query.and_then(|q| query_param(q, "client")) else {
+        return error(StatusCode::BAD_REQUEST, "missing query parameter client");
+    };
+    if let Err(e) = validate_client_id(client) {
+        return error(StatusCode::BAD_REQUEST, &e.to_string());
+    }
+    let Some(index) = shared.pool.pick(client) else {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "no node available");
+    };
+    let node = shared.pool.get(index);
+    json(
+        StatusCode::OK,
+        &Route {
+            client,
+            node: &node.name,
+            addr: &node.addr,
+            state: node.state_str(),
+            rank: shared.pool.rank(client),
+        },
+    )
+}
+
+fn drain(shared: &Shared, name: &str, on: bool) -> Response<Body> {
+    let Some(node) = shared.pool.by_name(name) else {
+        return error(StatusCode::NOT_FOUND, "unknown node");
+    };
+    let changed = node.set_draining(on);
+    json(
+        StatusCode::OK,
+        &Drained {
+            node: &node.name,
+            state: node.state_str(),
+            changed,
+        },
+    )
+}
+
+fn html(shared: &Shared) -> Response<Body> {
+    let status = status(shared);
+    let mut page = String::from(
+        "<!doctype html>\n<html><head><meta charset=\"utf-8\">\
+         <meta http-equiv=\"refresh\" content=\"2\">\
+         <title>tether-balancer</title>\
+         <style>body{font-family:sans-serif}td,th{padding:2px 12px;text-align:left}\
+         .up{color:green}.unready{color:darkorange}.down{color:red}.draining{color:gray}</style>\
+         </head><body><h1>tether-balancer</h1>\n<table>\
+         <tr><th>node</th><th>address</th><th>state</th><th>active</th><th>total</th></tr>\n",
+    );
+    for n in &status.nodes {
+        // Writing into a String cannot fail.
+        let _ = writeln!(
+            page,
+            "<tr><td>{}</td><td>{}</td><td class=\"{state}\">{state}</td><td>{}</td><td>{}</td></tr>",
+            escape(n.name),
+            escape(n.addr),
+            n.active_connections,
+            n.total_connections,
+            state = n.state,
+        );
+    }
+    let _ = write!(
+        page,
+        "</table>\n<p>{} active upstream connections. \
+         <a href=\"/status\">status</a> · <a href=\"/metrics\">metrics</a></p></body></html>\n",
+        status.active_connections
+    );
+    let mut response = Response::new(full(page));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    response
+}
+
+fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '&' => out.push_str("&amp;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn json(status: StatusCode, value: &impl Serialize) -> Response<Body> {
+    match serde_json::to_vec(value) {
+        Ok(mut bytes) => {
+            bytes.push(b'\n');
+            let mut response = Response::new(full(bytes));
+            *response.status_mut() = status;
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+            response
+        }
+        Err(e) => text_response(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+    }
+}
+
+fn error(status: StatusCode, message: &str) -> Response<Body> {
+    json(status, &ErrorBody { error: message })
+}
+
+fn method_not_allowed(allow: &'static str) -> Response<Body> {
+    let mut response = error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
+    response
+        .headers_mut()
+        .insert(header::ALLOW, HeaderValue::from_static(allow));
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::escape;
+
+    #[test]
+    fn html_escapes_markup() {
+        assert_eq!(
+            escape("<a href='x'>&\""),
+            "&lt;a href=&#39;x&#39;&gt;&amp;&quot;"
+        );
+    }
+}

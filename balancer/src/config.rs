@@ -1,0 +1,487 @@
+//! Configuration: the TOML file ([`FileConfig`]), command-line overrides ([`Overrides`]) and
+//! the validated [`Config`] that [`crate::run`] takes.
+//!
+//! Everything is checked here, before a port is bound: a zero interval, an empty or duplicated
+//! node list or an unparsable address is refused with an error naming the field, so a bad
+//! deployment fails at start-up rather than at the first client.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+use tether_proto::id::IdSource;
+
+use crate::Error;
+
+/// Client-facing listener when neither the file nor `--listen` names one.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+/// Admin listener (status, route, metrics, drain) when neither the file nor `--admin` names one.
+pub const DEFAULT_ADMIN: &str = "127.0.0.1:9100";
+/// Time between two `GET /readyz` probes of one node.
+pub const DEFAULT_HEALTH_INTERVAL_MS: u64 = 500;
+/// How long one probe (connect, request, response head) may take before it counts as failed.
+pub const DEFAULT_HEALTH_TIMEOUT_MS: u64 = 1000;
+/// How long a proxied connection may wait for a node's TCP connect before failing over.
+pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 1000;
+/// Consecutive answered probes a `down` node needs before it takes clients again.
+pub const DEFAULT_RISE: u32 = 2;
+/// Where the client id is looked for, in order (see `DESIGN.md`, "Client identity").
+pub const DEFAULT_HASH_KEYS: [&str; 3] = ["query", "header", "cookie"];
+/// How long open tunnels may run on after a shutdown signal before they are cut.
+pub const DEFAULT_GRACE_PERIOD_MS: u64 = 10_000;
+/// Cap on open client connections (tunnels included); further ones are closed at once.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Upper bound of `max_connections` (far above what one process's file descriptors allow; it
+/// only keeps the value in the range tokio's semaphore accepts).
+pub const MAX_CONNECTIONS_LIMIT: usize = 100_000_000;
+/// How long a client may take to send a complete request head (also the keep-alive idle limit).
+pub const DEFAULT_HEADER_READ_TIMEOUT_MS: u64 = 5_000;
+/// Largest accepted request head, in bytes.
+pub const DEFAULT_MAX_HEADER_BYTES: usize = 16_384;
+/// Bounds of `max_header_bytes`: below the lower one no browser request fits, above the upper
+/// one a slow client can pin a lot of memory per connection.
+pub const MAX_HEADER_BYTES_RANGE: std::ops::RangeInclusive<usize> = 1024..=1024 * 1024;
+/// Longest node name. Names are hashed, used as metric labels and in admin URLs.
+pub const MAX_NODE_NAME_LEN: usize = 64;
+
+/// The TOML file as written by an operator. Every field is optional; see the `DEFAULT_*`
+/// constants for what an absent one means.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub listen: Option<String>,
+    pub admin: Option<String>,
+    pub health_interval_ms: Option<u64>,
+    pub health_timeout_ms: Option<u64>,
+    pub connect_timeout_ms: Option<u64>,
+    pub rise: Option<u32>,
+    pub hash_keys: Option<Vec<String>>,
+    pub grace_period_ms: Option<u64>,
+    pub max_connections: Option<usize>,
+    pub header_read_timeout_ms: Option<u64>,
+    pub max_header_bytes: Option<usize>,
+    #[serde(default)]
+    pub nodes: Vec<FileNode>,
+}
+
+/// One `[[nodes]]` entry.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileNode {
+    /// The node's stable name: what the rendezvous hash ranks, so renaming a node moves its
+    /// clients while moving it to another address does not.
+    pub name: String,
+    /// `host:port` of the node's HTTP/WebSocket listener.
+    pub addr: String,
+}
+
+/// Command-line flags that override the file.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub listen: Option<String>,
+    pub admin: Option<String>,
+    /// When non-empty, replaces the file's node list (the flags describe the whole cluster).
+    pub nodes: Vec<FileNode>,
+    pub health_interval_ms: Option<u64>,
+}
+
+/// A validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where `main` binds the client-facing listener ([`crate::run`] takes it already bound).
+    pub listen: SocketAddr,
+    /// Where `main` binds the admin listener.
+    pub admin: SocketAddr,
+    /// Time between two probes of one node.
+    pub health_interval: Duration,
+    /// Deadline of one probe; past it the node counts as dead.
+    pub health_timeout: Duration,
+    /// Deadline of a proxied TCP connect; past it the node is marked down and the next one tried.
+    pub connect_timeout: Duration,
+    /// Consecutive answered probes that bring a `down` node back.
+    pub rise: u32,
+    /// Where the client id is looked for, first match wins.
+    pub hash_keys: Vec<IdSource>,
+    /// How long tunnels may run on after shutdown starts.
+    pub grace_period: Duration,
+    /// Cap on open client connections, tunnels included.
+    pub max_connections: usize,
+    /// Deadline for a complete request head (and for an idle keep-alive connection).
+    pub header_read_timeout: Duration,
+    /// Largest accepted request head.
+    pub max_header_bytes: usize,
+    /// The nodes, in file order (order does not affect routing: ranking is by name).
+    pub nodes: Vec<NodeConfig>,
+}
+
+/// A validated node entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeConfig {
+    pub name: String,
+    pub addr: String,
+}
+
+fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Error {
+    Error::Config {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+impl FileConfig {
+    /// Reads and parses a TOML file (without validating it).
+    pub fn load(path: &Path) -> Result<Self, Error> {
+        let text = std::fs::read_to_string(path).map_err(|source| Error::ConfigRead {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|e| match e {
+            Error::ConfigParse { source, .. } => Error::ConfigParse {
+                path: path.to_owned(),
+                source,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses TOML text (without validating it).
+    pub fn parse(text: &str) -> Result<Self, Error> {
+        toml::from_str(text).map_err(|source| Error::ConfigParse {
+            path: "<inline>".into(),
+            source: Box::new(source),
+        })
+    }
+
+    /// Applies command-line flags on top of the file.
+    pub fn apply(&mut self, o: Overrides) {
+        if o.listen.is_some() {
+            self.listen = o.listen;
+        }
+        if o.admin.is_some() {
+            self.admin = o.admin;
+        }
+        if o.health_interval_ms.is_some() {
+            self.health_interval_ms = o.health_interval_ms;
+        }
+        if !o.nodes.is_empty() {
+            self.nodes = o.nodes;
+        }
+    }
+
+    /// Checks every field and fills in defaults.
+    pub fn validate(&self) -> Result<Config, Error> {
+        let listen = socket_addr("listen", self.listen.as_deref().unwrap_or(DEFAULT_LISTEN))?;
+        let admin = socket_addr("admin", self.admin.as_deref().unwrap_or(DEFAULT_ADMIN))?;
+        let hash_keys = match &self.hash_keys {
+            None => IdSource::DEFAULT_ORDER.to_vec(),
+            Some(keys) => hash_keys(keys)?,
+        };
+        let max_connections = self.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
+        if !(1..=MAX_CONNECTIONS_LIMIT).contains(&max_connections) {
+            return Err(invalid(
+                "max_connections",
+                format!("{max_connections} is outside 1..={MAX_CONNECTIONS_LIMIT}"),
+            ));
+        }
+        let rise = self.rise.unwrap_or(DEFAULT_RISE);
+        if rise == 0 {
+            return Err(invalid("rise", "must be greater than 0"));
+        }
+        let max_header_bytes = self.max_header_bytes.unwrap_or(DEFAULT_MAX_HEADER_BYTES);
+        if !MAX_HEADER_BYTES_RANGE.contains(&max_header_bytes) {
+            return Err(invalid(
+                "max_header_bytes",
+                format!(
+                    "{max_header_bytes} is outside {}..={}",
+                    MAX_HEADER_BYTES_RANGE.start(),
+                    MAX_HEADER_BYTES_RANGE.end()
+                ),
+            ));
+        }
+        Ok(Config {
+            listen,
+            admin,
+            health_interval: nonzero_ms(
+                "health_interval_ms",
+                self.health_interval_ms,
+                DEFAULT_HEALTH_INTERVAL_MS,
+            )?,
+            health_timeout: nonzero_ms(
+                "health_timeout_ms",
+                self.health_timeout_ms,
+                DEFAULT_HEALTH_TIMEOUT_MS,
+            )?,
+            connect_timeout: nonzero_ms(
+                "connect_timeout_ms",
+                self.connect_timeout_ms,
+                DEFAULT_CONNECT_TIMEOUT_MS,
+            )?,
+            rise,
+            hash_keys,
+            // Zero is meaningful here: cut every tunnel at once on shutdown.
+            grace_period: Duration::from_millis(
+                self.grace_period_ms.unwrap_or(DEFAULT_GRACE_PERIOD_MS),
+            ),
+            max_connections,
+            header_read_timeout: nonzero_ms(
+                "header_read_timeout_ms",
+                self.header_read_timeout_ms,
+                DEFAULT_HEADER_READ_TIMEOUT_MS,
+            )?,
+            max_header_bytes,
+            nodes: nodes(&self.nodes)?,
+        })
+    }
+}
+
+/// Parses one `--node NAME=HOST:PORT` flag (checked further by [`FileConfig::validate`]).
+pub fn parse_node_flag(flag: &str) -> Result<FileNode, Error> {
+    let (name, addr) = flag
+        .split_once('=')
+        .ok_or_else(|| invalid("--node", format!("{flag:?} is not NAME=HOST:PORT")))?;
+    Ok(FileNode {
+        name: name.to_owned(),
+        addr: addr.to_owned(),
+    })
+}
+
+fn socket_addr(field: &str, value: &str) -> Result<SocketAddr, Error> {
+    value
+        .parse()
+        .map_err(|_| invalid(field, format!("{value:?} is not IP:PORT")))
+}
+
+fn nonzero_ms(field: &str, value: Option<u64>, default: u64) -> Result<Duration, Error> {
+    match value.unwrap_or(default) {
+        0 => Err(invalid(field, "must be greater than 0")),
+        ms => Ok(Duration::from_millis(ms)),
+    }
+}
+
+fn hash_keys(keys: &[String]) -> Result<Vec<IdSource>, Error> {
+    if keys.is_empty() {
+        return Err(invalid("hash_keys", "must name at least one source"));
+    }
+    let mut out = Vec::with_capacity(keys.len());
+    for key in keys {
+        let source = IdSource::parse(key).ok_or_else(|| {
+            invalid(
+                "hash_keys",
+                format!("unknown source {key:?}: use query, header or cookie"),
+            )
+        })?;
+        if out.contains(&source) {
+            return Err(invalid("hash_keys", format!("{key:?} is listed twice")));
+        }
+        out.push(source);
+    }
+    Ok(out)
+}
+
+fn nodes(entries: &[FileNode]) -> Result<Vec<NodeConfig>, Error> {
+    if entries.is_empty() {
+        return Err(invalid(
+            "nodes",
+            "no nodes configured (add [[nodes]] entries or --node NAME=HOST:PORT)",
+        ));
+    }
+    let mut seen = HashSet::new();
+    let mut out = Vec::with_capacity(entries.len());
+    for (i, node) in entries.iter().enumerate() {
+        check_node_name(&node.name).map_err(|r| invalid(format!("nodes[{i}].name"), r))?;
+        if !seen.insert(node.name.as_str()) {
+            return Err(invalid(
+                format!("nodes[{i}].name"),
+                format!("duplicate node name {:?}", node.name),
+            ));
+        }
+        check_host_port(&node.addr).map_err(|r| invalid(format!("nodes[{i}].addr"), r))?;
+        out.push(NodeConfig {
+            name: node.name.clone(),
+            addr: node.addr.clone(),
+        });
+    }
+    Ok(out)
+}
+
+/// Node names go into metric labels, admin URLs and the HTML page, so they keep to a small,
+/// URL- and label-safe alphabet.
+fn check_node_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > MAX_NODE_NAME_LEN {
+        return Err(format!("{name:?} must be 1-{MAX_NODE_NAME_LEN} bytes"));
+    }
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return Err(format!(
+            "{name:?} contains {c:?}; allowed are A-Z a-z 0-9 . _ -"
+        ));
+    }
+    Ok(())
+}
+
+/// `host:port` with a non-zero port; the host may be a name (resolved at connect time), an IPv4
+/// address or a bracketed IPv6 address.
+fn check_host_port(addr: &str) -> Result<(), String> {
+    if addr.parse::<SocketAddr>().is_ok() {
+        return Ok(());
+    }
+    let bad = || format!("{addr:?} is not HOST:PORT");
+    let (host, port) = addr.rsplit_once(':').ok_or_else(bad)?;
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    if port == 0 {
+        return Err(format!("{addr:?} has port 0"));
+    }
+    let host_ok = !host.is_empty()
+        && host.len() <= 253
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
+    if host_ok {
+        Ok(())
+    } else {
+        Err(bad())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn field_of(err: Error) -> String {
+        match err {
+            Error::Config { field, .. } => field,
+            other => panic!("expected a config error, got {other}"),
+        }
+    }
+
+    fn with_nodes(extra: &str) -> String {
+        format!("{extra}\n[[nodes]]\nname = \"a\"\naddr = \"127.0.0.1:9001\"\n")
+    }
+
+    #[test]
+    fn shipped_config_file_parses_and_validates() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/balancer.toml");
+        let config = FileConfig::load(Path::new(path))
+            .and_then(|f| f.validate())
+            .unwrap_or_else(|e| panic!("{path}: {e}"));
+        assert_eq!(config.listen, DEFAULT_LISTEN.parse().unwrap());
+        assert_eq!(config.admin, DEFAULT_ADMIN.parse().unwrap());
+        let names: Vec<_> = config.nodes.iter().map(|n| n.name.as_str()).collect();
+        assert_eq!(names, ["node-1", "node-2", "node-3"]);
+        assert_eq!(config.nodes[2].addr, "127.0.0.1:9003");
+        assert_eq!(config.hash_keys, IdSource::DEFAULT_ORDER.to_vec());
+        assert_eq!(config.rise, DEFAULT_RISE);
+    }
+
+    #[test]
+    fn defaults_fill_absent_fields() {
+        let config = FileConfig::parse(&with_nodes(""))
+            .unwrap()
+            .validate()
+            .unwrap();
+        assert_eq!(
+            config.health_interval,
+            Duration::from_millis(DEFAULT_HEALTH_INTERVAL_MS)
+        );
+        assert_eq!(config.max_connections, DEFAULT_MAX_CONNECTIONS);
+        assert_eq!(config.max_header_bytes, DEFAULT_MAX_HEADER_BYTES);
+        assert_eq!(
+            config.grace_period,
+            Duration::from_millis(DEFAULT_GRACE_PERIOD_MS)
+        );
+    }
+
+    #[test]
+    fn bad_values_are_rejected_naming_the_field() {
+        let cases = [
+            ("health_interval_ms = 0", "health_interval_ms"),
+            ("health_timeout_ms = 0", "health_timeout_ms"),
+            ("connect_timeout_ms = 0", "connect_timeout_ms"),
+            ("header_read_timeout_ms = 0", "header_read_timeout_ms"),
+            ("rise = 0", "rise"),
+            ("max_connections = 0", "max_connections"),
+            ("max_connections = 1000000000000", "max_connections"),
+            ("max_header_bytes = 10", "max_header_bytes"),
+            ("hash_keys = []", "hash_keys"),
+            ("hash_keys = [\"query\", \"body\"]", "hash_keys"),
+            ("hash_keys = [\"query\", \"query\"]", "hash_keys"),
+            ("listen = \"localhost\"", "listen"),
+            ("admin = \"1.2.3.4:x\"", "admin"),
+        ];
+        for (line, field) in cases {
+            let file = FileConfig::parse(&with_nodes(line)).unwrap();
+            assert_eq!(field_of(file.validate().unwrap_err()), field, "{line}");
+        }
+    }
+
+    #[test]
+    fn bad_node_lists_are_rejected_naming_the_field() {
+        let empty = FileConfig::parse("").unwrap();
+        assert_eq!(field_of(empty.validate().unwrap_err()), "nodes");
+
+        let node = |name: &str, addr: &str| FileNode {
+            name: name.into(),
+            addr: addr.into(),
+        };
+        let cases = [
+            (vec![node("a", "h:1"), node("a", "h:2")], "nodes[1].name"),
+            (vec![node("", "h:1")], "nodes[0].name"),
+            (vec![node("a b", "h:1")], "nodes[0].name"),
+            (vec![node("a", "h:1"), node("b", "h")], "nodes[1].addr"),
+            (vec![node("a", "h:0")], "nodes[0].addr"),
+            (vec![node("a", ":80")], "nodes[0].addr"),
+            (vec![node("a", "h/x:80")], "nodes[0].addr"),
+            (vec![node("a", "h:99999")], "nodes[0].addr"),
+        ];
+        for (nodes, field) in cases {
+            let file = FileConfig {
+                nodes: nodes.clone(),
+                ..FileConfig::default()
+            };
+            assert_eq!(field_of(file.validate().unwrap_err()), field, "{nodes:?}");
+        }
+        let ok = FileConfig {
+            nodes: vec![
+                node("n1", "node-1.internal:9001"),
+                node("n2", "[::1]:9002"),
+                node("n3", "10.0.0.3:9003"),
+            ],
+            ..FileConfig::default()
+        };
+        assert!(ok.validate().is_ok());
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let err = FileConfig::parse("listne = \"127.0.0.1:1\"").unwrap_err();
+        assert!(err.to_string().contains("listne"), "{err}");
+        let err = FileConfig::parse("[[nodes]]\nname = \"a\"\naddress = \"h:1\"").unwrap_err();
+        assert!(err.to_string().contains("address"), "{err}");
+    }
+
+    #[test]
+    fn flags_override_the_file_and_node_flags_replace_its_nodes() {
+        let mut file = FileConfig::parse(&with_nodes(
+            "listen = \"127.0.0.1:1000\"\nhealth_interval_ms = 900",
+        ))
+        .unwrap();
+        file.apply(Overrides {
+            listen: Some("127.0.0.1:2000".into()),
+            nodes: vec![
+                parse_node_flag("x=127.0.0.1:1").unwrap(),
+                parse_node_flag("y=127.0.0.1:2").unwrap(),
+            ],
+            ..Overrides::default()
+        });
+        let config = file.validate().unwrap();
+        assert_eq!(config.listen.port(), 2000);
+        assert_eq!(config.health_interval, Duration::from_millis(900));
+        let names: Vec<_> = config.nodes.iter().map(|n| n.name.as_str()).collect();
+        assert_eq!(names, ["x", "y"]);
+        assert_eq!(field_of(parse_node_flag("nonsense").unwrap_err()), "--node");
+    }
+}

@@ -1,0 +1,84 @@
+//! Active health checks: one task per node sends `GET /readyz` every `health_interval` and
+//! feeds the answer into the node's state machine ([`crate::pool::next_health`]).
+//!
+//! These run beside the proxy for the balancer's whole life, shutdown grace included, so a
+//! node that dies while tunnels drain still has its tunnels closed.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{header, Request, StatusCode};
+use http_body_util::Empty;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::time::MissedTickBehavior;
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
+
+use crate::pool::{Node, Probe};
+use crate::Shared;
+
+/// Path probed on every node (200 = ready, other = alive but unready).
+pub const READYZ_PATH: &str = "/readyz";
+
+/// Probes node `index` until `stop` fires.
+pub(crate) async fn check_loop(shared: Arc<Shared>, index: usize, stop: CancellationToken) {
+    let config = &shared.config;
+    let node = shared.pool.get(index);
+    let mut ticker = tokio::time::interval(config.health_interval);
+    // A slow probe delays the next one rather than causing a burst of catch-up probes.
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        let probe = tokio::select! {
+            _ = stop.cancelled() => return,
+            p = probe(node, config.health_timeout) => p,
+        };
+        debug!(node = %node.name, ?probe, "probe");
+        node.apply_probe(&probe, config.rise);
+    }
+}
+
+/// One probe: connect, `GET /readyz`, read the status line — all within `timeout`.
+pub async fn probe(node: &Node, timeout: Duration) -> Probe {
+    match tokio::time::timeout(timeout, probe_inner(node)).await {
+        Ok(Ok(status)) if status == StatusCode::OK => Probe::Ready,
+        Ok(Ok(status)) => Probe::Unready(status.as_u16()),
+        Ok(Err(why)) => Probe::Failed(why),
+        Err(_) => Probe::Failed(format!("probe timed out after {} ms", timeout.as_millis())),
+    }
+}
+
+async fn probe_inner(node: &Node) -> Result<StatusCode, String> {
+    let stream = TcpStream::connect(&node.addr)
+        .await
+        .map_err(|e| format!("connect: {e}"))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| format!("handshake: {e}"))?;
+    let request = Request::get(READYZ_PATH)
+        .header(header::HOST, node.addr.as_str())
+        .header(header::USER_AGENT, "tether-balancer")
+        .header(header::CONNECTION, "close")
+        .body(Empty::<Bytes>::new())
+        .map_err(|e| format!("request: {e}"))?;
+    let mut conn = std::pin::pin!(conn);
+    let mut response = std::pin::pin!(sender.send_request(request));
+    tokio::select! {
+        biased;
+        response = response.as_mut() => return response
+            .map(|r| r.status())
+            .map_err(|e| format!("readyz: {e}")),
+        result = conn.as_mut() => result.map_err(|e| format!("readyz: {e}"))?,
+    }
+    // The connection finished first (the node closed it after answering, as asked): the
+    // answer, if there was one, is waiting in the response future.
+    response
+        .await
+        .map(|r| r.status())
+        .map_err(|e| format!("readyz: {e}"))
+}

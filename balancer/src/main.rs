@@ -1,0 +1,144 @@
+//! `tether-balancer` binary: parse flags, load and validate the config (exit 64 on a bad one),
+//! set up logging, bind, print the ready line, and hand over to [`tether_balancer::run`].
+
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::Parser;
+use tether_balancer::config::parse_node_flag;
+use tether_balancer::{FileConfig, Overrides};
+use tether_proto::logging::{self, LogFormat};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+/// Exit code for bad flags or config (sysexits `EX_USAGE`).
+const EXIT_USAGE: u8 = 64;
+
+/// Sticky WebSocket/HTTP load balancer for Tether nodes.
+#[derive(Debug, Parser)]
+#[command(name = "tether-balancer", version, about)]
+struct Cli {
+    /// TOML config file (see configs/balancer.toml); flags override it.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Client-facing address [default: 127.0.0.1:8080].
+    #[arg(long, value_name = "ADDR")]
+    listen: Option<String>,
+    /// Admin address (status, route, metrics, drain) [default: 127.0.0.1:9100].
+    #[arg(long, value_name = "ADDR")]
+    admin: Option<String>,
+    /// A node, repeatable; when given, replaces the file's node list.
+    #[arg(long = "node", value_name = "NAME=HOST:PORT")]
+    nodes: Vec<String>,
+    /// Milliseconds between health checks of each node [default: 500].
+    #[arg(long, value_name = "N")]
+    health_interval_ms: Option<u64>,
+    /// Log line format on stderr.
+    #[arg(long, value_name = "FORMAT", default_value = "text")]
+    log_format: LogFormat,
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(EXIT_USAGE)
+            } else {
+                ExitCode::SUCCESS // --help, --version
+            };
+        }
+    };
+    let config = match load_config(&cli) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("tether-balancer: {e}");
+            return ExitCode::from(EXIT_USAGE);
+        }
+    };
+    logging::init(cli.log_format, "info");
+    match serve(config) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("tether-balancer: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn load_config(cli: &Cli) -> Result<tether_balancer::Config, tether_balancer::Error> {
+    let mut file = match &cli.config {
+        Some(path) => FileConfig::load(path)?,
+        None => FileConfig::default(),
+    };
+    let nodes = cli
+        .nodes
+        .iter()
+        .map(|flag| parse_node_flag(flag))
+        .collect::<Result<Vec<_>, _>>()?;
+    file.apply(Overrides {
+        listen: cli.listen.clone(),
+        admin: cli.admin.clone(),
+        nodes,
+        health_interval_ms: cli.health_interval_ms,
+    });
+    file.validate()
+}
+
+#[tokio::main]
+async fn serve(config: tether_balancer::Config) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding listen address {}", config.listen))?;
+    let admin = TcpListener::bind(config.admin)
+        .await
+        .with_context(|| format!("binding admin address {}", config.admin))?;
+    let listen_addr = listener.local_addr()?;
+    let admin_addr = admin.local_addr()?;
+    {
+        // Other tools wait for and parse exactly this line.
+        let mut out = std::io::stdout().lock();
+        writeln!(
+            out,
+            "tether-balancer ready listen={listen_addr} admin={admin_addr}"
+        )?;
+        out.flush()?;
+    }
+
+    let shutdown = CancellationToken::new();
+    tokio::spawn(on_signal(shutdown.clone()));
+    tether_balancer::run(listener, admin, config, shutdown).await?;
+    info!("stopped");
+    Ok(())
+}
+
+/// Cancels `shutdown` on the first SIGTERM or SIGINT.
+async fn on_signal(shutdown: CancellationToken) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => info!(signal = "SIGTERM", "shutdown requested"),
+                    _ = tokio::signal::ctrl_c() => info!(signal = "SIGINT", "shutdown requested"),
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch SIGTERM; only Ctrl-C stops gracefully");
+                let _ = tokio::signal::ctrl_c().await;
+                info!(signal = "SIGINT", "shutdown requested");
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+        info!(signal = "SIGINT", "shutdown requested");
+    }
+    shutdown.cancel();
+}

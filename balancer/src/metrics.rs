@@ -1,0 +1,244 @@
+//! Prometheus metrics: every metric name the balancer exports is defined in this module, and
+//! served as text by the admin listener's `GET /metrics`.
+//!
+//! Per-node handles are created once at start-up and kept on the node itself, so the proxy's
+//! hot path only touches atomics, never the registry's map.
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+
+// Counters are registered without their `_total` suffix: prometheus-client appends it.
+/// `tether_balancer_connections_total{node}`: upstream connections opened (tunnels and HTTP).
+pub const CONNECTIONS: &str = "tether_balancer_connections";
+/// `tether_balancer_active_connections{node}`: upstream connections open now.
+pub const ACTIVE_CONNECTIONS: &str = "tether_balancer_active_connections";
+/// `tether_balancer_upstream_connect_failures_total{node}`: failed or timed-out connects.
+pub const UPSTREAM_CONNECT_FAILURES: &str = "tether_balancer_upstream_connect_failures";
+/// `tether_balancer_node_up{node}`: 1 while the node is alive (`up` or `unready`), else 0.
+pub const NODE_UP: &str = "tether_balancer_node_up";
+/// `tether_balancer_node_ready{node}`: 1 while the node's `/readyz` answers 200, else 0.
+pub const NODE_READY: &str = "tether_balancer_node_ready";
+/// `tether_balancer_node_draining{node}`: 1 while an operator has the node drained.
+pub const NODE_DRAINING: &str = "tether_balancer_node_draining";
+/// `tether_balancer_node_state_changes_total{node}`: health flips (up/unready/down).
+pub const NODE_STATE_CHANGES: &str = "tether_balancer_node_state_changes";
+/// `tether_balancer_health_checks_total{node,result="ready|unready|failed"}`: probes done.
+pub const HEALTH_CHECKS: &str = "tether_balancer_health_checks";
+/// `tether_balancer_requests_total{kind="ws|http",code}`: answers given to clients.
+pub const REQUESTS: &str = "tether_balancer_requests";
+/// `tether_balancer_rejected_connections_total`: connections closed at once because
+/// `max_connections` were open.
+pub const REJECTED_CONNECTIONS: &str = "tether_balancer_rejected_connections";
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct NodeLabels {
+    pub node: String,
+}
+
+/// What a client asked for: a WebSocket (any upgrade) or a plain HTTP exchange.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)] // the variant names are the label values
+pub enum Kind {
+    ws,
+    http,
+}
+
+/// Outcome of one health probe.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)] // the variant names are the label values
+pub enum CheckResult {
+    ready,
+    unready,
+    failed,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CheckLabels {
+    pub node: String,
+    pub result: CheckResult,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub kind: Kind,
+    pub code: u16,
+}
+
+/// The per-node handles, created once and kept on the node (the hot path never looks them up).
+#[derive(Debug, Clone, Default)]
+pub struct NodeMetrics {
+    pub connections: Counter,
+    pub active: Gauge,
+    pub connect_failures: Counter,
+    pub up: Gauge,
+    pub ready: Gauge,
+    pub draining: Gauge,
+    pub state_changes: Counter,
+    /// Probes by outcome, indexed by [`CheckResult`] as `usize`.
+    pub checks: [Counter; 3],
+}
+
+/// The registry and the handles that are not per node.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    nodes: NodeFamilies,
+    requests: Family<RequestLabels, Counter>,
+    pub rejected_connections: Counter,
+}
+
+#[derive(Debug, Default)]
+struct NodeFamilies {
+    connections: Family<NodeLabels, Counter>,
+    active: Family<NodeLabels, Gauge>,
+    connect_failures: Family<NodeLabels, Counter>,
+    up: Family<NodeLabels, Gauge>,
+    ready: Family<NodeLabels, Gauge>,
+    draining: Family<NodeLabels, Gauge>,
+    state_changes: Family<NodeLabels, Counter>,
+    checks: Family<CheckLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::default();
+        let nodes = NodeFamilies::default();
+        let requests = Family::<RequestLabels, Counter>::default();
+        let rejected_connections = Counter::default();
+        registry.register(
+            CONNECTIONS,
+            "Upstream connections opened, per node",
+            nodes.connections.clone(),
+        );
+        registry.register(
+            ACTIVE_CONNECTIONS,
+            "Upstream connections open now, per node",
+            nodes.active.clone(),
+        );
+        registry.register(
+            UPSTREAM_CONNECT_FAILURES,
+            "Failed or timed-out connects to a node",
+            nodes.connect_failures.clone(),
+        );
+        registry.register(
+            NODE_UP,
+            "1 while the node is alive (up or unready)",
+            nodes.up.clone(),
+        );
+        registry.register(
+            NODE_READY,
+            "1 while the node's /readyz answers 200",
+            nodes.ready.clone(),
+        );
+        registry.register(
+            NODE_DRAINING,
+            "1 while the node is drained by an operator",
+            nodes.draining.clone(),
+        );
+        registry.register(
+            NODE_STATE_CHANGES,
+            "Health state flips of a node",
+            nodes.state_changes.clone(),
+        );
+        registry.register(
+            HEALTH_CHECKS,
+            "Health probes of a node, by outcome",
+            nodes.checks.clone(),
+        );
+        registry.register(
+            REQUESTS,
+            "Answers given to clients, by kind and HTTP status",
+            requests.clone(),
+        );
+        registry.register(
+            REJECTED_CONNECTIONS,
+            "Client connections closed at once because max_connections were open",
+            rejected_connections.clone(),
+        );
+        Self {
+            registry,
+            nodes,
+            requests,
+            rejected_connections,
+        }
+    }
+
+    /// Creates (once, at start-up) the handles for one node.
+    pub fn node(&self, name: &str) -> NodeMetrics {
+        let l = NodeLabels {
+            node: name.to_owned(),
+        };
+        NodeMetrics {
+            connections: self.nodes.connections.get_or_create(&l).clone(),
+            active: self.nodes.active.get_or_create(&l).clone(),
+            connect_failures: self.nodes.connect_failures.get_or_create(&l).clone(),
+            up: self.nodes.up.get_or_create(&l).clone(),
+            ready: self.nodes.ready.get_or_create(&l).clone(),
+            draining: self.nodes.draining.get_or_create(&l).clone(),
+            state_changes: self.nodes.state_changes.get_or_create(&l).clone(),
+            checks: [
+                CheckResult::ready,
+                CheckResult::unready,
+                CheckResult::failed,
+            ]
+            .map(|result| {
+                let labels = CheckLabels {
+                    node: name.to_owned(),
+                    result,
+                };
+                self.nodes.checks.get_or_create(&labels).clone()
+            }),
+        }
+    }
+
+    /// Counts one answer to a client.
+    pub fn request(&self, kind: Kind, code: u16) {
+        self.requests
+            .get_or_create(&RequestLabels { kind, code })
+            .inc();
+    }
+
+    /// The OpenMetrics text exposition of every metric.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail; an encoder error would only come from the writer.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exposition_uses_the_documented_names() {
+        let m = Metrics::new();
+        let n = m.node("node-1");
+        n.connections.inc();
+        n.active.set(3);
+        n.up.set(1);
+        m.request(Kind::ws, 101);
+        m.rejected_connections.inc();
+        let text = m.encode();
+        for needle in [
+            "tether_balancer_connections_total{node=\"node-1\"} 1",
+            "tether_balancer_active_connections{node=\"node-1\"} 3",
+            "tether_balancer_upstream_connect_failures_total{node=\"node-1\"} 0",
+            "tether_balancer_node_up{node=\"node-1\"} 1",
+            "tether_balancer_requests_total{kind=\"ws\",code=\"101\"} 1",
+            "tether_balancer_rejected_connections_total 1",
+        ] {
+            assert!(text.contains(needle), "missing {needle:?} in\n{text}");
+        }
+    }
+}

@@ -1,0 +1,395 @@
+//! The node pool: each node's state (`up`, `unready`, `down`, `draining`), its counters, and
+//! the choice of a node for a client id.
+//!
+//! This is consulted once per client connection, before the upstream connect. Reads are plain
+//! atomic loads — no lock on the hot path. State changes (health probes, failed connects,
+//! admin drain) are rare and go through a small per-node mutex so that a flip is decided, and
+//! logged, exactly once. A flip to `down` also fires the node's *down signal*, which closes
+//! every tunnel to that node (a client must notice promptly that its node is gone).
+
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use arc_swap::ArcSwap;
+use tether_proto::hrw;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::NodeConfig;
+use crate::metrics::{CheckResult, Metrics, NodeMetrics};
+
+/// What the health checks (and failed connects) say about a node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Health {
+    /// Answers `/readyz` with 200: takes clients.
+    Up = 0,
+    /// Alive but `/readyz` is not 200 (say, its Redis is away): takes clients only when no node
+    /// is `up`, and keeps the ones it has.
+    Unready = 1,
+    /// Refuses or times out: takes no clients, and its tunnels are closed.
+    Down = 2,
+}
+
+impl Health {
+    fn from_u8(v: u8) -> Self {
+        match v {
+            0 => Self::Up,
+            1 => Self::Unready,
+            _ => Self::Down,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Up => "up",
+            Self::Unready => "unready",
+            Self::Down => "down",
+        }
+    }
+}
+
+/// The outcome of one `/readyz` probe.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Probe {
+    /// Answered 200.
+    Ready,
+    /// Answered with another status.
+    Unready(u16),
+    /// Refused, timed out, or did not speak HTTP.
+    Failed(String),
+}
+
+/// The health state machine, free of clocks and I/O: the state after `probe`, given the
+/// current state and the count of consecutive answered probes while `down`.
+///
+/// A failure takes a node down at once; a `down` node comes back only after `rise`
+/// consecutive answered probes (flapping nodes stay out); an alive node simply follows
+/// its `/readyz` answer.
+pub fn next_health(current: Health, streak: u32, probe: &Probe, rise: u32) -> (Health, u32) {
+    let answered = match probe {
+        Probe::Failed(_) => return (Health::Down, 0),
+        Probe::Ready => Health::Up,
+        Probe::Unready(_) => Health::Unready,
+    };
+    if current != Health::Down {
+        return (answered, 0);
+    }
+    let streak = streak.saturating_add(1);
+    if streak >= rise {
+        (answered, 0)
+    } else {
+        (Health::Down, streak)
+    }
+}
+
+/// One node and everything the balancer knows about it.
+#[derive(Debug)]
+pub struct Node {
+    /// Stable name: what HRW ranks, the metrics label and the admin handle.
+    pub name: String,
+    /// `host:port` to connect to (resolved at connect time, so DNS changes are followed).
+    pub addr: String,
+    /// [`Health`] as a `u8`, read on every routing decision.
+    health: AtomicU8,
+    /// Set by the admin `drain` and kept until `undrain`, whatever the probes say.
+    draining: AtomicBool,
+    /// Serialises state changes and holds the count of consecutive answered probes while down.
+    transition: Mutex<u32>,
+    /// Cancelled (and replaced by a fresh token) when the node goes down; each tunnel holds the
+    /// token current when it connected.
+    down_signal: ArcSwap<CancellationToken>,
+    /// Counters and gauges; also the source of `/status`'s connection counts.
+    pub metrics: NodeMetrics,
+}
+
+impl Node {
+    fn new(config: &NodeConfig, metrics: NodeMetrics) -> Self {
+        // Nodes start `up`: routing works from the first request, and a node that is in fact
+        // dead is found by the first failed connect (which fails over at once) or probe.
+        metrics.up.set(1);
+        metrics.ready.set(1);
+        Self {
+            name: config.name.clone(),
+            addr: config.addr.clone(),
+            health: AtomicU8::new(Health::Up as u8),
+            draining: AtomicBool::new(false),
+            transition: Mutex::new(0),
+            down_signal: ArcSwap::from_pointee(CancellationToken::new()),
+            metrics,
+        }
+    }
+
+    pub fn health(&self) -> Health {
+        Health::from_u8(self.health.load(Ordering::Acquire))
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    /// The state shown to operators: `draining` wins over health.
+    pub fn state_str(&self) -> &'static str {
+        if self.is_draining() {
+            "draining"
+        } else {
+            self.health().as_str()
+        }
+    }
+
+    /// The token a new tunnel to this node should watch.
+    pub fn down_signal(&self) -> CancellationToken {
+        CancellationToken::clone(&self.down_signal.load())
+    }
+
+    /// Records a failed connect: the node is down from now on, until probes bring it back.
+    pub fn mark_down(&self, reason: &str) {
+        let mut streak = self
+            .transition
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        *streak = 0;
+        self.set_health(Health::Down, reason);
+    }
+
+    /// Feeds one probe result into the state machine.
+    pub fn apply_probe(&self, probe: &Probe, rise: u32) {
+        let result = match probe {
+            Probe::Ready => CheckResult::ready,
+            Probe::Unready(_) => CheckResult::unready,
+            Probe::Failed(_) => CheckResult::failed,
+        };
+        self.metrics.checks[result as usize].inc();
+        let mut streak = self
+            .transition
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let (next, next_streak) = next_health(self.health(), *streak, probe, rise);
+        *streak = next_streak;
+        let reason = match probe {
+            Probe::Ready => "readyz answered 200".to_owned(),
+            Probe::Unready(code) => format!("readyz answered {code}"),
+            Probe::Failed(why) => why.clone(),
+        };
+        self.set_health(next, &reason);
+    }
+
+    /// Sets the health; logs and fires the down signal only on a flip. Called with
+    /// `transition` held.
+    fn set_health(&self, next: Health, reason: &str) {
+        let prev = Health::from_u8(self.health.swap(next as u8, Ordering::AcqRel));
+        if prev == next {
+            return;
+        }
+        self.metrics.state_changes.inc();
+        self.metrics.up.set(i64::from(next != Health::Down));
+        self.metrics.ready.set(i64::from(next == Health::Up));
+        match next {
+            Health::Down => {
+                warn!(node = %self.name, addr = %self.addr, from = prev.as_str(), reason, "node down");
+                let old = self.down_signal.swap(Arc::new(CancellationToken::new()));
+                old.cancel();
+            }
+            Health::Unready => {
+                warn!(node = %self.name, from = prev.as_str(), reason, "node unready");
+            }
+            Health::Up => info!(node = %self.name, from = prev.as_str(), reason, "node up"),
+        }
+    }
+
+    /// Sets or clears the operator's drain flag; returns whether it changed.
+    pub fn set_draining(&self, on: bool) -> bool {
+        let changed = self.draining.swap(on, Ordering::AcqRel) != on;
+        if changed {
+            self.metrics.draining.set(i64::from(on));
+            info!(node = %self.name, draining = on, "drain flag changed by admin");
+        }
+        changed
+    }
+
+    /// The routing tier of this node: `None` when it must not take new clients.
+    fn tier(&self) -> Option<Health> {
+        match self.health() {
+            _ if self.is_draining() => None,
+            Health::Down => None,
+            h => Some(h),
+        }
+    }
+}
+
+/// All nodes, in config order, plus their names in the form HRW ranks.
+#[derive(Debug)]
+pub struct Pool {
+    nodes: Vec<Node>,
+    names: Vec<String>,
+}
+
+impl Pool {
+    pub fn new(configs: &[NodeConfig], metrics: &Metrics) -> Self {
+        let nodes: Vec<Node> = configs
+            .iter()
+            .map(|c| Node::new(c, metrics.node(&c.name)))
+            .collect();
+        let names = configs.iter().map(|c| c.name.clone()).collect();
+        Self { nodes, names }
+    }
+
+    pub fn nodes(&self) -> &[Node] {
+        &self.nodes
+    }
+
+    pub fn get(&self, index: usize) -> &Node {
+        &self.nodes[index]
+    }
+
+    pub fn by_name(&self, name: &str) -> Option<&Node> {
+        self.nodes.iter().find(|n| n.name == name)
+    }
+
+    /// Where `client` goes now: the best-ranked node among the `up` ones, or, when none is
+    /// up, among the `unready` ones (alive beats failing). `None` when no node is usable.
+    ///
+    /// Walking the rank by calling this again after each failed connect (which marks the node
+    /// down) yields exactly `hrw::rank` order restricted to usable nodes, without allocating.
+    pub fn pick(&self, client: &str) -> Option<usize> {
+        let wanted = if self.nodes.iter().any(|n| n.tier() == Some(Health::Up)) {
+            Health::Up
+        } else {
+            Health::Unready
+        };
+        hrw::best(&self.names, client, |i| {
+            self.nodes[i].tier() == Some(wanted)
+        })
+    }
+
+    /// The full preference order of `client` over all nodes, whatever their state.
+    pub fn rank(&self, client: &str) -> Vec<&str> {
+        hrw::rank(&self.names, client)
+            .into_iter()
+            .map(|i| self.names[i].as_str())
+            .collect()
+    }
+
+    /// Open upstream connections over all nodes.
+    pub fn active_connections(&self) -> i64 {
+        self.nodes.iter().map(|n| n.metrics.active.get()).sum()
+    }
+}
+
+/// Counts one open upstream connection for as long as it lives (shared, via `Arc`, between
+/// the HTTP connection task and a tunnel that outlives it).
+#[derive(Debug)]
+pub struct ActiveGuard(NodeMetrics);
+
+impl ActiveGuard {
+    pub fn new(node: &Node) -> Self {
+        node.metrics.connections.inc();
+        node.metrics.active.inc();
+        Self(node.metrics.clone())
+    }
+}
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.active.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(n: usize) -> Pool {
+        let configs: Vec<NodeConfig> = (1..=n)
+            .map(|i| NodeConfig {
+                name: format!("node-{i}"),
+                addr: format!("127.0.0.1:{}", 9000 + i),
+            })
+            .collect();
+        Pool::new(&configs, &Metrics::new())
+    }
+
+    #[test]
+    fn health_rises_only_after_consecutive_answers() {
+        let failed = Probe::Failed("refused".into());
+        assert_eq!(next_health(Health::Up, 0, &failed, 2), (Health::Down, 0));
+        let (h, s) = next_health(Health::Down, 0, &Probe::Ready, 2);
+        assert_eq!((h, s), (Health::Down, 1));
+        assert_eq!(next_health(h, s, &Probe::Ready, 2), (Health::Up, 0));
+        // An unready answer counts as alive for rising, and lands in `unready`.
+        let (h, s) = next_health(Health::Down, 1, &Probe::Unready(503), 2);
+        assert_eq!((h, s), (Health::Unready, 0));
+        // A failure in the middle restarts the count.
+        let (h, s) = next_health(Health::Down, 1, &failed, 3);
+        assert_eq!(next_health(h, s, &Probe::Ready, 3), (Health::Down, 1));
+        // Alive nodes follow /readyz directly.
+        assert_eq!(
+            next_health(Health::Up, 0, &Probe::Unready(500), 2),
+            (Health::Unready, 0)
+        );
+        assert_eq!(
+            next_health(Health::Unready, 0, &Probe::Ready, 2),
+            (Health::Up, 0)
+        );
+        assert_eq!(
+            next_health(Health::Down, 0, &Probe::Ready, 1),
+            (Health::Up, 0)
+        );
+    }
+
+    #[test]
+    fn pick_prefers_up_then_unready_and_never_down_or_draining() {
+        let pool = pool(3);
+        let id = "client-42";
+        let rank = hrw::rank(&pool.names, id);
+        assert_eq!(pool.pick(id), Some(rank[0]));
+
+        pool.get(rank[0]).mark_down("test");
+        assert_eq!(pool.pick(id), Some(rank[1]));
+
+        // An unready node loses to any up one, even one ranked below it.
+        pool.get(rank[1]).apply_probe(&Probe::Unready(503), 1);
+        assert_eq!(pool.pick(id), Some(rank[2]));
+
+        // With no node up, the alive unready one is used rather than failing.
+        pool.get(rank[2]).set_draining(true);
+        assert_eq!(pool.pick(id), Some(rank[1]));
+        assert_eq!(pool.get(rank[2]).state_str(), "draining");
+
+        pool.get(rank[1]).mark_down("test");
+        assert_eq!(pool.pick(id), None);
+
+        pool.get(rank[2]).set_draining(false);
+        assert_eq!(pool.pick(id), Some(rank[2]));
+    }
+
+    #[test]
+    fn going_down_fires_the_down_signal_once_and_re_arms_it() {
+        let pool = pool(1);
+        let node = pool.get(0);
+        let first = node.down_signal();
+        node.apply_probe(&Probe::Unready(503), 2);
+        assert!(!first.is_cancelled(), "unready must not close tunnels");
+        node.mark_down("refused");
+        assert!(first.is_cancelled());
+        let second = node.down_signal();
+        assert!(!second.is_cancelled());
+        node.mark_down("refused again");
+        assert!(!second.is_cancelled(), "no flip, no signal");
+        assert_eq!(node.metrics.state_changes.get(), 2);
+        assert_eq!(node.metrics.up.get(), 0);
+    }
+
+    #[test]
+    fn draining_is_sticky_across_probes() {
+        let pool = pool(1);
+        let node = pool.get(0);
+        assert!(node.set_draining(true));
+        assert!(!node.set_draining(true));
+        node.apply_probe(&Probe::Ready, 1);
+        assert_eq!(node.state_str(), "draining");
+        assert_eq!(pool.pick("x"), None);
+        node.set_draining(false);
+        assert_eq!(node.state_str(), "up");
+    }
+}

@@ -1,0 +1,428 @@
+//! The client-facing request path: find the client id, pick its node, connect (failing over
+//! along the client's rank), forward the request, and either stream the answer back (plain
+//! HTTP) or hand both upgraded connections to [`crate::tunnel`] (WebSocket).
+//!
+//! A client connection's life: [`crate::server`] accepts it and runs hyper on it; each request
+//! lands in [`handle`]; an upgrade ends hyper's part and the tunnel takes over until either
+//! side hangs up, the node goes down, or the shutdown grace runs out.
+
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::uri::PathAndQuery;
+use http::{Request, Response, StatusCode, Uri};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use tether_proto::id::{extract_client_id, mint_client_id, session_cookie, IdSource};
+use tether_proto::id::{CLIENT_ID_HEADER, SESSION_COOKIE};
+use tokio::net::TcpStream;
+use tokio::sync::OwnedSemaphorePermit;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, field, warn, Instrument};
+
+use crate::metrics::Kind;
+use crate::pool::{ActiveGuard, Node};
+use crate::{tunnel, Error, Shared};
+
+/// Body type of every response the balancer produces.
+pub(crate) type Body = BoxBody<Bytes, hyper::Error>;
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// Headers that describe one hop, not the message (RFC 9110 §7.6.1): never forwarded as-is.
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    KEEP_ALIVE,
+    PROXY_CONNECTION,
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// What every request on one client connection shares.
+#[derive(Debug)]
+pub(crate) struct ClientConn {
+    /// Appended to `X-Forwarded-For`.
+    pub peer: SocketAddr,
+    /// The connection's slot under `max_connections`; a tunnel keeps a reference, so an
+    /// upgraded connection still counts after hyper has let go of it.
+    pub _permit: OwnedSemaphorePermit,
+}
+
+pub(crate) fn full(body: impl Into<Bytes>) -> Body {
+    Full::new(body.into())
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+pub(crate) fn empty() -> Body {
+    Empty::new().map_err(|never| match never {}).boxed()
+}
+
+pub(crate) fn text_response(status: StatusCode, text: impl Into<String>) -> Response<Body> {
+    let mut text = text.into();
+    text.push('\n');
+    let mut response = Response::new(full(text));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+/// The hyper service of the client-facing listener.
+pub(crate) async fn handle(
+    shared: Arc<Shared>,
+    conn: Arc<ClientConn>,
+    request: Request<Incoming>,
+) -> Result<Response<Body>, Infallible> {
+    let kind = if is_upgrade(request.headers()) {
+        Kind::ws
+    } else {
+        Kind::http
+    };
+    let span = tracing::debug_span!("request", ?kind, client = field::Empty, node = field::Empty);
+    let response = forward(&shared, &conn, kind, request)
+        .instrument(span)
+        .await;
+    shared.metrics.request(kind, response.status().as_u16());
+    Ok(response)
+}
+
+/// Whether the request asks to switch protocols (`Connection: upgrade` plus `Upgrade`).
+pub(crate) fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// The request's client id, or a fresh one (`true` = minted here).
+fn client_id(request: &Request<Incoming>, order: &[IdSource]) -> Result<(String, bool), Error> {
+    let headers = request.headers();
+    // Browsers send one Cookie header (RFC 6265 §5.4); the Vec allocates only when one is there.
+    let cookies: Vec<&[u8]> = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .map(HeaderValue::as_bytes)
+        .collect();
+    let found = extract_client_id(
+        request.uri().query(),
+        headers.get(CLIENT_ID_HEADER).map(HeaderValue::as_bytes),
+        cookies.iter().copied(),
+        order,
+    )?;
+    Ok(match found {
+        Some(id) => (id.to_owned(), false),
+        None => (mint_client_id(), true),
+    })
+}
+
+async fn forward(
+    shared: &Arc<Shared>,
+    conn: &Arc<ClientConn>,
+    kind: Kind,
+    mut request: Request<Incoming>,
+) -> Response<Body> {
+    let (id, minted) = match client_id(&request, &shared.config.hash_keys) {
+        Ok(found) => found,
+        Err(e) => {
+            debug!(peer = %conn.peer, error = %e, "refused request");
+            return text_response(StatusCode::BAD_REQUEST, e.to_string());
+        }
+    };
+    let span = tracing::Span::current();
+    span.record("client", id.as_str());
+
+    let Some((index, stream, down)) = connect_ranked(shared, &id).await else {
+        return text_response(StatusCode::SERVICE_UNAVAILABLE, "no node available");
+    };
+    let node = shared.pool.get(index);
+    span.record("node", node.name.as_str());
+    let guard = Arc::new(ActiveGuard::new(node));
+
+    let client_upgrade = (kind == Kind::ws).then(|| hyper::upgrade::on(&mut request));
+    if let Err(e) = prepare_upstream_request(&mut request, &id, conn.peer.ip()) {
+        return text_response(StatusCode::BAD_REQUEST, e);
+    }
+
+    let (mut sender, upstream) =
+        match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await {
+            Ok(pair) => pair,
+            Err(source) => return bad_gateway(node, source),
+        };
+    let upstream_span = tracing::debug_span!("upstream", node = %node.name, client = %id);
+    shared.tracker.spawn(
+        drive_upstream(
+            upstream,
+            Arc::clone(&guard),
+            down.clone(),
+            shared.hard_stop.clone(),
+        )
+        .instrument(upstream_span),
+    );
+
+    let mut response = match sender.send_request(request).await {
+        Ok(response) => response,
+        Err(source) => return bad_gateway(node, source),
+    };
+
+    let mut out = if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        let Some(client_upgrade) = client_upgrade else {
+            // Cannot happen with a sane node: `Upgrade` was stripped from this request.
+            warn!(node = %node.name, "node switched protocols without being asked");
+            return text_response(StatusCode::BAD_GATEWAY, "node switched protocols unasked");
+        };
+        let node_upgrade = hyper::upgrade::on(&mut response);
+        let stops = tunnel::Stops {
+            node_down: down,
+            hard_stop: shared.hard_stop.clone(),
+        };
+        let tunnel_span = tracing::info_span!(
+            "tunnel",
+            peer = %conn.peer,
+            client = %id,
+            node = %node.name
+        );
+        shared.tracker.spawn(
+            tunnel::run(client_upgrade, node_upgrade, stops, guard, Arc::clone(conn))
+                .instrument(tunnel_span),
+        );
+        // The node's 101 headers (Upgrade, Connection, Sec-WebSocket-*) go back unchanged.
+        let (parts, _) = response.into_parts();
+        Response::from_parts(parts, empty())
+    } else {
+        let (mut parts, body) = response.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        Response::from_parts(parts, body.boxed())
+    };
+    if minted {
+        if let Ok(cookie) = HeaderValue::from_str(&session_cookie(&id)) {
+            out.headers_mut().append(header::SET_COOKIE, cookie);
+        }
+    }
+    out
+}
+
+fn bad_gateway(node: &Node, source: hyper::Error) -> Response<Body> {
+    let e = Error::NodeHttp {
+        node: node.name.clone(),
+        source,
+    };
+    debug!(error = %e, "upstream exchange failed");
+    text_response(
+        StatusCode::BAD_GATEWAY,
+        format!("node {} failed", node.name),
+    )
+}
+
+/// Connects to the client's best usable node, and on a failed connect marks that node down
+/// and tries the next one in the client's rank. Returns the node, the stream, and the down
+/// signal that was current *before* connecting (so a flip during the connect is not missed).
+async fn connect_ranked(
+    shared: &Shared,
+    id: &str,
+) -> Option<(usize, TcpStream, CancellationToken)> {
+    // Every failure marks one node down, so this ends; the bound only guards against probes
+    // reviving nodes as fast as connects fail.
+    for _ in 0..shared.pool.nodes().len() {
+        let index = shared.pool.pick(id)?;
+        let node = shared.pool.get(index);
+        let down = node.down_signal();
+        match connect(node, shared.config.connect_timeout).await {
+            Ok(stream) => return Some((index, stream, down)),
+            Err(e) => {
+                node.metrics.connect_failures.inc();
+                debug!(error = %e, "upstream connect failed; trying the next node");
+                node.mark_down(&e.to_string());
+            }
+        }
+    }
+    None
+}
+
+async fn connect(node: &Node, timeout: Duration) -> Result<TcpStream, Error> {
+    match tokio::time::timeout(timeout, TcpStream::connect(&node.addr)).await {
+        Ok(Ok(stream)) => {
+            // Chat frames are small and latency-bound.
+            let _ = stream.set_nodelay(true);
+            Ok(stream)
+        }
+        Ok(Err(source)) => Err(Error::NodeConnect {
+            node: node.name.clone(),
+            addr: node.addr.clone(),
+            source,
+        }),
+        Err(_) => Err(Error::NodeConnectTimeout {
+            node: node.name.clone(),
+            addr: node.addr.clone(),
+            timeout_ms: timeout.as_millis(),
+        }),
+    }
+}
+
+/// Keeps the upstream HTTP connection going until it ends (or hands itself over to a tunnel),
+/// the node goes down, or the shutdown grace is over.
+async fn drive_upstream(
+    upstream: hyper::client::conn::http1::Connection<TokioIo<TcpStream>, Incoming>,
+    guard: Arc<ActiveGuard>,
+    down: CancellationToken,
+    hard_stop: CancellationToken,
+) {
+    tokio::select! {
+        result = upstream.with_upgrades() => {
+            if let Err(e) = result {
+                debug!(error = %e, "upstream connection ended with an error");
+            }
+        }
+        _ = down.cancelled() => debug!("node went down; upstream connection closed"),
+        _ = hard_stop.cancelled() => {}
+    }
+    drop(guard);
+}
+
+/// Turns the client's request into the node's: origin-form URI, hop-by-hop headers dropped
+/// (the upgrade pair restored for WebSockets), `X-Client-Id` set to the chosen id whatever the
+/// client sent, and the client's address appended to `X-Forwarded-For`.
+fn prepare_upstream_request<B>(
+    request: &mut Request<B>,
+    id: &str,
+    peer: IpAddr,
+) -> Result<(), &'static str> {
+    let path = request
+        .uri()
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    *request.uri_mut() = Uri::from(path);
+
+    let headers = request.headers_mut();
+    let upgrade = is_upgrade(headers)
+        .then(|| headers.get(header::UPGRADE).cloned())
+        .flatten();
+    strip_hop_by_hop(headers);
+    if let Some(protocol) = upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, protocol);
+    }
+    let id = HeaderValue::from_str(id).map_err(|_| "client id is not a header value")?;
+    headers.insert(HeaderName::from_static(CLIENT_ID_HEADER), id);
+    append_forwarded_for(headers, peer);
+    Ok(())
+}
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let listed: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        // A client cannot make us drop what identifies the request.
+        .filter(|name| *name != header::HOST && name.as_str() != SESSION_COOKIE)
+        .collect();
+    for name in listed.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+}
+
+fn append_forwarded_for(headers: &mut HeaderMap, peer: IpAddr) {
+    let mut value = String::new();
+    for earlier in headers.get_all(&X_FORWARDED_FOR) {
+        if let Ok(earlier) = earlier.to_str() {
+            let earlier = earlier.trim();
+            if !earlier.is_empty() {
+                value.push_str(earlier);
+                value.push_str(", ");
+            }
+        }
+    }
+    value.push_str(&peer.to_string());
+    if let Ok(value) = HeaderValue::from_str(&value) {
+        headers.insert(X_FORWARDED_FOR, value);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(headers: &[(&str, &str)], uri: &str) -> Request<()> {
+        let mut builder = Request::get(uri);
+        for (k, v) in headers {
+            builder = builder.header(*k, *v);
+        }
+        builder.body(()).unwrap()
+    }
+
+    #[test]
+    fn upstream_request_keeps_the_upgrade_and_drops_other_hop_headers() {
+        let mut r = request(
+            &[
+                ("host", "example"),
+                ("connection", "keep-alive, Upgrade, x-secret"),
+                ("upgrade", "websocket"),
+                ("x-secret", "1"),
+                ("keep-alive", "timeout=5"),
+                ("sec-websocket-key", "abc"),
+                ("x-client-id", "spoofed"),
+            ],
+            "http://example/ws?client=alice",
+        );
+        prepare_upstream_request(&mut r, "alice", "10.0.0.9".parse().unwrap()).unwrap();
+        assert_eq!(r.uri(), "/ws?client=alice");
+        let h = r.headers();
+        assert_eq!(h["connection"], "upgrade");
+        assert_eq!(h["upgrade"], "websocket");
+        assert_eq!(h["sec-websocket-key"], "abc");
+        assert_eq!(h["host"], "example");
+        assert_eq!(h["x-client-id"], "alice");
+        assert_eq!(h["x-forwarded-for"], "10.0.0.9");
+        assert!(!h.contains_key("x-secret"));
+        assert!(!h.contains_key("keep-alive"));
+    }
+
+    #[test]
+    fn plain_requests_lose_upgrade_headers_and_forwarded_for_is_appended() {
+        let mut r = request(
+            &[
+                ("upgrade", "websocket"),
+                ("x-forwarded-for", "1.1.1.1"),
+                ("x-forwarded-for", "2.2.2.2"),
+                ("transfer-encoding", "chunked"),
+            ],
+            "/api",
+        );
+        prepare_upstream_request(&mut r, "bob", "::1".parse().unwrap()).unwrap();
+        let h = r.headers();
+        assert!(
+            !h.contains_key("upgrade"),
+            "no Connection: upgrade, no upgrade"
+        );
+        assert!(!h.contains_key("transfer-encoding"));
+        assert_eq!(h["x-forwarded-for"], "1.1.1.1, 2.2.2.2, ::1");
+    }
+
+    #[test]
+    fn upgrade_detection_needs_both_headers() {
+        let both = request(&[("connection", "Upgrade"), ("upgrade", "websocket")], "/");
+        assert!(is_upgrade(both.headers()));
+        let no_conn = request(&[("upgrade", "websocket")], "/");
+        assert!(!is_upgrade(no_conn.headers()));
+        let no_upgrade = request(&[("connection", "upgrade")], "/");
+        assert!(!is_upgrade(no_upgrade.headers()));
+    }
+}

@@ -1,0 +1,208 @@
+//! Accept loops for the two listeners and the per-connection hyper set-up.
+//!
+//! This is where a client connection begins: accepted, counted against its listener's cap
+//! (beyond it: closed at once), then served by hyper until it ends, is upgraded into a tunnel,
+//! or shutdown asks it to finish its in-flight request and close. An accept error never ends
+//! the loop: per-connection errors are skipped, resource exhaustion (EMFILE and friends) backs
+//! off.
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::{pin, Pin};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn, Instrument};
+
+use crate::proxy::{self, ClientConn};
+use crate::{admin, Shared};
+
+/// Cap on concurrent admin connections: it is an operator's port, and a flood there must not
+/// take file descriptors from clients.
+pub const ADMIN_MAX_CONNECTIONS: usize = 64;
+
+/// First and longest pause after an accept error such as EMFILE.
+const ACCEPT_BACKOFF_START: Duration = Duration::from_millis(10);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
+
+/// hyper refuses a read buffer smaller than this (its initial buffer size).
+const HYPER_MIN_BUF: usize = 8192;
+
+/// Serves the client-facing listener until `shutdown` fires.
+pub(crate) async fn serve_proxy(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) {
+    let limit = Arc::new(Semaphore::new(shared.config.max_connections));
+    accept_loop(
+        &shared,
+        listener,
+        limit,
+        &shutdown,
+        "proxy",
+        |stream, peer, permit| {
+            let _ = stream.set_nodelay(true);
+            let conn = Arc::new(ClientConn {
+                peer,
+                _permit: permit,
+            });
+            let service = {
+                let shared = Arc::clone(&shared);
+                service_fn(move |request| {
+                    proxy::handle(Arc::clone(&shared), Arc::clone(&conn), request)
+                })
+            };
+            let connection = http_builder(&shared)
+                .serve_connection(TokioIo::new(stream), service)
+                .with_upgrades();
+            let span = tracing::debug_span!("conn", %peer);
+            shared.tracker.spawn(
+                drive(
+                    connection,
+                    |c| c.graceful_shutdown(),
+                    shutdown.clone(),
+                    shared.hard_stop.clone(),
+                )
+                .instrument(span),
+            );
+        },
+    )
+    .await;
+}
+
+/// Serves the admin listener until `shutdown` fires.
+pub(crate) async fn serve_admin(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) {
+    let limit = Arc::new(Semaphore::new(ADMIN_MAX_CONNECTIONS));
+    accept_loop(
+        &shared,
+        listener,
+        limit,
+        &shutdown,
+        "admin",
+        |stream, peer, permit| {
+            let service = {
+                let shared = Arc::clone(&shared);
+                service_fn(move |request| admin::handle(Arc::clone(&shared), request))
+            };
+            let connection = http_builder(&shared).serve_connection(TokioIo::new(stream), service);
+            let span = tracing::debug_span!("admin_conn", %peer);
+            let (shutdown, hard_stop) = (shutdown.clone(), shared.hard_stop.clone());
+            shared.tracker.spawn(
+                async move {
+                    drive(connection, |c| c.graceful_shutdown(), shutdown, hard_stop).await;
+                    drop(permit);
+                }
+                .instrument(span),
+            );
+        },
+    )
+    .await;
+}
+
+fn http_builder(shared: &Shared) -> http1::Builder {
+    let config = &shared.config;
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(config.header_read_timeout)
+        .max_header_size(config.max_header_bytes)
+        .max_buf_size(config.max_header_bytes.max(HYPER_MIN_BUF));
+    builder
+}
+
+/// Accepts until `shutdown`; hands each connection that fits under `limit` to `serve`.
+async fn accept_loop(
+    shared: &Shared,
+    listener: TcpListener,
+    limit: Arc<Semaphore>,
+    shutdown: &CancellationToken,
+    name: &'static str,
+    mut serve: impl FnMut(TcpStream, SocketAddr, OwnedSemaphorePermit),
+) {
+    let mut backoff = ACCEPT_BACKOFF_START;
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            accepted = listener.accept() => accepted,
+        };
+        let (stream, peer) = match accepted {
+            Ok(pair) => {
+                backoff = ACCEPT_BACKOFF_START;
+                pair
+            }
+            Err(e) if is_per_connection(&e) => {
+                debug!(listener = name, error = %e, "accept: connection failed");
+                continue;
+            }
+            Err(e) => {
+                warn!(listener = name, error = %e, backoff_ms = backoff.as_millis() as u64, "accept failed; backing off");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                continue;
+            }
+        };
+        match Arc::clone(&limit).try_acquire_owned() {
+            Ok(permit) => serve(stream, peer, permit),
+            Err(_) => {
+                shared.metrics.rejected_connections.inc();
+                debug!(listener = name, %peer, "connection limit reached; closing");
+                drop(stream);
+            }
+        }
+    }
+}
+
+/// Errors that concern one half-open connection, not the listener.
+fn is_per_connection(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::Interrupted
+            | io::ErrorKind::WouldBlock
+    )
+}
+
+/// Runs one connection; on shutdown lets it finish its in-flight request, and cuts it when the
+/// grace period is over.
+/// `graceful` is hyper's `graceful_shutdown` of the connection's concrete type.
+async fn drive<C>(
+    connection: C,
+    graceful: fn(Pin<&mut C>),
+    shutdown: CancellationToken,
+    hard_stop: CancellationToken,
+) where
+    C: Future<Output = hyper::Result<()>>,
+{
+    let mut connection = pin!(connection);
+    let result = tokio::select! {
+        result = connection.as_mut() => result,
+        _ = shutdown.cancelled() => {
+            graceful(connection.as_mut());
+            tokio::select! {
+                result = connection.as_mut() => result,
+                _ = hard_stop.cancelled() => Ok(()),
+            }
+        }
+    };
+    if let Err(e) = result {
+        // Garbage, timeouts and hang-ups are the client's business, not an operator's.
+        debug!(error = %e, "connection ended with an error");
+    }
+}
