@@ -24,6 +24,10 @@ pub const DEFAULT_REDIS_TIMEOUT_MS: u64 = 2_000;
 pub const DEFAULT_HEADER_READ_TIMEOUT_MS: u64 = 5_000;
 pub const DEFAULT_RECONNECT_MIN_MS: u64 = 100;
 pub const DEFAULT_RECONNECT_MAX_MS: u64 = 5_000;
+pub const DEFAULT_SESSION_TTL_SECS: u64 = 3600;
+pub const DEFAULT_RESUME_GRACE_MS: u64 = 1_000;
+/// Environment variable holding the signing key when no file is configured.
+pub const SIGNING_KEY_ENV: &str = "TETHER_SIGNING_KEY";
 
 /// Which backbone carries rooms between nodes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -71,6 +75,9 @@ pub struct FileConfig {
     pub header_read_timeout_ms: Option<u64>,
     pub reconnect_min_ms: Option<u64>,
     pub reconnect_max_ms: Option<u64>,
+    pub session_ttl_secs: Option<u64>,
+    pub resume_grace_ms: Option<u64>,
+    pub signing_key_file: Option<std::path::PathBuf>,
 }
 
 /// A validated configuration with every default applied.
@@ -105,6 +112,12 @@ pub struct Config {
     /// Backoff bounds of the Redis subscriber's reconnect loop.
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
+    /// How long a session (name, rooms) outlives its client's last connection.
+    pub session_ttl: Duration,
+    /// How long restored rooms hold live frames waiting for the client's `resume`.
+    pub resume_grace: Duration,
+    /// When set, only ids signed with this key are accepted (see `tether_proto::sign`).
+    pub signing_key: Option<tether_proto::sign::SigningKey>,
 }
 
 /// A configuration value that cannot be used.
@@ -228,6 +241,21 @@ impl FileConfig {
                 "must not be below reconnect_min_ms",
             ));
         }
+        let signing_key = match (&self.signing_key_file, std::env::var(SIGNING_KEY_ENV)) {
+            (Some(path), _) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| invalid("signing_key_file", format!("{}: {e}", path.display())))?;
+                Some(
+                    tether_proto::sign::SigningKey::new(text.trim().as_bytes().to_vec())
+                        .map_err(|e| invalid("signing_key_file", e.to_string()))?,
+                )
+            }
+            (None, Ok(key)) if !key.is_empty() => Some(
+                tether_proto::sign::SigningKey::new(key.into_bytes())
+                    .map_err(|e| invalid("signing_key_file", format!("{SIGNING_KEY_ENV}: {e}")))?,
+            ),
+            (None, _) => None,
+        };
         Ok(Config {
             listen,
             name,
@@ -274,6 +302,17 @@ impl FileConfig {
             )?),
             reconnect_min: Duration::from_millis(reconnect_min),
             reconnect_max: Duration::from_millis(reconnect_max),
+            session_ttl: Duration::from_secs(nonzero(
+                "session_ttl_secs",
+                self.session_ttl_secs,
+                DEFAULT_SESSION_TTL_SECS,
+            )?),
+            resume_grace: Duration::from_millis(nonzero(
+                "resume_grace_ms",
+                self.resume_grace_ms,
+                DEFAULT_RESUME_GRACE_MS,
+            )?),
+            signing_key,
         })
     }
 }

@@ -5,10 +5,16 @@
 //! is offered to each local member's bounded send queue with `try_send`: fan-out never waits on
 //! a client. A member whose queue is full is a slow consumer: its `kick` token is cancelled and
 //! its connection task closes it with 1008.
+//!
+//! Each membership also has a [`Gate`]: normally open, it remembers the last message seq it
+//! let through (so a replay and live traffic never deliver the same seq twice); while a resume
+//! is being prepared it *holds* the room's live frames, which the resume then releases after
+//! the replay, in seq order.
 
 use dashmap::DashMap;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
@@ -24,16 +30,166 @@ pub struct Member {
     pub kick: CancellationToken,
 }
 
+impl Member {
+    /// Queues a frame; a full queue makes this member a slow consumer.
+    pub fn offer(&self, frame: Utf8Bytes, metrics: &Metrics) -> bool {
+        match self.tx.try_send(frame) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                if !self.kick.is_cancelled() {
+                    metrics.slow_consumers.inc();
+                    self.kick.cancel();
+                }
+                false
+            }
+            // The connection is on its way out; its cleanup removes it from its rooms.
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+}
+
+/// The seq and epoch of a room `message` frame, read from its JSON without a full parse.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameMeta<'a> {
+    pub seq: u64,
+    pub epoch: &'a str,
+}
+
+impl<'a> FrameMeta<'a> {
+    /// `Some` for message frames (which the atomic publish step ends with
+    /// `,"seq":N,"epoch":"E"}`), `None` for membership events.
+    pub fn parse(frame: &'a str) -> Option<Self> {
+        if !frame.starts_with("{\"type\":\"message\"") {
+            return None;
+        }
+        // Inside JSON strings quotes are escaped, so the unescaped `,"seq":` is the field.
+        let at = frame.rfind(",\"seq\":")?;
+        let rest = &frame[at + 7..];
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        let seq = rest[..digits].parse().ok()?;
+        let rest = rest[digits..].strip_prefix(",\"epoch\":\"")?;
+        let epoch = &rest[..rest.find('"')?];
+        Some(Self { seq, epoch })
+    }
+}
+
+/// One membership's delivery state; see the module docs.
+#[derive(Debug, Default)]
+pub struct Gate(Mutex<GateState>);
+
+#[derive(Debug, Default)]
+pub struct GateState {
+    /// `Some` while holding: live frames wait here for the resume in progress.
+    pub held: Option<Vec<Utf8Bytes>>,
+    /// Last message seq let through, within `epoch`.
+    pub last_seq: u64,
+    pub epoch: Option<String>,
+}
+
+impl GateState {
+    /// Whether a message with this meta was already let through.
+    pub fn already_sent(&self, meta: &FrameMeta<'_>) -> bool {
+        self.epoch.as_deref() == Some(meta.epoch) && meta.seq <= self.last_seq
+    }
+
+    pub fn note_sent(&mut self, meta: &FrameMeta<'_>) {
+        if self.epoch.as_deref() != Some(meta.epoch) {
+            self.epoch = Some(meta.epoch.to_string());
+        }
+        self.last_seq = meta.seq;
+    }
+}
+
+impl Gate {
+    /// A gate that starts out holding (for rooms restored from a session).
+    pub fn holding() -> Arc<Self> {
+        Arc::new(Self(Mutex::new(GateState {
+            held: Some(Vec::new()),
+            ..Default::default()
+        })))
+    }
+
+    pub fn open() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    pub fn lock(&self) -> MutexGuard<'_, GateState> {
+        // A panic while holding this lock would be a bug in this module; the state stays
+        // usable (it is plain data), so poisoning is ignored.
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Starts holding live frames, unless already holding.
+    pub fn hold(&self) {
+        let mut g = self.lock();
+        if g.held.is_none() {
+            g.held = Some(Vec::new());
+        }
+    }
+
+    /// Lets one frame through (or holds it), dropping a message already delivered.
+    fn pass(
+        &self,
+        member: &Member,
+        frame: &Utf8Bytes,
+        meta: Option<FrameMeta<'_>>,
+        hold_cap: usize,
+        metrics: &Metrics,
+    ) -> bool {
+        let mut g = self.lock();
+        if let Some(held) = g.held.as_mut() {
+            if held.len() >= hold_cap {
+                if !member.kick.is_cancelled() {
+                    metrics.slow_consumers.inc();
+                    member.kick.cancel();
+                }
+                return false;
+            }
+            held.push(frame.clone());
+            return true;
+        }
+        if let Some(meta) = meta {
+            if g.already_sent(&meta) {
+                metrics.duplicates_suppressed.inc();
+                return false;
+            }
+            g.note_sent(&meta);
+        }
+        member.offer(frame.clone(), metrics)
+    }
+}
+
 /// Local members of every room that has any on this node.
 #[derive(Debug, Default)]
 pub struct Hub {
-    rooms: DashMap<String, HashMap<u64, Member>>,
+    rooms: DashMap<String, HashMap<u64, (Member, Arc<Gate>)>>,
+    /// Client id of every open connection (for session refresh and `online`).
+    clients: DashMap<u64, Arc<str>>,
     next_conn: AtomicU64,
+    /// Most frames a holding gate keeps before its member counts as a slow consumer.
+    hold_cap: usize,
 }
 
 impl Hub {
-    pub fn new() -> Self {
-        Self::default()
+    /// A hub whose holding gates keep at most `hold_cap` frames.
+    pub fn new(hold_cap: usize) -> Self {
+        Self {
+            hold_cap,
+            ..Self::default()
+        }
+    }
+
+    pub fn register(&self, conn: u64, id: Arc<str>) {
+        self.clients.insert(conn, id);
+    }
+
+    pub fn unregister(&self, conn: u64) {
+        self.clients.remove(&conn);
+    }
+
+    /// Ids of every open connection (an id connected twice appears twice).
+    pub fn client_ids(&self) -> Vec<Arc<str>> {
+        self.clients.iter().map(|e| Arc::clone(e.value())).collect()
     }
 
     /// A node-unique connection number.
@@ -42,10 +198,10 @@ impl Hub {
     }
 
     /// Adds a member; returns true if it is the room's first local member.
-    pub fn add(&self, room: &str, conn: u64, member: Member) -> bool {
+    pub fn add(&self, room: &str, conn: u64, member: Member, gate: Arc<Gate>) -> bool {
         let mut entry = self.rooms.entry(room.to_string()).or_default();
         let first = entry.is_empty();
-        entry.insert(conn, member);
+        entry.insert(conn, (member, gate));
         first
     }
 
@@ -87,20 +243,11 @@ impl Hub {
         let Some(members) = self.rooms.get(room) else {
             return 0;
         };
-        let mut delivered = 0;
-        for member in members.values() {
-            match member.tx.try_send(frame.clone()) {
-                Ok(()) => delivered += 1,
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    if !member.kick.is_cancelled() {
-                        metrics.slow_consumers.inc();
-                        member.kick.cancel();
-                    }
-                }
-                // The connection is on its way out; its cleanup removes it from the room.
-                Err(mpsc::error::TrySendError::Closed(_)) => {}
-            }
-        }
+        let meta = FrameMeta::parse(frame.as_str());
+        let delivered = members
+            .values()
+            .filter(|(member, gate)| gate.pass(member, frame, meta, self.hold_cap, metrics))
+            .count();
         metrics.frames_delivered.inc_by(delivered as u64);
         delivered
     }
@@ -123,11 +270,11 @@ mod tests {
 
     #[test]
     fn first_and_last_member_are_reported() {
-        let hub = Hub::new();
+        let hub = Hub::new(8);
         let (a, _ra) = member(4);
         let (b, _rb) = member(4);
-        assert!(hub.add("r", 1, a));
-        assert!(!hub.add("r", 2, b));
+        assert!(hub.add("r", 1, a, Gate::open()));
+        assert!(!hub.add("r", 2, b, Gate::open()));
         assert!(!hub.remove("r", 1));
         assert!(hub.has_members("r"));
         assert!(hub.remove("r", 2));
@@ -137,12 +284,12 @@ mod tests {
 
     #[test]
     fn a_full_queue_kicks_only_that_member() {
-        let hub = Hub::new();
+        let hub = Hub::new(8);
         let metrics = Metrics::new();
         let (slow, _rs) = member(1);
         let (fast, mut rf) = member(8);
-        hub.add("r", 1, slow.clone());
-        hub.add("r", 2, fast.clone());
+        hub.add("r", 1, slow.clone(), Gate::open());
+        hub.add("r", 2, fast.clone(), Gate::open());
         let frame = Utf8Bytes::from_static("{}");
         assert_eq!(hub.deliver("r", &frame, &metrics), 2);
         assert_eq!(hub.deliver("r", &frame, &metrics), 1);
@@ -150,5 +297,60 @@ mod tests {
         assert!(!fast.kick.is_cancelled());
         assert!(rf.try_recv().is_ok());
         assert!(rf.try_recv().is_ok());
+    }
+
+    fn msg(seq: u64, epoch: &str) -> Utf8Bytes {
+        Utf8Bytes::from(format!(
+            r#"{{"type":"message","room":"r","from":"a","id":"a","text":"\",\"seq\":99","server":"n","timestamp":1,"seq":{seq},"epoch":"{epoch}"}}"#
+        ))
+    }
+
+    #[test]
+    fn frame_meta_reads_seq_and_epoch_even_with_tricky_text() {
+        let f = msg(42, "e1");
+        assert_eq!(
+            FrameMeta::parse(f.as_str()),
+            Some(FrameMeta {
+                seq: 42,
+                epoch: "e1"
+            })
+        );
+        assert_eq!(
+            FrameMeta::parse(r#"{"type":"user_joined","room":"r"}"#),
+            None
+        );
+    }
+
+    #[test]
+    fn a_gate_drops_seqs_already_sent_and_holds_while_resuming() {
+        let hub = Hub::new(8);
+        let metrics = Metrics::new();
+        let (m, mut rx) = member(16);
+        let gate = Gate::open();
+        hub.add("r", 1, m, Arc::clone(&gate));
+        hub.deliver("r", &msg(1, "e"), &metrics);
+        hub.deliver("r", &msg(1, "e"), &metrics);
+        assert!(rx.try_recv().is_ok());
+        assert!(rx.try_recv().is_err(), "seq 1 twice is delivered once");
+        gate.hold();
+        hub.deliver("r", &msg(2, "e"), &metrics);
+        assert!(rx.try_recv().is_err(), "held");
+        assert_eq!(gate.lock().held.as_ref().map(Vec::len), Some(1));
+        // A new epoch starts again at 1 and is not mistaken for a duplicate.
+        gate.lock().held = None;
+        hub.deliver("r", &msg(1, "e2"), &metrics);
+        assert!(rx.try_recv().is_ok());
+    }
+
+    #[test]
+    fn a_holding_gate_that_overflows_kicks_its_member() {
+        let hub = Hub::new(2);
+        let metrics = Metrics::new();
+        let (m, _rx) = member(16);
+        hub.add("r", 1, m.clone(), Gate::holding());
+        for seq in 1..=3 {
+            hub.deliver("r", &msg(seq, "e"), &metrics);
+        }
+        assert!(m.kick.is_cancelled());
     }
 }

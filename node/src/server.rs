@@ -55,7 +55,8 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), NodeError> {
     let cfg = Arc::new(cfg);
-    let hub = Arc::new(Hub::new());
+    // A holding gate may keep as many frames as a send queue.
+    let hub = Arc::new(Hub::new(cfg.send_queue_len));
     let metrics = Metrics::new();
     // The backbone outlives the sessions: they still publish their `user_left` while draining.
     let backbone_stop = CancellationToken::new();
@@ -85,6 +86,7 @@ pub async fn run(
         ws_config,
         tracker: tracker.clone(),
     });
+    tokio::spawn(refresh_sessions(Arc::clone(&state), backbone_stop.clone()));
     let local = listener.local_addr().map_err(NodeError::Io)?;
     info!(node = %cfg.name, listen = %local, backbone = ?cfg.backbone, "node serving");
 
@@ -117,6 +119,27 @@ pub async fn run(
         warn!(node = %cfg.name, remaining = tracker.len(), "grace period over; dropping remaining connections");
     }
     Ok(())
+}
+
+/// Keeps the sessions of connected clients from expiring: each is refreshed every third of
+/// `session_ttl` (at least every 10 minutes), so only a client gone for `session_ttl` loses it.
+async fn refresh_sessions(state: Arc<NodeState>, stop: CancellationToken) {
+    let every = (state.cfg.session_ttl / 3).clamp(Duration::from_secs(1), Duration::from_secs(600));
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let ids = state.hub.client_ids();
+        if ids.is_empty() {
+            continue;
+        }
+        if let Err(e) = state.backbone.touch_sessions(&ids).await {
+            debug!(error = %e, sessions = ids.len(), "session refresh failed; retrying next round");
+        }
+    }
 }
 
 async fn serve_connection(stream: TcpStream, peer: SocketAddr, state: Arc<NodeState>) {
@@ -239,9 +262,22 @@ fn upgrade(
     );
     let (client_id, minted) = match found {
         Ok(Some(id)) => (id.to_string(), false),
-        Ok(None) => (id::mint_client_id(), true),
+        Ok(None) => match &state.cfg.signing_key {
+            Some(key) => (key.mint(), true),
+            None => (id::mint_client_id(), true),
+        },
         Err(e) => return bad_request(format!("bad client id: {e}")),
     };
+    if let Some(key) = &state.cfg.signing_key {
+        if !key.verify(&client_id) {
+            state
+                .metrics
+                .client_errors
+                .get_or_create(&crate::metrics::CodeLabel { code: "forged_id" })
+                .inc();
+            return text(StatusCode::FORBIDDEN, "unsigned or forged client id\n");
+        }
+    }
     if state.metrics.connections_active.get() >= state.cfg.max_connections as i64 {
         state.metrics.connections_refused.inc();
         return text(

@@ -1,5 +1,13 @@
 //! One client connection, from the first frame to cleanup.
 //!
+//! On connect the client's session (name, rooms) is loaded from the backbone; if there is one,
+//! the connection re-joins its rooms at once with *holding* gates (see [`crate::hub::Gate`]) and
+//! says `"session":"restored"`. The client's `resume` then replays each room's log after the
+//! seq it last saw and releases the held live frames behind the replay, so the client gets
+//! every message once, in seq order; rooms not resumed within `resume_grace` are released as
+//! they are. Every change of name or rooms is written to the session before it is confirmed,
+//! so a node killed at any moment loses nothing of it.
+//!
 //! The connection task reads and handles client frames in order; a separate writer task owns
 //! the socket's write half and drains the client's bounded send queue, so fan-out never
 //! waits on this client and this client's reads never wait on its writes. The writer closes
@@ -8,15 +16,16 @@
 //! the close frame before its TCP connection is dropped.
 
 use crate::backbone::Backbone;
-use crate::hub::Member;
+use crate::backbone::{Replay, SessionRecord};
+use crate::hub::{FrameMeta, Gate, Member};
 use crate::server::NodeState;
 use futures_util::{SinkExt, StreamExt};
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tether_proto::wire::{
-    self, ClientMsg, ErrorCode, Event, LeaveReason, MessageHead, SessionKind, CLOSE_POLICY,
-    CLOSE_RESTART, CLOSE_TOO_BIG,
+    self, ClientMsg, ErrorCode, Event, LeaveReason, MessageHead, ResumePoint, SessionKind,
+    CLOSE_POLICY, CLOSE_RESTART, CLOSE_TOO_BIG,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot};
@@ -45,23 +54,21 @@ where
         let kick = CancellationToken::new();
         let (close_tx, close_rx) = oneshot::channel();
         let writer = tokio::spawn(write_loop(sink, rx, kick.clone(), close_rx).in_current_span());
+        let id: Arc<str> = Arc::from(client_id.as_str());
+        state.hub.register(conn, Arc::clone(&id));
         let mut client = Client {
             id: client_id,
             name: None,
-            rooms: BTreeSet::new(),
+            rooms: BTreeMap::new(),
             conn,
             member: Member { tx, kick },
             state: Arc::clone(&state),
+            grace_until: None,
         };
-        client.send(&Event::Connected {
-            server: &state.cfg.name,
-            id: &client.id,
-            session: SessionKind::New,
-            name: None,
-            rooms: Vec::new(),
-        });
+        client.start().await;
         let close = client.read_loop(stream).await;
         client.leave_all().await;
+        state.hub.unregister(conn);
         if let Some(close) = close {
             let _ = close_tx.send(close);
         }
@@ -132,12 +139,14 @@ async fn write_loop<S>(
 struct Client {
     id: String,
     name: Option<String>,
-    /// Rooms this connection is a member of (ordered, for stable `connected` lists later).
-    rooms: BTreeSet<String>,
+    /// Rooms this connection is a member of, with their delivery gates.
+    rooms: BTreeMap<String, Arc<Gate>>,
     conn: u64,
     /// This connection's handle as stored in the hub's rooms.
     member: Member,
     state: Arc<NodeState>,
+    /// While restored rooms hold frames waiting for `resume`: when to stop waiting.
+    grace_until: Option<tokio::time::Instant>,
 }
 
 impl Client {
@@ -155,12 +164,8 @@ impl Client {
     }
 
     fn send_text(&self, json: String) {
-        if self.member.tx.try_send(Utf8Bytes::from(json)).is_err()
-            && !self.member.kick.is_cancelled()
-        {
-            self.state.metrics.slow_consumers.inc();
-            self.member.kick.cancel();
-        }
+        self.member
+            .offer(Utf8Bytes::from(json), &self.state.metrics);
     }
 
     fn error(&self, code: ErrorCode, message: &str) {
@@ -174,6 +179,101 @@ impl Client {
         self.send(&Event::Error { code, message });
     }
 
+    fn session_record(&self) -> SessionRecord {
+        SessionRecord {
+            name: self.name.clone(),
+            rooms: self.rooms.keys().cloned().collect(),
+        }
+    }
+
+    /// Writes the session; says so to the client if it could not.
+    async fn save_session(&self, what: &str) {
+        if let Err(e) = self
+            .backbone()
+            .save_session(&self.id, &self.session_record())
+            .await
+        {
+            self.error(
+                ErrorCode::BackboneUnavailable,
+                &format!("{what}, but the session could not be saved: {e}"),
+            );
+        }
+    }
+
+    /// Loads the session, re-joins its rooms (holding their frames) and sends `connected`.
+    async fn start(&mut self) {
+        let stored = match self.backbone().load_session(&self.id).await {
+            Ok(s) => s,
+            Err(e) => {
+                self.error(
+                    ErrorCode::BackboneUnavailable,
+                    &format!("session could not be loaded: {e}"),
+                );
+                None
+            }
+        };
+        let Some(stored) = stored else {
+            return self.send(&Event::Connected {
+                server: &self.state.cfg.name,
+                id: &self.id,
+                session: SessionKind::New,
+                name: None,
+                rooms: Vec::new(),
+            });
+        };
+        self.state.metrics.sessions_restored.inc();
+        self.name = stored.name;
+        let mut failed = Vec::new();
+        for room in stored
+            .rooms
+            .into_iter()
+            .take(self.state.cfg.max_rooms_per_client)
+        {
+            if wire::validate_room(&room).is_err() || self.rooms.contains_key(&room) {
+                continue;
+            }
+            let gate = Gate::holding();
+            self.state
+                .hub
+                .add(&room, self.conn, self.member.clone(), Arc::clone(&gate));
+            if let Err(e) = self.backbone().subscribe(&room).await {
+                self.state.hub.remove(&room, self.conn);
+                self.backbone().release(&room).await;
+                failed.push(format!("{room}: {e}"));
+                continue;
+            }
+            self.rooms.insert(room, gate);
+        }
+        let rooms: Vec<&str> = self.rooms.keys().map(String::as_str).collect();
+        self.send(&Event::Connected {
+            server: &self.state.cfg.name,
+            id: &self.id,
+            session: SessionKind::Restored,
+            name: self.name.as_deref(),
+            rooms,
+        });
+        if !failed.is_empty() {
+            self.error(
+                ErrorCode::BackboneUnavailable,
+                &format!("could not rejoin {}", failed.join(", ")),
+            );
+            self.save_session("restored").await;
+        }
+        // The others learn the member is back; its own copy waits behind the resume.
+        for room in self.rooms.keys() {
+            if let Err(e) = self
+                .backbone()
+                .publish_event(room, self.user_joined(room))
+                .await
+            {
+                debug!(room, error = %e, "could not announce a restored member");
+            }
+        }
+        if !self.rooms.is_empty() {
+            self.grace_until = Some(tokio::time::Instant::now() + self.state.cfg.resume_grace);
+        }
+    }
+
     /// Handles frames until the connection should end; returns the close to send, if any.
     async fn read_loop<St>(&mut self, mut stream: St) -> Option<(u16, &'static str)>
     where
@@ -182,10 +282,15 @@ impl Client {
         let shutdown = self.state.shutdown.clone();
         let kick = self.member.kick.clone();
         loop {
+            let grace = self.grace_until;
             let next = tokio::select! {
                 _ = shutdown.cancelled() => return Some((CLOSE_RESTART, "node shutting down")),
                 // The writer sends the 1008 itself.
                 _ = kick.cancelled() => return None,
+                _ = sleep_until_or_never(grace) => {
+                    self.end_grace();
+                    continue;
+                }
                 next = stream.next() => next,
             };
             match next {
@@ -209,27 +314,56 @@ impl Client {
         }
     }
 
+    /// `resume_grace` passed: rooms still holding release their frames as they are.
+    fn end_grace(&mut self) {
+        self.grace_until = None;
+        for gate in self.rooms.values() {
+            let mut g = gate.lock();
+            if let Some(held) = g.held.take() {
+                self.release_held(&mut g, held);
+            }
+        }
+    }
+
+    /// Sends held frames in order, skipping messages already sent.
+    fn release_held(&self, g: &mut crate::hub::GateState, held: Vec<Utf8Bytes>) {
+        for frame in held {
+            if let Some(meta) = FrameMeta::parse(frame.as_str()) {
+                if g.already_sent(&meta) {
+                    self.state.metrics.duplicates_suppressed.inc();
+                    continue;
+                }
+                g.note_sent(&meta);
+            }
+            self.member.offer(frame, &self.state.metrics);
+        }
+    }
+
     async fn handle(&mut self, text: &str) {
         let msg = match wire::decode(text) {
             Ok(msg) => msg,
             Err(e) => return self.error(e.code, &e.message),
         };
         match msg {
-            ClientMsg::SetName { name } => self.name = Some(name),
+            ClientMsg::SetName { name } => {
+                self.name = Some(name);
+                self.save_session("name set").await;
+            }
             ClientMsg::Join { room } => self.join(room).await,
             ClientMsg::Leave { room } => self.leave(&room).await,
             ClientMsg::Message { room, text } => self.message(&room, &text).await,
-            ClientMsg::Resume { .. } => self.error(
-                ErrorCode::UnknownType,
-                "`resume` is not supported by this node yet",
-            ),
+            ClientMsg::Resume { rooms } => {
+                for (room, point) in rooms {
+                    self.resume(&room, point).await;
+                }
+            }
             ClientMsg::Presence { .. } => self.error(
                 ErrorCode::UnknownType,
-                "`presence` is not supported by this node yet",
+                "`presence` is not supported by this node yet (issue 4)",
             ),
             ClientMsg::Online => self.error(
                 ErrorCode::UnknownType,
-                "`online` is not supported by this node yet",
+                "`online` is not supported by this node yet (issue 4)",
             ),
         }
     }
@@ -256,7 +390,7 @@ impl Client {
     }
 
     async fn join(&mut self, room: String) {
-        if self.rooms.contains(&room) {
+        if self.rooms.contains_key(&room) {
             // Already a member: confirm to this client alone, as the join would have.
             return self.send_text(self.user_joined(&room));
         }
@@ -267,7 +401,10 @@ impl Client {
             );
             return self.error(ErrorCode::InvalidRoom, &msg);
         }
-        self.state.hub.add(&room, self.conn, self.member.clone());
+        let gate = Gate::open();
+        self.state
+            .hub
+            .add(&room, self.conn, self.member.clone(), Arc::clone(&gate));
         // The member is in the room before the subscription exists, so a concurrent release
         // by the last other member cannot drop the subscription under us.
         if let Err(e) = self.backbone().subscribe(&room).await {
@@ -278,8 +415,10 @@ impl Client {
                 &format!("cannot join {room}: {e}"),
             );
         }
-        self.rooms.insert(room.clone());
-        // Our own copy comes back through the subscription: it marks the join complete.
+        self.rooms.insert(room.clone(), gate);
+        self.save_session(&format!("joined {room}")).await;
+        // Our own copy comes back through the subscription: it marks the join complete (and,
+        // coming after the session write, durable).
         if let Err(e) = self
             .backbone()
             .publish_event(&room, self.user_joined(&room))
@@ -293,11 +432,12 @@ impl Client {
     }
 
     async fn leave(&mut self, room: &str) {
-        if !self.rooms.remove(room) {
+        if self.rooms.remove(room).is_none() {
             return self.error(ErrorCode::NotInRoom, &format!("not in room {room}"));
         }
         self.state.hub.remove(room, self.conn);
         self.backbone().release(room).await;
+        self.save_session(&format!("left {room}")).await;
         // The leaver is no longer a member, so it is told directly; everyone else hears it
         // through the backbone.
         let left = self.user_left(room, LeaveReason::Left);
@@ -308,7 +448,7 @@ impl Client {
     }
 
     async fn message(&mut self, room: &str, text: &str) {
-        if !self.rooms.contains(room) {
+        if !self.rooms.contains_key(room) {
             return self.error(
                 ErrorCode::NotInRoom,
                 &format!("join {room} before sending to it"),
@@ -337,19 +477,113 @@ impl Client {
         }
     }
 
-    /// Leaves every room on disconnect and announces it.
+    /// Replays `room` after `point`, then releases its live frames behind the replay.
+    async fn resume(&mut self, room: &str, point: ResumePoint) {
+        let Some(gate) = self.rooms.get(room).cloned() else {
+            return self.error(
+                ErrorCode::NotInRoom,
+                &format!("cannot resume {room}: not in it"),
+            );
+        };
+        // Live frames wait while the log is read, so none can overtake the replay.
+        gate.hold();
+        let mut replay = self.read_log(room, point.seq).await;
+        // A position in another epoch means nothing in this one: replay all that is logged.
+        let epoch_changed = match (&point.epoch, &replay.epoch) {
+            (Some(asked), Some(now)) => asked != now,
+            _ => false,
+        };
+        let after = if epoch_changed { 0 } else { point.seq };
+        if epoch_changed && point.seq > 0 {
+            replay = self.read_log(room, 0).await;
+        }
+        let frames: Vec<&(u64, String)> = replay
+            .frames
+            .iter()
+            .filter(|(seq, _)| *seq > after)
+            .collect();
+        let (from_seq, to_seq) = match (frames.first(), frames.last()) {
+            (Some((first, _)), Some((last, _))) => (*first, *last),
+            _ => (after + 1, after),
+        };
+        let complete = !epoch_changed
+            && match frames.first() {
+                Some((first, _)) => *first == after + 1,
+                None => replay.head_seq <= after,
+            };
+        let mut g = gate.lock();
+        for (_, frame) in &frames {
+            self.member.offer(
+                Utf8Bytes::from(wire::mark_replay(frame)),
+                &self.state.metrics,
+            );
+        }
+        self.state
+            .metrics
+            .replayed_messages
+            .inc_by(frames.len() as u64);
+        if let Some(epoch) = &replay.epoch {
+            if g.epoch.as_deref() != Some(epoch.as_str()) {
+                g.epoch = Some(epoch.clone());
+                g.last_seq = 0;
+            }
+            g.last_seq = g.last_seq.max(to_seq);
+        }
+        self.send(&Event::Resumed {
+            room,
+            from_seq,
+            to_seq,
+            epoch: replay.epoch.as_deref(),
+            complete,
+        });
+        if let Some(held) = g.held.take() {
+            self.release_held(&mut g, held);
+        }
+        drop(g);
+        if self.rooms.values().all(|g| g.lock().held.is_none()) {
+            self.grace_until = None;
+        }
+    }
+
+    async fn read_log(&self, room: &str, after: u64) -> Replay {
+        match self.backbone().replay(room, after).await {
+            Ok(r) => r,
+            Err(e) => {
+                self.error(
+                    ErrorCode::BackboneUnavailable,
+                    &format!("cannot resume {room}: {e}"),
+                );
+                Replay::default()
+            }
+        }
+    }
+
+    /// Leaves every room on disconnect and announces it. The session keeps the rooms: the
+    /// client gets them back when it reconnects, to any node, within `session_ttl`.
     async fn leave_all(&mut self) {
         let rooms = std::mem::take(&mut self.rooms);
-        for room in rooms {
-            self.state.hub.remove(&room, self.conn);
-            self.backbone().release(&room).await;
+        for room in rooms.keys() {
+            self.state.hub.remove(room, self.conn);
+            self.backbone().release(room).await;
             if let Err(e) = self
                 .backbone()
-                .publish_event(&room, self.user_left(&room, LeaveReason::Disconnected))
+                .publish_event(room, self.user_left(room, LeaveReason::Disconnected))
                 .await
             {
                 debug!(room, error = %e, "could not announce a disconnect");
             }
         }
+        // The expiry counts from the end of the last connection.
+        let id: [Arc<str>; 1] = [Arc::from(self.id.as_str())];
+        if let Err(e) = self.backbone().touch_sessions(&id).await {
+            debug!(error = %e, "could not restart the session's expiry");
+        }
+    }
+}
+
+async fn sleep_until_or_never(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
     }
 }

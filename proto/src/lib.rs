@@ -6,10 +6,12 @@
 //!   fixed, specified hash so that every balancer process, release and machine agrees;
 //! - [`wire`]: the JSON protocol between clients and nodes (client messages, node events,
 //!   error and close codes, room and display-name rules);
+//! - [`sign`]: HMAC-signed client ids, so that knowing an id is not enough to forge one;
 //! - [`logging`]: the tracing set-up shared by the binaries (`RUST_LOG`, `--log-format json`).
 #![forbid(unsafe_code)]
 
 pub mod hrw;
 pub mod id;
 pub mod logging;
+pub mod sign;
 pub mod wire;

@@ -314,6 +314,16 @@ pub enum Event<'a> {
         server: &'a str,
         reason: LeaveReason,
     },
+    /// End of a replay: messages `from_seq..=to_seq` were sent (`from_seq > to_seq` when
+    /// nothing was missed); `complete:false` if the log no longer held everything asked for or
+    /// the epoch changed.
+    Resumed {
+        room: &'a str,
+        from_seq: u64,
+        to_seq: u64,
+        epoch: Option<&'a str>,
+        complete: bool,
+    },
     Presence {
         room: &'a str,
         users: Vec<PresenceEntry<'a>>,
@@ -363,9 +373,27 @@ impl MessageHead<'_> {
     }
 }
 
+/// Marks a logged message frame as a replay: `…,"epoch":"E"}` → `…,"epoch":"E","replay":true}`.
+pub fn mark_replay(frame: &str) -> String {
+    let body = frame.strip_suffix('}').unwrap_or(frame);
+    let mut out = String::with_capacity(body.len() + 16);
+    out.push_str(body);
+    out.push_str(",\"replay\":true}");
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn replay_marking_keeps_valid_json() {
+        let v: Value =
+            serde_json::from_str(&mark_replay(r#"{"type":"message","seq":3,"epoch":"e"}"#))
+                .unwrap();
+        assert_eq!(v["replay"], true);
+        assert_eq!(v["seq"], 3);
+    }
 
     fn code(text: &str) -> ErrorCode {
         decode(text).unwrap_err().code

@@ -301,3 +301,61 @@ pub async fn numsub(redis_url: &str, channel: &str) -> Result<i64> {
         .await?;
     Ok(n)
 }
+
+/// A keep-alive HTTP/1.1 client on one connection, for admin and health endpoints (many
+/// requests without filling the port range with TIME_WAIT sockets).
+pub struct HttpConn {
+    sender: hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+    host: String,
+}
+
+impl HttpConn {
+    pub async fn connect(addr: SocketAddr) -> Result<Self> {
+        let stream = TcpStream::connect(addr)
+            .await
+            .with_context(|| format!("connecting to {addr}"))?;
+        let (sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(Self {
+            sender,
+            host: addr.to_string(),
+        })
+    }
+
+    /// `method path` → (status, body).
+    pub async fn request(&mut self, method: http::Method, path: &str) -> Result<(u16, String)> {
+        use http_body_util::BodyExt;
+        self.sender.ready().await?;
+        let req = http::Request::builder()
+            .method(method)
+            .uri(path)
+            .header(http::header::HOST, &self.host)
+            .body(http_body_util::Empty::new())?;
+        let resp = tokio::time::timeout(DEADLINE, self.sender.send_request(req))
+            .await
+            .map_err(|_| anyhow!("{path}: no answer within {DEADLINE:?}"))??;
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await?.to_bytes();
+        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    }
+
+    pub async fn get(&mut self, path: &str) -> Result<(u16, String)> {
+        self.request(http::Method::GET, path).await
+    }
+
+    pub async fn get_json(&mut self, path: &str) -> Result<Value> {
+        let (status, body) = self.get(path).await?;
+        if status != 200 {
+            bail!("GET {path}: {status} {body}");
+        }
+        serde_json::from_str(&body).with_context(|| format!("GET {path}: {body}"))
+    }
+}
+
+/// One GET on a fresh connection: (status, body).
+pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    HttpConn::connect(addr).await?.get(path).await
+}

@@ -4,7 +4,7 @@
 use anyhow::Result;
 use serde_json::{json, Value};
 use tether::cluster::RedisServer;
-use tether_tests::{eventually, numsub, InProcessNode, WsClient};
+use tether_tests::{eventually, http_get, numsub, InProcessNode, WsClient};
 use tokio_tungstenite::tungstenite::Message;
 
 fn messages(c: &WsClient) -> Vec<&Value> {
@@ -225,14 +225,13 @@ async fn an_oversized_frame_closes_with_1009_and_costs_nobody_else() -> Result<(
 async fn node_answers_health_readiness_and_refuses_bad_ids() -> Result<()> {
     let redis = RedisServer::start().await?;
     let n1 = InProcessNode::start("node-1", &redis.url(), |_| {})?;
-    let base = format!("http://{}", n1.addr);
+    let addr = n1.addr;
     eventually("ready", || async {
-        let r = http_get(&format!("{base}/readyz")).await.ok()?;
-        (r.0 == 200).then_some(())
+        (http_get(addr, "/readyz").await.ok()?.0 == 200).then_some(())
     })
     .await?;
-    assert_eq!(http_get(&format!("{base}/healthz")).await?.0, 200);
-    let (code, body) = http_get(&format!("{base}/metrics")).await?;
+    assert_eq!(http_get(addr, "/healthz").await?.0, 200);
+    let (code, body) = http_get(addr, "/metrics").await?;
     assert_eq!(code, 200);
     assert!(body.contains("tether_node_connections_active"), "{body}");
     let err = WsClient::connect(&format!("ws://{}/ws?client=bad%20id", n1.addr))
@@ -258,52 +257,25 @@ async fn node_answers_health_readiness_and_refuses_bad_ids() -> Result<()> {
 async fn readyz_is_503_while_redis_is_down() -> Result<()> {
     let mut redis = RedisServer::start().await?;
     let n1 = InProcessNode::start("node-1", &redis.url(), |_| {})?;
-    let ready = format!("http://{}/readyz", n1.addr);
+    let addr = n1.addr;
     eventually("ready", || async {
-        (http_get(&ready).await.ok()?.0 == 200).then_some(())
+        (http_get(addr, "/readyz").await.ok()?.0 == 200).then_some(())
     })
     .await?;
     redis.kill().await?;
     eventually("unready", || async {
-        (http_get(&ready).await.ok()?.0 == 503).then_some(())
+        (http_get(addr, "/readyz").await.ok()?.0 == 503).then_some(())
     })
     .await?;
     assert_eq!(
-        http_get(&format!("http://{}/healthz", n1.addr)).await?.0,
+        http_get(addr, "/healthz").await?.0,
         200,
         "alive while unready"
     );
     redis.restart().await?;
     eventually("ready again", || async {
-        (http_get(&ready).await.ok()?.0 == 200).then_some(())
+        (http_get(addr, "/readyz").await.ok()?.0 == 200).then_some(())
     })
     .await?;
     Ok(())
-}
-
-/// A minimal HTTP/1.1 GET over a fresh TCP connection: (status, body).
-pub async fn http_get(url: &str) -> Result<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let rest = url.strip_prefix("http://").expect("http url");
-    let (host, path) = rest
-        .split_once('/')
-        .map_or((rest, "/".to_string()), |(h, p)| (h, format!("/{p}")));
-    let mut s = tokio::net::TcpStream::connect(host).await?;
-    s.write_all(
-        format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes(),
-    )
-    .await?;
-    let mut buf = Vec::new();
-    tokio::time::timeout(tether_tests::DEADLINE, s.read_to_end(&mut buf)).await??;
-    let text = String::from_utf8_lossy(&buf).to_string();
-    let code = text
-        .split(' ')
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    Ok((code, body))
 }

@@ -2,7 +2,7 @@
 //! members on other nodes never see them (the comparison's control group). Seqs come from a
 //! per-room counter in memory, under an epoch unique to this process.
 
-use super::{Backbone, BackboneError, Published};
+use super::{Backbone, BackboneError, Published, Replay, SessionRecord};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use dashmap::DashMap;
@@ -76,6 +76,44 @@ impl Backbone for LocalBackbone {
 
     fn release<'a>(&'a self, _room: &'a str) -> BoxFuture<'a, ()> {
         ready(()).boxed()
+    }
+
+    /// Sessions cannot outlive a node without a shared store: every connection is new.
+    fn load_session<'a>(
+        &'a self,
+        _id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<SessionRecord>, BackboneError>> {
+        ready(Ok(None)).boxed()
+    }
+
+    fn save_session<'a>(
+        &'a self,
+        _id: &'a str,
+        _s: &'a SessionRecord,
+    ) -> BoxFuture<'a, Result<(), BackboneError>> {
+        ready(Ok(())).boxed()
+    }
+
+    fn touch_sessions<'a>(
+        &'a self,
+        _ids: &'a [Arc<str>],
+    ) -> BoxFuture<'a, Result<(), BackboneError>> {
+        ready(Ok(())).boxed()
+    }
+
+    /// No log is kept: a resume reports what it missed as incomplete.
+    fn replay<'a>(
+        &'a self,
+        room: &'a str,
+        _after: u64,
+    ) -> BoxFuture<'a, Result<Replay, BackboneError>> {
+        let head_seq = self.seqs.get(room).map_or(0, |s| *s);
+        ready(Ok(Replay {
+            epoch: Some(self.epoch.clone()),
+            head_seq,
+            frames: Vec::new(),
+        }))
+        .boxed()
     }
 
     fn is_ready(&self) -> bool {

@@ -15,6 +15,26 @@ pub mod local;
 pub mod redis;
 
 use futures_util::future::BoxFuture;
+use std::sync::Arc;
+
+/// What a client's session keeps between connections: written on every change, so that a
+/// node killed without warning loses nothing of it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SessionRecord {
+    pub name: Option<String>,
+    pub rooms: Vec<String>,
+}
+
+/// A room's log after some seq, read in one consistent snapshot.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Replay {
+    /// The room's current epoch (`None`: the room has no log at all).
+    pub epoch: Option<String>,
+    /// The last seq assigned in this epoch (0 when none).
+    pub head_seq: u64,
+    /// Logged frames with a greater seq than asked for, in seq order.
+    pub frames: Vec<(u64, String)>,
+}
 
 /// What the atomic publish step assigned to a message.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,6 +80,32 @@ pub trait Backbone: Send + Sync {
     /// Drops the subscription to `room` if no local member is left (checked under the same
     /// lock as `subscribe`, so a concurrent join either keeps it or re-subscribes).
     fn release<'a>(&'a self, room: &'a str) -> BoxFuture<'a, ()>;
+
+    /// The session stored for `id`, if any.
+    fn load_session<'a>(
+        &'a self,
+        id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<SessionRecord>, BackboneError>>;
+
+    /// Replaces the session of `id` and restarts its expiry.
+    fn save_session<'a>(
+        &'a self,
+        id: &'a str,
+        session: &'a SessionRecord,
+    ) -> BoxFuture<'a, Result<(), BackboneError>>;
+
+    /// Restarts the expiry of these sessions (their clients are connected).
+    fn touch_sessions<'a>(
+        &'a self,
+        ids: &'a [Arc<str>],
+    ) -> BoxFuture<'a, Result<(), BackboneError>>;
+
+    /// The logged frames of `room` with seq > `after`, with the room's epoch and head seq.
+    fn replay<'a>(
+        &'a self,
+        room: &'a str,
+        after: u64,
+    ) -> BoxFuture<'a, Result<Replay, BackboneError>>;
 
     /// Whether the backbone is connected (drives `/readyz`).
     fn is_ready(&self) -> bool;

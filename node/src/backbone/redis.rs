@@ -13,9 +13,10 @@
 //!
 //! Key layout (braces literal: a Redis Cluster hash tag, so a room's keys share one slot):
 //! channel `{prefix}room:{ROOM}`, log stream `{prefix}room:{ROOM}:log` with entry ids
-//! `SEQ-0`, counter hash `{prefix}room:{ROOM}:meta` with fields `seq` and `epoch`.
+//! `SEQ-0`, counter hash `{prefix}room:{ROOM}:meta` with fields `seq` and `epoch`; sessions
+//! in hashes `{prefix}session:{ID}` with fields `name` and `rooms` (a JSON array).
 
-use super::{Backbone, BackboneError, Published};
+use super::{Backbone, BackboneError, Published, Replay, SessionRecord};
 use crate::config::Config;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
@@ -118,6 +119,10 @@ impl RedisBackbone {
 
     fn channel(&self, room: &str) -> String {
         format!("{}{room}}}", self.channel_head)
+    }
+
+    fn session_key(&self, id: &str) -> String {
+        format!("{}session:{{{id}}}", self.cfg.prefix)
     }
 
     fn room_of<'c>(&self, channel: &'c str) -> Option<&'c str> {
@@ -310,6 +315,127 @@ impl Backbone for RedisBackbone {
                     debug!(room, error = %e, "unsubscribe failed");
                 }
             }
+        }
+        .boxed()
+    }
+
+    fn load_session<'a>(
+        &'a self,
+        id: &'a str,
+    ) -> BoxFuture<'a, Result<Option<SessionRecord>, BackboneError>> {
+        async move {
+            let mut con = self.commands.clone();
+            let (name, rooms): (Option<String>, Option<String>) = self
+                .with_timeout(
+                    redis::cmd("HMGET")
+                        .arg(self.session_key(id))
+                        .arg("name")
+                        .arg("rooms")
+                        .query_async(&mut con),
+                )
+                .await?;
+            let Some(rooms) = rooms else {
+                return Ok(None);
+            };
+            // A record we cannot read is treated as no record (and logged): the client then
+            // starts a new session instead of failing to connect.
+            let rooms: Vec<String> = match serde_json::from_str(&rooms) {
+                Ok(r) => r,
+                Err(e) => {
+                    warn!(id, error = %e, "unreadable session record; starting a new session");
+                    return Ok(None);
+                }
+            };
+            Ok(Some(SessionRecord { name, rooms }))
+        }
+        .boxed()
+    }
+
+    fn save_session<'a>(
+        &'a self,
+        id: &'a str,
+        session: &'a SessionRecord,
+    ) -> BoxFuture<'a, Result<(), BackboneError>> {
+        async move {
+            let key = self.session_key(id);
+            // Vec<String> always serialises.
+            let rooms = serde_json::to_string(&session.rooms).expect("room names serialise");
+            let mut pipe = redis::pipe();
+            pipe.atomic()
+                .del(&key)
+                .ignore()
+                .hset(&key, "rooms", rooms)
+                .ignore();
+            if let Some(name) = &session.name {
+                pipe.hset(&key, "name", name).ignore();
+            }
+            pipe.pexpire(&key, self.cfg.session_ttl.as_millis() as i64)
+                .ignore();
+            let mut con = self.commands.clone();
+            self.with_timeout(pipe.query_async::<()>(&mut con)).await
+        }
+        .boxed()
+    }
+
+    fn touch_sessions<'a>(
+        &'a self,
+        ids: &'a [Arc<str>],
+    ) -> BoxFuture<'a, Result<(), BackboneError>> {
+        async move {
+            let ttl = self.cfg.session_ttl.as_millis() as i64;
+            for chunk in ids.chunks(1000) {
+                let mut pipe = redis::pipe();
+                for id in chunk {
+                    pipe.pexpire(self.session_key(id), ttl).ignore();
+                }
+                let mut con = self.commands.clone();
+                self.with_timeout(pipe.query_async::<()>(&mut con)).await?;
+            }
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn replay<'a>(
+        &'a self,
+        room: &'a str,
+        after: u64,
+    ) -> BoxFuture<'a, Result<Replay, BackboneError>> {
+        async move {
+            let base = format!("{}room:{{{room}}}", self.cfg.prefix);
+            let mut pipe = redis::pipe();
+            pipe.atomic()
+                .cmd("HMGET")
+                .arg(format!("{base}:meta"))
+                .arg("seq")
+                .arg("epoch")
+                .xrange(
+                    format!("{base}:log"),
+                    format!("{}-0", after.saturating_add(1)),
+                    "+",
+                );
+            let mut con = self.commands.clone();
+            let ((seq, epoch), range): (
+                (Option<u64>, Option<String>),
+                redis::streams::StreamRangeReply,
+            ) = self.with_timeout(pipe.query_async(&mut con)).await?;
+            let mut frames = Vec::with_capacity(range.ids.len());
+            for entry in range.ids {
+                let seq = entry
+                    .id
+                    .split('-')
+                    .next()
+                    .and_then(|s| s.parse::<u64>().ok());
+                match (seq, entry.get::<String>("f")) {
+                    (Some(seq), Some(frame)) => frames.push((seq, frame)),
+                    _ => warn!(room, id = %entry.id, "malformed log entry skipped"),
+                }
+            }
+            Ok(Replay {
+                epoch,
+                head_seq: seq.unwrap_or(0),
+                frames,
+            })
         }
         .boxed()
     }
