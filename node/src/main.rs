@@ -94,11 +94,19 @@ fn main() -> ExitCode {
                 format_args!(":{}", local.port())
             );
         }
+        use tokio::signal::unix::{signal, SignalKind};
+        let (term, int) = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+            (Ok(t), Ok(i)) => (t, i),
+            (Err(e), _) | (_, Err(e)) => {
+                eprintln!("tether-node: cannot install signal handlers: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let shutdown = CancellationToken::new();
+        tokio::spawn(signals(term, int, shutdown.clone()));
         // The one machine-readable line: tools that start nodes on port 0 parse it.
         println!("tether-node ready name={} listen={local}", config.name);
         let _ = std::io::stdout().flush();
-        let shutdown = CancellationToken::new();
-        tokio::spawn(signals(shutdown.clone()));
         match tether_node::run(listener, config, shutdown).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -114,15 +122,16 @@ fn config_error(e: &dyn std::fmt::Display) -> ExitCode {
     ExitCode::from(EXIT_CONFIG)
 }
 
-/// SIGTERM or Ctrl-C cancels `shutdown` once.
-async fn signals(shutdown: CancellationToken) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut term) = signal(SignalKind::terminate()) else {
-        return;
-    };
+/// SIGTERM or Ctrl-C cancels `shutdown` once. The handlers are installed by the caller
+/// *before* the ready line is printed, so a SIGTERM right after it is a graceful stop.
+async fn signals(
+    mut term: tokio::signal::unix::Signal,
+    mut int: tokio::signal::unix::Signal,
+    shutdown: CancellationToken,
+) {
     tokio::select! {
         _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
+        _ = int.recv() => {}
     }
     tracing::info!("shutdown requested");
     shutdown.cancel();

@@ -1,0 +1,44 @@
+//! `tether`, the operator's CLI, as a library: the binary only parses arguments and calls
+//! [`run`].
+//!
+//! Layout:
+//! - [`cluster`]: local clusters as child processes (private `redis-server`, `tether-node`s,
+//!   `tether-balancer`), killed on drop; shared by `up`, the benchmarks, `chaos` and the
+//!   workspace's end-to-end tests;
+//! - [`up`]: `tether up`, a cluster in the foreground until Ctrl-C;
+//! - [`chat`]: `tether chat`, a line-oriented WebSocket client for people and scripts;
+//! - [`bench`]: `tether bench rtt`, round-trip latency through the balancer vs. direct;
+//! - [`args`]: the clap definitions.
+#![deny(unsafe_code)]
+
+pub mod args;
+pub mod bench;
+pub mod chat;
+pub mod cluster;
+pub mod up;
+
+use args::{BenchKind, Cli, Command};
+
+/// Exit code of a subcommand that exists on the command line but not yet in code.
+pub const EXIT_NOT_IMPLEMENTED: i32 = 2;
+
+/// Runs one parsed command line and returns the process exit code.
+pub async fn run(cli: Cli) -> anyhow::Result<i32> {
+    match cli.command {
+        Command::Up(args) => up::run(up::UpOptions::from(args)).await,
+        Command::Chat(args) => chat::run_stdio(chat::ChatOptions::from(args)).await,
+        Command::Bench(bench) => match bench.kind {
+            BenchKind::Rtt(args) => bench::rtt::run_cli(args).await,
+            BenchKind::Idle(_) => Ok(not_implemented("bench idle", 6)),
+            BenchKind::Fanout(_) => Ok(not_implemented("bench fanout", 6)),
+            BenchKind::Proxies(_) => Ok(not_implemented("bench proxies", 6)),
+        },
+        Command::Chaos(_) => Ok(not_implemented("chaos", 3)),
+        Command::Compare(_) => Ok(not_implemented("compare", 5)),
+    }
+}
+
+fn not_implemented(what: &str, issue: u32) -> i32 {
+    eprintln!("not implemented yet: tether {what} is planned in issue {issue}");
+    EXIT_NOT_IMPLEMENTED
+}

@@ -1,0 +1,96 @@
+//! Failover without loss, end to end through real processes: a node killed with SIGKILL
+//! under traffic, its client back through the balancer with everything it had.
+
+use anyhow::{Context, Result};
+use serde_json::{json, Value};
+use tether::cluster::{Cluster, ClusterLogs, ClusterOptions};
+use tether_proto::hrw;
+use tether_tests::WsClient;
+
+const NODES: [&str; 3] = ["node-1", "node-2", "node-3"];
+
+fn id_on(node: &str, prefix: &str) -> String {
+    (0..).map(|i| format!("{prefix}-{i}")).find(|id| NODES[hrw::rank(&NODES, id)[0]] == node).expect("an id")
+}
+
+fn seqs(cs: &[&WsClient], room: &str) -> Vec<u64> {
+    cs.iter()
+        .flat_map(|c| c.seen.iter())
+        .filter(|v| v["type"] == "message" && v["room"] == room)
+        .filter_map(|v| v["seq"].as_u64())
+        .collect()
+}
+
+fn position(c: &WsClient, room: &str) -> Value {
+    let last = c.seen.iter().filter(|v| v["type"] == "message" && v["room"] == room).last();
+    last.map_or(json!(0), |m| json!({"seq": m["seq"], "epoch": m["epoch"]}))
+}
+
+#[tokio::test]
+async fn killed_nodes_client_is_restored_through_the_balancer_with_every_message() -> Result<()> {
+    let mut c = Cluster::start(ClusterOptions {
+        nodes: 3,
+        logs: ClusterLogs::Null,
+        balancer_args: vec!["--health-interval-ms".into(), "100".into()],
+        ..Default::default()
+    })
+    .await?;
+    let base = c.ws_url();
+    let url = |id: &str| format!("{base}?client={id}");
+    let victim = id_on("node-2", "victim");
+    let (mut v, hello) = WsClient::connect_ready(&url(&victim)).await?;
+    assert_eq!(hello["server"], "node-2");
+    v.send(json!({"type":"set_name","name":"Vic"})).await?;
+    v.join("one").await?;
+    v.join("two").await?;
+    let talker = id_on("node-1", "talker");
+    let (mut t, _) = WsClient::connect_ready(&url(&talker)).await?;
+    t.join("one").await?;
+    t.join("two").await?;
+    let listener = id_on("node-3", "listener");
+    let (mut l, _) = WsClient::connect_ready(&url(&listener)).await?;
+    l.join("two").await?;
+
+    // Others keep talking while node-2 is killed.
+    let talk_url = url(&talker);
+    let chatter = tokio::spawn(async move {
+        let (mut t2, _) = WsClient::connect_ready(&talk_url).await?;
+        for i in 0..60 {
+            for room in ["one", "two"] {
+                t2.send(json!({"type":"message","room":room,"text":format!("{room}-{i}")})).await?;
+            }
+            t2.recv_until("own echo", |m| m["text"] == format!("two-{i}").as_str()).await?;
+        }
+        anyhow::Ok(())
+    });
+    v.recv_until("some traffic before the kill", |m| m["text"] == "two-5").await?;
+    c.node_mut("node-2").context("node-2")?.kill().await?;
+    v.closed().await?;
+    let (pos_one, pos_two) = (position(&v, "one"), position(&v, "two"));
+
+    let mut v2 = WsClient::connect(&url(&victim)).await.context("first reconnect")?;
+    let hello = v2.recv_type("connected").await?;
+    assert_eq!(hello["session"], "restored");
+    assert_eq!(hello["name"], "Vic");
+    assert_eq!(hello["rooms"], json!(["one", "two"]));
+    let survivors = ["node-1", "node-3"];
+    assert_eq!(hello["server"], survivors[hrw::rank(&survivors, &victim)[0]], "its next-ranked node");
+    v2.send(json!({"type":"resume","rooms":{"one":pos_one,"two":pos_two}})).await?;
+    for room in ["one", "two"] {
+        let r = v2.recv_until("resumed", |m| m["type"] == "resumed" && m["room"] == room).await?;
+        assert_eq!(r["complete"], true, "{r}");
+    }
+    // Right after the restore, its own message reaches the others.
+    v2.send(json!({"type":"message","room":"two","text":"back from the dead"})).await?;
+    l.recv_until("victim's message", |m| m["text"] == "back from the dead").await?;
+    chatter.await??;
+    v2.recv_until("end of chatter", |m| m["text"] == "two-59").await?;
+    assert!(v2.seen.iter().any(|m| m["text"] == "back from the dead"), "own message came back");
+    for room in ["one", "two"] {
+        let got = seqs(&[&v, &v2], room);
+        let head = *got.last().context("messages")?;
+        assert_eq!(got, (1..=head).collect::<Vec<_>>(), "{room}: every seq once, in order");
+    }
+    t.close().await;
+    Ok(())
+}
