@@ -26,6 +26,7 @@ pub const DEFAULT_RECONNECT_MIN_MS: u64 = 100;
 pub const DEFAULT_RECONNECT_MAX_MS: u64 = 5_000;
 pub const DEFAULT_SESSION_TTL_SECS: u64 = 3600;
 pub const DEFAULT_RESUME_GRACE_MS: u64 = 1_000;
+pub const DEFAULT_PRESENCE_TTL_MS: u64 = 3_000;
 /// Environment variable holding the signing key when no file is configured.
 pub const SIGNING_KEY_ENV: &str = "TETHER_SIGNING_KEY";
 
@@ -45,10 +46,7 @@ impl std::str::FromStr for BackboneKind {
         match s {
             "redis" => Ok(Self::Redis),
             "none" => Ok(Self::None),
-            "nats" => Err(
-                "backbone `nats` is not implemented yet (planned in issue 5); use redis or none"
-                    .into(),
-            ),
+            "nats" => Err("backbone `nats` is not implemented yet (planned in issue 5); use redis or none".into()),
             other => Err(format!("unknown backbone {other:?}; use redis or none")),
         }
     }
@@ -78,6 +76,7 @@ pub struct FileConfig {
     pub session_ttl_secs: Option<u64>,
     pub resume_grace_ms: Option<u64>,
     pub signing_key_file: Option<std::path::PathBuf>,
+    pub presence_ttl_ms: Option<u64>,
 }
 
 /// A validated configuration with every default applied.
@@ -118,128 +117,80 @@ pub struct Config {
     pub resume_grace: Duration,
     /// When set, only ids signed with this key are accepted (see `tether_proto::sign`).
     pub signing_key: Option<tether_proto::sign::SigningKey>,
+    /// A node instance silent this long is dead: its members are announced `node_down`.
+    /// Heartbeats go out every third of it.
+    pub presence_ttl: Duration,
 }
 
 /// A configuration value that cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("reading {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    Read { path: String, source: std::io::Error },
     #[error("parsing {path}: {source}")]
-    Parse {
-        path: String,
-        source: Box<toml::de::Error>,
-    },
+    Parse { path: String, source: Box<toml::de::Error> },
     #[error("field `{field}`: {reason}")]
     Invalid { field: &'static str, reason: String },
 }
 
 fn invalid(field: &'static str, reason: impl Into<String>) -> ConfigError {
-    ConfigError::Invalid {
-        field,
-        reason: reason.into(),
-    }
+    ConfigError::Invalid { field, reason: reason.into() }
 }
 
 impl FileConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
         Self::parse(&text, &path.display().to_string())
     }
 
     pub fn parse(text: &str, origin: &str) -> Result<Self, ConfigError> {
-        toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: origin.to_string(),
-            source: Box::new(e),
-        })
+        toml::from_str(text).map_err(|e| ConfigError::Parse { path: origin.to_string(), source: Box::new(e) })
     }
 
     pub fn validate(self) -> Result<Config, ConfigError> {
         let listen_text = self.listen.unwrap_or_else(|| DEFAULT_LISTEN.to_string());
-        let listen: SocketAddr = listen_text
-            .parse()
-            .map_err(|e| invalid("listen", format!("{listen_text:?} is not IP:PORT ({e})")))?;
+        let listen: SocketAddr =
+            listen_text.parse().map_err(|e| invalid("listen", format!("{listen_text:?} is not IP:PORT ({e})")))?;
         let name = match self.name {
             Some(n) => n,
             None => format!("{}:{}", hostname(), listen.port()),
         };
-        if name.is_empty()
-            || name.len() > 64
-            || name.chars().any(|c| c.is_whitespace() || c.is_control())
-        {
-            return Err(invalid(
-                "name",
-                format!("{name:?}: 1–64 bytes, no whitespace or control characters"),
-            ));
+        if name.is_empty() || name.len() > 64 || name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(invalid("name", format!("{name:?}: 1–64 bytes, no whitespace or control characters")));
         }
         let redis = self.redis.unwrap_or_else(|| DEFAULT_REDIS.to_string());
-        if !(redis.starts_with("redis://")
-            || redis.starts_with("rediss://")
-            || redis.starts_with("unix://"))
-        {
+        if !(redis.starts_with("redis://") || redis.starts_with("rediss://") || redis.starts_with("unix://")) {
             return Err(invalid("redis", format!("{redis:?} is not a redis:// URL")));
         }
         let prefix = self.prefix.unwrap_or_else(|| DEFAULT_PREFIX.to_string());
-        if prefix
-            .chars()
-            .any(|c| c.is_whitespace() || c == '{' || c == '}')
-        {
-            return Err(invalid(
-                "prefix",
-                "no whitespace or braces (braces are the room hash tag)",
-            ));
+        if prefix.chars().any(|c| c.is_whitespace() || c == '{' || c == '}') {
+            return Err(invalid("prefix", "no whitespace or braces (braces are the room hash tag)"));
         }
-        let nonzero =
-            |field: &'static str, v: Option<u64>, default: u64| -> Result<u64, ConfigError> {
-                match v.unwrap_or(default) {
-                    0 => Err(invalid(field, "must be greater than zero")),
-                    v => Ok(v),
-                }
-            };
-        let nonzero_usize =
-            |field: &'static str, v: Option<usize>, default: usize| -> Result<usize, ConfigError> {
-                match v.unwrap_or(default) {
-                    0 => Err(invalid(field, "must be greater than zero")),
-                    v => Ok(v),
-                }
-            };
-        let max_message_bytes = nonzero_usize(
-            "max_message_bytes",
-            self.max_message_bytes,
-            DEFAULT_MAX_MESSAGE_BYTES,
-        )?;
+        let nonzero = |field: &'static str, v: Option<u64>, default: u64| -> Result<u64, ConfigError> {
+            match v.unwrap_or(default) {
+                0 => Err(invalid(field, "must be greater than zero")),
+                v => Ok(v),
+            }
+        };
+        let nonzero_usize = |field: &'static str, v: Option<usize>, default: usize| -> Result<usize, ConfigError> {
+            match v.unwrap_or(default) {
+                0 => Err(invalid(field, "must be greater than zero")),
+                v => Ok(v),
+            }
+        };
+        let max_message_bytes = nonzero_usize("max_message_bytes", self.max_message_bytes, DEFAULT_MAX_MESSAGE_BYTES)?;
         if max_message_bytes > 16 * 1024 * 1024 {
             return Err(invalid("max_message_bytes", "at most 16 MiB"));
         }
-        let read_buffer_bytes = nonzero_usize(
-            "read_buffer_bytes",
-            self.read_buffer_bytes,
-            DEFAULT_READ_BUFFER_BYTES,
-        )?;
+        let read_buffer_bytes = nonzero_usize("read_buffer_bytes", self.read_buffer_bytes, DEFAULT_READ_BUFFER_BYTES)?;
         if read_buffer_bytes < 256 {
             return Err(invalid("read_buffer_bytes", "at least 256"));
         }
-        let reconnect_min = nonzero(
-            "reconnect_min_ms",
-            self.reconnect_min_ms,
-            DEFAULT_RECONNECT_MIN_MS,
-        )?;
-        let reconnect_max = nonzero(
-            "reconnect_max_ms",
-            self.reconnect_max_ms,
-            DEFAULT_RECONNECT_MAX_MS,
-        )?;
+        let reconnect_min = nonzero("reconnect_min_ms", self.reconnect_min_ms, DEFAULT_RECONNECT_MIN_MS)?;
+        let reconnect_max = nonzero("reconnect_max_ms", self.reconnect_max_ms, DEFAULT_RECONNECT_MAX_MS)?;
         if reconnect_max < reconnect_min {
-            return Err(invalid(
-                "reconnect_max_ms",
-                "must not be below reconnect_min_ms",
-            ));
+            return Err(invalid("reconnect_max_ms", "must not be below reconnect_min_ms"));
         }
         let signing_key = match (&self.signing_key_file, std::env::var(SIGNING_KEY_ENV)) {
             (Some(path), _) => {
@@ -263,23 +214,11 @@ impl FileConfig {
             backbone: self.backbone.unwrap_or(BackboneKind::Redis),
             prefix,
             max_message_bytes,
-            send_queue_len: nonzero_usize(
-                "send_queue_len",
-                self.send_queue_len,
-                DEFAULT_SEND_QUEUE_LEN,
-            )?,
+            send_queue_len: nonzero_usize("send_queue_len", self.send_queue_len, DEFAULT_SEND_QUEUE_LEN)?,
             history_len: nonzero("history_len", self.history_len, DEFAULT_HISTORY_LEN)?,
-            log_ttl: Duration::from_secs(nonzero(
-                "log_ttl_secs",
-                self.log_ttl_secs,
-                DEFAULT_LOG_TTL_SECS,
-            )?),
+            log_ttl: Duration::from_secs(nonzero("log_ttl_secs", self.log_ttl_secs, DEFAULT_LOG_TTL_SECS)?),
             read_buffer_bytes,
-            max_connections: nonzero_usize(
-                "max_connections",
-                self.max_connections,
-                DEFAULT_MAX_CONNECTIONS,
-            )?,
+            max_connections: nonzero_usize("max_connections", self.max_connections, DEFAULT_MAX_CONNECTIONS)?,
             max_rooms_per_client: nonzero_usize(
                 "max_rooms_per_client",
                 self.max_rooms_per_client,
@@ -313,6 +252,13 @@ impl FileConfig {
                 DEFAULT_RESUME_GRACE_MS,
             )?),
             signing_key,
+            presence_ttl: {
+                let ms = nonzero("presence_ttl_ms", self.presence_ttl_ms, DEFAULT_PRESENCE_TTL_MS)?;
+                if ms < 300 {
+                    return Err(invalid("presence_ttl_ms", "at least 300 (heartbeats go out every third of it)"));
+                }
+                Duration::from_millis(ms)
+            },
         })
     }
 }
@@ -320,13 +266,9 @@ impl FileConfig {
 impl Config {
     /// A configuration with every default, for tests and embedding.
     pub fn with_defaults(name: &str, redis: &str) -> Self {
-        FileConfig {
-            name: Some(name.into()),
-            redis: Some(redis.into()),
-            ..Default::default()
-        }
-        .validate()
-        .expect("defaults are valid")
+        FileConfig { name: Some(name.into()), redis: Some(redis.into()), ..Default::default() }
+            .validate()
+            .expect("defaults are valid")
     }
 }
 
@@ -346,52 +288,28 @@ mod tests {
     #[test]
     fn shipped_config_parses_and_validates() {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/node.toml");
-        let cfg = FileConfig::load(Path::new(path))
-            .expect("configs/node.toml parses")
-            .validate()
-            .expect("valid");
+        let cfg = FileConfig::load(Path::new(path)).expect("configs/node.toml parses").validate().expect("valid");
         assert_eq!(cfg.max_message_bytes, DEFAULT_MAX_MESSAGE_BYTES);
         assert_eq!(cfg.backbone, BackboneKind::Redis);
     }
 
     #[test]
     fn unknown_fields_and_zeros_are_refused_by_name() {
-        let err = FileConfig::parse("listn = \"x\"", "t")
-            .unwrap_err()
-            .to_string();
+        let err = FileConfig::parse("listn = \"x\"", "t").unwrap_err().to_string();
         assert!(err.contains("listn"), "{err}");
-        let err = FileConfig::parse("send_queue_len = 0", "t")
-            .unwrap()
-            .validate()
-            .unwrap_err()
-            .to_string();
+        let err = FileConfig::parse("send_queue_len = 0", "t").unwrap().validate().unwrap_err().to_string();
         assert!(err.contains("send_queue_len"), "{err}");
-        let err = FileConfig::parse("listen = \"nowhere\"", "t")
-            .unwrap()
-            .validate()
-            .unwrap_err()
-            .to_string();
+        let err = FileConfig::parse("listen = \"nowhere\"", "t").unwrap().validate().unwrap_err().to_string();
         assert!(err.contains("listen"), "{err}");
-        let err = FileConfig::parse("name = \"a b\"", "t")
-            .unwrap()
-            .validate()
-            .unwrap_err()
-            .to_string();
+        let err = FileConfig::parse("name = \"a b\"", "t").unwrap().validate().unwrap_err().to_string();
         assert!(err.contains("name"), "{err}");
-        let err = FileConfig::parse("backbone = \"kafka\"", "t")
-            .unwrap_err()
-            .to_string();
+        let err = FileConfig::parse("backbone = \"kafka\"", "t").unwrap_err().to_string();
         assert!(err.contains("backbone") || err.contains("kafka"), "{err}");
     }
 
     #[test]
     fn default_name_is_host_and_port() {
-        let cfg = FileConfig {
-            listen: Some("127.0.0.1:9555".into()),
-            ..Default::default()
-        }
-        .validate()
-        .unwrap();
+        let cfg = FileConfig { listen: Some("127.0.0.1:9555".into()), ..Default::default() }.validate().unwrap();
         assert!(cfg.name.ends_with(":9555"), "{}", cfg.name);
     }
 }

@@ -103,10 +103,7 @@ impl GateState {
 impl Gate {
     /// A gate that starts out holding (for rooms restored from a session).
     pub fn holding() -> Arc<Self> {
-        Arc::new(Self(Mutex::new(GateState {
-            held: Some(Vec::new()),
-            ..Default::default()
-        })))
+        Arc::new(Self(Mutex::new(GateState { held: Some(Vec::new()), ..Default::default() })))
     }
 
     pub fn open() -> Arc<Self> {
@@ -159,12 +156,20 @@ impl Gate {
     }
 }
 
+/// Who an open connection is.
+#[derive(Debug, Clone)]
+pub struct ClientInfo {
+    pub id: Arc<str>,
+    /// Display name, or the id when none was set.
+    pub user: String,
+}
+
 /// Local members of every room that has any on this node.
 #[derive(Debug, Default)]
 pub struct Hub {
     rooms: DashMap<String, HashMap<u64, (Member, Arc<Gate>)>>,
-    /// Client id of every open connection (for session refresh and `online`).
-    clients: DashMap<u64, Arc<str>>,
+    /// Id and display name of every open connection (session refresh, presence).
+    clients: DashMap<u64, ClientInfo>,
     next_conn: AtomicU64,
     /// Most frames a holding gate keeps before its member counts as a slow consumer.
     hold_cap: usize,
@@ -173,14 +178,34 @@ pub struct Hub {
 impl Hub {
     /// A hub whose holding gates keep at most `hold_cap` frames.
     pub fn new(hold_cap: usize) -> Self {
-        Self {
-            hold_cap,
-            ..Self::default()
-        }
+        Self { hold_cap, ..Self::default() }
     }
 
     pub fn register(&self, conn: u64, id: Arc<str>) {
-        self.clients.insert(conn, id);
+        let user = id.to_string();
+        self.clients.insert(conn, ClientInfo { id, user });
+    }
+
+    /// Records a connection's display name (for presence re-registration).
+    pub fn set_user(&self, conn: u64, user: &str) {
+        if let Some(mut c) = self.clients.get_mut(&conn) {
+            c.user = user.to_string();
+        }
+    }
+
+    /// Every presence entry this node should have in the backbone: one per connection for
+    /// `online` (room `None`) and one per connection and room.
+    pub fn presence_snapshot(&self) -> Vec<(Option<String>, u64, ClientInfo)> {
+        let mut out: Vec<(Option<String>, u64, ClientInfo)> =
+            self.clients.iter().map(|e| (None, *e.key(), e.value().clone())).collect();
+        for room in self.rooms.iter() {
+            for conn in room.value().keys() {
+                if let Some(info) = self.clients.get(conn) {
+                    out.push((Some(room.key().clone()), *conn, info.clone()));
+                }
+            }
+        }
+        out
     }
 
     pub fn unregister(&self, conn: u64) {
@@ -189,7 +214,7 @@ impl Hub {
 
     /// Ids of every open connection (an id connected twice appears twice).
     pub fn client_ids(&self) -> Vec<Arc<str>> {
-        self.clients.iter().map(|e| Arc::clone(e.value())).collect()
+        self.clients.iter().map(|e| Arc::clone(&e.value().id)).collect()
     }
 
     /// A node-unique connection number.
@@ -231,11 +256,7 @@ impl Hub {
 
     /// Rooms with at least one local member.
     pub fn rooms(&self) -> Vec<String> {
-        self.rooms
-            .iter()
-            .filter(|e| !e.value().is_empty())
-            .map(|e| e.key().clone())
-            .collect()
+        self.rooms.iter().filter(|e| !e.value().is_empty()).map(|e| e.key().clone()).collect()
     }
 
     /// Offers `frame` to every local member of `room`; returns how many accepted it.
@@ -244,10 +265,8 @@ impl Hub {
             return 0;
         };
         let meta = FrameMeta::parse(frame.as_str());
-        let delivered = members
-            .values()
-            .filter(|(member, gate)| gate.pass(member, frame, meta, self.hold_cap, metrics))
-            .count();
+        let delivered =
+            members.values().filter(|(member, gate)| gate.pass(member, frame, meta, self.hold_cap, metrics)).count();
         metrics.frames_delivered.inc_by(delivered as u64);
         delivered
     }
@@ -259,13 +278,7 @@ mod tests {
 
     fn member(cap: usize) -> (Member, mpsc::Receiver<Utf8Bytes>) {
         let (tx, rx) = mpsc::channel(cap);
-        (
-            Member {
-                tx,
-                kick: CancellationToken::new(),
-            },
-            rx,
-        )
+        (Member { tx, kick: CancellationToken::new() }, rx)
     }
 
     #[test]
@@ -308,17 +321,8 @@ mod tests {
     #[test]
     fn frame_meta_reads_seq_and_epoch_even_with_tricky_text() {
         let f = msg(42, "e1");
-        assert_eq!(
-            FrameMeta::parse(f.as_str()),
-            Some(FrameMeta {
-                seq: 42,
-                epoch: "e1"
-            })
-        );
-        assert_eq!(
-            FrameMeta::parse(r#"{"type":"user_joined","room":"r"}"#),
-            None
-        );
+        assert_eq!(FrameMeta::parse(f.as_str()), Some(FrameMeta { seq: 42, epoch: "e1" }));
+        assert_eq!(FrameMeta::parse(r#"{"type":"user_joined","room":"r"}"#), None);
     }
 
     #[test]

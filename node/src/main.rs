@@ -49,9 +49,7 @@ fn main() -> ExitCode {
         None => FileConfig::default(),
     };
     if args.nats.is_some() {
-        eprintln!(
-            "tether-node: --nats: the nats backbone is not implemented yet (planned in issue 5)"
-        );
+        eprintln!("tether-node: --nats: the nats backbone is not implemented yet (planned in issue 5)");
         return ExitCode::from(EXIT_CONFIG);
     }
     let derived_name = args.name.is_none() && file.name.is_none();
@@ -88,11 +86,7 @@ fn main() -> ExitCode {
         let mut config = config;
         // A name derived from the port must use the real one when port 0 was asked for.
         if derived_name && config.listen.port() == 0 {
-            config.name = format!(
-                "{}{}",
-                config.name.trim_end_matches(":0"),
-                format_args!(":{}", local.port())
-            );
+            config.name = format!("{}{}", config.name.trim_end_matches(":0"), format_args!(":{}", local.port()));
         }
         use tokio::signal::unix::{signal, SignalKind};
         let (term, int) = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {

@@ -25,6 +25,7 @@ pub struct Metrics {
     pub duplicates_suppressed: Counter,
     pub sessions_restored: Counter,
     pub replayed_messages: Counter,
+    pub instances_reaped: Counter,
     pub oversized_frames: Counter,
     pub client_errors: Family<CodeLabel, Counter>,
     pub rooms_subscribed: Gauge,
@@ -45,11 +46,7 @@ impl Metrics {
             "Client WebSocket connections open now",
             self.connections_active.clone(),
         );
-        registry.register(
-            "connections",
-            "Client WebSocket connections accepted",
-            self.connections_total.clone(),
-        );
+        registry.register("connections", "Client WebSocket connections accepted", self.connections_total.clone());
         registry.register(
             "connections_refused",
             "Connections refused because max_connections was reached",
@@ -60,16 +57,8 @@ impl Metrics {
             "Room messages published to the backbone",
             self.messages_published.clone(),
         );
-        registry.register(
-            "backbone_frames",
-            "Frames received from the backbone",
-            self.frames_from_backbone.clone(),
-        );
-        registry.register(
-            "frames_delivered",
-            "Frames queued to local clients",
-            self.frames_delivered.clone(),
-        );
+        registry.register("backbone_frames", "Frames received from the backbone", self.frames_from_backbone.clone());
+        registry.register("frames_delivered", "Frames queued to local clients", self.frames_delivered.clone());
         registry.register(
             "slow_consumers",
             "Clients closed because their send queue was full",
@@ -80,11 +69,7 @@ impl Metrics {
             "Connections closed with 1009 for an oversized frame",
             self.oversized_frames.clone(),
         );
-        registry.register(
-            "client_errors",
-            "Error frames sent to clients, by code",
-            self.client_errors.clone(),
-        );
+        registry.register("client_errors", "Error frames sent to clients, by code", self.client_errors.clone());
         registry.register(
             "rooms_subscribed",
             "Rooms this node is subscribed to on the backbone",

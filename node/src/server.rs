@@ -49,11 +49,7 @@ pub struct NodeState {
 }
 
 /// Serves `listener` until `shutdown` is cancelled, then drains.
-pub async fn run(
-    listener: TcpListener,
-    cfg: Config,
-    shutdown: CancellationToken,
-) -> Result<(), NodeError> {
+pub async fn run(listener: TcpListener, cfg: Config, shutdown: CancellationToken) -> Result<(), NodeError> {
     let cfg = Arc::new(cfg);
     // A holding gate may keep as many frames as a send queue.
     let hub = Arc::new(Hub::new(cfg.send_queue_len));
@@ -61,13 +57,10 @@ pub async fn run(
     // The backbone outlives the sessions: they still publish their `user_left` while draining.
     let backbone_stop = CancellationToken::new();
     let backbone: Arc<dyn Backbone> = match cfg.backbone {
-        BackboneKind::Redis => RedisBackbone::start(
-            Arc::clone(&cfg),
-            Arc::clone(&hub),
-            metrics.clone(),
-            backbone_stop.clone(),
-        )
-        .map_err(|e| NodeError::Backbone(e.to_string()))?,
+        BackboneKind::Redis => {
+            RedisBackbone::start(Arc::clone(&cfg), Arc::clone(&hub), metrics.clone(), backbone_stop.clone())
+                .map_err(|e| NodeError::Backbone(e.to_string()))?
+        }
         BackboneKind::None => Arc::new(LocalBackbone::new(Arc::clone(&hub), metrics.clone())),
     };
     let ws_config = WebSocketConfig::default()
@@ -109,9 +102,7 @@ pub async fn run(
     }
     drop(listener);
     tracker.close();
-    let clean = tokio::time::timeout(cfg.grace_period, tracker.wait())
-        .await
-        .is_ok();
+    let clean = tokio::time::timeout(cfg.grace_period, tracker.wait()).await.is_ok();
     backbone_stop.cancel();
     if clean {
         info!(node = %cfg.name, "drained cleanly");
@@ -169,10 +160,7 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, state: Arc<NodeSt
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
     *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     r
 }
 
@@ -193,70 +181,46 @@ fn route(req: Request<Incoming>, peer: SocketAddr, state: Arc<NodeState>) -> Res
             let mut r = Response::new(Full::new(Bytes::from(state.metrics.render())));
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
-                HeaderValue::from_static(
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                ),
+                HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
             );
             r
         }
-        _ => text(
-            StatusCode::UPGRADE_REQUIRED,
-            "this is a tether node: connect with a WebSocket upgrade\n",
-        ),
+        _ => text(StatusCode::UPGRADE_REQUIRED, "this is a tether node: connect with a WebSocket upgrade\n"),
     }
 }
 
 fn header_has_token(req: &Request<Incoming>, name: header::HeaderName, token: &str) -> bool {
-    req.headers().get_all(name).iter().any(|v| {
-        v.to_str()
-            .is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
-    })
+    req.headers()
+        .get_all(name)
+        .iter()
+        .any(|v| v.to_str().is_ok_and(|s| s.split(',').any(|t| t.trim().eq_ignore_ascii_case(token))))
 }
 
 fn bad_request(reason: String) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(reason + "\n")));
     *r.status_mut() = StatusCode::BAD_REQUEST;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     r
 }
 
-fn upgrade(
-    mut req: Request<Incoming>,
-    peer: SocketAddr,
-    state: Arc<NodeState>,
-) -> Response<Full<Bytes>> {
+fn upgrade(mut req: Request<Incoming>, peer: SocketAddr, state: Arc<NodeState>) -> Response<Full<Bytes>> {
     if req.method() != Method::GET
         || !header_has_token(&req, header::UPGRADE, "websocket")
         || !header_has_token(&req, header::CONNECTION, "upgrade")
     {
         return bad_request("only WebSocket upgrades (GET, Upgrade: websocket) are served".into());
     }
-    if req
-        .headers()
-        .get(header::SEC_WEBSOCKET_VERSION)
-        .map(HeaderValue::as_bytes)
-        != Some(b"13")
-    {
+    if req.headers().get(header::SEC_WEBSOCKET_VERSION).map(HeaderValue::as_bytes) != Some(b"13") {
         return bad_request("Sec-WebSocket-Version must be 13".into());
     }
     let Some(key) = req.headers().get(header::SEC_WEBSOCKET_KEY) else {
         return bad_request("Sec-WebSocket-Key is missing".into());
     };
     let accept = derive_accept_key(key.as_bytes());
-    let cookies: Vec<&[u8]> = req
-        .headers()
-        .get_all(header::COOKIE)
-        .iter()
-        .map(HeaderValue::as_bytes)
-        .collect();
+    let cookies: Vec<&[u8]> = req.headers().get_all(header::COOKIE).iter().map(HeaderValue::as_bytes).collect();
     let found = id::extract_client_id(
         req.uri().query(),
-        req.headers()
-            .get(id::CLIENT_ID_HEADER)
-            .map(HeaderValue::as_bytes),
+        req.headers().get(id::CLIENT_ID_HEADER).map(HeaderValue::as_bytes),
         cookies.iter().copied(),
         &NODE_ID_ORDER,
     );
@@ -270,25 +234,16 @@ fn upgrade(
     };
     if let Some(key) = &state.cfg.signing_key {
         if !key.verify(&client_id) {
-            state
-                .metrics
-                .client_errors
-                .get_or_create(&crate::metrics::CodeLabel { code: "forged_id" })
-                .inc();
+            state.metrics.client_errors.get_or_create(&crate::metrics::CodeLabel { code: "forged_id" }).inc();
             return text(StatusCode::FORBIDDEN, "unsigned or forged client id\n");
         }
     }
     if state.metrics.connections_active.get() >= state.cfg.max_connections as i64 {
         state.metrics.connections_refused.inc();
-        return text(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "node is at max_connections\n",
-        );
+        return text(StatusCode::SERVICE_UNAVAILABLE, "node is at max_connections\n");
     }
     // Ids are header-safe by construction (validated alphabet, or minted hex).
-    let cookie = minted.then(|| {
-        HeaderValue::from_str(&id::session_cookie(&client_id)).expect("ids are header-safe")
-    });
+    let cookie = minted.then(|| HeaderValue::from_str(&id::session_cookie(&client_id)).expect("ids are header-safe"));
     let on_upgrade = hyper::upgrade::on(&mut req);
     let task_state = Arc::clone(&state);
     state.tracker.spawn(async move {
@@ -308,10 +263,7 @@ fn upgrade(
     h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
     // The accept key is base64: always a valid header value.
-    h.insert(
-        header::SEC_WEBSOCKET_ACCEPT,
-        HeaderValue::from_str(&accept).expect("base64 is a valid header"),
-    );
+    h.insert(header::SEC_WEBSOCKET_ACCEPT, HeaderValue::from_str(&accept).expect("base64 is a valid header"));
     if let Some(cookie) = cookie {
         h.insert(header::SET_COOKIE, cookie);
     }

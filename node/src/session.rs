@@ -16,7 +16,7 @@
 //! the close frame before its TCP connection is dropped.
 
 use crate::backbone::Backbone;
-use crate::backbone::{Replay, SessionRecord};
+use crate::backbone::{PresenceChange, PresenceEntry, Replay, Scope, SessionRecord};
 use crate::hub::{FrameMeta, Gate, Member};
 use crate::server::NodeState;
 use futures_util::{SinkExt, StreamExt};
@@ -24,8 +24,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tether_proto::wire::{
-    self, ClientMsg, ErrorCode, Event, LeaveReason, MessageHead, ResumePoint, SessionKind,
-    CLOSE_POLICY, CLOSE_RESTART, CLOSE_TOO_BIG,
+    self, ClientMsg, ErrorCode, Event, LeaveReason, MessageHead, ResumePoint, SessionKind, CLOSE_POLICY, CLOSE_RESTART,
+    CLOSE_TOO_BIG,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot};
@@ -119,14 +119,10 @@ async fn write_loop<S>(
     };
     match close {
         Some((code, reason)) => {
-            let frame = CloseFrame {
-                code: CloseCode::from(code),
-                reason: reason.into(),
-            };
+            let frame = CloseFrame { code: CloseCode::from(code), reason: reason.into() };
             // A peer that stopped reading may never take this frame; it then loses its socket
             // when the deadline passes and `sink` is dropped.
-            let _ =
-                tokio::time::timeout(CLOSE_DEADLINE, sink.send(Message::Close(Some(frame)))).await;
+            let _ = tokio::time::timeout(CLOSE_DEADLINE, sink.send(Message::Close(Some(frame)))).await;
         }
         // The peer closed or vanished: flush the close reply tungstenite queued, if any.
         None => {
@@ -164,39 +160,22 @@ impl Client {
     }
 
     fn send_text(&self, json: String) {
-        self.member
-            .offer(Utf8Bytes::from(json), &self.state.metrics);
+        self.member.offer(Utf8Bytes::from(json), &self.state.metrics);
     }
 
     fn error(&self, code: ErrorCode, message: &str) {
-        self.state
-            .metrics
-            .client_errors
-            .get_or_create(&crate::metrics::CodeLabel {
-                code: code.as_str(),
-            })
-            .inc();
+        self.state.metrics.client_errors.get_or_create(&crate::metrics::CodeLabel { code: code.as_str() }).inc();
         self.send(&Event::Error { code, message });
     }
 
     fn session_record(&self) -> SessionRecord {
-        SessionRecord {
-            name: self.name.clone(),
-            rooms: self.rooms.keys().cloned().collect(),
-        }
+        SessionRecord { name: self.name.clone(), rooms: self.rooms.keys().cloned().collect() }
     }
 
     /// Writes the session; says so to the client if it could not.
     async fn save_session(&self, what: &str) {
-        if let Err(e) = self
-            .backbone()
-            .save_session(&self.id, &self.session_record())
-            .await
-        {
-            self.error(
-                ErrorCode::BackboneUnavailable,
-                &format!("{what}, but the session could not be saved: {e}"),
-            );
+        if let Err(e) = self.backbone().save_session(&self.id, &self.session_record()).await {
+            self.error(ErrorCode::BackboneUnavailable, &format!("{what}, but the session could not be saved: {e}"));
         }
     }
 
@@ -205,37 +184,32 @@ impl Client {
         let stored = match self.backbone().load_session(&self.id).await {
             Ok(s) => s,
             Err(e) => {
-                self.error(
-                    ErrorCode::BackboneUnavailable,
-                    &format!("session could not be loaded: {e}"),
-                );
+                self.error(ErrorCode::BackboneUnavailable, &format!("session could not be loaded: {e}"));
                 None
             }
         };
         let Some(stored) = stored else {
-            return self.send(&Event::Connected {
+            self.send(&Event::Connected {
                 server: &self.state.cfg.name,
                 id: &self.id,
                 session: SessionKind::New,
                 name: None,
                 rooms: Vec::new(),
             });
+            return self.go_online().await;
         };
         self.state.metrics.sessions_restored.inc();
         self.name = stored.name;
+        if let Some(name) = &self.name {
+            self.state.hub.set_user(self.conn, name);
+        }
         let mut failed = Vec::new();
-        for room in stored
-            .rooms
-            .into_iter()
-            .take(self.state.cfg.max_rooms_per_client)
-        {
+        for room in stored.rooms.into_iter().take(self.state.cfg.max_rooms_per_client) {
             if wire::validate_room(&room).is_err() || self.rooms.contains_key(&room) {
                 continue;
             }
             let gate = Gate::holding();
-            self.state
-                .hub
-                .add(&room, self.conn, self.member.clone(), Arc::clone(&gate));
+            self.state.hub.add(&room, self.conn, self.member.clone(), Arc::clone(&gate));
             if let Err(e) = self.backbone().subscribe(&room).await {
                 self.state.hub.remove(&room, self.conn);
                 self.backbone().release(&room).await;
@@ -253,24 +227,73 @@ impl Client {
             rooms,
         });
         if !failed.is_empty() {
-            self.error(
-                ErrorCode::BackboneUnavailable,
-                &format!("could not rejoin {}", failed.join(", ")),
-            );
+            self.error(ErrorCode::BackboneUnavailable, &format!("could not rejoin {}", failed.join(", ")));
             self.save_session("restored").await;
         }
-        // The others learn the member is back; its own copy waits behind the resume.
-        for room in self.rooms.keys() {
-            if let Err(e) = self
-                .backbone()
-                .publish_event(room, self.user_joined(room))
-                .await
-            {
-                debug!(room, error = %e, "could not announce a restored member");
-            }
+        self.go_online().await;
+        // The others learn the member is back (unless another connection of it never left);
+        // its own copy waits behind the resume.
+        let rooms: Vec<String> = self.rooms.keys().cloned().collect();
+        for room in rooms {
+            self.enter_presence(&room).await;
         }
         if !self.rooms.is_empty() {
             self.grace_until = Some(tokio::time::Instant::now() + self.state.cfg.resume_grace);
+        }
+    }
+
+    fn presence_entry(&self) -> PresenceEntry {
+        PresenceEntry { id: self.id.clone(), user: self.display().to_string(), server: self.state.cfg.name.clone() }
+    }
+
+    async fn go_online(&self) {
+        if let Err(e) = self.backbone().presence_add(Scope::Online, self.conn, &self.presence_entry(), None).await {
+            debug!(error = %e, "could not register online presence");
+        }
+    }
+
+    /// Registers this connection in `room`'s presence. The first connection of this id there
+    /// announces `user_joined` through the backbone (this client's own copy marks its join
+    /// complete); a further one (a second tab) is confirmed to this client alone.
+    async fn enter_presence(&self, room: &str) {
+        let joined = self.user_joined(room);
+        match self
+            .backbone()
+            .presence_add(Scope::Room(room), self.conn, &self.presence_entry(), Some(joined.clone()))
+            .await
+        {
+            Ok(PresenceChange::FirstOrLast) => {}
+            Ok(_) => self.send_text(joined),
+            Err(e) => {
+                self.error(ErrorCode::BackboneUnavailable, &format!("joined {room}, but could not announce it: {e}"))
+            }
+        }
+    }
+
+    /// Removes this connection from `room`'s presence; the id's last connection there
+    /// announces `user_left` with `reason`.
+    async fn leave_presence(&self, room: &str, reason: LeaveReason) {
+        let left = self.user_left(room, reason);
+        if let Err(e) = self.backbone().presence_remove(Scope::Room(room), self.conn, &self.id, Some(left)).await {
+            debug!(room, error = %e, "could not remove presence");
+        }
+    }
+
+    /// Answers `presence` / `online`: one entry per client id, whichever node it is on.
+    async fn list_presence(&self, scope: Scope<'_>) {
+        let entries = match self.backbone().presence_list(scope).await {
+            Ok(e) => e,
+            Err(e) => return self.error(ErrorCode::BackboneUnavailable, &format!("presence unavailable: {e}")),
+        };
+        let mut seen = std::collections::BTreeMap::new();
+        for e in &entries {
+            seen.entry(e.id.as_str()).or_insert(e);
+        }
+        let users: Vec<wire::PresenceEntry<'_>> =
+            seen.values().map(|e| wire::PresenceEntry { id: &e.id, user: &e.user, server: &e.server }).collect();
+        match scope {
+            Scope::Room(room) => self.send(&Event::Presence { room, users }),
+            Scope::Online => self.send(&Event::Online { users }),
         }
     }
 
@@ -296,10 +319,9 @@ impl Client {
             match next {
                 None | Some(Ok(Message::Close(_))) => return None,
                 Some(Ok(Message::Text(text))) => self.handle(text.as_str()).await,
-                Some(Ok(Message::Binary(_))) => self.error(
-                    ErrorCode::BadJson,
-                    "binary frames are not supported; send JSON text frames",
-                ),
+                Some(Ok(Message::Binary(_))) => {
+                    self.error(ErrorCode::BadJson, "binary frames are not supported; send JSON text frames")
+                }
                 Some(Ok(_)) => {} // ping/pong: tungstenite answers pings itself
                 Some(Err(WsError::Capacity(e))) => {
                     debug!(error = %e, "oversized frame");
@@ -346,8 +368,16 @@ impl Client {
         };
         match msg {
             ClientMsg::SetName { name } => {
+                self.state.hub.set_user(self.conn, &name);
                 self.name = Some(name);
                 self.save_session("name set").await;
+                let entry = self.presence_entry();
+                let scopes = std::iter::once(Scope::Online).chain(self.rooms.keys().map(|r| Scope::Room(r)));
+                for scope in scopes {
+                    if let Err(e) = self.backbone().presence_rename(scope, self.conn, &entry).await {
+                        debug!(error = %e, "could not rename presence");
+                    }
+                }
             }
             ClientMsg::Join { room } => self.join(room).await,
             ClientMsg::Leave { room } => self.leave(&room).await,
@@ -357,36 +387,17 @@ impl Client {
                     self.resume(&room, point).await;
                 }
             }
-            ClientMsg::Presence { .. } => self.error(
-                ErrorCode::UnknownType,
-                "`presence` is not supported by this node yet (issue 4)",
-            ),
-            ClientMsg::Online => self.error(
-                ErrorCode::UnknownType,
-                "`online` is not supported by this node yet (issue 4)",
-            ),
+            ClientMsg::Presence { room } => self.list_presence(Scope::Room(&room)).await,
+            ClientMsg::Online => self.list_presence(Scope::Online).await,
         }
     }
 
     fn user_joined(&self, room: &str) -> String {
-        Event::UserJoined {
-            room,
-            user: self.display(),
-            id: &self.id,
-            server: &self.state.cfg.name,
-        }
-        .to_json()
+        Event::UserJoined { room, user: self.display(), id: &self.id, server: &self.state.cfg.name }.to_json()
     }
 
     fn user_left(&self, room: &str, reason: LeaveReason) -> String {
-        Event::UserLeft {
-            room,
-            user: self.display(),
-            id: &self.id,
-            server: &self.state.cfg.name,
-            reason,
-        }
-        .to_json()
+        Event::UserLeft { room, user: self.display(), id: &self.id, server: &self.state.cfg.name, reason }.to_json()
     }
 
     async fn join(&mut self, room: String) {
@@ -395,40 +406,23 @@ impl Client {
             return self.send_text(self.user_joined(&room));
         }
         if self.rooms.len() >= self.state.cfg.max_rooms_per_client {
-            let msg = format!(
-                "already in {} rooms, the most one client may join",
-                self.rooms.len()
-            );
+            let msg = format!("already in {} rooms, the most one client may join", self.rooms.len());
             return self.error(ErrorCode::InvalidRoom, &msg);
         }
         let gate = Gate::open();
-        self.state
-            .hub
-            .add(&room, self.conn, self.member.clone(), Arc::clone(&gate));
+        self.state.hub.add(&room, self.conn, self.member.clone(), Arc::clone(&gate));
         // The member is in the room before the subscription exists, so a concurrent release
         // by the last other member cannot drop the subscription under us.
         if let Err(e) = self.backbone().subscribe(&room).await {
             self.state.hub.remove(&room, self.conn);
             self.backbone().release(&room).await;
-            return self.error(
-                ErrorCode::BackboneUnavailable,
-                &format!("cannot join {room}: {e}"),
-            );
+            return self.error(ErrorCode::BackboneUnavailable, &format!("cannot join {room}: {e}"));
         }
         self.rooms.insert(room.clone(), gate);
         self.save_session(&format!("joined {room}")).await;
         // Our own copy comes back through the subscription: it marks the join complete (and,
         // coming after the session write, durable).
-        if let Err(e) = self
-            .backbone()
-            .publish_event(&room, self.user_joined(&room))
-            .await
-        {
-            self.error(
-                ErrorCode::BackboneUnavailable,
-                &format!("joined {room}, but could not announce it: {e}"),
-            );
-        }
+        self.enter_presence(&room).await;
     }
 
     async fn leave(&mut self, room: &str) {
@@ -439,20 +433,14 @@ impl Client {
         self.backbone().release(room).await;
         self.save_session(&format!("left {room}")).await;
         // The leaver is no longer a member, so it is told directly; everyone else hears it
-        // through the backbone.
-        let left = self.user_left(room, LeaveReason::Left);
-        self.send_text(left.clone());
-        if let Err(e) = self.backbone().publish_event(room, left).await {
-            debug!(room, error = %e, "could not announce a leave");
-        }
+        // through the backbone (once its id's last connection in the room is gone).
+        self.send_text(self.user_left(room, LeaveReason::Left));
+        self.leave_presence(room, LeaveReason::Left).await;
     }
 
     async fn message(&mut self, room: &str, text: &str) {
         if !self.rooms.contains_key(room) {
-            return self.error(
-                ErrorCode::NotInRoom,
-                &format!("join {room} before sending to it"),
-            );
+            return self.error(ErrorCode::NotInRoom, &format!("join {room} before sending to it"));
         }
         let head = MessageHead {
             kind: "message",
@@ -461,29 +449,17 @@ impl Client {
             id: &self.id,
             text,
             server: &self.state.cfg.name,
-            timestamp: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_millis() as u64),
+            timestamp: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
         };
-        if let Err(e) = self
-            .backbone()
-            .publish_message(room, head.json_prefix())
-            .await
-        {
-            self.error(
-                ErrorCode::BackboneUnavailable,
-                &format!("message not sent: {e}"),
-            );
+        if let Err(e) = self.backbone().publish_message(room, head.json_prefix()).await {
+            self.error(ErrorCode::BackboneUnavailable, &format!("message not sent: {e}"));
         }
     }
 
     /// Replays `room` after `point`, then releases its live frames behind the replay.
     async fn resume(&mut self, room: &str, point: ResumePoint) {
         let Some(gate) = self.rooms.get(room).cloned() else {
-            return self.error(
-                ErrorCode::NotInRoom,
-                &format!("cannot resume {room}: not in it"),
-            );
+            return self.error(ErrorCode::NotInRoom, &format!("cannot resume {room}: not in it"));
         };
         // Live frames wait while the log is read, so none can overtake the replay.
         gate.hold();
@@ -497,11 +473,7 @@ impl Client {
         if epoch_changed && point.seq > 0 {
             replay = self.read_log(room, 0).await;
         }
-        let frames: Vec<&(u64, String)> = replay
-            .frames
-            .iter()
-            .filter(|(seq, _)| *seq > after)
-            .collect();
+        let frames: Vec<&(u64, String)> = replay.frames.iter().filter(|(seq, _)| *seq > after).collect();
         let (from_seq, to_seq) = match (frames.first(), frames.last()) {
             (Some((first, _)), Some((last, _))) => (*first, *last),
             _ => (after + 1, after),
@@ -513,15 +485,9 @@ impl Client {
             };
         let mut g = gate.lock();
         for (_, frame) in &frames {
-            self.member.offer(
-                Utf8Bytes::from(wire::mark_replay(frame)),
-                &self.state.metrics,
-            );
+            self.member.offer(Utf8Bytes::from(wire::mark_replay(frame)), &self.state.metrics);
         }
-        self.state
-            .metrics
-            .replayed_messages
-            .inc_by(frames.len() as u64);
+        self.state.metrics.replayed_messages.inc_by(frames.len() as u64);
         if let Some(epoch) = &replay.epoch {
             if g.epoch.as_deref() != Some(epoch.as_str()) {
                 g.epoch = Some(epoch.clone());
@@ -529,13 +495,7 @@ impl Client {
             }
             g.last_seq = g.last_seq.max(to_seq);
         }
-        self.send(&Event::Resumed {
-            room,
-            from_seq,
-            to_seq,
-            epoch: replay.epoch.as_deref(),
-            complete,
-        });
+        self.send(&Event::Resumed { room, from_seq, to_seq, epoch: replay.epoch.as_deref(), complete });
         if let Some(held) = g.held.take() {
             self.release_held(&mut g, held);
         }
@@ -549,10 +509,7 @@ impl Client {
         match self.backbone().replay(room, after).await {
             Ok(r) => r,
             Err(e) => {
-                self.error(
-                    ErrorCode::BackboneUnavailable,
-                    &format!("cannot resume {room}: {e}"),
-                );
+                self.error(ErrorCode::BackboneUnavailable, &format!("cannot resume {room}: {e}"));
                 Replay::default()
             }
         }
@@ -565,13 +522,10 @@ impl Client {
         for room in rooms.keys() {
             self.state.hub.remove(room, self.conn);
             self.backbone().release(room).await;
-            if let Err(e) = self
-                .backbone()
-                .publish_event(room, self.user_left(room, LeaveReason::Disconnected))
-                .await
-            {
-                debug!(room, error = %e, "could not announce a disconnect");
-            }
+            self.leave_presence(room, LeaveReason::Disconnected).await;
+        }
+        if let Err(e) = self.backbone().presence_remove(Scope::Online, self.conn, &self.id, None).await {
+            debug!(error = %e, "could not remove online presence");
         }
         // The expiry counts from the end of the last connection.
         let id: [Arc<str>; 1] = [Arc::from(self.id.as_str())];

@@ -93,9 +93,7 @@ pub fn extract_client_id<'a>(
         let found = match source {
             IdSource::Query => query.and_then(|q| query_param(q, "client")),
             IdSource::Header => header.map(|h| std::str::from_utf8(h).unwrap_or("\u{fffd}")),
-            IdSource::Cookie => cookies
-                .clone()
-                .find_map(|c| cookie_value(c, SESSION_COOKIE)),
+            IdSource::Cookie => cookies.clone().find_map(|c| cookie_value(c, SESSION_COOKIE)),
         };
         if let Some(id) = found {
             validate_client_id(id)?;
@@ -137,15 +135,9 @@ mod tests {
         assert!(validate_client_id("alice-7f3a").is_ok());
         assert!(validate_client_id("a.b_c:d-E9").is_ok());
         assert_eq!(validate_client_id(""), Err(InvalidClientId::Empty));
-        assert_eq!(
-            validate_client_id(&"x".repeat(129)),
-            Err(InvalidClientId::TooLong(129))
-        );
+        assert_eq!(validate_client_id(&"x".repeat(129)), Err(InvalidClientId::TooLong(129)));
         assert!(validate_client_id(&"x".repeat(128)).is_ok());
-        assert_eq!(
-            validate_client_id("a b"),
-            Err(InvalidClientId::BadByte(b' ', 1))
-        );
+        assert_eq!(validate_client_id("a b"), Err(InvalidClientId::BadByte(b' ', 1)));
         assert!(validate_client_id("ünï").is_err());
         assert!(validate_client_id("a%20b").is_err());
     }
@@ -163,19 +155,9 @@ mod tests {
     fn extraction_follows_the_order() {
         let cookies = [b"x=1; tether_sid=fromcookie".as_slice()];
         let order = IdSource::DEFAULT_ORDER;
-        let got = extract_client_id(
-            Some("a=1&client=fromquery"),
-            Some(b"fromheader"),
-            cookies.iter().copied(),
-            &order,
-        );
+        let got = extract_client_id(Some("a=1&client=fromquery"), Some(b"fromheader"), cookies.iter().copied(), &order);
         assert_eq!(got, Ok(Some("fromquery")));
-        let got = extract_client_id(
-            Some("a=1"),
-            Some(b"fromheader"),
-            cookies.iter().copied(),
-            &order,
-        );
+        let got = extract_client_id(Some("a=1"), Some(b"fromheader"), cookies.iter().copied(), &order);
         assert_eq!(got, Ok(Some("fromheader")));
         let got = extract_client_id(None, None, cookies.iter().copied(), &order);
         assert_eq!(got, Ok(Some("fromcookie")));
@@ -188,19 +170,10 @@ mod tests {
 
     #[test]
     fn a_bad_id_is_an_error_not_a_fallthrough() {
-        let got = extract_client_id(
-            Some("client=bad%20id"),
-            Some(b"good"),
-            std::iter::empty(),
-            &IdSource::DEFAULT_ORDER,
-        );
+        let got =
+            extract_client_id(Some("client=bad%20id"), Some(b"good"), std::iter::empty(), &IdSource::DEFAULT_ORDER);
         assert!(got.is_err());
-        let got = extract_client_id(
-            None,
-            Some(&[0xff, 0xfe]),
-            std::iter::empty(),
-            &IdSource::DEFAULT_ORDER,
-        );
+        let got = extract_client_id(None, Some(&[0xff, 0xfe]), std::iter::empty(), &IdSource::DEFAULT_ORDER);
         assert!(got.is_err());
     }
 }

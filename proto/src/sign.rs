@@ -81,10 +81,7 @@ impl SigningKey {
 }
 
 fn decode_hex(s: &str) -> Option<Vec<u8>> {
-    (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect()
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
 }
 
 #[cfg(test)]
@@ -121,9 +118,6 @@ mod tests {
 
     #[test]
     fn short_keys_are_refused() {
-        assert_eq!(
-            SigningKey::new(b"short".to_vec()).unwrap_err(),
-            KeyTooShort(5)
-        );
+        assert_eq!(SigningKey::new(b"short".to_vec()).unwrap_err(), KeyTooShort(5));
     }
 }

@@ -69,10 +69,7 @@ pub struct ProtocolError {
 
 impl ProtocolError {
     pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
-        Self {
-            code,
-            message: message.into(),
-        }
+        Self { code, message: message.into() }
     }
 }
 
@@ -109,37 +106,20 @@ pub fn decode(text: &str) -> Result<ClientMsg, ProtocolError> {
     let value: Value = serde_json::from_str(text)
         .map_err(|e| ProtocolError::new(ErrorCode::BadJson, format!("not valid JSON: {e}")))?;
     let Value::Object(mut obj) = value else {
-        return Err(ProtocolError::new(
-            ErrorCode::BadJson,
-            "a frame must be a JSON object",
-        ));
+        return Err(ProtocolError::new(ErrorCode::BadJson, "a frame must be a JSON object"));
     };
     let kind = match obj.remove("type") {
-        None => {
-            return Err(ProtocolError::new(
-                ErrorCode::MissingField,
-                "field `type` is required",
-            ))
-        }
+        None => return Err(ProtocolError::new(ErrorCode::MissingField, "field `type` is required")),
         Some(Value::String(s)) => s,
-        Some(_) => {
-            return Err(ProtocolError::new(
-                ErrorCode::InvalidField,
-                "field `type` must be a string",
-            ))
-        }
+        Some(_) => return Err(ProtocolError::new(ErrorCode::InvalidField, "field `type` must be a string")),
     };
     let mut take_str = |field: &'static str| -> Result<String, ProtocolError> {
         match obj.remove(field) {
-            None | Some(Value::Null) => Err(ProtocolError::new(
-                ErrorCode::MissingField,
-                format!("`{kind}` needs field `{field}`"),
-            )),
+            None | Some(Value::Null) => {
+                Err(ProtocolError::new(ErrorCode::MissingField, format!("`{kind}` needs field `{field}`")))
+            }
             Some(Value::String(s)) => Ok(s),
-            Some(_) => Err(ProtocolError::new(
-                ErrorCode::InvalidField,
-                format!("field `{field}` must be a string"),
-            )),
+            Some(_) => Err(ProtocolError::new(ErrorCode::InvalidField, format!("field `{field}` must be a string"))),
         }
     };
     let msg = match kind.as_str() {
@@ -148,33 +128,22 @@ pub fn decode(text: &str) -> Result<ClientMsg, ProtocolError> {
             validate_name(&name)?;
             ClientMsg::SetName { name }
         }
-        "join" => ClientMsg::Join {
-            room: room(take_str("room")?)?,
-        },
-        "leave" => ClientMsg::Leave {
-            room: room(take_str("room")?)?,
-        },
-        "presence" => ClientMsg::Presence {
-            room: room(take_str("room")?)?,
-        },
+        "join" => ClientMsg::Join { room: room(take_str("room")?)? },
+        "leave" => ClientMsg::Leave { room: room(take_str("room")?)? },
+        "presence" => ClientMsg::Presence { room: room(take_str("room")?)? },
         "message" => {
             let r = room(take_str("room")?)?;
             let text = take_str("text")?;
             ClientMsg::Message { room: r, text }
         }
         "online" => ClientMsg::Online,
-        "resume" => ClientMsg::Resume {
-            rooms: resume_points(obj.remove("rooms"))?,
-        },
+        "resume" => ClientMsg::Resume { rooms: resume_points(obj.remove("rooms"))? },
         other => {
             let mut shown: String = other.chars().take(40).collect();
             if shown.len() < other.len() {
                 shown.push('…');
             }
-            return Err(ProtocolError::new(
-                ErrorCode::UnknownType,
-                format!("unknown message type {shown:?}"),
-            ));
+            return Err(ProtocolError::new(ErrorCode::UnknownType, format!("unknown message type {shown:?}")));
         }
     };
     Ok(msg)
@@ -187,16 +156,10 @@ fn room(name: String) -> Result<String, ProtocolError> {
 
 fn resume_points(rooms: Option<Value>) -> Result<Vec<(String, ResumePoint)>, ProtocolError> {
     let Some(rooms) = rooms else {
-        return Err(ProtocolError::new(
-            ErrorCode::MissingField,
-            "`resume` needs field `rooms`",
-        ));
+        return Err(ProtocolError::new(ErrorCode::MissingField, "`resume` needs field `rooms`"));
     };
     let Value::Object(rooms) = rooms else {
-        return Err(ProtocolError::new(
-            ErrorCode::InvalidField,
-            "field `rooms` must be an object",
-        ));
+        return Err(ProtocolError::new(ErrorCode::InvalidField, "field `rooms` must be an object"));
     };
     let mut out = Vec::with_capacity(rooms.len());
     for (name, point) in rooms {
@@ -204,16 +167,11 @@ fn resume_points(rooms: Option<Value>) -> Result<Vec<(String, ResumePoint)>, Pro
         let bad = || {
             ProtocolError::new(
                 ErrorCode::InvalidField,
-                format!(
-                    "rooms.{name} must be a seq (integer ≥ 0) or {{\"seq\":N,\"epoch\":\"…\"}}"
-                ),
+                format!("rooms.{name} must be a seq (integer ≥ 0) or {{\"seq\":N,\"epoch\":\"…\"}}"),
             )
         };
         let point = match point {
-            Value::Number(n) => ResumePoint {
-                seq: n.as_u64().ok_or_else(bad)?,
-                epoch: None,
-            },
+            Value::Number(n) => ResumePoint { seq: n.as_u64().ok_or_else(bad)?, epoch: None },
             Value::Object(mut o) => {
                 let seq = o.remove("seq").and_then(|v| v.as_u64()).ok_or_else(bad)?;
                 let epoch = match o.remove("epoch") {
@@ -257,10 +215,7 @@ pub fn validate_name(name: &str) -> Result<(), ProtocolError> {
         ));
     }
     if name.chars().any(char::is_control) {
-        return Err(ProtocolError::new(
-            ErrorCode::InvalidName,
-            "display names may not contain control characters",
-        ));
+        return Err(ProtocolError::new(ErrorCode::InvalidName, "display names may not contain control characters"));
     }
     Ok(())
 }
@@ -388,9 +343,7 @@ mod tests {
 
     #[test]
     fn replay_marking_keeps_valid_json() {
-        let v: Value =
-            serde_json::from_str(&mark_replay(r#"{"type":"message","seq":3,"epoch":"e"}"#))
-                .unwrap();
+        let v: Value = serde_json::from_str(&mark_replay(r#"{"type":"message","seq":3,"epoch":"e"}"#)).unwrap();
         assert_eq!(v["replay"], true);
         assert_eq!(v["seq"], 3);
     }
@@ -401,55 +354,22 @@ mod tests {
 
     #[test]
     fn decodes_every_client_message() {
-        assert_eq!(
-            decode(r#"{"type":"set_name","name":"Alice"}"#),
-            Ok(ClientMsg::SetName {
-                name: "Alice".into()
-            })
-        );
-        assert_eq!(
-            decode(r#"{"type":"join","room":"general"}"#),
-            Ok(ClientMsg::Join {
-                room: "general".into()
-            })
-        );
-        assert_eq!(
-            decode(r#"{"type":"leave","room":"general"}"#),
-            Ok(ClientMsg::Leave {
-                room: "general".into()
-            })
-        );
+        assert_eq!(decode(r#"{"type":"set_name","name":"Alice"}"#), Ok(ClientMsg::SetName { name: "Alice".into() }));
+        assert_eq!(decode(r#"{"type":"join","room":"general"}"#), Ok(ClientMsg::Join { room: "general".into() }));
+        assert_eq!(decode(r#"{"type":"leave","room":"general"}"#), Ok(ClientMsg::Leave { room: "general".into() }));
         assert_eq!(
             decode(r#"{"type":"message","room":"general","text":"hi","extra":1}"#),
-            Ok(ClientMsg::Message {
-                room: "general".into(),
-                text: "hi".into()
-            })
+            Ok(ClientMsg::Message { room: "general".into(), text: "hi".into() })
         );
-        assert_eq!(
-            decode(r#"{"type":"presence","room":"g"}"#),
-            Ok(ClientMsg::Presence { room: "g".into() })
-        );
+        assert_eq!(decode(r#"{"type":"presence","room":"g"}"#), Ok(ClientMsg::Presence { room: "g".into() }));
         assert_eq!(decode(r#"{"type":"online"}"#), Ok(ClientMsg::Online));
         let Ok(ClientMsg::Resume { rooms }) =
             decode(r#"{"type":"resume","rooms":{"a":41,"b":{"seq":3,"epoch":"e1"}}}"#)
         else {
             panic!("resume did not decode");
         };
-        assert!(rooms.contains(&(
-            "a".into(),
-            ResumePoint {
-                seq: 41,
-                epoch: None
-            }
-        )));
-        assert!(rooms.contains(&(
-            "b".into(),
-            ResumePoint {
-                seq: 3,
-                epoch: Some("e1".into())
-            }
-        )));
+        assert!(rooms.contains(&("a".into(), ResumePoint { seq: 41, epoch: None })));
+        assert!(rooms.contains(&("b".into(), ResumePoint { seq: 3, epoch: Some("e1".into()) })));
     }
 
     #[test]
@@ -462,50 +382,19 @@ mod tests {
         assert_eq!(code(r#"{"type":"join"}"#), ErrorCode::MissingField);
         assert_eq!(code(r#"{"type":"join","room":5}"#), ErrorCode::InvalidField);
         assert_eq!(code(r#"{"type":"join","room":""}"#), ErrorCode::InvalidRoom);
-        assert_eq!(
-            code(r#"{"type":"join","room":"a b"}"#),
-            ErrorCode::InvalidRoom
-        );
-        assert_eq!(
-            code(&format!(
-                r#"{{"type":"join","room":"{}"}}"#,
-                "r".repeat(129)
-            )),
-            ErrorCode::InvalidRoom
-        );
-        assert_eq!(
-            code(r#"{"type":"message","room":"g"}"#),
-            ErrorCode::MissingField
-        );
-        assert_eq!(
-            code(r#"{"type":"set_name","name":""}"#),
-            ErrorCode::InvalidName
-        );
-        assert_eq!(
-            code(r#"{"type":"set_name","name":"a\u0007"}"#),
-            ErrorCode::InvalidName
-        );
-        assert_eq!(
-            code(r#"{"type":"resume","rooms":{"a":-1}}"#),
-            ErrorCode::InvalidField
-        );
-        assert_eq!(
-            code(r#"{"type":"resume","rooms":[]}"#),
-            ErrorCode::InvalidField
-        );
+        assert_eq!(code(r#"{"type":"join","room":"a b"}"#), ErrorCode::InvalidRoom);
+        assert_eq!(code(&format!(r#"{{"type":"join","room":"{}"}}"#, "r".repeat(129))), ErrorCode::InvalidRoom);
+        assert_eq!(code(r#"{"type":"message","room":"g"}"#), ErrorCode::MissingField);
+        assert_eq!(code(r#"{"type":"set_name","name":""}"#), ErrorCode::InvalidName);
+        assert_eq!(code(r#"{"type":"set_name","name":"a\u0007"}"#), ErrorCode::InvalidName);
+        assert_eq!(code(r#"{"type":"resume","rooms":{"a":-1}}"#), ErrorCode::InvalidField);
+        assert_eq!(code(r#"{"type":"resume","rooms":[]}"#), ErrorCode::InvalidField);
     }
 
     #[test]
     fn message_prefix_completes_to_valid_json() {
-        let head = MessageHead {
-            kind: "message",
-            room: "g",
-            from: "A\"x",
-            id: "a",
-            text: "hi\n",
-            server: "n1",
-            timestamp: 5,
-        };
+        let head =
+            MessageHead { kind: "message", room: "g", from: "A\"x", id: "a", text: "hi\n", server: "n1", timestamp: 5 };
         let full = format!("{}{},\"epoch\":\"{}\"}}", head.json_prefix(), 42, "e");
         let v: Value = serde_json::from_str(&full).expect("valid json");
         assert_eq!(v["seq"], 42);
@@ -515,20 +404,11 @@ mod tests {
 
     #[test]
     fn events_serialise_with_their_type() {
-        let e = Event::UserLeft {
-            room: "g",
-            user: "A",
-            id: "a",
-            server: "n",
-            reason: LeaveReason::Left,
-        };
+        let e = Event::UserLeft { room: "g", user: "A", id: "a", server: "n", reason: LeaveReason::Left };
         let v: Value = serde_json::from_str(&e.to_json()).expect("valid json");
         assert_eq!(v["type"], "user_left");
         assert_eq!(v["reason"], "left");
-        let e = Event::Error {
-            code: ErrorCode::NotInRoom,
-            message: "m",
-        };
+        let e = Event::Error { code: ErrorCode::NotInRoom, message: "m" };
         assert!(e.to_json().contains(r#""code":"not_in_room""#));
     }
 }

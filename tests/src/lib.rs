@@ -51,20 +51,13 @@ impl WsClient {
     pub async fn connect_with(url: &str, headers: &[(&str, &str)]) -> Result<Self> {
         let mut req = url.into_client_request().context("building the request")?;
         for (k, v) in headers {
-            req.headers_mut().insert(
-                http::HeaderName::from_bytes(k.as_bytes())?,
-                http::HeaderValue::from_str(v)?,
-            );
+            req.headers_mut().insert(http::HeaderName::from_bytes(k.as_bytes())?, http::HeaderValue::from_str(v)?);
         }
         let (ws, resp) = tokio::time::timeout(DEADLINE, tokio_tungstenite::connect_async(req))
             .await
             .map_err(|_| anyhow!("connecting to {url} timed out"))?
             .with_context(|| format!("connecting to {url}"))?;
-        Ok(Self {
-            ws,
-            seen: Vec::new(),
-            headers: resp.headers().clone(),
-        })
+        Ok(Self { ws, seen: Vec::new(), headers: resp.headers().clone() })
     }
 
     /// Connects and reads the `connected` frame.
@@ -79,10 +72,7 @@ impl WsClient {
     }
 
     pub async fn send_text(&mut self, text: String) -> Result<()> {
-        self.ws
-            .send(Message::Text(text.into()))
-            .await
-            .context("sending")
+        self.ws.send(Message::Text(text.into())).await.context("sending")
     }
 
     pub async fn send_raw(&mut self, msg: Message) -> Result<()> {
@@ -98,13 +88,10 @@ impl WsClient {
         loop {
             let msg = tokio::time::timeout(deadline, self.ws.next())
                 .await
-                .map_err(|_| {
-                    anyhow!("no frame within {deadline:?}; seen so far: {:?}", self.seen)
-                })?;
+                .map_err(|_| anyhow!("no frame within {deadline:?}; seen so far: {:?}", self.seen))?;
             match msg {
                 Some(Ok(Message::Text(t))) => {
-                    let v: Value =
-                        serde_json::from_str(t.as_str()).with_context(|| format!("frame {t:?}"))?;
+                    let v: Value = serde_json::from_str(t.as_str()).with_context(|| format!("frame {t:?}"))?;
                     self.seen.push(v.clone());
                     return Ok(v);
                 }
@@ -121,10 +108,7 @@ impl WsClient {
         let end = tokio::time::Instant::now() + DEADLINE;
         loop {
             let left = end.saturating_duration_since(tokio::time::Instant::now());
-            let v = self
-                .recv_within(left)
-                .await
-                .with_context(|| format!("waiting for {what}"))?;
+            let v = self.recv_within(left).await.with_context(|| format!("waiting for {what}"))?;
             if pred(&v) {
                 return Ok(v);
             }
@@ -141,9 +125,7 @@ impl WsClient {
         self.send(json!({"type":"join","room":room})).await?;
         let id = self.id_hint();
         self.recv_until("own user_joined", |v| {
-            v["type"] == "user_joined"
-                && v["room"] == room
-                && id.as_ref().is_none_or(|id| v["id"] == *id)
+            v["type"] == "user_joined" && v["room"] == room && id.as_ref().is_none_or(|id| v["id"] == *id)
         })
         .await?;
         Ok(())
@@ -151,10 +133,7 @@ impl WsClient {
 
     /// The client id from the `connected` frame, once seen.
     pub fn id_hint(&self) -> Option<String> {
-        self.seen
-            .iter()
-            .find(|v| v["type"] == "connected")
-            .and_then(|v| v["id"].as_str().map(String::from))
+        self.seen.iter().find(|v| v["type"] == "connected").and_then(|v| v["id"].as_str().map(String::from))
     }
 
     /// Waits for the connection to end and says how.
@@ -170,9 +149,7 @@ impl WsClient {
                 .await
                 .map_err(|_| anyhow!("connection still open after {deadline:?}"))?;
             match msg {
-                Some(Ok(Message::Close(Some(f)))) => {
-                    return Ok(Closed::Code(f.code.into(), f.reason.to_string()))
-                }
+                Some(Ok(Message::Close(Some(f)))) => return Ok(Closed::Code(f.code.into(), f.reason.to_string())),
                 Some(Ok(Message::Close(None))) => return Ok(Closed::Code(1005, String::new())),
                 Some(Ok(Message::Text(t))) => {
                     if let Ok(v) = serde_json::from_str(t.as_str()) {
@@ -201,11 +178,7 @@ pub struct InProcessNode {
 
 impl InProcessNode {
     /// Starts a node named `name` on 127.0.0.1:0 with `config` tweaks applied.
-    pub fn start(
-        name: &str,
-        redis_url: &str,
-        tweak: impl FnOnce(&mut tether_node::Config),
-    ) -> Result<Self> {
+    pub fn start(name: &str, redis_url: &str, tweak: impl FnOnce(&mut tether_node::Config)) -> Result<Self> {
         let mut cfg = tether_node::Config::with_defaults(name, redis_url);
         cfg.listen = "127.0.0.1:0".parse()?;
         tweak(&mut cfg);
@@ -215,32 +188,23 @@ impl InProcessNode {
         let shutdown = CancellationToken::new();
         let (kill_tx, kill_rx) = tokio::sync::oneshot::channel();
         let token = shutdown.clone();
-        let thread = std::thread::Builder::new()
-            .name(format!("node-{name}"))
-            .spawn(move || {
-                let rt = tokio::runtime::Builder::new_multi_thread()
-                    .worker_threads(2)
-                    .enable_all()
-                    .build()
-                    .expect("test runtime");
-                rt.block_on(async move {
-                    let listener =
-                        tokio::net::TcpListener::from_std(std_listener).expect("listener");
-                    tokio::select! {
-                        r = tether_node::run(listener, cfg, token) => { let _ = r; }
-                        _ = kill_rx => {}
-                    }
-                });
-                // Dropping the runtime drops every task and socket at once, as a SIGKILL would.
-                rt.shutdown_background();
-            })?;
-        Ok(Self {
-            name: name.to_string(),
-            addr,
-            shutdown,
-            thread: Some(thread),
-            kill: Some(kill_tx),
-        })
+        let thread = std::thread::Builder::new().name(format!("node-{name}")).spawn(move || {
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("test runtime");
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(std_listener).expect("listener");
+                tokio::select! {
+                    r = tether_node::run(listener, cfg, token) => { let _ = r; }
+                    _ = kill_rx => {}
+                }
+            });
+            // Dropping the runtime drops every task and socket at once, as a SIGKILL would.
+            rt.shutdown_background();
+        })?;
+        Ok(Self { name: name.to_string(), addr, shutdown, thread: Some(thread), kill: Some(kill_tx) })
     }
 
     pub fn ws_url(&self, client: &str) -> String {
@@ -294,11 +258,7 @@ where
 pub async fn numsub(redis_url: &str, channel: &str) -> Result<i64> {
     let client = redis::Client::open(redis_url)?;
     let mut con = client.get_multiplexed_async_connection().await?;
-    let (_, n): (String, i64) = redis::cmd("PUBSUB")
-        .arg("NUMSUB")
-        .arg(channel)
-        .query_async(&mut con)
-        .await?;
+    let (_, n): (String, i64) = redis::cmd("PUBSUB").arg("NUMSUB").arg(channel).query_async(&mut con).await?;
     Ok(n)
 }
 
@@ -311,18 +271,12 @@ pub struct HttpConn {
 
 impl HttpConn {
     pub async fn connect(addr: SocketAddr) -> Result<Self> {
-        let stream = TcpStream::connect(addr)
-            .await
-            .with_context(|| format!("connecting to {addr}"))?;
-        let (sender, conn) =
-            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+        let stream = TcpStream::connect(addr).await.with_context(|| format!("connecting to {addr}"))?;
+        let (sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
         tokio::spawn(async move {
             let _ = conn.await;
         });
-        Ok(Self {
-            sender,
-            host: addr.to_string(),
-        })
+        Ok(Self { sender, host: addr.to_string() })
     }
 
     /// `method path` → (status, body).

@@ -65,41 +65,24 @@ async fn seed_scenario_through_the_balancer() -> Result<()> {
     let (mut bob, hello_b) = WsClient::connect_ready(&url(&c, &ids[1])).await?;
     assert_eq!(hello_a["server"], "node-1");
     assert_eq!(hello_b["server"], "node-2");
-    alice
-        .send(json!({"type":"set_name","name":"Alice"}))
-        .await?;
+    alice.send(json!({"type":"set_name","name":"Alice"})).await?;
     bob.send(json!({"type":"set_name","name":"Bob"})).await?;
     alice.join("general").await?;
     bob.join("general").await?;
-    alice
-        .send(json!({"type":"message","room":"general","text":"Hello from Server-1!"}))
-        .await?;
+    alice.send(json!({"type":"message","room":"general","text":"Hello from Server-1!"})).await?;
     for cl in [&mut alice, &mut bob] {
-        cl.recv_until("alice's message", |v| {
-            v["type"] == "message" && v["from"] == "Alice"
-        })
-        .await?;
+        cl.recv_until("alice's message", |v| v["type"] == "message" && v["from"] == "Alice").await?;
     }
-    bob.send(json!({"type":"message","room":"general","text":"Hello from Server-2!"}))
-        .await?;
+    bob.send(json!({"type":"message","room":"general","text":"Hello from Server-2!"})).await?;
     for cl in [&mut alice, &mut bob] {
-        cl.recv_until("bob's message", |v| {
-            v["type"] == "message" && v["from"] == "Bob"
-        })
-        .await?;
+        cl.recv_until("bob's message", |v| v["type"] == "message" && v["from"] == "Bob").await?;
     }
-    alice
-        .send(json!({"type":"message","room":"general","text":"end"}))
-        .await?;
+    alice.send(json!({"type":"message","room":"general","text":"end"})).await?;
     for cl in [&mut alice, &mut bob] {
-        cl.recv_until("marker", |v| v["type"] == "message" && v["text"] == "end")
-            .await?;
+        cl.recv_until("marker", |v| v["type"] == "message" && v["text"] == "end").await?;
         let got: Vec<&Value> = cl.seen.iter().filter(|v| v["type"] == "message").collect();
         assert_eq!(got.len(), 3, "each message exactly once: {got:?}");
-        assert_eq!(
-            (got[0]["server"].as_str(), got[1]["server"].as_str()),
-            (Some("node-1"), Some("node-2"))
-        );
+        assert_eq!((got[0]["server"].as_str(), got[1]["server"].as_str()), (Some("node-1"), Some("node-2")));
         let seqs: Vec<u64> = got.iter().filter_map(|m| m["seq"].as_u64()).collect();
         assert_eq!(seqs.len(), 3);
         assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
@@ -115,35 +98,22 @@ async fn the_same_id_always_reaches_the_same_node_and_route_agrees() -> Result<(
     for i in 0..30 {
         let id = format!("sticky-{i}");
         let routed = admin.get_json(&format!("/route?client={id}")).await?;
-        assert_eq!(
-            routed["node"],
-            home(&id, &NODES).as_str(),
-            "HRW over node names: {routed}"
-        );
+        assert_eq!(routed["node"], home(&id, &NODES).as_str(), "HRW over node names: {routed}");
         for _ in 0..3 {
             let (ws, hello) = WsClient::connect_ready(&url(&c, &id)).await?;
             assert_eq!(hello["server"], routed["node"], "{id}");
             ws.close().await;
         }
-        *spread
-            .entry(routed["node"].as_str().unwrap_or_default().to_string())
-            .or_insert(0) += 1;
+        *spread.entry(routed["node"].as_str().unwrap_or_default().to_string()).or_insert(0) += 1;
     }
     assert_eq!(spread.len(), 3, "30 ids use every node: {spread:?}");
     // The id may come from the header or the cookie too.
     let id = "sticky-0";
     let mut h = WsClient::connect_with(&c.ws_url(), &[("X-Client-Id", id)]).await?;
     assert_eq!(h.recv_type("connected").await?["id"], id);
-    let mut k = WsClient::connect_with(
-        &c.ws_url(),
-        &[("Cookie", "theme=dark; tether_sid=sticky-0")],
-    )
-    .await?;
+    let mut k = WsClient::connect_with(&c.ws_url(), &[("Cookie", "theme=dark; tether_sid=sticky-0")]).await?;
     let hello = k.recv_type("connected").await?;
-    assert_eq!(
-        (hello["id"].as_str(), hello["server"].as_str()),
-        (Some(id), Some(home(id, &NODES).as_str()))
-    );
+    assert_eq!((hello["id"].as_str(), hello["server"].as_str()), (Some(id), Some(home(id, &NODES).as_str())));
     Ok(())
 }
 
@@ -152,12 +122,8 @@ async fn a_minted_id_comes_back_as_a_cookie_and_sticks() -> Result<()> {
     let c = cluster(2).await?;
     let mut first = WsClient::connect(&c.ws_url()).await?;
     let hello = first.recv_type("connected").await?;
-    let cookie = first
-        .headers
-        .get("set-cookie")
-        .and_then(|v| v.to_str().ok())
-        .context("Set-Cookie on the 101")?
-        .to_string();
+    let cookie =
+        first.headers.get("set-cookie").and_then(|v| v.to_str().ok()).context("Set-Cookie on the 101")?.to_string();
     let id = hello["id"].as_str().context("id")?.to_string();
     assert_eq!(id.len(), 32, "128 random bits in hex: {id}");
     assert!(
@@ -165,33 +131,18 @@ async fn a_minted_id_comes_back_as_a_cookie_and_sticks() -> Result<()> {
             && cookie.contains("HttpOnly")
             && cookie.contains("SameSite=Lax")
     );
-    let mut again =
-        WsClient::connect_with(&c.ws_url(), &[("Cookie", &format!("tether_sid={id}"))]).await?;
+    let mut again = WsClient::connect_with(&c.ws_url(), &[("Cookie", &format!("tether_sid={id}"))]).await?;
     let hello2 = again.recv_type("connected").await?;
-    assert_eq!(
-        (hello2["id"].as_str(), &hello2["server"]),
-        (Some(id.as_str()), &hello["server"])
-    );
-    assert!(
-        again.headers.get("set-cookie").is_none(),
-        "no new cookie when one was sent"
-    );
+    assert_eq!((hello2["id"].as_str(), &hello2["server"]), (Some(id.as_str()), &hello["server"]));
+    assert!(again.headers.get("set-cookie").is_none(), "no new cookie when one was sent");
     Ok(())
 }
 
 #[tokio::test]
 async fn bad_client_ids_get_400_before_the_upgrade() -> Result<()> {
     let c = cluster(1).await?;
-    for bad in [
-        "client=has%20space",
-        "client=",
-        &format!("client={}", "x".repeat(129)),
-        "client=semi;colon",
-    ] {
-        let err = WsClient::connect(&format!("{}?{bad}", c.ws_url()))
-            .await
-            .err()
-            .context("must be refused")?;
+    for bad in ["client=has%20space", "client=", &format!("client={}", "x".repeat(129)), "client=semi;colon"] {
+        let err = WsClient::connect(&format!("{}?{bad}", c.ws_url())).await.err().context("must be refused")?;
         assert!(format!("{err:#}").contains("400"), "{bad}: {err:#}");
     }
     // The balancer and node still serve.
@@ -209,17 +160,9 @@ async fn dead_node_clients_move_and_others_stay() -> Result<()> {
         let (mut ws, hello) = WsClient::connect_ready(&url(&c, id)).await?;
         assert_eq!(hello["server"], home(id, &NODES).as_str());
         ws.join("fo").await?;
-        clients.push((
-            id.clone(),
-            hello["server"].as_str().unwrap_or_default().to_string(),
-            ws,
-        ));
+        clients.push((id.clone(), hello["server"].as_str().unwrap_or_default().to_string(), ws));
     }
-    let victims: Vec<String> = clients
-        .iter()
-        .filter(|(_, n, _)| n == "node-2")
-        .map(|(id, _, _)| id.clone())
-        .collect();
+    let victims: Vec<String> = clients.iter().filter(|(_, n, _)| n == "node-2").map(|(id, _, _)| id.clone()).collect();
     assert!(!victims.is_empty(), "some ids live on node-2");
 
     c.node_mut("node-2").context("node-2")?.kill().await?;
@@ -228,38 +171,26 @@ async fn dead_node_clients_move_and_others_stay() -> Result<()> {
     for (id, node, ws) in clients.iter_mut() {
         if node == "node-2" {
             // Closed promptly by the balancer when the node's side dropped.
-            ws.closed_within(Duration::from_secs(5))
-                .await
-                .with_context(|| format!("{id} not closed"))?;
+            ws.closed_within(Duration::from_secs(5)).await.with_context(|| format!("{id} not closed"))?;
             // The first reconnect succeeds, on the next node in this id's rank.
-            let (mut back, hello) = WsClient::connect_ready(&url(&c, id))
-                .await
-                .with_context(|| format!("{id} first reconnect"))?;
-            assert_eq!(
-                hello["server"],
-                home(id, &survivors).as_str(),
-                "{id} goes to its next-ranked node"
-            );
+            let (mut back, hello) =
+                WsClient::connect_ready(&url(&c, id)).await.with_context(|| format!("{id} first reconnect"))?;
+            assert_eq!(hello["server"], home(id, &survivors).as_str(), "{id} goes to its next-ranked node");
             back.join("fo").await?;
             *ws = back;
             *node = hello["server"].as_str().unwrap_or_default().to_string();
         }
     }
-    eventually("node-2 down in /status", || async {
-        (status(&c).await.ok()?.get("node-2")? == "down").then_some(())
-    })
-    .await?;
+    eventually("node-2 down in /status", || async { (status(&c).await.ok()?.get("node-2")? == "down").then_some(()) })
+        .await?;
     // Nobody else moved: every original connection of the others still works where it was,
     // and a fresh connection of theirs lands on the same node.
     let (_, _, ws0) = &mut clients[0];
-    ws0.send(json!({"type":"message","room":"fo","text":"after the kill"}))
-        .await?;
+    ws0.send(json!({"type":"message","room":"fo","text":"after the kill"})).await?;
     for (id, node, ws) in clients.iter_mut() {
-        ws.recv_until("post-kill message", |v| {
-            v["type"] == "message" && v["text"] == "after the kill"
-        })
-        .await
-        .with_context(|| format!("{id} on {node}"))?;
+        ws.recv_until("post-kill message", |v| v["type"] == "message" && v["text"] == "after the kill")
+            .await
+            .with_context(|| format!("{id} on {node}"))?;
     }
     for (id, node, _) in &clients {
         let (_w, hello) = WsClient::connect_ready(&url(&c, id)).await?;
@@ -268,19 +199,13 @@ async fn dead_node_clients_move_and_others_stay() -> Result<()> {
 
     // node-2 comes back: it takes no live connection away, but gets its ids' new connections.
     c.node_mut("node-2").context("node-2")?.restart().await?;
-    eventually("node-2 up again", || async {
-        (status(&c).await.ok()?.get("node-2")? == "up").then_some(())
-    })
-    .await?;
+    eventually("node-2 up again", || async { (status(&c).await.ok()?.get("node-2")? == "up").then_some(()) }).await?;
     let (_, _, ws0) = &mut clients[0];
-    ws0.send(json!({"type":"message","room":"fo","text":"after the return"}))
-        .await?;
+    ws0.send(json!({"type":"message","room":"fo","text":"after the return"})).await?;
     for (id, node, ws) in clients.iter_mut() {
-        ws.recv_until("post-return message", |v| {
-            v["type"] == "message" && v["text"] == "after the return"
-        })
-        .await
-        .with_context(|| format!("{id}'s live connection on {node} survived the return"))?;
+        ws.recv_until("post-return message", |v| v["type"] == "message" && v["text"] == "after the return")
+            .await
+            .with_context(|| format!("{id}'s live connection on {node} survived the return"))?;
     }
     for id in &victims {
         let (_w, hello) = WsClient::connect_ready(&url(&c, id)).await?;
@@ -308,16 +233,12 @@ async fn two_balancer_processes_route_10000_ids_identically() -> Result<()> {
         *per_node.entry(ra["node"].to_string()).or_insert(0u32) += 1;
     }
     // About a third each (HRW spreads evenly).
-    assert!(
-        per_node.values().all(|&n| (2_900..3_800).contains(&n)),
-        "{per_node:?}"
-    );
+    assert!(per_node.values().all(|&n| (2_900..3_800).contains(&n)), "{per_node:?}");
     // And real connections through either balancer agree.
     for i in 0..20 {
         let id = format!("both-{i}");
         let (_x, hx) = WsClient::connect_ready(&url(&c, &id)).await?;
-        let (_y, hy) =
-            WsClient::connect_ready(&format!("ws://{}/ws?client={id}", other.addr())).await?;
+        let (_y, hy) = WsClient::connect_ready(&format!("ws://{}/ws?client={id}", other.addr())).await?;
         assert_eq!(hx["server"], hy["server"]);
     }
     Ok(())
@@ -362,12 +283,8 @@ async fn garbage_bytes_at_every_port_crash_nothing() -> Result<()> {
         assert!(n.try_status()?.is_none(), "{} died", n.name());
     }
     assert!(c.balancer_mut().try_status()?.is_none(), "balancer died");
-    live.send(json!({"type":"message","room":"calm","text":"still fine"}))
-        .await?;
-    live.recv_until("own message", |v| {
-        v["type"] == "message" && v["text"] == "still fine"
-    })
-    .await?;
+    live.send(json!({"type":"message","room":"calm","text":"still fine"})).await?;
+    live.recv_until("own message", |v| v["type"] == "message" && v["text"] == "still fine").await?;
     let (_n, hello) = WsClient::connect_ready(&url(&c, "newcomer")).await?;
     assert_eq!(hello["type"], "connected");
     Ok(())

@@ -21,43 +21,25 @@ async fn two_nodes_share_a_room_exactly_once_in_seq_order() -> Result<()> {
     assert_eq!(hello["id"], "alice");
     assert_eq!(hello["session"], "new");
     let (mut bob, _) = WsClient::connect_ready(&n2.ws_url("bob")).await?;
-    alice
-        .send(json!({"type":"set_name","name":"Alice"}))
-        .await?;
+    alice.send(json!({"type":"set_name","name":"Alice"})).await?;
     bob.send(json!({"type":"set_name","name":"Bob"})).await?;
     alice.join("general").await?;
     bob.join("general").await?;
     // Alice hears Bob join across nodes.
-    alice
-        .recv_until("bob joined", |v| {
-            v["type"] == "user_joined" && v["id"] == "bob"
-        })
-        .await?;
+    alice.recv_until("bob joined", |v| v["type"] == "user_joined" && v["id"] == "bob").await?;
 
-    alice
-        .send(json!({"type":"message","room":"general","text":"Hello from Server-1!"}))
-        .await?;
+    alice.send(json!({"type":"message","room":"general","text":"Hello from Server-1!"})).await?;
     for c in [&mut alice, &mut bob] {
-        c.recv_until("alice's message", |v| {
-            v["type"] == "message" && v["id"] == "alice"
-        })
-        .await?;
+        c.recv_until("alice's message", |v| v["type"] == "message" && v["id"] == "alice").await?;
     }
-    bob.send(json!({"type":"message","room":"general","text":"Hello from Server-2!"}))
-        .await?;
+    bob.send(json!({"type":"message","room":"general","text":"Hello from Server-2!"})).await?;
     for c in [&mut alice, &mut bob] {
-        c.recv_until("bob's message", |v| {
-            v["type"] == "message" && v["id"] == "bob"
-        })
-        .await?;
+        c.recv_until("bob's message", |v| v["type"] == "message" && v["id"] == "bob").await?;
     }
     // A marker after both messages proves nothing else (no duplicate) was in flight.
-    alice
-        .send(json!({"type":"message","room":"general","text":"end"}))
-        .await?;
+    alice.send(json!({"type":"message","room":"general","text":"end"})).await?;
     for c in [&mut alice, &mut bob] {
-        c.recv_until("marker", |v| v["type"] == "message" && v["text"] == "end")
-            .await?;
+        c.recv_until("marker", |v| v["type"] == "message" && v["text"] == "end").await?;
         let got = messages(c);
         assert_eq!(got.len(), 3, "exactly once each: {got:?}");
         assert_eq!(got[0]["from"], "Alice");
@@ -65,17 +47,9 @@ async fn two_nodes_share_a_room_exactly_once_in_seq_order() -> Result<()> {
         assert_eq!(got[0]["text"], "Hello from Server-1!");
         assert_eq!(got[1]["from"], "Bob");
         assert_eq!(got[1]["server"], "node-2");
-        let seqs: Vec<u64> = got
-            .iter()
-            .map(|m| m["seq"].as_u64().expect("seq"))
-            .collect();
-        assert!(
-            seqs.windows(2).all(|w| w[0] < w[1]),
-            "seqs strictly increase: {seqs:?}"
-        );
-        assert!(got
-            .iter()
-            .all(|m| m["epoch"] == got[0]["epoch"] && m["epoch"].is_string()));
+        let seqs: Vec<u64> = got.iter().map(|m| m["seq"].as_u64().expect("seq")).collect();
+        assert!(seqs.windows(2).all(|w| w[0] < w[1]), "seqs strictly increase: {seqs:?}");
+        assert!(got.iter().all(|m| m["epoch"] == got[0]["epoch"] && m["epoch"].is_string()));
         assert!(got.iter().all(|m| m["timestamp"].as_u64().is_some()));
     }
     // Both saw the same seqs: one order for the room.
@@ -98,39 +72,23 @@ async fn one_subscription_per_node_with_members_and_none_after_the_last_leaves()
     a1.join("lobby").await?;
     assert_eq!(numsub(&url, channel).await?, 1);
     a2.join("lobby").await?;
-    assert_eq!(
-        numsub(&url, channel).await?,
-        1,
-        "a second local member adds no subscription"
-    );
+    assert_eq!(numsub(&url, channel).await?, 1, "a second local member adds no subscription");
     b1.join("lobby").await?;
     assert_eq!(numsub(&url, channel).await?, 2, "one per node");
 
     // Leaving: node-1 keeps its subscription while a2 is still there.
     a1.send(json!({"type":"leave","room":"lobby"})).await?;
-    a1.recv_until("own user_left", |v| {
-        v["type"] == "user_left" && v["id"] == "a1" && v["reason"] == "left"
-    })
-    .await?;
-    b1.recv_until("a1 left", |v| v["type"] == "user_left" && v["id"] == "a1")
-        .await?;
+    a1.recv_until("own user_left", |v| v["type"] == "user_left" && v["id"] == "a1" && v["reason"] == "left").await?;
+    b1.recv_until("a1 left", |v| v["type"] == "user_left" && v["id"] == "a1").await?;
     assert_eq!(numsub(&url, channel).await?, 2);
     // Disconnecting the last member of node-1 drops node-1's subscription.
     a2.close().await;
-    b1.recv_until("a2 disconnected", |v| {
-        v["type"] == "user_left" && v["id"] == "a2" && v["reason"] == "disconnected"
-    })
-    .await?;
-    eventually("node-1 unsubscribed", || async {
-        (numsub(&url, channel).await.ok()? == 1).then_some(())
-    })
-    .await?;
+    b1.recv_until("a2 disconnected", |v| v["type"] == "user_left" && v["id"] == "a2" && v["reason"] == "disconnected")
+        .await?;
+    eventually("node-1 unsubscribed", || async { (numsub(&url, channel).await.ok()? == 1).then_some(()) }).await?;
     b1.send(json!({"type":"leave","room":"lobby"})).await?;
     b1.recv_type("user_left").await?;
-    eventually("no subscription left", || async {
-        (numsub(&url, channel).await.ok()? == 0).then_some(())
-    })
-    .await?;
+    eventually("no subscription left", || async { (numsub(&url, channel).await.ok()? == 0).then_some(()) }).await?;
     // And the room works again after being emptied.
     b1.join("lobby").await?;
     assert_eq!(numsub(&url, channel).await?, 1);
@@ -155,44 +113,19 @@ async fn each_bad_input_gets_its_error_code_and_the_connection_keeps_working() -
     expect_error(&mut c, r#"{"type":"dance"}"#, "unknown_type").await?;
     expect_error(&mut c, r#"{"room":"general"}"#, "missing_field").await?;
     expect_error(&mut c, r#"{"type":"join"}"#, "missing_field").await?;
-    expect_error(
-        &mut c,
-        r#"{"type":"message","room":"general"}"#,
-        "missing_field",
-    )
-    .await?;
+    expect_error(&mut c, r#"{"type":"message","room":"general"}"#, "missing_field").await?;
     expect_error(&mut c, r#"{"type":"join","room":42}"#, "invalid_field").await?;
-    expect_error(
-        &mut c,
-        r#"{"type":"join","room":"has space"}"#,
-        "invalid_room",
-    )
-    .await?;
+    expect_error(&mut c, r#"{"type":"join","room":"has space"}"#, "invalid_room").await?;
     expect_error(&mut c, r#"{"type":"join","room":""}"#, "invalid_room").await?;
     expect_error(&mut c, r#"{"type":"set_name","name":""}"#, "invalid_name").await?;
-    expect_error(
-        &mut c,
-        r#"{"type":"message","room":"general","text":"hi"}"#,
-        "not_in_room",
-    )
-    .await?;
-    expect_error(
-        &mut c,
-        r#"{"type":"leave","room":"general"}"#,
-        "not_in_room",
-    )
-    .await?;
-    c.send_raw(Message::Binary(vec![0xde, 0xad, 0xbe, 0xef].into()))
-        .await?;
+    expect_error(&mut c, r#"{"type":"message","room":"general","text":"hi"}"#, "not_in_room").await?;
+    expect_error(&mut c, r#"{"type":"leave","room":"general"}"#, "not_in_room").await?;
+    c.send_raw(Message::Binary(vec![0xde, 0xad, 0xbe, 0xef].into())).await?;
     assert_eq!(c.recv_type("error").await?["code"], "bad_json");
     // Still fully usable.
     c.join("general").await?;
-    c.send(json!({"type":"message","room":"general","text":"still here"}))
-        .await?;
-    c.recv_until("own message", |v| {
-        v["type"] == "message" && v["text"] == "still here"
-    })
-    .await?;
+    c.send(json!({"type":"message","room":"general","text":"still here"})).await?;
+    c.recv_until("own message", |v| v["type"] == "message" && v["text"] == "still here").await?;
     Ok(())
 }
 
@@ -204,20 +137,10 @@ async fn an_oversized_frame_closes_with_1009_and_costs_nobody_else() -> Result<(
     let (mut other, _) = WsClient::connect_ready(&n1.ws_url("other")).await?;
     other.join("r").await?;
     let text = "x".repeat(2000);
-    big.send(json!({"type":"message","room":"r","text":text}))
-        .await?;
-    assert_eq!(
-        big.closed().await?,
-        tether_tests::Closed::Code(1009, "message too big".into())
-    );
-    other
-        .send(json!({"type":"message","room":"r","text":"fine"}))
-        .await?;
-    other
-        .recv_until("own message", |v| {
-            v["type"] == "message" && v["text"] == "fine"
-        })
-        .await?;
+    big.send(json!({"type":"message","room":"r","text":text})).await?;
+    assert_eq!(big.closed().await?, tether_tests::Closed::Code(1009, "message too big".into()));
+    other.send(json!({"type":"message","room":"r","text":"fine"})).await?;
+    other.recv_until("own message", |v| v["type"] == "message" && v["text"] == "fine").await?;
     Ok(())
 }
 
@@ -226,30 +149,17 @@ async fn node_answers_health_readiness_and_refuses_bad_ids() -> Result<()> {
     let redis = RedisServer::start().await?;
     let n1 = InProcessNode::start("node-1", &redis.url(), |_| {})?;
     let addr = n1.addr;
-    eventually("ready", || async {
-        (http_get(addr, "/readyz").await.ok()?.0 == 200).then_some(())
-    })
-    .await?;
+    eventually("ready", || async { (http_get(addr, "/readyz").await.ok()?.0 == 200).then_some(()) }).await?;
     assert_eq!(http_get(addr, "/healthz").await?.0, 200);
     let (code, body) = http_get(addr, "/metrics").await?;
     assert_eq!(code, 200);
     assert!(body.contains("tether_node_connections_active"), "{body}");
-    let err = WsClient::connect(&format!("ws://{}/ws?client=bad%20id", n1.addr))
-        .await
-        .err()
-        .expect("refused");
+    let err = WsClient::connect(&format!("ws://{}/ws?client=bad%20id", n1.addr)).await.err().expect("refused");
     assert!(format!("{err:#}").contains("400"), "{err:#}");
     // No id at all: the node mints one and sets the cookie.
     let c = WsClient::connect(&format!("ws://{}/ws", n1.addr)).await?;
-    let cookie = c
-        .headers
-        .get("set-cookie")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default();
-    assert!(
-        cookie.starts_with("tether_sid=") && cookie.contains("HttpOnly"),
-        "{cookie}"
-    );
+    let cookie = c.headers.get("set-cookie").and_then(|v| v.to_str().ok()).unwrap_or_default();
+    assert!(cookie.starts_with("tether_sid=") && cookie.contains("HttpOnly"), "{cookie}");
     Ok(())
 }
 
@@ -258,24 +168,11 @@ async fn readyz_is_503_while_redis_is_down() -> Result<()> {
     let mut redis = RedisServer::start().await?;
     let n1 = InProcessNode::start("node-1", &redis.url(), |_| {})?;
     let addr = n1.addr;
-    eventually("ready", || async {
-        (http_get(addr, "/readyz").await.ok()?.0 == 200).then_some(())
-    })
-    .await?;
+    eventually("ready", || async { (http_get(addr, "/readyz").await.ok()?.0 == 200).then_some(()) }).await?;
     redis.kill().await?;
-    eventually("unready", || async {
-        (http_get(addr, "/readyz").await.ok()?.0 == 503).then_some(())
-    })
-    .await?;
-    assert_eq!(
-        http_get(addr, "/healthz").await?.0,
-        200,
-        "alive while unready"
-    );
+    eventually("unready", || async { (http_get(addr, "/readyz").await.ok()?.0 == 503).then_some(()) }).await?;
+    assert_eq!(http_get(addr, "/healthz").await?.0, 200, "alive while unready");
     redis.restart().await?;
-    eventually("ready again", || async {
-        (http_get(addr, "/readyz").await.ok()?.0 == 200).then_some(())
-    })
-    .await?;
+    eventually("ready again", || async { (http_get(addr, "/readyz").await.ok()?.0 == 200).then_some(()) }).await?;
     Ok(())
 }

@@ -8,34 +8,21 @@ use tether_tests::{InProcessNode, WsClient};
 
 /// Seqs of the `message` frames `c` has received in `room`, in arrival order.
 fn seqs(c: &WsClient, room: &str) -> Vec<u64> {
-    c.seen
-        .iter()
-        .filter(|v| v["type"] == "message" && v["room"] == room)
-        .filter_map(|v| v["seq"].as_u64())
-        .collect()
+    c.seen.iter().filter(|v| v["type"] == "message" && v["room"] == room).filter_map(|v| v["seq"].as_u64()).collect()
 }
 
 /// Sends `n` messages to `room` and waits until the sender has its own last one back.
 async fn publish(c: &mut WsClient, room: &str, n: usize, tag: &str) -> Result<()> {
     for i in 0..n {
-        c.send(json!({"type":"message","room":room,"text":format!("{tag}-{i}")}))
-            .await?;
+        c.send(json!({"type":"message","room":room,"text":format!("{tag}-{i}")})).await?;
     }
     let last = format!("{tag}-{}", n - 1);
-    c.recv_until("own last message", |v| {
-        v["type"] == "message" && v["text"] == last.as_str()
-    })
-    .await?;
+    c.recv_until("own last message", |v| v["type"] == "message" && v["text"] == last.as_str()).await?;
     Ok(())
 }
 
 fn position(c: &WsClient, room: &str) -> Value {
-    let last = c
-        .seen
-        .iter()
-        .filter(|v| v["type"] == "message" && v["room"] == room)
-        .last()
-        .expect("a message");
+    let last = c.seen.iter().filter(|v| v["type"] == "message" && v["room"] == room).last().expect("a message");
     json!({"seq": last["seq"], "epoch": last["epoch"]})
 }
 
@@ -70,12 +57,9 @@ async fn a_client_whose_node_died_is_restored_elsewhere_and_misses_nothing() -> 
     assert_eq!(hello["rooms"], json!(["alpha", "beta"]));
     // Live traffic keeps flowing into the held rooms before the resume.
     publish(&mut p, "alpha", 2, "a3").await?;
-    x2.send(json!({"type":"resume","rooms":{"alpha":pos_a,"beta":pos_b}}))
-        .await?;
+    x2.send(json!({"type":"resume","rooms":{"alpha":pos_a,"beta":pos_b}})).await?;
     for room in ["alpha", "beta"] {
-        let r = x2
-            .recv_until("resumed", |v| v["type"] == "resumed" && v["room"] == room)
-            .await?;
+        let r = x2.recv_until("resumed", |v| v["type"] == "resumed" && v["room"] == room).await?;
         assert_eq!(r["complete"], true, "{r}");
     }
     publish(&mut p, "alpha", 1, "a4").await?;
@@ -91,21 +75,11 @@ async fn a_client_whose_node_died_is_restored_elsewhere_and_misses_nothing() -> 
     let replayed: Vec<&Value> = x2.seen.iter().filter(|v| v["replay"] == true).collect();
     // The replay covers everything logged after the positions — including the two alpha
     // messages that arrived live while the room was held (those are then not sent again).
-    assert_eq!(
-        replayed.len(),
-        7 + 2 + 4,
-        "only what the client had not seen is a replay"
-    );
+    assert_eq!(replayed.len(), 7 + 2 + 4, "only what the client had not seen is a replay");
     // The restored member can talk at once.
-    x2.send(json!({"type":"message","room":"beta","text":"I'm back"}))
-        .await?;
-    let m = p
-        .recv_until("xavier's message", |v| v["text"] == "I'm back")
-        .await?;
-    assert_eq!(
-        (m["from"].as_str(), m["server"].as_str()),
-        (Some("Xavier"), Some("node-2"))
-    );
+    x2.send(json!({"type":"message","room":"beta","text":"I'm back"})).await?;
+    let m = p.recv_until("xavier's message", |v| v["text"] == "I'm back").await?;
+    assert_eq!((m["from"].as_str(), m["server"].as_str()), (Some("Xavier"), Some("node-2")));
     Ok(())
 }
 
@@ -136,19 +110,14 @@ async fn replay_racing_live_traffic_has_no_gap_and_no_duplicate() -> Result<()> 
         anyhow::Ok(())
     });
     started_rx.await?;
-    x2.send(json!({"type":"resume","rooms":{"race":pos}}))
-        .await?;
+    x2.send(json!({"type":"resume","rooms":{"race":pos}})).await?;
     flood.await??;
     let r = x2.recv_type("resumed").await?;
     assert_eq!(r["complete"], true);
-    x2.recv_until("the flood's end", |v| v["text"] == "live-b-299")
-        .await?;
+    x2.recv_until("the flood's end", |v| v["text"] == "live-b-299").await?;
     let got = seqs(&x2, "race");
     let expected: Vec<u64> = (11..=410).collect();
-    assert_eq!(
-        got, expected,
-        "contiguous after the resume point, once each"
-    );
+    assert_eq!(got, expected, "contiguous after the resume point, once each");
     Ok(())
 }
 #[tokio::test]
@@ -166,27 +135,17 @@ async fn trimmed_history_is_reported_incomplete_not_hidden() -> Result<()> {
     publish(&mut p, "busy", 20, "missed").await?;
     let (mut x2, hello) = WsClient::connect_ready(&n1.ws_url("late")).await?;
     assert_eq!(hello["session"], "restored");
-    x2.send(json!({"type":"resume","rooms":{"busy":pos}}))
-        .await?;
+    x2.send(json!({"type":"resume","rooms":{"busy":pos}})).await?;
     let r = x2.recv_type("resumed").await?;
     assert_eq!(r["complete"], false, "{r}");
-    assert_eq!(
-        (r["from_seq"].as_u64(), r["to_seq"].as_u64()),
-        (Some(18), Some(22)),
-        "{r}"
-    );
+    assert_eq!((r["from_seq"].as_u64(), r["to_seq"].as_u64()), (Some(18), Some(22)), "{r}");
     assert_eq!(seqs(&x2, "busy"), vec![18, 19, 20, 21, 22]);
     // Nothing missed: an up-to-date position resumes complete with nothing replayed.
     let pos = position(&x2, "busy");
-    x2.send(json!({"type":"resume","rooms":{"busy":pos}}))
-        .await?;
+    x2.send(json!({"type":"resume","rooms":{"busy":pos}})).await?;
     let r = x2.recv_type("resumed").await?;
     assert_eq!(
-        (
-            r["complete"].as_bool(),
-            r["from_seq"].as_u64(),
-            r["to_seq"].as_u64()
-        ),
+        (r["complete"].as_bool(), r["from_seq"].as_u64(), r["to_seq"].as_u64()),
         (Some(true), Some(23), Some(22))
     );
     Ok(())
@@ -204,11 +163,7 @@ async fn a_new_epoch_is_reported_and_replayed_from_its_start() -> Result<()> {
     // Redis loses the room (as after a restart without persistence).
     let client = redis::Client::open(redis.url())?;
     let mut con = client.get_multiplexed_async_connection().await?;
-    redis::cmd("DEL")
-        .arg("tether:room:{e}:meta")
-        .arg("tether:room:{e}:log")
-        .query_async::<()>(&mut con)
-        .await?;
+    redis::cmd("DEL").arg("tether:room:{e}:meta").arg("tether:room:{e}:log").query_async::<()>(&mut con).await?;
     let (mut p, _) = WsClient::connect_ready(&n1.ws_url("p2")).await?;
     p.join("e").await?;
     publish(&mut p, "e", 2, "new").await?;
@@ -217,12 +172,8 @@ async fn a_new_epoch_is_reported_and_replayed_from_its_start() -> Result<()> {
     let r = x2.recv_type("resumed").await?;
     assert_eq!(r["complete"], false);
     assert_ne!(r["epoch"], pos["epoch"]);
-    let texts: Vec<&str> = x2
-        .seen
-        .iter()
-        .filter(|v| v["type"] == "message")
-        .filter_map(|v| v["text"].as_str())
-        .collect();
+    let texts: Vec<&str> =
+        x2.seen.iter().filter(|v| v["type"] == "message").filter_map(|v| v["text"].as_str()).collect();
     assert_eq!(texts, ["new-0", "new-1"]);
     Ok(())
 }
@@ -230,9 +181,8 @@ async fn a_new_epoch_is_reported_and_replayed_from_its_start() -> Result<()> {
 #[tokio::test]
 async fn held_frames_are_released_after_the_grace_without_a_resume() -> Result<()> {
     let redis = RedisServer::start().await?;
-    let n1 = InProcessNode::start("node-1", &redis.url(), |cfg| {
-        cfg.resume_grace = std::time::Duration::from_millis(300)
-    })?;
+    let n1 =
+        InProcessNode::start("node-1", &redis.url(), |cfg| cfg.resume_grace = std::time::Duration::from_millis(300))?;
     let (mut x, _) = WsClient::connect_ready(&n1.ws_url("lazy")).await?;
     x.join("g").await?;
     x.close().await;
@@ -242,11 +192,9 @@ async fn held_frames_are_released_after_the_grace_without_a_resume() -> Result<(
     p.join("g").await?;
     publish(&mut p, "g", 1, "hello").await?;
     // No resume: the held message still arrives (after the grace), exactly once.
-    x2.recv_until("held message", |v| v["text"] == "hello-0")
-        .await?;
+    x2.recv_until("held message", |v| v["text"] == "hello-0").await?;
     publish(&mut p, "g", 1, "after").await?;
-    x2.recv_until("live message", |v| v["text"] == "after-0")
-        .await?;
+    x2.recv_until("live message", |v| v["text"] == "after-0").await?;
     assert_eq!(seqs(&x2, "g"), vec![1, 2]);
     Ok(())
 }
@@ -254,9 +202,7 @@ async fn held_frames_are_released_after_the_grace_without_a_resume() -> Result<(
 #[tokio::test]
 async fn sessions_expire_after_the_last_connection_and_leave_is_remembered() -> Result<()> {
     let redis = RedisServer::start().await?;
-    let n1 = InProcessNode::start("node-1", &redis.url(), |cfg| {
-        cfg.session_ttl = std::time::Duration::from_secs(30)
-    })?;
+    let n1 = InProcessNode::start("node-1", &redis.url(), |cfg| cfg.session_ttl = std::time::Duration::from_secs(30))?;
     let (mut x, _) = WsClient::connect_ready(&n1.ws_url("ttl")).await?;
     x.join("a").await?;
     x.join("b").await?;
@@ -265,21 +211,12 @@ async fn sessions_expire_after_the_last_connection_and_leave_is_remembered() -> 
     x.close().await;
     let client = redis::Client::open(redis.url())?;
     let mut con = client.get_multiplexed_async_connection().await?;
-    let ttl: i64 = redis::cmd("PTTL")
-        .arg("tether:session:{ttl}")
-        .query_async(&mut con)
-        .await?;
-    assert!(
-        (1..=30_000).contains(&ttl),
-        "session expires within session_ttl: {ttl}"
-    );
+    let ttl: i64 = redis::cmd("PTTL").arg("tether:session:{ttl}").query_async(&mut con).await?;
+    assert!((1..=30_000).contains(&ttl), "session expires within session_ttl: {ttl}");
     let (_x2, hello) = WsClient::connect_ready(&n1.ws_url("ttl")).await?;
     assert_eq!(hello["rooms"], json!(["b"]), "the leave was saved");
     // A session that is gone means a new one.
-    redis::cmd("DEL")
-        .arg("tether:session:{ttl}")
-        .query_async::<()>(&mut con)
-        .await?;
+    redis::cmd("DEL").arg("tether:session:{ttl}").query_async::<()>(&mut con).await?;
     let (_x3, hello) = WsClient::connect_ready(&n1.ws_url("ttl")).await?;
     assert_eq!(hello["session"], "new");
     Ok(())
@@ -290,8 +227,7 @@ async fn resume_of_a_room_not_joined_is_not_in_room() -> Result<()> {
     let redis = RedisServer::start().await?;
     let n1 = InProcessNode::start("node-1", &redis.url(), |_| {})?;
     let (mut x, _) = WsClient::connect_ready(&n1.ws_url("nr")).await?;
-    x.send(json!({"type":"resume","rooms":{"nowhere":3}}))
-        .await?;
+    x.send(json!({"type":"resume","rooms":{"nowhere":3}})).await?;
     assert_eq!(x.recv_type("error").await?["code"], "not_in_room");
     Ok(())
 }
@@ -303,10 +239,7 @@ async fn with_signing_only_signed_ids_get_in() -> Result<()> {
     let k = key.clone();
     let n1 = InProcessNode::start("node-1", &redis.url(), move |cfg| cfg.signing_key = Some(k))?;
     for bad in ["alice".to_string(), format!("{}0", &key.mint()[..64])] {
-        let err = WsClient::connect(&n1.ws_url(&bad))
-            .await
-            .err()
-            .context("refused")?;
+        let err = WsClient::connect(&n1.ws_url(&bad)).await.err().context("refused")?;
         assert!(format!("{err:#}").contains("403"), "{bad}: {err:#}");
     }
     let good = key.mint();
@@ -314,10 +247,7 @@ async fn with_signing_only_signed_ids_get_in() -> Result<()> {
     assert_eq!(hello["id"], good.as_str());
     // No id at all: the node mints a signed one.
     let mut minted = WsClient::connect(&format!("ws://{}/ws", n1.addr)).await?;
-    let id = minted.recv_type("connected").await?["id"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
+    let id = minted.recv_type("connected").await?["id"].as_str().unwrap_or_default().to_string();
     assert!(key.verify(&id), "{id}");
     Ok(())
 }

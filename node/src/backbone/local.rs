@@ -2,11 +2,12 @@
 //! members on other nodes never see them (the comparison's control group). Seqs come from a
 //! per-room counter in memory, under an epoch unique to this process.
 
-use super::{Backbone, BackboneError, Published, Replay, SessionRecord};
+use super::{Backbone, BackboneError, PresenceChange, PresenceEntry, Published, Replay, Scope, SessionRecord};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use dashmap::DashMap;
 use futures_util::future::{ready, BoxFuture, FutureExt};
+use std::collections::HashMap;
 use std::sync::Arc;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
@@ -15,57 +16,43 @@ pub struct LocalBackbone {
     metrics: Metrics,
     epoch: String,
     seqs: DashMap<String, u64>,
+    /// Presence of this node's connections only: without a backbone nobody else is visible.
+    presence: DashMap<String, HashMap<u64, PresenceEntry>>,
+}
+
+fn scope_key(scope: Scope<'_>) -> String {
+    match scope {
+        Scope::Room(r) => format!("room:{r}"),
+        Scope::Online => "online".to_string(),
+    }
 }
 
 impl LocalBackbone {
     pub fn new(hub: Arc<Hub>, metrics: Metrics) -> Self {
         let epoch = format!("local-{}", tether_proto::id::mint_client_id());
         metrics.backbone_ready.set(1);
-        Self {
-            hub,
-            metrics,
-            epoch,
-            seqs: DashMap::new(),
-        }
+        Self { hub, metrics, epoch, seqs: DashMap::new(), presence: DashMap::new() }
     }
 
     fn deliver(&self, room: &str, json: String) {
         self.metrics.frames_from_backbone.inc();
-        self.hub
-            .deliver(room, &Utf8Bytes::from(json), &self.metrics);
+        self.hub.deliver(room, &Utf8Bytes::from(json), &self.metrics);
     }
 }
 
 impl Backbone for LocalBackbone {
-    fn publish_message<'a>(
-        &'a self,
-        room: &'a str,
-        prefix: String,
-    ) -> BoxFuture<'a, Result<Published, BackboneError>> {
+    fn publish_message<'a>(&'a self, room: &'a str, prefix: String) -> BoxFuture<'a, Result<Published, BackboneError>> {
         // The counter's shard lock is held across the delivery so that two publishers in one
         // room deliver in seq order.
         let mut seq = self.seqs.entry(room.to_string()).or_insert(0);
         *seq += 1;
-        let published = Published {
-            seq: *seq,
-            epoch: self.epoch.clone(),
-        };
-        self.deliver(
-            room,
-            format!(
-                "{prefix}{},\"epoch\":\"{}\"}}",
-                published.seq, published.epoch
-            ),
-        );
+        let published = Published { seq: *seq, epoch: self.epoch.clone() };
+        self.deliver(room, format!("{prefix}{},\"epoch\":\"{}\"}}", published.seq, published.epoch));
         drop(seq);
         ready(Ok(published)).boxed()
     }
 
-    fn publish_event<'a>(
-        &'a self,
-        room: &'a str,
-        json: String,
-    ) -> BoxFuture<'a, Result<(), BackboneError>> {
+    fn publish_event<'a>(&'a self, room: &'a str, json: String) -> BoxFuture<'a, Result<(), BackboneError>> {
         self.deliver(room, json);
         ready(Ok(())).boxed()
     }
@@ -79,41 +66,86 @@ impl Backbone for LocalBackbone {
     }
 
     /// Sessions cannot outlive a node without a shared store: every connection is new.
-    fn load_session<'a>(
-        &'a self,
-        _id: &'a str,
-    ) -> BoxFuture<'a, Result<Option<SessionRecord>, BackboneError>> {
+    fn load_session<'a>(&'a self, _id: &'a str) -> BoxFuture<'a, Result<Option<SessionRecord>, BackboneError>> {
         ready(Ok(None)).boxed()
     }
 
-    fn save_session<'a>(
-        &'a self,
-        _id: &'a str,
-        _s: &'a SessionRecord,
-    ) -> BoxFuture<'a, Result<(), BackboneError>> {
+    fn save_session<'a>(&'a self, _id: &'a str, _s: &'a SessionRecord) -> BoxFuture<'a, Result<(), BackboneError>> {
         ready(Ok(())).boxed()
     }
 
-    fn touch_sessions<'a>(
-        &'a self,
-        _ids: &'a [Arc<str>],
-    ) -> BoxFuture<'a, Result<(), BackboneError>> {
+    fn touch_sessions<'a>(&'a self, _ids: &'a [Arc<str>]) -> BoxFuture<'a, Result<(), BackboneError>> {
         ready(Ok(())).boxed()
     }
 
     /// No log is kept: a resume reports what it missed as incomplete.
-    fn replay<'a>(
-        &'a self,
-        room: &'a str,
-        _after: u64,
-    ) -> BoxFuture<'a, Result<Replay, BackboneError>> {
+    fn replay<'a>(&'a self, room: &'a str, _after: u64) -> BoxFuture<'a, Result<Replay, BackboneError>> {
         let head_seq = self.seqs.get(room).map_or(0, |s| *s);
-        ready(Ok(Replay {
-            epoch: Some(self.epoch.clone()),
-            head_seq,
-            frames: Vec::new(),
-        }))
-        .boxed()
+        ready(Ok(Replay { epoch: Some(self.epoch.clone()), head_seq, frames: Vec::new() })).boxed()
+    }
+
+    fn presence_add<'a>(
+        &'a self,
+        scope: Scope<'a>,
+        conn: u64,
+        entry: &'a PresenceEntry,
+        event: Option<String>,
+    ) -> BoxFuture<'a, Result<PresenceChange, BackboneError>> {
+        let change = {
+            let mut map = self.presence.entry(scope_key(scope)).or_default();
+            if map.insert(conn, entry.clone()).is_some() {
+                PresenceChange::Unchanged
+            } else if map.values().filter(|e| e.id == entry.id).count() == 1 {
+                PresenceChange::FirstOrLast
+            } else {
+                PresenceChange::Shared
+            }
+        };
+        if let (PresenceChange::FirstOrLast, Some(event), Scope::Room(room)) = (change, event, scope) {
+            self.deliver(room, event);
+        }
+        ready(Ok(change)).boxed()
+    }
+
+    fn presence_rename<'a>(
+        &'a self,
+        scope: Scope<'a>,
+        conn: u64,
+        entry: &'a PresenceEntry,
+    ) -> BoxFuture<'a, Result<(), BackboneError>> {
+        if let Some(mut map) = self.presence.get_mut(&scope_key(scope)) {
+            if let Some(e) = map.get_mut(&conn) {
+                *e = entry.clone();
+            }
+        }
+        ready(Ok(())).boxed()
+    }
+
+    fn presence_remove<'a>(
+        &'a self,
+        scope: Scope<'a>,
+        conn: u64,
+        id: &'a str,
+        event: Option<String>,
+    ) -> BoxFuture<'a, Result<PresenceChange, BackboneError>> {
+        let change = match self.presence.get_mut(&scope_key(scope)) {
+            None => PresenceChange::Unchanged,
+            Some(mut map) => match map.remove(&conn) {
+                None => PresenceChange::Unchanged,
+                Some(_) if map.values().any(|e| e.id == id) => PresenceChange::Shared,
+                Some(_) => PresenceChange::FirstOrLast,
+            },
+        };
+        self.presence.remove_if(&scope_key(scope), |_, m| m.is_empty());
+        if let (PresenceChange::FirstOrLast, Some(event), Scope::Room(room)) = (change, event, scope) {
+            self.deliver(room, event);
+        }
+        ready(Ok(change)).boxed()
+    }
+
+    fn presence_list<'a>(&'a self, scope: Scope<'a>) -> BoxFuture<'a, Result<Vec<PresenceEntry>, BackboneError>> {
+        let list = self.presence.get(&scope_key(scope)).map(|m| m.values().cloned().collect()).unwrap_or_default();
+        ready(Ok(list)).boxed()
     }
 
     fn is_ready(&self) -> bool {

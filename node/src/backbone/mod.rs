@@ -43,6 +43,32 @@ pub struct Published {
     pub epoch: String,
 }
 
+/// Where a presence entry lives: in a room, or in the cluster-wide `online` list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope<'a> {
+    Room(&'a str),
+    Online,
+}
+
+/// One connection's presence entry.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PresenceEntry {
+    pub id: String,
+    pub user: String,
+    pub server: String,
+}
+
+/// What a presence change did cluster-wide.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PresenceChange {
+    /// First connection of this id in the scope (the event was published) / last one gone.
+    FirstOrLast,
+    /// Other connections of the same id remain in the scope: nothing was announced.
+    Shared,
+    /// The entry was already there (add) or already gone (remove): nothing changed.
+    Unchanged,
+}
+
 /// Why the backbone could not do what was asked. Always answered to the client as
 /// `backbone_unavailable`: the node is fine, its backbone is not.
 #[derive(Debug, thiserror::Error)]
@@ -60,18 +86,10 @@ pub enum BackboneError {
 pub trait Backbone: Send + Sync {
     /// Assigns the next seq of `room`, completes the frame (`prefix` + seq + epoch), logs it
     /// and publishes it to every subscribed node, atomically.
-    fn publish_message<'a>(
-        &'a self,
-        room: &'a str,
-        prefix: String,
-    ) -> BoxFuture<'a, Result<Published, BackboneError>>;
+    fn publish_message<'a>(&'a self, room: &'a str, prefix: String) -> BoxFuture<'a, Result<Published, BackboneError>>;
 
     /// Publishes a membership event (no seq, not logged) to every subscribed node.
-    fn publish_event<'a>(
-        &'a self,
-        room: &'a str,
-        json: String,
-    ) -> BoxFuture<'a, Result<(), BackboneError>>;
+    fn publish_event<'a>(&'a self, room: &'a str, json: String) -> BoxFuture<'a, Result<(), BackboneError>>;
 
     /// Makes sure this node receives `room`'s frames; returns once the subscription is live,
     /// so anything published afterwards reaches this node.
@@ -82,30 +100,47 @@ pub trait Backbone: Send + Sync {
     fn release<'a>(&'a self, room: &'a str) -> BoxFuture<'a, ()>;
 
     /// The session stored for `id`, if any.
-    fn load_session<'a>(
-        &'a self,
-        id: &'a str,
-    ) -> BoxFuture<'a, Result<Option<SessionRecord>, BackboneError>>;
+    fn load_session<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<SessionRecord>, BackboneError>>;
 
     /// Replaces the session of `id` and restarts its expiry.
-    fn save_session<'a>(
-        &'a self,
-        id: &'a str,
-        session: &'a SessionRecord,
-    ) -> BoxFuture<'a, Result<(), BackboneError>>;
+    fn save_session<'a>(&'a self, id: &'a str, session: &'a SessionRecord) -> BoxFuture<'a, Result<(), BackboneError>>;
 
     /// Restarts the expiry of these sessions (their clients are connected).
-    fn touch_sessions<'a>(
-        &'a self,
-        ids: &'a [Arc<str>],
-    ) -> BoxFuture<'a, Result<(), BackboneError>>;
+    fn touch_sessions<'a>(&'a self, ids: &'a [Arc<str>]) -> BoxFuture<'a, Result<(), BackboneError>>;
 
     /// The logged frames of `room` with seq > `after`, with the room's epoch and head seq.
-    fn replay<'a>(
+    fn replay<'a>(&'a self, room: &'a str, after: u64) -> BoxFuture<'a, Result<Replay, BackboneError>>;
+
+    /// Registers connection `conn` in `scope`; publishes `event` (a `user_joined`) to the
+    /// room if this is the id's first connection there.
+    fn presence_add<'a>(
         &'a self,
-        room: &'a str,
-        after: u64,
-    ) -> BoxFuture<'a, Result<Replay, BackboneError>>;
+        scope: Scope<'a>,
+        conn: u64,
+        entry: &'a PresenceEntry,
+        event: Option<String>,
+    ) -> BoxFuture<'a, Result<PresenceChange, BackboneError>>;
+
+    /// Updates the display name of an entry, nothing else.
+    fn presence_rename<'a>(
+        &'a self,
+        scope: Scope<'a>,
+        conn: u64,
+        entry: &'a PresenceEntry,
+    ) -> BoxFuture<'a, Result<(), BackboneError>>;
+
+    /// Removes connection `conn` from `scope`; publishes `event` (a `user_left`) if it was the
+    /// id's last connection there.
+    fn presence_remove<'a>(
+        &'a self,
+        scope: Scope<'a>,
+        conn: u64,
+        id: &'a str,
+        event: Option<String>,
+    ) -> BoxFuture<'a, Result<PresenceChange, BackboneError>>;
+
+    /// Every entry in `scope`, cluster-wide (one per connection; callers de-duplicate ids).
+    fn presence_list<'a>(&'a self, scope: Scope<'a>) -> BoxFuture<'a, Result<Vec<PresenceEntry>, BackboneError>>;
 
     /// Whether the backbone is connected (drives `/readyz`).
     fn is_ready(&self) -> bool;

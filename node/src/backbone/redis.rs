@@ -15,8 +15,19 @@
 //! channel `{prefix}room:{ROOM}`, log stream `{prefix}room:{ROOM}:log` with entry ids
 //! `SEQ-0`, counter hash `{prefix}room:{ROOM}:meta` with fields `seq` and `epoch`; sessions
 //! in hashes `{prefix}session:{ID}` with fields `name` and `rooms` (a JSON array).
+//!
+//! Presence: each node *instance* (a fresh id at every start, so a node restarted under the
+//! same name is still a new instance) registers one entry per connection and room in
+//! `{prefix}presence:{ROOM}` (field `INSTANCE/CONN`, value `{"id","user","server"}`), counts
+//! connections per client id in `{prefix}presence:{ROOM}:ids` (two tabs are one presence),
+//! lists what it registered in `{prefix}instance:{INSTANCE}`, and heartbeats into the sorted
+//! set `{prefix}instances` (score: Redis' own clock). Every node runs the reaper: an instance
+//! silent for `presence_ttl` is removed — in one script, so by exactly one node — with each
+//! of its members whose id has no connection left announced once as `user_left`/`node_down`.
+//! The cluster-wide `online` list works the same way under `{prefix}online`. The reaper's
+//! keys are computed inside its script, so it needs a single Redis (not a Redis Cluster).
 
-use super::{Backbone, BackboneError, Published, Replay, SessionRecord};
+use super::{Backbone, BackboneError, PresenceChange, PresenceEntry, Published, Replay, Scope, SessionRecord};
 use crate::config::Config;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
@@ -61,6 +72,84 @@ redis.call('PUBLISH', KEYS[3], frame)
 return {seq, epoch}
 "#;
 
+/// Registers one presence entry. KEYS: entries hash, ids hash, instance set, channel.
+/// ARGV: field, entry JSON, client id, instance-set member, event to publish ('' = none).
+/// Returns the id's connection count, or -1 if the entry already existed (a re-registration).
+const PRESENCE_ADD_LUA: &str = r#"
+if redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) == 0 then return -1 end
+redis.call('SADD', KEYS[3], ARGV[4])
+local n = redis.call('HINCRBY', KEYS[2], ARGV[3], 1)
+if n == 1 and ARGV[5] ~= '' then redis.call('PUBLISH', KEYS[4], ARGV[5]) end
+return n
+"#;
+
+/// Removes one presence entry. KEYS as for add. ARGV: field, client id, instance-set member,
+/// event to publish when the id's last connection leaves ('' = none).
+/// Returns the id's remaining count, or -1 if the entry was already gone (say, reaped).
+const PRESENCE_REMOVE_LUA: &str = r#"
+if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then return -1 end
+redis.call('SREM', KEYS[3], ARGV[3])
+local n = redis.call('HINCRBY', KEYS[2], ARGV[2], -1)
+if n <= 0 then
+  redis.call('HDEL', KEYS[2], ARGV[2])
+  if ARGV[4] ~= '' then redis.call('PUBLISH', KEYS[4], ARGV[4]) end
+  return 0
+end
+return n
+"#;
+
+/// Heartbeat on Redis' clock. KEYS: instances zset. ARGV: instance. Returns 1 if the instance
+/// was not registered (first beat, reaped as dead, or Redis lost its data).
+const HEARTBEAT_LUA: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+return redis.call('ZADD', KEYS[1], now, ARGV[1])
+"#;
+
+/// Reaps instances silent for longer than ARGV[2] ms (at most ARGV[3] per call).
+/// KEYS: instances zset. ARGV: key prefix, ttl ms, limit. Returns {instances, announced}.
+const REAP_LUA: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]), 'LIMIT', 0, tonumber(ARGV[3]))
+local announced = 0
+for _, inst in ipairs(dead) do
+  redis.call('ZREM', KEYS[1], inst)
+  local set = ARGV[1] .. 'instance:{' .. inst .. '}'
+  for _, m in ipairs(redis.call('SMEMBERS', set)) do
+    local bar = string.find(m, '|', 1, true)
+    if bar then
+      local conn = string.sub(m, 1, bar - 1)
+      local room = string.sub(m, bar + 1)
+      local field = inst .. '/' .. conn
+      local entries, channel
+      if room == '' then
+        entries = ARGV[1] .. 'online'
+      else
+        entries = ARGV[1] .. 'presence:{' .. room .. '}'
+        channel = ARGV[1] .. 'room:{' .. room .. '}'
+      end
+      local v = redis.call('HGET', entries, field)
+      if v then
+        redis.call('HDEL', entries, field)
+        local e = cjson.decode(v)
+        local n = redis.call('HINCRBY', entries .. ':ids', e.id, -1)
+        if n <= 0 then
+          redis.call('HDEL', entries .. ':ids', e.id)
+          if channel then
+            redis.call('PUBLISH', channel, cjson.encode({type = 'user_left', room = room, user = e.user,
+              id = e.id, server = e.server, reason = 'node_down'}))
+            announced = announced + 1
+          end
+        end
+      end
+    end
+  end
+  redis.call('DEL', set)
+end
+return {#dead, announced}
+"#;
+
 /// Subscription state, changed only under its async mutex so that subscribe, release and
 /// the re-subscription after a reconnect never interleave.
 struct Subs {
@@ -77,6 +166,12 @@ pub struct RedisBackbone {
     client: redis::Client,
     commands: ConnectionManager,
     publish: redis::Script,
+    presence_add: redis::Script,
+    presence_remove: redis::Script,
+    heartbeat: redis::Script,
+    reap: redis::Script,
+    /// This process' presence instance: `NAME#RANDOM`, new at every start.
+    instance: String,
     subs: tokio::sync::Mutex<Subs>,
     ready: AtomicBool,
     /// `{prefix}room:{` — what every channel of ours starts with.
@@ -99,6 +194,7 @@ impl RedisBackbone {
             .set_min_delay(cfg.reconnect_min)
             .set_max_delay(cfg.reconnect_max);
         let commands = ConnectionManager::new_lazy_with_config(client.clone(), manager_cfg)?;
+        let instance = format!("{}#{}", cfg.name, &tether_proto::id::mint_client_id()[..12]);
         let backbone = Arc::new(Self {
             channel_head: format!("{}room:{{", cfg.prefix),
             cfg,
@@ -107,13 +203,16 @@ impl RedisBackbone {
             client,
             commands,
             publish: redis::Script::new(PUBLISH_LUA),
-            subs: tokio::sync::Mutex::new(Subs {
-                sink: None,
-                rooms: HashSet::new(),
-            }),
+            presence_add: redis::Script::new(PRESENCE_ADD_LUA),
+            presence_remove: redis::Script::new(PRESENCE_REMOVE_LUA),
+            heartbeat: redis::Script::new(HEARTBEAT_LUA),
+            reap: redis::Script::new(REAP_LUA),
+            instance,
+            subs: tokio::sync::Mutex::new(Subs { sink: None, rooms: HashSet::new() }),
             ready: AtomicBool::new(false),
         });
-        tokio::spawn(Arc::clone(&backbone).subscriber(shutdown));
+        tokio::spawn(Arc::clone(&backbone).subscriber(shutdown.clone()));
+        tokio::spawn(Arc::clone(&backbone).presence_keeper(shutdown));
         Ok(backbone)
     }
 
@@ -121,14 +220,119 @@ impl RedisBackbone {
         format!("{}{room}}}", self.channel_head)
     }
 
+    /// Heartbeats, re-registers this instance's entries when Redis forgot them, and reaps
+    /// dead instances, every third of `presence_ttl`, until shutdown; then deregisters.
+    async fn presence_keeper(self: Arc<Self>, shutdown: CancellationToken) {
+        let ttl = self.cfg.presence_ttl;
+        let mut tick = tokio::time::interval(ttl / 3);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // Reap only after beating for a whole ttl: after an outage every instance's last beat
+        // is old, and each must get the chance to beat again before anyone judges it dead.
+        let mut beating_since: Option<tokio::time::Instant> = None;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            let mut con = self.commands.clone();
+            let mut beat = self.heartbeat.prepare_invoke();
+            beat.key(self.instances_key()).arg(&self.instance);
+            match self.with_timeout(beat.invoke_async::<i64>(&mut con)).await {
+                Ok(added) => {
+                    let since = *beating_since.get_or_insert_with(tokio::time::Instant::now);
+                    if added == 1 {
+                        self.reregister().await;
+                    }
+                    if since.elapsed() >= ttl {
+                        self.reap_dead().await;
+                    }
+                }
+                Err(e) => {
+                    beating_since = None;
+                    debug!(error = %e, "presence heartbeat failed");
+                }
+            }
+        }
+        // Graceful stop: the sessions have removed their entries; drop the instance itself.
+        let mut con = self.commands.clone();
+        let mut pipe = redis::pipe();
+        pipe.zrem(self.instances_key(), &self.instance).ignore().del(self.instance_set_key()).ignore();
+        let _ = self.with_timeout(pipe.query_async::<()>(&mut con)).await;
+    }
+
+    /// Puts back every entry of this instance (idempotent: existing entries are untouched).
+    async fn reregister(&self) {
+        let snapshot = self.hub.presence_snapshot();
+        let mut restored = 0usize;
+        for (room, conn, info) in &snapshot {
+            let entry =
+                PresenceEntry { id: info.id.to_string(), user: info.user.clone(), server: self.cfg.name.clone() };
+            let scope = room.as_deref().map_or(Scope::Online, Scope::Room);
+            let event = room.as_deref().map(|r| {
+                tether_proto::wire::Event::UserJoined {
+                    room: r,
+                    user: &entry.user,
+                    id: &entry.id,
+                    server: &entry.server,
+                }
+                .to_json()
+            });
+            match self.presence_add(scope, *conn, &entry, event).await {
+                Ok(PresenceChange::Unchanged) => {}
+                Ok(_) => restored += 1,
+                Err(e) => {
+                    debug!(error = %e, "presence re-registration failed; next heartbeat retries");
+                    return;
+                }
+            }
+        }
+        if restored > 0 {
+            warn!(instance = %self.instance, restored, "presence entries were missing in Redis (reaped or lost); re-registered");
+        }
+    }
+
+    async fn reap_dead(&self) {
+        let mut con = self.commands.clone();
+        let mut reap = self.reap.prepare_invoke();
+        reap.key(self.instances_key()).arg(&self.cfg.prefix).arg(self.cfg.presence_ttl.as_millis() as u64).arg(16);
+        match self.with_timeout(reap.invoke_async::<(u64, u64)>(&mut con)).await {
+            Ok((0, _)) => {}
+            Ok((instances, announced)) => {
+                info!(instances, announced, "reaped dead node instances; announced their members as node_down");
+                self.metrics.instances_reaped.inc_by(instances);
+            }
+            Err(e) => debug!(error = %e, "reaper failed"),
+        }
+    }
+
+    fn instances_key(&self) -> String {
+        format!("{}instances", self.cfg.prefix)
+    }
+
+    fn instance_set_key(&self) -> String {
+        format!("{}instance:{{{}}}", self.cfg.prefix, self.instance)
+    }
+
+    /// (entries hash, ids hash, channel, instance-set member) of one entry.
+    fn presence_keys(&self, scope: Scope<'_>, conn: u64) -> (String, String, String, String) {
+        match scope {
+            Scope::Room(room) => {
+                let entries = format!("{}presence:{{{room}}}", self.cfg.prefix);
+                (format!("{entries}:ids"), entries, self.channel(room), format!("{conn}|{room}"))
+            }
+            Scope::Online => {
+                let entries = format!("{}online", self.cfg.prefix);
+                (format!("{entries}:ids"), entries, String::new(), format!("{conn}|"))
+            }
+        }
+    }
+
     fn session_key(&self, id: &str) -> String {
         format!("{}session:{{{id}}}", self.cfg.prefix)
     }
 
     fn room_of<'c>(&self, channel: &'c str) -> Option<&'c str> {
-        channel
-            .strip_prefix(self.channel_head.as_str())?
-            .strip_suffix('}')
+        channel.strip_prefix(self.channel_head.as_str())?.strip_suffix('}')
     }
 
     async fn with_timeout<T>(
@@ -217,10 +421,7 @@ impl RedisBackbone {
         while let Some(msg) = stream.next().await {
             self.metrics.frames_from_backbone.inc();
             let Some(room) = self.room_of(msg.get_channel_name()) else {
-                debug!(
-                    channel = msg.get_channel_name(),
-                    "frame on a channel that is not ours"
-                );
+                debug!(channel = msg.get_channel_name(), "frame on a channel that is not ours");
                 continue;
             };
             let bytes = bytes::Bytes::copy_from_slice(msg.get_payload_bytes());
@@ -235,11 +436,7 @@ impl RedisBackbone {
 }
 
 impl Backbone for RedisBackbone {
-    fn publish_message<'a>(
-        &'a self,
-        room: &'a str,
-        prefix: String,
-    ) -> BoxFuture<'a, Result<Published, BackboneError>> {
+    fn publish_message<'a>(&'a self, room: &'a str, prefix: String) -> BoxFuture<'a, Result<Published, BackboneError>> {
         async move {
             let base = format!("{}room:{{{room}}}", self.cfg.prefix);
             let epoch = tether_proto::id::mint_client_id();
@@ -253,30 +450,19 @@ impl Backbone for RedisBackbone {
                 .arg(epoch)
                 .arg(self.cfg.history_len)
                 .arg(self.cfg.log_ttl.as_millis() as u64);
-            let (seq, epoch): (u64, String) =
-                self.with_timeout(invocation.invoke_async(&mut con)).await?;
+            let (seq, epoch): (u64, String) = self.with_timeout(invocation.invoke_async(&mut con)).await?;
             self.metrics.messages_published.inc();
             Ok(Published { seq, epoch })
         }
         .boxed()
     }
 
-    fn publish_event<'a>(
-        &'a self,
-        room: &'a str,
-        json: String,
-    ) -> BoxFuture<'a, Result<(), BackboneError>> {
+    fn publish_event<'a>(&'a self, room: &'a str, json: String) -> BoxFuture<'a, Result<(), BackboneError>> {
         async move {
             let mut con = self.commands.clone();
             let channel = self.channel(room);
-            let _receivers: i64 = self
-                .with_timeout(
-                    redis::cmd("PUBLISH")
-                        .arg(channel)
-                        .arg(json)
-                        .query_async(&mut con),
-                )
-                .await?;
+            let _receivers: i64 =
+                self.with_timeout(redis::cmd("PUBLISH").arg(channel).arg(json).query_async(&mut con)).await?;
             Ok(())
         }
         .boxed()
@@ -319,19 +505,12 @@ impl Backbone for RedisBackbone {
         .boxed()
     }
 
-    fn load_session<'a>(
-        &'a self,
-        id: &'a str,
-    ) -> BoxFuture<'a, Result<Option<SessionRecord>, BackboneError>> {
+    fn load_session<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<SessionRecord>, BackboneError>> {
         async move {
             let mut con = self.commands.clone();
             let (name, rooms): (Option<String>, Option<String>) = self
                 .with_timeout(
-                    redis::cmd("HMGET")
-                        .arg(self.session_key(id))
-                        .arg("name")
-                        .arg("rooms")
-                        .query_async(&mut con),
+                    redis::cmd("HMGET").arg(self.session_key(id)).arg("name").arg("rooms").query_async(&mut con),
                 )
                 .await?;
             let Some(rooms) = rooms else {
@@ -351,36 +530,24 @@ impl Backbone for RedisBackbone {
         .boxed()
     }
 
-    fn save_session<'a>(
-        &'a self,
-        id: &'a str,
-        session: &'a SessionRecord,
-    ) -> BoxFuture<'a, Result<(), BackboneError>> {
+    fn save_session<'a>(&'a self, id: &'a str, session: &'a SessionRecord) -> BoxFuture<'a, Result<(), BackboneError>> {
         async move {
             let key = self.session_key(id);
             // Vec<String> always serialises.
             let rooms = serde_json::to_string(&session.rooms).expect("room names serialise");
             let mut pipe = redis::pipe();
-            pipe.atomic()
-                .del(&key)
-                .ignore()
-                .hset(&key, "rooms", rooms)
-                .ignore();
+            pipe.atomic().del(&key).ignore().hset(&key, "rooms", rooms).ignore();
             if let Some(name) = &session.name {
                 pipe.hset(&key, "name", name).ignore();
             }
-            pipe.pexpire(&key, self.cfg.session_ttl.as_millis() as i64)
-                .ignore();
+            pipe.pexpire(&key, self.cfg.session_ttl.as_millis() as i64).ignore();
             let mut con = self.commands.clone();
             self.with_timeout(pipe.query_async::<()>(&mut con)).await
         }
         .boxed()
     }
 
-    fn touch_sessions<'a>(
-        &'a self,
-        ids: &'a [Arc<str>],
-    ) -> BoxFuture<'a, Result<(), BackboneError>> {
+    fn touch_sessions<'a>(&'a self, ids: &'a [Arc<str>]) -> BoxFuture<'a, Result<(), BackboneError>> {
         async move {
             let ttl = self.cfg.session_ttl.as_millis() as i64;
             for chunk in ids.chunks(1000) {
@@ -396,46 +563,121 @@ impl Backbone for RedisBackbone {
         .boxed()
     }
 
-    fn replay<'a>(
-        &'a self,
-        room: &'a str,
-        after: u64,
-    ) -> BoxFuture<'a, Result<Replay, BackboneError>> {
+    fn replay<'a>(&'a self, room: &'a str, after: u64) -> BoxFuture<'a, Result<Replay, BackboneError>> {
         async move {
             let base = format!("{}room:{{{room}}}", self.cfg.prefix);
             let mut pipe = redis::pipe();
-            pipe.atomic()
-                .cmd("HMGET")
-                .arg(format!("{base}:meta"))
-                .arg("seq")
-                .arg("epoch")
-                .xrange(
-                    format!("{base}:log"),
-                    format!("{}-0", after.saturating_add(1)),
-                    "+",
-                );
+            pipe.atomic().cmd("HMGET").arg(format!("{base}:meta")).arg("seq").arg("epoch").xrange(
+                format!("{base}:log"),
+                format!("{}-0", after.saturating_add(1)),
+                "+",
+            );
             let mut con = self.commands.clone();
-            let ((seq, epoch), range): (
-                (Option<u64>, Option<String>),
-                redis::streams::StreamRangeReply,
-            ) = self.with_timeout(pipe.query_async(&mut con)).await?;
+            let ((seq, epoch), range): ((Option<u64>, Option<String>), redis::streams::StreamRangeReply) =
+                self.with_timeout(pipe.query_async(&mut con)).await?;
             let mut frames = Vec::with_capacity(range.ids.len());
             for entry in range.ids {
-                let seq = entry
-                    .id
-                    .split('-')
-                    .next()
-                    .and_then(|s| s.parse::<u64>().ok());
+                let seq = entry.id.split('-').next().and_then(|s| s.parse::<u64>().ok());
                 match (seq, entry.get::<String>("f")) {
                     (Some(seq), Some(frame)) => frames.push((seq, frame)),
                     _ => warn!(room, id = %entry.id, "malformed log entry skipped"),
                 }
             }
-            Ok(Replay {
-                epoch,
-                head_seq: seq.unwrap_or(0),
-                frames,
+            Ok(Replay { epoch, head_seq: seq.unwrap_or(0), frames })
+        }
+        .boxed()
+    }
+
+    fn presence_add<'a>(
+        &'a self,
+        scope: Scope<'a>,
+        conn: u64,
+        entry: &'a PresenceEntry,
+        event: Option<String>,
+    ) -> BoxFuture<'a, Result<PresenceChange, BackboneError>> {
+        async move {
+            let (ids, entries, channel, member) = self.presence_keys(scope, conn);
+            // A struct of three strings always serialises.
+            let json = serde_json::to_string(entry).expect("presence entries serialise");
+            let mut call = self.presence_add.prepare_invoke();
+            call.key(entries)
+                .key(ids)
+                .key(self.instance_set_key())
+                .key(channel)
+                .arg(format!("{}/{conn}", self.instance))
+                .arg(json)
+                .arg(&entry.id)
+                .arg(member)
+                .arg(event.unwrap_or_default());
+            let mut con = self.commands.clone();
+            let n: i64 = self.with_timeout(call.invoke_async(&mut con)).await?;
+            Ok(match n {
+                -1 => PresenceChange::Unchanged,
+                1 => PresenceChange::FirstOrLast,
+                _ => PresenceChange::Shared,
             })
+        }
+        .boxed()
+    }
+
+    fn presence_rename<'a>(
+        &'a self,
+        scope: Scope<'a>,
+        conn: u64,
+        entry: &'a PresenceEntry,
+    ) -> BoxFuture<'a, Result<(), BackboneError>> {
+        async move {
+            let (_, entries, _, _) = self.presence_keys(scope, conn);
+            let json = serde_json::to_string(entry).expect("presence entries serialise");
+            let field = format!("{}/{conn}", self.instance);
+            let mut con = self.commands.clone();
+            // HSET XX semantics: only an existing entry is renamed (never resurrected).
+            let script = redis::Script::new(
+                "if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end return 0",
+            );
+            let mut call = script.prepare_invoke();
+            call.key(entries).arg(field).arg(json);
+            self.with_timeout(call.invoke_async::<i64>(&mut con)).await?;
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn presence_remove<'a>(
+        &'a self,
+        scope: Scope<'a>,
+        conn: u64,
+        id: &'a str,
+        event: Option<String>,
+    ) -> BoxFuture<'a, Result<PresenceChange, BackboneError>> {
+        async move {
+            let (ids, entries, channel, member) = self.presence_keys(scope, conn);
+            let mut call = self.presence_remove.prepare_invoke();
+            call.key(entries)
+                .key(ids)
+                .key(self.instance_set_key())
+                .key(channel)
+                .arg(format!("{}/{conn}", self.instance))
+                .arg(id)
+                .arg(member)
+                .arg(event.unwrap_or_default());
+            let mut con = self.commands.clone();
+            let n: i64 = self.with_timeout(call.invoke_async(&mut con)).await?;
+            Ok(match n {
+                -1 => PresenceChange::Unchanged,
+                0 => PresenceChange::FirstOrLast,
+                _ => PresenceChange::Shared,
+            })
+        }
+        .boxed()
+    }
+
+    fn presence_list<'a>(&'a self, scope: Scope<'a>) -> BoxFuture<'a, Result<Vec<PresenceEntry>, BackboneError>> {
+        async move {
+            let (_, entries, _, _) = self.presence_keys(scope, 0);
+            let mut con = self.commands.clone();
+            let values: Vec<String> = self.with_timeout(redis::cmd("HVALS").arg(entries).query_async(&mut con)).await?;
+            Ok(values.iter().filter_map(|v| serde_json::from_str(v).ok()).collect())
         }
         .boxed()
     }
