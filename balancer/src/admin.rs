@@ -42,6 +42,10 @@ struct Route<'a> {
     state: &'static str,
     /// The client's full preference order, whatever the nodes' states.
     rank: Vec<&'a str>,
+    /// Whether the id carries the signing key's signature; only present when a key is set
+    /// (the proxy refuses unsigned ids with 403, this endpoint answers for any valid id).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    signed: Option<bool>,
 }
 
 #[derive(Serialize)]
@@ -57,31 +61,20 @@ struct ErrorBody<'a> {
 }
 
 /// The hyper service of the admin listener.
-pub(crate) async fn handle(
-    shared: Arc<Shared>,
-    request: Request<Incoming>,
-) -> Result<Response<Body>, Infallible> {
+pub(crate) async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> Result<Response<Body>, Infallible> {
     let path = request.uri().path();
     let method = request.method();
     let response = match path {
-        "/" | "/status" | "/route" | "/metrics" if method != Method::GET => {
-            method_not_allowed("GET")
-        }
+        "/" | "/status" | "/route" | "/metrics" if method != Method::GET => method_not_allowed("GET"),
         "/" => html(&shared),
         "/status" => json(StatusCode::OK, &status(&shared)),
         "/route" => route(&shared, request.uri().query()),
         "/metrics" => {
             let mut response = Response::new(full(shared.metrics.encode()));
-            response.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static(METRICS_CONTENT_TYPE),
-            );
+            response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(METRICS_CONTENT_TYPE));
             response
         }
-        _ => match path
-            .strip_prefix("/nodes/")
-            .and_then(|r| r.rsplit_once('/'))
-        {
+        _ => match path.strip_prefix("/nodes/").and_then(|r| r.rsplit_once('/')) {
             Some((name, action @ ("drain" | "undrain"))) => {
                 if method != Method::POST {
                     method_not_allowed("POST")
@@ -132,6 +125,7 @@ fn route(shared: &Shared, query: Option<&str>) -> Response<Body> {
             addr: &node.addr,
             state: node.state_str(),
             rank: shared.pool.rank(client),
+            signed: shared.config.signing_key.as_ref().map(|key| key.verify(client)),
         },
     )
 }
@@ -141,14 +135,7 @@ fn drain(shared: &Shared, name: &str, on: bool) -> Response<Body> {
         return error(StatusCode::NOT_FOUND, "unknown node");
     };
     let changed = node.set_draining(on);
-    json(
-        StatusCode::OK,
-        &Drained {
-            node: &node.name,
-            state: node.state_str(),
-            changed,
-        },
-    )
+    json(StatusCode::OK, &Drained { node: &node.name, state: node.state_str(), changed })
 }
 
 fn html(shared: &Shared) -> Response<Body> {
@@ -181,10 +168,7 @@ fn html(shared: &Shared) -> Response<Body> {
         status.active_connections
     );
     let mut response = Response::new(full(page));
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/html; charset=utf-8"),
-    );
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html; charset=utf-8"));
     response
 }
 
@@ -209,10 +193,7 @@ fn json(status: StatusCode, value: &impl Serialize) -> Response<Body> {
             bytes.push(b'\n');
             let mut response = Response::new(full(bytes));
             *response.status_mut() = status;
-            response.headers_mut().insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            );
+            response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
             response
         }
         Err(e) => text_response(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
@@ -225,9 +206,7 @@ fn error(status: StatusCode, message: &str) -> Response<Body> {
 
 fn method_not_allowed(allow: &'static str) -> Response<Body> {
     let mut response = error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed");
-    response
-        .headers_mut()
-        .insert(header::ALLOW, HeaderValue::from_static(allow));
+    response.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allow));
     response
 }
 
@@ -237,9 +216,6 @@ mod tests {
 
     #[test]
     fn html_escapes_markup() {
-        assert_eq!(
-            escape("<a href='x'>&\""),
-            "&lt;a href=&#39;x&#39;&gt;&amp;&quot;"
-        );
+        assert_eq!(escape("<a href='x'>&\""), "&lt;a href=&#39;x&#39;&gt;&amp;&quot;");
     }
 }

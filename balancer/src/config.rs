@@ -7,11 +7,12 @@
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
 use tether_proto::id::IdSource;
+use tether_proto::sign::SigningKey;
 
 use crate::Error;
 
@@ -45,6 +46,20 @@ pub const DEFAULT_MAX_HEADER_BYTES: usize = 16_384;
 pub const MAX_HEADER_BYTES_RANGE: std::ops::RangeInclusive<usize> = 1024..=1024 * 1024;
 /// Longest node name. Names are hashed, used as metric labels and in admin URLs.
 pub const MAX_NODE_NAME_LEN: usize = 64;
+/// Environment variable holding the id-signing key itself (the nodes read the same one). A
+/// `signing_key_file` (file or flag) wins over it; an empty value counts as unset.
+pub const SIGNING_KEY_ENV: &str = "TETHER_SIGNING_KEY";
+
+/// Key material on its way to a [`SigningKey`]; its `Debug` never shows the value, so a logged
+/// or printed config cannot leak it.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
 
 /// The TOML file as written by an operator. Every field is optional; see the `DEFAULT_*`
 /// constants for what an absent one means.
@@ -62,6 +77,14 @@ pub struct FileConfig {
     pub max_connections: Option<usize>,
     pub header_read_timeout_ms: Option<u64>,
     pub max_header_bytes: Option<usize>,
+    /// File whose content, trimmed, is the key that signs client ids (relative paths are
+    /// relative to the working directory).
+    pub signing_key_file: Option<PathBuf>,
+    /// The key itself, from [`SIGNING_KEY_ENV`]; used when no `signing_key_file` is set. Never
+    /// read from the file (a key does not belong in a config that gets checked in), hence
+    /// skipped by serde.
+    #[serde(skip)]
+    pub signing_key_env: Option<Secret>,
     #[serde(default)]
     pub nodes: Vec<FileNode>,
 }
@@ -85,6 +108,10 @@ pub struct Overrides {
     /// When non-empty, replaces the file's node list (the flags describe the whole cluster).
     pub nodes: Vec<FileNode>,
     pub health_interval_ms: Option<u64>,
+    /// `--signing-key-file`: replaces the file's `signing_key_file`.
+    pub signing_key_file: Option<PathBuf>,
+    /// The value of [`SIGNING_KEY_ENV`] (see [`signing_key_from_env`]).
+    pub signing_key_env: Option<Secret>,
 }
 
 /// A validated configuration.
@@ -112,6 +139,9 @@ pub struct Config {
     pub header_read_timeout: Duration,
     /// Largest accepted request head.
     pub max_header_bytes: usize,
+    /// When set, client ids must carry its signature (unsigned or forged ones get 403) and
+    /// minted ids are signed with it. Its `Debug` is redacted.
+    pub signing_key: Option<SigningKey>,
     /// The nodes, in file order (order does not affect routing: ranking is by name).
     pub nodes: Vec<NodeConfig>,
 }
@@ -124,34 +154,23 @@ pub struct NodeConfig {
 }
 
 fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Error {
-    Error::Config {
-        field: field.into(),
-        reason: reason.into(),
-    }
+    Error::Config { field: field.into(), reason: reason.into() }
 }
 
 impl FileConfig {
     /// Reads and parses a TOML file (without validating it).
     pub fn load(path: &Path) -> Result<Self, Error> {
-        let text = std::fs::read_to_string(path).map_err(|source| Error::ConfigRead {
-            path: path.to_owned(),
-            source,
-        })?;
+        let text =
+            std::fs::read_to_string(path).map_err(|source| Error::ConfigRead { path: path.to_owned(), source })?;
         Self::parse(&text).map_err(|e| match e {
-            Error::ConfigParse { source, .. } => Error::ConfigParse {
-                path: path.to_owned(),
-                source,
-            },
+            Error::ConfigParse { source, .. } => Error::ConfigParse { path: path.to_owned(), source },
             other => other,
         })
     }
 
     /// Parses TOML text (without validating it).
     pub fn parse(text: &str) -> Result<Self, Error> {
-        toml::from_str(text).map_err(|source| Error::ConfigParse {
-            path: "<inline>".into(),
-            source: Box::new(source),
-        })
+        toml::from_str(text).map_err(|source| Error::ConfigParse { path: "<inline>".into(), source: Box::new(source) })
     }
 
     /// Applies command-line flags on top of the file.
@@ -167,6 +186,12 @@ impl FileConfig {
         }
         if !o.nodes.is_empty() {
             self.nodes = o.nodes;
+        }
+        if o.signing_key_file.is_some() {
+            self.signing_key_file = o.signing_key_file;
+        }
+        if o.signing_key_env.is_some() {
+            self.signing_key_env = o.signing_key_env;
         }
     }
 
@@ -203,27 +228,13 @@ impl FileConfig {
         Ok(Config {
             listen,
             admin,
-            health_interval: nonzero_ms(
-                "health_interval_ms",
-                self.health_interval_ms,
-                DEFAULT_HEALTH_INTERVAL_MS,
-            )?,
-            health_timeout: nonzero_ms(
-                "health_timeout_ms",
-                self.health_timeout_ms,
-                DEFAULT_HEALTH_TIMEOUT_MS,
-            )?,
-            connect_timeout: nonzero_ms(
-                "connect_timeout_ms",
-                self.connect_timeout_ms,
-                DEFAULT_CONNECT_TIMEOUT_MS,
-            )?,
+            health_interval: nonzero_ms("health_interval_ms", self.health_interval_ms, DEFAULT_HEALTH_INTERVAL_MS)?,
+            health_timeout: nonzero_ms("health_timeout_ms", self.health_timeout_ms, DEFAULT_HEALTH_TIMEOUT_MS)?,
+            connect_timeout: nonzero_ms("connect_timeout_ms", self.connect_timeout_ms, DEFAULT_CONNECT_TIMEOUT_MS)?,
             rise,
             hash_keys,
             // Zero is meaningful here: cut every tunnel at once on shutdown.
-            grace_period: Duration::from_millis(
-                self.grace_period_ms.unwrap_or(DEFAULT_GRACE_PERIOD_MS),
-            ),
+            grace_period: Duration::from_millis(self.grace_period_ms.unwrap_or(DEFAULT_GRACE_PERIOD_MS)),
             max_connections,
             header_read_timeout: nonzero_ms(
                 "header_read_timeout_ms",
@@ -231,6 +242,7 @@ impl FileConfig {
                 DEFAULT_HEADER_READ_TIMEOUT_MS,
             )?,
             max_header_bytes,
+            signing_key: signing_key(self.signing_key_file.as_deref(), self.signing_key_env.as_ref())?,
             nodes: nodes(&self.nodes)?,
         })
     }
@@ -238,19 +250,41 @@ impl FileConfig {
 
 /// Parses one `--node NAME=HOST:PORT` flag (checked further by [`FileConfig::validate`]).
 pub fn parse_node_flag(flag: &str) -> Result<FileNode, Error> {
-    let (name, addr) = flag
-        .split_once('=')
-        .ok_or_else(|| invalid("--node", format!("{flag:?} is not NAME=HOST:PORT")))?;
-    Ok(FileNode {
-        name: name.to_owned(),
-        addr: addr.to_owned(),
-    })
+    let (name, addr) =
+        flag.split_once('=').ok_or_else(|| invalid("--node", format!("{flag:?} is not NAME=HOST:PORT")))?;
+    Ok(FileNode { name: name.to_owned(), addr: addr.to_owned() })
+}
+
+/// Reads [`SIGNING_KEY_ENV`] for [`Overrides::signing_key_env`]; a value that is not UTF-8 is
+/// a config error (the nodes could not read it either).
+pub fn signing_key_from_env() -> Result<Option<Secret>, Error> {
+    match std::env::var(SIGNING_KEY_ENV) {
+        Ok(key) => Ok(Some(Secret(key))),
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(std::env::VarError::NotUnicode(_)) => Err(invalid(SIGNING_KEY_ENV, "is not valid UTF-8")),
+    }
+}
+
+/// The id-signing key: the file's content, trimmed (the way the nodes read it), or else the
+/// environment's value as is. The error never shows the key, only its length.
+fn signing_key(file: Option<&Path>, env: Option<&Secret>) -> Result<Option<SigningKey>, Error> {
+    if let Some(path) = file {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| invalid("signing_key_file", format!("{}: {e}", path.display())))?;
+        return SigningKey::new(text.trim().as_bytes().to_vec())
+            .map(Some)
+            .map_err(|e| invalid("signing_key_file", format!("{}: {e}", path.display())));
+    }
+    match env {
+        Some(Secret(key)) if !key.is_empty() => {
+            SigningKey::new(key.as_bytes().to_vec()).map(Some).map_err(|e| invalid(SIGNING_KEY_ENV, e.to_string()))
+        }
+        _ => Ok(None),
+    }
 }
 
 fn socket_addr(field: &str, value: &str) -> Result<SocketAddr, Error> {
-    value
-        .parse()
-        .map_err(|_| invalid(field, format!("{value:?} is not IP:PORT")))
+    value.parse().map_err(|_| invalid(field, format!("{value:?} is not IP:PORT")))
 }
 
 fn nonzero_ms(field: &str, value: Option<u64>, default: u64) -> Result<Duration, Error> {
@@ -266,12 +300,8 @@ fn hash_keys(keys: &[String]) -> Result<Vec<IdSource>, Error> {
     }
     let mut out = Vec::with_capacity(keys.len());
     for key in keys {
-        let source = IdSource::parse(key).ok_or_else(|| {
-            invalid(
-                "hash_keys",
-                format!("unknown source {key:?}: use query, header or cookie"),
-            )
-        })?;
+        let source = IdSource::parse(key)
+            .ok_or_else(|| invalid("hash_keys", format!("unknown source {key:?}: use query, header or cookie")))?;
         if out.contains(&source) {
             return Err(invalid("hash_keys", format!("{key:?} is listed twice")));
         }
@@ -282,26 +312,17 @@ fn hash_keys(keys: &[String]) -> Result<Vec<IdSource>, Error> {
 
 fn nodes(entries: &[FileNode]) -> Result<Vec<NodeConfig>, Error> {
     if entries.is_empty() {
-        return Err(invalid(
-            "nodes",
-            "no nodes configured (add [[nodes]] entries or --node NAME=HOST:PORT)",
-        ));
+        return Err(invalid("nodes", "no nodes configured (add [[nodes]] entries or --node NAME=HOST:PORT)"));
     }
     let mut seen = HashSet::new();
     let mut out = Vec::with_capacity(entries.len());
     for (i, node) in entries.iter().enumerate() {
         check_node_name(&node.name).map_err(|r| invalid(format!("nodes[{i}].name"), r))?;
         if !seen.insert(node.name.as_str()) {
-            return Err(invalid(
-                format!("nodes[{i}].name"),
-                format!("duplicate node name {:?}", node.name),
-            ));
+            return Err(invalid(format!("nodes[{i}].name"), format!("duplicate node name {:?}", node.name)));
         }
         check_host_port(&node.addr).map_err(|r| invalid(format!("nodes[{i}].addr"), r))?;
-        out.push(NodeConfig {
-            name: node.name.clone(),
-            addr: node.addr.clone(),
-        });
+        out.push(NodeConfig { name: node.name.clone(), addr: node.addr.clone() });
     }
     Ok(out)
 }
@@ -312,13 +333,8 @@ fn check_node_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > MAX_NODE_NAME_LEN {
         return Err(format!("{name:?} must be 1-{MAX_NODE_NAME_LEN} bytes"));
     }
-    if let Some(c) = name
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
-    {
-        return Err(format!(
-            "{name:?} contains {c:?}; allowed are A-Z a-z 0-9 . _ -"
-        ));
+    if let Some(c) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
+        return Err(format!("{name:?} contains {c:?}; allowed are A-Z a-z 0-9 . _ -"));
     }
     Ok(())
 }
@@ -337,9 +353,7 @@ fn check_host_port(addr: &str) -> Result<(), String> {
     }
     let host_ok = !host.is_empty()
         && host.len() <= 253
-        && host
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
+        && host.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
     if host_ok {
         Ok(())
     } else {
@@ -365,9 +379,8 @@ mod tests {
     #[test]
     fn shipped_config_file_parses_and_validates() {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/balancer.toml");
-        let config = FileConfig::load(Path::new(path))
-            .and_then(|f| f.validate())
-            .unwrap_or_else(|e| panic!("{path}: {e}"));
+        let config =
+            FileConfig::load(Path::new(path)).and_then(|f| f.validate()).unwrap_or_else(|e| panic!("{path}: {e}"));
         assert_eq!(config.listen, DEFAULT_LISTEN.parse().unwrap());
         assert_eq!(config.admin, DEFAULT_ADMIN.parse().unwrap());
         let names: Vec<_> = config.nodes.iter().map(|n| n.name.as_str()).collect();
@@ -375,24 +388,16 @@ mod tests {
         assert_eq!(config.nodes[2].addr, "127.0.0.1:9003");
         assert_eq!(config.hash_keys, IdSource::DEFAULT_ORDER.to_vec());
         assert_eq!(config.rise, DEFAULT_RISE);
+        assert!(config.signing_key.is_none(), "shipped commented out");
     }
 
     #[test]
     fn defaults_fill_absent_fields() {
-        let config = FileConfig::parse(&with_nodes(""))
-            .unwrap()
-            .validate()
-            .unwrap();
-        assert_eq!(
-            config.health_interval,
-            Duration::from_millis(DEFAULT_HEALTH_INTERVAL_MS)
-        );
+        let config = FileConfig::parse(&with_nodes("")).unwrap().validate().unwrap();
+        assert_eq!(config.health_interval, Duration::from_millis(DEFAULT_HEALTH_INTERVAL_MS));
         assert_eq!(config.max_connections, DEFAULT_MAX_CONNECTIONS);
         assert_eq!(config.max_header_bytes, DEFAULT_MAX_HEADER_BYTES);
-        assert_eq!(
-            config.grace_period,
-            Duration::from_millis(DEFAULT_GRACE_PERIOD_MS)
-        );
+        assert_eq!(config.grace_period, Duration::from_millis(DEFAULT_GRACE_PERIOD_MS));
     }
 
     #[test]
@@ -423,10 +428,7 @@ mod tests {
         let empty = FileConfig::parse("").unwrap();
         assert_eq!(field_of(empty.validate().unwrap_err()), "nodes");
 
-        let node = |name: &str, addr: &str| FileNode {
-            name: name.into(),
-            addr: addr.into(),
-        };
+        let node = |name: &str, addr: &str| FileNode { name: name.into(), addr: addr.into() };
         let cases = [
             (vec![node("a", "h:1"), node("a", "h:2")], "nodes[1].name"),
             (vec![node("", "h:1")], "nodes[0].name"),
@@ -438,21 +440,65 @@ mod tests {
             (vec![node("a", "h:99999")], "nodes[0].addr"),
         ];
         for (nodes, field) in cases {
-            let file = FileConfig {
-                nodes: nodes.clone(),
-                ..FileConfig::default()
-            };
+            let file = FileConfig { nodes: nodes.clone(), ..FileConfig::default() };
             assert_eq!(field_of(file.validate().unwrap_err()), field, "{nodes:?}");
         }
         let ok = FileConfig {
-            nodes: vec![
-                node("n1", "node-1.internal:9001"),
-                node("n2", "[::1]:9002"),
-                node("n3", "10.0.0.3:9003"),
-            ],
+            nodes: vec![node("n1", "node-1.internal:9001"), node("n2", "[::1]:9002"), node("n3", "10.0.0.3:9003")],
             ..FileConfig::default()
         };
         assert!(ok.validate().is_ok());
+    }
+
+    #[test]
+    fn signing_key_comes_from_the_file_trimmed_else_from_the_environment() {
+        let dir = std::env::temp_dir().join(format!("tether-balancer-key-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = dir.join("good.key");
+        std::fs::write(&good, "  0123456789abcdef-file\n").unwrap();
+        let short = dir.join("short.key");
+        // Seventeen bytes before trimming, fifteen after: too short.
+        std::fs::write(&short, " 0123456789abcde\n").unwrap();
+
+        let with = |file: Option<&Path>, env: Option<&str>| {
+            let mut config = FileConfig::parse(&with_nodes("")).unwrap();
+            config.apply(Overrides {
+                signing_key_file: file.map(Path::to_owned),
+                signing_key_env: env.map(|k| Secret(k.to_owned())),
+                ..Overrides::default()
+            });
+            config.validate()
+        };
+        assert!(with(None, None).unwrap().signing_key.is_none());
+        assert!(with(None, Some("")).unwrap().signing_key.is_none());
+
+        // The file wins over the environment, and its content is trimmed.
+        let key = with(Some(&good), Some("0123456789abcdef-env")).unwrap().signing_key.unwrap();
+        let id = key.mint();
+        let file_key = SigningKey::new(b"0123456789abcdef-file".to_vec()).unwrap();
+        assert!(file_key.verify(&id));
+        let env_key = with(None, Some("0123456789abcdef-env")).unwrap().signing_key.unwrap();
+        assert!(!env_key.verify(&id));
+
+        assert_eq!(field_of(with(Some(&short), None).unwrap_err()), "signing_key_file");
+        assert_eq!(field_of(with(Some(&dir.join("missing")), None).unwrap_err()), "signing_key_file");
+        let err = with(None, Some("too-short")).unwrap_err();
+        assert!(!err.to_string().contains("too-short"), "{err}");
+        assert_eq!(field_of(err), SIGNING_KEY_ENV);
+
+        // The file key can be set in TOML; Debug output never shows key material.
+        let toml = format!("signing_key_file = {:?}", good.to_str().unwrap());
+        let file = FileConfig::parse(&with_nodes(&toml)).unwrap();
+        let config = file.validate().unwrap();
+        assert!(config.signing_key.is_some());
+        let mut file = file;
+        file.signing_key_env = Some(Secret("0123456789abcdef-env".into()));
+        for debug in [format!("{config:?}"), format!("{file:?}")] {
+            assert!(!debug.contains("0123456789abcdef"), "{debug}");
+        }
+        // ...and the environment's key cannot come from the file.
+        assert!(FileConfig::parse("signing_key_env = \"x\"").is_err());
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
@@ -465,16 +511,10 @@ mod tests {
 
     #[test]
     fn flags_override_the_file_and_node_flags_replace_its_nodes() {
-        let mut file = FileConfig::parse(&with_nodes(
-            "listen = \"127.0.0.1:1000\"\nhealth_interval_ms = 900",
-        ))
-        .unwrap();
+        let mut file = FileConfig::parse(&with_nodes("listen = \"127.0.0.1:1000\"\nhealth_interval_ms = 900")).unwrap();
         file.apply(Overrides {
             listen: Some("127.0.0.1:2000".into()),
-            nodes: vec![
-                parse_node_flag("x=127.0.0.1:1").unwrap(),
-                parse_node_flag("y=127.0.0.1:2").unwrap(),
-            ],
+            nodes: vec![parse_node_flag("x=127.0.0.1:1").unwrap(), parse_node_flag("y=127.0.0.1:2").unwrap()],
             ..Overrides::default()
         });
         let config = file.validate().unwrap();

@@ -14,37 +14,28 @@ pub enum Error {
 
     /// Operator: the config file cannot be read.
     #[error("config file {}: {source}", path.display())]
-    ConfigRead {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    ConfigRead { path: PathBuf, source: std::io::Error },
 
     /// Operator: the config file is not valid TOML or has an unknown or mistyped key.
     #[error("config file {}: {source}", path.display())]
-    ConfigParse {
-        path: PathBuf,
-        source: Box<toml::de::Error>,
-    },
+    ConfigParse { path: PathBuf, source: Box<toml::de::Error> },
 
     /// Client: the request carries a client id that breaks the alphabet or length rules.
     #[error("bad client id: {0}")]
     ClientId(#[from] InvalidClientId),
 
+    /// Client: a `signing_key` is set and the request's id does not carry its signature
+    /// (answered with 403; the message is what the client reads, so it does not echo the id).
+    #[error("unsigned or forged client id")]
+    UnsignedClientId { id: String },
+
     /// Node: the TCP connect to a node failed.
     #[error("node {node} ({addr}): connect failed: {source}")]
-    NodeConnect {
-        node: String,
-        addr: String,
-        source: std::io::Error,
-    },
+    NodeConnect { node: String, addr: String, source: std::io::Error },
 
     /// Node: the TCP connect to a node did not finish within `connect_timeout_ms`.
     #[error("node {node} ({addr}): connect timed out after {timeout_ms} ms")]
-    NodeConnectTimeout {
-        node: String,
-        addr: String,
-        timeout_ms: u128,
-    },
+    NodeConnectTimeout { node: String, addr: String, timeout_ms: u128 },
 
     /// Node: the node accepted the connection but broke the HTTP exchange.
     #[error("node {node}: {source}")]

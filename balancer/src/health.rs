@@ -54,12 +54,9 @@ pub async fn probe(node: &Node, timeout: Duration) -> Probe {
 }
 
 async fn probe_inner(node: &Node) -> Result<StatusCode, String> {
-    let stream = TcpStream::connect(&node.addr)
-        .await
-        .map_err(|e| format!("connect: {e}"))?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| format!("handshake: {e}"))?;
+    let stream = TcpStream::connect(&node.addr).await.map_err(|e| format!("connect: {e}"))?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| format!("handshake: {e}"))?;
     let request = Request::get(READYZ_PATH)
         .header(header::HOST, node.addr.as_str())
         .header(header::USER_AGENT, "tether-balancer")
@@ -77,8 +74,5 @@ async fn probe_inner(node: &Node) -> Result<StatusCode, String> {
     }
     // The connection finished first (the node closed it after answering, as asked): the
     // answer, if there was one, is waiting in the response future.
-    response
-        .await
-        .map(|r| r.status())
-        .map_err(|e| format!("readyz: {e}"))
+    response.await.map(|r| r.status()).map_err(|e| format!("readyz: {e}"))
 }

@@ -7,10 +7,13 @@
 //! - [`config`]: the TOML file, flag overrides, validation into [`Config`];
 //! - `server`: accept loops for the client and admin listeners, connection cap, hyper set-up,
 //!   graceful shutdown of each connection;
-//! - `proxy`: per request — client id (query, header, cookie; minted when absent), node choice
-//!   with failover along the client's rank, forwarding with `X-Client-Id`/`X-Forwarded-For`;
+//! - `proxy`: per request — client id (query, header, cookie; minted when absent; checked
+//!   against the `signing_key` when one is set), node choice with failover along the
+//!   client's rank, forwarding with `X-Client-Id`/`X-Forwarded-For`;
 //! - `tunnel`: the upgraded byte tunnel, torn down as a whole when either side ends or its node
-//!   goes down;
+//!   goes down, and closed with 1012 at a frame boundary when its node is drained;
+//! - `frames`: the WebSocket frame-boundary tracker the tunnel uses for that, and the close
+//!   frame it injects;
 //! - `pool`: node states (`up|unready|down|draining`), the routing choice, the state machine;
 //! - `health`: the `GET /readyz` probes that drive that state machine;
 //! - `admin`: `/status`, `/route`, `/metrics`, drain/undrain, the HTML page;
@@ -31,6 +34,7 @@ use tracing::{info, warn};
 mod admin;
 pub mod config;
 mod error;
+mod frames;
 mod health;
 pub mod metrics;
 mod pool;
@@ -67,22 +71,13 @@ pub async fn run(
     let admin_addr = admin.local_addr().map_err(Error::Listener)?;
     let metrics = metrics::Metrics::new();
     let pool = pool::Pool::new(&config.nodes, &metrics);
-    let shared = Arc::new(Shared {
-        config,
-        pool,
-        metrics,
-        tracker: TaskTracker::new(),
-        hard_stop: CancellationToken::new(),
-    });
+    let shared =
+        Arc::new(Shared { config, pool, metrics, tracker: TaskTracker::new(), hard_stop: CancellationToken::new() });
 
     let health_stop = CancellationToken::new();
     let mut checks = JoinSet::new();
     for index in 0..shared.pool.nodes().len() {
-        checks.spawn(health::check_loop(
-            Arc::clone(&shared),
-            index,
-            health_stop.clone(),
-        ));
+        checks.spawn(health::check_loop(Arc::clone(&shared), index, health_stop.clone()));
     }
     info!(addr = %listen_addr, nodes = shared.pool.nodes().len(), "proxy listening");
     info!(addr = %admin_addr, "admin listening");
@@ -101,16 +96,10 @@ pub async fn run(
         "shutting down: waiting for open connections"
     );
     shared.tracker.close();
-    if tokio::time::timeout(grace, shared.tracker.wait())
-        .await
-        .is_ok()
-    {
+    if tokio::time::timeout(grace, shared.tracker.wait()).await.is_ok() {
         info!("drained cleanly");
     } else {
-        warn!(
-            remaining = shared.tracker.len(),
-            "grace period over; closing the remaining connections"
-        );
+        warn!(remaining = shared.tracker.len(), "grace period over; closing the remaining connections");
         shared.hard_stop.cancel();
         shared.tracker.wait().await;
     }

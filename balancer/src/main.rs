@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::Parser;
-use tether_balancer::config::parse_node_flag;
+use tether_balancer::config::{parse_node_flag, signing_key_from_env};
 use tether_balancer::{FileConfig, Overrides};
 use tether_proto::logging::{self, LogFormat};
 use tokio::net::TcpListener;
@@ -36,6 +36,10 @@ struct Cli {
     /// Milliseconds between health checks of each node [default: 500].
     #[arg(long, value_name = "N")]
     health_interval_ms: Option<u64>,
+    /// File holding the key that signs client ids (content trimmed); wins over the file's
+    /// `signing_key_file` and over $TETHER_SIGNING_KEY.
+    #[arg(long, value_name = "FILE")]
+    signing_key_file: Option<PathBuf>,
     /// Log line format on stderr.
     #[arg(long, value_name = "FORMAT", default_value = "text")]
     log_format: LogFormat,
@@ -75,70 +79,57 @@ fn load_config(cli: &Cli) -> Result<tether_balancer::Config, tether_balancer::Er
         Some(path) => FileConfig::load(path)?,
         None => FileConfig::default(),
     };
-    let nodes = cli
-        .nodes
-        .iter()
-        .map(|flag| parse_node_flag(flag))
-        .collect::<Result<Vec<_>, _>>()?;
+    let nodes = cli.nodes.iter().map(|flag| parse_node_flag(flag)).collect::<Result<Vec<_>, _>>()?;
     file.apply(Overrides {
         listen: cli.listen.clone(),
         admin: cli.admin.clone(),
         nodes,
         health_interval_ms: cli.health_interval_ms,
+        signing_key_file: cli.signing_key_file.clone(),
+        signing_key_env: signing_key_from_env()?,
     });
     file.validate()
 }
 
 #[tokio::main]
 async fn serve(config: tether_balancer::Config) -> anyhow::Result<()> {
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("binding listen address {}", config.listen))?;
-    let admin = TcpListener::bind(config.admin)
-        .await
-        .with_context(|| format!("binding admin address {}", config.admin))?;
+    let listener =
+        TcpListener::bind(config.listen).await.with_context(|| format!("binding listen address {}", config.listen))?;
+    let admin =
+        TcpListener::bind(config.admin).await.with_context(|| format!("binding admin address {}", config.admin))?;
     let listen_addr = listener.local_addr()?;
     let admin_addr = admin.local_addr()?;
+    // Signal handlers go in before the ready line: a SIGTERM right after it is a graceful stop.
+    let (term, int) = {
+        use tokio::signal::unix::{signal, SignalKind};
+        (
+            signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+        )
+    };
+    let shutdown = CancellationToken::new();
+    tokio::spawn(on_signal(term, int, shutdown.clone()));
     {
         // Other tools wait for and parse exactly this line.
         let mut out = std::io::stdout().lock();
-        writeln!(
-            out,
-            "tether-balancer ready listen={listen_addr} admin={admin_addr}"
-        )?;
+        writeln!(out, "tether-balancer ready listen={listen_addr} admin={admin_addr}")?;
         out.flush()?;
     }
 
-    let shutdown = CancellationToken::new();
-    tokio::spawn(on_signal(shutdown.clone()));
     tether_balancer::run(listener, admin, config, shutdown).await?;
     info!("stopped");
     Ok(())
 }
 
 /// Cancels `shutdown` on the first SIGTERM or SIGINT.
-async fn on_signal(shutdown: CancellationToken) {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => info!(signal = "SIGTERM", "shutdown requested"),
-                    _ = tokio::signal::ctrl_c() => info!(signal = "SIGINT", "shutdown requested"),
-                }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot watch SIGTERM; only Ctrl-C stops gracefully");
-                let _ = tokio::signal::ctrl_c().await;
-                info!(signal = "SIGINT", "shutdown requested");
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-        info!(signal = "SIGINT", "shutdown requested");
+async fn on_signal(
+    mut term: tokio::signal::unix::Signal,
+    mut int: tokio::signal::unix::Signal,
+    shutdown: CancellationToken,
+) {
+    tokio::select! {
+        _ = term.recv() => info!(signal = "SIGTERM", "shutdown requested"),
+        _ = int.recv() => info!(signal = "SIGINT", "shutdown requested"),
     }
     shutdown.cancel();
 }

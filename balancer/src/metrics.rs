@@ -114,69 +114,30 @@ impl Metrics {
         let nodes = NodeFamilies::default();
         let requests = Family::<RequestLabels, Counter>::default();
         let rejected_connections = Counter::default();
-        registry.register(
-            CONNECTIONS,
-            "Upstream connections opened, per node",
-            nodes.connections.clone(),
-        );
-        registry.register(
-            ACTIVE_CONNECTIONS,
-            "Upstream connections open now, per node",
-            nodes.active.clone(),
-        );
+        registry.register(CONNECTIONS, "Upstream connections opened, per node", nodes.connections.clone());
+        registry.register(ACTIVE_CONNECTIONS, "Upstream connections open now, per node", nodes.active.clone());
         registry.register(
             UPSTREAM_CONNECT_FAILURES,
             "Failed or timed-out connects to a node",
             nodes.connect_failures.clone(),
         );
-        registry.register(
-            NODE_UP,
-            "1 while the node is alive (up or unready)",
-            nodes.up.clone(),
-        );
-        registry.register(
-            NODE_READY,
-            "1 while the node's /readyz answers 200",
-            nodes.ready.clone(),
-        );
-        registry.register(
-            NODE_DRAINING,
-            "1 while the node is drained by an operator",
-            nodes.draining.clone(),
-        );
-        registry.register(
-            NODE_STATE_CHANGES,
-            "Health state flips of a node",
-            nodes.state_changes.clone(),
-        );
-        registry.register(
-            HEALTH_CHECKS,
-            "Health probes of a node, by outcome",
-            nodes.checks.clone(),
-        );
-        registry.register(
-            REQUESTS,
-            "Answers given to clients, by kind and HTTP status",
-            requests.clone(),
-        );
+        registry.register(NODE_UP, "1 while the node is alive (up or unready)", nodes.up.clone());
+        registry.register(NODE_READY, "1 while the node's /readyz answers 200", nodes.ready.clone());
+        registry.register(NODE_DRAINING, "1 while the node is drained by an operator", nodes.draining.clone());
+        registry.register(NODE_STATE_CHANGES, "Health state flips of a node", nodes.state_changes.clone());
+        registry.register(HEALTH_CHECKS, "Health probes of a node, by outcome", nodes.checks.clone());
+        registry.register(REQUESTS, "Answers given to clients, by kind and HTTP status", requests.clone());
         registry.register(
             REJECTED_CONNECTIONS,
             "Client connections closed at once because max_connections were open",
             rejected_connections.clone(),
         );
-        Self {
-            registry,
-            nodes,
-            requests,
-            rejected_connections,
-        }
+        Self { registry, nodes, requests, rejected_connections }
     }
 
     /// Creates (once, at start-up) the handles for one node.
     pub fn node(&self, name: &str) -> NodeMetrics {
-        let l = NodeLabels {
-            node: name.to_owned(),
-        };
+        let l = NodeLabels { node: name.to_owned() };
         NodeMetrics {
             connections: self.nodes.connections.get_or_create(&l).clone(),
             active: self.nodes.active.get_or_create(&l).clone(),
@@ -185,16 +146,8 @@ impl Metrics {
             ready: self.nodes.ready.get_or_create(&l).clone(),
             draining: self.nodes.draining.get_or_create(&l).clone(),
             state_changes: self.nodes.state_changes.get_or_create(&l).clone(),
-            checks: [
-                CheckResult::ready,
-                CheckResult::unready,
-                CheckResult::failed,
-            ]
-            .map(|result| {
-                let labels = CheckLabels {
-                    node: name.to_owned(),
-                    result,
-                };
+            checks: [CheckResult::ready, CheckResult::unready, CheckResult::failed].map(|result| {
+                let labels = CheckLabels { node: name.to_owned(), result };
                 self.nodes.checks.get_or_create(&labels).clone()
             }),
         }
@@ -202,9 +155,7 @@ impl Metrics {
 
     /// Counts one answer to a client.
     pub fn request(&self, kind: Kind, code: u16) {
-        self.requests
-            .get_or_create(&RequestLabels { kind, code })
-            .inc();
+        self.requests.get_or_create(&RequestLabels { kind, code }).inc();
     }
 
     /// The OpenMetrics text exposition of every metric.

@@ -5,7 +5,9 @@
 //! atomic loads — no lock on the hot path. State changes (health probes, failed connects,
 //! admin drain) are rare and go through a small per-node mutex so that a flip is decided, and
 //! logged, exactly once. A flip to `down` also fires the node's *down signal*, which closes
-//! every tunnel to that node (a client must notice promptly that its node is gone).
+//! every tunnel to that node (a client must notice promptly that its node is gone); an
+//! operator's drain fires its *drain signal*, which makes every tunnel to that node send its
+//! client a 1012 close frame at the next frame boundary and hang up.
 
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -94,11 +96,15 @@ pub struct Node {
     health: AtomicU8,
     /// Set by the admin `drain` and kept until `undrain`, whatever the probes say.
     draining: AtomicBool,
-    /// Serialises state changes and holds the count of consecutive answered probes while down.
+    /// Serialises state changes (health flips, drain and undrain) and holds the count of
+    /// consecutive answered probes while down.
     transition: Mutex<u32>,
     /// Cancelled (and replaced by a fresh token) when the node goes down; each tunnel holds the
     /// token current when it connected.
     down_signal: ArcSwap<CancellationToken>,
+    /// Cancelled (and replaced) when an operator drains the node; like `down_signal`, each
+    /// tunnel holds the token current when it connected.
+    drain_signal: ArcSwap<CancellationToken>,
     /// Counters and gauges; also the source of `/status`'s connection counts.
     pub metrics: NodeMetrics,
 }
@@ -116,6 +122,7 @@ impl Node {
             draining: AtomicBool::new(false),
             transition: Mutex::new(0),
             down_signal: ArcSwap::from_pointee(CancellationToken::new()),
+            drain_signal: ArcSwap::from_pointee(CancellationToken::new()),
             metrics,
         }
     }
@@ -142,12 +149,16 @@ impl Node {
         CancellationToken::clone(&self.down_signal.load())
     }
 
+    /// The token a new tunnel to this node should watch for a drain. Take it *before*
+    /// checking [`Node::is_draining`]: a drain sets the flag before it fires the token, so a
+    /// caller that then sees the flag clear holds a token that the next drain will fire.
+    pub fn drain_signal(&self) -> CancellationToken {
+        CancellationToken::clone(&self.drain_signal.load())
+    }
+
     /// Records a failed connect: the node is down from now on, until probes bring it back.
     pub fn mark_down(&self, reason: &str) {
-        let mut streak = self
-            .transition
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut streak = self.transition.lock().unwrap_or_else(PoisonError::into_inner);
         *streak = 0;
         self.set_health(Health::Down, reason);
     }
@@ -160,10 +171,7 @@ impl Node {
             Probe::Failed(_) => CheckResult::failed,
         };
         self.metrics.checks[result as usize].inc();
-        let mut streak = self
-            .transition
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut streak = self.transition.lock().unwrap_or_else(PoisonError::into_inner);
         let (next, next_streak) = next_health(self.health(), *streak, probe, rise);
         *streak = next_streak;
         let reason = match probe {
@@ -197,12 +205,20 @@ impl Node {
         }
     }
 
-    /// Sets or clears the operator's drain flag; returns whether it changed.
+    /// Sets or clears the operator's drain flag; returns whether it changed. Setting it also
+    /// fires the drain signal: the node's open tunnels close with 1012.
     pub fn set_draining(&self, on: bool) -> bool {
+        // Serialised with health flips so that a drain and an undrain racing each other
+        // cannot fire a signal for the wrong one.
+        let _transition = self.transition.lock().unwrap_or_else(PoisonError::into_inner);
         let changed = self.draining.swap(on, Ordering::AcqRel) != on;
         if changed {
             self.metrics.draining.set(i64::from(on));
             info!(node = %self.name, draining = on, "drain flag changed by admin");
+            if on {
+                let old = self.drain_signal.swap(Arc::new(CancellationToken::new()));
+                old.cancel();
+            }
         }
         changed
     }
@@ -226,10 +242,7 @@ pub struct Pool {
 
 impl Pool {
     pub fn new(configs: &[NodeConfig], metrics: &Metrics) -> Self {
-        let nodes: Vec<Node> = configs
-            .iter()
-            .map(|c| Node::new(c, metrics.node(&c.name)))
-            .collect();
+        let nodes: Vec<Node> = configs.iter().map(|c| Node::new(c, metrics.node(&c.name))).collect();
         let names = configs.iter().map(|c| c.name.clone()).collect();
         Self { nodes, names }
     }
@@ -252,22 +265,13 @@ impl Pool {
     /// Walking the rank by calling this again after each failed connect (which marks the node
     /// down) yields exactly `hrw::rank` order restricted to usable nodes, without allocating.
     pub fn pick(&self, client: &str) -> Option<usize> {
-        let wanted = if self.nodes.iter().any(|n| n.tier() == Some(Health::Up)) {
-            Health::Up
-        } else {
-            Health::Unready
-        };
-        hrw::best(&self.names, client, |i| {
-            self.nodes[i].tier() == Some(wanted)
-        })
+        let wanted = if self.nodes.iter().any(|n| n.tier() == Some(Health::Up)) { Health::Up } else { Health::Unready };
+        hrw::best(&self.names, client, |i| self.nodes[i].tier() == Some(wanted))
     }
 
     /// The full preference order of `client` over all nodes, whatever their state.
     pub fn rank(&self, client: &str) -> Vec<&str> {
-        hrw::rank(&self.names, client)
-            .into_iter()
-            .map(|i| self.names[i].as_str())
-            .collect()
+        hrw::rank(&self.names, client).into_iter().map(|i| self.names[i].as_str()).collect()
     }
 
     /// Open upstream connections over all nodes.
@@ -301,10 +305,7 @@ mod tests {
 
     fn pool(n: usize) -> Pool {
         let configs: Vec<NodeConfig> = (1..=n)
-            .map(|i| NodeConfig {
-                name: format!("node-{i}"),
-                addr: format!("127.0.0.1:{}", 9000 + i),
-            })
+            .map(|i| NodeConfig { name: format!("node-{i}"), addr: format!("127.0.0.1:{}", 9000 + i) })
             .collect();
         Pool::new(&configs, &Metrics::new())
     }
@@ -323,18 +324,9 @@ mod tests {
         let (h, s) = next_health(Health::Down, 1, &failed, 3);
         assert_eq!(next_health(h, s, &Probe::Ready, 3), (Health::Down, 1));
         // Alive nodes follow /readyz directly.
-        assert_eq!(
-            next_health(Health::Up, 0, &Probe::Unready(500), 2),
-            (Health::Unready, 0)
-        );
-        assert_eq!(
-            next_health(Health::Unready, 0, &Probe::Ready, 2),
-            (Health::Up, 0)
-        );
-        assert_eq!(
-            next_health(Health::Down, 0, &Probe::Ready, 1),
-            (Health::Up, 0)
-        );
+        assert_eq!(next_health(Health::Up, 0, &Probe::Unready(500), 2), (Health::Unready, 0));
+        assert_eq!(next_health(Health::Unready, 0, &Probe::Ready, 2), (Health::Up, 0));
+        assert_eq!(next_health(Health::Down, 0, &Probe::Ready, 1), (Health::Up, 0));
     }
 
     #[test]
@@ -378,6 +370,25 @@ mod tests {
         assert!(!second.is_cancelled(), "no flip, no signal");
         assert_eq!(node.metrics.state_changes.get(), 2);
         assert_eq!(node.metrics.up.get(), 0);
+    }
+
+    #[test]
+    fn draining_fires_the_drain_signal_once_and_undrain_does_not() {
+        let pool = pool(1);
+        let node = pool.get(0);
+        let before = node.drain_signal();
+        node.mark_down("refused");
+        assert!(!before.is_cancelled(), "down is not drain");
+        assert!(node.set_draining(true));
+        assert!(before.is_cancelled());
+        let during = node.drain_signal();
+        assert!(!node.set_draining(true));
+        assert!(!during.is_cancelled(), "no change, no signal");
+        assert!(node.set_draining(false));
+        assert!(!during.is_cancelled());
+        let after = node.drain_signal();
+        assert!(node.set_draining(true));
+        assert!(after.is_cancelled());
     }
 
     #[test]

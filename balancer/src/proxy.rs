@@ -21,6 +21,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tether_proto::id::{extract_client_id, mint_client_id, session_cookie, IdSource};
 use tether_proto::id::{CLIENT_ID_HEADER, SESSION_COOKIE};
+use tether_proto::sign::SigningKey;
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
@@ -59,9 +60,7 @@ pub(crate) struct ClientConn {
 }
 
 pub(crate) fn full(body: impl Into<Bytes>) -> Body {
-    Full::new(body.into())
-        .map_err(|never| match never {})
-        .boxed()
+    Full::new(body.into()).map_err(|never| match never {}).boxed()
 }
 
 pub(crate) fn empty() -> Body {
@@ -73,10 +72,7 @@ pub(crate) fn text_response(status: StatusCode, text: impl Into<String>) -> Resp
     text.push('\n');
     let mut response = Response::new(full(text));
     *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
+    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     response
 }
 
@@ -86,15 +82,9 @@ pub(crate) async fn handle(
     conn: Arc<ClientConn>,
     request: Request<Incoming>,
 ) -> Result<Response<Body>, Infallible> {
-    let kind = if is_upgrade(request.headers()) {
-        Kind::ws
-    } else {
-        Kind::http
-    };
+    let kind = if is_upgrade(request.headers()) { Kind::ws } else { Kind::http };
     let span = tracing::debug_span!("request", ?kind, client = field::Empty, node = field::Empty);
-    let response = forward(&shared, &conn, kind, request)
-        .instrument(span)
-        .await;
+    let response = forward(&shared, &conn, kind, request).instrument(span).await;
     shared.metrics.request(kind, response.status().as_u16());
     Ok(response)
 }
@@ -110,15 +100,16 @@ pub(crate) fn is_upgrade(headers: &HeaderMap) -> bool {
             .any(|token| token.trim().eq_ignore_ascii_case("upgrade"))
 }
 
-/// The request's client id, or a fresh one (`true` = minted here).
-fn client_id(request: &Request<Incoming>, order: &[IdSource]) -> Result<(String, bool), Error> {
+/// The request's client id, or a fresh one (`true` = minted here). With a signing key, a
+/// found id must verify and a minted one is signed.
+fn client_id(
+    request: &Request<Incoming>,
+    order: &[IdSource],
+    key: Option<&SigningKey>,
+) -> Result<(String, bool), Error> {
     let headers = request.headers();
     // Browsers send one Cookie header (RFC 6265 §5.4); the Vec allocates only when one is there.
-    let cookies: Vec<&[u8]> = headers
-        .get_all(header::COOKIE)
-        .iter()
-        .map(HeaderValue::as_bytes)
-        .collect();
+    let cookies: Vec<&[u8]> = headers.get_all(header::COOKIE).iter().map(HeaderValue::as_bytes).collect();
     let found = extract_client_id(
         request.uri().query(),
         headers.get(CLIENT_ID_HEADER).map(HeaderValue::as_bytes),
@@ -126,8 +117,11 @@ fn client_id(request: &Request<Incoming>, order: &[IdSource]) -> Result<(String,
         order,
     )?;
     Ok(match found {
+        Some(id) if key.is_some_and(|key| !key.verify(id)) => {
+            return Err(Error::UnsignedClientId { id: id.to_owned() })
+        }
         Some(id) => (id.to_owned(), false),
-        None => (mint_client_id(), true),
+        None => (key.map_or_else(mint_client_id, SigningKey::mint), true),
     })
 }
 
@@ -137,17 +131,28 @@ async fn forward(
     kind: Kind,
     mut request: Request<Incoming>,
 ) -> Response<Body> {
-    let (id, minted) = match client_id(&request, &shared.config.hash_keys) {
+    let config = &shared.config;
+    let (id, minted) = match client_id(&request, &config.hash_keys, config.signing_key.as_ref()) {
         Ok(found) => found,
         Err(e) => {
-            debug!(peer = %conn.peer, error = %e, "refused request");
-            return text_response(StatusCode::BAD_REQUEST, e.to_string());
+            // Refused before any upgrade or node contact.
+            let status = match &e {
+                Error::UnsignedClientId { id } => {
+                    debug!(peer = %conn.peer, client = %id, "refused an unsigned or forged id");
+                    StatusCode::FORBIDDEN
+                }
+                _ => {
+                    debug!(peer = %conn.peer, error = %e, "refused request");
+                    StatusCode::BAD_REQUEST
+                }
+            };
+            return text_response(status, e.to_string());
         }
     };
     let span = tracing::Span::current();
     span.record("client", id.as_str());
 
-    let Some((index, stream, down)) = connect_ranked(shared, &id).await else {
+    let Some(Upstream { index, stream, down, drain }) = connect_ranked(shared, &id).await else {
         return text_response(StatusCode::SERVICE_UNAVAILABLE, "no node available");
     };
     let node = shared.pool.get(index);
@@ -159,20 +164,13 @@ async fn forward(
         return text_response(StatusCode::BAD_REQUEST, e);
     }
 
-    let (mut sender, upstream) =
-        match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await {
-            Ok(pair) => pair,
-            Err(source) => return bad_gateway(node, source),
-        };
+    let (mut sender, upstream) = match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await {
+        Ok(pair) => pair,
+        Err(source) => return bad_gateway(node, source),
+    };
     let upstream_span = tracing::debug_span!("upstream", node = %node.name, client = %id);
     shared.tracker.spawn(
-        drive_upstream(
-            upstream,
-            Arc::clone(&guard),
-            down.clone(),
-            shared.hard_stop.clone(),
-        )
-        .instrument(upstream_span),
+        drive_upstream(upstream, Arc::clone(&guard), down.clone(), shared.hard_stop.clone()).instrument(upstream_span),
     );
 
     let mut response = match sender.send_request(request).await {
@@ -187,10 +185,11 @@ async fn forward(
             return text_response(StatusCode::BAD_GATEWAY, "node switched protocols unasked");
         };
         let node_upgrade = hyper::upgrade::on(&mut response);
-        let stops = tunnel::Stops {
-            node_down: down,
-            hard_stop: shared.hard_stop.clone(),
-        };
+        // Frame tracking (and so a clean 1012 on drain) only makes sense for WebSocket;
+        // another upgraded protocol is simply cut on drain.
+        let websocket =
+            response.headers().get(header::UPGRADE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
+        let stops = tunnel::Stops { node_down: down, drain, hard_stop: shared.hard_stop.clone() };
         let tunnel_span = tracing::info_span!(
             "tunnel",
             peer = %conn.peer,
@@ -198,7 +197,7 @@ async fn forward(
             node = %node.name
         );
         shared.tracker.spawn(
-            tunnel::run(client_upgrade, node_upgrade, stops, guard, Arc::clone(conn))
+            tunnel::run(client_upgrade, node_upgrade, websocket, stops, guard, Arc::clone(conn))
                 .instrument(tunnel_span),
         );
         // The node's 101 headers (Upgrade, Connection, Sec-WebSocket-*) go back unchanged.
@@ -218,32 +217,36 @@ async fn forward(
 }
 
 fn bad_gateway(node: &Node, source: hyper::Error) -> Response<Body> {
-    let e = Error::NodeHttp {
-        node: node.name.clone(),
-        source,
-    };
+    let e = Error::NodeHttp { node: node.name.clone(), source };
     debug!(error = %e, "upstream exchange failed");
-    text_response(
-        StatusCode::BAD_GATEWAY,
-        format!("node {} failed", node.name),
-    )
+    text_response(StatusCode::BAD_GATEWAY, format!("node {} failed", node.name))
+}
+
+/// A connected upstream: which node, the stream, and the node's signals as they were *before*
+/// connecting (so a flip or a drain during the connect is not missed).
+struct Upstream {
+    index: usize,
+    stream: TcpStream,
+    down: CancellationToken,
+    drain: CancellationToken,
 }
 
 /// Connects to the client's best usable node, and on a failed connect marks that node down
-/// and tries the next one in the client's rank. Returns the node, the stream, and the down
-/// signal that was current *before* connecting (so a flip during the connect is not missed).
-async fn connect_ranked(
-    shared: &Shared,
-    id: &str,
-) -> Option<(usize, TcpStream, CancellationToken)> {
-    // Every failure marks one node down, so this ends; the bound only guards against probes
-    // reviving nodes as fast as connects fail.
+/// and tries the next one in the client's rank.
+async fn connect_ranked(shared: &Shared, id: &str) -> Option<Upstream> {
+    // Every failure marks one node down (or finds it drained), so this ends; the bound only
+    // guards against probes reviving nodes as fast as connects fail.
     for _ in 0..shared.pool.nodes().len() {
         let index = shared.pool.pick(id)?;
         let node = shared.pool.get(index);
         let down = node.down_signal();
+        let drain = node.drain_signal();
+        if node.is_draining() {
+            // Drained between `pick` and here: not a failure, just no longer a candidate.
+            continue;
+        }
         match connect(node, shared.config.connect_timeout).await {
-            Ok(stream) => return Some((index, stream, down)),
+            Ok(stream) => return Some(Upstream { index, stream, down, drain }),
             Err(e) => {
                 node.metrics.connect_failures.inc();
                 debug!(error = %e, "upstream connect failed; trying the next node");
@@ -261,11 +264,7 @@ async fn connect(node: &Node, timeout: Duration) -> Result<TcpStream, Error> {
             let _ = stream.set_nodelay(true);
             Ok(stream)
         }
-        Ok(Err(source)) => Err(Error::NodeConnect {
-            node: node.name.clone(),
-            addr: node.addr.clone(),
-            source,
-        }),
+        Ok(Err(source)) => Err(Error::NodeConnect { node: node.name.clone(), addr: node.addr.clone(), source }),
         Err(_) => Err(Error::NodeConnectTimeout {
             node: node.name.clone(),
             addr: node.addr.clone(),
@@ -297,22 +296,12 @@ async fn drive_upstream(
 /// Turns the client's request into the node's: origin-form URI, hop-by-hop headers dropped
 /// (the upgrade pair restored for WebSockets), `X-Client-Id` set to the chosen id whatever the
 /// client sent, and the client's address appended to `X-Forwarded-For`.
-fn prepare_upstream_request<B>(
-    request: &mut Request<B>,
-    id: &str,
-    peer: IpAddr,
-) -> Result<(), &'static str> {
-    let path = request
-        .uri()
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+fn prepare_upstream_request<B>(request: &mut Request<B>, id: &str, peer: IpAddr) -> Result<(), &'static str> {
+    let path = request.uri().path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
     *request.uri_mut() = Uri::from(path);
 
     let headers = request.headers_mut();
-    let upgrade = is_upgrade(headers)
-        .then(|| headers.get(header::UPGRADE).cloned())
-        .flatten();
+    let upgrade = is_upgrade(headers).then(|| headers.get(header::UPGRADE).cloned()).flatten();
     strip_hop_by_hop(headers);
     if let Some(protocol) = upgrade {
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -408,10 +397,7 @@ mod tests {
         );
         prepare_upstream_request(&mut r, "bob", "::1".parse().unwrap()).unwrap();
         let h = r.headers();
-        assert!(
-            !h.contains_key("upgrade"),
-            "no Connection: upgrade, no upgrade"
-        );
+        assert!(!h.contains_key("upgrade"), "no Connection: upgrade, no upgrade");
         assert!(!h.contains_key("transfer-encoding"));
         assert_eq!(h["x-forwarded-for"], "1.1.1.1, 2.2.2.2, ::1");
     }

@@ -36,78 +36,43 @@ const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 const HYPER_MIN_BUF: usize = 8192;
 
 /// Serves the client-facing listener until `shutdown` fires.
-pub(crate) async fn serve_proxy(
-    shared: Arc<Shared>,
-    listener: TcpListener,
-    shutdown: CancellationToken,
-) {
+pub(crate) async fn serve_proxy(shared: Arc<Shared>, listener: TcpListener, shutdown: CancellationToken) {
     let limit = Arc::new(Semaphore::new(shared.config.max_connections));
-    accept_loop(
-        &shared,
-        listener,
-        limit,
-        &shutdown,
-        "proxy",
-        |stream, peer, permit| {
-            let _ = stream.set_nodelay(true);
-            let conn = Arc::new(ClientConn {
-                peer,
-                _permit: permit,
-            });
-            let service = {
-                let shared = Arc::clone(&shared);
-                service_fn(move |request| {
-                    proxy::handle(Arc::clone(&shared), Arc::clone(&conn), request)
-                })
-            };
-            let connection = http_builder(&shared)
-                .serve_connection(TokioIo::new(stream), service)
-                .with_upgrades();
-            let span = tracing::debug_span!("conn", %peer);
-            shared.tracker.spawn(
-                drive(
-                    connection,
-                    |c| c.graceful_shutdown(),
-                    shutdown.clone(),
-                    shared.hard_stop.clone(),
-                )
-                .instrument(span),
-            );
-        },
-    )
+    accept_loop(&shared, listener, limit, &shutdown, "proxy", |stream, peer, permit| {
+        let _ = stream.set_nodelay(true);
+        let conn = Arc::new(ClientConn { peer, _permit: permit });
+        let service = {
+            let shared = Arc::clone(&shared);
+            service_fn(move |request| proxy::handle(Arc::clone(&shared), Arc::clone(&conn), request))
+        };
+        let connection = http_builder(&shared).serve_connection(TokioIo::new(stream), service).with_upgrades();
+        let span = tracing::debug_span!("conn", %peer);
+        shared.tracker.spawn(
+            drive(connection, |c| c.graceful_shutdown(), shutdown.clone(), shared.hard_stop.clone()).instrument(span),
+        );
+    })
     .await;
 }
 
 /// Serves the admin listener until `shutdown` fires.
-pub(crate) async fn serve_admin(
-    shared: Arc<Shared>,
-    listener: TcpListener,
-    shutdown: CancellationToken,
-) {
+pub(crate) async fn serve_admin(shared: Arc<Shared>, listener: TcpListener, shutdown: CancellationToken) {
     let limit = Arc::new(Semaphore::new(ADMIN_MAX_CONNECTIONS));
-    accept_loop(
-        &shared,
-        listener,
-        limit,
-        &shutdown,
-        "admin",
-        |stream, peer, permit| {
-            let service = {
-                let shared = Arc::clone(&shared);
-                service_fn(move |request| admin::handle(Arc::clone(&shared), request))
-            };
-            let connection = http_builder(&shared).serve_connection(TokioIo::new(stream), service);
-            let span = tracing::debug_span!("admin_conn", %peer);
-            let (shutdown, hard_stop) = (shutdown.clone(), shared.hard_stop.clone());
-            shared.tracker.spawn(
-                async move {
-                    drive(connection, |c| c.graceful_shutdown(), shutdown, hard_stop).await;
-                    drop(permit);
-                }
-                .instrument(span),
-            );
-        },
-    )
+    accept_loop(&shared, listener, limit, &shutdown, "admin", |stream, peer, permit| {
+        let service = {
+            let shared = Arc::clone(&shared);
+            service_fn(move |request| admin::handle(Arc::clone(&shared), request))
+        };
+        let connection = http_builder(&shared).serve_connection(TokioIo::new(stream), service);
+        let span = tracing::debug_span!("admin_conn", %peer);
+        let (shutdown, hard_stop) = (shutdown.clone(), shared.hard_stop.clone());
+        shared.tracker.spawn(
+            async move {
+                drive(connection, |c| c.graceful_shutdown(), shutdown, hard_stop).await;
+                drop(permit);
+            }
+            .instrument(span),
+        );
+    })
     .await;
 }
 
@@ -182,12 +147,8 @@ fn is_per_connection(e: &io::Error) -> bool {
 /// Runs one connection; on shutdown lets it finish its in-flight request, and cuts it when the
 /// grace period is over.
 /// `graceful` is hyper's `graceful_shutdown` of the connection's concrete type.
-async fn drive<C>(
-    connection: C,
-    graceful: fn(Pin<&mut C>),
-    shutdown: CancellationToken,
-    hard_stop: CancellationToken,
-) where
+async fn drive<C>(connection: C, graceful: fn(Pin<&mut C>), shutdown: CancellationToken, hard_stop: CancellationToken)
+where
     C: Future<Output = hyper::Result<()>>,
 {
     let mut connection = pin!(connection);

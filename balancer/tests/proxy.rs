@@ -38,18 +38,11 @@ async fn same_id_always_reaches_the_same_node_whatever_carries_it() {
         let (_ws, hello) = ws_for(lb.addr, "alice-7f3a").await;
         assert_eq!(hello.server, expected);
     }
-    let (mut ws, _) = ws_connect(lb.addr, "", &[("x-client-id", "alice-7f3a")])
-        .await
-        .unwrap();
+    let (mut ws, _) = ws_connect(lb.addr, "", &[("x-client-id", "alice-7f3a")]).await.unwrap();
     assert_eq!(hello(&mut ws).await.server, expected);
-    let (mut ws, _) = ws_connect(lb.addr, "", &[("cookie", "a=1; tether_sid=alice-7f3a")])
-        .await
-        .unwrap();
+    let (mut ws, _) = ws_connect(lb.addr, "", &[("cookie", "a=1; tether_sid=alice-7f3a")]).await.unwrap();
     let h = hello(&mut ws).await;
-    assert_eq!(
-        (h.server.as_str(), h.client.as_str()),
-        (expected, "alice-7f3a")
-    );
+    assert_eq!((h.server.as_str(), h.client.as_str()), (expected, "alice-7f3a"));
     for _ in 0..3 {
         assert_eq!(lb.http_node("alice-7f3a").await, expected);
     }
@@ -61,9 +54,7 @@ async fn ids_spread_over_all_three_nodes() {
     let lb = start_balancer(file_nodes(&nodes), |_| {}).await;
     let mut per_node: HashMap<String, usize> = HashMap::new();
     for i in 0..90 {
-        *per_node
-            .entry(lb.http_node(&format!("user-{i}")).await)
-            .or_default() += 1;
+        *per_node.entry(lb.http_node(&format!("user-{i}")).await).or_default() += 1;
     }
     for name in NAMES {
         let n = per_node.get(name).copied().unwrap_or(0);
@@ -79,10 +70,7 @@ async fn minted_id_comes_back_as_cookie_and_reaches_the_node_as_header() {
     // WebSocket: the cookie rides on the 101 itself.
     let (mut ws, response) = ws_connect(lb.addr, "", &[]).await.unwrap();
     assert_eq!(response.status(), StatusCode::SWITCHING_PROTOCOLS);
-    let cookie = response.headers()["set-cookie"]
-        .to_str()
-        .unwrap()
-        .to_owned();
+    let cookie = response.headers()["set-cookie"].to_str().unwrap().to_owned();
     let id = cookie
         .strip_prefix("tether_sid=")
         .and_then(|rest| rest.strip_suffix("; Path=/; HttpOnly; SameSite=Lax"))
@@ -93,9 +81,7 @@ async fn minted_id_comes_back_as_cookie_and_reaches_the_node_as_header() {
     assert_eq!(first.xff, "127.0.0.1");
 
     // Coming back with the cookie: same node, same id, no new cookie.
-    let (mut ws, response) = ws_connect(lb.addr, "", &[("cookie", &format!("tether_sid={id}"))])
-        .await
-        .unwrap();
+    let (mut ws, response) = ws_connect(lb.addr, "", &[("cookie", &format!("tether_sid={id}"))]).await.unwrap();
     assert!(!response.headers().contains_key("set-cookie"));
     assert_eq!(hello(&mut ws).await, first);
 
@@ -117,10 +103,7 @@ async fn chosen_id_overwrites_a_client_sent_header_and_forwarded_for_is_appended
         lb.addr,
         Method::GET,
         "/api?client=alice",
-        &[
-            ("x-client-id", "mallory"),
-            ("x-forwarded-for", "203.0.113.7"),
-        ],
+        &[("x-client-id", "mallory"), ("x-forwarded-for", "203.0.113.7")],
     )
     .await;
     assert_eq!(code, StatusCode::OK);
@@ -138,8 +121,7 @@ async fn bad_id_is_refused_with_400_before_the_upgrade() {
     match ws_connect(lb.addr, "?client=a%20b", &[]).await {
         Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
             assert_eq!(response.status(), StatusCode::BAD_REQUEST);
-            let body = String::from_utf8_lossy(response.body().as_deref().unwrap_or_default())
-                .into_owned();
+            let body = String::from_utf8_lossy(response.body().as_deref().unwrap_or_default()).into_owned();
             assert!(body.contains("client id"), "{body}");
         }
         other => panic!("expected a 400, got {other:?}"),
@@ -154,30 +136,17 @@ async fn bad_id_is_refused_with_400_before_the_upgrade() {
         assert_eq!(code, StatusCode::BAD_REQUEST, "{path} {headers:?}: {body}");
     }
     assert_eq!(nodes.iter().map(MockNode::requests).sum::<usize>(), 0);
-    assert_eq!(
-        lb.metric("tether_balancer_requests_total{kind=\"ws\",code=\"400\"}")
-            .await,
-        1.0
-    );
+    assert_eq!(lb.metric("tether_balancer_requests_total{kind=\"ws\",code=\"400\"}").await, 1.0);
 }
 
 #[tokio::test]
 async fn refused_connect_fails_over_on_the_first_try_and_marks_the_node_down() {
     let mut nodes = three_nodes().await;
     // Probes are far apart: only the failed connect itself can notice the death.
-    let lb = start_balancer(file_nodes(&nodes), |f| {
-        f.health_interval_ms = Some(3_600_000)
-    })
-    .await;
+    let lb = start_balancer(file_nodes(&nodes), |f| f.health_interval_ms = Some(3_600_000)).await;
     let dead = 1;
-    let checked = format!(
-        "tether_balancer_health_checks_total{{node=\"{}\",result=\"ready\"}}",
-        NAMES[dead]
-    );
-    eventually("the start-up probe", || async {
-        lb.metric(&checked).await >= 1.0
-    })
-    .await;
+    let checked = format!("tether_balancer_health_checks_total{{node=\"{}\",result=\"ready\"}}", NAMES[dead]);
+    eventually("the start-up probe", || async { lb.metric(&checked).await >= 1.0 }).await;
 
     let ids = ids_ranking_first(&NAMES, dead, 5);
     let (_ws, before) = ws_for(lb.addr, &ids[0]).await;
@@ -188,10 +157,7 @@ async fn refused_connect_fails_over_on_the_first_try_and_marks_the_node_down() {
     let second = NAMES[tether_proto::hrw::rank(&NAMES, &ids[1])[1]];
     assert_eq!(after.server, second);
     assert_eq!(lb.node_state(NAMES[dead]).await, "down");
-    let failures = format!(
-        "tether_balancer_upstream_connect_failures_total{{node=\"{}\"}}",
-        NAMES[dead]
-    );
+    let failures = format!("tether_balancer_upstream_connect_failures_total{{node=\"{}\"}}", NAMES[dead]);
     assert_eq!(lb.metric(&failures).await, 1.0);
     // Down now: later clients skip the node without trying it.
     for id in &ids[2..] {
@@ -239,16 +205,10 @@ async fn only_the_dead_nodes_clients_move_and_they_come_back() {
 async fn node_dying_under_a_tunnel_closes_the_client_promptly() {
     let mut nodes = three_nodes().await;
     // Probes are far apart: the tunnel itself must notice.
-    let lb = start_balancer(file_nodes(&nodes), |f| {
-        f.health_interval_ms = Some(3_600_000)
-    })
-    .await;
+    let lb = start_balancer(file_nodes(&nodes), |f| f.health_interval_ms = Some(3_600_000)).await;
     let (mut ws, hello) = ws_for(lb.addr, "bob").await;
-    let (mut other, other_hello) = ws_for(
-        lb.addr,
-        &ids_ranking_first(&NAMES, (index_of(&hello.server) + 1) % 3, 1)[0],
-    )
-    .await;
+    let (mut other, other_hello) =
+        ws_for(lb.addr, &ids_ranking_first(&NAMES, (index_of(&hello.server) + 1) % 3, 1)[0]).await;
     echo(&mut ws, "ping").await;
     nodes[index_of(&hello.server)].stop().await;
     expect_closed(&mut ws).await;
@@ -257,14 +217,8 @@ async fn node_dying_under_a_tunnel_closes_the_client_promptly() {
     echo(&mut other, "still here").await;
     // The client reconnects and lands on its next node at the first try.
     let (_ws, again) = ws_for(lb.addr, "bob").await;
-    assert_eq!(
-        again.server,
-        NAMES[tether_proto::hrw::rank(&NAMES, "bob")[1]]
-    );
-    eventually("active connections to drop", || async {
-        lb.status().await["active_connections"] == 2
-    })
-    .await;
+    assert_eq!(again.server, NAMES[tether_proto::hrw::rank(&NAMES, "bob")[1]]);
+    eventually("active connections to drop", || async { lb.status().await["active_connections"] == 2 }).await;
 }
 
 #[tokio::test]
@@ -305,21 +259,12 @@ async fn unready_nodes_keep_their_tunnels_and_serve_when_none_is_ready() {
         assert_eq!(h.server, NAMES[tether_proto::hrw::rank(&NAMES, &id)[0]]);
     }
     let (code, route) = lb.route("dave").await;
-    assert_eq!(
-        (code, route["node"].as_str()),
-        (StatusCode::OK, Some(NAMES[home]))
-    );
+    assert_eq!((code, route["node"].as_str()), (StatusCode::OK, Some(NAMES[home])));
 
     // Several probes later the first tunnel is still open.
-    let probes = format!(
-        "tether_balancer_health_checks_total{{node=\"{}\",result=\"unready\"}}",
-        NAMES[home]
-    );
+    let probes = format!("tether_balancer_health_checks_total{{node=\"{}\",result=\"unready\"}}", NAMES[home]);
     let seen = lb.metric(&probes).await;
-    eventually("more probes", || async {
-        lb.metric(&probes).await >= seen + 3.0
-    })
-    .await;
+    eventually("more probes", || async { lb.metric(&probes).await >= seen + 3.0 }).await;
     echo(&mut ws, "still connected").await;
 
     nodes[home].set_ready(true);
@@ -340,31 +285,22 @@ async fn drain_and_undrain_through_the_admin_port() {
     assert_eq!(lb.route("erin").await.1["node"], next);
     let (_ws2, h) = ws_for(lb.addr, "erin").await;
     assert_eq!(h.server, next);
-    // Probes do not clear a drain, and open tunnels stay for now.
+    // The open tunnel was told to reconnect (tests/drain.rs has the details).
+    assert_eq!(expect_close_code(&mut ws).await, 1012);
+    // Probes do not clear a drain.
     let probes = format!("tether_balancer_health_checks_total{{node=\"{home}\",result=\"ready\"}}");
     let seen = lb.metric(&probes).await;
-    eventually("more probes", || async {
-        lb.metric(&probes).await >= seen + 2.0
-    })
-    .await;
+    eventually("more probes", || async { lb.metric(&probes).await >= seen + 2.0 }).await;
     assert_eq!(lb.node_state(&home).await, "draining");
-    echo(&mut ws, "still here").await;
 
-    let (code, _, _) = http(
-        lb.admin,
-        Method::POST,
-        &format!("/nodes/{home}/undrain"),
-        &[],
-    )
-    .await;
+    let (code, _, _) = http(lb.admin, Method::POST, &format!("/nodes/{home}/undrain"), &[]).await;
     assert_eq!(code, StatusCode::OK);
     assert_eq!(lb.node_state(&home).await, "up");
     assert_eq!(lb.http_node("erin").await, home);
 
     let (code, _, _) = http(lb.admin, Method::POST, "/nodes/nope/drain", &[]).await;
     assert_eq!(code, StatusCode::NOT_FOUND);
-    let (code, headers, _) =
-        http(lb.admin, Method::GET, &format!("/nodes/{home}/drain"), &[]).await;
+    let (code, headers, _) = http(lb.admin, Method::GET, &format!("/nodes/{home}/drain"), &[]).await;
     assert_eq!(code, StatusCode::METHOD_NOT_ALLOWED);
     assert_eq!(headers["allow"], "POST");
 }
@@ -405,33 +341,17 @@ async fn status_metrics_and_page_describe_the_nodes() {
     let (_ws, hello) = ws_for(lb.addr, "frank").await;
     let status = lb.status().await;
     assert_eq!(status["active_connections"], 1);
-    let names: HashSet<&str> = status["nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|n| n["name"].as_str().unwrap())
-        .collect();
+    let names: HashSet<&str> =
+        status["nodes"].as_array().unwrap().iter().map(|n| n["name"].as_str().unwrap()).collect();
     assert_eq!(names, NAMES.into_iter().collect());
-    let home = status["nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|n| n["name"] == hello.server.as_str())
-        .unwrap();
+    let home = status["nodes"].as_array().unwrap().iter().find(|n| n["name"] == hello.server.as_str()).unwrap();
     assert_eq!(home["active_connections"], 1);
     assert_eq!(home["total_connections"], 1);
     assert_eq!(home["state"], "up");
 
-    let active = format!(
-        "tether_balancer_active_connections{{node=\"{}\"}}",
-        hello.server
-    );
+    let active = format!("tether_balancer_active_connections{{node=\"{}\"}}", hello.server);
     assert_eq!(lb.metric(&active).await, 1.0);
-    assert_eq!(
-        lb.metric("tether_balancer_requests_total{kind=\"ws\",code=\"101\"}")
-            .await,
-        1.0
-    );
+    assert_eq!(lb.metric("tether_balancer_requests_total{kind=\"ws\",code=\"101\"}").await, 1.0);
     let (_, _, metrics) = http(lb.admin, Method::GET, "/metrics", &[]).await;
     for name in [
         "tether_balancer_connections_total",
@@ -443,10 +363,7 @@ async fn status_metrics_and_page_describe_the_nodes() {
 
     let (code, headers, page) = http(lb.admin, Method::GET, "/", &[]).await;
     assert_eq!(code, StatusCode::OK);
-    assert!(headers["content-type"]
-        .to_str()
-        .unwrap()
-        .starts_with("text/html"));
+    assert!(headers["content-type"].to_str().unwrap().starts_with("text/html"));
     for name in NAMES {
         assert!(page.contains(name));
     }
@@ -474,16 +391,10 @@ async fn garbage_on_either_port_does_not_hurt_the_balancer() {
     let lb = start_balancer(file_nodes(&nodes), |f| f.header_read_timeout_ms = Some(300)).await;
     let mut noise: Vec<u8> = (0..4096u32).map(|i| (i * 7919 % 251) as u8).collect();
     noise.extend_from_slice(b"\r\n\r\n");
-    let huge_header = format!(
-        "GET / HTTP/1.1\r\nhost: x\r\nx-big: {}\r\n\r\n",
-        "a".repeat(64 * 1024)
-    );
+    let huge_header = format!("GET / HTTP/1.1\r\nhost: x\r\nx-big: {}\r\n\r\n", "a".repeat(64 * 1024));
     for addr in [lb.addr, lb.admin] {
         let reply = send_raw(addr, &noise).await;
-        assert!(
-            reply.is_empty() || reply.starts_with(b"HTTP/1.1 4"),
-            "{reply:?}"
-        );
+        assert!(reply.is_empty() || reply.starts_with(b"HTTP/1.1 4"), "{reply:?}");
         let reply = send_raw(addr, huge_header.as_bytes()).await;
         assert!(reply.is_empty() || reply.starts_with(b"HTTP/1.1 4"));
         // Half a request, then silence: cut by header_read_timeout_ms.
@@ -492,11 +403,8 @@ async fn garbage_on_either_port_does_not_hurt_the_balancer() {
         drop(TcpStream::connect(addr).await.unwrap());
     }
     // A WebSocket handshake cut short after the request.
-    send_raw(
-        lb.addr,
-        b"GET /ws?client=z HTTP/1.1\r\nhost: x\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n",
-    )
-    .await;
+    send_raw(lb.addr, b"GET /ws?client=z HTTP/1.1\r\nhost: x\r\nconnection: upgrade\r\nupgrade: websocket\r\n\r\n")
+        .await;
     assert_eq!(lb.http_node("after-garbage").await.len(), 6);
     assert_eq!(lb.status().await["nodes"].as_array().unwrap().len(), 3);
 }
@@ -512,16 +420,10 @@ async fn a_node_speaking_garbage_gets_502_or_503_not_a_crash() {
             });
         }
     });
-    let node = tether_balancer::FileNode {
-        name: "junk".into(),
-        addr: addr.to_string(),
-    };
+    let node = tether_balancer::FileNode { name: "junk".into(), addr: addr.to_string() };
     let lb = start_balancer(vec![node], |_| {}).await;
     let (code, _, _) = http(lb.addr, Method::GET, "/api?client=x", &[]).await;
-    assert!(
-        code == StatusCode::BAD_GATEWAY || code == StatusCode::SERVICE_UNAVAILABLE,
-        "{code}"
-    );
+    assert!(code == StatusCode::BAD_GATEWAY || code == StatusCode::SERVICE_UNAVAILABLE, "{code}");
     lb.wait_state("junk", "down").await;
 }
 
@@ -532,16 +434,9 @@ async fn connections_beyond_the_cap_are_closed_at_once() {
     let (ws1, _) = ws_for(lb.addr, "g1").await;
     let (_ws2, _) = ws_for(lb.addr, "g2").await;
     assert!(ws_connect(lb.addr, "?client=g3", &[]).await.is_err());
-    assert_eq!(
-        lb.metric("tether_balancer_rejected_connections_total")
-            .await,
-        1.0
-    );
+    assert_eq!(lb.metric("tether_balancer_rejected_connections_total").await, 1.0);
     drop(ws1);
-    eventually("a slot to free up", || async {
-        ws_connect(lb.addr, "?client=g3", &[]).await.is_ok()
-    })
-    .await;
+    eventually("a slot to free up", || async { ws_connect(lb.addr, "?client=g3", &[]).await.is_ok() }).await;
 }
 
 #[tokio::test]
@@ -550,10 +445,7 @@ async fn shutdown_lets_tunnels_finish_then_cuts_them_after_the_grace() {
     let mut lb = start_balancer(file_nodes(&nodes), |f| f.grace_period_ms = Some(60_000)).await;
     let (mut ws, _) = ws_for(lb.addr, "hank").await;
     lb.shutdown.cancel();
-    eventually("the listener to close", || async {
-        TcpStream::connect(lb.addr).await.is_err()
-    })
-    .await;
+    eventually("the listener to close", || async { TcpStream::connect(lb.addr).await.is_err() }).await;
     echo(&mut ws, "still served during the grace").await;
     ws.close(None).await.unwrap();
     drop(ws);

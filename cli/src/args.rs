@@ -173,30 +173,15 @@ mod tests {
     fn rtt_targets_come_in_pairs() {
         let only_one = Cli::try_parse_from(["tether", "bench", "rtt", "--balancer-url", "ws://x"]);
         assert!(only_one.is_err());
-        let both = Cli::try_parse_from([
-            "tether",
-            "bench",
-            "rtt",
-            "--balancer-url",
-            "ws://a/ws",
-            "--direct-url",
-            "ws://b/ws",
-        ]);
+        let both =
+            Cli::try_parse_from(["tether", "bench", "rtt", "--balancer-url", "ws://a/ws", "--direct-url", "ws://b/ws"]);
         assert!(both.is_ok());
     }
 
     #[test]
     fn planned_subcommands_accept_their_flags() {
         for argv in [
-            &[
-                "tether",
-                "chaos",
-                "--nodes",
-                "3",
-                "--redis-restart",
-                "--json",
-                "x",
-            ][..],
+            &["tether", "chaos", "--nodes", "3", "--redis-restart", "--json", "x"][..],
             &["tether", "compare", "--quick", "--out", "d"],
             &["tether", "bench", "fanout", "--rooms", "10", "--whatever"],
         ] {

@@ -43,12 +43,7 @@ pub struct ChatOptions {
 
 impl From<ChatArgs> for ChatOptions {
     fn from(a: ChatArgs) -> Self {
-        Self {
-            url: a.url,
-            client: a.client,
-            name: a.name,
-            linger: DEFAULT_LINGER,
-        }
+        Self { url: a.url, client: a.client, name: a.name, linger: DEFAULT_LINGER }
     }
 }
 
@@ -97,9 +92,7 @@ pub async fn run_stdio(opts: ChatOptions) -> Result<i32> {
 
 /// The URL to connect to: `base`, with `client=ID` added to its query if given.
 pub fn connect_url(base: &str, client: Option<&str>) -> Result<String> {
-    let uri: http::Uri = base
-        .parse()
-        .with_context(|| format!("{base:?} is not a valid URL"))?;
+    let uri: http::Uri = base.parse().with_context(|| format!("{base:?} is not a valid URL"))?;
     match uri.scheme_str() {
         Some("ws") => {}
         Some("wss") => bail!("{base}: wss:// is not supported (this build has no TLS); use ws://"),
@@ -147,21 +140,13 @@ pub fn parse_line(line: &str) -> Input {
         return Input::Nothing;
     }
     let Some(command) = line.strip_prefix('/') else {
-        return Input::Send {
-            frame: json!({ "text": line }),
-            answered: true,
-        };
+        return Input::Send { frame: json!({ "text": line }), answered: true };
     };
     if command.starts_with('/') {
         // `//text` sends the message `/text`.
-        return Input::Send {
-            frame: json!({ "text": command }),
-            answered: true,
-        };
+        return Input::Send { frame: json!({ "text": command }), answered: true };
     }
-    let (word, rest) = command
-        .split_once(char::is_whitespace)
-        .map_or((command, ""), |(w, r)| (w, r.trim()));
+    let (word, rest) = command.split_once(char::is_whitespace).map_or((command, ""), |(w, r)| (w, r.trim()));
     let room_arg = |usage: &str| -> Result<String, String> {
         if rest.is_empty() {
             return Err(format!("usage: {usage}"));
@@ -173,32 +158,18 @@ pub fn parse_line(line: &str) -> Input {
         "join" => room_arg("/join ROOM").map_or_else(Input::Complaint, Input::Join),
         "room" => room_arg("/room ROOM").map_or_else(Input::Complaint, Input::Switch),
         "leave" if rest.is_empty() => Input::Leave(None),
-        "leave" => {
-            room_arg("/leave [ROOM]").map_or_else(Input::Complaint, |r| Input::Leave(Some(r)))
-        }
-        "presence" if rest.is_empty() => Input::Send {
-            frame: json!({ "type": "presence" }),
-            answered: true,
-        },
+        "leave" => room_arg("/leave [ROOM]").map_or_else(Input::Complaint, |r| Input::Leave(Some(r))),
+        "presence" if rest.is_empty() => Input::Send { frame: json!({ "type": "presence" }), answered: true },
         "presence" => match room_arg("/presence [ROOM]") {
-            Ok(room) => Input::Send {
-                frame: json!({ "type": "presence", "room": room }),
-                answered: true,
-            },
+            Ok(room) => Input::Send { frame: json!({ "type": "presence", "room": room }), answered: true },
             Err(e) => Input::Complaint(e),
         },
         "name" if rest.is_empty() => Input::Complaint("usage: /name NAME".into()),
         "name" => match validate_name(rest) {
-            Ok(()) => Input::Send {
-                frame: json!({ "type": "set_name", "name": rest }),
-                answered: false,
-            },
+            Ok(()) => Input::Send { frame: json!({ "type": "set_name", "name": rest }), answered: false },
             Err(e) => Input::Complaint(e.to_string()),
         },
-        "online" => Input::Send {
-            frame: json!({ "type": "online" }),
-            answered: true,
-        },
+        "online" => Input::Send { frame: json!({ "type": "online" }), answered: true },
         "quit" | "exit" => Input::Quit,
         "help" | "?" => Input::Help,
         other => Input::Complaint(format!("unknown command /{other}; /help lists them")),
@@ -241,13 +212,7 @@ impl Session {
         match kind {
             "connected" => {
                 self.me = v.get("id").and_then(Value::as_str).map(str::to_owned);
-                for room in v
-                    .get("rooms")
-                    .and_then(Value::as_array)
-                    .into_iter()
-                    .flatten()
-                    .filter_map(Value::as_str)
-                {
+                for room in v.get("rooms").and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_str) {
                     if !self.rooms.iter().any(|r| r == room) {
                         self.rooms.push(room.to_owned());
                     }
@@ -257,9 +222,7 @@ impl Session {
                 }
             }
             "user_joined" | "message" if mine => self.answered(),
-            "user_left" if mine && v.get("reason").and_then(Value::as_str) == Some("left") => {
-                self.answered()
-            }
+            "user_left" if mine && v.get("reason").and_then(Value::as_str) == Some("left") => self.answered(),
             "presence" | "online" | "error" => self.answered(),
             _ => {}
         }
@@ -268,11 +231,7 @@ impl Session {
 
 /// Runs one chat session: connects, then reads `input` lines and prints to `out` until the
 /// input ends, `/quit`, or the server closes.
-pub async fn run<W: Write>(
-    opts: ChatOptions,
-    mut input: mpsc::Receiver<String>,
-    out: &mut W,
-) -> Result<ChatEnd> {
+pub async fn run<W: Write>(opts: ChatOptions, mut input: mpsc::Receiver<String>, out: &mut W) -> Result<ChatEnd> {
     let url = connect_url(&opts.url, opts.client.as_deref())?;
     if let Some(name) = &opts.name {
         validate_name(name).with_context(|| format!("--name {name:?}"))?;
@@ -283,11 +242,9 @@ pub async fn run<W: Write>(
     let (mut sink, mut stream) = ws.split();
     let mut session = Session::default();
     if let Some(name) = &opts.name {
-        sink.send(Message::text(
-            json!({"type":"set_name","name":name}).to_string(),
-        ))
-        .await
-        .context("sending set_name")?;
+        sink.send(Message::text(json!({"type":"set_name","name":name}).to_string()))
+            .await
+            .context("sending set_name")?;
     }
 
     // The first frame is `connected`: wait for it before reading input, so that our id is
@@ -339,11 +296,7 @@ pub async fn run<W: Write>(
 type WsResult = Result<Message, tokio_tungstenite::tungstenite::Error>;
 
 /// Prints one frame from the server and updates the session; `Some` when the connection ended.
-fn on_frame<W: Write>(
-    frame: Option<WsResult>,
-    session: &mut Session,
-    out: &mut W,
-) -> Result<Option<ChatEnd>> {
+fn on_frame<W: Write>(frame: Option<WsResult>, session: &mut Session, out: &mut W) -> Result<Option<ChatEnd>> {
     let end = match frame {
         Some(Ok(Message::Text(text))) => {
             match serde_json::from_str::<Value>(&text) {
@@ -360,9 +313,8 @@ fn on_frame<W: Write>(
             None
         }
         Some(Ok(Message::Close(frame))) => {
-            let (code, reason) = frame
-                .map(|f| (u16::from(f.code), f.reason.to_string()))
-                .unwrap_or((1005, String::new()));
+            let (code, reason) =
+                frame.map(|f| (u16::from(f.code), f.reason.to_string())).unwrap_or((1005, String::new()));
             writeln!(out, "* connection closed by the server: {code} {reason}")?;
             Some(ChatEnd::ServerClosed { code, reason })
         }
@@ -418,22 +370,16 @@ fn handle_input<W: Write>(session: &mut Session, line: &str, out: &mut W) -> Res
         },
         Input::Switch(room) => {
             if !session.rooms.contains(&room) {
-                writeln!(
-                    out,
-                    "* not joined to #{room}: messages will fail until /join {room}"
-                )?;
+                writeln!(out, "* not joined to #{room}: messages will fail until /join {room}")?;
             }
             writeln!(out, "* current room is now #{room}")?;
             session.current = Some(room);
         }
-        Input::Send {
-            mut frame,
-            answered,
-        } => {
+        Input::Send { mut frame, answered } => {
             // Frames parsed without a type are room messages; `presence` without a room
             // means the current one. Both need a current room.
-            let needs_room = frame.get("type").is_none()
-                || (frame["type"] == "presence" && frame.get("room").is_none());
+            let needs_room =
+                frame.get("type").is_none() || (frame["type"] == "presence" && frame.get("room").is_none());
             if needs_room {
                 let Some(room) = session.current.clone() else {
                     writeln!(out, "! no current room: /join ROOM first")?;
@@ -460,10 +406,7 @@ where
     S: futures_util::Sink<Message> + Unpin,
     R: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
 {
-    let bye = Message::Close(Some(CloseFrame {
-        code: CloseCode::Normal,
-        reason: "bye".into(),
-    }));
+    let bye = Message::Close(Some(CloseFrame { code: CloseCode::Normal, reason: "bye".into() }));
     if sink.send(bye).await.is_err() {
         return;
     }
@@ -488,12 +431,8 @@ fn format_known(v: &Value) -> Option<String> {
     let kind = s("type")?;
     Some(match kind {
         "connected" => {
-            let mut line = format!(
-                "[{}] connected as {} (session {})",
-                s("server")?,
-                s("id")?,
-                s("session").unwrap_or("?")
-            );
+            let mut line =
+                format!("[{}] connected as {} (session {})", s("server")?, s("id")?, s("session").unwrap_or("?"));
             if let Some(name) = s("name") {
                 line.push_str(&format!(", name {name}"));
             }
@@ -515,18 +454,8 @@ fn format_known(v: &Value) -> Option<String> {
         }
         "message" => {
             let seq = v.get("seq").and_then(Value::as_u64)?;
-            let replay = if v.get("replay").and_then(Value::as_bool) == Some(true) {
-                ", replay"
-            } else {
-                ""
-            };
-            format!(
-                "[{}] #{} {}: {} (seq {seq}{replay})",
-                s("server")?,
-                s("room")?,
-                s("from")?,
-                s("text")?
-            )
+            let replay = if v.get("replay").and_then(Value::as_bool) == Some(true) { ", replay" } else { "" };
+            format!("[{}] #{} {}: {} (seq {seq}{replay})", s("server")?, s("room")?, s("from")?, s("text")?)
         }
         "resumed" => {
             let complete = match v.get("complete").and_then(Value::as_bool) {
@@ -534,12 +463,7 @@ fn format_known(v: &Value) -> Option<String> {
                 Some(false) => "INCOMPLETE: messages were lost",
                 None => "?",
             };
-            format!(
-                "* #{} resumed seq {}..{} ({complete})",
-                s("room")?,
-                v.get("from_seq")?,
-                v.get("to_seq")?
-            )
+            format!("* #{} resumed seq {}..{} ({complete})", s("room")?, v.get("from_seq")?, v.get("to_seq")?)
         }
         "presence" => format!("* #{} presence: {}", s("room")?, users(v.get("users")?)?),
         "online" => format!("* online: {}", users(v.get("users")?)?),
@@ -595,21 +519,15 @@ mod tests {
             "[node-2] #general alice: hi (seq 7)"
         );
         assert_eq!(
-            fmt(
-                r#"{"type":"message","room":"g","from":"a","id":"a","text":"x","server":"n","seq":3,"replay":true}"#
-            ),
+            fmt(r#"{"type":"message","room":"g","from":"a","id":"a","text":"x","server":"n","seq":3,"replay":true}"#),
             "[n] #g a: x (seq 3, replay)"
         );
         assert_eq!(
-            fmt(
-                r#"{"type":"user_joined","room":"general","user":"bob","id":"b","server":"node-1"}"#
-            ),
+            fmt(r#"{"type":"user_joined","room":"general","user":"bob","id":"b","server":"node-1"}"#),
             "[node-1] #general + bob joined"
         );
         assert_eq!(
-            fmt(
-                r#"{"type":"user_left","room":"g","user":"bob","id":"b","server":"n","reason":"node_down"}"#
-            ),
+            fmt(r#"{"type":"user_left","room":"g","user":"bob","id":"b","server":"n","reason":"node_down"}"#),
             "[n] #g - bob left (node_down)"
         );
         assert_eq!(
@@ -617,9 +535,7 @@ mod tests {
             "! not_in_room: join g first"
         );
         assert_eq!(
-            fmt(
-                r#"{"type":"presence","room":"g","users":[{"id":"a","user":"alice","server":"n1"}]}"#
-            ),
+            fmt(r#"{"type":"presence","room":"g","users":[{"id":"a","user":"alice","server":"n1"}]}"#),
             "* #g presence: alice@n1 (1)"
         );
         assert_eq!(
@@ -647,26 +563,11 @@ mod tests {
         assert!(matches!(parse_line("/join"), Input::Complaint(_)));
         assert!(matches!(parse_line("/join a b"), Input::Complaint(_)));
         assert!(matches!(parse_line("/frobnicate"), Input::Complaint(_)));
-        assert_eq!(
-            parse_line("hello there"),
-            Input::Send {
-                frame: json!({"text":"hello there"}),
-                answered: true
-            }
-        );
-        assert_eq!(
-            parse_line("//slash"),
-            Input::Send {
-                frame: json!({"text":"/slash"}),
-                answered: true
-            }
-        );
+        assert_eq!(parse_line("hello there"), Input::Send { frame: json!({"text":"hello there"}), answered: true });
+        assert_eq!(parse_line("//slash"), Input::Send { frame: json!({"text":"/slash"}), answered: true });
         assert_eq!(
             parse_line("/name Alice Smith"),
-            Input::Send {
-                frame: json!({"type":"set_name","name":"Alice Smith"}),
-                answered: false
-            }
+            Input::Send { frame: json!({"type":"set_name","name":"Alice Smith"}), answered: false }
         );
     }
 
@@ -679,8 +580,7 @@ mod tests {
         };
         assert!(frames.is_empty());
         assert!(String::from_utf8_lossy(&out).contains("no current room"));
-        let Handled::Send(frames) = handle_input(&mut session, "/join g", &mut out).expect("ok")
-        else {
+        let Handled::Send(frames) = handle_input(&mut session, "/join g", &mut out).expect("ok") else {
             panic!("not a send");
         };
         assert_eq!(frames, [json!({"type":"join","room":"g"})]);
@@ -693,18 +593,9 @@ mod tests {
 
     #[test]
     fn urls_are_checked_and_get_the_client_id() {
-        assert_eq!(
-            connect_url("ws://h:1/ws", Some("alice")).expect("ok"),
-            "ws://h:1/ws?client=alice"
-        );
-        assert_eq!(
-            connect_url("ws://h:1/ws?x=1", Some("alice")).expect("ok"),
-            "ws://h:1/ws?x=1&client=alice"
-        );
-        assert_eq!(
-            connect_url("ws://h:1", Some("a")).expect("ok"),
-            "ws://h:1/?client=a"
-        );
+        assert_eq!(connect_url("ws://h:1/ws", Some("alice")).expect("ok"), "ws://h:1/ws?client=alice");
+        assert_eq!(connect_url("ws://h:1/ws?x=1", Some("alice")).expect("ok"), "ws://h:1/ws?x=1&client=alice");
+        assert_eq!(connect_url("ws://h:1", Some("a")).expect("ok"), "ws://h:1/?client=a");
         assert_eq!(connect_url("ws://h:1/ws", None).expect("ok"), "ws://h:1/ws");
         assert!(connect_url("http://h:1/ws", None).is_err());
         assert!(connect_url("not a url", None).is_err());

@@ -81,10 +81,7 @@ fn bin_path_in(name: &str, bin_dir: Option<std::ffi::OsString>) -> Result<PathBu
         if candidate.is_file() {
             return Ok(candidate);
         }
-        bail!(
-            "{name} not found: {} does not exist ({BIN_DIR_ENV} is set); {HINT}",
-            candidate.display()
-        );
+        bail!("{name} not found: {} does not exist ({BIN_DIR_ENV} is set); {HINT}", candidate.display());
     }
     let mut searched = Vec::new();
     if let Ok(exe) = std::env::current_exe() {
@@ -101,17 +98,12 @@ fn bin_path_in(name: &str, bin_dir: Option<std::ffi::OsString>) -> Result<PathBu
         return Ok(found);
     }
     searched.push("$PATH".to_owned());
-    bail!(
-        "{name} not found (searched {}); {HINT}",
-        searched.join(", ")
-    )
+    bail!("{name} not found (searched {}); {HINT}", searched.join(", "))
 }
 
 fn find_on_path(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(name))
-        .find(|candidate| candidate.is_file())
+    std::env::split_paths(&path).map(|dir| dir.join(name)).find(|candidate| candidate.is_file())
 }
 
 /// Where a child's log output (stderr; Redis' log file) goes.
@@ -160,10 +152,7 @@ pub struct SpawnOptions {
 
 impl Default for SpawnOptions {
     fn default() -> Self {
-        Self {
-            stderr: LogTarget::Inherit,
-            ready_timeout: DEFAULT_READY_TIMEOUT,
-        }
+        Self { stderr: LogTarget::Inherit, ready_timeout: DEFAULT_READY_TIMEOUT }
     }
 }
 
@@ -189,28 +178,15 @@ impl Owned {
         cmd.stdin(Stdio::null()).process_group(0);
         set_parent_death_signal(&mut cmd);
         let program = cmd.as_std().get_program().to_string_lossy().into_owned();
-        let child = cmd
-            .spawn()
-            .with_context(|| format!("{label}: spawning {program}"))?;
-        let pid = child
-            .id()
-            .ok_or_else(|| anyhow!("{label}: {program} exited before its pid was known"))?;
-        Ok(Self {
-            label: label.to_owned(),
-            child,
-            pid,
-            status: None,
-            stdout_drain: None,
-        })
+        let child = cmd.spawn().with_context(|| format!("{label}: spawning {program}"))?;
+        let pid = child.id().ok_or_else(|| anyhow!("{label}: {program} exited before its pid was known"))?;
+        Ok(Self { label: label.to_owned(), child, pid, status: None, stdout_drain: None })
     }
 
     /// The exit status if the process has exited (reaping it), `None` while it runs.
     fn try_status(&mut self) -> Result<Option<ExitStatus>> {
         if self.status.is_none() {
-            self.status = self
-                .child
-                .try_wait()
-                .with_context(|| format!("{}: polling for exit", self.label))?;
+            self.status = self.child.try_wait().with_context(|| format!("{}: polling for exit", self.label))?;
         }
         Ok(self.status)
     }
@@ -224,11 +200,7 @@ impl Owned {
         let pid = i32::try_from(self.pid).context("pid out of range")?;
         match signal::kill(Pid::from_raw(pid), sig) {
             Ok(()) | Err(nix::errno::Errno::ESRCH) => Ok(()),
-            Err(e) => Err(anyhow!(
-                "{}: sending {sig} to pid {}: {e}",
-                self.label,
-                self.pid
-            )),
+            Err(e) => Err(anyhow!("{}: sending {sig} to pid {}: {e}", self.label, self.pid)),
         }
     }
 
@@ -237,11 +209,7 @@ impl Owned {
         if let Some(status) = self.status {
             return Ok(status);
         }
-        let status = self
-            .child
-            .wait()
-            .await
-            .with_context(|| format!("{}: waiting for exit", self.label))?;
+        let status = self.child.wait().await.with_context(|| format!("{}: waiting for exit", self.label))?;
         self.status = Some(status);
         Ok(status)
     }
@@ -289,9 +257,7 @@ fn set_parent_death_signal(cmd: &mut Command) {
     // SAFETY: the closure runs in the forked child before `exec`; it only calls `prctl`, which
     // is async-signal-safe, and touches no memory shared with the parent.
     unsafe {
-        cmd.pre_exec(|| {
-            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)
-        });
+        cmd.pre_exec(|| nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from));
     }
 }
 
@@ -311,28 +277,19 @@ impl ReadyLine {
         if words.next()? != program || words.next()? != "ready" {
             return None;
         }
-        let fields = words
-            .filter_map(|w| w.split_once('='))
-            .map(|(k, v)| (k.to_owned(), v.to_owned()))
-            .collect();
+        let fields = words.filter_map(|w| w.split_once('=')).map(|(k, v)| (k.to_owned(), v.to_owned())).collect();
         Some(Self { fields })
     }
 
     /// The value of field `key`.
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.fields
-            .iter()
-            .find(|(k, _)| k == key)
-            .map(|(_, v)| v.as_str())
+        self.fields.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
     }
 
     /// Field `key` as a socket address.
     pub fn addr(&self, key: &str) -> Result<SocketAddr> {
-        let raw = self
-            .get(key)
-            .ok_or_else(|| anyhow!("ready line has no `{key}=` field"))?;
-        raw.parse()
-            .with_context(|| format!("ready line field {key}={raw} is not an IP:PORT address"))
+        let raw = self.get(key).ok_or_else(|| anyhow!("ready line has no `{key}=` field"))?;
+        raw.parse().with_context(|| format!("ready line field {key}={raw} is not an IP:PORT address"))
     }
 }
 
@@ -359,11 +316,7 @@ async fn await_ready(
     .await;
     let label = proc.label.clone();
     let hint = log.hint();
-    let seen = if other.is_empty() {
-        String::new()
-    } else {
-        format!("; its stdout said: {:?}", other.join(" | "))
-    };
+    let seen = if other.is_empty() { String::new() } else { format!("; its stdout said: {:?}", other.join(" | ")) };
     match found {
         Ok(Ok(Some(ready))) => {
             proc.stdout_drain = Some(tokio::spawn(async move {
@@ -390,17 +343,14 @@ async fn await_ready(
         }
         Err(_) => {
             let status = proc.kill().await?;
-            bail!(
-                "{label} ({program}) printed no ready line within {within:?}; killed it ({status}){seen}{hint}"
-            )
+            bail!("{label} ({program}) printed no ready line within {within:?}; killed it ({status}){seen}{hint}")
         }
     }
 }
 
 /// Whether `args` sets `--flag` (as `--flag VALUE` or `--flag=VALUE`).
 fn has_flag(args: &[String], flag: &str) -> bool {
-    args.iter()
-        .any(|a| a == flag || a.strip_prefix(flag).is_some_and(|r| r.starts_with('=')))
+    args.iter().any(|a| a == flag || a.strip_prefix(flag).is_some_and(|r| r.starts_with('=')))
 }
 
 /// `args` without `--flag VALUE` / `--flag=VALUE`.
@@ -419,8 +369,7 @@ fn without_flag(args: &[String], flag: &str) -> Vec<String> {
 
 /// A port that was free a moment ago. Racy by nature: callers retry when the bind fails.
 fn free_port() -> Result<u16> {
-    let probe =
-        std::net::TcpListener::bind("127.0.0.1:0").context("binding 127.0.0.1:0 to find a port")?;
+    let probe = std::net::TcpListener::bind("127.0.0.1:0").context("binding 127.0.0.1:0 to find a port")?;
     Ok(probe.local_addr()?.port())
 }
 
@@ -463,15 +412,7 @@ impl RedisServer {
                 continue;
             }
             match spawn_redis(&program, port, dir.path(), &logfile).await {
-                Ok(proc) => {
-                    return Ok(Self {
-                        proc: Some(proc),
-                        port,
-                        program,
-                        logfile,
-                        dir,
-                    })
-                }
+                Ok(proc) => return Ok(Self { proc: Some(proc), port, program, logfile, dir }),
                 Err(RedisStartError::ExitedEarly(e)) => {
                     tracing::debug!(port, error = %e, "redis-server exited at once; trying another port");
                     last_err = e;
@@ -479,9 +420,7 @@ impl RedisServer {
                 Err(RedisStartError::Fatal(e)) => return Err(e),
             }
         }
-        Err(last_err.context(format!(
-            "redis-server did not start on any of {REDIS_PORT_ATTEMPTS} free ports"
-        )))
+        Err(last_err.context(format!("redis-server did not start on any of {REDIS_PORT_ATTEMPTS} free ports")))
     }
 
     /// Its port.
@@ -496,10 +435,7 @@ impl RedisServer {
 
     /// Its pid, while it runs.
     pub fn pid(&self) -> Option<u32> {
-        self.proc
-            .as_ref()
-            .filter(|p| p.status.is_none())
-            .map(|p| p.pid)
+        self.proc.as_ref().filter(|p| p.status.is_none()).map(|p| p.pid)
     }
 
     /// Where its log goes.
@@ -536,13 +472,11 @@ impl RedisServer {
     pub async fn restart(&mut self) -> Result<()> {
         self.kill().await?;
         self.proc = None;
-        let proc = spawn_redis(&self.program, self.port, self.dir.path(), &self.logfile)
-            .await
-            .map_err(
-                |(RedisStartError::ExitedEarly(e) | RedisStartError::Fatal(e))| {
-                    e.context(format!("restarting redis-server on port {}", self.port))
-                },
-            )?;
+        let proc = spawn_redis(&self.program, self.port, self.dir.path(), &self.logfile).await.map_err(
+            |(RedisStartError::ExitedEarly(e) | RedisStartError::Fatal(e))| {
+                e.context(format!("restarting redis-server on port {}", self.port))
+            },
+        )?;
         self.proc = Some(proc);
         Ok(())
     }
@@ -553,12 +487,7 @@ impl RedisServer {
 }
 
 /// Runs `redis-server` on `port` and waits until it answers.
-async fn spawn_redis(
-    program: &Path,
-    port: u16,
-    dir: &Path,
-    logfile: &Path,
-) -> Result<Owned, RedisStartError> {
+async fn spawn_redis(program: &Path, port: u16, dir: &Path, logfile: &Path) -> Result<Owned, RedisStartError> {
     let mut cmd = Command::new(program);
     cmd.arg("--port")
         .arg(port.to_string())
@@ -615,9 +544,7 @@ async fn redis_pid(port: u16) -> Option<u32> {
         let mut body = vec![0; len];
         reader.read_exact(&mut body).await.ok()?;
         let body = String::from_utf8_lossy(&body);
-        body.lines()
-            .find_map(|l| l.strip_prefix("process_id:"))
-            .and_then(|pid| pid.trim().parse().ok())
+        body.lines().find_map(|l| l.strip_prefix("process_id:")).and_then(|pid| pid.trim().parse().ok())
     };
     timeout(Duration::from_secs(1), ask).await.ok().flatten()
 }
@@ -655,12 +582,7 @@ impl NodeProcess {
     }
 
     /// [`NodeProcess::start`] with explicit [`SpawnOptions`].
-    pub async fn start_with(
-        name: &str,
-        redis_url: &str,
-        extra_args: &[String],
-        opts: &SpawnOptions,
-    ) -> Result<Self> {
+    pub async fn start_with(name: &str, redis_url: &str, extra_args: &[String], opts: &SpawnOptions) -> Result<Self> {
         let listen = (!has_flag(extra_args, "--listen")).then(|| "127.0.0.1:0".to_owned());
         let (proc, addr) = Self::spawn(name, redis_url, listen, extra_args, opts).await?;
         Ok(Self {
@@ -690,14 +612,7 @@ impl NodeProcess {
             .stderr(opts.stderr.stdio()?);
         let mut proc = Owned::spawn(name, cmd)?;
         let stdout = proc.child.stdout.take().context("stdout was not piped")?;
-        let ready = await_ready(
-            &mut proc,
-            stdout,
-            NODE_BIN,
-            opts.ready_timeout,
-            &opts.stderr,
-        )
-        .await?;
+        let ready = await_ready(&mut proc, stdout, NODE_BIN, opts.ready_timeout, &opts.stderr).await?;
         if ready.get("name") != Some(name) {
             tracing::warn!(expected = name, got = ?ready.get("name"), "node reports another name");
         }
@@ -757,8 +672,7 @@ impl NodeProcess {
         self.proc.kill().await?;
         let extra = without_flag(&self.extra_args, "--listen");
         let listen = Some(self.addr.to_string());
-        let (proc, addr) =
-            Self::spawn(&self.name, &self.redis_url, listen, &extra, &self.opts).await?;
+        let (proc, addr) = Self::spawn(&self.name, &self.redis_url, listen, &extra, &self.opts).await?;
         self.proc = proc;
         self.addr = addr;
         Ok(())
@@ -793,14 +707,7 @@ impl BalancerProcess {
         opts: &SpawnOptions,
     ) -> Result<Self> {
         let (proc, addr, admin) = Self::spawn(nodes, extra_args, opts).await?;
-        Ok(Self {
-            proc,
-            addr,
-            admin,
-            nodes: nodes.to_vec(),
-            extra_args: extra_args.to_vec(),
-            opts: opts.clone(),
-        })
+        Ok(Self { proc, addr, admin, nodes: nodes.to_vec(), extra_args: extra_args.to_vec(), opts: opts.clone() })
     }
 
     async fn spawn(
@@ -817,19 +724,10 @@ impl BalancerProcess {
         for (name, addr) in nodes {
             cmd.arg("--node").arg(format!("{name}={addr}"));
         }
-        cmd.args(extra_args)
-            .stdout(Stdio::piped())
-            .stderr(opts.stderr.stdio()?);
+        cmd.args(extra_args).stdout(Stdio::piped()).stderr(opts.stderr.stdio()?);
         let mut proc = Owned::spawn("balancer", cmd)?;
         let stdout = proc.child.stdout.take().context("stdout was not piped")?;
-        let ready = await_ready(
-            &mut proc,
-            stdout,
-            BALANCER_BIN,
-            opts.ready_timeout,
-            &opts.stderr,
-        )
-        .await?;
+        let ready = await_ready(&mut proc, stdout, BALANCER_BIN, opts.ready_timeout, &opts.stderr).await?;
         let addr = ready.addr("listen").context("balancer")?;
         let admin = ready.addr("admin").context("balancer")?;
         Ok((proc, addr, admin))
@@ -889,12 +787,7 @@ impl BalancerProcess {
     pub async fn restart(&mut self) -> Result<()> {
         self.proc.kill().await?;
         let mut extra = without_flag(&without_flag(&self.extra_args, "--listen"), "--admin");
-        extra.extend([
-            "--listen".to_owned(),
-            self.addr.to_string(),
-            "--admin".to_owned(),
-            self.admin.to_string(),
-        ]);
+        extra.extend(["--listen".to_owned(), self.addr.to_string(), "--admin".to_owned(), self.admin.to_string()]);
         let (proc, addr, admin) = Self::spawn(&self.nodes, &extra, &self.opts).await?;
         self.proc = proc;
         self.addr = addr;
@@ -1017,8 +910,7 @@ impl Cluster {
             bail!("a cluster needs at least one node");
         }
         if let ClusterLogs::Dir(dir) = &opts.logs {
-            std::fs::create_dir_all(dir)
-                .with_context(|| format!("creating log directory {}", dir.display()))?;
+            std::fs::create_dir_all(dir).with_context(|| format!("creating log directory {}", dir.display()))?;
         }
         let redis = match &opts.redis {
             Some(_) => None,
@@ -1037,19 +929,13 @@ impl Cluster {
         };
         let starts = (1..=opts.nodes).map(|i| {
             let name = format!("node-{i}");
-            let spawn = SpawnOptions {
-                stderr: opts.logs.target(&name),
-                ready_timeout: opts.ready_timeout,
-            };
+            let spawn = SpawnOptions { stderr: opts.logs.target(&name), ready_timeout: opts.ready_timeout };
             let redis_url = &redis_url;
             let node_args = &opts.node_args;
             async move { NodeProcess::start_with(&name, redis_url, node_args, &spawn).await }
         });
         let nodes = try_join_all(starts).await?;
-        let members: Vec<(String, SocketAddr)> = nodes
-            .iter()
-            .map(|n| (n.name().to_owned(), n.addr()))
-            .collect();
+        let members: Vec<(String, SocketAddr)> = nodes.iter().map(|n| (n.name().to_owned(), n.addr())).collect();
         let mut balancer_args = Vec::new();
         if let Some(listen) = opts.balancer_listen {
             balancer_args.extend(["--listen".to_owned(), listen.to_string()]);
@@ -1058,17 +944,9 @@ impl Cluster {
             balancer_args.extend(["--admin".to_owned(), admin.to_string()]);
         }
         balancer_args.extend(opts.balancer_args.iter().cloned());
-        let spawn = SpawnOptions {
-            stderr: opts.logs.target("balancer"),
-            ready_timeout: opts.ready_timeout,
-        };
+        let spawn = SpawnOptions { stderr: opts.logs.target("balancer"), ready_timeout: opts.ready_timeout };
         let balancer = BalancerProcess::start_with(&members, &balancer_args, &spawn).await?;
-        Ok(Self {
-            balancer,
-            nodes,
-            redis,
-            redis_url,
-        })
+        Ok(Self { balancer, nodes, redis, redis_url })
     }
 
     /// The Redis URL every node uses.
@@ -1128,10 +1006,7 @@ impl Cluster {
 
     /// `(name, ws://NODE/ws)` for each node.
     pub fn node_urls(&self) -> Vec<(String, String)> {
-        self.nodes
-            .iter()
-            .map(|n| (n.name.clone(), n.ws_url()))
-            .collect()
+        self.nodes.iter().map(|n| (n.name.clone(), n.ws_url())).collect()
     }
 
     /// Every process we own, balancer first, Redis last.
@@ -1184,11 +1059,7 @@ impl Cluster {
         for proc in self.owned() {
             if proc.try_status()?.is_none() {
                 proc.kill().await?;
-                reports.push(StopReport {
-                    label: proc.label.clone(),
-                    pid: proc.pid,
-                    outcome: StopOutcome::Killed,
-                });
+                reports.push(StopReport { label: proc.label.clone(), pid: proc.pid, outcome: StopOutcome::Killed });
             }
         }
         Ok(reports)
@@ -1218,11 +1089,7 @@ async fn stop_gracefully(procs: Vec<&mut Owned>, grace: Duration) -> Result<Vec<
                 }
             },
         };
-        reports.push(StopReport {
-            label: proc.label.clone(),
-            pid: proc.pid,
-            outcome,
-        });
+        reports.push(StopReport { label: proc.label.clone(), pid: proc.pid, outcome });
     }
     Ok(reports)
 }
@@ -1235,47 +1102,31 @@ mod tests {
     fn ready_lines_parse() {
         let line = "tether-balancer ready listen=127.0.0.1:8080 admin=127.0.0.1:9100";
         let ready = ReadyLine::parse(line, BALANCER_BIN).expect("a ready line");
-        assert_eq!(
-            ready.addr("listen").ok(),
-            Some("127.0.0.1:8080".parse().expect("addr"))
-        );
+        assert_eq!(ready.addr("listen").ok(), Some("127.0.0.1:8080".parse().expect("addr")));
         assert_eq!(ready.get("admin"), Some("127.0.0.1:9100"));
         assert!(ready.addr("nope").is_err());
         assert!(ReadyLine::parse(line, NODE_BIN).is_none());
         assert!(ReadyLine::parse("tether-node starting", NODE_BIN).is_none());
         assert!(ReadyLine::parse("", NODE_BIN).is_none());
-        let node = ReadyLine::parse("tether-node ready name=n listen=oops", NODE_BIN)
-            .expect("a ready line");
+        let node = ReadyLine::parse("tether-node ready name=n listen=oops", NODE_BIN).expect("a ready line");
         assert!(node.addr("listen").is_err());
     }
 
     #[test]
     fn flags_are_found_and_removed_in_both_spellings() {
-        let args: Vec<String> = ["--listen", "1.2.3.4:5", "--x", "--admin=a:1", "--listener"]
-            .map(String::from)
-            .to_vec();
+        let args: Vec<String> =
+            ["--listen", "1.2.3.4:5", "--x", "--admin=a:1", "--listener"].map(String::from).to_vec();
         assert!(has_flag(&args, "--listen"));
         assert!(has_flag(&args, "--admin"));
         assert!(!has_flag(&args, "--name"));
-        assert_eq!(
-            without_flag(&args, "--listen"),
-            ["--x", "--admin=a:1", "--listener"]
-        );
-        assert_eq!(
-            without_flag(&args, "--admin"),
-            ["--listen", "1.2.3.4:5", "--x", "--listener"]
-        );
+        assert_eq!(without_flag(&args, "--listen"), ["--x", "--admin=a:1", "--listener"]);
+        assert_eq!(without_flag(&args, "--admin"), ["--listen", "1.2.3.4:5", "--x", "--listener"]);
     }
 
     #[test]
     fn bin_dir_env_is_authoritative() {
-        let err = bin_path_in(NODE_BIN, Some("/nonexistent-tether-bin-dir".into()))
-            .expect_err("missing")
-            .to_string();
-        assert!(
-            err.contains("/nonexistent-tether-bin-dir/tether-node"),
-            "{err}"
-        );
+        let err = bin_path_in(NODE_BIN, Some("/nonexistent-tether-bin-dir".into())).expect_err("missing").to_string();
+        assert!(err.contains("/nonexistent-tether-bin-dir/tether-node"), "{err}");
         assert!(err.contains("cargo build --bins"), "{err}");
     }
 }

@@ -143,21 +143,9 @@ pub fn summary(cluster: &Cluster, opts: &UpOptions) -> String {
         }
     }
     for node in cluster.nodes() {
-        let _ = writeln!(
-            s,
-            "  {:<9} {:<34} (pid {})",
-            node.name(),
-            node.ws_url(),
-            node.pid()
-        );
+        let _ = writeln!(s, "  {:<9} {:<34} (pid {})", node.name(), node.ws_url(), node.pid());
     }
-    let _ = writeln!(
-        s,
-        "  {:<9} {:<34} (pid {})",
-        "balancer",
-        ws,
-        cluster.balancer().pid()
-    );
+    let _ = writeln!(s, "  {:<9} {:<34} (pid {})", "balancer", ws, cluster.balancer().pid());
     let _ = writeln!(s, "  {:<9} {admin}/status", "admin");
     if let Some(dir) = &opts.logs {
         let _ = writeln!(s, "  {:<9} {}/*.log", "logs", dir.display());
@@ -168,10 +156,7 @@ pub fn summary(cluster: &Cluster, opts: &UpOptions) -> String {
     let _ = writeln!(s, "  websocat '{ws}?client=alice'");
     let _ = writeln!(s, "      {{\"type\":\"set_name\",\"name\":\"Alice\"}}");
     let _ = writeln!(s, "      {{\"type\":\"join\",\"room\":\"general\"}}");
-    let _ = writeln!(
-        s,
-        "      {{\"type\":\"message\",\"room\":\"general\",\"text\":\"hello\"}}"
-    );
+    let _ = writeln!(s, "      {{\"type\":\"message\",\"room\":\"general\",\"text\":\"hello\"}}");
     let _ = writeln!(s, "      {{\"type\":\"presence\",\"room\":\"general\"}}");
     let _ = writeln!(s, "  curl '{admin}/route?client=alice'");
     let _ = writeln!(s, "  curl {admin}/status");

@@ -12,22 +12,12 @@ use tokio::process::{ChildStdout, Command};
 use tokio::time::{timeout, timeout_at, Instant};
 
 async fn cluster() -> Result<Cluster> {
-    Cluster::start(ClusterOptions {
-        nodes: 2,
-        logs: ClusterLogs::Null,
-        ..ClusterOptions::default()
-    })
-    .await
+    Cluster::start(ClusterOptions { nodes: 2, logs: ClusterLogs::Null, ..ClusterOptions::default() }).await
 }
 
 fn chat(args: &[&str]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_tether"));
-    cmd.arg("chat")
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
+    cmd.arg("chat").args(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
     cmd
 }
 
@@ -50,14 +40,7 @@ async fn until(out: &mut Lines<BufReader<ChildStdout>>, needle: &str) -> Result<
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn chat_in_a_pipe_joins_talks_and_hears_others() -> Result<()> {
     let cluster = cluster().await?;
-    let mut child = chat(&[
-        &cluster.ws_url(),
-        "--client",
-        "carol-pipe",
-        "--name",
-        "Carol",
-    ])
-    .spawn()?;
+    let mut child = chat(&[&cluster.ws_url(), "--client", "carol-pipe", "--name", "Carol"]).spawn()?;
     let mut stdin = child.stdin.take().context("stdin")?;
     let mut out = BufReader::new(child.stdout.take().context("stdout")?).lines();
 
@@ -77,8 +60,7 @@ async fn chat_in_a_pipe_joins_talks_and_hears_others() -> Result<()> {
     dave.send(json!({"type":"set_name","name":"Dave"})).await?;
     dave.join("lobby").await?;
     until(&mut out, "[node-2] #lobby + Dave joined").await?;
-    dave.send(json!({"type":"message","room":"lobby","text":"hi carol"}))
-        .await?;
+    dave.send(json!({"type":"message","room":"lobby","text":"hi carol"})).await?;
     until(&mut out, "[node-2] #lobby Dave: hi carol (seq ").await?;
     stdin.write_all(b"second line\n").await?;
     dave.expect_message("lobby", "second line").await?;
@@ -105,11 +87,7 @@ async fn chat_waits_for_its_answers_when_the_input_ends() -> Result<()> {
     let output = timeout(DEADLINE, child.wait_with_output()).await??;
     let text = String::from_utf8_lossy(&output.stdout);
     assert!(output.status.success(), "{}\n{text}", output.status);
-    for expected in [
-        "#r1 + oneshot joined",
-        "#r1 oneshot: first (seq",
-        "#r1 oneshot: second (seq",
-    ] {
+    for expected in ["#r1 + oneshot joined", "#r1 oneshot: first (seq", "#r1 oneshot: second (seq"] {
         assert!(text.contains(expected), "no {expected:?} in\n{text}");
     }
     Ok(())
@@ -129,29 +107,14 @@ async fn chat_refuses_a_bad_url_with_exit_code_1() -> Result<()> {
 #[tokio::test]
 async fn planned_subcommands_exit_2_and_say_which_issue() -> Result<()> {
     for (args, said) in [
-        (
-            &["chaos", "--nodes", "3"][..],
-            "tether chaos is planned in issue 3",
-        ),
-        (
-            &["compare", "--quick"],
-            "tether compare is planned in issue 5",
-        ),
-        (
-            &["bench", "fanout"],
-            "tether bench fanout is planned in issue 6",
-        ),
+        (&["chaos", "--nodes", "3"][..], "tether chaos is planned in issue 3"),
+        (&["compare", "--quick"], "tether compare is planned in issue 5"),
+        (&["bench", "fanout"], "tether bench fanout is planned in issue 6"),
     ] {
-        let output = Command::new(env!("CARGO_BIN_EXE_tether"))
-            .args(args)
-            .output()
-            .await?;
+        let output = Command::new(env!("CARGO_BIN_EXE_tether")).args(args).output().await?;
         let err = String::from_utf8_lossy(&output.stderr);
         assert_eq!(output.status.code(), Some(2), "{args:?}");
-        assert!(
-            err.contains("not implemented yet") && err.contains(said),
-            "{err}"
-        );
+        assert!(err.contains("not implemented yet") && err.contains(said), "{err}");
     }
     Ok(())
 }

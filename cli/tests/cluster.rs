@@ -7,9 +7,7 @@ use anyhow::Result;
 use common::{alive, wait_gone, Ws};
 use serde_json::json;
 use std::time::Duration;
-use tether::cluster::{
-    Cluster, ClusterLogs, ClusterOptions, LogTarget, NodeProcess, RedisServer, SpawnOptions,
-};
+use tether::cluster::{Cluster, ClusterLogs, ClusterOptions, LogTarget, NodeProcess, RedisServer, SpawnOptions};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
@@ -22,11 +20,7 @@ async fn ping(port: u16) -> Result<String> {
 }
 
 fn quiet() -> ClusterOptions {
-    ClusterOptions {
-        nodes: 2,
-        logs: ClusterLogs::Null,
-        ..ClusterOptions::default()
-    }
+    ClusterOptions { nodes: 2, logs: ClusterLogs::Null, ..ClusterOptions::default() }
 }
 
 #[tokio::test]
@@ -59,22 +53,15 @@ async fn nodes_share_rooms_through_redis_and_restart_on_their_port() -> Result<(
     let mut cluster = Cluster::start(quiet()).await?;
     assert!(cluster.redis().is_some(), "a private redis-server");
     let urls = cluster.node_urls();
-    assert_eq!(
-        urls.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(),
-        ["node-1", "node-2"]
-    );
-    assert_eq!(
-        cluster.ws_url(),
-        format!("ws://{}/ws", cluster.balancer().addr())
-    );
+    assert_eq!(urls.iter().map(|(n, _)| n.as_str()).collect::<Vec<_>>(), ["node-1", "node-2"]);
+    assert_eq!(cluster.ws_url(), format!("ws://{}/ws", cluster.balancer().addr()));
 
     // One client straight on each node: a message crosses Redis to reach the other.
     let mut a = Ws::connect(&urls[0].1, "fixture-a").await?;
     let mut b = Ws::connect(&urls[1].1, "fixture-b").await?;
     a.join("fixtures").await?;
     b.join("fixtures").await?;
-    a.send(json!({"type":"message","room":"fixtures","text":"across"}))
-        .await?;
+    a.send(json!({"type":"message","room":"fixtures","text":"across"})).await?;
     let got = b.expect_message("fixtures", "across").await?;
     assert_eq!(got["server"], "node-1");
 
@@ -88,10 +75,7 @@ async fn nodes_share_rooms_through_redis_and_restart_on_their_port() -> Result<(
     assert_eq!(node.addr(), addr);
     assert_ne!(node.pid(), old_pid);
     let mut b = Ws::connect(&urls[1].1, "fixture-b2").await?;
-    b.expect("connected", |v| {
-        v["type"] == "connected" && v["server"] == "node-2"
-    })
-    .await?;
+    b.expect("connected", |v| v["type"] == "connected" && v["server"] == "node-2").await?;
 
     let mut pids: Vec<u32> = cluster.nodes().iter().map(NodeProcess::pid).collect();
     pids.push(cluster.balancer().pid());
@@ -109,11 +93,7 @@ async fn graceful_shutdown_stops_everything_with_sigterm() -> Result<()> {
     let mut cluster = Cluster::start(quiet()).await?;
     let reports = cluster.shutdown(Duration::from_secs(10)).await?;
     let labels: Vec<&str> = reports.iter().map(|r| r.label.as_str()).collect();
-    assert_eq!(
-        labels,
-        ["balancer", "node-1", "node-2", "redis"],
-        "Redis goes last"
-    );
+    assert_eq!(labels, ["balancer", "node-1", "node-2", "redis"], "Redis goes last");
     for r in &reports {
         assert!(r.outcome.is_clean(), "{}: {}", r.label, r.outcome);
     }
@@ -122,18 +102,10 @@ async fn graceful_shutdown_stops_everything_with_sigterm() -> Result<()> {
 
 #[tokio::test]
 async fn a_node_that_dies_at_start_is_reported_with_its_exit_status() -> Result<()> {
-    let opts = SpawnOptions {
-        stderr: LogTarget::Null,
-        ..SpawnOptions::default()
-    };
-    let err = NodeProcess::start_with(
-        "node-x",
-        "redis://127.0.0.1:1/",
-        &["--no-such-flag".to_owned()],
-        &opts,
-    )
-    .await
-    .expect_err("an unknown flag must stop the node");
+    let opts = SpawnOptions { stderr: LogTarget::Null, ..SpawnOptions::default() };
+    let err = NodeProcess::start_with("node-x", "redis://127.0.0.1:1/", &["--no-such-flag".to_owned()], &opts)
+        .await
+        .expect_err("an unknown flag must stop the node");
     let err = format!("{err:#}");
     assert!(err.contains("node-x"), "{err}");
     assert!(err.contains("exited before it was ready"), "{err}");
@@ -149,12 +121,8 @@ async fn cluster_reports_its_exits_once() -> Result<()> {
     // Already reaped by `kill`, so `next_exit` must not report it; kill another one behind
     // its back and expect exactly that one.
     let victim = cluster.balancer().pid();
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(i32::try_from(victim)?),
-        nix::sys::signal::Signal::SIGKILL,
-    )?;
-    let (label, got_pid, status) =
-        tokio::time::timeout(common::DEADLINE, cluster.next_exit()).await??;
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(i32::try_from(victim)?), nix::sys::signal::Signal::SIGKILL)?;
+    let (label, got_pid, status) = tokio::time::timeout(common::DEADLINE, cluster.next_exit()).await??;
     assert_eq!((label.as_str(), got_pid), ("balancer", victim));
     assert!(!status.success());
     assert_ne!(got_pid, pid);
@@ -164,12 +132,7 @@ async fn cluster_reports_its_exits_once() -> Result<()> {
 #[tokio::test]
 async fn an_external_redis_is_used_and_left_alone() -> Result<()> {
     let redis = RedisServer::start().await?;
-    let mut cluster = Cluster::start(ClusterOptions {
-        nodes: 1,
-        redis: Some(redis.url()),
-        ..quiet()
-    })
-    .await?;
+    let mut cluster = Cluster::start(ClusterOptions { nodes: 1, redis: Some(redis.url()), ..quiet() }).await?;
     assert!(cluster.redis().is_none());
     assert_eq!(cluster.redis_url(), redis.url());
     let reports = cluster.shutdown(Duration::from_secs(10)).await?;

@@ -24,10 +24,8 @@ fn words<'a>(lines: &'a [String], label: &str) -> Result<Vec<&'a str>> {
 
 /// The number after `pid` on a summary line.
 fn pid_of(words: &[&str]) -> Result<u32> {
-    let at = words
-        .iter()
-        .position(|w| w.trim_start_matches('(') == "pid")
-        .ok_or_else(|| anyhow!("no pid in {words:?}"))?;
+    let at =
+        words.iter().position(|w| w.trim_start_matches('(') == "pid").ok_or_else(|| anyhow!("no pid in {words:?}"))?;
     Ok(words[at + 1].trim_end_matches(')').parse()?)
 }
 
@@ -35,15 +33,7 @@ fn pid_of(words: &[&str]) -> Result<u32> {
 async fn up_serves_through_its_balancer_and_stops_cleanly_on_sigint() -> Result<()> {
     let logs = tempfile::tempdir()?;
     let mut up = Command::new(env!("CARGO_BIN_EXE_tether"))
-        .args([
-            "up",
-            "--nodes",
-            "2",
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-        ])
+        .args(["up", "--nodes", "2", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
         .arg("--logs")
         .arg(logs.path())
         .stdin(Stdio::null())
@@ -69,16 +59,10 @@ async fn up_serves_through_its_balancer_and_stops_cleanly_on_sigint() -> Result<
     }
     let balancer = words(&lines, "balancer")?;
     let ws_url = balancer[1].to_owned();
-    assert!(
-        ws_url.starts_with("ws://127.0.0.1:") && ws_url.ends_with("/ws"),
-        "{ws_url}"
-    );
+    assert!(ws_url.starts_with("ws://127.0.0.1:") && ws_url.ends_with("/ws"), "{ws_url}");
     assert!(!ws_url.contains(":0/"), "the bound port, not 0: {ws_url}");
     let admin_url = words(&lines, "admin")?[1].to_owned();
-    let admin: SocketAddr = admin_url
-        .trim_start_matches("http://")
-        .trim_end_matches("/status")
-        .parse()?;
+    let admin: SocketAddr = admin_url.trim_start_matches("http://").trim_end_matches("/status").parse()?;
     let mut pids = vec![pid_of(&balancer)?, pid_of(&words(&lines, "redis")?)?];
     for node in ["node-1", "node-2"] {
         pids.push(pid_of(&words(&lines, node)?)?);
@@ -88,12 +72,8 @@ async fn up_serves_through_its_balancer_and_stops_cleanly_on_sigint() -> Result<
     // A client through the printed balancer URL gets its own message back.
     let mut client = Ws::connect(&ws_url, "up-e2e").await?;
     client.join("general").await?;
-    client
-        .send(json!({"type":"message","room":"general","text":"through the balancer"}))
-        .await?;
-    client
-        .expect_message("general", "through the balancer")
-        .await?;
+    client.send(json!({"type":"message","room":"general","text":"through the balancer"})).await?;
+    client.expect_message("general", "through the balancer").await?;
     let (status, body) = http_get(admin, "/status").await?;
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("node-1") && body.contains("node-2"), "{body}");
@@ -105,13 +85,7 @@ async fn up_serves_through_its_balancer_and_stops_cleanly_on_sigint() -> Result<
     while let Some(line) = stdout.next_line().await? {
         rest.push(line);
     }
-    assert!(
-        status.success(),
-        "tether up exited with {status}; said {rest:#?}"
-    );
-    assert!(
-        rest.iter().any(|l| l.contains("stopped cleanly")),
-        "{rest:#?}"
-    );
+    assert!(status.success(), "tether up exited with {status}; said {rest:#?}");
+    assert!(rest.iter().any(|l| l.contains("stopped cleanly")), "{rest:#?}");
     wait_gone(&pids).await
 }

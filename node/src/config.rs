@@ -27,6 +27,7 @@ pub const DEFAULT_RECONNECT_MAX_MS: u64 = 5_000;
 pub const DEFAULT_SESSION_TTL_SECS: u64 = 3600;
 pub const DEFAULT_RESUME_GRACE_MS: u64 = 1_000;
 pub const DEFAULT_PRESENCE_TTL_MS: u64 = 3_000;
+pub const DEFAULT_PROBE_INTERVAL_MS: u64 = 2_000;
 /// Environment variable holding the signing key when no file is configured.
 pub const SIGNING_KEY_ENV: &str = "TETHER_SIGNING_KEY";
 
@@ -77,6 +78,7 @@ pub struct FileConfig {
     pub resume_grace_ms: Option<u64>,
     pub signing_key_file: Option<std::path::PathBuf>,
     pub presence_ttl_ms: Option<u64>,
+    pub probe_interval_ms: Option<u64>,
 }
 
 /// A validated configuration with every default applied.
@@ -120,6 +122,9 @@ pub struct Config {
     /// A node instance silent this long is dead: its members are announced `node_down`.
     /// Heartbeats go out every third of it.
     pub presence_ttl: Duration,
+    /// How often the subscriber checks itself end to end (a silent subscription is
+    /// re-established after three missed probes).
+    pub probe_interval: Duration,
 }
 
 /// A configuration value that cannot be used.
@@ -259,6 +264,11 @@ impl FileConfig {
                 }
                 Duration::from_millis(ms)
             },
+            probe_interval: Duration::from_millis(nonzero(
+                "probe_interval_ms",
+                self.probe_interval_ms,
+                DEFAULT_PROBE_INTERVAL_MS,
+            )?),
         })
     }
 }

@@ -156,6 +156,14 @@ impl Gate {
     }
 }
 
+/// One room's local members, and the last message this node delivered in it (where a
+/// catch-up from the room's log starts after the backbone was away).
+#[derive(Debug, Default)]
+struct Room {
+    members: HashMap<u64, (Member, Arc<Gate>)>,
+    last: Option<(String, u64)>,
+}
+
 /// Who an open connection is.
 #[derive(Debug, Clone)]
 pub struct ClientInfo {
@@ -167,7 +175,7 @@ pub struct ClientInfo {
 /// Local members of every room that has any on this node.
 #[derive(Debug, Default)]
 pub struct Hub {
-    rooms: DashMap<String, HashMap<u64, (Member, Arc<Gate>)>>,
+    rooms: DashMap<String, Room>,
     /// Id and display name of every open connection (session refresh, presence).
     clients: DashMap<u64, ClientInfo>,
     next_conn: AtomicU64,
@@ -199,7 +207,7 @@ impl Hub {
         let mut out: Vec<(Option<String>, u64, ClientInfo)> =
             self.clients.iter().map(|e| (None, *e.key(), e.value().clone())).collect();
         for room in self.rooms.iter() {
-            for conn in room.value().keys() {
+            for conn in room.value().members.keys() {
                 if let Some(info) = self.clients.get(conn) {
                     out.push((Some(room.key().clone()), *conn, info.clone()));
                 }
@@ -225,8 +233,8 @@ impl Hub {
     /// Adds a member; returns true if it is the room's first local member.
     pub fn add(&self, room: &str, conn: u64, member: Member, gate: Arc<Gate>) -> bool {
         let mut entry = self.rooms.entry(room.to_string()).or_default();
-        let first = entry.is_empty();
-        entry.insert(conn, (member, gate));
+        let first = entry.members.is_empty();
+        entry.members.insert(conn, (member, gate));
         first
     }
 
@@ -235,38 +243,53 @@ impl Hub {
         // `remove_if` drops the room entry in the same shard lock that saw it empty, so a
         // concurrent `add` either lands before (and keeps the room) or creates a fresh entry.
         let mut now_empty = false;
-        if let Some(mut members) = self.rooms.get_mut(room) {
-            members.remove(&conn);
-            now_empty = members.is_empty();
+        if let Some(mut r) = self.rooms.get_mut(room) {
+            r.members.remove(&conn);
+            now_empty = r.members.is_empty();
         }
         if now_empty {
-            self.rooms.remove_if(room, |_, m| m.is_empty());
+            self.rooms.remove_if(room, |_, r| r.members.is_empty());
         }
         now_empty
     }
 
     /// Whether any local connection is in `room`.
     pub fn has_members(&self, room: &str) -> bool {
-        self.rooms.get(room).is_some_and(|m| !m.is_empty())
+        self.rooms.get(room).is_some_and(|r| !r.members.is_empty())
     }
 
     pub fn member_count(&self, room: &str) -> usize {
-        self.rooms.get(room).map_or(0, |m| m.len())
+        self.rooms.get(room).map_or(0, |r| r.members.len())
     }
 
     /// Rooms with at least one local member.
     pub fn rooms(&self) -> Vec<String> {
-        self.rooms.iter().filter(|e| !e.value().is_empty()).map(|e| e.key().clone()).collect()
+        self.rooms.iter().filter(|e| !e.value().members.is_empty()).map(|e| e.key().clone()).collect()
+    }
+
+    /// Every room with local members and the (epoch, seq) of the last message delivered in it.
+    pub fn positions(&self) -> Vec<(String, Option<(String, u64)>)> {
+        self.rooms
+            .iter()
+            .filter(|e| !e.value().members.is_empty())
+            .map(|e| (e.key().clone(), e.value().last.clone()))
+            .collect()
     }
 
     /// Offers `frame` to every local member of `room`; returns how many accepted it.
     pub fn deliver(&self, room: &str, frame: &Utf8Bytes, metrics: &Metrics) -> usize {
-        let Some(members) = self.rooms.get(room) else {
+        let meta = FrameMeta::parse(frame.as_str());
+        let Some(mut r) = self.rooms.get_mut(room) else {
             return 0;
         };
-        let meta = FrameMeta::parse(frame.as_str());
+        if let Some(m) = meta {
+            match &mut r.last {
+                Some((epoch, seq)) if epoch == m.epoch => *seq = (*seq).max(m.seq),
+                last => *last = Some((m.epoch.to_string(), m.seq)),
+            }
+        }
         let delivered =
-            members.values().filter(|(member, gate)| gate.pass(member, frame, meta, self.hold_cap, metrics)).count();
+            r.members.values().filter(|(member, gate)| gate.pass(member, frame, meta, self.hold_cap, metrics)).count();
         metrics.frames_delivered.inc_by(delivered as u64);
         delivered
     }

@@ -80,7 +80,12 @@ impl SigningKey {
     }
 }
 
+/// Lowercase hex only: an id has exactly one valid spelling (an uppercase variant would be a
+/// different id — another node, another session — that still verified).
 fn decode_hex(s: &str) -> Option<Vec<u8>> {
+    if !s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+        return None;
+    }
     (0..s.len()).step_by(2).map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok()).collect()
 }
 
@@ -114,6 +119,7 @@ mod tests {
         assert!(!key.verify(&format!("x{random}.{sig}")));
         assert!(!key.verify(&format!("{random}.{}", &sig[..30])));
         assert!(!key.verify(&format!("{random}.{}zz", &sig[..30])));
+        assert!(!key.verify(&format!("{random}.{}", sig.to_uppercase())), "one spelling per id");
     }
 
     #[test]

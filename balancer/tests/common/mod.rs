@@ -1,5 +1,6 @@
 //! Test fixtures: mock nodes (a hyper server answering `/readyz`, plain HTTP with its name,
-//! and a tokio-tungstenite WebSocket echo), an in-process balancer on port 0, and clients.
+//! and a tokio-tungstenite WebSocket echo — or, with `mode=stream` in the query, a steady
+//! stream of text frames), an in-process balancer on port 0, and clients.
 #![allow(dead_code)] // each test binary uses a different subset
 
 use std::convert::Infallible;
@@ -22,7 +23,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
@@ -50,19 +52,14 @@ where
         if check().await {
             return;
         }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "timed out waiting for {what}"
-        );
+        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
 /// Awaits `fut` for at most [`DEADLINE`].
 pub async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
-    tokio::time::timeout(DEADLINE, fut)
-        .await
-        .unwrap_or_else(|_| panic!("timed out: {what}"))
+    tokio::time::timeout(DEADLINE, fut).await.unwrap_or_else(|_| panic!("timed out: {what}"))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -73,6 +70,9 @@ struct MockState {
     ready: AtomicBool,
     /// Fired by `stop`: every connection and WebSocket of this node ends at once.
     kill: CancellationToken,
+    /// Fired by `shut_down_gracefully`: every WebSocket gets a 1012 close frame, as a real node
+    /// sends on SIGTERM, and ends.
+    going_away: CancellationToken,
     tracker: TaskTracker,
     /// WebSocket sessions opened on this node.
     ws_opened: AtomicUsize,
@@ -114,17 +114,13 @@ impl MockNode {
             name: name.to_owned(),
             ready: AtomicBool::new(true),
             kill: CancellationToken::new(),
+            going_away: CancellationToken::new(),
             tracker: TaskTracker::new(),
             ws_opened: AtomicUsize::new(0),
             requests: AtomicUsize::new(0),
         });
         let accept = tokio::spawn(mock_accept(listener, Arc::clone(&state)));
-        Self {
-            name: name.to_owned(),
-            addr,
-            state,
-            accept: Some(accept),
-        }
+        Self { name: name.to_owned(), addr, state, accept: Some(accept) }
     }
 
     pub fn set_ready(&self, ready: bool) {
@@ -147,6 +143,13 @@ impl MockNode {
         }
     }
 
+    /// What a node does on SIGTERM: `/readyz` goes 503 and every WebSocket is closed with
+    /// 1012 by the node itself. The listener stays open.
+    pub fn shut_down_gracefully(&self) {
+        self.set_ready(false);
+        self.state.going_away.cancel();
+    }
+
     /// The process "dies": listener and every open connection closed.
     pub async fn stop(&mut self) {
         self.stop_accepting().await;
@@ -156,10 +159,7 @@ impl MockNode {
     }
 
     pub fn file_node(&self) -> FileNode {
-        FileNode {
-            name: self.name.clone(),
-            addr: self.addr.to_string(),
-        }
+        FileNode { name: self.name.clone(), addr: self.addr.to_string() }
     }
 }
 
@@ -195,28 +195,15 @@ async fn mock_accept(listener: TcpListener, state: Arc<MockState>) {
     }
 }
 
-async fn mock_service(
-    state: Arc<MockState>,
-    mut req: Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn mock_service(state: Arc<MockState>, mut req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
     if req.uri().path() == "/readyz" {
-        let status = if state.ready.load(Ordering::SeqCst) {
-            StatusCode::OK
-        } else {
-            StatusCode::SERVICE_UNAVAILABLE
-        };
+        let status = if state.ready.load(Ordering::SeqCst) { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
         let mut r = Response::new(Full::new(Bytes::from_static(b"readyz\n")));
         *r.status_mut() = status;
         return Ok(r);
     }
     state.requests.fetch_add(1, Ordering::SeqCst);
-    let text = |name: &str| {
-        req.headers()
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_owned()
-    };
+    let text = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok()).unwrap_or("").to_owned();
     let info = serde_json::json!({
         "server": state.name,
         "client": text("x-client-id"),
@@ -225,14 +212,10 @@ async fn mock_service(
     })
     .to_string();
 
-    let wants_ws = req
-        .headers()
-        .get(header::UPGRADE)
-        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
+    let wants_ws = req.headers().get(header::UPGRADE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
     if !wants_ws {
         let mut r = Response::new(Full::new(Bytes::from(info)));
-        r.headers_mut()
-            .insert("x-node", state.name.parse().unwrap());
+        r.headers_mut().insert("x-node", state.name.parse().unwrap());
         return Ok(r);
     }
     let Some(key) = req.headers().get("sec-websocket-key").cloned() else {
@@ -240,8 +223,10 @@ async fn mock_service(
         *r.status_mut() = StatusCode::BAD_REQUEST;
         return Ok(r);
     };
+    let streaming = req.uri().query().is_some_and(|q| q.split('&').any(|p| p == "mode=stream"));
     let on_upgrade = hyper::upgrade::on(&mut req);
     let kill = state.kill.clone();
+    let going_away = state.going_away.clone();
     let session_state = Arc::clone(&state);
     state.tracker.spawn(async move {
         let session = async {
@@ -249,12 +234,31 @@ async fn mock_service(
                 return;
             };
             session_state.ws_opened.fetch_add(1, Ordering::SeqCst);
-            let mut ws =
-                WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
+            let mut ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, None).await;
             if ws.send(Message::text(info)).await.is_err() {
                 return;
             }
-            while let Some(Ok(msg)) = ws.next().await {
+            if streaming {
+                // As fast as the peer takes them; ends when the connection does.
+                for i in 0.. {
+                    if ws.send(Message::text(stream_message(i))).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            loop {
+                let msg = tokio::select! {
+                    msg = ws.next() => msg,
+                    _ = going_away.cancelled() => {
+                        let frame = CloseFrame {
+                            code: CloseCode::Restart,
+                            reason: "node shutting down".into(),
+                        };
+                        let _ = ws.close(Some(frame)).await;
+                        return;
+                    }
+                };
+                let Some(Ok(msg)) = msg else { return };
                 let echo = matches!(msg, Message::Text(_) | Message::Binary(_));
                 if msg.is_close() || (echo && ws.send(msg).await.is_err()) {
                     return;
@@ -271,12 +275,23 @@ async fn mock_service(
     let h = r.headers_mut();
     h.insert(header::UPGRADE, "websocket".parse().unwrap());
     h.insert(header::CONNECTION, "Upgrade".parse().unwrap());
-    h.insert(
-        header::SEC_WEBSOCKET_ACCEPT,
-        derive_accept_key(key.as_bytes()).parse().unwrap(),
-    );
+    h.insert(header::SEC_WEBSOCKET_ACCEPT, derive_accept_key(key.as_bytes()).parse().unwrap());
     h.insert("x-node", state.name.parse().unwrap());
     Ok(r)
+}
+
+/// Payload sizes of a streaming mock node's frames, in turn: every length encoding (7-bit,
+/// 16-bit, 64-bit) and the values at their edges.
+pub const STREAM_SIZES: [usize; 9] = [3, 200, 70_000, 126, 65_536, 10, 125, 65_535, 1_000];
+
+/// The `i`-th text frame a streaming mock node sends: `"{i}:"` then a letter repeated up to
+/// `STREAM_SIZES[i % 9]` bytes (at least the prefix).
+pub fn stream_message(i: usize) -> String {
+    let mut text = format!("{i}:");
+    let fill = char::from(b'a' + (i % 26) as u8);
+    let len = STREAM_SIZES[i % STREAM_SIZES.len()].max(text.len());
+    text.extend(std::iter::repeat_n(fill, len - text.len()));
+    text
 }
 
 /// A port that refuses connections (bound once, then released).
@@ -315,18 +330,8 @@ pub async fn start_balancer(nodes: Vec<FileNode>, tweak: impl FnOnce(&mut FileCo
     let addr = listener.local_addr().unwrap();
     let admin_addr = admin.local_addr().unwrap();
     let shutdown = CancellationToken::new();
-    let task = tokio::spawn(tether_balancer::run(
-        listener,
-        admin,
-        config,
-        shutdown.clone(),
-    ));
-    Balancer {
-        addr,
-        admin: admin_addr,
-        shutdown,
-        task: Some(task),
-    }
+    let task = tokio::spawn(tether_balancer::run(listener, admin, config, shutdown.clone()));
+    Balancer { addr, admin: admin_addr, shutdown, task: Some(task) }
 }
 
 impl Balancer {
@@ -334,9 +339,7 @@ impl Balancer {
     pub async fn stop(&mut self) -> Result<(), tether_balancer::Error> {
         self.shutdown.cancel();
         let task = self.task.take().expect("stopped once");
-        within("balancer to stop", task)
-            .await
-            .expect("run panicked")
+        within("balancer to stop", task).await.expect("run panicked")
     }
 
     pub async fn status(&self) -> Value {
@@ -357,10 +360,7 @@ impl Balancer {
     }
 
     pub async fn wait_state(&self, name: &str, state: &str) {
-        eventually(&format!("{name} to be {state}"), || async {
-            self.node_state(name).await == state
-        })
-        .await;
+        eventually(&format!("{name} to be {state}"), || async { self.node_state(name).await == state }).await;
     }
 
     /// The value of one sample of `/metrics`, `series` being e.g. `name{label="v"}`.
@@ -374,25 +374,13 @@ impl Balancer {
 
     /// Where `/route` sends `client` now.
     pub async fn route(&self, client: &str) -> (StatusCode, Value) {
-        let (code, _, body) = http(
-            self.admin,
-            Method::GET,
-            &format!("/route?client={client}"),
-            &[],
-        )
-        .await;
+        let (code, _, body) = http(self.admin, Method::GET, &format!("/route?client={client}"), &[]).await;
         (code, serde_json::from_str(&body).unwrap_or(Value::Null))
     }
 
     /// Which node answers a plain HTTP request for `client` through the balancer.
     pub async fn http_node(&self, client: &str) -> String {
-        let (code, _, body) = http(
-            self.addr,
-            Method::GET,
-            &format!("/api?client={client}"),
-            &[],
-        )
-        .await;
+        let (code, _, body) = http(self.addr, Method::GET, &format!("/api?client={client}"), &[]).await;
         assert_eq!(code, StatusCode::OK, "{body}");
         let v: Value = serde_json::from_str(&body).unwrap();
         assert_eq!(v["client"], client);
@@ -418,28 +406,16 @@ pub async fn http(
 ) -> (StatusCode, HeaderMap, String) {
     within(&format!("{method} {path} on {addr}"), async {
         let stream = TcpStream::connect(addr).await.unwrap();
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-            .await
-            .unwrap();
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
         tokio::spawn(conn);
-        let mut req = Request::builder()
-            .method(method)
-            .uri(path)
-            .header(header::HOST, addr.to_string());
+        let mut req = Request::builder().method(method).uri(path).header(header::HOST, addr.to_string());
         for (k, v) in headers {
             req = req.header(*k, *v);
         }
-        let response = sender
-            .send_request(req.body(Empty::<Bytes>::new()).unwrap())
-            .await
-            .unwrap();
+        let response = sender.send_request(req.body(Empty::<Bytes>::new()).unwrap()).await.unwrap();
         let (parts, body) = response.into_parts();
         let body = body.collect().await.unwrap().to_bytes();
-        (
-            parts.status,
-            parts.headers,
-            String::from_utf8_lossy(&body).into_owned(),
-        )
+        (parts.status, parts.headers, String::from_utf8_lossy(&body).into_owned())
     })
     .await
 }
@@ -458,28 +434,16 @@ pub async fn ws_connect(
     query: &str,
     headers: &[(&str, &str)],
 ) -> Result<(Ws, http::Response<Option<Vec<u8>>>), tokio_tungstenite::tungstenite::Error> {
-    let mut request = format!("ws://{addr}/ws{query}")
-        .into_client_request()
-        .unwrap();
+    let mut request = format!("ws://{addr}/ws{query}").into_client_request().unwrap();
     for (k, v) in headers {
-        request.headers_mut().append(
-            http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
-            v.parse().unwrap(),
-        );
+        request.headers_mut().append(http::HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
     }
-    within(
-        "websocket handshake",
-        tokio_tungstenite::connect_async(request),
-    )
-    .await
+    within("websocket handshake", tokio_tungstenite::connect_async(request)).await
 }
 
 /// Reads the node's first frame.
 pub async fn hello(ws: &mut Ws) -> Hello {
-    let msg = within("hello frame", ws.next())
-        .await
-        .expect("stream ended before hello")
-        .expect("hello frame");
+    let msg = within("hello frame", ws.next()).await.expect("stream ended before hello").expect("hello frame");
     let v: Value = serde_json::from_str(msg.to_text().unwrap()).unwrap();
     Hello {
         server: v["server"].as_str().unwrap().to_owned(),
@@ -490,9 +454,8 @@ pub async fn hello(ws: &mut Ws) -> Hello {
 
 /// Opens a WebSocket for `client` and returns it with the node's hello.
 pub async fn ws_for(addr: SocketAddr, client: &str) -> (Ws, Hello) {
-    let (mut ws, _) = ws_connect(addr, &format!("?client={client}"), &[])
-        .await
-        .unwrap_or_else(|e| panic!("connect {client}: {e}"));
+    let (mut ws, _) =
+        ws_connect(addr, &format!("?client={client}"), &[]).await.unwrap_or_else(|e| panic!("connect {client}: {e}"));
     let hello = hello(&mut ws).await;
     assert_eq!(hello.client, client);
     (ws, hello)
@@ -512,6 +475,45 @@ pub async fn expect_closed(ws: &mut Ws) {
             match ws.next().await {
                 None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return,
                 Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await
+}
+
+/// Reads a streaming node's frames until the connection ends, `first` being the index of the
+/// next one; checks each is the next whole, intact frame of the stream; returns the index
+/// after the last and the close frame (if any) that ended the stream. A cut frame would
+/// surface here as a protocol error or a mismatch.
+pub async fn read_stream_until_close(ws: &mut Ws, first: usize) -> (usize, Option<CloseFrame>) {
+    within("the stream to end", async {
+        let mut next = first;
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Text(text))) => {
+                    assert_eq!(text.as_str(), stream_message(next), "frame {next}");
+                    next += 1;
+                }
+                Some(Ok(Message::Close(frame))) => return (next, frame),
+                Some(Ok(other)) => panic!("unexpected frame after {next}: {other:?}"),
+                Some(Err(e)) => panic!("stream broke after {next} frames: {e}"),
+                None => return (next, None),
+            }
+        }
+    })
+    .await
+}
+
+/// Reads until a close frame and returns its code; fails on anything else ending the stream.
+pub async fn expect_close_code(ws: &mut Ws) -> u16 {
+    within("a close frame", async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(Some(frame)))) => return u16::from(frame.code),
+                Some(Ok(Message::Close(None))) => panic!("close frame without a code"),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => panic!("connection failed before a close frame: {e}"),
+                None => panic!("connection ended without a close frame"),
             }
         }
     })

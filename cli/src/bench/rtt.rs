@@ -62,13 +62,7 @@ impl From<RttArgs> for RttOptions {
             (Some(balancer), Some(direct)) => Some(Targets { balancer, direct }),
             _ => None,
         };
-        Self {
-            count: a.count,
-            rounds: a.rounds,
-            warmup: a.warmup,
-            targets,
-            logs: a.logs,
-        }
+        Self { count: a.count, rounds: a.rounds, warmup: a.warmup, targets, logs: a.logs }
     }
 }
 
@@ -159,10 +153,7 @@ impl RttReport {
                 m.samples, m.p50_us, m.p90_us, m.p99_us, m.p999_us, m.max_us
             ));
         }
-        s.push_str(&format!(
-            "\nbalancer/direct: p50 ×{:.2}, p99 ×{:.2}\n",
-            self.ratio.p50, self.ratio.p99
-        ));
+        s.push_str(&format!("\nbalancer/direct: p50 ×{:.2}, p99 ×{:.2}\n", self.ratio.p50, self.ratio.p99));
         s
     }
 }
@@ -177,8 +168,7 @@ pub async fn run_cli(args: RttArgs) -> Result<i32> {
     print!("{}", report.table());
     if let Some(path) = json_path {
         let text = serde_json::to_string_pretty(&report).context("encoding the report")?;
-        std::fs::write(&path, text + "\n")
-            .with_context(|| format!("writing {}", path.display()))?;
+        std::fs::write(&path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
         println!("figures written to {}", path.display());
     }
     Ok(0)
@@ -193,24 +183,13 @@ pub async fn run<W: Write>(opts: &RttOptions, out: &mut W) -> Result<RttReport> 
     let (cluster, targets) = match &opts.targets {
         Some(t) => (None, t.clone()),
         None => {
-            writeln!(
-                out,
-                "starting a private cluster: redis-server, 2 nodes, balancer"
-            )?;
+            writeln!(out, "starting a private cluster: redis-server, 2 nodes, balancer")?;
             let logs = match &opts.logs {
                 Some(dir) => ClusterLogs::Dir(dir.clone()),
                 None => ClusterLogs::Null,
             };
-            let cluster = Cluster::start(ClusterOptions {
-                nodes: 2,
-                logs,
-                ..ClusterOptions::default()
-            })
-            .await?;
-            let targets = Targets {
-                balancer: cluster.ws_url(),
-                direct: cluster.nodes()[0].ws_url(),
-            };
+            let cluster = Cluster::start(ClusterOptions { nodes: 2, logs, ..ClusterOptions::default() }).await?;
+            let targets = Targets { balancer: cluster.ws_url(), direct: cluster.nodes()[0].ws_url() };
             (Some(cluster), targets)
         }
     };
@@ -226,10 +205,7 @@ async fn measure<W: Write>(opts: &RttOptions, targets: &Targets, out: &mut W) ->
     let tag = format!(
         "{}-{}",
         std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis())
-            .unwrap_or(0)
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0)
     );
     let mut direct = Client::connect("direct", &targets.direct, &tag).await?;
     let mut balancer = Client::connect("balancer", &targets.balancer, &tag).await?;
@@ -349,14 +325,8 @@ impl Client {
         let (ws, _) = tokio_tungstenite::connect_async_with_config(url.as_str(), None, true)
             .await
             .with_context(|| format!("{label}: connecting to {url}"))?;
-        let mut client = Self {
-            label,
-            url: base.to_owned(),
-            id,
-            room: format!("bench-rtt-{tag}-{label}"),
-            server: None,
-            ws,
-        };
+        let mut client =
+            Self { label, url: base.to_owned(), id, room: format!("bench-rtt-{tag}-{label}"), server: None, ws };
         let join = json!({"type":"join","room":client.room}).to_string();
         client.ws.send(Message::text(join)).await?;
         let deadline = tokio::time::Instant::now() + ECHO_TIMEOUT;
@@ -389,10 +359,7 @@ impl Client {
                         .with_context(|| format!("{}: frame is not JSON: {text}", self.label))
                 }
                 Some(Ok(Message::Close(frame))) => {
-                    bail!(
-                        "{}: the server closed the connection: {frame:?}",
-                        self.label
-                    )
+                    bail!("{}: the server closed the connection: {frame:?}", self.label)
                 }
                 Some(Ok(_)) => {}
                 Some(Err(e)) => bail!("{}: connection lost: {e}", self.label),
@@ -403,14 +370,10 @@ impl Client {
 
     /// Sends `text` to the room and returns the time until its own echo arrived.
     async fn round_trip(&mut self, text: &str) -> Result<Duration> {
-        let frame =
-            Message::text(json!({"type":"message","room":self.room,"text":text}).to_string());
+        let frame = Message::text(json!({"type":"message","room":self.room,"text":text}).to_string());
         let deadline = tokio::time::Instant::now() + ECHO_TIMEOUT;
         let started = Instant::now();
-        self.ws
-            .send(frame)
-            .await
-            .with_context(|| format!("{}: sending", self.label))?;
+        self.ws.send(frame).await.with_context(|| format!("{}: sending", self.label))?;
         loop {
             let msg = tokio::time::timeout_at(deadline, self.ws.next())
                 .await
@@ -419,10 +382,7 @@ impl Client {
             let text_frame = match msg {
                 Some(Ok(Message::Text(t))) => t,
                 Some(Ok(Message::Close(frame))) => {
-                    bail!(
-                        "{}: the server closed the connection: {frame:?}",
-                        self.label
-                    )
+                    bail!("{}: the server closed the connection: {frame:?}", self.label)
                 }
                 Some(Ok(_)) => continue,
                 Some(Err(e)) => bail!("{}: connection lost: {e}", self.label),
@@ -431,9 +391,7 @@ impl Client {
             let v: Value = serde_json::from_str(&text_frame)
                 .with_context(|| format!("{}: frame is not JSON: {text_frame}", self.label))?;
             match v.get("type").and_then(Value::as_str) {
-                Some("message")
-                    if self.is_mine(&v) && v.get("text").and_then(Value::as_str) == Some(text) =>
-                {
+                Some("message") if self.is_mine(&v) && v.get("text").and_then(Value::as_str) == Some(text) => {
                     return Ok(elapsed)
                 }
                 Some("error") => bail!("{}: the node refused a message: {v}", self.label),

@@ -23,13 +23,9 @@ impl Ws {
     /// Connects to `base` (a `ws://…/ws` URL) as client `id`.
     pub async fn connect(base: &str, id: &str) -> Result<Self> {
         let url = format!("{base}?client={id}");
-        let (ws, _) = tokio_tungstenite::connect_async(url.as_str())
-            .await
-            .with_context(|| format!("connecting to {url}"))?;
-        Ok(Self {
-            id: id.to_owned(),
-            ws,
-        })
+        let (ws, _) =
+            tokio_tungstenite::connect_async(url.as_str()).await.with_context(|| format!("connecting to {url}"))?;
+        Ok(Self { id: id.to_owned(), ws })
     }
 
     pub async fn send(&mut self, frame: Value) -> Result<()> {
@@ -63,8 +59,7 @@ impl Ws {
 
     /// Joins `room` and waits for its own `user_joined` (the join is then live everywhere).
     pub async fn join(&mut self, room: &str) -> Result<()> {
-        self.send(serde_json::json!({"type":"join","room":room}))
-            .await?;
+        self.send(serde_json::json!({"type":"join","room":room})).await?;
         let id = self.id.clone();
         let room = room.to_owned();
         self.expect("own user_joined", move |v| {
@@ -88,10 +83,9 @@ impl Ws {
 pub fn alive(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         // The state follows the parenthesised command name.
-        Ok(stat) => stat
-            .rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .is_some_and(|state| state != "Z"),
+        Ok(stat) => {
+            stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().next()).is_some_and(|state| state != "Z")
+        }
         Err(_) => false,
     }
 }
@@ -125,9 +119,6 @@ pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> Result<(u16, St
         .nth(1)
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| anyhow!("not an HTTP response: {text:?}"))?;
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
     Ok((status, body))
 }

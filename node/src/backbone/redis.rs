@@ -365,6 +365,7 @@ impl RedisBackbone {
                     self.ready.store(true, Ordering::Release);
                     self.metrics.backbone_ready.set(1);
                     info!(redis = %self.cfg.redis, "backbone subscriber connected");
+                    self.catch_up().await;
                     let ended = tokio::select! {
                         _ = shutdown.cancelled() => true,
                         _ = self.read(stream) => false,
@@ -406,22 +407,97 @@ impl RedisBackbone {
         let (mut sink, stream) = pubsub.split();
         let mut subs = self.subs.lock().await;
         let rooms: HashSet<String> = self.hub.rooms().into_iter().collect();
-        if !rooms.is_empty() {
-            let channels: Vec<String> = rooms.iter().map(|r| self.channel(r)).collect();
-            self.with_timeout(sink.subscribe(channels)).await?;
-        }
+        let mut channels: Vec<String> = rooms.iter().map(|r| self.channel(r)).collect();
+        channels.push(self.probe_channel());
+        self.with_timeout(sink.subscribe(channels)).await?;
         self.metrics.rooms_subscribed.set(rooms.len() as i64);
         subs.rooms = rooms;
         subs.sink = Some(sink);
         Ok(stream)
     }
 
-    /// Fans out every frame of the subscription until it ends.
+    fn probe_channel(&self) -> String {
+        format!("{}probe:{{{}}}", self.cfg.prefix, self.instance)
+    }
+
+    /// After a reconnect: delivers, from each room's log, what was published while this node
+    /// was not subscribed (after the last seq it delivered there). Members' gates drop
+    /// anything that also arrives live, so nothing is delivered twice.
+    async fn catch_up(&self) {
+        for (room, last) in self.hub.positions() {
+            let Some((epoch, seq)) = last else { continue };
+            let mut replay = match self.replay(&room, seq).await {
+                Ok(r) => r,
+                Err(e) => {
+                    warn!(room, error = %e, "catch-up from the room log failed");
+                    continue;
+                }
+            };
+            if replay.epoch.as_deref() != Some(epoch.as_str()) {
+                // Redis lost the room: everything in its new epoch is new to our members.
+                match self.replay(&room, 0).await {
+                    Ok(r) => replay = r,
+                    Err(e) => {
+                        warn!(room, error = %e, "catch-up from the room log failed");
+                        continue;
+                    }
+                }
+            } else if replay.frames.first().is_some_and(|(first, _)| *first > seq + 1)
+                || (replay.frames.is_empty() && replay.head_seq > seq)
+            {
+                warn!(room, after = seq, "room log no longer holds all that was missed; members see a seq gap");
+                self.metrics.catch_up_gaps.inc();
+            }
+            let n = replay.frames.len();
+            for (_, frame) in replay.frames {
+                self.hub.deliver(&room, &Utf8Bytes::from(frame), &self.metrics);
+            }
+            if n > 0 {
+                self.metrics.caught_up_messages.inc_by(n as u64);
+                info!(room, messages = n, "caught up from the room log after reconnecting");
+            }
+        }
+    }
+
+    /// Fans out every frame of the subscription until it ends, or until it goes silent: a
+    /// probe published to this instance's own channel must come back, or the subscription is
+    /// considered dead (after a Redis failover a connection can look alive and receive
+    /// nothing) and re-established.
     async fn read(&self, mut stream: redis::aio::PubSubStream) {
-        while let Some(msg) = stream.next().await {
+        let every = self.cfg.probe_interval;
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_probe = tokio::time::Instant::now();
+        let probe_channel = self.probe_channel();
+        loop {
+            let msg = tokio::select! {
+                msg = stream.next() => msg,
+                _ = tick.tick() => {
+                    if last_probe.elapsed() > every * 3 {
+                        warn!(silent_for = ?last_probe.elapsed(), "subscription silent: probes do not come back");
+                        self.metrics.probe_failures.inc();
+                        return;
+                    }
+                    let mut con = self.commands.clone();
+                    let channel = probe_channel.clone();
+                    let timeout = self.cfg.redis_timeout;
+                    tokio::spawn(async move {
+                        let mut cmd = redis::cmd("PUBLISH");
+                        cmd.arg(channel).arg("probe");
+                        let _ = tokio::time::timeout(timeout, cmd.query_async::<i64>(&mut con)).await;
+                    });
+                    continue;
+                }
+            };
+            let Some(msg) = msg else { return };
+            let channel = msg.get_channel_name();
+            if channel == probe_channel {
+                last_probe = tokio::time::Instant::now();
+                continue;
+            }
             self.metrics.frames_from_backbone.inc();
-            let Some(room) = self.room_of(msg.get_channel_name()) else {
-                debug!(channel = msg.get_channel_name(), "frame on a channel that is not ours");
+            let Some(room) = self.room_of(channel) else {
+                debug!(channel, "frame on a channel that is not ours");
                 continue;
             };
             let bytes = bytes::Bytes::copy_from_slice(msg.get_payload_bytes());
