@@ -22,7 +22,7 @@ fn seqs(cs: &[&WsClient], room: &str) -> Vec<u64> {
 }
 
 fn position(c: &WsClient, room: &str) -> Value {
-    let last = c.seen.iter().filter(|v| v["type"] == "message" && v["room"] == room).last();
+    let last = c.seen.iter().rfind(|v| v["type"] == "message" && v["room"] == room);
     last.map_or(json!(0), |m| json!({"seq": m["seq"], "epoch": m["epoch"]}))
 }
 

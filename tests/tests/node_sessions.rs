@@ -22,7 +22,7 @@ async fn publish(c: &mut WsClient, room: &str, n: usize, tag: &str) -> Result<()
 }
 
 fn position(c: &WsClient, room: &str) -> Value {
-    let last = c.seen.iter().filter(|v| v["type"] == "message" && v["room"] == room).last().expect("a message");
+    let last = c.seen.iter().rfind(|v| v["type"] == "message" && v["room"] == room).expect("a message");
     json!({"seq": last["seq"], "epoch": last["epoch"]})
 }
 
