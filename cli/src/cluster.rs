@@ -264,6 +264,30 @@ fn set_parent_death_signal(cmd: &mut Command) {
 #[cfg(not(target_os = "linux"))]
 fn set_parent_death_signal(_cmd: &mut Command) {}
 
+/// Polls `GET /readyz` until it answers 200, or fails at `deadline`.
+async fn wait_node_ready(name: &str, addr: SocketAddr, deadline: Instant) -> Result<()> {
+    loop {
+        if readyz_ok(addr).await {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("{name} ({addr}) did not become ready (is its Redis reachable?)");
+        }
+        sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn readyz_ok(addr: SocketAddr) -> bool {
+    let probe = async {
+        let mut s = TcpStream::connect(addr).await.ok()?;
+        s.write_all(b"GET /readyz HTTP/1.0\r\nHost: tether\r\n\r\n").await.ok()?;
+        let mut head = [0u8; 12];
+        s.read_exact(&mut head).await.ok()?;
+        Some(head.ends_with(b" 200"))
+    };
+    matches!(timeout(Duration::from_secs(1), probe).await, Ok(Some(true)))
+}
+
 /// The `key=value` fields of a `PROGRAM ready k=v …` stdout line.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReadyLine {
@@ -935,6 +959,10 @@ impl Cluster {
             async move { NodeProcess::start_with(&name, redis_url, node_args, &spawn).await }
         });
         let nodes = try_join_all(starts).await?;
+        // A node prints its ready line once bound, but serves `/readyz` 200 only once its
+        // backbone is connected; the balancer would route around it until then.
+        let ready_by = Instant::now() + opts.ready_timeout;
+        try_join_all(nodes.iter().map(|n| wait_node_ready(n.name(), n.addr(), ready_by))).await?;
         let members: Vec<(String, SocketAddr)> = nodes.iter().map(|n| (n.name().to_owned(), n.addr())).collect();
         let mut balancer_args = Vec::new();
         if let Some(listen) = opts.balancer_listen {

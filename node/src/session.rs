@@ -257,13 +257,9 @@ impl Client {
     /// complete); a further one (a second tab) is confirmed to this client alone.
     async fn enter_presence(&self, room: &str) {
         let joined = self.user_joined(room);
-        match self
-            .backbone()
-            .presence_add(Scope::Room(room), self.conn, &self.presence_entry(), Some(joined.clone()))
-            .await
-        {
-            Ok(PresenceChange::FirstOrLast) => {}
-            Ok(_) => self.send_text(joined),
+        match self.backbone().presence_add(Scope::Room(room), self.conn, &self.presence_entry(), Some(joined)).await {
+            Ok((PresenceChange::FirstOrLast, _)) => {}
+            Ok((_, event)) => self.send_text(event.unwrap_or_else(|| self.user_joined(room))),
             Err(e) => {
                 self.error(ErrorCode::BackboneUnavailable, &format!("joined {room}, but could not announce it: {e}"))
             }

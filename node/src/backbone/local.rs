@@ -90,7 +90,18 @@ impl Backbone for LocalBackbone {
         conn: u64,
         entry: &'a PresenceEntry,
         event: Option<String>,
-    ) -> BoxFuture<'a, Result<PresenceChange, BackboneError>> {
+    ) -> BoxFuture<'a, Result<(PresenceChange, Option<String>), BackboneError>> {
+        let event = match (event, scope) {
+            (Some(e), Scope::Room(room)) => {
+                let head = self.seqs.get(room).map_or(0, |s| *s);
+                Some(format!(
+                    "{},\"head_seq\":{head},\"epoch\":\"{}\"}}",
+                    e.strip_suffix('}').unwrap_or(&e),
+                    self.epoch
+                ))
+            }
+            (e, _) => e,
+        };
         let change = {
             let mut map = self.presence.entry(scope_key(scope)).or_default();
             if map.insert(conn, entry.clone()).is_some() {
@@ -101,10 +112,10 @@ impl Backbone for LocalBackbone {
                 PresenceChange::Shared
             }
         };
-        if let (PresenceChange::FirstOrLast, Some(event), Scope::Room(room)) = (change, event, scope) {
-            self.deliver(room, event);
+        if let (PresenceChange::FirstOrLast, Some(event), Scope::Room(room)) = (change, &event, scope) {
+            self.deliver(room, event.clone());
         }
-        ready(Ok(change)).boxed()
+        ready(Ok((change, event))).boxed()
     }
 
     fn presence_rename<'a>(

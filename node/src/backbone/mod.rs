@@ -112,14 +112,15 @@ pub trait Backbone: Send + Sync {
     fn replay<'a>(&'a self, room: &'a str, after: u64) -> BoxFuture<'a, Result<Replay, BackboneError>>;
 
     /// Registers connection `conn` in `scope`; publishes `event` (a `user_joined`) to the
-    /// room if this is the id's first connection there.
+    /// room if this is the id's first connection there. The event is completed with the room's
+    /// position (`head_seq`, `epoch`) at that instant and returned, published or not.
     fn presence_add<'a>(
         &'a self,
         scope: Scope<'a>,
         conn: u64,
         entry: &'a PresenceEntry,
         event: Option<String>,
-    ) -> BoxFuture<'a, Result<PresenceChange, BackboneError>>;
+    ) -> BoxFuture<'a, Result<(PresenceChange, Option<String>), BackboneError>>;
 
     /// Updates the display name of an entry, nothing else.
     fn presence_rename<'a>(

@@ -72,15 +72,26 @@ redis.call('PUBLISH', KEYS[3], frame)
 return {seq, epoch}
 "#;
 
-/// Registers one presence entry. KEYS: entries hash, ids hash, instance set, channel.
-/// ARGV: field, entry JSON, client id, instance-set member, event to publish ('' = none).
-/// Returns the id's connection count, or -1 if the entry already existed (a re-registration).
+/// Registers one presence entry. KEYS: entries hash, ids hash, instance set, channel, room
+/// meta hash. ARGV: field, entry JSON, client id, instance-set member, event ('' = none).
+///
+/// The event (a `user_joined`) gets the room's position appended — `"head_seq"`, the last seq
+/// assigned, and `"epoch"` — read in the same atomic step that publishes it, so the joiner
+/// (already subscribed) receives every message after `head_seq` and can resume from there.
+/// Returns {the id's connection count or -1 if the entry already existed, the event}.
 const PRESENCE_ADD_LUA: &str = r#"
-if redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) == 0 then return -1 end
+local frame = ARGV[5]
+if frame ~= '' then
+  local m = redis.call('HMGET', KEYS[5], 'seq', 'epoch')
+  frame = string.sub(frame, 1, -2) .. ',"head_seq":' .. (m[1] or '0')
+  if m[2] then frame = frame .. ',"epoch":"' .. m[2] .. '"' end
+  frame = frame .. '}'
+end
+if redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) == 0 then return {-1, frame} end
 redis.call('SADD', KEYS[3], ARGV[4])
 local n = redis.call('HINCRBY', KEYS[2], ARGV[3], 1)
-if n == 1 and ARGV[5] ~= '' then redis.call('PUBLISH', KEYS[4], ARGV[5]) end
-return n
+if n == 1 and frame ~= '' then redis.call('PUBLISH', KEYS[4], frame) end
+return {n, frame}
 "#;
 
 /// Removes one presence entry. KEYS as for add. ARGV: field, client id, instance-set member,
@@ -278,7 +289,7 @@ impl RedisBackbone {
                 .to_json()
             });
             match self.presence_add(scope, *conn, &entry, event).await {
-                Ok(PresenceChange::Unchanged) => {}
+                Ok((PresenceChange::Unchanged, _)) => {}
                 Ok(_) => restored += 1,
                 Err(e) => {
                     debug!(error = %e, "presence re-registration failed; next heartbeat retries");
@@ -670,9 +681,13 @@ impl Backbone for RedisBackbone {
         conn: u64,
         entry: &'a PresenceEntry,
         event: Option<String>,
-    ) -> BoxFuture<'a, Result<PresenceChange, BackboneError>> {
+    ) -> BoxFuture<'a, Result<(PresenceChange, Option<String>), BackboneError>> {
         async move {
             let (ids, entries, channel, member) = self.presence_keys(scope, conn);
+            let meta = match scope {
+                Scope::Room(room) => format!("{}room:{{{room}}}:meta", self.cfg.prefix),
+                Scope::Online => format!("{}online:meta", self.cfg.prefix),
+            };
             // A struct of three strings always serialises.
             let json = serde_json::to_string(entry).expect("presence entries serialise");
             let mut call = self.presence_add.prepare_invoke();
@@ -680,18 +695,20 @@ impl Backbone for RedisBackbone {
                 .key(ids)
                 .key(self.instance_set_key())
                 .key(channel)
+                .key(meta)
                 .arg(format!("{}/{conn}", self.instance))
                 .arg(json)
                 .arg(&entry.id)
                 .arg(member)
                 .arg(event.unwrap_or_default());
             let mut con = self.commands.clone();
-            let n: i64 = self.with_timeout(call.invoke_async(&mut con)).await?;
-            Ok(match n {
+            let (n, frame): (i64, String) = self.with_timeout(call.invoke_async(&mut con)).await?;
+            let change = match n {
                 -1 => PresenceChange::Unchanged,
                 1 => PresenceChange::FirstOrLast,
                 _ => PresenceChange::Shared,
-            })
+            };
+            Ok((change, (!frame.is_empty()).then_some(frame)))
         }
         .boxed()
     }
