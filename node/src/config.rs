@@ -14,6 +14,8 @@ pub const DEFAULT_REDIS: &str = "redis://127.0.0.1:6379/";
 pub const DEFAULT_PREFIX: &str = "tether:";
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024;
 pub const DEFAULT_SEND_QUEUE_LEN: usize = 1024;
+pub const DEFAULT_SEND_QUEUE_BYTES: usize = 1024 * 1024;
+pub const DEFAULT_RATE_LIMIT_BURST: u32 = 50;
 pub const DEFAULT_HISTORY_LEN: u64 = 1000;
 pub const DEFAULT_LOG_TTL_SECS: u64 = 24 * 3600;
 pub const DEFAULT_READ_BUFFER_BYTES: usize = 4096;
@@ -64,6 +66,9 @@ pub struct FileConfig {
     pub prefix: Option<String>,
     pub max_message_bytes: Option<usize>,
     pub send_queue_len: Option<usize>,
+    pub send_queue_bytes: Option<usize>,
+    pub rate_limit_per_sec: Option<u32>,
+    pub rate_limit_burst: Option<u32>,
     pub history_len: Option<u64>,
     pub log_ttl_secs: Option<u64>,
     pub read_buffer_bytes: Option<usize>,
@@ -97,6 +102,12 @@ pub struct Config {
     pub max_message_bytes: usize,
     /// Frames queued for one client before it counts as a slow consumer (closed with 1008).
     pub send_queue_len: usize,
+    /// The same queue's bound in bytes (a queue over it also means a slow consumer).
+    pub send_queue_bytes: usize,
+    /// Frames per second one connection may send (token bucket; 0 = no limit). Frames over
+    /// it are answered `rate_limited` and not acted on.
+    pub rate_limit_per_sec: u32,
+    pub rate_limit_burst: u32,
     /// Messages kept in each room's log for resume.
     pub history_len: u64,
     /// How long a room's log and counter outlive its last message.
@@ -220,6 +231,18 @@ impl FileConfig {
             prefix,
             max_message_bytes,
             send_queue_len: nonzero_usize("send_queue_len", self.send_queue_len, DEFAULT_SEND_QUEUE_LEN)?,
+            send_queue_bytes: {
+                let b = nonzero_usize("send_queue_bytes", self.send_queue_bytes, DEFAULT_SEND_QUEUE_BYTES)?;
+                if b < max_message_bytes {
+                    return Err(invalid("send_queue_bytes", "must be at least max_message_bytes"));
+                }
+                b
+            },
+            rate_limit_per_sec: self.rate_limit_per_sec.unwrap_or(0),
+            rate_limit_burst: match self.rate_limit_burst.unwrap_or(DEFAULT_RATE_LIMIT_BURST) {
+                0 => return Err(invalid("rate_limit_burst", "must be greater than zero")),
+                b => b,
+            },
             history_len: nonzero("history_len", self.history_len, DEFAULT_HISTORY_LEN)?,
             log_ttl: Duration::from_secs(nonzero("log_ttl_secs", self.log_ttl_secs, DEFAULT_LOG_TTL_SECS)?),
             read_buffer_bytes,

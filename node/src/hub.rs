@@ -13,7 +13,7 @@
 
 use dashmap::DashMap;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
@@ -21,29 +21,67 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
 
+/// Bytes queued for one connection but not yet handed to its socket, against a limit.
+#[derive(Debug)]
+pub struct Budget {
+    queued: AtomicUsize,
+    limit: usize,
+}
+
+impl Budget {
+    pub fn new(limit: usize) -> Arc<Self> {
+        Arc::new(Self { queued: AtomicUsize::new(0), limit })
+    }
+
+    /// Called by the writer once a frame has left the queue.
+    pub fn release(&self, bytes: usize) {
+        self.queued.fetch_sub(bytes, Ordering::Relaxed);
+    }
+
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::Relaxed)
+    }
+}
+
 /// The handle a room keeps for one local member.
 #[derive(Debug, Clone)]
 pub struct Member {
-    /// The member's send queue: text frames shared with every other recipient.
+    /// The member's send queue (bounded in frames): text frames shared with every other
+    /// recipient.
     pub tx: mpsc::Sender<Utf8Bytes>,
+    /// The same queue's bound in bytes.
+    pub budget: Arc<Budget>,
     /// Cancelled when the member cannot keep up; its connection task closes it.
     pub kick: CancellationToken,
 }
 
 impl Member {
-    /// Queues a frame; a full queue makes this member a slow consumer.
+    /// Queues a frame; a queue full in frames or bytes makes this member a slow consumer,
+    /// closed with 1008 — fan-out never waits and never buffers without bound.
     pub fn offer(&self, frame: Utf8Bytes, metrics: &Metrics) -> bool {
+        let len = frame.len();
+        if self.budget.queued.fetch_add(len, Ordering::Relaxed) + len > self.budget.limit {
+            self.budget.release(len);
+            self.slow(metrics);
+            return false;
+        }
         match self.tx.try_send(frame) {
             Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                if !self.kick.is_cancelled() {
-                    metrics.slow_consumers.inc();
-                    self.kick.cancel();
+            Err(e) => {
+                self.budget.release(len);
+                if matches!(e, mpsc::error::TrySendError::Full(_)) {
+                    self.slow(metrics);
                 }
+                // Closed: the connection is on its way out; its cleanup removes it from rooms.
                 false
             }
-            // The connection is on its way out; its cleanup removes it from its rooms.
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
+    fn slow(&self, metrics: &Metrics) {
+        if !self.kick.is_cancelled() {
+            metrics.slow_consumers.inc();
+            self.kick.cancel();
         }
     }
 }
@@ -136,10 +174,7 @@ impl Gate {
         let mut g = self.lock();
         if let Some(held) = g.held.as_mut() {
             if held.len() >= hold_cap {
-                if !member.kick.is_cancelled() {
-                    metrics.slow_consumers.inc();
-                    member.kick.cancel();
-                }
+                member.slow(metrics);
                 return false;
             }
             held.push(frame.clone());
@@ -301,7 +336,7 @@ mod tests {
 
     fn member(cap: usize) -> (Member, mpsc::Receiver<Utf8Bytes>) {
         let (tx, rx) = mpsc::channel(cap);
-        (Member { tx, kick: CancellationToken::new() }, rx)
+        (Member { tx, budget: Budget::new(1 << 20), kick: CancellationToken::new() }, rx)
     }
 
     #[test]
@@ -379,5 +414,16 @@ mod tests {
             hub.deliver("r", &msg(seq, "e"), &metrics);
         }
         assert!(m.kick.is_cancelled());
+    }
+
+    #[test]
+    fn a_queue_over_its_byte_budget_kicks_its_member() {
+        let metrics = Metrics::new();
+        let (tx, _rx) = mpsc::channel(100);
+        let m = Member { tx, budget: Budget::new(10), kick: CancellationToken::new() };
+        assert!(m.offer(Utf8Bytes::from_static("123456"), &metrics));
+        assert!(!m.offer(Utf8Bytes::from_static("123456"), &metrics));
+        assert!(m.kick.is_cancelled());
+        assert_eq!(m.budget.queued(), 6);
     }
 }

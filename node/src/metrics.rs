@@ -43,54 +43,58 @@ impl Metrics {
 
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
-        let mut registry = Registry::with_prefix("tether_node");
-        registry.register(
-            "connections_active",
-            "Client WebSocket connections open now",
-            self.connections_active.clone(),
-        );
-        registry.register("connections", "Client WebSocket connections accepted", self.connections_total.clone());
-        registry.register(
-            "connections_refused",
-            "Connections refused because max_connections was reached",
-            self.connections_refused.clone(),
-        );
-        registry.register(
-            "messages_published",
-            "Room messages published to the backbone",
-            self.messages_published.clone(),
-        );
-        registry.register("backbone_frames", "Frames received from the backbone", self.frames_from_backbone.clone());
-        registry.register("frames_delivered", "Frames queued to local clients", self.frames_delivered.clone());
-        registry.register(
-            "slow_consumers",
-            "Clients closed because their send queue was full",
-            self.slow_consumers.clone(),
-        );
-        registry.register(
-            "oversized_frames",
-            "Connections closed with 1009 for an oversized frame",
-            self.oversized_frames.clone(),
-        );
-        registry.register("client_errors", "Error frames sent to clients, by code", self.client_errors.clone());
-        registry.register(
+        let mut r = Registry::with_prefix("tether_node");
+        let counters: [(&str, &str, &Counter); 15] = [
+            ("connections", "Client WebSocket connections accepted", &self.connections_total),
+            (
+                "connections_refused",
+                "Connections refused because max_connections was reached",
+                &self.connections_refused,
+            ),
+            ("messages_published", "Room messages published to the backbone", &self.messages_published),
+            ("backbone_frames", "Frames received live from the backbone", &self.frames_from_backbone),
+            ("frames_delivered", "Frames queued to local clients", &self.frames_delivered),
+            ("slow_consumers", "Clients closed because their send queue was full", &self.slow_consumers),
+            (
+                "duplicates_suppressed",
+                "Messages not sent to a member because a replay or catch-up had already sent that seq",
+                &self.duplicates_suppressed,
+            ),
+            ("sessions_restored", "Connections that found their session in Redis", &self.sessions_restored),
+            ("replayed_messages", "Messages sent from room logs by resume", &self.replayed_messages),
+            ("instances_reaped", "Dead node instances whose presence this node cleaned up", &self.instances_reaped),
+            (
+                "caught_up_messages",
+                "Messages delivered from room logs after the backbone subscriber reconnected",
+                &self.caught_up_messages,
+            ),
+            (
+                "catch_up_gaps",
+                "Rooms whose log no longer held everything missed during a backbone outage",
+                &self.catch_up_gaps,
+            ),
+            (
+                "probe_failures",
+                "Subscriptions re-established because the end-to-end probe stopped coming back",
+                &self.probe_failures,
+            ),
+            ("oversized_frames", "Connections closed with 1009 for an oversized frame", &self.oversized_frames),
+            ("backbone_reconnects", "Reconnections of the backbone subscriber", &self.backbone_reconnects),
+        ];
+        for (name, help, c) in counters {
+            r.register(name, help, c.clone());
+        }
+        r.register("client_errors", "Error frames sent to clients, by code", self.client_errors.clone());
+        r.register("connections_active", "Client WebSocket connections open now", self.connections_active.clone());
+        r.register(
             "rooms_subscribed",
             "Rooms this node is subscribed to on the backbone",
             self.rooms_subscribed.clone(),
         );
-        registry.register(
-            "backbone_ready",
-            "1 while the backbone subscriber is connected",
-            self.backbone_ready.clone(),
-        );
-        registry.register(
-            "backbone_reconnects",
-            "Reconnections of the backbone subscriber",
-            self.backbone_reconnects.clone(),
-        );
+        r.register("backbone_ready", "1 while the backbone subscriber is connected", self.backbone_ready.clone());
         let mut out = String::new();
         // Writing into a String cannot fail.
-        encode(&mut out, &registry).expect("encoding into a String");
+        encode(&mut out, &r).expect("encoding into a String");
         out
     }
 }

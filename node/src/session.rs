@@ -17,7 +17,7 @@
 
 use crate::backbone::Backbone;
 use crate::backbone::{PresenceChange, PresenceEntry, Replay, Scope, SessionRecord};
-use crate::hub::{FrameMeta, Gate, Member};
+use crate::hub::{Budget, FrameMeta, Gate, Member};
 use crate::server::NodeState;
 use futures_util::{SinkExt, StreamExt};
 use std::collections::BTreeMap;
@@ -52,8 +52,9 @@ where
         let (sink, stream) = ws.split();
         let (tx, rx) = mpsc::channel(state.cfg.send_queue_len);
         let kick = CancellationToken::new();
+        let budget = Budget::new(state.cfg.send_queue_bytes);
         let (close_tx, close_rx) = oneshot::channel();
-        let writer = tokio::spawn(write_loop(sink, rx, kick.clone(), close_rx).in_current_span());
+        let writer = tokio::spawn(write_loop(sink, rx, Arc::clone(&budget), kick.clone(), close_rx).in_current_span());
         let id: Arc<str> = Arc::from(client_id.as_str());
         state.hub.register(conn, Arc::clone(&id));
         let mut client = Client {
@@ -61,9 +62,11 @@ where
             name: None,
             rooms: BTreeMap::new(),
             conn,
-            member: Member { tx, kick },
+            member: Member { tx, budget, kick },
             state: Arc::clone(&state),
             grace_until: None,
+            tokens: f64::from(state.cfg.rate_limit_burst),
+            tokens_at: tokio::time::Instant::now(),
         };
         client.start().await;
         let close = client.read_loop(stream).await;
@@ -87,6 +90,7 @@ where
 async fn write_loop<S>(
     mut sink: futures_util::stream::SplitSink<WebSocketStream<S>, Message>,
     mut rx: mpsc::Receiver<Utf8Bytes>,
+    budget: Arc<Budget>,
     kick: CancellationToken,
     mut close_rx: oneshot::Receiver<(u16, &'static str)>,
 ) where
@@ -100,10 +104,14 @@ async fn write_loop<S>(
             frame = rx.recv() => {
                 let Some(frame) = frame else { break None };
                 let write = async {
+                    let len = frame.len();
                     sink.feed(Message::Text(frame)).await?;
+                    budget.release(len);
                     // Batch whatever else is queued into the same flush.
                     while let Ok(more) = rx.try_recv() {
+                        let len = more.len();
                         sink.feed(Message::Text(more)).await?;
+                        budget.release(len);
                     }
                     sink.flush().await
                 };
@@ -143,6 +151,9 @@ struct Client {
     state: Arc<NodeState>,
     /// While restored rooms hold frames waiting for `resume`: when to stop waiting.
     grace_until: Option<tokio::time::Instant>,
+    /// Token bucket of the optional rate limit: tokens left, and when they were counted.
+    tokens: f64,
+    tokens_at: tokio::time::Instant,
 }
 
 impl Client {
@@ -357,7 +368,30 @@ impl Client {
         }
     }
 
+    /// Takes a token if the rate limit allows this frame.
+    fn within_rate(&mut self) -> bool {
+        let rate = self.state.cfg.rate_limit_per_sec;
+        if rate == 0 {
+            return true;
+        }
+        let now = tokio::time::Instant::now();
+        let refill = now.duration_since(self.tokens_at).as_secs_f64() * f64::from(rate);
+        self.tokens = (self.tokens + refill).min(f64::from(self.state.cfg.rate_limit_burst));
+        self.tokens_at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+
     async fn handle(&mut self, text: &str) {
+        if !self.within_rate() {
+            let msg =
+                format!("more than {} frames per second; this one was not acted on", self.state.cfg.rate_limit_per_sec);
+            return self.error(ErrorCode::RateLimited, &msg);
+        }
         let msg = match wire::decode(text) {
             Ok(msg) => msg,
             Err(e) => return self.error(e.code, &e.message),

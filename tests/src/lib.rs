@@ -72,11 +72,15 @@ impl WsClient {
     }
 
     pub async fn send_text(&mut self, text: String) -> Result<()> {
-        self.ws.send(Message::Text(text.into())).await.context("sending")
+        self.send_raw(Message::Text(text.into())).await
     }
 
+    /// Sends a frame, within `DEADLINE` (a server that stops reading fails the test, not hangs it).
     pub async fn send_raw(&mut self, msg: Message) -> Result<()> {
-        self.ws.send(msg).await.context("sending")
+        tokio::time::timeout(DEADLINE, self.ws.send(msg))
+            .await
+            .map_err(|_| anyhow!("sending: not taken within {DEADLINE:?}"))?
+            .context("sending")
     }
 
     /// The next JSON frame, within `DEADLINE`.

@@ -1,0 +1,228 @@
+//! What a production node must survive: a client that stops reading, Redis going away and
+//! coming back, a subscription cut under it, and clients that send too much.
+
+use anyhow::{bail, Context, Result};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+use tether::cluster::{LogTarget, NodeProcess, RedisServer, SpawnOptions};
+use tether_tests::{eventually, http_get, InProcessNode, WsClient, DEADLINE};
+use tokio_tungstenite::tungstenite::Message;
+
+fn rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).context("VmRSS")?;
+    Ok(line.split_whitespace().nth(1).context("value")?.parse()?)
+}
+
+#[tokio::test]
+async fn a_reader_that_stalls_is_closed_and_costs_nobody_else_anything() -> Result<()> {
+    let redis = RedisServer::start().await?;
+    let dir = std::env::temp_dir().join(format!("tether-slow-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let config = dir.join("node.toml");
+    std::fs::write(&config, "send_queue_len = 4096\nsend_queue_bytes = 4194304\n")?;
+    let args = vec!["--config".to_string(), config.display().to_string()];
+    let opts = SpawnOptions { stderr: LogTarget::Null, ..Default::default() };
+    let node = NodeProcess::start_with("node-1", &redis.url(), &args, &opts).await?;
+    let url = |id: &str| format!("{}?client={id}", node.ws_url());
+
+    // The stalled reader: a tiny receive buffer, joins, then never reads again.
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.set_recv_buffer_size(4096)?;
+    let stream = socket.connect(node.addr()).await?;
+    let (mut stalled, _) =
+        tokio::time::timeout(DEADLINE, tokio_tungstenite::client_async(url("stalled"), stream)).await??;
+    stalled.send(Message::Text(json!({"type":"join","room":"flood"}).to_string().into())).await?;
+    loop {
+        let next = tokio::time::timeout(DEADLINE, stalled.next()).await.context("stalled client's join")?;
+        let Some(Ok(Message::Text(t))) = next else { bail!("stalled client lost early") };
+        if t.contains("user_joined") {
+            break;
+        }
+    }
+
+    let mut fast = Vec::new();
+    for i in 0..2 {
+        let (mut c, _) = WsClient::connect_ready(&url(&format!("fast-{i}"))).await?;
+        c.join("flood").await?;
+        fast.push(c);
+    }
+    let (mut publisher, _) = WsClient::connect_ready(&url("publisher")).await?;
+    publisher.join("flood").await?;
+    let before = rss_kib(node.pid())?;
+
+    const COUNT: usize = 2000;
+    let text = "x".repeat(10_000); // 2000 × 10 KB = 20 MB into the room
+    let readers: Vec<_> = fast
+        .into_iter()
+        .map(|mut c| {
+            tokio::spawn(async move {
+                let mut seqs = Vec::with_capacity(COUNT);
+                while seqs.len() < COUNT {
+                    let v = c.recv().await?;
+                    if v["type"] == "message" {
+                        seqs.push(v["seq"].as_u64().context("seq")?);
+                        c.seen.clear();
+                    }
+                }
+                anyhow::Ok(seqs)
+            })
+        })
+        .collect();
+    let mut peak = before;
+    for i in 0..COUNT {
+        tokio::time::timeout(DEADLINE, publisher.send(json!({"type":"message","room":"flood","text":text})))
+            .await
+            .with_context(|| format!("publishing message {i}"))??;
+        publisher.recv_until("own echo", |v| v["type"] == "message").await?;
+        publisher.seen.clear();
+        if i % 100 == 0 {
+            peak = peak.max(rss_kib(node.pid())?);
+        }
+    }
+    for r in readers {
+        let seqs = tokio::time::timeout(Duration::from_secs(60), r).await.context("fast readers")???;
+        assert_eq!(seqs.len(), COUNT);
+        assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "every message, in order");
+    }
+    // The stalled client was closed (1008, or its TCP connection dropped) within 5 s.
+    let started = Instant::now();
+    let mut saw_1008 = false;
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), stalled.next()).await {
+            Err(_) => bail!("stalled client still connected"),
+            Ok(Some(Ok(Message::Close(Some(f))))) => {
+                saw_1008 = u16::from(f.code) == 1008 && f.reason == "slow consumer";
+                break;
+            }
+            Ok(Some(Ok(_))) => continue,
+            Ok(_) => break,
+        }
+    }
+    let (_, metrics) = http_get(node.addr(), "/metrics").await?;
+    assert!(metrics.contains("tether_node_slow_consumers_total 1"), "one slow consumer counted");
+    let after = rss_kib(node.pid())?;
+    eprintln!(
+        "slow reader: node RSS {before} KiB before, peak {peak} KiB during a 20 MB flood, {after} KiB after \
+         (growth {} KiB); 1008 frame seen: {saw_1008}; drained after {:?}",
+        peak.saturating_sub(before),
+        started.elapsed()
+    );
+    assert!(peak.saturating_sub(before) < 64 * 1024, "RSS grew {} KiB", peak - before);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+#[tokio::test]
+async fn redis_restart_under_traffic_drops_no_connection_and_loses_nothing_silently() -> Result<()> {
+    let mut redis = RedisServer::start().await?;
+    let quick = |cfg: &mut tether_node::Config| {
+        cfg.redis_timeout = Duration::from_millis(500);
+        cfg.reconnect_max = Duration::from_millis(300);
+    };
+    let n1 = InProcessNode::start("node-1", &redis.url(), quick)?;
+    let n2 = InProcessNode::start("node-2", &redis.url(), quick)?;
+    let (mut a, _) = WsClient::connect_ready(&n1.ws_url("a")).await?;
+    let (mut b, _) = WsClient::connect_ready(&n2.ws_url("b")).await?;
+    a.join("r").await?;
+    b.join("r").await?;
+
+    redis.kill().await?;
+    for addr in [n1.addr, n2.addr] {
+        eventually("unready", || async { (http_get(addr, "/readyz").await.ok()?.0 == 503).then_some(()) }).await?;
+    }
+    a.send(json!({"type":"message","room":"r","text":"into the void"})).await?;
+    let e = a.recv_type("error").await?;
+    assert_eq!(e["code"], "backbone_unavailable", "{e}");
+
+    redis.restart().await?;
+    for addr in [n1.addr, n2.addr] {
+        eventually("ready", || async { (http_get(addr, "/readyz").await.ok()?.0 == 200).then_some(()) }).await?;
+    }
+    // The same connections carry on: nothing was dropped.
+    a.send(json!({"type":"message","room":"r","text":"back"})).await?;
+    b.recv_until("message after the restart", |v| v["text"] == "back").await?;
+    a.recv_until("own message", |v| v["text"] == "back").await?;
+    assert!(!b.seen.iter().any(|v| v["text"] == "into the void"), "an unpublished message never appears");
+    Ok(())
+}
+
+#[tokio::test]
+async fn messages_published_while_a_node_was_cut_off_reach_its_members_after_it_reconnects() -> Result<()> {
+    let redis = RedisServer::start().await?;
+    let slow_reconnect = |cfg: &mut tether_node::Config| {
+        cfg.reconnect_min = Duration::from_millis(600);
+        cfg.reconnect_max = Duration::from_millis(1200);
+    };
+    let n1 = InProcessNode::start("node-1", &redis.url(), slow_reconnect)?;
+    let n2 = InProcessNode::start("node-2", &redis.url(), slow_reconnect)?;
+    let (mut a, _) = WsClient::connect_ready(&n1.ws_url("talker")).await?;
+    let (mut b, _) = WsClient::connect_ready(&n2.ws_url("listener")).await?;
+    a.join("gap").await?;
+    b.join("gap").await?;
+    a.send(json!({"type":"message","room":"gap","text":"before"})).await?;
+    b.recv_until("before", |v| v["text"] == "before").await?;
+
+    // Cut every subscriber connection: the nodes' pub/sub streams end and they reconnect
+    // only after their backoff. Publishing goes on through the command connections.
+    let client = redis::Client::open(redis.url())?;
+    let mut con = client.get_multiplexed_async_connection().await?;
+    let killed: i64 = redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("pubsub").query_async(&mut con).await?;
+    assert!(killed >= 2, "killed {killed} subscribers");
+    for i in 0..20 {
+        a.send(json!({"type":"message","room":"gap","text":format!("gap-{i}")})).await?;
+    }
+    b.recv_until("last gap message", |v| v["text"] == "gap-19").await?;
+    let got: Vec<&Value> = b.seen.iter().filter(|v| v["type"] == "message").collect();
+    let texts: Vec<&str> = got.iter().filter_map(|v| v["text"].as_str()).collect();
+    let expected: Vec<String> =
+        std::iter::once("before".to_string()).chain((0..20).map(|i| format!("gap-{i}"))).collect();
+    assert_eq!(texts, expected, "all of it, once, in order");
+    let (_, metrics) = http_get(n2.addr, "/metrics").await?;
+    let caught_up = metrics
+        .lines()
+        .find(|l| l.starts_with("tether_node_caught_up_messages_total"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|n| n.parse::<u64>().ok())
+        .unwrap_or(0);
+    assert!(caught_up > 0, "the gap was filled from the room log, not by luck:\n{metrics}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_rate_limited_client_is_told_and_stays_connected() -> Result<()> {
+    let redis = RedisServer::start().await?;
+    let n1 = InProcessNode::start("node-1", &redis.url(), |cfg| {
+        cfg.rate_limit_per_sec = 5;
+        cfg.rate_limit_burst = 5;
+    })?;
+    let (mut c, _) = WsClient::connect_ready(&n1.ws_url("chatty")).await?;
+    for _ in 0..20 {
+        c.send(json!({"type":"online"})).await?;
+    }
+    let mut limited = 0;
+    let mut answered = 0;
+    while limited + answered < 20 {
+        let v = c.recv().await?;
+        match v["type"].as_str() {
+            Some("error") if v["code"] == "rate_limited" => limited += 1,
+            Some("online") => answered += 1,
+            _ => {}
+        }
+    }
+    assert!(limited >= 10 && answered >= 5, "limited {limited}, answered {answered}");
+    // Tokens come back with time: the same connection is served again.
+    let end = Instant::now() + DEADLINE;
+    loop {
+        c.send(json!({"type":"online"})).await?;
+        let v = c.recv().await?;
+        if v["type"] == "online" {
+            break;
+        }
+        assert_eq!(v["code"], "rate_limited");
+        assert!(Instant::now() < end, "never served again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
