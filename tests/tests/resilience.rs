@@ -137,12 +137,19 @@ async fn redis_restart_under_traffic_drops_no_connection_and_loses_nothing_silen
     assert_eq!(e["code"], "backbone_unavailable", "{e}");
 
     redis.restart().await?;
+    let restarted = Instant::now();
     for addr in [n1.addr, n2.addr] {
         eventually("ready", || async { (http_get(addr, "/readyz").await.ok()?.0 == 200).then_some(()) }).await?;
     }
+    let ready_after = restarted.elapsed();
     // The same connections carry on: nothing was dropped.
     a.send(json!({"type":"message","room":"r","text":"back"})).await?;
     b.recv_until("message after the restart", |v| v["text"] == "back").await?;
+    eprintln!(
+        "redis restart: both nodes ready {ready_after:?} after redis-server was back, first cross-node \
+         message delivered {:?} after (reconnect_max 300 ms)",
+        restarted.elapsed()
+    );
     a.recv_until("own message", |v| v["text"] == "back").await?;
     assert!(!b.seen.iter().any(|v| v["text"] == "into the void"), "an unpublished message never appears");
     Ok(())
