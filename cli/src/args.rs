@@ -124,29 +124,55 @@ pub struct LaterArgs {
 #[derive(Debug, Args)]
 pub struct ChaosArgs {
     /// Number of nodes.
-    #[arg(long, value_name = "N")]
-    pub nodes: Option<u16>,
-    /// Number of clients.
-    #[arg(long, value_name = "K")]
-    pub clients: Option<u32>,
+    #[arg(long, default_value_t = 3, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub nodes: u16,
+    /// Number of clients (ids chaos-0 …), each in 1–3 rooms.
+    #[arg(long, default_value_t = 60, value_name = "K", value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub clients: u32,
     /// Number of rooms.
-    #[arg(long, value_name = "R")]
-    pub rooms: Option<u32>,
+    #[arg(long, default_value_t = 6, value_name = "R", value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub rooms: u32,
     /// Messages per second, all clients together.
-    #[arg(long, value_name = "MSG_PER_S")]
-    pub rate: Option<f64>,
-    /// Kill a random node every SECS seconds.
-    #[arg(long, value_name = "SECS")]
-    pub kill_every: Option<f64>,
-    /// Length of the run.
-    #[arg(long, value_name = "SECS")]
-    pub duration: Option<f64>,
-    /// Also restart Redis once mid-run.
+    #[arg(long, default_value_t = 100.0, value_name = "MSG_PER_S", value_parser = positive)]
+    pub rate: f64,
+    /// Kill a random node with SIGKILL every SECS seconds (0: never).
+    #[arg(long, default_value_t = 5.0, value_name = "SECS", value_parser = non_negative)]
+    pub kill_every: f64,
+    /// Length of the load phase.
+    #[arg(long, default_value_t = 30.0, value_name = "SECS", value_parser = positive)]
+    pub duration: f64,
+    /// Also kill and restart Redis once, halfway (Redis then keeps an fsync'ed append-only file).
     #[arg(long)]
     pub redis_restart: bool,
     /// Write the final figures as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
+    /// Seed of every random choice (rooms, send order, victims); default: from the clock.
+    #[arg(long, value_name = "N")]
+    pub seed: Option<u64>,
+    /// Time between a node's SIGKILL and its restart.
+    #[arg(long, default_value_t = 500, value_name = "MS")]
+    pub restart_delay_ms: u64,
+    /// Longest wait after the load for every client to catch up.
+    #[arg(long, default_value_t = 15.0, value_name = "SECS", value_parser = positive)]
+    pub drain_timeout: f64,
+    /// Write each process' log to DIR/NAME.log (silenced otherwise).
+    #[arg(long, value_name = "DIR")]
+    pub logs: Option<PathBuf>,
+}
+
+fn positive(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(x) if x.is_finite() && x > 0.0 => Ok(x),
+        _ => Err(format!("{s:?} is not a positive number")),
+    }
+}
+
+fn non_negative(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(x) if x.is_finite() && x >= 0.0 => Ok(x),
+        _ => Err(format!("{s:?} is not a number ≥ 0")),
+    }
 }
 
 #[derive(Debug, Args)]
@@ -179,9 +205,22 @@ mod tests {
     }
 
     #[test]
+    fn chaos_flags_parse_and_bad_numbers_are_usage_errors() {
+        let ok = Cli::try_parse_from([
+            "tether", "chaos", "--nodes", "3", "--clients", "300", "--rate", "200", "--kill-every", "5",
+            "--duration", "60", "--redis-restart", "--json", "x", "--seed", "9", "--restart-delay-ms", "100",
+        ]);
+        assert!(ok.is_ok(), "{ok:?}");
+        for bad in [["--rate", "0"], ["--duration", "-1"], ["--kill-every", "nan"], ["--clients", "0"]] {
+            let argv = ["tether", "chaos", bad[0], bad[1]];
+            assert!(Cli::try_parse_from(argv).is_err(), "{argv:?}");
+        }
+        assert!(Cli::try_parse_from(["tether", "chaos", "--kill-every", "0"]).is_ok());
+    }
+
+    #[test]
     fn planned_subcommands_accept_their_flags() {
         for argv in [
-            &["tether", "chaos", "--nodes", "3", "--redis-restart", "--json", "x"][..],
             &["tether", "compare", "--quick", "--out", "d"],
             &["tether", "bench", "fanout", "--rooms", "10", "--whatever"],
         ] {

@@ -6,8 +6,9 @@
 //!
 //! * [`bin_path`] finds the workspace binaries (`TETHER_BIN_DIR`, next to the running
 //!   executable, then `PATH`);
-//! * [`RedisServer`] runs a throw-away `redis-server` on a free port (never 6379), with no
-//!   persistence and its files in a temporary directory;
+//! * [`RedisServer`] runs a throw-away `redis-server` on a free port (never 6379), its files
+//!   in a temporary directory; without persistence, or with an fsync'ed append-only file so
+//!   that a killed and restarted Redis comes back with every acknowledged write;
 //! * [`NodeProcess`] and [`BalancerProcess`] spawn the binaries with `--listen 127.0.0.1:0`,
 //!   wait for their single `… ready …` stdout line and learn the bound addresses from it;
 //! * [`Cluster`] wires all of them together: `node-1..node-N` behind one balancer.
@@ -397,8 +398,19 @@ fn free_port() -> Result<u16> {
     Ok(probe.local_addr()?.port())
 }
 
-/// A private `redis-server` on a free port: no persistence, files in a temporary directory,
-/// killed on drop.
+/// Whether a [`RedisServer`] keeps its data across a restart.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Persistence {
+    /// Nothing is written to disk: a restart starts empty (`--save "" --appendonly no`).
+    #[default]
+    None,
+    /// Every write is appended and fsync'ed before Redis answers it (`--appendonly yes
+    /// --appendfsync always`), so a `SIGKILL` loses nothing that was acknowledged and
+    /// [`RedisServer::restart`] comes back with all of it (room logs, counters, sessions).
+    AppendOnly,
+}
+
+/// A private `redis-server` on a free port, files in a temporary directory, killed on drop.
 #[derive(Debug)]
 pub struct RedisServer {
     // Declared before `dir`: fields drop in order, so the process dies before its
@@ -407,6 +419,8 @@ pub struct RedisServer {
     port: u16,
     program: PathBuf,
     logfile: PathBuf,
+    /// Kept for restarts, which must reload what the first process wrote.
+    persistence: Persistence,
     dir: tempfile::TempDir,
 }
 
@@ -416,8 +430,14 @@ impl RedisServer {
         Self::start_with(None).await
     }
 
-    /// Starts one; Redis' log goes to `logfile` (appended), or into its temporary directory.
+    /// Starts one without persistence; Redis' log goes to `logfile` (appended), or into its
+    /// temporary directory.
     pub async fn start_with(logfile: Option<PathBuf>) -> Result<Self> {
+        Self::start_opts(logfile, Persistence::None).await
+    }
+
+    /// Starts one with the given persistence; the log as for [`RedisServer::start_with`].
+    pub async fn start_opts(logfile: Option<PathBuf>, persistence: Persistence) -> Result<Self> {
         let program = find_on_path("redis-server").ok_or_else(|| {
             anyhow!(
                 "redis-server not found on PATH; install it with `scripts/deps.sh` \
@@ -435,8 +455,8 @@ impl RedisServer {
             if port == SHARED_REDIS_PORT {
                 continue;
             }
-            match spawn_redis(&program, port, dir.path(), &logfile).await {
-                Ok(proc) => return Ok(Self { proc: Some(proc), port, program, logfile, dir }),
+            match spawn_redis(&program, port, dir.path(), &logfile, persistence).await {
+                Ok(proc) => return Ok(Self { proc: Some(proc), port, program, logfile, persistence, dir }),
                 Err(RedisStartError::ExitedEarly(e)) => {
                     tracing::debug!(port, error = %e, "redis-server exited at once; trying another port");
                     last_err = e;
@@ -475,7 +495,12 @@ impl RedisServer {
         Ok(())
     }
 
-    /// Sends `SIGTERM` (Redis exits at once: nothing to save).
+    /// Whether it keeps its data across [`RedisServer::restart`].
+    pub fn persistence(&self) -> Persistence {
+        self.persistence
+    }
+
+    /// Sends `SIGTERM` (without persistence Redis exits at once: nothing to save).
     pub fn terminate(&mut self) -> Result<()> {
         match self.proc.as_mut() {
             Some(proc) => proc.signal(Signal::SIGTERM),
@@ -491,16 +516,17 @@ impl RedisServer {
         }
     }
 
-    /// Starts it again on the same port, empty (killing the running one first). Fails if
-    /// another process took the port meanwhile.
+    /// Starts it again on the same port (killing the running one first): empty, or with
+    /// everything it had acknowledged under [`Persistence::AppendOnly`]. Fails if another
+    /// process took the port meanwhile.
     pub async fn restart(&mut self) -> Result<()> {
         self.kill().await?;
         self.proc = None;
-        let proc = spawn_redis(&self.program, self.port, self.dir.path(), &self.logfile).await.map_err(
-            |(RedisStartError::ExitedEarly(e) | RedisStartError::Fatal(e))| {
+        let proc = spawn_redis(&self.program, self.port, self.dir.path(), &self.logfile, self.persistence)
+            .await
+            .map_err(|(RedisStartError::ExitedEarly(e) | RedisStartError::Fatal(e))| {
                 e.context(format!("restarting redis-server on port {}", self.port))
-            },
-        )?;
+            })?;
         self.proc = Some(proc);
         Ok(())
     }
@@ -510,13 +536,22 @@ impl RedisServer {
     }
 }
 
-/// Runs `redis-server` on `port` and waits until it answers.
-async fn spawn_redis(program: &Path, port: u16, dir: &Path, logfile: &Path) -> Result<Owned, RedisStartError> {
+/// Runs `redis-server` on `port` and waits until it answers (which, with an append-only
+/// file, is after the file was loaded).
+async fn spawn_redis(
+    program: &Path,
+    port: u16,
+    dir: &Path,
+    logfile: &Path,
+    persistence: Persistence,
+) -> Result<Owned, RedisStartError> {
     let mut cmd = Command::new(program);
-    cmd.arg("--port")
-        .arg(port.to_string())
-        .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-        .args(["--daemonize", "no"])
+    cmd.arg("--port").arg(port.to_string()).args(["--bind", "127.0.0.1", "--save", ""]);
+    match persistence {
+        Persistence::None => cmd.args(["--appendonly", "no"]),
+        Persistence::AppendOnly => cmd.args(["--appendonly", "yes", "--appendfsync", "always"]),
+    };
+    cmd.args(["--daemonize", "no"])
         .arg("--dir")
         .arg(dir)
         .arg("--logfile")
@@ -861,6 +896,8 @@ pub struct ClusterOptions {
     pub logs: ClusterLogs,
     /// How long each node and the balancer may take to become ready.
     pub ready_timeout: Duration,
+    /// Persistence of the private Redis (ignored with `redis`).
+    pub redis_persistence: Persistence,
 }
 
 impl Default for ClusterOptions {
@@ -874,6 +911,7 @@ impl Default for ClusterOptions {
             balancer_args: Vec::new(),
             logs: ClusterLogs::Inherit,
             ready_timeout: DEFAULT_READY_TIMEOUT,
+            redis_persistence: Persistence::None,
         }
     }
 }
@@ -943,7 +981,7 @@ impl Cluster {
                     ClusterLogs::Dir(dir) => Some(dir.join("redis.log")),
                     _ => None,
                 };
-                Some(RedisServer::start_with(logfile).await?)
+                Some(RedisServer::start_opts(logfile, opts.redis_persistence).await?)
             }
         };
         let redis_url = match (&opts.redis, &redis) {

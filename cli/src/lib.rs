@@ -8,11 +8,13 @@
 //! - [`up`]: `tether up`, a cluster in the foreground until Ctrl-C;
 //! - [`chat`]: `tether chat`, a line-oriented WebSocket client for people and scripts;
 //! - [`bench`]: `tether bench rtt`, round-trip latency through the balancer vs. direct;
+//! - [`chaos`]: `tether chaos`, nodes killed under load, every message accounted for;
 //! - [`args`]: the clap definitions.
 #![deny(unsafe_code)]
 
 pub mod args;
 pub mod bench;
+pub mod chaos;
 pub mod chat;
 pub mod cluster;
 pub mod up;
@@ -33,7 +35,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             BenchKind::Fanout(_) => Ok(not_implemented("bench fanout", 6)),
             BenchKind::Proxies(_) => Ok(not_implemented("bench proxies", 6)),
         },
-        Command::Chaos(_) => Ok(not_implemented("chaos", 3)),
+        Command::Chaos(args) => chaos::run_cli(args).await,
         Command::Compare(_) => Ok(not_implemented("compare", 5)),
     }
 }

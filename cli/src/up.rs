@@ -67,6 +67,7 @@ pub async fn run(opts: UpOptions) -> Result<i32> {
         balancer_args: opts.balancer_args.clone(),
         logs,
         ready_timeout: DEFAULT_READY_TIMEOUT,
+        redis_persistence: Default::default(),
     };
     let mut cluster = tokio::select! {
         started = Cluster::start(cluster_opts) => started?,

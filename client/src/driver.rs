@@ -16,7 +16,7 @@ use crate::backoff::Backoff;
 use crate::client::{Shared, Status};
 use crate::config::{connect_url, ClientConfig};
 use crate::error::Error;
-use crate::event::{parse, Event, Frame, Message, Parsed, Session};
+use crate::event::{parse, Event, Frame, Message, Parsed, Session, UPGRADE_REFUSED};
 use crate::order::{Tracker, Verdict};
 use crate::stats::bump;
 use futures_util::{SinkExt, StreamExt};
@@ -34,6 +34,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::{sleep, timeout, Instant};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Error as WsError;
 use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tracing::{debug, info, info_span, warn, Instrument};
@@ -46,6 +47,12 @@ type Reply = oneshot::Sender<Result<(), Error>>;
 const HOLD_LIMIT: usize = 100_000;
 /// How long a closing client waits for the node's answer to its close frame.
 const CLOSE_WAIT: Duration = Duration::from_secs(1);
+
+/// HTTP answers to the upgrade that no retry can change: the request itself (the client id)
+/// is bad or not allowed. Everything else (503 without a node, 502, 429, …) is retried.
+fn refused_for_good(status: http::StatusCode) -> bool {
+    matches!(status.as_u16(), 400 | 401 | 403)
+}
 
 /// A request from a [`Client`](crate::Client) handle.
 #[derive(Debug)]
@@ -267,6 +274,10 @@ impl Driver {
             };
             let outcome = match result {
                 Ok(Ok((ws, _response))) => Ok(self.connection(ws, attempt).await),
+                Ok(Err(WsError::Http(response))) if refused_for_good(response.status()) => {
+                    self.refused(attempt, &response);
+                    break;
+                }
                 Ok(Err(e)) => Err(e.to_string()),
                 Err(_) => Err(format!("no WebSocket handshake within {:?}", self.cfg.connect_timeout)),
             };
@@ -304,6 +315,20 @@ impl Driver {
             }
         }
         self.finish().await;
+    }
+
+    /// The upgrade was refused in a way retrying cannot fix (a bad or unauthorised id):
+    /// say why, as an `Error` and a final `ConnectFailed`, and stop.
+    fn refused(&mut self, attempt: u32, response: &http::Response<Option<Vec<u8>>>) {
+        let status = response.status();
+        let body = response.body().as_deref().map(String::from_utf8_lossy).unwrap_or_default();
+        let body: String = body.trim().chars().take(200).collect();
+        let message = if body.is_empty() { format!("HTTP {status}") } else { format!("HTTP {status}: {body}") };
+        warn!(%status, %body, "upgrade refused; not retrying");
+        self.failures += 1;
+        bump(&self.shared.stats.connect_failures);
+        self.out.push(Event::Error { code: UPGRADE_REFUSED.to_string(), message: message.clone() });
+        self.out.push(Event::ConnectFailed { attempt, error: message, retry_in: None });
     }
 
     fn gives_up(&self) -> bool {
@@ -662,12 +687,13 @@ impl Driver {
                 warn!("second `connected` frame on one connection ignored");
             }
             Frame::Message(m) => return self.on_message(m, conn),
-            Frame::UserJoined { room, user, id, server } => {
+            Frame::UserJoined { room, user, id, server, head_seq, epoch } => {
                 let own = self.id.as_deref() == Some(id.as_str());
                 let room_name = room.clone();
-                self.out.push(Event::UserJoined { room, user, id, server });
+                let start = head_seq.map(|seq| (epoch.clone(), seq));
+                self.out.push(Event::UserJoined { room, user, id, server, head_seq, epoch });
                 if own {
-                    self.on_own_join(&room_name, ws, conn).await?;
+                    self.on_own_join(&room_name, start, ws, conn).await?;
                 }
             }
             Frame::UserLeft { room, user, id, server, reason } => {
@@ -759,7 +785,7 @@ impl Driver {
         let mut restored_waiters = Vec::new();
         for (name, room) in &mut self.rooms {
             room.joined = restored.contains(name);
-            if room.tracker.position().is_some() {
+            if room.tracker.has_start() {
                 room.hold = Some(Vec::new());
             }
             if room.joined {
@@ -783,12 +809,28 @@ impl Driver {
         Ok(())
     }
 
-    /// Own `user_joined`: the room is live for us on this connection.
-    async fn on_own_join(&mut self, room: &str, ws: &mut Ws, conn: &mut Conn) -> Result<(), Ended> {
+    /// Own `user_joined`: the room is live for us on this connection. `start` is the room's
+    /// `(epoch, head_seq)` at the join, which anchors a room that has no position yet.
+    async fn on_own_join(
+        &mut self,
+        room: &str,
+        start: Option<(Option<String>, u64)>,
+        ws: &mut Ws,
+        conn: &mut Conn,
+    ) -> Result<(), Ended> {
         let Some(r) = self.rooms.get_mut(room) else {
             return Ok(());
         };
         r.joined = true;
+        if let Some((epoch, seq)) = start {
+            if r.tracker.anchor(epoch.as_deref(), seq) {
+                debug!(%room, ?epoch, seq, "room anchored at its head");
+                let pos = r.tracker.position().cloned();
+                if let Some(slot) = self.shared.view().rooms.get_mut(room) {
+                    *slot = pos;
+                }
+            }
+        }
         for w in r.waiters.drain(..) {
             let _ = w.send(Ok(()));
         }
@@ -813,8 +855,13 @@ impl Driver {
     async fn send_resume(&mut self, ws: &mut Ws, conn: &mut Conn) -> Result<(), Ended> {
         let mut rooms = Map::new();
         for (name, room) in &self.rooms {
-            if let (Some(_), Some(pos)) = (&room.hold, room.tracker.position()) {
-                rooms.insert(name.clone(), json!({"seq": pos.seq, "epoch": pos.epoch}));
+            if let (Some(_), Some((epoch, seq))) = (&room.hold, room.tracker.resume_point()) {
+                let point = match epoch {
+                    Some(epoch) => json!({"seq": seq, "epoch": epoch}),
+                    // Anchored before the room had a log: everything it logged since.
+                    None => json!({"seq": seq}),
+                };
+                rooms.insert(name.clone(), point);
             }
         }
         conn.resume_done = true;
@@ -837,13 +884,15 @@ impl Driver {
         }
         let now = Instant::now();
         conn.ready_at = Some(now);
-        if let Some(lost) = self.lost_at.take() {
-            self.shared.stats.set_last_recovery(now.duration_since(lost));
+        let since_disconnect = self.lost_at.take().map(|lost| now.duration_since(lost));
+        if let Some(d) = since_disconnect {
+            self.shared.stats.set_last_recovery(d);
         }
         self.restart_pending = false;
         let server = conn.server.clone().unwrap_or_default();
         debug!(%server, "in sync");
-        self.set_status(Status::Ready { server });
+        self.set_status(Status::Ready { server: server.clone() });
+        self.out.push(Event::Ready { server, since_disconnect });
     }
 
     fn on_message(&mut self, m: Message, conn: &Conn) -> Result<(), Ended> {

@@ -10,6 +10,10 @@ use serde::Deserialize;
 use serde_json::Value;
 use std::time::Duration;
 
+/// [`Event::Error`] code of a WebSocket upgrade answered HTTP 400, 401 or 403: the request
+/// (the client id) is refused, so the client does not retry and closes.
+pub const UPGRADE_REFUSED: &str = "upgrade_refused";
+
 /// Whether the node started a fresh session or restored one it found in Redis.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -90,12 +94,28 @@ pub enum Event {
         /// Time since the previous connection was lost; `None` on the first connect.
         since_disconnect: Option<Duration>,
     },
+    /// The connection is in sync: every room re-joined, every replay done, held live frames
+    /// delivered ([`Status::Ready`](crate::Status::Ready) from now on). Follows each
+    /// `Connected`, once the re-sync completed.
+    Ready {
+        server: String,
+        /// From losing the previous connection to now (loss → back in sync); `None` on the
+        /// first connect.
+        since_disconnect: Option<Duration>,
+    },
     Message(Message),
+    /// Someone joined `room` — or this client did: its own copy completes its join.
     UserJoined {
         room: String,
         user: String,
         id: String,
         server: String,
+        /// The room's last assigned seq when the join was announced (0: no message yet);
+        /// `None` from a node that does not report it. Every message after it reaches the
+        /// joiner, so for the client's own join this is where its room history starts.
+        head_seq: Option<u64>,
+        /// The room log's epoch at that moment; `None` while the room has no messages.
+        epoch: Option<String>,
     },
     UserLeft {
         room: String,
@@ -125,7 +145,8 @@ pub enum Event {
         old: String,
         new: String,
     },
-    /// An `error` frame from the node.
+    /// An `error` frame from the node — or, with code [`UPGRADE_REFUSED`], the upgrade was
+    /// refused for good (HTTP 400/401/403); `ConnectFailed` without a retry and `Closed` follow.
     Error {
         code: String,
         message: String,
@@ -162,7 +183,7 @@ pub enum Event {
 pub(crate) enum Frame {
     Connected { server: String, id: String, session: Session, rooms: Vec<String>, name: Option<String> },
     Message(Message),
-    UserJoined { room: String, user: String, id: String, server: String },
+    UserJoined { room: String, user: String, id: String, server: String, head_seq: Option<u64>, epoch: Option<String> },
     UserLeft { room: String, user: String, id: String, server: String, reason: LeaveReason },
     Resumed { room: String, from_seq: u64, to_seq: u64, complete: bool, epoch: Option<String> },
     Presence { room: String, users: Vec<PresenceUser> },
@@ -204,6 +225,11 @@ struct MemberWire {
     server: String,
     #[serde(default)]
     reason: Option<String>,
+    /// `user_joined` only: the room's position when the join was announced.
+    #[serde(default)]
+    head_seq: Option<u64>,
+    #[serde(default)]
+    epoch: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -265,6 +291,8 @@ pub(crate) fn parse(text: &str) -> Parsed {
             user: m.user,
             id: m.id,
             server: m.server,
+            head_seq: m.head_seq,
+            epoch: m.epoch,
         }),
         "user_left" => MemberWire::deserialize(&value).map(|m| Frame::UserLeft {
             room: m.room,
@@ -310,6 +338,13 @@ mod tests {
         );
         let Parsed::Frame(Frame::Message(m)) = p else { panic!("{p:?}") };
         assert_eq!((m.seq, m.epoch.as_str(), m.replay), (7, "e", true));
+        let p = parse(r#"{"type":"user_joined","room":"g","user":"A","id":"a","server":"n","head_seq":4,"epoch":"e"}"#);
+        assert!(matches!(
+            p,
+            Parsed::Frame(Frame::UserJoined { head_seq: Some(4), epoch: Some(ref e), .. }) if e == "e"
+        ));
+        let p = parse(r#"{"type":"user_joined","room":"g","user":"A","id":"a","server":"n"}"#);
+        assert!(matches!(p, Parsed::Frame(Frame::UserJoined { head_seq: None, epoch: None, .. })));
         let p = parse(r#"{"type":"user_left","room":"g","user":"A","id":"a","server":"n","reason":"node_down"}"#);
         assert!(matches!(p, Parsed::Frame(Frame::UserLeft { reason: LeaveReason::NodeDown, .. })));
         let p = parse(r#"{"type":"resumed","room":"g","from_seq":3,"to_seq":2,"epoch":"e","complete":false}"#);

@@ -52,6 +52,6 @@ mod stats;
 pub use client::{Client, Status};
 pub use config::ClientConfig;
 pub use error::{ConfigError, Error};
-pub use event::{Event, LeaveReason, Message, PresenceUser, Session};
+pub use event::{Event, LeaveReason, Message, PresenceUser, Session, UPGRADE_REFUSED};
 pub use order::Position;
 pub use stats::StatsSnapshot;

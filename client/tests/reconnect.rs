@@ -448,3 +448,144 @@ async fn close_says_goodbye_and_ends_the_stream() {
     assert!(events.recv().await.is_none(), "Closed is the last event");
     assert_eq!(client.join("a").await, Err(Error::Closed));
 }
+
+/// Joins `room` through the mock, whose `user_joined` reports the room's head at the join.
+async fn join_at(client: &Client, conn: &mut MockConn, room: &str, head_seq: u64, epoch: Option<&str>) {
+    let node_side = async {
+        assert_eq!(conn.expect("join").await["room"], room);
+        conn.send(user_joined_at(room, "c1", head_seq, epoch)).await;
+    };
+    let (joined, ()) = tokio::join!(client.join(room), node_side);
+    joined.expect("join");
+}
+
+#[tokio::test]
+async fn a_room_joined_but_never_talked_in_is_resumed_from_its_join() {
+    let mut node = MockNode::start().await;
+    let (client, mut events, mut c) = ready_client(&mut node, None).await;
+    // "a" had messages before we joined; "b" had none (no epoch yet).
+    join_at(&client, &mut c, "a", 5, Some("e1")).await;
+    join_at(&client, &mut c, "b", 0, None).await;
+    c.send(barrier()).await;
+    let seen = until_barrier(&mut events).await;
+    assert!(
+        seen.iter().any(|e| matches!(e, Event::UserJoined { room, head_seq: Some(5), epoch: Some(ep), .. }
+            if room == "a" && ep == "e1")),
+        "the position at the join is handed to the app: {seen:?}"
+    );
+    assert_eq!(client.position("a").map(|p| (p.epoch, p.seq)), Some(("e1".into(), 5)));
+    assert_eq!(client.position("b"), None, "no epoch yet: no position to show");
+
+    c.drop_abruptly();
+    wait_disconnected(&mut events).await;
+    let mut c = node.accept().await;
+    c.send(connected("c1", "restored", &["a", "b"])).await;
+    let resume = c.expect("resume").await;
+    assert_eq!(
+        resume["rooms"],
+        json!({"a":{"seq":5,"epoch":"e1"},"b":{"seq":0}}),
+        "both rooms are resumed although no message was ever delivered in them"
+    );
+    for f in [replay("a", 6, "e1"), replay("a", 7, "e1"), resumed("a", 6, 7, "e1", true)] {
+        c.send(f).await;
+    }
+    for f in [replay("b", 1, "e9"), replay("b", 2, "e9"), resumed("b", 1, 2, "e9", true)] {
+        c.send(f).await;
+    }
+    // The node's own user_joined for a restored room comes after the resume, with the
+    // head of now: it must not move the position back or forward.
+    c.send(user_joined_at("a", "c1", 7, Some("e1"))).await;
+    c.send(user_joined_at("b", "c1", 2, Some("e9"))).await;
+    c.send(msg("a", 8, "e1")).await;
+    c.send(msg("b", 3, "e9")).await;
+    c.send(barrier()).await;
+    let seen = until_barrier(&mut events).await;
+    assert_eq!(
+        seqs(&seen),
+        [
+            ("a".into(), 6, true),
+            ("a".into(), 7, true),
+            ("b".into(), 1, true),
+            ("b".into(), 2, true),
+            ("a".into(), 8, false),
+            ("b".into(), 3, false)
+        ]
+    );
+    let stats = client.stats();
+    assert_eq!((stats.gaps, stats.duplicates_dropped, stats.epoch_changes), (0, 0, 0));
+}
+
+#[tokio::test]
+async fn a_live_gap_right_after_the_join_is_reported() {
+    let mut node = MockNode::start().await;
+    let (client, mut events, mut c) = ready_client(&mut node, None).await;
+    join_at(&client, &mut c, "a", 5, Some("e1")).await;
+    join_at(&client, &mut c, "b", 0, None).await;
+    c.send(msg("a", 7, "e1")).await; // 6 never came
+    c.send(msg("b", 2, "e2")).await; // the room's first epoch: 1 never came
+    c.send(barrier()).await;
+    let seen = until_barrier(&mut events).await;
+    let gaps: Vec<_> = seen
+        .iter()
+        .filter_map(|e| match e {
+            Event::Gap { room, expected, got } => Some((room.as_str(), *expected, *got)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(gaps, [("a", 6, 7), ("b", 1, 2)]);
+    assert_eq!(client.stats().gap_messages, 2);
+}
+
+/// A server that answers every upgrade with `status`, counting the attempts.
+async fn refusing_server(status: &'static str) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    let count = std::sync::Arc::new(AtomicUsize::new(0));
+    let seen = std::sync::Arc::clone(&count);
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            seen.fetch_add(1, Ordering::SeqCst);
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf).await;
+            let body = "id not allowed";
+            let resp =
+                format!("HTTP/1.1 {status}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len());
+            let _ = s.write_all(resp.as_bytes()).await;
+        }
+    });
+    (format!("ws://{addr}/ws"), count)
+}
+
+#[tokio::test]
+async fn an_upgrade_refused_with_400_401_or_403_is_not_retried() {
+    use std::sync::atomic::Ordering;
+    for status in ["400 Bad Request", "401 Unauthorized", "403 Forbidden"] {
+        let (url, attempts) = refusing_server(status).await;
+        let (client, mut events) = Client::start(config(&url)).expect("config");
+        let seen = events_until(&mut events, |e| matches!(e, Event::Closed)).await;
+        let code = &status[..3];
+        assert!(
+            matches!(&seen[0], Event::Error { code: c, message } if c == tether_client::UPGRADE_REFUSED
+                && message.contains(code) && message.contains("id not allowed")),
+            "{status}: {seen:?}"
+        );
+        assert!(matches!(seen[1], Event::ConnectFailed { attempt: 1, retry_in: None, .. }), "{seen:?}");
+        assert_eq!(seen.len(), 3, "{seen:?}");
+        assert_eq!(attempts.load(Ordering::SeqCst), 1, "{status}: one attempt only");
+        assert_eq!(client.status(), Status::Closed);
+        assert_eq!(client.wait_ready().await, Err(Error::Closed));
+    }
+}
+
+#[tokio::test]
+async fn an_upgrade_answered_503_is_retried() {
+    use std::sync::atomic::Ordering;
+    let (url, attempts) = refusing_server("503 Service Unavailable").await;
+    let (client, mut events) = Client::start(config(&url)).expect("config");
+    let seen = events_until(&mut events, |e| matches!(e, Event::ConnectFailed { attempt: 3, .. })).await;
+    assert!(seen.iter().all(|e| matches!(e, Event::ConnectFailed { retry_in: Some(_), .. })), "{seen:?}");
+    assert!(attempts.load(Ordering::SeqCst) >= 3);
+    client.close().await.expect("close");
+}

@@ -192,14 +192,12 @@ impl Client {
 
     /// Loads the session, re-joins its rooms (holding their frames) and sends `connected`.
     async fn start(&mut self) {
-        let stored = match self.backbone().load_session(&self.id).await {
-            Ok(s) => s,
-            Err(e) => {
-                self.error(ErrorCode::BackboneUnavailable, &format!("session could not be loaded: {e}"));
-                None
-            }
+        let (stored, load_error) = match self.backbone().load_session(&self.id).await {
+            Ok(s) => (s, None),
+            Err(e) => (None, Some(e)),
         };
         let Some(stored) = stored else {
+            // `connected` is always the first frame; a failed load is said right after it.
             self.send(&Event::Connected {
                 server: &self.state.cfg.name,
                 id: &self.id,
@@ -207,6 +205,9 @@ impl Client {
                 name: None,
                 rooms: Vec::new(),
             });
+            if let Some(e) = load_error {
+                self.error(ErrorCode::BackboneUnavailable, &format!("session could not be loaded: {e}"));
+            }
             return self.go_online().await;
         };
         self.state.metrics.sessions_restored.inc();
@@ -238,8 +239,9 @@ impl Client {
             rooms,
         });
         if !failed.is_empty() {
+            // The session keeps those rooms (the failure is the backbone's, likely passing):
+            // they come back on a later reconnect or an explicit join.
             self.error(ErrorCode::BackboneUnavailable, &format!("could not rejoin {}", failed.join(", ")));
-            self.save_session("restored").await;
         }
         self.go_online().await;
         // The others learn the member is back (unless another connection of it never left);

@@ -167,6 +167,16 @@ pub fn user_joined(room: &str, id: &str) -> Value {
     json!({"type":"user_joined","room":room,"user":id,"id":id,"server":"mock-1"})
 }
 
+/// An own or other `user_joined` carrying the room's position at the join, as nodes send it.
+pub fn user_joined_at(room: &str, id: &str, head_seq: u64, epoch: Option<&str>) -> Value {
+    let mut v = user_joined(room, id);
+    v["head_seq"] = json!(head_seq);
+    if let Some(e) = epoch {
+        v["epoch"] = json!(e);
+    }
+    v
+}
+
 pub fn resumed(room: &str, from: u64, to: u64, epoch: &str, complete: bool) -> Value {
     json!({"type":"resumed","room":room,"from_seq":from,"to_seq":to,"epoch":epoch,"complete":complete})
 }
