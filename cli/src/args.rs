@@ -207,8 +207,25 @@ mod tests {
     #[test]
     fn chaos_flags_parse_and_bad_numbers_are_usage_errors() {
         let ok = Cli::try_parse_from([
-            "tether", "chaos", "--nodes", "3", "--clients", "300", "--rate", "200", "--kill-every", "5",
-            "--duration", "60", "--redis-restart", "--json", "x", "--seed", "9", "--restart-delay-ms", "100",
+            "tether",
+            "chaos",
+            "--nodes",
+            "3",
+            "--clients",
+            "300",
+            "--rate",
+            "200",
+            "--kill-every",
+            "5",
+            "--duration",
+            "60",
+            "--redis-restart",
+            "--json",
+            "x",
+            "--seed",
+            "9",
+            "--restart-delay-ms",
+            "100",
         ]);
         assert!(ok.is_ok(), "{ok:?}");
         for bad in [["--rate", "0"], ["--duration", "-1"], ["--kill-every", "nan"], ["--clients", "0"]] {
@@ -221,7 +238,7 @@ mod tests {
     #[test]
     fn planned_subcommands_accept_their_flags() {
         for argv in [
-            &["tether", "compare", "--quick", "--out", "d"],
+            &["tether", "compare", "--quick", "--out", "d"][..],
             &["tether", "bench", "fanout", "--rooms", "10", "--whatever"],
         ] {
             assert!(Cli::try_parse_from(argv).is_ok(), "{argv:?}");

@@ -107,14 +107,24 @@ async fn chat_refuses_a_bad_url_with_exit_code_1() -> Result<()> {
 #[tokio::test]
 async fn planned_subcommands_exit_2_and_say_which_issue() -> Result<()> {
     for (args, said) in [
-        (&["chaos", "--nodes", "3"][..], "tether chaos is planned in issue 3"),
-        (&["compare", "--quick"], "tether compare is planned in issue 5"),
+        (&["compare", "--quick"][..], "tether compare is planned in issue 5"),
         (&["bench", "fanout"], "tether bench fanout is planned in issue 6"),
     ] {
         let output = Command::new(env!("CARGO_BIN_EXE_tether")).args(args).output().await?;
         let err = String::from_utf8_lossy(&output.stderr);
         assert_eq!(output.status.code(), Some(2), "{args:?}");
         assert!(err.contains("not implemented yet") && err.contains(said), "{err}");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn chaos_rejects_a_bad_flag_before_starting_anything() -> Result<()> {
+    for args in [&["chaos", "--rate", "0"][..], &["chaos", "--duration", "0"], &["chaos", "--clients", "0"]] {
+        let output = Command::new(env!("CARGO_BIN_EXE_tether")).args(args).output().await?;
+        let err = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(args[1]), "names the flag: {err}");
     }
     Ok(())
 }

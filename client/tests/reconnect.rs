@@ -511,6 +511,9 @@ async fn a_room_joined_but_never_talked_in_is_resumed_from_its_join() {
             ("b".into(), 3, false)
         ]
     );
+    let ready_at = seen.iter().position(|e| matches!(e, Event::Ready { since_disconnect: Some(_), .. }));
+    let live_at = seen.iter().position(|e| matches!(e, Event::Message(m) if !m.replay));
+    assert!(ready_at.is_some() && ready_at < live_at, "Ready follows the replays: {seen:?}");
     let stats = client.stats();
     assert_eq!((stats.gaps, stats.duplicates_dropped, stats.epoch_changes), (0, 0, 0));
 }
