@@ -94,3 +94,57 @@ async fn killed_nodes_client_is_restored_through_the_balancer_with_every_message
     t.close().await;
     Ok(())
 }
+
+#[tokio::test]
+async fn drained_nodes_clients_get_1012_and_are_restored_elsewhere_then_undrain_brings_new_ones_back() -> Result<()> {
+    let c = Cluster::start(ClusterOptions {
+        nodes: 3,
+        logs: ClusterLogs::Null,
+        balancer_args: vec!["--health-interval-ms".into(), "100".into()],
+        ..Default::default()
+    })
+    .await?;
+    let base = c.ws_url();
+    let url = |id: &str| format!("{base}?client={id}");
+    let ids: Vec<String> = (0..4).map(|i| id_on("node-2", &format!("drain{i}"))).collect();
+    let mut clients = Vec::new();
+    for id in &ids {
+        let (mut ws, hello) = WsClient::connect_ready(&url(id)).await?;
+        assert_eq!(hello["server"], "node-2");
+        ws.join("d").await?;
+        clients.push(ws);
+    }
+    let (mut bystander, hello) = WsClient::connect_ready(&url(&id_on("node-1", "bystander"))).await?;
+    assert_eq!(hello["server"], "node-1");
+    bystander.join("d").await?;
+
+    let mut admin = tether_tests::HttpConn::connect(c.balancer().admin_addr()).await?;
+    let (status, body) = admin.request(http::Method::POST, "/nodes/node-2/drain").await?;
+    assert_eq!(status, 200, "{body}");
+    for ws in &mut clients {
+        assert_eq!(ws.closed().await?, tether_tests::Closed::Code(1012, "node draining".into()));
+    }
+    let survivors = ["node-1", "node-3"];
+    for id in &ids {
+        let (mut back, hello) = WsClient::connect_ready(&url(id)).await?;
+        assert_eq!(hello["server"], survivors[hrw::rank(&survivors, id)[0]], "{id} moved to its next node");
+        assert_eq!((hello["session"].as_str(), &hello["rooms"]), (Some("restored"), &json!(["d"])));
+        back.send(json!({"type":"resume","rooms":{}})).await?;
+        back.close().await;
+    }
+    // The bystander never noticed anything but the others' moves.
+    bystander.send(json!({"type":"message","room":"d","text":"still here"})).await?;
+    bystander.recv_until("own message", |v| v["text"] == "still here").await?;
+
+    let (status, _) = admin.request(http::Method::POST, "/nodes/node-2/undrain").await?;
+    assert_eq!(status, 200);
+    tether_tests::eventually("node-2 routable again", || async {
+        let mut a = tether_tests::HttpConn::connect(c.balancer().admin_addr()).await.ok()?;
+        let r = a.get_json(&format!("/route?client={}", ids[0])).await.ok()?;
+        (r["node"] == "node-2").then_some(())
+    })
+    .await?;
+    let (_again, hello) = WsClient::connect_ready(&url(&ids[0])).await?;
+    assert_eq!(hello["server"], "node-2");
+    Ok(())
+}
