@@ -3,6 +3,7 @@
 
 use anyhow::{Context, Result};
 use serde_json::{json, Value};
+use std::time::Duration;
 use tether::cluster::{Cluster, ClusterLogs, ClusterOptions};
 use tether_proto::hrw;
 use tether_tests::WsClient;
@@ -146,5 +147,28 @@ async fn drained_nodes_clients_get_1012_and_are_restored_elsewhere_then_undrain_
     .await?;
     let (_again, hello) = WsClient::connect_ready(&url(&ids[0])).await?;
     assert_eq!(hello["server"], "node-2");
+    Ok(())
+}
+
+#[tokio::test]
+async fn sigterm_closes_a_nodes_clients_with_1012_and_they_resume_elsewhere() -> Result<()> {
+    let mut c = Cluster::start(ClusterOptions {
+        nodes: 3,
+        logs: ClusterLogs::Null,
+        balancer_args: vec!["--health-interval-ms".into(), "100".into()],
+        ..Default::default()
+    })
+    .await?;
+    let base = c.ws_url();
+    let id = id_on("node-3", "term");
+    let (mut ws, _) = WsClient::connect_ready(&format!("{base}?client={id}")).await?;
+    ws.join("t").await?;
+    c.node_mut("node-3").context("node-3")?.terminate()?;
+    assert_eq!(ws.closed().await?, tether_tests::Closed::Code(1012, "node shutting down".into()));
+    let (_back, hello) = WsClient::connect_ready(&format!("{base}?client={id}")).await?;
+    assert_eq!(hello["session"], "restored");
+    assert_ne!(hello["server"], "node-3");
+    let exit = c.node_mut("node-3").context("node-3")?.wait_exit(Duration::from_secs(10)).await?;
+    assert!(exit.is_some_and(|s| s.success()), "node-3 exits 0 after draining: {exit:?}");
     Ok(())
 }
