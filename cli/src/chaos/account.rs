@@ -1,0 +1,632 @@
+//! What a chaos run observed, and the arithmetic that turns it into lost / duplicated.
+//!
+//! Three records feed the verdict:
+//! - the [`Ledger`], shared by every client's event task: each message anyone was handed,
+//!   by room and `(epoch, seq)` — a message exists iff it got a seq;
+//! - one [`ClientLog`] per client, kept by its event task alone: where each of its rooms
+//!   stood at its own join (`user_joined`'s `head_seq`/`epoch`), every `(epoch, seq)` its app
+//!   was handed, and a timeline of connection events for the post-mortem of a loss;
+//! - the publisher's [`SendLog`]: every text written, every send refused.
+//!
+//! [`account`] then says, for every (client, room), which published seqs the client was owed
+//! (everything after its join position) and which of those it never got.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tether_client::{Event, Session, UPGRADE_REFUSED};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+
+/// Timeline entries kept per client; connection events only, so this is generous.
+const TIMELINE_MAX: usize = 10_000;
+
+/// One message as first seen by any client.
+#[derive(Debug, Clone)]
+pub(crate) struct Seen {
+    pub(crate) text: String,
+    /// Client id of the sender.
+    pub(crate) sender: String,
+    /// The sender's node.
+    pub(crate) server: String,
+    /// The node's stamp, ms since the Unix epoch.
+    pub(crate) timestamp: u64,
+    /// When a client first received it, ms since the run's origin.
+    pub(crate) first_seen_ms: u64,
+}
+
+/// Everything seen of one room.
+#[derive(Debug, Default)]
+pub(crate) struct RoomLedger {
+    /// Epochs in the order they were first seen (join positions included). Epochs cannot
+    /// be compared; this order is how "after the join" is decided across an epoch change.
+    pub(crate) epochs: Vec<String>,
+    pub(crate) msgs: HashMap<(String, u64), Seen>,
+    /// Highest seq seen per epoch (progress line, drain).
+    pub(crate) max_seq: HashMap<String, u64>,
+    /// The same `(epoch, seq)` seen with two different texts: the seq was assigned twice.
+    pub(crate) conflicts: u64,
+}
+
+impl RoomLedger {
+    pub(crate) fn rank(&mut self, epoch: &str) -> usize {
+        match self.epochs.iter().position(|e| e == epoch) {
+            Some(i) => i,
+            None => {
+                self.epochs.push(epoch.to_string());
+                self.epochs.len() - 1
+            }
+        }
+    }
+
+    /// The latest epoch and its highest seq seen.
+    pub(crate) fn head(&self) -> Option<(&str, u64)> {
+        let e = self.epochs.last()?;
+        Some((e.as_str(), self.max_seq.get(e).copied().unwrap_or(0)))
+    }
+}
+
+/// Every message anyone saw, by room.
+#[derive(Debug, Default)]
+pub(crate) struct Ledger {
+    pub(crate) rooms: HashMap<String, RoomLedger>,
+}
+
+/// State shared by the event tasks, the publisher and the progress line. Counters are
+/// plain atomics; the ledger's lock is never held across an `.await`.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    /// t = 0 of every `*_ms` figure: when the clients were started.
+    pub(crate) origin: Instant,
+    /// The same moment on the wall clock, to place the nodes' message timestamps.
+    pub(crate) origin_wall_ms: u64,
+    pub(crate) ledger: Mutex<Ledger>,
+    pub(crate) published: AtomicU64,
+    pub(crate) delivered: AtomicU64,
+    pub(crate) reconnects: AtomicU64,
+    pub(crate) gaps: AtomicU64,
+    pub(crate) rejected_by_node: AtomicU64,
+}
+
+impl Shared {
+    pub(crate) fn new() -> Self {
+        Self {
+            origin: Instant::now(),
+            origin_wall_ms: wall_ms(),
+            ledger: Mutex::new(Ledger::default()),
+            published: AtomicU64::new(0),
+            delivered: AtomicU64::new(0),
+            reconnects: AtomicU64::new(0),
+            gaps: AtomicU64::new(0),
+            rejected_by_node: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn ms(&self) -> u64 {
+        u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    pub(crate) fn ledger(&self) -> std::sync::MutexGuard<'_, Ledger> {
+        // Poisoned only by a panic mid-insert of plain data: still the best record we have.
+        self.ledger.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+pub(crate) fn wall_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(0))
+}
+
+/// Where a room stood when this client's own `user_joined` arrived.
+#[derive(Debug, Clone)]
+pub(crate) struct JoinPoint {
+    /// `None`: the room had no log yet; every epoch seen is after the join.
+    pub(crate) epoch: Option<String>,
+    /// `None`: the node did not say (an older node); the first delivered message stands in.
+    pub(crate) head_seq: Option<u64>,
+    pub(crate) at_ms: u64,
+}
+
+/// What one client's app saw. Owned by its event task; handed back when the stream ends.
+#[derive(Debug, Default)]
+pub(crate) struct ClientLog {
+    pub(crate) id: String,
+    pub(crate) rooms: Vec<String>,
+    pub(crate) joins: HashMap<String, JoinPoint>,
+    /// Every `(epoch, seq)` handed to the app, per room.
+    pub(crate) delivered: HashMap<String, HashSet<(String, u64)>>,
+    /// The first delivered per room (stands in for a join point the node did not report).
+    first: HashMap<String, (String, u64)>,
+    /// The last delivered per room, to check the order the app sees.
+    last: HashMap<String, (String, u64)>,
+    /// Texts of this client's own messages that came back to it.
+    pub(crate) echoes: HashSet<String>,
+    pub(crate) app_duplicates: u64,
+    pub(crate) app_out_of_order: u64,
+    pub(crate) gaps: u64,
+    pub(crate) gap_messages: u64,
+    pub(crate) incomplete_resumes: u64,
+    pub(crate) epoch_changes: u64,
+    pub(crate) restored: u64,
+    pub(crate) new_sessions_on_reconnect: u64,
+    /// Loss → `connected` (restored sessions), µs.
+    pub(crate) restore_us: Vec<u64>,
+    /// Loss → back in sync (every room re-joined and replayed), µs.
+    pub(crate) ready_us: Vec<u64>,
+    pub(crate) rejected_by_node: u64,
+    pub(crate) errors: BTreeMap<String, u64>,
+    /// `(ms, what)`: connects, losses, resumes, gaps, errors.
+    pub(crate) timeline: Vec<(u64, String)>,
+}
+
+impl ClientLog {
+    fn note(&mut self, ms: u64, what: String) {
+        if self.timeline.len() < TIMELINE_MAX {
+            self.timeline.push((ms, what));
+        }
+    }
+
+    /// The join point of `room`, falling back to "just before the first delivered".
+    pub(crate) fn join_point(&self, room: &str) -> Option<(Option<String>, u64)> {
+        let j = self.joins.get(room)?;
+        match j.head_seq {
+            Some(seq) => Some((j.epoch.clone(), seq)),
+            None => {
+                let (e, s) = self.first.get(room)?;
+                Some((Some(e.clone()), s.saturating_sub(1)))
+            }
+        }
+    }
+}
+
+/// Reads one client's events until its stream ends, recording everything in a
+/// [`ClientLog`] and the shared [`Ledger`].
+pub(crate) async fn watch(
+    id: String,
+    rooms: Vec<String>,
+    mut events: mpsc::Receiver<Event>,
+    shared: std::sync::Arc<Shared>,
+) -> ClientLog {
+    let mut log = ClientLog { id, rooms, ..ClientLog::default() };
+    while let Some(ev) = events.recv().await {
+        let ms = shared.ms();
+        match ev {
+            Event::Message(m) => {
+                shared.delivered.fetch_add(1, Relaxed);
+                {
+                    let mut ledger = shared.ledger();
+                    let room = ledger.rooms.entry(m.room.clone()).or_default();
+                    room.rank(&m.epoch);
+                    let top = room.max_seq.entry(m.epoch.clone()).or_insert(0);
+                    *top = (*top).max(m.seq);
+                    match room.msgs.get(&(m.epoch.clone(), m.seq)) {
+                        Some(seen) => {
+                            if seen.text != m.text {
+                                room.conflicts += 1;
+                            }
+                        }
+                        None => {
+                            let seen = Seen {
+                                text: m.text.clone(),
+                                sender: m.id.clone(),
+                                server: m.server.clone(),
+                                timestamp: m.timestamp,
+                                first_seen_ms: ms,
+                            };
+                            room.msgs.insert((m.epoch.clone(), m.seq), seen);
+                            shared.published.fetch_add(1, Relaxed);
+                        }
+                    }
+                }
+                if m.id == log.id {
+                    log.echoes.insert(m.text.clone());
+                }
+                let key = (m.epoch.clone(), m.seq);
+                if !log.delivered.entry(m.room.clone()).or_default().insert(key.clone()) {
+                    log.app_duplicates += 1;
+                }
+                if let Some((e, s)) = log.last.get(&m.room) {
+                    if *e == m.epoch && *s >= m.seq {
+                        log.app_out_of_order += 1;
+                    }
+                }
+                log.first.entry(m.room.clone()).or_insert_with(|| key.clone());
+                log.last.insert(m.room, key);
+            }
+            // Only the first own join of a room is its join point: later ones are re-joins
+            // and restores, which must not excuse what was missed meanwhile.
+            Event::UserJoined { room, id, head_seq, epoch, .. } if id == log.id && !log.joins.contains_key(&room) => {
+                if let Some(e) = &epoch {
+                    shared.ledger().rooms.entry(room.clone()).or_default().rank(e);
+                }
+                log.note(ms, format!("joined {room} at head {head_seq:?} epoch {epoch:?}"));
+                log.joins.insert(room, JoinPoint { epoch, head_seq, at_ms: ms });
+            }
+            Event::Connected { server, session, rooms, attempt, since_disconnect, .. } => {
+                log.note(ms, format!("connected to {server}: {session:?} {rooms:?}, attempt {attempt}"));
+                if let Some(d) = since_disconnect {
+                    shared.reconnects.fetch_add(1, Relaxed);
+                    match session {
+                        Session::Restored => {
+                            log.restored += 1;
+                            log.restore_us.push(micros(d));
+                        }
+                        Session::New => log.new_sessions_on_reconnect += 1,
+                    }
+                }
+            }
+            Event::Ready { server, since_disconnect } => {
+                log.note(ms, format!("in sync on {server}"));
+                if let Some(d) = since_disconnect {
+                    log.ready_us.push(micros(d));
+                }
+            }
+            Event::Disconnected { code, reason, .. } => {
+                log.note(ms, format!("disconnected: {code:?} {reason}"));
+            }
+            Event::ConnectFailed { attempt, error, retry_in } => {
+                log.note(ms, format!("attempt {attempt} failed: {error} (retry in {retry_in:?})"));
+            }
+            Event::Resumed { room, from_seq, to_seq, complete, epoch } => {
+                log.note(ms, format!("resumed {room} {from_seq}..={to_seq} epoch {epoch:?} complete {complete}"));
+                if !complete {
+                    log.incomplete_resumes += 1;
+                }
+            }
+            Event::Gap { room, expected, got } => {
+                shared.gaps.fetch_add(1, Relaxed);
+                log.note(ms, format!("gap in {room}: expected {expected}, got {got}"));
+                log.gaps += 1;
+                log.gap_messages += got - expected;
+            }
+            Event::EpochChanged { room, old, new } => {
+                log.note(ms, format!("epoch of {room} changed {old} -> {new}"));
+                log.epoch_changes += 1;
+            }
+            Event::Error { code, message } => {
+                log.note(ms, format!("error {code}: {message}"));
+                if code == "backbone_unavailable" {
+                    log.rejected_by_node += 1;
+                    shared.rejected_by_node.fetch_add(1, Relaxed);
+                } else if code == UPGRADE_REFUSED {
+                    tracing::warn!(client = %log.id, %message, "upgrade refused");
+                }
+                *log.errors.entry(code).or_default() += 1;
+            }
+            Event::Closed => break,
+            _ => {}
+        }
+    }
+    log
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+/// Everything the publisher did.
+#[derive(Debug, Default)]
+pub(crate) struct SendLog {
+    /// Send slots at the target rate.
+    pub(crate) slots: u64,
+    /// Slots for which no client was ready.
+    pub(crate) no_client_ready: u64,
+    /// `send` calls made.
+    pub(crate) attempted: u64,
+    /// Every send that was written to a socket, by text.
+    pub(crate) written: HashMap<String, Sent>,
+    /// Texts whose send failed (`NotConnected` and friends), with the error.
+    pub(crate) refused: HashMap<String, String>,
+}
+
+/// One send written to a socket.
+#[derive(Debug, Clone)]
+pub(crate) struct Sent {
+    pub(crate) room: String,
+    /// ms since the run's origin.
+    pub(crate) at_ms: u64,
+    /// The node the sender was in sync with when the send was made.
+    pub(crate) node: String,
+}
+
+/// A send written to a socket whose message nobody ever received.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct UnconfirmedSend {
+    pub text: String,
+    pub room: String,
+    /// ms since the run's origin.
+    pub at_ms: u64,
+    /// The sender's node at that moment.
+    pub node: String,
+}
+
+/// The room heads Redis holds at the end: `(epoch, seq)`, the authority on what got a seq.
+pub(crate) type Heads = HashMap<String, (Option<String>, u64)>;
+
+/// One message a client was owed and never got.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LostMessage {
+    pub client: String,
+    pub room: String,
+    pub epoch: String,
+    pub seq: u64,
+    /// `None`: Redis assigned the seq but no client ever received it.
+    pub text: Option<String>,
+    pub sender: Option<String>,
+    pub sender_node: Option<String>,
+    /// The node's timestamp, ms since the run's origin.
+    pub published_ms: Option<i64>,
+    /// When the first client received it, ms since the run's origin.
+    pub first_received_ms: Option<u64>,
+    /// The client's join position in the room.
+    pub join: String,
+    /// The client's connection events within 5 s of the message.
+    pub client_timeline: Vec<String>,
+}
+
+/// The outcome of the accounting.
+#[derive(Debug, Default)]
+pub(crate) struct Tally {
+    pub(crate) published: u64,
+    pub(crate) assigned_by_redis: u64,
+    pub(crate) never_observed: u64,
+    pub(crate) seq_conflicts: u64,
+    pub(crate) expected: u64,
+    pub(crate) delivered: u64,
+    pub(crate) lost: u64,
+    pub(crate) lost_distinct: u64,
+    pub(crate) clients_with_loss: u64,
+    pub(crate) lost_examples: Vec<LostMessage>,
+    pub(crate) app_duplicates: u64,
+    /// Texts that got two seqs (one send published twice).
+    pub(crate) republished: u64,
+    pub(crate) confirmed: u64,
+    pub(crate) unconfirmed: u64,
+    pub(crate) unconfirmed_examples: Vec<UnconfirmedSend>,
+    pub(crate) refused_but_published: u64,
+    pub(crate) foreign_texts: u64,
+    pub(crate) joins_missing: u64,
+    pub(crate) joins_without_head: u64,
+}
+
+const EXAMPLES_KEPT: usize = 200;
+
+/// The verdict's arithmetic; see `docs/CHAOS.md` for the rules in words.
+pub(crate) fn account(
+    logs: &[ClientLog],
+    ledger: &Ledger,
+    heads: Option<&Heads>,
+    sends: &SendLog,
+    origin_wall_ms: u64,
+) -> Tally {
+    let mut t = Tally::default();
+    // Every published (epoch, seq) per room: what anyone saw, plus every seq Redis says
+    // it assigned in the room's current epoch (a seq nobody saw is lost for all its members).
+    let mut published: HashMap<&str, Vec<(String, u64)>> = HashMap::new();
+    let mut all_rooms: HashSet<&str> = ledger.rooms.keys().map(String::as_str).collect();
+    if let Some(h) = heads {
+        all_rooms.extend(h.keys().map(String::as_str));
+    }
+    let empty = RoomLedger::default();
+    for room in &all_rooms {
+        let rl = ledger.rooms.get(*room).unwrap_or(&empty);
+        t.published += rl.msgs.len() as u64;
+        t.seq_conflicts += rl.conflicts;
+        let mut set: Vec<(String, u64)> = rl.msgs.keys().cloned().collect();
+        if let Some((Some(epoch), head)) = heads.and_then(|h| h.get(*room)) {
+            t.assigned_by_redis += head;
+            for seq in 1..=*head {
+                if !rl.msgs.contains_key(&(epoch.clone(), seq)) {
+                    t.never_observed += 1;
+                    set.push((epoch.clone(), seq));
+                }
+            }
+        }
+        set.sort();
+        published.insert(room, set);
+    }
+    // Epoch order per room, with epochs only Redis named appended last.
+    let rank = |room: &str, epoch: &str| -> usize {
+        let rl = ledger.rooms.get(room).unwrap_or(&empty);
+        rl.epochs.iter().position(|e| e == epoch).unwrap_or(usize::MAX)
+    };
+
+    let mut lost_keys: HashSet<(&str, String, u64)> = HashSet::new();
+    for log in logs {
+        t.app_duplicates += log.app_duplicates;
+        let mut client_lost = 0;
+        for room in &log.rooms {
+            let none = HashSet::new();
+            let got = log.delivered.get(room).unwrap_or(&none);
+            t.delivered += got.len() as u64;
+            if log.joins.get(room).is_some_and(|j| j.head_seq.is_none()) {
+                t.joins_without_head += 1;
+            }
+            let Some((join_epoch, join_seq)) = log.join_point(room) else {
+                if log.joins.contains_key(room) {
+                    continue; // joined, never got a message and no head: nothing to judge against
+                }
+                t.joins_missing += 1;
+                continue;
+            };
+            let join_rank = join_epoch.as_deref().map(|e| rank(room, e));
+            for (epoch, seq) in published.get(room.as_str()).map(Vec::as_slice).unwrap_or(&[]) {
+                let owed = match (&join_epoch, join_rank) {
+                    (None, _) => true,
+                    (Some(e), _) if e == epoch => *seq > join_seq,
+                    (Some(_), Some(jr)) => rank(room, epoch) > jr,
+                    (Some(_), None) => true,
+                };
+                if !owed {
+                    continue;
+                }
+                t.expected += 1;
+                if got.contains(&(epoch.clone(), *seq)) {
+                    continue;
+                }
+                t.lost += 1;
+                client_lost += 1;
+                lost_keys.insert((room.as_str(), epoch.clone(), *seq));
+                if t.lost_examples.len() < EXAMPLES_KEPT {
+                    let seen = ledger.rooms.get(room).and_then(|rl| rl.msgs.get(&(epoch.clone(), *seq)));
+                    t.lost_examples.push(lost_message(
+                        log,
+                        room,
+                        epoch,
+                        *seq,
+                        seen,
+                        origin_wall_ms,
+                        &join_epoch,
+                        join_seq,
+                    ));
+                }
+            }
+        }
+        if client_lost > 0 {
+            t.clients_with_loss += 1;
+        }
+    }
+    t.lost_distinct = lost_keys.len() as u64;
+
+    // Sends against what was seen.
+    let mut seqs_of_text: HashMap<&str, u64> = HashMap::new();
+    for rl in ledger.rooms.values() {
+        for seen in rl.msgs.values() {
+            *seqs_of_text.entry(seen.text.as_str()).or_default() += 1;
+        }
+    }
+    t.republished = seqs_of_text.values().map(|n| n.saturating_sub(1)).sum();
+    let echoed: HashSet<&str> = logs.iter().flat_map(|l| l.echoes.iter().map(String::as_str)).collect();
+    for (text, sent) in &sends.written {
+        if echoed.contains(text.as_str()) {
+            t.confirmed += 1;
+        }
+        if !seqs_of_text.contains_key(text.as_str()) {
+            t.unconfirmed += 1;
+            if t.unconfirmed_examples.len() < EXAMPLES_KEPT {
+                t.unconfirmed_examples.push(UnconfirmedSend {
+                    text: text.clone(),
+                    room: sent.room.clone(),
+                    at_ms: sent.at_ms,
+                    node: sent.node.clone(),
+                });
+            }
+        }
+    }
+    t.unconfirmed_examples.sort_by_key(|u| u.at_ms);
+    t.refused_but_published =
+        sends.refused.keys().filter(|text| seqs_of_text.contains_key(text.as_str())).count() as u64;
+    t.foreign_texts = seqs_of_text
+        .keys()
+        .filter(|text| !sends.written.contains_key(**text) && !sends.refused.contains_key(**text))
+        .count() as u64;
+    t
+}
+
+#[allow(clippy::too_many_arguments)] // the coordinates of one loss
+fn lost_message(
+    log: &ClientLog,
+    room: &str,
+    epoch: &str,
+    seq: u64,
+    seen: Option<&Seen>,
+    origin_wall_ms: u64,
+    join_epoch: &Option<String>,
+    join_seq: u64,
+) -> LostMessage {
+    let published_ms = seen.map(|s| s.timestamp as i64 - origin_wall_ms as i64);
+    let around = published_ms.unwrap_or(i64::MAX);
+    let client_timeline = log
+        .timeline
+        .iter()
+        .filter(|(ms, _)| (*ms as i64 - around).abs() <= 5_000 || seen.is_none())
+        .take(40)
+        .map(|(ms, what)| format!("t={ms}ms {what}"))
+        .collect();
+    LostMessage {
+        client: log.id.clone(),
+        room: room.to_string(),
+        epoch: epoch.to_string(),
+        seq,
+        text: seen.map(|s| s.text.clone()),
+        sender: seen.map(|s| s.sender.clone()),
+        sender_node: seen.map(|s| s.server.clone()),
+        published_ms,
+        first_received_ms: seen.map(|s| s.first_seen_ms),
+        join: format!(
+            "epoch {} after seq {join_seq} at t={}ms",
+            join_epoch.as_deref().unwrap_or("(none yet)"),
+            log.joins.get(room).map_or(0, |j| j.at_ms)
+        ),
+        client_timeline,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seen(text: &str) -> Seen {
+        Seen { text: text.into(), sender: "s".into(), server: "n".into(), timestamp: 0, first_seen_ms: 0 }
+    }
+
+    fn ledger(room: &str, msgs: &[(&str, u64, &str)]) -> Ledger {
+        let mut l = Ledger::default();
+        let rl = l.rooms.entry(room.into()).or_default();
+        for (e, s, text) in msgs {
+            rl.rank(e);
+            rl.msgs.insert((e.to_string(), *s), seen(text));
+        }
+        l
+    }
+
+    fn client(room: &str, join: (Option<&str>, u64), got: &[(&str, u64)]) -> ClientLog {
+        let mut log = ClientLog { id: "c".into(), rooms: vec![room.into()], ..Default::default() };
+        log.joins
+            .insert(room.into(), JoinPoint { epoch: join.0.map(str::to_string), head_seq: Some(join.1), at_ms: 0 });
+        log.delivered.insert(room.into(), got.iter().map(|(e, s)| (e.to_string(), *s)).collect());
+        log
+    }
+
+    #[test]
+    fn owed_is_everything_after_the_join_and_lost_is_owed_minus_delivered() {
+        let l = ledger("r", &[("e", 1, "a"), ("e", 2, "b"), ("e", 3, "c"), ("e", 4, "d")]);
+        let late = client("r", (Some("e"), 2), &[("e", 3)]); // owed 3, 4; got 3
+        let early = client("r", (None, 0), &[("e", 1), ("e", 2), ("e", 3), ("e", 4)]);
+        let t = account(&[late, early], &l, None, &SendLog::default(), 0);
+        assert_eq!((t.published, t.expected, t.lost, t.lost_distinct), (4, 6, 1, 1));
+        assert_eq!(t.lost_examples[0].seq, 4);
+    }
+
+    #[test]
+    fn a_seq_redis_assigned_but_nobody_saw_is_lost_for_every_member() {
+        let l = ledger("r", &[("e", 1, "a")]);
+        let heads: Heads = [("r".to_string(), (Some("e".to_string()), 2))].into();
+        let c = client("r", (None, 0), &[("e", 1)]);
+        let t = account(&[c], &l, Some(&heads), &SendLog::default(), 0);
+        assert_eq!((t.published, t.assigned_by_redis, t.never_observed, t.lost), (1, 2, 1, 1));
+        assert_eq!(t.lost_examples[0].text, None);
+    }
+
+    #[test]
+    fn a_later_epoch_is_owed_entirely_an_earlier_one_not_at_all() {
+        let l = ledger("r", &[("old", 5, "a"), ("cur", 1, "b"), ("new", 1, "c")]);
+        let c = client("r", (Some("cur"), 1), &[]);
+        let t = account(&[c], &l, None, &SendLog::default(), 0);
+        assert_eq!((t.expected, t.lost), (1, 1));
+        assert_eq!(t.lost_examples[0].epoch, "new");
+    }
+
+    #[test]
+    fn sends_are_matched_against_what_was_seen() {
+        let l = ledger("r", &[("e", 1, "c:1"), ("e", 2, "c:1"), ("e", 3, "x:9")]);
+        let mut sends = SendLog::default();
+        let sent = Sent { room: "r".into(), at_ms: 0, node: "n".into() };
+        sends.written.insert("c:1".into(), sent.clone());
+        sends.written.insert("c:2".into(), sent);
+        let mut c = client("r", (None, 0), &[("e", 1), ("e", 2), ("e", 3)]);
+        c.echoes.insert("c:1".into());
+        let t = account(&[c], &l, None, &sends, 0);
+        assert_eq!((t.republished, t.confirmed, t.unconfirmed, t.foreign_texts), (1, 1, 1, 1));
+    }
+}
