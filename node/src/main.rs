@@ -27,6 +27,10 @@ struct Args {
     /// Backbone: redis, or none (sticky sessions only).
     #[arg(long)]
     backbone: Option<BackboneKind>,
+    /// File holding the key that signs client ids (same key as the balancer's); overrides the
+    /// config file and $TETHER_SIGNING_KEY.
+    #[arg(long)]
+    signing_key_file: Option<PathBuf>,
     /// NATS URL (the nats backbone is planned in issue 5).
     #[arg(long)]
     nats: Option<String>,
@@ -57,6 +61,7 @@ fn main() -> ExitCode {
     file.name = args.name.or(file.name);
     file.redis = args.redis.or(file.redis);
     file.backbone = args.backbone.or(file.backbone);
+    file.signing_key_file = args.signing_key_file.or(file.signing_key_file);
     let config = match file.validate() {
         Ok(c) => c,
         Err(e) => return config_error(&e),
