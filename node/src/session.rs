@@ -197,6 +197,8 @@ impl Client {
             Err(e) => (None, Some(e)),
         };
         let Some(stored) = stored else {
+            // Registered before `connected`: once a client sees it, everyone sees the client.
+            self.go_online().await;
             // `connected` is always the first frame; a failed load is said right after it.
             self.send(&Event::Connected {
                 server: &self.state.cfg.name,
@@ -208,7 +210,7 @@ impl Client {
             if let Some(e) = load_error {
                 self.error(ErrorCode::BackboneUnavailable, &format!("session could not be loaded: {e}"));
             }
-            return self.go_online().await;
+            return;
         };
         self.state.metrics.sessions_restored.inc();
         self.name = stored.name;
@@ -230,25 +232,29 @@ impl Client {
             }
             self.rooms.insert(room, gate);
         }
-        let rooms: Vec<&str> = self.rooms.keys().map(String::as_str).collect();
+        // Presence first, `connected` after: once the client sees `connected`, every node
+        // lists it. The others learn it is back (unless another connection of it never left);
+        // its own copy of `user_joined` waits behind the resume.
+        self.go_online().await;
+        let mut direct = Vec::new();
+        let rooms: Vec<String> = self.rooms.keys().cloned().collect();
+        for room in &rooms {
+            direct.extend(self.enter_presence(room).await);
+        }
         self.send(&Event::Connected {
             server: &self.state.cfg.name,
             id: &self.id,
             session: SessionKind::Restored,
             name: self.name.as_deref(),
-            rooms,
+            rooms: rooms.iter().map(String::as_str).collect(),
         });
         if !failed.is_empty() {
             // The session keeps those rooms (the failure is the backbone's, likely passing):
             // they come back on a later reconnect or an explicit join.
             self.error(ErrorCode::BackboneUnavailable, &format!("could not rejoin {}", failed.join(", ")));
         }
-        self.go_online().await;
-        // The others learn the member is back (unless another connection of it never left);
-        // its own copy waits behind the resume.
-        let rooms: Vec<String> = self.rooms.keys().cloned().collect();
-        for room in rooms {
-            self.enter_presence(&room).await;
+        for frame in direct {
+            self.send_text(frame);
         }
         if !self.rooms.is_empty() {
             self.grace_until = Some(tokio::time::Instant::now() + self.state.cfg.resume_grace);
@@ -268,13 +274,22 @@ impl Client {
     /// Registers this connection in `room`'s presence. The first connection of this id there
     /// announces `user_joined` through the backbone (this client's own copy marks its join
     /// complete); a further one (a second tab) is confirmed to this client alone.
-    async fn enter_presence(&self, room: &str) {
+    ///
+    /// Returns the frame to send this client directly (the confirmation of a further
+    /// connection, or the error), for the caller to send when its order allows.
+    async fn enter_presence(&self, room: &str) -> Option<String> {
         let joined = self.user_joined(room);
         match self.backbone().presence_add(Scope::Room(room), self.conn, &self.presence_entry(), Some(joined)).await {
-            Ok((PresenceChange::FirstOrLast, _)) => {}
-            Ok((_, event)) => self.send_text(event.unwrap_or_else(|| self.user_joined(room))),
+            Ok((PresenceChange::FirstOrLast, _)) => None,
+            Ok((_, event)) => Some(event.unwrap_or_else(|| self.user_joined(room))),
             Err(e) => {
-                self.error(ErrorCode::BackboneUnavailable, &format!("joined {room}, but could not announce it: {e}"))
+                let message = format!("joined {room}, but could not announce it: {e}");
+                self.state
+                    .metrics
+                    .client_errors
+                    .get_or_create(&crate::metrics::CodeLabel { code: "backbone_unavailable" })
+                    .inc();
+                Some(Event::Error { code: ErrorCode::BackboneUnavailable, message: &message }.to_json())
             }
         }
     }
@@ -454,7 +469,9 @@ impl Client {
         self.save_session(&format!("joined {room}")).await;
         // Our own copy comes back through the subscription: it marks the join complete (and,
         // coming after the session write, durable).
-        self.enter_presence(&room).await;
+        if let Some(direct) = self.enter_presence(&room).await {
+            self.send_text(direct);
+        }
     }
 
     async fn leave(&mut self, room: &str) {

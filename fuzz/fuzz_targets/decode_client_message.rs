@@ -1,0 +1,92 @@
+//! Every text frame a client sends goes through `wire::decode` before anything else looks at
+//! it, so it must take any input without panicking, and whatever it accepts must already obey
+//! the rules the rest of the node relies on (room names become Redis keys and channel names,
+//! display names end up in every member's frames).
+//!
+//! Asserted, for any input that is UTF-8 (a WebSocket text frame always is):
+//! - `decode` returns instead of panicking;
+//! - an `Ok` message re-validates: every room passes `validate_room`, a name `validate_name`;
+//! - an `Ok` message survives a round trip: encoded back to JSON, it decodes to the same value
+//!   (catches a decoder that accepts a field it then reads differently);
+//! - an `Err` carries a message for humans.
+
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use serde_json::{json, Map, Value};
+use tether_proto::wire::{decode, validate_name, validate_room, ClientMsg};
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let msg = match decode(text) {
+        Ok(msg) => msg,
+        Err(e) => {
+            assert!(!e.message.is_empty(), "error {:?} without a message for {text:?}", e.code);
+            return;
+        }
+    };
+    for room in rooms_of(&msg) {
+        if let Err(e) = validate_room(room) {
+            panic!("decode accepted room {room:?} that validate_room refuses ({e}); input {text:?}");
+        }
+    }
+    if let ClientMsg::SetName { name } = &msg {
+        if let Err(e) = validate_name(name) {
+            panic!("decode accepted name {name:?} that validate_name refuses ({e}); input {text:?}");
+        }
+    }
+    let again = encode(&msg).to_string();
+    match decode(&again) {
+        Ok(back) => assert_eq!(sorted(back), sorted(msg.clone()), "round trip of {text:?} via {again:?}"),
+        Err(e) => panic!("{msg:?} decoded from {text:?} does not decode again from {again:?}: {e}"),
+    }
+});
+
+fn rooms_of(msg: &ClientMsg) -> Vec<&str> {
+    match msg {
+        ClientMsg::Join { room }
+        | ClientMsg::Leave { room }
+        | ClientMsg::Presence { room }
+        | ClientMsg::Message { room, .. } => vec![room.as_str()],
+        ClientMsg::Resume { rooms } => rooms.iter().map(|(r, _)| r.as_str()).collect(),
+        ClientMsg::SetName { .. } | ClientMsg::Online => Vec::new(),
+    }
+}
+
+/// The canonical client frame for `msg`, written independently of the decoder.
+fn encode(msg: &ClientMsg) -> Value {
+    match msg {
+        ClientMsg::SetName { name } => json!({"type": "set_name", "name": name}),
+        ClientMsg::Join { room } => json!({"type": "join", "room": room}),
+        ClientMsg::Leave { room } => json!({"type": "leave", "room": room}),
+        ClientMsg::Presence { room } => json!({"type": "presence", "room": room}),
+        ClientMsg::Message { room, text } => json!({"type": "message", "room": room, "text": text}),
+        ClientMsg::Online => json!({"type": "online"}),
+        ClientMsg::Resume { rooms } => {
+            let rooms: Map<String, Value> = rooms
+                .iter()
+                .map(|(room, point)| {
+                    let point = match &point.epoch {
+                        Some(epoch) => json!({"seq": point.seq, "epoch": epoch}),
+                        None => json!(point.seq),
+                    };
+                    (room.clone(), point)
+                })
+                .collect();
+            json!({"type": "resume", "rooms": rooms})
+        }
+    }
+}
+
+/// Resume points in a canonical order: the decoder's order follows the JSON map's.
+fn sorted(msg: ClientMsg) -> ClientMsg {
+    match msg {
+        ClientMsg::Resume { mut rooms } => {
+            rooms.sort_by(|a, b| a.0.cmp(&b.0));
+            ClientMsg::Resume { rooms }
+        }
+        other => other,
+    }
+}
