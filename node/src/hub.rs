@@ -121,11 +121,15 @@ pub struct GateState {
     pub held: Option<Vec<Utf8Bytes>>,
     /// Last message seq let through, within `epoch`.
     pub last_seq: u64,
+    /// First seq of the unbroken run `first_seq..=last_seq` this connection has been sent
+    /// (live, in order, or by a resume), within `epoch`.
+    pub first_seq: Option<u64>,
     pub epoch: Option<String>,
 }
 
 impl GateState {
-    /// Whether a message with this meta was already let through.
+    /// Whether a live message is not newer than the last one let through (sending it would
+    /// repeat it or break seq order).
     pub fn already_sent(&self, meta: &FrameMeta<'_>) -> bool {
         self.epoch.as_deref() == Some(meta.epoch) && meta.seq <= self.last_seq
     }
@@ -133,8 +137,26 @@ impl GateState {
     pub fn note_sent(&mut self, meta: &FrameMeta<'_>) {
         if self.epoch.as_deref() != Some(meta.epoch) {
             self.epoch = Some(meta.epoch.to_string());
+            self.first_seq = None;
         }
+        self.first_seq.get_or_insert(meta.seq);
         self.last_seq = meta.seq;
+    }
+
+    /// Whether a replay of `seq` in `epoch` would repeat what this connection was already sent.
+    pub fn covers(&self, epoch: &str, seq: u64) -> bool {
+        self.epoch.as_deref() == Some(epoch) && self.first_seq.is_some_and(|f| f <= seq) && seq <= self.last_seq
+    }
+
+    /// After a resume: the connection holds everything in `from..=to` of `epoch`.
+    pub fn note_replayed(&mut self, epoch: &str, from: u64, to: u64) {
+        if self.epoch.as_deref() != Some(epoch) {
+            self.epoch = Some(epoch.to_string());
+            self.first_seq = None;
+            self.last_seq = 0;
+        }
+        self.first_seq = Some(self.first_seq.map_or(from, |f| f.min(from)));
+        self.last_seq = self.last_seq.max(to);
     }
 }
 

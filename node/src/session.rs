@@ -16,7 +16,7 @@
 //! the close frame before its TCP connection is dropped.
 
 use crate::backbone::Backbone;
-use crate::backbone::{PresenceChange, PresenceEntry, Replay, Scope, SessionRecord};
+use crate::backbone::{PresenceChange, PresenceEntry, Scope, SessionRecord};
 use crate::hub::{Budget, FrameMeta, Gate, Member};
 use crate::server::NodeState;
 use futures_util::{SinkExt, StreamExt};
@@ -512,7 +512,10 @@ impl Client {
         };
         // Live frames wait while the log is read, so none can overtake the replay.
         gate.hold();
-        let mut replay = self.read_log(room, point.seq).await;
+        let mut replay = match self.backbone().replay(room, point.seq).await {
+            Ok(r) => r,
+            Err(e) => return self.resume_failed(room, &gate, &e),
+        };
         // A position in another epoch means nothing in this one: replay all that is logged.
         let epoch_changed = match (&point.epoch, &replay.epoch) {
             (Some(asked), Some(now)) => asked != now,
@@ -520,7 +523,10 @@ impl Client {
         };
         let after = if epoch_changed { 0 } else { point.seq };
         if epoch_changed && point.seq > 0 {
-            replay = self.read_log(room, 0).await;
+            replay = match self.backbone().replay(room, 0).await {
+                Ok(r) => r,
+                Err(e) => return self.resume_failed(room, &gate, &e),
+            };
         }
         let frames: Vec<&(u64, String)> = replay.frames.iter().filter(|(seq, _)| *seq > after).collect();
         let (from_seq, to_seq) = match (frames.first(), frames.last()) {
@@ -533,34 +539,45 @@ impl Client {
                 None => replay.head_seq <= after,
             };
         let mut g = gate.lock();
-        for (_, frame) in &frames {
-            self.member.offer(Utf8Bytes::from(wire::mark_replay(frame)), &self.state.metrics);
-        }
-        self.state.metrics.replayed_messages.inc_by(frames.len() as u64);
-        if let Some(epoch) = &replay.epoch {
-            if g.epoch.as_deref() != Some(epoch.as_str()) {
-                g.epoch = Some(epoch.clone());
-                g.last_seq = 0;
+        // What this connection was already sent live (a client that joined, heard a live
+        // message, then resumed) is not sent again: the range is covered, once.
+        let epoch = replay.epoch.as_deref().unwrap_or_default();
+        let mut replayed = 0u64;
+        for (seq, frame) in &frames {
+            if g.covers(epoch, *seq) {
+                self.state.metrics.duplicates_suppressed.inc();
+                continue;
             }
-            g.last_seq = g.last_seq.max(to_seq);
+            self.member.offer(Utf8Bytes::from(wire::mark_replay(frame)), &self.state.metrics);
+            replayed += 1;
+        }
+        self.state.metrics.replayed_messages.inc_by(replayed);
+        if replay.epoch.is_some() {
+            g.note_replayed(epoch, after + 1, to_seq);
         }
         self.send(&Event::Resumed { room, from_seq, to_seq, epoch: replay.epoch.as_deref(), complete });
         if let Some(held) = g.held.take() {
             self.release_held(&mut g, held);
         }
         drop(g);
-        if self.rooms.values().all(|g| g.lock().held.is_none()) {
-            self.grace_until = None;
-        }
+        self.end_grace_if_done();
     }
 
-    async fn read_log(&self, room: &str, after: u64) -> Replay {
-        match self.backbone().replay(room, after).await {
-            Ok(r) => r,
-            Err(e) => {
-                self.error(ErrorCode::BackboneUnavailable, &format!("cannot resume {room}: {e}"));
-                Replay::default()
-            }
+    /// The log could not be read: no `resumed` (it would claim a replay that did not
+    /// happen), an error instead, and the room's live frames flow again.
+    fn resume_failed(&mut self, room: &str, gate: &Gate, e: &crate::backbone::BackboneError) {
+        self.error(ErrorCode::BackboneUnavailable, &format!("cannot resume {room}: {e}"));
+        let mut g = gate.lock();
+        if let Some(held) = g.held.take() {
+            self.release_held(&mut g, held);
+        }
+        drop(g);
+        self.end_grace_if_done();
+    }
+
+    fn end_grace_if_done(&mut self) {
+        if self.rooms.values().all(|g| g.lock().held.is_none()) {
+            self.grace_until = None;
         }
     }
 

@@ -251,3 +251,34 @@ async fn with_signing_only_signed_ids_get_in() -> Result<()> {
     assert!(key.verify(&id), "{id}");
     Ok(())
 }
+
+#[tokio::test]
+async fn a_client_that_rejoins_then_resumes_gets_nothing_twice() -> Result<()> {
+    let redis = RedisServer::start().await?;
+    let n1 = InProcessNode::start("node-1", &redis.url(), |_| {})?;
+    let (mut x, _) = WsClient::connect_ready(&n1.ws_url("rejoiner")).await?;
+    x.join("r").await?;
+    let (mut p, _) = WsClient::connect_ready(&n1.ws_url("poster")).await?;
+    p.join("r").await?;
+    publish(&mut p, "r", 3, "early").await?;
+    x.recv_until("early", |v| v["text"] == "early-2").await?;
+    let pos = position(&x, "r");
+    x.close().await;
+    publish(&mut p, "r", 2, "missed").await?;
+    // The session is gone (say, Redis lost it): the client gets a new one, joins again, and
+    // hears a live message before its resume arrives.
+    let client = redis::Client::open(redis.url())?;
+    let mut con = client.get_multiplexed_async_connection().await?;
+    redis::cmd("DEL").arg("tether:session:{rejoiner}").query_async::<()>(&mut con).await?;
+    let (mut x2, hello) = WsClient::connect_ready(&n1.ws_url("rejoiner")).await?;
+    assert_eq!(hello["session"], "new");
+    x2.join("r").await?;
+    publish(&mut p, "r", 1, "live").await?;
+    x2.recv_until("live", |v| v["text"] == "live-0").await?;
+    x2.send(json!({"type":"resume","rooms":{"r":pos}})).await?;
+    let r = x2.recv_type("resumed").await?;
+    assert_eq!((r["from_seq"].as_u64(), r["to_seq"].as_u64(), r["complete"].as_bool()), (Some(4), Some(6), Some(true)));
+    let got = seqs(&x2, "r");
+    assert_eq!(got, vec![6, 4, 5], "the live one, then only what was missed: nothing twice");
+    Ok(())
+}
