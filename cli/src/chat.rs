@@ -1,35 +1,42 @@
-//! `tether chat`: a line client for people at a terminal and for scripts in a pipe.
+//! `tether chat`: a line client for people at a terminal and for scripts in a pipe, built on
+//! the reconnecting client library [`tether_client`].
 //!
 //! Each input line is a command (`/join ROOM`, `/help`, …) or a message to the current room;
-//! each frame from the server is printed as one line (`[node-2] #general alice: hi (seq 7)`).
-//! Nothing assumes a terminal: no prompt, no cursor tricks, stdout flushed per line.
+//! each event is printed as one line (`[node-2] #general alice: hi (seq 7)`). Nothing assumes
+//! a terminal: no prompt, no cursor tricks, stdout flushed per line.
 //!
-//! When the input ends, the client does not hang up at once: it waits (up to
-//! [`ChatOptions::linger`]) until every request it sent has been answered — its own
-//! `user_joined` for a join, its own echo for a message, the answer to `presence` — so that
-//! `printf '/join g\nhi\n' | tether chat URL` prints the echo before it exits.
+//! When the node under the chat dies or drains, the library reconnects through the balancer,
+//! gets the session back and replays what was missed, once and in order; the chat narrates it
+//! in `~` lines (`~ reconnected to node-3 (session restored, 2 rooms, 4 missed messages
+//! replayed)`), marks replays (`(seq 7, replay)`) and warns (`!`) about anything the library
+//! reports lost. A line typed while the chat is not in sync is refused, never queued: the
+//! person decides whether to say it again.
+//!
+//! Lines are handled one at a time. A `/join` holds the next line back until the node confirms
+//! it, so `printf '/join g\nhi\n'` sends `hi` to `g` (the library refuses a message to a room
+//! whose join has not completed). Input is not read at all before the first connection is in
+//! sync, and when it ends the chat waits (up to [`ChatOptions::linger`]) for the answers to
+//! what it sent — its own echo for a message, the answer to `presence` — before it hangs up.
 
 use crate::args::ChatArgs;
-use anyhow::{bail, Context, Result};
-use futures_util::{SinkExt, StreamExt};
-use serde_json::{json, Value};
+use anyhow::{anyhow, bail, Context, Result};
+use futures_util::future::BoxFuture;
+use futures_util::stream::FuturesUnordered;
+use futures_util::StreamExt;
+use std::collections::BTreeSet;
 use std::io::Write;
 use std::time::Duration;
+use tether_client::{
+    Client, ClientConfig, Error as ClientError, Event, LeaveReason, Message, PresenceUser, Session as SessionKind,
+    Status,
+};
 use tether_proto::id::validate_client_id;
 use tether_proto::wire::{validate_name, validate_room};
 use tokio::sync::mpsc;
-use tokio::time::{sleep_until, timeout, Instant};
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::Message;
+use tokio::time::{sleep_until, Instant};
 
 /// Default of [`ChatOptions::linger`].
 pub const DEFAULT_LINGER: Duration = Duration::from_secs(5);
-
-/// How long to wait for the `connected` frame before reading input anyway.
-const FIRST_FRAME_WAIT: Duration = Duration::from_secs(5);
-/// How long to wait for the server's close frame after ours.
-const CLOSE_WAIT: Duration = Duration::from_secs(1);
 
 /// What `tether chat` connects to and as whom.
 #[derive(Debug, Clone)]
@@ -54,17 +61,15 @@ pub enum ChatEnd {
     InputClosed,
     /// `/quit`.
     Quit,
-    /// The server sent a close frame.
-    ServerClosed { code: u16, reason: String },
-    /// The connection broke without a close frame.
-    Lost,
+    /// The client library stopped reconnecting (the upgrade was refused for good).
+    GaveUp,
 }
 
 impl ChatEnd {
-    /// Process exit code: 1 for a broken connection, 0 otherwise.
+    /// Process exit code: 1 when the client gave up, 0 otherwise.
     pub fn exit_code(&self) -> i32 {
         match self {
-            Self::Lost => 1,
+            Self::GaveUp => 1,
             _ => 0,
         }
     }
@@ -114,17 +119,30 @@ pub fn connect_url(base: &str, client: Option<&str>) -> Result<String> {
     Ok(format!("{base}{sep}client={id}"))
 }
 
+/// The library configuration for `opts`, with every flag checked first so that a mistake is
+/// named after the flag (`--client`, `--name`) rather than the library's field.
+fn client_config(opts: &ChatOptions) -> Result<ClientConfig> {
+    connect_url(&opts.url, opts.client.as_deref())?;
+    if let Some(name) = &opts.name {
+        validate_name(name).with_context(|| format!("--name {name:?}"))?;
+    }
+    let mut cfg = ClientConfig::new(opts.url.clone());
+    cfg.client_id = opts.client.clone();
+    cfg.name = opts.name.clone();
+    Ok(cfg)
+}
+
 /// What one input line asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Input {
-    /// Send this frame; `answered` says whether the server will answer it (for lingering).
-    Send {
-        frame: Value,
-        answered: bool,
-    },
+    /// A message to the current room.
+    Message(String),
     Join(String),
     Leave(Option<String>),
     Switch(String),
+    Presence(Option<String>),
+    Online,
+    Name(String),
     Help,
     Quit,
     Nothing,
@@ -140,11 +158,11 @@ pub fn parse_line(line: &str) -> Input {
         return Input::Nothing;
     }
     let Some(command) = line.strip_prefix('/') else {
-        return Input::Send { frame: json!({ "text": line }), answered: true };
+        return Input::Message(line.to_owned());
     };
     if command.starts_with('/') {
         // `//text` sends the message `/text`.
-        return Input::Send { frame: json!({ "text": command }), answered: true };
+        return Input::Message(command.to_owned());
     }
     let (word, rest) = command.split_once(char::is_whitespace).map_or((command, ""), |(w, r)| (w, r.trim()));
     let room_arg = |usage: &str| -> Result<String, String> {
@@ -159,17 +177,14 @@ pub fn parse_line(line: &str) -> Input {
         "room" => room_arg("/room ROOM").map_or_else(Input::Complaint, Input::Switch),
         "leave" if rest.is_empty() => Input::Leave(None),
         "leave" => room_arg("/leave [ROOM]").map_or_else(Input::Complaint, |r| Input::Leave(Some(r))),
-        "presence" if rest.is_empty() => Input::Send { frame: json!({ "type": "presence" }), answered: true },
-        "presence" => match room_arg("/presence [ROOM]") {
-            Ok(room) => Input::Send { frame: json!({ "type": "presence", "room": room }), answered: true },
-            Err(e) => Input::Complaint(e),
-        },
+        "presence" if rest.is_empty() => Input::Presence(None),
+        "presence" => room_arg("/presence [ROOM]").map_or_else(Input::Complaint, |r| Input::Presence(Some(r))),
         "name" if rest.is_empty() => Input::Complaint("usage: /name NAME".into()),
         "name" => match validate_name(rest) {
-            Ok(()) => Input::Send { frame: json!({ "type": "set_name", "name": rest }), answered: false },
+            Ok(()) => Input::Name(rest.to_owned()),
             Err(e) => Input::Complaint(e.to_string()),
         },
-        "online" => Input::Send { frame: json!({ "type": "online" }), answered: true },
+        "online" => Input::Online,
         "quit" | "exit" => Input::Quit,
         "help" | "?" => Input::Help,
         other => Input::Complaint(format!("unknown command /{other}; /help lists them")),
@@ -189,369 +204,550 @@ pub const HELP: &str = "\
 *   /help            this text
 * any other line is sent to the current room (start it with // to send a leading /)";
 
-/// Client-side state: which rooms we are in and what we still expect an answer to.
+/// The chat's own view of the conversation, next to the library's.
 #[derive(Debug, Default)]
 struct Session {
-    /// Our client id, from the `connected` frame: tells our own echoes from others' frames.
+    /// Our client id (configured, or minted by the server): tells our own echoes, joins and
+    /// leaves from other people's.
     me: Option<String>,
     current: Option<String>,
+    /// Rooms joined or being joined, oldest first: `/leave` of the current room falls back to
+    /// the newest of the others.
     rooms: Vec<String>,
-    /// Requests sent whose answer has not arrived; the input's end waits for zero.
-    outstanding: usize,
+    /// Own messages written whose echo has not arrived. Kept across a reconnect: the echo of
+    /// a message the node published comes back in the replay.
+    echoes: usize,
+    /// Answers awaited on the current connection (`presence`, `online`, own `user_left`);
+    /// a lost connection takes them with it.
+    answers: usize,
 }
 
 impl Session {
-    fn answered(&mut self) {
-        self.outstanding = self.outstanding.saturating_sub(1);
+    fn outstanding(&self) -> usize {
+        self.echoes + self.answers
     }
 
-    /// Updates state from a server frame.
-    fn observe(&mut self, v: &Value) {
-        let kind = v.get("type").and_then(Value::as_str).unwrap_or("");
-        let mine = self.me.is_some() && v.get("id").and_then(Value::as_str) == self.me.as_deref();
-        match kind {
-            "connected" => {
-                self.me = v.get("id").and_then(Value::as_str).map(str::to_owned);
-                for room in v.get("rooms").and_then(Value::as_array).into_iter().flatten().filter_map(Value::as_str) {
-                    if !self.rooms.iter().any(|r| r == room) {
-                        self.rooms.push(room.to_owned());
-                    }
-                }
-                if self.current.is_none() {
-                    self.current = self.rooms.first().cloned();
-                }
-            }
-            "user_joined" | "message" if mine => self.answered(),
-            "user_left" if mine && v.get("reason").and_then(Value::as_str) == Some("left") => self.answered(),
-            "presence" | "online" | "error" => self.answered(),
-            _ => {}
+    fn is_me(&self, id: &str) -> bool {
+        self.me.as_deref() == Some(id)
+    }
+
+    fn add_room(&mut self, room: &str) {
+        if !self.rooms.iter().any(|r| r == room) {
+            self.rooms.push(room.to_owned());
         }
     }
+}
+
+/// What a reconnect's re-sync has shown so far, for its `~ reconnected` line.
+#[derive(Debug, Default)]
+struct Resync {
+    restored: bool,
+    /// Replayed messages delivered since the connection was lost.
+    replayed: u64,
+    /// Loss warnings printed meanwhile (incomplete resumes, gaps, epoch changes).
+    losses: u64,
+}
+
+/// A join whose confirmation is awaited: the room and the library's answer.
+type Joining = BoxFuture<'static, (String, Result<(), ClientError>)>;
+
+/// One running chat: the library handle, the chat's state and where lines go.
+struct Chat<'a, W: Write> {
+    client: Client,
+    out: &'a mut W,
+    session: Session,
+    /// Joins not yet confirmed. Polled first in every turn of the loop, so each one's
+    /// command reaches the library before any later input line is handled.
+    joins: FuturesUnordered<Joining>,
+    /// Rooms whose join holds the input back (only while in sync: a join made offline is
+    /// completed by the next re-sync, and a lost connection releases the hold).
+    awaiting: BTreeSet<String>,
+    /// A `connected` event arrived at least once: from then on failures are retried.
+    ever_connected: bool,
+    /// The first connection got in sync: input is read from then on.
+    ever_ready: bool,
+    /// The node serving us, for the lines that narrate its loss.
+    server: String,
+    /// `Some` between a lost connection and the next `Ready`.
+    resync: Option<Resync>,
 }
 
 /// Runs one chat session: connects, then reads `input` lines and prints to `out` until the
-/// input ends, `/quit`, or the server closes.
+/// input ends or `/quit`. Fails when the configuration is bad or the first connection cannot
+/// be made; later losses are reconnected.
 pub async fn run<W: Write>(opts: ChatOptions, mut input: mpsc::Receiver<String>, out: &mut W) -> Result<ChatEnd> {
-    let url = connect_url(&opts.url, opts.client.as_deref())?;
-    if let Some(name) = &opts.name {
-        validate_name(name).with_context(|| format!("--name {name:?}"))?;
-    }
-    let (ws, _response) = tokio_tungstenite::connect_async_with_config(url.as_str(), None, true)
-        .await
-        .with_context(|| format!("connecting to {url}"))?;
-    let (mut sink, mut stream) = ws.split();
-    let mut session = Session::default();
-    if let Some(name) = &opts.name {
-        sink.send(Message::text(json!({"type":"set_name","name":name}).to_string()))
-            .await
-            .context("sending set_name")?;
-    }
-
-    // The first frame is `connected`: wait for it before reading input, so that our id is
-    // known (it tells our own echoes from others' frames) and the transcript starts with it.
-    if let Ok(frame) = timeout(FIRST_FRAME_WAIT, stream.next()).await {
-        if let Some(end) = on_frame(frame, &mut session, out)? {
-            return Ok(end);
-        }
-    }
-
-    let mut input_open = true;
-    let mut linger_until: Option<Instant> = None;
-    loop {
-        if !input_open && session.outstanding == 0 {
-            close(&mut sink, &mut stream).await;
-            return Ok(ChatEnd::InputClosed);
-        }
-        tokio::select! {
-            line = input.recv(), if input_open => {
-                let Some(line) = line else {
-                    input_open = false;
-                    linger_until = Some(Instant::now() + opts.linger);
-                    continue;
-                };
-                let frames = match handle_input(&mut session, &line, out)? {
-                    Handled::Send(frames) => frames,
-                    Handled::Quit => {
-                        close(&mut sink, &mut stream).await;
-                        return Ok(ChatEnd::Quit);
-                    }
-                };
-                for frame in frames {
-                    sink.send(Message::text(frame.to_string())).await.context("sending")?;
-                }
-            }
-            frame = stream.next() => {
-                if let Some(end) = on_frame(frame, &mut session, out)? {
-                    return Ok(end);
-                }
-            }
-            _ = sleep_until(linger_until.unwrap_or_else(Instant::now)), if linger_until.is_some() => {
-                writeln!(out, "* gave up waiting for {} answer(s)", session.outstanding)?;
-                session.outstanding = 0;
-            }
-        }
-    }
-}
-
-type WsResult = Result<Message, tokio_tungstenite::tungstenite::Error>;
-
-/// Prints one frame from the server and updates the session; `Some` when the connection ended.
-fn on_frame<W: Write>(frame: Option<WsResult>, session: &mut Session, out: &mut W) -> Result<Option<ChatEnd>> {
-    let end = match frame {
-        Some(Ok(Message::Text(text))) => {
-            match serde_json::from_str::<Value>(&text) {
-                Ok(v) => {
-                    session.observe(&v);
-                    writeln!(out, "{}", format_frame(&v, &text))?;
-                }
-                Err(_) => writeln!(out, "{text}")?,
-            }
-            None
-        }
-        Some(Ok(Message::Binary(data))) => {
-            writeln!(out, "* binary frame, {} bytes", data.len())?;
-            None
-        }
-        Some(Ok(Message::Close(frame))) => {
-            let (code, reason) =
-                frame.map(|f| (u16::from(f.code), f.reason.to_string())).unwrap_or((1005, String::new()));
-            writeln!(out, "* connection closed by the server: {code} {reason}")?;
-            Some(ChatEnd::ServerClosed { code, reason })
-        }
-        // Ping, pong: tungstenite answers pings itself.
-        Some(Ok(_)) => None,
-        Some(Err(e)) => {
-            writeln!(out, "! connection lost: {e}")?;
-            Some(ChatEnd::Lost)
-        }
-        None => {
-            writeln!(out, "! connection lost")?;
-            Some(ChatEnd::Lost)
-        }
+    let cfg = client_config(&opts)?;
+    let (client, mut events) = Client::start(cfg).context("client configuration")?;
+    let mut chat = Chat {
+        client: client.clone(),
+        out,
+        session: Session::default(),
+        joins: FuturesUnordered::new(),
+        awaiting: BTreeSet::new(),
+        ever_connected: false,
+        ever_ready: false,
+        server: String::new(),
+        resync: None,
     };
-    out.flush()?;
-    Ok(end)
+    let result = chat.drive(&mut events, &mut input, opts.linger).await;
+    if !matches!(result, Ok(ChatEnd::GaveUp)) {
+        // Close with 1000 so that the node drops the session's presence at once.
+        let _ = client.close().await;
+    }
+    result.with_context(|| format!("chat with {}", opts.url))
 }
 
-enum Handled {
-    Send(Vec<Value>),
-    Quit,
-}
-
-/// Applies one input line to the session; returns the frames to send.
-fn handle_input<W: Write>(session: &mut Session, line: &str, out: &mut W) -> Result<Handled> {
-    let mut frames = Vec::new();
-    match parse_line(line) {
-        Input::Nothing => {}
-        Input::Quit => return Ok(Handled::Quit),
-        Input::Help => writeln!(out, "{HELP}")?,
-        Input::Complaint(msg) => writeln!(out, "! {msg}")?,
-        Input::Join(room) => {
-            frames.push(json!({"type":"join","room":room}));
-            session.outstanding += 1;
-            if !session.rooms.contains(&room) {
-                session.rooms.push(room.clone());
+impl<W: Write> Chat<'_, W> {
+    async fn drive(
+        &mut self,
+        events: &mut mpsc::Receiver<Event>,
+        input: &mut mpsc::Receiver<String>,
+        linger: Duration,
+    ) -> Result<ChatEnd> {
+        let mut input_open = true;
+        let mut linger_until: Option<Instant> = None;
+        loop {
+            if !input_open && self.awaiting.is_empty() && self.session.outstanding() == 0 {
+                return Ok(ChatEnd::InputClosed);
             }
-            session.current = Some(room);
+            let reading = input_open && self.ever_ready && self.awaiting.is_empty();
+            tokio::select! {
+                biased;
+                Some((room, result)) = self.joins.next(), if !self.joins.is_empty() => {
+                    self.awaiting.remove(&room);
+                    match result {
+                        // A refusal was printed as the node's `error`; a cancelled join was
+                        // left on purpose; a closed client ends through its events.
+                        Ok(()) | Err(ClientError::Server { .. } | ClientError::Cancelled(_) | ClientError::Closed) => {}
+                        Err(e) => self.say(format!("! join #{room}: {e}"))?,
+                    }
+                }
+                ev = events.recv() => {
+                    let Some(ev) = ev else {
+                        self.say("! the client library stopped")?;
+                        return Ok(ChatEnd::GaveUp);
+                    };
+                    if let Some(end) = self.on_event(ev)? {
+                        return Ok(end);
+                    }
+                }
+                line = input.recv(), if reading => {
+                    let Some(line) = line else {
+                        input_open = false;
+                        linger_until = Some(Instant::now() + linger);
+                        continue;
+                    };
+                    if let Some(end) = self.on_line(&line).await? {
+                        return Ok(end);
+                    }
+                }
+                () = sleep_until(linger_until.unwrap_or_else(Instant::now)), if linger_until.is_some() => {
+                    self.say(format!("* gave up waiting for {} answer(s)", self.session.outstanding()))?;
+                    self.session.echoes = 0;
+                    self.session.answers = 0;
+                    self.awaiting.clear();
+                }
+            }
         }
-        Input::Leave(room) => match room.or_else(|| session.current.clone()) {
-            None => writeln!(out, "! no current room; /leave ROOM")?,
-            Some(room) => {
-                frames.push(json!({"type":"leave","room":room}));
-                session.outstanding += 1;
-                session.rooms.retain(|r| *r != room);
-                if session.current.as_ref() == Some(&room) {
-                    session.current = session.rooms.last().cloned();
-                    if let Some(now) = &session.current {
-                        writeln!(out, "* current room is now #{now}")?;
+    }
+
+    fn say(&mut self, line: impl std::fmt::Display) -> Result<()> {
+        writeln!(self.out, "{line}")?;
+        self.out.flush()?;
+        Ok(())
+    }
+
+    fn in_sync(&self) -> bool {
+        matches!(self.client.status(), Status::Ready { .. })
+    }
+
+    /// Asks the library to join `room`; `hold` keeps the input waiting for the confirmation.
+    fn start_join(&mut self, room: String, hold: bool) {
+        if hold {
+            self.awaiting.insert(room.clone());
+        }
+        let client = self.client.clone();
+        self.joins.push(Box::pin(async move {
+            let result = client.join(&room).await;
+            (room, result)
+        }));
+    }
+
+    /// Prints one event and updates the state; `Some` when the chat is over.
+    fn on_event(&mut self, ev: Event) -> Result<Option<ChatEnd>> {
+        match &ev {
+            Event::Connected { server, id, session, rooms, .. } => {
+                self.server = server.clone();
+                self.session.me = Some(id.clone());
+                let first = !self.ever_connected;
+                self.ever_connected = true;
+                if let Some(resync) = &mut self.resync {
+                    resync.restored = *session == SessionKind::Restored;
+                }
+                if first && !rooms.is_empty() {
+                    // The library leaves restored rooms the app has not asked for, and on the
+                    // first connection that is all of them: ask for them again.
+                    self.say(format_event(&ev).unwrap_or_default())?;
+                    self.say(format!("* rejoining the restored session's rooms {}", room_list(rooms)))?;
+                    for room in rooms {
+                        self.session.add_room(room);
+                        self.start_join(room.clone(), true);
+                    }
+                    if self.session.current.is_none() {
+                        self.session.current = rooms.first().cloned();
+                    }
+                    return Ok(None);
+                }
+            }
+            Event::Ready { server, since_disconnect } => {
+                self.ever_ready = true;
+                if let Some(resync) = self.resync.take() {
+                    let rooms = self.client.rooms().len();
+                    self.say(reconnected_line(server, &resync, rooms, *since_disconnect))?;
+                }
+                return Ok(None);
+            }
+            Event::Disconnected { code, reason, will_retry } => {
+                // Answers to requests of the lost connection will not come; joins are made
+                // again by the re-sync, so the input need not wait for them.
+                self.session.answers = 0;
+                self.awaiting.clear();
+                self.resync.get_or_insert_with(Resync::default);
+                self.say(lost_line(&self.server, *code, reason, *will_retry))?;
+                return Ok(None);
+            }
+            Event::ConnectFailed { attempt, error, retry_in } => {
+                if !self.ever_connected {
+                    // As before the library: a chat that never got a connection exits 1
+                    // rather than retrying silently behind a prompt-less pipe.
+                    return Err(anyhow!("could not connect: {error}"));
+                }
+                let next = match retry_in {
+                    Some(d) => format!("retrying in {:.1} s", d.as_secs_f64()),
+                    None => "giving up".to_owned(),
+                };
+                self.say(format!("~ reconnect attempt {attempt} failed: {error}; {next}"))?;
+                return Ok(None);
+            }
+            Event::Closed => {
+                self.say("! the client stopped reconnecting")?;
+                return Ok(Some(ChatEnd::GaveUp));
+            }
+            Event::Message(m) => {
+                if self.session.is_me(&m.id) {
+                    self.session.echoes = self.session.echoes.saturating_sub(1);
+                }
+                if let (Some(resync), true) = (&mut self.resync, m.replay) {
+                    resync.replayed += 1;
+                }
+            }
+            Event::UserLeft { id, reason: LeaveReason::Left, .. } if self.session.is_me(id) => {
+                self.session.answers = self.session.answers.saturating_sub(1);
+            }
+            Event::Presence { .. } | Event::Online { .. } => {
+                self.session.answers = self.session.answers.saturating_sub(1);
+            }
+            Event::Error { .. } => {
+                // The protocol does not tie an error to its request: count it against
+                // whatever is outstanding, so the input's end does not wait in vain.
+                if self.session.answers > 0 {
+                    self.session.answers -= 1;
+                } else {
+                    self.session.echoes = self.session.echoes.saturating_sub(1);
+                }
+            }
+            Event::Gap { .. } | Event::EpochChanged { .. } | Event::Resumed { complete: false, .. } => {
+                if let Some(resync) = &mut self.resync {
+                    resync.losses += 1;
+                }
+            }
+            Event::UserJoined { .. } | Event::UserLeft { .. } | Event::Resumed { .. } | Event::Unknown(_) => {}
+        }
+        if let Some(line) = format_event(&ev) {
+            self.say(line)?;
+        }
+        Ok(None)
+    }
+
+    /// Applies one input line; `Some` on `/quit`.
+    async fn on_line(&mut self, line: &str) -> Result<Option<ChatEnd>> {
+        match parse_line(line) {
+            Input::Nothing => {}
+            Input::Quit => return Ok(Some(ChatEnd::Quit)),
+            Input::Help => self.say(HELP)?,
+            Input::Complaint(msg) => self.say(format!("! {msg}"))?,
+            Input::Join(room) => {
+                let hold = self.in_sync();
+                if !hold {
+                    self.say(format!("* not connected; #{room} will be joined once reconnected"))?;
+                }
+                self.session.add_room(&room);
+                self.session.current = Some(room.clone());
+                self.start_join(room, hold);
+            }
+            Input::Leave(room) => {
+                let Some(room) = room.or_else(|| self.session.current.clone()) else {
+                    return self.say("! no current room; /leave ROOM").map(|()| None);
+                };
+                let told = self.in_sync();
+                match self.client.leave(&room).await {
+                    // Only a connected leave gets its own `user_left` back.
+                    Ok(()) if told => self.session.answers += 1,
+                    Ok(()) => {}
+                    Err(e) => self.say(format!("! leave #{room}: {e}"))?,
+                }
+                self.session.rooms.retain(|r| *r != room);
+                if self.session.current.as_ref() == Some(&room) {
+                    self.session.current = self.session.rooms.last().cloned();
+                    if let Some(now) = self.session.current.clone() {
+                        self.say(format!("* current room is now #{now}"))?;
                     }
                 }
             }
-        },
-        Input::Switch(room) => {
-            if !session.rooms.contains(&room) {
-                writeln!(out, "* not joined to #{room}: messages will fail until /join {room}")?;
-            }
-            writeln!(out, "* current room is now #{room}")?;
-            session.current = Some(room);
-        }
-        Input::Send { mut frame, answered } => {
-            // Frames parsed without a type are room messages; `presence` without a room
-            // means the current one. Both need a current room.
-            let needs_room =
-                frame.get("type").is_none() || (frame["type"] == "presence" && frame.get("room").is_none());
-            if needs_room {
-                let Some(room) = session.current.clone() else {
-                    writeln!(out, "! no current room: /join ROOM first")?;
-                    out.flush()?;
-                    return Ok(Handled::Send(frames));
-                };
-                if frame.get("type").is_none() {
-                    frame["type"] = json!("message");
+            Input::Switch(room) => {
+                if !self.session.rooms.contains(&room) {
+                    self.say(format!("* not joined to #{room}: messages will fail until /join {room}"))?;
                 }
-                frame["room"] = json!(room);
+                self.say(format!("* current room is now #{room}"))?;
+                self.session.current = Some(room);
             }
-            frames.push(frame);
-            if answered {
-                session.outstanding += 1;
+            Input::Message(text) => {
+                let Some(room) = self.session.current.clone() else {
+                    return self.say("! no current room: /join ROOM first").map(|()| None);
+                };
+                match self.client.send(&room, &text).await {
+                    Ok(()) => self.session.echoes += 1,
+                    Err(e) => self.refused("message", &e)?,
+                }
+            }
+            Input::Presence(room) => {
+                let Some(room) = room.or_else(|| self.session.current.clone()) else {
+                    return self.say("! no current room: /join ROOM first").map(|()| None);
+                };
+                match self.client.presence(&room).await {
+                    Ok(()) => self.session.answers += 1,
+                    Err(e) => self.refused("/presence", &e)?,
+                }
+            }
+            Input::Online => match self.client.online().await {
+                Ok(()) => self.session.answers += 1,
+                Err(e) => self.refused("/online", &e)?,
+            },
+            Input::Name(name) => {
+                // Offline, the library remembers it and sends it on the next connection.
+                if let Err(e) = self.client.set_name(&name).await {
+                    self.refused("/name", &e)?;
+                }
             }
         }
+        Ok(None)
     }
-    out.flush()?;
-    Ok(Handled::Send(frames))
-}
 
-async fn close<S, R>(sink: &mut S, stream: &mut R)
-where
-    S: futures_util::Sink<Message> + Unpin,
-    R: futures_util::Stream<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin,
-{
-    let bye = Message::Close(Some(CloseFrame { code: CloseCode::Normal, reason: "bye".into() }));
-    if sink.send(bye).await.is_err() {
-        return;
-    }
-    // Wait briefly for the server's close frame so the close handshake completes.
-    let _ = timeout(CLOSE_WAIT, async {
-        while let Some(Ok(msg)) = stream.next().await {
-            if matches!(msg, Message::Close(_)) {
-                break;
-            }
+    /// Says why the library refused to send `what`.
+    fn refused(&mut self, what: &str, e: &ClientError) -> Result<()> {
+        match e {
+            ClientError::NotConnected => self.say(format!("! not connected; {what} not sent")),
+            // Same code as the node's refusal, which the chat printed before the library
+            // checked it locally.
+            ClientError::NotJoined(room) => self.say(format!("! not_in_room: join {room} first (/join {room})")),
+            e => self.say(format!("! {what} not sent: {e}")),
         }
-    })
-    .await;
+    }
 }
 
-/// One server frame as one line; `raw` is printed when the frame is not one we know.
-pub fn format_frame(v: &Value, raw: &str) -> String {
-    format_known(v).unwrap_or_else(|| raw.to_owned())
+/// The `~` line that ends a reconnect: where, what came back, and how long it took.
+fn reconnected_line(server: &str, resync: &Resync, rooms: usize, offline: Option<Duration>) -> String {
+    let session = if resync.restored { "restored" } else { "new" };
+    let mut line = format!(
+        "~ reconnected to {server} (session {session}, {}, {} replayed)",
+        plural(rooms as u64, "room"),
+        plural(resync.replayed, "missed message")
+    );
+    if let Some(d) = offline {
+        line.push_str(&format!(" after {:.2} s", d.as_secs_f64()));
+    }
+    if resync.losses > 0 {
+        line.push_str("; some messages were lost (see above)");
+    }
+    line
 }
 
-fn format_known(v: &Value) -> Option<String> {
-    let s = |key: &str| v.get(key).and_then(Value::as_str);
-    let kind = s("type")?;
-    Some(match kind {
-        "connected" => {
-            let mut line =
-                format!("[{}] connected as {} (session {})", s("server")?, s("id")?, s("session").unwrap_or("?"));
-            if let Some(name) = s("name") {
-                line.push_str(&format!(", name {name}"));
-            }
-            let rooms = room_list(v.get("rooms"));
+/// The `~` line for a lost connection.
+fn lost_line(server: &str, code: Option<u16>, reason: &str, will_retry: bool) -> String {
+    let next = if will_retry { "reconnecting" } else { "not reconnecting" };
+    let server = if server.is_empty() { "the node" } else { server };
+    match code {
+        Some(code) => format!("~ {server} closed the connection ({code} {reason}); {next}"),
+        None => format!("~ connection to {server} lost: {reason}; {next}"),
+    }
+}
+
+fn plural(n: u64, what: &str) -> String {
+    if n == 1 {
+        format!("1 {what}")
+    } else {
+        format!("{n} {what}s")
+    }
+}
+
+/// One event as one line; `None` for events that print nothing by themselves (a complete
+/// resume, and the connection events the chat narrates with its own state).
+pub fn format_event(ev: &Event) -> Option<String> {
+    Some(match ev {
+        Event::Connected { server, id, session, rooms, .. } => {
+            let session = match session {
+                SessionKind::New => "new",
+                SessionKind::Restored => "restored",
+            };
+            let mut line = format!("[{server}] connected as {id} (session {session})");
             if !rooms.is_empty() {
-                line.push_str(&format!(", rooms {rooms}"));
+                line.push_str(&format!(", rooms {}", room_list(rooms)));
             }
             line
         }
-        "user_joined" => format!("[{}] #{} + {} joined", s("server")?, s("room")?, s("user")?),
-        "user_left" => {
-            let reason = s("reason").unwrap_or("?");
+        Event::Message(m) => format_message(m),
+        Event::UserJoined { room, user, server, .. } => format!("[{server}] #{room} + {user} joined"),
+        Event::UserLeft { room, user, server, reason, .. } => {
             let how = match reason {
-                "left" => "left".to_owned(),
-                "disconnected" => "disconnected".to_owned(),
-                other => format!("left ({other})"),
+                LeaveReason::Left => "left".to_owned(),
+                LeaveReason::Disconnected => "disconnected".to_owned(),
+                LeaveReason::NodeDown => "left (node_down)".to_owned(),
+                LeaveReason::Other(other) => format!("left ({other})"),
             };
-            format!("[{}] #{} - {} {how}", s("server")?, s("room")?, s("user")?)
+            format!("[{server}] #{room} - {user} {how}")
         }
-        "message" => {
-            let seq = v.get("seq").and_then(Value::as_u64)?;
-            let replay = if v.get("replay").and_then(Value::as_bool) == Some(true) { ", replay" } else { "" };
-            format!("[{}] #{} {}: {} (seq {seq}{replay})", s("server")?, s("room")?, s("from")?, s("text")?)
+        Event::Resumed { complete: true, .. } => return None,
+        Event::Resumed { room, from_seq, to_seq, .. } => format!(
+            "! #{room}: resume incomplete, the room's log no longer held every missed message \
+             (replayed seq {from_seq}..{to_seq})"
+        ),
+        Event::Gap { room, expected, got } => {
+            let lost =
+                if got - expected == 1 { format!("seq {expected}") } else { format!("seq {expected}..{}", got - 1) };
+            format!("! #{room}: messages {lost} were lost")
         }
-        "resumed" => {
-            let complete = match v.get("complete").and_then(Value::as_bool) {
-                Some(true) => "complete",
-                Some(false) => "INCOMPLETE: messages were lost",
-                None => "?",
-            };
-            format!("* #{} resumed seq {}..{} ({complete})", s("room")?, v.get("from_seq")?, v.get("to_seq")?)
+        Event::EpochChanged { room, old, new } => {
+            format!("! #{room}: the room's log was reset (epoch {old} -> {new}); earlier messages may be lost")
         }
-        "presence" => format!("* #{} presence: {}", s("room")?, users(v.get("users")?)?),
-        "online" => format!("* online: {}", users(v.get("users")?)?),
-        "error" => format!("! {}: {}", s("code")?, s("message").unwrap_or("")),
-        _ => return None,
+        Event::Error { code, message } => format!("! {code}: {message}"),
+        Event::Presence { room, users: list } => format!("* #{room} presence: {}", users(list)),
+        Event::Online { users: list } => format!("* online: {}", users(list)),
+        Event::Unknown(v) => v.to_string(),
+        Event::Ready { .. } | Event::Disconnected { .. } | Event::ConnectFailed { .. } | Event::Closed => return None,
     })
 }
 
-fn room_list(rooms: Option<&Value>) -> String {
-    rooms
-        .and_then(Value::as_array)
-        .into_iter()
-        .flatten()
-        .filter_map(Value::as_str)
-        .map(|r| format!("#{r}"))
-        .collect::<Vec<_>>()
-        .join(" ")
+/// `[node-2] #general alice: hi (seq 7)`, with `, replay` for a message sent again after a
+/// reconnect.
+pub fn format_message(m: &Message) -> String {
+    let replay = if m.replay { ", replay" } else { "" };
+    format!("[{}] #{} {}: {} (seq {}{replay})", m.server, m.room, m.from, m.text, m.seq)
 }
 
-fn users(list: &Value) -> Option<String> {
-    let list = list.as_array()?;
+fn room_list(rooms: &[String]) -> String {
+    rooms.iter().map(|r| format!("#{r}")).collect::<Vec<_>>().join(" ")
+}
+
+fn users(list: &[PresenceUser]) -> String {
     if list.is_empty() {
-        return Some("nobody".into());
+        return "nobody".into();
     }
     let shown: Vec<String> = list
         .iter()
-        .map(|u| {
-            let user = u.get("user").and_then(Value::as_str).unwrap_or("?");
-            match u.get("server").and_then(Value::as_str) {
-                Some(server) => format!("{user}@{server}"),
-                None => user.to_owned(),
-            }
-        })
+        .map(|u| if u.server.is_empty() { u.user.clone() } else { format!("{}@{}", u.user, u.server) })
         .collect();
-    Some(format!("{} ({})", shown.join(", "), list.len()))
+    format!("{} ({})", shown.join(", "), list.len())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn fmt(text: &str) -> String {
-        let v: Value = serde_json::from_str(text).expect("json");
-        format_frame(&v, text)
+    fn message(json: &str) -> Event {
+        Event::Message(serde_json::from_str(json).expect("a message"))
     }
 
     #[test]
-    fn frames_print_as_one_readable_line() {
+    fn events_print_as_one_readable_line() {
+        let fmt = |ev: Event| format_event(&ev).expect("printed");
         assert_eq!(
-            fmt(
-                r#"{"type":"message","room":"general","from":"alice","id":"a","text":"hi","server":"node-2","timestamp":1,"seq":7,"epoch":"e"}"#
-            ),
+            fmt(message(
+                r#"{"room":"general","from":"alice","id":"a","text":"hi","server":"node-2","timestamp":1,"seq":7,"epoch":"e"}"#
+            )),
             "[node-2] #general alice: hi (seq 7)"
         );
         assert_eq!(
-            fmt(r#"{"type":"message","room":"g","from":"a","id":"a","text":"x","server":"n","seq":3,"replay":true}"#),
+            fmt(message(
+                r#"{"room":"g","from":"a","id":"a","text":"x","server":"n","seq":3,"epoch":"e","replay":true}"#
+            )),
             "[n] #g a: x (seq 3, replay)"
         );
-        assert_eq!(
-            fmt(r#"{"type":"user_joined","room":"general","user":"bob","id":"b","server":"node-1"}"#),
-            "[node-1] #general + bob joined"
-        );
-        assert_eq!(
-            fmt(r#"{"type":"user_left","room":"g","user":"bob","id":"b","server":"n","reason":"node_down"}"#),
-            "[n] #g - bob left (node_down)"
-        );
-        assert_eq!(
-            fmt(r#"{"type":"error","code":"not_in_room","message":"join g first"}"#),
-            "! not_in_room: join g first"
-        );
-        assert_eq!(
-            fmt(r#"{"type":"presence","room":"g","users":[{"id":"a","user":"alice","server":"n1"}]}"#),
-            "* #g presence: alice@n1 (1)"
-        );
-        assert_eq!(
-            fmt(
-                r#"{"type":"connected","server":"node-1","id":"x1","session":"restored","name":null,"rooms":["a","b"]}"#
-            ),
-            "[node-1] connected as x1 (session restored), rooms #a #b"
-        );
+        let joined = Event::UserJoined {
+            room: "general".into(),
+            user: "bob".into(),
+            id: "b".into(),
+            server: "node-1".into(),
+            head_seq: Some(0),
+            epoch: None,
+        };
+        assert_eq!(fmt(joined), "[node-1] #general + bob joined");
+        let left = Event::UserLeft {
+            room: "g".into(),
+            user: "bob".into(),
+            id: "b".into(),
+            server: "n".into(),
+            reason: LeaveReason::NodeDown,
+        };
+        assert_eq!(fmt(left), "[n] #g - bob left (node_down)");
+        let error = Event::Error { code: "not_in_room".into(), message: "join g first".into() };
+        assert_eq!(fmt(error), "! not_in_room: join g first");
+        let users = vec![PresenceUser { id: "a".into(), user: "alice".into(), server: "n1".into() }];
+        assert_eq!(fmt(Event::Presence { room: "g".into(), users }), "* #g presence: alice@n1 (1)");
+        assert_eq!(fmt(Event::Online { users: Vec::new() }), "* online: nobody");
+        let connected = Event::Connected {
+            server: "node-1".into(),
+            id: "x1".into(),
+            session: SessionKind::Restored,
+            rooms: vec!["a".into(), "b".into()],
+            attempt: 1,
+            since_disconnect: None,
+        };
+        assert_eq!(fmt(connected), "[node-1] connected as x1 (session restored), rooms #a #b");
+        let raw = serde_json::json!({"type":"surprise","x":1});
+        assert_eq!(fmt(Event::Unknown(raw.clone())), raw.to_string());
     }
 
     #[test]
-    fn unknown_or_incomplete_frames_print_raw() {
-        let raw = r#"{"type":"surprise","x":1}"#;
-        assert_eq!(fmt(raw), raw);
-        let raw = r#"{"type":"message","room":"g"}"#;
-        assert_eq!(fmt(raw), raw);
+    fn losses_are_warnings_and_a_complete_resume_is_silent() {
+        let resumed =
+            |complete| Event::Resumed { room: "g".into(), from_seq: 5, to_seq: 9, complete, epoch: Some("e".into()) };
+        assert_eq!(format_event(&resumed(true)), None);
+        assert!(format_event(&resumed(false)).is_some_and(|l| l.starts_with("! #g: resume incomplete")));
+        let gap = |expected, got| format_event(&Event::Gap { room: "g".into(), expected, got }).expect("printed");
+        assert_eq!(gap(4, 5), "! #g: messages seq 4 were lost");
+        assert_eq!(gap(4, 7), "! #g: messages seq 4..6 were lost");
+        let epoch = Event::EpochChanged { room: "g".into(), old: "a".into(), new: "b".into() };
+        assert!(format_event(&epoch).is_some_and(|l| l.starts_with("! #g: the room's log was reset")));
+    }
+
+    #[test]
+    fn reconnects_are_narrated() {
+        let resync = Resync { restored: true, replayed: 4, losses: 0 };
+        assert_eq!(
+            reconnected_line("node-3", &resync, 2, None),
+            "~ reconnected to node-3 (session restored, 2 rooms, 4 missed messages replayed)"
+        );
+        let resync = Resync { restored: false, replayed: 1, losses: 1 };
+        assert_eq!(
+            reconnected_line("node-1", &resync, 1, Some(Duration::from_millis(250))),
+            "~ reconnected to node-1 (session new, 1 room, 1 missed message replayed) after 0.25 s; \
+             some messages were lost (see above)"
+        );
+        assert_eq!(
+            lost_line("node-2", Some(1012), "node shutting down", true),
+            "~ node-2 closed the connection (1012 node shutting down); reconnecting"
+        );
+        assert_eq!(lost_line("node-2", None, "reset", true), "~ connection to node-2 lost: reset; reconnecting");
     }
 
     #[test]
@@ -563,32 +759,49 @@ mod tests {
         assert!(matches!(parse_line("/join"), Input::Complaint(_)));
         assert!(matches!(parse_line("/join a b"), Input::Complaint(_)));
         assert!(matches!(parse_line("/frobnicate"), Input::Complaint(_)));
-        assert_eq!(parse_line("hello there"), Input::Send { frame: json!({"text":"hello there"}), answered: true });
-        assert_eq!(parse_line("//slash"), Input::Send { frame: json!({"text":"/slash"}), answered: true });
-        assert_eq!(
-            parse_line("/name Alice Smith"),
-            Input::Send { frame: json!({"type":"set_name","name":"Alice Smith"}), answered: false }
-        );
+        assert_eq!(parse_line("hello there"), Input::Message("hello there".into()));
+        assert_eq!(parse_line("//slash"), Input::Message("/slash".into()));
+        assert_eq!(parse_line("/name Alice Smith"), Input::Name("Alice Smith".into()));
+        assert_eq!(parse_line("/presence g"), Input::Presence(Some("g".into())));
+        assert_eq!(parse_line("/online"), Input::Online);
     }
 
-    #[test]
-    fn messages_need_a_current_room() {
-        let mut session = Session::default();
+    /// Nothing listens on port 1: the client stays disconnected, which is what this pins.
+    #[tokio::test]
+    async fn lines_typed_while_not_connected_are_refused_not_queued() {
+        let (client, _events) = Client::start(ClientConfig::new("ws://127.0.0.1:1/ws")).expect("valid config");
         let mut out = Vec::new();
-        let Handled::Send(frames) = handle_input(&mut session, "hi", &mut out).expect("ok") else {
-            panic!("not a send");
+        let mut chat = Chat {
+            client: client.clone(),
+            out: &mut out,
+            session: Session::default(),
+            joins: FuturesUnordered::new(),
+            awaiting: BTreeSet::new(),
+            ever_connected: true,
+            ever_ready: true,
+            server: "node-1".into(),
+            resync: None,
         };
-        assert!(frames.is_empty());
-        assert!(String::from_utf8_lossy(&out).contains("no current room"));
-        let Handled::Send(frames) = handle_input(&mut session, "/join g", &mut out).expect("ok") else {
-            panic!("not a send");
-        };
-        assert_eq!(frames, [json!({"type":"join","room":"g"})]);
-        let Handled::Send(frames) = handle_input(&mut session, "hi", &mut out).expect("ok") else {
-            panic!("not a send");
-        };
-        assert_eq!(frames, [json!({"type":"message","room":"g","text":"hi"})]);
-        assert_eq!(session.outstanding, 2);
+        for line in ["hi", "/join g", "hi", "/presence", "/online"] {
+            assert_eq!(chat.on_line(line).await.expect("handled"), None);
+        }
+        assert!(chat.awaiting.is_empty(), "an offline join does not hold the input");
+        assert_eq!(chat.session.outstanding(), 0);
+        assert_eq!(chat.on_line("/quit").await.expect("handled"), Some(ChatEnd::Quit));
+        drop(chat);
+        let text = String::from_utf8(out).expect("utf-8");
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines,
+            [
+                "! no current room: /join ROOM first",
+                "* not connected; #g will be joined once reconnected",
+                "! not connected; message not sent",
+                "! not connected; /presence not sent",
+                "! not connected; /online not sent",
+            ]
+        );
+        client.close().await.expect("closed");
     }
 
     #[test]
@@ -600,5 +813,14 @@ mod tests {
         assert!(connect_url("http://h:1/ws", None).is_err());
         assert!(connect_url("not a url", None).is_err());
         assert!(connect_url("ws://h:1/ws", Some("bad id")).is_err());
+        let opts = |name: &str| ChatOptions {
+            url: "ws://h:1/ws".into(),
+            client: Some("alice".into()),
+            name: Some(name.into()),
+            linger: DEFAULT_LINGER,
+        };
+        let cfg = client_config(&opts("Alice")).expect("valid");
+        assert_eq!((cfg.client_id.as_deref(), cfg.name.as_deref()), (Some("alice"), Some("Alice")));
+        assert!(client_config(&opts("")).is_err_and(|e| e.to_string().contains("--name")));
     }
 }
