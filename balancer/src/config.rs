@@ -46,6 +46,9 @@ pub const DEFAULT_MAX_HEADER_BYTES: usize = 16_384;
 pub const MAX_HEADER_BYTES_RANGE: std::ops::RangeInclusive<usize> = 1024..=1024 * 1024;
 /// Longest node name. Names are hashed, used as metric labels and in admin URLs.
 pub const MAX_NODE_NAME_LEN: usize = 64;
+/// Upper bound of `threads`: far more than any machine this runs on has cores; it catches a
+/// typo before tokio tries to start that many threads.
+pub const MAX_THREADS: usize = 1024;
 /// Environment variable holding the id-signing key itself (the nodes read the same one). A
 /// `signing_key_file` (file or flag) wins over it; an empty value counts as unset.
 pub const SIGNING_KEY_ENV: &str = "TETHER_SIGNING_KEY";
@@ -77,6 +80,11 @@ pub struct FileConfig {
     pub max_connections: Option<usize>,
     pub header_read_timeout_ms: Option<u64>,
     pub max_header_bytes: Option<usize>,
+    /// Bind the client listener with `SO_REUSEPORT`, so that several balancer processes can
+    /// share one port (the kernel spreads connections over them).
+    pub reuse_port: Option<bool>,
+    /// Tokio worker threads; absent = one per core.
+    pub threads: Option<usize>,
     /// File whose content, trimmed, is the key that signs client ids (relative paths are
     /// relative to the working directory).
     pub signing_key_file: Option<PathBuf>,
@@ -108,6 +116,10 @@ pub struct Overrides {
     /// When non-empty, replaces the file's node list (the flags describe the whole cluster).
     pub nodes: Vec<FileNode>,
     pub health_interval_ms: Option<u64>,
+    /// `--reuse-port`: `true` turns it on whatever the file says; `false` leaves the file's.
+    pub reuse_port: bool,
+    /// `--threads`.
+    pub threads: Option<usize>,
     /// `--signing-key-file`: replaces the file's `signing_key_file`.
     pub signing_key_file: Option<PathBuf>,
     /// The value of [`SIGNING_KEY_ENV`] (see [`signing_key_from_env`]).
@@ -139,6 +151,11 @@ pub struct Config {
     pub header_read_timeout: Duration,
     /// Largest accepted request head.
     pub max_header_bytes: usize,
+    /// Whether `main` binds the client listener with `SO_REUSEPORT`. Routing keeps no state,
+    /// so processes sharing a port route every client alike.
+    pub reuse_port: bool,
+    /// How many threads `main` gives the runtime; 1 = everything on one thread.
+    pub threads: usize,
     /// When set, client ids must carry its signature (unsigned or forged ones get 403) and
     /// minted ids are signed with it. Its `Debug` is redacted.
     pub signing_key: Option<SigningKey>,
@@ -187,6 +204,12 @@ impl FileConfig {
         if !o.nodes.is_empty() {
             self.nodes = o.nodes;
         }
+        if o.reuse_port {
+            self.reuse_port = Some(true);
+        }
+        if o.threads.is_some() {
+            self.threads = o.threads;
+        }
         if o.signing_key_file.is_some() {
             self.signing_key_file = o.signing_key_file;
         }
@@ -225,6 +248,14 @@ impl FileConfig {
                 ),
             ));
         }
+        let threads = match self.threads {
+            Some(n) => n,
+            // One per core, as tokio does by default.
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        };
+        if !(1..=MAX_THREADS).contains(&threads) {
+            return Err(invalid("threads", format!("{threads} is outside 1..={MAX_THREADS}")));
+        }
         Ok(Config {
             listen,
             admin,
@@ -242,6 +273,8 @@ impl FileConfig {
                 DEFAULT_HEADER_READ_TIMEOUT_MS,
             )?,
             max_header_bytes,
+            reuse_port: self.reuse_port.unwrap_or(false),
+            threads,
             signing_key: signing_key(self.signing_key_file.as_deref(), self.signing_key_env.as_ref())?,
             nodes: nodes(&self.nodes)?,
         })
@@ -389,6 +422,8 @@ mod tests {
         assert_eq!(config.hash_keys, IdSource::DEFAULT_ORDER.to_vec());
         assert_eq!(config.rise, DEFAULT_RISE);
         assert!(config.signing_key.is_none(), "shipped commented out");
+        assert!(!config.reuse_port);
+        assert_eq!(config.threads, std::thread::available_parallelism().unwrap().get(), "shipped commented out");
     }
 
     #[test]
@@ -411,6 +446,8 @@ mod tests {
             ("max_connections = 0", "max_connections"),
             ("max_connections = 1000000000000", "max_connections"),
             ("max_header_bytes = 10", "max_header_bytes"),
+            ("threads = 0", "threads"),
+            ("threads = 100000", "threads"),
             ("hash_keys = []", "hash_keys"),
             ("hash_keys = [\"query\", \"body\"]", "hash_keys"),
             ("hash_keys = [\"query\", \"query\"]", "hash_keys"),
@@ -511,15 +548,22 @@ mod tests {
 
     #[test]
     fn flags_override_the_file_and_node_flags_replace_its_nodes() {
-        let mut file = FileConfig::parse(&with_nodes("listen = \"127.0.0.1:1000\"\nhealth_interval_ms = 900")).unwrap();
+        let mut file = FileConfig::parse(&with_nodes(
+            "listen = \"127.0.0.1:1000\"\nhealth_interval_ms = 900\nthreads = 3\nreuse_port = false",
+        ))
+        .unwrap();
         file.apply(Overrides {
             listen: Some("127.0.0.1:2000".into()),
+            threads: Some(1),
+            reuse_port: true,
             nodes: vec![parse_node_flag("x=127.0.0.1:1").unwrap(), parse_node_flag("y=127.0.0.1:2").unwrap()],
             ..Overrides::default()
         });
         let config = file.validate().unwrap();
         assert_eq!(config.listen.port(), 2000);
         assert_eq!(config.health_interval, Duration::from_millis(900));
+        assert_eq!(config.threads, 1);
+        assert!(config.reuse_port);
         let names: Vec<_> = config.nodes.iter().map(|n| n.name.as_str()).collect();
         assert_eq!(names, ["x", "y"]);
         assert_eq!(field_of(parse_node_flag("nonsense").unwrap_err()), "--node");

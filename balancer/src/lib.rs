@@ -12,6 +12,7 @@
 //!   client's rank, forwarding with `X-Client-Id`/`X-Forwarded-For`;
 //! - `tunnel`: the upgraded byte tunnel, torn down as a whole when either side ends or its node
 //!   goes down, and closed with 1012 at a frame boundary when its node is drained;
+//! - `quiet`: how a tunnel waits for its stop signals without polling them per message;
 //! - `frames`: the WebSocket frame-boundary tracker the tunnel uses for that, and the close
 //!   frame it injects;
 //! - `pool`: node states (`up|unready|down|draining`), the routing choice, the state machine;
@@ -20,7 +21,8 @@
 //! - `metrics`: every Prometheus metric name, in one place;
 //! - [`Error`]: what went wrong and whose fault it was.
 //!
-//! [`run`] takes already-bound listeners, so tests (and `main`) choose the ports.
+//! [`run`] takes already-bound listeners, so tests (and `main`, through [`bind_listener`])
+//! choose the ports.
 #![forbid(unsafe_code)]
 
 use std::sync::Arc;
@@ -39,11 +41,13 @@ mod health;
 pub mod metrics;
 mod pool;
 mod proxy;
+mod quiet;
 mod server;
 mod tunnel;
 
 pub use config::{Config, FileConfig, FileNode, NodeConfig, Overrides};
 pub use error::Error;
+pub use server::bind_listener;
 
 /// State shared by every task of one [`run`].
 #[derive(Debug)]

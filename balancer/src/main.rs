@@ -1,5 +1,6 @@
 //! `tether-balancer` binary: parse flags, load and validate the config (exit 64 on a bad one),
-//! set up logging, bind, print the ready line, and hand over to [`tether_balancer::run`].
+//! set up logging, start the runtime with the configured threads, bind, print the ready line,
+//! and hand over to [`tether_balancer::run`].
 
 use std::io::Write as _;
 use std::path::PathBuf;
@@ -8,9 +9,8 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::Parser;
 use tether_balancer::config::{parse_node_flag, signing_key_from_env};
-use tether_balancer::{FileConfig, Overrides};
+use tether_balancer::{bind_listener, FileConfig, Overrides};
 use tether_proto::logging::{self, LogFormat};
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
@@ -36,6 +36,13 @@ struct Cli {
     /// Milliseconds between health checks of each node [default: 500].
     #[arg(long, value_name = "N")]
     health_interval_ms: Option<u64>,
+    /// Runtime threads [default: one per core]; 1 runs everything on one thread.
+    #[arg(long, value_name = "N")]
+    threads: Option<usize>,
+    /// Bind the client listener with SO_REUSEPORT, so that several balancer processes can
+    /// share its port.
+    #[arg(long)]
+    reuse_port: bool,
     /// File holding the key that signs client ids (content trimmed); wins over the file's
     /// `signing_key_file` and over $TETHER_SIGNING_KEY.
     #[arg(long, value_name = "FILE")]
@@ -65,13 +72,32 @@ fn main() -> ExitCode {
         }
     };
     logging::init(cli.log_format, "info");
-    match serve(config) {
+    let served = runtime(config.threads)
+        .context("starting the runtime")
+        // Spawned rather than run by `block_on`, so that with N threads all the work (accepting
+        // included) is on those N, not on this one besides.
+        .and_then(|runtime| runtime.block_on(async { tokio::spawn(serve(config)).await })?);
+    match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("tether-balancer: {e:#}");
             ExitCode::FAILURE
         }
     }
+}
+
+/// One thread: Tokio's current-thread scheduler, which does without the cross-thread
+/// machinery (as HAProxy's `nbthread 1`). More: the multi-thread scheduler with that many
+/// workers.
+fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.worker_threads(threads);
+        builder
+    };
+    builder.enable_all().build()
 }
 
 fn load_config(cli: &Cli) -> Result<tether_balancer::Config, tether_balancer::Error> {
@@ -85,18 +111,20 @@ fn load_config(cli: &Cli) -> Result<tether_balancer::Config, tether_balancer::Er
         admin: cli.admin.clone(),
         nodes,
         health_interval_ms: cli.health_interval_ms,
+        reuse_port: cli.reuse_port,
+        threads: cli.threads,
         signing_key_file: cli.signing_key_file.clone(),
         signing_key_env: signing_key_from_env()?,
     });
     file.validate()
 }
 
-#[tokio::main]
 async fn serve(config: tether_balancer::Config) -> anyhow::Result<()> {
-    let listener =
-        TcpListener::bind(config.listen).await.with_context(|| format!("binding listen address {}", config.listen))?;
+    let listener = bind_listener(config.listen, config.reuse_port)
+        .with_context(|| format!("binding listen address {}", config.listen))?;
+    // Never shared: drain and status are per process, so each needs its own admin address.
     let admin =
-        TcpListener::bind(config.admin).await.with_context(|| format!("binding admin address {}", config.admin))?;
+        bind_listener(config.admin, false).with_context(|| format!("binding admin address {}", config.admin))?;
     let listen_addr = listener.local_addr()?;
     let admin_addr = admin.local_addr()?;
     // Signal handlers go in before the ready line: a SIGTERM right after it is a graceful stop.

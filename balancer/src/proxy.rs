@@ -190,7 +190,10 @@ async fn forward(
         let websocket =
             response.headers().get(header::UPGRADE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
         let stops = tunnel::Stops { node_down: down, drain, hard_stop: shared.hard_stop.clone() };
-        let tunnel_span = tracing::info_span!(
+        // Debug level: the span lives as long as the tunnel, and a tunnel logs only at debug
+        // (bar a can't-happen warning), so at the default level an info span would cost
+        // memory per tunnel and a registry enter and exit per poll, for nothing.
+        let tunnel_span = tracing::debug_span!(
             "tunnel",
             peer = %conn.peer,
             client = %id,

@@ -16,7 +16,7 @@ use std::time::Duration;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn, Instrument};
@@ -34,6 +34,25 @@ const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// hyper refuses a read buffer smaller than this (its initial buffer size).
 const HYPER_MIN_BUF: usize = 8192;
+
+/// Connections the kernel queues on a listener before they are accepted (what tokio's
+/// `TcpListener::bind` asks for).
+const LISTEN_BACKLOG: u32 = 1024;
+
+/// Binds a listener the way `main` wants it: with `SO_REUSEADDR` (a restarted balancer need
+/// not wait for the old connections' TIME_WAIT), and with `SO_REUSEPORT` when `reuse_port`,
+/// so that several balancer processes can listen on one port and the kernel spreads new
+/// connections over them. That is safe because routing keeps no state: every process sends a
+/// client to the same node. Must be called within a Tokio runtime.
+pub fn bind_listener(addr: SocketAddr, reuse_port: bool) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    if reuse_port {
+        socket.set_reuseport(true)?;
+    }
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
 
 /// Serves the client-facing listener until `shutdown` fires.
 pub(crate) async fn serve_proxy(shared: Arc<Shared>, listener: TcpListener, shutdown: CancellationToken) {

@@ -11,26 +11,46 @@
 //! frame with code 1012 ("reconnect now") and hang up: the client moves at once, to the next
 //! node in its rank. The node's own 1012 (when it shuts down) needs nothing of the sort: it is
 //! just bytes passing through.
+//!
+//! **An idle tunnel holds no buffer.** Most tunnels are idle most of the time, so what one
+//! costs at rest is what the balancer costs per client. hyper hands back both original
+//! `TcpStream`s (plus any bytes it had read past the HTTP heads, which are written out first
+//! and dropped), and both directions run in the tunnel's one task. Each direction waits until
+//! its source is readable, reads into a scratch buffer that belongs to the worker thread
+//! ([`SCRATCH_BYTES`]), and writes those bytes to the other side within the same poll. Only
+//! when the other side cannot take them all does the rest move into a buffer of the tunnel's
+//! own, freed once written — that tunnel is not idle, its reader is slow. What an idle tunnel
+//! keeps is its task (about 1.5 KB of state), the two sockets' registrations, and the shared
+//! handles of its node and client connection.
 
+use std::cell::RefCell;
+use std::future::poll_fn;
 use std::io;
+use std::pin::{pin, Pin};
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
-use hyper::upgrade::OnUpgrade;
+use bytes::Bytes;
+use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
 use tether_proto::wire::CLOSE_RESTART;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::frames::{close_frame, FrameTracker};
 use crate::pool::ActiveGuard;
 use crate::proxy::ClientConn;
+use crate::quiet::Quiet;
 
-/// Per-direction copy buffer. Chat frames are small; idle tunnels are the common case, and
-/// each one holds two of these, so it is kept well under tokio's 8 KiB default.
-pub const TUNNEL_BUF_BYTES: usize = 4096;
+/// Size of the scratch buffer every copy reads into. There is one per worker thread, not one
+/// per tunnel, so it can be as large as a proxy's usual buffer (HAProxy's default `bufsize`):
+/// bulk streams move in few large reads. It is also the most a tunnel keeps of its own while
+/// its destination is blocked.
+pub const SCRATCH_BYTES: usize = 16 * 1024;
 
 /// Once a drain reaches a tunnel, how long the frame in progress (and then the close frame)
 /// may take to reach the client. Past it the tunnel is cut without a close frame: a node in the
@@ -46,6 +66,12 @@ pub const DRAIN_LINGER: Duration = Duration::from_secs(1);
 
 /// Reason of the close frame sent to the clients of a drained node.
 pub const DRAIN_REASON: &str = "node draining";
+
+thread_local! {
+    /// The worker thread's read buffer (see [`SCRATCH_BYTES`]). Borrowed only within one poll,
+    /// never across an `.await`, so every tunnel on the thread shares it.
+    static SCRATCH: RefCell<Box<[u8]>> = RefCell::new(vec![0; SCRATCH_BYTES].into_boxed_slice());
+}
 
 /// What, besides either side hanging up, ends a tunnel.
 #[derive(Debug, Clone)]
@@ -103,21 +129,57 @@ pub(crate) async fn run(
         _ = stops.node_down.cancelled() => return,
         _ = stops.hard_stop.cancelled() => return,
     };
+    let (Some(client), Some(node)) = (into_tcp(client), into_tcp(node)) else {
+        // Both sides are served over `TokioIo<TcpStream>` (see `server` and `proxy`): only a
+        // change there gets here.
+        warn!("an upgraded connection is not a plain TCP stream; tunnel closed");
+        return;
+    };
+    copy(client, node, websocket, &stops, guard).await;
+    // The client's socket closed when `copy` returned; its slot is given back now.
+    drop(conn);
+}
+
+/// The TCP stream under an upgraded connection, and what hyper had read from it past the
+/// HTTP head (a client's first frames sent along with its request; a node's first frames
+/// sent along with its 101).
+fn into_tcp(upgraded: Upgraded) -> Option<(TcpStream, Bytes)> {
+    let parts = upgraded.downcast::<TokioIo<TcpStream>>().ok()?;
+    Some((parts.io.into_inner(), parts.read_buf))
+}
+
+/// The tunnel proper, once both sides are plain TCP streams; returns why it ended. The node's
+/// connection (and `guard`) are let go as soon as the copy ends; the client's lingers after
+/// a drain's close frame.
+async fn copy(
+    (mut client, client_early): (TcpStream, Bytes),
+    (mut node, node_early): (TcpStream, Bytes),
+    websocket: bool,
+    stops: &Stops,
+    guard: Arc<ActiveGuard>,
+) -> End {
     debug!("tunnel open");
-    let (mut client_rx, mut client_tx) = tokio::io::split(TokioIo::new(client));
-    let (mut node_rx, mut node_tx) = tokio::io::split(TokioIo::new(node));
+    let (mut client_rx, mut client_tx) = client.split();
+    let (mut node_rx, mut node_tx) = node.split();
     // Not a WebSocket: no frames to respect, so a drain cuts at once.
     let (frame_drain, cut_drain) = if websocket { (Some(&stops.drain), None) } else { (None, Some(&stops.drain)) };
+    let stopped = pin!(async {
+        tokio::select! {
+            _ = stops.node_down.cancelled() => End::NodeDown,
+            _ = fired(cut_drain) => End::Drained(false),
+            _ = stops.hard_stop.cancelled() => End::Shutdown,
+        }
+    });
+    // The stop signals are polled only when one of them fires, not for every message.
+    let quiet = Quiet::new();
     let end = tokio::select! {
-        r = pump(&mut client_rx, &mut node_tx) => End::ClientClosed(r),
-        r = pump_from_node(&mut node_rx, &mut client_tx, frame_drain) => match r {
+        r = pump(client_early, &mut client_rx, &mut node_tx) => End::ClientClosed(r),
+        r = pump_from_node(node_early, &mut node_rx, &mut client_tx, frame_drain) => match r {
             Ok(FromNode::Eof(bytes)) => End::NodeClosed(Ok(bytes)),
             Ok(FromNode::Drained(sent)) => End::Drained(sent),
             Err(e) => End::NodeClosed(Err(e)),
         },
-        _ = stops.node_down.cancelled() => End::NodeDown,
-        _ = fired(cut_drain) => End::Drained(false),
-        _ = stops.hard_stop.cancelled() => End::Shutdown,
+        end = quiet.wait(stopped) => end,
     };
     match &end {
         End::ClientClosed(Ok(bytes)) => debug!(bytes, "tunnel closed by the client"),
@@ -132,7 +194,7 @@ pub(crate) async fn run(
         End::Shutdown => debug!("tunnel closed: shutdown grace over"),
     }
     // The node's side is done with in every case: its connection closes here.
-    drop((node_rx, node_tx));
+    drop(node);
     drop(guard);
     if matches!(end, End::Drained(true)) {
         tokio::select! {
@@ -140,26 +202,103 @@ pub(crate) async fn run(
             _ = stops.hard_stop.cancelled() => {}
         }
     }
-    // Returning drops the client's halves, closing its socket.
-    drop(conn);
+    // Returning closes the client's socket.
+    end
 }
 
-/// Copies `from` into `to` until end of stream; returns the bytes copied.
-async fn pump<R, W>(from: &mut R, to: &mut W) -> io::Result<u64>
+/// What one [`poll_step`] did.
+#[derive(Debug)]
+enum Step {
+    /// The source hung up.
+    Eof,
+    /// This many bytes went out whole.
+    Copied(usize),
+    /// `kept` bytes were to go out, but the destination took only part of them: `rest` must
+    /// be written before anything more is read.
+    Blocked { kept: usize, rest: Vec<u8> },
+}
+
+/// One read from `from` into the thread's scratch buffer, and as much of writing the bytes
+/// out to `to` as `to` takes right now. `keep` sees the bytes read and says how many of them
+/// go on (the others are dropped). Until `from` has something it is pending having consumed
+/// nothing, so a `select!` may drop it at any time.
+fn poll_step<R, W>(
+    cx: &mut Context<'_>,
+    from: &mut R,
+    to: &mut W,
+    keep: impl FnOnce(&[u8]) -> usize,
+) -> Poll<io::Result<Step>>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut buf = vec![0u8; TUNNEL_BUF_BYTES];
-    let mut total = 0u64;
-    loop {
-        let n = from.read(&mut buf).await?;
+    with_scratch(|buf| {
+        let mut read = ReadBuf::new(&mut *buf);
+        ready!(Pin::new(&mut *from).poll_read(cx, &mut read))?;
+        let n = read.filled().len();
         if n == 0 {
-            return Ok(total);
+            return Poll::Ready(Ok(Step::Eof));
         }
-        to.write_all(&buf[..n]).await?;
-        to.flush().await?;
-        total += n as u64;
+        let kept = keep(&buf[..n]).min(n);
+        let mut written = 0;
+        while written < kept {
+            match Pin::new(&mut *to).poll_write(cx, &buf[written..kept]) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(w)) => written += w,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => break,
+            }
+        }
+        // A socket's flush is a no-op; this is for writers that do buffer.
+        if written == kept && Pin::new(&mut *to).poll_flush(cx)?.is_ready() {
+            return Poll::Ready(Ok(Step::Copied(kept)));
+        }
+        Poll::Ready(Ok(Step::Blocked { kept, rest: buf[written..kept].to_vec() }))
+    })
+}
+
+/// Runs `f` on this thread's scratch buffer.
+fn with_scratch<T>(f: impl FnOnce(&mut [u8]) -> T) -> T {
+    // Polls never run during thread-local destruction, so `with` cannot fail here.
+    SCRATCH.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) => f(&mut buf),
+        // Only if a copy ran inside another on this thread, which none does; a buffer of its
+        // own keeps even that correct.
+        Err(_) => f(&mut vec![0; SCRATCH_BYTES]),
+    })
+}
+
+/// Writes and flushes `bytes` whole.
+async fn write_whole<W>(to: &mut W, bytes: &[u8]) -> io::Result<()>
+where
+    W: AsyncWrite + Unpin,
+{
+    to.write_all(bytes).await?;
+    to.flush().await
+}
+
+/// Copies `from` into `to` until end of stream, after writing out `early` (bytes of `from`
+/// read before the tunnel began); returns the bytes copied.
+async fn pump<R, W>(early: Bytes, from: &mut R, to: &mut W) -> io::Result<u64>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut total = early.len() as u64;
+    if !early.is_empty() {
+        Box::pin(write_whole(to, &early)).await?;
+    }
+    // It may pin hyper's whole read buffer: not to be kept for the tunnel's life.
+    drop(early);
+    loop {
+        match poll_fn(|cx| poll_step(cx, from, to, <[u8]>::len)).await? {
+            Step::Eof => return Ok(total),
+            Step::Copied(n) => total += n as u64,
+            Step::Blocked { kept, rest } => {
+                Box::pin(write_whole(to, &rest)).await?;
+                total += kept as u64;
+            }
+        }
     }
 }
 
@@ -168,52 +307,83 @@ where
 /// frame and returns — all within [`DRAIN_FRAME_DEADLINE`], or it gives up and returns
 /// `Drained(false)`. Bytes of the node's next frame that were already read are dropped.
 /// Without a `drain` token it is a plain copy.
-async fn pump_from_node<R, W>(from: &mut R, to: &mut W, drain: Option<&CancellationToken>) -> io::Result<FromNode>
+async fn pump_from_node<R, W>(
+    early: Bytes,
+    from: &mut R,
+    to: &mut W,
+    drain: Option<&CancellationToken>,
+) -> io::Result<FromNode>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut buf = vec![0u8; TUNNEL_BUF_BYTES];
     let mut frames = FrameTracker::new();
     let mut total = 0u64;
     // Set when the drain is first noticed: everything left must be done by then.
     let mut deadline: Option<Instant> = None;
+    if !early.is_empty() {
+        // The node's first bytes, as if they were its first read.
+        if drain.is_some_and(CancellationToken::is_cancelled) {
+            deadline = Some(Instant::now() + DRAIN_FRAME_DEADLINE);
+        }
+        let len = keep(&mut frames, deadline.is_some(), &early);
+        if !Box::pin(write_step(to, &early[..len], drain, &mut deadline)).await? {
+            return Ok(FromNode::Drained(false));
+        }
+        total += len as u64;
+    }
+    drop(early);
+    // One wait for the drain for the whole tunnel, polled only when the drain fires (see
+    // `Quiet`): not a fresh registration with the node's token for every message.
+    let quiet = drain.map(|_| Quiet::new());
+    let mut drained = pin!(fired(drain));
     loop {
         if deadline.is_some() && frames.at_boundary() {
             let close = close_frame(CLOSE_RESTART, DRAIN_REASON);
-            let sent = write_step(to, &close, drain, &mut deadline).await?;
+            let sent = Box::pin(write_step(to, &close, drain, &mut deadline)).await?;
             return Ok(FromNode::Drained(sent));
         }
-        // Reading is cancel-safe, so a drain may interrupt it: at a boundary the close frame
-        // must go out now, not after the node's next frame.
-        let n = tokio::select! {
+        let draining = deadline.is_some();
+        // A step is cancel-safe, so a drain may interrupt the wait: at a boundary the close
+        // frame must go out now, not after the node's next frame.
+        let step = tokio::select! {
             biased;
-            _ = fired(drain), if deadline.is_none() => {
+            // Once it has fired (`draining`), `drained` is complete and never polled again.
+            _ = poll_fn(|cx| quiet.as_ref().map_or(Poll::Pending, |q| q.poll(cx, drained.as_mut()))), if !draining => {
                 deadline = Some(Instant::now() + DRAIN_FRAME_DEADLINE);
                 continue;
             }
             _ = until(deadline) => return Ok(FromNode::Drained(false)),
-            read = from.read(&mut buf) => read?,
+            step = poll_fn(|cx| poll_step(cx, from, to, |bytes| keep(&mut frames, draining, bytes))) => step?,
         };
-        if n == 0 {
-            return Ok(FromNode::Eof(total));
+        match step {
+            Step::Eof => return Ok(FromNode::Eof(total)),
+            Step::Copied(n) => total += n as u64,
+            Step::Blocked { kept, rest } => {
+                if !Box::pin(write_step(to, &rest, drain, &mut deadline)).await? {
+                    return Ok(FromNode::Drained(false));
+                }
+                total += kept as u64;
+            }
         }
-        let len = if deadline.is_some() {
-            frames.finish_frame(&buf[..n]).unwrap_or(n)
-        } else {
-            frames.advance(&buf[..n]);
-            n
-        };
-        if !write_step(to, &buf[..len], drain, &mut deadline).await? {
-            return Ok(FromNode::Drained(false));
-        }
-        total += len as u64;
+    }
+}
+
+/// How many of `bytes`, the node's next ones, go on to the client: all of them (followed by
+/// `frames`), or when `draining` only those that finish the frame in progress.
+fn keep(frames: &mut FrameTracker, draining: bool, bytes: &[u8]) -> usize {
+    if draining {
+        frames.finish_frame(bytes).unwrap_or(bytes.len())
+    } else {
+        frames.advance(bytes);
+        bytes.len()
     }
 }
 
 /// Writes and flushes `bytes` whole. A drain noticed meanwhile only starts the deadline (the
 /// write goes on: cutting it would leave a partial frame); past the deadline, gives up and
-/// returns `false`.
+/// returns `false`. Callers box it: it runs only while the client is slow or a drain is on,
+/// and its timer and waits must not weigh on the state every tunnel carries all its life.
 async fn write_step<W>(
     to: &mut W,
     bytes: &[u8],
@@ -223,11 +393,7 @@ async fn write_step<W>(
 where
     W: AsyncWrite + Unpin,
 {
-    let write = async {
-        to.write_all(bytes).await?;
-        to.flush().await
-    };
-    let mut write = std::pin::pin!(write);
+    let mut write = std::pin::pin!(write_whole(to, bytes));
     loop {
         tokio::select! {
             biased;
@@ -248,10 +414,11 @@ async fn fired(token: Option<&CancellationToken>) {
     }
 }
 
-/// Sleeps until `deadline`; forever when there is none.
+/// Sleeps until `deadline`; forever when there is none. The timer is boxed for the same
+/// reason as [`write_step`]: there is a deadline only during a drain.
 async fn until(deadline: Option<Instant>) {
     match deadline {
-        Some(at) => tokio::time::sleep_until(at).await,
+        Some(at) => Box::pin(tokio::time::sleep_until(at)).await,
         None => std::future::pending().await,
     }
 }
@@ -266,8 +433,8 @@ where
 {
     let wait = async {
         let _ = to.shutdown().await;
-        let mut scrap = [0u8; 512];
-        while matches!(from.read(&mut scrap).await, Ok(n) if n > 0) {}
+        // Read into the scratch buffer and keep nothing.
+        while let Ok(Step::Copied(_)) = poll_fn(|cx| poll_step(cx, from, &mut tokio::io::sink(), |_| 0)).await {}
     };
     let _ = tokio::time::timeout(DRAIN_LINGER, wait).await;
 }
@@ -275,6 +442,11 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::AsyncReadExt;
+
+    /// Bound of [`an_idle_tunnel_holds_only_a_small_task_state`]: the future is about 1.3 KB
+    /// today, and Tokio rounds a task's allocation up to a multiple of 128 bytes.
+    const TUNNEL_STATE_LIMIT: usize = 1536;
 
     #[tokio::test]
     async fn pump_copies_until_eof() {
@@ -292,7 +464,7 @@ mod tests {
             d.read_to_end(&mut got).await.unwrap();
             got
         });
-        let copied = pump(&mut b, &mut c).await.unwrap();
+        let copied = pump(Bytes::new(), &mut b, &mut c).await.unwrap();
         drop(c);
         writer.await.unwrap();
         assert_eq!(copied, payload.len() as u64);
@@ -328,7 +500,7 @@ mod tests {
         let drain = CancellationToken::new();
         let pumping = {
             let drain = drain.clone();
-            tokio::spawn(async move { pump_from_node(&mut from, &mut to, Some(&drain)).await })
+            tokio::spawn(async move { pump_from_node(Bytes::new(), &mut from, &mut to, Some(&drain)).await })
         };
         let first = frame(10, b'a');
         node.write_all(&first).await.unwrap();
@@ -350,7 +522,7 @@ mod tests {
         let (mut to, mut client) = tokio::io::duplex(64);
         let drain = CancellationToken::new();
         drain.cancel();
-        let end = pump_from_node(&mut from, &mut to, Some(&drain)).await;
+        let end = pump_from_node(Bytes::new(), &mut from, &mut to, Some(&drain)).await;
         assert_eq!(end.unwrap(), FromNode::Drained(true));
         drop(to);
         let mut got = Vec::new();
@@ -369,7 +541,7 @@ mod tests {
         node.write_all(&big[..35_000]).await.unwrap();
         let pumping = {
             let drain = drain.clone();
-            tokio::spawn(async move { pump_from_node(&mut from, &mut to, Some(&drain)).await })
+            tokio::spawn(async move { pump_from_node(Bytes::new(), &mut from, &mut to, Some(&drain)).await })
         };
         let mut got = vec![0u8; 35_000];
         client.read_exact(&mut got).await.unwrap();
@@ -393,7 +565,7 @@ mod tests {
         node.write_all(&big[..100]).await.unwrap();
         let pumping = {
             let drain = drain.clone();
-            tokio::spawn(async move { pump_from_node(&mut from, &mut to, Some(&drain)).await })
+            tokio::spawn(async move { pump_from_node(Bytes::new(), &mut from, &mut to, Some(&drain)).await })
         };
         let mut got = vec![0u8; 100];
         client.read_exact(&mut got).await.unwrap();
@@ -417,7 +589,7 @@ mod tests {
         node.write_all(&frame(5000, b'e')).await.unwrap();
         let pumping = {
             let drain = drain.clone();
-            tokio::spawn(async move { pump_from_node(&mut from, &mut to, Some(&drain)).await })
+            tokio::spawn(async move { pump_from_node(Bytes::new(), &mut from, &mut to, Some(&drain)).await })
         };
         tokio::task::yield_now().await;
         let start = Instant::now();
@@ -441,10 +613,90 @@ mod tests {
             client.read_to_end(&mut got).await.unwrap();
             got
         });
-        let end = pump_from_node(&mut from, &mut to, None).await;
+        let end = pump_from_node(Bytes::new(), &mut from, &mut to, None).await;
         drop(to);
         writer.await.unwrap();
         assert_eq!(end.unwrap(), FromNode::Eof(payload.len() as u64));
         assert_eq!(reader.await.unwrap(), payload);
+    }
+
+    #[tokio::test]
+    async fn bytes_read_before_the_tunnel_go_out_first() {
+        let (mut a, mut b) = tokio::io::duplex(64);
+        let (mut c, mut d) = tokio::io::duplex(64);
+        a.write_all(b" and after").await.unwrap();
+        drop(a);
+        let copied = pump(Bytes::from_static(b"before"), &mut b, &mut c).await.unwrap();
+        drop(c);
+        let mut got = Vec::new();
+        d.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"before and after");
+        assert_eq!(copied, got.len() as u64);
+    }
+
+    #[tokio::test]
+    async fn a_nodes_early_bytes_count_for_frame_boundaries() {
+        // The node's 101 came with a whole frame and half of the next one.
+        let (first, second) = (frame(10, b'a'), frame(300, b'b'));
+        let early = Bytes::from([&first[..], &second[..100]].concat());
+        let (mut node, mut from) = tokio::io::duplex(1 << 16);
+        let (mut to, mut client) = tokio::io::duplex(1 << 16);
+        let drain = CancellationToken::new();
+        let pumping = {
+            let drain = drain.clone();
+            tokio::spawn(async move { pump_from_node(early, &mut from, &mut to, Some(&drain)).await })
+        };
+        let mut got = vec![0u8; first.len() + 100];
+        client.read_exact(&mut got).await.unwrap();
+        // Drained mid-frame: the rest of that frame, then the close frame; not the frame after.
+        drain.cancel();
+        tokio::task::yield_now().await;
+        node.write_all(&[&second[100..], &frame(5, b'c')[..]].concat()).await.unwrap();
+        assert_eq!(pumping.await.unwrap().unwrap(), FromNode::Drained(true));
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).await.unwrap();
+        got.extend_from_slice(&rest);
+        assert_eq!(got, [first, second, drain_close()].concat());
+    }
+
+    /// Two connected TCP streams on 127.0.0.1.
+    async fn tcp_pair() -> (TcpStream, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let near = TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (far, _) = listener.accept().await.unwrap();
+        (near, far)
+    }
+
+    #[tokio::test]
+    async fn an_idle_tunnel_holds_only_a_small_task_state() {
+        let metrics = crate::metrics::Metrics::new();
+        let nodes = [crate::config::NodeConfig { name: "n".into(), addr: "127.0.0.1:1".into() }];
+        let pool = crate::pool::Pool::new(&nodes, &metrics);
+        let guard = Arc::new(ActiveGuard::new(pool.get(0)));
+        let stops = Stops {
+            node_down: CancellationToken::new(),
+            drain: CancellationToken::new(),
+            hard_stop: CancellationToken::new(),
+        };
+        let ((client, mut client_peer), (node, mut node_peer)) = (tcp_pair().await, tcp_pair().await);
+        let tunnel = copy((client, Bytes::new()), (node, Bytes::new()), true, &stops, guard);
+        // The whole state of a tunnel, whatever it is doing, is this future (plus the sockets'
+        // registrations): no copy buffer lives in it. Guards against a buffer (or a large
+        // timer) creeping back in.
+        let size = std::mem::size_of_val(&tunnel);
+        assert!(size <= TUNNEL_STATE_LIMIT, "tunnel future is {size} bytes");
+        let peers = async {
+            client_peer.write_all(b"ping").await.unwrap();
+            let mut got = [0u8; 4];
+            node_peer.read_exact(&mut got).await.unwrap();
+            assert_eq!(&got, b"ping");
+            node_peer.write_all(&frame(3, b'x')).await.unwrap();
+            let mut got = [0u8; 5];
+            client_peer.read_exact(&mut got).await.unwrap();
+            assert_eq!(got, frame(3, b'x')[..]);
+            drop(client_peer);
+        };
+        let (end, ()) = tokio::join!(tunnel, peers);
+        assert!(matches!(end, End::ClientClosed(Ok(4))));
     }
 }

@@ -101,6 +101,7 @@ fn bad_flags_and_config_exit_64_naming_the_field() {
         (&["--node", "a=127.0.0.1:1", "--listen", "somewhere"], "listen"),
         (&["--node", "a=127.0.0.1:1", "--log-format", "xml"], "log-format"),
         (&["--no-such-flag"], "--no-such-flag"),
+        (&["--node", "a=127.0.0.1:1", "--threads", "0"], "threads"),
     ];
     for (args, field) in cases {
         let (code, stderr) = run_to_exit(args);
@@ -178,4 +179,76 @@ fn a_short_signing_key_exits_64_naming_its_source_and_never_shows_it() {
     assert_eq!(code, Some(64), "{stderr}");
     assert!(stderr.contains("signing_key_file"), "{stderr}");
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Starts the binary with `args` and waits for its ready line; returns it with the bound
+/// client and admin addresses.
+fn start_ready(args: &[&str]) -> (std::process::Child, std::net::SocketAddr, std::net::SocketAddr) {
+    let mut child = Command::new(BIN)
+        .env_remove(SIGNING_KEY_ENV)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let Some((listen, admin)) =
+        line.trim_end().strip_prefix("tether-balancer ready listen=").and_then(|r| r.split_once(" admin="))
+    else {
+        let _ = child.kill();
+        panic!("no ready line from {args:?}: {line:?}");
+    };
+    (child, listen.parse().unwrap(), admin.parse().unwrap())
+}
+
+/// One `GET` with `Connection: close`; returns the whole reply.
+fn get(addr: std::net::SocketAddr, path: &str) -> String {
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(DEADLINE)).unwrap();
+    write!(stream, "GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").unwrap();
+    let mut reply = String::new();
+    std::io::Read::read_to_string(&mut stream, &mut reply).unwrap();
+    reply
+}
+
+fn stop(mut child: std::process::Child) {
+    let killed = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    assert!(killed.success());
+    assert_eq!(wait_with_deadline(&mut child).code(), Some(0));
+}
+
+#[test]
+fn reuse_port_lets_two_balancers_share_the_client_port() {
+    // No node answers: every request gets a 503, counted by whichever process took it.
+    let common = ["--admin", "127.0.0.1:0", "--node", "node-1=127.0.0.1:1", "--reuse-port"];
+    let (first, port, first_admin) =
+        start_ready(&[&["--listen", "127.0.0.1:0", "--threads", "1"], &common[..]].concat());
+    let shared = port.to_string();
+    let (second, again, second_admin) = start_ready(&[&["--listen", &shared, "--threads", "2"], &common[..]].concat());
+    assert_eq!(again, port);
+
+    // Without the option the port is taken.
+    let (code, stderr) = run_to_exit(&["--listen", &shared, "--admin", "127.0.0.1:0", "--node", "node-1=127.0.0.1:1"]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("binding listen address"), "{stderr}");
+
+    // The kernel spreads connections over both by their addresses: 40 connections all landing
+    // on one of two processes would take odds of one in 2^39.
+    for _ in 0..40 {
+        let reply = get(port, "/api?client=alice");
+        assert!(reply.starts_with("HTTP/1.1 503"), "{reply}");
+    }
+    let served = |admin| {
+        let metrics = get(admin, "/metrics");
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("tether_balancer_requests_total{kind=\"http\",code=\"503\"} "))
+            .map_or(0.0, |v| v.trim().parse::<f64>().unwrap())
+    };
+    let (a, b) = (served(first_admin), served(second_admin));
+    assert_eq!(a + b, 40.0);
+    assert!(a > 0.0 && b > 0.0, "one process took everything: {a} / {b}");
+    stop(first);
+    stop(second);
 }
