@@ -34,7 +34,7 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info_span, Instrument};
+use tracing::{debug, debug_span, Instrument};
 
 /// How long a closing peer gets to take its close frame before the socket is dropped.
 pub const CLOSE_DEADLINE: Duration = Duration::from_secs(5);
@@ -45,7 +45,9 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let conn = state.hub.next_conn_id();
-    let span = info_span!("client", id = %client_id, node = %state.cfg.name, peer = %peer, conn);
+    // Debug level: a span per idle connection costs memory (its fields, formatted) for
+    // nothing when only info and above are logged.
+    let span = debug_span!("client", id = %client_id, node = %state.cfg.name, peer = %peer, conn);
     async move {
         state.metrics.connections_active.inc();
         state.metrics.connections_total.inc();
@@ -68,9 +70,11 @@ where
             tokens: f64::from(state.cfg.rate_limit_burst),
             tokens_at: tokio::time::Instant::now(),
         };
-        client.start().await;
+        // The rarely-run steps are boxed: a connection's task is sized by its largest await
+        // state, and an idle connection should pay only for waiting on its next frame.
+        Box::pin(client.start()).await;
         let close = client.read_loop(stream).await;
-        client.leave_all().await;
+        Box::pin(client.leave_all()).await;
         state.hub.unregister(conn);
         if let Some(close) = close {
             let _ = close_tx.send(close);
@@ -342,7 +346,7 @@ impl Client {
             };
             match next {
                 None | Some(Ok(Message::Close(_))) => return None,
-                Some(Ok(Message::Text(text))) => self.handle(text.as_str()).await,
+                Some(Ok(Message::Text(text))) => Box::pin(self.handle(text.as_str())).await,
                 Some(Ok(Message::Binary(_))) => {
                     self.error(ErrorCode::BadJson, "binary frames are not supported; send JSON text frames")
                 }
