@@ -169,6 +169,9 @@ struct Owned {
     /// Set once the exit has been observed (and the process reaped): after that the pid may
     /// belong to someone else and must never be signalled.
     status: Option<ExitStatus>,
+    /// Whether [`Cluster::next_exit`] may still report this exit: false once reported, or
+    /// when the exit was our own doing (`kill`, `wait_exit`), which the caller already knows.
+    unreported: bool,
     /// Keeps reading stdout after the ready line, so that the child never blocks on a full pipe.
     stdout_drain: Option<JoinHandle<()>>,
 }
@@ -181,7 +184,7 @@ impl Owned {
         let program = cmd.as_std().get_program().to_string_lossy().into_owned();
         let child = cmd.spawn().with_context(|| format!("{label}: spawning {program}"))?;
         let pid = child.id().ok_or_else(|| anyhow!("{label}: {program} exited before its pid was known"))?;
-        Ok(Self { label: label.to_owned(), child, pid, status: None, stdout_drain: None })
+        Ok(Self { label: label.to_owned(), child, pid, status: None, unreported: true, stdout_drain: None })
     }
 
     /// The exit status if the process has exited (reaping it), `None` while it runs.
@@ -217,15 +220,20 @@ impl Owned {
 
     async fn wait_exit(&mut self, within: Duration) -> Result<Option<ExitStatus>> {
         match timeout(within, self.wait()).await {
-            Ok(status) => status.map(Some),
+            Ok(status) => {
+                self.unreported = false;
+                status.map(Some)
+            }
             Err(_) => Ok(None),
         }
     }
 
-    /// `SIGKILL`, then reaps.
+    /// `SIGKILL`, then reaps. The caller caused the exit, so `next_exit` does not report it.
     async fn kill(&mut self) -> Result<ExitStatus> {
         self.signal(Signal::SIGKILL)?;
-        self.wait().await
+        let status = self.wait().await;
+        self.unreported = false;
+        status
     }
 }
 
@@ -1091,8 +1099,14 @@ impl Cluster {
     pub async fn next_exit(&mut self) -> Result<(String, u32, ExitStatus)> {
         let mut running: Vec<&mut Owned> = Vec::new();
         for proc in self.owned() {
-            if proc.try_status()?.is_none() {
-                running.push(proc);
+            match proc.try_status()? {
+                // Died on its own since we last looked (try_status reaps without reporting).
+                Some(status) if proc.unreported => {
+                    proc.unreported = false;
+                    return Ok((proc.label.clone(), proc.pid, status));
+                }
+                Some(_) => {}
+                None => running.push(proc),
             }
         }
         if running.is_empty() {
@@ -1101,6 +1115,7 @@ impl Cluster {
         let waits = running.into_iter().map(|proc| {
             Box::pin(async move {
                 let status = proc.wait().await?;
+                proc.unreported = false;
                 Ok::<_, anyhow::Error>((proc.label.clone(), proc.pid, status))
             })
         });
