@@ -317,3 +317,15 @@ impl HttpConn {
 pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
     HttpConn::connect(addr).await?.get(path).await
 }
+
+/// A quiet cluster of real processes for tests: a private Redis, `node-1..node-N`, and a
+/// balancer health-checking every 100 ms (so failover tests do not wait on the default).
+pub async fn test_cluster(nodes: usize) -> Result<cluster::Cluster> {
+    cluster::Cluster::start(cluster::ClusterOptions {
+        nodes,
+        logs: cluster::ClusterLogs::Null,
+        balancer_args: vec!["--health-interval-ms".into(), "100".into()],
+        ..Default::default()
+    })
+    .await
+}

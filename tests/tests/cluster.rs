@@ -5,7 +5,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::time::Duration;
-use tether::cluster::{BalancerProcess, Cluster, ClusterLogs, ClusterOptions};
+use tether::cluster::{BalancerProcess, Cluster};
 use tether_proto::hrw;
 use tether_tests::{eventually, HttpConn, WsClient};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -13,13 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 const NODES: [&str; 3] = ["node-1", "node-2", "node-3"];
 
 async fn cluster(nodes: usize) -> Result<Cluster> {
-    Cluster::start(ClusterOptions {
-        nodes,
-        logs: ClusterLogs::Null,
-        balancer_args: vec!["--health-interval-ms".into(), "100".into()],
-        ..Default::default()
-    })
-    .await
+    tether_tests::test_cluster(nodes).await
 }
 
 /// The node HRW prefers for `id` among `nodes`.

@@ -4,7 +4,6 @@
 use anyhow::{Context, Result};
 use serde_json::{json, Value};
 use std::time::Duration;
-use tether::cluster::{Cluster, ClusterLogs, ClusterOptions};
 use tether_proto::hrw;
 use tether_tests::WsClient;
 
@@ -29,13 +28,7 @@ fn position(c: &WsClient, room: &str) -> Value {
 
 #[tokio::test]
 async fn killed_nodes_client_is_restored_through_the_balancer_with_every_message() -> Result<()> {
-    let mut c = Cluster::start(ClusterOptions {
-        nodes: 3,
-        logs: ClusterLogs::Null,
-        balancer_args: vec!["--health-interval-ms".into(), "100".into()],
-        ..Default::default()
-    })
-    .await?;
+    let mut c = tether_tests::test_cluster(3).await?;
     let base = c.ws_url();
     let url = |id: &str| format!("{base}?client={id}");
     let victim = id_on("node-2", "victim");
@@ -98,13 +91,7 @@ async fn killed_nodes_client_is_restored_through_the_balancer_with_every_message
 
 #[tokio::test]
 async fn drained_nodes_clients_get_1012_and_are_restored_elsewhere_then_undrain_brings_new_ones_back() -> Result<()> {
-    let c = Cluster::start(ClusterOptions {
-        nodes: 3,
-        logs: ClusterLogs::Null,
-        balancer_args: vec!["--health-interval-ms".into(), "100".into()],
-        ..Default::default()
-    })
-    .await?;
+    let c = tether_tests::test_cluster(3).await?;
     let base = c.ws_url();
     let url = |id: &str| format!("{base}?client={id}");
     let ids: Vec<String> = (0..4).map(|i| id_on("node-2", &format!("drain{i}"))).collect();
@@ -152,13 +139,7 @@ async fn drained_nodes_clients_get_1012_and_are_restored_elsewhere_then_undrain_
 
 #[tokio::test]
 async fn sigterm_closes_a_nodes_clients_with_1012_and_they_resume_elsewhere() -> Result<()> {
-    let mut c = Cluster::start(ClusterOptions {
-        nodes: 3,
-        logs: ClusterLogs::Null,
-        balancer_args: vec!["--health-interval-ms".into(), "100".into()],
-        ..Default::default()
-    })
-    .await?;
+    let mut c = tether_tests::test_cluster(3).await?;
     let base = c.ws_url();
     let id = id_on("node-3", "term");
     let (mut ws, _) = WsClient::connect_ready(&format!("{base}?client={id}")).await?;
