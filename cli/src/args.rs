@@ -1,5 +1,6 @@
 //! The command line of `tether`, as clap types. `main.rs` parses it; [`crate::run`] acts on it.
 
+use clap::builder::TypedValueParser as _;
 use clap::{Args, Parser, Subcommand};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -80,12 +81,146 @@ pub struct BenchArgs {
 pub enum BenchKind {
     /// Round-trip latency of one client through the balancer vs. straight to a node.
     Rtt(RttArgs),
-    /// Memory and CPU of many idle connections (planned).
-    Idle(LaterArgs),
-    /// Fan-out throughput of busy rooms (planned).
-    Fanout(LaterArgs),
-    /// Proxy overhead compared with other proxies (planned).
-    Proxies(LaterArgs),
+    /// Memory per idle connection of nodes and balancers, at up to 100,000 clients.
+    Idle(IdleArgs),
+    /// Fan-out of busy rooms over three nodes: delivered msg/s, latency, who saturates.
+    Fanout(FanoutArgs),
+    /// tether-balancer against HAProxy and nginx (and direct) on echo workloads.
+    Proxies(ProxiesArgs),
+    /// A minimal WebSocket echo server (the backend of `bench proxies`).
+    EchoBackend(EchoArgs),
+    /// A load-generator child of `bench idle`/`fanout` (started by them, not by people).
+    #[command(hide = true)]
+    Worker(WorkerArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct IdleArgs {
+    /// Idle clients to open.
+    #[arg(long, default_value_t = 19_000, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=200_000).map(|n| n as usize))]
+    pub clients: usize,
+    /// Connect through the balancer(s) instead of straight to the nodes.
+    #[arg(long)]
+    pub through_balancer: bool,
+    /// Nodes; direct clients go to them round robin.
+    #[arg(long, default_value_t = 1, value_name = "K", value_parser = clap::value_parser!(u16).range(1..=64).map(usize::from))]
+    pub nodes: usize,
+    /// Balancer processes (default: as many as 20,000 descriptors per process require, one
+    /// per 9,900 tunnels). They share one port with --reuse-port when the balancer has it.
+    #[arg(long, value_name = "B", value_parser = clap::value_parser!(u16).range(1..=64).map(usize::from))]
+    pub balancers: Option<usize>,
+    /// Give each balancer its own port even if it supports --reuse-port.
+    #[arg(long)]
+    pub separate_ports: bool,
+    /// Connections being set up at once per load generator [default: 64 direct, 8 through the
+    /// balancer, whose 1 s connect timeout marks a node down when a connection storm fills the
+    /// node's accept queue].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..).map(usize::from))]
+    pub concurrency: Option<usize>,
+    /// Seconds to wait after the last connection before reading memory again.
+    #[arg(long, default_value_t = 2.0, value_name = "SECS", value_parser = non_negative)]
+    pub settle_secs: f64,
+    /// Smoke run: 300 clients, one node, done in a few seconds.
+    #[arg(long)]
+    pub quick: bool,
+    /// Write the figures as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Write the servers' logs to DIR.
+    #[arg(long, value_name = "DIR")]
+    pub logs: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct FanoutArgs {
+    /// Rooms.
+    #[arg(long, default_value_t = 20, value_name = "R", value_parser = clap::value_parser!(u32).range(1..=10_000).map(|n| n as usize))]
+    pub rooms: usize,
+    /// Members per room (load-generator clients, spread over the nodes by the balancer).
+    #[arg(long, default_value_t = 250, value_name = "M", value_parser = clap::value_parser!(u32).range(1..=100_000).map(|n| n as usize))]
+    pub members: usize,
+    /// Published messages per second, all rooms together, one step per rate.
+    #[arg(long, default_value = "100,200,400,800,1600,3200", value_name = "A,B,C", value_delimiter = ',', value_parser = positive)]
+    pub rates: Vec<f64>,
+    /// Seconds measured per rate (after one second of ramp-up).
+    #[arg(long, default_value_t = 5.0, value_name = "SECS", value_parser = positive)]
+    pub step_secs: f64,
+    /// Nodes behind the balancer.
+    #[arg(long, default_value_t = 3, value_name = "K", value_parser = clap::value_parser!(u16).range(1..=16).map(usize::from))]
+    pub nodes: usize,
+    /// Rate of the backbone-hop measurement (publisher on node-1, member on node-2; 0 skips it).
+    #[arg(long, default_value_t = 10_000.0, value_name = "MSG_PER_S", value_parser = non_negative)]
+    pub hop_rate: f64,
+    /// Members and publishers connect straight to the nodes (round robin) instead of through
+    /// the balancer: shows what the balancer's hop costs.
+    #[arg(long)]
+    pub direct: bool,
+    /// Smoke run: 4 rooms of 10 members, two short steps.
+    #[arg(long)]
+    pub quick: bool,
+    /// Write the figures as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Write the servers' logs to DIR.
+    #[arg(long, value_name = "DIR")]
+    pub logs: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct ProxiesArgs {
+    /// Targets, in the order each round visits them (direct = straight to one backend).
+    #[arg(long, default_value = "direct,balancer,haproxy,nginx", value_delimiter = ',', value_name = "LIST")]
+    pub targets: Vec<String>,
+    /// Rounds per workload; targets alternate within each round.
+    #[arg(long, default_value_t = 3, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=50))]
+    pub rounds: u32,
+    /// Seconds each target is measured per round and workload.
+    #[arg(long, default_value_t = 4.0, value_name = "SECS", value_parser = positive)]
+    pub secs: f64,
+    /// (a) closed-loop echo: connections.
+    #[arg(long, default_value_t = 200, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=5_000).map(|n| n as usize))]
+    pub echo_conns: usize,
+    /// (b) fixed rate: connections.
+    #[arg(long, default_value_t = 100, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=5_000).map(|n| n as usize))]
+    pub rate_conns: usize,
+    /// (b) fixed rate: messages per second, all connections together.
+    #[arg(long, default_value_t = 5_000.0, value_name = "MSG_PER_S", value_parser = positive)]
+    pub rate: f64,
+    /// (c) connection setup: connections being set up at once.
+    #[arg(long, default_value_t = 50, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=1_000).map(|n| n as usize))]
+    pub setup_concurrency: usize,
+    /// (d) idle tunnels per proxy (at most 9,900: two descriptors per tunnel, 20,000 per process).
+    #[arg(long, default_value_t = 9_500, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=9_900).map(|n| n as usize))]
+    pub idle: usize,
+    /// Message size in bytes, (a) and (b).
+    #[arg(long, default_value_t = 64, value_name = "BYTES", value_parser = clap::value_parser!(u32).range(16..=65_536).map(|n| n as usize))]
+    pub message_bytes: usize,
+    /// Do not apt-get install haproxy/nginx when missing (skip those targets instead).
+    #[arg(long)]
+    pub no_install: bool,
+    /// Smoke run: one short round, 200 idle tunnels.
+    #[arg(long)]
+    pub quick: bool,
+    /// Write the figures as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Keep the proxies' configuration and logs in DIR.
+    #[arg(long, value_name = "DIR")]
+    pub logs: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct EchoArgs {
+    /// Address to listen on (port 0 = any free port; the ready line says which).
+    #[arg(long, default_value = "127.0.0.1:0", value_name = "ADDR")]
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    /// The worker's job, as JSON (see `bench::worker::WorkerSpec`).
+    #[arg(long, value_name = "JSON")]
+    pub spec: String,
 }
 
 #[derive(Debug, Args)]
@@ -237,11 +372,42 @@ mod tests {
 
     #[test]
     fn planned_subcommands_accept_their_flags() {
+        assert!(Cli::try_parse_from(["tether", "compare", "--quick", "--out", "d"]).is_ok());
+    }
+
+    #[test]
+    fn bench_flags_parse_and_bad_values_are_usage_errors() {
+        let fanout = Cli::try_parse_from(["tether", "bench", "fanout", "--rooms", "10", "--rates", "100,200.5,400"]);
+        match fanout.map(|c| c.command) {
+            Ok(Command::Bench(BenchArgs { kind: BenchKind::Fanout(a) })) => assert_eq!(a.rates, [100.0, 200.5, 400.0]),
+            other => panic!("{other:?}"),
+        }
         for argv in [
-            &["tether", "compare", "--quick", "--out", "d"][..],
-            &["tether", "bench", "fanout", "--rooms", "10", "--whatever"],
+            &[
+                "tether",
+                "bench",
+                "idle",
+                "--clients",
+                "100000",
+                "--through-balancer",
+                "--nodes",
+                "6",
+                "--balancers",
+                "12",
+            ][..],
+            &["tether", "bench", "idle", "--quick"],
+            &["tether", "bench", "proxies", "--quick", "--targets", "direct,balancer"],
+            &["tether", "bench", "echo-backend", "--listen", "127.0.0.1:0"],
         ] {
             assert!(Cli::try_parse_from(argv).is_ok(), "{argv:?}");
+        }
+        for argv in [
+            &["tether", "bench", "idle", "--clients", "0"][..],
+            &["tether", "bench", "fanout", "--rates", "100,0"],
+            &["tether", "bench", "proxies", "--idle", "10000"],
+            &["tether", "bench", "fanout", "--whatever"],
+        ] {
+            assert!(Cli::try_parse_from(argv).is_err(), "{argv:?}");
         }
     }
 }

@@ -7,7 +7,8 @@
 //!   workspace's end-to-end tests;
 //! - [`up`]: `tether up`, a cluster in the foreground until Ctrl-C;
 //! - [`chat`]: `tether chat`, a line-oriented WebSocket client for people and scripts;
-//! - [`bench`]: `tether bench rtt`, round-trip latency through the balancer vs. direct;
+//! - [`bench`]: `tether bench rtt|idle|fanout|proxies`: round-trip latency, memory per idle
+//!   connection, room fan-out, and the balancer against HAProxy and nginx;
 //! - [`chaos`]: `tether chaos`, nodes killed under load, every message accounted for;
 //! - [`args`]: the clap definitions.
 #![deny(unsafe_code)]
@@ -31,9 +32,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Chat(args) => chat::run_stdio(chat::ChatOptions::from(args)).await,
         Command::Bench(bench) => match bench.kind {
             BenchKind::Rtt(args) => bench::rtt::run_cli(args).await,
-            BenchKind::Idle(_) => Ok(not_implemented("bench idle", 6)),
-            BenchKind::Fanout(_) => Ok(not_implemented("bench fanout", 6)),
-            BenchKind::Proxies(_) => Ok(not_implemented("bench proxies", 6)),
+            BenchKind::Idle(args) => bench::idle::run_cli(args).await,
+            BenchKind::Fanout(args) => bench::fanout::run_cli(args).await,
+            BenchKind::Proxies(args) => bench::proxies::run_cli(args).await,
+            BenchKind::EchoBackend(args) => bench::echo::run_cli(args).await,
+            BenchKind::Worker(args) => bench::worker::run_cli(args).await,
         },
         Command::Chaos(args) => chaos::run_cli(args).await,
         Command::Compare(_) => Ok(not_implemented("compare", 5)),

@@ -2,7 +2,405 @@
 //!
 //! - [`rtt`]: one client's message round trip (client → node → Redis → node → client),
 //!   straight to a node and through the balancer, so the balancer's cost is a ratio.
+//! - [`idle`]: memory per idle connection of nodes and balancers, at tens of thousands of
+//!   connections spread over load-generator child processes ([`worker`]).
+//! - [`fanout`]: rooms spread over three nodes behind the balancer, publishers at rising
+//!   rates: delivered frames per second, end-to-end latency, and who runs out of CPU first.
+//! - [`proxies`]: the balancer against HAProxy and nginx (and a direct connection as the
+//!   floor) on the same echo workloads: throughput, latency at a fixed rate, upgrades per
+//!   second, memory per idle tunnel.
 //!
-//! `idle`, `fanout` and `proxies` are planned (issue 6).
+//! Support: [`wsraw`] is the minimal WebSocket codec the load side speaks (cheap enough that
+//! the load generator is not what gets measured); [`echo`] the echo backend of `proxies`;
+//! [`procfs`] reads RSS and CPU time of any process from `/proc`; [`worker`] the
+//! load-generator child (`tether bench worker`, hidden) and its parent-side [`worker::Fleet`].
+//!
+//! Every child process here is started with its stdin piped and exits when that pipe closes,
+//! is killed on drop, and gets `SIGKILL` if the spawning thread dies: a benchmark that fails or
+//! is interrupted leaves nothing behind.
 
+pub mod echo;
+pub mod fanout;
+pub mod idle;
+pub mod procfs;
+pub mod proxies;
 pub mod rtt;
+pub mod worker;
+pub mod wsraw;
+
+use anyhow::{anyhow, bail, Context, Result};
+use hdrhistogram::Histogram;
+use serde::Serialize;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::net::TcpStream;
+use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+
+use crate::cluster::ReadyLine;
+
+/// The hard limit on open files of one process on the machines we measure on. Every process
+/// that holds connections is sized to stay under it.
+pub const FD_LIMIT: usize = 20_000;
+/// Most connections one load-generator child holds (one descriptor each, plus a few).
+pub const MAX_PER_WORKER: usize = 9_000;
+/// Most tunnels one proxy process can hold: two descriptors each, plus listeners and logs.
+pub const MAX_TUNNELS_PER_PROXY: usize = 9_900;
+/// Connections sharing one 127.0.0.x source address (its ephemeral ports run out near 28,000).
+pub const CONNECTIONS_PER_SOURCE: usize = 2_000;
+
+/// The `tether` executable to re-run as a worker or echo backend: this one if it is `tether`,
+/// else the one [`crate::cluster::bin_path`] finds (tests run from their own binary).
+pub fn tether_exe() -> Result<PathBuf> {
+    if let Ok(exe) = std::env::current_exe() {
+        if exe.file_name().is_some_and(|n| n == "tether") {
+            return Ok(exe);
+        }
+    }
+    crate::cluster::bin_path("tether")
+}
+
+/// `127.0.0.2 ..`: source addresses for `count` connections of load generator `worker`,
+/// disjoint between workers so that their ephemeral ports never collide.
+pub fn source_addrs(worker: usize, count: usize) -> Vec<IpAddr> {
+    let n = count.div_ceil(CONNECTIONS_PER_SOURCE).max(1);
+    (0..n)
+        .map(|k| {
+            // 127.0.(10 + worker).(1 + k): clear of 127.0.0.1, where the servers listen.
+            let third = 10 + (worker % 200) as u8;
+            IpAddr::V4(Ipv4Addr::new(127, 0, third, 1 + (k % 250) as u8))
+        })
+        .collect()
+}
+
+/// Splits `total` connections into runs of at most `max` for the workers: `(first, count)`.
+pub fn split(total: usize, max: usize) -> Vec<(usize, usize)> {
+    let parts = total.div_ceil(max.max(1)).max(1);
+    let base = total / parts;
+    let extra = total % parts;
+    let mut first = 0;
+    (0..parts)
+        .map(|i| {
+            let count = base + usize::from(i < extra);
+            let run = (first, count);
+            first += count;
+            run
+        })
+        .collect()
+}
+
+/// A child process of a benchmark: killed on drop, stdin held open (our children exit when it
+/// closes), stdout handed over as lines after the ready line.
+#[derive(Debug)]
+pub struct ChildProc {
+    pub label: String,
+    pub child: Child,
+    pub pid: u32,
+    pub stdin: Option<ChildStdin>,
+    pub stdout: Option<Lines<BufReader<ChildStdout>>>,
+}
+
+impl ChildProc {
+    /// Spawns `cmd` in its own process group, stdin and stdout piped, killed on drop.
+    pub fn spawn(label: &str, mut cmd: Command) -> Result<Self> {
+        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).kill_on_drop(true).process_group(0);
+        set_parent_death_signal(&mut cmd);
+        let program = cmd.as_std().get_program().to_string_lossy().into_owned();
+        let mut child = cmd.spawn().with_context(|| format!("{label}: spawning {program}"))?;
+        let pid = child.id().ok_or_else(|| anyhow!("{label}: exited before its pid was known"))?;
+        let stdin = child.stdin.take();
+        let stdout = child.stdout.take().map(|s| BufReader::new(s).lines());
+        Ok(Self { label: label.to_owned(), child, pid, stdin, stdout })
+    }
+
+    /// Reads stdout lines until `program`'s ready line (see [`ReadyLine`]), for up to `within`.
+    pub async fn ready_line(&mut self, program: &str, within: Duration) -> Result<ReadyLine> {
+        let lines = self.stdout.as_mut().ok_or_else(|| anyhow!("{}: stdout is not piped", self.label))?;
+        let mut seen = Vec::new();
+        let found = tokio::time::timeout(within, async {
+            while let Some(line) = lines.next_line().await? {
+                if let Some(ready) = ReadyLine::parse(&line, program) {
+                    return Ok(Some(ready));
+                }
+                seen.push(line);
+            }
+            Ok::<_, std::io::Error>(None)
+        })
+        .await;
+        match found {
+            Ok(Ok(Some(ready))) => Ok(ready),
+            Ok(Ok(None)) => {
+                let status = self.child.wait().await.map(|s| s.to_string()).unwrap_or_default();
+                bail!("{} exited before it was ready ({status}); stdout: {seen:?}", self.label)
+            }
+            Ok(Err(e)) => Err(anyhow!(e).context(format!("{}: reading stdout", self.label))),
+            Err(_) => bail!("{} printed no ready line within {within:?}; stdout: {seen:?}", self.label),
+        }
+    }
+
+    /// Keeps draining stdout in the background so the child never blocks on a full pipe.
+    pub fn drain_stdout(&mut self) {
+        if let Some(mut lines) = self.stdout.take() {
+            tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        }
+    }
+
+    /// Closes stdin (our children then exit), waits up to `within`, kills after that.
+    pub async fn stop(&mut self, within: Duration) {
+        self.stdin.take();
+        if tokio::time::timeout(within, self.child.wait()).await.is_err() {
+            let _ = self.child.kill().await;
+        }
+    }
+}
+
+#[cfg(target_os = "linux")]
+#[allow(unsafe_code)]
+fn set_parent_death_signal(cmd: &mut Command) {
+    // SAFETY: the closure runs in the forked child before `exec`; it only calls `prctl`, which
+    // is async-signal-safe, and touches no memory shared with the parent.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(std::io::Error::from)
+        });
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn set_parent_death_signal(_cmd: &mut Command) {}
+
+/// `GET path` over HTTP/1.0 from `addr`; the body, if the status is 200.
+pub async fn http_get(addr: SocketAddr, path: &str) -> Result<String> {
+    let get = async {
+        let mut s = TcpStream::connect(addr).await?;
+        s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes()).await?;
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw).await?;
+        Ok::<_, std::io::Error>(raw)
+    };
+    let raw = tokio::time::timeout(Duration::from_secs(5), get)
+        .await
+        .map_err(|_| anyhow!("GET http://{addr}{path}: no answer within 5 s"))?
+        .with_context(|| format!("GET http://{addr}{path}"))?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| anyhow!("GET http://{addr}{path}: no header end"))?;
+    if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
+        bail!("GET http://{addr}{path}: {}", head.lines().next().unwrap_or(""));
+    }
+    Ok(body.to_owned())
+}
+
+/// Sum of every sample of metric `name` (all label sets) in a Prometheus text exposition.
+pub fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let rest = l.strip_prefix(name)?;
+            let rest = match rest.as_bytes().first() {
+                Some(b'{') => &rest[rest.find('}')? + 1..],
+                Some(b' ') => rest,
+                _ => return None,
+            };
+            rest.split_whitespace().next()?.parse::<f64>().ok()
+        })
+        .sum()
+}
+
+/// A latency histogram many tasks record into with one atomic add: exact below 128, then 64
+/// buckets per power of two (values within 1.6 %), in microseconds up to 2^42.
+#[derive(Debug)]
+pub struct AtomicHist {
+    buckets: Vec<AtomicU64>,
+}
+
+/// Buckets per power of two.
+const HALF: u64 = 64;
+/// Powers of two above 128 that get buckets.
+const SHIFTS: u64 = 36;
+const BUCKETS: u64 = 2 * HALF + SHIFTS * HALF;
+
+impl Default for AtomicHist {
+    fn default() -> Self {
+        Self { buckets: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect() }
+    }
+}
+
+impl AtomicHist {
+    fn index(v: u64) -> usize {
+        if v < 2 * HALF {
+            return v as usize;
+        }
+        // v = top << shift with top in [64, 128).
+        let shift = u64::from(63 - v.leading_zeros()) - 6;
+        let top = v >> shift;
+        (2 * HALF + (shift - 1) * HALF + (top - HALF)).min(BUCKETS - 1) as usize
+    }
+
+    /// The lowest value of bucket `i`.
+    fn value(i: usize) -> u64 {
+        let i = i as u64;
+        if i < 2 * HALF {
+            return i;
+        }
+        let k = i - 2 * HALF;
+        (k % HALF + HALF) << (k / HALF + 1)
+    }
+
+    pub fn record(&self, v: u64) {
+        self.buckets[Self::index(v)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Non-empty buckets as `(value, count)`, zeroing them when `reset`.
+    pub fn snapshot(&self, reset: bool) -> Vec<(u64, u64)> {
+        self.buckets
+            .iter()
+            .enumerate()
+            .filter_map(|(i, b)| {
+                let n = if reset { b.swap(0, Ordering::Relaxed) } else { b.load(Ordering::Relaxed) };
+                (n > 0).then(|| (Self::value(i), n))
+            })
+            .collect()
+    }
+}
+
+/// A fresh HDR histogram for microseconds (1 µs … 10 min, 3 significant digits).
+pub fn new_histogram() -> Result<Histogram<u64>> {
+    Histogram::new_with_bounds(1, 600_000_000, 3).map_err(|e| anyhow!("histogram: {e}"))
+}
+
+/// Adds `(value, count)` pairs (from [`AtomicHist::snapshot`]) to `h`.
+pub fn add_pairs(h: &mut Histogram<u64>, pairs: &[(u64, u64)]) {
+    for &(v, n) in pairs {
+        let _ = h.record_n(v.max(1), n);
+    }
+}
+
+/// p50/p99/p99.9/max of a histogram, in microseconds.
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct Latency {
+    pub samples: u64,
+    pub p50_us: u64,
+    pub p99_us: u64,
+    pub p999_us: u64,
+    pub max_us: u64,
+}
+
+impl Latency {
+    pub fn of(h: &Histogram<u64>) -> Self {
+        if h.is_empty() {
+            return Self::default();
+        }
+        Self {
+            samples: h.len(),
+            p50_us: h.value_at_quantile(0.50),
+            p99_us: h.value_at_quantile(0.99),
+            p999_us: h.value_at_quantile(0.999),
+            max_us: h.max(),
+        }
+    }
+}
+
+/// The median of `xs` (mean of the middle two for an even count); `None` when empty.
+pub fn median(xs: &[f64]) -> Option<f64> {
+    let mut v: Vec<f64> = xs.iter().copied().filter(|x| x.is_finite()).collect();
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_by(f64::total_cmp);
+    let m = v.len() / 2;
+    Some(if v.len() % 2 == 1 { v[m] } else { (v[m - 1] + v[m]) / 2.0 })
+}
+
+/// Microseconds since the Unix epoch (the clock every process on the machine shares).
+pub fn unix_micros() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
+}
+
+/// Writes a temporary file with `text` into `dir` and returns its path.
+pub fn write_file(dir: &Path, name: &str, text: &str) -> Result<PathBuf> {
+    let path = dir.join(name);
+    std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+    Ok(path)
+}
+
+/// Whether `program --help` mentions `flag` (how the tools find out what a binary supports).
+pub async fn supports_flag(program: &Path, flag: &str) -> bool {
+    let out = tokio::time::timeout(Duration::from_secs(5), Command::new(program).arg("--help").output()).await;
+    matches!(out, Ok(Ok(o)) if String::from_utf8_lossy(&o.stdout).contains(flag))
+}
+
+/// A frame text carrying the send time: `t=MICROS;` padded with `x` to `len` bytes.
+pub fn stamped_text(len: usize) -> String {
+    let mut s = format!("t={};", unix_micros());
+    while s.len() < len {
+        s.push('x');
+    }
+    s
+}
+
+/// The send time in a frame carrying `"text":"t=MICROS;…"`.
+pub fn stamp_in(frame: &[u8]) -> Option<u64> {
+    let at = wsraw::find(frame, b"\"text\":\"t=")? + 10;
+    let digits = frame[at..].iter().take_while(|b| b.is_ascii_digit()).count();
+    std::str::from_utf8(&frame[at..at + digits]).ok()?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_stay_within_two_percent() {
+        for v in [0u64, 1, 63, 64, 65, 100, 127, 128, 1000, 4097, 123_456, 9_999_999] {
+            let low = AtomicHist::value(AtomicHist::index(v));
+            assert!(low <= v, "{v} → bucket low {low}");
+            assert!(v - low <= v / 64 + 1, "{v} → bucket low {low}");
+        }
+        let h = AtomicHist::default();
+        h.record(100);
+        h.record(100);
+        h.record(5000);
+        let snap = h.snapshot(true);
+        assert_eq!(snap.iter().map(|p| p.1).sum::<u64>(), 3);
+        assert!(h.snapshot(false).is_empty(), "reset");
+    }
+
+    #[test]
+    fn splits_cover_everything_in_fair_runs() {
+        assert_eq!(split(19_000, 9_000), vec![(0, 6334), (6334, 6333), (12667, 6333)]);
+        assert_eq!(split(10, 9_000), vec![(0, 10)]);
+        assert_eq!(split(0, 9_000), vec![(0, 0)]);
+        let s = split(100_000, MAX_PER_WORKER);
+        assert_eq!(s.iter().map(|r| r.1).sum::<usize>(), 100_000);
+        assert!(s.iter().all(|r| r.1 <= MAX_PER_WORKER));
+    }
+
+    #[test]
+    fn metrics_are_summed_over_labels() {
+        let text = "# HELP x\nfoo_total{node=\"a\"} 3\nfoo_total{node=\"b\"} 4.5\nfoo_totally 9\nfoo 1\n";
+        assert_eq!(metric_sum(text, "foo_total"), 7.5);
+        assert_eq!(metric_sum(text, "foo"), 1.0);
+    }
+
+    #[test]
+    fn stamps_round_trip_through_a_message_frame() {
+        let text = stamped_text(64);
+        assert_eq!(text.len(), 64);
+        let frame = format!(r#"{{"type":"message","room":"r","text":"{text}","seq":1}}"#);
+        let t = stamp_in(frame.as_bytes()).expect("stamp");
+        assert!(unix_micros() >= t);
+        assert_eq!(median(&[3.0, 1.0, 2.0]), Some(2.0));
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), Some(2.5));
+    }
+
+    #[test]
+    fn workers_get_disjoint_sources() {
+        let a = source_addrs(0, 9_000);
+        let b = source_addrs(1, 9_000);
+        assert_eq!(a.len(), 5);
+        assert!(a.iter().all(|x| !b.contains(x)));
+    }
+}
