@@ -49,7 +49,7 @@ pub async fn probe(node: &Node, timeout: Duration) -> Probe {
         Ok(Ok(status)) if status == StatusCode::OK => Probe::Ready,
         Ok(Ok(status)) => Probe::Unready(status.as_u16()),
         Ok(Err(why)) => Probe::Failed(why),
-        Err(_) => Probe::Failed(format!("probe timed out after {} ms", timeout.as_millis())),
+        Err(_) => Probe::TimedOut(format!("probe timed out after {} ms", timeout.as_millis())),
     }
 }
 

@@ -58,8 +58,12 @@ pub enum Probe {
     Ready,
     /// Answered with another status.
     Unready(u16),
-    /// Refused, timed out, or did not speak HTTP.
+    /// Refused, reset, or did not speak HTTP: the node is gone.
     Failed(String),
+    /// No answer within the timeout: the node is gone *or only overloaded*. It goes down for
+    /// routing all the same, but its open tunnels are left alone (an overloaded node whose
+    /// accept queue is full must not lose its thousands of live clients on top of it).
+    TimedOut(String),
 }
 
 /// The health state machine, free of clocks and I/O: the state after `probe`, given the
@@ -70,7 +74,7 @@ pub enum Probe {
 /// its `/readyz` answer.
 pub fn next_health(current: Health, streak: u32, probe: &Probe, rise: u32) -> (Health, u32) {
     let answered = match probe {
-        Probe::Failed(_) => return (Health::Down, 0),
+        Probe::Failed(_) | Probe::TimedOut(_) => return (Health::Down, 0),
         Probe::Ready => Health::Up,
         Probe::Unready(_) => Health::Unready,
     };
@@ -102,6 +106,9 @@ pub struct Node {
     /// Cancelled (and replaced by a fresh token) when the node goes down; each tunnel holds the
     /// token current when it connected.
     down_signal: ArcSwap<CancellationToken>,
+    /// Whether the current `down` period has fired `down_signal` (a definitive failure); a
+    /// down by timeout alone has not, and a later definitive failure still fires it.
+    tunnels_cut: AtomicBool,
     /// Cancelled (and replaced) when an operator drains the node; like `down_signal`, each
     /// tunnel holds the token current when it connected.
     drain_signal: ArcSwap<CancellationToken>,
@@ -122,6 +129,7 @@ impl Node {
             draining: AtomicBool::new(false),
             transition: Mutex::new(0),
             down_signal: ArcSwap::from_pointee(CancellationToken::new()),
+            tunnels_cut: AtomicBool::new(false),
             drain_signal: ArcSwap::from_pointee(CancellationToken::new()),
             metrics,
         }
@@ -156,11 +164,20 @@ impl Node {
         CancellationToken::clone(&self.drain_signal.load())
     }
 
-    /// Records a failed connect: the node is down from now on, until probes bring it back.
+    /// Records a refused or failed connect: the node is down from now on, until probes bring
+    /// it back, and its open tunnels are closed.
     pub fn mark_down(&self, reason: &str) {
         let mut streak = self.transition.lock().unwrap_or_else(PoisonError::into_inner);
         *streak = 0;
-        self.set_health(Health::Down, reason);
+        self.set_health(Health::Down, reason, true);
+    }
+
+    /// Records a connect that timed out: down for routing, but open tunnels are kept — the
+    /// node may only be overloaded (see [`Probe::TimedOut`]).
+    pub fn mark_suspect(&self, reason: &str) {
+        let mut streak = self.transition.lock().unwrap_or_else(PoisonError::into_inner);
+        *streak = 0;
+        self.set_health(Health::Down, reason, false);
     }
 
     /// Feeds one probe result into the state machine.
@@ -168,7 +185,7 @@ impl Node {
         let result = match probe {
             Probe::Ready => CheckResult::ready,
             Probe::Unready(_) => CheckResult::unready,
-            Probe::Failed(_) => CheckResult::failed,
+            Probe::Failed(_) | Probe::TimedOut(_) => CheckResult::failed,
         };
         self.metrics.checks[result as usize].inc();
         let mut streak = self.transition.lock().unwrap_or_else(PoisonError::into_inner);
@@ -177,15 +194,21 @@ impl Node {
         let reason = match probe {
             Probe::Ready => "readyz answered 200".to_owned(),
             Probe::Unready(code) => format!("readyz answered {code}"),
-            Probe::Failed(why) => why.clone(),
+            Probe::Failed(why) | Probe::TimedOut(why) => why.clone(),
         };
-        self.set_health(next, &reason);
+        self.set_health(next, &reason, !matches!(probe, Probe::TimedOut(_)));
     }
 
-    /// Sets the health; logs and fires the down signal only on a flip. Called with
-    /// `transition` held.
-    fn set_health(&self, next: Health, reason: &str) {
+    /// Sets the health; logs only on a flip. A definitive `down` (`cut_tunnels`) fires the
+    /// down signal once per down period. Called with `transition` held.
+    fn set_health(&self, next: Health, reason: &str, cut_tunnels: bool) {
         let prev = Health::from_u8(self.health.swap(next as u8, Ordering::AcqRel));
+        if next != Health::Down {
+            self.tunnels_cut.store(false, Ordering::Release);
+        } else if cut_tunnels && !self.tunnels_cut.swap(true, Ordering::AcqRel) {
+            let old = self.down_signal.swap(Arc::new(CancellationToken::new()));
+            old.cancel();
+        }
         if prev == next {
             return;
         }
@@ -194,9 +217,8 @@ impl Node {
         self.metrics.ready.set(i64::from(next == Health::Up));
         match next {
             Health::Down => {
-                warn!(node = %self.name, addr = %self.addr, from = prev.as_str(), reason, "node down");
-                let old = self.down_signal.swap(Arc::new(CancellationToken::new()));
-                old.cancel();
+                let tunnels = if cut_tunnels { "closed" } else { "kept (it may only be slow)" };
+                warn!(node = %self.name, addr = %self.addr, from = prev.as_str(), reason, tunnels, "node down");
             }
             Health::Unready => {
                 warn!(node = %self.name, from = prev.as_str(), reason, "node unready");
@@ -370,6 +392,29 @@ mod tests {
         assert!(!second.is_cancelled(), "no flip, no signal");
         assert_eq!(node.metrics.state_changes.get(), 2);
         assert_eq!(node.metrics.up.get(), 0);
+    }
+
+    #[test]
+    fn a_timeout_takes_a_node_out_of_routing_but_keeps_its_tunnels() {
+        let pool = pool(1);
+        let node = pool.get(0);
+        let open = node.down_signal();
+        node.mark_suspect("connect timed out");
+        assert_eq!(node.health(), Health::Down);
+        assert_eq!(pool.pick("anyone"), None, "no new clients while it does not answer");
+        node.apply_probe(&Probe::TimedOut("probe timed out".into()), 2);
+        assert!(!open.is_cancelled(), "an overloaded node keeps its live clients");
+        // Proof that it is gone (a refused connect) closes them, once.
+        node.mark_down("refused");
+        assert!(open.is_cancelled());
+        let next = node.down_signal();
+        node.apply_probe(&Probe::Failed("refused".into()), 2);
+        assert!(!next.is_cancelled());
+        // Back up, then a timeout again: still no cut.
+        node.apply_probe(&Probe::Ready, 1);
+        assert_eq!(node.health(), Health::Up);
+        node.apply_probe(&Probe::TimedOut("probe timed out".into()), 2);
+        assert!(!next.is_cancelled());
     }
 
     #[test]

@@ -253,7 +253,10 @@ async fn connect_ranked(shared: &Shared, id: &str) -> Option<Upstream> {
             Err(e) => {
                 node.metrics.connect_failures.inc();
                 debug!(error = %e, "upstream connect failed; trying the next node");
-                node.mark_down(&e.to_string());
+                match e {
+                    Error::NodeConnectTimeout { .. } => node.mark_suspect(&e.to_string()),
+                    _ => node.mark_down(&e.to_string()),
+                }
             }
         }
     }
