@@ -251,7 +251,9 @@ fn upgrade(mut req: Request<Incoming>, peer: SocketAddr, state: Arc<NodeState>) 
             Ok(upgraded) => {
                 let io = TokioIo::new(upgraded);
                 let ws_config = task_state.ws_config;
-                let ws = WebSocketStream::from_raw_socket(io, Role::Server, Some(ws_config)).await;
+                // Boxed: this await's state would otherwise size the connection's task for
+                // its whole life.
+                let ws = Box::pin(WebSocketStream::from_raw_socket(io, Role::Server, Some(ws_config))).await;
                 session::run(ws, client_id, peer.to_string(), task_state).await;
             }
             Err(e) => debug!(%peer, error = %e, "upgrade failed"),

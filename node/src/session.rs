@@ -40,8 +40,30 @@ use tracing::{debug, debug_span, Instrument};
 pub const CLOSE_DEADLINE: Duration = Duration::from_secs(5);
 
 /// Serves one upgraded connection until it ends; then leaves every room it was in.
-pub async fn run<S>(ws: WebSocketStream<S>, client_id: String, peer: String, state: Arc<NodeState>)
+///
+/// Not an `async fn`: an async fn's future keeps room for its arguments for its whole life,
+/// and a `WebSocketStream` is large. Splitting it first leaves two pointers in the future that
+/// every idle connection keeps.
+pub fn run<S>(
+    ws: WebSocketStream<S>,
+    client_id: String,
+    peer: String,
+    state: Arc<NodeState>,
+) -> impl std::future::Future<Output = ()> + Send
 where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (sink, stream) = ws.split();
+    serve(sink, stream, client_id, peer, state)
+}
+
+async fn serve<S>(
+    sink: futures_util::stream::SplitSink<WebSocketStream<S>, Message>,
+    stream: futures_util::stream::SplitStream<WebSocketStream<S>>,
+    client_id: String,
+    peer: String,
+    state: Arc<NodeState>,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let conn = state.hub.next_conn_id();
@@ -51,7 +73,6 @@ where
     async move {
         state.metrics.connections_active.inc();
         state.metrics.connections_total.inc();
-        let (sink, stream) = ws.split();
         let (tx, rx) = mpsc::channel(state.cfg.send_queue_len);
         let kick = CancellationToken::new();
         let budget = Budget::new(state.cfg.send_queue_bytes);
