@@ -160,12 +160,7 @@ pub async fn run_cli(args: ChaosArgs) -> Result<i32> {
         return Ok(2);
     }
     let report = run(opts).await?;
-    println!("{}", report.table());
-    if let Some(path) = json {
-        let text = serde_json::to_string_pretty(&report).context("encoding the report")?;
-        std::fs::write(&path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
-        println!("figures written to {}", path.display());
-    }
+    crate::bench::print_report(&format!("{}\n", report.table()), &report, json.as_deref())?;
     if report.passed() {
         println!("PASS: nothing lost, nothing duplicated");
         Ok(0)

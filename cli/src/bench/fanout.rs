@@ -221,12 +221,7 @@ pub async fn run_cli(args: FanoutArgs) -> Result<i32> {
     let mut stdout = std::io::stdout();
     let report = run(&opts, &mut stdout).await?;
     println!();
-    print!("{}", report.table());
-    if let Some(path) = json {
-        std::fs::write(&path, serde_json::to_string_pretty(&report)? + "\n")
-            .with_context(|| format!("writing {}", path.display()))?;
-        println!("figures written to {}", path.display());
-    }
+    super::print_report(&report.table(), &report, json.as_deref())?;
     Ok(0)
 }
 

@@ -319,6 +319,18 @@ pub fn unix_micros() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as u64).unwrap_or(0)
 }
 
+/// Prints a run's table to stdout and, with `--json FILE`, writes its figures there: the
+/// common ending of every `tether bench` and of `tether chaos`.
+pub fn print_report(table: &str, report: &impl Serialize, json: Option<&Path>) -> Result<()> {
+    print!("{table}");
+    if let Some(path) = json {
+        let text = serde_json::to_string_pretty(report).context("encoding the report")?;
+        std::fs::write(path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
+        println!("figures written to {}", path.display());
+    }
+    Ok(())
+}
+
 /// Writes a temporary file with `text` into `dir` and returns its path.
 pub fn write_file(dir: &Path, name: &str, text: &str) -> Result<PathBuf> {
     let path = dir.join(name);

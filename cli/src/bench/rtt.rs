@@ -165,12 +165,7 @@ pub async fn run_cli(args: RttArgs) -> Result<i32> {
     let mut stdout = std::io::stdout();
     let report = run(&opts, &mut stdout).await?;
     println!();
-    print!("{}", report.table());
-    if let Some(path) = json_path {
-        let text = serde_json::to_string_pretty(&report).context("encoding the report")?;
-        std::fs::write(&path, text + "\n").with_context(|| format!("writing {}", path.display()))?;
-        println!("figures written to {}", path.display());
-    }
+    super::print_report(&report.table(), &report, json_path.as_deref())?;
     Ok(0)
 }
 
