@@ -51,6 +51,9 @@ pub struct UpArgs {
     /// Seconds each process gets to exit after SIGTERM before SIGKILL.
     #[arg(long, default_value_t = 5.0, value_name = "SECS")]
     pub grace: f64,
+    /// Start a private nats-server and run the nodes on the NATS backbone.
+    #[arg(long)]
+    pub nats: bool,
     /// Extra argument for every node (repeatable), e.g. `--node-arg=--backbone=none`.
     #[arg(long = "node-arg", value_name = "ARG", allow_hyphen_values = true)]
     pub node_args: Vec<String>,

@@ -64,6 +64,8 @@ const REDIS_PORT_ATTEMPTS: usize = 5;
 const POLL_EVERY: Duration = Duration::from_millis(20);
 /// The port a developer's own Redis listens on: never ours to use.
 const SHARED_REDIS_PORT: u16 = 6379;
+/// The port the machine's own NATS listens on: never ours to use.
+const SHARED_NATS_PORT: u16 = 4222;
 
 /// Finds a workspace binary such as [`NODE_BIN`].
 ///
@@ -628,6 +630,154 @@ fn log_tail(path: &Path) -> String {
     }
 }
 
+/// A private `nats-server` with JetStream on a free port, its store in a temporary directory,
+/// killed on drop. Never the shared one on 4222.
+#[derive(Debug)]
+pub struct NatsServer {
+    // Before `dir`: the process dies before its store is removed.
+    proc: Option<Owned>,
+    port: u16,
+    program: PathBuf,
+    logfile: PathBuf,
+    /// The `server_name` it was given: how a readiness probe knows it reached *this* server.
+    server_name: String,
+    dir: tempfile::TempDir,
+}
+
+impl NatsServer {
+    /// Starts one, logging into its temporary directory (or to `logfile`).
+    pub async fn start_with(logfile: Option<PathBuf>) -> Result<Self> {
+        let program = find_on_path("nats-server").ok_or_else(|| {
+            anyhow!(
+                "nats-server not found on PATH; install it with `scripts/deps.sh` \
+                 or `apt-get install nats-server`"
+            )
+        })?;
+        let dir =
+            tempfile::Builder::new().prefix("tether-nats-").tempdir().context("creating a directory for nats-server")?;
+        let logfile = logfile.unwrap_or_else(|| dir.path().join("nats.log"));
+        let mut last_err = anyhow!("no usable port found");
+        for attempt in 0..REDIS_PORT_ATTEMPTS {
+            let port = free_port()?;
+            if port == SHARED_NATS_PORT {
+                continue;
+            }
+            let server_name = format!("tether-test-{}-{port}-{attempt}", std::process::id());
+            match spawn_nats(&program, port, &server_name, dir.path(), &logfile).await {
+                Ok(proc) => return Ok(Self { proc: Some(proc), port, program, logfile, server_name, dir }),
+                Err(RedisStartError::ExitedEarly(e)) => {
+                    tracing::debug!(port, error = %e, "nats-server exited at once; trying another port");
+                    last_err = e;
+                }
+                Err(RedisStartError::Fatal(e)) => return Err(e),
+            }
+        }
+        Err(last_err.context(format!("nats-server did not start on any of {REDIS_PORT_ATTEMPTS} free ports")))
+    }
+
+    /// Starts one, logging into its temporary directory.
+    pub async fn start() -> Result<Self> {
+        Self::start_with(None).await
+    }
+
+    /// Its port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `nats://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Its pid, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.as_ref().filter(|p| p.status.is_none()).map(|p| p.pid)
+    }
+
+    /// Where its log goes.
+    pub fn logfile(&self) -> &Path {
+        &self.logfile
+    }
+
+    /// `SIGKILL`s it and waits until it is gone (no-op if it is not running).
+    pub async fn kill(&mut self) -> Result<()> {
+        if let Some(proc) = self.proc.as_mut() {
+            proc.kill().await?;
+        }
+        Ok(())
+    }
+
+    /// Starts it again on the same port (killing the running one first), with the same store
+    /// directory. Fails if another process took the port meanwhile.
+    pub async fn restart(&mut self) -> Result<()> {
+        self.kill().await?;
+        self.proc = None;
+        let proc = spawn_nats(&self.program, self.port, &self.server_name, self.dir.path(), &self.logfile)
+            .await
+            .map_err(|(RedisStartError::ExitedEarly(e) | RedisStartError::Fatal(e))| {
+                e.context(format!("restarting nats-server on port {}", self.port))
+            })?;
+        self.proc = Some(proc);
+        Ok(())
+    }
+}
+
+/// Runs `nats-server -js` on `port` and waits until its INFO line names `server_name` and
+/// says JetStream is on.
+async fn spawn_nats(
+    program: &Path,
+    port: u16,
+    server_name: &str,
+    dir: &Path,
+    logfile: &Path,
+) -> Result<Owned, RedisStartError> {
+    let mut cmd = Command::new(program);
+    cmd.args(["-a", "127.0.0.1", "-p", &port.to_string(), "-n", server_name, "-js", "-sd"])
+        .arg(dir.join("jetstream"))
+        .arg("-l")
+        .arg(logfile)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let mut proc = Owned::spawn("nats", cmd).map_err(RedisStartError::Fatal)?;
+    let deadline = Instant::now() + REDIS_READY_TIMEOUT;
+    loop {
+        if let Some(status) = proc.try_status().map_err(RedisStartError::Fatal)? {
+            return Err(RedisStartError::ExitedEarly(anyhow!(
+                "nats-server on port {port} exited at once ({status}); {}",
+                log_tail(logfile)
+            )));
+        }
+        if nats_info(port).await.is_some_and(|info| {
+            info.get("server_name").and_then(|v| v.as_str()) == Some(server_name)
+                && info.get("jetstream").and_then(|v| v.as_bool()) == Some(true)
+        }) {
+            return Ok(proc);
+        }
+        if Instant::now() >= deadline {
+            let status = proc.kill().await.map_err(RedisStartError::Fatal)?;
+            return Err(RedisStartError::Fatal(anyhow!(
+                "nats-server on port {port} did not answer within {REDIS_READY_TIMEOUT:?}; \
+                 killed it ({status}); {}",
+                log_tail(logfile)
+            )));
+        }
+        sleep(POLL_EVERY).await;
+    }
+}
+
+/// The JSON of the `INFO` line a NATS server sends first on a new connection.
+async fn nats_info(port: u16) -> Option<serde_json::Value> {
+    let ask = async {
+        let stream = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
+        let mut reader = BufReader::new(stream);
+        let mut line = String::new();
+        reader.read_line(&mut line).await.ok()?;
+        serde_json::from_str(line.trim_end().strip_prefix("INFO ")?).ok()
+    };
+    timeout(Duration::from_secs(1), ask).await.ok().flatten()
+}
+
 /// A running `tether-node`, killed on drop.
 #[derive(Debug)]
 pub struct NodeProcess {
@@ -906,6 +1056,8 @@ pub struct ClusterOptions {
     pub ready_timeout: Duration,
     /// Persistence of the private Redis (ignored with `redis`).
     pub redis_persistence: Persistence,
+    /// Start a private [`NatsServer`] and run the nodes with `--backbone nats --nats URL`.
+    pub nats: bool,
 }
 
 impl Default for ClusterOptions {
@@ -920,6 +1072,7 @@ impl Default for ClusterOptions {
             logs: ClusterLogs::Inherit,
             ready_timeout: DEFAULT_READY_TIMEOUT,
             redis_persistence: Persistence::None,
+            nats: false,
         }
     }
 }
@@ -969,6 +1122,7 @@ pub struct Cluster {
     balancer: BalancerProcess,
     nodes: Vec<NodeProcess>,
     redis: Option<RedisServer>,
+    nats: Option<NatsServer>,
     redis_url: String,
 }
 
@@ -997,11 +1151,24 @@ impl Cluster {
             (None, Some(server)) => server.url(),
             (None, None) => unreachable!("a private Redis is started when none is given"),
         };
+        let mut node_args = opts.node_args.clone();
+        let nats = match opts.nats {
+            false => None,
+            true => {
+                let logfile = match &opts.logs {
+                    ClusterLogs::Dir(dir) => Some(dir.join("nats.log")),
+                    _ => None,
+                };
+                let server = NatsServer::start_with(logfile).await?;
+                node_args.extend(["--backbone".to_owned(), "nats".to_owned(), "--nats".to_owned(), server.url()]);
+                Some(server)
+            }
+        };
         let starts = (1..=opts.nodes).map(|i| {
             let name = format!("node-{i}");
             let spawn = SpawnOptions { stderr: opts.logs.target(&name), ready_timeout: opts.ready_timeout };
             let redis_url = &redis_url;
-            let node_args = &opts.node_args;
+            let node_args = &node_args;
             async move { NodeProcess::start_with(&name, redis_url, node_args, &spawn).await }
         });
         let nodes = try_join_all(starts).await?;
@@ -1020,7 +1187,12 @@ impl Cluster {
         balancer_args.extend(opts.balancer_args.iter().cloned());
         let spawn = SpawnOptions { stderr: opts.logs.target("balancer"), ready_timeout: opts.ready_timeout };
         let balancer = BalancerProcess::start_with(&members, &balancer_args, &spawn).await?;
-        Ok(Self { balancer, nodes, redis, redis_url })
+        Ok(Self { balancer, nodes, redis, nats, redis_url })
+    }
+
+    /// The private NATS server, when the cluster runs on the NATS backbone.
+    pub fn nats(&self) -> Option<&NatsServer> {
+        self.nats.as_ref()
     }
 
     /// The Redis URL every node uses.
@@ -1087,6 +1259,10 @@ impl Cluster {
     fn owned(&mut self) -> Vec<&mut Owned> {
         let mut all = vec![&mut self.balancer.proc];
         all.extend(self.nodes.iter_mut().map(|n| &mut n.proc));
+        // The servers last, Redis at the very end (see `shutdown`).
+        if let Some(proc) = self.nats.as_mut().and_then(|n| n.proc.as_mut()) {
+            all.push(proc);
+        }
         if let Some(proc) = self.redis.as_mut().and_then(RedisServer::owned_mut) {
             all.push(proc);
         }
@@ -1123,12 +1299,13 @@ impl Cluster {
     }
 
     /// Stops everything gracefully: `SIGTERM` to the balancer and the nodes, up to `grace`
-    /// for them to exit, `SIGKILL` for stragglers; then the same for Redis (last, so that the
+    /// for them to exit, `SIGKILL` for stragglers; then the same for Redis and NATS (last, so that the
     /// nodes can still clean up their presence on the way out).
     pub async fn shutdown(&mut self, grace: Duration) -> Result<Vec<StopReport>> {
-        let has_redis = self.redis.as_ref().is_some_and(|r| r.proc.is_some());
+        let servers = usize::from(self.redis.as_ref().is_some_and(|r| r.proc.is_some()))
+            + usize::from(self.nats.as_ref().is_some_and(|n| n.proc.is_some()));
         let mut all = self.owned();
-        let redis = all.split_off(all.len() - usize::from(has_redis));
+        let redis = all.split_off(all.len() - servers);
         let mut reports = stop_gracefully(all, grace).await?;
         reports.extend(stop_gracefully(redis, grace).await?);
         Ok(reports)

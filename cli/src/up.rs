@@ -29,6 +29,8 @@ pub struct UpOptions {
     pub grace: Duration,
     pub node_args: Vec<String>,
     pub balancer_args: Vec<String>,
+    /// Run the nodes on a private nats-server instead of Redis.
+    pub nats: bool,
 }
 
 impl From<UpArgs> for UpOptions {
@@ -43,6 +45,7 @@ impl From<UpArgs> for UpOptions {
             grace: Duration::try_from_secs_f64(a.grace).unwrap_or(Duration::ZERO),
             node_args: a.node_args,
             balancer_args: a.balancer_args,
+            nats: a.nats,
         }
     }
 }
@@ -68,6 +71,7 @@ pub async fn run(opts: UpOptions) -> Result<i32> {
         logs,
         ready_timeout: DEFAULT_READY_TIMEOUT,
         redis_persistence: Default::default(),
+        nats: opts.nats,
     };
     let mut cluster = tokio::select! {
         started = Cluster::start(cluster_opts) => started?,
