@@ -11,6 +11,7 @@ use std::time::Duration;
 
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:9001";
 pub const DEFAULT_REDIS: &str = "redis://127.0.0.1:6379/";
+pub const DEFAULT_NATS: &str = "nats://127.0.0.1:4222";
 pub const DEFAULT_PREFIX: &str = "tether:";
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024;
 pub const DEFAULT_SEND_QUEUE_LEN: usize = 1024;
@@ -37,8 +38,10 @@ pub const SIGNING_KEY_ENV: &str = "TETHER_SIGNING_KEY";
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BackboneKind {
-    /// Redis pub/sub, with seq, logs and (later) sessions and presence in Redis.
+    /// Redis pub/sub, with seq, logs, sessions and presence in Redis.
     Redis,
+    /// NATS: a JetStream stream per room (seq, log, republished live), sessions in a KV bucket.
+    Nats,
     /// Sticky sessions alone: a room reaches only the members on the same node.
     None,
 }
@@ -49,8 +52,8 @@ impl std::str::FromStr for BackboneKind {
         match s {
             "redis" => Ok(Self::Redis),
             "none" => Ok(Self::None),
-            "nats" => Err("backbone `nats` is not implemented yet (planned in issue 5); use redis or none".into()),
-            other => Err(format!("unknown backbone {other:?}; use redis or none")),
+            "nats" => Ok(Self::Nats),
+            other => Err(format!("unknown backbone {other:?}; use redis, nats or none")),
         }
     }
 }
@@ -62,6 +65,7 @@ pub struct FileConfig {
     pub listen: Option<String>,
     pub name: Option<String>,
     pub redis: Option<String>,
+    pub nats: Option<String>,
     pub backbone: Option<BackboneKind>,
     pub prefix: Option<String>,
     pub max_message_bytes: Option<usize>,
@@ -95,6 +99,8 @@ pub struct Config {
     pub name: String,
     /// Redis URL (used by the `redis` backbone).
     pub redis: String,
+    /// NATS URL (used by the `nats` backbone).
+    pub nats: String,
     pub backbone: BackboneKind,
     /// Prefix of every Redis key and channel.
     pub prefix: String,
@@ -179,6 +185,10 @@ impl FileConfig {
         if !(redis.starts_with("redis://") || redis.starts_with("rediss://") || redis.starts_with("unix://")) {
             return Err(invalid("redis", format!("{redis:?} is not a redis:// URL")));
         }
+        let nats = self.nats.unwrap_or_else(|| DEFAULT_NATS.to_string());
+        if !(nats.starts_with("nats://") || nats.starts_with("tls://")) {
+            return Err(invalid("nats", format!("{nats:?} is not a nats:// URL")));
+        }
         let prefix = self.prefix.unwrap_or_else(|| DEFAULT_PREFIX.to_string());
         if prefix.chars().any(|c| c.is_whitespace() || c == '{' || c == '}') {
             return Err(invalid("prefix", "no whitespace or braces (braces are the room hash tag)"));
@@ -227,6 +237,7 @@ impl FileConfig {
             listen,
             name,
             redis,
+            nats,
             backbone: self.backbone.unwrap_or(BackboneKind::Redis),
             prefix,
             max_message_bytes,
@@ -336,6 +347,13 @@ mod tests {
         assert!(err.contains("listen"), "{err}");
         let err = FileConfig::parse("name = \"a b\"", "t").unwrap().validate().unwrap_err().to_string();
         assert!(err.contains("name"), "{err}");
+        let cfg = FileConfig::parse("backbone = \"nats\"\nnats = \"nats://127.0.0.1:4333\"", "t")
+            .unwrap()
+            .validate()
+            .unwrap();
+        assert_eq!((cfg.backbone, cfg.nats.as_str()), (BackboneKind::Nats, "nats://127.0.0.1:4333"));
+        let err = FileConfig { nats: Some("http://x".into()), ..Default::default() }.validate().unwrap_err();
+        assert!(err.to_string().contains("nats"), "{err}");
         let err = FileConfig::parse("backbone = \"kafka\"", "t").unwrap_err().to_string();
         assert!(err.contains("backbone") || err.contains("kafka"), "{err}");
     }

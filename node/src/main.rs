@@ -24,14 +24,14 @@ struct Args {
     /// Redis URL of the backbone.
     #[arg(long)]
     redis: Option<String>,
-    /// Backbone: redis, or none (sticky sessions only).
+    /// Backbone: redis, nats, or none (sticky sessions only).
     #[arg(long)]
     backbone: Option<BackboneKind>,
     /// File holding the key that signs client ids (same key as the balancer's); overrides the
     /// config file and $TETHER_SIGNING_KEY.
     #[arg(long)]
     signing_key_file: Option<PathBuf>,
-    /// NATS URL (the nats backbone is planned in issue 5).
+    /// NATS URL of the `nats` backbone (nats-server with JetStream).
     #[arg(long)]
     nats: Option<String>,
     /// Log format on stderr: text or json. Filter with RUST_LOG.
@@ -52,14 +52,11 @@ fn main() -> ExitCode {
         },
         None => FileConfig::default(),
     };
-    if args.nats.is_some() {
-        eprintln!("tether-node: --nats: the nats backbone is not implemented yet (planned in issue 5)");
-        return ExitCode::from(EXIT_CONFIG);
-    }
     let derived_name = args.name.is_none() && file.name.is_none();
     file.listen = args.listen.or(file.listen);
     file.name = args.name.or(file.name);
     file.redis = args.redis.or(file.redis);
+    file.nats = args.nats.or(file.nats);
     file.backbone = args.backbone.or(file.backbone);
     file.signing_key_file = args.signing_key_file.or(file.signing_key_file);
     let config = match file.validate() {

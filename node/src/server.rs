@@ -4,7 +4,7 @@
 //! Shutdown is one token: the accept loop stops, every session closes its client with 1012
 //! and leaves its rooms, and [`run`] waits for them up to `grace_period`.
 
-use crate::backbone::{local::LocalBackbone, redis::RedisBackbone, Backbone};
+use crate::backbone::{local::LocalBackbone, nats::NatsBackbone, redis::RedisBackbone, Backbone};
 use crate::config::{BackboneKind, Config};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
@@ -59,6 +59,11 @@ pub async fn run(listener: TcpListener, cfg: Config, shutdown: CancellationToken
     let backbone: Arc<dyn Backbone> = match cfg.backbone {
         BackboneKind::Redis => {
             RedisBackbone::start(Arc::clone(&cfg), Arc::clone(&hub), metrics.clone(), backbone_stop.clone())
+                .map_err(|e| NodeError::Backbone(e.to_string()))?
+        }
+        BackboneKind::Nats => {
+            NatsBackbone::start(Arc::clone(&cfg), Arc::clone(&hub), metrics.clone(), backbone_stop.clone())
+                .await
                 .map_err(|e| NodeError::Backbone(e.to_string()))?
         }
         BackboneKind::None => Arc::new(LocalBackbone::new(Arc::clone(&hub), metrics.clone())),

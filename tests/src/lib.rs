@@ -240,6 +240,87 @@ impl Drop for InProcessNode {
     }
 }
 
+/// Which backbone a shared test runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Redis,
+    Nats,
+}
+
+/// A private backbone server (redis-server or nats-server with JetStream) for in-process
+/// nodes, so the same room/session tests run on every backbone that supports the feature.
+pub enum Backend {
+    Redis(cluster::RedisServer),
+    Nats(cluster::NatsServer),
+}
+
+impl Backend {
+    pub async fn start(kind: Kind) -> Result<Self> {
+        Ok(match kind {
+            Kind::Redis => Self::Redis(cluster::RedisServer::start().await?),
+            Kind::Nats => Self::Nats(cluster::NatsServer::start().await?),
+        })
+    }
+
+    pub fn kind(&self) -> Kind {
+        match self {
+            Self::Redis(_) => Kind::Redis,
+            Self::Nats(_) => Kind::Nats,
+        }
+    }
+
+    /// An in-process node on this backbone, with `tweak` applied to its config.
+    pub fn node(&self, name: &str, tweak: impl FnOnce(&mut tether_node::Config)) -> Result<InProcessNode> {
+        match self {
+            Self::Redis(r) => InProcessNode::start(name, &r.url(), tweak),
+            Self::Nats(n) => {
+                let url = n.url();
+                InProcessNode::start(name, "redis://127.0.0.1:1/", move |cfg| {
+                    cfg.backbone = tether_node::config::BackboneKind::Nats;
+                    cfg.nats = url;
+                    tweak(cfg);
+                })
+            }
+        }
+    }
+
+    /// `SIGKILL`s the server.
+    pub async fn kill(&mut self) -> Result<()> {
+        match self {
+            Self::Redis(r) => r.kill().await,
+            Self::Nats(n) => n.kill().await,
+        }
+    }
+
+    /// Starts it again on the same port (empty: neither keeps data across this restart).
+    pub async fn restart(&mut self) -> Result<()> {
+        match self {
+            Self::Redis(r) => r.restart().await,
+            Self::Nats(n) => n.restart().await,
+        }
+    }
+}
+
+/// Defines one `#[tokio::test]` per backbone (`NAME::redis`, `NAME::nats`) calling
+/// `async fn NAME(kind: Kind) -> Result<()>`.
+#[macro_export]
+macro_rules! on_every_backbone {
+    ($($name:ident),+ $(,)?) => {
+        $(
+            mod $name {
+                #[tokio::test]
+                async fn redis() -> anyhow::Result<()> {
+                    super::$name($crate::Kind::Redis).await
+                }
+                #[tokio::test]
+                async fn nats() -> anyhow::Result<()> {
+                    super::$name($crate::Kind::Nats).await
+                }
+            }
+        )+
+    };
+}
+
 /// Polls `check` until it returns `Some`, or fails after `DEADLINE`.
 pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> Result<T>
 where

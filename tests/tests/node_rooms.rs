@@ -4,18 +4,17 @@
 use anyhow::Result;
 use serde_json::{json, Value};
 use tether::cluster::RedisServer;
-use tether_tests::{eventually, http_get, numsub, InProcessNode, WsClient};
+use tether_tests::{eventually, http_get, numsub, Backend, InProcessNode, Kind, WsClient};
 use tokio_tungstenite::tungstenite::Message;
 
 fn messages(c: &WsClient) -> Vec<&Value> {
     c.seen.iter().filter(|v| v["type"] == "message").collect()
 }
 
-#[tokio::test]
-async fn two_nodes_share_a_room_exactly_once_in_seq_order() -> Result<()> {
-    let redis = RedisServer::start().await?;
-    let n1 = InProcessNode::start("node-1", &redis.url(), |_| {})?;
-    let n2 = InProcessNode::start("node-2", &redis.url(), |_| {})?;
+async fn two_nodes_share_a_room_exactly_once_in_seq_order(kind: Kind) -> Result<()> {
+    let backend = Backend::start(kind).await?;
+    let n1 = backend.node("node-1", |_| {})?;
+    let n2 = backend.node("node-2", |_| {})?;
     let (mut alice, hello) = WsClient::connect_ready(&n1.ws_url("alice")).await?;
     assert_eq!(hello["server"], "node-1");
     assert_eq!(hello["id"], "alice");
@@ -103,10 +102,9 @@ async fn expect_error(c: &mut WsClient, frame: &str, code: &str) -> Result<()> {
     Ok(())
 }
 
-#[tokio::test]
-async fn each_bad_input_gets_its_error_code_and_the_connection_keeps_working() -> Result<()> {
-    let redis = RedisServer::start().await?;
-    let n1 = InProcessNode::start("node-1", &redis.url(), |_| {})?;
+async fn each_bad_input_gets_its_error_code_and_the_connection_keeps_working(kind: Kind) -> Result<()> {
+    let backend = Backend::start(kind).await?;
+    let n1 = backend.node("node-1", |_| {})?;
     let (mut c, _) = WsClient::connect_ready(&n1.ws_url("carol")).await?;
     expect_error(&mut c, "{not json", "bad_json").await?;
     expect_error(&mut c, "[1,2,3]", "bad_json").await?;
@@ -129,10 +127,9 @@ async fn each_bad_input_gets_its_error_code_and_the_connection_keeps_working() -
     Ok(())
 }
 
-#[tokio::test]
-async fn an_oversized_frame_closes_with_1009_and_costs_nobody_else() -> Result<()> {
-    let redis = RedisServer::start().await?;
-    let n1 = InProcessNode::start("node-1", &redis.url(), |cfg| cfg.max_message_bytes = 1024)?;
+async fn an_oversized_frame_closes_with_1009_and_costs_nobody_else(kind: Kind) -> Result<()> {
+    let backend = Backend::start(kind).await?;
+    let n1 = backend.node("node-1", |cfg| cfg.max_message_bytes = 1024)?;
     let (mut big, _) = WsClient::connect_ready(&n1.ws_url("big")).await?;
     let (mut other, _) = WsClient::connect_ready(&n1.ws_url("other")).await?;
     other.join("r").await?;
@@ -144,10 +141,9 @@ async fn an_oversized_frame_closes_with_1009_and_costs_nobody_else() -> Result<(
     Ok(())
 }
 
-#[tokio::test]
-async fn node_answers_health_readiness_and_refuses_bad_ids() -> Result<()> {
-    let redis = RedisServer::start().await?;
-    let n1 = InProcessNode::start("node-1", &redis.url(), |_| {})?;
+async fn node_answers_health_readiness_and_refuses_bad_ids(kind: Kind) -> Result<()> {
+    let backend = Backend::start(kind).await?;
+    let n1 = backend.node("node-1", |_| {})?;
     let addr = n1.addr;
     eventually("ready", || async { (http_get(addr, "/readyz").await.ok()?.0 == 200).then_some(()) }).await?;
     assert_eq!(http_get(addr, "/healthz").await?.0, 200);
@@ -163,16 +159,23 @@ async fn node_answers_health_readiness_and_refuses_bad_ids() -> Result<()> {
     Ok(())
 }
 
-#[tokio::test]
-async fn readyz_is_503_while_redis_is_down() -> Result<()> {
-    let mut redis = RedisServer::start().await?;
-    let n1 = InProcessNode::start("node-1", &redis.url(), |_| {})?;
+async fn readyz_is_503_while_the_backbone_is_down(kind: Kind) -> Result<()> {
+    let mut backend = Backend::start(kind).await?;
+    let n1 = backend.node("node-1", |_| {})?;
     let addr = n1.addr;
     eventually("ready", || async { (http_get(addr, "/readyz").await.ok()?.0 == 200).then_some(()) }).await?;
-    redis.kill().await?;
+    backend.kill().await?;
     eventually("unready", || async { (http_get(addr, "/readyz").await.ok()?.0 == 503).then_some(()) }).await?;
     assert_eq!(http_get(addr, "/healthz").await?.0, 200, "alive while unready");
-    redis.restart().await?;
+    backend.restart().await?;
     eventually("ready again", || async { (http_get(addr, "/readyz").await.ok()?.0 == 200).then_some(()) }).await?;
     Ok(())
 }
+
+tether_tests::on_every_backbone!(
+    two_nodes_share_a_room_exactly_once_in_seq_order,
+    each_bad_input_gets_its_error_code_and_the_connection_keeps_working,
+    an_oversized_frame_closes_with_1009_and_costs_nobody_else,
+    node_answers_health_readiness_and_refuses_bad_ids,
+    readyz_is_503_while_the_backbone_is_down,
+);

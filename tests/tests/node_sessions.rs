@@ -4,7 +4,7 @@
 use anyhow::{Context, Result};
 use serde_json::{json, Value};
 use tether::cluster::RedisServer;
-use tether_tests::{InProcessNode, WsClient};
+use tether_tests::{Backend, InProcessNode, Kind, WsClient};
 
 /// Seqs of the `message` frames `c` has received in `room`, in arrival order.
 fn seqs(c: &WsClient, room: &str) -> Vec<u64> {
@@ -26,11 +26,10 @@ fn position(c: &WsClient, room: &str) -> Value {
     json!({"seq": last["seq"], "epoch": last["epoch"]})
 }
 
-#[tokio::test]
-async fn a_client_whose_node_died_is_restored_elsewhere_and_misses_nothing() -> Result<()> {
-    let redis = RedisServer::start().await?;
-    let mut n1 = InProcessNode::start("node-1", &redis.url(), |_| {})?;
-    let n2 = InProcessNode::start("node-2", &redis.url(), |_| {})?;
+async fn a_client_whose_node_died_is_restored_elsewhere_and_misses_nothing(kind: Kind) -> Result<()> {
+    let backend = Backend::start(kind).await?;
+    let mut n1 = backend.node("node-1", |_| {})?;
+    let n2 = backend.node("node-2", |_| {})?;
     let (mut x, _) = WsClient::connect_ready(&n1.ws_url("xavier")).await?;
     x.send(json!({"type":"set_name","name":"Xavier"})).await?;
     x.join("alpha").await?;
@@ -83,11 +82,10 @@ async fn a_client_whose_node_died_is_restored_elsewhere_and_misses_nothing() -> 
     Ok(())
 }
 
-#[tokio::test]
-async fn replay_racing_live_traffic_has_no_gap_and_no_duplicate() -> Result<()> {
-    let redis = RedisServer::start().await?;
-    let n1 = InProcessNode::start("node-1", &redis.url(), |_| {})?;
-    let n2 = InProcessNode::start("node-2", &redis.url(), |_| {})?;
+async fn replay_racing_live_traffic_has_no_gap_and_no_duplicate(kind: Kind) -> Result<()> {
+    let backend = Backend::start(kind).await?;
+    let n1 = backend.node("node-1", |_| {})?;
+    let n2 = backend.node("node-2", |_| {})?;
     let (mut x, _) = WsClient::connect_ready(&n1.ws_url("racer")).await?;
     x.join("race").await?;
     let (mut p, _) = WsClient::connect_ready(&n2.ws_url("flood")).await?;
@@ -120,10 +118,9 @@ async fn replay_racing_live_traffic_has_no_gap_and_no_duplicate() -> Result<()> 
     assert_eq!(got, expected, "contiguous after the resume point, once each");
     Ok(())
 }
-#[tokio::test]
-async fn trimmed_history_is_reported_incomplete_not_hidden() -> Result<()> {
-    let redis = RedisServer::start().await?;
-    let n1 = InProcessNode::start("node-1", &redis.url(), |cfg| cfg.history_len = 5)?;
+async fn trimmed_history_is_reported_incomplete_not_hidden(kind: Kind) -> Result<()> {
+    let backend = Backend::start(kind).await?;
+    let n1 = backend.node("node-1", |cfg| cfg.history_len = 5)?;
     let (mut x, _) = WsClient::connect_ready(&n1.ws_url("late")).await?;
     x.join("busy").await?;
     let (mut p, _) = WsClient::connect_ready(&n1.ws_url("talker")).await?;
@@ -178,11 +175,9 @@ async fn a_new_epoch_is_reported_and_replayed_from_its_start() -> Result<()> {
     Ok(())
 }
 
-#[tokio::test]
-async fn held_frames_are_released_after_the_grace_without_a_resume() -> Result<()> {
-    let redis = RedisServer::start().await?;
-    let n1 =
-        InProcessNode::start("node-1", &redis.url(), |cfg| cfg.resume_grace = std::time::Duration::from_millis(300))?;
+async fn held_frames_are_released_after_the_grace_without_a_resume(kind: Kind) -> Result<()> {
+    let backend = Backend::start(kind).await?;
+    let n1 = backend.node("node-1", |cfg| cfg.resume_grace = std::time::Duration::from_millis(300))?;
     let (mut x, _) = WsClient::connect_ready(&n1.ws_url("lazy")).await?;
     x.join("g").await?;
     x.close().await;
@@ -222,22 +217,20 @@ async fn sessions_expire_after_the_last_connection_and_leave_is_remembered() -> 
     Ok(())
 }
 
-#[tokio::test]
-async fn resume_of_a_room_not_joined_is_not_in_room() -> Result<()> {
-    let redis = RedisServer::start().await?;
-    let n1 = InProcessNode::start("node-1", &redis.url(), |_| {})?;
+async fn resume_of_a_room_not_joined_is_not_in_room(kind: Kind) -> Result<()> {
+    let backend = Backend::start(kind).await?;
+    let n1 = backend.node("node-1", |_| {})?;
     let (mut x, _) = WsClient::connect_ready(&n1.ws_url("nr")).await?;
     x.send(json!({"type":"resume","rooms":{"nowhere":3}})).await?;
     assert_eq!(x.recv_type("error").await?["code"], "not_in_room");
     Ok(())
 }
 
-#[tokio::test]
-async fn with_signing_only_signed_ids_get_in() -> Result<()> {
-    let redis = RedisServer::start().await?;
+async fn with_signing_only_signed_ids_get_in(kind: Kind) -> Result<()> {
+    let backend = Backend::start(kind).await?;
     let key = tether_proto::sign::SigningKey::new(b"test-signing-key-0123456789".to_vec())?;
     let k = key.clone();
-    let n1 = InProcessNode::start("node-1", &redis.url(), move |cfg| cfg.signing_key = Some(k))?;
+    let n1 = backend.node("node-1", move |cfg| cfg.signing_key = Some(k))?;
     for bad in ["alice".to_string(), format!("{}0", &key.mint()[..64])] {
         let err = WsClient::connect(&n1.ws_url(&bad)).await.err().context("refused")?;
         assert!(format!("{err:#}").contains("403"), "{bad}: {err:#}");
@@ -282,3 +275,12 @@ async fn a_client_that_rejoins_then_resumes_gets_nothing_twice() -> Result<()> {
     assert_eq!(got, vec![6, 4, 5], "the live one, then only what was missed: nothing twice");
     Ok(())
 }
+
+tether_tests::on_every_backbone!(
+    a_client_whose_node_died_is_restored_elsewhere_and_misses_nothing,
+    replay_racing_live_traffic_has_no_gap_and_no_duplicate,
+    trimmed_history_is_reported_incomplete_not_hidden,
+    held_frames_are_released_after_the_grace_without_a_resume,
+    resume_of_a_room_not_joined_is_not_in_room,
+    with_signing_only_signed_ids_get_in,
+);

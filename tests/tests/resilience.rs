@@ -6,7 +6,7 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 use tether::cluster::{LogTarget, NodeProcess, RedisServer, SpawnOptions};
-use tether_tests::{eventually, http_get, InProcessNode, WsClient, DEADLINE};
+use tether_tests::{eventually, http_get, Backend, InProcessNode, Kind, WsClient, DEADLINE};
 use tokio_tungstenite::tungstenite::Message;
 
 fn rss_kib(pid: u32) -> Result<u64> {
@@ -114,21 +114,20 @@ async fn a_reader_that_stalls_is_closed_and_costs_nobody_else_anything() -> Resu
     Ok(())
 }
 
-#[tokio::test]
-async fn redis_restart_under_traffic_drops_no_connection_and_loses_nothing_silently() -> Result<()> {
-    let mut redis = RedisServer::start().await?;
+async fn backbone_restart_under_traffic_drops_no_connection_and_loses_nothing_silently(kind: Kind) -> Result<()> {
+    let mut backend = Backend::start(kind).await?;
     let quick = |cfg: &mut tether_node::Config| {
         cfg.redis_timeout = Duration::from_millis(500);
         cfg.reconnect_max = Duration::from_millis(300);
     };
-    let n1 = InProcessNode::start("node-1", &redis.url(), quick)?;
-    let n2 = InProcessNode::start("node-2", &redis.url(), quick)?;
+    let n1 = backend.node("node-1", quick)?;
+    let n2 = backend.node("node-2", quick)?;
     let (mut a, _) = WsClient::connect_ready(&n1.ws_url("a")).await?;
     let (mut b, _) = WsClient::connect_ready(&n2.ws_url("b")).await?;
     a.join("r").await?;
     b.join("r").await?;
 
-    redis.kill().await?;
+    backend.kill().await?;
     for addr in [n1.addr, n2.addr] {
         eventually("unready", || async { (http_get(addr, "/readyz").await.ok()?.0 == 503).then_some(()) }).await?;
     }
@@ -136,7 +135,7 @@ async fn redis_restart_under_traffic_drops_no_connection_and_loses_nothing_silen
     let e = a.recv_type("error").await?;
     assert_eq!(e["code"], "backbone_unavailable", "{e}");
 
-    redis.restart().await?;
+    backend.restart().await?;
     let restarted = Instant::now();
     for addr in [n1.addr, n2.addr] {
         eventually("ready", || async { (http_get(addr, "/readyz").await.ok()?.0 == 200).then_some(()) }).await?;
@@ -146,8 +145,9 @@ async fn redis_restart_under_traffic_drops_no_connection_and_loses_nothing_silen
     a.send(json!({"type":"message","room":"r","text":"back"})).await?;
     b.recv_until("message after the restart", |v| v["text"] == "back").await?;
     eprintln!(
-        "redis restart: both nodes ready {ready_after:?} after redis-server was back, first cross-node \
+        "{:?} restart: both nodes ready {ready_after:?} after the server was back, first cross-node \
          message delivered {:?} after (reconnect_max 300 ms)",
+        backend.kind(),
         restarted.elapsed()
     );
     a.recv_until("own message", |v| v["text"] == "back").await?;
@@ -233,3 +233,5 @@ async fn a_rate_limited_client_is_told_and_stays_connected() -> Result<()> {
     }
     Ok(())
 }
+
+tether_tests::on_every_backbone!(backbone_restart_under_traffic_drops_no_connection_and_loses_nothing_silently,);

@@ -17,7 +17,53 @@ pub struct LocalBackbone {
     epoch: String,
     seqs: DashMap<String, u64>,
     /// Presence of this node's connections only: without a backbone nobody else is visible.
-    presence: DashMap<String, HashMap<u64, PresenceEntry>>,
+    presence: LocalPresence,
+}
+
+/// Presence entries of this node's own connections, per scope: the `none` backbone's whole
+/// presence, and the NATS backbone's (see `nats.rs` for why).
+#[derive(Default)]
+pub(crate) struct LocalPresence {
+    scopes: DashMap<String, HashMap<u64, PresenceEntry>>,
+}
+
+impl LocalPresence {
+    pub(crate) fn add(&self, scope: Scope<'_>, conn: u64, entry: &PresenceEntry) -> PresenceChange {
+        let mut map = self.scopes.entry(scope_key(scope)).or_default();
+        if map.insert(conn, entry.clone()).is_some() {
+            PresenceChange::Unchanged
+        } else if map.values().filter(|e| e.id == entry.id).count() == 1 {
+            PresenceChange::FirstOrLast
+        } else {
+            PresenceChange::Shared
+        }
+    }
+
+    pub(crate) fn rename(&self, scope: Scope<'_>, conn: u64, entry: &PresenceEntry) {
+        if let Some(mut map) = self.scopes.get_mut(&scope_key(scope)) {
+            if let Some(e) = map.get_mut(&conn) {
+                *e = entry.clone();
+            }
+        }
+    }
+
+    pub(crate) fn remove(&self, scope: Scope<'_>, conn: u64, id: &str) -> PresenceChange {
+        let key = scope_key(scope);
+        let change = match self.scopes.get_mut(&key) {
+            None => PresenceChange::Unchanged,
+            Some(mut map) => match map.remove(&conn) {
+                None => PresenceChange::Unchanged,
+                Some(_) if map.values().any(|e| e.id == id) => PresenceChange::Shared,
+                Some(_) => PresenceChange::FirstOrLast,
+            },
+        };
+        self.scopes.remove_if(&key, |_, m| m.is_empty());
+        change
+    }
+
+    pub(crate) fn list(&self, scope: Scope<'_>) -> Vec<PresenceEntry> {
+        self.scopes.get(&scope_key(scope)).map(|m| m.values().cloned().collect()).unwrap_or_default()
+    }
 }
 
 fn scope_key(scope: Scope<'_>) -> String {
@@ -31,7 +77,7 @@ impl LocalBackbone {
     pub fn new(hub: Arc<Hub>, metrics: Metrics) -> Self {
         let epoch = format!("local-{}", tether_proto::id::mint_client_id());
         metrics.backbone_ready.set(1);
-        Self { hub, metrics, epoch, seqs: DashMap::new(), presence: DashMap::new() }
+        Self { hub, metrics, epoch, seqs: DashMap::new(), presence: LocalPresence::default() }
     }
 
     fn deliver(&self, room: &str, json: String) {
@@ -102,16 +148,7 @@ impl Backbone for LocalBackbone {
             }
             (e, _) => e,
         };
-        let change = {
-            let mut map = self.presence.entry(scope_key(scope)).or_default();
-            if map.insert(conn, entry.clone()).is_some() {
-                PresenceChange::Unchanged
-            } else if map.values().filter(|e| e.id == entry.id).count() == 1 {
-                PresenceChange::FirstOrLast
-            } else {
-                PresenceChange::Shared
-            }
-        };
+        let change = self.presence.add(scope, conn, entry);
         if let (PresenceChange::FirstOrLast, Some(event), Scope::Room(room)) = (change, &event, scope) {
             self.deliver(room, event.clone());
         }
@@ -124,11 +161,7 @@ impl Backbone for LocalBackbone {
         conn: u64,
         entry: &'a PresenceEntry,
     ) -> BoxFuture<'a, Result<(), BackboneError>> {
-        if let Some(mut map) = self.presence.get_mut(&scope_key(scope)) {
-            if let Some(e) = map.get_mut(&conn) {
-                *e = entry.clone();
-            }
-        }
+        self.presence.rename(scope, conn, entry);
         ready(Ok(())).boxed()
     }
 
@@ -139,15 +172,7 @@ impl Backbone for LocalBackbone {
         id: &'a str,
         event: Option<String>,
     ) -> BoxFuture<'a, Result<PresenceChange, BackboneError>> {
-        let change = match self.presence.get_mut(&scope_key(scope)) {
-            None => PresenceChange::Unchanged,
-            Some(mut map) => match map.remove(&conn) {
-                None => PresenceChange::Unchanged,
-                Some(_) if map.values().any(|e| e.id == id) => PresenceChange::Shared,
-                Some(_) => PresenceChange::FirstOrLast,
-            },
-        };
-        self.presence.remove_if(&scope_key(scope), |_, m| m.is_empty());
+        let change = self.presence.remove(scope, conn, id);
         if let (PresenceChange::FirstOrLast, Some(event), Scope::Room(room)) = (change, event, scope) {
             self.deliver(room, event);
         }
@@ -155,8 +180,7 @@ impl Backbone for LocalBackbone {
     }
 
     fn presence_list<'a>(&'a self, scope: Scope<'a>) -> BoxFuture<'a, Result<Vec<PresenceEntry>, BackboneError>> {
-        let list = self.presence.get(&scope_key(scope)).map(|m| m.values().cloned().collect()).unwrap_or_default();
-        ready(Ok(list)).boxed()
+        ready(Ok(self.presence.list(scope))).boxed()
     }
 
     fn is_ready(&self) -> bool {

@@ -9,9 +9,13 @@
 //! - [`local::LocalBackbone`]: no backbone at all (`--backbone none`): sticky sessions
 //!   alone, a room reaches only the members on the same node.
 //!
-//! A third backbone (NATS, issue 5) is a new module implementing [`Backbone`].
+//! - [`nats::NatsBackbone`]: NATS, with a JetStream stream per room for seq and log,
+//!   republished to a plain subject per room; sessions in a KV bucket.
+//!
+//! Another backbone is a new module implementing [`Backbone`].
 
 pub mod local;
+pub mod nats;
 pub mod redis;
 
 use futures_util::future::BoxFuture;
@@ -79,6 +83,8 @@ pub enum BackboneError {
     Timeout(std::time::Duration),
     #[error("redis: {0}")]
     Redis(#[from] ::redis::RedisError),
+    #[error("nats: {0}")]
+    Nats(String),
 }
 
 /// The operations a node needs from its backbone. Object-safe, so the node holds an

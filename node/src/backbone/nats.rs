@@ -1,0 +1,686 @@
+//! The NATS backbone (`--backbone nats`): a JetStream stream per room assigns seqs and keeps
+//! the log; the stream *republishes* every stored message to a plain subject that nodes
+//! subscribe to; sessions live in a stream keeping the last message per client.
+//!
+//! Names (`P` = the configured prefix with anything but letters, digits, `-` and `_`
+//! replaced by `_`, `tether` by default; `T` = the room name in unpadded base64url, so any
+//! room name is a single valid token):
+//! - stream `P_room_T` over subject `P.room.T`, memory storage, at most `history_len`
+//!   messages, `log_ttl` old; republishing to `P.live.T`;
+//! - membership events (no seq) are published straight to `P.live.T`;
+//! - stream `P_sessions` over `P.session.*` (memory, last message per subject kept,
+//!   `session_ttl`): one subject per client id in base64url, holding its session as JSON.
+//!
+//! Why one stream per room: a stream's sequence is the only counter JetStream assigns
+//! atomically with the store, and the protocol needs per-room seqs with no holes (clients
+//! spot gaps by them). A republished message carries its stream sequence in the
+//! `Nats-Sequence` header and is sent in stream order, so every node sees a room in seq order
+//! — the same guarantee as the Redis backbone's one Lua step. The payload is the frame up to
+//! `"seq":`; the subscriber completes it with the seq and the room's epoch, the stream's
+//! creation time (a stream lost and re-created, say by a NATS restart with memory storage,
+//! restarts at seq 1 under a new epoch).
+//!
+//! Core NATS delivery is at most once: a message republished while this node was
+//! disconnected never reaches it. Each room's reader therefore fills holes from the stream:
+//! a seq beyond the last one it saw makes it fetch the missing ones first, and after a
+//! reconnect it compares with the stream's head. So members get every logged message in
+//! order even across a NATS outage.
+//!
+//! Presence is this node's own only (as under `none`): `presence`/`online` list the members
+//! connected to this node, two tabs on two different nodes are two presences, and there is
+//! no `node_down` reaping. `user_joined`/`user_left` still reach every node through the room's
+//! subject. `docs/ARCHITECTURE.md` lists what NATS mode supports.
+
+use super::local::LocalPresence;
+use super::{Backbone, BackboneError, PresenceChange, PresenceEntry, Published, Replay, Scope, SessionRecord};
+use crate::config::Config;
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+use async_nats::jetstream::{self, stream};
+use base64::Engine;
+use bytes::Bytes;
+use dashmap::DashMap;
+use futures_util::future::{BoxFuture, FutureExt};
+use futures_util::{stream as fstream, StreamExt};
+use std::collections::HashMap;
+use std::sync::Arc;
+use tokio::sync::{watch, Mutex, OnceCell};
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+/// The header a republished message carries its stream sequence in.
+const SEQ_HEADER: &str = "Nats-Sequence";
+/// Log messages fetched concurrently during a replay.
+const REPLAY_CONCURRENCY: usize = 32;
+
+/// A room's stream as last seen: its epoch (creation time) and head.
+#[derive(Debug, Clone)]
+struct StreamState {
+    epoch: Arc<str>,
+    head: u64,
+    first: u64,
+}
+
+pub struct NatsBackbone {
+    cfg: Arc<Config>,
+    hub: Arc<Hub>,
+    metrics: Metrics,
+    client: async_nats::Client,
+    js: jetstream::Context,
+    /// `P` of the module docs.
+    prefix: String,
+    /// Epochs of the rooms whose streams this node has made sure of.
+    epochs: DashMap<String, Arc<str>>,
+    /// Room → its reader task, changed only under this lock (subscribe/release never interleave).
+    readers: Mutex<HashMap<String, Reader>>,
+    /// The sessions stream, once made sure of.
+    sessions: OnceCell<stream::Stream>,
+    presence: LocalPresence,
+    /// Bumped at every (re)connection to NATS; readers then check their rooms for holes.
+    connected: watch::Receiver<u64>,
+    shutdown: CancellationToken,
+    /// This backbone itself, for the reader tasks `subscribe` spawns.
+    me: std::sync::Weak<Self>,
+}
+
+struct Reader {
+    stop: CancellationToken,
+}
+
+fn token(s: &str) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s.as_bytes())
+}
+
+/// The prefix as a name part NATS accepts everywhere (subjects, streams, buckets).
+fn nats_prefix(prefix: &str) -> String {
+    let p: String = prefix
+        .trim_end_matches([':', '.'])
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+        .collect();
+    if p.is_empty() {
+        "tether".to_string()
+    } else {
+        p
+    }
+}
+
+fn nats_err(e: impl std::fmt::Display) -> BackboneError {
+    BackboneError::Nats(e.to_string())
+}
+
+impl NatsBackbone {
+    /// Connects (in the background: the node starts unready while NATS is away) and returns.
+    pub async fn start(
+        cfg: Arc<Config>,
+        hub: Arc<Hub>,
+        metrics: Metrics,
+        shutdown: CancellationToken,
+    ) -> Result<Arc<Self>, BackboneError> {
+        let (tx, connected) = watch::channel(0u64);
+        let events_metrics = metrics.clone();
+        let url = cfg.nats.clone();
+        let options = async_nats::ConnectOptions::new()
+            .name(format!("tether-node {}", cfg.name))
+            .retry_on_initial_connect()
+            .connection_timeout(cfg.redis_timeout)
+            .request_timeout(Some(cfg.redis_timeout))
+            .reconnect_delay_callback({
+                let (min, max) = (cfg.reconnect_min, cfg.reconnect_max);
+                move |attempts| {
+                    let exp = min.saturating_mul(1 << attempts.min(16) as u32).min(max);
+                    exp.mul_f64(rand::Rng::random_range(&mut rand::rng(), 0.5..1.0))
+                }
+            })
+            .event_callback(move |event| {
+                let tx = tx.clone();
+                let metrics = events_metrics.clone();
+                let url = url.clone();
+                async move {
+                    match event {
+                        async_nats::Event::Connected => {
+                            tx.send_modify(|g| *g += 1);
+                            if *tx.borrow() > 1 {
+                                metrics.backbone_reconnects.inc();
+                            }
+                            metrics.backbone_ready.set(1);
+                            info!(nats = %url, "backbone connected");
+                        }
+                        async_nats::Event::Disconnected => {
+                            metrics.backbone_ready.set(0);
+                            warn!(nats = %url, "backbone lost its connection; reconnecting");
+                        }
+                        other => debug!(event = %other, "nats event"),
+                    }
+                }
+            });
+        let client = options.connect(cfg.nats.as_str()).await.map_err(nats_err)?;
+        let js = jetstream::new(client.clone());
+        let backbone = Arc::new_cyclic(|me| Self {
+            prefix: nats_prefix(&cfg.prefix),
+            cfg,
+            hub,
+            metrics,
+            client,
+            js,
+            epochs: DashMap::new(),
+            readers: Mutex::new(HashMap::new()),
+            sessions: OnceCell::new(),
+            presence: LocalPresence::default(),
+            connected,
+            shutdown,
+            me: me.clone(),
+        });
+        // After a reconnect the streams may be new ones (NATS lost them): forget cached epochs.
+        let weak = Arc::downgrade(&backbone);
+        let mut changes = backbone.connected.clone();
+        tokio::spawn(async move {
+            while changes.changed().await.is_ok() {
+                match weak.upgrade() {
+                    Some(b) => b.epochs.clear(),
+                    None => break,
+                }
+            }
+        });
+        Ok(backbone)
+    }
+
+    fn stream_name(&self, room: &str) -> String {
+        format!("{}_room_{}", self.prefix, token(room))
+    }
+
+    fn log_subject(&self, room: &str) -> String {
+        format!("{}.room.{}", self.prefix, token(room))
+    }
+
+    fn live_subject(&self, room: &str) -> String {
+        format!("{}.live.{}", self.prefix, token(room))
+    }
+
+    async fn timed<T, E: std::fmt::Display>(
+        &self,
+        fut: impl std::future::Future<Output = Result<T, E>>,
+    ) -> Result<T, BackboneError> {
+        match tokio::time::timeout(self.cfg.redis_timeout, fut).await {
+            Ok(r) => r.map_err(nats_err),
+            Err(_) => Err(BackboneError::Timeout(self.cfg.redis_timeout)),
+        }
+    }
+
+    fn is_connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    /// Waits (up to the command timeout, as a Redis command would through a reconnect) for
+    /// the connection to NATS.
+    async fn ensure_connected(&self) -> Result<(), BackboneError> {
+        if self.is_connected() {
+            return Ok(());
+        }
+        let mut changes = self.connected.clone();
+        let wait = async {
+            while !self.is_connected() {
+                if changes.changed().await.is_err() {
+                    break;
+                }
+            }
+        };
+        match tokio::time::timeout(self.cfg.redis_timeout, wait).await {
+            Ok(()) if self.is_connected() => Ok(()),
+            _ => Err(BackboneError::NotConnected),
+        }
+    }
+
+    fn state_of(info: &stream::Info) -> StreamState {
+        StreamState {
+            epoch: Arc::from(info.created.unix_timestamp_nanos().to_string()),
+            head: info.state.last_sequence,
+            first: info.state.first_sequence,
+        }
+    }
+
+    /// Creates the room's stream if it does not exist (idempotent across nodes: the same
+    /// configuration) and returns its state.
+    async fn ensure_stream(&self, room: &str) -> Result<StreamState, BackboneError> {
+        self.ensure_connected().await?;
+        let config = stream::Config {
+            name: self.stream_name(room),
+            subjects: vec![self.log_subject(room)],
+            storage: stream::StorageType::Memory,
+            max_messages: i64::try_from(self.cfg.history_len).unwrap_or(i64::MAX),
+            max_age: self.cfg.log_ttl,
+            discard: stream::DiscardPolicy::Old,
+            allow_direct: true,
+            republish: Some(stream::Republish {
+                source: self.log_subject(room),
+                destination: self.live_subject(room),
+                headers_only: false,
+            }),
+            ..Default::default()
+        };
+        let mut stream = self.timed(self.js.get_or_create_stream(config)).await?;
+        let info = self.timed(stream.info()).await?;
+        let state = Self::state_of(info);
+        self.epochs.insert(room.to_string(), Arc::clone(&state.epoch));
+        Ok(state)
+    }
+
+    /// The room's stream state, or `None` if it has no stream (nothing was ever said there).
+    async fn stream_state(&self, room: &str) -> Result<Option<StreamState>, BackboneError> {
+        self.ensure_connected().await?;
+        match tokio::time::timeout(self.cfg.redis_timeout, self.js.get_stream(self.stream_name(room))).await {
+            Err(_) => Err(BackboneError::Timeout(self.cfg.redis_timeout)),
+            Ok(Ok(mut stream)) => {
+                let info = self.timed(stream.info()).await?;
+                Ok(Some(Self::state_of(info)))
+            }
+            Ok(Err(e))
+                if matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(j)
+                    if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
+            {
+                Ok(None)
+            }
+            Ok(Err(e)) => Err(nats_err(e)),
+        }
+    }
+
+    async fn epoch(&self, room: &str) -> Result<Arc<str>, BackboneError> {
+        if let Some(e) = self.epochs.get(room) {
+            return Ok(Arc::clone(e.value()));
+        }
+        Ok(self.ensure_stream(room).await?.epoch)
+    }
+
+    /// Logged frames of `room` with seq in `from..=to`, completed with `epoch`, in seq order.
+    /// Messages already trimmed are skipped (the caller sees the hole by the seqs).
+    async fn fetch(&self, room: &str, from: u64, to: u64, epoch: &str) -> Result<Vec<(u64, String)>, BackboneError> {
+        if from > to {
+            return Ok(Vec::new());
+        }
+        let stream = self.timed(self.js.get_stream_no_info(self.stream_name(room))).await?;
+        let stream = &stream;
+        let gets = fstream::iter(from..=to)
+            .map(|seq| async move {
+                match tokio::time::timeout(self.cfg.redis_timeout, stream.direct_get(seq)).await {
+                    Err(_) => Err(BackboneError::Timeout(self.cfg.redis_timeout)),
+                    Ok(Ok(m)) => Ok(Some((seq, m.payload))),
+                    Ok(Err(e)) if e.kind() == stream::DirectGetErrorKind::NotFound => Ok(None),
+                    Ok(Err(e)) => Err(nats_err(e)),
+                }
+            })
+            .buffered(REPLAY_CONCURRENCY);
+        let got: Vec<Result<Option<(u64, Bytes)>, BackboneError>> = gets.collect().await;
+        let mut frames = Vec::with_capacity(got.len());
+        for item in got {
+            if let Some((seq, payload)) = item? {
+                match std::str::from_utf8(&payload) {
+                    Ok(prefix) => frames.push((seq, complete(prefix, seq, epoch))),
+                    Err(_) => warn!(room, seq, "non-UTF-8 message in the room log; skipped"),
+                }
+            }
+        }
+        Ok(frames)
+    }
+
+    /// The sessions stream: one subject per client id, only its last message kept, each
+    /// `session_ttl` old at most. (A stream rather than a KV bucket: the KV API of the
+    /// client crate cannot create buckets on the 2.9 servers Debian ships, whose account-info
+    /// reply it does not parse; this is the same storage a bucket would use.)
+    async fn sessions(&self) -> Result<&stream::Stream, BackboneError> {
+        self.ensure_connected().await?;
+        self.sessions
+            .get_or_try_init(|| async {
+                let config = stream::Config {
+                    name: format!("{}_sessions", self.prefix),
+                    subjects: vec![format!("{}.session.*", self.prefix)],
+                    storage: stream::StorageType::Memory,
+                    max_messages_per_subject: 1,
+                    max_age: self.cfg.session_ttl,
+                    discard: stream::DiscardPolicy::Old,
+                    allow_direct: true,
+                    ..Default::default()
+                };
+                self.timed(self.js.get_or_create_stream(config)).await
+            })
+            .await
+    }
+
+    fn session_subject(&self, id: &str) -> String {
+        format!("{}.session.{}", self.prefix, token(id))
+    }
+
+    /// The stored session of `subject`, raw.
+    async fn session_bytes(&self, subject: String) -> Result<Option<Bytes>, BackboneError> {
+        let store = self.sessions().await?;
+        match tokio::time::timeout(self.cfg.redis_timeout, store.direct_get_last_for_subject(subject)).await {
+            Err(_) => Err(BackboneError::Timeout(self.cfg.redis_timeout)),
+            Ok(Ok(m)) => Ok(Some(m.payload)),
+            Ok(Err(e)) if e.kind() == stream::DirectGetErrorKind::NotFound => Ok(None),
+            Ok(Err(e)) => Err(nats_err(e)),
+        }
+    }
+
+    async fn put_session(&self, subject: String, value: Bytes) -> Result<(), BackboneError> {
+        self.sessions().await?;
+        let ack = self.timed(self.js.publish(subject, value)).await?;
+        self.timed(std::future::IntoFuture::into_future(ack)).await?;
+        Ok(())
+    }
+
+    async fn touch_one(&self, subject: String) -> Result<(), BackboneError> {
+        if let Some(value) = self.session_bytes(subject.clone()).await? {
+            self.put_session(subject, value).await?;
+        }
+        Ok(())
+    }
+
+    /// One room's reader: delivers what its live subject brings, in seq order, filling any
+    /// hole from the stream first; runs until released or shut down.
+    async fn read_room(
+        self: Arc<Self>,
+        room: String,
+        mut sub: async_nats::Subscriber,
+        mut state: StreamState,
+        stop: CancellationToken,
+    ) {
+        let mut connected = self.connected.clone();
+        connected.mark_unchanged();
+        // The last seq delivered (or known to be before this node's subscription).
+        let mut last = state.head;
+        loop {
+            let msg = tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = self.shutdown.cancelled() => break,
+                changed = connected.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    // After a reconnect: anything republished meanwhile was lost to us.
+                    match self.ensure_stream(&room).await {
+                        Ok(now) => {
+                            if now.epoch != state.epoch {
+                                warn!(room, "room stream was re-created (new epoch); delivering it from its start");
+                                last = 0;
+                            }
+                            let to = now.head;
+                            state = now;
+                            last = self.fill(&room, last, to, &state).await.unwrap_or(last);
+                        }
+                        Err(e) => warn!(room, error = %e, "could not check the room stream after reconnecting"),
+                    }
+                    continue;
+                }
+                msg = sub.next() => msg,
+            };
+            let Some(msg) = msg else { break };
+            self.metrics.frames_from_backbone.inc();
+            let seq = msg.headers.as_ref().and_then(|h| h.get(SEQ_HEADER)).and_then(|v| v.as_str().parse::<u64>().ok());
+            let Ok(text) = std::str::from_utf8(&msg.payload) else {
+                warn!(room, "non-UTF-8 frame on a room subject; dropped");
+                continue;
+            };
+            let Some(seq) = seq else {
+                // A membership event: no seq, not logged.
+                self.hub.deliver(&room, &Utf8Bytes::from(text), &self.metrics);
+                continue;
+            };
+            if seq <= last {
+                // Delivered already, by a fill or before this node subscribed.
+                continue;
+            }
+            if seq > last + 1 {
+                last = self.fill(&room, last, seq - 1, &state).await.unwrap_or(last);
+            }
+            self.hub.deliver(&room, &Utf8Bytes::from(complete(text, seq, &state.epoch)), &self.metrics);
+            last = last.max(seq);
+        }
+        debug!(room, "room reader stopped");
+    }
+
+    /// Delivers the logged messages `after+1..=to` that never arrived live; returns the new
+    /// last seq, or `None` if the log could not be read (the next message tries again).
+    async fn fill(&self, room: &str, after: u64, to: u64, state: &StreamState) -> Option<u64> {
+        if to <= after {
+            return Some(after);
+        }
+        let frames = match self.fetch(room, after + 1, to, &state.epoch).await {
+            Ok(f) => f,
+            Err(e) => {
+                warn!(room, after, to, error = %e, "could not read the room log to fill a hole");
+                return None;
+            }
+        };
+        if frames.first().is_none_or(|(first, _)| *first > after + 1) {
+            warn!(room, after, "room log no longer holds all that was missed; members see a seq gap");
+            self.metrics.catch_up_gaps.inc();
+        }
+        let n = frames.len();
+        for (_, frame) in frames {
+            self.hub.deliver(room, &Utf8Bytes::from(frame), &self.metrics);
+        }
+        if n > 0 {
+            self.metrics.caught_up_messages.inc_by(n as u64);
+            info!(room, messages = n, "caught up from the room log");
+        }
+        Some(to)
+    }
+}
+
+/// The frame for `seq` from its logged prefix (which ends in `"seq":`).
+fn complete(prefix: &str, seq: u64, epoch: &str) -> String {
+    format!("{prefix}{seq},\"epoch\":\"{epoch}\"}}")
+}
+
+impl Backbone for NatsBackbone {
+    fn publish_message<'a>(&'a self, room: &'a str, prefix: String) -> BoxFuture<'a, Result<Published, BackboneError>> {
+        async move {
+            let mut epoch = self.epoch(room).await?;
+            let payload = Bytes::from(prefix);
+            let mut ack = self.timed(self.js.publish(self.log_subject(room), payload.clone())).await;
+            if ack.is_err() {
+                // The stream may have been lost (NATS restarted): make sure of it, once.
+                self.epochs.remove(room);
+                epoch = self.ensure_stream(room).await?.epoch;
+                ack = self.timed(self.js.publish(self.log_subject(room), payload)).await;
+            }
+            let ack = self.timed(std::future::IntoFuture::into_future(ack?)).await?;
+            self.metrics.messages_published.inc();
+            Ok(Published { seq: ack.sequence, epoch: epoch.to_string() })
+        }
+        .boxed()
+    }
+
+    fn publish_event<'a>(&'a self, room: &'a str, json: String) -> BoxFuture<'a, Result<(), BackboneError>> {
+        async move {
+            self.ensure_connected().await?;
+            self.timed(self.client.publish(self.live_subject(room), Bytes::from(json))).await
+        }
+        .boxed()
+    }
+
+    fn subscribe<'a>(&'a self, room: &'a str) -> BoxFuture<'a, Result<(), BackboneError>> {
+        async move {
+            let mut readers = self.readers.lock().await;
+            if readers.contains_key(room) {
+                return Ok(());
+            }
+            self.ensure_connected().await?;
+            let sub = self.timed(self.client.subscribe(self.live_subject(room))).await?;
+            // Once the server has our SUB, everything republished afterwards reaches us.
+            self.timed(self.client.flush()).await?;
+            let state = self.ensure_stream(room).await?;
+            let stop = CancellationToken::new();
+            let me = self.me.upgrade().ok_or(BackboneError::NotConnected)?;
+            tokio::spawn(me.read_room(room.to_string(), sub, state, stop.clone()));
+            readers.insert(room.to_string(), Reader { stop });
+            self.metrics.rooms_subscribed.set(readers.len() as i64);
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn release<'a>(&'a self, room: &'a str) -> BoxFuture<'a, ()> {
+        async move {
+            let mut readers = self.readers.lock().await;
+            if self.hub.has_members(room) {
+                return;
+            }
+            if let Some(reader) = readers.remove(room) {
+                // Dropping the subscriber (when the task ends) unsubscribes.
+                reader.stop.cancel();
+            }
+            self.metrics.rooms_subscribed.set(readers.len() as i64);
+        }
+        .boxed()
+    }
+
+    fn load_session<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<SessionRecord>, BackboneError>> {
+        async move {
+            let Some(bytes) = self.session_bytes(self.session_subject(id)).await? else {
+                return Ok(None);
+            };
+            match serde_json::from_slice::<StoredSession>(&bytes) {
+                Ok(s) => Ok(Some(SessionRecord { name: s.name, rooms: s.rooms })),
+                Err(e) => {
+                    warn!(id, error = %e, "unreadable session record; starting a new session");
+                    Ok(None)
+                }
+            }
+        }
+        .boxed()
+    }
+
+    fn save_session<'a>(&'a self, id: &'a str, session: &'a SessionRecord) -> BoxFuture<'a, Result<(), BackboneError>> {
+        async move {
+            let json = serde_json::to_vec(&StoredSession { name: session.name.clone(), rooms: session.rooms.clone() })
+                .expect("sessions serialise");
+            self.put_session(self.session_subject(id), Bytes::from(json)).await
+        }
+        .boxed()
+    }
+
+    /// Messages age from their last write, so touching is reading and writing back.
+    fn touch_sessions<'a>(&'a self, ids: &'a [Arc<str>]) -> BoxFuture<'a, Result<(), BackboneError>> {
+        async move {
+            for chunk in ids.chunks(REPLAY_CONCURRENCY) {
+                let touches = chunk.iter().map(|id| self.touch_one(self.session_subject(id)));
+                futures_util::future::join_all(touches).await.into_iter().collect::<Result<Vec<()>, _>>()?;
+            }
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn replay<'a>(&'a self, room: &'a str, after: u64) -> BoxFuture<'a, Result<Replay, BackboneError>> {
+        async move {
+            let Some(state) = self.stream_state(room).await? else {
+                return Ok(Replay::default());
+            };
+            let from = after.saturating_add(1).max(state.first);
+            let frames = self.fetch(room, from, state.head, &state.epoch).await?;
+            Ok(Replay { epoch: Some(state.epoch.to_string()), head_seq: state.head, frames })
+        }
+        .boxed()
+    }
+
+    fn presence_add<'a>(
+        &'a self,
+        scope: Scope<'a>,
+        conn: u64,
+        entry: &'a PresenceEntry,
+        event: Option<String>,
+    ) -> BoxFuture<'a, Result<(PresenceChange, Option<String>), BackboneError>> {
+        async move {
+            let event = match (event, scope) {
+                (Some(e), Scope::Room(room)) => {
+                    let body = e.strip_suffix('}').unwrap_or(&e);
+                    Some(match self.stream_state(room).await? {
+                        Some(s) => format!("{body},\"head_seq\":{},\"epoch\":\"{}\"}}", s.head, s.epoch),
+                        None => format!("{body},\"head_seq\":0}}"),
+                    })
+                }
+                (e, _) => e,
+            };
+            let change = self.presence.add(scope, conn, entry);
+            if let (PresenceChange::FirstOrLast, Some(event), Scope::Room(room)) = (change, &event, scope) {
+                if let Err(e) = self.publish_event(room, event.clone()).await {
+                    self.presence.remove(scope, conn, &entry.id);
+                    return Err(e);
+                }
+            }
+            Ok((change, event))
+        }
+        .boxed()
+    }
+
+    fn presence_rename<'a>(
+        &'a self,
+        scope: Scope<'a>,
+        conn: u64,
+        entry: &'a PresenceEntry,
+    ) -> BoxFuture<'a, Result<(), BackboneError>> {
+        self.presence.rename(scope, conn, entry);
+        futures_util::future::ready(Ok(())).boxed()
+    }
+
+    fn presence_remove<'a>(
+        &'a self,
+        scope: Scope<'a>,
+        conn: u64,
+        id: &'a str,
+        event: Option<String>,
+    ) -> BoxFuture<'a, Result<PresenceChange, BackboneError>> {
+        async move {
+            let change = self.presence.remove(scope, conn, id);
+            if let (PresenceChange::FirstOrLast, Some(event), Scope::Room(room)) = (change, event, scope) {
+                self.publish_event(room, event).await?;
+            }
+            Ok(change)
+        }
+        .boxed()
+    }
+
+    fn presence_list<'a>(&'a self, scope: Scope<'a>) -> BoxFuture<'a, Result<Vec<PresenceEntry>, BackboneError>> {
+        futures_util::future::ready(Ok(self.presence.list(scope))).boxed()
+    }
+
+    fn is_ready(&self) -> bool {
+        self.is_connected()
+    }
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct StoredSession {
+    name: Option<String>,
+    rooms: Vec<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn any_room_name_is_one_valid_token() {
+        for room in ["general", "a.b", "x>*", "ünï", "a/b\\c"] {
+            let t = token(room);
+            assert!(t.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'), "{room} → {t}");
+        }
+        assert_ne!(token("a.b"), token("a_b"));
+    }
+
+    #[test]
+    fn prefix_becomes_a_safe_name_part() {
+        assert_eq!(nats_prefix("tether:"), "tether");
+        assert_eq!(nats_prefix("app.one:"), "app_one");
+        assert_eq!(nats_prefix(":"), "tether");
+    }
+
+    #[test]
+    fn frames_are_completed_like_the_redis_script_does() {
+        assert_eq!(
+            complete("{\"type\":\"message\",\"seq\":", 7, "e1"),
+            "{\"type\":\"message\",\"seq\":7,\"epoch\":\"e1\"}"
+        );
+    }
+}
