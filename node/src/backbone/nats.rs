@@ -106,6 +106,11 @@ fn nats_prefix(prefix: &str) -> String {
     }
 }
 
+fn no_such_stream(e: &jetstream::context::GetStreamError) -> bool {
+    matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(j)
+        if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND)
+}
+
 fn nats_err(e: impl std::fmt::Display) -> BackboneError {
     BackboneError::Nats(e.to_string())
 }
@@ -275,12 +280,7 @@ impl NatsBackbone {
                 let info = self.timed(stream.info()).await?;
                 Ok(Some(Self::state_of(info)))
             }
-            Ok(Err(e))
-                if matches!(e.kind(), jetstream::context::GetStreamErrorKind::JetStream(j)
-                    if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
-            {
-                Ok(None)
-            }
+            Ok(Err(e)) if no_such_stream(&e) => Ok(None),
             Ok(Err(e)) => Err(nats_err(e)),
         }
     }
@@ -465,6 +465,32 @@ impl NatsBackbone {
         }
         Some(to)
     }
+}
+
+/// Each room's `(epoch, last seq)` as a NATS backbone with key prefix `prefix` keeps it
+/// (`(None, 0)` for a room without a stream): for tools that check what clients were owed,
+/// such as `tether chaos`.
+pub async fn room_heads(
+    url: &str,
+    prefix: &str,
+    rooms: &[String],
+) -> Result<HashMap<String, (Option<String>, u64)>, BackboneError> {
+    let client = async_nats::connect(url).await.map_err(nats_err)?;
+    let js = jetstream::new(client);
+    let prefix = nats_prefix(prefix);
+    let mut heads = HashMap::with_capacity(rooms.len());
+    for room in rooms {
+        let head = match js.get_stream(format!("{prefix}_room_{}", token(room))).await {
+            Ok(mut stream) => {
+                let state = NatsBackbone::state_of(stream.info().await.map_err(nats_err)?);
+                (Some(state.epoch.to_string()), state.head)
+            }
+            Err(e) if no_such_stream(&e) => (None, 0),
+            Err(e) => return Err(nats_err(e)),
+        };
+        heads.insert(room.clone(), head);
+    }
+    Ok(heads)
 }
 
 /// The frame for `seq` from its logged prefix (which ends in `"seq":`).
