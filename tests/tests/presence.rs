@@ -4,8 +4,7 @@
 use anyhow::Result;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
-use tether::cluster::RedisServer;
-use tether_tests::{InProcessNode, WsClient};
+use tether_tests::{Backend, Kind, WsClient};
 
 /// Presence TTL of these tests: 900 ms unless `TETHER_TEST_PRESENCE_TTL_MS` says otherwise
 /// (set it to 3000, the default, to measure convergence as deployed).
@@ -27,11 +26,10 @@ async fn ids_in(c: &mut WsClient, request: Value, kind: &str) -> Result<Vec<Stri
     Ok(ids)
 }
 
-#[tokio::test]
-async fn presence_and_online_span_every_node_and_two_tabs_are_one() -> Result<()> {
-    let redis = RedisServer::start().await?;
-    let n1 = InProcessNode::start("node-1", &redis.url(), fast)?;
-    let n2 = InProcessNode::start("node-2", &redis.url(), fast)?;
+async fn presence_and_online_span_every_node_and_two_tabs_are_one(kind: Kind) -> Result<()> {
+    let backend = Backend::start(kind).await?;
+    let n1 = backend.node("node-1", fast)?;
+    let n2 = backend.node("node-2", fast)?;
     let (mut a, _) = WsClient::connect_ready(&n1.ws_url("ann")).await?;
     let (mut b, _) = WsClient::connect_ready(&n2.ws_url("ben")).await?;
     let (mut b_tab, _) = WsClient::connect_ready(&n1.ws_url("ben")).await?;
@@ -62,12 +60,11 @@ async fn presence_and_online_span_every_node_and_two_tabs_are_one() -> Result<()
     Ok(())
 }
 
-#[tokio::test]
-async fn a_dead_nodes_members_are_announced_once_cluster_wide_unless_they_came_back() -> Result<()> {
-    let redis = RedisServer::start().await?;
-    let n1 = InProcessNode::start("node-1", &redis.url(), fast)?;
-    let mut n2 = InProcessNode::start("node-2", &redis.url(), fast)?;
-    let n3 = InProcessNode::start("node-3", &redis.url(), fast)?;
+async fn a_dead_nodes_members_are_announced_once_cluster_wide_unless_they_came_back(kind: Kind) -> Result<()> {
+    let backend = Backend::start(kind).await?;
+    let n1 = backend.node("node-1", fast)?;
+    let mut n2 = backend.node("node-2", fast)?;
+    let n3 = backend.node("node-3", fast)?;
     let (mut a, _) = WsClient::connect_ready(&n1.ws_url("a1")).await?;
     let (mut c, _) = WsClient::connect_ready(&n3.ws_url("c1")).await?;
     let (mut gone, _) = WsClient::connect_ready(&n2.ws_url("gone")).await?;
@@ -110,3 +107,8 @@ async fn a_dead_nodes_members_are_announced_once_cluster_wide_unless_they_came_b
     back.close().await;
     Ok(())
 }
+
+tether_tests::on_every_backbone!(
+    presence_and_online_span_every_node_and_two_tabs_are_one,
+    a_dead_nodes_members_are_announced_once_cluster_wide_unless_they_came_back,
+);

@@ -21,14 +21,14 @@ pub struct LocalBackbone {
 }
 
 /// Presence entries of this node's own connections, per scope: the `none` backbone's whole
-/// presence, and the NATS backbone's (see `nats.rs` for why).
+/// presence.
 #[derive(Default)]
-pub(crate) struct LocalPresence {
+struct LocalPresence {
     scopes: DashMap<String, HashMap<u64, PresenceEntry>>,
 }
 
 impl LocalPresence {
-    pub(crate) fn add(&self, scope: Scope<'_>, conn: u64, entry: &PresenceEntry) -> PresenceChange {
+    fn add(&self, scope: Scope<'_>, conn: u64, entry: &PresenceEntry) -> PresenceChange {
         let mut map = self.scopes.entry(scope_key(scope)).or_default();
         if map.insert(conn, entry.clone()).is_some() {
             PresenceChange::Unchanged
@@ -39,7 +39,7 @@ impl LocalPresence {
         }
     }
 
-    pub(crate) fn rename(&self, scope: Scope<'_>, conn: u64, entry: &PresenceEntry) {
+    fn rename(&self, scope: Scope<'_>, conn: u64, entry: &PresenceEntry) {
         if let Some(mut map) = self.scopes.get_mut(&scope_key(scope)) {
             if let Some(e) = map.get_mut(&conn) {
                 *e = entry.clone();
@@ -47,7 +47,7 @@ impl LocalPresence {
         }
     }
 
-    pub(crate) fn remove(&self, scope: Scope<'_>, conn: u64, id: &str) -> PresenceChange {
+    fn remove(&self, scope: Scope<'_>, conn: u64, id: &str) -> PresenceChange {
         let key = scope_key(scope);
         let change = match self.scopes.get_mut(&key) {
             None => PresenceChange::Unchanged,
@@ -61,7 +61,7 @@ impl LocalPresence {
         change
     }
 
-    pub(crate) fn list(&self, scope: Scope<'_>) -> Vec<PresenceEntry> {
+    fn list(&self, scope: Scope<'_>) -> Vec<PresenceEntry> {
         self.scopes.get(&scope_key(scope)).map(|m| m.values().cloned().collect()).unwrap_or_default()
     }
 }

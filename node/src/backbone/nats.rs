@@ -26,12 +26,11 @@
 //! reconnect it compares with the stream's head. So members get every logged message in
 //! order even across a NATS outage.
 //!
-//! Presence is this node's own only (as under `none`): `presence`/`online` list the members
-//! connected to this node, two tabs on two different nodes are two presences, and there is
-//! no `node_down` reaping. `user_joined`/`user_left` still reach every node through the room's
-//! subject. `docs/ARCHITECTURE.md` lists what NATS mode supports.
+//! Presence is cluster-wide, as under Redis: compare-and-set records in a stream, heartbeats
+//! and a reaper announcing a dead node's members once (`nats/presence.rs`).
 
-use super::local::LocalPresence;
+mod presence;
+
 use super::{Backbone, BackboneError, PresenceChange, PresenceEntry, Published, Replay, Scope, SessionRecord};
 use crate::config::Config;
 use crate::hub::Hub;
@@ -76,7 +75,10 @@ pub struct NatsBackbone {
     readers: Mutex<HashMap<String, Reader>>,
     /// The sessions stream, once made sure of.
     sessions: OnceCell<stream::Stream>,
-    presence: LocalPresence,
+    /// The presence stream, once made sure of (see `presence.rs`).
+    presence_stream: OnceCell<stream::Stream>,
+    /// This process' presence instance: `NAME#RANDOM`, new at every start.
+    instance: String,
     /// Bumped at every (re)connection to NATS; readers then check their rooms for holes.
     connected: watch::Receiver<u64>,
     shutdown: CancellationToken,
@@ -162,6 +164,7 @@ impl NatsBackbone {
             });
         let client = options.connect(cfg.nats.as_str()).await.map_err(nats_err)?;
         let js = jetstream::new(client.clone());
+        let instance = format!("{}#{}", cfg.name, &tether_proto::id::mint_client_id()[..12]);
         let backbone = Arc::new_cyclic(|me| Self {
             prefix: nats_prefix(&cfg.prefix),
             cfg,
@@ -172,11 +175,13 @@ impl NatsBackbone {
             epochs: DashMap::new(),
             readers: Mutex::new(HashMap::new()),
             sessions: OnceCell::new(),
-            presence: LocalPresence::default(),
+            presence_stream: OnceCell::new(),
+            instance,
             connected,
             shutdown,
             me: me.clone(),
         });
+        tokio::spawn(Arc::clone(&backbone).presence_keeper());
         // After a reconnect the streams may be new ones (NATS lost them): forget cached epochs.
         let weak = Arc::downgrade(&backbone);
         let mut changes = backbone.connected.clone();
@@ -290,6 +295,12 @@ impl NatsBackbone {
             return Ok(Arc::clone(e.value()));
         }
         Ok(self.ensure_stream(room).await?.epoch)
+    }
+
+    /// Publishes a membership event (no seq, not logged) to every node subscribed to `room`.
+    async fn publish_live(&self, room: &str, json: String) -> Result<(), BackboneError> {
+        self.ensure_connected().await?;
+        self.timed(self.client.publish(self.live_subject(room), Bytes::from(json))).await
     }
 
     /// Logged frames of `room` with seq in `from..=to`, completed with `epoch`, in seq order.
@@ -518,11 +529,7 @@ impl Backbone for NatsBackbone {
     }
 
     fn publish_event<'a>(&'a self, room: &'a str, json: String) -> BoxFuture<'a, Result<(), BackboneError>> {
-        async move {
-            self.ensure_connected().await?;
-            self.timed(self.client.publish(self.live_subject(room), Bytes::from(json))).await
-        }
-        .boxed()
+        self.publish_live(room, json).boxed()
     }
 
     fn subscribe<'a>(&'a self, room: &'a str) -> BoxFuture<'a, Result<(), BackboneError>> {
@@ -628,12 +635,9 @@ impl Backbone for NatsBackbone {
                 }
                 (e, _) => e,
             };
-            let change = self.presence.add(scope, conn, entry);
+            let change = self.record_add(scope, conn, entry).await?;
             if let (PresenceChange::FirstOrLast, Some(event), Scope::Room(room)) = (change, &event, scope) {
-                if let Err(e) = self.publish_event(room, event.clone()).await {
-                    self.presence.remove(scope, conn, &entry.id);
-                    return Err(e);
-                }
+                self.publish_live(room, event.clone()).await?;
             }
             Ok((change, event))
         }
@@ -646,8 +650,7 @@ impl Backbone for NatsBackbone {
         conn: u64,
         entry: &'a PresenceEntry,
     ) -> BoxFuture<'a, Result<(), BackboneError>> {
-        self.presence.rename(scope, conn, entry);
-        futures_util::future::ready(Ok(())).boxed()
+        self.record_rename(scope, conn, entry).boxed()
     }
 
     fn presence_remove<'a>(
@@ -658,9 +661,9 @@ impl Backbone for NatsBackbone {
         event: Option<String>,
     ) -> BoxFuture<'a, Result<PresenceChange, BackboneError>> {
         async move {
-            let change = self.presence.remove(scope, conn, id);
+            let change = self.record_remove(scope, conn, id).await?;
             if let (PresenceChange::FirstOrLast, Some(event), Scope::Room(room)) = (change, event, scope) {
-                self.publish_event(room, event).await?;
+                self.publish_live(room, event).await?;
             }
             Ok(change)
         }
@@ -668,7 +671,7 @@ impl Backbone for NatsBackbone {
     }
 
     fn presence_list<'a>(&'a self, scope: Scope<'a>) -> BoxFuture<'a, Result<Vec<PresenceEntry>, BackboneError>> {
-        futures_util::future::ready(Ok(self.presence.list(scope))).boxed()
+        self.record_list(scope).boxed()
     }
 
     fn is_ready(&self) -> bool {
