@@ -269,9 +269,9 @@ impl NatsBackbone {
             }),
             ..Default::default()
         };
-        let mut stream = self.timed(self.js.get_or_create_stream(config)).await?;
-        let info = self.timed(stream.info()).await?;
-        let state = Self::state_of(info);
+        // The stream comes with the info its lookup (or creation) answered, read just now.
+        let stream = self.timed(self.js.get_or_create_stream(config)).await?;
+        let state = Self::state_of(stream.cached_info());
         self.epochs.insert(room.to_string(), Arc::clone(&state.epoch));
         Ok(state)
     }
@@ -281,13 +281,32 @@ impl NatsBackbone {
         self.ensure_connected().await?;
         match tokio::time::timeout(self.cfg.redis_timeout, self.js.get_stream(self.stream_name(room))).await {
             Err(_) => Err(BackboneError::Timeout(self.cfg.redis_timeout)),
-            Ok(Ok(mut stream)) => {
-                let info = self.timed(stream.info()).await?;
-                Ok(Some(Self::state_of(info)))
-            }
+            Ok(Ok(stream)) => Ok(Some(Self::state_of(stream.cached_info()))),
             Ok(Err(e)) if no_such_stream(&e) => Ok(None),
             Ok(Err(e)) => Err(nats_err(e)),
         }
+    }
+
+    /// The room's last seq and epoch, `None` without a stream. Cheap when the epoch is known
+    /// (the joiner's node is subscribed, so it is): one direct get of the log's last message,
+    /// which bypasses the JetStream API queue that stream lookups wait in.
+    async fn head(&self, room: &str) -> Result<Option<(u64, Arc<str>)>, BackboneError> {
+        let cached = self.epochs.get(room).map(|e| Arc::clone(e.value()));
+        if let Some(epoch) = cached {
+            let stream = self.timed(self.js.get_stream_no_info(self.stream_name(room))).await?;
+            let last = tokio::time::timeout(
+                self.cfg.redis_timeout,
+                stream.direct_get_last_for_subject(self.log_subject(room)),
+            );
+            match last.await {
+                Err(_) => return Err(BackboneError::Timeout(self.cfg.redis_timeout)),
+                Ok(Ok(m)) => return Ok(Some((m.sequence, epoch))),
+                // Nothing logged (or all of it aged out): ask the stream itself.
+                Ok(Err(e)) if e.kind() == stream::DirectGetErrorKind::NotFound => {}
+                Ok(Err(e)) => return Err(nats_err(e)),
+            }
+        }
+        Ok(self.stream_state(room).await?.map(|s| (s.head, s.epoch)))
     }
 
     async fn epoch(&self, room: &str) -> Result<Arc<str>, BackboneError> {
@@ -492,8 +511,8 @@ pub async fn room_heads(
     let mut heads = HashMap::with_capacity(rooms.len());
     for room in rooms {
         let head = match js.get_stream(format!("{prefix}_room_{}", token(room))).await {
-            Ok(mut stream) => {
-                let state = NatsBackbone::state_of(stream.info().await.map_err(nats_err)?);
+            Ok(stream) => {
+                let state = NatsBackbone::state_of(stream.cached_info());
                 (Some(state.epoch.to_string()), state.head)
             }
             Err(e) if no_such_stream(&e) => (None, 0),
@@ -628,8 +647,8 @@ impl Backbone for NatsBackbone {
             let event = match (event, scope) {
                 (Some(e), Scope::Room(room)) => {
                     let body = e.strip_suffix('}').unwrap_or(&e);
-                    Some(match self.stream_state(room).await? {
-                        Some(s) => format!("{body},\"head_seq\":{},\"epoch\":\"{}\"}}", s.head, s.epoch),
+                    Some(match self.head(room).await? {
+                        Some((head, epoch)) => format!("{body},\"head_seq\":{head},\"epoch\":\"{epoch}\"}}"),
                         None => format!("{body},\"head_seq\":0}}"),
                     })
                 }
