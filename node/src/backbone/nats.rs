@@ -316,6 +316,20 @@ impl NatsBackbone {
         Ok(self.ensure_stream(room).await?.epoch)
     }
 
+    /// Publishes to the room's log subject and waits for the stream's acknowledgement; returns
+    /// the seq it assigned.
+    async fn publish_logged(&self, room: &str, payload: Bytes) -> Result<u64, PublishFailure> {
+        let ack = self.timed(self.js.publish(self.log_subject(room), payload)).await.map_err(PublishFailure::Other)?;
+        match tokio::time::timeout(self.cfg.redis_timeout, std::future::IntoFuture::into_future(ack)).await {
+            Err(_) => Err(PublishFailure::Other(BackboneError::Timeout(self.cfg.redis_timeout))),
+            Ok(Ok(ack)) => Ok(ack.sequence),
+            Ok(Err(e)) if e.kind() == jetstream::context::PublishErrorKind::StreamNotFound => {
+                Err(PublishFailure::NoStream)
+            }
+            Ok(Err(e)) => Err(PublishFailure::Other(nats_err(e))),
+        }
+    }
+
     /// Publishes a membership event (no seq, not logged) to every node subscribed to `room`.
     async fn publish_live(&self, room: &str, json: String) -> Result<(), BackboneError> {
         self.ensure_connected().await?;
@@ -523,6 +537,12 @@ pub async fn room_heads(
     Ok(heads)
 }
 
+/// Why a logged publish failed: `NoStream` means nothing was stored (safe to retry).
+enum PublishFailure {
+    NoStream,
+    Other(BackboneError),
+}
+
 /// The frame for `seq` from its logged prefix (which ends in `"seq":`).
 fn complete(prefix: &str, seq: u64, epoch: &str) -> String {
     format!("{prefix}{seq},\"epoch\":\"{epoch}\"}}")
@@ -531,18 +551,27 @@ fn complete(prefix: &str, seq: u64, epoch: &str) -> String {
 impl Backbone for NatsBackbone {
     fn publish_message<'a>(&'a self, room: &'a str, prefix: String) -> BoxFuture<'a, Result<Published, BackboneError>> {
         async move {
+            // Never hand a publish to a disconnected client: it would queue it and send it after
+            // the reconnect, long after the sender was told `backbone_unavailable`.
+            self.ensure_connected().await?;
             let mut epoch = self.epoch(room).await?;
             let payload = Bytes::from(prefix);
-            let mut ack = self.timed(self.js.publish(self.log_subject(room), payload.clone())).await;
-            if ack.is_err() {
-                // The stream may have been lost (NATS restarted): make sure of it, once.
-                self.epochs.remove(room);
-                epoch = self.ensure_stream(room).await?.epoch;
-                ack = self.timed(self.js.publish(self.log_subject(room), payload)).await;
+            let seq = match self.publish_logged(room, payload.clone()).await {
+                // No stream captured the subject, so nothing was stored: the stream was lost
+                // (NATS restarted without it). Make sure of it and try once more.
+                Err(PublishFailure::NoStream) => {
+                    self.epochs.remove(room);
+                    epoch = self.ensure_stream(room).await?.epoch;
+                    self.publish_logged(room, payload).await
+                }
+                other => other,
             }
-            let ack = self.timed(std::future::IntoFuture::into_future(ack?)).await?;
+            .map_err(|e| match e {
+                PublishFailure::NoStream => BackboneError::Nats(format!("no stream for room {room:?}")),
+                PublishFailure::Other(e) => e,
+            })?;
             self.metrics.messages_published.inc();
-            Ok(Published { seq: ack.sequence, epoch: epoch.to_string() })
+            Ok(Published { seq, epoch: epoch.to_string() })
         }
         .boxed()
     }
