@@ -3,7 +3,7 @@
 # missing through apt (Debian/Ubuntu) and saying so. Fails — never skips — when something
 # cannot be had.
 #
-#   scripts/deps.sh            check and install: cargo, redis-server, cargo-nextest
+#   scripts/deps.sh            check and install: cargo, redis-server, nats-server, cargo-nextest
 set -euo pipefail
 
 say() { printf 'deps: %s\n' "$*" >&2; }
@@ -37,6 +37,14 @@ if ! command -v redis-server >/dev/null 2>&1; then
 fi
 command -v redis-server >/dev/null 2>&1 || die "redis-server still missing after install"
 say "redis-server: $(redis-server --version | head -n1)"
+
+if ! command -v nats-server >/dev/null 2>&1; then
+  say "nats-server not found"
+  apt_install nats-server
+  # As with Redis: the tools and tests start their own nats-server on free ports.
+fi
+command -v nats-server >/dev/null 2>&1 || die "nats-server still missing after install"
+say "nats-server: $(nats-server --version | head -n1)"
 
 if ! cargo nextest --version >/dev/null 2>&1; then
   say "cargo-nextest not found; installing it with cargo (a few minutes, once)"

@@ -74,6 +74,8 @@ pub struct ChaosOptions {
     pub duration: Duration,
     /// Kill and restart Redis once, halfway (Redis then runs with an fsync'ed AOF).
     pub redis_restart: bool,
+    /// Run the nodes on the NATS backbone (a private nats-server) instead of Redis.
+    pub nats: bool,
     /// Time between a node's `SIGKILL` and its restart.
     pub restart_delay: Duration,
     /// Longest wait after the load for every client to catch up.
@@ -96,6 +98,7 @@ impl Default for ChaosOptions {
             kill_every: DEFAULT_KILL_EVERY,
             duration: DEFAULT_DURATION,
             redis_restart: false,
+            nats: false,
             restart_delay: DEFAULT_RESTART_DELAY,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
             seed: 1,
@@ -126,6 +129,9 @@ impl ChaosOptions {
         if self.drain_timeout.is_zero() {
             bail!("--drain-timeout must be positive");
         }
+        if self.nats && self.redis_restart {
+            bail!("--redis-restart does not apply with --nats");
+        }
         Ok(())
     }
 }
@@ -141,6 +147,7 @@ impl From<ChaosArgs> for ChaosOptions {
             kill_every: Duration::from_secs_f64(a.kill_every),
             duration: Duration::from_secs_f64(a.duration),
             redis_restart: a.redis_restart,
+            nats: a.nats,
             restart_delay: Duration::from_millis(a.restart_delay_ms),
             drain_timeout: Duration::from_secs_f64(a.drain_timeout),
             seed,
@@ -245,12 +252,16 @@ pub async fn run(opts: ChaosOptions) -> Result<ChaosReport> {
         logs,
         balancer_args: vec!["--health-interval-ms".into(), HEALTH_INTERVAL_MS.to_string()],
         redis_persistence: if opts.redis_restart { Persistence::AppendOnly } else { Persistence::None },
+        nats: opts.nats,
         ..ClusterOptions::default()
     })
     .await
     .context("starting the cluster")?;
-    let redis_port = cluster.redis().map(|r| r.port()).context("the run needs its private Redis")?;
-    say(format!("cluster up: balancer {}, Redis {}", cluster.ws_url(), cluster.redis_url()));
+    let store = match cluster.nats() {
+        Some(nats) => HeadStore::Nats(nats.url()),
+        None => HeadStore::Redis(cluster.redis().map(|r| r.port()).context("the run needs its private Redis")?),
+    };
+    say(format!("cluster up: balancer {}, backbone {}", cluster.ws_url(), store));
 
     let shared = Arc::new(Shared::new());
     let plan = plan_rooms(opts.seed, opts.clients, opts.rooms);
@@ -313,7 +324,7 @@ pub async fn run(opts: ChaosOptions) -> Result<ChaosReport> {
     let mut caught_up_before = false;
     let mut last_progress = Instant::now();
     let drained = loop {
-        if let Ok(h) = room_heads(redis_port, opts.rooms).await {
+        if let Ok(h) = store.room_heads(opts.rooms).await {
             heads = Some(h);
         }
         let (ready, behind) = drain_state(&members, heads.as_ref());
@@ -371,6 +382,7 @@ pub async fn run(opts: ChaosOptions) -> Result<ChaosReport> {
             kill_every_s: opts.kill_every.as_secs_f64(),
             duration_s: opts.duration.as_secs_f64(),
             redis_restart: opts.redis_restart,
+            backbone: if opts.nats { "nats" } else { "redis" },
             restart_delay_ms: u64::try_from(opts.restart_delay.as_millis()).unwrap_or(u64::MAX),
             drain_timeout_s: opts.drain_timeout.as_secs_f64(),
             seed: opts.seed,
@@ -746,6 +758,39 @@ fn drain_state(members: &[Member], heads: Option<&Heads>) -> (usize, u64) {
         }
     }
     (ready, behind)
+}
+
+/// Where the rooms' heads (last seq assigned, epoch) are read from.
+enum HeadStore {
+    /// The private Redis' port.
+    Redis(u16),
+    /// The private NATS server's URL.
+    Nats(String),
+}
+
+impl std::fmt::Display for HeadStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Redis(port) => write!(f, "Redis redis://127.0.0.1:{port}/"),
+            Self::Nats(url) => write!(f, "NATS {url}"),
+        }
+    }
+}
+
+impl HeadStore {
+    async fn room_heads(&self, rooms: usize) -> Result<Heads> {
+        match self {
+            Self::Redis(port) => room_heads(*port, rooms).await,
+            Self::Nats(url) => {
+                let names: Vec<String> = (0..rooms).map(room_name).collect();
+                let heads =
+                    timeout(Duration::from_secs(2), tether_node::backbone::nats::room_heads(url, KEY_PREFIX, &names))
+                        .await
+                        .context("NATS did not answer within 2 s")??;
+                Ok(heads.into_iter().collect())
+            }
+        }
+    }
 }
 
 /// Each room's `(epoch, seq)` counter in Redis: `HMGET tether:room:{ROOM}:meta seq epoch`,

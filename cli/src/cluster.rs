@@ -653,8 +653,10 @@ impl NatsServer {
                  or `apt-get install nats-server`"
             )
         })?;
-        let dir =
-            tempfile::Builder::new().prefix("tether-nats-").tempdir().context("creating a directory for nats-server")?;
+        let dir = tempfile::Builder::new()
+            .prefix("tether-nats-")
+            .tempdir()
+            .context("creating a directory for nats-server")?;
         let logfile = logfile.unwrap_or_else(|| dir.path().join("nats.log"));
         let mut last_err = anyhow!("no usable port found");
         for attempt in 0..REDIS_PORT_ATTEMPTS {

@@ -10,6 +10,8 @@
 //! - [`bench`]: `tether bench rtt|idle|fanout|proxies`: round-trip latency, memory per idle
 //!   connection, room fan-out, and the balancer against HAProxy and nginx;
 //! - [`chaos`]: `tether chaos`, nodes killed under load, every message accounted for;
+//! - [`compare`]: `tether compare`, single node vs sticky sessions vs the Redis and NATS
+//!   backbones on one workload: delivery, latency, highest sustained rate, node loss;
 //! - [`args`]: the clap definitions.
 #![deny(unsafe_code)]
 
@@ -18,12 +20,10 @@ pub mod bench;
 pub mod chaos;
 pub mod chat;
 pub mod cluster;
+pub mod compare;
 pub mod up;
 
 use args::{BenchKind, Cli, Command};
-
-/// Exit code of a subcommand that exists on the command line but not yet in code.
-pub const EXIT_NOT_IMPLEMENTED: i32 = 2;
 
 /// Runs one parsed command line and returns the process exit code.
 pub async fn run(cli: Cli) -> anyhow::Result<i32> {
@@ -39,11 +39,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<i32> {
             BenchKind::Worker(args) => bench::worker::run_cli(args).await,
         },
         Command::Chaos(args) => chaos::run_cli(args).await,
-        Command::Compare(_) => Ok(not_implemented("compare", 5)),
+        Command::Compare(args) => compare::run_cli(args).await,
     }
-}
-
-fn not_implemented(what: &str, issue: u32) -> i32 {
-    eprintln!("not implemented yet: tether {what} is planned in issue {issue}");
-    EXIT_NOT_IMPLEMENTED
 }

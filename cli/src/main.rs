@@ -3,11 +3,17 @@
 
 use clap::Parser;
 use std::process::ExitCode;
-use tether::args::Cli;
+use tether::args::{Cli, Command};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tether_proto::logging::init(cli.log_format, "warn");
+    // `compare` provokes gaps and lost resumes on purpose and counts them itself; the client
+    // library's warnings about each would bury its progress lines. `RUST_LOG` still wins.
+    let default_filter = match cli.command {
+        Command::Compare(_) => "warn,tether_client=error",
+        _ => "warn",
+    };
+    tether_proto::logging::init(cli.log_format, default_filter);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

@@ -249,12 +249,20 @@ async fn chat_refuses_a_bad_url_with_exit_code_1() -> Result<()> {
 }
 
 #[tokio::test]
-async fn planned_subcommands_exit_2_and_say_which_issue() -> Result<()> {
-    // `bench idle|fanout|proxies` are implemented now; `compare` is still planned.
-    let output = Command::new(env!("CARGO_BIN_EXE_tether")).args(["compare", "--quick"]).output().await?;
-    let err = String::from_utf8_lossy(&output.stderr);
-    assert_eq!(output.status.code(), Some(2), "{err}");
-    assert!(err.contains("not implemented yet") && err.contains("tether compare is planned in issue 5"), "{err}");
+async fn compare_rejects_a_bad_flag_before_starting_anything() -> Result<()> {
+    // (Its real runs are in the workspace's end-to-end tests: tests/tests/compare.rs.)
+    let out = std::env::temp_dir().join(format!("tether-compare-bad-flags-{}", std::process::id()));
+    for (args, names) in [
+        (&["compare", "--clients", "10", "--rooms", "11"][..], "--rooms"),
+        (&["compare", "--modes", "kafka"], "--modes"),
+        (&["compare", "--steps", "100,0"], "--steps"),
+    ] {
+        let output = Command::new(env!("CARGO_BIN_EXE_tether")).args(args).arg("--out").arg(&out).output().await?;
+        let err = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(names), "names the flag: {err}");
+    }
+    assert!(!out.exists(), "nothing was started or written");
     Ok(())
 }
 

@@ -14,6 +14,8 @@ pub struct RunConfig {
     pub kill_every_s: f64,
     pub duration_s: f64,
     pub redis_restart: bool,
+    /// `redis` or `nats`.
+    pub backbone: &'static str,
     pub restart_delay_ms: u64,
     pub drain_timeout_s: f64,
     pub seed: u64,
@@ -197,15 +199,17 @@ impl ChaosReport {
             "0 (not requested)".into()
         };
         let assigned = match self.seqs_assigned_by_redis {
-            Some(n) => format!("{} (Redis counters: {n}; never received: {})", self.published, self.never_observed),
-            None => format!("{} (Redis counters unreadable)", self.published),
+            Some(n) => {
+                format!("{} ({} counters: {n}; never received: {})", self.published, c.backbone, self.never_observed)
+            }
+            None => format!("{} ({} counters unreadable)", self.published, c.backbone),
         };
         let rows: Vec<(&str, String)> = vec![
             (
                 "cluster",
                 format!(
-                    "{} nodes, {} clients, {} rooms, {} msg/s, seed {}",
-                    c.nodes, c.clients, c.rooms, c.rate, c.seed
+                    "{} nodes on {}, {} clients, {} rooms, {} msg/s, seed {}",
+                    c.nodes, c.backbone, c.clients, c.rooms, c.rate, c.seed
                 ),
             ),
             (
