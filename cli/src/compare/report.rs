@@ -148,6 +148,10 @@ pub struct StepReport {
     pub reason: Option<String>,
     /// As in [`PhaseFigures`].
     pub generator_max_stall_us: u64,
+    /// Trials run at this rate: a step that fails is run once more, and only a second failure
+    /// ends the step-up (one scheduling hiccup on a shared machine is not a limit). The
+    /// figures are the last trial's.
+    pub trials: u32,
 }
 
 /// The node-loss phase.
@@ -342,7 +346,11 @@ impl CompareReport {
             for m in &modes {
                 match m.steps.iter().find(|st| st.rate == *rate) {
                     Some(st) => {
-                        let verdict = if st.sustained { "ok" } else { "**stop**" };
+                        let verdict = match (st.sustained, st.trials > 1) {
+                            (true, false) => "ok",
+                            (true, true) => "ok (2nd trial)",
+                            (false, _) => "**stop**",
+                        };
                         let _ = write!(
                             s,
                             " {verdict}: p99 {}, {} delivered, {} msg/s written |",
@@ -423,7 +431,8 @@ impl CompareReport {
             "Workload, the same for every mode: {} reconnecting clients (`tether-client`) in {} rooms, one room each, \
              all through one `tether-balancer`; a fixed {} msg/s for {:.1} s (after {:.1} s of warm-up) for delivery \
              and latency; a step-up at {} msg/s, {:.1} s per step, until p99 exceeds {:.0} ms, delivery falls under \
-             99 % of the fixed phase's, or the publisher cannot write the rate; then one node killed with SIGKILL at \
+             99 % of the fixed phase's, or the publisher cannot write the rate, in two trials of the same step; then \
+             one node killed with SIGKILL at \
              {} msg/s (with one node, it is restarted after {:.1} s). The load generator and the servers share the \
              machine. How each figure is measured: `docs/COMPARISON.md`.\n",
             r.clients,
@@ -546,6 +555,7 @@ mod tests {
                     sustained: true,
                     reason: None,
                     generator_max_stall_us: 0,
+                    trials: 1,
                 },
                 StepReport {
                     rate: 2000.0,
@@ -555,6 +565,7 @@ mod tests {
                     sustained: true,
                     reason: None,
                     generator_max_stall_us: 0,
+                    trials: 1,
                 },
                 StepReport {
                     rate: 4000.0,
@@ -564,6 +575,7 @@ mod tests {
                     sustained: false,
                     reason: Some("p99".into()),
                     generator_max_stall_us: 0,
+                    trials: 1,
                 },
             ],
             node_loss: Some(NodeLoss {
