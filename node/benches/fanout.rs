@@ -1,22 +1,22 @@
 //! The node's per-message hot path, minus the network: decode the client's frame
 //! (`wire::decode`), build the frame head once (`MessageHead::json_prefix`), complete it as the
 //! publish script would (`seq`, `epoch`), and offer it to 1,000 local members of the room
-//! (`Hub::deliver`: gate check, byte budget, `try_send` of one shared `Utf8Bytes`).
+//! (`Hub::deliver`: gate check, queue bounds, a push of one shared `Utf8Bytes`).
 //!
-//! Members are bounded `tokio::sync::mpsc` channels. They are drained (and their byte budgets
+//! Members are their connections' bounded send queues (`Outbox`). They are drained (and their byte budgets
 //! released, as the writer task would) *between* timed iterations, so every iteration
 //! delivers to 1,000 members with room in their queues and no one is kicked as slow.
 //!
 //! `cargo bench -p tether-node --bench fanout`
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use futures_util::FutureExt;
 use std::hint::black_box;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use tether_node::hub::{Budget, Gate, Hub, Member};
+use tether_node::hub::{Gate, Hub, Member, Outbox};
 use tether_node::metrics::Metrics;
 use tether_proto::wire::{self, ClientMsg, MessageHead};
-use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
 
@@ -27,17 +27,16 @@ const EPOCH: &str = "9f2c41d0a7b3";
 struct Room {
     hub: Hub,
     metrics: Metrics,
-    queues: Vec<(mpsc::Receiver<Utf8Bytes>, Arc<Budget>)>,
+    queues: Vec<Arc<Outbox>>,
 }
 
 fn room(members: usize) -> Room {
     let hub = Hub::new(1024);
     let mut queues = Vec::with_capacity(members);
     for conn in 0..members as u64 {
-        let (tx, rx) = mpsc::channel(1024);
-        let budget = Budget::new(1 << 20);
-        hub.add(ROOM, conn, Member { tx, budget: Arc::clone(&budget), kick: CancellationToken::new() }, Gate::open());
-        queues.push((rx, budget));
+        let out = Outbox::new(1024, 1 << 20);
+        hub.add(ROOM, conn, Member { out: Arc::clone(&out), kick: CancellationToken::new() }, Gate::open());
+        queues.push(out);
     }
     Room { hub, metrics: Metrics::new(), queues }
 }
@@ -66,10 +65,9 @@ fn one_message(room: &Room, seq: u64) -> usize {
 }
 
 fn drain(room: &mut Room) {
-    for (rx, budget) in &mut room.queues {
-        while let Ok(frame) = rx.try_recv() {
-            budget.release(frame.len());
-        }
+    for out in &room.queues {
+        let batch = out.take().now_or_never().unwrap_or_default();
+        out.sent(batch.iter().map(|f| f.len()).sum());
     }
 }
 

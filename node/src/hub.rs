@@ -13,44 +13,112 @@
 
 use dashmap::DashMap;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
 
-/// Bytes queued for one connection but not yet handed to its socket, against a limit.
+/// One connection's send queue, bounded in frames and in bytes: the rooms push into it
+/// (through [`Member`]), the connection's writer drains it.
+///
+/// Not a `tokio::sync::mpsc` channel: that allocates its first block of slots (32 frames,
+/// over 1 KiB) when created and keeps it, so every idle client would pay for it. This queue
+/// allocates on the first frame, and the writer takes the whole queue at once, so a drained
+/// queue holds no memory at all.
 #[derive(Debug)]
-pub struct Budget {
-    queued: AtomicUsize,
-    limit: usize,
+pub struct Outbox {
+    queue: Mutex<Queue>,
+    /// Woken when a frame arrives in an empty queue (a permit is kept if nobody waits).
+    ready: tokio::sync::Notify,
+    max_frames: usize,
+    max_bytes: usize,
 }
 
-impl Budget {
-    pub fn new(limit: usize) -> Arc<Self> {
-        Arc::new(Self { queued: AtomicUsize::new(0), limit })
+#[derive(Debug, Default)]
+struct Queue {
+    frames: std::collections::VecDeque<Utf8Bytes>,
+    /// Bytes queued or taken by the writer but not yet handed to the socket.
+    bytes: usize,
+    /// The writer is gone: nothing is taken any more.
+    closed: bool,
+}
+
+/// What [`Outbox::push`] did with a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pushed {
+    Queued,
+    /// Over the bound in frames or bytes: the member is a slow consumer.
+    Full,
+    /// The connection's writer has ended.
+    Closed,
+}
+
+impl Outbox {
+    pub fn new(max_frames: usize, max_bytes: usize) -> Arc<Self> {
+        Arc::new(Self { queue: Mutex::new(Queue::default()), ready: tokio::sync::Notify::new(), max_frames, max_bytes })
     }
 
-    /// Called by the writer once a frame has left the queue.
-    pub fn release(&self, bytes: usize) {
-        self.queued.fetch_sub(bytes, Ordering::Relaxed);
+    fn lock(&self) -> MutexGuard<'_, Queue> {
+        // Nothing panics while holding it; a poisoned queue is still a consistent queue.
+        self.queue.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn queued(&self) -> usize {
-        self.queued.load(Ordering::Relaxed)
+    pub fn push(&self, frame: Utf8Bytes) -> Pushed {
+        let mut q = self.lock();
+        if q.closed {
+            return Pushed::Closed;
+        }
+        if q.frames.len() >= self.max_frames || q.bytes + frame.len() > self.max_bytes {
+            return Pushed::Full;
+        }
+        let was_empty = q.frames.is_empty();
+        q.bytes += frame.len();
+        q.frames.push_back(frame);
+        drop(q);
+        if was_empty {
+            self.ready.notify_one();
+        }
+        Pushed::Queued
+    }
+
+    /// Waits until frames are queued, then takes them all (oldest first). Their bytes still
+    /// count against the bound until [`Outbox::sent`] says they reached the socket.
+    pub async fn take(&self) -> std::collections::VecDeque<Utf8Bytes> {
+        loop {
+            let batch = std::mem::take(&mut self.lock().frames);
+            if !batch.is_empty() {
+                return batch;
+            }
+            self.ready.notified().await;
+        }
+    }
+
+    /// `bytes` of taken frames were handed to the socket.
+    pub fn sent(&self, bytes: usize) {
+        let mut q = self.lock();
+        q.bytes = q.bytes.saturating_sub(bytes);
+    }
+
+    /// The writer has ended: drops what is queued and refuses what comes.
+    pub fn close(&self) {
+        let mut q = self.lock();
+        q.closed = true;
+        q.frames = Default::default();
+    }
+
+    /// Bytes queued or being written.
+    pub fn queued_bytes(&self) -> usize {
+        self.lock().bytes
     }
 }
 
 /// The handle a room keeps for one local member.
 #[derive(Debug, Clone)]
 pub struct Member {
-    /// The member's send queue (bounded in frames): text frames shared with every other
-    /// recipient.
-    pub tx: mpsc::Sender<Utf8Bytes>,
-    /// The same queue's bound in bytes.
-    pub budget: Arc<Budget>,
+    /// The member's send queue: text frames shared with every other recipient.
+    pub out: Arc<Outbox>,
     /// Cancelled when the member cannot keep up; its connection task closes it.
     pub kick: CancellationToken,
 }
@@ -59,22 +127,14 @@ impl Member {
     /// Queues a frame; a queue full in frames or bytes makes this member a slow consumer,
     /// closed with 1008 — fan-out never waits and never buffers without bound.
     pub fn offer(&self, frame: Utf8Bytes, metrics: &Metrics) -> bool {
-        let len = frame.len();
-        if self.budget.queued.fetch_add(len, Ordering::Relaxed) + len > self.budget.limit {
-            self.budget.release(len);
-            self.slow(metrics);
-            return false;
-        }
-        match self.tx.try_send(frame) {
-            Ok(()) => true,
-            Err(e) => {
-                self.budget.release(len);
-                if matches!(e, mpsc::error::TrySendError::Full(_)) {
-                    self.slow(metrics);
-                }
-                // Closed: the connection is on its way out; its cleanup removes it from rooms.
+        match self.out.push(frame) {
+            Pushed::Queued => true,
+            Pushed::Full => {
+                self.slow(metrics);
                 false
             }
+            // The connection is on its way out; its cleanup removes it from rooms.
+            Pushed::Closed => false,
         }
     }
 
@@ -356,9 +416,14 @@ impl Hub {
 mod tests {
     use super::*;
 
-    fn member(cap: usize) -> (Member, mpsc::Receiver<Utf8Bytes>) {
-        let (tx, rx) = mpsc::channel(cap);
-        (Member { tx, budget: Budget::new(1 << 20), kick: CancellationToken::new() }, rx)
+    fn member(cap: usize) -> (Member, Arc<Outbox>) {
+        let out = Outbox::new(cap, 1 << 20);
+        (Member { out: Arc::clone(&out), kick: CancellationToken::new() }, out)
+    }
+
+    /// What the writer would take now, without waiting.
+    fn taken(out: &Outbox) -> Vec<Utf8Bytes> {
+        std::mem::take(&mut out.lock().frames).into()
     }
 
     #[test]
@@ -380,7 +445,7 @@ mod tests {
         let hub = Hub::new(8);
         let metrics = Metrics::new();
         let (slow, _rs) = member(1);
-        let (fast, mut rf) = member(8);
+        let (fast, rf) = member(8);
         hub.add("r", 1, slow.clone(), Gate::open());
         hub.add("r", 2, fast.clone(), Gate::open());
         let frame = Utf8Bytes::from_static("{}");
@@ -388,8 +453,7 @@ mod tests {
         assert_eq!(hub.deliver("r", &frame, &metrics), 1);
         assert!(slow.kick.is_cancelled());
         assert!(!fast.kick.is_cancelled());
-        assert!(rf.try_recv().is_ok());
-        assert!(rf.try_recv().is_ok());
+        assert_eq!(taken(&rf).len(), 2);
     }
 
     fn msg(seq: u64, epoch: &str) -> Utf8Bytes {
@@ -409,21 +473,20 @@ mod tests {
     fn a_gate_drops_seqs_already_sent_and_holds_while_resuming() {
         let hub = Hub::new(8);
         let metrics = Metrics::new();
-        let (m, mut rx) = member(16);
+        let (m, rx) = member(16);
         let gate = Gate::open();
         hub.add("r", 1, m, Arc::clone(&gate));
         hub.deliver("r", &msg(1, "e"), &metrics);
         hub.deliver("r", &msg(1, "e"), &metrics);
-        assert!(rx.try_recv().is_ok());
-        assert!(rx.try_recv().is_err(), "seq 1 twice is delivered once");
+        assert_eq!(taken(&rx).len(), 1, "seq 1 twice is delivered once");
         gate.hold();
         hub.deliver("r", &msg(2, "e"), &metrics);
-        assert!(rx.try_recv().is_err(), "held");
+        assert!(taken(&rx).is_empty(), "held");
         assert_eq!(gate.lock().held.as_ref().map(Vec::len), Some(1));
         // A new epoch starts again at 1 and is not mistaken for a duplicate.
         gate.lock().held = None;
         hub.deliver("r", &msg(1, "e2"), &metrics);
-        assert!(rx.try_recv().is_ok());
+        assert_eq!(taken(&rx).len(), 1);
     }
 
     #[test]
@@ -441,11 +504,37 @@ mod tests {
     #[test]
     fn a_queue_over_its_byte_budget_kicks_its_member() {
         let metrics = Metrics::new();
-        let (tx, _rx) = mpsc::channel(100);
-        let m = Member { tx, budget: Budget::new(10), kick: CancellationToken::new() };
+        let m = Member { out: Outbox::new(100, 10), kick: CancellationToken::new() };
         assert!(m.offer(Utf8Bytes::from_static("123456"), &metrics));
         assert!(!m.offer(Utf8Bytes::from_static("123456"), &metrics));
         assert!(m.kick.is_cancelled());
-        assert_eq!(m.budget.queued(), 6);
+        assert_eq!(m.out.queued_bytes(), 6);
+    }
+
+    #[test]
+    fn taken_frames_count_until_sent_and_a_closed_queue_refuses() {
+        let out = Outbox::new(2, 100);
+        assert_eq!(out.push(Utf8Bytes::from_static("ab")), Pushed::Queued);
+        assert_eq!(out.push(Utf8Bytes::from_static("cd")), Pushed::Queued);
+        assert_eq!(out.push(Utf8Bytes::from_static("ef")), Pushed::Full, "two frames at most");
+        let batch = taken(&out);
+        assert_eq!(batch.len(), 2);
+        assert_eq!(out.queued_bytes(), 4, "taken is not yet sent");
+        out.sent(4);
+        assert_eq!(out.queued_bytes(), 0);
+        assert_eq!(out.lock().frames.capacity(), 0, "a drained queue holds no memory");
+        out.close();
+        assert_eq!(out.push(Utf8Bytes::from_static("gh")), Pushed::Closed);
+    }
+
+    #[tokio::test]
+    async fn the_writer_wakes_for_a_frame_pushed_while_it_was_not_waiting() {
+        let out = Outbox::new(8, 100);
+        out.push(Utf8Bytes::from_static("x"));
+        let first = out.take().await;
+        assert_eq!(first.len(), 1);
+        out.push(Utf8Bytes::from_static("y"));
+        let second = tokio::time::timeout(std::time::Duration::from_secs(5), out.take()).await.expect("woken");
+        assert_eq!(second.front().map(|f| f.as_str()), Some("y"));
     }
 }

@@ -17,7 +17,7 @@
 
 use crate::backbone::Backbone;
 use crate::backbone::{PresenceChange, PresenceEntry, Scope, SessionRecord};
-use crate::hub::{Budget, FrameMeta, Gate, Member};
+use crate::hub::{FrameMeta, Gate, Member, Outbox};
 use crate::server::NodeState;
 use futures_util::{SinkExt, StreamExt};
 use std::collections::BTreeMap;
@@ -28,7 +28,7 @@ use tether_proto::wire::{
     CLOSE_TOO_BIG,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
@@ -73,11 +73,10 @@ async fn serve<S>(
     async move {
         state.metrics.connections_active.inc();
         state.metrics.connections_total.inc();
-        let (tx, rx) = mpsc::channel(state.cfg.send_queue_len);
+        let out = Outbox::new(state.cfg.send_queue_len, state.cfg.send_queue_bytes);
         let kick = CancellationToken::new();
-        let budget = Budget::new(state.cfg.send_queue_bytes);
         let (close_tx, close_rx) = oneshot::channel();
-        let writer = tokio::spawn(write_loop(sink, rx, Arc::clone(&budget), kick.clone(), close_rx).in_current_span());
+        let writer = tokio::spawn(write_loop(sink, Arc::clone(&out), kick.clone(), close_rx).in_current_span());
         let id: Arc<str> = Arc::from(client_id.as_str());
         state.hub.register(conn, Arc::clone(&id));
         let mut client = Client {
@@ -85,7 +84,7 @@ async fn serve<S>(
             name: None,
             rooms: BTreeMap::new(),
             conn,
-            member: Member { tx, budget, kick },
+            member: Member { out, kick },
             state: Arc::clone(&state),
             grace_until: None,
             tokens: f64::from(state.cfg.rate_limit_burst),
@@ -97,8 +96,12 @@ async fn serve<S>(
         let close = client.read_loop(stream).await;
         Box::pin(client.leave_all()).await;
         state.hub.unregister(conn);
-        if let Some(close) = close {
-            let _ = close_tx.send(close);
+        // Either way the writer hears of it: a close frame to send, or (sender dropped) none.
+        match close {
+            Some(close) => {
+                let _ = close_tx.send(close);
+            }
+            None => drop(close_tx),
         }
         drop(client);
         // The writer ends once the close frame is out, the peer is gone, or the deadline
@@ -114,8 +117,7 @@ async fn serve<S>(
 /// Drains the send queue into the socket until the connection ends.
 async fn write_loop<S>(
     mut sink: futures_util::stream::SplitSink<WebSocketStream<S>, Message>,
-    mut rx: mpsc::Receiver<Utf8Bytes>,
-    budget: Arc<Budget>,
+    out: Arc<Outbox>,
     kick: CancellationToken,
     mut close_rx: oneshot::Receiver<(u16, &'static str)>,
 ) where
@@ -126,23 +128,20 @@ async fn write_loop<S>(
             biased;
             _ = kick.cancelled() => break Some((CLOSE_POLICY, "slow consumer")),
             c = &mut close_rx => break c.ok(),
-            frame = rx.recv() => {
-                let Some(frame) = frame else { break None };
+            batch = out.take() => {
+                // Everything queued goes out in one flush; the batch's memory is freed after.
                 let write = async {
-                    let len = frame.len();
-                    sink.feed(Message::Text(frame)).await?;
-                    budget.release(len);
-                    // Batch whatever else is queued into the same flush.
-                    while let Ok(more) = rx.try_recv() {
-                        let len = more.len();
-                        sink.feed(Message::Text(more)).await?;
-                        budget.release(len);
+                    for frame in batch {
+                        let len = frame.len();
+                        sink.feed(Message::Text(frame)).await?;
+                        out.sent(len);
                     }
                     sink.flush().await
                 };
                 tokio::select! {
                     r = write => if let Err(e) = r {
                         debug!(error = %e, "write failed");
+                        out.close();
                         return;
                     },
                     _ = kick.cancelled() => break Some((CLOSE_POLICY, "slow consumer")),
@@ -150,6 +149,7 @@ async fn write_loop<S>(
             }
         }
     };
+    out.close();
     match close {
         Some((code, reason)) => {
             let frame = CloseFrame { code: CloseCode::from(code), reason: reason.into() };
