@@ -8,9 +8,9 @@
 //! they are. Every change of name or rooms is written to the session before it is confirmed,
 //! so a node killed at any moment loses nothing of it.
 //!
-//! The connection task reads and handles client frames in order; a separate writer task owns
-//! the socket's write half and drains the client's bounded send queue, so fan-out never
-//! waits on this client and this client's reads never wait on its writes. The writer closes
+//! One task per connection reads and handles client frames in order and drains the client's
+//! bounded send queue into the socket, also while a frame's handling waits on the backbone;
+//! fan-out never waits on this client (it only pushes into the queue). The connection closes
 //! with 1008 when the hub kicks a slow consumer, with 1012 on node shutdown and with 1009 on
 //! an oversized frame; a peer that stopped reading gets at most [`CLOSE_DEADLINE`] to take
 //! the close frame before its TCP connection is dropped.
@@ -28,7 +28,6 @@ use tether_proto::wire::{
     CLOSE_TOO_BIG,
 };
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::oneshot;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
@@ -41,29 +40,12 @@ pub const CLOSE_DEADLINE: Duration = Duration::from_secs(5);
 
 /// Serves one upgraded connection until it ends; then leaves every room it was in.
 ///
-/// Not an `async fn`: an async fn's future keeps room for its arguments for its whole life,
-/// and a `WebSocketStream` is large. Splitting it first leaves two pointers in the future that
-/// every idle connection keeps.
-pub fn run<S>(
-    ws: WebSocketStream<S>,
-    client_id: String,
-    peer: String,
-    state: Arc<NodeState>,
-) -> impl std::future::Future<Output = ()> + Send
+/// One task per connection, reading and writing: it waits for the client's next frame and for
+/// frames in its send queue at once. (A separate writer task, with the socket split in two
+/// halves, cost an idle client another task, a lock shared by the halves and the writer's
+/// future — about 1.5 KiB of its 6.)
+pub async fn run<S>(mut ws: WebSocketStream<S>, client_id: String, peer: String, state: Arc<NodeState>)
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
-    let (sink, stream) = ws.split();
-    serve(sink, stream, client_id, peer, state)
-}
-
-async fn serve<S>(
-    sink: futures_util::stream::SplitSink<WebSocketStream<S>, Message>,
-    stream: futures_util::stream::SplitStream<WebSocketStream<S>>,
-    client_id: String,
-    peer: String,
-    state: Arc<NodeState>,
-) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let conn = state.hub.next_conn_id();
@@ -74,9 +56,6 @@ async fn serve<S>(
         state.metrics.connections_active.inc();
         state.metrics.connections_total.inc();
         let out = Outbox::new(state.cfg.send_queue_len, state.cfg.send_queue_bytes);
-        let kick = CancellationToken::new();
-        let (close_tx, close_rx) = oneshot::channel();
-        let writer = tokio::spawn(write_loop(sink, Arc::clone(&out), kick.clone(), close_rx).in_current_span());
         let id: Arc<str> = Arc::from(client_id.as_str());
         state.hub.register(conn, Arc::clone(&id));
         let mut client = Client {
@@ -84,7 +63,7 @@ async fn serve<S>(
             name: None,
             rooms: BTreeMap::new(),
             conn,
-            member: Member { out, kick },
+            member: Member { out, kick: CancellationToken::new() },
             state: Arc::clone(&state),
             grace_until: None,
             tokens: f64::from(state.cfg.rate_limit_burst),
@@ -93,20 +72,29 @@ async fn serve<S>(
         // The rarely-run steps are boxed: a connection's task is sized by its largest await
         // state, and an idle connection should pay only for waiting on its next frame.
         Box::pin(client.start()).await;
-        let close = client.read_loop(stream).await;
+        let close = client.serve(&mut ws).await;
+        client.member.out.close();
+        // The goodbye goes out while the rooms are left: a peer that stopped reading may take
+        // up to CLOSE_DEADLINE to refuse it, and nobody else should wait for that.
+        let goodbye = tokio::spawn(
+            async move {
+                match close {
+                    Some((code, reason)) => {
+                        let frame = CloseFrame { code: CloseCode::from(code), reason: reason.into() };
+                        let _ = tokio::time::timeout(CLOSE_DEADLINE, ws.send(Message::Close(Some(frame)))).await;
+                    }
+                    // The peer closed or vanished: flush the close reply tungstenite queued.
+                    None => {
+                        let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
+                    }
+                }
+            }
+            .in_current_span(),
+        );
         Box::pin(client.leave_all()).await;
         state.hub.unregister(conn);
-        // Either way the writer hears of it: a close frame to send, or (sender dropped) none.
-        match close {
-            Some(close) => {
-                let _ = close_tx.send(close);
-            }
-            None => drop(close_tx),
-        }
         drop(client);
-        // The writer ends once the close frame is out, the peer is gone, or the deadline
-        // passed; it never outlives CLOSE_DEADLINE by much.
-        let _ = writer.await;
+        let _ = goodbye.await;
         state.metrics.connections_active.dec();
         debug!("connection closed");
     }
@@ -114,52 +102,66 @@ async fn serve<S>(
     .await
 }
 
-/// Drains the send queue into the socket until the connection ends.
-async fn write_loop<S>(
-    mut sink: futures_util::stream::SplitSink<WebSocketStream<S>, Message>,
-    out: Arc<Outbox>,
-    kick: CancellationToken,
-    mut close_rx: oneshot::Receiver<(u16, &'static str)>,
-) where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+/// Why a connection stopped writing.
+enum WriteStop {
+    /// The hub found it too slow: close with 1008.
+    Kicked,
+    /// The socket failed: nothing more can be sent.
+    Failed,
+}
+
+/// Writes a batch taken from the send queue and flushes it, unless the member is kicked first.
+async fn write_batch<S>(
+    ws: &mut WebSocketStream<S>,
+    batch: std::collections::VecDeque<Utf8Bytes>,
+    out: &Outbox,
+    kick: &CancellationToken,
+) -> Result<(), WriteStop>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
 {
-    let close = loop {
+    let write = async {
+        for frame in batch {
+            let len = frame.len();
+            ws.feed(Message::Text(frame)).await?;
+            out.sent(len);
+        }
+        ws.flush().await
+    };
+    tokio::select! {
+        r = write => r.map_err(|e| {
+            debug!(error = %e, "write failed");
+            WriteStop::Failed
+        }),
+        _ = kick.cancelled() => Err(WriteStop::Kicked),
+    }
+}
+
+/// Runs `work` to its end while writing out whatever is queued meanwhile (a resume queues a
+/// whole replay), so a long step never fills this client's own queue. If writing has to stop,
+/// `work` still runs to its end (dropping it halfway could leave a room half joined); the
+/// reason comes back with its output.
+async fn writing_while<F, S>(
+    work: F,
+    ws: &mut WebSocketStream<S>,
+    out: &Outbox,
+    kick: &CancellationToken,
+) -> (F::Output, Option<WriteStop>)
+where
+    F: std::future::Future,
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    tokio::pin!(work);
+    loop {
         tokio::select! {
             biased;
-            _ = kick.cancelled() => break Some((CLOSE_POLICY, "slow consumer")),
-            c = &mut close_rx => break c.ok(),
+            r = &mut work => return (r, None),
+            _ = kick.cancelled() => return (work.await, Some(WriteStop::Kicked)),
             batch = out.take() => {
-                // Everything queued goes out in one flush; the batch's memory is freed after.
-                let write = async {
-                    for frame in batch {
-                        let len = frame.len();
-                        sink.feed(Message::Text(frame)).await?;
-                        out.sent(len);
-                    }
-                    sink.flush().await
-                };
-                tokio::select! {
-                    r = write => if let Err(e) = r {
-                        debug!(error = %e, "write failed");
-                        out.close();
-                        return;
-                    },
-                    _ = kick.cancelled() => break Some((CLOSE_POLICY, "slow consumer")),
+                if let Err(stop) = write_batch(ws, batch, out, kick).await {
+                    return (work.await, Some(stop));
                 }
             }
-        }
-    };
-    out.close();
-    match close {
-        Some((code, reason)) => {
-            let frame = CloseFrame { code: CloseCode::from(code), reason: reason.into() };
-            // A peer that stopped reading may never take this frame; it then loses its socket
-            // when the deadline passes and `sink` is dropped.
-            let _ = tokio::time::timeout(CLOSE_DEADLINE, sink.send(Message::Close(Some(frame)))).await;
-        }
-        // The peer closed or vanished: flush the close reply tungstenite queued, if any.
-        None => {
-            let _ = tokio::time::timeout(Duration::from_secs(1), sink.close()).await;
         }
     }
 }
@@ -347,27 +349,44 @@ impl Client {
     }
 
     /// Handles frames until the connection should end; returns the close to send, if any.
-    async fn read_loop<St>(&mut self, mut stream: St) -> Option<(u16, &'static str)>
+    /// Reads and handles the client's frames and writes out its send queue, until the
+    /// connection ends; returns the close frame to send, if any.
+    async fn serve<S>(&mut self, ws: &mut WebSocketStream<S>) -> Option<(u16, &'static str)>
     where
-        St: futures_util::Stream<Item = Result<Message, WsError>> + Unpin,
+        S: AsyncRead + AsyncWrite + Unpin,
     {
         let shutdown = self.state.shutdown.clone();
         let kick = self.member.kick.clone();
+        let out = Arc::clone(&self.member.out);
+        let stopped = |stop: WriteStop| match stop {
+            WriteStop::Kicked => Some((CLOSE_POLICY, "slow consumer")),
+            WriteStop::Failed => None,
+        };
         loop {
             let grace = self.grace_until;
             let next = tokio::select! {
                 _ = shutdown.cancelled() => return Some((CLOSE_RESTART, "node shutting down")),
-                // The writer sends the 1008 itself.
-                _ = kick.cancelled() => return None,
+                _ = kick.cancelled() => return stopped(WriteStop::Kicked),
+                batch = out.take() => {
+                    if let Err(stop) = write_batch(ws, batch, &out, &kick).await {
+                        return stopped(stop);
+                    }
+                    continue;
+                }
                 _ = sleep_until_or_never(grace) => {
                     self.end_grace();
                     continue;
                 }
-                next = stream.next() => next,
+                next = ws.next() => next,
             };
             match next {
                 None | Some(Ok(Message::Close(_))) => return None,
-                Some(Ok(Message::Text(text))) => Box::pin(self.handle(text.as_str())).await,
+                Some(Ok(Message::Text(text))) => {
+                    let (_, stop) = writing_while(Box::pin(self.handle(text.as_str())), ws, &out, &kick).await;
+                    if let Some(stop) = stop {
+                        return stopped(stop);
+                    }
+                }
                 Some(Ok(Message::Binary(_))) => {
                     self.error(ErrorCode::BadJson, "binary frames are not supported; send JSON text frames")
                 }
