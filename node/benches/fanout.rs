@@ -68,6 +68,7 @@ fn drain(room: &mut Room) {
     for out in &room.queues {
         let batch = out.take().now_or_never().unwrap_or_default();
         out.sent(batch.iter().map(|f| f.len()).sum());
+        out.recycle(batch);
     }
 }
 

@@ -36,6 +36,9 @@ pub struct Outbox {
     max_bytes: usize,
 }
 
+/// Largest buffer (in frames) a connection keeps between batches: 8 × 32 bytes.
+pub const RECYCLE_FRAMES: usize = 8;
+
 #[derive(Debug, Default)]
 struct Queue {
     frames: std::collections::VecDeque<Utf8Bytes>,
@@ -92,6 +95,20 @@ impl Outbox {
                 return batch;
             }
             self.ready.notified().await;
+        }
+    }
+
+    /// Gives back the buffer of a written batch, so that the next frames need no allocation,
+    /// if it is small (at most [`RECYCLE_FRAMES`] slots; a burst's large buffer is freed).
+    pub fn recycle(&self, mut batch: std::collections::VecDeque<Utf8Bytes>) {
+        if batch.capacity() > RECYCLE_FRAMES {
+            return;
+        }
+        batch.clear();
+        let mut q = self.lock();
+        if q.frames.capacity() == 0 && !q.closed {
+            // Empty with no buffer: nothing arrived meanwhile, so nothing is reordered.
+            q.frames = batch;
         }
     }
 

@@ -120,21 +120,26 @@ async fn write_batch<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let mut batch = batch;
     let write = async {
-        for frame in batch {
+        while let Some(frame) = batch.pop_front() {
             let len = frame.len();
             ws.feed(Message::Text(frame)).await?;
             out.sent(len);
         }
         ws.flush().await
     };
-    tokio::select! {
+    let result = tokio::select! {
         r = write => r.map_err(|e| {
             debug!(error = %e, "write failed");
             WriteStop::Failed
         }),
         _ = kick.cancelled() => Err(WriteStop::Kicked),
+    };
+    if result.is_ok() {
+        out.recycle(batch);
     }
+    result
 }
 
 /// Runs `work` to its end while writing out whatever is queued meanwhile (a resume queues a
