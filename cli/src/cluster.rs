@@ -459,22 +459,11 @@ impl RedisServer {
             .tempdir()
             .context("creating a directory for redis-server")?;
         let logfile = logfile.unwrap_or_else(|| dir.path().join("redis.log"));
-        let mut last_err = anyhow!("no usable port found");
-        for _ in 0..REDIS_PORT_ATTEMPTS {
-            let port = free_port()?;
-            if port == SHARED_REDIS_PORT {
-                continue;
-            }
-            match spawn_redis(&program, port, dir.path(), &logfile, persistence).await {
-                Ok(proc) => return Ok(Self { proc: Some(proc), port, program, logfile, persistence, dir }),
-                Err(RedisStartError::ExitedEarly(e)) => {
-                    tracing::debug!(port, error = %e, "redis-server exited at once; trying another port");
-                    last_err = e;
-                }
-                Err(RedisStartError::Fatal(e)) => return Err(e),
-            }
-        }
-        Err(last_err.context(format!("redis-server did not start on any of {REDIS_PORT_ATTEMPTS} free ports")))
+        let (proc, port) = on_a_free_port("redis-server", SHARED_REDIS_PORT, |port| {
+            spawn_redis(&program, port, dir.path(), &logfile, persistence)
+        })
+        .await?;
+        Ok(Self { proc: Some(proc), port, program, logfile, persistence, dir })
     }
 
     /// Its port.
@@ -568,28 +557,69 @@ async fn spawn_redis(
         .arg(logfile)
         .stdout(Stdio::null())
         .stderr(Stdio::null());
-    let mut proc = Owned::spawn("redis", cmd).map_err(RedisStartError::Fatal)?;
+    let proc = Owned::spawn("redis", cmd).map_err(RedisStartError::Fatal)?;
+    let pid = proc.pid;
+    until_ready(proc, "redis-server", port, logfile, || async move { redis_pid(port).await == Some(pid) }).await
+}
+
+/// Polls `ready` until it says yes, the process exits (likely: the port was taken) or
+/// [`REDIS_READY_TIMEOUT`] passes (then it is killed).
+async fn until_ready<F, Fut>(
+    mut proc: Owned,
+    what: &str,
+    port: u16,
+    logfile: &Path,
+    ready: F,
+) -> Result<Owned, RedisStartError>
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
     let deadline = Instant::now() + REDIS_READY_TIMEOUT;
     loop {
         if let Some(status) = proc.try_status().map_err(RedisStartError::Fatal)? {
             return Err(RedisStartError::ExitedEarly(anyhow!(
-                "redis-server on port {port} exited at once ({status}); {}",
+                "{what} on port {port} exited at once ({status}); {}",
                 log_tail(logfile)
             )));
         }
-        if redis_pid(port).await == Some(proc.pid) {
+        if ready().await {
             return Ok(proc);
         }
         if Instant::now() >= deadline {
             let status = proc.kill().await.map_err(RedisStartError::Fatal)?;
             return Err(RedisStartError::Fatal(anyhow!(
-                "redis-server on port {port} did not answer within {REDIS_READY_TIMEOUT:?}; \
-                 killed it ({status}); {}",
+                "{what} on port {port} did not answer within {REDIS_READY_TIMEOUT:?}; killed it ({status}); {}",
                 log_tail(logfile)
             )));
         }
         sleep(POLL_EVERY).await;
     }
+}
+
+/// Runs `spawn` on free ports (never `shared`) until a server stays up; a server that exits
+/// at once (another process took the port) is retried on another port.
+async fn on_a_free_port<F, Fut>(what: &str, shared: u16, mut spawn: F) -> Result<(Owned, u16)>
+where
+    F: FnMut(u16) -> Fut,
+    Fut: std::future::Future<Output = Result<Owned, RedisStartError>>,
+{
+    let mut last_err = anyhow!("no usable port found");
+    for _ in 0..REDIS_PORT_ATTEMPTS {
+        let port = free_port()?;
+        if port == shared {
+            continue;
+        }
+        match spawn(port).await {
+            Ok(proc) => return Ok((proc, port)),
+            Err(RedisStartError::ExitedEarly(e)) => {
+                tracing::debug!(port, error = %e, "{what} exited at once; trying another port");
+                last_err = e;
+            }
+            Err(RedisStartError::Fatal(e)) => return Err(e),
+        }
+    }
+    Err(last_err.context(format!("{what} did not start on any of {REDIS_PORT_ATTEMPTS} free ports")))
 }
 
 enum RedisStartError {
@@ -658,23 +688,16 @@ impl NatsServer {
             .tempdir()
             .context("creating a directory for nats-server")?;
         let logfile = logfile.unwrap_or_else(|| dir.path().join("nats.log"));
-        let mut last_err = anyhow!("no usable port found");
-        for attempt in 0..REDIS_PORT_ATTEMPTS {
-            let port = free_port()?;
-            if port == SHARED_NATS_PORT {
-                continue;
-            }
-            let server_name = format!("tether-test-{}-{port}-{attempt}", std::process::id());
-            match spawn_nats(&program, port, &server_name, dir.path(), &logfile).await {
-                Ok(proc) => return Ok(Self { proc: Some(proc), port, program, logfile, server_name, dir }),
-                Err(RedisStartError::ExitedEarly(e)) => {
-                    tracing::debug!(port, error = %e, "nats-server exited at once; trying another port");
-                    last_err = e;
-                }
-                Err(RedisStartError::Fatal(e)) => return Err(e),
-            }
-        }
-        Err(last_err.context(format!("nats-server did not start on any of {REDIS_PORT_ATTEMPTS} free ports")))
+        // Unique among live servers: one process owns a port at a time.
+        let name = |port: u16| format!("tether-test-{}-{port}", std::process::id());
+        let (proc, port) = on_a_free_port("nats-server", SHARED_NATS_PORT, |port| {
+            let server_name = name(port);
+            let (program, dir, logfile) = (&program, dir.path(), &logfile);
+            async move { spawn_nats(program, port, &server_name, dir, logfile).await }
+        })
+        .await?;
+        let server_name = name(port);
+        Ok(Self { proc: Some(proc), port, program, logfile, server_name, dir })
     }
 
     /// Starts one, logging into its temporary directory.
@@ -741,31 +764,14 @@ async fn spawn_nats(
         .arg(logfile)
         .stdout(Stdio::null())
         .stderr(Stdio::null());
-    let mut proc = Owned::spawn("nats", cmd).map_err(RedisStartError::Fatal)?;
-    let deadline = Instant::now() + REDIS_READY_TIMEOUT;
-    loop {
-        if let Some(status) = proc.try_status().map_err(RedisStartError::Fatal)? {
-            return Err(RedisStartError::ExitedEarly(anyhow!(
-                "nats-server on port {port} exited at once ({status}); {}",
-                log_tail(logfile)
-            )));
-        }
-        if nats_info(port).await.is_some_and(|info| {
+    let proc = Owned::spawn("nats", cmd).map_err(RedisStartError::Fatal)?;
+    until_ready(proc, "nats-server", port, logfile, || async move {
+        nats_info(port).await.is_some_and(|info| {
             info.get("server_name").and_then(|v| v.as_str()) == Some(server_name)
                 && info.get("jetstream").and_then(|v| v.as_bool()) == Some(true)
-        }) {
-            return Ok(proc);
-        }
-        if Instant::now() >= deadline {
-            let status = proc.kill().await.map_err(RedisStartError::Fatal)?;
-            return Err(RedisStartError::Fatal(anyhow!(
-                "nats-server on port {port} did not answer within {REDIS_READY_TIMEOUT:?}; \
-                 killed it ({status}); {}",
-                log_tail(logfile)
-            )));
-        }
-        sleep(POLL_EVERY).await;
-    }
+        })
+    })
+    .await
 }
 
 /// The JSON of the `INFO` line a NATS server sends first on a new connection.
