@@ -218,6 +218,41 @@ impl NatsBackbone {
         }
     }
 
+    /// A direct get (bypassing the JetStream API queue) within the command timeout;
+    /// `None` when there is no such message.
+    async fn direct<T>(
+        &self,
+        get: impl std::future::Future<Output = Result<T, stream::DirectGetError>>,
+    ) -> Result<Option<T>, BackboneError> {
+        match tokio::time::timeout(self.cfg.redis_timeout, get).await {
+            Err(_) => Err(BackboneError::Timeout(self.cfg.redis_timeout)),
+            Ok(Ok(m)) => Ok(Some(m)),
+            Ok(Err(e)) if e.kind() == stream::DirectGetErrorKind::NotFound => Ok(None),
+            Ok(Err(e)) => Err(nats_err(e)),
+        }
+    }
+
+    /// Publishes into a stream and waits for its acknowledgement, within the command timeout.
+    /// Never while disconnected: the client would queue the message and send it after the
+    /// reconnect, long after its sender was told it failed. The outer error is ours (not
+    /// connected, timeout); the inner one the server's answer, which some callers act on.
+    async fn publish_acked(
+        &self,
+        subject: String,
+        headers: Option<async_nats::HeaderMap>,
+        payload: Bytes,
+    ) -> Result<Result<jetstream::publish::PublishAck, jetstream::context::PublishError>, BackboneError> {
+        self.ensure_connected().await?;
+        let sent = match headers {
+            Some(h) => self.timed(self.js.publish_with_headers(subject, h, payload)).await?,
+            None => self.timed(self.js.publish(subject, payload)).await?,
+        };
+        match tokio::time::timeout(self.cfg.redis_timeout, std::future::IntoFuture::into_future(sent)).await {
+            Err(_) => Err(BackboneError::Timeout(self.cfg.redis_timeout)),
+            Ok(answer) => Ok(answer),
+        }
+    }
+
     fn is_connected(&self) -> bool {
         self.client.connection_state() == async_nats::connection::State::Connected
     }
@@ -294,16 +329,9 @@ impl NatsBackbone {
         let cached = self.epochs.get(room).map(|e| Arc::clone(e.value()));
         if let Some(epoch) = cached {
             let stream = self.timed(self.js.get_stream_no_info(self.stream_name(room))).await?;
-            let last = tokio::time::timeout(
-                self.cfg.redis_timeout,
-                stream.direct_get_last_for_subject(self.log_subject(room)),
-            );
-            match last.await {
-                Err(_) => return Err(BackboneError::Timeout(self.cfg.redis_timeout)),
-                Ok(Ok(m)) => return Ok(Some((m.sequence, epoch))),
-                // Nothing logged (or all of it aged out): ask the stream itself.
-                Ok(Err(e)) if e.kind() == stream::DirectGetErrorKind::NotFound => {}
-                Ok(Err(e)) => return Err(nats_err(e)),
+            // Nothing logged (or all of it aged out): ask the stream itself, below.
+            if let Some(m) = self.direct(stream.direct_get_last_for_subject(self.log_subject(room))).await? {
+                return Ok(Some((m.sequence, epoch)));
             }
         }
         Ok(self.stream_state(room).await?.map(|s| (s.head, s.epoch)))
@@ -319,14 +347,10 @@ impl NatsBackbone {
     /// Publishes to the room's log subject and waits for the stream's acknowledgement; returns
     /// the seq it assigned.
     async fn publish_logged(&self, room: &str, payload: Bytes) -> Result<u64, PublishFailure> {
-        let ack = self.timed(self.js.publish(self.log_subject(room), payload)).await.map_err(PublishFailure::Other)?;
-        match tokio::time::timeout(self.cfg.redis_timeout, std::future::IntoFuture::into_future(ack)).await {
-            Err(_) => Err(PublishFailure::Other(BackboneError::Timeout(self.cfg.redis_timeout))),
-            Ok(Ok(ack)) => Ok(ack.sequence),
-            Ok(Err(e)) if e.kind() == jetstream::context::PublishErrorKind::StreamNotFound => {
-                Err(PublishFailure::NoStream)
-            }
-            Ok(Err(e)) => Err(PublishFailure::Other(nats_err(e))),
+        match self.publish_acked(self.log_subject(room), None, payload).await.map_err(PublishFailure::Other)? {
+            Ok(ack) => Ok(ack.sequence),
+            Err(e) if e.kind() == jetstream::context::PublishErrorKind::StreamNotFound => Err(PublishFailure::NoStream),
+            Err(e) => Err(PublishFailure::Other(nats_err(e))),
         }
     }
 
@@ -345,14 +369,7 @@ impl NatsBackbone {
         let stream = self.timed(self.js.get_stream_no_info(self.stream_name(room))).await?;
         let stream = &stream;
         let gets = fstream::iter(from..=to)
-            .map(|seq| async move {
-                match tokio::time::timeout(self.cfg.redis_timeout, stream.direct_get(seq)).await {
-                    Err(_) => Err(BackboneError::Timeout(self.cfg.redis_timeout)),
-                    Ok(Ok(m)) => Ok(Some((seq, m.payload))),
-                    Ok(Err(e)) if e.kind() == stream::DirectGetErrorKind::NotFound => Ok(None),
-                    Ok(Err(e)) => Err(nats_err(e)),
-                }
-            })
+            .map(|seq| async move { Ok(self.direct(stream.direct_get(seq)).await?.map(|m| (seq, m.payload))) })
             .buffered(REPLAY_CONCURRENCY);
         let got: Vec<Result<Option<(u64, Bytes)>, BackboneError>> = gets.collect().await;
         let mut frames = Vec::with_capacity(got.len());
@@ -397,18 +414,12 @@ impl NatsBackbone {
     /// The stored session of `subject`, raw.
     async fn session_bytes(&self, subject: String) -> Result<Option<Bytes>, BackboneError> {
         let store = self.sessions().await?;
-        match tokio::time::timeout(self.cfg.redis_timeout, store.direct_get_last_for_subject(subject)).await {
-            Err(_) => Err(BackboneError::Timeout(self.cfg.redis_timeout)),
-            Ok(Ok(m)) => Ok(Some(m.payload)),
-            Ok(Err(e)) if e.kind() == stream::DirectGetErrorKind::NotFound => Ok(None),
-            Ok(Err(e)) => Err(nats_err(e)),
-        }
+        Ok(self.direct(store.direct_get_last_for_subject(subject)).await?.map(|m| m.payload))
     }
 
     async fn put_session(&self, subject: String, value: Bytes) -> Result<(), BackboneError> {
         self.sessions().await?;
-        let ack = self.timed(self.js.publish(subject, value)).await?;
-        self.timed(std::future::IntoFuture::into_future(ack)).await?;
+        self.publish_acked(subject, None, value).await?.map_err(nats_err)?;
         Ok(())
     }
 
@@ -551,9 +562,6 @@ fn complete(prefix: &str, seq: u64, epoch: &str) -> String {
 impl Backbone for NatsBackbone {
     fn publish_message<'a>(&'a self, room: &'a str, prefix: String) -> BoxFuture<'a, Result<Published, BackboneError>> {
         async move {
-            // Never hand a publish to a disconnected client: it would queue it and send it after
-            // the reconnect, long after the sender was told `backbone_unavailable`.
-            self.ensure_connected().await?;
             let mut epoch = self.epoch(room).await?;
             let payload = Bytes::from(prefix);
             let seq = match self.publish_logged(room, payload.clone()).await {

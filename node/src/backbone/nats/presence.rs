@@ -101,16 +101,12 @@ impl NatsBackbone {
     /// The last message of `subject`, if any.
     async fn last_of(&self, subject: &str) -> Result<Option<Last>, BackboneError> {
         let stream = self.presence_stream().await?;
-        match tokio::time::timeout(self.cfg.redis_timeout, stream.direct_get_last_for_subject(subject)).await {
-            Err(_) => Err(BackboneError::Timeout(self.cfg.redis_timeout)),
-            Ok(Ok(m)) => Ok(Some(Last {
-                sequence: m.sequence,
-                payload: String::from_utf8_lossy(&m.payload).into_owned(),
-                time: m.time,
-            })),
-            Ok(Err(e)) if e.kind() == stream::DirectGetErrorKind::NotFound => Ok(None),
-            Ok(Err(e)) => Err(nats_err(e)),
-        }
+        let found = self.direct(stream.direct_get_last_for_subject(subject)).await?;
+        Ok(found.map(|m| Last {
+            sequence: m.sequence,
+            payload: String::from_utf8_lossy(&m.payload).into_owned(),
+            time: m.time,
+        }))
     }
 
     /// Compare-and-set on one record: `change` edits the current record (an empty one if
@@ -141,10 +137,8 @@ impl NatsBackbone {
             let mut headers = HeaderMap::new();
             headers.insert(async_nats::header::NATS_EXPECTED_LAST_SUBJECT_SEQUENCE, expected.to_string().as_str());
             let payload = Bytes::from(serde_json::to_vec(&record).expect("records serialise"));
-            let ack = self.timed(self.js.publish_with_headers(subject.to_string(), headers, payload)).await?;
-            match tokio::time::timeout(self.cfg.redis_timeout, std::future::IntoFuture::into_future(ack)).await {
-                Err(_) => return Err(BackboneError::Timeout(self.cfg.redis_timeout)),
-                Ok(Ok(ack)) => {
+            match self.publish_acked(subject.to_string(), Some(headers), payload).await? {
+                Ok(ack) => {
                     if record.conns.is_empty() {
                         // Nothing left: drop the record itself. Should anyone have written after
                         // us, this sequence is gone already and the delete does nothing.
@@ -153,8 +147,8 @@ impl NatsBackbone {
                     }
                     return Ok(Some((verdict, record)));
                 }
-                Ok(Err(e)) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => continue,
-                Ok(Err(e)) => return Err(nats_err(e)),
+                Err(e) if e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence => continue,
+                Err(e) => return Err(nats_err(e)),
             }
         }
         Err(BackboneError::Nats(format!("presence record {subject}: still contended after {CAS_ATTEMPTS} attempts")))
@@ -251,8 +245,7 @@ impl NatsBackbone {
     pub(super) async fn heartbeat(&self) -> Result<bool, BackboneError> {
         let subject = self.heartbeat_subject(&self.instance);
         let missing = self.last_of(&subject).await?.is_none();
-        let ack = self.timed(self.js.publish(subject, Bytes::from(self.instance.clone()))).await?;
-        self.timed(std::future::IntoFuture::into_future(ack)).await?;
+        self.publish_acked(subject, None, Bytes::from(self.instance.clone())).await?.map_err(nats_err)?;
         Ok(missing)
     }
 
