@@ -104,7 +104,8 @@ pub fn new_histogram() -> Histogram<u64> {
     Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid histogram bounds")
 }
 
-/// p50/p99/p99.9/max of a histogram, in microseconds (the keys of `compare.json`).
+/// p50/p99/p99.9/max of a histogram, in microseconds: [`crate::bench::Latency`] under the
+/// keys `compare.json` promises (`p50`, `p99`, `p999`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct LatencyUs {
     pub samples: u64,
@@ -116,16 +117,8 @@ pub struct LatencyUs {
 
 impl LatencyUs {
     pub fn of(h: &Histogram<u64>) -> Self {
-        if h.is_empty() {
-            return Self::default();
-        }
-        Self {
-            samples: h.len(),
-            p50: h.value_at_quantile(0.50),
-            p99: h.value_at_quantile(0.99),
-            p999: h.value_at_quantile(0.999),
-            max: h.max(),
-        }
+        let l = crate::bench::Latency::of(h);
+        Self { samples: l.samples, p50: l.p50_us, p99: l.p99_us, p999: l.p999_us, max: l.max_us }
     }
 }
 
