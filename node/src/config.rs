@@ -20,6 +20,9 @@ pub const DEFAULT_RATE_LIMIT_BURST: u32 = 50;
 pub const DEFAULT_HISTORY_LEN: u64 = 1000;
 pub const DEFAULT_LOG_TTL_SECS: u64 = 24 * 3600;
 pub const DEFAULT_READ_BUFFER_BYTES: usize = 512;
+pub const DEFAULT_WRITE_BUFFER_BYTES: usize = 4096;
+/// Largest `write_buffer_bytes` accepted.
+pub const MAX_WRITE_BUFFER_BYTES: usize = 1024 * 1024;
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 pub const DEFAULT_MAX_ROOMS_PER_CLIENT: usize = 100;
 pub const DEFAULT_GRACE_PERIOD_MS: u64 = 5_000;
@@ -76,6 +79,7 @@ pub struct FileConfig {
     pub history_len: Option<u64>,
     pub log_ttl_secs: Option<u64>,
     pub read_buffer_bytes: Option<usize>,
+    pub write_buffer_bytes: Option<usize>,
     pub max_connections: Option<usize>,
     pub max_rooms_per_client: Option<usize>,
     pub grace_period_ms: Option<u64>,
@@ -120,6 +124,9 @@ pub struct Config {
     pub log_ttl: Duration,
     /// WebSocket read buffer per connection; decides most of an idle client's memory.
     pub read_buffer_bytes: usize,
+    /// Queued frames gathered into one socket write, in bytes (0: each frame is its own
+    /// write). A busy connection keeps a buffer of up to about this size plus one frame.
+    pub write_buffer_bytes: usize,
     pub max_connections: usize,
     pub max_rooms_per_client: usize,
     /// How long a shutdown waits for clients to be told and cleaned up.
@@ -213,6 +220,10 @@ impl FileConfig {
         if read_buffer_bytes < 256 {
             return Err(invalid("read_buffer_bytes", "at least 256"));
         }
+        let write_buffer_bytes = self.write_buffer_bytes.unwrap_or(DEFAULT_WRITE_BUFFER_BYTES);
+        if write_buffer_bytes > MAX_WRITE_BUFFER_BYTES {
+            return Err(invalid("write_buffer_bytes", "at most 1 MiB"));
+        }
         let reconnect_min = nonzero("reconnect_min_ms", self.reconnect_min_ms, DEFAULT_RECONNECT_MIN_MS)?;
         let reconnect_max = nonzero("reconnect_max_ms", self.reconnect_max_ms, DEFAULT_RECONNECT_MAX_MS)?;
         if reconnect_max < reconnect_min {
@@ -257,6 +268,7 @@ impl FileConfig {
             history_len: nonzero("history_len", self.history_len, DEFAULT_HISTORY_LEN)?,
             log_ttl: Duration::from_secs(nonzero("log_ttl_secs", self.log_ttl_secs, DEFAULT_LOG_TTL_SECS)?),
             read_buffer_bytes,
+            write_buffer_bytes,
             max_connections: nonzero_usize("max_connections", self.max_connections, DEFAULT_MAX_CONNECTIONS)?,
             max_rooms_per_client: nonzero_usize(
                 "max_rooms_per_client",
@@ -334,6 +346,7 @@ mod tests {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/node.toml");
         let cfg = FileConfig::load(Path::new(path)).expect("configs/node.toml parses").validate().expect("valid");
         assert_eq!(cfg.max_message_bytes, DEFAULT_MAX_MESSAGE_BYTES);
+        assert_eq!(cfg.write_buffer_bytes, DEFAULT_WRITE_BUFFER_BYTES);
         assert_eq!(cfg.backbone, BackboneKind::Redis);
     }
 
@@ -354,6 +367,8 @@ mod tests {
         assert_eq!((cfg.backbone, cfg.nats.as_str()), (BackboneKind::Nats, "nats://127.0.0.1:4333"));
         let err = FileConfig { nats: Some("http://x".into()), ..Default::default() }.validate().unwrap_err();
         assert!(err.to_string().contains("nats"), "{err}");
+        let err = FileConfig::parse("write_buffer_bytes = 2000000", "t").unwrap().validate().unwrap_err().to_string();
+        assert!(err.contains("write_buffer_bytes"), "{err}");
         let err = FileConfig::parse("backbone = \"kafka\"", "t").unwrap_err().to_string();
         assert!(err.contains("backbone") || err.contains("kafka"), "{err}");
     }

@@ -70,8 +70,8 @@ pub async fn run(listener: TcpListener, cfg: Config, shutdown: CancellationToken
     };
     let ws_config = WebSocketConfig::default()
         .read_buffer_size(cfg.read_buffer_bytes)
-        // Frames are written as they come and flushed in batches by the writer task.
-        .write_buffer_size(0)
+        // The frames of one batch go out in one socket write (see `session::write_batch`).
+        .write_buffer_size(cfg.write_buffer_bytes)
         .max_message_size(Some(cfg.max_message_bytes))
         .max_frame_size(Some(cfg.max_message_bytes));
     let tracker = TaskTracker::new();

@@ -111,6 +111,8 @@ enum WriteStop {
 }
 
 /// Writes a batch taken from the send queue and flushes it, unless the member is kicked first.
+/// The frames gather in the WebSocket's write buffer (`write_buffer_bytes`), so a batch leaves
+/// in one socket write, or in one per that many bytes.
 async fn write_batch<S>(
     ws: &mut WebSocketStream<S>,
     batch: std::collections::VecDeque<Utf8Bytes>,
