@@ -117,7 +117,7 @@ async fn write_batch<S>(
     ws: &mut WebSocketStream<S>,
     batch: std::collections::VecDeque<Utf8Bytes>,
     out: &Outbox,
-    kick: &CancellationToken,
+    kicked: &mut (impl std::future::Future<Output = ()> + Unpin),
 ) -> Result<(), WriteStop>
 where
     S: AsyncRead + AsyncWrite + Unpin,
@@ -136,7 +136,7 @@ where
             debug!(error = %e, "write failed");
             WriteStop::Failed
         }),
-        _ = kick.cancelled() => Err(WriteStop::Kicked),
+        _ = kicked => Err(WriteStop::Kicked),
     };
     if result.is_ok() {
         out.recycle(batch);
@@ -159,13 +159,14 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     tokio::pin!(work);
+    let mut kicked = std::pin::pin!(kick.cancelled());
     loop {
         tokio::select! {
             biased;
             r = &mut work => return (r, None),
-            _ = kick.cancelled() => return (work.await, Some(WriteStop::Kicked)),
+            _ = &mut kicked => return (work.await, Some(WriteStop::Kicked)),
             batch = out.take() => {
-                if let Err(stop) = write_batch(ws, batch, out, kick).await {
+                if let Err(stop) = write_batch(ws, batch, out, &mut kicked).await {
                     return (work.await, Some(stop));
                 }
             }
@@ -369,13 +370,17 @@ impl Client {
             WriteStop::Kicked => Some((CLOSE_POLICY, "slow consumer")),
             WriteStop::Failed => None,
         };
+        // Made once, not once per turn of the loop: a fresh wait registers with its token's
+        // list again on every poll.
+        let mut shutting_down = std::pin::pin!(shutdown.cancelled());
+        let mut kicked = std::pin::pin!(kick.cancelled());
         loop {
             let grace = self.grace_until;
             let next = tokio::select! {
-                _ = shutdown.cancelled() => return Some((CLOSE_RESTART, "node shutting down")),
-                _ = kick.cancelled() => return stopped(WriteStop::Kicked),
+                _ = &mut shutting_down => return Some((CLOSE_RESTART, "node shutting down")),
+                _ = &mut kicked => return stopped(WriteStop::Kicked),
                 batch = out.take() => {
-                    if let Err(stop) = write_batch(ws, batch, &out, &kick).await {
+                    if let Err(stop) = write_batch(ws, batch, &out, &mut kicked).await {
                         return stopped(stop);
                     }
                     continue;
