@@ -160,7 +160,9 @@ impl Outbox {
 pub struct Member {
     /// The member's send queue: text frames shared with every other recipient.
     pub out: Arc<Outbox>,
-    /// Cancelled when the member cannot keep up; its connection task closes it.
+    /// Cancelled when the member cannot keep up; its connection task closes it. (A
+    /// connection's token is a child of the node's shutdown token, so a shutdown cancels it
+    /// too; the connection tells the two apart by the shutdown token.)
     pub kick: CancellationToken,
 }
 

@@ -41,7 +41,8 @@ pub struct NodeState {
     pub hub: Arc<Hub>,
     pub backbone: Arc<dyn Backbone>,
     pub metrics: Metrics,
-    /// Cancelled when the node shuts down; sessions close their clients with 1012.
+    /// Cancelled when the node shuts down, once it has stopped accepting connections;
+    /// sessions then close their clients with 1012.
     pub shutdown: CancellationToken,
     ws_config: WebSocketConfig,
     /// Every connection and session task, so shutdown can wait for them.
@@ -80,7 +81,8 @@ pub async fn run(listener: TcpListener, cfg: Config, shutdown: CancellationToken
         hub,
         backbone,
         metrics,
-        shutdown: shutdown.clone(),
+        // Not `shutdown` itself: the clients are told only after the listener is closed (below).
+        shutdown: CancellationToken::new(),
         ws_config,
         tracker: tracker.clone(),
     });
@@ -105,7 +107,10 @@ pub async fn run(listener: TcpListener, cfg: Config, shutdown: CancellationToken
             }
         }
     }
+    // Closed before the clients are told to go: one that reconnects at once must find this
+    // node refusing (the balancer then tries the next), not accepting and then gone.
     drop(listener);
+    state.shutdown.cancel();
     tracker.close();
     let clean = tokio::time::timeout(cfg.grace_period, tracker.wait()).await.is_ok();
     backbone_stop.cancel();

@@ -63,7 +63,8 @@ where
             name: None,
             rooms: BTreeMap::new(),
             conn,
-            member: Member { out, kick: CancellationToken::new() },
+            // A child of the node's shutdown: one wait covers both reasons to stop writing.
+            member: Member { out, kick: state.shutdown.child_token() },
             state: Arc::clone(&state),
             grace_until: None,
             tokens: f64::from(state.cfg.rate_limit_burst),
@@ -104,7 +105,7 @@ where
 
 /// Why a connection stopped writing.
 enum WriteStop {
-    /// The hub found it too slow: close with 1008.
+    /// The hub found it too slow (close with 1008), or the node is shutting down (1012).
     Kicked,
     /// The socket failed: nothing more can be sent.
     Failed,
@@ -367,17 +368,17 @@ impl Client {
         let kick = self.member.kick.clone();
         let out = Arc::clone(&self.member.out);
         let stopped = |stop: WriteStop| match stop {
+            WriteStop::Kicked if shutdown.is_cancelled() => Some((CLOSE_RESTART, "node shutting down")),
             WriteStop::Kicked => Some((CLOSE_POLICY, "slow consumer")),
             WriteStop::Failed => None,
         };
-        // Made once, not once per turn of the loop: a fresh wait registers with its token's
-        // list again on every poll.
-        let mut shutting_down = std::pin::pin!(shutdown.cancelled());
+        // `kick` is a child of the node's shutdown token, so this one wait covers both. It is
+        // made once, not on every turn of the loop (a fresh wait registers with its token
+        // again each time), and a second one would cost every idle client its size.
         let mut kicked = std::pin::pin!(kick.cancelled());
         loop {
             let grace = self.grace_until;
             let next = tokio::select! {
-                _ = &mut shutting_down => return Some((CLOSE_RESTART, "node shutting down")),
                 _ = &mut kicked => return stopped(WriteStop::Kicked),
                 batch = out.take() => {
                     if let Err(stop) = write_batch(ws, batch, &out, &mut kicked).await {

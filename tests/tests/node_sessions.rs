@@ -231,7 +231,14 @@ async fn with_signing_only_signed_ids_get_in(kind: Kind) -> Result<()> {
     let key = tether_proto::sign::SigningKey::new(b"test-signing-key-0123456789".to_vec())?;
     let k = key.clone();
     let n1 = backend.node("node-1", move |cfg| cfg.signing_key = Some(k))?;
-    for bad in ["alice".to_string(), format!("{}0", &key.mint()[..64])] {
+    // A minted id with its last signature digit changed (to a digit it is not: always "0"
+    // would leave one id in sixteen unchanged, and valid).
+    let forged = {
+        let id = key.mint();
+        let (head, last) = id.split_at(id.len() - 1);
+        format!("{head}{}", if last == "0" { "1" } else { "0" })
+    };
+    for bad in ["alice".to_string(), forged] {
         let err = WsClient::connect(&n1.ws_url(&bad)).await.err().context("refused")?;
         assert!(format!("{err:#}").contains("403"), "{bad}: {err:#}");
     }

@@ -34,12 +34,16 @@ async fn a_reader_that_stalls_is_closed_and_costs_nobody_else_anything() -> Resu
     let (mut stalled, _) =
         tokio::time::timeout(DEADLINE, tokio_tungstenite::client_async(url("stalled"), stream)).await??;
     stalled.send(Message::Text(json!({"type":"join","room":"flood"}).to_string().into())).await?;
+    let mut seen = Vec::new();
     loop {
-        let next = tokio::time::timeout(DEADLINE, stalled.next()).await.context("stalled client's join")?;
-        let Some(Ok(Message::Text(t))) = next else { bail!("stalled client lost early") };
+        let next = tokio::time::timeout(DEADLINE, stalled.next())
+            .await
+            .with_context(|| format!("stalled client's join; frames so far: {seen:?}"))?;
+        let Some(Ok(Message::Text(t))) = next else { bail!("stalled client lost early after {seen:?}") };
         if t.contains("user_joined") {
             break;
         }
+        seen.push(t.to_string());
     }
 
     let mut fast = Vec::new();
