@@ -23,6 +23,9 @@ pub const DEFAULT_READ_BUFFER_BYTES: usize = 512;
 pub const DEFAULT_WRITE_BUFFER_BYTES: usize = 4096;
 /// Largest `write_buffer_bytes` accepted.
 pub const MAX_WRITE_BUFFER_BYTES: usize = 1024 * 1024;
+/// Upper bound of `threads`: far more than any machine has cores; it catches a typo before
+/// tokio tries to start that many threads.
+pub const MAX_THREADS: usize = 1024;
 pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
 pub const DEFAULT_MAX_ROOMS_PER_CLIENT: usize = 100;
 pub const DEFAULT_GRACE_PERIOD_MS: u64 = 5_000;
@@ -80,6 +83,7 @@ pub struct FileConfig {
     pub log_ttl_secs: Option<u64>,
     pub read_buffer_bytes: Option<usize>,
     pub write_buffer_bytes: Option<usize>,
+    pub threads: Option<usize>,
     pub max_connections: Option<usize>,
     pub max_rooms_per_client: Option<usize>,
     pub grace_period_ms: Option<u64>,
@@ -127,6 +131,8 @@ pub struct Config {
     /// Queued frames gathered into one socket write, in bytes (0: each frame is its own
     /// write). A busy connection keeps a buffer of up to about this size plus one frame.
     pub write_buffer_bytes: usize,
+    /// Worker threads of the runtime the binary starts. Default: one per core.
+    pub threads: usize,
     pub max_connections: usize,
     pub max_rooms_per_client: usize,
     /// How long a shutdown waits for clients to be told and cleaned up.
@@ -224,6 +230,14 @@ impl FileConfig {
         if write_buffer_bytes > MAX_WRITE_BUFFER_BYTES {
             return Err(invalid("write_buffer_bytes", "at most 1 MiB"));
         }
+        let threads = match self.threads {
+            Some(n) => n,
+            // One per core, as tokio does by default.
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        };
+        if !(1..=MAX_THREADS).contains(&threads) {
+            return Err(invalid("threads", format!("{threads} is outside 1..={MAX_THREADS}")));
+        }
         let reconnect_min = nonzero("reconnect_min_ms", self.reconnect_min_ms, DEFAULT_RECONNECT_MIN_MS)?;
         let reconnect_max = nonzero("reconnect_max_ms", self.reconnect_max_ms, DEFAULT_RECONNECT_MAX_MS)?;
         if reconnect_max < reconnect_min {
@@ -269,6 +283,7 @@ impl FileConfig {
             log_ttl: Duration::from_secs(nonzero("log_ttl_secs", self.log_ttl_secs, DEFAULT_LOG_TTL_SECS)?),
             read_buffer_bytes,
             write_buffer_bytes,
+            threads,
             max_connections: nonzero_usize("max_connections", self.max_connections, DEFAULT_MAX_CONNECTIONS)?,
             max_rooms_per_client: nonzero_usize(
                 "max_rooms_per_client",
@@ -369,6 +384,11 @@ mod tests {
         assert!(err.to_string().contains("nats"), "{err}");
         let err = FileConfig::parse("write_buffer_bytes = 2000000", "t").unwrap().validate().unwrap_err().to_string();
         assert!(err.contains("write_buffer_bytes"), "{err}");
+        for bad in ["threads = 0", "threads = 100000"] {
+            let err = FileConfig::parse(bad, "t").unwrap().validate().unwrap_err().to_string();
+            assert!(err.contains("threads"), "{bad}: {err}");
+        }
+        assert_eq!(FileConfig::parse("threads = 1", "t").unwrap().validate().unwrap().threads, 1);
         let err = FileConfig::parse("backbone = \"kafka\"", "t").unwrap_err().to_string();
         assert!(err.contains("backbone") || err.contains("kafka"), "{err}");
     }

@@ -34,6 +34,9 @@ struct Args {
     /// NATS URL of the `nats` backbone (nats-server with JetStream).
     #[arg(long)]
     nats: Option<String>,
+    /// Runtime worker threads [default: one per core].
+    #[arg(long)]
+    threads: Option<usize>,
     /// Log format on stderr: text or json. Filter with RUST_LOG.
     #[arg(long, default_value = "text")]
     log_format: LogFormat,
@@ -65,11 +68,16 @@ fn main() -> ExitCode {
     file.nats = args.nats.or(file.nats);
     file.backbone = args.backbone.or(file.backbone);
     file.signing_key_file = args.signing_key_file.or(file.signing_key_file);
+    file.threads = args.threads.or(file.threads);
     let config = match file.validate() {
         Ok(c) => c,
         Err(e) => return config_error(&e),
     };
-    let runtime = match tokio::runtime::Runtime::new() {
+    // Always the multi-thread scheduler, even with one worker: with tokio's current-thread
+    // scheduler a busy node batched its writes far less and delivered half as much
+    // (docs/PERFORMANCE.md, "runtime threads").
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(config.threads).enable_all().build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("tether-node: cannot start the runtime: {e}");

@@ -68,6 +68,8 @@ pub struct FanoutOptions {
     /// Members and publishers connect straight to the nodes (round robin), not through the
     /// balancer: what the balancer's extra hop costs.
     pub direct: bool,
+    /// `--threads` of every node; `None`: the node's default.
+    pub node_threads: Option<usize>,
     pub logs: Option<PathBuf>,
 }
 
@@ -82,6 +84,7 @@ impl FanoutOptions {
             nodes: 3,
             hop_rate: 200.0,
             direct: false,
+            node_threads: None,
             logs: None,
         }
     }
@@ -90,7 +93,13 @@ impl FanoutOptions {
 impl From<FanoutArgs> for FanoutOptions {
     fn from(a: FanoutArgs) -> Self {
         if a.quick {
-            return Self { logs: a.logs, nodes: a.nodes.max(2), direct: a.direct, ..Self::quick() };
+            return Self {
+                logs: a.logs,
+                nodes: a.nodes.max(2),
+                direct: a.direct,
+                node_threads: a.node_threads,
+                ..Self::quick()
+            };
         }
         Self {
             rooms: a.rooms,
@@ -100,6 +109,7 @@ impl From<FanoutArgs> for FanoutOptions {
             nodes: a.nodes,
             hop_rate: a.hop_rate,
             direct: a.direct,
+            node_threads: a.node_threads,
             logs: a.logs,
         }
     }
@@ -145,6 +155,8 @@ pub struct FanoutReport {
     pub members: usize,
     pub nodes: usize,
     pub direct: bool,
+    /// Runtime worker threads of each node; `None`: one per core.
+    pub node_threads: Option<usize>,
     pub clients_open: u64,
     pub step_secs: f64,
     pub cores: usize,
@@ -158,13 +170,14 @@ impl FanoutReport {
     /// The markdown tables and verdicts.
     pub fn table(&self) -> String {
         let mut s = format!(
-            "{} rooms × {} members over {} nodes {} ({} clients open), {:.1} s per step\n\n",
+            "{} rooms × {} members over {} nodes {} ({} clients open), {:.1} s per step, {} worker thread(s) per node\n\n",
             self.rooms,
             self.members,
             self.nodes,
             if self.direct { "straight to the nodes (round robin)" } else { "through the balancer" },
             self.clients_open,
-            self.step_secs
+            self.step_secs,
+            self.node_threads.unwrap_or(self.cores),
         );
         s.push_str(
             "| rate msg/s | published/s | lossless deliveries/s | delivered/s (clients) | per node (nodes' metrics) | \
@@ -238,9 +251,13 @@ pub async fn run<W: Write>(opts: &FanoutOptions, out: &mut W) -> Result<FanoutRe
     let node_conf = super::write_file(dir.path(), "node.toml", "max_connections = 19000\n")?;
     let bal_conf = super::write_file(dir.path(), "balancer.toml", "max_connections = 9950\n")?;
     writeln!(out, "starting redis-server, {} nodes, balancer", opts.nodes)?;
+    let mut node_args = vec!["--config".to_owned(), node_conf.display().to_string()];
+    if let Some(n) = opts.node_threads {
+        node_args.extend(["--threads".to_owned(), n.to_string()]);
+    }
     let mut cluster = Cluster::start(ClusterOptions {
         nodes: opts.nodes,
-        node_args: vec!["--config".to_owned(), node_conf.display().to_string()],
+        node_args,
         balancer_args: vec!["--config".to_owned(), bal_conf.display().to_string()],
         logs: match &opts.logs {
             Some(d) => ClusterLogs::Dir(d.clone()),
@@ -415,6 +432,7 @@ async fn measure<W: Write>(opts: &FanoutOptions, cluster: &Cluster, out: &mut W)
         members: opts.members,
         nodes: opts.nodes,
         direct: opts.direct,
+        node_threads: opts.node_threads,
         clients_open: opened.open,
         step_secs: opts.step.as_secs_f64(),
         cores: procfs::cores(),
