@@ -52,14 +52,14 @@ pub const NODE_BIN: &str = "tether-node";
 pub const BALANCER_BIN: &str = "tether-balancer";
 /// How long a node or balancer may take to print its ready line.
 pub const DEFAULT_READY_TIMEOUT: Duration = Duration::from_secs(15);
-/// How long `redis-server` may take to answer `PING`.
-pub const REDIS_READY_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long `redis-server` or `nats-server` may take to answer.
+pub const SERVER_READY_TIMEOUT: Duration = Duration::from_secs(10);
 /// Default grace period of [`Cluster::shutdown`] between `SIGTERM` and `SIGKILL`.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(5);
 
-/// Fresh ports tried when `redis-server` exits at once (another process took the port between
+/// Fresh ports tried when `redis-server` or `nats-server` exits at once (another process took the port between
 /// our probe and its bind).
-const REDIS_PORT_ATTEMPTS: usize = 5;
+const SERVER_PORT_ATTEMPTS: usize = 5;
 /// How often readiness probes (Redis `PING`, exit polls in `Drop`) run.
 const POLL_EVERY: Duration = Duration::from_millis(20);
 /// The port a developer's own Redis listens on: never ours to use.
@@ -523,7 +523,7 @@ impl RedisServer {
         self.proc = None;
         let proc = spawn_redis(&self.program, self.port, self.dir.path(), &self.logfile, self.persistence)
             .await
-            .map_err(|(RedisStartError::ExitedEarly(e) | RedisStartError::Fatal(e))| {
+            .map_err(|(StartError::ExitedEarly(e) | StartError::Fatal(e))| {
                 e.context(format!("restarting redis-server on port {}", self.port))
             })?;
         self.proc = Some(proc);
@@ -543,7 +543,7 @@ async fn spawn_redis(
     dir: &Path,
     logfile: &Path,
     persistence: Persistence,
-) -> Result<Owned, RedisStartError> {
+) -> Result<Owned, StartError> {
     let mut cmd = Command::new(program);
     cmd.arg("--port").arg(port.to_string()).args(["--bind", "127.0.0.1", "--save", ""]);
     match persistence {
@@ -557,28 +557,28 @@ async fn spawn_redis(
         .arg(logfile)
         .stdout(Stdio::null())
         .stderr(Stdio::null());
-    let proc = Owned::spawn("redis", cmd).map_err(RedisStartError::Fatal)?;
+    let proc = Owned::spawn("redis", cmd).map_err(StartError::Fatal)?;
     let pid = proc.pid;
     until_ready(proc, "redis-server", port, logfile, || async move { redis_pid(port).await == Some(pid) }).await
 }
 
 /// Polls `ready` until it says yes, the process exits (likely: the port was taken) or
-/// [`REDIS_READY_TIMEOUT`] passes (then it is killed).
+/// [`SERVER_READY_TIMEOUT`] passes (then it is killed).
 async fn until_ready<F, Fut>(
     mut proc: Owned,
     what: &str,
     port: u16,
     logfile: &Path,
     ready: F,
-) -> Result<Owned, RedisStartError>
+) -> Result<Owned, StartError>
 where
     F: Fn() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = Instant::now() + REDIS_READY_TIMEOUT;
+    let deadline = Instant::now() + SERVER_READY_TIMEOUT;
     loop {
-        if let Some(status) = proc.try_status().map_err(RedisStartError::Fatal)? {
-            return Err(RedisStartError::ExitedEarly(anyhow!(
+        if let Some(status) = proc.try_status().map_err(StartError::Fatal)? {
+            return Err(StartError::ExitedEarly(anyhow!(
                 "{what} on port {port} exited at once ({status}); {}",
                 log_tail(logfile)
             )));
@@ -587,9 +587,9 @@ where
             return Ok(proc);
         }
         if Instant::now() >= deadline {
-            let status = proc.kill().await.map_err(RedisStartError::Fatal)?;
-            return Err(RedisStartError::Fatal(anyhow!(
-                "{what} on port {port} did not answer within {REDIS_READY_TIMEOUT:?}; killed it ({status}); {}",
+            let status = proc.kill().await.map_err(StartError::Fatal)?;
+            return Err(StartError::Fatal(anyhow!(
+                "{what} on port {port} did not answer within {SERVER_READY_TIMEOUT:?}; killed it ({status}); {}",
                 log_tail(logfile)
             )));
         }
@@ -602,27 +602,27 @@ where
 async fn on_a_free_port<F, Fut>(what: &str, shared: u16, mut spawn: F) -> Result<(Owned, u16)>
 where
     F: FnMut(u16) -> Fut,
-    Fut: std::future::Future<Output = Result<Owned, RedisStartError>>,
+    Fut: std::future::Future<Output = Result<Owned, StartError>>,
 {
     let mut last_err = anyhow!("no usable port found");
-    for _ in 0..REDIS_PORT_ATTEMPTS {
+    for _ in 0..SERVER_PORT_ATTEMPTS {
         let port = free_port()?;
         if port == shared {
             continue;
         }
         match spawn(port).await {
             Ok(proc) => return Ok((proc, port)),
-            Err(RedisStartError::ExitedEarly(e)) => {
+            Err(StartError::ExitedEarly(e)) => {
                 tracing::debug!(port, error = %e, "{what} exited at once; trying another port");
                 last_err = e;
             }
-            Err(RedisStartError::Fatal(e)) => return Err(e),
+            Err(StartError::Fatal(e)) => return Err(e),
         }
     }
-    Err(last_err.context(format!("{what} did not start on any of {REDIS_PORT_ATTEMPTS} free ports")))
+    Err(last_err.context(format!("{what} did not start on any of {SERVER_PORT_ATTEMPTS} free ports")))
 }
 
-enum RedisStartError {
+enum StartError {
     /// The process died at once, most likely because the port was taken: worth a retry.
     ExitedEarly(anyhow::Error),
     Fatal(anyhow::Error),
@@ -740,7 +740,7 @@ impl NatsServer {
         self.proc = None;
         let proc = spawn_nats(&self.program, self.port, &self.server_name, self.dir.path(), &self.logfile)
             .await
-            .map_err(|(RedisStartError::ExitedEarly(e) | RedisStartError::Fatal(e))| {
+            .map_err(|(StartError::ExitedEarly(e) | StartError::Fatal(e))| {
                 e.context(format!("restarting nats-server on port {}", self.port))
             })?;
         self.proc = Some(proc);
@@ -756,7 +756,7 @@ async fn spawn_nats(
     server_name: &str,
     dir: &Path,
     logfile: &Path,
-) -> Result<Owned, RedisStartError> {
+) -> Result<Owned, StartError> {
     let mut cmd = Command::new(program);
     cmd.args(["-a", "127.0.0.1", "-p", &port.to_string(), "-n", server_name, "-js", "-sd"])
         .arg(dir.join("jetstream"))
@@ -764,7 +764,7 @@ async fn spawn_nats(
         .arg(logfile)
         .stdout(Stdio::null())
         .stderr(Stdio::null());
-    let proc = Owned::spawn("nats", cmd).map_err(RedisStartError::Fatal)?;
+    let proc = Owned::spawn("nats", cmd).map_err(StartError::Fatal)?;
     until_ready(proc, "nats-server", port, logfile, || async move {
         nats_info(port).await.is_some_and(|info| {
             info.get("server_name").and_then(|v| v.as_str()) == Some(server_name)

@@ -2,7 +2,7 @@
 //! the fan-out of one backbone frame to them.
 //!
 //! A frame arrives once from the backbone (already encoded JSON, shared as `Utf8Bytes`), and
-//! is offered to each local member's bounded send queue with `try_send`: fan-out never waits on
+//! is pushed into each local member's bounded send queue ([`Outbox`]): fan-out never waits on
 //! a client. A member whose queue is full is a slow consumer: its `kick` token is cancelled and
 //! its connection task closes it with 1008.
 //!

@@ -32,7 +32,6 @@ use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 use tokio_tungstenite::WebSocketStream;
-use tokio_util::sync::CancellationToken;
 use tracing::{debug, debug_span, Instrument};
 
 /// How long a closing peer gets to take its close frame before the socket is dropped.
@@ -124,11 +123,10 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let mut batch = batch;
+    let bytes: usize = batch.iter().map(|f| f.len()).sum();
     let write = async {
         while let Some(frame) = batch.pop_front() {
-            let len = frame.len();
             ws.feed(Message::Text(frame)).await?;
-            out.sent(len);
         }
         ws.flush().await
     };
@@ -140,6 +138,8 @@ where
         _ = kicked => Err(WriteStop::Kicked),
     };
     if result.is_ok() {
+        // One update of the queue's byte count per batch, not one per frame.
+        out.sent(bytes);
         out.recycle(batch);
     }
     result
@@ -148,26 +148,25 @@ where
 /// Runs `work` to its end while writing out whatever is queued meanwhile (a resume queues a
 /// whole replay), so a long step never fills this client's own queue. If writing has to stop,
 /// `work` still runs to its end (dropping it halfway could leave a room half joined); the
-/// reason comes back with its output.
+/// reason comes back with its output. `kicked` is the connection's one wait for its kick.
 async fn writing_while<F, S>(
     work: F,
     ws: &mut WebSocketStream<S>,
     out: &Outbox,
-    kick: &CancellationToken,
+    kicked: &mut (impl std::future::Future<Output = ()> + Unpin),
 ) -> (F::Output, Option<WriteStop>)
 where
     F: std::future::Future,
     S: AsyncRead + AsyncWrite + Unpin,
 {
     tokio::pin!(work);
-    let mut kicked = std::pin::pin!(kick.cancelled());
     loop {
         tokio::select! {
             biased;
             r = &mut work => return (r, None),
-            _ = &mut kicked => return (work.await, Some(WriteStop::Kicked)),
+            _ = &mut *kicked => return (work.await, Some(WriteStop::Kicked)),
             batch = out.take() => {
-                if let Err(stop) = write_batch(ws, batch, out, &mut kicked).await {
+                if let Err(stop) = write_batch(ws, batch, out, kicked).await {
                     return (work.await, Some(stop));
                 }
             }
@@ -357,7 +356,6 @@ impl Client {
         }
     }
 
-    /// Handles frames until the connection should end; returns the close to send, if any.
     /// Reads and handles the client's frames and writes out its send queue, until the
     /// connection ends; returns the close frame to send, if any.
     async fn serve<S>(&mut self, ws: &mut WebSocketStream<S>) -> Option<(u16, &'static str)>
@@ -395,7 +393,7 @@ impl Client {
             match next {
                 None | Some(Ok(Message::Close(_))) => return None,
                 Some(Ok(Message::Text(text))) => {
-                    let (_, stop) = writing_while(Box::pin(self.handle(text.as_str())), ws, &out, &kick).await;
+                    let (_, stop) = writing_while(Box::pin(self.handle(text.as_str())), ws, &out, &mut kicked).await;
                     if let Some(stop) = stop {
                         return stopped(stop);
                     }
