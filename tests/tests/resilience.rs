@@ -118,6 +118,42 @@ async fn a_reader_that_stalls_is_closed_and_costs_nobody_else_anything() -> Resu
     Ok(())
 }
 
+/// A join that reaches a node before its subscriber has connected to Redis (a node that has
+/// just started, or whose Redis blinked) waits for the connection, up to the command timeout,
+/// instead of being answered `backbone_unavailable` at once.
+#[tokio::test]
+async fn a_join_sent_before_the_backbone_connects_waits_for_it() -> Result<()> {
+    let mut redis = RedisServer::start().await?;
+    redis.kill().await?;
+    let node = InProcessNode::start("node-1", &redis.url(), |cfg| {
+        cfg.redis_timeout = Duration::from_secs(8);
+        cfg.reconnect_min = Duration::from_millis(20);
+        cfg.reconnect_max = Duration::from_millis(50);
+    })?;
+    let (mut early, _) = WsClient::connect_ready(&node.ws_url("early")).await?;
+    early.send(json!({"type":"join","room":"r"})).await?;
+    // The join's answer: `user_joined`, or an error about it (not the `session could not be
+    // loaded` that a connect while Redis is down is told).
+    let about_the_join =
+        |v: &Value| v["type"] == "user_joined" || v["message"].as_str().is_some_and(|m| m.contains("cannot join"));
+    // Before the fix the refusal came within milliseconds; now the join waits while Redis is away.
+    let quiet_until = Instant::now() + Duration::from_millis(300);
+    while let Ok(v) = early.recv_within(quiet_until.saturating_duration_since(Instant::now())).await {
+        if about_the_join(&v) {
+            bail!("the join was answered while Redis was down: {v}");
+        }
+    }
+    redis.restart().await?;
+    let joined = early.recv_until("the join's answer", about_the_join).await?;
+    assert_eq!(joined["type"], "user_joined", "{joined}");
+    // And the subscription it waited for is live: a second member hears the first one speak.
+    let (mut other, _) = WsClient::connect_ready(&node.ws_url("other")).await?;
+    other.join("r").await?;
+    early.send(json!({"type":"message","room":"r","text":"after the wait"})).await?;
+    other.recv_until("the message", |v| v["text"] == "after the wait").await?;
+    Ok(())
+}
+
 async fn backbone_restart_under_traffic_drops_no_connection_and_loses_nothing_silently(kind: Kind) -> Result<()> {
     let mut backend = Backend::start(kind).await?;
     let quick = |cfg: &mut tether_node::Config| {

@@ -36,8 +36,8 @@ use futures_util::StreamExt;
 use rand::Rng;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink};
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -184,7 +184,9 @@ pub struct RedisBackbone {
     /// This process' presence instance: `NAME#RANDOM`, new at every start.
     instance: String,
     subs: tokio::sync::Mutex<Subs>,
-    ready: AtomicBool,
+    /// True while the subscriber is connected: set after `Subs::sink` is, cleared before it
+    /// is, so a waiter woken by `true` finds the sink.
+    ready: watch::Sender<bool>,
     /// `{prefix}room:{` — what every channel of ours starts with.
     channel_head: String,
 }
@@ -220,7 +222,7 @@ impl RedisBackbone {
             reap: redis::Script::new(REAP_LUA),
             instance,
             subs: tokio::sync::Mutex::new(Subs { sink: None, rooms: HashSet::new() }),
-            ready: AtomicBool::new(false),
+            ready: watch::Sender::new(false),
         });
         tokio::spawn(Arc::clone(&backbone).subscriber(shutdown.clone()));
         tokio::spawn(Arc::clone(&backbone).presence_keeper(shutdown));
@@ -373,7 +375,7 @@ impl RedisBackbone {
                     }
                     first = false;
                     backoff = self.cfg.reconnect_min;
-                    self.ready.store(true, Ordering::Release);
+                    self.ready.send_replace(true);
                     self.metrics.backbone_ready.set(1);
                     info!(redis = %self.cfg.redis, "backbone subscriber connected");
                     self.catch_up().await;
@@ -381,7 +383,7 @@ impl RedisBackbone {
                         _ = shutdown.cancelled() => true,
                         _ = self.read(stream) => false,
                     };
-                    self.ready.store(false, Ordering::Release);
+                    self.ready.send_replace(false);
                     self.metrics.backbone_ready.set(0);
                     {
                         let mut subs = self.subs.lock().await;
@@ -555,20 +557,32 @@ impl Backbone for RedisBackbone {
         .boxed()
     }
 
+    /// While the subscriber is (re)connecting — a node that has just started, a Redis that
+    /// blinked — waits for it up to the command timeout, as a command does through the
+    /// connection manager, rather than failing at once.
     fn subscribe<'a>(&'a self, room: &'a str) -> BoxFuture<'a, Result<(), BackboneError>> {
         async move {
-            let mut subs = self.subs.lock().await;
-            if subs.rooms.contains(room) {
-                return Ok(());
+            let deadline = tokio::time::Instant::now() + self.cfg.redis_timeout;
+            loop {
+                let mut ready = self.ready.subscribe();
+                {
+                    let mut subs = self.subs.lock().await;
+                    if subs.rooms.contains(room) {
+                        return Ok(());
+                    }
+                    if let Some(sink) = subs.sink.as_mut() {
+                        self.with_timeout(sink.subscribe(self.channel(room))).await?;
+                        subs.rooms.insert(room.to_string());
+                        self.metrics.rooms_subscribed.set(subs.rooms.len() as i64);
+                        return Ok(());
+                    }
+                }
+                // Not connected past the deadline, or the backbone stopped.
+                let up = tokio::time::timeout_at(deadline, ready.wait_for(|up| *up)).await.is_ok_and(|r| r.is_ok());
+                if !up {
+                    return Err(BackboneError::NotConnected);
+                }
             }
-            let channel = self.channel(room);
-            let Some(sink) = subs.sink.as_mut() else {
-                return Err(BackboneError::NotConnected);
-            };
-            self.with_timeout(sink.subscribe(channel)).await?;
-            subs.rooms.insert(room.to_string());
-            self.metrics.rooms_subscribed.set(subs.rooms.len() as i64);
-            Ok(())
         }
         .boxed()
     }
@@ -776,6 +790,6 @@ impl Backbone for RedisBackbone {
     }
 
     fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire)
+        *self.ready.borrow()
     }
 }
