@@ -41,5 +41,8 @@ async fn fanout_quick_delivers_room_messages_on_every_node() -> Result<()> {
     assert!(step.latency.samples > 0);
     let hop = report.hop.as_ref().expect("the backbone hop is measured");
     assert!(hop.latency.samples > 0, "{}", report.table());
+    let local = hop.without_backbone.as_ref().expect("the same load without a backbone is measured");
+    assert!(local.samples > 0, "{}", report.table());
+    assert!(report.table().contains("added by the backbone hop"), "{}", report.table());
     Ok(())
 }
