@@ -158,7 +158,9 @@ pub struct FanoutArgs {
     /// the balancer: shows what the balancer's hop costs.
     #[arg(long)]
     pub direct: bool,
-    /// Runtime worker threads of each node (its `--threads`). Default: the node's, one per core.
+    /// Runtime worker threads of each node (its `--threads`). Default: the machine's cores
+    /// shared among the nodes, at least one each (1 for 3 nodes on 2 cores); the node's own
+    /// default is one per core.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u16).range(1..=1024).map(usize::from))]
     pub node_threads: Option<usize>,
     /// Smoke run: 4 rooms of 10 members, two short steps.

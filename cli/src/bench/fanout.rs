@@ -70,12 +70,19 @@ pub struct FanoutOptions {
     /// Members and publishers connect straight to the nodes (round robin), not through the
     /// balancer: what the balancer's extra hop costs.
     pub direct: bool,
-    /// `--threads` of every node; `None`: the node's default.
+    /// `--threads` of every node; `None`: [`FanoutOptions::threads_per_node`]'s fair share.
     pub node_threads: Option<usize>,
     pub logs: Option<PathBuf>,
 }
 
 impl FanoutOptions {
+    /// Worker threads of each node: `node_threads`, or else the machine's cores shared among
+    /// the nodes (at least one each). The nodes stand for machines of their own; the node's
+    /// own default, one worker per core, would run three nodes' six workers on two cores.
+    pub fn threads_per_node(&self) -> usize {
+        self.node_threads.unwrap_or_else(|| (procfs::cores() / self.nodes.max(1)).max(1))
+    }
+
     /// The `--quick` smoke run.
     pub fn quick() -> Self {
         Self {
@@ -171,8 +178,8 @@ pub struct FanoutReport {
     pub members: usize,
     pub nodes: usize,
     pub direct: bool,
-    /// Runtime worker threads of each node; `None`: one per core.
-    pub node_threads: Option<usize>,
+    /// Runtime worker threads of each node.
+    pub node_threads: usize,
     pub clients_open: u64,
     pub step_secs: f64,
     pub cores: usize,
@@ -193,7 +200,7 @@ impl FanoutReport {
             if self.direct { "straight to the nodes (round robin)" } else { "through the balancer" },
             self.clients_open,
             self.step_secs,
-            self.node_threads.unwrap_or(self.cores),
+            self.node_threads,
         );
         s.push_str(
             "| rate msg/s | published/s | lossless deliveries/s | delivered/s (clients) | per node (nodes' metrics) | \
@@ -280,10 +287,12 @@ pub async fn run<W: Write>(opts: &FanoutOptions, out: &mut W) -> Result<FanoutRe
     let node_conf = super::write_file(dir.path(), "node.toml", "max_connections = 19000\n")?;
     let bal_conf = super::write_file(dir.path(), "balancer.toml", "max_connections = 9950\n")?;
     writeln!(out, "starting redis-server, {} nodes, balancer", opts.nodes)?;
-    let mut node_args = vec!["--config".to_owned(), node_conf.display().to_string()];
-    if let Some(n) = opts.node_threads {
-        node_args.extend(["--threads".to_owned(), n.to_string()]);
-    }
+    let node_args = vec![
+        "--config".to_owned(),
+        node_conf.display().to_string(),
+        "--threads".to_owned(),
+        opts.threads_per_node().to_string(),
+    ];
     let mut cluster = Cluster::start(ClusterOptions {
         nodes: opts.nodes,
         node_args: node_args.clone(),
@@ -466,7 +475,7 @@ async fn measure<W: Write>(
         members: opts.members,
         nodes: opts.nodes,
         direct: opts.direct,
-        node_threads: opts.node_threads,
+        node_threads: opts.threads_per_node(),
         clients_open: opened.open,
         step_secs: opts.step.as_secs_f64(),
         cores: procfs::cores(),
