@@ -19,6 +19,7 @@ pub struct Metrics {
     pub connections_total: Counter,
     pub connections_refused: Counter,
     pub messages_published: Counter,
+    pub publish_batches: Counter,
     pub frames_from_backbone: Counter,
     pub frames_delivered: Counter,
     pub slow_consumers: Counter,
@@ -44,7 +45,7 @@ impl Metrics {
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut r = Registry::with_prefix("tether_node");
-        let counters: [(&str, &str, &Counter); 15] = [
+        let counters: [(&str, &str, &Counter); 16] = [
             ("connections", "Client WebSocket connections accepted", &self.connections_total),
             (
                 "connections_refused",
@@ -52,6 +53,11 @@ impl Metrics {
                 &self.connections_refused,
             ),
             ("messages_published", "Room messages published to the backbone", &self.messages_published),
+            (
+                "publish_batches",
+                "Backbone publish calls for room messages (one per run of a client's consecutive messages to one room)",
+                &self.publish_batches,
+            ),
             ("backbone_frames", "Frames received live from the backbone", &self.frames_from_backbone),
             ("frames_delivered", "Frames queued to local clients", &self.frames_delivered),
             ("slow_consumers", "Clients closed because their send queue was full", &self.slow_consumers),

@@ -16,10 +16,10 @@
 //! the close frame before its TCP connection is dropped.
 
 use crate::backbone::Backbone;
-use crate::backbone::{PresenceChange, PresenceEntry, Scope, SessionRecord};
+use crate::backbone::{PresenceChange, PresenceEntry, Scope, SessionRecord, Unpublished};
 use crate::hub::{FrameMeta, Gate, Member, Outbox};
 use crate::server::NodeState;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -390,26 +390,38 @@ impl Client {
                 }
                 next = ws.next() => next,
             };
-            match next {
-                None | Some(Ok(Message::Close(_))) => return None,
-                Some(Ok(Message::Text(text))) => {
-                    let (_, stop) = writing_while(Box::pin(self.handle(text.as_str())), ws, &out, &mut kicked).await;
-                    if let Some(stop) = stop {
-                        return stopped(stop);
+            // Text frames already received are handled together (consecutive messages to one
+            // room are published in one backbone call); whatever else arrived after them is
+            // handled next, before waiting again.
+            let mut next = next;
+            loop {
+                match next {
+                    None | Some(Ok(Message::Close(_))) => return None,
+                    Some(Ok(Message::Text(text))) => {
+                        let (rest, after) = ready_texts(ws, text.len());
+                        let (_, stop) = writing_while(Box::pin(self.handle(text, rest)), ws, &out, &mut kicked).await;
+                        if let Some(stop) = stop {
+                            return stopped(stop);
+                        }
+                        match after {
+                            Some(after) => next = *after,
+                            None => break,
+                        }
                     }
-                }
-                Some(Ok(Message::Binary(_))) => {
-                    self.error(ErrorCode::BadJson, "binary frames are not supported; send JSON text frames")
-                }
-                Some(Ok(_)) => {} // ping/pong: tungstenite answers pings itself
-                Some(Err(WsError::Capacity(e))) => {
-                    debug!(error = %e, "oversized frame");
-                    self.state.metrics.oversized_frames.inc();
-                    return Some((CLOSE_TOO_BIG, "message too big"));
-                }
-                Some(Err(e)) => {
-                    debug!(error = %e, "read failed");
-                    return None;
+                    Some(Ok(Message::Binary(_))) => {
+                        self.error(ErrorCode::BadJson, "binary frames are not supported; send JSON text frames");
+                        break;
+                    }
+                    Some(Ok(_)) => break, // ping/pong: tungstenite answers pings itself
+                    Some(Err(WsError::Capacity(e))) => {
+                        debug!(error = %e, "oversized frame");
+                        self.state.metrics.oversized_frames.inc();
+                        return Some((CLOSE_TOO_BIG, "message too big"));
+                    }
+                    Some(Err(e)) => {
+                        debug!(error = %e, "read failed");
+                        return None;
+                    }
                 }
             }
         }
@@ -458,16 +470,44 @@ impl Client {
         }
     }
 
-    async fn handle(&mut self, text: &str) {
+    /// Handles frames in order. Consecutive `message`s to one joined room are published
+    /// together, in one backbone call; anything else is handled on its own, after them.
+    async fn handle(&mut self, first: Utf8Bytes, rest: Vec<Utf8Bytes>) {
+        let mut pending = Pending::default();
+        for text in std::iter::once(first).chain(rest) {
+            match self.decode(text.as_str()) {
+                Ok(ClientMsg::Message { room, text }) if self.rooms.contains_key(&room) => {
+                    if pending.room != room {
+                        self.publish(&mut pending).await;
+                        pending.room = room;
+                    }
+                    let prefix = self.message_head(&pending.room, &text).json_prefix();
+                    pending.prefixes.push(prefix);
+                }
+                Ok(msg) => {
+                    self.publish(&mut pending).await;
+                    self.act(msg).await;
+                }
+                Err((code, message)) => {
+                    self.publish(&mut pending).await;
+                    self.error(code, &message);
+                }
+            }
+        }
+        self.publish(&mut pending).await;
+    }
+
+    /// Rate limit, then decoding.
+    fn decode(&mut self, text: &str) -> Result<ClientMsg, (ErrorCode, String)> {
         if !self.within_rate() {
             let msg =
                 format!("more than {} frames per second; this one was not acted on", self.state.cfg.rate_limit_per_sec);
-            return self.error(ErrorCode::RateLimited, &msg);
+            return Err((ErrorCode::RateLimited, msg));
         }
-        let msg = match wire::decode(text) {
-            Ok(msg) => msg,
-            Err(e) => return self.error(e.code, &e.message),
-        };
+        wire::decode(text).map_err(|e| (e.code, e.message))
+    }
+
+    async fn act(&mut self, msg: ClientMsg) {
         match msg {
             ClientMsg::SetName { name } => {
                 self.state.hub.set_user(self.conn, &name);
@@ -542,11 +582,18 @@ impl Client {
         self.leave_presence(room, LeaveReason::Left).await;
     }
 
+    /// A `message` to a room this client has not joined (joined rooms' messages are
+    /// gathered by [`Client::handle`]).
     async fn message(&mut self, room: &str, text: &str) {
         if !self.rooms.contains_key(room) {
             return self.error(ErrorCode::NotInRoom, &format!("join {room} before sending to it"));
         }
-        let head = MessageHead {
+        let prefixes = vec![self.message_head(room, text).json_prefix()];
+        self.publish(&mut Pending { room: room.to_owned(), prefixes }).await;
+    }
+
+    fn message_head<'a>(&'a self, room: &'a str, text: &'a str) -> MessageHead<'a> {
+        MessageHead {
             kind: "message",
             room,
             from: self.display(),
@@ -554,9 +601,22 @@ impl Client {
             text,
             server: &self.state.cfg.name,
             timestamp: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
-        };
-        if let Err(e) = self.backbone().publish_message(room, head.json_prefix()).await {
-            self.error(ErrorCode::BackboneUnavailable, &format!("message not sent: {e}"));
+        }
+    }
+
+    /// Publishes the gathered messages, if any; each one not published is answered with an
+    /// error of its own.
+    async fn publish(&mut self, pending: &mut Pending) {
+        if pending.prefixes.is_empty() {
+            return;
+        }
+        let prefixes = std::mem::take(&mut pending.prefixes);
+        let count = prefixes.len();
+        self.state.metrics.publish_batches.inc();
+        if let Err(Unpublished { published, error }) = self.backbone().publish_messages(&pending.room, prefixes).await {
+            for _ in published..count {
+                self.error(ErrorCode::BackboneUnavailable, &format!("message not sent: {error}"));
+            }
         }
     }
 
@@ -661,4 +721,41 @@ async fn sleep_until_or_never(deadline: Option<tokio::time::Instant>) {
         Some(d) => tokio::time::sleep_until(d).await,
         None => std::future::pending().await,
     }
+}
+
+/// Consecutive messages of one client to one room, not yet published.
+#[derive(Default)]
+struct Pending {
+    room: String,
+    prefixes: Vec<String>,
+}
+
+/// Most frames handled together; and most bytes of them.
+const GATHER_FRAMES: usize = 64;
+const GATHER_BYTES: usize = 256 * 1024;
+
+/// What reading a WebSocket yields: a frame, an error, or `None` at its end.
+type Read = Option<Result<Message, WsError>>;
+
+/// The text frames that have already arrived after one of `first_len` bytes, without waiting
+/// (up to [`GATHER_FRAMES`] / [`GATHER_BYTES`]), and the first other item read, if any. That
+/// one is boxed: it is kept while the texts are handled, and unboxed it would add the size of
+/// a tungstenite error to every connection's task.
+fn ready_texts<S>(ws: &mut WebSocketStream<S>, first_len: usize) -> (Vec<Utf8Bytes>, Option<Box<Read>>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut texts = Vec::new();
+    let mut bytes = first_len;
+    while texts.len() + 1 < GATHER_FRAMES && bytes < GATHER_BYTES {
+        match ws.next().now_or_never() {
+            Some(Some(Ok(Message::Text(t)))) => {
+                bytes += t.len();
+                texts.push(t);
+            }
+            Some(other) => return (texts, Some(Box::new(other))),
+            None => break,
+        }
+    }
+    (texts, None)
 }

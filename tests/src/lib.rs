@@ -75,6 +75,21 @@ impl WsClient {
         self.send_raw(Message::Text(text.into())).await
     }
 
+    /// Writes every frame, then flushes them together, within `DEADLINE`: they reach the
+    /// server as one burst.
+    pub async fn send_burst(&mut self, frames: impl IntoIterator<Item = Value>) -> Result<()> {
+        let burst = async {
+            for v in frames {
+                self.ws.feed(Message::Text(v.to_string().into())).await?;
+            }
+            self.ws.flush().await
+        };
+        tokio::time::timeout(DEADLINE, burst)
+            .await
+            .map_err(|_| anyhow!("sending a burst: not taken within {DEADLINE:?}"))?
+            .context("sending a burst")
+    }
+
     /// Sends a frame, within `DEADLINE` (a server that stops reading fails the test, not hangs it).
     pub async fn send_raw(&mut self, msg: Message) -> Result<()> {
         tokio::time::timeout(DEADLINE, self.ws.send(msg))

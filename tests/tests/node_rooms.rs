@@ -58,6 +58,52 @@ async fn two_nodes_share_a_room_exactly_once_in_seq_order(kind: Kind) -> Result<
     Ok(())
 }
 
+fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+}
+
+/// One client's burst of messages, all in the node's socket at once, is published in a few
+/// backbone calls (consecutive messages to one room together), in order and each once; frames
+/// that are not messages to a joined room split the runs and get their own answers.
+async fn a_burst_of_messages_is_published_in_runs_in_order_exactly_once(kind: Kind) -> Result<()> {
+    let backend = Backend::start(kind).await?;
+    let n1 = backend.node("node-1", |_| {})?;
+    let n2 = backend.node("node-2", |_| {})?;
+    let (mut alice, _) = WsClient::connect_ready(&n1.ws_url("alice")).await?;
+    let (mut bob, _) = WsClient::connect_ready(&n2.ws_url("bob")).await?;
+    alice.join("burst").await?;
+    bob.join("burst").await?;
+    const COUNT: usize = 300;
+    let frames = (0..COUNT).map(|i| match i {
+        100 => json!({"type":"message","room":"elsewhere","text":"not joined"}),
+        200 => json!({"type":"no_such_type"}),
+        _ => json!({"type":"message","room":"burst","text":format!("m{i}")}),
+    });
+    alice.send_burst(frames).await?;
+    let last = format!("m{}", COUNT - 1);
+    for c in [&mut alice, &mut bob] {
+        c.recv_until("the burst's last message", |v| v["text"] == last.as_str()).await?;
+        let got = messages(c);
+        let texts: Vec<&str> = got.iter().filter_map(|m| m["text"].as_str()).collect();
+        let sent: Vec<String> = (0..COUNT).filter(|i| *i != 100 && *i != 200).map(|i| format!("m{i}")).collect();
+        assert_eq!(texts, sent, "every message once, in the order sent");
+        let seqs: Vec<u64> = got.iter().map(|m| m["seq"].as_u64().expect("seq")).collect();
+        assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "consecutive seqs: {seqs:?}");
+    }
+    let errors: Vec<&Value> = alice.seen.iter().filter(|v| v["type"] == "error").collect();
+    let codes: Vec<&str> = errors.iter().filter_map(|e| e["code"].as_str()).collect();
+    assert_eq!(codes, ["not_in_room", "unknown_type"], "{errors:?}");
+    let (_, text) = http_get(n1.addr, "/metrics").await?;
+    let (published, batches) =
+        (metric(&text, "tether_node_messages_published_total"), metric(&text, "tether_node_publish_batches_total"));
+    assert_eq!(published, (COUNT - 2) as u64);
+    assert!(batches >= 3, "the two odd frames split the burst into at least three runs: {batches}");
+    assert!(batches * 4 <= published, "{published} messages in {batches} publish calls: not gathered");
+    Ok(())
+}
+
 #[tokio::test]
 async fn one_subscription_per_node_with_members_and_none_after_the_last_leaves() -> Result<()> {
     let redis = RedisServer::start().await?;
@@ -178,4 +224,5 @@ tether_tests::on_every_backbone!(
     an_oversized_frame_closes_with_1009_and_costs_nobody_else,
     node_answers_health_readiness_and_refuses_bad_ids,
     readyz_is_503_while_the_backbone_is_down,
+    a_burst_of_messages_is_published_in_runs_in_order_exactly_once,
 );

@@ -2,7 +2,7 @@
 //! members on other nodes never see them (the comparison's control group). Seqs come from a
 //! per-room counter in memory, under an epoch unique to this process.
 
-use super::{Backbone, BackboneError, PresenceChange, PresenceEntry, Published, Replay, Scope, SessionRecord};
+use super::{Backbone, BackboneError, PresenceChange, PresenceEntry, Replay, Scope, SessionRecord, Unpublished};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use dashmap::DashMap;
@@ -87,15 +87,16 @@ impl LocalBackbone {
 }
 
 impl Backbone for LocalBackbone {
-    fn publish_message<'a>(&'a self, room: &'a str, prefix: String) -> BoxFuture<'a, Result<Published, BackboneError>> {
+    fn publish_messages<'a>(&'a self, room: &'a str, prefixes: Vec<String>) -> BoxFuture<'a, Result<(), Unpublished>> {
         // The counter's shard lock is held across the delivery so that two publishers in one
         // room deliver in seq order.
         let mut seq = self.seqs.entry(room.to_string()).or_insert(0);
-        *seq += 1;
-        let published = Published { seq: *seq, epoch: self.epoch.clone() };
-        self.deliver(room, format!("{prefix}{},\"epoch\":\"{}\"}}", published.seq, published.epoch));
+        for prefix in prefixes {
+            *seq += 1;
+            self.deliver(room, format!("{prefix}{},\"epoch\":\"{}\"}}", *seq, self.epoch));
+        }
         drop(seq);
-        ready(Ok(published)).boxed()
+        ready(Ok(())).boxed()
     }
 
     fn publish_event<'a>(&'a self, room: &'a str, json: String) -> BoxFuture<'a, Result<(), BackboneError>> {

@@ -40,11 +40,13 @@ pub struct Replay {
     pub frames: Vec<(u64, String)>,
 }
 
-/// What the atomic publish step assigned to a message.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Published {
-    pub seq: u64,
-    pub epoch: String,
+/// A publish of several messages that stopped partway: the first `published` of them were
+/// published, the rest were not (after a timeout: perhaps were, as with any command whose
+/// answer did not come).
+#[derive(Debug)]
+pub struct Unpublished {
+    pub published: usize,
+    pub error: BackboneError,
 }
 
 /// Where a presence entry lives: in a room, or in the cluster-wide `online` list.
@@ -90,9 +92,10 @@ pub enum BackboneError {
 /// The operations a node needs from its backbone. Object-safe, so the node holds an
 /// `Arc<dyn Backbone>` chosen by configuration.
 pub trait Backbone: Send + Sync {
-    /// Assigns the next seq of `room`, completes the frame (`prefix` + seq + epoch), logs it
-    /// and publishes it to every subscribed node, atomically.
-    fn publish_message<'a>(&'a self, room: &'a str, prefix: String) -> BoxFuture<'a, Result<Published, BackboneError>>;
+    /// For each of `prefixes` in order (one client's consecutive messages to `room`): assigns
+    /// the next seq of `room`, completes the frame (prefix + seq + epoch), logs it and
+    /// publishes it to every subscribed node, each message atomically.
+    fn publish_messages<'a>(&'a self, room: &'a str, prefixes: Vec<String>) -> BoxFuture<'a, Result<(), Unpublished>>;
 
     /// Publishes a membership event (no seq, not logged) to every subscribed node.
     fn publish_event<'a>(&'a self, room: &'a str, json: String) -> BoxFuture<'a, Result<(), BackboneError>>;

@@ -31,7 +31,7 @@
 
 mod presence;
 
-use super::{Backbone, BackboneError, PresenceChange, PresenceEntry, Published, Replay, Scope, SessionRecord};
+use super::{Backbone, BackboneError, PresenceChange, PresenceEntry, Replay, Scope, SessionRecord, Unpublished};
 use crate::config::Config;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
@@ -554,32 +554,44 @@ enum PublishFailure {
     Other(BackboneError),
 }
 
+impl NatsBackbone {
+    /// Logs and publishes one message in `room`'s stream.
+    async fn publish_message(&self, room: &str, prefix: String) -> Result<(), BackboneError> {
+        // Makes sure the room's stream exists (its epoch is kept for the replay).
+        self.epoch(room).await?;
+        let payload = Bytes::from(prefix);
+        match self.publish_logged(room, payload.clone()).await {
+            // No stream captured the subject, so nothing was stored: the stream was lost
+            // (NATS restarted without it). Make sure of it and try once more.
+            Err(PublishFailure::NoStream) => {
+                self.epochs.remove(room);
+                self.ensure_stream(room).await?;
+                self.publish_logged(room, payload).await
+            }
+            other => other,
+        }
+        .map_err(|e| match e {
+            PublishFailure::NoStream => BackboneError::Nats(format!("no stream for room {room:?}")),
+            PublishFailure::Other(e) => e,
+        })?;
+        self.metrics.messages_published.inc();
+        Ok(())
+    }
+}
+
 /// The frame for `seq` from its logged prefix (which ends in `"seq":`).
 fn complete(prefix: &str, seq: u64, epoch: &str) -> String {
     format!("{prefix}{seq},\"epoch\":\"{epoch}\"}}")
 }
 
 impl Backbone for NatsBackbone {
-    fn publish_message<'a>(&'a self, room: &'a str, prefix: String) -> BoxFuture<'a, Result<Published, BackboneError>> {
+    /// One message at a time: each is one stream publish awaiting its ack.
+    fn publish_messages<'a>(&'a self, room: &'a str, prefixes: Vec<String>) -> BoxFuture<'a, Result<(), Unpublished>> {
         async move {
-            let mut epoch = self.epoch(room).await?;
-            let payload = Bytes::from(prefix);
-            let seq = match self.publish_logged(room, payload.clone()).await {
-                // No stream captured the subject, so nothing was stored: the stream was lost
-                // (NATS restarted without it). Make sure of it and try once more.
-                Err(PublishFailure::NoStream) => {
-                    self.epochs.remove(room);
-                    epoch = self.ensure_stream(room).await?.epoch;
-                    self.publish_logged(room, payload).await
-                }
-                other => other,
+            for (published, prefix) in prefixes.into_iter().enumerate() {
+                self.publish_message(room, prefix).await.map_err(|error| Unpublished { published, error })?;
             }
-            .map_err(|e| match e {
-                PublishFailure::NoStream => BackboneError::Nats(format!("no stream for room {room:?}")),
-                PublishFailure::Other(e) => e,
-            })?;
-            self.metrics.messages_published.inc();
-            Ok(Published { seq, epoch: epoch.to_string() })
+            Ok(())
         }
         .boxed()
     }

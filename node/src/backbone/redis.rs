@@ -27,7 +27,7 @@
 //! The cluster-wide `online` list works the same way under `{prefix}online`. The reaper's
 //! keys are computed inside its script, so it needs a single Redis (not a Redis Cluster).
 
-use super::{Backbone, BackboneError, PresenceChange, PresenceEntry, Published, Replay, Scope, SessionRecord};
+use super::{Backbone, BackboneError, PresenceChange, PresenceEntry, Replay, Scope, SessionRecord, Unpublished};
 use crate::config::Config;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
@@ -42,34 +42,41 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-/// The atomic publish step.
+/// The atomic publish step, for one or more consecutive messages of one client to one room.
 ///
-/// KEYS: meta hash, log stream, channel. ARGV: frame prefix (ends in `"seq":`), a fresh
-/// epoch to use if the room has none, history length, log TTL in ms.
+/// KEYS: meta hash, log stream, channel. ARGV: a fresh epoch to use if the room has none,
+/// history length, log TTL in ms, then one frame prefix (ending in `"seq":`) per message.
+/// Each message gets the next seq, in order, and is logged, then published, before the next.
 ///
 /// A counter that starts again at 1 means Redis lost the room's state (restart without
 /// persistence, eviction): the room gets a new epoch and its stale log, if any survived, is
 /// dropped, so `(epoch, seq)` never repeats.
 const PUBLISH_LUA: &str = r#"
-local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+local n = #ARGV - 3
+local last = redis.call('HINCRBY', KEYS[1], 'seq', n)
+local first = last - n + 1
 local epoch
-if seq == 1 then
-  epoch = ARGV[2]
+if first == 1 then
+  epoch = ARGV[1]
   redis.call('HSET', KEYS[1], 'epoch', epoch)
   redis.call('DEL', KEYS[2])
 else
   epoch = redis.call('HGET', KEYS[1], 'epoch')
   if not epoch then
-    epoch = ARGV[2]
+    epoch = ARGV[1]
     redis.call('HSET', KEYS[1], 'epoch', epoch)
   end
 end
-local frame = ARGV[1] .. seq .. ',"epoch":"' .. epoch .. '"}'
-redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[3], seq .. '-0', 'f', frame)
-redis.call('PEXPIRE', KEYS[1], ARGV[4])
-redis.call('PEXPIRE', KEYS[2], ARGV[4])
-redis.call('PUBLISH', KEYS[3], frame)
-return {seq, epoch}
+local tail = ',"epoch":"' .. epoch .. '"}'
+for i = 1, n do
+  local seq = first + i - 1
+  local frame = ARGV[3 + i] .. seq .. tail
+  redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[2], seq .. '-0', 'f', frame)
+  redis.call('PUBLISH', KEYS[3], frame)
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+return n
 "#;
 
 /// Registers one presence entry. KEYS: entries hash, ids hash, instance set, channel, room
@@ -525,23 +532,32 @@ impl RedisBackbone {
 }
 
 impl Backbone for RedisBackbone {
-    fn publish_message<'a>(&'a self, room: &'a str, prefix: String) -> BoxFuture<'a, Result<Published, BackboneError>> {
+    /// All of them in one script call: one round trip, however many.
+    fn publish_messages<'a>(&'a self, room: &'a str, prefixes: Vec<String>) -> BoxFuture<'a, Result<(), Unpublished>> {
         async move {
+            let count = prefixes.len() as u64;
+            if count == 0 {
+                return Ok(());
+            }
             let base = format!("{}room:{{{room}}}", self.cfg.prefix);
-            let epoch = tether_proto::id::mint_client_id();
             let mut con = self.commands.clone();
             let mut invocation = self.publish.prepare_invoke();
             invocation
                 .key(format!("{base}:meta"))
                 .key(format!("{base}:log"))
                 .key(&base)
-                .arg(prefix)
-                .arg(epoch)
+                .arg(tether_proto::id::mint_client_id())
                 .arg(self.cfg.history_len)
                 .arg(self.cfg.log_ttl.as_millis() as u64);
-            let (seq, epoch): (u64, String) = self.with_timeout(invocation.invoke_async(&mut con)).await?;
-            self.metrics.messages_published.inc();
-            Ok(Published { seq, epoch })
+            for prefix in prefixes {
+                invocation.arg(prefix);
+            }
+            let _published: u64 = self
+                .with_timeout(invocation.invoke_async(&mut con))
+                .await
+                .map_err(|error| Unpublished { published: 0, error })?;
+            self.metrics.messages_published.inc_by(count);
+            Ok(())
         }
         .boxed()
     }
