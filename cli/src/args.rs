@@ -143,7 +143,7 @@ pub struct FanoutArgs {
     #[arg(long, default_value_t = 250, value_name = "M", value_parser = clap::value_parser!(u32).range(1..=100_000).map(|n| n as usize))]
     pub members: usize,
     /// Published messages per second, all rooms together, one step per rate.
-    #[arg(long, default_value = "100,200,400,800,1600,3200", value_name = "A,B,C", value_delimiter = ',', value_parser = positive)]
+    #[arg(long, default_value = "100,200,400,800,1600,3200,6400,12800", value_name = "A,B,C", value_delimiter = ',', value_parser = positive)]
     pub rates: Vec<f64>,
     /// Seconds measured per rate (after one second of ramp-up).
     #[arg(long, default_value_t = 5.0, value_name = "SECS", value_parser = positive)]
