@@ -344,6 +344,29 @@ impl NatsBackbone {
         Ok(self.ensure_stream(room).await?.epoch)
     }
 
+    /// Logs and publishes one message in `room`'s stream.
+    async fn publish_message(&self, room: &str, prefix: String) -> Result<(), BackboneError> {
+        // Makes sure the room's stream exists: a room's first message creates it.
+        self.epoch(room).await?;
+        let payload = Bytes::from(prefix);
+        match self.publish_logged(room, payload.clone()).await {
+            // No stream captured the subject, so nothing was stored: the stream was lost
+            // (NATS restarted without it). Make sure of it and try once more.
+            Err(PublishFailure::NoStream) => {
+                self.epochs.remove(room);
+                self.ensure_stream(room).await?;
+                self.publish_logged(room, payload).await
+            }
+            other => other,
+        }
+        .map_err(|e| match e {
+            PublishFailure::NoStream => BackboneError::Nats(format!("no stream for room {room:?}")),
+            PublishFailure::Other(e) => e,
+        })?;
+        self.metrics.messages_published.inc();
+        Ok(())
+    }
+
     /// Publishes to the room's log subject and waits for the stream's acknowledgement; returns
     /// the seq it assigned.
     async fn publish_logged(&self, room: &str, payload: Bytes) -> Result<u64, PublishFailure> {
@@ -552,31 +575,6 @@ pub async fn room_heads(
 enum PublishFailure {
     NoStream,
     Other(BackboneError),
-}
-
-impl NatsBackbone {
-    /// Logs and publishes one message in `room`'s stream.
-    async fn publish_message(&self, room: &str, prefix: String) -> Result<(), BackboneError> {
-        // Makes sure the room's stream exists (its epoch is kept for the replay).
-        self.epoch(room).await?;
-        let payload = Bytes::from(prefix);
-        match self.publish_logged(room, payload.clone()).await {
-            // No stream captured the subject, so nothing was stored: the stream was lost
-            // (NATS restarted without it). Make sure of it and try once more.
-            Err(PublishFailure::NoStream) => {
-                self.epochs.remove(room);
-                self.ensure_stream(room).await?;
-                self.publish_logged(room, payload).await
-            }
-            other => other,
-        }
-        .map_err(|e| match e {
-            PublishFailure::NoStream => BackboneError::Nats(format!("no stream for room {room:?}")),
-            PublishFailure::Other(e) => e,
-        })?;
-        self.metrics.messages_published.inc();
-        Ok(())
-    }
 }
 
 /// The frame for `seq` from its logged prefix (which ends in `"seq":`).
