@@ -523,7 +523,10 @@ impl Client {
             }
             ClientMsg::Join { room } => self.join(room).await,
             ClientMsg::Leave { room } => self.leave(&room).await,
-            ClientMsg::Message { room, text } => self.message(&room, &text).await,
+            // Messages to joined rooms never get here: `handle` gathers them.
+            ClientMsg::Message { room, .. } => {
+                self.error(ErrorCode::NotInRoom, &format!("join {room} before sending to it"))
+            }
             ClientMsg::Resume { rooms } => {
                 for (room, point) in rooms {
                     self.resume(&room, point).await;
@@ -580,16 +583,6 @@ impl Client {
         // through the backbone (once its id's last connection in the room is gone).
         self.send_text(self.user_left(room, LeaveReason::Left));
         self.leave_presence(room, LeaveReason::Left).await;
-    }
-
-    /// A `message` to a room this client has not joined (joined rooms' messages are
-    /// gathered by [`Client::handle`]).
-    async fn message(&mut self, room: &str, text: &str) {
-        if !self.rooms.contains_key(room) {
-            return self.error(ErrorCode::NotInRoom, &format!("join {room} before sending to it"));
-        }
-        let prefixes = vec![self.message_head(room, text).json_prefix()];
-        self.publish(&mut Pending { room: room.to_owned(), prefixes }).await;
     }
 
     fn message_head<'a>(&'a self, room: &'a str, text: &'a str) -> MessageHead<'a> {
