@@ -1034,7 +1034,8 @@ pub enum ClusterLogs {
 }
 
 impl ClusterLogs {
-    fn target(&self, name: &str) -> LogTarget {
+    /// Where the process called `name` logs.
+    pub fn target(&self, name: &str) -> LogTarget {
         match self {
             Self::Inherit => LogTarget::Inherit,
             Self::Null => LogTarget::Null,

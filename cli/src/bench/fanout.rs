@@ -29,7 +29,7 @@ use super::worker::{Fleet, RoomSpec, WorkerSpec};
 use super::wsraw::{self, OP_TEXT};
 use super::{add_pairs, http_get, metric_sum, new_histogram, source_addrs, split, Latency, MAX_PER_WORKER};
 use crate::args::FanoutArgs;
-use crate::cluster::{Cluster, ClusterLogs, ClusterOptions, LogTarget, NodeProcess, SpawnOptions};
+use crate::cluster::{Cluster, ClusterLogs, ClusterOptions, NodeProcess, SpawnOptions};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use std::io::Write;
@@ -81,6 +81,11 @@ impl FanoutOptions {
     /// own default, one worker per core, would run three nodes' six workers on two cores.
     pub fn threads_per_node(&self) -> usize {
         self.node_threads.unwrap_or_else(|| (procfs::cores() / self.nodes.max(1)).max(1))
+    }
+
+    /// Where the processes log: `logs/NAME.log`, or nowhere.
+    fn cluster_logs(&self) -> ClusterLogs {
+        self.logs.clone().map_or(ClusterLogs::Null, ClusterLogs::Dir)
     }
 
     /// The `--quick` smoke run.
@@ -297,10 +302,7 @@ pub async fn run<W: Write>(opts: &FanoutOptions, out: &mut W) -> Result<FanoutRe
         nodes: opts.nodes,
         node_args: node_args.clone(),
         balancer_args: vec!["--config".to_owned(), bal_conf.display().to_string()],
-        logs: match &opts.logs {
-            Some(d) => ClusterLogs::Dir(d.clone()),
-            None => ClusterLogs::Null,
-        },
+        logs: opts.cluster_logs(),
         ..ClusterOptions::default()
     })
     .await?;
@@ -497,15 +499,7 @@ async fn hop<W: Write>(
     out: &mut W,
 ) -> Result<Hop> {
     let (from, to) = (cluster.nodes()[0].addr(), cluster.nodes()[1].addr());
-    let (sent, delivered, latency, redis) = hop_run(opts, from, to, &format!("{tag}-b"), redis_pid, out).await?;
-    let hop = Hop {
-        rate: opts.hop_rate,
-        published_per_sec: sent,
-        delivered_per_sec: delivered,
-        latency,
-        redis_cpu: redis,
-        without_backbone: None,
-    };
+    let hop = hop_run(opts, from, to, &format!("{tag}-b"), redis_pid, out).await?;
     writeln!(
         out,
         "  backbone hop at {:.0}/s: delivered {:.0}/s, p50 {} µs, p99 {} µs, p99.9 {} µs",
@@ -513,16 +507,9 @@ async fn hop<W: Write>(
     )?;
     let mut args = node_args.to_vec();
     args.extend(["--backbone".to_owned(), "none".to_owned()]);
-    let spawn = SpawnOptions {
-        stderr: match &opts.logs {
-            Some(d) => LogTarget::File(d.join("hop-local.log")),
-            None => LogTarget::Null,
-        },
-        ..SpawnOptions::default()
-    };
-    // Unused with `--backbone none`, but the fixture passes one.
-    let redis_url = cluster.redis().map_or_else(|| "redis://127.0.0.1:1".to_owned(), |r| r.url());
-    let mut local = match NodeProcess::start_with("hop-local", &redis_url, &args, &spawn).await {
+    let spawn = SpawnOptions { stderr: opts.cluster_logs().target("hop-local"), ..SpawnOptions::default() };
+    // The node ignores its Redis with `--backbone none`; the fixture passes one all the same.
+    let mut local = match NodeProcess::start_with("hop-local", cluster.redis_url(), &args, &spawn).await {
         Ok(node) => node,
         Err(e) => {
             writeln!(
@@ -535,7 +522,7 @@ async fn hop<W: Write>(
     let addr = local.addr();
     let measured = hop_run(opts, addr, addr, &format!("{tag}-l"), redis_pid, out).await;
     local.kill().await?;
-    let (_, _, latency, _) = measured?;
+    let latency = measured?.latency;
     writeln!(
         out,
         "  same load, one node without a backbone: p50 {} µs, p99 {} µs, p99.9 {} µs",
@@ -545,7 +532,7 @@ async fn hop<W: Write>(
 }
 
 /// `HOP_ROOMS` rooms, one member each connected to `to`, their publishers to `from`, at
-/// `hop_rate` for one ramp and one step: (published/s, delivered/s, latency, Redis CPU %).
+/// `hop_rate` for one ramp and one step.
 async fn hop_run<W: Write>(
     opts: &FanoutOptions,
     from: SocketAddr,
@@ -553,7 +540,7 @@ async fn hop_run<W: Write>(
     tag: &str,
     redis_pid: u32,
     out: &mut W,
-) -> Result<(f64, f64, Latency, f64)> {
+) -> Result<Hop> {
     let room_prefix = format!("hop-{tag}-");
     let spec = WorkerSpec {
         targets: vec![to],
@@ -584,12 +571,14 @@ async fn hop_run<W: Write>(
     fleet.close().await;
     let mut h = new_histogram()?;
     add_pairs(&mut h, &stats.hist);
-    Ok((
-        (sent as f64 / (RAMP + opts.step).as_secs_f64()).round(),
-        (stats.messages as f64 / wall.as_secs_f64()).round(),
-        Latency::of(&h),
-        (redis.as_secs_f64() / wall.as_secs_f64() * 1000.0).round() / 10.0,
-    ))
+    Ok(Hop {
+        rate: opts.hop_rate,
+        published_per_sec: (sent as f64 / (RAMP + opts.step).as_secs_f64()).round(),
+        delivered_per_sec: (stats.messages as f64 / wall.as_secs_f64()).round(),
+        latency: Latency::of(&h),
+        redis_cpu: (redis.as_secs_f64() / wall.as_secs_f64() * 1000.0).round() / 10.0,
+        without_backbone: None,
+    })
 }
 
 /// Where the steps stop scaling, and what is closest to its limit there.
