@@ -29,6 +29,6 @@ shift
 for round in $(seq 1 "$rounds"); do
     for dir in "${dirs[@]}"; do
         echo "== $dir round $round/$rounds, load average $(cut -d' ' -f1-3 /proc/loadavg)"
-        "$dir/tether" bench "$@" 2>&1 | grep -E 'rate .*delivered|hop at|node memory|best|KiB per|echoes' || true
+        "$dir/tether" bench "$@" 2>&1 | grep -E 'rate .*delivered|hop at|without a backbone|node memory|best|KiB per|echoes' || true
     done
 done
