@@ -1,21 +1,25 @@
-//! The node's per-message hot path, minus the network: decode the client's frame
-//! (`wire::decode`), build the frame head once (`MessageHead::json_prefix`), complete it as the
-//! publish script would (`seq`, `epoch`), and offer it to 1,000 local members of the room
-//! (`Hub::deliver`: gate check, queue bounds, a push of one shared `Utf8Bytes`).
+//! The node's per-message hot path: decode the client's frame (`wire::decode`), build the
+//! frame head once (`MessageHead::json_prefix`), complete it as the publish script would
+//! (`seq`, `epoch`), and hand it to every local member of the room (`Hub::deliver`: gate check,
+//! one WebSocket framing shared by all, the member's outbox).
 //!
-//! Members are their connections' bounded send queues (`Outbox`). They are drained (and their byte budgets
-//! released, as the writer task would) *between* timed iterations, so every iteration
-//! delivers to 1,000 members with room in their queues and no one is kicked as slow.
+//! Two kinds of member:
+//! - `queue`: outboxes with no socket behind them, so every frame waits in the queue (the
+//!   in-process cost alone); they are emptied between timed iterations;
+//! - `socket`: outboxes in front of real loopback TCP connections, so each delivery is the
+//!   non-blocking write an idle client's frame costs on a node; the far ends are read empty
+//!   between timed iterations, so no socket buffer fills up.
 //!
 //! `cargo bench -p tether-node --bench fanout`
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use futures_util::FutureExt;
 use std::hint::black_box;
+use std::io::Read;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use tether_node::hub::{Gate, Hub, Member, Outbox};
+use tether_node::hub::{Gate, Hub, Member};
 use tether_node::metrics::Metrics;
+use tether_node::outbox::{Limits, Outbox, Wire};
 use tether_proto::wire::{self, ClientMsg, MessageHead};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
@@ -28,17 +32,37 @@ struct Room {
     hub: Hub,
     metrics: Metrics,
     queues: Vec<Arc<Outbox>>,
+    /// The clients' ends of the members' sockets (`socket` members only).
+    far: Vec<std::net::TcpStream>,
+    /// The runtime the members' sockets are registered with.
+    _rt: Option<tokio::runtime::Runtime>,
 }
 
-fn room(members: usize) -> Room {
+fn room(members: usize, sockets: bool) -> Room {
     let hub = Hub::new(1024);
     let mut queues = Vec::with_capacity(members);
+    let mut far = Vec::new();
+    let rt = sockets.then(|| tokio::runtime::Builder::new_current_thread().enable_io().build().expect("runtime"));
+    let _entered = rt.as_ref().map(|rt| rt.enter());
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     for conn in 0..members as u64 {
-        let out = Outbox::new(1024, 1 << 20);
+        let wire: Option<Arc<dyn Wire>> = if sockets {
+            let client = std::net::TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+            let (near, _) = listener.accept().expect("accept");
+            near.set_nodelay(true).expect("nodelay");
+            near.set_nonblocking(true).expect("nonblocking");
+            client.set_nonblocking(true).expect("nonblocking");
+            far.push(client);
+            Some(Arc::new(tokio::net::TcpStream::from_std(near).expect("register")))
+        } else {
+            None
+        };
+        let out = Outbox::new(wire, Limits::generous());
         hub.add(ROOM, conn, Member { out: Arc::clone(&out), kick: CancellationToken::new() }, Gate::open());
         queues.push(out);
     }
-    Room { hub, metrics: Metrics::new(), queues }
+    drop(_entered);
+    Room { hub, metrics: Metrics::new(), queues, far, _rt: rt }
 }
 
 /// decode → json_prefix → complete → deliver; returns how many members took the frame.
@@ -66,18 +90,21 @@ fn one_message(room: &Room, seq: u64) -> usize {
 
 fn drain(room: &mut Room) {
     for out in &room.queues {
-        let batch = out.take().now_or_never().unwrap_or_default();
-        out.sent(batch.iter().map(|f| f.len()).sum());
-        out.recycle(batch);
+        out.take_all();
+    }
+    let mut buf = [0u8; 64 * 1024];
+    for client in &mut room.far {
+        while matches!(client.read(&mut buf), Ok(n) if n > 0) {}
     }
 }
 
 fn fanout(c: &mut Criterion) {
     let mut g = c.benchmark_group("message_to_room");
-    for members in [1usize, 1_000] {
+    for (kind, members) in [("queue", 1usize), ("queue", 1_000), ("socket", 1), ("socket", 100)] {
         g.throughput(Throughput::Elements(members as u64));
-        g.bench_with_input(BenchmarkId::new("decode_prefix_deliver", members), &members, |b, &members| {
-            let mut r = room(members);
+        let id = BenchmarkId::new(format!("decode_prefix_deliver_{kind}"), members);
+        g.bench_with_input(id, &members, |b, &members| {
+            let mut r = room(members, kind == "socket");
             let mut seq = 0u64;
             b.iter_custom(|iters| {
                 let mut total = Duration::ZERO;

@@ -14,15 +14,14 @@ pub const DEFAULT_REDIS: &str = "redis://127.0.0.1:6379/";
 pub const DEFAULT_NATS: &str = "nats://127.0.0.1:4222";
 pub const DEFAULT_PREFIX: &str = "tether:";
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024;
-pub const DEFAULT_SEND_QUEUE_LEN: usize = 1024;
-pub const DEFAULT_SEND_QUEUE_BYTES: usize = 1024 * 1024;
+pub const DEFAULT_SEND_QUEUE_LEN: usize = 65_536;
+pub const DEFAULT_SEND_QUEUE_BYTES: usize = 8 * 1024 * 1024;
+pub const DEFAULT_SEND_QUEUE_LOW_WATER_BYTES: usize = 1024 * 1024;
+pub const DEFAULT_SLOW_CONSUMER_MS: u64 = 5_000;
 pub const DEFAULT_RATE_LIMIT_BURST: u32 = 50;
 pub const DEFAULT_HISTORY_LEN: u64 = 1000;
 pub const DEFAULT_LOG_TTL_SECS: u64 = 24 * 3600;
 pub const DEFAULT_READ_BUFFER_BYTES: usize = 512;
-pub const DEFAULT_WRITE_BUFFER_BYTES: usize = 4096;
-/// Largest `write_buffer_bytes` accepted.
-pub const MAX_WRITE_BUFFER_BYTES: usize = 1024 * 1024;
 /// Upper bound of `threads`: far more than any machine has cores; it catches a typo before
 /// tokio tries to start that many threads.
 pub const MAX_THREADS: usize = 1024;
@@ -77,12 +76,13 @@ pub struct FileConfig {
     pub max_message_bytes: Option<usize>,
     pub send_queue_len: Option<usize>,
     pub send_queue_bytes: Option<usize>,
+    pub send_queue_low_water_bytes: Option<usize>,
+    pub slow_consumer_ms: Option<u64>,
     pub rate_limit_per_sec: Option<u32>,
     pub rate_limit_burst: Option<u32>,
     pub history_len: Option<u64>,
     pub log_ttl_secs: Option<u64>,
     pub read_buffer_bytes: Option<usize>,
-    pub write_buffer_bytes: Option<usize>,
     pub threads: Option<usize>,
     pub max_connections: Option<usize>,
     pub max_rooms_per_client: Option<usize>,
@@ -114,10 +114,13 @@ pub struct Config {
     pub prefix: String,
     /// Largest accepted frame or message; larger closes with 1009.
     pub max_message_bytes: usize,
-    /// Frames queued for one client before it counts as a slow consumer (closed with 1008).
+    /// Hard cap on the frames waiting for one client: past it, it is a slow consumer at once.
     pub send_queue_len: usize,
-    /// The same queue's bound in bytes (a queue over it also means a slow consumer).
+    /// Hard cap on the bytes waiting for one client: past it, it is a slow consumer at once.
     pub send_queue_bytes: usize,
+    /// A client whose waiting bytes stay over this for `slow_consumer` is a slow consumer.
+    pub send_queue_low_water_bytes: usize,
+    pub slow_consumer: Duration,
     /// Frames per second one connection may send (token bucket; 0 = no limit). Frames over
     /// it are answered `rate_limited` and not acted on.
     pub rate_limit_per_sec: u32,
@@ -128,9 +131,6 @@ pub struct Config {
     pub log_ttl: Duration,
     /// WebSocket read buffer per connection; decides most of an idle client's memory.
     pub read_buffer_bytes: usize,
-    /// Queued frames gathered into one socket write, in bytes (0: each frame is its own
-    /// write). A busy connection keeps a buffer of up to about this size plus one frame.
-    pub write_buffer_bytes: usize,
     /// Worker threads of the runtime the binary starts. Default: one per core.
     pub threads: usize,
     pub max_connections: usize,
@@ -226,9 +226,16 @@ impl FileConfig {
         if read_buffer_bytes < 256 {
             return Err(invalid("read_buffer_bytes", "at least 256"));
         }
-        let write_buffer_bytes = self.write_buffer_bytes.unwrap_or(DEFAULT_WRITE_BUFFER_BYTES);
-        if write_buffer_bytes > MAX_WRITE_BUFFER_BYTES {
-            return Err(invalid("write_buffer_bytes", "at most 1 MiB"));
+        let send_queue_bytes = nonzero_usize("send_queue_bytes", self.send_queue_bytes, DEFAULT_SEND_QUEUE_BYTES)?;
+        if send_queue_bytes < max_message_bytes {
+            return Err(invalid("send_queue_bytes", "must be at least max_message_bytes"));
+        }
+        let send_queue_low_water_bytes = self.send_queue_low_water_bytes.unwrap_or(
+            // A smaller hard cap than the default brings the default mark down with it.
+            DEFAULT_SEND_QUEUE_LOW_WATER_BYTES.min(send_queue_bytes / 2),
+        );
+        if send_queue_low_water_bytes >= send_queue_bytes {
+            return Err(invalid("send_queue_low_water_bytes", "must be below send_queue_bytes"));
         }
         let threads = match self.threads {
             Some(n) => n,
@@ -267,13 +274,13 @@ impl FileConfig {
             prefix,
             max_message_bytes,
             send_queue_len: nonzero_usize("send_queue_len", self.send_queue_len, DEFAULT_SEND_QUEUE_LEN)?,
-            send_queue_bytes: {
-                let b = nonzero_usize("send_queue_bytes", self.send_queue_bytes, DEFAULT_SEND_QUEUE_BYTES)?;
-                if b < max_message_bytes {
-                    return Err(invalid("send_queue_bytes", "must be at least max_message_bytes"));
-                }
-                b
-            },
+            send_queue_bytes,
+            send_queue_low_water_bytes,
+            slow_consumer: Duration::from_millis(nonzero(
+                "slow_consumer_ms",
+                self.slow_consumer_ms,
+                DEFAULT_SLOW_CONSUMER_MS,
+            )?),
             rate_limit_per_sec: self.rate_limit_per_sec.unwrap_or(0),
             rate_limit_burst: match self.rate_limit_burst.unwrap_or(DEFAULT_RATE_LIMIT_BURST) {
                 0 => return Err(invalid("rate_limit_burst", "must be greater than zero")),
@@ -282,7 +289,6 @@ impl FileConfig {
             history_len: nonzero("history_len", self.history_len, DEFAULT_HISTORY_LEN)?,
             log_ttl: Duration::from_secs(nonzero("log_ttl_secs", self.log_ttl_secs, DEFAULT_LOG_TTL_SECS)?),
             read_buffer_bytes,
-            write_buffer_bytes,
             threads,
             max_connections: nonzero_usize("max_connections", self.max_connections, DEFAULT_MAX_CONNECTIONS)?,
             max_rooms_per_client: nonzero_usize(
@@ -361,7 +367,9 @@ mod tests {
         let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../configs/node.toml");
         let cfg = FileConfig::load(Path::new(path)).expect("configs/node.toml parses").validate().expect("valid");
         assert_eq!(cfg.max_message_bytes, DEFAULT_MAX_MESSAGE_BYTES);
-        assert_eq!(cfg.write_buffer_bytes, DEFAULT_WRITE_BUFFER_BYTES);
+        assert_eq!(cfg.send_queue_bytes, DEFAULT_SEND_QUEUE_BYTES);
+        assert_eq!(cfg.send_queue_low_water_bytes, DEFAULT_SEND_QUEUE_LOW_WATER_BYTES);
+        assert_eq!(cfg.slow_consumer, Duration::from_millis(DEFAULT_SLOW_CONSUMER_MS));
         assert_eq!(cfg.backbone, BackboneKind::Redis);
     }
 
@@ -382,8 +390,13 @@ mod tests {
         assert_eq!((cfg.backbone, cfg.nats.as_str()), (BackboneKind::Nats, "nats://127.0.0.1:4333"));
         let err = FileConfig { nats: Some("http://x".into()), ..Default::default() }.validate().unwrap_err();
         assert!(err.to_string().contains("nats"), "{err}");
-        let err = FileConfig::parse("write_buffer_bytes = 2000000", "t").unwrap().validate().unwrap_err().to_string();
-        assert!(err.contains("write_buffer_bytes"), "{err}");
+        let err = FileConfig::parse("send_queue_low_water_bytes = 9000000", "t").unwrap().validate().unwrap_err();
+        assert!(err.to_string().contains("send_queue_low_water_bytes"), "{err}");
+        let err = FileConfig::parse("slow_consumer_ms = 0", "t").unwrap().validate().unwrap_err().to_string();
+        assert!(err.contains("slow_consumer_ms"), "{err}");
+        // A small hard cap brings the default low-water mark down below it.
+        let cfg = FileConfig::parse("send_queue_bytes = 131072", "t").unwrap().validate().unwrap();
+        assert_eq!(cfg.send_queue_low_water_bytes, 65536);
         for bad in ["threads = 0", "threads = 100000"] {
             let err = FileConfig::parse(bad, "t").unwrap().validate().unwrap_err().to_string();
             assert!(err.contains("threads"), "{bad}: {err}");

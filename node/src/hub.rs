@@ -11,6 +11,7 @@
 //! is being prepared it *holds* the room's live frames, which the resume then releases after
 //! the replay, in seq order.
 
+use bytes::Bytes;
 use dashmap::DashMap;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -19,146 +20,12 @@ use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
-
-/// One connection's send queue, bounded in frames and in bytes: the rooms push into it
-/// (through [`Member`]), the connection's writer drains it.
-///
-/// Not a `tokio::sync::mpsc` channel: that allocates its first block of slots (32 frames,
-/// over 1 KiB) when created and keeps it, so every idle client would pay for it. This queue
-/// allocates on the first frame, and the writer takes the whole queue at once, so a drained
-/// queue holds no memory at all.
-#[derive(Debug)]
-pub struct Outbox {
-    queue: Mutex<Queue>,
-    /// Woken when a frame arrives in an empty queue (a permit is kept if nobody waits).
-    ready: tokio::sync::Notify,
-    max_frames: usize,
-    max_bytes: usize,
-}
-
-/// Largest buffer (in frames) a connection keeps between batches: 8 × 32 bytes.
-pub const RECYCLE_FRAMES: usize = 8;
-
-/// How many times a woken writer yields, at most, while its queue keeps growing, before it
-/// takes the queue ([`Outbox::take`]).
-pub const GATHER_YIELDS: usize = 4;
-
-#[derive(Debug, Default)]
-struct Queue {
-    frames: std::collections::VecDeque<Utf8Bytes>,
-    /// Bytes queued or taken by the writer but not yet handed to the socket.
-    bytes: usize,
-    /// The writer is gone: nothing is taken any more.
-    closed: bool,
-}
-
-/// What [`Outbox::push`] did with a frame.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Pushed {
-    Queued,
-    /// Over the bound in frames or bytes: the member is a slow consumer.
-    Full,
-    /// The connection's writer has ended.
-    Closed,
-}
-
-impl Outbox {
-    pub fn new(max_frames: usize, max_bytes: usize) -> Arc<Self> {
-        Arc::new(Self { queue: Mutex::new(Queue::default()), ready: tokio::sync::Notify::new(), max_frames, max_bytes })
-    }
-
-    fn lock(&self) -> MutexGuard<'_, Queue> {
-        // Nothing panics while holding it; a poisoned queue is still a consistent queue.
-        self.queue.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    pub fn push(&self, frame: Utf8Bytes) -> Pushed {
-        let mut q = self.lock();
-        if q.closed {
-            return Pushed::Closed;
-        }
-        if q.frames.len() >= self.max_frames || q.bytes + frame.len() > self.max_bytes {
-            return Pushed::Full;
-        }
-        let was_empty = q.frames.is_empty();
-        q.bytes += frame.len();
-        q.frames.push_back(frame);
-        drop(q);
-        if was_empty {
-            self.ready.notify_one();
-        }
-        Pushed::Queued
-    }
-
-    /// Waits until frames are queued, then takes them all (oldest first). Their bytes still
-    /// count against the bound until [`Outbox::sent`] says they reached the socket. After a
-    /// wait it first lets the burst [`gather`](Self::gather).
-    pub async fn take(&self) -> std::collections::VecDeque<Utf8Bytes> {
-        loop {
-            let batch = std::mem::take(&mut self.lock().frames);
-            if !batch.is_empty() {
-                return batch;
-            }
-            self.ready.notified().await;
-            self.gather().await;
-        }
-    }
-
-    /// Lets the frames of one burst gather before the writer takes them: each yield sends
-    /// this task to the back of the run queue, so the backbone reader (and the I/O driver) run
-    /// first and may queue more. It stops as soon as a yield brought nothing new, and after
-    /// [`GATHER_YIELDS`] at most. On an idle node the run queue is short and this costs
-    /// microseconds; on a busy one several frames leave in one socket write instead of one
-    /// write each (the write is what a delivery costs: `docs/PERFORMANCE.md`).
-    async fn gather(&self) {
-        let mut seen = 0;
-        for _ in 0..GATHER_YIELDS {
-            tokio::task::yield_now().await;
-            let now = self.lock().frames.len();
-            if now == seen {
-                return;
-            }
-            seen = now;
-        }
-    }
-
-    /// Gives back the buffer of a written batch, so that the next frames need no allocation,
-    /// if it is small (at most [`RECYCLE_FRAMES`] slots; a burst's large buffer is freed).
-    pub fn recycle(&self, mut batch: std::collections::VecDeque<Utf8Bytes>) {
-        if batch.capacity() > RECYCLE_FRAMES {
-            return;
-        }
-        batch.clear();
-        let mut q = self.lock();
-        if q.frames.capacity() == 0 && !q.closed {
-            // Empty with no buffer: nothing arrived meanwhile, so nothing is reordered.
-            q.frames = batch;
-        }
-    }
-
-    /// `bytes` of taken frames were handed to the socket.
-    pub fn sent(&self, bytes: usize) {
-        let mut q = self.lock();
-        q.bytes = q.bytes.saturating_sub(bytes);
-    }
-
-    /// The writer has ended: drops what is queued and refuses what comes.
-    pub fn close(&self) {
-        let mut q = self.lock();
-        q.closed = true;
-        q.frames = Default::default();
-    }
-
-    /// Bytes queued or being written.
-    pub fn queued_bytes(&self) -> usize {
-        self.lock().bytes
-    }
-}
+use crate::outbox::{text_frame, Outbox, Pushed};
 
 /// The handle a room keeps for one local member.
 #[derive(Debug, Clone)]
 pub struct Member {
-    /// The member's send queue: text frames shared with every other recipient.
+    /// The member's way out: complete WebSocket frames, shared with every other recipient.
     pub out: Arc<Outbox>,
     /// Cancelled when the member cannot keep up; its connection task closes it. (A
     /// connection's token is a child of the node's shutdown token, so a shutdown cancels it
@@ -167,11 +34,11 @@ pub struct Member {
 }
 
 impl Member {
-    /// Queues a frame; a queue full in frames or bytes makes this member a slow consumer,
-    /// closed with 1008 — fan-out never waits and never buffers without bound.
-    pub fn offer(&self, frame: Utf8Bytes, metrics: &Metrics) -> bool {
+    /// Sends (or queues) a WebSocket frame; a client that cannot keep up becomes a slow
+    /// consumer, closed with 1008 — fan-out never waits and never buffers without bound.
+    pub fn offer(&self, frame: Bytes, metrics: &Metrics) -> bool {
         match self.out.push(frame) {
-            Pushed::Queued => true,
+            Pushed::Sent | Pushed::Queued => true,
             Pushed::Full => {
                 self.slow(metrics);
                 false
@@ -179,6 +46,11 @@ impl Member {
             // The connection is on its way out; its cleanup removes it from rooms.
             Pushed::Closed => false,
         }
+    }
+
+    /// [`Member::offer`] for a JSON text not yet framed.
+    pub fn offer_text(&self, json: &str, metrics: &Metrics) -> bool {
+        self.offer(text_frame(json.as_bytes()), metrics)
     }
 
     fn slow(&self, metrics: &Metrics) {
@@ -287,11 +159,13 @@ impl Gate {
         }
     }
 
-    /// Lets one frame through (or holds it), dropping a message already delivered.
+    /// Lets one frame through (or holds it), dropping a message already delivered. `wire` is
+    /// the frame as a WebSocket frame, made by the first member that needs it and shared by all.
     fn pass(
         &self,
         member: &Member,
         frame: &Utf8Bytes,
+        wire: &mut Option<Bytes>,
         meta: Option<FrameMeta<'_>>,
         hold_cap: usize,
         metrics: &Metrics,
@@ -312,7 +186,8 @@ impl Gate {
             }
             g.note_sent(&meta);
         }
-        member.offer(frame.clone(), metrics)
+        let wire = wire.get_or_insert_with(|| text_frame(frame.as_bytes()));
+        member.offer(wire.clone(), metrics)
     }
 }
 
@@ -448,8 +323,12 @@ impl Hub {
                 last => *last = Some((m.epoch.to_string(), m.seq)),
             }
         }
-        let delivered =
-            r.members.values().filter(|(member, gate)| gate.pass(member, frame, meta, self.hold_cap, metrics)).count();
+        let mut wire = None;
+        let delivered = r
+            .members
+            .values()
+            .filter(|(member, gate)| gate.pass(member, frame, &mut wire, meta, self.hold_cap, metrics))
+            .count();
         metrics.frames_delivered.inc_by(delivered as u64);
         delivered
     }
@@ -458,15 +337,18 @@ impl Hub {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::outbox::{frame_payload, Limits};
 
-    fn member(cap: usize) -> (Member, Arc<Outbox>) {
-        let out = Outbox::new(cap, 1 << 20);
+    /// A member whose queue has no socket behind it: every frame waits, for the test to see.
+    fn member(max_frames: usize) -> (Member, Arc<Outbox>) {
+        let limits = Arc::new(Limits { max_frames, ..(*Limits::generous()).clone() });
+        let out = Outbox::new(None, limits);
         (Member { out: Arc::clone(&out), kick: CancellationToken::new() }, out)
     }
 
-    /// What the writer would take now, without waiting.
-    fn taken(out: &Outbox) -> Vec<Utf8Bytes> {
-        std::mem::take(&mut out.lock().frames).into()
+    /// The payloads waiting in `out`, taken as the writer would.
+    fn taken(out: &Outbox) -> Vec<String> {
+        out.take_all().iter().map(|f| String::from_utf8_lossy(frame_payload(f)).into_owned()).collect()
     }
 
     #[test]
@@ -496,7 +378,7 @@ mod tests {
         assert_eq!(hub.deliver("r", &frame, &metrics), 1);
         assert!(slow.kick.is_cancelled());
         assert!(!fast.kick.is_cancelled());
-        assert_eq!(taken(&rf).len(), 2);
+        assert_eq!(taken(&rf), ["{}", "{}"], "framed once, as text frames");
     }
 
     fn msg(seq: u64, epoch: &str) -> Utf8Bytes {
@@ -529,7 +411,7 @@ mod tests {
         // A new epoch starts again at 1 and is not mistaken for a duplicate.
         gate.lock().held = None;
         hub.deliver("r", &msg(1, "e2"), &metrics);
-        assert_eq!(taken(&rx).len(), 1);
+        assert_eq!(taken(&rx), [msg(1, "e2").as_str()]);
     }
 
     #[test]
@@ -547,79 +429,11 @@ mod tests {
     #[test]
     fn a_queue_over_its_byte_budget_kicks_its_member() {
         let metrics = Metrics::new();
-        let m = Member { out: Outbox::new(100, 10), kick: CancellationToken::new() };
-        assert!(m.offer(Utf8Bytes::from_static("123456"), &metrics));
-        assert!(!m.offer(Utf8Bytes::from_static("123456"), &metrics));
+        let limits = Arc::new(Limits { max_bytes: 10, low_water: 10, ..(*Limits::generous()).clone() });
+        let m = Member { out: Outbox::new(None, limits), kick: CancellationToken::new() };
+        assert!(m.offer_text("123456", &metrics));
+        assert!(!m.offer_text("123456", &metrics));
         assert!(m.kick.is_cancelled());
-        assert_eq!(m.out.queued_bytes(), 6);
-    }
-
-    #[test]
-    fn taken_frames_count_until_sent_and_a_closed_queue_refuses() {
-        let out = Outbox::new(2, 100);
-        assert_eq!(out.push(Utf8Bytes::from_static("ab")), Pushed::Queued);
-        assert_eq!(out.push(Utf8Bytes::from_static("cd")), Pushed::Queued);
-        assert_eq!(out.push(Utf8Bytes::from_static("ef")), Pushed::Full, "two frames at most");
-        let batch = taken(&out);
-        assert_eq!(batch.len(), 2);
-        assert_eq!(out.queued_bytes(), 4, "taken is not yet sent");
-        out.sent(4);
-        assert_eq!(out.queued_bytes(), 0);
-        assert_eq!(out.lock().frames.capacity(), 0, "a drained queue holds no memory");
-        out.close();
-        assert_eq!(out.push(Utf8Bytes::from_static("gh")), Pushed::Closed);
-    }
-
-    #[tokio::test]
-    async fn the_writer_wakes_for_a_frame_pushed_while_it_was_not_waiting() {
-        let out = Outbox::new(8, 100);
-        out.push(Utf8Bytes::from_static("x"));
-        let first = out.take().await;
-        assert_eq!(first.len(), 1);
-        out.push(Utf8Bytes::from_static("y"));
-        let second = tokio::time::timeout(std::time::Duration::from_secs(5), out.take()).await.expect("woken");
-        assert_eq!(second.front().map(|f| f.as_str()), Some("y"));
-    }
-
-    /// A burst that keeps arriving after the writer was woken leaves in one batch, and the
-    /// writer stops gathering once a yield brings nothing new.
-    #[tokio::test]
-    async fn a_woken_writer_gathers_the_rest_of_the_burst() {
-        let out = Outbox::new(64, 10_000);
-        let writer = tokio::spawn({
-            let out = Arc::clone(&out);
-            async move { out.take().await.len() }
-        });
-        tokio::task::yield_now().await; // the writer now waits
-        let producer = tokio::spawn({
-            let out = Arc::clone(&out);
-            async move {
-                for _ in 0..3 {
-                    out.push(Utf8Bytes::from_static("f"));
-                    tokio::task::yield_now().await;
-                }
-            }
-        });
-        let gathered = tokio::time::timeout(std::time::Duration::from_secs(5), writer).await.expect("woken").unwrap();
-        producer.await.unwrap();
-        assert_eq!(gathered, 3, "one batch for the whole burst");
-        // A burst longer than the gathering is still taken whole later, nothing lost.
-        let long = tokio::spawn({
-            let out = Arc::clone(&out);
-            async move {
-                for _ in 0..(GATHER_YIELDS * 3) {
-                    out.push(Utf8Bytes::from_static("g"));
-                    tokio::task::yield_now().await;
-                }
-            }
-        });
-        let mut got = 0;
-        while got < GATHER_YIELDS * 3 {
-            let batch = tokio::time::timeout(std::time::Duration::from_secs(5), out.take()).await.expect("woken");
-            assert!(batch.len() <= GATHER_YIELDS + 1, "gathering stops after {GATHER_YIELDS} yields");
-            got += batch.len();
-        }
-        long.await.unwrap();
-        assert_eq!(got, GATHER_YIELDS * 3);
+        assert_eq!(m.out.queued_bytes(), 8, "one framed text");
     }
 }

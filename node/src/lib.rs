@@ -7,6 +7,8 @@
 //!   messages, and writes its bounded send queue to the socket;
 //! - [`hub`]: which local connections are in which room, and the non-blocking fan-out of
 //!   one backbone frame to them;
+//! - [`outbox`]: one connection's way out: frames written at once when the socket takes
+//!   them, a bounded queue when it does not, and the slow-consumer policy;
 //! - [`backbone`]: how frames travel between nodes (Redis pub/sub + streams, or none);
 //! - [`config`]: `configs/node.toml` and its validation;
 //! - [`metrics`]: every exported metric.
@@ -18,6 +20,7 @@ pub mod backbone;
 pub mod config;
 pub mod hub;
 pub mod metrics;
+pub mod outbox;
 pub mod server;
 pub mod session;
 

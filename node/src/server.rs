@@ -8,6 +8,7 @@ use crate::backbone::{local::LocalBackbone, nats::NatsBackbone, redis::RedisBack
 use crate::config::{BackboneKind, Config};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
+use crate::outbox::Limits;
 use crate::session;
 use crate::NodeError;
 use bytes::Bytes;
@@ -25,8 +26,7 @@ use std::time::Duration;
 use tether_proto::id::{self, IdSource};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
-use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
@@ -44,7 +44,9 @@ pub struct NodeState {
     /// Cancelled when the node shuts down, once it has stopped accepting connections;
     /// sessions then close their clients with 1012.
     pub shutdown: CancellationToken,
-    ws_config: WebSocketConfig,
+    /// Every connection's send-queue bounds (see [`crate::outbox`]).
+    pub limits: Arc<Limits>,
+    pub(crate) ws_config: WebSocketConfig,
     /// Every connection and session task, so shutdown can wait for them.
     tracker: TaskTracker,
 }
@@ -71,8 +73,9 @@ pub async fn run(listener: TcpListener, cfg: Config, shutdown: CancellationToken
     };
     let ws_config = WebSocketConfig::default()
         .read_buffer_size(cfg.read_buffer_bytes)
-        // The frames of one batch go out in one socket write (see `session::write_batch`).
-        .write_buffer_size(cfg.write_buffer_bytes)
+        // Tungstenite's own frames (pongs, close frames) go straight to the connection's
+        // outbox, which does the buffering (see `outbox::ClientIo`).
+        .write_buffer_size(0)
         .max_message_size(Some(cfg.max_message_bytes))
         .max_frame_size(Some(cfg.max_message_bytes));
     let tracker = TaskTracker::new();
@@ -83,6 +86,12 @@ pub async fn run(listener: TcpListener, cfg: Config, shutdown: CancellationToken
         metrics,
         // Not `shutdown` itself: the clients are told only after the listener is closed (below).
         shutdown: CancellationToken::new(),
+        limits: Arc::new(Limits {
+            max_frames: cfg.send_queue_len,
+            max_bytes: cfg.send_queue_bytes,
+            low_water: cfg.send_queue_low_water_bytes,
+            slow_after: cfg.slow_consumer,
+        }),
         ws_config,
         tracker: tracker.clone(),
     });
@@ -258,14 +267,14 @@ fn upgrade(mut req: Request<Incoming>, peer: SocketAddr, state: Arc<NodeState>) 
     let task_state = Arc::clone(&state);
     state.tracker.spawn(async move {
         match on_upgrade.await {
-            Ok(upgraded) => {
-                let io = TokioIo::new(upgraded);
-                let ws_config = task_state.ws_config;
-                // Boxed: this await's state would otherwise size the connection's task for
-                // its whole life.
-                let ws = Box::pin(WebSocketStream::from_raw_socket(io, Role::Server, Some(ws_config))).await;
-                session::run(ws, client_id, peer.to_string(), task_state).await;
-            }
+            // The plain TCP stream under the upgrade (served over `TokioIo<TcpStream>` in
+            // `serve_connection`), and what hyper had read past the request head.
+            Ok(upgraded) => match upgraded.downcast::<TokioIo<TcpStream>>() {
+                Ok(parts) => {
+                    session::run(parts.io.into_inner(), parts.read_buf, client_id, peer.to_string(), task_state).await
+                }
+                Err(_) => warn!(%peer, "an upgraded connection is not a plain TCP stream; closed"),
+            },
             Err(e) => debug!(%peer, error = %e, "upgrade failed"),
         }
     });

@@ -17,8 +17,10 @@
 
 use crate::backbone::Backbone;
 use crate::backbone::{PresenceChange, PresenceEntry, Scope, SessionRecord, Unpublished};
-use crate::hub::{FrameMeta, Gate, Member, Outbox};
+use crate::hub::{FrameMeta, Gate, Member};
+use crate::outbox::{ClientIo, Outbox, Wire};
 use crate::server::NodeState;
+use bytes::Bytes;
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -27,26 +29,38 @@ use tether_proto::wire::{
     self, ClientMsg, ErrorCode, Event, LeaveReason, MessageHead, ResumePoint, SessionKind, CLOSE_POLICY, CLOSE_RESTART,
     CLOSE_TOO_BIG,
 };
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 use tokio_tungstenite::WebSocketStream;
 use tracing::{debug, debug_span, Instrument};
 
-/// How long a closing peer gets to take its close frame before the socket is dropped.
+/// How long a closing peer gets to take what is still queued for it and its close frame;
+/// past it the connection is reset.
 pub const CLOSE_DEADLINE: Duration = Duration::from_secs(5);
 
-/// Serves one upgraded connection until it ends; then leaves every room it was in.
+/// After the node's close frame went out (and its write side was shut down): how long the node
+/// keeps reading, and discarding, what the client still sends while it waits for the client to
+/// hang up. Closing a socket with unread input makes the kernel send a reset, which can destroy
+/// the close frame before the client reads it (a client halfway through a large frame would
+/// see 1006 instead of 1009).
+pub const CLOSE_LINGER: Duration = Duration::from_secs(2);
+
+/// A slow consumer's close frame, when it could still be written, gets this long to be
+/// answered before the connection is reset.
+pub const SLOW_LINGER: Duration = Duration::from_secs(1);
+
+/// The connection's WebSocket: reads straight from the socket, writes through its outbox.
+type Ws = WebSocketStream<ClientIo>;
+
+/// Serves one upgraded connection until it ends; then leaves every room it was in. `early`:
+/// bytes of the client's first frames that arrived with its upgrade request.
 ///
-/// One task per connection, reading and writing: it waits for the client's next frame and for
-/// frames in its send queue at once. (A separate writer task, with the socket split in two
-/// halves, cost an idle client another task, a lock shared by the halves and the writer's
-/// future — about 1.5 KiB of its 6.)
-pub async fn run<S>(mut ws: WebSocketStream<S>, client_id: String, peer: String, state: Arc<NodeState>)
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
+/// One task per connection: it waits for the client's next frame, and for frames waiting in
+/// its outbox once the socket did not take them at once. (Frames for an idle connection are
+/// written by whoever has them: see [`crate::outbox`].)
+pub async fn run(sock: TcpStream, early: Bytes, client_id: String, peer: String, state: Arc<NodeState>) {
     let conn = state.hub.next_conn_id();
     // Debug level: a span per idle connection costs memory (its fields, formatted) for
     // nothing when only info and above are logged.
@@ -54,7 +68,15 @@ where
     async move {
         state.metrics.connections_active.inc();
         state.metrics.connections_total.inc();
-        let out = Outbox::new(state.cfg.send_queue_len, state.cfg.send_queue_bytes);
+        let sock = Arc::new(sock);
+        let wire: Arc<dyn Wire> = Arc::clone(&sock) as Arc<dyn Wire>;
+        let out = Outbox::new(Some(wire), Arc::clone(&state.limits));
+        let io = ClientIo { sock, out: Arc::clone(&out) };
+        // Boxed: this await's state would otherwise size the connection's task for its life.
+        let mut ws =
+            Box::pin(WebSocketStream::from_partially_read(io, early.to_vec(), Role::Server, Some(state.ws_config)))
+                .await;
+        drop(early);
         let id: Arc<str> = Arc::from(client_id.as_str());
         state.hub.register(conn, Arc::clone(&id));
         let mut client = Client {
@@ -73,24 +95,9 @@ where
         // state, and an idle connection should pay only for waiting on its next frame.
         Box::pin(client.start()).await;
         let close = client.serve(&mut ws).await;
-        client.member.out.close();
         // The goodbye goes out while the rooms are left: a peer that stopped reading may take
         // up to CLOSE_DEADLINE to refuse it, and nobody else should wait for that.
-        let goodbye = tokio::spawn(
-            async move {
-                match close {
-                    Some((code, reason)) => {
-                        let frame = CloseFrame { code: CloseCode::from(code), reason: reason.into() };
-                        let _ = tokio::time::timeout(CLOSE_DEADLINE, ws.send(Message::Close(Some(frame)))).await;
-                    }
-                    // The peer closed or vanished: flush the close reply tungstenite queued.
-                    None => {
-                        let _ = tokio::time::timeout(Duration::from_secs(1), ws.close(None)).await;
-                    }
-                }
-            }
-            .in_current_span(),
-        );
+        let goodbye = tokio::spawn(goodbye(ws, close).in_current_span());
         Box::pin(client.leave_all()).await;
         state.hub.unregister(conn);
         drop(client);
@@ -102,6 +109,85 @@ where
     .await
 }
 
+/// Ends a connection without the kernel turning its close into a reset, except where a reset
+/// is the point:
+/// - a close the node starts (1009, 1012, …): what waits goes out, then the close frame, then
+///   the write side is shut down and the client's remaining input is read and discarded
+///   until it hangs up ([`CLOSE_LINGER`] at most); a client that does not take it all within
+///   [`CLOSE_DEADLINE`] is reset;
+/// - a slow consumer (1008): its backlog is dropped; the close frame goes only if the socket
+///   takes it at once, and unless the client then hangs up within [`SLOW_LINGER`] the
+///   connection is reset (`SO_LINGER` 0). A plain close would queue the FIN behind megabytes
+///   of unsent data, and the socket would sit in FIN-WAIT-1, pinning that kernel memory, for
+///   as long as the stalled client answers window probes;
+/// - the client closed (or vanished): tungstenite's answer to its close frame goes out, then
+///   the socket is closed.
+async fn goodbye(mut ws: Ws, close: Option<(u16, &'static str)>) {
+    let out = Arc::clone(&ws.get_ref().out);
+    let sock = Arc::clone(&ws.get_ref().sock);
+    let frame = |code: u16, reason: &'static str| {
+        Message::Close(Some(CloseFrame { code: CloseCode::from(code), reason: reason.into() }))
+    };
+    let clean = match close {
+        Some((CLOSE_POLICY, reason)) => {
+            if out.discard() {
+                let _ = ws.send(frame(CLOSE_POLICY, reason)).await;
+            }
+            // Written whole at once, or not at all: nothing may wait behind a stalled reader.
+            out.queued_frames() == 0 && shut_write(&sock) && linger(&sock, SLOW_LINGER).await
+        }
+        Some((code, reason)) => {
+            out.seal();
+            let _ = ws.send(frame(code, reason)).await;
+            let flushed = matches!(tokio::time::timeout(CLOSE_DEADLINE, out.flush()).await, Ok(Ok(())));
+            flushed && shut_write(&sock) && {
+                linger(&sock, CLOSE_LINGER).await;
+                true
+            }
+        }
+        None => {
+            out.seal();
+            // Tungstenite answers a close frame itself; this sends the answer on its way.
+            let _ = ws.flush().await;
+            let _ = tokio::time::timeout(Duration::from_secs(1), out.flush()).await;
+            true
+        }
+    };
+    if !clean {
+        if let Err(e) = sock.set_zero_linger() {
+            debug!(error = %e, "could not set SO_LINGER 0");
+        }
+    }
+    out.close();
+    // The socket closes when its last handle, in `ws`, goes.
+}
+
+/// Shuts down the socket's write side (the client reads what was sent, then end of stream).
+fn shut_write(sock: &TcpStream) -> bool {
+    socket2::SockRef::from(sock).shutdown(std::net::Shutdown::Write).is_ok()
+}
+
+/// Reads and discards what the client still sends until it hangs up (`true`) or `within`
+/// passes (`false`).
+async fn linger(sock: &TcpStream, within: Duration) -> bool {
+    let drain = async {
+        let mut sink = [0u8; 4096];
+        loop {
+            if sock.readable().await.is_err() {
+                return true;
+            }
+            match sock.try_read(&mut sink) {
+                Ok(0) => return true,
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                // Reset by the peer: it is gone as well.
+                Err(_) => return true,
+            }
+        }
+    };
+    tokio::time::timeout(within, drain).await.unwrap_or(false)
+}
+
 /// Why a connection stopped writing.
 enum WriteStop {
     /// The hub found it too slow (close with 1008), or the node is shutting down (1012).
@@ -110,54 +196,17 @@ enum WriteStop {
     Failed,
 }
 
-/// Writes a batch taken from the send queue and flushes it, unless the member is kicked first.
-/// The frames gather in the WebSocket's write buffer (`write_buffer_bytes`), so a batch leaves
-/// in one socket write, or in one per that many bytes.
-async fn write_batch<S>(
-    ws: &mut WebSocketStream<S>,
-    batch: std::collections::VecDeque<Utf8Bytes>,
-    out: &Outbox,
-    kicked: &mut (impl std::future::Future<Output = ()> + Unpin),
-) -> Result<(), WriteStop>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let mut batch = batch;
-    let bytes: usize = batch.iter().map(|f| f.len()).sum();
-    let write = async {
-        while let Some(frame) = batch.pop_front() {
-            ws.feed(Message::Text(frame)).await?;
-        }
-        ws.flush().await
-    };
-    let result = tokio::select! {
-        r = write => r.map_err(|e| {
-            debug!(error = %e, "write failed");
-            WriteStop::Failed
-        }),
-        _ = kicked => Err(WriteStop::Kicked),
-    };
-    if result.is_ok() {
-        // One update of the queue's byte count per batch, not one per frame.
-        out.sent(bytes);
-        out.recycle(batch);
-    }
-    result
-}
-
-/// Runs `work` to its end while writing out whatever is queued meanwhile (a resume queues a
-/// whole replay), so a long step never fills this client's own queue. If writing has to stop,
-/// `work` still runs to its end (dropping it halfway could leave a room half joined); the
-/// reason comes back with its output. `kicked` is the connection's one wait for its kick.
-async fn writing_while<F, S>(
+/// Runs `work` to its end while writing out whatever waits in the outbox meanwhile (a resume
+/// queues a whole replay), so a long step never fills this client's own queue. If writing has
+/// to stop, `work` still runs to its end (dropping it halfway could leave a room half joined);
+/// the reason comes back with its output. `kicked` is the connection's one wait for its kick.
+async fn writing_while<F>(
     work: F,
-    ws: &mut WebSocketStream<S>,
     out: &Outbox,
     kicked: &mut (impl std::future::Future<Output = ()> + Unpin),
 ) -> (F::Output, Option<WriteStop>)
 where
     F: std::future::Future,
-    S: AsyncRead + AsyncWrite + Unpin,
 {
     tokio::pin!(work);
     loop {
@@ -165,10 +214,9 @@ where
             biased;
             r = &mut work => return (r, None),
             _ = &mut *kicked => return (work.await, Some(WriteStop::Kicked)),
-            batch = out.take() => {
-                if let Err(stop) = write_batch(ws, batch, out, kicked).await {
-                    return (work.await, Some(stop));
-                }
+            r = out.write_backlog() => if let Err(e) = r {
+                debug!(error = %e, "write failed");
+                return (work.await, Some(WriteStop::Failed));
             }
         }
     }
@@ -206,7 +254,7 @@ impl Client {
     }
 
     fn send_text(&self, json: String) {
-        self.member.offer(Utf8Bytes::from(json), &self.state.metrics);
+        self.member.offer_text(&json, &self.state.metrics);
     }
 
     fn error(&self, code: ErrorCode, message: &str) {
@@ -358,10 +406,7 @@ impl Client {
 
     /// Reads and handles the client's frames and writes out its send queue, until the
     /// connection ends; returns the close frame to send, if any.
-    async fn serve<S>(&mut self, ws: &mut WebSocketStream<S>) -> Option<(u16, &'static str)>
-    where
-        S: AsyncRead + AsyncWrite + Unpin,
-    {
+    async fn serve(&mut self, ws: &mut Ws) -> Option<(u16, &'static str)> {
         let shutdown = self.state.shutdown.clone();
         let kick = self.member.kick.clone();
         let out = Arc::clone(&self.member.out);
@@ -378,9 +423,10 @@ impl Client {
             let grace = self.grace_until;
             let next = tokio::select! {
                 _ = &mut kicked => return stopped(WriteStop::Kicked),
-                batch = out.take() => {
-                    if let Err(stop) = write_batch(ws, batch, &out, &mut kicked).await {
-                        return stopped(stop);
+                written = out.write_backlog() => {
+                    if let Err(e) = written {
+                        debug!(error = %e, "write failed");
+                        return stopped(WriteStop::Failed);
                     }
                     continue;
                 }
@@ -399,7 +445,7 @@ impl Client {
                     None | Some(Ok(Message::Close(_))) => return None,
                     Some(Ok(Message::Text(text))) => {
                         let (rest, after) = ready_texts(ws, text.len());
-                        let (_, stop) = writing_while(Box::pin(self.handle(text, rest)), ws, &out, &mut kicked).await;
+                        let (_, stop) = writing_while(Box::pin(self.handle(text, rest)), &out, &mut kicked).await;
                         if let Some(stop) = stop {
                             return stopped(stop);
                         }
@@ -448,7 +494,7 @@ impl Client {
                 }
                 g.note_sent(&meta);
             }
-            self.member.offer(frame, &self.state.metrics);
+            self.member.offer_text(frame.as_str(), &self.state.metrics);
         }
     }
 
@@ -656,7 +702,7 @@ impl Client {
                 self.state.metrics.duplicates_suppressed.inc();
                 continue;
             }
-            self.member.offer(Utf8Bytes::from(wire::mark_replay(frame)), &self.state.metrics);
+            self.member.offer_text(&wire::mark_replay(frame), &self.state.metrics);
             replayed += 1;
         }
         self.state.metrics.replayed_messages.inc_by(replayed);
@@ -734,10 +780,7 @@ type Read = Option<Result<Message, WsError>>;
 /// (up to [`GATHER_FRAMES`] / [`GATHER_BYTES`]), and the first other item read, if any. That
 /// one is boxed: it is kept while the texts are handled, and unboxed it would add the size of
 /// a tungstenite error to every connection's task.
-fn ready_texts<S>(ws: &mut WebSocketStream<S>, first_len: usize) -> (Vec<Utf8Bytes>, Option<Box<Read>>)
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
+fn ready_texts(ws: &mut Ws, first_len: usize) -> (Vec<Utf8Bytes>, Option<Box<Read>>) {
     let mut texts = Vec::new();
     let mut bytes = first_len;
     while texts.len() + 1 < GATHER_FRAMES && bytes < GATHER_BYTES {

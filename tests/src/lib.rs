@@ -60,6 +60,16 @@ impl WsClient {
         Ok(Self { ws, seen: Vec::new(), headers: resp.headers().clone() })
     }
 
+    /// A client over a WebSocket set up by the caller (say, on a socket with special options).
+    pub fn from_stream(ws: WebSocketStream<MaybeTlsStream<TcpStream>>, headers: http::HeaderMap) -> Self {
+        Self { ws, seen: Vec::new(), headers }
+    }
+
+    /// The WebSocket itself, for a test that reads it its own way.
+    pub fn into_stream(self) -> WebSocketStream<MaybeTlsStream<TcpStream>> {
+        self.ws
+    }
+
     /// Connects and reads the `connected` frame.
     pub async fn connect_ready(url: &str) -> Result<(Self, Value)> {
         let mut c = Self::connect(url).await?;
