@@ -764,6 +764,112 @@ mod tests {
         (near, far)
     }
 
+    fn stops() -> Stops {
+        Stops {
+            node_down: CancellationToken::new(),
+            drain: CancellationToken::new(),
+            hard_stop: CancellationToken::new(),
+        }
+    }
+
+    fn guard() -> Arc<ActiveGuard> {
+        let metrics = crate::metrics::Metrics::new();
+        let nodes = [crate::config::NodeConfig { name: "n".into(), addr: "127.0.0.1:1".into() }];
+        let pool = crate::pool::Pool::new(&nodes, &metrics);
+        Arc::new(ActiveGuard::new(pool.get(0)))
+    }
+
+    /// A close frame with `code`, as a node sends it.
+    fn node_close(code: u16) -> Vec<u8> {
+        close_frame(code, "bye")
+    }
+
+    /// Writes to `to` until it fails or `stop` fires (at most 256 MiB): a client in the middle
+    /// of sending something big.
+    async fn flood(mut to: tokio::net::tcp::OwnedWriteHalf, stop: CancellationToken) {
+        let chunk = vec![0x5au8; 64 * 1024];
+        for _ in 0..4096 {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                written = to.write_all(&chunk) => if written.is_err() { return },
+            }
+        }
+    }
+
+    /// Reads `from` to its end: the bytes, and how it ended.
+    async fn read_all(from: &mut tokio::net::tcp::OwnedReadHalf) -> (Vec<u8>, io::Result<()>) {
+        let mut got = Vec::new();
+        let end = from.read_to_end(&mut got).await.map(drop);
+        (got, end)
+    }
+
+    #[tokio::test]
+    async fn a_nodes_close_frame_reaches_a_client_that_is_still_sending() {
+        let stops = stops();
+        let ((client, client_peer), (node, mut node_peer)) = (tcp_pair().await, tcp_pair().await);
+        let (mut client_rx, client_tx) = client_peer.into_split();
+        let stop = CancellationToken::new();
+        let flooding = tokio::spawn(flood(client_tx, stop.clone()));
+        let tunnel = tokio::spawn(async move {
+            let end = copy((client, Bytes::new()), (node, Bytes::new()), true, &stops, guard()).await;
+            matches!(end, End::NodeGone(_) | End::NodeClosed(_))
+        });
+        // The node takes some of the flood, answers with its close frame and hangs up with the
+        // rest unread: a reset, right behind the frame.
+        let mut some = vec![0u8; 100_000];
+        node_peer.read_exact(&mut some).await.unwrap();
+        node_peer.write_all(&node_close(1009)).await.unwrap();
+        drop(node_peer);
+        // The client gets the frame, then end of stream: no reset.
+        let (got, end) = read_all(&mut client_rx).await;
+        assert_eq!(got, node_close(1009));
+        assert!(end.is_ok(), "{end:?}");
+        stop.cancel();
+        flooding.await.unwrap();
+        assert!(tunnel.await.unwrap(), "the tunnel ended on the node's side");
+    }
+
+    #[tokio::test]
+    async fn a_node_marked_down_still_gets_its_last_bytes_out() {
+        let stops = stops();
+        let node_down = stops.node_down.clone();
+        let ((client, client_peer), (node, mut node_peer)) = (tcp_pair().await, tcp_pair().await);
+        let (mut client_rx, client_tx) = client_peer.into_split();
+        let tunnel =
+            tokio::spawn(
+                async move { copy((client, Bytes::new()), (node, Bytes::new()), true, &stops, guard()).await },
+            );
+        // A node shutting down: marked down (its listener closed) just before its 1012.
+        node_down.cancel();
+        tokio::task::yield_now().await;
+        node_peer.write_all(&node_close(1012)).await.unwrap();
+        drop(node_peer);
+        let (got, end) = read_all(&mut client_rx).await;
+        assert_eq!(got, node_close(1012));
+        assert!(end.is_ok(), "{end:?}");
+        // The client hangs up: the linger is over.
+        drop(client_tx);
+        assert!(matches!(tunnel.await.unwrap(), End::NodeDown));
+    }
+
+    #[tokio::test]
+    async fn a_cut_drain_resets_the_clients_connection() {
+        let stops = stops();
+        let drain = stops.drain.clone();
+        let ((client, client_peer), (node, _node_peer)) = (tcp_pair().await, tcp_pair().await);
+        let (mut client_rx, _client_tx) = client_peer.into_split();
+        // Not a WebSocket: a drain cuts it at once.
+        let tunnel =
+            tokio::spawn(
+                async move { copy((client, Bytes::new()), (node, Bytes::new()), false, &stops, guard()).await },
+            );
+        drain.cancel();
+        assert!(matches!(tunnel.await.unwrap(), End::Drained(false)));
+        let (got, end) = read_all(&mut client_rx).await;
+        assert!(got.is_empty());
+        assert_eq!(end.map_err(|e| e.kind()), Err(io::ErrorKind::ConnectionReset));
+    }
+
     #[tokio::test]
     async fn an_idle_tunnel_holds_only_a_small_task_state() {
         let metrics = crate::metrics::Metrics::new();
