@@ -24,7 +24,7 @@ use tether::cluster::{Cluster, LogTarget, NodeProcess, RedisServer, SpawnOptions
 use tether_tests::{eventually, http_get, HttpConn, WsClient, DEADLINE};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpSocket;
 use tokio_util::sync::CancellationToken;
 
 const KIB: usize = 1 << 10;
