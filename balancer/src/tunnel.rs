@@ -872,17 +872,9 @@ mod tests {
 
     #[tokio::test]
     async fn an_idle_tunnel_holds_only_a_small_task_state() {
-        let metrics = crate::metrics::Metrics::new();
-        let nodes = [crate::config::NodeConfig { name: "n".into(), addr: "127.0.0.1:1".into() }];
-        let pool = crate::pool::Pool::new(&nodes, &metrics);
-        let guard = Arc::new(ActiveGuard::new(pool.get(0)));
-        let stops = Stops {
-            node_down: CancellationToken::new(),
-            drain: CancellationToken::new(),
-            hard_stop: CancellationToken::new(),
-        };
+        let stops = stops();
         let ((client, mut client_peer), (node, mut node_peer)) = (tcp_pair().await, tcp_pair().await);
-        let tunnel = copy((client, Bytes::new()), (node, Bytes::new()), true, &stops, guard);
+        let tunnel = copy((client, Bytes::new()), (node, Bytes::new()), true, &stops, guard());
         // The whole state of a tunnel, whatever it is doing, is this future (plus the sockets'
         // registrations): no copy buffer lives in it. Guards against a buffer (or a large
         // timer) creeping back in.
