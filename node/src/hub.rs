@@ -1,10 +1,11 @@
 //! The node's local view of rooms: which of *this node's* connections are in which room, and
 //! the fan-out of one backbone frame to them.
 //!
-//! A frame arrives once from the backbone (already encoded JSON, shared as `Utf8Bytes`), and
-//! is pushed into each local member's bounded send queue ([`Outbox`]): fan-out never waits on
-//! a client. A member whose queue is full is a slow consumer: its `kick` token is cancelled and
-//! its connection task closes it with 1008.
+//! A frame arrives once from the backbone (already encoded JSON, shared as `Utf8Bytes`), is
+//! framed as a WebSocket text frame once, and the same bytes go to each local member's
+//! [`Outbox`]: written into its socket at once when nothing waits there, queued otherwise.
+//! Fan-out never waits on a client. A member the outbox refuses is a slow consumer: its `kick`
+//! token is cancelled and its connection task closes it with 1008.
 //!
 //! Each membership also has a [`Gate`]: normally open, it remembers the last message seq it
 //! let through (so a replay and live traffic never deliver the same seq twice); while a resume

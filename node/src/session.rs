@@ -8,12 +8,12 @@
 //! they are. Every change of name or rooms is written to the session before it is confirmed,
 //! so a node killed at any moment loses nothing of it.
 //!
-//! One task per connection reads and handles client frames in order and drains the client's
-//! bounded send queue into the socket, also while a frame's handling waits on the backbone;
-//! fan-out never waits on this client (it only pushes into the queue). The connection closes
-//! with 1008 when the hub kicks a slow consumer, with 1012 on node shutdown and with 1009 on
-//! an oversized frame; a peer that stopped reading gets at most [`CLOSE_DEADLINE`] to take
-//! the close frame before its TCP connection is dropped.
+//! One task per connection reads and handles client frames in order. Frames for the client go
+//! through its outbox ([`crate::outbox`]): written at once while the socket takes them, queued
+//! otherwise; the task writes a queue out as the socket drains, also while a frame's handling
+//! waits on the backbone. Fan-out never waits on this client. The connection closes with 1008
+//! when the hub kicks a slow consumer (and is reset), with 1012 on node shutdown and with 1009
+//! on an oversized frame (a lingering close: see [`goodbye`]).
 
 use crate::backbone::Backbone;
 use crate::backbone::{PresenceChange, PresenceEntry, Scope, SessionRecord, Unpublished};

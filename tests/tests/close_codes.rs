@@ -448,11 +448,11 @@ async fn a_node_sigterm_gets_streaming_clients_1012_through_the_balancer() -> Re
 // A stalled reader is reset.
 
 /// The node config that makes a client that stopped reading a slow consumer, and how long
-/// after it stops that may take at most. Today small send-queue bounds make the kick come as
-/// soon as the queue overflows; with a time-based rule (`slow_consumer_ms`, time above a
-/// low-water mark) this is the one place to change.
+/// after it stops that may take at most: its queue over a 64 KiB low-water mark for 1.5 s (the
+/// time rule, not the hard cap, is what cuts it: the flood is slower than 8 MiB in 1.5 s once
+/// the socket buffers are full).
 fn slow_consumer_config() -> (&'static str, Duration) {
-    ("send_queue_len = 64\nsend_queue_bytes = 262144\n", DEADLINE)
+    ("slow_consumer_ms = 1500\nsend_queue_low_water_bytes = 65536\n", DEADLINE)
 }
 
 /// How long after the kick the stalled reader's TCP connection must be gone.
