@@ -15,9 +15,11 @@ use tether::cluster::RedisServer;
 use tether_tests::{eventually, HttpConn, InProcessNode, WsClient, DEADLINE};
 use tokio_util::sync::CancellationToken;
 
-/// How long Redis stays away in each cycle: long enough for a backoff to grow.
-const OUTAGE: Duration = Duration::from_millis(2000);
-const CYCLES: usize = 3;
+/// How long Redis stays away in each cycle: a blink, and outages long enough for a backoff
+/// (the node's, and redis-rs' `ConnectionManager`'s) to grow.
+const OUTAGES: [Duration; 3] = [Duration::from_millis(1000), Duration::from_millis(2000), Duration::from_millis(6000)];
+/// Messages each member gets acknowledged and delivered across between two outages.
+const BETWEEN: usize = 5;
 /// Once both nodes publish and receive again, `/readyz` may lag by at most this.
 const READY_GRACE: Duration = Duration::from_millis(1000);
 /// A node must be back within this of Redis answering again (the target is ~0.5 s; this only
@@ -113,10 +115,8 @@ async fn after_redis_returns_delivery_and_readiness_come_back_together_and_nothi
     let n2 = InProcessNode::start("node-2", &redis.url(), |_| {})?;
     let addrs = [n1.addr, n2.addr];
     for addr in addrs {
-        eventually("ready", || async {
-            (tether_tests::http_get(addr, "/readyz").await.ok()?.0 == 200).then_some(())
-        })
-        .await?;
+        eventually("ready", || async { (tether_tests::http_get(addr, "/readyz").await.ok()?.0 == 200).then_some(()) })
+            .await?;
     }
     let (mut a, _) = WsClient::connect_ready(&n1.ws_url("a")).await?;
     let (mut b, _) = WsClient::connect_ready(&n2.ws_url("b")).await?;
@@ -135,17 +135,38 @@ async fn after_redis_returns_delivery_and_readiness_come_back_together_and_nothi
     // Both directions deliver something sent after `since`: (arrival at b of a's, at a of b's).
     let delivered_after = |since: Instant| -> Option<(Instant, Instant)> {
         let first = |to: usize, from: usize| {
-            let sent: Vec<String> =
-                logs[from].lock().unwrap().sent.iter().filter(|s| s.at >= since && s.ok).map(|s| s.text.clone()).collect();
+            let sent: Vec<String> = logs[from]
+                .lock()
+                .unwrap()
+                .sent
+                .iter()
+                .filter(|s| s.at >= since && s.ok)
+                .map(|s| s.text.clone())
+                .collect();
             logs[to].lock().unwrap().got.iter().find(|(_, t)| sent.contains(t)).map(|(at, _)| *at)
         };
         Some((first(1, 0)?, first(0, 1)?))
     };
+    // Each direction has delivered `BETWEEN` messages sent after `since`.
+    let flowing_since = |since: Instant| -> Option<()> {
+        let count = |to: usize, from: usize| {
+            let sent: Vec<String> = logs[from]
+                .lock()
+                .unwrap()
+                .sent
+                .iter()
+                .filter(|s| s.at >= since && s.ok)
+                .map(|s| s.text.clone())
+                .collect();
+            logs[to].lock().unwrap().got.iter().filter(|(_, t)| sent.contains(t)).count()
+        };
+        (count(1, 0) >= BETWEEN && count(0, 1) >= BETWEEN).then_some(())
+    };
     let t0 = Instant::now();
-    eventually("traffic in both directions", || async { delivered_after(t0) }).await?;
+    eventually("traffic in both directions", || async { flowing_since(t0) }).await?;
 
     let mut cycles = Vec::new();
-    for cycle in 0..CYCLES {
+    for (cycle, outage) in OUTAGES.into_iter().enumerate() {
         let killed = Instant::now();
         redis.kill().await?;
         let sample_count = samples.lock().unwrap().len();
@@ -156,13 +177,11 @@ async fn after_redis_returns_delivery_and_readiness_come_back_together_and_nothi
         })
         .await?;
         // The outage itself (a scenario's length, not a wait for anything).
-        tokio::time::sleep(OUTAGE).await;
+        tokio::time::sleep(outage).await;
         redis.restart().await.with_context(|| format!("restarting redis in cycle {cycle}"))?;
         let up = Instant::now();
-        let (to_b, to_a) = eventually("delivery in both directions after the restart", || async {
-            delivered_after(up)
-        })
-        .await?;
+        let (to_b, to_a) =
+            eventually("delivery in both directions after the restart", || async { delivered_after(up) }).await?;
         let both = to_b.max(to_a);
         // Readiness has caught up with delivery (or the check below reports how late it is).
         let _ = tokio::time::timeout(READY_GRACE * 2, async {
@@ -180,10 +199,10 @@ async fn after_redis_returns_delivery_and_readiness_come_back_together_and_nothi
         })
         .await;
         cycles.push((killed, up, to_b, to_a, both));
+        // Traffic goes on for a while before the next outage.
+        eventually("traffic after the restart", || async { flowing_since(up) }).await?;
     }
-    // A little traffic after the last return, then stop and drain.
     let settled = Instant::now();
-    eventually("traffic after the last restart", || async { delivered_after(settled) }).await?;
     stop.cancel();
     watcher.await??;
     let mut clients = Vec::new();
@@ -222,10 +241,12 @@ async fn after_redis_returns_delivery_and_readiness_come_back_together_and_nothi
             let first_503 = mine.iter().find(|(t, st)| *t >= killed && *st == 503).map(|(t, _)| *t);
             // (a) from Redis answering again to /readyz 200 (and staying so).
             let first_200 = mine.iter().find(|(t, st)| *t >= up && *st == 200).map(|(t, _)| *t);
-            let last_503 = mine.iter().filter(|(t, st)| *t >= up && *t < next_kill && *st == 503).map(|(t, _)| *t).max();
+            let last_503 =
+                mine.iter().filter(|(t, st)| *t >= up && *t < next_kill && *st == 503).map(|(t, _)| *t).max();
             eprintln!(
-                "cycle {k} node-{}: /readyz 503 {} ms after the kill (last 200 {} ms after it); 200 {} ms after \
+                "cycle {k} ({} ms outage) node-{}: /readyz 503 {} ms after the kill (last 200 {} ms after it); 200 {} ms after \
                  Redis answered again (last 503 {} ms after); first cross-node delivery a→b {} ms, b→a {} ms after",
+                ms(OUTAGES[k]),
                 n + 1,
                 first_503.map_or(-1, |t| ms(t - killed) as i64),
                 last_200.map_or(-1, |t| ms(t - killed) as i64),

@@ -798,9 +798,7 @@ impl Backbone for RedisBackbone {
         async move {
             let mut con = self.commands.clone();
             let (name, rooms): (Option<String>, Option<String>) = self
-                .command(
-                    redis::cmd("HMGET").arg(self.session_key(id)).arg("name").arg("rooms").query_async(&mut con),
-                )
+                .command(redis::cmd("HMGET").arg(self.session_key(id)).arg("name").arg("rooms").query_async(&mut con))
                 .await?;
             let Some(rooms) = rooms else {
                 return Ok(None);
