@@ -244,7 +244,7 @@ async fn after_redis_returns_delivery_and_readiness_come_back_together_and_nothi
                 ms(to_a - up)
             ));
         }
-        for n in 0..2 {
+        for (n, log) in logs.iter().enumerate() {
             let mine: Vec<(Instant, u16)> =
                 samples.iter().filter(|&&(_, m, _)| m == n).map(|&(t, _, st)| (t, st)).collect();
             // (c) how long /readyz went on answering 200 after Redis died.
@@ -290,7 +290,7 @@ async fn after_redis_returns_delivery_and_readiness_come_back_together_and_nothi
             }
             // Never 200 while publishing fails: a publish sent after a 200 (seen since Redis
             // came back) must succeed.
-            let log = logs[n].lock().unwrap();
+            let log = log.lock().unwrap();
             let ready_at = mine.iter().find(|(t, st)| *t >= up && *st == 200).map(|(t, _)| *t);
             if let Some(ready_at) = ready_at {
                 for s in log.sent.iter().filter(|s| s.at > ready_at && s.at < next_kill) {
@@ -340,5 +340,49 @@ async fn after_redis_returns_delivery_and_readiness_come_back_together_and_nothi
     if !failures.is_empty() {
         bail!("{} failures:\n{}", failures.len(), failures.join("\n"));
     }
+    Ok(())
+}
+
+/// Redis that keeps its connections but cannot take writes (`CLIENT PAUSE … WRITE`, as during
+/// a manual failover): the subscription looks fine, yet the node cannot publish. Once a publish
+/// has failed, `/readyz` says so (503), and it says 200 again as soon as publishing works.
+#[tokio::test]
+async fn a_node_that_cannot_publish_is_not_ready_even_while_subscribed() -> Result<()> {
+    let redis = RedisServer::start().await?;
+    let n1 = InProcessNode::start("node-1", &redis.url(), |_| {})?;
+    let n2 = InProcessNode::start("node-2", &redis.url(), |_| {})?;
+    let ready = |addr: SocketAddr, want: u16| async move {
+        (tether_tests::http_get(addr, "/readyz").await.ok()?.0 == want).then_some(())
+    };
+    for addr in [n1.addr, n2.addr] {
+        eventually("ready", || ready(addr, 200)).await?;
+    }
+    let (mut a, _) = WsClient::connect_ready(&n1.ws_url("a")).await?;
+    let (mut b, _) = WsClient::connect_ready(&n2.ws_url("b")).await?;
+    a.join("r").await?;
+    b.join("r").await?;
+
+    let client = redis::Client::open(redis.url())?;
+    let mut con = client.get_multiplexed_async_connection().await?;
+    let paused = Instant::now();
+    let pause = Duration::from_millis(5000);
+    let () = redis::cmd("CLIENT").arg("PAUSE").arg(pause.as_millis() as u64).arg("WRITE").query_async(&mut con).await?;
+    a.send(json!({"type":"message","room":"r","text":"while paused"})).await?;
+    let e = a.recv_until("the refusal", |v| v["type"] == "error").await?;
+    assert_eq!(e["code"], "backbone_unavailable", "{e}");
+    let refused = paused.elapsed();
+    let (status, _) = tether_tests::http_get(n1.addr, "/readyz").await?;
+    assert!(paused.elapsed() < pause, "the pause ended before /readyz was asked; make it longer");
+    assert_eq!(status, 503, "/readyz must not say 200 right after a publish failed for want of Redis");
+    eventually("ready again after the pause", || ready(n1.addr, 200)).await?;
+    let back = paused.elapsed();
+    a.send(json!({"type":"message","room":"r","text":"after the pause"})).await?;
+    b.recv_until("the message after the pause", |v| v["text"] == "after the pause").await?;
+    eprintln!(
+        "CLIENT PAUSE {} ms WRITE: publish refused after {} ms, /readyz 503 then, 200 again {} ms after the pause began",
+        pause.as_millis(),
+        refused.as_millis(),
+        back.as_millis()
+    );
     Ok(())
 }
