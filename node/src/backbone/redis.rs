@@ -2,14 +2,19 @@
 //! script for the atomic publish step.
 //!
 //! Two connections per node:
-//! - a `ConnectionManager` (multiplexed, reconnects on its own) for commands: the publish
-//!   script and membership events;
+//! - a `ConnectionManager` (multiplexed) for commands: the publish script and membership
+//!   events. It reconnects on the next command after a failure, without a retry loop of its
+//!   own; while it is not proven working, a keeper task probes it with our backoff;
 //! - a dedicated pub/sub connection, owned by the *subscriber* task. redis-rs' `PubSub`
 //!   never reconnects: its stream simply ends when Redis goes away (see `NOTES.md`). The
 //!   subscriber treats that as an outage: `/readyz` turns 503, it reconnects with
-//!   exponential backoff and jitter, and re-subscribes every room that still has local
-//!   members. The subscriber only ever `try_send`s to clients (through [`Hub::deliver`]), so a
-//!   slow client can never make Redis buffer output for this node.
+//!   exponential backoff and jitter (capped low: see `reconnect_max_ms`), re-subscribes every
+//!   room that still has local members in one `SUBSCRIBE`, and catches them up. The
+//!   subscriber only ever `try_send`s to clients (through [`Hub::deliver`]), so a slow
+//!   client can never make Redis buffer output for this node.
+//!
+//! Readiness (`/readyz`) is derived from both: subscribed and caught up, and the command
+//! connection's last command succeeded; each half changes where its state does.
 //!
 //! Key layout (braces literal: a Redis Cluster hash tag, so a room's keys share one slot):
 //! channel `{prefix}room:{ROOM}`, log stream `{prefix}room:{ROOM}:log` with entry ids
@@ -180,8 +185,6 @@ fn connection_failure(e: &BackboneError) -> bool {
     }
 }
 
-/// Subscription state, changed only under its async mutex so that subscribe, release and
-/// the re-subscription after a reconnect never interleave.
 /// The state readiness derives from, changed at the moment it changes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct Health {
@@ -197,6 +200,8 @@ impl Health {
     }
 }
 
+/// Subscription state, changed only under its async mutex so that subscribe, release and
+/// the re-subscription after a reconnect never interleave.
 struct Subs {
     /// The live connection's command half; `None` while disconnected.
     sink: Option<PubSubSink>,
