@@ -30,8 +30,8 @@ pub const DEFAULT_MAX_ROOMS_PER_CLIENT: usize = 100;
 pub const DEFAULT_GRACE_PERIOD_MS: u64 = 5_000;
 pub const DEFAULT_REDIS_TIMEOUT_MS: u64 = 2_000;
 pub const DEFAULT_HEADER_READ_TIMEOUT_MS: u64 = 5_000;
-pub const DEFAULT_RECONNECT_MIN_MS: u64 = 100;
-pub const DEFAULT_RECONNECT_MAX_MS: u64 = 5_000;
+pub const DEFAULT_RECONNECT_MIN_MS: u64 = 50;
+pub const DEFAULT_RECONNECT_MAX_MS: u64 = 250;
 pub const DEFAULT_SESSION_TTL_SECS: u64 = 3600;
 pub const DEFAULT_RESUME_GRACE_MS: u64 = 1_000;
 pub const DEFAULT_PRESENCE_TTL_MS: u64 = 3_000;
@@ -140,7 +140,9 @@ pub struct Config {
     /// Deadline of each Redis command; past it the client gets `backbone_unavailable`.
     pub redis_timeout: Duration,
     pub header_read_timeout: Duration,
-    /// Backoff bounds of the Redis subscriber's reconnect loop.
+    /// Backoff bounds (doubling, 50–100% jitter) of the backbone's reconnect loops: the Redis
+    /// subscriber, the probe of the Redis command connection, the NATS client. The cap is
+    /// what a node may lag behind a backbone that has come back.
     pub reconnect_min: Duration,
     pub reconnect_max: Duration,
     /// How long a session (name, rooms) outlives its client's last connection.

@@ -97,7 +97,11 @@ impl Metrics {
             "Rooms this node is subscribed to on the backbone",
             self.rooms_subscribed.clone(),
         );
-        r.register("backbone_ready", "1 while the backbone subscriber is connected", self.backbone_ready.clone());
+        r.register(
+            "backbone_ready",
+            "1 while the node is ready: backbone subscribed (and caught up) and answering commands",
+            self.backbone_ready.clone(),
+        );
         let mut out = String::new();
         // Writing into a String cannot fail.
         encode(&mut out, &r).expect("encoding into a String");

@@ -2,14 +2,19 @@
 //! script for the atomic publish step.
 //!
 //! Two connections per node:
-//! - a `ConnectionManager` (multiplexed, reconnects on its own) for commands: the publish
-//!   script and membership events;
+//! - a `ConnectionManager` (multiplexed) for commands: the publish script and membership
+//!   events. It reconnects on the next command after a failure, without a retry loop of its
+//!   own; while it is not proven working, a keeper task probes it with our backoff;
 //! - a dedicated pub/sub connection, owned by the *subscriber* task. redis-rs' `PubSub`
 //!   never reconnects: its stream simply ends when Redis goes away (see `NOTES.md`). The
 //!   subscriber treats that as an outage: `/readyz` turns 503, it reconnects with
-//!   exponential backoff and jitter, and re-subscribes every room that still has local
-//!   members. The subscriber only ever `try_send`s to clients (through [`Hub::deliver`]), so a
-//!   slow client can never make Redis buffer output for this node.
+//!   exponential backoff and jitter (capped low: see `reconnect_max_ms`), re-subscribes every
+//!   room that still has local members in one `SUBSCRIBE`, and catches them up. The
+//!   subscriber only ever `try_send`s to clients (through [`Hub::deliver`]), so a slow
+//!   client can never make Redis buffer output for this node.
+//!
+//! Readiness (`/readyz`) is derived from both: subscribed and caught up, and the command
+//! connection's last command succeeded; each half changes where its state does.
 //!
 //! Key layout (braces literal: a Redis Cluster hash tag, so a room's keys share one slot):
 //! channel `{prefix}room:{ROOM}`, log stream `{prefix}room:{ROOM}:log` with entry ids
@@ -36,7 +41,9 @@ use futures_util::StreamExt;
 use rand::Rng;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink};
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
@@ -168,6 +175,31 @@ end
 return {#dead, announced}
 "#;
 
+/// Whether an error means the command connection cannot be used now (as opposed to an
+/// answer Redis gave: a script error, a wrong type), so the node is not ready.
+fn connection_failure(e: &BackboneError) -> bool {
+    match e {
+        BackboneError::NotConnected | BackboneError::Timeout(_) => true,
+        BackboneError::Redis(e) => e.is_io_error() || e.is_unrecoverable_error(),
+        BackboneError::Nats(_) => false,
+    }
+}
+
+/// The state readiness derives from, changed at the moment it changes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Health {
+    /// Subscribed to every room with local members (and the probe channel), and caught up.
+    subscribed: bool,
+    /// The command connection's last command (or the keeper's probe) succeeded.
+    commands: bool,
+}
+
+impl Health {
+    fn ready(self) -> bool {
+        self.subscribed && self.commands
+    }
+}
+
 /// Subscription state, changed only under its async mutex so that subscribe, release and
 /// the re-subscription after a reconnect never interleave.
 struct Subs {
@@ -192,8 +224,15 @@ pub struct RedisBackbone {
     instance: String,
     subs: tokio::sync::Mutex<Subs>,
     /// True while the subscriber is connected: set after `Subs::sink` is, cleared before it
-    /// is, so a waiter woken by `true` finds the sink.
-    ready: watch::Sender<bool>,
+    /// is, so a waiter woken by `true` finds the sink. (Joins wait on this, not on readiness.)
+    connected: watch::Sender<bool>,
+    /// What `/readyz` says, derived from the two connections' actual state.
+    health: watch::Sender<Health>,
+    /// Bumped whenever the command connection is seen failing: a command that started
+    /// before a failure and succeeds after it says nothing about the connection now.
+    command_failures: AtomicU64,
+    /// Tells the keeper to probe now (the subscriber just reached Redis).
+    probe_now: tokio::sync::Notify,
     /// `{prefix}room:{` — what every channel of ours starts with.
     channel_head: String,
 }
@@ -211,8 +250,12 @@ impl RedisBackbone {
         let manager_cfg = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(cfg.redis_timeout))
             .set_response_timeout(Some(cfg.redis_timeout))
-            .set_min_delay(cfg.reconnect_min)
-            .set_max_delay(cfg.reconnect_max);
+            // No retry loop of its own: a failed reconnect fails the commands waiting on it,
+            // and the next command (or the keeper's probe, on our backoff) starts a fresh
+            // attempt at once. Its own backoff (up to 6 attempts, sleeps growing to
+            // `reconnect_max` plus up to 100% jitter) kept commands failing for seconds
+            // after Redis was back, while nothing outside it could tell.
+            .set_number_of_retries(0);
         let commands = ConnectionManager::new_lazy_with_config(client.clone(), manager_cfg)?;
         let instance = format!("{}#{}", cfg.name, &tether_proto::id::mint_client_id()[..12]);
         let backbone = Arc::new(Self {
@@ -229,9 +272,13 @@ impl RedisBackbone {
             reap: redis::Script::new(REAP_LUA),
             instance,
             subs: tokio::sync::Mutex::new(Subs { sink: None, rooms: HashSet::new() }),
-            ready: watch::Sender::new(false),
+            connected: watch::Sender::new(false),
+            health: watch::Sender::new(Health::default()),
+            command_failures: AtomicU64::new(0),
+            probe_now: tokio::sync::Notify::new(),
         });
         tokio::spawn(Arc::clone(&backbone).subscriber(shutdown.clone()));
+        tokio::spawn(Arc::clone(&backbone).command_keeper(shutdown.clone()));
         tokio::spawn(Arc::clone(&backbone).presence_keeper(shutdown));
         Ok(backbone)
     }
@@ -257,7 +304,7 @@ impl RedisBackbone {
             let mut con = self.commands.clone();
             let mut beat = self.heartbeat.prepare_invoke();
             beat.key(self.instances_key()).arg(&self.instance);
-            match self.with_timeout(beat.invoke_async::<i64>(&mut con)).await {
+            match self.command(beat.invoke_async::<i64>(&mut con)).await {
                 Ok(added) => {
                     let since = *beating_since.get_or_insert_with(tokio::time::Instant::now);
                     if added == 1 {
@@ -277,7 +324,7 @@ impl RedisBackbone {
         let mut con = self.commands.clone();
         let mut pipe = redis::pipe();
         pipe.zrem(self.instances_key(), &self.instance).ignore().del(self.instance_set_key()).ignore();
-        let _ = self.with_timeout(pipe.query_async::<()>(&mut con)).await;
+        let _ = self.command(pipe.query_async::<()>(&mut con)).await;
     }
 
     /// Puts back every entry of this instance (idempotent: existing entries are untouched).
@@ -315,7 +362,7 @@ impl RedisBackbone {
         let mut con = self.commands.clone();
         let mut reap = self.reap.prepare_invoke();
         reap.key(self.instances_key()).arg(&self.cfg.prefix).arg(self.cfg.presence_ttl.as_millis() as u64).arg(16);
-        match self.with_timeout(reap.invoke_async::<(u64, u64)>(&mut con)).await {
+        match self.command(reap.invoke_async::<(u64, u64)>(&mut con)).await {
             Ok((0, _)) => {}
             Ok((instances, announced)) => {
                 info!(instances, announced, "reaped dead node instances; announced their members as node_down");
@@ -365,8 +412,103 @@ impl RedisBackbone {
         }
     }
 
-    /// Connects, re-subscribes, reads until the connection ends, and starts again, until
-    /// shutdown.
+    /// A command on the command connection, with its deadline; its outcome is what
+    /// readiness knows of that connection. A failure that says the connection is unusable
+    /// (I/O: refused, dropped, timed out; or no answer by the deadline) makes the node unready
+    /// at once and wakes the keeper; a success makes it ready again at once, unless the
+    /// connection was seen failing after this command started.
+    async fn command<T>(
+        &self,
+        fut: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, BackboneError> {
+        let failures = self.command_failures.load(Ordering::Acquire);
+        let result = self.with_timeout(fut).await;
+        match &result {
+            Ok(_) => {
+                if self.command_failures.load(Ordering::Acquire) == failures {
+                    self.set_health(|h| h.commands = true);
+                }
+            }
+            Err(e) if connection_failure(e) => self.commands_failed(),
+            Err(_) => {}
+        }
+        result
+    }
+
+    /// The command connection is not known to work (any more): unready until it is shown to.
+    fn commands_failed(&self) {
+        self.command_failures.fetch_add(1, Ordering::AcqRel);
+        self.set_health(|h| h.commands = false);
+    }
+
+    /// Changes the health; `/readyz` and the metric follow at once.
+    fn set_health(&self, change: impl FnOnce(&mut Health)) {
+        self.health.send_if_modified(|h| {
+            let before = *h;
+            let was = h.ready();
+            change(h);
+            let now = h.ready();
+            if was != now {
+                self.metrics.backbone_ready.set(i64::from(now));
+                if now {
+                    info!(redis = %self.cfg.redis, "backbone ready: subscribed, caught up, commands answered");
+                } else {
+                    info!(redis = %self.cfg.redis, subscribed = h.subscribed, commands = h.commands, "backbone not ready");
+                }
+            }
+            *h != before
+        });
+    }
+
+    /// The next wait of a reconnect loop: `backoff` with jitter (50–100%), and the backoff
+    /// after it (doubled, capped at `reconnect_max`).
+    fn next_wait(&self, backoff: &mut Duration) -> Duration {
+        let wait = backoff.mul_f64(rand::rng().random_range(0.5..1.0));
+        *backoff = (*backoff * 2).min(self.cfg.reconnect_max);
+        wait
+    }
+
+    /// Whenever the command connection is not known to work, probes it — a `PUBLISH` to
+    /// this instance's probe channel, the command publishing depends on — with the
+    /// reconnect backoff until it answers; until shutdown.
+    ///
+    /// A probe that fails is retried once at once: `ConnectionManager` answers the first
+    /// command after a failure with that failure (a dead connection, or the last attempt's
+    /// refusal, however old) and only then starts a new attempt, which the second awaits.
+    async fn command_keeper(self: Arc<Self>, shutdown: CancellationToken) {
+        let mut health = self.health.subscribe();
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                r = health.wait_for(|h| !h.commands) => if r.is_err() { return },
+            }
+            let mut backoff = self.cfg.reconnect_min;
+            loop {
+                if self.probe_commands().await.is_ok() || self.probe_commands().await.is_ok() {
+                    break;
+                }
+                let wait = self.next_wait(&mut backoff);
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = self.probe_now.notified() => {}
+                    // A client's command got through meanwhile.
+                    r = health.wait_for(|h| h.commands) => if r.is_err() { return } else { break },
+                }
+            }
+        }
+    }
+
+    async fn probe_commands(&self) -> Result<i64, BackboneError> {
+        let mut con = self.commands.clone();
+        let mut cmd = redis::cmd("PUBLISH");
+        cmd.arg(self.probe_channel()).arg("probe");
+        self.command(cmd.query_async::<i64>(&mut con)).await
+    }
+
+    /// Connects, re-subscribes, catches up, reads until the connection ends, and starts
+    /// again, until shutdown. While Redis is away it retries after `reconnect_min_ms`,
+    /// doubling up to `reconnect_max_ms` (with jitter).
     async fn subscriber(self: Arc<Self>, shutdown: CancellationToken) {
         let mut backoff = self.cfg.reconnect_min;
         let mut first = true;
@@ -381,17 +523,31 @@ impl RedisBackbone {
                         self.metrics.backbone_reconnects.inc();
                     }
                     first = false;
-                    backoff = self.cfg.reconnect_min;
-                    self.ready.send_replace(true);
-                    self.metrics.backbone_ready.set(1);
+                    self.connected.send_replace(true);
                     info!(redis = %self.cfg.redis, "backbone subscriber connected");
-                    self.catch_up().await;
-                    let ended = tokio::select! {
-                        _ = shutdown.cancelled() => true,
-                        _ = self.read(stream) => false,
+                    // Redis answers again: the keeper need not wait out its backoff.
+                    self.probe_now.notify_one();
+                    let caught_up = tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        r = self.catch_up_when_commands_answer() => r,
                     };
-                    self.ready.send_replace(false);
-                    self.metrics.backbone_ready.set(0);
+                    let ended = match caught_up {
+                        Ok(()) => {
+                            backoff = self.cfg.reconnect_min;
+                            self.set_health(|h| h.subscribed = true);
+                            tokio::select! {
+                                _ = shutdown.cancelled() => true,
+                                _ = self.read(stream) => false,
+                            }
+                        }
+                        Err(e) => {
+                            // Never ready without the catch-up: try it all again.
+                            warn!(error = %e, "catch-up from the room logs failed; reconnecting");
+                            false
+                        }
+                    };
+                    self.set_health(|h| h.subscribed = false);
+                    self.connected.send_replace(false);
                     {
                         let mut subs = self.subs.lock().await;
                         subs.sink = None;
@@ -401,6 +557,10 @@ impl RedisBackbone {
                     if ended {
                         return;
                     }
+                    // Whatever cut the subscription may have cut the command connection too,
+                    // which redis-rs notices only at its next command: it must prove itself
+                    // again (the keeper probes it now) before the node says ready.
+                    self.commands_failed();
                     warn!(redis = %self.cfg.redis, "backbone subscriber lost its connection; reconnecting");
                 }
                 Err(e) => {
@@ -411,17 +571,16 @@ impl RedisBackbone {
                     }
                 }
             }
-            let jitter = rand::rng().random_range(0.5..1.0);
+            let wait = self.next_wait(&mut backoff);
             tokio::select! {
                 _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(backoff.mul_f64(jitter)) => {}
+                _ = tokio::time::sleep(wait) => {}
             }
-            backoff = (backoff * 2).min(self.cfg.reconnect_max);
         }
     }
 
-    /// Opens the pub/sub connection and subscribes every room with local members, under
-    /// the subscription lock.
+    /// Opens the pub/sub connection and subscribes every room with local members — all in
+    /// one `SUBSCRIBE`, one round trip — under the subscription lock.
     async fn connect_subscriber(&self) -> Result<redis::aio::PubSubStream, BackboneError> {
         let pubsub = self.with_timeout(self.client.get_async_pubsub()).await?;
         let (mut sink, stream) = pubsub.split();
@@ -440,43 +599,61 @@ impl RedisBackbone {
         format!("{}probe:{{{}}}", self.cfg.prefix, self.instance)
     }
 
-    /// After a reconnect: delivers, from each room's log, what was published while this node
-    /// was not subscribed (after the last seq it delivered there). Members' gates drop
-    /// anything that also arrives live, so nothing is delivered twice.
-    async fn catch_up(&self) {
-        for (room, last) in self.hub.positions() {
-            let Some((epoch, seq)) = last else { continue };
-            let mut replay = match self.replay(&room, seq).await {
-                Ok(r) => r,
-                Err(e) => {
-                    warn!(room, error = %e, "catch-up from the room log failed");
-                    continue;
-                }
-            };
-            if replay.epoch.as_deref() != Some(epoch.as_str()) {
-                // Redis lost the room: everything in its new epoch is new to our members.
-                match self.replay(&room, 0).await {
-                    Ok(r) => replay = r,
+    /// After a (re)subscription: delivers, from each room's log, what was published while
+    /// this node was not subscribed (after the last seq it delivered there). Members' gates
+    /// drop anything that also arrives live, so nothing is delivered twice. The rooms' reads
+    /// go out together (pipelined on the multiplexed connection). Fails — and the subscriber
+    /// starts over — when the command connection cannot answer, so a gap is never left
+    /// unfilled behind a node that says it is ready.
+    async fn catch_up_when_commands_answer(&self) -> Result<(), BackboneError> {
+        let mut health = self.health.subscribe();
+        let answered = match tokio::time::timeout(self.cfg.redis_timeout, health.wait_for(|h| h.commands)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(_)) => Err(BackboneError::NotConnected),
+            Err(_) => Err(BackboneError::Timeout(self.cfg.redis_timeout)),
+        };
+        answered?;
+        self.catch_up().await
+    }
+
+    async fn catch_up(&self) -> Result<(), BackboneError> {
+        use futures_util::stream::{self, TryStreamExt};
+        let positions: Vec<(String, (String, u64))> =
+            self.hub.positions().into_iter().filter_map(|(room, last)| Some((room, last?))).collect();
+        stream::iter(positions.into_iter().map(Ok::<_, BackboneError>))
+            .try_for_each_concurrent(64, |(room, (epoch, seq))| async move {
+                match self.catch_up_room(&room, &epoch, seq).await {
+                    Err(e) if connection_failure(&e) => Err(e),
                     Err(e) => {
                         warn!(room, error = %e, "catch-up from the room log failed");
-                        continue;
+                        Ok(())
                     }
+                    Ok(()) => Ok(()),
                 }
-            } else if replay.frames.first().is_some_and(|(first, _)| *first > seq + 1)
-                || (replay.frames.is_empty() && replay.head_seq > seq)
-            {
-                warn!(room, after = seq, "room log no longer holds all that was missed; members see a seq gap");
-                self.metrics.catch_up_gaps.inc();
-            }
-            let n = replay.frames.len();
-            for (_, frame) in replay.frames {
-                self.hub.deliver(&room, &Utf8Bytes::from(frame), &self.metrics);
-            }
-            if n > 0 {
-                self.metrics.caught_up_messages.inc_by(n as u64);
-                info!(room, messages = n, "caught up from the room log after reconnecting");
-            }
+            })
+            .await
+    }
+
+    async fn catch_up_room(&self, room: &str, epoch: &str, seq: u64) -> Result<(), BackboneError> {
+        let mut replay = self.replay(room, seq).await?;
+        if replay.epoch.as_deref() != Some(epoch) {
+            // Redis lost the room: everything in its new epoch is new to our members.
+            replay = self.replay(room, 0).await?;
+        } else if replay.frames.first().is_some_and(|(first, _)| *first > seq + 1)
+            || (replay.frames.is_empty() && replay.head_seq > seq)
+        {
+            warn!(room, after = seq, "room log no longer holds all that was missed; members see a seq gap");
+            self.metrics.catch_up_gaps.inc();
         }
+        let n = replay.frames.len();
+        for (_, frame) in replay.frames {
+            self.hub.deliver(room, &Utf8Bytes::from(frame), &self.metrics);
+        }
+        if n > 0 {
+            self.metrics.caught_up_messages.inc_by(n as u64);
+            info!(room, messages = n, "caught up from the room log after reconnecting");
+        }
+        Ok(())
     }
 
     /// Fans out every frame of the subscription until it ends, or until it goes silent: a
@@ -553,7 +730,7 @@ impl Backbone for RedisBackbone {
                 invocation.arg(prefix);
             }
             let _published: u64 = self
-                .with_timeout(invocation.invoke_async(&mut con))
+                .command(invocation.invoke_async(&mut con))
                 .await
                 .map_err(|error| Unpublished { published: 0, error })?;
             self.metrics.messages_published.inc_by(count);
@@ -567,7 +744,7 @@ impl Backbone for RedisBackbone {
             let mut con = self.commands.clone();
             let channel = self.channel(room);
             let _receivers: i64 =
-                self.with_timeout(redis::cmd("PUBLISH").arg(channel).arg(json).query_async(&mut con)).await?;
+                self.command(redis::cmd("PUBLISH").arg(channel).arg(json).query_async(&mut con)).await?;
             Ok(())
         }
         .boxed()
@@ -580,7 +757,7 @@ impl Backbone for RedisBackbone {
         async move {
             let deadline = tokio::time::Instant::now() + self.cfg.redis_timeout;
             loop {
-                let mut ready = self.ready.subscribe();
+                let mut ready = self.connected.subscribe();
                 {
                     let mut subs = self.subs.lock().await;
                     if subs.rooms.contains(room) {
@@ -626,9 +803,7 @@ impl Backbone for RedisBackbone {
         async move {
             let mut con = self.commands.clone();
             let (name, rooms): (Option<String>, Option<String>) = self
-                .with_timeout(
-                    redis::cmd("HMGET").arg(self.session_key(id)).arg("name").arg("rooms").query_async(&mut con),
-                )
+                .command(redis::cmd("HMGET").arg(self.session_key(id)).arg("name").arg("rooms").query_async(&mut con))
                 .await?;
             let Some(rooms) = rooms else {
                 return Ok(None);
@@ -659,7 +834,7 @@ impl Backbone for RedisBackbone {
             }
             pipe.pexpire(&key, self.cfg.session_ttl.as_millis() as i64).ignore();
             let mut con = self.commands.clone();
-            self.with_timeout(pipe.query_async::<()>(&mut con)).await
+            self.command(pipe.query_async::<()>(&mut con)).await
         }
         .boxed()
     }
@@ -673,7 +848,7 @@ impl Backbone for RedisBackbone {
                     pipe.pexpire(self.session_key(id), ttl).ignore();
                 }
                 let mut con = self.commands.clone();
-                self.with_timeout(pipe.query_async::<()>(&mut con)).await?;
+                self.command(pipe.query_async::<()>(&mut con)).await?;
             }
             Ok(())
         }
@@ -691,7 +866,7 @@ impl Backbone for RedisBackbone {
             );
             let mut con = self.commands.clone();
             let ((seq, epoch), range): ((Option<u64>, Option<String>), redis::streams::StreamRangeReply) =
-                self.with_timeout(pipe.query_async(&mut con)).await?;
+                self.command(pipe.query_async(&mut con)).await?;
             let mut frames = Vec::with_capacity(range.ids.len());
             for entry in range.ids {
                 let seq = entry.id.split('-').next().and_then(|s| s.parse::<u64>().ok());
@@ -732,7 +907,7 @@ impl Backbone for RedisBackbone {
                 .arg(member)
                 .arg(event.unwrap_or_default());
             let mut con = self.commands.clone();
-            let (n, frame): (i64, String) = self.with_timeout(call.invoke_async(&mut con)).await?;
+            let (n, frame): (i64, String) = self.command(call.invoke_async(&mut con)).await?;
             let change = match n {
                 -1 => PresenceChange::Unchanged,
                 1 => PresenceChange::FirstOrLast,
@@ -760,7 +935,7 @@ impl Backbone for RedisBackbone {
             );
             let mut call = script.prepare_invoke();
             call.key(entries).arg(field).arg(json);
-            self.with_timeout(call.invoke_async::<i64>(&mut con)).await?;
+            self.command(call.invoke_async::<i64>(&mut con)).await?;
             Ok(())
         }
         .boxed()
@@ -785,7 +960,7 @@ impl Backbone for RedisBackbone {
                 .arg(member)
                 .arg(event.unwrap_or_default());
             let mut con = self.commands.clone();
-            let n: i64 = self.with_timeout(call.invoke_async(&mut con)).await?;
+            let n: i64 = self.command(call.invoke_async(&mut con)).await?;
             Ok(match n {
                 -1 => PresenceChange::Unchanged,
                 0 => PresenceChange::FirstOrLast,
@@ -799,13 +974,15 @@ impl Backbone for RedisBackbone {
         async move {
             let (_, entries, _, _) = self.presence_keys(scope, 0);
             let mut con = self.commands.clone();
-            let values: Vec<String> = self.with_timeout(redis::cmd("HVALS").arg(entries).query_async(&mut con)).await?;
+            let values: Vec<String> = self.command(redis::cmd("HVALS").arg(entries).query_async(&mut con)).await?;
             Ok(values.iter().filter_map(|v| serde_json::from_str(v).ok()).collect())
         }
         .boxed()
     }
 
+    /// Subscribed (every room, caught up) and the command connection answering: the node
+    /// can publish and receive. Both halves are set and cleared where their state changes.
     fn is_ready(&self) -> bool {
-        *self.ready.borrow()
+        self.health.borrow().ready()
     }
 }
