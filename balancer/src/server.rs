@@ -34,7 +34,6 @@ use crate::{admin, Shared};
 /// take file descriptors from clients.
 pub const ADMIN_MAX_CONNECTIONS: usize = 64;
 
-
 /// hyper refuses a read buffer smaller than this (its initial buffer size).
 const HYPER_MIN_BUF: usize = 8192;
 
@@ -151,6 +150,17 @@ pub(crate) fn at_capacity(max_connections: usize) -> Response<Body> {
     let mut response = proxy::text_response(
         StatusCode::SERVICE_UNAVAILABLE,
         format!("balancer is at max_connections ({max_connections}); retry in {RETRY_AFTER_SECS} s"),
+    );
+    response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+    response
+}
+
+/// The answer when a node connect failed with EMFILE/ENFILE: 503 with `Retry-After`, the
+/// node left alone.
+pub(crate) fn out_of_descriptors() -> Response<Body> {
+    let mut response = proxy::text_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("balancer is out of file descriptors; retry in {RETRY_AFTER_SECS} s"),
     );
     response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
     response

@@ -127,8 +127,8 @@ impl ConnectionLimit {
     /// [`FALLBACK_NOFILE`] when it is unknown).
     pub fn resolve(configured: Option<usize>, nofile: Option<u64>, fds_per_connection: u64) -> Self {
         let fds_per_connection = fds_per_connection.max(1);
-        let max_connections = configured
-            .unwrap_or_else(|| derive_max_connections(nofile.unwrap_or(FALLBACK_NOFILE), fds_per_connection));
+        let max_connections =
+            configured.unwrap_or_else(|| derive_max_connections(nofile.unwrap_or(FALLBACK_NOFILE), fds_per_connection));
         Self { max_connections, configured: configured.is_some(), nofile, fds_per_connection }
     }
 
@@ -262,6 +262,15 @@ pub fn is_per_connection(e: &io::Error) -> bool {
     )
 }
 
+/// `EMFILE` or `ENFILE`: this process (or the whole system) is out of file descriptors. Said
+/// of a failed connect, it is no fault of the peer's.
+pub fn is_out_of_descriptors(e: &io::Error) -> bool {
+    // The same numbers on Linux, the BSDs and macOS.
+    const ENFILE: i32 = 23;
+    const EMFILE: i32 = 24;
+    matches!(e.raw_os_error(), Some(EMFILE | ENFILE))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -357,5 +366,7 @@ mod tests {
         assert!(is_per_connection(&io::Error::from(io::ErrorKind::ConnectionAborted)));
         assert!(!is_per_connection(&io::Error::from_raw_os_error(24))); // EMFILE
         assert!(!is_per_connection(&io::Error::from_raw_os_error(23))); // ENFILE
+        assert!(is_out_of_descriptors(&io::Error::from_raw_os_error(24)));
+        assert!(!is_out_of_descriptors(&io::Error::from(io::ErrorKind::ConnectionRefused)));
     }
 }

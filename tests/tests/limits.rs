@@ -195,7 +195,10 @@ async fn an_explicit_max_connections_wins_and_one_above_the_fd_limit_is_warned_a
     let nodes = vec![(node.name().to_owned(), node.addr())];
     let lb = BalancerProcess::start_with(&nodes, &args(&["--config", config.to_str().context("path")?]), &opts).await?;
     let status = HttpConn::connect(lb.admin_addr()).await?.get_json("/status").await?;
-    assert_eq!((&status["max_connections"], &status["max_connections_source"]), (&Value::from(1000), &"configured".into()));
+    assert_eq!(
+        (&status["max_connections"], &status["max_connections_source"]),
+        (&Value::from(1000), &"configured".into())
+    );
     let warning = "max_connections=1000 (configured; RLIMIT_NOFILE 256 allows 96, halved";
     assert_eq!(lines_containing(&log, warning), 1, "{warning:?} in {}", log.display());
     assert_eq!(lines_containing(&log, "above what the open-file limit allows"), 1);
@@ -221,7 +224,7 @@ async fn exhaust_fds(addr: std::net::SocketAddr, log: &Path) -> Result<Vec<TcpSt
 }
 
 /// While out of descriptors: CPU time over a 3 s window stays far below a spinning core's
-/// (300 ticks), and the log gets at most one more line about it.
+/// (300 ticks; a loop that only yielded measured 122 here on a shared machine), and the log gets at most one more line about it.
 async fn assert_quiet_while_exhausted(pid: u32, log: &Path) -> Result<()> {
     let (ticks, lines) = (cpu_ticks(pid)?, lines_containing(log, "accept failed"));
     // A measuring window, not a wait for a condition.
@@ -229,7 +232,7 @@ async fn assert_quiet_while_exhausted(pid: u32, log: &Path) -> Result<()> {
     let (ticks_after, lines_after) = (cpu_ticks(pid)?, lines_containing(log, "accept failed"));
     let used = ticks_after - ticks;
     eprintln!("out of descriptors: {used} CPU ticks and {} accept-failure lines in 3 s", lines_after - lines);
-    assert!(used <= 45, "{used} ticks of CPU in 3 s while out of descriptors: the accept loop spins");
+    assert!(used <= 30, "{used} ticks of CPU in 3 s while out of descriptors: the accept loop spins");
     assert!(lines_after - lines <= 1, "{} accept-failure lines in 3 s: not rate-limited", lines_after - lines);
     Ok(())
 }
@@ -249,7 +252,8 @@ async fn a_node_out_of_descriptors_backs_off_quietly_and_recovers() -> Result<()
     assert_quiet_while_exhausted(node.pid(), &log).await?;
 
     drop(held);
-    let metrics = eventually("/metrics once descriptors are back", || async { metrics_of(node.addr()).await.ok() }).await?;
+    let metrics =
+        eventually("/metrics once descriptors are back", || async { metrics_of(node.addr()).await.ok() }).await?;
     assert!(metric(&metrics, "tether_node_accept_errors_total").is_some_and(|n| n >= 1.0), "{metrics}");
     assert_eq!(http_get(node.addr(), "/healthz").await?.0, 200);
     WsClient::connect_ready(&format!("{}?client=after", node.ws_url())).await?;
@@ -271,20 +275,30 @@ async fn a_balancer_out_of_descriptors_backs_off_quietly_and_recovers() -> Resul
     let nodes = vec![(node.name().to_owned(), node.addr())];
     let lb_args = args(&["--config", config.to_str().context("path")?, "--health-interval-ms", "100"]);
     let lb = BalancerProcess::start_with(&nodes, &lb_args, &opts).await?;
+    let flips = "tether_balancer_node_state_changes_total{node=\"node-1\"}";
+    let flips_before = eventually("the node up", || async {
+        let mut admin = HttpConn::connect(lb.admin_addr()).await.ok()?;
+        let s = admin.get_json("/status").await.ok()?;
+        (s["nodes"][0]["state"] == "up").then_some(())?;
+        metric(&admin.get("/metrics").await.ok()?.1, flips)
+    })
+    .await?;
 
     let held = exhaust_fds(lb.addr(), &log).await?;
     assert_quiet_while_exhausted(lb.pid(), &log).await?;
 
     drop(held);
-    let status = eventually("the node up again once descriptors are back", || async {
-        let s = HttpConn::connect(lb.admin_addr()).await.ok()?.get_json("/status").await.ok()?;
-        (s["nodes"][0]["state"] == "up").then_some(s)
+    let status = eventually("/status once descriptors are back", || async {
+        HttpConn::connect(lb.admin_addr()).await.ok()?.get_json("/status").await.ok()
     })
     .await?;
     assert_eq!(status["max_connections"], 1000);
     let metrics = HttpConn::connect(lb.admin_addr()).await?.get("/metrics").await?.1;
     let errors = metric(&metrics, "tether_balancer_accept_errors_total{listener=\"proxy\"}");
     assert!(errors.is_some_and(|n| n >= 1.0), "{metrics}");
+    // Probes that could not even open a socket said nothing about the node: it never flipped.
+    assert_eq!(status["nodes"][0]["state"], "up", "{status}");
+    assert_eq!(metric(&metrics, flips), Some(flips_before), "{metrics}");
     WsClient::connect_ready(&format!("{}?client=after", lb.ws_url())).await?;
     std::fs::remove_dir_all(&dir)?;
     Ok(())
