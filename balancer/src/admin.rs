@@ -23,6 +23,14 @@ struct Status<'a> {
     nodes: Vec<NodeStatus<'a>>,
     /// Open upstream connections over all nodes.
     active_connections: i64,
+    /// Open client connections (tunnels included), out of `max_connections`.
+    client_connections: usize,
+    max_connections: usize,
+    /// `rlimit_nofile` (derived from the open-file limit) or `configured`.
+    max_connections_source: &'static str,
+    /// The soft `RLIMIT_NOFILE` in force (after the start-up raise), when known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    nofile_limit: Option<u64>,
 }
 
 #[derive(Serialize)]
@@ -103,6 +111,10 @@ fn status(shared: &Shared) -> Status<'_> {
             })
             .collect(),
         active_connections: shared.pool.active_connections(),
+        client_connections: shared.config.max_connections.saturating_sub(shared.client_slots.available_permits()),
+        max_connections: shared.config.max_connections,
+        max_connections_source: shared.config.connection_limit.source(),
+        nofile_limit: shared.config.connection_limit.nofile,
     }
 }
 

@@ -32,11 +32,15 @@ pub const DEFAULT_RISE: u32 = 2;
 pub const DEFAULT_HASH_KEYS: [&str; 3] = ["query", "header", "cookie"];
 /// How long open tunnels may run on after a shutdown signal before they are cut.
 pub const DEFAULT_GRACE_PERIOD_MS: u64 = 10_000;
-/// Cap on open client connections (tunnels included); further ones are closed at once.
-pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Descriptors one client connection may hold: its own socket and, once it is a tunnel (or
+/// while a plain request is forwarded), the node's. `max_connections` defaults to what the soft
+/// `RLIMIT_NOFILE` allows less a reserve, halved (see `tether_proto::limits`).
+pub const FDS_PER_CONNECTION: u64 = 2;
+/// Seconds a client refused at `max_connections` is told to wait (`Retry-After`).
+pub const RETRY_AFTER_SECS: u64 = 5;
 /// Upper bound of `max_connections` (far above what one process's file descriptors allow; it
 /// only keeps the value in the range tokio's semaphore accepts).
-pub const MAX_CONNECTIONS_LIMIT: usize = 100_000_000;
+pub const MAX_CONNECTIONS_LIMIT: usize = tether_proto::limits::MAX_CONNECTIONS_CEILING;
 /// How long a client may take to send a complete request head (also the keep-alive idle limit).
 pub const DEFAULT_HEADER_READ_TIMEOUT_MS: u64 = 5_000;
 /// Largest accepted request head, in bytes.
@@ -120,6 +124,8 @@ pub struct Overrides {
     pub reuse_port: bool,
     /// `--threads`.
     pub threads: Option<usize>,
+    /// `--max-connections`.
+    pub max_connections: Option<usize>,
     /// `--signing-key-file`: replaces the file's `signing_key_file`.
     pub signing_key_file: Option<PathBuf>,
     /// The value of [`SIGNING_KEY_ENV`] (see [`signing_key_from_env`]).
@@ -145,8 +151,13 @@ pub struct Config {
     pub hash_keys: Vec<IdSource>,
     /// How long tunnels may run on after shutdown starts.
     pub grace_period: Duration,
-    /// Cap on open client connections, tunnels included.
+    /// Cap on open client connections, tunnels included; past it clients get 503 with
+    /// `Retry-After`. Default: what the soft `RLIMIT_NOFILE` allows less a reserve, halved.
     pub max_connections: usize,
+    /// `max_connections` and where it came from (derived or configured): the start-up log
+    /// line, `/status`, and the warning when an explicit value is above what the descriptors
+    /// allow.
+    pub connection_limit: tether_proto::limits::ConnectionLimit,
     /// Deadline for a complete request head (and for an idle keep-alive connection).
     pub header_read_timeout: Duration,
     /// Largest accepted request head.
@@ -210,6 +221,9 @@ impl FileConfig {
         if o.threads.is_some() {
             self.threads = o.threads;
         }
+        if o.max_connections.is_some() {
+            self.max_connections = o.max_connections;
+        }
         if o.signing_key_file.is_some() {
             self.signing_key_file = o.signing_key_file;
         }
@@ -226,7 +240,13 @@ impl FileConfig {
             None => IdSource::DEFAULT_ORDER.to_vec(),
             Some(keys) => hash_keys(keys)?,
         };
-        let max_connections = self.max_connections.unwrap_or(DEFAULT_MAX_CONNECTIONS);
+        // Read at validation time: the binary raises the soft limit before it validates.
+        let connection_limit = tether_proto::limits::ConnectionLimit::resolve(
+            self.max_connections,
+            tether_proto::limits::current_nofile(),
+            FDS_PER_CONNECTION,
+        );
+        let max_connections = connection_limit.max_connections;
         if !(1..=MAX_CONNECTIONS_LIMIT).contains(&max_connections) {
             return Err(invalid(
                 "max_connections",
@@ -267,6 +287,7 @@ impl FileConfig {
             // Zero is meaningful here: cut every tunnel at once on shutdown.
             grace_period: Duration::from_millis(self.grace_period_ms.unwrap_or(DEFAULT_GRACE_PERIOD_MS)),
             max_connections,
+            connection_limit,
             header_read_timeout: nonzero_ms(
                 "header_read_timeout_ms",
                 self.header_read_timeout_ms,
@@ -430,7 +451,10 @@ mod tests {
     fn defaults_fill_absent_fields() {
         let config = FileConfig::parse(&with_nodes("")).unwrap().validate().unwrap();
         assert_eq!(config.health_interval, Duration::from_millis(DEFAULT_HEALTH_INTERVAL_MS));
-        assert_eq!(config.max_connections, DEFAULT_MAX_CONNECTIONS);
+        // From the descriptor limit, halved: a tunnel holds two sockets.
+        let nofile = tether_proto::limits::current_nofile().expect("readable on Linux");
+        assert_eq!(config.max_connections, tether_proto::limits::derive_max_connections(nofile, 2));
+        assert!(!config.connection_limit.configured);
         assert_eq!(config.max_header_bytes, DEFAULT_MAX_HEADER_BYTES);
         assert_eq!(config.grace_period, Duration::from_millis(DEFAULT_GRACE_PERIOD_MS));
     }
@@ -555,6 +579,7 @@ mod tests {
         file.apply(Overrides {
             listen: Some("127.0.0.1:2000".into()),
             threads: Some(1),
+            max_connections: Some(3),
             reuse_port: true,
             nodes: vec![parse_node_flag("x=127.0.0.1:1").unwrap(), parse_node_flag("y=127.0.0.1:2").unwrap()],
             ..Overrides::default()
@@ -563,6 +588,7 @@ mod tests {
         assert_eq!(config.listen.port(), 2000);
         assert_eq!(config.health_interval, Duration::from_millis(900));
         assert_eq!(config.threads, 1);
+        assert_eq!((config.max_connections, config.connection_limit.configured), (3, true));
         assert!(config.reuse_port);
         let names: Vec<_> = config.nodes.iter().map(|n| n.name.as_str()).collect();
         assert_eq!(names, ["x", "y"]);

@@ -16,6 +16,8 @@ use tokio::time::MissedTickBehavior;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
+use tether_proto::limits::is_out_of_descriptors;
+
 use crate::pool::{Node, Probe};
 use crate::Shared;
 
@@ -39,22 +41,46 @@ pub(crate) async fn check_loop(shared: Arc<Shared>, index: usize, stop: Cancella
             p = probe(node, config.health_timeout) => p,
         };
         debug!(node = %node.name, ?probe, "probe");
+        let Some(probe) = probe else {
+            // Out of descriptors ourselves: that says nothing about the node.
+            continue;
+        };
         node.apply_probe(&probe, config.rise);
     }
 }
 
-/// One probe: connect, `GET /readyz`, read the status line — all within `timeout`.
-pub async fn probe(node: &Node, timeout: Duration) -> Probe {
-    match tokio::time::timeout(timeout, probe_inner(node)).await {
+/// One probe: connect, `GET /readyz`, read the status line — all within `timeout`. `None`
+/// when the balancer itself is out of file descriptors (EMFILE, ENFILE): no verdict on the
+/// node, which must not be marked down for it.
+pub async fn probe(node: &Node, timeout: Duration) -> Option<Probe> {
+    Some(match tokio::time::timeout(timeout, probe_inner(node)).await {
         Ok(Ok(status)) if status == StatusCode::OK => Probe::Ready,
         Ok(Ok(status)) => Probe::Unready(status.as_u16()),
-        Ok(Err(why)) => Probe::Failed(why),
+        Ok(Err(ProbeError::OutOfDescriptors)) => return None,
+        Ok(Err(ProbeError::Failed(why))) => Probe::Failed(why),
         Err(_) => Probe::TimedOut(format!("probe timed out after {} ms", timeout.as_millis())),
+    })
+}
+
+enum ProbeError {
+    OutOfDescriptors,
+    Failed(String),
+}
+
+impl From<String> for ProbeError {
+    fn from(why: String) -> Self {
+        Self::Failed(why)
     }
 }
 
-async fn probe_inner(node: &Node) -> Result<StatusCode, String> {
-    let stream = TcpStream::connect(&node.addr).await.map_err(|e| format!("connect: {e}"))?;
+async fn probe_inner(node: &Node) -> Result<StatusCode, ProbeError> {
+    let stream = TcpStream::connect(&node.addr).await.map_err(|e| {
+        if is_out_of_descriptors(&e) {
+            ProbeError::OutOfDescriptors
+        } else {
+            ProbeError::Failed(format!("connect: {e}"))
+        }
+    })?;
     let (mut sender, conn) =
         hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.map_err(|e| format!("handshake: {e}"))?;
     let request = Request::get(READYZ_PATH)
@@ -69,10 +95,10 @@ async fn probe_inner(node: &Node) -> Result<StatusCode, String> {
         biased;
         response = response.as_mut() => return response
             .map(|r| r.status())
-            .map_err(|e| format!("readyz: {e}")),
+            .map_err(|e| ProbeError::Failed(format!("readyz: {e}"))),
         result = conn.as_mut() => result.map_err(|e| format!("readyz: {e}"))?,
     }
     // The connection finished first (the node closed it after answering, as asked): the
     // answer, if there was one, is waiting in the response future.
-    response.await.map(|r| r.status()).map_err(|e| format!("readyz: {e}"))
+    response.await.map(|r| r.status()).map_err(|e| ProbeError::Failed(format!("readyz: {e}")))
 }

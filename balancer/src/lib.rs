@@ -5,8 +5,9 @@
 //!
 //! Layout, in the order a connection meets it:
 //! - [`config`]: the TOML file, flag overrides, validation into [`Config`];
-//! - `server`: accept loops for the client and admin listeners, connection cap, hyper set-up,
-//!   graceful shutdown of each connection;
+//! - `server`: accept loops for the client and admin listeners, connection cap (503 with
+//!   `Retry-After` past it), back-off when descriptors run out, hyper set-up, graceful
+//!   shutdown of each connection;
 //! - `proxy`: per request — client id (query, header, cookie; minted when absent; checked
 //!   against the `signing_key` when one is set), node choice with failover along the
 //!   client's rank, forwarding with `X-Client-Id`/`X-Forwarded-For`;
@@ -55,6 +56,8 @@ pub(crate) struct Shared {
     config: Config,
     pool: pool::Pool,
     metrics: metrics::Metrics,
+    /// One permit per open client connection (tunnels included), `max_connections` in all.
+    client_slots: Arc<tokio::sync::Semaphore>,
     /// Every client connection, admin connection, upstream connection and tunnel, so that
     /// shutdown can wait for them.
     tracker: TaskTracker,
@@ -75,8 +78,16 @@ pub async fn run(
     let admin_addr = admin.local_addr().map_err(Error::Listener)?;
     let metrics = metrics::Metrics::new();
     let pool = pool::Pool::new(&config.nodes, &metrics);
-    let shared =
-        Arc::new(Shared { config, pool, metrics, tracker: TaskTracker::new(), hard_stop: CancellationToken::new() });
+    metrics.max_connections.set(i64::try_from(config.max_connections).unwrap_or(i64::MAX));
+    let client_slots = Arc::new(tokio::sync::Semaphore::new(config.max_connections));
+    let shared = Arc::new(Shared {
+        config,
+        pool,
+        metrics,
+        client_slots,
+        tracker: TaskTracker::new(),
+        hard_stop: CancellationToken::new(),
+    });
 
     let health_stop = CancellationToken::new();
     let mut checks = JoinSet::new();

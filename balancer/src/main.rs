@@ -12,7 +12,7 @@ use tether_balancer::config::{parse_node_flag, signing_key_from_env};
 use tether_balancer::{bind_listener, FileConfig, Overrides};
 use tether_proto::logging::{self, LogFormat};
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 
 /// Exit code for bad flags or config (sysexits `EX_USAGE`).
 const EXIT_USAGE: u8 = 64;
@@ -39,6 +39,11 @@ struct Cli {
     /// Runtime threads [default: one per core]; 1 runs everything on one thread.
     #[arg(long, value_name = "N")]
     threads: Option<usize>,
+    /// Client connections open at once, tunnels included; past it clients get 503 with
+    /// Retry-After [default: the soft RLIMIT_NOFILE, once raised to the hard limit, less a
+    /// reserve of up to 256, halved: each tunnel holds two sockets].
+    #[arg(long, value_name = "N")]
+    max_connections: Option<usize>,
     /// Bind the client listener with SO_REUSEPORT, so that several balancer processes can
     /// share its port.
     #[arg(long)]
@@ -64,6 +69,9 @@ fn main() -> ExitCode {
             };
         }
     };
+    // Before the config is validated: the default max_connections is derived from the raised
+    // limit. Logged once logging is set up.
+    let raised = tether_proto::limits::raise_nofile_limit();
     let config = match load_config(&cli) {
         Ok(config) => config,
         Err(e) => {
@@ -72,6 +80,21 @@ fn main() -> ExitCode {
         }
     };
     logging::init(cli.log_format, "info");
+    match raised {
+        Ok(raised) if raised.error.is_some() => warn!("{raised}"),
+        Ok(raised) => info!(soft = raised.soft, hard = raised.hard, "{raised}"),
+        Err(e) => warn!(error = %e, "cannot read RLIMIT_NOFILE; max_connections assumes 1024"),
+    }
+    let limit = config.connection_limit;
+    if limit.exceeds_fd_limit() {
+        warn!(
+            max_connections = limit.max_connections,
+            fd_allowance = limit.fd_allowance(),
+            "{limit}: above what the open-file limit allows; past it accepts and node connects fail with EMFILE instead of clients getting 503"
+        );
+    } else {
+        info!(max_connections = limit.max_connections, source = limit.source(), "{limit}");
+    }
     let served = runtime(config.threads)
         .context("starting the runtime")
         // Spawned rather than run by `block_on`, so that with N threads all the work (accepting
@@ -113,6 +136,7 @@ fn load_config(cli: &Cli) -> Result<tether_balancer::Config, tether_balancer::Er
         health_interval_ms: cli.health_interval_ms,
         reuse_port: cli.reuse_port,
         threads: cli.threads,
+        max_connections: cli.max_connections,
         signing_key_file: cli.signing_key_file.clone(),
         signing_key_env: signing_key_from_env()?,
     });

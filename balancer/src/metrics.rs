@@ -29,9 +29,16 @@ pub const NODE_STATE_CHANGES: &str = "tether_balancer_node_state_changes";
 pub const HEALTH_CHECKS: &str = "tether_balancer_health_checks";
 /// `tether_balancer_requests_total{kind="ws|http",code}`: answers given to clients.
 pub const REQUESTS: &str = "tether_balancer_requests";
-/// `tether_balancer_rejected_connections_total`: connections closed at once because
-/// `max_connections` were open.
+/// `tether_balancer_rejected_connections_total`: client connections refused because
+/// `max_connections` were open (answered 503 with `Retry-After`, or closed at once when too
+/// many such answers were already pending).
 pub const REJECTED_CONNECTIONS: &str = "tether_balancer_rejected_connections";
+/// `tether_balancer_max_connections`: the `max_connections` in force (from `RLIMIT_NOFILE` less
+/// a reserve, halved; or configured).
+pub const MAX_CONNECTIONS: &str = "tether_balancer_max_connections";
+/// `tether_balancer_accept_errors_total{listener="proxy|admin"}`: accepts that failed for want
+/// of resources (EMFILE, ENFILE); each is followed by a pause.
+pub const ACCEPT_ERRORS: &str = "tether_balancer_accept_errors";
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct NodeLabels {
@@ -62,6 +69,11 @@ pub struct CheckLabels {
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabels {
+    pub listener: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     pub kind: Kind,
     pub code: u16,
@@ -88,6 +100,8 @@ pub struct Metrics {
     nodes: NodeFamilies,
     requests: Family<RequestLabels, Counter>,
     pub rejected_connections: Counter,
+    pub max_connections: Gauge,
+    accept_errors: Family<ListenerLabels, Counter>,
 }
 
 #[derive(Debug, Default)]
@@ -132,7 +146,19 @@ impl Metrics {
             "Client connections closed at once because max_connections were open",
             rejected_connections.clone(),
         );
-        Self { registry, nodes, requests, rejected_connections }
+        let max_connections = Gauge::default();
+        registry.register(
+            MAX_CONNECTIONS,
+            "Client connections allowed at once (from RLIMIT_NOFILE less a reserve, halved; or configured)",
+            max_connections.clone(),
+        );
+        let accept_errors = Family::<ListenerLabels, Counter>::default();
+        registry.register(
+            ACCEPT_ERRORS,
+            "Accepts that failed for want of resources (EMFILE, ENFILE), by listener",
+            accept_errors.clone(),
+        );
+        Self { registry, nodes, requests, rejected_connections, max_connections, accept_errors }
     }
 
     /// Creates (once, at start-up) the handles for one node.
@@ -158,6 +184,11 @@ impl Metrics {
         self.requests.get_or_create(&RequestLabels { kind, code }).inc();
     }
 
+    /// Counts one failed accept on `listener`.
+    pub fn accept_error(&self, listener: &'static str) {
+        self.accept_errors.get_or_create(&ListenerLabels { listener }).inc();
+    }
+
     /// The OpenMetrics text exposition of every metric.
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -180,6 +211,8 @@ mod tests {
         n.up.set(1);
         m.request(Kind::ws, 101);
         m.rejected_connections.inc();
+        m.max_connections.set(96);
+        m.accept_error("proxy");
         let text = m.encode();
         for needle in [
             "tether_balancer_connections_total{node=\"node-1\"} 1",
@@ -188,6 +221,8 @@ mod tests {
             "tether_balancer_node_up{node=\"node-1\"} 1",
             "tether_balancer_requests_total{kind=\"ws\",code=\"101\"} 1",
             "tether_balancer_rejected_connections_total 1",
+            "tether_balancer_max_connections 96",
+            "tether_balancer_accept_errors_total{listener=\"proxy\"} 1",
         ] {
             assert!(text.contains(needle), "missing {needle:?} in\n{text}");
         }

@@ -21,6 +21,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tether_proto::id::{extract_client_id, mint_client_id, session_cookie, IdSource};
 use tether_proto::id::{CLIENT_ID_HEADER, SESSION_COOKIE};
+use tether_proto::limits::is_out_of_descriptors;
 use tether_proto::sign::SigningKey;
 use tokio::net::TcpStream;
 use tokio::sync::OwnedSemaphorePermit;
@@ -152,8 +153,10 @@ async fn forward(
     let span = tracing::Span::current();
     span.record("client", id.as_str());
 
-    let Some(Upstream { index, stream, down, drain }) = connect_ranked(shared, &id).await else {
-        return text_response(StatusCode::SERVICE_UNAVAILABLE, "no node available");
+    let Upstream { index, stream, down, drain } = match connect_ranked(shared, &id).await {
+        Ok(upstream) => upstream,
+        Err(NoUpstream::NoNode) => return text_response(StatusCode::SERVICE_UNAVAILABLE, "no node available"),
+        Err(NoUpstream::OutOfDescriptors) => return crate::server::out_of_descriptors(),
     };
     let node = shared.pool.get(index);
     span.record("node", node.name.as_str());
@@ -234,13 +237,22 @@ struct Upstream {
     drain: CancellationToken,
 }
 
+/// Why [`connect_ranked`] found no upstream.
+enum NoUpstream {
+    /// Every node of the client's rank is down, drained, or failed its connect.
+    NoNode,
+    /// The connect failed with EMFILE/ENFILE: the balancer's own shortage, no node's fault.
+    OutOfDescriptors,
+}
+
 /// Connects to the client's best usable node, and on a failed connect marks that node down
-/// and tries the next one in the client's rank.
-async fn connect_ranked(shared: &Shared, id: &str) -> Option<Upstream> {
+/// and tries the next one in the client's rank — unless the connect failed because the
+/// balancer is out of file descriptors, which says nothing about the node.
+async fn connect_ranked(shared: &Shared, id: &str) -> Result<Upstream, NoUpstream> {
     // Every failure marks one node down (or finds it drained), so this ends; the bound only
     // guards against probes reviving nodes as fast as connects fail.
     for _ in 0..shared.pool.nodes().len() {
-        let index = shared.pool.pick(id)?;
+        let index = shared.pool.pick(id).ok_or(NoUpstream::NoNode)?;
         let node = shared.pool.get(index);
         let down = node.down_signal();
         let drain = node.drain_signal();
@@ -249,7 +261,11 @@ async fn connect_ranked(shared: &Shared, id: &str) -> Option<Upstream> {
             continue;
         }
         match connect(node, shared.config.connect_timeout).await {
-            Ok(stream) => return Some(Upstream { index, stream, down, drain }),
+            Ok(stream) => return Ok(Upstream { index, stream, down, drain }),
+            Err(Error::NodeConnect { source, .. }) if is_out_of_descriptors(&source) => {
+                debug!(error = %source, "upstream connect: out of file descriptors; refusing with 503");
+                return Err(NoUpstream::OutOfDescriptors);
+            }
             Err(e) => {
                 node.metrics.connect_failures.inc();
                 debug!(error = %e, "upstream connect failed; trying the next node");
@@ -260,7 +276,7 @@ async fn connect_ranked(shared: &Shared, id: &str) -> Option<Upstream> {
             }
         }
     }
-    None
+    Err(NoUpstream::NoNode)
 }
 
 async fn connect(node: &Node, timeout: Duration) -> Result<TcpStream, Error> {

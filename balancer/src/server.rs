@@ -1,17 +1,21 @@
 //! Accept loops for the two listeners and the per-connection hyper set-up.
 //!
 //! This is where a client connection begins: accepted, counted against its listener's cap
-//! (beyond it: closed at once), then served by hyper until it ends, is upgraded into a tunnel,
+//! (beyond it on the client listener: answered 503 with `Retry-After` and closed; on the admin
+//! listener: closed at once), then served by hyper until it ends, is upgraded into a tunnel,
 //! or shutdown asks it to finish its in-flight request and close. An accept error never ends
 //! the loop: per-connection errors are skipped, resource exhaustion (EMFILE and friends) backs
-//! off.
+//! off, doubling up to a second, and is logged at most once per 10 s.
 
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::{pin, Pin};
 use std::sync::Arc;
-use std::time::Duration;
+
+use http::header::{self, HeaderValue};
+use http::{Response, StatusCode};
+use tether_proto::limits::{is_per_connection, AcceptBackoff};
 
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -21,16 +25,14 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn, Instrument};
 
-use crate::proxy::{self, ClientConn};
+use crate::config::RETRY_AFTER_SECS;
+use crate::metrics::Kind;
+use crate::proxy::{self, Body, ClientConn};
 use crate::{admin, Shared};
 
 /// Cap on concurrent admin connections: it is an operator's port, and a flood there must not
 /// take file descriptors from clients.
 pub const ADMIN_MAX_CONNECTIONS: usize = 64;
-
-/// First and longest pause after an accept error such as EMFILE.
-const ACCEPT_BACKOFF_START: Duration = Duration::from_millis(10);
-const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 /// hyper refuses a read buffer smaller than this (its initial buffer size).
 const HYPER_MIN_BUF: usize = 8192;
@@ -56,8 +58,38 @@ pub fn bind_listener(addr: SocketAddr, reuse_port: bool) -> io::Result<TcpListen
 
 /// Serves the client-facing listener until `shutdown` fires.
 pub(crate) async fn serve_proxy(shared: Arc<Shared>, listener: TcpListener, shutdown: CancellationToken) {
-    let limit = Arc::new(Semaphore::new(shared.config.max_connections));
-    accept_loop(&shared, listener, limit, &shutdown, "proxy", |stream, peer, permit| {
+    let limit = Arc::clone(&shared.client_slots);
+    // Refusals being answered at once: each holds a descriptor from the reserve for a moment,
+    // so they get a quarter of it; past that a refused connection is closed unanswered.
+    let answering = Arc::new(Semaphore::new(refusals_at_once(&shared)));
+    let refuse = |stream: TcpStream, peer: SocketAddr| {
+        shared.metrics.rejected_connections.inc();
+        let Ok(permit) = Arc::clone(&answering).try_acquire_owned() else {
+            debug!(%peer, "connection limit reached and too many refusals pending; closing");
+            return;
+        };
+        debug!(%peer, "connection limit reached; answering 503");
+        let service = {
+            let shared = Arc::clone(&shared);
+            service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+                let kind = if proxy::is_upgrade(request.headers()) { Kind::ws } else { Kind::http };
+                shared.metrics.request(kind, StatusCode::SERVICE_UNAVAILABLE.as_u16());
+                std::future::ready(Ok::<_, std::convert::Infallible>(at_capacity(shared.config.max_connections)))
+            })
+        };
+        let mut builder = http_builder(&shared);
+        builder.keep_alive(false);
+        let connection = builder.serve_connection(TokioIo::new(stream), service);
+        let (shutdown, hard_stop) = (shutdown.clone(), shared.hard_stop.clone());
+        shared.tracker.spawn(
+            async move {
+                drive(connection, |c| c.graceful_shutdown(), shutdown, hard_stop).await;
+                drop(permit);
+            }
+            .instrument(tracing::debug_span!("refused", %peer)),
+        );
+    };
+    accept_loop(&shared, listener, limit, &shutdown, "proxy", refuse, |stream, peer, permit| {
         let _ = stream.set_nodelay(true);
         let conn = Arc::new(ClientConn { peer, _permit: permit });
         let service = {
@@ -76,7 +108,8 @@ pub(crate) async fn serve_proxy(shared: Arc<Shared>, listener: TcpListener, shut
 /// Serves the admin listener until `shutdown` fires.
 pub(crate) async fn serve_admin(shared: Arc<Shared>, listener: TcpListener, shutdown: CancellationToken) {
     let limit = Arc::new(Semaphore::new(ADMIN_MAX_CONNECTIONS));
-    accept_loop(&shared, listener, limit, &shutdown, "admin", |stream, peer, permit| {
+    let refuse = |_stream: TcpStream, peer: SocketAddr| debug!(%peer, "admin connection limit reached; closing");
+    accept_loop(&shared, listener, limit, &shutdown, "admin", refuse, |stream, peer, permit| {
         let service = {
             let shared = Arc::clone(&shared);
             service_fn(move |request| admin::handle(Arc::clone(&shared), request))
@@ -106,16 +139,45 @@ fn http_builder(shared: &Shared) -> http1::Builder {
     builder
 }
 
-/// Accepts until `shutdown`; hands each connection that fits under `limit` to `serve`.
+/// How many refusals the client listener answers (503) at once: a quarter of the descriptor
+/// reserve, at least one.
+fn refusals_at_once(shared: &Shared) -> usize {
+    usize::try_from(shared.config.connection_limit.reserve() / 4).unwrap_or(usize::MAX).max(1)
+}
+
+/// The answer past `max_connections`: 503 with `Retry-After`; the connection then closes.
+pub(crate) fn at_capacity(max_connections: usize) -> Response<Body> {
+    let mut response = proxy::text_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("balancer is at max_connections ({max_connections}); retry in {RETRY_AFTER_SECS} s"),
+    );
+    response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+    response
+}
+
+/// The answer when a node connect failed with EMFILE/ENFILE: 503 with `Retry-After`, the
+/// node left alone.
+pub(crate) fn out_of_descriptors() -> Response<Body> {
+    let mut response = proxy::text_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("balancer is out of file descriptors; retry in {RETRY_AFTER_SECS} s"),
+    );
+    response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+    response
+}
+
+/// Accepts until `shutdown`; hands each connection that fits under `limit` to `serve`, and
+/// each that does not to `refuse`.
 async fn accept_loop(
     shared: &Shared,
     listener: TcpListener,
     limit: Arc<Semaphore>,
     shutdown: &CancellationToken,
     name: &'static str,
+    mut refuse: impl FnMut(TcpStream, SocketAddr),
     mut serve: impl FnMut(TcpStream, SocketAddr, OwnedSemaphorePermit),
 ) {
-    let mut backoff = ACCEPT_BACKOFF_START;
+    let mut backoff = AcceptBackoff::new();
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -123,7 +185,7 @@ async fn accept_loop(
         };
         let (stream, peer) = match accepted {
             Ok(pair) => {
-                backoff = ACCEPT_BACKOFF_START;
+                backoff.succeeded();
                 pair
             }
             Err(e) if is_per_connection(&e) => {
@@ -131,36 +193,30 @@ async fn accept_loop(
                 continue;
             }
             Err(e) => {
-                warn!(listener = name, error = %e, backoff_ms = backoff.as_millis() as u64, "accept failed; backing off");
+                shared.metrics.accept_error(name);
+                let failure = backoff.failed(std::time::Instant::now());
+                if let Some(unlogged) = failure.log {
+                    let pause_ms = failure.pause.as_millis() as u64;
+                    warn!(
+                        listener = name,
+                        error = %e,
+                        pause_ms,
+                        unlogged,
+                        "accept failed; backing off (logged at most every 10 s)"
+                    );
+                }
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(backoff) => {}
+                    _ = tokio::time::sleep(failure.pause) => {}
                 }
-                backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
                 continue;
             }
         };
         match Arc::clone(&limit).try_acquire_owned() {
             Ok(permit) => serve(stream, peer, permit),
-            Err(_) => {
-                shared.metrics.rejected_connections.inc();
-                debug!(listener = name, %peer, "connection limit reached; closing");
-                drop(stream);
-            }
+            Err(_) => refuse(stream, peer),
         }
     }
-}
-
-/// Errors that concern one half-open connection, not the listener.
-fn is_per_connection(e: &io::Error) -> bool {
-    matches!(
-        e.kind(),
-        io::ErrorKind::ConnectionAborted
-            | io::ErrorKind::ConnectionReset
-            | io::ErrorKind::ConnectionRefused
-            | io::ErrorKind::Interrupted
-            | io::ErrorKind::WouldBlock
-    )
 }
 
 /// Runs one connection; on shutdown lets it finish its in-flight request, and cuts it when the

@@ -428,13 +428,20 @@ async fn a_node_speaking_garbage_gets_502_or_503_not_a_crash() {
 }
 
 #[tokio::test]
-async fn connections_beyond_the_cap_are_closed_at_once() {
+async fn connections_beyond_the_cap_get_503_with_retry_after() {
     let nodes = three_nodes().await;
     let lb = start_balancer(file_nodes(&nodes), |f| f.max_connections = Some(2)).await;
     let (ws1, _) = ws_for(lb.addr, "g1").await;
     let (_ws2, _) = ws_for(lb.addr, "g2").await;
-    assert!(ws_connect(lb.addr, "?client=g3", &[]).await.is_err());
+    match ws_connect(lb.addr, "?client=g3", &[]).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+            assert_eq!(response.headers().get(http::header::RETRY_AFTER).map(|v| v.as_bytes()), Some(&b"5"[..]));
+        }
+        other => panic!("expected a 503 answer, got {other:?}"),
+    }
     assert_eq!(lb.metric("tether_balancer_rejected_connections_total").await, 1.0);
+    assert_eq!(lb.metric("tether_balancer_max_connections").await, 2.0);
     drop(ws1);
     eventually("a slot to free up", || async { ws_connect(lb.addr, "?client=g3", &[]).await.is_ok() }).await;
 }

@@ -151,11 +151,13 @@ pub struct SpawnOptions {
     pub stderr: LogTarget,
     /// How long it may take to print its ready line before it is killed and reported.
     pub ready_timeout: Duration,
+    /// `RLIMIT_NOFILE` (soft, hard) set for the child before it starts; `None` inherits ours.
+    pub nofile: Option<(u64, u64)>,
 }
 
 impl Default for SpawnOptions {
     fn default() -> Self {
-        Self { stderr: LogTarget::Inherit, ready_timeout: DEFAULT_READY_TIMEOUT }
+        Self { stderr: LogTarget::Inherit, ready_timeout: DEFAULT_READY_TIMEOUT, nofile: None }
     }
 }
 
@@ -274,6 +276,17 @@ fn set_parent_death_signal(cmd: &mut Command) {
 
 #[cfg(not(target_os = "linux"))]
 fn set_parent_death_signal(_cmd: &mut Command) {}
+
+/// Gives the child the open-file limit `nofile` (soft, hard), if set.
+#[allow(unsafe_code)]
+fn set_nofile(cmd: &mut Command, nofile: Option<(u64, u64)>) {
+    let Some((soft, hard)) = nofile else { return };
+    // SAFETY: the closure runs in the forked child before `exec`; `setrlimit` is
+    // async-signal-safe, the closure captures two integers and allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || rlimit::setrlimit(rlimit::Resource::NOFILE, soft, hard));
+    }
+}
 
 /// Polls `GET /readyz` until it answers 200, or fails at `deadline`.
 async fn wait_node_ready(name: &str, addr: SocketAddr, deadline: Instant) -> Result<()> {
@@ -835,6 +848,7 @@ impl NodeProcess {
             .args(extra_args)
             .stdout(Stdio::piped())
             .stderr(opts.stderr.stdio()?);
+        set_nofile(&mut cmd, opts.nofile);
         let mut proc = Owned::spawn(name, cmd)?;
         let stdout = proc.child.stdout.take().context("stdout was not piped")?;
         let ready = await_ready(&mut proc, stdout, NODE_BIN, opts.ready_timeout, &opts.stderr).await?;
@@ -950,6 +964,7 @@ impl BalancerProcess {
             cmd.arg("--node").arg(format!("{name}={addr}"));
         }
         cmd.args(extra_args).stdout(Stdio::piped()).stderr(opts.stderr.stdio()?);
+        set_nofile(&mut cmd, opts.nofile);
         let mut proc = Owned::spawn("balancer", cmd)?;
         let stdout = proc.child.stdout.take().context("stdout was not piped")?;
         let ready = await_ready(&mut proc, stdout, BALANCER_BIN, opts.ready_timeout, &opts.stderr).await?;
@@ -1175,7 +1190,8 @@ impl Cluster {
         };
         let starts = (1..=opts.nodes).map(|i| {
             let name = format!("node-{i}");
-            let spawn = SpawnOptions { stderr: opts.logs.target(&name), ready_timeout: opts.ready_timeout };
+            let spawn =
+                SpawnOptions { stderr: opts.logs.target(&name), ready_timeout: opts.ready_timeout, nofile: None };
             let redis_url = &redis_url;
             let node_args = &node_args;
             async move { NodeProcess::start_with(&name, redis_url, node_args, &spawn).await }
@@ -1194,7 +1210,8 @@ impl Cluster {
             balancer_args.extend(["--admin".to_owned(), admin.to_string()]);
         }
         balancer_args.extend(opts.balancer_args.iter().cloned());
-        let spawn = SpawnOptions { stderr: opts.logs.target("balancer"), ready_timeout: opts.ready_timeout };
+        let spawn =
+            SpawnOptions { stderr: opts.logs.target("balancer"), ready_timeout: opts.ready_timeout, nofile: None };
         let balancer = BalancerProcess::start_with(&members, &balancer_args, &spawn).await?;
         Ok(Self { balancer, nodes, redis, nats, redis_url })
     }

@@ -25,7 +25,11 @@ pub const DEFAULT_READ_BUFFER_BYTES: usize = 512;
 /// Upper bound of `threads`: far more than any machine has cores; it catches a typo before
 /// tokio tries to start that many threads.
 pub const MAX_THREADS: usize = 1024;
-pub const DEFAULT_MAX_CONNECTIONS: usize = 10_000;
+/// Descriptors one client connection holds on a node (its socket); `max_connections`
+/// defaults to what `RLIMIT_NOFILE` allows less a reserve (see `tether_proto::limits`).
+pub const FDS_PER_CONNECTION: u64 = 1;
+/// Seconds a client refused at `max_connections` is told to wait (`Retry-After`).
+pub const RETRY_AFTER_SECS: u64 = 5;
 pub const DEFAULT_MAX_ROOMS_PER_CLIENT: usize = 100;
 pub const DEFAULT_GRACE_PERIOD_MS: u64 = 5_000;
 pub const DEFAULT_REDIS_TIMEOUT_MS: u64 = 2_000;
@@ -133,7 +137,12 @@ pub struct Config {
     pub read_buffer_bytes: usize,
     /// Worker threads of the runtime the binary starts. Default: one per core.
     pub threads: usize,
+    /// Client WebSocket connections open at once; past it upgrades get 503 with `Retry-After`.
+    /// Default: what the soft `RLIMIT_NOFILE` allows less a reserve (see `connection_limit`).
     pub max_connections: usize,
+    /// `max_connections` and where it came from (derived or configured), for the start-up
+    /// log line and its warning when an explicit value is above what the descriptors allow.
+    pub connection_limit: tether_proto::limits::ConnectionLimit,
     pub max_rooms_per_client: usize,
     /// How long a shutdown waits for clients to be told and cleaned up.
     pub grace_period: Duration,
@@ -267,6 +276,18 @@ impl FileConfig {
             ),
             (None, _) => None,
         };
+        if let Some(n) = self.max_connections {
+            let ceiling = tether_proto::limits::MAX_CONNECTIONS_CEILING;
+            if !(1..=ceiling).contains(&n) {
+                return Err(invalid("max_connections", format!("{n} is outside 1..={ceiling}")));
+            }
+        }
+        // Read at validation time: the binary raises the soft limit before it validates.
+        let connection_limit = tether_proto::limits::ConnectionLimit::resolve(
+            self.max_connections,
+            tether_proto::limits::current_nofile(),
+            FDS_PER_CONNECTION,
+        );
         Ok(Config {
             listen,
             name,
@@ -292,7 +313,8 @@ impl FileConfig {
             log_ttl: Duration::from_secs(nonzero("log_ttl_secs", self.log_ttl_secs, DEFAULT_LOG_TTL_SECS)?),
             read_buffer_bytes,
             threads,
-            max_connections: nonzero_usize("max_connections", self.max_connections, DEFAULT_MAX_CONNECTIONS)?,
+            max_connections: connection_limit.max_connections,
+            connection_limit,
             max_rooms_per_client: nonzero_usize(
                 "max_rooms_per_client",
                 self.max_rooms_per_client,
@@ -373,6 +395,18 @@ mod tests {
         assert_eq!(cfg.send_queue_low_water_bytes, DEFAULT_SEND_QUEUE_LOW_WATER_BYTES);
         assert_eq!(cfg.slow_consumer, Duration::from_millis(DEFAULT_SLOW_CONSUMER_MS));
         assert_eq!(cfg.backbone, BackboneKind::Redis);
+        // The shipped file leaves it to the descriptor limit.
+        assert!(!cfg.connection_limit.configured);
+        let nofile = tether_proto::limits::current_nofile().expect("readable on Linux");
+        assert_eq!(cfg.max_connections, tether_proto::limits::derive_max_connections(nofile, FDS_PER_CONNECTION));
+    }
+
+    #[test]
+    fn explicit_max_connections_wins() {
+        let cfg = FileConfig::parse("max_connections = 7", "t").unwrap().validate().unwrap();
+        assert_eq!((cfg.max_connections, cfg.connection_limit.configured), (7, true));
+        let err = FileConfig::parse("max_connections = 0", "t").unwrap().validate().unwrap_err().to_string();
+        assert!(err.contains("max_connections"), "{err}");
     }
 
     #[test]

@@ -37,6 +37,10 @@ struct Args {
     /// Runtime worker threads [default: one per core].
     #[arg(long)]
     threads: Option<usize>,
+    /// Client connections open at once; past it upgrades get 503 with Retry-After [default:
+    /// the soft RLIMIT_NOFILE, once raised to the hard limit, less a reserve of up to 256].
+    #[arg(long)]
+    max_connections: Option<usize>,
     /// Log format on stderr: text or json. Filter with RUST_LOG.
     #[arg(long, default_value = "text")]
     log_format: LogFormat,
@@ -69,10 +73,23 @@ fn main() -> ExitCode {
     file.backbone = args.backbone.or(file.backbone);
     file.signing_key_file = args.signing_key_file.or(file.signing_key_file);
     file.threads = args.threads.or(file.threads);
+    file.max_connections = args.max_connections.or(file.max_connections);
+    // Before validating: the default max_connections is derived from the raised limit.
+    raise_nofile_limit();
     let config = match file.validate() {
         Ok(c) => c,
         Err(e) => return config_error(&e),
     };
+    let limit = config.connection_limit;
+    if limit.exceeds_fd_limit() {
+        tracing::warn!(
+            max_connections = limit.max_connections,
+            fd_allowance = limit.fd_allowance(),
+            "{limit}: above what the open-file limit allows; past it accepts fail with EMFILE instead of clients getting 503"
+        );
+    } else {
+        tracing::info!(max_connections = limit.max_connections, source = limit.source(), "{limit}");
+    }
     // Always the multi-thread scheduler, even with one worker: with tokio's current-thread
     // scheduler a busy node batched its writes far less and delivered half as much
     // (docs/PERFORMANCE.md, "runtime threads").
@@ -125,6 +142,16 @@ fn main() -> ExitCode {
             }
         }
     })
+}
+
+/// Raises the soft `RLIMIT_NOFILE` to the hard limit (each client holds a descriptor); a
+/// failure is a warning, and the limit in force then decides the default `max_connections`.
+fn raise_nofile_limit() {
+    match tether_proto::limits::raise_nofile_limit() {
+        Ok(raised) if raised.error.is_some() => tracing::warn!("{raised}"),
+        Ok(raised) => tracing::info!(soft = raised.soft, hard = raised.hard, "{raised}"),
+        Err(e) => tracing::warn!(error = %e, "cannot read RLIMIT_NOFILE; max_connections assumes 1024"),
+    }
 }
 
 fn config_error(e: &dyn std::fmt::Display) -> ExitCode {

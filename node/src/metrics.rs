@@ -18,6 +18,10 @@ pub struct Metrics {
     pub connections_active: Gauge,
     pub connections_total: Counter,
     pub connections_refused: Counter,
+    /// The `max_connections` in force (set once at start).
+    pub max_connections: Gauge,
+    /// Accepts that failed for want of resources (EMFILE, ENFILE, ...), answered by a pause.
+    pub accept_errors: Counter,
     pub messages_published: Counter,
     pub publish_batches: Counter,
     pub frames_from_backbone: Counter,
@@ -45,12 +49,17 @@ impl Metrics {
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
         let mut r = Registry::with_prefix("tether_node");
-        let counters: [(&str, &str, &Counter); 16] = [
+        let counters: [(&str, &str, &Counter); 17] = [
             ("connections", "Client WebSocket connections accepted", &self.connections_total),
             (
                 "connections_refused",
-                "Connections refused because max_connections was reached",
+                "WebSocket upgrades refused with 503 because max_connections were open",
                 &self.connections_refused,
+            ),
+            (
+                "accept_errors",
+                "Accepts that failed for want of resources (EMFILE, ENFILE); each is followed by a pause",
+                &self.accept_errors,
             ),
             ("messages_published", "Room messages published to the backbone", &self.messages_published),
             (
@@ -92,6 +101,11 @@ impl Metrics {
         }
         r.register("client_errors", "Error frames sent to clients, by code", self.client_errors.clone());
         r.register("connections_active", "Client WebSocket connections open now", self.connections_active.clone());
+        r.register(
+            "max_connections",
+            "Client WebSocket connections allowed at once (from RLIMIT_NOFILE less a reserve, or configured)",
+            self.max_connections.clone(),
+        );
         r.register(
             "rooms_subscribed",
             "Rooms this node is subscribed to on the backbone",

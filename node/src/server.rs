@@ -5,7 +5,7 @@
 //! and leaves its rooms, and [`run`] waits for them up to `grace_period`.
 
 use crate::backbone::{local::LocalBackbone, nats::NatsBackbone, redis::RedisBackbone, Backbone};
-use crate::config::{BackboneKind, Config};
+use crate::config::{BackboneKind, Config, RETRY_AFTER_SECS};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::outbox::Limits;
@@ -24,6 +24,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tether_proto::id::{self, IdSource};
+use tether_proto::limits;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -98,7 +99,8 @@ pub async fn run(listener: TcpListener, cfg: Config, shutdown: CancellationToken
     tokio::spawn(refresh_sessions(Arc::clone(&state), backbone_stop.clone()));
     let local = listener.local_addr().map_err(NodeError::Io)?;
     info!(node = %cfg.name, listen = %local, backbone = ?cfg.backbone, "node serving");
-
+    state.metrics.max_connections.set(i64::try_from(cfg.max_connections).unwrap_or(i64::MAX));
+    let mut backoff = limits::AcceptBackoff::new();
     loop {
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -106,13 +108,24 @@ pub async fn run(listener: TcpListener, cfg: Config, shutdown: CancellationToken
         };
         match accepted {
             Ok((stream, peer)) => {
+                backoff.succeeded();
                 let state = Arc::clone(&state);
                 tracker.spawn(serve_connection(stream, peer, state));
             }
+            Err(e) if limits::is_per_connection(&e) => debug!(error = %e, "accept: connection failed"),
             Err(e) => {
-                // EMFILE and friends: back off instead of spinning; the loop never dies.
-                warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                // EMFILE and friends: pause (doubling up to 1 s) instead of spinning, log at
+                // most once per 10 s; the loop never dies.
+                state.metrics.accept_errors.inc();
+                let failure = backoff.failed(std::time::Instant::now());
+                if let Some(unlogged) = failure.log {
+                    let pause_ms = failure.pause.as_millis() as u64;
+                    warn!(error = %e, pause_ms, unlogged, "accept failed; backing off (logged at most every 10 s)");
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    _ = tokio::time::sleep(failure.pause) => {}
+                }
             }
         }
     }
@@ -180,6 +193,16 @@ fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
     *r.status_mut() = status;
     r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    r
+}
+
+/// 503 for an upgrade past `max_connections`, with `Retry-After` so clients wait, not hammer.
+fn at_capacity(max_connections: usize) -> Response<Full<Bytes>> {
+    let body = format!("node is at max_connections ({max_connections}); retry in {RETRY_AFTER_SECS} s\n");
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+    r.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
+    r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
     r
 }
 
@@ -259,7 +282,7 @@ fn upgrade(mut req: Request<Incoming>, peer: SocketAddr, state: Arc<NodeState>) 
     }
     if state.metrics.connections_active.get() >= state.cfg.max_connections as i64 {
         state.metrics.connections_refused.inc();
-        return text(StatusCode::SERVICE_UNAVAILABLE, "node is at max_connections\n");
+        return at_capacity(state.cfg.max_connections);
     }
     // Ids are header-safe by construction (validated alphabet, or minted hex).
     let cookie = minted.then(|| HeaderValue::from_str(&id::session_cookie(&client_id)).expect("ids are header-safe"));

@@ -7,11 +7,14 @@
 //! - [`wire`]: the JSON protocol between clients and nodes (client messages, node events,
 //!   error and close codes, room and display-name rules);
 //! - [`sign`]: HMAC-signed client ids, so that knowing an id is not enough to forge one;
-//! - [`logging`]: the tracing set-up shared by the binaries (`RUST_LOG`, `--log-format json`).
+//! - [`logging`]: the tracing set-up shared by the binaries (`RUST_LOG`, `--log-format json`);
+//! - [`limits`]: the file-descriptor budget: raising `RLIMIT_NOFILE`, the `max_connections`
+//!   it allows, and the accept loops' back-off when descriptors run out.
 #![forbid(unsafe_code)]
 
 pub mod hrw;
 pub mod id;
+pub mod limits;
 pub mod logging;
 pub mod sign;
 pub mod wire;
