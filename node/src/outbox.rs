@@ -179,8 +179,14 @@ impl Outbox {
             let written = match &q.wire {
                 Some(wire) => match wire.try_write_vectored(&[IoSlice::new(&frame)]) {
                     Ok(n) => n,
-                    // The connection's task meets a real error itself when it writes the rest.
-                    Err(_) => 0,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+                    Err(_) => {
+                        // The socket is broken: the connection's task meets the error when it
+                        // writes this frame, and ends; room frames are refused meanwhile (as
+                        // from a closing connection, not counted as a slow one).
+                        q.sealed = true;
+                        0
+                    }
                 },
                 None => 0,
             };
