@@ -105,18 +105,18 @@ impl From<FanoutArgs> for FanoutOptions {
         if a.quick {
             return Self {
                 logs: a.logs,
-                nodes: a.nodes.max(2),
+                nodes: a.nodes.unwrap_or(3).max(2),
                 direct: a.direct,
                 node_threads: a.node_threads,
                 ..Self::quick()
             };
         }
         Self {
-            rooms: a.rooms,
-            members: a.members,
+            rooms: a.rooms.unwrap_or(20),
+            members: a.members.unwrap_or(250),
             rates: a.rates,
-            step: Duration::from_secs_f64(a.step_secs),
-            nodes: a.nodes,
+            step: Duration::from_secs_f64(a.step_secs.unwrap_or(5.0)),
+            nodes: a.nodes.unwrap_or(3),
             hop_rate: a.hop_rate,
             direct: a.direct,
             node_threads: a.node_threads,
@@ -266,6 +266,9 @@ impl FanoutReport {
 
 /// `tether bench fanout`.
 pub async fn run_cli(args: FanoutArgs) -> Result<i32> {
+    if args.steady.is_some() {
+        return super::steady::run_cli(args).await;
+    }
     let json = args.json.clone();
     let opts = FanoutOptions::from(args);
     let mut stdout = std::io::stdout();

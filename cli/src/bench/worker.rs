@@ -51,7 +51,8 @@ const SHORT_RUNS_KEPT: usize = 10_000;
 /// What one worker does.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct WorkerSpec {
-    /// Client `i` connects to `targets[i % len]`.
+    /// Client `i` connects to `targets[i % len]` — with `rooms`, to `targets[(i / rooms) %
+    /// len]`, so that each room's members (`i % rooms` equal) are spread over the targets.
     pub targets: Vec<SocketAddr>,
     /// Client `i` binds `sources[i % len]` (empty: the kernel's choice).
     pub sources: Vec<IpAddr>,
@@ -367,7 +368,8 @@ pub async fn run(spec: WorkerSpec) -> Result<i32> {
 
 async fn open_one(spec: &WorkerSpec, i: u64, shared: &Arc<Shared>) {
     let id = format!("{}{i}", spec.id_prefix);
-    let target = spec.targets[(i % spec.targets.len() as u64) as usize];
+    let turn = spec.rooms.as_ref().map_or(i, |r| i / r.count.max(1));
+    let target = spec.targets[(turn % spec.targets.len() as u64) as usize];
     let source = (!spec.sources.is_empty()).then(|| spec.sources[(i % spec.sources.len() as u64) as usize]);
     let room = spec.rooms.as_ref().map(|r| format!("{}{}", r.prefix, i % r.count.max(1)));
     let attempt = spec.protocol.open(target, source, &id, room.as_deref(), i);
