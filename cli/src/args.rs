@@ -457,6 +457,35 @@ mod tests {
     }
 
     #[test]
+    fn steady_fanout_flags_parse_and_misuse_is_a_usage_error() {
+        let fanout = |argv: &[&str]| match Cli::try_parse_from(argv).map(|c| c.command) {
+            Ok(Command::Bench(BenchArgs { kind: BenchKind::Fanout(a) })) => Ok(a),
+            Ok(other) => panic!("{other:?}"),
+            Err(e) => Err(e),
+        };
+        let a = fanout(&["tether", "bench", "fanout", "--steady"]).expect("bare --steady");
+        assert_eq!(a.steady.as_deref(), Some(&[1000.0, 2000.0, 4000.0, 8000.0, 16000.0][..]));
+        assert_eq!((a.vs, a.rooms, a.step_secs), (None, None, None));
+        let a = fanout(&["tether", "bench", "fanout", "--steady", "500,1500", "--vs", "socketio", "--step-secs", "3"])
+            .expect("steps and --vs");
+        assert_eq!(a.steady.as_deref(), Some(&[500.0, 1500.0][..]));
+        assert_eq!(a.vs, Some(Versus::Socketio));
+        assert!(fanout(&["tether", "bench", "fanout", "--steady", "--quick", "--vs", "socketio"]).is_ok());
+        assert!(fanout(&["tether", "bench", "fanout", "--steady", "--through-balancer"]).is_ok());
+        for argv in [
+            &["tether", "bench", "fanout", "--vs", "socketio"][..],
+            &["tether", "bench", "fanout", "--steady", "--vs", "centrifugo"],
+            &["tether", "bench", "fanout", "--steady", "1000,0"],
+            &["tether", "bench", "fanout", "--steady", "--rates", "100"],
+            &["tether", "bench", "fanout", "--steady", "--direct"],
+            &["tether", "bench", "fanout", "--steady", "--ramp-secs", "0.5"],
+            &["tether", "bench", "fanout", "--through-balancer"],
+        ] {
+            assert!(fanout(argv).is_err(), "{argv:?}");
+        }
+    }
+
+    #[test]
     fn bench_flags_parse_and_bad_values_are_usage_errors() {
         let fanout = Cli::try_parse_from(["tether", "bench", "fanout", "--rooms", "10", "--rates", "100,200.5,400"]);
         match fanout.map(|c| c.command) {

@@ -72,6 +72,12 @@ pub struct WorkerSpec {
 }
 
 impl WorkerSpec {
+    /// Which of `targets` client `i` connects to (see [`WorkerSpec::targets`]).
+    pub fn target_of(&self, i: u64) -> usize {
+        let turn = self.rooms.as_ref().map_or(i, |r| i / r.count.max(1));
+        (turn % self.targets.len().max(1) as u64) as usize
+    }
+
     /// How many of this worker's clients are members of room `r` of `rooms`.
     pub fn members_of(&self, r: u64, rooms: u64) -> u64 {
         let rooms = rooms.max(1);
@@ -368,8 +374,7 @@ pub async fn run(spec: WorkerSpec) -> Result<i32> {
 
 async fn open_one(spec: &WorkerSpec, i: u64, shared: &Arc<Shared>) {
     let id = format!("{}{i}", spec.id_prefix);
-    let turn = spec.rooms.as_ref().map_or(i, |r| i / r.count.max(1));
-    let target = spec.targets[(turn % spec.targets.len() as u64) as usize];
+    let target = spec.targets[spec.target_of(i)];
     let source = (!spec.sources.is_empty()).then(|| spec.sources[(i % spec.sources.len() as u64) as usize]);
     let room = spec.rooms.as_ref().map(|r| format!("{}{}", r.prefix, i % r.count.max(1)));
     let attempt = spec.protocol.open(target, source, &id, room.as_deref(), i);
@@ -659,5 +664,80 @@ impl Fleet {
         for w in &mut self.workers {
             w.proc.stop(Duration::from_secs(10)).await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(first: u64, count: u64, rooms: u64, targets: usize) -> WorkerSpec {
+        WorkerSpec {
+            targets: (0..targets).map(|k| SocketAddr::from(([127, 0, 0, 1], 9000 + k as u16))).collect(),
+            sources: Vec::new(),
+            id_prefix: "m".to_owned(),
+            first,
+            count,
+            concurrency: 1,
+            rooms: Some(RoomSpec { prefix: "r".to_owned(), count: rooms }),
+            connect_timeout_ms: 1,
+            protocol: Protocol::SocketIo,
+        }
+    }
+
+    #[test]
+    fn every_room_has_members_on_every_target() {
+        // 10 rooms on 2 nodes: `i % 2` would put all of room r's members on node r % 2.
+        let s = spec(0, 1000, 10, 2);
+        for room in 0..10 {
+            let mut per_target = [0; 2];
+            for i in (0..1000).filter(|i| i % 10 == room) {
+                per_target[s.target_of(i)] += 1;
+            }
+            assert_eq!(per_target, [50, 50], "room {room}");
+        }
+        let idle = WorkerSpec { rooms: None, ..spec(0, 10, 1, 3) };
+        assert_eq!((0..6).map(|i| idle.target_of(i)).collect::<Vec<_>>(), [0, 1, 2, 0, 1, 2]);
+    }
+
+    #[test]
+    fn members_of_counts_a_workers_share_of_each_room() {
+        let (a, b) = (spec(0, 503, 10, 1), spec(503, 497, 10, 1));
+        for r in 0..10 {
+            assert_eq!(a.members_of(r, 10) + b.members_of(r, 10), 100, "room {r}");
+        }
+        assert_eq!(a.members_of(2, 10), 51);
+        assert_eq!(a.members_of(3, 10), 50);
+    }
+
+    #[test]
+    fn tallies_find_missing_duplicate_and_untracked_messages() {
+        let t = Tally::new(100, 10, 1_000, 2_000);
+        // Two receipts are due per message; 103 is missed once, 104 twice, 105 got three, and
+        // 101 a third one sent outside the latency window.
+        for seq in 100..110 {
+            let times = match seq {
+                103 => 1,
+                104 => 0,
+                105 => 3,
+                _ => 2,
+            };
+            for _ in 0..times {
+                t.record(seq, 1_500, 1_600);
+            }
+        }
+        t.record(99, 1_500, 1_600);
+        t.record(110, 1_500, 1_600);
+        t.record(101, 2_500, 2_600);
+        let s = t.summary(100, 110, |_| 2);
+        assert_eq!((s.messages, s.expected, s.received, s.duplicates), (10, 20, 17, 2));
+        assert_eq!((s.short_messages, s.short.clone()), (2, vec![(103, 105)]));
+        // Latencies: only stamps in 1000..2000 (the 2500 one is outside the window).
+        assert_eq!(s.hist.iter().map(|p| p.1).sum::<u64>(), 18);
+        // Another worker short on 104..107: the union is 103..107, four messages.
+        let mut sum = s.clone();
+        sum.add(&TallySummary { messages: 10, expected: 20, received: 17, short_messages: 3, short: vec![(104, 107)], ..TallySummary::default() });
+        assert_eq!((sum.expected, sum.received, sum.short_messages), (40, 34, 4));
+        assert_eq!(sum.short, vec![(103, 107)]);
     }
 }
