@@ -45,7 +45,12 @@ pub struct Publishers {
 
 impl Publishers {
     /// One publisher per room, room `k`'s on `targets[k % len]`.
-    pub async fn connect(protocol: Protocol, targets: &[SocketAddr], id_prefix: &str, rooms: &[String]) -> Result<Self> {
+    pub async fn connect(
+        protocol: Protocol,
+        targets: &[SocketAddr],
+        id_prefix: &str,
+        rooms: &[String],
+    ) -> Result<Self> {
         let received = Arc::new(AtomicU64::new(0));
         let tally: Arc<RwLock<Option<Arc<Tally>>>> = Arc::default();
         let stop = CancellationToken::new();
@@ -53,13 +58,15 @@ impl Publishers {
         for (k, room) in rooms.iter().enumerate() {
             let id = format!("{id_prefix}{k}");
             let target = targets[k % targets.len()];
-            let up = tokio::time::timeout(Duration::from_secs(30), protocol.open(target, None, &id, Some(room), k as u64))
-                .await
-                .with_context(|| format!("publisher {id}: no join within 30 s"))??;
+            let up =
+                tokio::time::timeout(Duration::from_secs(30), protocol.open(target, None, &id, Some(room), k as u64))
+                    .await
+                    .with_context(|| format!("publisher {id}: no join within 30 s"))??;
             let mut dec = up.decoder;
             let (mut read, write) = up.stream.into_split();
             let write = Arc::new(Mutex::new(write));
-            let (received, tally, stop, writer) = (Arc::clone(&received), Arc::clone(&tally), stop.clone(), Arc::clone(&write));
+            let (received, tally, stop, writer) =
+                (Arc::clone(&received), Arc::clone(&tally), stop.clone(), Arc::clone(&write));
             let mask = wsraw::mask_for(k as u64);
             tokio::spawn(async move {
                 let mut last_seq = None;

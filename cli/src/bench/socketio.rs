@@ -63,7 +63,7 @@ pub async fn install<W: Write>(dir: &Path, out: &mut W) -> Result<Installed> {
     })?;
     let version = run_quiet(Command::new(&node).arg("--version")).await.context("running `node --version`")?;
     let major = version.trim().trim_start_matches('v').split('.').next().and_then(|m| m.parse::<u32>().ok());
-    if !major.is_some_and(|m| m >= MIN_NODE_MAJOR) {
+    if major.is_none_or(|m| m < MIN_NODE_MAJOR) {
         bail!("--vs socketio needs node ≥ {MIN_NODE_MAJOR}; {} says {}", node.display(), version.trim());
     }
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
@@ -83,7 +83,8 @@ pub async fn install<W: Write>(dir: &Path, out: &mut W) -> Result<Installed> {
         let mut cmd = Command::new(&npm);
         cmd.args(["ci", "--no-audit", "--no-fund", "--loglevel=error"]).current_dir(dir);
         run_quiet(&mut cmd).await.with_context(|| format!("`npm ci` in {} failed", dir.display()))?;
-        std::fs::write(dir.join(STAMP), PACKAGE_LOCK).with_context(|| format!("writing {}", dir.join(STAMP).display()))?;
+        std::fs::write(dir.join(STAMP), PACKAGE_LOCK)
+            .with_context(|| format!("writing {}", dir.join(STAMP).display()))?;
     }
     Ok(Installed { node, server_js: dir.join("server.js"), node_version: version.trim().to_owned() })
 }
@@ -123,9 +124,10 @@ impl SocketIoServer {
         let mut cmd = Command::new(&installed.node);
         cmd.arg(&installed.server_js).arg("0").arg(redis_url).stderr(stderr.stdio()?);
         let mut proc = ChildProc::spawn(name, cmd)?;
-        let ready = proc.ready_line(PROGRAM, Duration::from_secs(20)).await.with_context(|| {
-            format!("{name}: the Socket.IO server did not start{}", stderr.hint())
-        })?;
+        let ready = proc
+            .ready_line(PROGRAM, Duration::from_secs(20))
+            .await
+            .with_context(|| format!("{name}: the Socket.IO server did not start{}", stderr.hint()))?;
         let addr = ready.addr("listen")?;
         proc.drain_stdout();
         Ok(Self { name: name.to_owned(), proc, addr })

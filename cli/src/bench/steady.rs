@@ -302,7 +302,8 @@ impl SteadyReport {
                     (Some(a), Some(b)) if b > 0.0 => format!("{:.3}", a / b),
                     _ => "–".to_owned(),
                 };
-                let p99 = |st: Option<&SteadyStep>| st.map_or("–".to_owned(), |st| format!("{:.2}", ms(st.latency.p99_us)));
+                let p99 =
+                    |st: Option<&SteadyStep>| st.map_or("–".to_owned(), |st| format!("{:.2}", ms(st.latency.p99_us)));
                 s.push_str(&format!("| {rate:.0} | {ratio} | {} | {} |\n", p99(t), p99(o)));
             }
         }
@@ -376,7 +377,11 @@ pub async fn run<W: Write>(opts: &SteadyOptions, out: &mut W) -> Result<SteadyRe
     let mut sio = Vec::new();
     let result = async {
         if let Some(inst) = &installed {
-            writeln!(out, "starting {} Socket.IO processes ({} server.js, Redis adapter)", opts.nodes, inst.node_version)?;
+            writeln!(
+                out,
+                "starting {} Socket.IO processes ({} server.js, Redis adapter)",
+                opts.nodes, inst.node_version
+            )?;
             for k in 1..=opts.nodes {
                 let name = format!("socketio-{k}");
                 let log = match &opts.logs {
@@ -524,7 +529,13 @@ async fn connect<W: Write>(
         procfs::loadavg_line()
     )?;
     let (fleet, opened) = Fleet::start(specs, Duration::from_secs(600), out).await?;
-    writeln!(out, "  {} members joined, {} failed, in {:.1} s", opened.open, opened.failed, opened.elapsed.as_secs_f64())?;
+    writeln!(
+        out,
+        "  {} members joined, {} failed, in {:.1} s",
+        opened.open,
+        opened.failed,
+        opened.elapsed.as_secs_f64()
+    )?;
     if opened.failed > 0 {
         writeln!(out, "  first errors: {:?}", opened.errors)?;
     }
@@ -534,7 +545,13 @@ async fn connect<W: Write>(
 }
 
 /// One rate on one system: ramp, measured window, drain, accounting.
-async fn step<W: Write>(opts: &SteadyOptions, sys: &mut System, rate: f64, redis_pid: u32, out: &mut W) -> Result<SteadyStep> {
+async fn step<W: Write>(
+    opts: &SteadyOptions,
+    sys: &mut System,
+    rate: f64,
+    redis_pid: u32,
+    out: &mut W,
+) -> Result<SteadyStep> {
     let base = sys.pubs.next_seq();
     let cap = opts.tracked(rate);
     let start = Instant::now() + Duration::from_millis(200);
@@ -577,7 +594,8 @@ async fn step<W: Write>(opts: &SteadyOptions, sys: &mut System, rate: f64, redis
             writeln!(out, "  {} at {rate:.0} msg/s: {why}; its later steps are not run", sys.protocol.label())?;
             sys.stopped = Some(format!("at {rate:.0} msg/s {why}"));
             let (lo, hi) = (base, sys.pubs.next_seq());
-            let mut st = account(opts, sys, rate, lo, hi, delivered, &used, wall, Duration::ZERO, closed_before, out).await?;
+            let mut st =
+                account(opts, sys, rate, lo, hi, delivered, &used, wall, Duration::ZERO, closed_before, out).await?;
             st.note = sys.stopped.clone();
             st.clean = false;
             return Ok(st);

@@ -99,8 +99,16 @@ pub struct RoomSpec {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Report {
-    Progress { open: u64, failed: u64 },
-    Ready { open: u64, failed: u64, errors: Vec<String>, elapsed_ms: u64 },
+    Progress {
+        open: u64,
+        failed: u64,
+    },
+    Ready {
+        open: u64,
+        failed: u64,
+        errors: Vec<String>,
+        elapsed_ms: u64,
+    },
     Stats(WorkerStats),
     /// The answer to `track`.
     Tracking,
@@ -736,7 +744,14 @@ mod tests {
         assert_eq!(s.hist.iter().map(|p| p.1).sum::<u64>(), 18);
         // Another worker short on 104..107: the union is 103..107, four messages.
         let mut sum = s.clone();
-        sum.add(&TallySummary { messages: 10, expected: 20, received: 17, short_messages: 3, short: vec![(104, 107)], ..TallySummary::default() });
+        sum.add(&TallySummary {
+            messages: 10,
+            expected: 20,
+            received: 17,
+            short_messages: 3,
+            short: vec![(104, 107)],
+            ..TallySummary::default()
+        });
         assert_eq!((sum.expected, sum.received, sum.short_messages), (40, 34, 4));
         assert_eq!(sum.short, vec![(103, 107)]);
     }
