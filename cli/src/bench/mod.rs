@@ -6,12 +6,17 @@
 //!   connections spread over load-generator child processes ([`worker`]).
 //! - [`fanout`]: rooms spread over three nodes behind the balancer, publishers at rising
 //!   rates: delivered frames per second, end-to-end latency, and who runs out of CPU first.
+//! - [`steady`]: `fanout --steady`: fixed-rate steps with every delivery accounted for, server
+//!   CPU per delivery and tail latency, optionally side by side with Socket.IO 4 and its Redis
+//!   adapter ([`socketio`]) driven by the same load generator.
 //! - [`proxies`]: the balancer against HAProxy and nginx (and a direct connection as the
 //!   floor) on the same echo workloads: throughput, latency at a fixed rate, upgrades per
 //!   second, memory per idle tunnel.
 //!
 //! Support: [`wsraw`] is the minimal WebSocket codec the load side speaks (cheap enough that
-//! the load generator is not what gets measured); [`echo`] the echo backend of `proxies`;
+//! the load generator is not what gets measured), [`protocol`] what it speaks over it
+//! (Tether's frames or Socket.IO's), [`publish`] the fan-out publishers; [`echo`] the echo
+//! backend of `proxies`;
 //! [`procfs`] reads RSS and CPU time of any process from `/proc`; [`worker`] the
 //! load-generator child (`tether bench worker`, hidden) and its parent-side [`worker::Fleet`].
 //!
