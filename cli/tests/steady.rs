@@ -28,7 +28,7 @@ fn check_accounting(report: &SteadyReport, opts: &SteadyOptions, system: &str) {
         assert_eq!(st.latency.samples, a.received, "one latency per delivery\n{table}");
         assert!(st.delivered_per_sec > 0.0, "{table}");
         assert!(st.cpu_us_per_delivery.is_some_and(|c| c > 0.0), "{system}: no CPU measured\n{table}");
-        assert!(st.note.is_none(), "{table}");
+        assert_eq!(st.closed, 0, "no member was cut off\n{table}");
     }
     assert!(table.contains(&format!("| {system} |")), "{table}");
 }

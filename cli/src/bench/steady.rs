@@ -46,6 +46,8 @@ pub const CLEAN_P99_US: u64 = 50_000;
 pub const DRAIN_MAX: Duration = Duration::from_secs(10);
 /// The drain ends early when nothing more arrived for this long.
 const DRAIN_IDLE: Duration = Duration::from_millis(1500);
+/// A publisher lag past this gets a note in the report.
+const LAG_NOTED: Duration = Duration::from_millis(20);
 /// Pause between steps.
 const PAUSE: Duration = Duration::from_millis(700);
 /// Most clients per Tether node or Socket.IO process (20,000 descriptors each).
@@ -596,7 +598,10 @@ async fn step<W: Write>(
             let (lo, hi) = (base, sys.pubs.next_seq());
             let mut st =
                 account(opts, sys, rate, lo, hi, delivered, &used, wall, Duration::ZERO, closed_before, out).await?;
-            st.note = sys.stopped.clone();
+            st.note = Some(match st.note.take() {
+                Some(n) => format!("{}; {n}", sys.stopped.clone().unwrap_or_default()),
+                None => sys.stopped.clone().unwrap_or_default(),
+            });
             st.clean = false;
             return Ok(st);
         }
@@ -656,6 +661,16 @@ async fn account<W: Write>(
         && tally.duplicates == 0
         && latency.p99_us < CLEAN_P99_US;
     let step_secs = opts.step.as_secs_f64();
+    let mut notes = Vec::new();
+    if closed > 0 {
+        notes.push(format!("{closed} member connections closed by the server"));
+    }
+    if max_lag > LAG_NOTED {
+        notes.push(format!(
+            "the publishers fell up to {:.0} ms behind schedule (the load generator was short of CPU)",
+            max_lag.as_secs_f64() * 1e3
+        ));
+    }
     Ok(SteadyStep {
         system: sys.protocol.label(),
         rate,
@@ -673,7 +688,7 @@ async fn account<W: Write>(
         publisher_lag_ms: (max_lag.as_secs_f64() * 1e4).round() / 10.0,
         closed,
         clean,
-        note: None,
+        note: (!notes.is_empty()).then(|| notes.join("; ")),
     })
 }
 
