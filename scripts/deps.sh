@@ -3,7 +3,7 @@
 # missing through apt (Debian/Ubuntu) and saying so. Fails — never skips — when something
 # cannot be had.
 #
-#   scripts/deps.sh            check and install: cargo, redis-server, nats-server, cargo-nextest
+#   scripts/deps.sh            check and install: cargo, redis-server, nats-server, node + npm, cargo-nextest
 set -euo pipefail
 
 say() { printf 'deps: %s\n' "$*" >&2; }
@@ -45,6 +45,16 @@ if ! command -v nats-server >/dev/null 2>&1; then
 fi
 command -v nats-server >/dev/null 2>&1 || die "nats-server still missing after install"
 say "nats-server: $(nats-server --version | head -n1)"
+
+# `tether bench fanout --steady --vs socketio` (and its smoke test) runs Socket.IO on Node.js;
+# the bench installs Socket.IO's pinned packages itself (npm ci into target/socketio).
+if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
+  say "node or npm not found"
+  apt_install nodejs npm
+fi
+command -v node >/dev/null 2>&1 || die "node still missing after install"
+command -v npm >/dev/null 2>&1 || die "npm still missing after install"
+say "node: $(node --version), npm: $(npm --version)"
 
 if ! cargo nextest --version >/dev/null 2>&1; then
   say "cargo-nextest not found; installing it with cargo (a few minutes, once)"

@@ -136,27 +136,47 @@ pub struct IdleArgs {
 
 #[derive(Debug, Args)]
 pub struct FanoutArgs {
-    /// Rooms.
-    #[arg(long, default_value_t = 20, value_name = "R", value_parser = clap::value_parser!(u32).range(1..=10_000).map(|n| n as usize))]
-    pub rooms: usize,
-    /// Members per room (load-generator clients, spread over the nodes by the balancer).
-    #[arg(long, default_value_t = 250, value_name = "M", value_parser = clap::value_parser!(u32).range(1..=100_000).map(|n| n as usize))]
-    pub members: usize,
+    /// Rooms [default: 20; --steady 10].
+    #[arg(long, value_name = "R", value_parser = clap::value_parser!(u32).range(1..=10_000).map(|n| n as usize))]
+    pub rooms: Option<usize>,
+    /// Members per room (load-generator clients) [default: 250; --steady 100].
+    #[arg(long, value_name = "M", value_parser = clap::value_parser!(u32).range(1..=100_000).map(|n| n as usize))]
+    pub members: Option<usize>,
     /// Published messages per second, all rooms together, one step per rate.
-    #[arg(long, default_value = "100,200,400,800,1600,3200,6400,12800", value_name = "A,B,C", value_delimiter = ',', value_parser = positive)]
+    #[arg(long, default_value = "100,200,400,800,1600,3200,6400,12800", value_name = "A,B,C", value_delimiter = ',', value_parser = positive, conflicts_with = "steady")]
     pub rates: Vec<f64>,
-    /// Seconds measured per rate (after one second of ramp-up).
-    #[arg(long, default_value_t = 5.0, value_name = "SECS", value_parser = positive)]
-    pub step_secs: f64,
-    /// Nodes behind the balancer.
-    #[arg(long, default_value_t = 3, value_name = "K", value_parser = clap::value_parser!(u16).range(1..=16).map(usize::from))]
-    pub nodes: usize,
+    /// Steady mode: fixed-rate steps (published msg/s, all rooms together), each measured for
+    /// CPU per delivery, exact delivery accounting and tail latency; clients connect straight
+    /// to the nodes [default steps: 1000,2000,4000,8000,16000].
+    #[arg(long, value_name = "RATE,…", num_args = 0..=1, value_delimiter = ',', value_parser = positive, default_missing_value = "1000,2000,4000,8000,16000")]
+    pub steady: Option<Vec<f64>>,
+    /// Steady mode: run the same steps against another system too, with the same clients,
+    /// rooms and Redis (`socketio`: Socket.IO 4 with @socket.io/redis-adapter on Node.js).
+    #[arg(long, value_name = "SYSTEM", requires = "steady")]
+    pub vs: Option<Versus>,
+    /// Steady mode: Tether's clients connect through its balancer (whose CPU then counts as
+    /// Tether's) instead of straight to the nodes.
+    #[arg(long, requires = "steady")]
+    pub through_balancer: bool,
+    /// Steady mode: unmeasured seconds before each step's window (at least 1).
+    #[arg(long, default_value_t = 1.0, value_name = "SECS", value_parser = at_least_one, requires = "steady")]
+    pub ramp_secs: f64,
+    /// Steady mode with --vs socketio: where Socket.IO's npm packages are installed (npm ci)
+    /// [default: target/socketio next to the tether binary, else ~/.cache/tether/socketio].
+    #[arg(long, value_name = "DIR", requires = "vs")]
+    pub socketio_dir: Option<PathBuf>,
+    /// Seconds measured per rate, after the ramp [default: 5; --steady 10].
+    #[arg(long, value_name = "SECS", value_parser = positive)]
+    pub step_secs: Option<f64>,
+    /// Nodes [default: 3; --steady 2 (and as many Socket.IO processes)].
+    #[arg(long, value_name = "K", value_parser = clap::value_parser!(u16).range(1..=16).map(usize::from))]
+    pub nodes: Option<usize>,
     /// Rate of the backbone-hop measurement (publisher on node-1, member on node-2; 0 skips it).
     #[arg(long, default_value_t = 10_000.0, value_name = "MSG_PER_S", value_parser = non_negative)]
     pub hop_rate: f64,
     /// Members and publishers connect straight to the nodes (round robin) instead of through
-    /// the balancer: shows what the balancer's hop costs.
-    #[arg(long)]
+    /// the balancer: shows what the balancer's hop costs. (The steady mode always does.)
+    #[arg(long, conflicts_with = "steady")]
     pub direct: bool,
     /// Runtime worker threads of each node (its `--threads`). Default: the machine's cores
     /// shared among the nodes, at least one each (1 for 3 nodes on 2 cores); the node's own
@@ -172,6 +192,13 @@ pub struct FanoutArgs {
     /// Write the servers' logs to DIR.
     #[arg(long, value_name = "DIR")]
     pub logs: Option<PathBuf>,
+}
+
+/// What `tether bench fanout --steady --vs` compares Tether with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Versus {
+    /// Socket.IO 4 with @socket.io/redis-adapter, one Node.js process per node.
+    Socketio,
 }
 
 #[derive(Debug, Args)]
@@ -314,6 +341,13 @@ fn positive(s: &str) -> Result<f64, String> {
     }
 }
 
+fn at_least_one(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(x) if x.is_finite() && x >= 1.0 => Ok(x),
+        _ => Err(format!("{s:?} is not a number ≥ 1")),
+    }
+}
+
 fn non_negative(s: &str) -> Result<f64, String> {
     match s.parse::<f64>() {
         Ok(x) if x.is_finite() && x >= 0.0 => Ok(x),
@@ -419,6 +453,35 @@ mod tests {
         for bad in [["--modes", "kafka"], ["--steps", "100,0"], ["--clients", "0"], ["--p99-bound-ms", "-5"]] {
             let argv = ["tether", "compare", bad[0], bad[1]];
             assert!(Cli::try_parse_from(argv).is_err(), "{argv:?}");
+        }
+    }
+
+    #[test]
+    fn steady_fanout_flags_parse_and_misuse_is_a_usage_error() {
+        let fanout = |argv: &[&str]| match Cli::try_parse_from(argv).map(|c| c.command) {
+            Ok(Command::Bench(BenchArgs { kind: BenchKind::Fanout(a) })) => Ok(a),
+            Ok(other) => panic!("{other:?}"),
+            Err(e) => Err(e),
+        };
+        let a = fanout(&["tether", "bench", "fanout", "--steady"]).expect("bare --steady");
+        assert_eq!(a.steady.as_deref(), Some(&[1000.0, 2000.0, 4000.0, 8000.0, 16000.0][..]));
+        assert_eq!((a.vs, a.rooms, a.step_secs), (None, None, None));
+        let a = fanout(&["tether", "bench", "fanout", "--steady", "500,1500", "--vs", "socketio", "--step-secs", "3"])
+            .expect("steps and --vs");
+        assert_eq!(a.steady.as_deref(), Some(&[500.0, 1500.0][..]));
+        assert_eq!(a.vs, Some(Versus::Socketio));
+        assert!(fanout(&["tether", "bench", "fanout", "--steady", "--quick", "--vs", "socketio"]).is_ok());
+        assert!(fanout(&["tether", "bench", "fanout", "--steady", "--through-balancer"]).is_ok());
+        for argv in [
+            &["tether", "bench", "fanout", "--vs", "socketio"][..],
+            &["tether", "bench", "fanout", "--steady", "--vs", "centrifugo"],
+            &["tether", "bench", "fanout", "--steady", "1000,0"],
+            &["tether", "bench", "fanout", "--steady", "--rates", "100"],
+            &["tether", "bench", "fanout", "--steady", "--direct"],
+            &["tether", "bench", "fanout", "--steady", "--ramp-secs", "0.5"],
+            &["tether", "bench", "fanout", "--through-balancer"],
+        ] {
+            assert!(fanout(argv).is_err(), "{argv:?}");
         }
     }
 

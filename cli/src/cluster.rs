@@ -104,7 +104,8 @@ fn bin_path_in(name: &str, bin_dir: Option<std::ffi::OsString>) -> Result<PathBu
     bail!("{name} not found (searched {}); {HINT}", searched.join(", "))
 }
 
-fn find_on_path(name: &str) -> Option<PathBuf> {
+/// The first `name` in a directory of `PATH`.
+pub fn find_on_path(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path).map(|dir| dir.join(name)).find(|candidate| candidate.is_file())
 }
@@ -122,7 +123,7 @@ pub enum LogTarget {
 }
 
 impl LogTarget {
-    fn stdio(&self) -> Result<Stdio> {
+    pub fn stdio(&self) -> Result<Stdio> {
         Ok(match self {
             Self::Inherit => Stdio::inherit(),
             Self::Null => Stdio::null(),
@@ -136,7 +137,7 @@ impl LogTarget {
     }
 
     /// " (log: FILE)" for error messages, when there is a file to look at.
-    fn hint(&self) -> String {
+    pub fn hint(&self) -> String {
         match self {
             Self::File(path) => format!(" (log: {})", path.display()),
             _ => String::new(),

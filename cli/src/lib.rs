@@ -8,7 +8,8 @@
 //! - [`up`]: `tether up`, a cluster in the foreground until Ctrl-C;
 //! - [`chat`]: `tether chat`, a line-oriented WebSocket client for people and scripts;
 //! - [`bench`]: `tether bench rtt|idle|fanout|proxies`: round-trip latency, memory per idle
-//!   connection, room fan-out, and the balancer against HAProxy and nginx;
+//!   connection, room fan-out (also at steady rates, side by side with Socket.IO), and the
+//!   balancer against HAProxy and nginx;
 //! - [`chaos`]: `tether chaos`, nodes killed under load, every message accounted for;
 //! - [`compare`]: `tether compare`, single node vs sticky sessions vs the Redis and NATS
 //!   backbones on one workload: delivery, latency, highest sustained rate, node loss;

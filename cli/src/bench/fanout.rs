@@ -25,8 +25,9 @@
 //! is what the backbone hop adds.
 
 use super::procfs::{self, CpuMeter};
+use super::protocol::Protocol;
+use super::publish::Publishers;
 use super::worker::{Fleet, RoomSpec, WorkerSpec};
-use super::wsraw::{self, OP_TEXT};
 use super::{add_pairs, http_get, metric_sum, new_histogram, source_addrs, split, Latency, MAX_PER_WORKER};
 use crate::args::FanoutArgs;
 use crate::cluster::{Cluster, ClusterLogs, ClusterOptions, NodeProcess, SpawnOptions};
@@ -35,12 +36,9 @@ use serde::Serialize;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::OwnedWriteHalf;
-use tokio_util::sync::CancellationToken;
 
 /// Most clients behind the one balancer (two descriptors per tunnel, 20,000 per process).
 pub const MAX_CLIENTS: usize = super::MAX_TUNNELS_PER_PROXY - 100;
@@ -48,8 +46,6 @@ pub const MAX_CLIENTS: usize = super::MAX_TUNNELS_PER_PROXY - 100;
 pub const TARGET_DELIVERED_PER_SEC: f64 = 500_000.0;
 /// The issue's target for the backbone hop's p99 at 10,000 msg/s, µs.
 pub const TARGET_HOP_P99_US: u64 = 1_000;
-/// Size of each message's text.
-const TEXT_BYTES: usize = 64;
 /// Unmeasured time at the start of each step.
 const RAMP: Duration = Duration::from_secs(1);
 /// Pause between steps, for queues to drain.
@@ -109,18 +105,18 @@ impl From<FanoutArgs> for FanoutOptions {
         if a.quick {
             return Self {
                 logs: a.logs,
-                nodes: a.nodes.max(2),
+                nodes: a.nodes.unwrap_or(3).max(2),
                 direct: a.direct,
                 node_threads: a.node_threads,
                 ..Self::quick()
             };
         }
         Self {
-            rooms: a.rooms,
-            members: a.members,
+            rooms: a.rooms.unwrap_or(20),
+            members: a.members.unwrap_or(250),
             rates: a.rates,
-            step: Duration::from_secs_f64(a.step_secs),
-            nodes: a.nodes,
+            step: Duration::from_secs_f64(a.step_secs.unwrap_or(5.0)),
+            nodes: a.nodes.unwrap_or(3),
             hop_rate: a.hop_rate,
             direct: a.direct,
             node_threads: a.node_threads,
@@ -270,6 +266,9 @@ impl FanoutReport {
 
 /// `tether bench fanout`.
 pub async fn run_cli(args: FanoutArgs) -> Result<i32> {
+    if args.steady.is_some() {
+        return super::steady::run_cli(args).await;
+    }
     let json = args.json.clone();
     let opts = FanoutOptions::from(args);
     let mut stdout = std::io::stdout();
@@ -343,6 +342,7 @@ async fn measure<W: Write>(
             concurrency: 32,
             rooms: Some(RoomSpec { prefix: room_prefix.clone(), count: opts.rooms as u64 }),
             connect_timeout_ms: 60_000,
+            protocol: Protocol::Tether,
         })
         .collect();
     writeln!(
@@ -368,7 +368,7 @@ async fn measure<W: Write>(
         writeln!(out, "  first errors: {:?}", opened.errors)?;
     }
     let rooms: Vec<String> = (0..opts.rooms).map(|r| format!("{room_prefix}{r}")).collect();
-    let mut pubs = Publishers::connect(&targets, &format!("fan-{tag}-p"), &rooms).await?;
+    let mut pubs = Publishers::connect(Protocol::Tether, &targets, &format!("fan-{tag}-p"), &rooms).await?;
 
     let node_addrs: Vec<(String, SocketAddr)> =
         cluster.nodes().iter().map(|n| (n.name().to_owned(), n.addr())).collect();
@@ -400,9 +400,9 @@ async fn measure<W: Write>(
             let pub_received = pub_received.load(Ordering::Relaxed) - pub_before;
             Ok::<_, anyhow::Error>((stats, used, wall, machine_cpu, nodes_before, nodes_after, pub_received))
         };
-        let (sent, measured) = tokio::join!(pubs.publish(rate, RAMP + opts.step), measure_step);
+        let (sent, measured) = tokio::join!(pubs.publish(rate, RAMP + opts.step, None), measure_step);
         let sent = match sent {
-            Ok(sent) => sent,
+            Ok(p) => p.sent,
             Err(e) => {
                 // Past saturation a publisher (a member of its room too) can fall behind on its
                 // own room's traffic and be closed as a slow consumer: that ends the run, not
@@ -551,10 +551,11 @@ async fn hop_run<W: Write>(
         concurrency: 8,
         rooms: Some(RoomSpec { prefix: room_prefix.clone(), count: HOP_ROOMS as u64 }),
         connect_timeout_ms: 30_000,
+        protocol: Protocol::Tether,
     };
     let (mut fleet, _) = Fleet::start(vec![spec], Duration::from_secs(60), out).await?;
     let rooms: Vec<String> = (0..HOP_ROOMS).map(|r| format!("{room_prefix}{r}")).collect();
-    let mut pubs = Publishers::connect(&[from], &format!("hop-{tag}-p"), &rooms).await?;
+    let mut pubs = Publishers::connect(Protocol::Tether, &[from], &format!("hop-{tag}-p"), &rooms).await?;
     let measure_step = async {
         tokio::time::sleep(RAMP).await;
         fleet.stats(true).await?;
@@ -564,8 +565,8 @@ async fn hop_run<W: Write>(
         let (used, wall) = cpu.read();
         Ok::<_, anyhow::Error>((stats, used[0], wall))
     };
-    let (sent, measured) = tokio::join!(pubs.publish(opts.hop_rate, RAMP + opts.step), measure_step);
-    let sent = sent?;
+    let (sent, measured) = tokio::join!(pubs.publish(opts.hop_rate, RAMP + opts.step, None), measure_step);
+    let sent = sent?.sent;
     let (stats, redis, wall) = measured?;
     pubs.close();
     fleet.close().await;
@@ -648,87 +649,5 @@ impl MachineCpu {
     fn percent(&self) -> f64 {
         let busy = procfs::ticks_to_duration(Self::read_busy().saturating_sub(self.busy));
         (busy.as_secs_f64() / self.at.elapsed().as_secs_f64() * 1000.0).round() / 10.0
-    }
-}
-
-/// One publishing client per room, in this process.
-struct Publishers {
-    writers: Vec<(OwnedWriteHalf, String)>,
-    /// Room messages the publishers received (they are members of their rooms too).
-    received: Arc<AtomicU64>,
-    stop: CancellationToken,
-}
-
-impl Publishers {
-    /// One publisher per room, room `k`'s on `targets[k % len]`.
-    async fn connect(targets: &[SocketAddr], id_prefix: &str, rooms: &[String]) -> Result<Self> {
-        let received = Arc::new(AtomicU64::new(0));
-        let stop = CancellationToken::new();
-        let mut writers = Vec::with_capacity(rooms.len());
-        for (k, room) in rooms.iter().enumerate() {
-            let id = format!("{id_prefix}{k}");
-            let target = targets[k % targets.len()];
-            let mut up = tokio::time::timeout(Duration::from_secs(30), async {
-                let mut up = wsraw::connect(target, None, &format!("/ws?client={id}")).await?;
-                super::worker::join(&mut up, &id, room, k as u64).await?;
-                Ok::<_, anyhow::Error>(up)
-            })
-            .await
-            .with_context(|| format!("publisher {id}: no join within 30 s"))??;
-            let leftover = std::mem::take(&mut up.decoder);
-            let (mut read, write) = up.stream.into_split();
-            let (received, stop) = (Arc::clone(&received), stop.clone());
-            tokio::spawn(async move {
-                let mut dec = leftover;
-                loop {
-                    while let Ok(Some(f)) = dec.next_frame() {
-                        if dec.payload(&f).starts_with(b"{\"type\":\"message\"") {
-                            received.fetch_add(1, Ordering::Relaxed);
-                        }
-                    }
-                    let n = tokio::select! {
-                        _ = stop.cancelled() => return,
-                        n = dec.read_from(&mut read, 16 * 1024) => n,
-                    };
-                    if !matches!(n, Ok(n) if n > 0) {
-                        return;
-                    }
-                }
-            });
-            writers.push((write, room.clone()));
-        }
-        Ok(Self { writers, received, stop })
-    }
-
-    /// Sends `rate` messages per second for `dur`, round robin over the rooms, in 1 ms batches;
-    /// returns how many were sent.
-    async fn publish(&mut self, rate: f64, dur: Duration) -> Result<u64> {
-        let started = Instant::now();
-        let mut tick = tokio::time::interval(Duration::from_millis(1));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-        let n = self.writers.len() as u64;
-        let mut sent = 0u64;
-        let mut frame = Vec::with_capacity(256);
-        loop {
-            tick.tick().await;
-            let elapsed = started.elapsed();
-            if elapsed >= dur {
-                return Ok(sent);
-            }
-            let due = (elapsed.as_secs_f64() * rate) as u64;
-            while sent < due {
-                let (w, room) = &mut self.writers[(sent % n) as usize];
-                let text = super::stamped_text(TEXT_BYTES);
-                let json = format!(r#"{{"type":"message","room":"{room}","text":"{text}"}}"#);
-                frame.clear();
-                wsraw::encode(&mut frame, OP_TEXT, json.as_bytes(), Some(wsraw::mask_for(sent)));
-                w.write_all(&frame).await.context("publishing")?;
-                sent += 1;
-            }
-        }
-    }
-
-    fn close(self) {
-        self.stop.cancel();
     }
 }

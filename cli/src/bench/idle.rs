@@ -326,6 +326,7 @@ async fn measure<W: Write>(
             concurrency: opts.concurrency,
             rooms: None,
             connect_timeout_ms: 60_000,
+            protocol: super::protocol::Protocol::Tether,
         })
         .collect();
     let workers = specs.len();

@@ -6,12 +6,17 @@
 //!   connections spread over load-generator child processes ([`worker`]).
 //! - [`fanout`]: rooms spread over three nodes behind the balancer, publishers at rising
 //!   rates: delivered frames per second, end-to-end latency, and who runs out of CPU first.
+//! - [`steady`]: `fanout --steady`: fixed-rate steps with every delivery accounted for, server
+//!   CPU per delivery and tail latency, optionally side by side with Socket.IO 4 and its Redis
+//!   adapter ([`socketio`]) driven by the same load generator.
 //! - [`proxies`]: the balancer against HAProxy and nginx (and a direct connection as the
 //!   floor) on the same echo workloads: throughput, latency at a fixed rate, upgrades per
 //!   second, memory per idle tunnel.
 //!
 //! Support: [`wsraw`] is the minimal WebSocket codec the load side speaks (cheap enough that
-//! the load generator is not what gets measured); [`echo`] the echo backend of `proxies`;
+//! the load generator is not what gets measured), [`protocol`] what it speaks over it
+//! (Tether's frames or Socket.IO's), [`publish`] the fan-out publishers; [`echo`] the echo
+//! backend of `proxies`;
 //! [`procfs`] reads RSS and CPU time of any process from `/proc`; [`worker`] the
 //! load-generator child (`tether bench worker`, hidden) and its parent-side [`worker::Fleet`].
 //!
@@ -23,8 +28,12 @@ pub mod echo;
 pub mod fanout;
 pub mod idle;
 pub mod procfs;
+pub mod protocol;
 pub mod proxies;
+pub mod publish;
 pub mod rtt;
+pub mod socketio;
+pub mod steady;
 pub mod worker;
 pub mod wsraw;
 
@@ -49,6 +58,8 @@ pub const FD_LIMIT: usize = 20_000;
 pub const MAX_PER_WORKER: usize = 9_000;
 /// Most tunnels one proxy process can hold: two descriptors each, plus listeners and logs.
 pub const MAX_TUNNELS_PER_PROXY: usize = 9_900;
+/// Size of the texts the fan-out publishers send.
+pub const TEXT_BYTES: usize = 64;
 /// Connections sharing one 127.0.0.x source address (its ephemeral ports run out near 28,000).
 pub const CONNECTIONS_PER_SOURCE: usize = 2_000;
 
@@ -344,22 +355,6 @@ pub async fn supports_flag(program: &Path, flag: &str) -> bool {
     matches!(out, Ok(Ok(o)) if String::from_utf8_lossy(&o.stdout).contains(flag))
 }
 
-/// A frame text carrying the send time: `t=MICROS;` padded with `x` to `len` bytes.
-pub fn stamped_text(len: usize) -> String {
-    let mut s = format!("t={};", unix_micros());
-    while s.len() < len {
-        s.push('x');
-    }
-    s
-}
-
-/// The send time in a frame carrying `"text":"t=MICROS;…"`.
-pub fn stamp_in(frame: &[u8]) -> Option<u64> {
-    let at = wsraw::find(frame, b"\"text\":\"t=")? + 10;
-    let digits = frame[at..].iter().take_while(|b| b.is_ascii_digit()).count();
-    std::str::from_utf8(&frame[at..at + digits]).ok()?.parse().ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -399,11 +394,12 @@ mod tests {
 
     #[test]
     fn stamps_round_trip_through_a_message_frame() {
-        let text = stamped_text(64);
+        let text = protocol::text(unix_micros(), 7, TEXT_BYTES);
         assert_eq!(text.len(), 64);
         let frame = format!(r#"{{"type":"message","room":"r","text":"{text}","seq":1}}"#);
-        let t = stamp_in(frame.as_bytes()).expect("stamp");
+        let (t, seq) = protocol::stamp_and_seq(frame.as_bytes()).expect("stamp");
         assert!(unix_micros() >= t);
+        assert_eq!(seq, Some(7));
         assert_eq!(median(&[3.0, 1.0, 2.0]), Some(2.0));
         assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), Some(2.5));
     }

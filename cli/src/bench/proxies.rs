@@ -714,6 +714,7 @@ async fn idle<W: Write>(t: &Target, n: usize, out: &mut W) -> Result<(Option<f64
             concurrency: 64,
             rooms: None,
             connect_timeout_ms: 30_000,
+            protocol: super::protocol::Protocol::Tether,
         })
         .collect();
     let (fleet, opened) = Fleet::start(specs, Duration::from_secs(300), out).await?;
