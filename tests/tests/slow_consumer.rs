@@ -122,7 +122,11 @@ async fn a_healthy_reader_is_not_cut_by_a_burst() -> Result<()> {
     let redis = RedisServer::start().await?;
     let node = node(&redis).await?;
     let url = |id: &str| format!("{}?client={id}", node.ws_url());
-    let mut reader = joined(&url("reader"), "burst", TcpStream::connect(node.addr()).await?).await?;
+    // A reader that keeps reading, but whose receive buffer is not grown to tens of megabytes
+    // (as a kernel does for an application that reads slowly): the burst waits in the node.
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.set_recv_buffer_size(64 * 1024)?;
+    let mut reader = joined(&url("reader"), "burst", socket.connect(node.addr()).await?).await?;
     let (mut tx, _echoes) = publisher(&url("publisher"), "burst", node.addr()).await?;
     const COUNT: usize = 20_000;
     let reading = tokio::spawn(async move { read_all(&mut reader, COUNT, None).await });
