@@ -34,6 +34,9 @@ struct Room {
     queues: Vec<Arc<Outbox>>,
     /// The clients' ends of the members' sockets (`socket` members only).
     far: Vec<std::net::TcpStream>,
+    /// The node's ends: tokio must have seen each writable (its readiness is set by the
+    /// reactor) before a non-blocking write is even tried.
+    near: Vec<Arc<tokio::net::TcpStream>>,
     /// The runtime the members' sockets are registered with.
     _rt: Option<tokio::runtime::Runtime>,
 }
@@ -42,6 +45,7 @@ fn room(members: usize, sockets: bool) -> Room {
     let hub = Hub::new(1024);
     let mut queues = Vec::with_capacity(members);
     let mut far = Vec::new();
+    let mut near_ends = Vec::new();
     let rt = sockets.then(|| tokio::runtime::Builder::new_current_thread().enable_io().build().expect("runtime"));
     let _entered = rt.as_ref().map(|rt| rt.enter());
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -53,7 +57,9 @@ fn room(members: usize, sockets: bool) -> Room {
             near.set_nonblocking(true).expect("nonblocking");
             client.set_nonblocking(true).expect("nonblocking");
             far.push(client);
-            Some(Arc::new(tokio::net::TcpStream::from_std(near).expect("register")))
+            let near = Arc::new(tokio::net::TcpStream::from_std(near).expect("register"));
+            near_ends.push(Arc::clone(&near));
+            Some(near as Arc<dyn Wire>)
         } else {
             None
         };
@@ -62,7 +68,20 @@ fn room(members: usize, sockets: bool) -> Room {
         queues.push(out);
     }
     drop(_entered);
-    Room { hub, metrics: Metrics::new(), queues, far, _rt: rt }
+    let r = Room { hub, metrics: Metrics::new(), queues, far, near: near_ends, _rt: rt };
+    ready(&r);
+    r
+}
+
+/// Lets the reactor see every member's socket writable.
+fn ready(room: &Room) {
+    if let Some(rt) = &room._rt {
+        rt.block_on(async {
+            for s in &room.near {
+                s.writable().await.expect("writable");
+            }
+        });
+    }
 }
 
 /// decode → json_prefix → complete → deliver; returns how many members took the frame.
@@ -96,10 +115,13 @@ fn drain(room: &mut Room) {
     for client in &mut room.far {
         while matches!(client.read(&mut buf), Ok(n) if n > 0) {}
     }
+    ready(room);
 }
 
 fn fanout(c: &mut Criterion) {
     let mut g = c.benchmark_group("message_to_room");
+    // Every member took every frame into its socket, none waited in its queue.
+    let written = |r: &Room| r.queues.iter().all(|q| q.queued_frames() == 0);
     for (kind, members) in [("queue", 1usize), ("queue", 1_000), ("socket", 1), ("socket", 100)] {
         g.throughput(Throughput::Elements(members as u64));
         let id = BenchmarkId::new(format!("decode_prefix_deliver_{kind}"), members);
@@ -114,6 +136,7 @@ fn fanout(c: &mut Criterion) {
                     let delivered = one_message(&r, seq);
                     total += started.elapsed();
                     assert_eq!(delivered, members, "every member takes every frame");
+                    assert!(kind == "queue" || written(&r), "sockets took every frame at once");
                     drain(&mut r);
                 }
                 total

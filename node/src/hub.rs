@@ -3,7 +3,7 @@
 //!
 //! A frame arrives once from the backbone (already encoded JSON, shared as `Utf8Bytes`), is
 //! framed as a WebSocket text frame once, and the same bytes go to each local member's
-//! [`Outbox`]: written into its socket at once when nothing waits there, queued otherwise.
+//! [`Outbox`], which its connection's task writes out.
 //! Fan-out never waits on a client. A member the outbox refuses is a slow consumer: its `kick`
 //! token is cancelled and its connection task closes it with 1008.
 //!
@@ -39,7 +39,7 @@ impl Member {
     /// consumer, closed with 1008 — fan-out never waits and never buffers without bound.
     pub fn offer(&self, frame: Bytes, metrics: &Metrics) -> bool {
         match self.out.push(frame) {
-            Pushed::Sent | Pushed::Queued => true,
+            Pushed::Queued => true,
             Pushed::Full => {
                 self.slow(metrics);
                 false

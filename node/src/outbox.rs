@@ -1,14 +1,15 @@
 //! One connection's way out to its client: a bounded queue of ready WebSocket frames in front
-//! of the client's socket, written *by whoever has the frame*.
+//! of the client's socket.
 //!
-//! A frame for an idle connection — the common case at a steady rate — is written into the
-//! socket at once by the task that has it (the backbone reader fanning a room message out,
-//! or the connection's own task answering its client): one non-blocking write, no task woken,
-//! no copy. Only when the socket does not take the whole frame (its send buffer is full: the
-//! client reads slowly, or a burst is larger than the buffer) does the rest wait in the queue;
-//! the connection's task is then woken to write the queue out when the socket is writable, many
-//! frames per (vectored) write, and every frame that arrives meanwhile joins the queue behind
-//! them, so the client's byte stream keeps the order frames were pushed in.
+//! Whoever has a frame for the client — the backbone reader fanning a room message out, the
+//! connection's own task answering its client, tungstenite answering a ping — pushes it here
+//! and, if the queue was empty, wakes the connection's task; the task writes everything that
+//! has gathered meanwhile in one vectored write (up to 64 frames), as much as the socket takes,
+//! and the rest once the socket is writable again. On an idle node the task runs at once and a
+//! frame leaves within microseconds; on a busy one several frames have gathered by the time it
+//! runs, and they leave in one write. (Writing each frame straight into the socket from the
+//! fan-out, without waking the task, was measured and lost: it never batches, and on this
+//! machine a loopback write costs ~10 µs whatever it carries — `docs/PERFORMANCE.md`.)
 //!
 //! The frames are complete WebSocket frames ([`text_frame`]): a room message is framed once and
 //! the same bytes go to every member.
@@ -83,9 +84,7 @@ impl Limits {
 /// What [`Outbox::push`] did with a frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pushed {
-    /// Written into the socket whole.
-    Sent,
-    /// Queued (wholly or its rest) behind what is waiting; the connection's task writes it.
+    /// Queued; the connection's task writes it.
     Queued,
     /// Refused: the client is a slow consumer (see the module docs).
     Full,
@@ -111,6 +110,16 @@ impl std::fmt::Debug for Outbox {
             .field("closed", &q.closed)
             .finish()
     }
+}
+
+/// What one [`Outbox::write_some`] did.
+enum Written {
+    /// Nothing waits.
+    Empty,
+    /// Some bytes went out.
+    Some,
+    /// The socket takes nothing now: wait for it to be writable.
+    Blocked(Arc<dyn Wire>),
 }
 
 struct State {
@@ -175,26 +184,8 @@ impl Outbox {
 
     fn push_locked(&self, q: &mut State, frame: Bytes, slow_check: bool) -> Pushed {
         if q.frames.is_empty() {
-            // Nothing waits: straight into the socket, as far as it takes it.
-            let written = match &q.wire {
-                Some(wire) => match wire.try_write_vectored(&[IoSlice::new(&frame)]) {
-                    Ok(n) => n,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
-                    Err(_) => {
-                        // The socket is broken: the connection's task meets the error when it
-                        // writes this frame, and ends; room frames are refused meanwhile (as
-                        // from a closing connection, not counted as a slow one).
-                        q.sealed = true;
-                        0
-                    }
-                },
-                None => 0,
-            };
-            if written == frame.len() {
-                return Pushed::Sent;
-            }
-            q.offset = written;
-            q.bytes = frame.len() - written;
+            // Always taken, however large: a client is never refused its first frame.
+            q.bytes = frame.len();
             q.frames.push_back(frame);
             q.above_since = (q.bytes > self.limits.low_water).then(Instant::now);
             self.backlog.notify_one();
@@ -235,28 +226,48 @@ impl Outbox {
 
     fn poll_flush(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         loop {
-            let mut q = self.lock();
-            if q.frames.is_empty() {
-                return Poll::Ready(Ok(()));
+            match self.write_some()? {
+                Written::Empty => return Poll::Ready(Ok(())),
+                Written::Some => {}
+                Written::Blocked(wire) => ready!(wire.poll_write_ready(cx))?,
             }
-            let Some(wire) = q.wire.clone() else {
-                return Poll::Ready(Err(io::ErrorKind::NotConnected.into()));
-            };
-            let mut slices = [IoSlice::new(&[]); MAX_SLICES];
-            let mut n = 0;
-            for (i, frame) in q.frames.iter().take(MAX_SLICES).enumerate() {
-                slices[i] = IoSlice::new(if i == 0 { &frame[q.offset..] } else { frame });
-                n += 1;
+        }
+    }
+
+    /// Writes what the socket takes now, without waiting; `true` when nothing waits any more.
+    pub fn write_now(&self) -> bool {
+        loop {
+            match self.write_some() {
+                Ok(Written::Empty) => return true,
+                Ok(Written::Some) => {}
+                Ok(Written::Blocked(_)) | Err(_) => return false,
             }
-            match wire.try_write_vectored(&slices[..n]) {
-                Ok(0) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
-                Ok(written) => self.advance(&mut q, written),
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                    drop(q);
-                    ready!(wire.poll_write_ready(cx))?;
-                }
-                Err(e) => return Poll::Ready(Err(e)),
+        }
+    }
+
+    /// One vectored write of the frames at the front of the queue.
+    fn write_some(&self) -> io::Result<Written> {
+        let mut q = self.lock();
+        if q.frames.is_empty() {
+            return Ok(Written::Empty);
+        }
+        let Some(wire) = q.wire.clone() else {
+            return Err(io::ErrorKind::NotConnected.into());
+        };
+        let mut slices = [IoSlice::new(&[]); MAX_SLICES];
+        let mut n = 0;
+        for (i, frame) in q.frames.iter().take(MAX_SLICES).enumerate() {
+            slices[i] = IoSlice::new(if i == 0 { &frame[q.offset..] } else { frame });
+            n += 1;
+        }
+        match wire.try_write_vectored(&slices[..n]) {
+            Ok(0) => Err(io::ErrorKind::WriteZero.into()),
+            Ok(written) => {
+                self.advance(&mut q, written);
+                Ok(Written::Some)
             }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(Written::Blocked(wire)),
+            Err(e) => Err(e),
         }
     }
 
@@ -389,7 +400,7 @@ impl AsyncRead for ClientIo {
 impl AsyncWrite for ClientIo {
     fn poll_write(self: Pin<&mut Self>, _cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         match self.out.push_own(Bytes::copy_from_slice(buf)) {
-            Pushed::Sent | Pushed::Queued => Poll::Ready(Ok(buf.len())),
+            Pushed::Queued => Poll::Ready(Ok(buf.len())),
             Pushed::Full => Poll::Ready(Err(io::Error::other("send queue full"))),
             Pushed::Closed => Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
         }
@@ -416,6 +427,7 @@ mod tests {
         got: Mutex<Vec<u8>>,
         room: AtomicUsize,
         waker: Mutex<Option<std::task::Waker>>,
+        writes: AtomicUsize,
     }
 
     impl Pipe {
@@ -453,6 +465,7 @@ mod tests {
                 }
             }
             self.room.fetch_sub(n, Ordering::SeqCst);
+            self.writes.fetch_add(1, Ordering::SeqCst);
             Ok(n)
         }
 
@@ -484,14 +497,17 @@ mod tests {
         assert_eq!(text_frame(&[b'x'; 126])[1..4], [126, 0, 126]);
     }
 
-    #[test]
-    fn an_idle_connection_gets_its_frame_written_at_once() {
+    #[tokio::test]
+    async fn frames_that_gathered_leave_in_one_write() {
         let pipe = Pipe::with_room(1 << 20);
         let out = Outbox::new(Some(pipe.clone()), Limits::generous());
-        let f = text_frame(b"hello");
-        assert_eq!(out.push(f.clone()), Pushed::Sent);
-        assert_eq!(pipe.got(), f.to_vec());
-        assert_eq!(out.queued_frames(), 0);
+        let fs = frames(3, 5);
+        for f in &fs {
+            assert_eq!(out.push(f.clone()), Pushed::Queued);
+        }
+        tokio::time::timeout(Duration::from_secs(5), out.write_backlog()).await.expect("written").unwrap();
+        assert_eq!(pipe.got(), fs.concat());
+        assert_eq!(pipe.writes.load(Ordering::SeqCst), 1, "one vectored write for the three");
     }
 
     #[tokio::test]
@@ -499,10 +515,10 @@ mod tests {
         let pipe = Pipe::with_room(10);
         let out = Outbox::new(Some(pipe.clone()), Limits::generous());
         let fs = frames(5, 20);
-        assert_eq!(out.push(fs[0].clone()), Pushed::Queued, "only 10 of 22 bytes fit");
-        for f in &fs[1..] {
+        for f in &fs {
             assert_eq!(out.push(f.clone()), Pushed::Queued);
         }
+        assert!(!out.write_now(), "only 10 of 110 bytes fit");
         assert_eq!(out.queued_bytes(), 5 * 22 - 10);
         let writer = tokio::spawn({
             let out = Arc::clone(&out);
@@ -516,8 +532,6 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(5), writer).await.expect("written").unwrap().unwrap();
         assert_eq!(pipe.got(), fs.concat());
         assert_eq!(out.queued_bytes(), 0);
-        // Once the queue is empty, the next frame goes straight out again.
-        assert_eq!(out.push(fs[0].clone()), Pushed::Sent);
     }
 
     #[test]
@@ -565,7 +579,8 @@ mod tests {
         let out = Outbox::new(Some(pipe.clone()), Limits::generous());
         out.seal();
         assert_eq!(out.push(text_frame(b"room")), Pushed::Closed);
-        assert_eq!(out.push_own(text_frame(b"bye")), Pushed::Sent);
+        assert_eq!(out.push_own(text_frame(b"bye")), Pushed::Queued);
+        assert!(out.write_now());
         out.close();
         assert_eq!(out.push_own(text_frame(b"late")), Pushed::Closed);
         assert_eq!(pipe.got(), text_frame(b"bye").to_vec());
@@ -576,6 +591,7 @@ mod tests {
         let pipe = Pipe::with_room(3);
         let out = Outbox::new(Some(pipe.clone()), Limits::generous());
         out.push(text_frame(b"hello"));
+        assert!(!out.write_now());
         assert!(!out.discard(), "3 bytes of a 7-byte frame are out");
         let out = Outbox::new(Some(Pipe::with_room(0)), Limits::generous());
         out.push(text_frame(b"hello"));

@@ -9,9 +9,8 @@
 //! so a node killed at any moment loses nothing of it.
 //!
 //! One task per connection reads and handles client frames in order. Frames for the client go
-//! through its outbox ([`crate::outbox`]): written at once while the socket takes them, queued
-//! otherwise; the task writes a queue out as the socket drains, also while a frame's handling
-//! waits on the backbone. Fan-out never waits on this client. The connection closes with 1008
+//! through its outbox ([`crate::outbox`]); the task writes out what gathered there, many frames
+//! per write, also while a frame's handling waits on the backbone. Fan-out never waits on this client. The connection closes with 1008
 //! when the hub kicks a slow consumer (and is reset), with 1012 on node shutdown and with 1009
 //! on an oversized frame (a lingering close: see [`goodbye`]).
 
@@ -57,9 +56,7 @@ type Ws = WebSocketStream<ClientIo>;
 /// Serves one upgraded connection until it ends; then leaves every room it was in. `early`:
 /// bytes of the client's first frames that arrived with its upgrade request.
 ///
-/// One task per connection: it waits for the client's next frame, and for frames waiting in
-/// its outbox once the socket did not take them at once. (Frames for an idle connection are
-/// written by whoever has them: see [`crate::outbox`].)
+/// One task per connection: it waits for the client's next frame, and for frames in its outbox.
 pub async fn run(sock: TcpStream, early: Bytes, client_id: String, peer: String, state: Arc<NodeState>) {
     let conn = state.hub.next_conn_id();
     // Debug level: a span per idle connection costs memory (its fields, formatted) for
@@ -134,7 +131,7 @@ async fn goodbye(mut ws: Ws, close: Option<(u16, &'static str)>) {
                 let _ = ws.send(frame(CLOSE_POLICY, reason)).await;
             }
             // Written whole at once, or not at all: nothing may wait behind a stalled reader.
-            out.queued_frames() == 0 && shut_write(&sock) && linger(&sock, SLOW_LINGER).await
+            out.write_now() && shut_write(&sock) && linger(&sock, SLOW_LINGER).await
         }
         Some((code, reason)) => {
             out.seal();
