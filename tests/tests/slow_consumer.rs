@@ -155,9 +155,10 @@ async fn a_reader_that_pauses_for_a_second_in_a_10_mb_s_stream_is_not_cut() -> R
     const PER_SEC: usize = 200;
     const SECS: usize = 3;
     const TICKS_PER_SEC: usize = 100;
-    let reading = tokio::spawn(async move {
-        read_all(&mut reader, PER_SEC * SECS, Some((PER_SEC, Duration::from_secs(1)))).await
-    });
+    let reading =
+        tokio::spawn(
+            async move { read_all(&mut reader, PER_SEC * SECS, Some((PER_SEC, Duration::from_secs(1)))).await },
+        );
     let tick_burst = messages("stream", &"s".repeat(50_000), PER_SEC / TICKS_PER_SEC);
     let mut tick = tokio::time::interval(Duration::from_secs(1) / TICKS_PER_SEC as u32);
     for _ in 0..(SECS * TICKS_PER_SEC) {
