@@ -137,16 +137,13 @@ async fn after_redis_returns_delivery_and_readiness_come_back_together_and_nothi
     let watcher = tokio::spawn(watch_ready(addrs, samples.clone(), stop.clone()));
 
     // Both directions deliver something sent after `since`: (arrival at b of a's, at a of b's).
+    // The texts member `from` had published since `since`.
+    let sent_since = |from: usize, since: Instant| -> Vec<String> {
+        logs[from].lock().unwrap().sent.iter().filter(|s| s.at >= since && s.ok).map(|s| s.text.clone()).collect()
+    };
     let delivered_after = |since: Instant| -> Option<(Instant, Instant)> {
         let first = |to: usize, from: usize| {
-            let sent: Vec<String> = logs[from]
-                .lock()
-                .unwrap()
-                .sent
-                .iter()
-                .filter(|s| s.at >= since && s.ok)
-                .map(|s| s.text.clone())
-                .collect();
+            let sent = sent_since(from, since);
             logs[to].lock().unwrap().got.iter().find(|(_, t)| sent.contains(t)).map(|(at, _)| *at)
         };
         Some((first(1, 0)?, first(0, 1)?))
@@ -154,14 +151,7 @@ async fn after_redis_returns_delivery_and_readiness_come_back_together_and_nothi
     // Each direction has delivered `BETWEEN` messages sent after `since`.
     let flowing_since = |since: Instant| -> Option<()> {
         let count = |to: usize, from: usize| {
-            let sent: Vec<String> = logs[from]
-                .lock()
-                .unwrap()
-                .sent
-                .iter()
-                .filter(|s| s.at >= since && s.ok)
-                .map(|s| s.text.clone())
-                .collect();
+            let sent = sent_since(from, since);
             logs[to].lock().unwrap().got.iter().filter(|(_, t)| sent.contains(t)).count()
         };
         (count(1, 0) >= BETWEEN && count(0, 1) >= BETWEEN).then_some(())
