@@ -82,6 +82,9 @@ pub struct FileConfig {
     pub send_queue_bytes: Option<usize>,
     pub send_queue_low_water_bytes: Option<usize>,
     pub slow_consumer_ms: Option<u64>,
+    /// No longer used (frames gather in the send queue and leave in one vectored write);
+    /// accepted with a warning so that an older config still starts.
+    pub write_buffer_bytes: Option<usize>,
     pub rate_limit_per_sec: Option<u32>,
     pub rate_limit_burst: Option<u32>,
     pub history_len: Option<u64>,
@@ -236,6 +239,11 @@ impl FileConfig {
         let read_buffer_bytes = nonzero_usize("read_buffer_bytes", self.read_buffer_bytes, DEFAULT_READ_BUFFER_BYTES)?;
         if read_buffer_bytes < 256 {
             return Err(invalid("read_buffer_bytes", "at least 256"));
+        }
+        if self.write_buffer_bytes.is_some() {
+            tracing::warn!(
+                "write_buffer_bytes is no longer used and is ignored (queued frames leave in one vectored write)"
+            );
         }
         let send_queue_bytes = nonzero_usize("send_queue_bytes", self.send_queue_bytes, DEFAULT_SEND_QUEUE_BYTES)?;
         if send_queue_bytes < max_message_bytes {
@@ -430,6 +438,8 @@ mod tests {
         assert!(err.to_string().contains("send_queue_low_water_bytes"), "{err}");
         let err = FileConfig::parse("slow_consumer_ms = 0", "t").unwrap().validate().unwrap_err().to_string();
         assert!(err.contains("slow_consumer_ms"), "{err}");
+        // An older config's write_buffer_bytes still starts (ignored, with a warning).
+        assert!(FileConfig::parse("write_buffer_bytes = 4096", "t").unwrap().validate().is_ok());
         // A small hard cap brings the default low-water mark down below it.
         let cfg = FileConfig::parse("send_queue_bytes = 131072", "t").unwrap().validate().unwrap();
         assert_eq!(cfg.send_queue_low_water_bytes, 65536);
