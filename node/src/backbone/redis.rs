@@ -425,7 +425,9 @@ impl RedisBackbone {
         let result = self.with_timeout(fut).await;
         match &result {
             Ok(_) => {
-                if self.command_failures.load(Ordering::Acquire) == failures {
+                // A read first: every publish passes here, and the write lock is needed only
+                // on the one success after a failure.
+                if !self.health.borrow().commands && self.command_failures.load(Ordering::Acquire) == failures {
                     self.set_health(|h| h.commands = true);
                 }
             }
