@@ -3,8 +3,10 @@
 //! Layout, in the order a connection meets them:
 //! - [`server`]: the listener; HTTP/1.1 (`/healthz`, `/readyz`, `/metrics`) and the
 //!   WebSocket upgrade on any path; shutdown and drain;
-//! - [`session`]: one client connection: decodes frames, joins/leaves rooms, publishes
-//!   messages, and writes its bounded send queue to the socket;
+//! - [`connection`]: one client connection: its state machine ([`connection::Client`]:
+//!   decodes frames, joins/leaves rooms, publishes messages, resumes) and the socket task
+//!   around it, which writes its outbox and closes it;
+//! - [`state`]: what every connection shares (config, hub, backbone, metrics, shutdown);
 //! - [`hub`]: which local connections are in which room, and the non-blocking fan-out of
 //!   one backbone frame to them;
 //! - [`outbox`]: one connection's way out: frames written at once when the socket takes
@@ -18,11 +20,12 @@
 
 pub mod backbone;
 pub mod config;
+pub mod connection;
 pub mod hub;
 pub mod metrics;
 pub mod outbox;
 pub mod server;
-pub mod session;
+pub mod state;
 
 pub use config::{Config, FileConfig};
 pub use server::run;

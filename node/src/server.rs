@@ -1,15 +1,15 @@
 //! The listener: accepts TCP connections, serves HTTP/1.1 on each (`/healthz`, `/readyz`,
-//! `/metrics`), and upgrades WebSocket requests on any path into a [`session`].
+//! `/metrics`), and upgrades WebSocket requests on any path into a [`connection`].
 //!
-//! Shutdown is one token: the accept loop stops, every session closes its client with 1012
+//! Shutdown is one token: the accept loop stops, every connection closes its client with 1012
 //! and leaves its rooms, and [`run`] waits for them up to `grace_period`.
 
 use crate::backbone::{local::LocalBackbone, nats::NatsBackbone, redis::RedisBackbone, Backbone};
 use crate::config::{BackboneKind, Config, RETRY_AFTER_SECS};
+use crate::connection;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
-use crate::outbox::Limits;
-use crate::session;
+use crate::state::NodeState;
 use crate::NodeError;
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
@@ -27,30 +27,12 @@ use tether_proto::id::{self, IdSource};
 use tether_proto::limits;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
 /// A node reached through the balancer gets the id in `X-Client-Id` (which the balancer
 /// chose by *its* order); reached directly, the query and cookie apply.
 const NODE_ID_ORDER: [IdSource; 3] = [IdSource::Header, IdSource::Query, IdSource::Cookie];
-
-/// Everything a connection needs, shared.
-pub struct NodeState {
-    pub cfg: Arc<Config>,
-    pub hub: Arc<Hub>,
-    pub backbone: Arc<dyn Backbone>,
-    pub metrics: Metrics,
-    /// Cancelled when the node shuts down, once it has stopped accepting connections;
-    /// sessions then close their clients with 1012.
-    pub shutdown: CancellationToken,
-    /// Every connection's send-queue bounds (see [`crate::outbox`]).
-    pub limits: Arc<Limits>,
-    pub(crate) ws_config: WebSocketConfig,
-    /// Every connection and session task, so shutdown can wait for them.
-    tracker: TaskTracker,
-}
 
 /// Serves `listener` until `shutdown` is cancelled, then drains.
 pub async fn run(listener: TcpListener, cfg: Config, shutdown: CancellationToken) -> Result<(), NodeError> {
@@ -58,7 +40,7 @@ pub async fn run(listener: TcpListener, cfg: Config, shutdown: CancellationToken
     // A holding gate may keep as many frames as a send queue.
     let hub = Arc::new(Hub::new(cfg.send_queue_len));
     let metrics = Metrics::new();
-    // The backbone outlives the sessions: they still publish their `user_left` while draining.
+    // The backbone outlives the connections: they still publish their `user_left` while draining.
     let backbone_stop = CancellationToken::new();
     let backbone: Arc<dyn Backbone> = match cfg.backbone {
         BackboneKind::Redis => {
@@ -72,30 +54,8 @@ pub async fn run(listener: TcpListener, cfg: Config, shutdown: CancellationToken
         }
         BackboneKind::None => Arc::new(LocalBackbone::new(Arc::clone(&hub), metrics.clone())),
     };
-    let ws_config = WebSocketConfig::default()
-        .read_buffer_size(cfg.read_buffer_bytes)
-        // Tungstenite's own frames (pongs, close frames) go straight to the connection's
-        // outbox, which does the buffering (see `outbox::ClientIo`).
-        .write_buffer_size(0)
-        .max_message_size(Some(cfg.max_message_bytes))
-        .max_frame_size(Some(cfg.max_message_bytes));
-    let tracker = TaskTracker::new();
-    let state = Arc::new(NodeState {
-        cfg: Arc::clone(&cfg),
-        hub,
-        backbone,
-        metrics,
-        // Not `shutdown` itself: the clients are told only after the listener is closed (below).
-        shutdown: CancellationToken::new(),
-        limits: Arc::new(Limits {
-            max_frames: cfg.send_queue_len,
-            max_bytes: cfg.send_queue_bytes,
-            low_water: cfg.send_queue_low_water_bytes,
-            slow_after: cfg.slow_consumer,
-        }),
-        ws_config,
-        tracker: tracker.clone(),
-    });
+    let state = Arc::new(NodeState::new(Arc::clone(&cfg), hub, backbone, metrics));
+    let tracker = state.tracker.clone();
     tokio::spawn(refresh_sessions(Arc::clone(&state), backbone_stop.clone()));
     let local = listener.local_addr().map_err(NodeError::Io)?;
     info!(node = %cfg.name, listen = %local, backbone = ?cfg.backbone, "node serving");
@@ -294,7 +254,8 @@ fn upgrade(mut req: Request<Incoming>, peer: SocketAddr, state: Arc<NodeState>) 
             // `serve_connection`), and what hyper had read past the request head.
             Ok(upgraded) => match upgraded.downcast::<TokioIo<TcpStream>>() {
                 Ok(parts) => {
-                    session::run(parts.io.into_inner(), parts.read_buf, client_id, peer.to_string(), task_state).await
+                    connection::run(parts.io.into_inner(), parts.read_buf, client_id, peer.to_string(), task_state)
+                        .await
                 }
                 Err(_) => warn!(%peer, "an upgraded connection is not a plain TCP stream; closed"),
             },

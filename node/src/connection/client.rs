@@ -1,226 +1,83 @@
-//! One client connection, from the first frame to cleanup.
+//! The per-client state machine: a client's name, rooms with their gates, rate limit and
+//! resume grace, and what each input does to them.
 //!
-//! On connect the client's session (name, rooms) is loaded from the backbone; if there is one,
-//! the connection re-joins its rooms at once with *holding* gates (see [`crate::hub::Gate`]) and
-//! says `"session":"restored"`. The client's `resume` then replays each room's log after the
-//! seq it last saw and releases the held live frames behind the replay, so the client gets
-//! every message once, in seq order; rooms not resumed within `resume_grace` are released as
-//! they are. Every change of name or rooms is written to the session before it is confirmed,
-//! so a node killed at any moment loses nothing of it.
-//!
-//! One task per connection reads and handles client frames in order. Frames for the client go
-//! through its outbox ([`crate::outbox`]); the task writes out what gathered there, many frames
-//! per write, also while a frame's handling waits on the backbone. Fan-out never waits on this client. The connection closes with 1008
-//! when the hub kicks a slow consumer (and is reset), with 1012 on node shutdown and with 1009
-//! on an oversized frame (a lingering close: see [`goodbye`]).
+//! Inputs: the stored session (or the failure to load it) at the start ([`Client::begin`]), a
+//! batch of consecutive text frames ([`Client::handle`]), a binary frame, an oversized one, the
+//! resume grace's deadline passing ([`Client::end_grace`]), a kick ([`Client::kicked`]) and the
+//! end ([`Client::disconnect`]). Outputs: frames for the client, in its [`Outbox`]; backbone
+//! calls, awaited; and the close to send, where an input ends the connection. The time an
+//! input happens at is passed in ([`Now`]): nothing here reads a clock or touches a socket, so
+//! a `Client` over an outbox without a socket and the `none` backbone is tested as it is.
 
-use crate::backbone::Backbone;
+use crate::backbone::{Backbone, BackboneError};
 use crate::backbone::{PresenceChange, PresenceEntry, Scope, SessionRecord, Unpublished};
-use crate::hub::{FrameMeta, Gate, Member};
-use crate::outbox::{ClientIo, Outbox, Wire};
-use crate::server::NodeState;
-use bytes::Bytes;
-use futures_util::{FutureExt, SinkExt, StreamExt};
+use crate::hub::{FrameMeta, Gate, GateState, Member};
+use crate::outbox::Outbox;
+use crate::state::NodeState;
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tether_proto::wire::{
     self, ClientMsg, ErrorCode, Event, LeaveReason, MessageHead, ResumePoint, SessionKind, CLOSE_POLICY, CLOSE_RESTART,
     CLOSE_TOO_BIG,
 };
-use tokio::net::TcpStream;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::{CloseFrame, Role};
-use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
-use tokio_tungstenite::WebSocketStream;
-use tracing::{debug, debug_span, Instrument};
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+use tokio_util::sync::CancellationToken;
+use tracing::debug;
 
-/// How long a closing peer gets to take what is still queued for it and its close frame;
-/// past it the connection is reset.
-pub const CLOSE_DEADLINE: Duration = Duration::from_secs(5);
-
-/// After the node's close frame went out (and its write side was shut down): how long the node
-/// keeps reading, and discarding, what the client still sends while it waits for the client to
-/// hang up. Closing a socket with unread input makes the kernel send a reset, which can destroy
-/// the close frame before the client reads it (a client halfway through a large frame would
-/// see 1006 instead of 1009).
-pub const CLOSE_LINGER: Duration = Duration::from_secs(2);
-
-/// A slow consumer's close frame, when it could still be written, gets this long to be
-/// answered before the connection is reset.
-pub const SLOW_LINGER: Duration = Duration::from_secs(1);
-
-/// The connection's WebSocket: reads straight from the socket, writes through its outbox.
-type Ws = WebSocketStream<ClientIo>;
-
-/// Serves one upgraded connection until it ends; then leaves every room it was in. `early`:
-/// bytes of the client's first frames that arrived with its upgrade request.
-///
-/// One task per connection: it waits for the client's next frame, and for frames in its outbox.
-pub async fn run(sock: TcpStream, early: Bytes, client_id: String, peer: String, state: Arc<NodeState>) {
-    let conn = state.hub.next_conn_id();
-    // Debug level: a span per idle connection costs memory (its fields, formatted) for
-    // nothing when only info and above are logged.
-    let span = debug_span!("client", id = %client_id, node = %state.cfg.name, peer = %peer, conn);
-    async move {
-        state.metrics.connections_active.inc();
-        state.metrics.connections_total.inc();
-        let sock = Arc::new(sock);
-        let wire: Arc<dyn Wire> = Arc::clone(&sock) as Arc<dyn Wire>;
-        let out = Outbox::new(Some(wire), Arc::clone(&state.limits));
-        let io = ClientIo { sock, out: Arc::clone(&out) };
-        // Boxed: this await's state would otherwise size the connection's task for its life.
-        let mut ws =
-            Box::pin(WebSocketStream::from_partially_read(io, early.to_vec(), Role::Server, Some(state.ws_config)))
-                .await;
-        drop(early);
-        let id: Arc<str> = Arc::from(client_id.as_str());
-        state.hub.register(conn, Arc::clone(&id));
-        let mut client = Client {
-            id: client_id,
-            name: None,
-            rooms: BTreeMap::new(),
-            conn,
-            // A child of the node's shutdown: one wait covers both reasons to stop writing.
-            member: Member { out, kick: state.shutdown.child_token() },
-            state: Arc::clone(&state),
-            grace_until: None,
-            tokens: f64::from(state.cfg.rate_limit_burst),
-            tokens_at: tokio::time::Instant::now(),
-        };
-        // The rarely-run steps are boxed: a connection's task is sized by its largest await
-        // state, and an idle connection should pay only for waiting on its next frame.
-        Box::pin(client.start()).await;
-        let close = client.serve(&mut ws).await;
-        // The goodbye goes out while the rooms are left: a peer that stopped reading may take
-        // up to CLOSE_DEADLINE to refuse it, and nobody else should wait for that.
-        let goodbye = tokio::spawn(goodbye(ws, close).in_current_span());
-        Box::pin(client.leave_all()).await;
-        state.hub.unregister(conn);
-        drop(client);
-        let _ = goodbye.await;
-        state.metrics.connections_active.dec();
-        debug!("connection closed");
-    }
-    .instrument(span)
-    .await
+/// The close frame the node ends a connection with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Close {
+    pub code: u16,
+    pub reason: &'static str,
 }
 
-/// Ends a connection without the kernel turning its close into a reset, except where a reset
-/// is the point:
-/// - a close the node starts (1009, 1012, …): what waits goes out, then the close frame, then
-///   the write side is shut down and the client's remaining input is read and discarded
-///   until it hangs up ([`CLOSE_LINGER`] at most); a client that does not take it all within
-///   [`CLOSE_DEADLINE`] is reset;
-/// - a slow consumer (1008): its backlog is dropped; the close frame goes only if the socket
-///   takes it at once, and unless the client then hangs up within [`SLOW_LINGER`] the
-///   connection is reset (`SO_LINGER` 0). A plain close would queue the FIN behind megabytes
-///   of unsent data, and the socket would sit in FIN-WAIT-1, pinning that kernel memory, for
-///   as long as the stalled client answers window probes;
-/// - the client closed (or vanished): tungstenite's answer to its close frame goes out, then
-///   the socket is closed.
-async fn goodbye(mut ws: Ws, close: Option<(u16, &'static str)>) {
-    let out = Arc::clone(&ws.get_ref().out);
-    let sock = Arc::clone(&ws.get_ref().sock);
-    let frame = |code: u16, reason: &'static str| {
-        Message::Close(Some(CloseFrame { code: CloseCode::from(code), reason: reason.into() }))
-    };
-    let clean = match close {
-        Some((CLOSE_POLICY, reason)) => {
-            if out.discard() {
-                let _ = ws.send(frame(CLOSE_POLICY, reason)).await;
-            }
-            // Written whole at once, or not at all: nothing may wait behind a stalled reader.
-            out.write_now() && shut_write(&sock) && linger(&sock, SLOW_LINGER).await
+impl Close {
+    /// The hub found the client too slow (see [`crate::outbox`]).
+    pub const SLOW_CONSUMER: Self = Self { code: CLOSE_POLICY, reason: "slow consumer" };
+    /// The node is shutting down: reconnect (to another node).
+    pub const SHUTDOWN: Self = Self { code: CLOSE_RESTART, reason: "node shutting down" };
+    /// A frame over `max_message_bytes`.
+    pub const TOO_BIG: Self = Self { code: CLOSE_TOO_BIG, reason: "message too big" };
+}
+
+/// When an input is handled, as read by the connection's task.
+#[derive(Debug, Clone, Copy)]
+pub struct Now {
+    /// For the rate limit.
+    pub at: Instant,
+    /// Milliseconds since the Unix epoch: the `timestamp` of the messages sent.
+    pub unix_ms: u64,
+}
+
+/// Token bucket of the optional rate limit: tokens left, and when they were counted.
+#[derive(Debug)]
+struct TokenBucket {
+    tokens: f64,
+    at: Instant,
+}
+
+impl TokenBucket {
+    /// Takes a token if `rate` per second (0: no limit) with bursts of `burst` allows one at
+    /// `now`.
+    fn take(&mut self, now: Instant, rate: u32, burst: u32) -> bool {
+        if rate == 0 {
+            return true;
         }
-        Some((code, reason)) => {
-            out.seal();
-            let _ = ws.send(frame(code, reason)).await;
-            let flushed = matches!(tokio::time::timeout(CLOSE_DEADLINE, out.flush()).await, Ok(Ok(())));
-            flushed && shut_write(&sock) && {
-                linger(&sock, CLOSE_LINGER).await;
-                true
-            }
-        }
-        None => {
-            out.seal();
-            // Tungstenite answers a close frame itself; this sends the answer on its way.
-            let _ = ws.flush().await;
-            let _ = tokio::time::timeout(Duration::from_secs(1), out.flush()).await;
+        let refill = now.saturating_duration_since(self.at).as_secs_f64() * f64::from(rate);
+        self.tokens = (self.tokens + refill).min(f64::from(burst));
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
             true
-        }
-    };
-    if !clean {
-        if let Err(e) = sock.set_zero_linger() {
-            debug!(error = %e, "could not set SO_LINGER 0");
-        }
-    }
-    out.close();
-    // The socket closes when its last handle, in `ws`, goes.
-}
-
-/// Shuts down the socket's write side (the client reads what was sent, then end of stream).
-fn shut_write(sock: &TcpStream) -> bool {
-    socket2::SockRef::from(sock).shutdown(std::net::Shutdown::Write).is_ok()
-}
-
-/// Reads and discards what the client still sends until it hangs up (`true`) or `within`
-/// passes (`false`).
-async fn linger(sock: &TcpStream, within: Duration) -> bool {
-    let drain = async {
-        let mut sink = [0u8; 4096];
-        loop {
-            if sock.readable().await.is_err() {
-                return true;
-            }
-            match sock.try_read(&mut sink) {
-                Ok(0) => return true,
-                Ok(_) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                // Reset by the peer: it is gone as well.
-                Err(_) => return true,
-            }
-        }
-    };
-    tokio::time::timeout(within, drain).await.unwrap_or(false)
-}
-
-/// Why a connection stopped writing.
-enum WriteStop {
-    /// The hub found it too slow (close with 1008), or the node is shutting down (1012).
-    Kicked,
-    /// The socket failed: nothing more can be sent.
-    Failed,
-}
-
-/// Runs `work` to its end while writing out whatever waits in the outbox meanwhile (a resume
-/// queues a whole replay), so a long step never fills this client's own queue. If writing has
-/// to stop, `work` still runs to its end (dropping it halfway could leave a room half joined);
-/// the reason comes back with its output. `kicked` is the connection's one wait for its kick.
-async fn writing_while<F>(
-    work: F,
-    out: &Outbox,
-    kicked: &mut (impl std::future::Future<Output = ()> + Unpin),
-) -> (F::Output, Option<WriteStop>)
-where
-    F: std::future::Future,
-{
-    tokio::pin!(work);
-    loop {
-        tokio::select! {
-            biased;
-            r = &mut work => return (r, None),
-            _ = &mut *kicked => return (work.await, Some(WriteStop::Kicked)),
-            r = out.write_backlog() => if let Err(e) = r {
-                debug!(error = %e, "write failed");
-                return (work.await, Some(WriteStop::Failed));
-            }
+        } else {
+            false
         }
     }
 }
 
-/// The per-connection state the connection task owns.
-struct Client {
+/// One client's state on this node, owned by its connection's task.
+pub struct Client {
     id: String,
     name: Option<String>,
     /// Rooms this connection is a member of, with their delivery gates.
@@ -230,13 +87,45 @@ struct Client {
     member: Member,
     state: Arc<NodeState>,
     /// While restored rooms hold frames waiting for `resume`: when to stop waiting.
-    grace_until: Option<tokio::time::Instant>,
-    /// Token bucket of the optional rate limit: tokens left, and when they were counted.
-    tokens: f64,
-    tokens_at: tokio::time::Instant,
+    grace_until: Option<Instant>,
+    rate: TokenBucket,
 }
 
 impl Client {
+    /// A client `id` on connection `conn` of this node, answering through `out`; registered
+    /// with the hub at once (session refresh and presence see it from now on). `now` starts
+    /// the rate limit's clock.
+    pub fn new(id: String, conn: u64, out: Arc<Outbox>, state: Arc<NodeState>, now: Instant) -> Self {
+        state.hub.register(conn, Arc::from(id.as_str()));
+        Self {
+            id,
+            name: None,
+            rooms: BTreeMap::new(),
+            conn,
+            // A child of the node's shutdown: one wait covers both reasons to stop writing.
+            member: Member { out, kick: state.shutdown.child_token() },
+            grace_until: None,
+            rate: TokenBucket { tokens: f64::from(state.cfg.rate_limit_burst), at: now },
+            state,
+        }
+    }
+
+    /// Where this client's frames wait for its socket.
+    pub fn outbox(&self) -> &Arc<Outbox> {
+        &self.member.out
+    }
+
+    /// Cancelled when the hub kicks this client as a slow consumer, or the node shuts down.
+    pub fn kick(&self) -> &CancellationToken {
+        &self.member.kick
+    }
+
+    /// When the rooms still holding for a `resume` are to be released as they are
+    /// ([`Client::end_grace`]); `None` when none holds.
+    pub fn grace_deadline(&self) -> Option<Instant> {
+        self.grace_until
+    }
+
     fn backbone(&self) -> &dyn Backbone {
         self.state.backbone.as_ref()
     }
@@ -270,9 +159,16 @@ impl Client {
         }
     }
 
-    /// Loads the session, re-joins its rooms (holding their frames) and sends `connected`.
-    async fn start(&mut self) {
-        let (stored, load_error) = match self.backbone().load_session(&self.id).await {
+    /// Loads the client's session from the backbone and [`begin`](Client::begin)s with it.
+    pub async fn start(&mut self, now: Instant) {
+        let loaded = self.backbone().load_session(&self.id).await;
+        self.begin(loaded, now).await;
+    }
+
+    /// Starts from what loading the session gave: re-joins its rooms (holding their frames
+    /// until `resume`, or `resume_grace` after `now`) and sends `connected`.
+    pub async fn begin(&mut self, loaded: Result<Option<SessionRecord>, BackboneError>, now: Instant) {
+        let (stored, load_error) = match loaded {
             Ok(s) => (s, None),
             Err(e) => (None, Some(e)),
         };
@@ -337,7 +233,7 @@ impl Client {
             self.send_text(frame);
         }
         if !self.rooms.is_empty() {
-            self.grace_until = Some(tokio::time::Instant::now() + self.state.cfg.resume_grace);
+            self.grace_until = Some(now + self.state.cfg.resume_grace);
         }
     }
 
@@ -401,77 +297,29 @@ impl Client {
         }
     }
 
-    /// Reads and handles the client's frames and writes out its send queue, until the
-    /// connection ends; returns the close frame to send, if any.
-    async fn serve(&mut self, ws: &mut Ws) -> Option<(u16, &'static str)> {
-        let shutdown = self.state.shutdown.clone();
-        let kick = self.member.kick.clone();
-        let out = Arc::clone(&self.member.out);
-        let stopped = |stop: WriteStop| match stop {
-            WriteStop::Kicked if shutdown.is_cancelled() => Some((CLOSE_RESTART, "node shutting down")),
-            WriteStop::Kicked => Some((CLOSE_POLICY, "slow consumer")),
-            WriteStop::Failed => None,
-        };
-        // `kick` is a child of the node's shutdown token, so this one wait covers both. It is
-        // made once, not on every turn of the loop (a fresh wait registers with its token
-        // again each time), and a second one would cost every idle client its size.
-        let mut kicked = std::pin::pin!(kick.cancelled());
-        loop {
-            let grace = self.grace_until;
-            let next = tokio::select! {
-                _ = &mut kicked => return stopped(WriteStop::Kicked),
-                written = out.write_backlog() => {
-                    if let Err(e) = written {
-                        debug!(error = %e, "write failed");
-                        return stopped(WriteStop::Failed);
-                    }
-                    continue;
-                }
-                _ = sleep_until_or_never(grace) => {
-                    self.end_grace();
-                    continue;
-                }
-                next = ws.next() => next,
-            };
-            // Text frames already received are handled together (consecutive messages to one
-            // room are published in one backbone call); whatever else arrived after them is
-            // handled next, before waiting again.
-            let mut next = next;
-            loop {
-                match next {
-                    None | Some(Ok(Message::Close(_))) => return None,
-                    Some(Ok(Message::Text(text))) => {
-                        let (rest, after) = ready_texts(ws, text.len());
-                        let (_, stop) = writing_while(Box::pin(self.handle(text, rest)), &out, &mut kicked).await;
-                        if let Some(stop) = stop {
-                            return stopped(stop);
-                        }
-                        match after {
-                            Some(after) => next = *after,
-                            None => break,
-                        }
-                    }
-                    Some(Ok(Message::Binary(_))) => {
-                        self.error(ErrorCode::BadJson, "binary frames are not supported; send JSON text frames");
-                        break;
-                    }
-                    Some(Ok(_)) => break, // ping/pong: tungstenite answers pings itself
-                    Some(Err(WsError::Capacity(e))) => {
-                        debug!(error = %e, "oversized frame");
-                        self.state.metrics.oversized_frames.inc();
-                        return Some((CLOSE_TOO_BIG, "message too big"));
-                    }
-                    Some(Err(e)) => {
-                        debug!(error = %e, "read failed");
-                        return None;
-                    }
-                }
-            }
+    /// A binary frame: answered `bad_json`, nothing else happens.
+    pub fn refuse_binary(&self) {
+        self.error(ErrorCode::BadJson, "binary frames are not supported; send JSON text frames");
+    }
+
+    /// A frame over `max_message_bytes` arrived: the connection ends with 1009.
+    pub fn oversized(&self) -> Close {
+        self.state.metrics.oversized_frames.inc();
+        Close::TOO_BIG
+    }
+
+    /// The kick token was cancelled: by the hub for a slow consumer (1008) or by the node's
+    /// shutdown (1012), told apart by the shutdown token.
+    pub fn kicked(&self) -> Close {
+        if self.state.shutdown.is_cancelled() {
+            Close::SHUTDOWN
+        } else {
+            Close::SLOW_CONSUMER
         }
     }
 
     /// `resume_grace` passed: rooms still holding release their frames as they are.
-    fn end_grace(&mut self) {
+    pub fn end_grace(&mut self) {
         self.grace_until = None;
         for gate in self.rooms.values() {
             let mut g = gate.lock();
@@ -482,7 +330,7 @@ impl Client {
     }
 
     /// Sends held frames in order, skipping messages already sent.
-    fn release_held(&self, g: &mut crate::hub::GateState, held: Vec<Utf8Bytes>) {
+    fn release_held(&self, g: &mut GateState, held: Vec<Utf8Bytes>) {
         for frame in held {
             if let Some(meta) = FrameMeta::parse(frame.as_str()) {
                 if g.already_sent(&meta) {
@@ -495,36 +343,19 @@ impl Client {
         }
     }
 
-    /// Takes a token if the rate limit allows this frame.
-    fn within_rate(&mut self) -> bool {
-        let rate = self.state.cfg.rate_limit_per_sec;
-        if rate == 0 {
-            return true;
-        }
-        let now = tokio::time::Instant::now();
-        let refill = now.duration_since(self.tokens_at).as_secs_f64() * f64::from(rate);
-        self.tokens = (self.tokens + refill).min(f64::from(self.state.cfg.rate_limit_burst));
-        self.tokens_at = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-
-    /// Handles frames in order. Consecutive `message`s to one joined room are published
-    /// together, in one backbone call; anything else is handled on its own, after them.
-    async fn handle(&mut self, first: Utf8Bytes, rest: Vec<Utf8Bytes>) {
+    /// Handles consecutive text frames, read at `now`, in order. Consecutive `message`s to
+    /// one joined room are published together, in one backbone call; anything else is
+    /// handled on its own, after them.
+    pub async fn handle(&mut self, first: Utf8Bytes, rest: Vec<Utf8Bytes>, now: Now) {
         let mut pending = Pending::default();
         for text in std::iter::once(first).chain(rest) {
-            match self.decode(text.as_str()) {
+            match self.decode(text.as_str(), now.at) {
                 Ok(ClientMsg::Message { room, text }) if self.rooms.contains_key(&room) => {
                     if pending.room != room {
                         self.publish(&mut pending).await;
                         pending.room = room;
                     }
-                    let prefix = self.message_head(&pending.room, &text).json_prefix();
+                    let prefix = self.message_head(&pending.room, &text, now.unix_ms).json_prefix();
                     pending.prefixes.push(prefix);
                 }
                 Ok(msg) => {
@@ -541,8 +372,9 @@ impl Client {
     }
 
     /// Rate limit, then decoding.
-    fn decode(&mut self, text: &str) -> Result<ClientMsg, (ErrorCode, String)> {
-        if !self.within_rate() {
+    fn decode(&mut self, text: &str, now: Instant) -> Result<ClientMsg, (ErrorCode, String)> {
+        let (rate, burst) = (self.state.cfg.rate_limit_per_sec, self.state.cfg.rate_limit_burst);
+        if !self.rate.take(now, rate, burst) {
             let msg =
                 format!("more than {} frames per second; this one was not acted on", self.state.cfg.rate_limit_per_sec);
             return Err((ErrorCode::RateLimited, msg));
@@ -628,7 +460,7 @@ impl Client {
         self.leave_presence(room, LeaveReason::Left).await;
     }
 
-    fn message_head<'a>(&'a self, room: &'a str, text: &'a str) -> MessageHead<'a> {
+    fn message_head<'a>(&'a self, room: &'a str, text: &'a str, unix_ms: u64) -> MessageHead<'a> {
         MessageHead {
             kind: "message",
             room,
@@ -636,7 +468,7 @@ impl Client {
             id: &self.id,
             text,
             server: &self.state.cfg.name,
-            timestamp: SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64),
+            timestamp: unix_ms,
         }
     }
 
@@ -716,7 +548,7 @@ impl Client {
 
     /// The log could not be read: no `resumed` (it would claim a replay that did not
     /// happen), an error instead, and the room's live frames flow again.
-    fn resume_failed(&mut self, room: &str, gate: &Gate, e: &crate::backbone::BackboneError) {
+    fn resume_failed(&mut self, room: &str, gate: &Gate, e: &BackboneError) {
         self.error(ErrorCode::BackboneUnavailable, &format!("cannot resume {room}: {e}"));
         let mut g = gate.lock();
         if let Some(held) = g.held.take() {
@@ -732,9 +564,10 @@ impl Client {
         }
     }
 
-    /// Leaves every room on disconnect and announces it. The session keeps the rooms: the
-    /// client gets them back when it reconnects, to any node, within `session_ttl`.
-    async fn leave_all(&mut self) {
+    /// The connection ended: leaves every room and announces it, and unregisters from the
+    /// hub. The session keeps the rooms: the client gets them back when it reconnects, to any
+    /// node, within `session_ttl`.
+    pub async fn disconnect(&mut self) {
         let rooms = std::mem::take(&mut self.rooms);
         for room in rooms.keys() {
             self.state.hub.remove(room, self.conn);
@@ -749,13 +582,7 @@ impl Client {
         if let Err(e) = self.backbone().touch_sessions(&id).await {
             debug!(error = %e, "could not restart the session's expiry");
         }
-    }
-}
-
-async fn sleep_until_or_never(deadline: Option<tokio::time::Instant>) {
-    match deadline {
-        Some(d) => tokio::time::sleep_until(d).await,
-        None => std::future::pending().await,
+        self.state.hub.unregister(self.conn);
     }
 }
 
@@ -764,31 +591,4 @@ async fn sleep_until_or_never(deadline: Option<tokio::time::Instant>) {
 struct Pending {
     room: String,
     prefixes: Vec<String>,
-}
-
-/// Most frames handled together; and most bytes of them.
-const GATHER_FRAMES: usize = 64;
-const GATHER_BYTES: usize = 256 * 1024;
-
-/// What reading a WebSocket yields: a frame, an error, or `None` at its end.
-type Read = Option<Result<Message, WsError>>;
-
-/// The text frames that have already arrived after one of `first_len` bytes, without waiting
-/// (up to [`GATHER_FRAMES`] / [`GATHER_BYTES`]), and the first other item read, if any. That
-/// one is boxed: it is kept while the texts are handled, and unboxed it would add the size of
-/// a tungstenite error to every connection's task.
-fn ready_texts(ws: &mut Ws, first_len: usize) -> (Vec<Utf8Bytes>, Option<Box<Read>>) {
-    let mut texts = Vec::new();
-    let mut bytes = first_len;
-    while texts.len() + 1 < GATHER_FRAMES && bytes < GATHER_BYTES {
-        match ws.next().now_or_never() {
-            Some(Some(Ok(Message::Text(t)))) => {
-                bytes += t.len();
-                texts.push(t);
-            }
-            Some(other) => return (texts, Some(Box::new(other))),
-            None => break,
-        }
-    }
-    (texts, None)
 }
