@@ -294,10 +294,6 @@ impl Hub {
         self.rooms.get(room).is_some_and(|r| !r.members.is_empty())
     }
 
-    pub fn member_count(&self, room: &str) -> usize {
-        self.rooms.get(room).map_or(0, |r| r.members.len())
-    }
-
     /// Rooms with at least one local member.
     pub fn rooms(&self) -> Vec<String> {
         self.rooms.iter().filter(|e| !e.value().members.is_empty()).map(|e| e.key().clone()).collect()

@@ -33,3 +33,6 @@ use tokio_tungstenite::WebSocketStream;
 
 /// The connection's WebSocket: reads straight from the socket, writes through its outbox.
 type Ws = WebSocketStream<ClientIo>;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,456 @@
+//! The client state machine driven without sockets: inputs go in through [`Client`]'s
+//! methods, and what it says comes back out of an outbox with no socket behind it.
+
+use super::{Client, Close, Now};
+use crate::backbone::local::LocalBackbone;
+use crate::backbone::{
+    Backbone, BackboneError, PresenceChange, PresenceEntry, Replay, Scope, SessionRecord, Unpublished,
+};
+use crate::config::{BackboneKind, FileConfig};
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+use crate::outbox::{frame_payload, Outbox};
+use crate::state::NodeState;
+use futures_util::future::{ready, BoxFuture, FutureExt};
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tether_proto::wire::{CLOSE_POLICY, CLOSE_RESTART, CLOSE_TOO_BIG};
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+/// The `none` backbone, plus what a shared backbone adds and it lacks: stored sessions and a
+/// log per room to replay (epoch `e1`).
+struct Logged {
+    inner: LocalBackbone,
+    hub: Arc<Hub>,
+    metrics: Metrics,
+    sessions: Mutex<HashMap<String, SessionRecord>>,
+    logs: Mutex<HashMap<String, Vec<(u64, String)>>>,
+}
+
+impl Backbone for Logged {
+    fn publish_messages<'a>(&'a self, room: &'a str, prefixes: Vec<String>) -> BoxFuture<'a, Result<(), Unpublished>> {
+        let mut logs = self.logs.lock().unwrap();
+        let log = logs.entry(room.to_string()).or_default();
+        for prefix in prefixes {
+            let seq = log.len() as u64 + 1;
+            let frame = format!("{prefix}{seq},\"epoch\":\"e1\"}}");
+            log.push((seq, frame.clone()));
+            self.hub.deliver(room, &Utf8Bytes::from(frame), &self.metrics);
+        }
+        ready(Ok(())).boxed()
+    }
+    fn publish_event<'a>(&'a self, room: &'a str, json: String) -> BoxFuture<'a, Result<(), BackboneError>> {
+        self.inner.publish_event(room, json)
+    }
+    fn subscribe<'a>(&'a self, room: &'a str) -> BoxFuture<'a, Result<(), BackboneError>> {
+        self.inner.subscribe(room)
+    }
+    fn release<'a>(&'a self, room: &'a str) -> BoxFuture<'a, ()> {
+        self.inner.release(room)
+    }
+    fn load_session<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<SessionRecord>, BackboneError>> {
+        ready(Ok(self.sessions.lock().unwrap().get(id).cloned())).boxed()
+    }
+    fn save_session<'a>(&'a self, id: &'a str, s: &'a SessionRecord) -> BoxFuture<'a, Result<(), BackboneError>> {
+        self.sessions.lock().unwrap().insert(id.to_string(), s.clone());
+        ready(Ok(())).boxed()
+    }
+    fn touch_sessions<'a>(&'a self, ids: &'a [Arc<str>]) -> BoxFuture<'a, Result<(), BackboneError>> {
+        self.inner.touch_sessions(ids)
+    }
+    fn replay<'a>(&'a self, room: &'a str, after: u64) -> BoxFuture<'a, Result<Replay, BackboneError>> {
+        let logs = self.logs.lock().unwrap();
+        let log = logs.get(room).cloned().unwrap_or_default();
+        let head_seq = log.len() as u64;
+        let frames = log.into_iter().filter(|(seq, _)| *seq > after).collect();
+        ready(Ok(Replay { epoch: Some("e1".into()), head_seq, frames })).boxed()
+    }
+    fn presence_add<'a>(
+        &'a self,
+        scope: Scope<'a>,
+        conn: u64,
+        entry: &'a PresenceEntry,
+        event: Option<String>,
+    ) -> BoxFuture<'a, Result<(PresenceChange, Option<String>), BackboneError>> {
+        self.inner.presence_add(scope, conn, entry, event)
+    }
+    fn presence_rename<'a>(
+        &'a self,
+        scope: Scope<'a>,
+        conn: u64,
+        entry: &'a PresenceEntry,
+    ) -> BoxFuture<'a, Result<(), BackboneError>> {
+        self.inner.presence_rename(scope, conn, entry)
+    }
+    fn presence_remove<'a>(
+        &'a self,
+        scope: Scope<'a>,
+        conn: u64,
+        id: &'a str,
+        event: Option<String>,
+    ) -> BoxFuture<'a, Result<PresenceChange, BackboneError>> {
+        self.inner.presence_remove(scope, conn, id, event)
+    }
+    fn presence_list<'a>(&'a self, scope: Scope<'a>) -> BoxFuture<'a, Result<Vec<PresenceEntry>, BackboneError>> {
+        self.inner.presence_list(scope)
+    }
+    fn is_ready(&self) -> bool {
+        true
+    }
+}
+
+/// A node named `n1` over the `none` backbone (or, `logged`, over [`Logged`]), configured by
+/// `file` otherwise.
+fn node_with(file: FileConfig, logged: bool) -> (Arc<NodeState>, Option<Arc<Logged>>) {
+    let file = FileConfig { name: Some("n1".into()), backbone: Some(BackboneKind::None), ..file };
+    let cfg = Arc::new(file.validate().expect("a valid test config"));
+    let hub = Arc::new(Hub::new(cfg.send_queue_len));
+    let metrics = Metrics::new();
+    let inner = LocalBackbone::new(Arc::clone(&hub), metrics.clone());
+    let (backbone, log): (Arc<dyn Backbone>, _) = if logged {
+        let l = Arc::new(Logged {
+            inner,
+            hub: Arc::clone(&hub),
+            metrics: metrics.clone(),
+            sessions: Mutex::default(),
+            logs: Mutex::default(),
+        });
+        (Arc::clone(&l) as Arc<dyn Backbone>, Some(l))
+    } else {
+        (Arc::new(inner), None)
+    };
+    (Arc::new(NodeState::new(cfg, hub, backbone, metrics)), log)
+}
+
+fn node() -> Arc<NodeState> {
+    node_with(FileConfig::default(), false).0
+}
+
+/// A client whose outbox has no socket: its frames wait there for [`said`].
+fn client(state: &Arc<NodeState>, id: &str, now: Instant) -> Client {
+    let out = Outbox::new(None, Arc::clone(&state.limits));
+    Client::new(id.into(), state.hub.next_conn_id(), out, Arc::clone(state), now)
+}
+
+/// A connected client that has read and dropped its `connected`.
+async fn connected(state: &Arc<NodeState>, id: &str, now: Instant) -> Client {
+    let mut c = client(state, id, now);
+    c.begin(Ok(None), now).await;
+    assert_eq!(types(&said(&c)), ["connected"]);
+    c
+}
+
+/// Everything the client was sent since last asked, oldest first.
+fn said(c: &Client) -> Vec<Value> {
+    c.outbox().take_all().iter().map(|f| serde_json::from_slice(frame_payload(f)).expect("JSON frames")).collect()
+}
+
+fn types(frames: &[Value]) -> Vec<&str> {
+    frames.iter().map(|f| f["type"].as_str().unwrap_or("?")).collect()
+}
+
+fn at(at: Instant) -> Now {
+    Now { at, unix_ms: 1_700_000_000_000 }
+}
+
+/// The client sends `texts`, as one batch read at `now`.
+async fn send(c: &mut Client, now: Instant, texts: &[&str]) {
+    let mut frames = texts.iter().map(|t| Utf8Bytes::from(t.to_string()));
+    let first = frames.next().expect("at least one frame");
+    c.handle(first, frames.collect(), at(now)).await;
+}
+
+fn join(room: &str) -> String {
+    json!({"type": "join", "room": room}).to_string()
+}
+
+fn message(room: &str, text: &str) -> String {
+    json!({"type": "message", "room": room, "text": text}).to_string()
+}
+
+#[tokio::test]
+async fn a_new_client_is_told_connected_first_and_a_failed_load_right_after() {
+    let state = node();
+    let now = Instant::now();
+    let mut c = client(&state, "a1", now);
+    c.begin(Ok(None), now).await;
+    let frames = said(&c);
+    assert_eq!(
+        frames,
+        [json!({"type": "connected", "server": "n1", "id": "a1", "session": "new", "name": null, "rooms": []})]
+    );
+    assert_eq!(c.grace_deadline(), None, "nothing to resume");
+
+    let mut c = client(&state, "a2", now);
+    c.begin(Err(BackboneError::NotConnected), now).await;
+    let frames = said(&c);
+    assert_eq!(types(&frames), ["connected", "error"]);
+    assert_eq!(frames[1]["code"], "backbone_unavailable");
+}
+
+#[tokio::test]
+async fn join_is_confirmed_through_the_room_and_leave_directly() {
+    let state = node();
+    let now = Instant::now();
+    let mut c = connected(&state, "a", now).await;
+    send(&mut c, now, &[&join("r")]).await;
+    let mut frames = said(&c);
+    // The room's position when the join took effect (the `none` backbone's epoch is random).
+    assert!(frames[0]["epoch"].as_str().is_some_and(|e| e.starts_with("local-")), "{frames:?}");
+    frames[0].as_object_mut().unwrap().remove("epoch");
+    let joined = json!({"type": "user_joined", "room": "r", "user": "a", "id": "a", "server": "n1", "head_seq": 0});
+    assert_eq!(frames, [joined]);
+    assert!(state.hub.has_members("r"));
+    // A second join of the same room is confirmed to this client alone, and changes nothing.
+    send(&mut c, now, &[&join("r")]).await;
+    assert_eq!(types(&said(&c)), ["user_joined"]);
+
+    send(&mut c, now, &[&json!({"type": "leave", "room": "r"}).to_string()]).await;
+    let frames = said(&c);
+    assert_eq!(types(&frames), ["user_left"]);
+    assert_eq!(frames[0]["reason"], "left");
+    assert!(!state.hub.has_members("r"));
+}
+
+#[tokio::test]
+async fn leaving_sending_to_or_resuming_a_room_not_joined_is_not_in_room() {
+    let state = node();
+    let now = Instant::now();
+    let mut c = connected(&state, "a", now).await;
+    let texts = [
+        json!({"type": "leave", "room": "x"}).to_string(),
+        message("x", "hi"),
+        json!({"type": "resume", "rooms": {"x": 3}}).to_string(),
+    ];
+    send(&mut c, now, &texts.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let frames = said(&c);
+    assert_eq!(types(&frames), ["error", "error", "error"]);
+    assert!(frames.iter().all(|f| f["code"] == "not_in_room"), "{frames:?}");
+    assert!(state.hub.rooms().is_empty());
+}
+
+#[tokio::test]
+async fn a_batch_of_messages_reaches_every_member_in_seq_order() {
+    let state = node();
+    let now = Instant::now();
+    let mut a = connected(&state, "a", now).await;
+    let mut b = connected(&state, "b", now).await;
+    send(&mut a, now, &[&join("r")]).await;
+    send(&mut b, now, &[&join("r")]).await;
+    said(&a);
+    said(&b);
+    send(&mut a, now, &[&message("r", "one"), &message("r", "two"), &message("r", "three")]).await;
+    for frames in [said(&a), said(&b)] {
+        let got: Vec<(u64, &str)> =
+            frames.iter().map(|f| (f["seq"].as_u64().unwrap(), f["text"].as_str().unwrap())).collect();
+        assert_eq!(got, [(1, "one"), (2, "two"), (3, "three")]);
+        assert!(frames.iter().all(|f| f["from"] == "a" && f["timestamp"] == 1_700_000_000_000_u64));
+    }
+}
+
+#[tokio::test]
+async fn frames_past_the_rate_limit_are_answered_rate_limited_and_not_acted_on() {
+    let file = FileConfig { rate_limit_per_sec: Some(1), rate_limit_burst: Some(2), ..Default::default() };
+    let state = node_with(file, false).0;
+    let now = Instant::now();
+    let mut c = connected(&state, "a", now).await;
+    // The join takes one token, the first message the other; the second message finds none.
+    send(&mut c, now, &[&join("r"), &message("r", "one"), &message("r", "two")]).await;
+    let frames = said(&c);
+    assert_eq!(types(&frames), ["user_joined", "message", "error"]);
+    assert_eq!(frames[1]["text"], "one");
+    assert_eq!(frames[2]["code"], "rate_limited");
+    // A second later one token has come back.
+    let later = now + Duration::from_secs(1);
+    send(&mut c, later, &[&message("r", "three"), &message("r", "four")]).await;
+    let frames = said(&c);
+    assert_eq!(types(&frames), ["message", "error"]);
+    assert_eq!(frames[0]["text"], "three");
+}
+
+#[tokio::test]
+async fn bad_frames_are_answered_with_their_code_and_change_nothing() {
+    let (state, log) = node_with(FileConfig::default(), true);
+    let log = log.unwrap();
+    let now = Instant::now();
+    let mut c = connected(&state, "a", now).await;
+    send(&mut c, now, &[&join("r")]).await;
+    said(&c);
+    let saved = log.sessions.lock().unwrap().get("a").cloned();
+    send(
+        &mut c,
+        now,
+        &[
+            "not json",
+            r#"{"type":"dance"}"#,
+            r#"{"type":"join"}"#,
+            r#"{"type":"join","room":"a b"}"#,
+            r#"{"type":"set_name","name":""}"#,
+            r#"{"type":"message","room":"r"}"#,
+        ],
+    )
+    .await;
+    c.refuse_binary();
+    let frames = said(&c);
+    let codes: Vec<&str> = frames.iter().map(|f| f["code"].as_str().unwrap_or("not an error")).collect();
+    assert_eq!(
+        codes,
+        ["bad_json", "unknown_type", "missing_field", "invalid_room", "invalid_name", "missing_field", "bad_json"]
+    );
+    assert_eq!(state.hub.rooms(), ["r"]);
+    assert_eq!(log.sessions.lock().unwrap().get("a").cloned(), saved, "the session is as it was");
+    assert!(log.logs.lock().unwrap().is_empty(), "nothing was published");
+}
+
+#[tokio::test]
+async fn set_name_is_saved_and_shows_in_messages_and_presence() {
+    let (state, log) = node_with(FileConfig::default(), true);
+    let log = log.unwrap();
+    let now = Instant::now();
+    let mut c = connected(&state, "a", now).await;
+    let mut other = connected(&state, "b", now).await;
+    send(&mut other, now, &[&join("r")]).await;
+    send(&mut c, now, &[&join("r"), r#"{"type":"set_name","name":"Ann"}"#, &message("r", "hi")]).await;
+    assert_eq!(
+        log.sessions.lock().unwrap().get("a"),
+        Some(&SessionRecord { name: Some("Ann".into()), rooms: vec!["r".into()] })
+    );
+    let frames = said(&c);
+    assert_eq!(types(&frames), ["user_joined", "message"]);
+    assert_eq!(frames[1]["from"], "Ann");
+    send(&mut c, now, &[r#"{"type":"presence","room":"r"}"#, r#"{"type":"online"}"#]).await;
+    let frames = said(&c);
+    let user = |id: &str, user: &str| json!({"id": id, "user": user, "server": "n1"});
+    let mut users = frames[0]["users"].as_array().unwrap().clone();
+    users.sort_by_key(|u| u["id"].as_str().unwrap().to_string());
+    assert_eq!(frames[0]["type"], "presence");
+    assert_eq!(users, [user("a", "Ann"), user("b", "b")]);
+    assert_eq!(frames[1]["type"], "online");
+    assert_eq!(frames[1]["users"].as_array().map(Vec::len), Some(2));
+}
+
+#[tokio::test]
+async fn a_restored_session_holds_its_rooms_until_resume_replays_then_releases() {
+    let (state, log) = node_with(FileConfig::default(), true);
+    let log = log.unwrap();
+    let now = Instant::now();
+    let mut b = connected(&state, "b", now).await;
+    send(&mut b, now, &[&join("r"), &message("r", "m1"), &message("r", "m2")]).await;
+    let stored = SessionRecord { name: Some("ann".into()), rooms: vec!["r".into(), "not a room".into()] };
+    log.sessions.lock().unwrap().insert("a".into(), stored);
+
+    let mut a = client(&state, "a", now);
+    a.start(now).await;
+    assert_eq!(
+        said(&a),
+        [json!({"type": "connected", "server": "n1", "id": "a", "session": "restored", "name": "ann", "rooms": ["r"]})],
+        "its own user_joined waits behind the resume"
+    );
+    assert_eq!(a.grace_deadline(), Some(now + state.cfg.resume_grace));
+    send(&mut b, now, &[&message("r", "m3")]).await;
+    assert!(said(&a).is_empty(), "held while the client has not resumed");
+
+    // The client saw m1: m2 and m3 come from the log, the live m3 is not sent again.
+    send(&mut a, now, &[&json!({"type": "resume", "rooms": {"r": {"seq": 1, "epoch": "e1"}}}).to_string()]).await;
+    let frames = said(&a);
+    assert_eq!(types(&frames), ["message", "message", "resumed", "user_joined"]);
+    assert_eq!((frames[0]["text"].as_str(), frames[0]["replay"].as_bool()), (Some("m2"), Some(true)));
+    assert_eq!((frames[1]["text"].as_str(), frames[1]["seq"].as_u64()), (Some("m3"), Some(3)));
+    assert_eq!(
+        frames[2],
+        json!({"type": "resumed", "room": "r", "from_seq": 2, "to_seq": 3, "epoch": "e1", "complete": true})
+    );
+    assert_eq!(frames[3]["user"], "ann");
+    assert_eq!(a.grace_deadline(), None, "nothing holds any more");
+    send(&mut b, now, &[&message("r", "m4")]).await;
+    assert_eq!(said(&a).iter().map(|f| f["seq"].clone()).collect::<Vec<_>>(), [json!(4)], "live again");
+}
+
+#[tokio::test]
+async fn the_grace_passing_releases_rooms_not_resumed_as_they_are() {
+    let (state, log) = node_with(FileConfig::default(), true);
+    let log = log.unwrap();
+    let now = Instant::now();
+    let mut b = connected(&state, "b", now).await;
+    send(&mut b, now, &[&join("r")]).await;
+    log.sessions.lock().unwrap().insert("a".into(), SessionRecord { name: None, rooms: vec!["r".into()] });
+    let mut a = client(&state, "a", now);
+    a.start(now).await;
+    assert_eq!(types(&said(&a)), ["connected"]);
+    send(&mut b, now, &[&message("r", "m1")]).await;
+    assert!(said(&a).is_empty());
+    a.end_grace();
+    let frames = said(&a);
+    assert_eq!(types(&frames), ["user_joined", "message"]);
+    assert_eq!(frames[1]["seq"], 1);
+    assert_eq!(a.grace_deadline(), None);
+}
+
+#[tokio::test]
+async fn a_slow_consumer_is_kicked_and_closed_with_1008_and_on_shutdown_with_1012() {
+    let file = FileConfig { send_queue_len: Some(4), ..Default::default() };
+    let state = node_with(file, false).0;
+    let now = Instant::now();
+    let mut slow = connected(&state, "slow", now).await;
+    let mut fast = connected(&state, "fast", now).await;
+    send(&mut slow, now, &[&join("r")]).await;
+    send(&mut fast, now, &[&join("r")]).await;
+    for i in 0..3 {
+        send(&mut fast, now, &[&message("r", &i.to_string())]).await;
+        said(&fast);
+    }
+    // `slow` never read: its user_joined, fast's and three messages are over its four frames.
+    assert!(slow.kick().is_cancelled());
+    assert!(!fast.kick().is_cancelled());
+    assert_eq!(slow.kicked(), Close::SLOW_CONSUMER);
+    assert_eq!(slow.kicked().code, CLOSE_POLICY);
+    assert_eq!(state.metrics.slow_consumers.get(), 1);
+
+    state.shutdown.cancel();
+    assert!(fast.kick().is_cancelled(), "a shutdown kicks every connection");
+    assert_eq!(fast.kicked().code, CLOSE_RESTART);
+}
+
+#[tokio::test]
+async fn an_oversized_frame_closes_with_1009() {
+    let state = node();
+    let c = connected(&state, "a", Instant::now()).await;
+    assert_eq!(c.oversized().code, CLOSE_TOO_BIG);
+    assert_eq!(state.metrics.oversized_frames.get(), 1);
+    assert!(said(&c).is_empty(), "the close frame says it all");
+}
+
+#[tokio::test]
+async fn disconnect_leaves_every_room_and_the_others_hear_it() {
+    let state = node();
+    let now = Instant::now();
+    let mut a = connected(&state, "a", now).await;
+    let mut b = connected(&state, "b", now).await;
+    send(&mut a, now, &[&join("r"), &join("s")]).await;
+    send(&mut b, now, &[&join("r")]).await;
+    said(&b);
+    a.disconnect().await;
+    let frames = said(&b);
+    assert_eq!(types(&frames), ["user_left"]);
+    assert_eq!((frames[0]["id"].as_str(), frames[0]["reason"].as_str()), (Some("a"), Some("disconnected")));
+    assert_eq!(state.hub.rooms(), ["r"]);
+    assert_eq!(state.hub.client_ids().iter().map(|id| id.to_string()).collect::<Vec<_>>(), ["b"]);
+    send(&mut b, now, &[r#"{"type":"online"}"#]).await;
+    assert_eq!(said(&b)[0]["users"].as_array().map(Vec::len), Some(1));
+}
+
+#[tokio::test]
+async fn joining_past_max_rooms_per_client_is_invalid_room() {
+    let file = FileConfig { max_rooms_per_client: Some(1), ..Default::default() };
+    let state = node_with(file, false).0;
+    let now = Instant::now();
+    let mut c = connected(&state, "a", now).await;
+    send(&mut c, now, &[&join("r"), &join("s")]).await;
+    let frames = said(&c);
+    assert_eq!(types(&frames), ["user_joined", "error"]);
+    assert_eq!(frames[1]["code"], "invalid_room");
+    assert_eq!(state.hub.rooms(), ["r"]);
+}
