@@ -1,7 +1,7 @@
 //! Node configuration: the TOML file (`configs/node.toml`), validated into [`Config`].
 //!
 //! `FileConfig` mirrors the file with every field optional and unknown fields refused;
-//! `main.rs` lays CLI flags over it; [`FileConfig::validate`] turns the result into a
+//! [`crate::cli`] lays the binary's flags over it; [`FileConfig::validate`] turns the result into a
 //! [`Config`] with every default filled in, or an error naming the offending field.
 
 use serde::Deserialize;

@@ -13,12 +13,15 @@
 //!   them, a bounded queue when it does not, and the slow-consumer policy;
 //! - [`backbone`]: how frames travel between nodes (Redis pub/sub + streams, or none);
 //! - [`config`]: `configs/node.toml` and its validation;
+//! - [`cli`]: the binary's flags laid over the config, its start-up and exit codes;
 //! - [`metrics`]: every exported metric.
 //!
-//! The binary (`main.rs`) only parses flags, loads the config, binds and calls [`run`].
+//! The binary (`main.rs`) only calls [`cli`]: parse the flags, load the config, start the
+//! runtime, bind and call [`run`].
 #![forbid(unsafe_code)]
 
 pub mod backbone;
+pub mod cli;
 pub mod config;
 pub mod connection;
 pub mod hub;
