@@ -6,8 +6,9 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 use tether::cluster::{LogTarget, NodeProcess, RedisServer, SpawnOptions};
-use tether_tests::{eventually, http_get, Backend, InProcessNode, Kind, WsClient, DEADLINE};
+use tether_tests::{eventually, http_get, Backend, Closed, InProcessNode, Kind, WsClient, DEADLINE};
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::MaybeTlsStream;
 
 fn rss_kib(pid: u32) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
@@ -30,8 +31,8 @@ async fn a_reader_that_stalls_is_closed_and_costs_nobody_else_anything() -> Resu
     // The stalled reader: a tiny receive buffer, joins, then never reads again.
     let socket = tokio::net::TcpSocket::new_v4()?;
     socket.set_recv_buffer_size(4096)?;
-    let stream = socket.connect(node.addr()).await?;
-    let (mut stalled, _) =
+    let stream = MaybeTlsStream::Plain(socket.connect(node.addr()).await?);
+    let (mut stalled, stalled_response) =
         tokio::time::timeout(DEADLINE, tokio_tungstenite::client_async(url("stalled"), stream)).await??;
     stalled.send(Message::Text(json!({"type":"join","room":"flood"}).to_string().into())).await?;
     let mut seen = Vec::new();
@@ -90,26 +91,24 @@ async fn a_reader_that_stalls_is_closed_and_costs_nobody_else_anything() -> Resu
         assert_eq!(seqs.len(), COUNT);
         assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "every message, in order");
     }
-    // The stalled client was closed (1008, or its TCP connection dropped) within 5 s.
+    // The stalled client was closed as a slow consumer: with a 1008 "slow consumer" frame
+    // when its socket could still take one, or else reset (its socket is full of backlog, so
+    // the node gives up on a close frame and a FIN that would queue behind it). Any other
+    // close code is a failure. It reads what its small buffer still holds first.
     let started = Instant::now();
-    let mut saw_1008 = false;
-    loop {
-        match tokio::time::timeout(Duration::from_secs(10), stalled.next()).await {
-            Err(_) => bail!("stalled client still connected"),
-            Ok(Some(Ok(Message::Close(Some(f))))) => {
-                saw_1008 = u16::from(f.code) == 1008 && f.reason == "slow consumer";
-                break;
-            }
-            Ok(Some(Ok(_))) => continue,
-            Ok(_) => break,
-        }
+    let mut stalled = WsClient::from_stream(stalled, stalled_response.headers().clone());
+    let closed = stalled.closed_within(Duration::from_secs(10)).await.context("stalled client still connected")?;
+    match &closed {
+        Closed::Code(1008, reason) => assert_eq!(reason, "slow consumer"),
+        Closed::Dropped => {}
+        Closed::Code(code, reason) => panic!("stalled client closed with {code} {reason:?}, want 1008 or a reset"),
     }
     let (_, metrics) = http_get(node.addr(), "/metrics").await?;
     assert!(metrics.contains("tether_node_slow_consumers_total 1"), "one slow consumer counted");
     let after = rss_kib(node.pid())?;
     eprintln!(
         "slow reader: node RSS {before} KiB before, peak {peak} KiB during a 20 MB flood, {after} KiB after \
-         (growth {} KiB); 1008 frame seen: {saw_1008}; drained after {:?}",
+         (growth {} KiB); closed by {closed:?} after {:?}",
         peak.saturating_sub(before),
         started.elapsed()
     );
