@@ -1,4 +1,4 @@
-//! The node→client direction of a WebSocket tunnel: a [`pump`](super::pump) that follows
+//! The node→client direction of a WebSocket tunnel: a [`pump`](mod@super::pump) that follows
 //! frame boundaries ([`crate::frames`]), so that when an operator drains the node the balancer
 //! can finish the frame in progress, add a close frame with code 1012 ("reconnect now") and
 //! hang up: the client moves at once, to the next node in its rank. The node's own 1012 (when

@@ -11,7 +11,7 @@
 //! marked down, or drained — the client may well still be sending (the rest of a 4 MiB frame,
 //! say). Closing its socket then, with unread input, would make the kernel answer with a reset
 //! that can destroy the close frame before the client reads it. So the client's side closes
-//! *lingering* ([`linger`]): everything the node sent is forwarded first, then a FIN
+//! *lingering* ([`linger()`]): everything the node sent is forwarded first, then a FIN
 //! (`shutdown(Write)`: the client learns at once that the connection is over), then what the
 //! client still sends is read and dropped until it hangs up, for at most [`CLOSE_LINGER`].
 //! When the client ended first, or at the end of the shutdown grace, there is no linger; a
@@ -36,9 +36,9 @@
 //! handles of its node and client connection.
 //!
 //! Here: the tunnel's life ([`run`]: upgrades, copy, teardown, how each end closes). Below it:
-//! - [`pump`]: one direction's copy through the thread's scratch buffer;
+//! - [`mod@pump`]: one direction's copy through the thread's scratch buffer;
 //! - [`drain`]: the node→client direction, frame-aware, with the drain's 1012;
-//! - [`linger`]: the lingering close of the client's side.
+//! - [`mod@linger`]: the lingering close of the client's side.
 
 use std::io;
 use std::pin::{pin, Pin};
