@@ -12,7 +12,7 @@ use hyper::body::Incoming;
 use serde::Serialize;
 use tether_proto::id::{query_param, validate_client_id};
 
-use crate::proxy::{full, text_response, Body};
+use crate::response::{full, text_response, Body};
 use crate::Shared;
 
 /// Content type of the Prometheus exposition (prometheus-client writes OpenMetrics text).

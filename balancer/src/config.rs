@@ -28,8 +28,6 @@ pub const DEFAULT_HEALTH_TIMEOUT_MS: u64 = 1000;
 pub const DEFAULT_CONNECT_TIMEOUT_MS: u64 = 1000;
 /// Consecutive answered probes a `down` node needs before it takes clients again.
 pub const DEFAULT_RISE: u32 = 2;
-/// Where the client id is looked for, in order (see `DESIGN.md`, "Client identity").
-pub const DEFAULT_HASH_KEYS: [&str; 3] = ["query", "header", "cookie"];
 /// How long open tunnels may run on after a shutdown signal before they are cut.
 pub const DEFAULT_GRACE_PERIOD_MS: u64 = 10_000;
 /// Descriptors one client connection may hold: its own socket and, once it is a tunnel (or

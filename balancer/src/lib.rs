@@ -12,7 +12,8 @@
 //!   against the `signing_key` when one is set), node choice with failover along the
 //!   client's rank, forwarding with `X-Client-Id`/`X-Forwarded-For`;
 //! - `tunnel`: the upgraded byte tunnel, torn down as a whole when either side ends or its node
-//!   goes down, and closed with 1012 at a frame boundary when its node is drained;
+//!   goes down, and closed with 1012 at a frame boundary when its node is drained (its byte
+//!   pump, its frame-aware drain and its lingering close are submodules);
 //! - `quiet`: how a tunnel waits for its stop signals without polling them per message;
 //! - `frames`: the WebSocket frame-boundary tracker the tunnel uses for that, and the close
 //!   frame it injects;
@@ -20,9 +21,14 @@
 //! - `health`: the `GET /readyz` probes that drive that state machine;
 //! - `admin`: `/status`, `/route`, `/metrics`, drain/undrain, the HTML page;
 //! - `metrics`: every Prometheus metric name, in one place;
-//! - [`Error`]: what went wrong and whose fault it was.
+//! - [`Error`]: what went wrong and whose fault it was;
+//! - [`cli`]: the binary's flags and start-up (config, logging of limits, runtime, signals).
 //!
-//! [`run`] takes already-bound listeners, so tests (and `main`, through [`bind_listener`])
+//! Shared by several of those (so that none of them imports another back): `conn`, what each
+//! request of one client connection shares; `response`, the answers the balancer writes
+//! itself (plain text, the 503s).
+//!
+//! [`run`] takes already-bound listeners, so tests (and [`cli::serve`], through [`bind_listener`])
 //! choose the ports.
 #![forbid(unsafe_code)]
 
@@ -35,7 +41,9 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 mod admin;
+pub mod cli;
 pub mod config;
+mod conn;
 mod error;
 mod frames;
 mod health;
@@ -43,6 +51,7 @@ pub mod metrics;
 mod pool;
 mod proxy;
 mod quiet;
+mod response;
 mod server;
 mod tunnel;
 

@@ -7,16 +7,14 @@
 //! side hangs up, the node goes down, or the shutdown grace runs out.
 
 use std::convert::Infallible;
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
 use http::{Request, Response, StatusCode, Uri};
-use http_body_util::combinators::BoxBody;
-use http_body_util::{BodyExt, Empty, Full};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tether_proto::id::{extract_client_id, mint_client_id, session_cookie, IdSource};
@@ -24,16 +22,14 @@ use tether_proto::id::{CLIENT_ID_HEADER, SESSION_COOKIE};
 use tether_proto::limits::is_out_of_descriptors;
 use tether_proto::sign::SigningKey;
 use tokio::net::TcpStream;
-use tokio::sync::OwnedSemaphorePermit;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, field, warn, Instrument};
 
+use crate::conn::ClientConn;
 use crate::metrics::Kind;
 use crate::pool::{ActiveGuard, Node};
+use crate::response::{empty, out_of_descriptors, text_response, Body};
 use crate::{tunnel, Error, Shared};
-
-/// Body type of every response the balancer produces.
-pub(crate) type Body = BoxBody<Bytes, hyper::Error>;
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
@@ -49,33 +45,6 @@ const HOP_BY_HOP: [HeaderName; 7] = [
     header::TRANSFER_ENCODING,
     header::UPGRADE,
 ];
-
-/// What every request on one client connection shares.
-#[derive(Debug)]
-pub(crate) struct ClientConn {
-    /// Appended to `X-Forwarded-For`.
-    pub peer: SocketAddr,
-    /// The connection's slot under `max_connections`; a tunnel keeps a reference, so an
-    /// upgraded connection still counts after hyper has let go of it.
-    pub _permit: OwnedSemaphorePermit,
-}
-
-pub(crate) fn full(body: impl Into<Bytes>) -> Body {
-    Full::new(body.into()).map_err(|never| match never {}).boxed()
-}
-
-pub(crate) fn empty() -> Body {
-    Empty::new().map_err(|never| match never {}).boxed()
-}
-
-pub(crate) fn text_response(status: StatusCode, text: impl Into<String>) -> Response<Body> {
-    let mut text = text.into();
-    text.push('\n');
-    let mut response = Response::new(full(text));
-    *response.status_mut() = status;
-    response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
-    response
-}
 
 /// The hyper service of the client-facing listener.
 pub(crate) async fn handle(
@@ -156,7 +125,7 @@ async fn forward(
     let Upstream { index, stream, down, drain } = match connect_ranked(shared, &id).await {
         Ok(upstream) => upstream,
         Err(NoUpstream::NoNode) => return text_response(StatusCode::SERVICE_UNAVAILABLE, "no node available"),
-        Err(NoUpstream::OutOfDescriptors) => return crate::server::out_of_descriptors(),
+        Err(NoUpstream::OutOfDescriptors) => return out_of_descriptors(),
     };
     let node = shared.pool.get(index);
     span.record("node", node.name.as_str());

@@ -13,8 +13,7 @@ use std::net::SocketAddr;
 use std::pin::{pin, Pin};
 use std::sync::Arc;
 
-use http::header::{self, HeaderValue};
-use http::{Response, StatusCode};
+use http::StatusCode;
 use tether_proto::limits::{is_per_connection, AcceptBackoff};
 
 use hyper::server::conn::http1;
@@ -25,9 +24,10 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn, Instrument};
 
-use crate::config::RETRY_AFTER_SECS;
+use crate::conn::ClientConn;
 use crate::metrics::Kind;
-use crate::proxy::{self, Body, ClientConn};
+use crate::proxy;
+use crate::response;
 use crate::{admin, Shared};
 
 /// Cap on concurrent admin connections: it is an operator's port, and a flood there must not
@@ -74,7 +74,9 @@ pub(crate) async fn serve_proxy(shared: Arc<Shared>, listener: TcpListener, shut
             service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
                 let kind = if proxy::is_upgrade(request.headers()) { Kind::ws } else { Kind::http };
                 shared.metrics.request(kind, StatusCode::SERVICE_UNAVAILABLE.as_u16());
-                std::future::ready(Ok::<_, std::convert::Infallible>(at_capacity(shared.config.max_connections)))
+                std::future::ready(Ok::<_, std::convert::Infallible>(response::at_capacity(
+                    shared.config.max_connections,
+                )))
             })
         };
         let mut builder = http_builder(&shared);
@@ -143,27 +145,6 @@ fn http_builder(shared: &Shared) -> http1::Builder {
 /// reserve, at least one.
 fn refusals_at_once(shared: &Shared) -> usize {
     usize::try_from(shared.config.connection_limit.reserve() / 4).unwrap_or(usize::MAX).max(1)
-}
-
-/// The answer past `max_connections`: 503 with `Retry-After`; the connection then closes.
-pub(crate) fn at_capacity(max_connections: usize) -> Response<Body> {
-    let mut response = proxy::text_response(
-        StatusCode::SERVICE_UNAVAILABLE,
-        format!("balancer is at max_connections ({max_connections}); retry in {RETRY_AFTER_SECS} s"),
-    );
-    response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
-    response
-}
-
-/// The answer when a node connect failed with EMFILE/ENFILE: 503 with `Retry-After`, the
-/// node left alone.
-pub(crate) fn out_of_descriptors() -> Response<Body> {
-    let mut response = proxy::text_response(
-        StatusCode::SERVICE_UNAVAILABLE,
-        format!("balancer is out of file descriptors; retry in {RETRY_AFTER_SECS} s"),
-    );
-    response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
-    response
 }
 
 /// Accepts until `shutdown`; hands each connection that fits under `limit` to `serve`, and

@@ -90,26 +90,31 @@ async fn a_reader_that_stalls_is_closed_and_costs_nobody_else_anything() -> Resu
         assert_eq!(seqs.len(), COUNT);
         assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "every message, in order");
     }
-    // The stalled client was closed (1008, or its TCP connection dropped) within 5 s.
+    // The stalled client was closed as a slow consumer: with a 1008 "slow consumer" frame
+    // when its socket could still take one, or else cut without one (its socket is full of
+    // backlog, so the node resets it rather than queue a close frame and a FIN behind it; the
+    // client sees the reset, or just the end, depending on timing — close_codes.rs pins the
+    // reset itself). A close frame with any other code, or none, is a failure. It reads what
+    // its small buffer still holds first.
     let started = Instant::now();
-    let mut saw_1008 = false;
-    loop {
-        match tokio::time::timeout(Duration::from_secs(10), stalled.next()).await {
-            Err(_) => bail!("stalled client still connected"),
-            Ok(Some(Ok(Message::Close(Some(f))))) => {
-                saw_1008 = u16::from(f.code) == 1008 && f.reason == "slow consumer";
-                break;
+    let end = tokio::time::Instant::now() + Duration::from_secs(10);
+    let closed = loop {
+        match tokio::time::timeout_at(end, stalled.next()).await.context("stalled client still connected")? {
+            Some(Ok(Message::Close(Some(f)))) => {
+                assert_eq!((u16::from(f.code), f.reason.as_str()), (1008, "slow consumer"), "the close frame");
+                break "a 1008 close frame";
             }
-            Ok(Some(Ok(_))) => continue,
-            Ok(_) => break,
+            Some(Ok(Message::Close(None))) => bail!("closed without a code, want 1008 or a cut"),
+            Some(Ok(_)) => continue,
+            Some(Err(_)) | None => break "a cut without a close frame",
         }
-    }
+    };
     let (_, metrics) = http_get(node.addr(), "/metrics").await?;
     assert!(metrics.contains("tether_node_slow_consumers_total 1"), "one slow consumer counted");
     let after = rss_kib(node.pid())?;
     eprintln!(
         "slow reader: node RSS {before} KiB before, peak {peak} KiB during a 20 MB flood, {after} KiB after \
-         (growth {} KiB); 1008 frame seen: {saw_1008}; drained after {:?}",
+         (growth {} KiB); closed by {closed} after {:?}",
         peak.saturating_sub(before),
         started.elapsed()
     );

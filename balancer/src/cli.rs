@@ -1,0 +1,165 @@
+//! The `tether-balancer` binary's command line and start-up, in the library so that `main`
+//! stays parse, build, run: the flags ([`Args`]), the config they make ([`load_config`]), the
+//! log lines about descriptor limits ([`log_limits`]), the runtime ([`runtime`]), and serving
+//! until a signal ([`serve`]). Exit codes: [`EXIT_USAGE`] (64) for bad flags or config, 1 for
+//! a runtime failure.
+
+use std::io::Write as _;
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use clap::Parser;
+use tether_proto::limits::Raised;
+use tether_proto::logging::LogFormat;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::{parse_node_flag, signing_key_from_env};
+use crate::server::bind_listener;
+use crate::{Config, Error, FileConfig, Overrides};
+
+/// Exit code for bad flags or config (sysexits `EX_USAGE`).
+pub const EXIT_USAGE: u8 = 64;
+
+/// Sticky WebSocket/HTTP load balancer for Tether nodes.
+#[derive(Debug, Parser)]
+#[command(name = "tether-balancer", version, about)]
+pub struct Args {
+    /// TOML config file (see configs/balancer.toml); flags override it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Client-facing address [default: 127.0.0.1:8080].
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// Admin address (status, route, metrics, drain) [default: 127.0.0.1:9100].
+    #[arg(long, value_name = "ADDR")]
+    pub admin: Option<String>,
+    /// A node, repeatable; when given, replaces the file's node list.
+    #[arg(long = "node", value_name = "NAME=HOST:PORT")]
+    pub nodes: Vec<String>,
+    /// Milliseconds between health checks of each node [default: 500].
+    #[arg(long, value_name = "N")]
+    pub health_interval_ms: Option<u64>,
+    /// Runtime threads [default: one per core]; 1 runs everything on one thread.
+    #[arg(long, value_name = "N")]
+    pub threads: Option<usize>,
+    /// Client connections open at once, tunnels included; past it clients get 503 with
+    /// Retry-After [default: the soft RLIMIT_NOFILE, once raised to the hard limit, less a
+    /// reserve of up to 256, halved: each tunnel holds two sockets].
+    #[arg(long, value_name = "N")]
+    pub max_connections: Option<usize>,
+    /// Bind the client listener with SO_REUSEPORT, so that several balancer processes can
+    /// share its port.
+    #[arg(long)]
+    pub reuse_port: bool,
+    /// File holding the key that signs client ids (content trimmed); wins over the file's
+    /// `signing_key_file` and over $TETHER_SIGNING_KEY.
+    #[arg(long, value_name = "FILE")]
+    pub signing_key_file: Option<PathBuf>,
+    /// Log line format on stderr.
+    #[arg(long, value_name = "FORMAT", default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+/// Logs what raising the open-file limit came to (read before the config was validated: the
+/// default `max_connections` is derived from the raised limit), and the connection limit,
+/// warning when it is more than the descriptors allow.
+pub fn log_limits(raised: std::io::Result<Raised>, config: &Config) {
+    match raised {
+        Ok(raised) if raised.error.is_some() => warn!("{raised}"),
+        Ok(raised) => info!(soft = raised.soft, hard = raised.hard, "{raised}"),
+        Err(e) => warn!(error = %e, "cannot read RLIMIT_NOFILE; max_connections assumes 1024"),
+    }
+    let limit = config.connection_limit;
+    if limit.exceeds_fd_limit() {
+        warn!(
+            max_connections = limit.max_connections,
+            fd_allowance = limit.fd_allowance(),
+            "{limit}: above what the open-file limit allows; past it accepts and node connects fail with EMFILE instead of clients getting 503"
+        );
+    } else {
+        info!(max_connections = limit.max_connections, source = limit.source(), "{limit}");
+    }
+}
+
+/// One thread: Tokio's current-thread scheduler, which does without the cross-thread
+/// machinery (as HAProxy's `nbthread 1`). More: the multi-thread scheduler with that many
+/// workers.
+pub fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut builder = tokio::runtime::Builder::new_multi_thread();
+        builder.worker_threads(threads);
+        builder
+    };
+    builder.enable_all().build()
+}
+
+/// The config from the file named by `--config` (or the defaults), the flags applied over it,
+/// validated. An error here is the operator's: exit [`EXIT_USAGE`].
+pub fn load_config(args: &Args) -> Result<Config, Error> {
+    let mut file = match &args.config {
+        Some(path) => FileConfig::load(path)?,
+        None => FileConfig::default(),
+    };
+    let nodes = args.nodes.iter().map(|flag| parse_node_flag(flag)).collect::<Result<Vec<_>, _>>()?;
+    file.apply(Overrides {
+        listen: args.listen.clone(),
+        admin: args.admin.clone(),
+        nodes,
+        health_interval_ms: args.health_interval_ms,
+        reuse_port: args.reuse_port,
+        threads: args.threads,
+        max_connections: args.max_connections,
+        signing_key_file: args.signing_key_file.clone(),
+        signing_key_env: signing_key_from_env()?,
+    });
+    file.validate()
+}
+
+/// Binds both listeners, installs the signal handlers, prints the ready line and runs the
+/// balancer until SIGTERM or SIGINT (and the shutdown grace) is over. An error here is a
+/// runtime one: exit 1.
+pub async fn serve(config: Config) -> anyhow::Result<()> {
+    let listener = bind_listener(config.listen, config.reuse_port)
+        .with_context(|| format!("binding listen address {}", config.listen))?;
+    // Never shared: drain and status are per process, so each needs its own admin address.
+    let admin =
+        bind_listener(config.admin, false).with_context(|| format!("binding admin address {}", config.admin))?;
+    let listen_addr = listener.local_addr()?;
+    let admin_addr = admin.local_addr()?;
+    // Signal handlers go in before the ready line: a SIGTERM right after it is a graceful stop.
+    let (term, int) = {
+        use tokio::signal::unix::{signal, SignalKind};
+        (
+            signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+        )
+    };
+    let shutdown = CancellationToken::new();
+    tokio::spawn(on_signal(term, int, shutdown.clone()));
+    {
+        // Other tools wait for and parse exactly this line.
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "tether-balancer ready listen={listen_addr} admin={admin_addr}")?;
+        out.flush()?;
+    }
+
+    crate::run(listener, admin, config, shutdown).await?;
+    info!("stopped");
+    Ok(())
+}
+
+/// Cancels `shutdown` on the first SIGTERM or SIGINT.
+async fn on_signal(
+    mut term: tokio::signal::unix::Signal,
+    mut int: tokio::signal::unix::Signal,
+    shutdown: CancellationToken,
+) {
+    tokio::select! {
+        _ = term.recv() => info!(signal = "SIGTERM", "shutdown requested"),
+        _ = int.recv() => info!(signal = "SIGINT", "shutdown requested"),
+    }
+    shutdown.cancel();
+}

@@ -1,0 +1,17 @@
+//! What every request on one client connection shares: made by `server` when it accepts the
+//! connection, read by `proxy` for each request, and kept by a `tunnel` for as long as the
+//! upgraded connection lives.
+
+use std::net::SocketAddr;
+
+use tokio::sync::OwnedSemaphorePermit;
+
+/// One accepted client connection.
+#[derive(Debug)]
+pub(crate) struct ClientConn {
+    /// Appended to `X-Forwarded-For`.
+    pub peer: SocketAddr,
+    /// The connection's slot under `max_connections`; a tunnel keeps a reference, so an
+    /// upgraded connection still counts after hyper has let go of it.
+    pub _permit: OwnedSemaphorePermit,
+}
