@@ -4,8 +4,8 @@
 //! Shutdown is one token: the accept loop stops, every session closes its client with 1012
 //! and leaves its rooms, and [`run`] waits for them up to `grace_period`.
 
-use crate::backbone::{local::LocalBackbone, nats::NatsBackbone, redis::RedisBackbone, Backbone};
-use crate::config::{BackboneKind, Config, RETRY_AFTER_SECS};
+use crate::backbone::{self, Backbone};
+use crate::config::{Config, RETRY_AFTER_SECS};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::outbox::Limits;
@@ -60,18 +60,9 @@ pub async fn run(listener: TcpListener, cfg: Config, shutdown: CancellationToken
     let metrics = Metrics::new();
     // The backbone outlives the sessions: they still publish their `user_left` while draining.
     let backbone_stop = CancellationToken::new();
-    let backbone: Arc<dyn Backbone> = match cfg.backbone {
-        BackboneKind::Redis => {
-            RedisBackbone::start(Arc::clone(&cfg), Arc::clone(&hub), metrics.clone(), backbone_stop.clone())
-                .map_err(|e| NodeError::Backbone(e.to_string()))?
-        }
-        BackboneKind::Nats => {
-            NatsBackbone::start(Arc::clone(&cfg), Arc::clone(&hub), metrics.clone(), backbone_stop.clone())
-                .await
-                .map_err(|e| NodeError::Backbone(e.to_string()))?
-        }
-        BackboneKind::None => Arc::new(LocalBackbone::new(Arc::clone(&hub), metrics.clone())),
-    };
+    let backbone = backbone::start(Arc::clone(&cfg), Arc::clone(&hub), metrics.clone(), backbone_stop.clone())
+        .await
+        .map_err(|e| NodeError::Backbone(e.to_string()))?;
     let ws_config = WebSocketConfig::default()
         .read_buffer_size(cfg.read_buffer_bytes)
         // Tungstenite's own frames (pongs, close frames) go straight to the connection's
