@@ -90,3 +90,107 @@ pub fn deliver_missed(inbound: &dyn Inbound, metrics: &Metrics, room: &str, fram
     }
     n
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backbone::memory::{taken, Store, TestNode};
+    use crate::outbox::Outbox;
+    use std::time::Duration;
+
+    /// The `(text, seq, epoch)` of each message waiting in `out`.
+    fn messages(out: &Outbox) -> Vec<(String, u64, String)> {
+        taken(out)
+            .iter()
+            .map(|m| {
+                let s = |k: &str| m[k].as_str().unwrap_or_default().to_string();
+                (s("text"), m["seq"].as_u64().unwrap_or_default(), s("epoch"))
+            })
+            .collect()
+    }
+
+    fn texts(out: &Outbox) -> Vec<(String, u64)> {
+        messages(out).into_iter().map(|(t, s, _)| (t, s)).collect()
+    }
+
+    fn expect(items: &[(&str, u64)]) -> Vec<(String, u64)> {
+        items.iter().map(|(t, s)| (t.to_string(), *s)).collect()
+    }
+
+    /// Cut off `node`, let `during` happen, connect it again and catch up.
+    async fn miss(node: &TestNode, during: impl std::future::Future<Output = ()>) {
+        node.connect(false);
+        during.await;
+        node.connect(true);
+        node.inbound.catch_up(node.backbone.as_ref()).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_reconnect_delivers_exactly_what_was_missed() {
+        let store = Store::new(Duration::from_secs(30));
+        let (a, b) = (store.add_node("a"), store.add_node("b"));
+        a.join(1, "alice", "r").await;
+        let bob = b.join(1, "bob", "r").await;
+        a.say("r", &["m1", "m2", "m3"]).await;
+        assert_eq!(texts(&bob), expect(&[("m1", 1), ("m2", 2), ("m3", 3)]), "live");
+        miss(&b, a.say("r", &["m4", "m5", "m6"])).await;
+        assert_eq!(texts(&bob), expect(&[("m4", 4), ("m5", 5), ("m6", 6)]));
+        assert_eq!((b.metrics.caught_up_messages.get(), b.metrics.catch_up_gaps.get()), (3, 0));
+        // Nothing missed: nothing delivered again.
+        b.inbound.catch_up(b.backbone.as_ref()).await.unwrap();
+        assert!(texts(&bob).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_log_trimmed_past_what_was_missed_is_flagged_as_a_gap() {
+        let store = Store::new(Duration::from_secs(30));
+        let (a, b) = (store.add_node("a"), store.add_node("b"));
+        a.join(1, "alice", "r").await;
+        let bob = b.join(1, "bob", "r").await;
+        a.say("r", &["m1"]).await;
+        taken(&bob);
+        miss(&b, async {
+            a.say("r", &["m2", "m3", "m4"]).await;
+            store.trim("r", 3);
+        })
+        .await;
+        assert_eq!(texts(&bob), expect(&[("m4", 4)]));
+        assert_eq!(b.metrics.catch_up_gaps.get(), 1);
+        // Everything trimmed: the head alone shows the hole.
+        miss(&b, async {
+            a.say("r", &["m5"]).await;
+            store.trim("r", 5);
+        })
+        .await;
+        assert!(texts(&bob).is_empty());
+        assert_eq!(b.metrics.catch_up_gaps.get(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_room_in_a_new_epoch_is_delivered_from_its_start() {
+        let store = Store::new(Duration::from_secs(30));
+        let (a, b) = (store.add_node("a"), store.add_node("b"));
+        a.join(1, "alice", "r").await;
+        let bob = b.join(1, "bob", "r").await;
+        a.say("r", &["m1", "m2"]).await;
+        let old = messages(&bob)[0].2.clone();
+        miss(&b, async {
+            store.forget_room("r");
+            a.say("r", &["n1", "n2"]).await;
+        })
+        .await;
+        let got = messages(&bob);
+        assert_eq!(got.iter().map(|(t, s, _)| (t.clone(), *s)).collect::<Vec<_>>(), expect(&[("n1", 1), ("n2", 2)]));
+        assert!(got.iter().all(|(_, _, e)| *e != old), "the new epoch's frames");
+        assert_eq!(b.metrics.catch_up_gaps.get(), 0, "a new epoch is not a gap");
+    }
+
+    #[test]
+    fn a_gap_is_a_missing_first_seq_or_a_head_past_an_empty_read() {
+        let f = |seqs: &[u64]| seqs.iter().map(|s| (*s, String::new())).collect::<Vec<_>>();
+        assert!(!has_gap(3, 5, &f(&[4, 5])));
+        assert!(has_gap(3, 5, &f(&[5])));
+        assert!(has_gap(3, 5, &f(&[])));
+        assert!(!has_gap(5, 5, &f(&[])));
+    }
+}

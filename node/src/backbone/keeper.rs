@@ -12,7 +12,6 @@
 //! is the backbone's atomic primitive, [`Backbone::reap`].
 
 use super::{Backbone, PresenceChange, PresenceEntry, Reaped, Scope};
-use crate::config::Config;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use rand::Rng;
@@ -36,16 +35,16 @@ pub struct Keeper {
 }
 
 impl Keeper {
-    pub fn new(backbone: Arc<dyn Backbone>, hub: Arc<Hub>, metrics: Metrics, cfg: &Config, instance: String) -> Self {
-        Self {
-            backbone,
-            hub,
-            metrics,
-            server: cfg.name.clone(),
-            instance,
-            ttl: cfg.presence_ttl,
-            beating_since: None,
-        }
+    /// The keeper of `instance` of node `server`, whose presence dies after `ttl` silent.
+    pub fn new(
+        backbone: Arc<dyn Backbone>,
+        hub: Arc<Hub>,
+        metrics: Metrics,
+        server: String,
+        instance: String,
+        ttl: Duration,
+    ) -> Self {
+        Self { backbone, hub, metrics, server, instance, ttl, beating_since: None }
     }
 
     /// Runs [`Keeper::round`] every third of `presence_ttl` until `shutdown`, then
@@ -171,5 +170,93 @@ impl Backoff {
     /// The backoff the next wait is drawn from (before jitter), for logs.
     pub fn current(&self) -> Duration {
         self.next
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backbone::memory::{taken, Store};
+
+    const TTL: Duration = Duration::from_secs(30);
+
+    /// The `(type, id, reason)` of each membership event among `frames`.
+    fn events(frames: &[serde_json::Value]) -> Vec<(String, String, Option<String>)> {
+        frames
+            .iter()
+            .map(|f| {
+                let s = |k: &str| f[k].as_str().map(String::from);
+                (s("type").unwrap_or_default(), s("id").unwrap_or_default(), s("reason"))
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn entries_the_backbone_forgot_are_put_back_and_announced_once() {
+        let store = Store::new(TTL);
+        let (a, b) = (store.add_node("a"), store.add_node("b"));
+        a.join(1, "alice", "r").await;
+        let watcher = b.join(1, "bob", "r").await;
+        a.say("r", &["one", "two"]).await;
+        taken(&watcher);
+        let mut keeper = a.keeper();
+        let t0 = Instant::now();
+        keeper.round(t0).await;
+        assert!(taken(&watcher).is_empty(), "first beat: every entry was there, nothing announced");
+
+        store.forget();
+        let online = a.backbone.presence_list(Scope::Online).await.unwrap();
+        assert!(online.is_empty(), "the store lost alice");
+        keeper.round(t0 + TTL / 3).await;
+        let online = a.backbone.presence_list(Scope::Online).await.unwrap();
+        assert_eq!(online.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(), ["alice"]);
+        let in_room = a.backbone.presence_list(Scope::Room("r")).await.unwrap();
+        assert_eq!(in_room.iter().map(|e| (e.id.as_str(), e.server.as_str())).collect::<Vec<_>>(), [("alice", "a")]);
+        let seen = taken(&watcher);
+        assert_eq!(events(&seen), [("user_joined".to_string(), "alice".to_string(), None)]);
+        assert_eq!(seen[0]["head_seq"], 0, "the store lost the room's log too: completed at its new position");
+
+        keeper.round(t0 + TTL * 2 / 3).await;
+        assert!(taken(&watcher).is_empty(), "registered again: nothing more to announce");
+    }
+
+    #[tokio::test]
+    async fn a_dead_instance_is_reaped_and_its_members_announced_once() {
+        let store = Store::new(TTL);
+        let (a, b, c) = (store.add_node("a"), store.add_node("b"), store.add_node("c"));
+        a.join(1, "alice", "r").await;
+        let watcher = b.join(1, "bob", "r").await;
+        let (mut ka, mut kb, mut kc) = (a.keeper(), b.keeper(), c.keeper());
+        let t0 = Instant::now();
+        for k in [&mut ka, &mut kb, &mut kc] {
+            assert_eq!(k.round(t0).await, None, "no reaping before beating a whole ttl");
+        }
+        // a dies; b and c go on beating.
+        store.advance(TTL * 2);
+        for k in [&mut kb, &mut kc] {
+            assert_eq!(k.round(t0 + TTL / 3).await, None, "not beating for a ttl yet: a is not judged");
+        }
+        let reaped = [kb.round(t0 + TTL).await, kc.round(t0 + TTL).await];
+        assert_eq!(reaped, [Some(Reaped { instances: 1, announced: 1 }), Some(Reaped::default())], "one reaper wins");
+        let left = [("user_left".to_string(), "alice".to_string(), Some("node_down".to_string()))];
+        assert_eq!(events(&taken(&watcher)), left);
+        assert_eq!(b.metrics.instances_reaped.get() + c.metrics.instances_reaped.get(), 1);
+        assert!(b.backbone.presence_list(Scope::Room("r")).await.unwrap().iter().all(|e| e.id != "alice"));
+        kb.round(t0 + TTL * 2).await;
+        assert!(taken(&watcher).is_empty(), "announced once");
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_its_cap_with_jitter() {
+        let (min, max) = (Duration::from_millis(100), Duration::from_millis(350));
+        let mut b = Backoff::new(min, max);
+        let waits: Vec<Duration> = (0..4).map(|_| b.next_wait()).collect();
+        for (wait, base) in waits.iter().zip([100, 200, 350, 350]) {
+            let base = Duration::from_millis(base);
+            assert!(*wait >= base / 2 && *wait <= base, "{wait:?} within 50–100% of {base:?}");
+        }
+        b.reset();
+        assert_eq!(b.current(), min);
+        assert!(Backoff::nth(min, max, 40) <= max);
     }
 }

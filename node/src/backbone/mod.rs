@@ -56,13 +56,9 @@ pub async fn start(
     let inbound: Arc<dyn inbound::Inbound> = Arc::new(inbound::HubInbound::new(Arc::clone(&hub), metrics.clone()));
     let instance = tether_proto::backbone::instance_id(&cfg.name);
     let backbone: Arc<dyn Backbone> = match cfg.backbone {
-        BackboneKind::Redis => redis::RedisBackbone::start(
-            Arc::clone(&cfg),
-            inbound,
-            metrics.clone(),
-            instance.clone(),
-            shutdown.clone(),
-        )?,
+        BackboneKind::Redis => {
+            redis::RedisBackbone::start(Arc::clone(&cfg), inbound, metrics.clone(), instance.clone(), shutdown.clone())?
+        }
         BackboneKind::Nats => {
             nats::NatsBackbone::start(Arc::clone(&cfg), inbound, metrics.clone(), instance.clone(), shutdown.clone())
                 .await?
@@ -70,7 +66,8 @@ pub async fn start(
         // One node alone: nobody else to keep presence for.
         BackboneKind::None => return Ok(Arc::new(local::LocalBackbone::new(inbound, metrics))),
     };
-    keeper::Keeper::new(Arc::clone(&backbone), hub, metrics, &cfg, instance).spawn(shutdown);
+    keeper::Keeper::new(Arc::clone(&backbone), hub, metrics, cfg.name.clone(), instance, cfg.presence_ttl)
+        .spawn(shutdown);
     Ok(backbone)
 }
 

@@ -36,7 +36,9 @@ mod presence;
 use super::catch_up::{deliver_missed, flag_gap, has_gap};
 use super::inbound::Inbound;
 use super::keeper::Backoff;
-use super::{Backbone, BackboneError, PresenceChange, PresenceEntry, Reaped, Replay, Scope, SessionRecord, Unpublished};
+use super::{
+    Backbone, BackboneError, PresenceChange, PresenceEntry, Reaped, Replay, Scope, SessionRecord, Unpublished,
+};
 use crate::config::Config;
 use crate::metrics::Metrics;
 use async_nats::jetstream::{self, stream};
@@ -680,12 +682,10 @@ impl Backbone for NatsBackbone {
     ) -> BoxFuture<'a, Result<(PresenceChange, Option<String>), BackboneError>> {
         async move {
             let event = match (event, scope) {
-                (Some(e), Scope::Room(room)) => {
-                    Some(match self.head(room).await? {
-                        Some((head, epoch)) => complete_joined(&e, head, Some(&epoch)),
-                        None => complete_joined(&e, 0, None),
-                    })
-                }
+                (Some(e), Scope::Room(room)) => Some(match self.head(room).await? {
+                    Some((head, epoch)) => complete_joined(&e, head, Some(&epoch)),
+                    None => complete_joined(&e, 0, None),
+                }),
                 (e, _) => e,
             };
             let change = self.record_add(scope, conn, entry).await?;
@@ -767,5 +767,4 @@ mod tests {
         assert_eq!(nats_prefix("app.one:"), "app_one");
         assert_eq!(nats_prefix(":"), "tether");
     }
-
 }
