@@ -11,7 +11,9 @@
 //!   one backbone frame to them;
 //! - [`outbox`]: one connection's way out: frames written at once when the socket takes
 //!   them, a bounded queue when it does not, and the slow-consumer policy;
-//! - [`backbone`]: how frames travel between nodes (Redis pub/sub + streams, or none);
+//! - [`backbone`]: how frames travel between nodes (Redis pub/sub + streams, NATS
+//!   JetStream, or none), and what is the same above every backbone (presence keeping,
+//!   catch-up);
 //! - [`config`]: `configs/node.toml` and its validation;
 //! - [`cli`]: the binary's flags laid over the config, its start-up and exit codes;
 //! - [`metrics`]: every exported metric.

@@ -4,8 +4,8 @@
 //! Shutdown is one token: the accept loop stops, every connection closes its client with 1012
 //! and leaves its rooms, and [`run`] waits for them up to `grace_period`.
 
-use crate::backbone::{local::LocalBackbone, nats::NatsBackbone, redis::RedisBackbone, Backbone};
-use crate::config::{BackboneKind, Config, RETRY_AFTER_SECS};
+use crate::backbone;
+use crate::config::{Config, RETRY_AFTER_SECS};
 use crate::connection;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
@@ -42,18 +42,9 @@ pub async fn run(listener: TcpListener, cfg: Config, shutdown: CancellationToken
     let metrics = Metrics::new();
     // The backbone outlives the connections: they still publish their `user_left` while draining.
     let backbone_stop = CancellationToken::new();
-    let backbone: Arc<dyn Backbone> = match cfg.backbone {
-        BackboneKind::Redis => {
-            RedisBackbone::start(Arc::clone(&cfg), Arc::clone(&hub), metrics.clone(), backbone_stop.clone())
-                .map_err(|e| NodeError::Backbone(e.to_string()))?
-        }
-        BackboneKind::Nats => {
-            NatsBackbone::start(Arc::clone(&cfg), Arc::clone(&hub), metrics.clone(), backbone_stop.clone())
-                .await
-                .map_err(|e| NodeError::Backbone(e.to_string()))?
-        }
-        BackboneKind::None => Arc::new(LocalBackbone::new(Arc::clone(&hub), metrics.clone())),
-    };
+    let backbone = backbone::start(Arc::clone(&cfg), Arc::clone(&hub), metrics.clone(), backbone_stop.clone())
+        .await
+        .map_err(|e| NodeError::Backbone(e.to_string()))?;
     let state = Arc::new(NodeState::new(Arc::clone(&cfg), hub, backbone, metrics));
     let tracker = state.tracker.clone();
     tokio::spawn(refresh_sessions(Arc::clone(&state), backbone_stop.clone()));

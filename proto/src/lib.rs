@@ -9,9 +9,12 @@
 //! - [`sign`]: HMAC-signed client ids, so that knowing an id is not enough to forge one;
 //! - [`logging`]: the tracing set-up shared by the binaries (`RUST_LOG`, `--log-format json`);
 //! - [`limits`]: the file-descriptor budget: raising `RLIMIT_NOFILE`, the `max_connections`
-//!   it allows, and the accept loops' back-off when descriptors run out.
+//!   it allows, and the accept loops' back-off when descriptors run out;
+//! - [`backbone`]: what is stored in or sent through the backbone (records, key names,
+//!   frame completion), which other processes read.
 #![forbid(unsafe_code)]
 
+pub mod backbone;
 pub mod hrw;
 pub mod id;
 pub mod limits;

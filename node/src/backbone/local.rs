@@ -2,17 +2,18 @@
 //! members on other nodes never see them (the comparison's control group). Seqs come from a
 //! per-room counter in memory, under an epoch unique to this process.
 
+use super::inbound::Inbound;
 use super::{Backbone, BackboneError, PresenceChange, PresenceEntry, Replay, Scope, SessionRecord, Unpublished};
-use crate::hub::Hub;
 use crate::metrics::Metrics;
 use dashmap::DashMap;
 use futures_util::future::{ready, BoxFuture, FutureExt};
 use std::collections::HashMap;
 use std::sync::Arc;
+use tether_proto::backbone::{complete_joined, complete_message};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 pub struct LocalBackbone {
-    hub: Arc<Hub>,
+    inbound: Arc<dyn Inbound>,
     metrics: Metrics,
     epoch: String,
     seqs: DashMap<String, u64>,
@@ -74,15 +75,15 @@ fn scope_key(scope: Scope<'_>) -> String {
 }
 
 impl LocalBackbone {
-    pub fn new(hub: Arc<Hub>, metrics: Metrics) -> Self {
+    pub fn new(inbound: Arc<dyn Inbound>, metrics: Metrics) -> Self {
         let epoch = format!("local-{}", tether_proto::id::mint_client_id());
         metrics.backbone_ready.set(1);
-        Self { hub, metrics, epoch, seqs: DashMap::new(), presence: LocalPresence::default() }
+        Self { inbound, metrics, epoch, seqs: DashMap::new(), presence: LocalPresence::default() }
     }
 
     fn deliver(&self, room: &str, json: String) {
         self.metrics.frames_from_backbone.inc();
-        self.hub.deliver(room, &Utf8Bytes::from(json), &self.metrics);
+        self.inbound.deliver(room, &Utf8Bytes::from(json));
     }
 }
 
@@ -93,7 +94,7 @@ impl Backbone for LocalBackbone {
         let mut seq = self.seqs.entry(room.to_string()).or_insert(0);
         for prefix in prefixes {
             *seq += 1;
-            self.deliver(room, format!("{prefix}{},\"epoch\":\"{}\"}}", *seq, self.epoch));
+            self.deliver(room, complete_message(&prefix, *seq, &self.epoch));
         }
         drop(seq);
         ready(Ok(())).boxed()
@@ -141,11 +142,7 @@ impl Backbone for LocalBackbone {
         let event = match (event, scope) {
             (Some(e), Scope::Room(room)) => {
                 let head = self.seqs.get(room).map_or(0, |s| *s);
-                Some(format!(
-                    "{},\"head_seq\":{head},\"epoch\":\"{}\"}}",
-                    e.strip_suffix('}').unwrap_or(&e),
-                    self.epoch
-                ))
+                Some(complete_joined(&e, head, Some(&self.epoch)))
             }
             (e, _) => e,
         };

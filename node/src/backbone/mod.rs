@@ -1,32 +1,74 @@
 //! The backbone: how a room's frames travel between nodes.
 //!
 //! A node never delivers a room frame to its local members directly: it publishes once to
-//! the backbone and delivers only what comes back from its subscription (the seed lesson's
-//! "double delivery" mistake cannot happen). Implementations:
+//! the backbone and delivers only what comes back from its subscription (the "double
+//! delivery" mistake cannot happen). The seam is the [`Backbone`] trait: only what differs
+//! between backbones — the atomic publish with seq, events, subscriptions, the log, the
+//! presence and session records, readiness, and the liveness of node instances.
+//! Implementations:
 //! - [`redis::RedisBackbone`]: Redis pub/sub for live frames; a Lua script assigns each
 //!   message its per-room `seq`, appends it to the room's log stream and publishes it, in
 //!   one atomic step, so every node sees a room's messages in seq order;
+//! - [`nats::NatsBackbone`]: NATS, with a JetStream stream per room for seq and log,
+//!   republished to a plain subject per room; sessions and presence in streams;
 //! - [`local::LocalBackbone`]: no backbone at all (`--backbone none`): sticky sessions
 //!   alone, a room reaches only the members on the same node.
 //!
-//! - [`nats::NatsBackbone`]: NATS, with a JetStream stream per room for seq and log,
-//!   republished to a plain subject per room; sessions in a KV bucket.
+//! Written once, above the trait:
+//! - [`keeper`]: presence keeping — heartbeats, re-registration of this node's entries from
+//!   the hub when the backbone forgot them, reaping dead instances; reconnect backoff and
+//!   jitter;
+//! - [`catch_up`]: after a reconnect, delivering from each room's log what was missed, and
+//!   flagging a gap when the log no longer holds it;
+//! - [`inbound`]: the node's side of delivery. Backbones do not hold the hub: they hand what
+//!   they receive to an [`inbound::Inbound`], synchronously, from their receiving task.
 //!
-//! Another backbone is a new module implementing [`Backbone`].
+//! Another backbone (say Redis Cluster) is a new module implementing [`Backbone`], plugged
+//! into [`start`]. The records it stores are in `tether_proto::backbone`.
 
+pub mod catch_up;
+pub mod inbound;
+pub mod keeper;
 pub mod local;
 pub mod nats;
 pub mod redis;
 
-use futures_util::future::BoxFuture;
-use std::sync::Arc;
+#[cfg(test)]
+mod memory;
 
-/// What a client's session keeps between connections: written on every change, so that a
-/// node killed without warning loses nothing of it.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct SessionRecord {
-    pub name: Option<String>,
-    pub rooms: Vec<String>,
+use crate::config::{BackboneKind, Config};
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+use futures_util::future::{ready, BoxFuture, FutureExt};
+use std::sync::Arc;
+pub use tether_proto::backbone::{PresenceEntry, SessionRecord};
+use tokio_util::sync::CancellationToken;
+
+/// Starts the configured backbone, with the presence keeper above it (for the backbones that
+/// share presence), all running until `shutdown`. Does not wait for the backbone to be
+/// reachable: a node starts unready while it is away.
+pub async fn start(
+    cfg: Arc<Config>,
+    hub: Arc<Hub>,
+    metrics: Metrics,
+    shutdown: CancellationToken,
+) -> Result<Arc<dyn Backbone>, BackboneError> {
+    let inbound: Arc<dyn inbound::Inbound> = Arc::new(inbound::HubInbound::new(Arc::clone(&hub), metrics.clone()));
+    let instance = tether_proto::backbone::instance_id(&cfg.name);
+    let backbone: Arc<dyn Backbone> = match cfg.backbone {
+        BackboneKind::Redis => {
+            redis::RedisBackbone::start(Arc::clone(&cfg), inbound, metrics.clone(), instance.clone(), shutdown.clone())?
+        }
+        BackboneKind::Nats => {
+            nats::NatsBackbone::start(Arc::clone(&cfg), inbound, metrics.clone(), instance.clone(), shutdown.clone())
+                .await?
+        }
+        // One node alone: nobody else to keep presence for.
+        BackboneKind::None => return Ok(Arc::new(local::LocalBackbone::new(inbound, metrics))),
+    };
+    keeper::Keeper::new(Arc::clone(&backbone), hub, metrics, cfg.name.clone(), instance, cfg.presence_ttl)
+        .spawn(shutdown);
+    Ok(backbone)
 }
 
 /// A room's log after some seq, read in one consistent snapshot.
@@ -56,14 +98,6 @@ pub enum Scope<'a> {
     Online,
 }
 
-/// One connection's presence entry.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct PresenceEntry {
-    pub id: String,
-    pub user: String,
-    pub server: String,
-}
-
 /// What a presence change did cluster-wide.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PresenceChange {
@@ -89,8 +123,31 @@ pub enum BackboneError {
     Nats(String),
 }
 
-/// The operations a node needs from its backbone. Object-safe, so the node holds an
-/// `Arc<dyn Backbone>` chosen by configuration.
+impl BackboneError {
+    /// Whether the error means the backbone cannot be used now (as opposed to an answer it
+    /// gave: a script error, a wrong type): the node is not ready, a catch-up starts over.
+    pub fn is_connection_failure(&self) -> bool {
+        match self {
+            Self::NotConnected | Self::Timeout(_) => true,
+            Self::Redis(e) => e.is_io_error() || e.is_unrecoverable_error(),
+            Self::Nats(_) => false,
+        }
+    }
+}
+
+/// What the reaper did in one call.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Reaped {
+    /// Dead instances removed.
+    pub instances: u64,
+    /// `user_left`/`node_down` events published for their members.
+    pub announced: u64,
+}
+
+/// What differs between backbones; the node calls it directly. Object-safe, so the node
+/// holds an `Arc<dyn Backbone>` chosen by configuration. Everything that is the same for
+/// every backbone (keeping presence, catching up) is written once above it, in [`keeper`]
+/// and [`catch_up`]; provided methods are what a backbone need not write.
 pub trait Backbone: Send + Sync {
     /// For each of `prefixes` in order (one client's consecutive messages to `room`): assigns
     /// the next seq of `room`, completes the frame (prefix + seq + epoch), logs it and
@@ -104,8 +161,9 @@ pub trait Backbone: Send + Sync {
     /// so anything published afterwards reaches this node.
     fn subscribe<'a>(&'a self, room: &'a str) -> BoxFuture<'a, Result<(), BackboneError>>;
 
-    /// Drops the subscription to `room` if no local member is left (checked under the same
-    /// lock as `subscribe`, so a concurrent join either keeps it or re-subscribes).
+    /// Drops the subscription to `room` if no local member is left (asked of the
+    /// [`inbound::Inbound`] under the same lock as `subscribe` takes, so a concurrent join
+    /// either keeps it or re-subscribes).
     fn release<'a>(&'a self, room: &'a str) -> BoxFuture<'a, ()>;
 
     /// The session stored for `id`, if any.
@@ -114,8 +172,20 @@ pub trait Backbone: Send + Sync {
     /// Replaces the session of `id` and restarts its expiry.
     fn save_session<'a>(&'a self, id: &'a str, session: &'a SessionRecord) -> BoxFuture<'a, Result<(), BackboneError>>;
 
-    /// Restarts the expiry of these sessions (their clients are connected).
-    fn touch_sessions<'a>(&'a self, ids: &'a [Arc<str>]) -> BoxFuture<'a, Result<(), BackboneError>>;
+    /// Restarts the expiry of these sessions (their clients are connected). By default each
+    /// stored session is read and written back, which restarts an expiry that counts from
+    /// the last write.
+    fn touch_sessions<'a>(&'a self, ids: &'a [Arc<str>]) -> BoxFuture<'a, Result<(), BackboneError>> {
+        async move {
+            for id in ids {
+                if let Some(session) = self.load_session(id).await? {
+                    self.save_session(id, &session).await?;
+                }
+            }
+            Ok(())
+        }
+        .boxed()
+    }
 
     /// The logged frames of `room` with seq > `after`, with the room's epoch and head seq.
     fn replay<'a>(&'a self, room: &'a str, after: u64) -> BoxFuture<'a, Result<Replay, BackboneError>>;
@@ -154,4 +224,24 @@ pub trait Backbone: Send + Sync {
 
     /// Whether the backbone is connected (drives `/readyz`).
     fn is_ready(&self) -> bool;
+
+    /// Records that this node instance is alive, on the backbone's clock; `true` if the
+    /// instance was not registered (first beat, reaped as dead, or the backbone lost its
+    /// data), so that [`keeper`] puts this node's presence entries back. By default there is
+    /// nobody to tell: `false`.
+    fn heartbeat(&self) -> BoxFuture<'_, Result<bool, BackboneError>> {
+        ready(Ok(false)).boxed()
+    }
+
+    /// Removes every instance silent for `presence_ttl`, with its presence entries, and
+    /// publishes `user_left`/`node_down` for each client id left with no connection in a
+    /// room — decided atomically, so each is announced once however many nodes reap.
+    fn reap(&self) -> BoxFuture<'_, Result<Reaped, BackboneError>> {
+        ready(Ok(Reaped::default())).boxed()
+    }
+
+    /// A graceful stop: this instance is gone (its sessions removed their entries already).
+    fn deregister(&self) -> BoxFuture<'_, ()> {
+        ready(()).boxed()
+    }
 }

@@ -27,13 +27,19 @@
 //! order even across a NATS outage.
 //!
 //! Presence is cluster-wide, as under Redis: compare-and-set records in a stream, heartbeats
-//! and a reaper announcing a dead node's members once (`nats/presence.rs`).
+//! and a reaper announcing a dead node's members once (`nats/presence.rs`), run by
+//! [`super::keeper`]. Frames are handed to the node through [`Inbound`]; holes are filled
+//! with the helpers of [`super::catch_up`].
 
 mod presence;
 
-use super::{Backbone, BackboneError, PresenceChange, PresenceEntry, Replay, Scope, SessionRecord, Unpublished};
+use super::catch_up::{deliver_missed, flag_gap, has_gap};
+use super::inbound::Inbound;
+use super::keeper::Backoff;
+use super::{
+    Backbone, BackboneError, PresenceChange, PresenceEntry, Reaped, Replay, Scope, SessionRecord, Unpublished,
+};
 use crate::config::Config;
-use crate::hub::Hub;
 use crate::metrics::Metrics;
 use async_nats::jetstream::{self, stream};
 use base64::Engine;
@@ -43,6 +49,7 @@ use futures_util::future::{BoxFuture, FutureExt};
 use futures_util::{stream as fstream, StreamExt};
 use std::collections::HashMap;
 use std::sync::Arc;
+use tether_proto::backbone::{complete_joined, complete_message};
 use tokio::sync::{watch, Mutex, OnceCell};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
@@ -63,7 +70,7 @@ struct StreamState {
 
 pub struct NatsBackbone {
     cfg: Arc<Config>,
-    hub: Arc<Hub>,
+    inbound: Arc<dyn Inbound>,
     metrics: Metrics,
     client: async_nats::Client,
     js: jetstream::Context,
@@ -118,11 +125,13 @@ fn nats_err(e: impl std::fmt::Display) -> BackboneError {
 }
 
 impl NatsBackbone {
-    /// Connects (in the background: the node starts unready while NATS is away) and returns.
+    /// Connects (in the background: the node starts unready while NATS is away) as node
+    /// instance `instance`, and returns.
     pub async fn start(
         cfg: Arc<Config>,
-        hub: Arc<Hub>,
+        inbound: Arc<dyn Inbound>,
         metrics: Metrics,
+        instance: String,
         shutdown: CancellationToken,
     ) -> Result<Arc<Self>, BackboneError> {
         let (tx, connected) = watch::channel(0u64);
@@ -135,10 +144,7 @@ impl NatsBackbone {
             .request_timeout(Some(cfg.redis_timeout))
             .reconnect_delay_callback({
                 let (min, max) = (cfg.reconnect_min, cfg.reconnect_max);
-                move |attempts| {
-                    let exp = min.saturating_mul(1 << attempts.min(16) as u32).min(max);
-                    exp.mul_f64(rand::Rng::random_range(&mut rand::rng(), 0.5..1.0))
-                }
+                move |attempts| Backoff::nth(min, max, attempts)
             })
             .event_callback(move |event| {
                 let tx = tx.clone();
@@ -164,11 +170,10 @@ impl NatsBackbone {
             });
         let client = options.connect(cfg.nats.as_str()).await.map_err(nats_err)?;
         let js = jetstream::new(client.clone());
-        let instance = format!("{}#{}", cfg.name, &tether_proto::id::mint_client_id()[..12]);
         let backbone = Arc::new_cyclic(|me| Self {
             prefix: nats_prefix(&cfg.prefix),
             cfg,
-            hub,
+            inbound,
             metrics,
             client,
             js,
@@ -181,7 +186,6 @@ impl NatsBackbone {
             shutdown,
             me: me.clone(),
         });
-        tokio::spawn(Arc::clone(&backbone).presence_keeper());
         // After a reconnect the streams may be new ones (NATS lost them): forget cached epochs.
         let weak = Arc::downgrade(&backbone);
         let mut changes = backbone.connected.clone();
@@ -399,7 +403,7 @@ impl NatsBackbone {
         for item in got {
             if let Some((seq, payload)) = item? {
                 match std::str::from_utf8(&payload) {
-                    Ok(prefix) => frames.push((seq, complete(prefix, seq, epoch))),
+                    Ok(prefix) => frames.push((seq, complete_message(prefix, seq, epoch))),
                     Err(_) => warn!(room, seq, "non-UTF-8 message in the room log; skipped"),
                 }
             }
@@ -500,7 +504,7 @@ impl NatsBackbone {
             };
             let Some(seq) = seq else {
                 // A membership event: no seq, not logged.
-                self.hub.deliver(&room, &Utf8Bytes::from(text), &self.metrics);
+                self.inbound.deliver(&room, &Utf8Bytes::from(text));
                 continue;
             };
             if seq <= last {
@@ -510,7 +514,7 @@ impl NatsBackbone {
             if seq > last + 1 {
                 last = self.fill(&room, last, seq - 1, &state).await.unwrap_or(last);
             }
-            self.hub.deliver(&room, &Utf8Bytes::from(complete(text, seq, &state.epoch)), &self.metrics);
+            self.inbound.deliver(&room, &Utf8Bytes::from(complete_message(text, seq, &state.epoch)));
             last = last.max(seq);
         }
         debug!(room, "room reader stopped");
@@ -529,18 +533,10 @@ impl NatsBackbone {
                 return None;
             }
         };
-        if frames.first().is_none_or(|(first, _)| *first > after + 1) {
-            warn!(room, after, "room log no longer holds all that was missed; members see a seq gap");
-            self.metrics.catch_up_gaps.inc();
+        if has_gap(after, to, &frames) {
+            flag_gap(&self.metrics, room, after);
         }
-        let n = frames.len();
-        for (_, frame) in frames {
-            self.hub.deliver(room, &Utf8Bytes::from(frame), &self.metrics);
-        }
-        if n > 0 {
-            self.metrics.caught_up_messages.inc_by(n as u64);
-            info!(room, messages = n, "caught up from the room log");
-        }
+        deliver_missed(self.inbound.as_ref(), &self.metrics, room, frames);
         Some(to)
     }
 }
@@ -575,11 +571,6 @@ pub async fn room_heads(
 enum PublishFailure {
     NoStream,
     Other(BackboneError),
-}
-
-/// The frame for `seq` from its logged prefix (which ends in `"seq":`).
-fn complete(prefix: &str, seq: u64, epoch: &str) -> String {
-    format!("{prefix}{seq},\"epoch\":\"{epoch}\"}}")
 }
 
 impl Backbone for NatsBackbone {
@@ -622,7 +613,7 @@ impl Backbone for NatsBackbone {
     fn release<'a>(&'a self, room: &'a str) -> BoxFuture<'a, ()> {
         async move {
             let mut readers = self.readers.lock().await;
-            if self.hub.has_members(room) {
+            if self.inbound.wants(room) {
                 return;
             }
             if let Some(reader) = readers.remove(room) {
@@ -639,8 +630,8 @@ impl Backbone for NatsBackbone {
             let Some(bytes) = self.session_bytes(self.session_subject(id)).await? else {
                 return Ok(None);
             };
-            match serde_json::from_slice::<StoredSession>(&bytes) {
-                Ok(s) => Ok(Some(SessionRecord { name: s.name, rooms: s.rooms })),
+            match serde_json::from_slice::<SessionRecord>(&bytes) {
+                Ok(s) => Ok(Some(s)),
                 Err(e) => {
                     warn!(id, error = %e, "unreadable session record; starting a new session");
                     Ok(None)
@@ -652,8 +643,7 @@ impl Backbone for NatsBackbone {
 
     fn save_session<'a>(&'a self, id: &'a str, session: &'a SessionRecord) -> BoxFuture<'a, Result<(), BackboneError>> {
         async move {
-            let json = serde_json::to_vec(&StoredSession { name: session.name.clone(), rooms: session.rooms.clone() })
-                .expect("sessions serialise");
+            let json = serde_json::to_vec(session).expect("sessions serialise");
             self.put_session(self.session_subject(id), Bytes::from(json)).await
         }
         .boxed()
@@ -692,13 +682,10 @@ impl Backbone for NatsBackbone {
     ) -> BoxFuture<'a, Result<(PresenceChange, Option<String>), BackboneError>> {
         async move {
             let event = match (event, scope) {
-                (Some(e), Scope::Room(room)) => {
-                    let body = e.strip_suffix('}').unwrap_or(&e);
-                    Some(match self.head(room).await? {
-                        Some((head, epoch)) => format!("{body},\"head_seq\":{head},\"epoch\":\"{epoch}\"}}"),
-                        None => format!("{body},\"head_seq\":0}}"),
-                    })
-                }
+                (Some(e), Scope::Room(room)) => Some(match self.head(room).await? {
+                    Some((head, epoch)) => complete_joined(&e, head, Some(&epoch)),
+                    None => complete_joined(&e, 0, None),
+                }),
                 (e, _) => e,
             };
             let change = self.record_add(scope, conn, entry).await?;
@@ -743,12 +730,22 @@ impl Backbone for NatsBackbone {
     fn is_ready(&self) -> bool {
         self.is_connected()
     }
-}
 
-#[derive(serde::Serialize, serde::Deserialize)]
-struct StoredSession {
-    name: Option<String>,
-    rooms: Vec<String>,
+    fn heartbeat(&self) -> BoxFuture<'_, Result<bool, BackboneError>> {
+        self.beat().boxed()
+    }
+
+    fn reap(&self) -> BoxFuture<'_, Result<Reaped, BackboneError>> {
+        async move {
+            let (instances, announced) = self.reap_dead().await?;
+            Ok(Reaped { instances, announced })
+        }
+        .boxed()
+    }
+
+    fn deregister(&self) -> BoxFuture<'_, ()> {
+        self.drop_heartbeat().boxed()
+    }
 }
 
 #[cfg(test)]
@@ -769,13 +766,5 @@ mod tests {
         assert_eq!(nats_prefix("tether:"), "tether");
         assert_eq!(nats_prefix("app.one:"), "app_one");
         assert_eq!(nats_prefix(":"), "tether");
-    }
-
-    #[test]
-    fn frames_are_completed_like_the_redis_script_does() {
-        assert_eq!(
-            complete("{\"type\":\"message\",\"seq\":", 7, "e1"),
-            "{\"type\":\"message\",\"seq\":7,\"epoch\":\"e1\"}"
-        );
     }
 }

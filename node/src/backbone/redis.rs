@@ -6,17 +6,18 @@
 //!   events. It reconnects on the next command after a failure, without a retry loop of its
 //!   own; while it is not proven working, a keeper task probes it with our backoff;
 //! - a dedicated pub/sub connection, owned by the *subscriber* task. redis-rs' `PubSub`
-//!   never reconnects: its stream simply ends when Redis goes away (see `NOTES.md`). The
+//!   never reconnects: its stream simply ends when Redis goes away. The
 //!   subscriber treats that as an outage: `/readyz` turns 503, it reconnects with
 //!   exponential backoff and jitter (capped low: see `reconnect_max_ms`), re-subscribes every
-//!   room that still has local members in one `SUBSCRIBE`, and catches them up. The
-//!   subscriber only ever `try_send`s to clients (through [`Hub::deliver`]), so a slow
-//!   client can never make Redis buffer output for this node.
+//!   room that still has local members in one `SUBSCRIBE`, and catches them up (through
+//!   [`Inbound::catch_up`]). The subscriber only ever `try_send`s to clients (through
+//!   [`Inbound::deliver`]), so a slow client can never make Redis buffer output for this node.
 //!
 //! Readiness (`/readyz`) is derived from both: subscribed and caught up, and the command
 //! connection's last command succeeded; each half changes where its state does.
 //!
-//! Key layout (braces literal: a Redis Cluster hash tag, so a room's keys share one slot):
+//! Key layout ([`RedisKeys`]; braces literal: a Redis Cluster hash tag, so a room's keys
+//! share one slot):
 //! channel `{prefix}room:{ROOM}`, log stream `{prefix}room:{ROOM}:log` with entry ids
 //! `SEQ-0`, counter hash `{prefix}room:{ROOM}:meta` with fields `seq` and `epoch`; sessions
 //! in hashes `{prefix}session:{ID}` with fields `name` and `rooms` (a JSON array).
@@ -26,164 +27,34 @@
 //! `{prefix}presence:{ROOM}` (field `INSTANCE/CONN`, value `{"id","user","server"}`), counts
 //! connections per client id in `{prefix}presence:{ROOM}:ids` (two tabs are one presence),
 //! lists what it registered in `{prefix}instance:{INSTANCE}`, and heartbeats into the sorted
-//! set `{prefix}instances` (score: Redis' own clock). Every node runs the reaper: an instance
+//! set `{prefix}instances` (score: Redis' own clock). Every node runs the reaper (scheduled by
+//! [`super::keeper`]): an instance
 //! silent for `presence_ttl` is removed — in one script, so by exactly one node — with each
 //! of its members whose id has no connection left announced once as `user_left`/`node_down`.
 //! The cluster-wide `online` list works the same way under `{prefix}online`. The reaper's
 //! keys are computed inside its script, so it needs a single Redis (not a Redis Cluster).
 
-use super::{Backbone, BackboneError, PresenceChange, PresenceEntry, Replay, Scope, SessionRecord, Unpublished};
+mod scripts;
+
+use super::inbound::Inbound;
+use super::keeper::Backoff;
+use super::{
+    Backbone, BackboneError, PresenceChange, PresenceEntry, Reaped, Replay, Scope, SessionRecord, Unpublished,
+};
 use crate::config::Config;
-use crate::hub::Hub;
 use crate::metrics::Metrics;
 use futures_util::future::{BoxFuture, FutureExt};
 use futures_util::StreamExt;
-use rand::Rng;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink};
+use scripts::{HEARTBEAT_LUA, PRESENCE_ADD_LUA, PRESENCE_REMOVE_LUA, PUBLISH_LUA, REAP_LUA};
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use tether_proto::backbone::{conn_field, instance_member, RedisKeys};
 use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
-
-/// The atomic publish step, for one or more consecutive messages of one client to one room.
-///
-/// KEYS: meta hash, log stream, channel. ARGV: a fresh epoch to use if the room has none,
-/// history length, log TTL in ms, then one frame prefix (ending in `"seq":`) per message.
-/// Each message gets the next seq, in order, and is logged, then published, before the next.
-///
-/// A counter that starts again at 1 means Redis lost the room's state (restart without
-/// persistence, eviction): the room gets a new epoch and its stale log, if any survived, is
-/// dropped, so `(epoch, seq)` never repeats.
-const PUBLISH_LUA: &str = r#"
-local n = #ARGV - 3
-local last = redis.call('HINCRBY', KEYS[1], 'seq', n)
-local first = last - n + 1
-local epoch
-if first == 1 then
-  epoch = ARGV[1]
-  redis.call('HSET', KEYS[1], 'epoch', epoch)
-  redis.call('DEL', KEYS[2])
-else
-  epoch = redis.call('HGET', KEYS[1], 'epoch')
-  if not epoch then
-    epoch = ARGV[1]
-    redis.call('HSET', KEYS[1], 'epoch', epoch)
-  end
-end
-local tail = ',"epoch":"' .. epoch .. '"}'
-for i = 1, n do
-  local seq = first + i - 1
-  local frame = ARGV[3 + i] .. seq .. tail
-  redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[2], seq .. '-0', 'f', frame)
-  redis.call('PUBLISH', KEYS[3], frame)
-end
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-redis.call('PEXPIRE', KEYS[2], ARGV[3])
-return n
-"#;
-
-/// Registers one presence entry. KEYS: entries hash, ids hash, instance set, channel, room
-/// meta hash. ARGV: field, entry JSON, client id, instance-set member, event ('' = none).
-///
-/// The event (a `user_joined`) gets the room's position appended — `"head_seq"`, the last seq
-/// assigned, and `"epoch"` — read in the same atomic step that publishes it, so the joiner
-/// (already subscribed) receives every message after `head_seq` and can resume from there.
-/// Returns {the id's connection count or -1 if the entry already existed, the event}.
-const PRESENCE_ADD_LUA: &str = r#"
-local frame = ARGV[5]
-if frame ~= '' then
-  local m = redis.call('HMGET', KEYS[5], 'seq', 'epoch')
-  frame = string.sub(frame, 1, -2) .. ',"head_seq":' .. (m[1] or '0')
-  if m[2] then frame = frame .. ',"epoch":"' .. m[2] .. '"' end
-  frame = frame .. '}'
-end
-if redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) == 0 then return {-1, frame} end
-redis.call('SADD', KEYS[3], ARGV[4])
-local n = redis.call('HINCRBY', KEYS[2], ARGV[3], 1)
-if n == 1 and frame ~= '' then redis.call('PUBLISH', KEYS[4], frame) end
-return {n, frame}
-"#;
-
-/// Removes one presence entry. KEYS as for add. ARGV: field, client id, instance-set member,
-/// event to publish when the id's last connection leaves ('' = none).
-/// Returns the id's remaining count, or -1 if the entry was already gone (say, reaped).
-const PRESENCE_REMOVE_LUA: &str = r#"
-if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then return -1 end
-redis.call('SREM', KEYS[3], ARGV[3])
-local n = redis.call('HINCRBY', KEYS[2], ARGV[2], -1)
-if n <= 0 then
-  redis.call('HDEL', KEYS[2], ARGV[2])
-  if ARGV[4] ~= '' then redis.call('PUBLISH', KEYS[4], ARGV[4]) end
-  return 0
-end
-return n
-"#;
-
-/// Heartbeat on Redis' clock. KEYS: instances zset. ARGV: instance. Returns 1 if the instance
-/// was not registered (first beat, reaped as dead, or Redis lost its data).
-const HEARTBEAT_LUA: &str = r#"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-return redis.call('ZADD', KEYS[1], now, ARGV[1])
-"#;
-
-/// Reaps instances silent for longer than ARGV[2] ms (at most ARGV[3] per call).
-/// KEYS: instances zset. ARGV: key prefix, ttl ms, limit. Returns {instances, announced}.
-const REAP_LUA: &str = r#"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]), 'LIMIT', 0, tonumber(ARGV[3]))
-local announced = 0
-for _, inst in ipairs(dead) do
-  redis.call('ZREM', KEYS[1], inst)
-  local set = ARGV[1] .. 'instance:{' .. inst .. '}'
-  for _, m in ipairs(redis.call('SMEMBERS', set)) do
-    local bar = string.find(m, '|', 1, true)
-    if bar then
-      local conn = string.sub(m, 1, bar - 1)
-      local room = string.sub(m, bar + 1)
-      local field = inst .. '/' .. conn
-      local entries, channel
-      if room == '' then
-        entries = ARGV[1] .. 'online'
-      else
-        entries = ARGV[1] .. 'presence:{' .. room .. '}'
-        channel = ARGV[1] .. 'room:{' .. room .. '}'
-      end
-      local v = redis.call('HGET', entries, field)
-      if v then
-        redis.call('HDEL', entries, field)
-        local e = cjson.decode(v)
-        local n = redis.call('HINCRBY', entries .. ':ids', e.id, -1)
-        if n <= 0 then
-          redis.call('HDEL', entries .. ':ids', e.id)
-          if channel then
-            redis.call('PUBLISH', channel, cjson.encode({type = 'user_left', room = room, user = e.user,
-              id = e.id, server = e.server, reason = 'node_down'}))
-            announced = announced + 1
-          end
-        end
-      end
-    end
-  end
-  redis.call('DEL', set)
-end
-return {#dead, announced}
-"#;
-
-/// Whether an error means the command connection cannot be used now (as opposed to an
-/// answer Redis gave: a script error, a wrong type), so the node is not ready.
-fn connection_failure(e: &BackboneError) -> bool {
-    match e {
-        BackboneError::NotConnected | BackboneError::Timeout(_) => true,
-        BackboneError::Redis(e) => e.is_io_error() || e.is_unrecoverable_error(),
-        BackboneError::Nats(_) => false,
-    }
-}
 
 /// The state readiness derives from, changed at the moment it changes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -211,8 +82,9 @@ struct Subs {
 
 pub struct RedisBackbone {
     cfg: Arc<Config>,
-    hub: Arc<Hub>,
+    inbound: Arc<dyn Inbound>,
     metrics: Metrics,
+    keys: RedisKeys,
     client: redis::Client,
     commands: ConnectionManager,
     publish: redis::Script,
@@ -231,19 +103,21 @@ pub struct RedisBackbone {
     /// Bumped whenever the command connection is seen failing: a command that started
     /// before a failure and succeeds after it says nothing about the connection now.
     command_failures: AtomicU64,
-    /// Tells the keeper to probe now (the subscriber just reached Redis).
+    /// Tells the command keeper to probe now (the subscriber just reached Redis).
     probe_now: tokio::sync::Notify,
     /// `{prefix}room:{` — what every channel of ours starts with.
     channel_head: String,
 }
 
 impl RedisBackbone {
-    /// Creates the backbone and starts its subscriber task, which runs until `shutdown`.
-    /// Does not wait for Redis: a node starts (unready) while Redis is down.
+    /// Creates the backbone for node instance `instance` and starts its subscriber and
+    /// command keeper tasks, which run until `shutdown`. Does not wait for Redis: a node
+    /// starts (unready) while Redis is down.
     pub fn start(
         cfg: Arc<Config>,
-        hub: Arc<Hub>,
+        inbound: Arc<dyn Inbound>,
         metrics: Metrics,
+        instance: String,
         shutdown: CancellationToken,
     ) -> Result<Arc<Self>, BackboneError> {
         let client = redis::Client::open(cfg.redis.as_str())?;
@@ -257,11 +131,12 @@ impl RedisBackbone {
             // after Redis was back, while nothing outside it could tell.
             .set_number_of_retries(0);
         let commands = ConnectionManager::new_lazy_with_config(client.clone(), manager_cfg)?;
-        let instance = format!("{}#{}", cfg.name, &tether_proto::id::mint_client_id()[..12]);
+        let keys = RedisKeys::new(&cfg.prefix);
         let backbone = Arc::new(Self {
-            channel_head: format!("{}room:{{", cfg.prefix),
+            channel_head: keys.channel_head(),
+            keys,
             cfg,
-            hub,
+            inbound,
             metrics,
             client,
             commands,
@@ -278,124 +153,31 @@ impl RedisBackbone {
             probe_now: tokio::sync::Notify::new(),
         });
         tokio::spawn(Arc::clone(&backbone).subscriber(shutdown.clone()));
-        tokio::spawn(Arc::clone(&backbone).command_keeper(shutdown.clone()));
-        tokio::spawn(Arc::clone(&backbone).presence_keeper(shutdown));
+        tokio::spawn(Arc::clone(&backbone).command_keeper(shutdown));
         Ok(backbone)
     }
 
     fn channel(&self, room: &str) -> String {
-        format!("{}{room}}}", self.channel_head)
-    }
-
-    /// Heartbeats, re-registers this instance's entries when Redis forgot them, and reaps
-    /// dead instances, every third of `presence_ttl`, until shutdown; then deregisters.
-    async fn presence_keeper(self: Arc<Self>, shutdown: CancellationToken) {
-        let ttl = self.cfg.presence_ttl;
-        let mut tick = tokio::time::interval(ttl / 3);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // Reap only after beating for a whole ttl: after an outage every instance's last beat
-        // is old, and each must get the chance to beat again before anyone judges it dead.
-        let mut beating_since: Option<tokio::time::Instant> = None;
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => break,
-                _ = tick.tick() => {}
-            }
-            let mut con = self.commands.clone();
-            let mut beat = self.heartbeat.prepare_invoke();
-            beat.key(self.instances_key()).arg(&self.instance);
-            match self.command(beat.invoke_async::<i64>(&mut con)).await {
-                Ok(added) => {
-                    let since = *beating_since.get_or_insert_with(tokio::time::Instant::now);
-                    if added == 1 {
-                        self.reregister().await;
-                    }
-                    if since.elapsed() >= ttl {
-                        self.reap_dead().await;
-                    }
-                }
-                Err(e) => {
-                    beating_since = None;
-                    debug!(error = %e, "presence heartbeat failed");
-                }
-            }
-        }
-        // Graceful stop: the sessions have removed their entries; drop the instance itself.
-        let mut con = self.commands.clone();
-        let mut pipe = redis::pipe();
-        pipe.zrem(self.instances_key(), &self.instance).ignore().del(self.instance_set_key()).ignore();
-        let _ = self.command(pipe.query_async::<()>(&mut con)).await;
-    }
-
-    /// Puts back every entry of this instance (idempotent: existing entries are untouched).
-    async fn reregister(&self) {
-        let snapshot = self.hub.presence_snapshot();
-        let mut restored = 0usize;
-        for (room, conn, info) in &snapshot {
-            let entry =
-                PresenceEntry { id: info.id.to_string(), user: info.user.clone(), server: self.cfg.name.clone() };
-            let scope = room.as_deref().map_or(Scope::Online, Scope::Room);
-            let event = room.as_deref().map(|r| {
-                tether_proto::wire::Event::UserJoined {
-                    room: r,
-                    user: &entry.user,
-                    id: &entry.id,
-                    server: &entry.server,
-                }
-                .to_json()
-            });
-            match self.presence_add(scope, *conn, &entry, event).await {
-                Ok((PresenceChange::Unchanged, _)) => {}
-                Ok(_) => restored += 1,
-                Err(e) => {
-                    debug!(error = %e, "presence re-registration failed; next heartbeat retries");
-                    return;
-                }
-            }
-        }
-        if restored > 0 {
-            warn!(instance = %self.instance, restored, "presence entries were missing in Redis (reaped or lost); re-registered");
-        }
-    }
-
-    async fn reap_dead(&self) {
-        let mut con = self.commands.clone();
-        let mut reap = self.reap.prepare_invoke();
-        reap.key(self.instances_key()).arg(&self.cfg.prefix).arg(self.cfg.presence_ttl.as_millis() as u64).arg(16);
-        match self.command(reap.invoke_async::<(u64, u64)>(&mut con)).await {
-            Ok((0, _)) => {}
-            Ok((instances, announced)) => {
-                info!(instances, announced, "reaped dead node instances; announced their members as node_down");
-                self.metrics.instances_reaped.inc_by(instances);
-            }
-            Err(e) => debug!(error = %e, "reaper failed"),
-        }
-    }
-
-    fn instances_key(&self) -> String {
-        format!("{}instances", self.cfg.prefix)
+        self.keys.channel(room)
     }
 
     fn instance_set_key(&self) -> String {
-        format!("{}instance:{{{}}}", self.cfg.prefix, self.instance)
+        self.keys.instance_set(&self.instance)
     }
 
     /// (entries hash, ids hash, channel, instance-set member) of one entry.
     fn presence_keys(&self, scope: Scope<'_>, conn: u64) -> (String, String, String, String) {
-        match scope {
-            Scope::Room(room) => {
-                let entries = format!("{}presence:{{{room}}}", self.cfg.prefix);
-                (format!("{entries}:ids"), entries, self.channel(room), format!("{conn}|{room}"))
-            }
-            Scope::Online => {
-                let entries = format!("{}online", self.cfg.prefix);
-                (format!("{entries}:ids"), entries, String::new(), format!("{conn}|"))
-            }
-        }
+        let room = match scope {
+            Scope::Room(room) => Some(room),
+            Scope::Online => None,
+        };
+        let entries = self.keys.presence(room);
+        let channel = room.map(|r| self.channel(r)).unwrap_or_default();
+        (format!("{entries}:ids"), entries, channel, instance_member(conn, room))
     }
 
     fn session_key(&self, id: &str) -> String {
-        format!("{}session:{{{id}}}", self.cfg.prefix)
+        self.keys.session(id)
     }
 
     fn room_of<'c>(&self, channel: &'c str) -> Option<&'c str> {
@@ -431,7 +213,7 @@ impl RedisBackbone {
                     self.set_health(|h| h.commands = true);
                 }
             }
-            Err(e) if connection_failure(e) => self.commands_failed(),
+            Err(e) if e.is_connection_failure() => self.commands_failed(),
             Err(_) => {}
         }
         result
@@ -462,12 +244,8 @@ impl RedisBackbone {
         });
     }
 
-    /// The next wait of a reconnect loop: `backoff` with jitter (50–100%), and the backoff
-    /// after it (doubled, capped at `reconnect_max`).
-    fn next_wait(&self, backoff: &mut Duration) -> Duration {
-        let wait = backoff.mul_f64(rand::rng().random_range(0.5..1.0));
-        *backoff = (*backoff * 2).min(self.cfg.reconnect_max);
-        wait
+    fn backoff(&self) -> Backoff {
+        Backoff::new(self.cfg.reconnect_min, self.cfg.reconnect_max)
     }
 
     /// Whenever the command connection is not known to work, probes it — a `PUBLISH` to
@@ -484,12 +262,12 @@ impl RedisBackbone {
                 _ = shutdown.cancelled() => return,
                 r = health.wait_for(|h| !h.commands) => if r.is_err() { return },
             }
-            let mut backoff = self.cfg.reconnect_min;
+            let mut backoff = self.backoff();
             loop {
                 if self.probe_commands().await.is_ok() || self.probe_commands().await.is_ok() {
                     break;
                 }
-                let wait = self.next_wait(&mut backoff);
+                let wait = backoff.next_wait();
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     _ = tokio::time::sleep(wait) => {}
@@ -512,7 +290,7 @@ impl RedisBackbone {
     /// again, until shutdown. While Redis is away it retries after `reconnect_min_ms`,
     /// doubling up to `reconnect_max_ms` (with jitter).
     async fn subscriber(self: Arc<Self>, shutdown: CancellationToken) {
-        let mut backoff = self.cfg.reconnect_min;
+        let mut backoff = self.backoff();
         let mut first = true;
         loop {
             let connected = tokio::select! {
@@ -535,7 +313,7 @@ impl RedisBackbone {
                     };
                     let ended = match caught_up {
                         Ok(()) => {
-                            backoff = self.cfg.reconnect_min;
+                            backoff.reset();
                             self.set_health(|h| h.subscribed = true);
                             tokio::select! {
                                 _ = shutdown.cancelled() => true,
@@ -566,14 +344,14 @@ impl RedisBackbone {
                     warn!(redis = %self.cfg.redis, "backbone subscriber lost its connection; reconnecting");
                 }
                 Err(e) => {
-                    debug!(error = %e, ?backoff, "backbone subscriber could not connect");
+                    debug!(error = %e, backoff = ?backoff.current(), "backbone subscriber could not connect");
                     if first {
                         warn!(redis = %self.cfg.redis, error = %e, "backbone not reachable yet; retrying");
                         first = false;
                     }
                 }
             }
-            let wait = self.next_wait(&mut backoff);
+            let wait = backoff.next_wait();
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep(wait) => {}
@@ -587,7 +365,7 @@ impl RedisBackbone {
         let pubsub = self.with_timeout(self.client.get_async_pubsub()).await?;
         let (mut sink, stream) = pubsub.split();
         let mut subs = self.subs.lock().await;
-        let rooms: HashSet<String> = self.hub.rooms().into_iter().collect();
+        let rooms: HashSet<String> = self.inbound.rooms().into_iter().collect();
         let mut channels: Vec<String> = rooms.iter().map(|r| self.channel(r)).collect();
         channels.push(self.probe_channel());
         self.with_timeout(sink.subscribe(channels)).await?;
@@ -598,15 +376,13 @@ impl RedisBackbone {
     }
 
     fn probe_channel(&self) -> String {
-        format!("{}probe:{{{}}}", self.cfg.prefix, self.instance)
+        self.keys.probe(&self.instance)
     }
 
-    /// After a (re)subscription: delivers, from each room's log, what was published while
-    /// this node was not subscribed (after the last seq it delivered there). Members' gates
-    /// drop anything that also arrives live, so nothing is delivered twice. The rooms' reads
-    /// go out together (pipelined on the multiplexed connection). Fails — and the subscriber
-    /// starts over — when the command connection cannot answer, so a gap is never left
-    /// unfilled behind a node that says it is ready.
+    /// After a (re)subscription, once the command connection answers: the catch-up from the
+    /// room logs ([`super::catch_up`]; the rooms' reads are pipelined on the multiplexed
+    /// connection). Fails — and the subscriber starts over — when the command connection
+    /// cannot answer, so a gap is never left unfilled behind a node that says it is ready.
     async fn catch_up_when_commands_answer(&self) -> Result<(), BackboneError> {
         let mut health = self.health.subscribe();
         let answered = match tokio::time::timeout(self.cfg.redis_timeout, health.wait_for(|h| h.commands)).await {
@@ -615,47 +391,7 @@ impl RedisBackbone {
             Err(_) => Err(BackboneError::Timeout(self.cfg.redis_timeout)),
         };
         answered?;
-        self.catch_up().await
-    }
-
-    async fn catch_up(&self) -> Result<(), BackboneError> {
-        use futures_util::stream::{self, TryStreamExt};
-        let positions: Vec<(String, (String, u64))> =
-            self.hub.positions().into_iter().filter_map(|(room, last)| Some((room, last?))).collect();
-        stream::iter(positions.into_iter().map(Ok::<_, BackboneError>))
-            .try_for_each_concurrent(64, |(room, (epoch, seq))| async move {
-                match self.catch_up_room(&room, &epoch, seq).await {
-                    Err(e) if connection_failure(&e) => Err(e),
-                    Err(e) => {
-                        warn!(room, error = %e, "catch-up from the room log failed");
-                        Ok(())
-                    }
-                    Ok(()) => Ok(()),
-                }
-            })
-            .await
-    }
-
-    async fn catch_up_room(&self, room: &str, epoch: &str, seq: u64) -> Result<(), BackboneError> {
-        let mut replay = self.replay(room, seq).await?;
-        if replay.epoch.as_deref() != Some(epoch) {
-            // Redis lost the room: everything in its new epoch is new to our members.
-            replay = self.replay(room, 0).await?;
-        } else if replay.frames.first().is_some_and(|(first, _)| *first > seq + 1)
-            || (replay.frames.is_empty() && replay.head_seq > seq)
-        {
-            warn!(room, after = seq, "room log no longer holds all that was missed; members see a seq gap");
-            self.metrics.catch_up_gaps.inc();
-        }
-        let n = replay.frames.len();
-        for (_, frame) in replay.frames {
-            self.hub.deliver(room, &Utf8Bytes::from(frame), &self.metrics);
-        }
-        if n > 0 {
-            self.metrics.caught_up_messages.inc_by(n as u64);
-            info!(room, messages = n, "caught up from the room log after reconnecting");
-        }
-        Ok(())
+        self.inbound.catch_up(self).await
     }
 
     /// Fans out every frame of the subscription until it ends, or until it goes silent: a
@@ -701,9 +437,7 @@ impl RedisBackbone {
             };
             let bytes = bytes::Bytes::copy_from_slice(msg.get_payload_bytes());
             match Utf8Bytes::try_from(bytes) {
-                Ok(frame) => {
-                    self.hub.deliver(room, &frame, &self.metrics);
-                }
+                Ok(frame) => self.inbound.deliver(room, &frame),
                 Err(_) => warn!(room, "non-UTF-8 frame on a room channel; dropped"),
             }
         }
@@ -718,13 +452,12 @@ impl Backbone for RedisBackbone {
             if count == 0 {
                 return Ok(());
             }
-            let base = format!("{}room:{{{room}}}", self.cfg.prefix);
             let mut con = self.commands.clone();
             let mut invocation = self.publish.prepare_invoke();
             invocation
-                .key(format!("{base}:meta"))
-                .key(format!("{base}:log"))
-                .key(&base)
+                .key(self.keys.meta(room))
+                .key(self.keys.log(room))
+                .key(self.keys.channel(room))
                 .arg(tether_proto::id::mint_client_id())
                 .arg(self.cfg.history_len)
                 .arg(self.cfg.log_ttl.as_millis() as u64);
@@ -785,7 +518,7 @@ impl Backbone for RedisBackbone {
     fn release<'a>(&'a self, room: &'a str) -> BoxFuture<'a, ()> {
         async move {
             let mut subs = self.subs.lock().await;
-            if self.hub.has_members(room) || !subs.rooms.remove(room) {
+            if self.inbound.wants(room) || !subs.rooms.remove(room) {
                 return;
             }
             self.metrics.rooms_subscribed.set(subs.rooms.len() as i64);
@@ -859,10 +592,9 @@ impl Backbone for RedisBackbone {
 
     fn replay<'a>(&'a self, room: &'a str, after: u64) -> BoxFuture<'a, Result<Replay, BackboneError>> {
         async move {
-            let base = format!("{}room:{{{room}}}", self.cfg.prefix);
             let mut pipe = redis::pipe();
-            pipe.atomic().cmd("HMGET").arg(format!("{base}:meta")).arg("seq").arg("epoch").xrange(
-                format!("{base}:log"),
+            pipe.atomic().cmd("HMGET").arg(self.keys.meta(room)).arg("seq").arg("epoch").xrange(
+                self.keys.log(room),
                 format!("{}-0", after.saturating_add(1)),
                 "+",
             );
@@ -892,8 +624,8 @@ impl Backbone for RedisBackbone {
         async move {
             let (ids, entries, channel, member) = self.presence_keys(scope, conn);
             let meta = match scope {
-                Scope::Room(room) => format!("{}room:{{{room}}}:meta", self.cfg.prefix),
-                Scope::Online => format!("{}online:meta", self.cfg.prefix),
+                Scope::Room(room) => self.keys.position(Some(room)),
+                Scope::Online => self.keys.position(None),
             };
             // A struct of three strings always serialises.
             let json = serde_json::to_string(entry).expect("presence entries serialise");
@@ -903,7 +635,7 @@ impl Backbone for RedisBackbone {
                 .key(self.instance_set_key())
                 .key(channel)
                 .key(meta)
-                .arg(format!("{}/{conn}", self.instance))
+                .arg(conn_field(&self.instance, conn))
                 .arg(json)
                 .arg(&entry.id)
                 .arg(member)
@@ -929,7 +661,7 @@ impl Backbone for RedisBackbone {
         async move {
             let (_, entries, _, _) = self.presence_keys(scope, conn);
             let json = serde_json::to_string(entry).expect("presence entries serialise");
-            let field = format!("{}/{conn}", self.instance);
+            let field = conn_field(&self.instance, conn);
             let mut con = self.commands.clone();
             // HSET XX semantics: only an existing entry is renamed (never resurrected).
             let script = redis::Script::new(
@@ -957,7 +689,7 @@ impl Backbone for RedisBackbone {
                 .key(ids)
                 .key(self.instance_set_key())
                 .key(channel)
-                .arg(format!("{}/{conn}", self.instance))
+                .arg(conn_field(&self.instance, conn))
                 .arg(id)
                 .arg(member)
                 .arg(event.unwrap_or_default());
@@ -986,5 +718,40 @@ impl Backbone for RedisBackbone {
     /// can publish and receive. Both halves are set and cleared where their state changes.
     fn is_ready(&self) -> bool {
         self.health.borrow().ready()
+    }
+
+    fn heartbeat(&self) -> BoxFuture<'_, Result<bool, BackboneError>> {
+        async move {
+            let mut con = self.commands.clone();
+            let mut beat = self.heartbeat.prepare_invoke();
+            beat.key(self.keys.instances()).arg(&self.instance);
+            Ok(self.command(beat.invoke_async::<i64>(&mut con)).await? == 1)
+        }
+        .boxed()
+    }
+
+    /// At most 16 instances per call: one script must not hold Redis for long.
+    fn reap(&self) -> BoxFuture<'_, Result<Reaped, BackboneError>> {
+        async move {
+            let mut con = self.commands.clone();
+            let mut reap = self.reap.prepare_invoke();
+            reap.key(self.keys.instances())
+                .arg(self.keys.prefix())
+                .arg(self.cfg.presence_ttl.as_millis() as u64)
+                .arg(16);
+            let (instances, announced) = self.command(reap.invoke_async::<(u64, u64)>(&mut con)).await?;
+            Ok(Reaped { instances, announced })
+        }
+        .boxed()
+    }
+
+    fn deregister(&self) -> BoxFuture<'_, ()> {
+        async move {
+            let mut con = self.commands.clone();
+            let mut pipe = redis::pipe();
+            pipe.zrem(self.keys.instances(), &self.instance).ignore().del(self.instance_set_key()).ignore();
+            let _ = self.command(pipe.query_async::<()>(&mut con)).await;
+        }
+        .boxed()
     }
 }

@@ -2,6 +2,7 @@
 //! methods, and what it says comes back out of an outbox with no socket behind it.
 
 use super::{Client, Close, Now};
+use crate::backbone::inbound::HubInbound;
 use crate::backbone::local::LocalBackbone;
 use crate::backbone::{
     Backbone, BackboneError, PresenceChange, PresenceEntry, Replay, Scope, SessionRecord, Unpublished,
@@ -109,7 +110,8 @@ fn node_with(file: FileConfig, logged: bool) -> (Arc<NodeState>, Option<Arc<Logg
     let cfg = Arc::new(file.validate().expect("a valid test config"));
     let hub = Arc::new(Hub::new(cfg.send_queue_len));
     let metrics = Metrics::new();
-    let inner = LocalBackbone::new(Arc::clone(&hub), metrics.clone());
+    let inbound = Arc::new(HubInbound::new(Arc::clone(&hub), metrics.clone()));
+    let inner = LocalBackbone::new(inbound, metrics.clone());
     let (backbone, log): (Arc<dyn Backbone>, _) = if logged {
         let l = Arc::new(Logged {
             inner,

@@ -17,6 +17,7 @@
 //! `presence_ttl`, removes their connections from every record by the same compare-and-set,
 //! and announces `user_left`/`node_down` for each id whose record that emptied — once, because
 //! only one write can empty a given record version. Then it deletes the dead heartbeat.
+//! When to beat and reap, and re-registering this node's entries, is [`crate::backbone::keeper`]'s.
 
 use super::{nats_err, token, NatsBackbone};
 use crate::backbone::{BackboneError, PresenceChange, PresenceEntry, Scope};
@@ -26,7 +27,7 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet};
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 /// Compare-and-set attempts before a presence change gives up (each loses only to another
 /// node's successful write, so this many in a row means heavy contention on one id).
@@ -95,7 +96,7 @@ impl NatsBackbone {
     }
 
     fn conn_key(&self, conn: u64) -> String {
-        format!("{}/{conn}", self.instance)
+        tether_proto::backbone::conn_field(&self.instance, conn)
     }
 
     /// The last message of `subject`, if any.
@@ -242,7 +243,7 @@ impl NatsBackbone {
 
     /// Writes this instance's heartbeat; `true` if it was missing (first beat, reaped as dead,
     /// or NATS lost it), in which case the caller puts this instance's entries back.
-    pub(super) async fn heartbeat(&self) -> Result<bool, BackboneError> {
+    pub(super) async fn beat(&self) -> Result<bool, BackboneError> {
         let subject = self.heartbeat_subject(&self.instance);
         let missing = self.last_of(&subject).await?.is_none();
         self.publish_acked(subject, None, Bytes::from(self.instance.clone())).await?.map_err(nats_err)?;
@@ -319,83 +320,13 @@ impl NatsBackbone {
         Ok(names)
     }
 
-    /// Heartbeats, re-registers this instance's entries when they were lost, and reaps dead
-    /// instances, every third of `presence_ttl`, until shutdown.
-    pub(super) async fn presence_keeper(self: std::sync::Arc<Self>) {
-        let ttl = self.cfg.presence_ttl;
-        let mut tick = tokio::time::interval(ttl / 3);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut beating_since: Option<tokio::time::Instant> = None;
-        loop {
-            tokio::select! {
-                _ = self.shutdown.cancelled() => break,
-                _ = tick.tick() => {}
-            }
-            match self.heartbeat().await {
-                Ok(missing) => {
-                    let since = *beating_since.get_or_insert_with(tokio::time::Instant::now);
-                    if missing {
-                        self.reregister().await;
-                    }
-                    if since.elapsed() >= ttl {
-                        match self.reap_dead().await {
-                            Ok((0, _)) => {}
-                            Ok((instances, announced)) => {
-                                info!(
-                                    instances,
-                                    announced, "reaped dead node instances; announced their members as node_down"
-                                );
-                                self.metrics.instances_reaped.inc_by(instances);
-                            }
-                            Err(e) => debug!(error = %e, "reaper failed"),
-                        }
-                    }
-                }
-                Err(e) => {
-                    beating_since = None;
-                    debug!(error = %e, "presence heartbeat failed");
-                }
-            }
-        }
-        // Graceful stop: the sessions removed their entries; drop the heartbeat too.
+    /// Graceful stop: the sessions removed their entries; drops the heartbeat too.
+    pub(super) async fn drop_heartbeat(&self) {
         let subject = self.heartbeat_subject(&self.instance);
         if let Ok(Some(m)) = self.last_of(&subject).await {
             if let Ok(stream) = self.presence_stream().await {
                 let _ = self.timed(stream.delete_message(m.sequence)).await;
             }
-        }
-    }
-
-    /// Puts back every entry of this instance (idempotent: entries present are untouched).
-    async fn reregister(&self) {
-        let mut restored = 0usize;
-        for (room, conn, info) in self.hub.presence_snapshot() {
-            let entry =
-                PresenceEntry { id: info.id.to_string(), user: info.user.clone(), server: self.cfg.name.clone() };
-            let scope = room.as_deref().map_or(Scope::Online, Scope::Room);
-            match self.record_add(scope, conn, &entry).await {
-                Ok(PresenceChange::Unchanged) => {}
-                Ok(change) => {
-                    restored += 1;
-                    if let (PresenceChange::FirstOrLast, Some(room)) = (change, room.as_deref()) {
-                        let event = tether_proto::wire::Event::UserJoined {
-                            room,
-                            user: &entry.user,
-                            id: &entry.id,
-                            server: &entry.server,
-                        }
-                        .to_json();
-                        let _ = self.publish_live(room, event).await;
-                    }
-                }
-                Err(e) => {
-                    debug!(error = %e, "presence re-registration failed; next heartbeat retries");
-                    return;
-                }
-            }
-        }
-        if restored > 0 {
-            warn!(instance = %self.instance, restored, "presence entries were missing in NATS (reaped or lost); re-registered");
         }
     }
 }

@@ -1,0 +1,61 @@
+//! The node's side of delivery: what a backbone hands received frames to, and asks about the
+//! node's interest in rooms. Backbones hold an `Arc<dyn Inbound>`, never the hub.
+//!
+//! Delivery stays on the backbone's receiving task: [`Inbound::deliver`] is synchronous and
+//! cheap (the hub frames the bytes once and `try_send`s them to each member; it never waits
+//! on a client), so there is no channel hop and no copy per frame.
+
+use super::{catch_up, Backbone, BackboneError};
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+use futures_util::future::{BoxFuture, FutureExt};
+use std::sync::Arc;
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+
+/// What a backbone needs of the node it serves.
+pub trait Inbound: Send + Sync {
+    /// Hands a frame received for `room` to its local members, now.
+    fn deliver(&self, room: &str, frame: &Utf8Bytes);
+
+    /// Whether any local connection is in `room` (a backbone releases a subscription only
+    /// when none is).
+    fn wants(&self, room: &str) -> bool;
+
+    /// Every room with local members: what a backbone subscribes after reconnecting.
+    fn rooms(&self) -> Vec<String>;
+
+    /// After a (re)subscription: delivers, from each room's log read through `log`, what was
+    /// published while this node was not subscribed (see [`catch_up`]). Fails when `log`
+    /// cannot be read, so the backbone can start over rather than say it is ready.
+    fn catch_up<'a>(&'a self, log: &'a dyn Backbone) -> BoxFuture<'a, Result<(), BackboneError>>;
+}
+
+/// The node's [`Inbound`]: its hub.
+pub struct HubInbound {
+    hub: Arc<Hub>,
+    metrics: Metrics,
+}
+
+impl HubInbound {
+    pub fn new(hub: Arc<Hub>, metrics: Metrics) -> Self {
+        Self { hub, metrics }
+    }
+}
+
+impl Inbound for HubInbound {
+    fn deliver(&self, room: &str, frame: &Utf8Bytes) {
+        self.hub.deliver(room, frame, &self.metrics);
+    }
+
+    fn wants(&self, room: &str) -> bool {
+        self.hub.has_members(room)
+    }
+
+    fn rooms(&self) -> Vec<String> {
+        self.hub.rooms()
+    }
+
+    fn catch_up<'a>(&'a self, log: &'a dyn Backbone) -> BoxFuture<'a, Result<(), BackboneError>> {
+        catch_up::catch_up(self.hub.positions(), log, self, &self.metrics).boxed()
+    }
+}

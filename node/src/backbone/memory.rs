@@ -1,0 +1,379 @@
+//! A backbone in memory, for the tests of what is written above the trait: one [`Store`]
+//! stands for the shared Redis or NATS of several nodes, with a clock the test moves, a
+//! switch that cuts one node's subscription off, and ways to make it trim or lose data.
+//! Each change happens under one lock, as the real backbones' atomic steps do.
+
+use super::inbound::{HubInbound, Inbound};
+use super::keeper::Keeper;
+use super::{
+    Backbone, BackboneError, PresenceChange, PresenceEntry, Reaped, Replay, Scope, SessionRecord, Unpublished,
+};
+use crate::hub::{Gate, Hub, Member};
+use crate::metrics::Metrics;
+use crate::outbox::{frame_payload, Limits, Outbox};
+use futures_util::future::{ready, BoxFuture, FutureExt};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tether_proto::backbone::{complete_joined, complete_message, conn_field};
+use tether_proto::wire::{Event, LeaveReason};
+use tokio_tungstenite::tungstenite::Utf8Bytes;
+use tokio_util::sync::CancellationToken;
+
+/// What every node of a test sees.
+pub struct Store {
+    ttl: Duration,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    /// The store's own clock (heartbeats are judged on it, as on Redis' or NATS' clock).
+    clock: Duration,
+    rooms: HashMap<String, RoomLog>,
+    /// Scope (room, `None` for online) → `INSTANCE/CONN` → entry.
+    presence: HashMap<Option<String>, BTreeMap<String, PresenceEntry>>,
+    /// Instance → its last heartbeat.
+    instances: HashMap<String, Duration>,
+    sessions: HashMap<String, SessionRecord>,
+    nodes: Vec<Subscriber>,
+    epochs: u64,
+}
+
+struct RoomLog {
+    epoch: String,
+    seq: u64,
+    log: Vec<(u64, String)>,
+}
+
+struct Subscriber {
+    instance: String,
+    inbound: Arc<dyn Inbound>,
+    rooms: HashSet<String>,
+    connected: bool,
+}
+
+impl State {
+    fn node(&mut self, instance: &str) -> &mut Subscriber {
+        self.nodes.iter_mut().find(|n| n.instance == instance).expect("a node of this store")
+    }
+
+    fn publish(&self, room: &str, frame: &str) {
+        let frame = Utf8Bytes::from(frame.to_string());
+        for n in self.nodes.iter().filter(|n| n.connected && n.rooms.contains(room)) {
+            n.inbound.deliver(room, &frame);
+        }
+    }
+}
+
+fn scope_room(scope: Scope<'_>) -> Option<String> {
+    match scope {
+        Scope::Room(r) => Some(r.to_string()),
+        Scope::Online => None,
+    }
+}
+
+impl Store {
+    /// A store whose instances die after `ttl` without a heartbeat.
+    pub fn new(ttl: Duration) -> Arc<Self> {
+        Arc::new(Self { ttl, state: Mutex::new(State::default()) })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap()
+    }
+
+    /// A node named `name` on this store, with its own hub.
+    pub fn add_node(self: &Arc<Self>, name: &str) -> TestNode {
+        let hub = Arc::new(Hub::new(64));
+        let metrics = Metrics::new();
+        let inbound = Arc::new(HubInbound::new(Arc::clone(&hub), metrics.clone()));
+        let instance = tether_proto::backbone::instance_id(name);
+        self.lock().nodes.push(Subscriber {
+            instance: instance.clone(),
+            inbound: Arc::clone(&inbound) as Arc<dyn Inbound>,
+            rooms: HashSet::new(),
+            connected: true,
+        });
+        let backbone = Arc::new(MemoryBackbone { store: Arc::clone(self), instance, server: name.to_string() });
+        TestNode { hub, metrics, inbound, backbone }
+    }
+
+    pub fn advance(&self, by: Duration) {
+        self.lock().clock += by;
+    }
+
+    /// Loses everything, as a Redis restarted without persistence does.
+    pub fn forget(&self) {
+        let mut s = self.lock();
+        s.rooms.clear();
+        s.presence.clear();
+        s.instances.clear();
+        s.sessions.clear();
+    }
+
+    /// Loses one room's log and counter: it starts again under a new epoch.
+    pub fn forget_room(&self, room: &str) {
+        self.lock().rooms.remove(room);
+    }
+
+    /// Trims `room`'s log to the entries after `seq`.
+    pub fn trim(&self, room: &str, seq: u64) {
+        if let Some(r) = self.lock().rooms.get_mut(room) {
+            r.log.retain(|(s, _)| *s > seq);
+        }
+    }
+}
+
+/// One node of a test: its hub and its backbone on the shared store.
+pub struct TestNode {
+    pub hub: Arc<Hub>,
+    pub metrics: Metrics,
+    pub inbound: Arc<HubInbound>,
+    pub backbone: Arc<MemoryBackbone>,
+}
+
+impl TestNode {
+    /// Connection `conn` of client `id` joins `room` as a session does (hub, subscription,
+    /// presence online and in the room); returns its outbox, with nothing waiting.
+    pub async fn join(&self, conn: u64, id: &str, room: &str) -> Arc<Outbox> {
+        let out = Outbox::new(None, Limits::generous());
+        self.hub.register(conn, Arc::from(id));
+        self.hub.add(room, conn, Member { out: Arc::clone(&out), kick: CancellationToken::new() }, Gate::open());
+        self.backbone.subscribe(room).await.unwrap();
+        let entry = PresenceEntry { id: id.into(), user: id.into(), server: self.backbone.server.clone() };
+        self.backbone.presence_add(Scope::Online, conn, &entry, None).await.unwrap();
+        let joined = Event::UserJoined { room, user: id, id, server: &entry.server }.to_json();
+        self.backbone.presence_add(Scope::Room(room), conn, &entry, Some(joined)).await.unwrap();
+        out.take_all();
+        out
+    }
+
+    /// Publishes one message per text, as a session does.
+    pub async fn say(&self, room: &str, texts: &[&str]) {
+        let prefixes = texts
+            .iter()
+            .map(|t| format!("{{\"type\":\"message\",\"room\":\"{room}\",\"text\":\"{t}\",\"seq\":"))
+            .collect();
+        self.backbone.publish_messages(room, prefixes).await.unwrap();
+    }
+
+    pub fn keeper(&self) -> Keeper {
+        let b: Arc<dyn Backbone> = Arc::clone(&self.backbone) as Arc<dyn Backbone>;
+        let ttl = self.backbone.store.ttl;
+        Keeper::new(
+            b,
+            Arc::clone(&self.hub),
+            self.metrics.clone(),
+            self.backbone.server.clone(),
+            self.backbone.instance.clone(),
+            ttl,
+        )
+    }
+
+    /// Cuts this node's subscription off (`false`) or gives it back (`true`).
+    pub fn connect(&self, up: bool) {
+        self.backbone.store.lock().node(&self.backbone.instance).connected = up;
+    }
+}
+
+/// The JSON texts waiting in `out`, taken as its writer would.
+pub fn taken(out: &Outbox) -> Vec<serde_json::Value> {
+    out.take_all().iter().map(|f| serde_json::from_slice(frame_payload(f)).unwrap()).collect()
+}
+
+pub struct MemoryBackbone {
+    store: Arc<Store>,
+    instance: String,
+    server: String,
+}
+
+impl MemoryBackbone {
+    fn connected(&self, s: &mut State) -> Result<(), BackboneError> {
+        if s.node(&self.instance).connected {
+            Ok(())
+        } else {
+            Err(BackboneError::NotConnected)
+        }
+    }
+}
+
+impl Backbone for MemoryBackbone {
+    fn publish_messages<'a>(&'a self, room: &'a str, prefixes: Vec<String>) -> BoxFuture<'a, Result<(), Unpublished>> {
+        let mut s = self.store.lock();
+        let state = &mut *s;
+        if !state.rooms.contains_key(room) {
+            state.epochs += 1;
+        }
+        let n = state.epochs;
+        let r = state.rooms.entry(room.to_string()).or_insert_with(|| RoomLog {
+            epoch: format!("e{n}"),
+            seq: 0,
+            log: Vec::new(),
+        });
+        let mut frames = Vec::new();
+        for prefix in prefixes {
+            r.seq += 1;
+            let frame = complete_message(&prefix, r.seq, &r.epoch);
+            r.log.push((r.seq, frame.clone()));
+            frames.push(frame);
+        }
+        for f in frames {
+            state.publish(room, &f);
+        }
+        ready(Ok(())).boxed()
+    }
+
+    fn publish_event<'a>(&'a self, room: &'a str, json: String) -> BoxFuture<'a, Result<(), BackboneError>> {
+        self.store.lock().publish(room, &json);
+        ready(Ok(())).boxed()
+    }
+
+    fn subscribe<'a>(&'a self, room: &'a str) -> BoxFuture<'a, Result<(), BackboneError>> {
+        let mut s = self.store.lock();
+        let r = self.connected(&mut s).map(|()| {
+            s.node(&self.instance).rooms.insert(room.to_string());
+        });
+        ready(r).boxed()
+    }
+
+    fn release<'a>(&'a self, room: &'a str) -> BoxFuture<'a, ()> {
+        let mut s = self.store.lock();
+        let node = s.node(&self.instance);
+        if !node.inbound.wants(room) {
+            node.rooms.remove(room);
+        }
+        ready(()).boxed()
+    }
+
+    fn load_session<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<SessionRecord>, BackboneError>> {
+        ready(Ok(self.store.lock().sessions.get(id).cloned())).boxed()
+    }
+
+    fn save_session<'a>(&'a self, id: &'a str, session: &'a SessionRecord) -> BoxFuture<'a, Result<(), BackboneError>> {
+        self.store.lock().sessions.insert(id.to_string(), session.clone());
+        ready(Ok(())).boxed()
+    }
+
+    fn replay<'a>(&'a self, room: &'a str, after: u64) -> BoxFuture<'a, Result<Replay, BackboneError>> {
+        let s = self.store.lock();
+        let replay = s.rooms.get(room).map_or_else(Replay::default, |r| Replay {
+            epoch: Some(r.epoch.clone()),
+            head_seq: r.seq,
+            frames: r.log.iter().filter(|(seq, _)| *seq > after).cloned().collect(),
+        });
+        ready(Ok(replay)).boxed()
+    }
+
+    fn presence_add<'a>(
+        &'a self,
+        scope: Scope<'a>,
+        conn: u64,
+        entry: &'a PresenceEntry,
+        event: Option<String>,
+    ) -> BoxFuture<'a, Result<(PresenceChange, Option<String>), BackboneError>> {
+        let mut s = self.store.lock();
+        let room = scope_room(scope);
+        let event = event.map(|e| match room.as_deref().and_then(|r| s.rooms.get(r)) {
+            Some(r) => complete_joined(&e, r.seq, Some(&r.epoch)),
+            None => complete_joined(&e, 0, None),
+        });
+        let entries = s.presence.entry(room.clone()).or_default();
+        let change = if entries.insert(conn_field(&self.instance, conn), entry.clone()).is_some() {
+            PresenceChange::Unchanged
+        } else if entries.values().filter(|e| e.id == entry.id).count() == 1 {
+            PresenceChange::FirstOrLast
+        } else {
+            PresenceChange::Shared
+        };
+        if let (PresenceChange::FirstOrLast, Some(e), Some(r)) = (change, &event, &room) {
+            s.publish(r, e);
+        }
+        ready(Ok((change, event))).boxed()
+    }
+
+    fn presence_rename<'a>(
+        &'a self,
+        scope: Scope<'a>,
+        conn: u64,
+        entry: &'a PresenceEntry,
+    ) -> BoxFuture<'a, Result<(), BackboneError>> {
+        let mut s = self.store.lock();
+        if let Some(e) =
+            s.presence.get_mut(&scope_room(scope)).and_then(|m| m.get_mut(&conn_field(&self.instance, conn)))
+        {
+            *e = entry.clone();
+        }
+        ready(Ok(())).boxed()
+    }
+
+    fn presence_remove<'a>(
+        &'a self,
+        scope: Scope<'a>,
+        conn: u64,
+        id: &'a str,
+        event: Option<String>,
+    ) -> BoxFuture<'a, Result<PresenceChange, BackboneError>> {
+        let mut s = self.store.lock();
+        let room = scope_room(scope);
+        let entries = s.presence.entry(room.clone()).or_default();
+        let change = match entries.remove(&conn_field(&self.instance, conn)) {
+            None => PresenceChange::Unchanged,
+            Some(_) if entries.values().any(|e| e.id == id) => PresenceChange::Shared,
+            Some(_) => PresenceChange::FirstOrLast,
+        };
+        if let (PresenceChange::FirstOrLast, Some(e), Some(r)) = (change, &event, &room) {
+            s.publish(r, e);
+        }
+        ready(Ok(change)).boxed()
+    }
+
+    fn presence_list<'a>(&'a self, scope: Scope<'a>) -> BoxFuture<'a, Result<Vec<PresenceEntry>, BackboneError>> {
+        let s = self.store.lock();
+        let list = s.presence.get(&scope_room(scope)).map(|m| m.values().cloned().collect()).unwrap_or_default();
+        ready(Ok(list)).boxed()
+    }
+
+    fn is_ready(&self) -> bool {
+        self.store.lock().node(&self.instance).connected
+    }
+
+    fn heartbeat(&self) -> BoxFuture<'_, Result<bool, BackboneError>> {
+        let mut s = self.store.lock();
+        let now = s.clock;
+        ready(Ok(s.instances.insert(self.instance.clone(), now).is_none())).boxed()
+    }
+
+    fn reap(&self) -> BoxFuture<'_, Result<Reaped, BackboneError>> {
+        let mut s = self.store.lock();
+        let now = s.clock;
+        let ttl = self.store.ttl;
+        let dead: Vec<String> =
+            s.instances.iter().filter(|(_, beat)| now - **beat > ttl).map(|(i, _)| i.clone()).collect();
+        let mut announced = Vec::new();
+        for inst in &dead {
+            s.instances.remove(inst);
+            let head = format!("{inst}/");
+            for (room, entries) in s.presence.iter_mut() {
+                let gone: Vec<String> = entries.keys().filter(|f| f.starts_with(&head)).cloned().collect();
+                for field in gone {
+                    let e = entries.remove(&field).expect("listed just now");
+                    if let Some(room) = room.as_deref().filter(|_| !entries.values().any(|o| o.id == e.id)) {
+                        let reason = LeaveReason::NodeDown;
+                        let left = Event::UserLeft { room, user: &e.user, id: &e.id, server: &e.server, reason };
+                        announced.push((room.to_string(), left.to_json()));
+                    }
+                }
+            }
+        }
+        for (room, event) in &announced {
+            s.publish(room, event);
+        }
+        ready(Ok(Reaped { instances: dead.len() as u64, announced: announced.len() as u64 })).boxed()
+    }
+
+    fn deregister(&self) -> BoxFuture<'_, ()> {
+        self.store.lock().instances.remove(&self.instance);
+        ready(()).boxed()
+    }
+}

@@ -1,0 +1,206 @@
+//! What Tether stores in, or sends through, its backbone (Redis or NATS) that more than one
+//! process reads: nodes of different releases, the `tether chaos` tool, the end-to-end tests.
+//! The bytes are pinned by the golden tests below — running clusters read them.
+//!
+//! - *Frame completion*: a room message is logged as its frame up to `"seq":` and completed
+//!   with its seq and the room's epoch when the seq is known ([`complete_message`]); a
+//!   `user_joined` is completed with the room's position at the join ([`complete_joined`]).
+//!   The Redis backbone does both inside its Lua scripts (they must be atomic with the
+//!   publish); every Rust-side completion goes through these two functions.
+//! - The stored records: [`SessionRecord`] (a NATS session's JSON; in Redis, the fields of a
+//!   hash), [`PresenceEntry`] (one connection's presence, the value of a Redis presence hash).
+//! - Node instances: [`instance_id`], and the names derived from it ([`conn_field`],
+//!   [`instance_member`]).
+//! - [`RedisKeys`]: the Redis key and channel layout (`docs/PROTOCOL.md` describes it).
+
+use serde::{Deserialize, Serialize};
+
+/// Frame completion of a room message: `prefix` is the frame up to and including `"seq":`.
+pub fn complete_message(prefix: &str, seq: u64, epoch: &str) -> String {
+    format!("{prefix}{seq},\"epoch\":\"{epoch}\"}}")
+}
+
+/// Frame completion of a `user_joined` event: the room's position at the join — the last seq
+/// assigned (`head_seq`) and, if the room has a log, its `epoch` — appended before the closing
+/// brace, so the joiner knows where its live messages start.
+pub fn complete_joined(event: &str, head_seq: u64, epoch: Option<&str>) -> String {
+    let body = event.strip_suffix('}').unwrap_or(event);
+    match epoch {
+        Some(epoch) => format!("{body},\"head_seq\":{head_seq},\"epoch\":\"{epoch}\"}}"),
+        None => format!("{body},\"head_seq\":{head_seq}}}"),
+    }
+}
+
+/// What a client's session keeps between connections: written on every change, so that a
+/// node killed without warning loses nothing of it. Under NATS it is stored as this JSON;
+/// under Redis as the hash fields `name` (absent when `None`) and `rooms` (a JSON array).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SessionRecord {
+    pub name: Option<String>,
+    pub rooms: Vec<String>,
+}
+
+/// One connection's presence entry, stored as this JSON (`{"id","user","server"}`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PresenceEntry {
+    pub id: String,
+    pub user: String,
+    pub server: String,
+}
+
+/// A node process' presence instance, `NAME#RANDOM`: new at every start, so a node restarted
+/// under the same name is a new instance (its predecessor's entries are reaped, not adopted).
+pub fn instance_id(node_name: &str) -> String {
+    format!("{node_name}#{}", &crate::id::mint_client_id()[..12])
+}
+
+/// The field one connection's presence entry is stored under: `INSTANCE/CONN`. The reaper
+/// finds a dead instance's entries by the part before the first `/`.
+pub fn conn_field(instance: &str, conn: u64) -> String {
+    format!("{instance}/{conn}")
+}
+
+/// What an instance's bookkeeping set lists for one entry: `CONN|ROOM` (`CONN|` for `online`).
+pub fn instance_member(conn: u64, room: Option<&str>) -> String {
+    format!("{conn}|{}", room.unwrap_or(""))
+}
+
+/// The Redis key layout under a key prefix (braces literal: a Redis Cluster hash tag, so a
+/// room's keys share one slot). The reaper's Lua script builds the same names from the prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisKeys {
+    prefix: String,
+}
+
+impl RedisKeys {
+    pub fn new(prefix: &str) -> Self {
+        Self { prefix: prefix.to_string() }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// What every room channel starts with: `{prefix}room:{`.
+    pub fn channel_head(&self) -> String {
+        format!("{}room:{{", self.prefix)
+    }
+
+    /// The room's pub/sub channel, `{prefix}room:{ROOM}`.
+    pub fn channel(&self, room: &str) -> String {
+        format!("{}room:{{{room}}}", self.prefix)
+    }
+
+    /// The room's counter hash (fields `seq`, `epoch`).
+    pub fn meta(&self, room: &str) -> String {
+        format!("{}:meta", self.channel(room))
+    }
+
+    /// The room's log stream (entry ids `SEQ-0`, field `f`).
+    pub fn log(&self, room: &str) -> String {
+        format!("{}:log", self.channel(room))
+    }
+
+    /// A client's session hash.
+    pub fn session(&self, id: &str) -> String {
+        format!("{}session:{{{id}}}", self.prefix)
+    }
+
+    /// A room's presence entries hash (`None`: the cluster-wide `online` list); its
+    /// per-client-id connection counts are in the same name + `:ids`.
+    pub fn presence(&self, room: Option<&str>) -> String {
+        match room {
+            Some(room) => format!("{}presence:{{{room}}}", self.prefix),
+            None => format!("{}online", self.prefix),
+        }
+    }
+
+    /// The position hash a `user_joined` in `room` is completed from (`online` has none,
+    /// but the script reads a key all the same).
+    pub fn position(&self, room: Option<&str>) -> String {
+        match room {
+            Some(room) => self.meta(room),
+            None => format!("{}online:meta", self.prefix),
+        }
+    }
+
+    /// The sorted set of live instances (score: last heartbeat, on Redis' clock).
+    pub fn instances(&self) -> String {
+        format!("{}instances", self.prefix)
+    }
+
+    /// What an instance registered (members from [`instance_member`]).
+    pub fn instance_set(&self, instance: &str) -> String {
+        format!("{}instance:{{{instance}}}", self.prefix)
+    }
+
+    /// The channel an instance probes its own subscription on.
+    pub fn probe(&self, instance: &str) -> String {
+        format!("{}probe:{{{instance}}}", self.prefix)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_completion_is_pinned() {
+        assert_eq!(
+            complete_message("{\"type\":\"message\",\"text\":\"hi\",\"seq\":", 7, "e1"),
+            "{\"type\":\"message\",\"text\":\"hi\",\"seq\":7,\"epoch\":\"e1\"}"
+        );
+    }
+
+    #[test]
+    fn joined_completion_is_pinned_with_and_without_an_epoch() {
+        let joined = r#"{"type":"user_joined","room":"r","user":"u","id":"i","server":"n"}"#;
+        assert_eq!(
+            complete_joined(joined, 12, Some("e")),
+            r#"{"type":"user_joined","room":"r","user":"u","id":"i","server":"n","head_seq":12,"epoch":"e"}"#
+        );
+        assert_eq!(
+            complete_joined(joined, 0, None),
+            r#"{"type":"user_joined","room":"r","user":"u","id":"i","server":"n","head_seq":0}"#
+        );
+    }
+
+    #[test]
+    fn stored_records_are_pinned() {
+        let entry = PresenceEntry { id: "i".into(), user: "u".into(), server: "n".into() };
+        assert_eq!(serde_json::to_string(&entry).unwrap(), r#"{"id":"i","user":"u","server":"n"}"#);
+        let session = SessionRecord { name: None, rooms: vec!["a".into(), "b".into()] };
+        assert_eq!(serde_json::to_string(&session).unwrap(), r#"{"name":null,"rooms":["a","b"]}"#);
+        let named = SessionRecord { name: Some("x".into()), rooms: vec![] };
+        assert_eq!(serde_json::to_string(&named).unwrap(), r#"{"name":"x","rooms":[]}"#);
+        assert_eq!(serde_json::from_str::<SessionRecord>(r#"{"name":"x","rooms":[]}"#).unwrap(), named);
+    }
+
+    #[test]
+    fn instance_names_are_pinned() {
+        let inst = instance_id("node-1");
+        let (name, random) = inst.split_once('#').unwrap();
+        assert_eq!((name, random.len()), ("node-1", 12));
+        assert_ne!(inst, instance_id("node-1"), "a new instance at every start");
+        assert_eq!(conn_field("n#abc", 4), "n#abc/4");
+        assert_eq!(instance_member(4, Some("r")), "4|r");
+        assert_eq!(instance_member(4, None), "4|");
+    }
+
+    #[test]
+    fn redis_keys_are_pinned() {
+        let k = RedisKeys::new("tether:");
+        assert_eq!(k.channel("r"), "tether:room:{r}");
+        assert_eq!(k.channel_head(), "tether:room:{");
+        assert_eq!(k.meta("r"), "tether:room:{r}:meta");
+        assert_eq!(k.log("r"), "tether:room:{r}:log");
+        assert_eq!(k.session("c"), "tether:session:{c}");
+        assert_eq!(k.presence(Some("r")), "tether:presence:{r}");
+        assert_eq!(k.presence(None), "tether:online");
+        assert_eq!(k.position(Some("r")), "tether:room:{r}:meta");
+        assert_eq!(k.position(None), "tether:online:meta");
+        assert_eq!(k.instances(), "tether:instances");
+        assert_eq!(k.instance_set("n#a"), "tether:instance:{n#a}");
+        assert_eq!(k.probe("n#a"), "tether:probe:{n#a}");
+    }
+}
