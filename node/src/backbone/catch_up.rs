@@ -23,13 +23,8 @@ const CONCURRENCY: usize = 64;
 /// delivered there; rooms where nothing was delivered yet have nothing to catch up). Fails
 /// on the first error that says the backbone cannot answer, so a gap is never left unfilled
 /// behind a node that says it is ready; other failures are logged and cost only their room.
-pub async fn catch_up(
-    positions: Vec<(String, Option<(String, u64)>)>,
-    log: &dyn Backbone,
-    inbound: &dyn Inbound,
-    metrics: &Metrics,
-) -> Result<(), BackboneError> {
-    let positions = positions.into_iter().filter_map(|(room, last)| Some((room, last?)));
+pub async fn catch_up(log: &dyn Backbone, inbound: &dyn Inbound, metrics: &Metrics) -> Result<(), BackboneError> {
+    let positions = inbound.positions().into_iter().filter_map(|(room, last)| Some((room, last?)));
     stream::iter(positions.map(Ok::<_, BackboneError>))
         .try_for_each_concurrent(CONCURRENCY, |(room, (epoch, seq))| async move {
             match catch_up_room(log, inbound, metrics, &room, &epoch, seq).await {
@@ -122,7 +117,7 @@ mod tests {
         node.connect(false);
         during.await;
         node.connect(true);
-        node.inbound.catch_up(node.backbone.as_ref()).await.unwrap();
+        catch_up(node.backbone.as_ref(), node.inbound.as_ref(), &node.metrics).await.unwrap();
     }
 
     #[tokio::test]
@@ -137,7 +132,7 @@ mod tests {
         assert_eq!(texts(&bob), expect(&[("m4", 4), ("m5", 5), ("m6", 6)]));
         assert_eq!((b.metrics.caught_up_messages.get(), b.metrics.catch_up_gaps.get()), (3, 0));
         // Nothing missed: nothing delivered again.
-        b.inbound.catch_up(b.backbone.as_ref()).await.unwrap();
+        catch_up(b.backbone.as_ref(), b.inbound.as_ref(), &b.metrics).await.unwrap();
         assert!(texts(&bob).is_empty());
     }
 

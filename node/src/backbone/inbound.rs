@@ -5,10 +5,8 @@
 //! cheap (the hub frames the bytes once and `try_send`s them to each member; it never waits
 //! on a client), so there is no channel hop and no copy per frame.
 
-use super::{catch_up, Backbone, BackboneError};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
-use futures_util::future::{BoxFuture, FutureExt};
 use std::sync::Arc;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
@@ -24,10 +22,10 @@ pub trait Inbound: Send + Sync {
     /// Every room with local members: what a backbone subscribes after reconnecting.
     fn rooms(&self) -> Vec<String>;
 
-    /// After a (re)subscription: delivers, from each room's log read through `log`, what was
-    /// published while this node was not subscribed (see [`catch_up`]). Fails when `log`
-    /// cannot be read, so the backbone can start over rather than say it is ready.
-    fn catch_up<'a>(&'a self, log: &'a dyn Backbone) -> BoxFuture<'a, Result<(), BackboneError>>;
+    /// Each room with local members and the last `(epoch, seq)` delivered to it (`None`:
+    /// nothing yet): where a catch-up after a (re)subscription starts (see
+    /// [`super::catch_up`]).
+    fn positions(&self) -> Vec<(String, Option<(String, u64)>)>;
 }
 
 /// The node's [`Inbound`]: its hub.
@@ -55,7 +53,7 @@ impl Inbound for HubInbound {
         self.hub.rooms()
     }
 
-    fn catch_up<'a>(&'a self, log: &'a dyn Backbone) -> BoxFuture<'a, Result<(), BackboneError>> {
-        catch_up::catch_up(self.hub.positions(), log, self, &self.metrics).boxed()
+    fn positions(&self) -> Vec<(String, Option<(String, u64)>)> {
+        self.hub.positions()
     }
 }

@@ -176,7 +176,13 @@ impl Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backbone::memory::{taken, Store};
+    use crate::backbone::memory::{taken, Store, TestNode};
+
+    fn keeper_of(node: &TestNode) -> Keeper {
+        let (server, instance, ttl) = node.identity();
+        let backbone: Arc<dyn Backbone> = Arc::clone(&node.backbone) as Arc<dyn Backbone>;
+        Keeper::new(backbone, Arc::clone(&node.hub), node.metrics.clone(), server, instance, ttl)
+    }
 
     const TTL: Duration = Duration::from_secs(30);
 
@@ -199,7 +205,7 @@ mod tests {
         let watcher = b.join(1, "bob", "r").await;
         a.say("r", &["one", "two"]).await;
         taken(&watcher);
-        let mut keeper = a.keeper();
+        let mut keeper = keeper_of(&a);
         let t0 = Instant::now();
         keeper.round(t0).await;
         assert!(taken(&watcher).is_empty(), "first beat: every entry was there, nothing announced");
@@ -226,7 +232,7 @@ mod tests {
         let (a, b, c) = (store.add_node("a"), store.add_node("b"), store.add_node("c"));
         a.join(1, "alice", "r").await;
         let watcher = b.join(1, "bob", "r").await;
-        let (mut ka, mut kb, mut kc) = (a.keeper(), b.keeper(), c.keeper());
+        let (mut ka, mut kb, mut kc) = (keeper_of(&a), keeper_of(&b), keeper_of(&c));
         let t0 = Instant::now();
         for k in [&mut ka, &mut kb, &mut kc] {
             assert_eq!(k.round(t0).await, None, "no reaping before beating a whole ttl");

@@ -4,7 +4,6 @@
 //! Each change happens under one lock, as the real backbones' atomic steps do.
 
 use super::inbound::{HubInbound, Inbound};
-use super::keeper::Keeper;
 use super::{
     Backbone, BackboneError, PresenceChange, PresenceEntry, Reaped, Replay, Scope, SessionRecord, Unpublished,
 };
@@ -158,17 +157,10 @@ impl TestNode {
         self.backbone.publish_messages(room, prefixes).await.unwrap();
     }
 
-    pub fn keeper(&self) -> Keeper {
-        let b: Arc<dyn Backbone> = Arc::clone(&self.backbone) as Arc<dyn Backbone>;
-        let ttl = self.backbone.store.ttl;
-        Keeper::new(
-            b,
-            Arc::clone(&self.hub),
-            self.metrics.clone(),
-            self.backbone.server.clone(),
-            self.backbone.instance.clone(),
-            ttl,
-        )
+    /// The backbone's name for this node, its instance id and the store's presence ttl: what
+    /// a keeper of this node is built from.
+    pub fn identity(&self) -> (String, String, Duration) {
+        (self.backbone.server.clone(), self.backbone.instance.clone(), self.backbone.store.ttl)
     }
 
     /// Cuts this node's subscription off (`false`) or gives it back (`true`).

@@ -391,7 +391,7 @@ impl RedisBackbone {
             Err(_) => Err(BackboneError::Timeout(self.cfg.redis_timeout)),
         };
         answered?;
-        self.inbound.catch_up(self).await
+        super::catch_up::catch_up(self, self.inbound.as_ref(), &self.metrics).await
     }
 
     /// Fans out every frame of the subscription until it ends, or until it goes silent: a
