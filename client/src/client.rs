@@ -1,58 +1,21 @@
 //! The app's side: [`Client`], a cheap cloneable handle that sends commands to the
-//! connection task and reads what it shares (stats, status, rooms and positions).
+//! connection task and reads what it shares (stats, status, rooms and positions; the types
+//! both sides use are in `shared`).
 
 use crate::config::{ClientConfig, ConfigError};
-use crate::driver::{Command, Driver};
+use crate::driver::Driver;
 use crate::error::Error;
 use crate::event::Event;
 use crate::order::Position;
+use crate::shared::{Command, Shared, Status, View};
 use crate::stats::{Stats, StatsSnapshot};
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use tether_proto::wire::{validate_name, validate_room};
 use tokio::sync::{mpsc, oneshot, watch};
 
 /// Commands queued to the connection task before `Client` methods start waiting.
 const COMMAND_QUEUE: usize = 256;
-
-/// Where the connection stands.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Status {
-    /// Connecting, or waiting to; `attempt` counts consecutive tries (1 = the first).
-    Connecting { attempt: u32 },
-    /// Connected to `server`; re-joining rooms and replaying what was missed. Sends are
-    /// refused with [`Error::NotConnected`] until `Ready`.
-    Syncing { server: String },
-    /// In sync with `server`: every room re-joined, every replay done.
-    Ready { server: String },
-    /// Stopped for good.
-    Closed,
-}
-
-/// State shared by the connection task and every handle.
-#[derive(Debug)]
-pub(crate) struct Shared {
-    pub(crate) stats: Stats,
-    pub(crate) status: watch::Sender<Status>,
-    view: Mutex<View>,
-}
-
-/// What handles may read about the session. Updated by the connection task; the lock is
-/// never held across an `.await`.
-#[derive(Debug, Default)]
-pub(crate) struct View {
-    pub(crate) id: Option<String>,
-    pub(crate) name: Option<String>,
-    pub(crate) rooms: BTreeMap<String, Option<Position>>,
-}
-
-impl Shared {
-    pub(crate) fn view(&self) -> MutexGuard<'_, View> {
-        // A poisoned lock only means a panic elsewhere mid-update of plain data; the data
-        // is still the best we have.
-        self.view.lock().unwrap_or_else(|e| e.into_inner())
-    }
-}
 
 /// A handle on a reconnecting Tether client. Clone it freely; the connection task stops
 /// after [`Client::close`] or when the last handle is dropped.

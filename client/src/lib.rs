@@ -10,9 +10,14 @@
 //!
 //! Layout:
 //! - [`config`]: [`ClientConfig`], its defaults and validation;
-//! - `client`: the [`Client`] handle the app holds, and [`Status`];
-//! - `driver`: the connection task — connect, re-sync, serve, back off;
-//! - [`event`]: what the app receives ([`Event`], [`Message`]) and node-frame parsing;
+//! - `client`: the [`Client`] handle the app holds;
+//! - `shared`: what the handle and the connection task share: [`Status`], the session view,
+//!   the commands;
+//! - `driver`: the connection task — connect, serve, back off — and, in `driver::frames`,
+//!   what it does with each node frame (handshake, re-sync, delivery);
+//! - `outbox`: the task's queue of events to the app;
+//! - [`event`]: what the app receives ([`Event`], [`Message`]); the frames themselves are
+//!   encoded and decoded by `tether_proto::wire`;
 //! - `order`: per-room de-duplication, gap and epoch detection ([`Position`]);
 //! - `backoff`: the reconnect delay schedule;
 //! - `stats`: the counters behind [`StatsSnapshot`];
@@ -47,11 +52,14 @@ mod driver;
 pub mod error;
 pub mod event;
 mod order;
+mod outbox;
+mod shared;
 mod stats;
 
-pub use client::{Client, Status};
+pub use client::Client;
 pub use config::ClientConfig;
 pub use error::{ConfigError, Error};
 pub use event::{Event, LeaveReason, Message, PresenceUser, Session, UPGRADE_REFUSED};
 pub use order::Position;
+pub use shared::Status;
 pub use stats::StatsSnapshot;

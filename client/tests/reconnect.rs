@@ -3,7 +3,6 @@
 
 mod support;
 
-use serde_json::json;
 use std::time::Duration;
 use support::*;
 use tether_client::{Client, Error, Event, Session, Status};
@@ -13,8 +12,7 @@ use tokio::time::Instant;
 /// Joins `room` through the mock: the client's `join` resolves on its own `user_joined`.
 async fn join(client: &Client, conn: &mut MockConn, room: &str) {
     let node_side = async {
-        let f = conn.expect("join").await;
-        assert_eq!(f["room"], room);
+        assert_eq!(conn.recv().await, join_frame(room));
         conn.send(user_joined(room, "c1")).await;
     };
     let (joined, ()) = tokio::join!(client.join(room), node_side);
@@ -64,9 +62,7 @@ async fn restored_session_gets_one_resume_with_every_position_and_no_join() {
     let resume = c.recv().await;
     assert_eq!(
         resume,
-        json!({"type":"resume","rooms":{
-            "a":{"seq":3,"epoch":"e1"},
-            "b":{"seq":7,"epoch":"e2"}}}),
+        support::resume(&[("a", 3, Some("e1")), ("b", 7, Some("e2"))]),
         "the first frame after a restore is the one resume"
     );
     c.send(replay("a", 4, "e1")).await;
@@ -95,7 +91,7 @@ async fn new_session_rejoins_then_resumes_and_live_frames_wait_for_the_replay() 
     let (client, mut events) = Client::start(cfg).expect("config");
     let mut c = node.accept().await;
     c.send(connected("c1", "new", &[])).await;
-    assert_eq!(c.expect("set_name").await["name"], "Ann");
+    assert_eq!(c.recv().await, set_name_frame("Ann"));
     join(&client, &mut c, "a").await;
     c.send(msg("a", 1, "e1")).await;
     c.send(msg("a", 2, "e1")).await;
@@ -106,8 +102,8 @@ async fn new_session_rejoins_then_resumes_and_live_frames_wait_for_the_replay() 
 
     let mut c = node.accept().await;
     c.send(connected("c1", "new", &[])).await;
-    assert_eq!(c.expect("set_name").await["name"], "Ann");
-    assert_eq!(c.expect("join").await["room"], "a");
+    assert_eq!(c.recv().await, set_name_frame("Ann"));
+    assert_eq!(c.recv().await, join_frame("a"));
     // Barrier: the app has seen everything up to here, and a command sent now is written
     // after anything the client wrote so far. No resume may come before it.
     c.send(barrier()).await;
@@ -115,12 +111,12 @@ async fn new_session_rejoins_then_resumes_and_live_frames_wait_for_the_replay() 
     assert_eq!(client.status(), Status::Syncing { server: "mock-1".into() });
     assert!(matches!(client.send("a", "early").await, Err(Error::NotConnected)));
     client.set_name("Bea").await.expect("set_name");
-    assert_eq!(c.expect("set_name").await["name"], "Bea");
+    assert_eq!(c.recv().await, set_name_frame("Bea"));
 
     c.send(user_joined("a", "c1")).await;
     c.send(msg("a", 5, "e1")).await; // live, ahead of the replay: must be held back
     let resume = c.expect("resume").await;
-    assert_eq!(resume["rooms"], json!({"a":{"seq":2,"epoch":"e1"}}));
+    assert_eq!(resume, support::resume(&[("a", 2, Some("e1"))]));
     c.send(replay("a", 3, "e1")).await;
     c.send(replay("a", 4, "e1")).await;
     c.send(resumed("a", 3, 4, "e1", true)).await;
@@ -136,7 +132,7 @@ async fn new_session_rejoins_then_resumes_and_live_frames_wait_for_the_replay() 
     assert!(resumed_at < live_at, "held live frame follows the replay");
     assert_eq!(client.stats().gaps, 0);
     client.send("a", "now").await.expect("ready again");
-    assert_eq!(c.expect("message").await["text"], "now");
+    assert_eq!(c.recv().await, message_frame("a", "now"));
 }
 
 #[tokio::test]
@@ -309,9 +305,10 @@ async fn bad_frames_from_the_server_do_not_kill_the_client() {
     c.send_raw("{nope").await;
     c.send_raw("[1,2,3]").await;
     c.send_binary(&[0xff, 0x00]).await;
-    c.send(json!({"type":"dance","steps":3})).await;
-    c.send(json!({"type":"message","room":"a","seq":"seven"})).await;
-    c.send(json!({"type":"resumed","room":7})).await;
+    // Raw on purpose: an unknown type and two known ones whose fields do not fit.
+    c.send_raw(r#"{"type":"dance","steps":3}"#).await;
+    c.send_raw(r#"{"type":"message","room":"a","seq":"seven"}"#).await;
+    c.send_raw(r#"{"type":"resumed","room":7}"#).await;
     c.send(msg("a", 1, "e")).await;
     c.send(barrier()).await;
     let seen = until_barrier(&mut events).await;
@@ -322,7 +319,7 @@ async fn bad_frames_from_the_server_do_not_kill_the_client() {
     let stats = client.stats();
     assert_eq!((stats.invalid_frames, stats.unknown_frames, stats.malformed_frames), (3, 1, 2));
     client.send("a", "still here").await.expect("send");
-    assert_eq!(c.expect("message").await["text"], "still here");
+    assert_eq!(c.recv().await, message_frame("a", "still here"));
 }
 
 #[tokio::test]
@@ -338,7 +335,7 @@ async fn left_rooms_are_not_resumed_and_unwanted_restored_rooms_are_left() {
     c.send(barrier()).await;
     until_barrier(&mut events).await;
     client.leave("b").await.expect("leave");
-    assert_eq!(c.expect("leave").await["room"], "b");
+    assert_eq!(c.recv().await, leave_frame("b"));
     c.drop_abruptly();
     wait_disconnected(&mut events).await;
     // Left while disconnected: nothing to send now, but the restored session still has it.
@@ -347,9 +344,9 @@ async fn left_rooms_are_not_resumed_and_unwanted_restored_rooms_are_left() {
 
     let mut c = node.accept().await;
     c.send(connected("c1", "restored", &["a", "c"])).await;
-    assert_eq!(c.expect("leave").await["room"], "c");
+    assert_eq!(c.recv().await, leave_frame("c"));
     let resume = c.expect("resume").await;
-    assert_eq!(resume["rooms"], json!({"a":{"seq":1,"epoch":"e"}}));
+    assert_eq!(resume, support::resume(&[("a", 1, Some("e"))]));
     c.send(resumed("a", 2, 1, "e", true)).await;
     c.send(msg("c", 2, "e")).await; // in flight before the node processed the leave
     c.send(barrier()).await;
@@ -372,10 +369,10 @@ async fn send_while_disconnected_is_refused_not_buffered() {
     let mut c = node.accept().await;
     c.send(connected("c1", "restored", &["a"])).await;
     // No position in "a" yet: nothing to resume, but a restored node waits for one.
-    assert_eq!(c.expect("resume").await["rooms"], json!({}));
+    assert_eq!(c.expect("resume").await, support::resume(&[]));
     client.wait_ready().await.expect("ready");
     client.send("a", "after").await.expect("send");
-    assert_eq!(c.expect("message").await["text"], "after", "the refused send was not buffered");
+    assert_eq!(c.recv().await, message_frame("a", "after"), "the refused send was not buffered");
 }
 
 #[tokio::test]
@@ -384,7 +381,7 @@ async fn join_fails_with_the_nodes_error() {
     let (client, _events, mut c) = ready_client(&mut node, None).await;
     let node_side = async {
         c.expect("join").await;
-        c.send(json!({"type":"error","code":"backbone_unavailable","message":"redis down"})).await;
+        c.send(error("backbone_unavailable", "redis down")).await;
     };
     let (joined, ()) = tokio::join!(client.join("x"), node_side);
     assert_eq!(joined, Err(Error::Server { code: "backbone_unavailable".into(), message: "redis down".into() }));
@@ -413,7 +410,7 @@ async fn a_slow_reader_loses_nothing_and_commands_still_work() {
     c.send(barrier()).await;
     // Nobody reads events now; the client must still take commands.
     client.send("a", "while blocked").await.expect("send");
-    assert_eq!(c.expect("message").await["text"], "while blocked");
+    assert_eq!(c.recv().await, message_frame("a", "while blocked"));
     let seen = until_barrier(&mut events).await;
     let got: Vec<u64> = seqs(&seen).into_iter().map(|(_, s, _)| s).collect();
     assert_eq!(got, (1..=300).collect::<Vec<_>>());
@@ -452,7 +449,7 @@ async fn close_says_goodbye_and_ends_the_stream() {
 /// Joins `room` through the mock, whose `user_joined` reports the room's head at the join.
 async fn join_at(client: &Client, conn: &mut MockConn, room: &str, head_seq: u64, epoch: Option<&str>) {
     let node_side = async {
-        assert_eq!(conn.expect("join").await["room"], room);
+        assert_eq!(conn.recv().await, join_frame(room));
         conn.send(user_joined_at(room, "c1", head_seq, epoch)).await;
     };
     let (joined, ()) = tokio::join!(client.join(room), node_side);
@@ -482,8 +479,8 @@ async fn a_room_joined_but_never_talked_in_is_resumed_from_its_join() {
     c.send(connected("c1", "restored", &["a", "b"])).await;
     let resume = c.expect("resume").await;
     assert_eq!(
-        resume["rooms"],
-        json!({"a":{"seq":5,"epoch":"e1"},"b":{"seq":0}}),
+        resume,
+        support::resume(&[("a", 5, Some("e1")), ("b", 0, None)]),
         "both rooms are resumed although no message was ever delivered in them"
     );
     for f in [replay("a", 6, "e1"), replay("a", 7, "e1"), resumed("a", 6, 7, "e1", true)] {

@@ -71,19 +71,10 @@ pub struct FrameMeta<'a> {
 
 impl<'a> FrameMeta<'a> {
     /// `Some` for message frames (which the atomic publish step ends with
-    /// `,"seq":N,"epoch":"E"}`), `None` for membership events.
+    /// `,"seq":N,"epoch":"E"}`), `None` for membership events. The reading rule lives with
+    /// the frame's definition, in `tether_proto::wire::MessageMeta`.
     pub fn parse(frame: &'a str) -> Option<Self> {
-        if !frame.starts_with("{\"type\":\"message\"") {
-            return None;
-        }
-        // Inside JSON strings quotes are escaped, so the unescaped `,"seq":` is the field.
-        let at = frame.rfind(",\"seq\":")?;
-        let rest = &frame[at + 7..];
-        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
-        let seq = rest[..digits].parse().ok()?;
-        let rest = rest[digits..].strip_prefix(",\"epoch\":\"")?;
-        let epoch = &rest[..rest.find('"')?];
-        Some(Self { seq, epoch })
+        tether_proto::wire::MessageMeta::read(frame).map(|m| Self { seq: m.seq, epoch: m.epoch })
     }
 }
 

@@ -4,8 +4,9 @@
 //! - [`id`]: client ids — the alphabet the balancer and nodes accept, and minting new ones;
 //! - [`hrw`]: rendezvous (highest random weight) ranking of nodes for a client id, with a
 //!   fixed, specified hash so that every balancer process, release and machine agrees;
-//! - [`wire`]: the JSON protocol between clients and nodes (client messages, node events,
-//!   error and close codes, room and display-name rules);
+//! - [`wire`]: the JSON protocol between clients and nodes, both directions, encode and
+//!   decode (client frames, node frames, the room message frame, error and close codes, room
+//!   and display-name rules);
 //! - [`sign`]: HMAC-signed client ids, so that knowing an id is not enough to forge one;
 //! - [`logging`]: the tracing set-up shared by the binaries (`RUST_LOG`, `--log-format json`);
 //! - [`limits`]: the file-descriptor budget: raising `RLIMIT_NOFILE`, the `max_connections`

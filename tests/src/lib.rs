@@ -9,9 +9,10 @@
 
 use anyhow::{anyhow, bail, Context, Result};
 use futures_util::{SinkExt, StreamExt};
-use serde_json::{json, Value};
+use serde_json::Value;
 use std::net::SocketAddr;
 use std::time::Duration;
+use tether_proto::wire::ClientMsg;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
@@ -77,6 +78,13 @@ impl WsClient {
         Ok((c, hello))
     }
 
+    /// Sends a client frame, encoded as every client encodes it.
+    pub async fn send_msg(&mut self, msg: &ClientMsg) -> Result<()> {
+        self.send_text(msg.to_json()).await
+    }
+
+    /// Sends any JSON value: for frames no client library would build (malformed, unknown
+    /// types, odd field types).
     pub async fn send(&mut self, v: Value) -> Result<()> {
         self.send_text(v.to_string()).await
     }
@@ -151,7 +159,7 @@ impl WsClient {
 
     /// Joins `room` and waits for this client's own `user_joined` (the join is complete).
     pub async fn join(&mut self, room: &str) -> Result<()> {
-        self.send(json!({"type":"join","room":room})).await?;
+        self.send_msg(&ClientMsg::Join { room: room.to_owned() }).await?;
         let id = self.id_hint();
         self.recv_until("own user_joined", |v| {
             v["type"] == "user_joined" && v["room"] == room && id.as_ref().is_none_or(|id| v["id"] == *id)

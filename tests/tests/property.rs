@@ -27,7 +27,7 @@ use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 use tether::cluster::RedisServer;
-use tether_proto::wire::{MAX_NAME_CHARS, MAX_ROOM_LEN};
+use tether_proto::wire::{ErrorCode, MAX_NAME_CHARS, MAX_ROOM_LEN, NODE_FRAME_TYPES};
 use tether_tests::{eventually, http_get, InProcessNode, WsClient, DEADLINE};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -43,21 +43,6 @@ const SHRINK_DEADLINE: Duration = Duration::from_secs(2);
 /// Shrinking stops after this long with the smallest failing case so far, well inside the
 /// nextest timeout.
 const SHRINK_TIME_MS: u32 = 60_000;
-
-const KNOWN_CODES: [&str; 10] = [
-    "bad_json",
-    "unknown_type",
-    "missing_field",
-    "invalid_field",
-    "invalid_room",
-    "invalid_name",
-    "not_in_room",
-    "too_large",
-    "rate_limited",
-    "backbone_unavailable",
-];
-const KNOWN_TYPES: [&str; 8] =
-    ["connected", "user_joined", "user_left", "resumed", "presence", "online", "error", "message"];
 
 // ---------------------------------------------------------------------------------------
 // The steps, as generated and shrunk. Their `Debug` is what a failure prints.
@@ -752,10 +737,10 @@ fn expect(step: &Step, me: usize, slots: &mut [Slot], names: &Names) -> Expect {
 /// Checks that a frame is well-formed: JSON object of a known type; errors with a known code.
 fn well_formed(v: &Value) -> Result<()> {
     let kind = v["type"].as_str().ok_or_else(|| anyhow!("frame without a string `type`: {v}"))?;
-    ensure!(KNOWN_TYPES.contains(&kind), "frame of unknown type: {v}");
+    ensure!(NODE_FRAME_TYPES.contains(&kind), "frame of unknown type: {v}");
     if kind == "error" {
         let code = v["code"].as_str().ok_or_else(|| anyhow!("error without a string `code`: {v}"))?;
-        ensure!(KNOWN_CODES.contains(&code), "error with unknown code: {v}");
+        ensure!(ErrorCode::parse(code).is_some(), "error with unknown code: {v}");
         ensure!(v["message"].as_str().is_some_and(|m| !m.is_empty()), "error without a message: {v}");
     }
     Ok(())

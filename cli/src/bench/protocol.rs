@@ -17,6 +17,7 @@ use super::wsraw::{self, Upgraded, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT};
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 use std::net::{IpAddr, SocketAddr};
+use tether_proto::wire;
 use tokio::io::AsyncWriteExt;
 
 /// Read size while connecting.
@@ -77,7 +78,7 @@ impl Protocol {
     /// Whether a text frame is a room message.
     pub fn is_message(self, payload: &[u8]) -> bool {
         match self {
-            Self::Tether => payload.starts_with(b"{\"type\":\"message\""),
+            Self::Tether => wire::frame_type(payload) == Some(&b"message"[..]),
             Self::SocketIo => payload.starts_with(b"42[\"message\","),
         }
     }
@@ -90,7 +91,7 @@ impl Protocol {
     /// The text payload of a frame publishing `text` to `room`.
     pub fn message(self, room: &str, text: &str) -> String {
         match self {
-            Self::Tether => format!(r#"{{"type":"message","room":"{room}","text":"{text}"}}"#),
+            Self::Tether => wire::ClientMsg::Message { room: room.to_owned(), text: text.to_owned() }.to_json(),
             Self::SocketIo => format!(r#"42["message",{{"room":"{room}","text":"{text}"}}]"#),
         }
     }

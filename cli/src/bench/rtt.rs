@@ -18,10 +18,10 @@ use anyhow::{anyhow, bail, Context, Result};
 use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
 use serde::Serialize;
-use serde_json::{json, Value};
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
+use tether_proto::wire::{decode_node_frame, ClientMsg, NodeFrame, NodeFrameError};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
@@ -322,37 +322,30 @@ impl Client {
             .with_context(|| format!("{label}: connecting to {url}"))?;
         let mut client =
             Self { label, url: base.to_owned(), id, room: format!("bench-rtt-{tag}-{label}"), server: None, ws };
-        let join = json!({"type":"join","room":client.room}).to_string();
+        let join = ClientMsg::Join { room: client.room.clone() }.to_json();
         client.ws.send(Message::text(join)).await?;
         let deadline = tokio::time::Instant::now() + ECHO_TIMEOUT;
         loop {
-            let v = client.next_json(deadline).await?;
-            match v.get("type").and_then(Value::as_str) {
-                Some("connected") => {
-                    client.server = v.get("server").and_then(Value::as_str).map(str::to_owned);
+            match client.next_frame(deadline).await? {
+                Some(NodeFrame::Connected { server, .. }) => {
+                    client.server = (!server.is_empty()).then_some(server);
                 }
-                Some("user_joined") if client.is_mine(&v) => return Ok(client),
-                Some("error") => bail!("{label}: join refused: {v}"),
+                Some(NodeFrame::UserJoined { id, .. }) if id == client.id => return Ok(client),
+                Some(error @ NodeFrame::Error { .. }) => bail!("{label}: join refused: {}", error.to_json()),
                 _ => {}
             }
         }
     }
 
-    fn is_mine(&self, v: &Value) -> bool {
-        v.get("id").and_then(Value::as_str) == Some(self.id.as_str())
-    }
-
-    /// The next JSON text frame, by `deadline`.
-    async fn next_json(&mut self, deadline: tokio::time::Instant) -> Result<Value> {
+    /// The next JSON text frame, by `deadline`; `None` for a JSON object that is not a node
+    /// frame this version knows.
+    async fn next_frame(&mut self, deadline: tokio::time::Instant) -> Result<Option<NodeFrame>> {
         loop {
             let msg = tokio::time::timeout_at(deadline, self.ws.next())
                 .await
                 .map_err(|_| anyhow!("{}: no answer within {ECHO_TIMEOUT:?}", self.label))?;
             match msg {
-                Some(Ok(Message::Text(text))) => {
-                    return serde_json::from_str(&text)
-                        .with_context(|| format!("{}: frame is not JSON: {text}", self.label))
-                }
+                Some(Ok(Message::Text(text))) => return self.decode(&text),
                 Some(Ok(Message::Close(frame))) => {
                     bail!("{}: the server closed the connection: {frame:?}", self.label)
                 }
@@ -363,9 +356,17 @@ impl Client {
         }
     }
 
+    fn decode(&self, text: &str) -> Result<Option<NodeFrame>> {
+        match decode_node_frame(text) {
+            Ok(frame) => Ok(Some(frame)),
+            Err(NodeFrameError::Invalid(why)) => bail!("{}: frame is not JSON: {text}: {why}", self.label),
+            Err(NodeFrameError::Unknown(_) | NodeFrameError::Malformed(..)) => Ok(None),
+        }
+    }
+
     /// Sends `text` to the room and returns the time until its own echo arrived.
     async fn round_trip(&mut self, text: &str) -> Result<Duration> {
-        let frame = Message::text(json!({"type":"message","room":self.room,"text":text}).to_string());
+        let frame = Message::text(ClientMsg::Message { room: self.room.clone(), text: text.to_owned() }.to_json());
         let deadline = tokio::time::Instant::now() + ECHO_TIMEOUT;
         let started = Instant::now();
         self.ws.send(frame).await.with_context(|| format!("{}: sending", self.label))?;
@@ -383,13 +384,11 @@ impl Client {
                 Some(Err(e)) => bail!("{}: connection lost: {e}", self.label),
                 None => bail!("{}: connection closed", self.label),
             };
-            let v: Value = serde_json::from_str(&text_frame)
-                .with_context(|| format!("{}: frame is not JSON: {text_frame}", self.label))?;
-            match v.get("type").and_then(Value::as_str) {
-                Some("message") if self.is_mine(&v) && v.get("text").and_then(Value::as_str) == Some(text) => {
-                    return Ok(elapsed)
+            match self.decode(&text_frame)? {
+                Some(NodeFrame::Message(m)) if m.id == self.id && m.text == text => return Ok(elapsed),
+                Some(error @ NodeFrame::Error { .. }) => {
+                    bail!("{}: the node refused a message: {}", self.label, error.to_json())
                 }
-                Some("error") => bail!("{}: the node refused a message: {v}", self.label),
                 _ => {}
             }
         }

@@ -34,6 +34,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
+use tether_proto::wire;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::Command;
 use tokio::sync::mpsc;
@@ -400,7 +401,7 @@ async fn open_one(spec: &WorkerSpec, i: u64, shared: &Arc<Shared>) {
 /// Sends `join` and reads until this client's own `user_joined`.
 pub(crate) async fn join(up: &mut Upgraded, id: &str, room: &str, i: u64) -> Result<()> {
     let mut out = Vec::with_capacity(64);
-    let join = format!(r#"{{"type":"join","room":"{room}"}}"#);
+    let join = wire::ClientMsg::Join { room: room.to_owned() }.to_json();
     wsraw::encode(&mut out, OP_TEXT, join.as_bytes(), Some(wsraw::mask_for(i)));
     up.stream.write_all(&out).await?;
     let mine = format!("\"id\":\"{id}\"");
@@ -410,10 +411,10 @@ pub(crate) async fn join(up: &mut Upgraded, id: &str, room: &str, i: u64) -> Res
             if f.opcode == OP_CLOSE {
                 bail!("closed while joining");
             }
-            if p.starts_with(b"{\"type\":\"user_joined\"") && wsraw::find(p, mine.as_bytes()).is_some() {
+            if wire::frame_type(p) == Some(&b"user_joined"[..]) && wsraw::find(p, mine.as_bytes()).is_some() {
                 return Ok(());
             }
-            if p.starts_with(b"{\"type\":\"error\"") {
+            if wire::frame_type(p) == Some(&b"error"[..]) {
                 bail!("join refused: {}", String::from_utf8_lossy(p));
             }
         }

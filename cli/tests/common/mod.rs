@@ -59,7 +59,8 @@ impl Ws {
 
     /// Joins `room` and waits for its own `user_joined` (the join is then live everywhere).
     pub async fn join(&mut self, room: &str) -> Result<()> {
-        self.send(serde_json::json!({"type":"join","room":room})).await?;
+        let join = tether_proto::wire::ClientMsg::Join { room: room.to_owned() }.to_json();
+        self.ws.send(Message::text(join)).await?;
         let id = self.id.clone();
         let room = room.to_owned();
         self.expect("own user_joined", move |v| {

@@ -7,9 +7,9 @@
 #![allow(dead_code)] // each test binary uses a different part
 
 use futures_util::{SinkExt, StreamExt};
-use serde_json::{json, Value};
 use std::time::Duration;
 use tether_client::{ClientConfig, Event};
+use tether_proto::wire::{decode, ClientMsg, NodeFrame, ResumePoint, RoomMessage, SessionKind};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
@@ -77,10 +77,11 @@ pub struct MockConn {
 }
 
 impl MockConn {
-    pub async fn send(&mut self, frame: Value) {
-        self.send_raw(&frame.to_string()).await;
+    pub async fn send(&mut self, frame: NodeFrame) {
+        self.send_raw(&frame.to_json()).await;
     }
 
+    /// Sends text as it is: for frames no node would build (malformed, unknown types).
     pub async fn send_raw(&mut self, text: &str) {
         self.ws.send(WsMessage::text(text.to_string())).await.expect("mock send");
     }
@@ -89,14 +90,16 @@ impl MockConn {
         self.ws.send(WsMessage::Binary(bytes.to_vec().into())).await.expect("mock send");
     }
 
-    /// The next JSON frame the client sent.
-    pub async fn recv(&mut self) -> Value {
+    /// The next frame the client sent, decoded as the node decodes it.
+    pub async fn recv(&mut self) -> ClientMsg {
         loop {
             let msg = tokio::time::timeout(DEADLINE, self.ws.next())
                 .await
                 .expect("no frame from the client before the deadline");
             match msg {
-                Some(Ok(WsMessage::Text(t))) => return serde_json::from_str(t.as_str()).expect("client sent JSON"),
+                Some(Ok(WsMessage::Text(t))) => {
+                    return decode(t.as_str()).unwrap_or_else(|e| panic!("the client sent {t}: {e}"))
+                }
                 Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => continue,
                 other => panic!("expected a text frame from the client, got {other:?}"),
             }
@@ -104,9 +107,9 @@ impl MockConn {
     }
 
     /// The next frame, which must be of type `kind`.
-    pub async fn expect(&mut self, kind: &str) -> Value {
+    pub async fn expect(&mut self, kind: &str) -> ClientMsg {
         let frame = self.recv().await;
-        assert_eq!(frame["type"], kind, "unexpected frame {frame}");
+        assert_eq!(frame.kind(), kind, "unexpected frame {frame:?}");
         frame
     }
 
@@ -148,43 +151,101 @@ impl MockConn {
     }
 }
 
-pub fn connected(id: &str, session: &str, rooms: &[&str]) -> Value {
-    json!({"type":"connected","server":"mock-1","id":id,"session":session,"name":null,"rooms":rooms})
+pub fn connected(id: &str, session: &str, rooms: &[&str]) -> NodeFrame {
+    let session = match session {
+        "new" => SessionKind::New,
+        "restored" => SessionKind::Restored,
+        other => panic!("no session kind {other:?}"),
+    };
+    NodeFrame::Connected {
+        server: "mock-1".into(),
+        id: id.into(),
+        session,
+        name: None,
+        rooms: rooms.iter().map(|r| r.to_string()).collect(),
+    }
 }
 
-pub fn msg(room: &str, seq: u64, epoch: &str) -> Value {
-    json!({"type":"message","room":room,"from":"someone","id":"other","text":format!("m{seq}"),
-        "server":"mock-1","timestamp":1,"seq":seq,"epoch":epoch})
+fn message(room: &str, seq: u64, epoch: &str, replay: bool) -> NodeFrame {
+    NodeFrame::Message(RoomMessage {
+        room: room.into(),
+        from: "someone".into(),
+        id: "other".into(),
+        text: format!("m{seq}"),
+        server: "mock-1".into(),
+        timestamp: 1,
+        seq,
+        epoch: epoch.into(),
+        replay,
+    })
 }
 
-pub fn replay(room: &str, seq: u64, epoch: &str) -> Value {
-    let mut m = msg(room, seq, epoch);
-    m["replay"] = json!(true);
-    m
+pub fn msg(room: &str, seq: u64, epoch: &str) -> NodeFrame {
+    message(room, seq, epoch, false)
 }
 
-pub fn user_joined(room: &str, id: &str) -> Value {
-    json!({"type":"user_joined","room":room,"user":id,"id":id,"server":"mock-1"})
+pub fn replay(room: &str, seq: u64, epoch: &str) -> NodeFrame {
+    message(room, seq, epoch, true)
+}
+
+fn joined(room: &str, id: &str, head_seq: Option<u64>, epoch: Option<&str>) -> NodeFrame {
+    NodeFrame::UserJoined {
+        room: room.into(),
+        user: id.into(),
+        id: id.into(),
+        server: "mock-1".into(),
+        head_seq,
+        epoch: epoch.map(String::from),
+    }
+}
+
+/// A `user_joined` without the room's position, as an older node sends it.
+pub fn user_joined(room: &str, id: &str) -> NodeFrame {
+    joined(room, id, None, None)
 }
 
 /// An own or other `user_joined` carrying the room's position at the join, as nodes send it.
-pub fn user_joined_at(room: &str, id: &str, head_seq: u64, epoch: Option<&str>) -> Value {
-    let mut v = user_joined(room, id);
-    v["head_seq"] = json!(head_seq);
-    if let Some(e) = epoch {
-        v["epoch"] = json!(e);
-    }
-    v
+pub fn user_joined_at(room: &str, id: &str, head_seq: u64, epoch: Option<&str>) -> NodeFrame {
+    joined(room, id, Some(head_seq), epoch)
 }
 
-pub fn resumed(room: &str, from: u64, to: u64, epoch: &str, complete: bool) -> Value {
-    json!({"type":"resumed","room":room,"from_seq":from,"to_seq":to,"epoch":epoch,"complete":complete})
+pub fn resumed(room: &str, from: u64, to: u64, epoch: &str, complete: bool) -> NodeFrame {
+    NodeFrame::Resumed { room: room.into(), from_seq: from, to_seq: to, epoch: Some(epoch.into()), complete }
+}
+
+pub fn error(code: &str, message: &str) -> NodeFrame {
+    NodeFrame::Error { code: code.into(), message: message.into() }
 }
 
 /// A marker frame: once the app has seen its answer, the client has processed everything
 /// sent before it.
-pub fn barrier() -> Value {
-    json!({"type":"online","users":[]})
+pub fn barrier() -> NodeFrame {
+    NodeFrame::Online { users: vec![] }
+}
+
+/// The `resume` a client sends for these `(room, seq, epoch)` points, in room order.
+pub fn resume(points: &[(&str, u64, Option<&str>)]) -> ClientMsg {
+    let rooms = points
+        .iter()
+        .map(|&(room, seq, epoch)| (room.to_string(), ResumePoint { seq, epoch: epoch.map(String::from) }))
+        .collect();
+    ClientMsg::Resume { rooms }
+}
+
+pub fn join_frame(room: &str) -> ClientMsg {
+    ClientMsg::Join { room: room.into() }
+}
+
+pub fn leave_frame(room: &str) -> ClientMsg {
+    ClientMsg::Leave { room: room.into() }
+}
+
+pub fn set_name_frame(name: &str) -> ClientMsg {
+    ClientMsg::SetName { name: name.into() }
+}
+
+pub fn message_frame(room: &str, text: &str) -> ClientMsg {
+    ClientMsg::Message { room: room.into(), text: text.into() }
 }
 
 /// Defaults for tests: a fixed id, no jitter, short backoff, no pings.

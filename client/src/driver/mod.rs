@@ -11,24 +11,25 @@
 //!
 //! The task never waits on the app while it could be handling commands: events go through
 //! an [`Outbox`] whose overflow stops socket reads, not the command loop.
+//!
+//! This module runs the connection (connect, serve, back off, commands); `frames` handles
+//! what the node sends.
 
 use crate::backoff::Backoff;
-use crate::client::{Shared, Status};
 use crate::config::{connect_url, ClientConfig};
 use crate::error::Error;
-use crate::event::{parse, Event, Frame, Message, Parsed, Session, UPGRADE_REFUSED};
-use crate::order::{Tracker, Verdict};
+use crate::event::{Event, Message, UPGRADE_REFUSED};
+use crate::order::Tracker;
+use crate::outbox::Outbox;
+use crate::shared::{Command, Reply, Shared, Status};
 use crate::stats::bump;
 use futures_util::{SinkExt, StreamExt};
-use serde_json::{json, Map, Value};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::future::Future;
 use std::pin::pin;
-use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
-use tether_proto::id::validate_client_id;
-use tether_proto::wire::CLOSE_RESTART;
+use tether_proto::wire::{ClientMsg, CLOSE_RESTART};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{sleep, timeout, Instant};
@@ -39,8 +40,9 @@ use tokio_tungstenite::tungstenite::Message as WsMessage;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tracing::{debug, info, info_span, warn, Instrument};
 
+mod frames;
+
 type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
-type Reply = oneshot::Sender<Result<(), Error>>;
 
 /// Live frames held back per resuming room before the connection is given up as stuck
 /// (they are not lost: the position did not move, so the next resume asks again).
@@ -52,93 +54,6 @@ const CLOSE_WAIT: Duration = Duration::from_secs(1);
 /// is bad or not allowed. Everything else (503 without a node, 502, 429, …) is retried.
 fn refused_for_good(status: http::StatusCode) -> bool {
     matches!(status.as_u16(), 400 | 401 | 403)
-}
-
-/// A request from a [`Client`](crate::Client) handle.
-#[derive(Debug)]
-pub(crate) enum Command {
-    Join(String, Reply),
-    Leave(String, Reply),
-    Send { room: String, text: String, reply: Reply },
-    SetName(String, Reply),
-    Presence(String, Reply),
-    Online(Reply),
-    Close(oneshot::Sender<()>),
-}
-
-/// Events on their way to the app. `try_send` first; when the channel is full they wait
-/// here, and the connection loop stops reading the socket until this is empty again.
-struct Outbox {
-    tx: mpsc::Sender<Event>,
-    pending: VecDeque<Event>,
-    /// The app dropped its receiver: events are counted as discarded from then on.
-    gone: bool,
-    shared: Arc<Shared>,
-}
-
-impl Outbox {
-    /// Queues `ev`; false when it was discarded because nobody listens any more.
-    fn push(&mut self, ev: Event) -> bool {
-        if self.gone {
-            bump(&self.shared.stats.events_discarded);
-            return false;
-        }
-        if self.pending.is_empty() {
-            match self.tx.try_send(ev) {
-                Ok(()) => return true,
-                Err(mpsc::error::TrySendError::Full(ev)) => self.pending.push_back(ev),
-                Err(mpsc::error::TrySendError::Closed(_)) => {
-                    self.receiver_gone();
-                    bump(&self.shared.stats.events_discarded);
-                    return false;
-                }
-            }
-        } else {
-            self.pending.push_back(ev);
-        }
-        true
-    }
-
-    fn blocked(&self) -> bool {
-        !self.pending.is_empty()
-    }
-
-    /// Hands the oldest pending event over once the channel has room. Cancel-safe: the
-    /// event leaves `pending` only together with a granted slot.
-    async fn hand_over(&mut self) {
-        let gone = match self.tx.reserve().await {
-            Ok(permit) => {
-                if let Some(ev) = self.pending.pop_front() {
-                    permit.send(ev);
-                }
-                false
-            }
-            Err(_) => true,
-        };
-        if gone {
-            self.receiver_gone();
-        }
-    }
-
-    fn receiver_gone(&mut self) {
-        if !self.gone {
-            debug!("event receiver dropped; discarding events from now on");
-        }
-        self.gone = true;
-        let n = self.pending.len() as u64;
-        self.pending.clear();
-        self.shared.stats.events_discarded.fetch_add(n, Relaxed);
-    }
-
-    /// At the very end: waits until every event is taken (or the receiver is gone).
-    async fn flush(&mut self) {
-        while let Some(ev) = self.pending.pop_front() {
-            if self.gone || self.tx.send(ev).await.is_err() {
-                self.receiver_gone();
-                return;
-            }
-        }
-    }
 }
 
 /// One room the app is in (or joining).
@@ -236,7 +151,7 @@ impl Driver {
             backoff: Backoff::new(cfg.backoff_min, cfg.backoff_max, cfg.jitter),
             id: cfg.client_id.clone(),
             name: cfg.name.clone(),
-            out: Outbox { tx: events, pending: VecDeque::new(), gone: false, shared: Arc::clone(&shared) },
+            out: Outbox::new(events, Arc::clone(&shared)),
             cfg,
             shared,
             cmds,
@@ -563,8 +478,8 @@ impl Driver {
 
     /// Writes one frame. A write that cannot finish within `connect_timeout` (the node
     /// stopped reading and the socket buffers are full) counts as a lost connection.
-    async fn write(&self, ws: &mut Ws, conn: &Conn, frame: Value) -> Result<(), Ended> {
-        self.write_raw(ws, conn, WsMessage::text(frame.to_string())).await
+    async fn write(&self, ws: &mut Ws, conn: &Conn, frame: &ClientMsg) -> Result<(), Ended> {
+        self.write_raw(ws, conn, WsMessage::text(frame.to_json())).await
     }
 
     async fn write_raw(&self, ws: &mut Ws, conn: &Conn, msg: WsMessage) -> Result<(), Ended> {
@@ -592,13 +507,13 @@ impl Driver {
                 // same room shares the first one's request.
                 if connected && first && !conn.rejoining.contains(&room) {
                     self.app_joins.push_back(room.clone());
-                    self.write(ws, conn, json!({"type": "join", "room": room})).await?;
+                    self.write(ws, conn, &ClientMsg::Join { room: room.clone() }).await?;
                 }
             }
             Command::Leave(room, reply) => {
                 let known = self.forget_room(&room);
                 if known && connected {
-                    self.write(ws, conn, json!({"type": "leave", "room": room})).await?;
+                    self.write(ws, conn, &ClientMsg::Leave { room: room.clone() }).await?;
                 }
                 let _ = reply.send(Ok(()));
                 if conn.rejoining.remove(&room) {
@@ -609,7 +524,7 @@ impl Driver {
             Command::SetName(name, reply) => {
                 self.set_name_locally(name.clone());
                 if connected {
-                    self.write(ws, conn, json!({"type": "set_name", "name": name})).await?;
+                    self.write(ws, conn, &ClientMsg::SetName { name }).await?;
                 }
                 let _ = reply.send(Ok(()));
             }
@@ -619,8 +534,8 @@ impl Driver {
                 } else if !self.rooms.get(&room).is_some_and(|r| r.joined) {
                     let _ = reply.send(Err(Error::NotJoined(room)));
                 } else {
-                    let frame = json!({"type": "message", "room": room, "text": text});
-                    let result = self.write(ws, conn, frame).await;
+                    let frame = ClientMsg::Message { room, text };
+                    let result = self.write(ws, conn, &frame).await;
                     let _ = reply.send(match &result {
                         Ok(()) => Ok(()),
                         Err(_) => Err(Error::NotConnected),
@@ -632,7 +547,7 @@ impl Driver {
                 if !conn.ready() {
                     let _ = reply.send(Err(Error::NotConnected));
                 } else {
-                    let result = self.write(ws, conn, json!({"type": "presence", "room": room})).await;
+                    let result = self.write(ws, conn, &ClientMsg::Presence { room }).await;
                     let _ = reply.send(result.as_ref().map_err(|_| Error::NotConnected).copied());
                     result?;
                 }
@@ -641,374 +556,12 @@ impl Driver {
                 if !conn.ready() {
                     let _ = reply.send(Err(Error::NotConnected));
                 } else {
-                    let result = self.write(ws, conn, json!({"type": "online"})).await;
+                    let result = self.write(ws, conn, &ClientMsg::Online).await;
                     let _ = reply.send(result.as_ref().map_err(|_| Error::NotConnected).copied());
                     result?;
                 }
             }
             Command::Close(_) => unreachable!("handled by the caller"),
-        }
-        Ok(())
-    }
-
-    async fn on_text(&mut self, text: &str, ws: &mut Ws, conn: &mut Conn) -> Result<(), Ended> {
-        let frame = match parse(text) {
-            Parsed::Frame(f) => f,
-            Parsed::Unknown(v) => {
-                bump(&self.shared.stats.unknown_frames);
-                debug!(frame = %v, "unknown frame type");
-                self.out.push(Event::Unknown(v));
-                return Ok(());
-            }
-            Parsed::Malformed(v, why) => {
-                bump(&self.shared.stats.malformed_frames);
-                warn!(%why, frame = %v, "malformed frame from the node");
-                self.out.push(Event::Unknown(v));
-                return Ok(());
-            }
-            Parsed::Invalid(why) => {
-                bump(&self.shared.stats.invalid_frames);
-                let shown: String = text.chars().take(200).collect();
-                warn!(%why, frame = %shown, "invalid frame from the node ignored");
-                return Ok(());
-            }
-        };
-        if conn.server.is_none() {
-            return match frame {
-                Frame::Connected { server, id, session, rooms, name } => {
-                    self.on_connected(ws, conn, server, id, session, rooms, name).await
-                }
-                _ => Err(self.lost(conn, None, "protocol: the first frame was not `connected`".into())),
-            };
-        }
-        match frame {
-            Frame::Connected { .. } => {
-                bump(&self.shared.stats.malformed_frames);
-                warn!("second `connected` frame on one connection ignored");
-            }
-            Frame::Message(m) => return self.on_message(m, conn),
-            Frame::UserJoined { room, user, id, server, head_seq, epoch } => {
-                let own = self.id.as_deref() == Some(id.as_str());
-                let room_name = room.clone();
-                let start = head_seq.map(|seq| (epoch.clone(), seq));
-                self.out.push(Event::UserJoined { room, user, id, server, head_seq, epoch });
-                if own {
-                    self.on_own_join(&room_name, start, ws, conn).await?;
-                }
-            }
-            Frame::UserLeft { room, user, id, server, reason } => {
-                self.out.push(Event::UserLeft { room, user, id, server, reason });
-            }
-            Frame::Resumed { room, from_seq, to_seq, complete, epoch } => {
-                self.on_resumed(room, from_seq, to_seq, complete, epoch, conn)
-            }
-            Frame::Presence { room, users } => {
-                self.out.push(Event::Presence { room, users });
-            }
-            Frame::Online { users } => {
-                self.out.push(Event::Online { users });
-            }
-            Frame::Error { code, message } => return self.on_error(code, message, conn),
-        }
-        Ok(())
-    }
-
-    #[allow(clippy::too_many_arguments)] // the fields of one frame
-    async fn on_connected(
-        &mut self,
-        ws: &mut Ws,
-        conn: &mut Conn,
-        server: String,
-        id: String,
-        session: Session,
-        restored: Vec<String>,
-        server_name: Option<String>,
-    ) -> Result<(), Ended> {
-        if let Err(e) = validate_client_id(&id) {
-            return Err(self.lost(conn, None, format!("protocol: the node announced an invalid id: {e}")));
-        }
-        if self.id.as_deref() != Some(id.as_str()) {
-            match &self.id {
-                None => info!(%id, "adopting the id the server minted"),
-                Some(ours) => {
-                    warn!(ours = %ours, theirs = %id, "the server replaced our id; adopting it")
-                }
-            }
-            tracing::Span::current().record("id", id.as_str());
-            self.shared.view().id = Some(id.clone());
-            self.id = Some(id.clone());
-        }
-        conn.server = Some(server.clone());
-        let stats = &self.shared.stats;
-        bump(&stats.connects);
-        if self.ever_connected {
-            bump(&stats.reconnects);
-        }
-        self.ever_connected = true;
-        let since_disconnect = self.lost_at.map(|t| t.elapsed());
-        if let Some(d) = since_disconnect {
-            stats.set_last_reconnect(d);
-        }
-        info!(%server, ?session, rooms = restored.len(), attempt = conn.attempt, "connected");
-        let restored: BTreeSet<String> = match session {
-            Session::Restored => restored.into_iter().collect(),
-            Session::New => BTreeSet::new(),
-        };
-        self.out.push(Event::Connected {
-            server: server.clone(),
-            id,
-            session,
-            rooms: restored.iter().cloned().collect(),
-            attempt: conn.attempt,
-            since_disconnect,
-        });
-        self.set_status(Status::Syncing { server });
-
-        match (self.name.clone(), server_name) {
-            (Some(ours), theirs) => {
-                if session == Session::New || theirs.as_deref() != Some(ours.as_str()) {
-                    self.write(ws, conn, json!({"type": "set_name", "name": ours})).await?;
-                }
-            }
-            // The restored session remembers a name we were not configured with: keep it.
-            (None, Some(theirs)) if session == Session::Restored => self.set_name_locally(theirs),
-            (None, _) => {}
-        }
-        for room in restored.iter().filter(|r| !self.rooms.contains_key(*r)) {
-            debug!(%room, "leaving a restored room the app left");
-            self.write(ws, conn, json!({"type": "leave", "room": room})).await?;
-        }
-        // Joins the app made on the previous connection that never completed are now part
-        // of the re-sync; their waiters still resolve on the own `user_joined`.
-        self.app_joins.clear();
-        let mut to_join = Vec::new();
-        let mut restored_waiters = Vec::new();
-        for (name, room) in &mut self.rooms {
-            room.joined = restored.contains(name);
-            if room.tracker.has_start() {
-                room.hold = Some(Vec::new());
-            }
-            if room.joined {
-                restored_waiters.append(&mut room.waiters);
-            } else {
-                to_join.push(name.clone());
-            }
-        }
-        for w in restored_waiters {
-            let _ = w.send(Ok(()));
-        }
-        for room in to_join {
-            self.write(ws, conn, json!({"type": "join", "room": room})).await?;
-            conn.rejoining.insert(room);
-        }
-        // A restored session's node holds live frames until it sees `resume`, so it gets
-        // one even when no room has a position.
-        conn.resume_always = session == Session::Restored;
-        self.after_rejoin(ws, conn).await?;
-        self.check_ready(conn);
-        Ok(())
-    }
-
-    /// Own `user_joined`: the room is live for us on this connection. `start` is the room's
-    /// `(epoch, head_seq)` at the join, which anchors a room that has no position yet.
-    async fn on_own_join(
-        &mut self,
-        room: &str,
-        start: Option<(Option<String>, u64)>,
-        ws: &mut Ws,
-        conn: &mut Conn,
-    ) -> Result<(), Ended> {
-        let Some(r) = self.rooms.get_mut(room) else {
-            return Ok(());
-        };
-        r.joined = true;
-        if let Some((epoch, seq)) = start {
-            if r.tracker.anchor(epoch.as_deref(), seq) {
-                debug!(%room, ?epoch, seq, "room anchored at its head");
-                let pos = r.tracker.position().cloned();
-                if let Some(slot) = self.shared.view().rooms.get_mut(room) {
-                    *slot = pos;
-                }
-            }
-        }
-        for w in r.waiters.drain(..) {
-            let _ = w.send(Ok(()));
-        }
-        self.app_joins.retain(|j| j != room);
-        if conn.rejoining.remove(room) {
-            self.after_rejoin(ws, conn).await?;
-        }
-        self.check_ready(conn);
-        Ok(())
-    }
-
-    /// A re-sync join finished (or was dropped): once none is left, resume.
-    async fn after_rejoin(&mut self, ws: &mut Ws, conn: &mut Conn) -> Result<(), Ended> {
-        if conn.rejoining.is_empty() && !conn.resume_done && conn.server.is_some() {
-            self.send_resume(ws, conn).await?;
-        }
-        Ok(())
-    }
-
-    /// One `resume` with the position of every held room. Sent even when empty for a
-    /// restored session (its node waits for it).
-    async fn send_resume(&mut self, ws: &mut Ws, conn: &mut Conn) -> Result<(), Ended> {
-        let mut rooms = Map::new();
-        for (name, room) in &self.rooms {
-            if let (Some(_), Some((epoch, seq))) = (&room.hold, room.tracker.resume_point()) {
-                let point = match epoch {
-                    Some(epoch) => json!({"seq": seq, "epoch": epoch}),
-                    // Anchored before the room had a log: everything it logged since.
-                    None => json!({"seq": seq}),
-                };
-                rooms.insert(name.clone(), point);
-            }
-        }
-        conn.resume_done = true;
-        if rooms.is_empty() && !conn.resume_always {
-            return Ok(());
-        }
-        debug!(rooms = rooms.len(), "resuming");
-        self.write(ws, conn, json!({"type": "resume", "rooms": rooms})).await
-    }
-
-    /// Marks the connection ready once nothing is left to re-join or replay.
-    fn check_ready(&mut self, conn: &mut Conn) {
-        if conn.ready()
-            || conn.server.is_none()
-            || !conn.rejoining.is_empty()
-            || !conn.resume_done
-            || self.rooms.values().any(|r| r.hold.is_some())
-        {
-            return;
-        }
-        let now = Instant::now();
-        conn.ready_at = Some(now);
-        let since_disconnect = self.lost_at.take().map(|lost| now.duration_since(lost));
-        if let Some(d) = since_disconnect {
-            self.shared.stats.set_last_recovery(d);
-        }
-        self.restart_pending = false;
-        let server = conn.server.clone().unwrap_or_default();
-        debug!(%server, "in sync");
-        self.set_status(Status::Ready { server: server.clone() });
-        self.out.push(Event::Ready { server, since_disconnect });
-    }
-
-    fn on_message(&mut self, m: Message, conn: &Conn) -> Result<(), Ended> {
-        let Some(room) = self.rooms.get_mut(&m.room) else {
-            bump(&self.shared.stats.stray_messages);
-            debug!(room = %m.room, seq = m.seq, "message for a room the app is not in dropped");
-            return Ok(());
-        };
-        if let Some(hold) = &mut room.hold {
-            if !m.replay {
-                if hold.len() >= HOLD_LIMIT {
-                    let reason = format!("{HOLD_LIMIT} live frames of {} held without `resumed`", m.room);
-                    return Err(self.lost(conn, None, reason));
-                }
-                hold.push(m);
-                return Ok(());
-            }
-        }
-        self.deliver(m);
-        Ok(())
-    }
-
-    /// Passes a message through its room's tracker to the app.
-    fn deliver(&mut self, m: Message) {
-        let Some(room) = self.rooms.get_mut(&m.room) else {
-            return;
-        };
-        let stats = &self.shared.stats;
-        match room.tracker.accept(&m.epoch, m.seq, m.replay) {
-            Verdict::Duplicate => {
-                bump(&stats.duplicates_dropped);
-                debug!(room = %m.room, seq = m.seq, replay = m.replay, "duplicate dropped");
-            }
-            Verdict::StaleEpoch => {
-                bump(&stats.stale_epoch_dropped);
-                debug!(room = %m.room, epoch = %m.epoch, seq = m.seq, "message of a retired epoch dropped");
-            }
-            Verdict::Deliver { gap, epoch_change } => {
-                if let Some((old, new)) = epoch_change {
-                    bump(&stats.epoch_changes);
-                    warn!(room = %m.room, %old, %new, "room log epoch changed");
-                    self.out.push(Event::EpochChanged { room: m.room.clone(), old, new });
-                }
-                if let Some((expected, got)) = gap {
-                    bump(&stats.gaps);
-                    stats.gap_messages.fetch_add(got - expected, Relaxed);
-                    warn!(room = %m.room, expected, got, "gap in a room's messages");
-                    self.out.push(Event::Gap { room: m.room.clone(), expected, got });
-                }
-                let pos = room.tracker.position().cloned();
-                if let Some(slot) = self.shared.view().rooms.get_mut(&m.room) {
-                    *slot = pos;
-                }
-                let replay = m.replay;
-                if self.out.push(Event::Message(m)) {
-                    bump(&stats.messages_delivered);
-                    if replay {
-                        bump(&stats.replayed_delivered);
-                    }
-                }
-            }
-        }
-    }
-
-    fn on_resumed(
-        &mut self,
-        room: String,
-        from_seq: u64,
-        to_seq: u64,
-        complete: bool,
-        epoch: Option<String>,
-        conn: &mut Conn,
-    ) {
-        let Some(r) = self.rooms.get_mut(&room) else {
-            debug!(%room, "`resumed` for a room the app left");
-            return;
-        };
-        let change = epoch.as_deref().and_then(|e| r.tracker.enter_epoch(e));
-        let held = r.hold.take();
-        if let Some(pos) = r.tracker.position().cloned() {
-            if let Some(slot) = self.shared.view().rooms.get_mut(&room) {
-                *slot = Some(pos);
-            }
-        }
-        if !complete {
-            bump(&self.shared.stats.incomplete_resumes);
-            warn!(%room, from_seq, to_seq, "resume incomplete: messages were lost");
-        }
-        if let Some((old, new)) = change {
-            bump(&self.shared.stats.epoch_changes);
-            warn!(%room, %old, %new, "room log epoch changed");
-            self.out.push(Event::EpochChanged { room: room.clone(), old, new });
-        }
-        self.out.push(Event::Resumed { room, from_seq, to_seq, complete, epoch });
-        for m in held.into_iter().flatten() {
-            self.deliver(m);
-        }
-        self.check_ready(conn);
-    }
-
-    fn on_error(&mut self, code: String, message: String, conn: &Conn) -> Result<(), Ended> {
-        self.out.push(Event::Error { code: code.clone(), message: message.clone() });
-        if !conn.ready() {
-            // During re-sync every request is ours; one that failed leaves the session
-            // half-restored. Start over (with backoff) rather than serve it that way.
-            return Err(self.lost(conn, None, format!("re-sync refused: {code}: {message}")));
-        }
-        if matches!(code.as_str(), "invalid_room" | "backbone_unavailable") {
-            if let Some(room) = self.app_joins.pop_front() {
-                if let Some(r) = self.rooms.remove(&room) {
-                    for w in r.waiters {
-                        let _ = w.send(Err(Error::Server { code: code.clone(), message: message.clone() }));
-                    }
-                    self.shared.view().rooms.remove(&room);
-                }
-            }
         }
         Ok(())
     }
