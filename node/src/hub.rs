@@ -17,6 +17,7 @@ use dashmap::DashMap;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use tether_proto::wire::MessageMeta;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
 
@@ -62,22 +63,6 @@ impl Member {
     }
 }
 
-/// The seq and epoch of a room `message` frame, read from its JSON without a full parse.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct FrameMeta<'a> {
-    pub seq: u64,
-    pub epoch: &'a str,
-}
-
-impl<'a> FrameMeta<'a> {
-    /// `Some` for message frames (which the atomic publish step ends with
-    /// `,"seq":N,"epoch":"E"}`), `None` for membership events. The reading rule lives with
-    /// the frame's definition, in `tether_proto::wire::MessageMeta`.
-    pub fn parse(frame: &'a str) -> Option<Self> {
-        tether_proto::wire::MessageMeta::read(frame).map(|m| Self { seq: m.seq, epoch: m.epoch })
-    }
-}
-
 /// One membership's delivery state; see the module docs.
 #[derive(Debug, Default)]
 pub struct Gate(Mutex<GateState>);
@@ -97,11 +82,11 @@ pub struct GateState {
 impl GateState {
     /// Whether a live message is not newer than the last one let through (sending it would
     /// repeat it or break seq order).
-    pub fn already_sent(&self, meta: &FrameMeta<'_>) -> bool {
+    pub fn already_sent(&self, meta: &MessageMeta<'_>) -> bool {
         self.epoch.as_deref() == Some(meta.epoch) && meta.seq <= self.last_seq
     }
 
-    pub fn note_sent(&mut self, meta: &FrameMeta<'_>) {
+    pub fn note_sent(&mut self, meta: &MessageMeta<'_>) {
         if self.epoch.as_deref() != Some(meta.epoch) {
             self.epoch = Some(meta.epoch.to_string());
             self.first_seq = None;
@@ -158,7 +143,7 @@ impl Gate {
         member: &Member,
         frame: &Utf8Bytes,
         wire: &mut Option<Bytes>,
-        meta: Option<FrameMeta<'_>>,
+        meta: Option<MessageMeta<'_>>,
         hold_cap: usize,
         metrics: &Metrics,
     ) -> bool {
@@ -301,7 +286,7 @@ impl Hub {
 
     /// Offers `frame` to every local member of `room`; returns how many accepted it.
     pub fn deliver(&self, room: &str, frame: &Utf8Bytes, metrics: &Metrics) -> usize {
-        let meta = FrameMeta::parse(frame.as_str());
+        let meta = MessageMeta::read(frame.as_str());
         let Some(mut r) = self.rooms.get_mut(room) else {
             return 0;
         };
@@ -378,8 +363,8 @@ mod tests {
     #[test]
     fn frame_meta_reads_seq_and_epoch_even_with_tricky_text() {
         let f = msg(42, "e1");
-        assert_eq!(FrameMeta::parse(f.as_str()), Some(FrameMeta { seq: 42, epoch: "e1" }));
-        assert_eq!(FrameMeta::parse(r#"{"type":"user_joined","room":"r"}"#), None);
+        assert_eq!(MessageMeta::read(f.as_str()), Some(MessageMeta { seq: 42, epoch: "e1" }));
+        assert_eq!(MessageMeta::read(r#"{"type":"user_joined","room":"r"}"#), None);
     }
 
     #[test]

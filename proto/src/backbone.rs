@@ -2,11 +2,10 @@
 //! process reads: nodes of different releases, the `tether chaos` tool, the end-to-end tests.
 //! The bytes are pinned by the golden tests below — running clusters read them.
 //!
-//! - *Frame completion*: a room message is logged as its frame up to `"seq":` and completed
-//!   with its seq and the room's epoch when the seq is known ([`complete_message`]); a
-//!   `user_joined` is completed with the room's position at the join ([`complete_joined`]).
-//!   The Redis backbone does both inside its Lua scripts (they must be atomic with the
-//!   publish); every Rust-side completion goes through these two functions.
+//! - Frame completion (a message's `seq`/`epoch`, a `user_joined`'s position) is wire format:
+//!   [`crate::wire::complete_message`] and [`crate::wire::complete_joined`]. The Redis
+//!   backbone does both inside its Lua scripts (they must be atomic with the publish); every
+//!   Rust-side completion goes through those two functions.
 //! - The stored records: [`SessionRecord`] (a NATS session's JSON; in Redis, the fields of a
 //!   hash), [`PresenceEntry`] (one connection's presence, the value of a Redis presence hash).
 //! - Node instances: [`instance_id`], and the names derived from it ([`conn_field`],
@@ -14,22 +13,6 @@
 //! - [`RedisKeys`]: the Redis key and channel layout (`docs/PROTOCOL.md` describes it).
 
 use serde::{Deserialize, Serialize};
-
-/// Frame completion of a room message: `prefix` is the frame up to and including `"seq":`.
-pub fn complete_message(prefix: &str, seq: u64, epoch: &str) -> String {
-    format!("{prefix}{seq},\"epoch\":\"{epoch}\"}}")
-}
-
-/// Frame completion of a `user_joined` event: the room's position at the join — the last seq
-/// assigned (`head_seq`) and, if the room has a log, its `epoch` — appended before the closing
-/// brace, so the joiner knows where its live messages start.
-pub fn complete_joined(event: &str, head_seq: u64, epoch: Option<&str>) -> String {
-    let body = event.strip_suffix('}').unwrap_or(event);
-    match epoch {
-        Some(epoch) => format!("{body},\"head_seq\":{head_seq},\"epoch\":\"{epoch}\"}}"),
-        None => format!("{body},\"head_seq\":{head_seq}}}"),
-    }
-}
 
 /// What a client's session keeps between connections: written on every change, so that a
 /// node killed without warning loses nothing of it. Under NATS it is stored as this JSON;
@@ -143,27 +126,6 @@ impl RedisKeys {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn message_completion_is_pinned() {
-        assert_eq!(
-            complete_message("{\"type\":\"message\",\"text\":\"hi\",\"seq\":", 7, "e1"),
-            "{\"type\":\"message\",\"text\":\"hi\",\"seq\":7,\"epoch\":\"e1\"}"
-        );
-    }
-
-    #[test]
-    fn joined_completion_is_pinned_with_and_without_an_epoch() {
-        let joined = r#"{"type":"user_joined","room":"r","user":"u","id":"i","server":"n"}"#;
-        assert_eq!(
-            complete_joined(joined, 12, Some("e")),
-            r#"{"type":"user_joined","room":"r","user":"u","id":"i","server":"n","head_seq":12,"epoch":"e"}"#
-        );
-        assert_eq!(
-            complete_joined(joined, 0, None),
-            r#"{"type":"user_joined","room":"r","user":"u","id":"i","server":"n","head_seq":0}"#
-        );
-    }
 
     #[test]
     fn stored_records_are_pinned() {

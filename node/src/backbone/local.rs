@@ -9,7 +9,7 @@ use dashmap::DashMap;
 use futures_util::future::{ready, BoxFuture, FutureExt};
 use std::collections::HashMap;
 use std::sync::Arc;
-use tether_proto::backbone::{complete_joined, complete_message};
+use tether_proto::wire::{complete_joined, complete_message};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
 pub struct LocalBackbone {

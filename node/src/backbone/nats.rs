@@ -49,7 +49,7 @@ use futures_util::future::{BoxFuture, FutureExt};
 use futures_util::{stream as fstream, StreamExt};
 use std::collections::HashMap;
 use std::sync::Arc;
-use tether_proto::backbone::{complete_joined, complete_message};
+use tether_proto::wire::{complete_joined, complete_message};
 use tokio::sync::{watch, Mutex, OnceCell};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;

@@ -11,14 +11,14 @@
 
 use crate::backbone::{Backbone, BackboneError};
 use crate::backbone::{PresenceChange, PresenceEntry, Scope, SessionRecord, Unpublished};
-use crate::hub::{FrameMeta, Gate, GateState, Member};
+use crate::hub::{Gate, GateState, Member};
 use crate::outbox::Outbox;
 use crate::state::NodeState;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use tether_proto::wire::{
-    self, ClientMsg, ErrorCode, Event, LeaveReason, MessageHead, ResumePoint, SessionKind, CLOSE_POLICY, CLOSE_RESTART,
-    CLOSE_TOO_BIG,
+    self, ClientMsg, ErrorCode, Event, LeaveReason, MessageHead, MessageMeta, ResumePoint, SessionKind, CLOSE_POLICY,
+    CLOSE_RESTART, CLOSE_TOO_BIG,
 };
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
@@ -332,7 +332,7 @@ impl Client {
     /// Sends held frames in order, skipping messages already sent.
     fn release_held(&self, g: &mut GateState, held: Vec<Utf8Bytes>) {
         for frame in held {
-            if let Some(meta) = FrameMeta::parse(frame.as_str()) {
+            if let Some(meta) = MessageMeta::read(frame.as_str()) {
                 if g.already_sent(&meta) {
                     self.state.metrics.duplicates_suppressed.inc();
                     continue;

@@ -244,3 +244,14 @@ pub fn decode_node_frame(text: &str) -> Result<NodeFrame, NodeFrameError> {
         }
     }
 }
+
+/// Frame completion of a `user_joined` event: the room's position at the join — the last seq
+/// assigned (`head_seq`) and, if the room has a log, its `epoch` — appended before the closing
+/// brace, so the joiner knows where its live messages start.
+pub fn complete_joined(event: &str, head_seq: u64, epoch: Option<&str>) -> String {
+    let body = event.strip_suffix('}').unwrap_or(event);
+    match epoch {
+        Some(epoch) => format!("{body},\"head_seq\":{head_seq},\"epoch\":\"{epoch}\"}}"),
+        None => format!("{body},\"head_seq\":{head_seq}}}"),
+    }
+}

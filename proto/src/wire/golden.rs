@@ -381,3 +381,16 @@ fn node_frames_that_do_not_fit_are_handed_over() {
         Err(NodeFrameError::Malformed(..))
     ));
 }
+
+#[test]
+fn joined_completion_is_pinned_with_and_without_an_epoch() {
+    let joined = r#"{"type":"user_joined","room":"r","user":"u","id":"i","server":"n"}"#;
+    assert_eq!(
+        complete_joined(joined, 12, Some("e")),
+        r#"{"type":"user_joined","room":"r","user":"u","id":"i","server":"n","head_seq":12,"epoch":"e"}"#
+    );
+    assert_eq!(
+        complete_joined(joined, 0, None),
+        r#"{"type":"user_joined","room":"r","user":"u","id":"i","server":"n","head_seq":0}"#
+    );
+}

@@ -27,8 +27,8 @@ mod golden;
 pub use client::{decode, ClientMsg, ResumePoint};
 pub use codes::{ErrorCode, ProtocolError, CLOSE_POLICY, CLOSE_RESTART, CLOSE_TOO_BIG};
 pub use event::{
-    decode_node_frame, Event, LeaveReason, NodeFrame, NodeFrameError, PresenceEntry, PresenceUser, SessionKind,
-    NODE_FRAME_TYPES,
+    complete_joined, decode_node_frame, Event, LeaveReason, NodeFrame, NodeFrameError, PresenceEntry, PresenceUser,
+    SessionKind, NODE_FRAME_TYPES,
 };
 pub use message::{complete_message, frame_type, mark_replay, message_room, MessageHead, MessageMeta, RoomMessage};
 pub use validate::{validate_name, validate_room, MAX_NAME_CHARS, MAX_ROOM_LEN};
