@@ -176,6 +176,10 @@ async fn backbone_restart_under_traffic_drops_no_connection_and_loses_nothing_si
         a.send(json!({"type":"message","room":"r","text":format!("before-{i}")})).await?;
     }
     b.recv_until("the last message before the outage", |v| v["text"] == "before-4").await?;
+    // And its own copy, which is its acknowledgement: Redis pushes a publish to each
+    // subscriber in turn, so a SIGKILL may land after node-2 got it and before node-1 did —
+    // and a Redis without persistence takes the log with it, so node-1 could not catch up.
+    a.recv_until("own last message before the outage", |v| v["text"] == "before-4").await?;
 
     backend.kill().await?;
     for addr in [n1.addr, n2.addr] {
