@@ -17,13 +17,13 @@
 //! rules and a real result.
 
 mod account;
+mod args;
 mod report;
 
 pub use account::{LostMessage, UnconfirmedSend};
+pub use args::ChaosArgs;
 pub use report::{ChaosReport, KillRecord, RunConfig, Sends, Spread};
 
-use crate::args::ChaosArgs;
-use crate::cluster::{Cluster, ClusterLogs, ClusterOptions, Persistence};
 use account::{Heads, SendLog, Sent, Shared};
 use anyhow::{bail, Context, Result};
 use futures_util::future::join_all;
@@ -35,6 +35,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 use tether_client::{Client, ClientConfig, Error as ClientError, Status};
+use tether_kit::cluster::{Cluster, ClusterLogs, ClusterOptions, Persistence};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::task::{JoinHandle, JoinSet};

@@ -5,7 +5,7 @@
 //! - [`InProcessNode`]: a `tether-node` served in this process on a port-0 listener, with
 //!   its own runtime thread so that "killing" it drops every socket at once;
 //! - process fixtures (a real `redis-server` on a free port, node and balancer processes)
-//!   come from the `tether` crate's [`tether::cluster`] module, shared with `tether up`.
+//!   come from `tether-kit`'s [`tether_kit::cluster`] module, shared with `tether up`.
 
 use anyhow::{anyhow, bail, Context, Result};
 use futures_util::{SinkExt, StreamExt};
@@ -18,7 +18,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
 
-pub use tether::cluster;
+pub use tether_kit::cluster;
 
 /// Default deadline for anything a test waits for.
 pub const DEADLINE: Duration = Duration::from_secs(10);

@@ -24,13 +24,12 @@
 //! node started with `--backbone none`; the difference of the two, percentile by percentile,
 //! is what the backbone hop adds.
 
+use super::args::FanoutArgs;
 use super::procfs::{self, CpuMeter};
 use super::protocol::Protocol;
 use super::publish::Publishers;
 use super::worker::{Fleet, RoomSpec, WorkerSpec};
 use super::{add_pairs, http_get, metric_sum, new_histogram, source_addrs, split, Latency, MAX_PER_WORKER};
-use crate::args::FanoutArgs;
-use crate::cluster::{Cluster, ClusterLogs, ClusterOptions, NodeProcess, SpawnOptions};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use std::io::Write;
@@ -39,6 +38,7 @@ use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tether_kit::cluster::{Cluster, ClusterLogs, ClusterOptions, NodeProcess, SpawnOptions};
 
 /// Most clients behind the one balancer (two descriptors per tunnel, 20,000 per process).
 pub const MAX_CLIENTS: usize = super::MAX_TUNNELS_PER_PROXY - 100;

@@ -13,17 +13,19 @@
 //! sharing one port with `--reuse-port` when the balancer has that flag, else each on its own
 //! port with the clients spread over them (the report says which).
 
+use super::args::IdleArgs;
 use super::procfs;
 use super::worker::{Fleet, WorkerSpec};
 use super::{http_get, metric_sum, source_addrs, split, MAX_PER_WORKER, MAX_TUNNELS_PER_PROXY};
-use crate::args::IdleArgs;
-use crate::cluster::{bin_path, BalancerProcess, Cluster, ClusterLogs, ClusterOptions, SpawnOptions, BALANCER_BIN};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
+use tether_kit::cluster::{
+    bin_path, BalancerProcess, Cluster, ClusterLogs, ClusterOptions, SpawnOptions, BALANCER_BIN,
+};
 
 /// Most clients one node is given: it needs a descriptor per client plus a few of its own.
 pub const MAX_PER_NODE: usize = 19_600;
@@ -256,8 +258,8 @@ pub async fn run<W: Write>(opts: &IdleOptions, out: &mut W) -> Result<IdleReport
                 args.extend(["--listen".to_owned(), cluster.balancer().addr().to_string()]);
             }
             let stderr = match &opts.logs {
-                Some(d) => crate::cluster::LogTarget::File(d.join(format!("balancer-{b}.log"))),
-                None => crate::cluster::LogTarget::Null,
+                Some(d) => tether_kit::cluster::LogTarget::File(d.join(format!("balancer-{b}.log"))),
+                None => tether_kit::cluster::LogTarget::Null,
             };
             let spawn = SpawnOptions { stderr, ..SpawnOptions::default() };
             extra.push(BalancerProcess::start_with(&members, &args, &spawn).await.with_context(|| {

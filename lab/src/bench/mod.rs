@@ -24,6 +24,7 @@
 //! is killed on drop, and gets `SIGKILL` if the spawning thread dies: a benchmark that fails or
 //! is interrupted leaves nothing behind.
 
+pub mod args;
 pub mod echo;
 pub mod fanout;
 pub mod idle;
@@ -49,7 +50,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::net::TcpStream;
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 
-use crate::cluster::ReadyLine;
+use tether_kit::cluster::ReadyLine;
 
 /// The hard limit on open files of one process on the machines we measure on. Every process
 /// that holds connections is sized to stay under it.
@@ -64,14 +65,14 @@ pub const TEXT_BYTES: usize = 64;
 pub const CONNECTIONS_PER_SOURCE: usize = 2_000;
 
 /// The `tether` executable to re-run as a worker or echo backend: this one if it is `tether`,
-/// else the one [`crate::cluster::bin_path`] finds (tests run from their own binary).
+/// else the one [`tether_kit::cluster::bin_path`] finds (tests run from their own binary).
 pub fn tether_exe() -> Result<PathBuf> {
     if let Ok(exe) = std::env::current_exe() {
         if exe.file_name().is_some_and(|n| n == "tether") {
             return Ok(exe);
         }
     }
-    crate::cluster::bin_path("tether")
+    tether_kit::cluster::bin_path("tether")
 }
 
 /// `127.0.0.2 ..`: source addresses for `count` connections of load generator `worker`,
@@ -353,6 +354,19 @@ pub fn write_file(dir: &Path, name: &str, text: &str) -> Result<PathBuf> {
 pub async fn supports_flag(program: &Path, flag: &str) -> bool {
     let out = tokio::time::timeout(Duration::from_secs(5), Command::new(program).arg("--help").output()).await;
     matches!(out, Ok(Ok(o)) if String::from_utf8_lossy(&o.stdout).contains(flag))
+}
+
+/// Runs one `tether bench` subcommand and returns the process exit code.
+pub async fn run_cli(bench: args::BenchArgs) -> Result<i32> {
+    use args::BenchKind;
+    match bench.kind {
+        BenchKind::Rtt(args) => rtt::run_cli(args).await,
+        BenchKind::Idle(args) => idle::run_cli(args).await,
+        BenchKind::Fanout(args) => fanout::run_cli(args).await,
+        BenchKind::Proxies(args) => proxies::run_cli(args).await,
+        BenchKind::EchoBackend(args) => echo::run_cli(args).await,
+        BenchKind::Worker(args) => worker::run_cli(args).await,
+    }
 }
 
 #[cfg(test)]

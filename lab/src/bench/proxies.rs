@@ -24,12 +24,11 @@
 //! rotating from round to round, so that drift on a shared machine hits every target alike.
 //! Reported figures are medians over rounds, with ratios to HAProxy from the same run.
 
+use super::args::ProxiesArgs;
 use super::procfs::{self, CpuMeter};
 use super::worker::{Fleet, WorkerSpec};
 use super::wsraw::{self, Decoder, OP_BINARY, OP_CLOSE};
 use super::{median, new_histogram, source_addrs, split, tether_exe, ChildProc, Latency, MAX_PER_WORKER};
-use crate::args::ProxiesArgs;
-use crate::cluster::{bin_path, BALANCER_BIN};
 use anyhow::{anyhow, bail, Context, Result};
 use hdrhistogram::Histogram;
 use serde::Serialize;
@@ -39,6 +38,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tether_kit::cluster::{bin_path, BALANCER_BIN};
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 

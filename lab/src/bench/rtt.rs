@@ -11,9 +11,7 @@
 //! The clock stops when the echo frame arrives, before it is parsed; the outgoing frame is
 //! serialised before the clock starts. Both connections disable Nagle's algorithm.
 
-use crate::args::RttArgs;
-use crate::chat::connect_url;
-use crate::cluster::{Cluster, ClusterLogs, ClusterOptions};
+use super::args::RttArgs;
 use anyhow::{anyhow, bail, Context, Result};
 use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
@@ -22,6 +20,8 @@ use serde_json::{json, Value};
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
+use tether_kit::cluster::{Cluster, ClusterLogs, ClusterOptions};
+use tether_kit::url::connect_url;
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};

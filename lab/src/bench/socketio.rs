@@ -8,12 +8,12 @@
 //! packages once; it runs again only when the lock file changed.
 
 use super::ChildProc;
-use crate::cluster::{find_on_path, LogTarget};
 use anyhow::{anyhow, bail, Context, Result};
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use tether_kit::cluster::{find_on_path, LogTarget};
 use tokio::process::Command;
 
 const SERVER_JS: &str = include_str!("../../../bench/socketio/server.js");

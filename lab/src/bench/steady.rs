@@ -22,14 +22,13 @@
 //!
 //! A step is *clean* when every message reached every member exactly once and p99 < 50 ms.
 
+use super::args::FanoutArgs;
 use super::procfs::{self, CpuMeter};
 use super::protocol::Protocol;
 use super::publish::Publishers;
 use super::socketio::{self, SocketIoServer};
 use super::worker::{Fleet, RoomSpec, TallySummary, WorkerSpec, MAX_TRACKED};
 use super::{add_pairs, new_histogram, source_addrs, split, Latency, MAX_PER_WORKER};
-use crate::args::FanoutArgs;
-use crate::cluster::{Cluster, ClusterLogs, ClusterOptions, LogTarget};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use std::io::Write;
@@ -37,6 +36,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
+use tether_kit::cluster::{Cluster, ClusterLogs, ClusterOptions, LogTarget};
 
 /// The default steps, published messages per second over all rooms.
 pub const DEFAULT_RATES: [f64; 5] = [1_000.0, 2_000.0, 4_000.0, 8_000.0, 16_000.0];

@@ -22,10 +22,10 @@
 //! `tally LO HI` answers what was received of `LO..HI` against what this worker's clients
 //! should have received ([`TallySummary`]).
 
+use super::args::WorkerArgs;
 use super::protocol::{self, Protocol};
 use super::wsraw::{self, Decoder, Upgraded, OP_CLOSE, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT};
 use super::{tether_exe, AtomicHist, ChildProc};
-use crate::args::WorkerArgs;
 use anyhow::{anyhow, bail, Context, Result};
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
