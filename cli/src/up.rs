@@ -14,7 +14,7 @@ use anyhow::{Context, Result};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
-use tether_kit::cluster::{Cluster, ClusterLogs, ClusterOptions, StopReport, DEFAULT_READY_TIMEOUT};
+use tether_kit::{Cluster, ClusterLogs, ClusterOptions, StopReport, DEFAULT_READY_TIMEOUT};
 use tokio::signal::unix::{signal, SignalKind};
 
 /// What `tether up` runs.

@@ -10,7 +10,7 @@ use serde_json::json;
 use std::process::Stdio;
 use std::time::Duration;
 use tether_client::{Client, ClientConfig, Event};
-use tether_kit::cluster::{Cluster, ClusterLogs, ClusterOptions};
+use tether_kit::{Cluster, ClusterLogs, ClusterOptions};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::process::{ChildStdout, Command};
 use tokio::sync::watch;

@@ -35,7 +35,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 use tether_client::{Client, ClientConfig, Error as ClientError, Status};
-use tether_kit::cluster::{Cluster, ClusterLogs, ClusterOptions, Persistence};
+use tether_kit::{Cluster, ClusterLogs, ClusterOptions, Persistence};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use tokio::task::{JoinHandle, JoinSet};

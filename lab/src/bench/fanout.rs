@@ -38,7 +38,7 @@ use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tether_kit::cluster::{Cluster, ClusterLogs, ClusterOptions, NodeProcess, SpawnOptions};
+use tether_kit::{Cluster, ClusterLogs, ClusterOptions, NodeProcess, SpawnOptions};
 
 /// Most clients behind the one balancer (two descriptors per tunnel, 20,000 per process).
 pub const MAX_CLIENTS: usize = super::MAX_TUNNELS_PER_PROXY - 100;

@@ -23,9 +23,7 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
-use tether_kit::cluster::{
-    bin_path, BalancerProcess, Cluster, ClusterLogs, ClusterOptions, SpawnOptions, BALANCER_BIN,
-};
+use tether_kit::{bin_path, BalancerProcess, Cluster, ClusterLogs, ClusterOptions, SpawnOptions, BALANCER_BIN};
 
 /// Most clients one node is given: it needs a descriptor per client plus a few of its own.
 pub const MAX_PER_NODE: usize = 19_600;
@@ -258,8 +256,8 @@ pub async fn run<W: Write>(opts: &IdleOptions, out: &mut W) -> Result<IdleReport
                 args.extend(["--listen".to_owned(), cluster.balancer().addr().to_string()]);
             }
             let stderr = match &opts.logs {
-                Some(d) => tether_kit::cluster::LogTarget::File(d.join(format!("balancer-{b}.log"))),
-                None => tether_kit::cluster::LogTarget::Null,
+                Some(d) => tether_kit::LogTarget::File(d.join(format!("balancer-{b}.log"))),
+                None => tether_kit::LogTarget::Null,
             };
             let spawn = SpawnOptions { stderr, ..SpawnOptions::default() };
             extra.push(BalancerProcess::start_with(&members, &args, &spawn).await.with_context(|| {

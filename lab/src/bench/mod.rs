@@ -20,9 +20,9 @@
 //! [`procfs`] reads RSS and CPU time of any process from `/proc`; [`worker`] the
 //! load-generator child (`tether bench worker`, hidden) and its parent-side [`worker::Fleet`].
 //!
-//! Every child process here is started with its stdin piped and exits when that pipe closes,
-//! is killed on drop, and gets `SIGKILL` if the spawning thread dies: a benchmark that fails or
-//! is interrupted leaves nothing behind.
+//! Every child process here is a [`tether_kit::ChildProcess`] started with its stdin piped: it
+//! exits when that pipe closes, is killed on drop, and gets `SIGKILL` if the spawning thread
+//! dies: a benchmark that fails or is interrupted leaves nothing behind.
 
 pub mod args;
 pub mod echo;
@@ -43,14 +43,11 @@ use hdrhistogram::Histogram;
 use serde::Serialize;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::process::{Child, ChildStdin, ChildStdout, Command};
-
-use tether_kit::cluster::ReadyLine;
+use tokio::process::Command;
 
 /// The hard limit on open files of one process on the machines we measure on. Every process
 /// that holds connections is sized to stay under it.
@@ -65,14 +62,14 @@ pub const TEXT_BYTES: usize = 64;
 pub const CONNECTIONS_PER_SOURCE: usize = 2_000;
 
 /// The `tether` executable to re-run as a worker or echo backend: this one if it is `tether`,
-/// else the one [`tether_kit::cluster::bin_path`] finds (tests run from their own binary).
+/// else the one [`tether_kit::bin_path`] finds (tests run from their own binary).
 pub fn tether_exe() -> Result<PathBuf> {
     if let Ok(exe) = std::env::current_exe() {
         if exe.file_name().is_some_and(|n| n == "tether") {
             return Ok(exe);
         }
     }
-    tether_kit::cluster::bin_path("tether")
+    tether_kit::bin_path("tether")
 }
 
 /// `127.0.0.2 ..`: source addresses for `count` connections of load generator `worker`,
@@ -103,86 +100,6 @@ pub fn split(total: usize, max: usize) -> Vec<(usize, usize)> {
         })
         .collect()
 }
-
-/// A child process of a benchmark: killed on drop, stdin held open (our children exit when it
-/// closes), stdout handed over as lines after the ready line.
-#[derive(Debug)]
-pub struct ChildProc {
-    pub label: String,
-    pub child: Child,
-    pub pid: u32,
-    pub stdin: Option<ChildStdin>,
-    pub stdout: Option<Lines<BufReader<ChildStdout>>>,
-}
-
-impl ChildProc {
-    /// Spawns `cmd` in its own process group, stdin and stdout piped, killed on drop.
-    pub fn spawn(label: &str, mut cmd: Command) -> Result<Self> {
-        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).kill_on_drop(true).process_group(0);
-        set_parent_death_signal(&mut cmd);
-        let program = cmd.as_std().get_program().to_string_lossy().into_owned();
-        let mut child = cmd.spawn().with_context(|| format!("{label}: spawning {program}"))?;
-        let pid = child.id().ok_or_else(|| anyhow!("{label}: exited before its pid was known"))?;
-        let stdin = child.stdin.take();
-        let stdout = child.stdout.take().map(|s| BufReader::new(s).lines());
-        Ok(Self { label: label.to_owned(), child, pid, stdin, stdout })
-    }
-
-    /// Reads stdout lines until `program`'s ready line (see [`ReadyLine`]), for up to `within`.
-    pub async fn ready_line(&mut self, program: &str, within: Duration) -> Result<ReadyLine> {
-        let lines = self.stdout.as_mut().ok_or_else(|| anyhow!("{}: stdout is not piped", self.label))?;
-        let mut seen = Vec::new();
-        let found = tokio::time::timeout(within, async {
-            while let Some(line) = lines.next_line().await? {
-                if let Some(ready) = ReadyLine::parse(&line, program) {
-                    return Ok(Some(ready));
-                }
-                seen.push(line);
-            }
-            Ok::<_, std::io::Error>(None)
-        })
-        .await;
-        match found {
-            Ok(Ok(Some(ready))) => Ok(ready),
-            Ok(Ok(None)) => {
-                let status = self.child.wait().await.map(|s| s.to_string()).unwrap_or_default();
-                bail!("{} exited before it was ready ({status}); stdout: {seen:?}", self.label)
-            }
-            Ok(Err(e)) => Err(anyhow!(e).context(format!("{}: reading stdout", self.label))),
-            Err(_) => bail!("{} printed no ready line within {within:?}; stdout: {seen:?}", self.label),
-        }
-    }
-
-    /// Keeps draining stdout in the background so the child never blocks on a full pipe.
-    pub fn drain_stdout(&mut self) {
-        if let Some(mut lines) = self.stdout.take() {
-            tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        }
-    }
-
-    /// Closes stdin (our children then exit), waits up to `within`, kills after that.
-    pub async fn stop(&mut self, within: Duration) {
-        self.stdin.take();
-        if tokio::time::timeout(within, self.child.wait()).await.is_err() {
-            let _ = self.child.kill().await;
-        }
-    }
-}
-
-#[cfg(target_os = "linux")]
-#[allow(unsafe_code)]
-fn set_parent_death_signal(cmd: &mut Command) {
-    // SAFETY: the closure runs in the forked child before `exec`; it only calls `prctl`, which
-    // is async-signal-safe, and touches no memory shared with the parent.
-    unsafe {
-        cmd.pre_exec(|| {
-            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(std::io::Error::from)
-        });
-    }
-}
-
-#[cfg(not(target_os = "linux"))]
-fn set_parent_death_signal(_cmd: &mut Command) {}
 
 /// `GET path` over HTTP/1.0 from `addr`; the body, if the status is 200.
 pub async fn http_get(addr: SocketAddr, path: &str) -> Result<String> {

@@ -36,7 +36,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
-use tether_kit::cluster::{Cluster, ClusterLogs, ClusterOptions, LogTarget};
+use tether_kit::{Cluster, ClusterLogs, ClusterOptions, LogTarget};
 
 /// The default steps, published messages per second over all rooms.
 pub const DEFAULT_RATES: [f64; 5] = [1_000.0, 2_000.0, 4_000.0, 8_000.0, 16_000.0];

@@ -29,7 +29,7 @@ use anyhow::{bail, Context, Result};
 use report::{AddedLatency, CompareReport, Machine, ModeReport, RunParams};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use tether_kit::cluster::{ClusterLogs, ClusterOptions};
+use tether_kit::{ClusterLogs, ClusterOptions};
 use tokio::time::{timeout, Instant};
 
 /// Clients of a full run, and of `--quick`.

@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 use tether_client::Client;
-use tether_kit::cluster::{Cluster, ClusterLogs};
+use tether_kit::{Cluster, ClusterLogs};
 use tokio::time::{interval, sleep, sleep_until, timeout, Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
