@@ -8,7 +8,8 @@
 //! - [`redis_server`], [`nats_server`]: private servers on free ports, never the shared ones;
 //! - [`node`], [`balancer`]: the workspace binaries as children, on free ports, restartable;
 //! - [`cluster`]: all of them wired together, as `tether up` and the tests run them;
-//! - [`url`]: WebSocket URLs with the client id in the query.
+//! - [`url`]: WebSocket URLs with the client id in the query;
+//! - [`wait`]: [`eventually`], the one poll-until-it-holds helper of tools and tests.
 #![deny(unsafe_code)]
 
 pub mod balancer;
@@ -22,6 +23,7 @@ pub mod process;
 pub mod redis_server;
 mod server;
 pub mod url;
+pub mod wait;
 
 pub use balancer::BalancerProcess;
 pub use bin::{bin_path, find_on_path, BALANCER_BIN, BIN_DIR_ENV, NODE_BIN};
@@ -31,3 +33,4 @@ pub use node::{NodeProcess, SpawnOptions};
 pub use process::{ChildProcess, LogTarget, ReadyLine, StopOutcome, StopReport, DEFAULT_READY_TIMEOUT};
 pub use redis_server::{Persistence, RedisServer};
 pub use server::SERVER_READY_TIMEOUT;
+pub use wait::{eventually, TimedOut};

@@ -344,22 +344,14 @@ macro_rules! on_every_backbone {
     };
 }
 
-/// Polls `check` until it returns `Some`, or fails after `DEADLINE`.
-pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> Result<T>
+/// [`tether_kit::eventually`] with this crate's [`DEADLINE`]: polls `check` until it returns
+/// `Some`.
+pub async fn eventually<T, F, Fut>(what: &str, check: F) -> Result<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
-    let end = tokio::time::Instant::now() + DEADLINE;
-    loop {
-        if let Some(v) = check().await {
-            return Ok(v);
-        }
-        if tokio::time::Instant::now() >= end {
-            bail!("gave up waiting for {what} after {DEADLINE:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    Ok(tether_kit::eventually(DEADLINE, what, check).await?)
 }
 
 /// `PUBSUB NUMSUB channel` on the given Redis.

@@ -317,7 +317,7 @@ async fn measure<W: Write>(
     out: &mut W,
 ) -> Result<FanoutReport> {
     let admin = cluster.balancer().admin_addr();
-    super::idle::wait_for(Duration::from_secs(15), || async {
+    tether_kit::eventually(Duration::from_secs(15), "every node ready at the balancer", || async {
         metric_sum(&http_get(admin, "/metrics").await.unwrap_or_default(), "tether_balancer_node_ready") as usize
             == opts.nodes
     })

@@ -23,7 +23,9 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
-use tether_kit::{bin_path, BalancerProcess, Cluster, ClusterLogs, ClusterOptions, SpawnOptions, BALANCER_BIN};
+use tether_kit::{
+    bin_path, eventually, BalancerProcess, Cluster, ClusterLogs, ClusterOptions, SpawnOptions, BALANCER_BIN,
+};
 
 /// Most clients one node is given: it needs a descriptor per client plus a few of its own.
 pub const MAX_PER_NODE: usize = 19_600;
@@ -285,7 +287,7 @@ async fn measure<W: Write>(
     if opts.through_balancer {
         // Every balancer must see every node ready before the first client arrives.
         for b in &all_balancers {
-            wait_for(Duration::from_secs(15), || async {
+            eventually(Duration::from_secs(15), "every node ready at the balancer", || async {
                 let m = http_get(b.admin_addr(), "/metrics").await.unwrap_or_default();
                 metric_sum(&m, "tether_balancer_node_ready") as usize == opts.nodes
             })
@@ -344,7 +346,7 @@ async fn measure<W: Write>(
     writeln!(out, "  {} open, {} failed in {connect_secs:.1} s", opened.open, opened.failed)?;
     // Wait until the nodes count every client (the last upgrades may still be in their hands).
     let node_addrs: Vec<SocketAddr> = cluster.nodes().iter().map(|n| n.addr()).collect();
-    let counted = wait_for(Duration::from_secs(30), || async {
+    let counted = eventually(Duration::from_secs(30), "the nodes to count every client", || async {
         let mut sum = 0.0;
         for a in &node_addrs {
             sum += metric_sum(&http_get(*a, "/metrics").await.unwrap_or_default(), "tether_node_connections_active");
@@ -395,22 +397,4 @@ async fn measure<W: Write>(
         loadavg,
         processes: rows,
     })
-}
-
-/// Polls `check` every 100 ms until it holds, or fails after `within`.
-pub async fn wait_for<F, Fut>(within: Duration, mut check: F) -> Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + within;
-    loop {
-        if check().await {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            bail!("condition not met within {within:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }

@@ -412,7 +412,7 @@ async fn measure<W: Write>(
 ) -> Result<SteadyReport> {
     if opts.through_balancer {
         let admin = cluster.balancer().admin_addr();
-        super::idle::wait_for(Duration::from_secs(15), || async {
+        tether_kit::eventually(Duration::from_secs(15), "every node ready at the balancer", || async {
             super::metric_sum(
                 &super::http_get(admin, "/metrics").await.unwrap_or_default(),
                 "tether_balancer_node_ready",
