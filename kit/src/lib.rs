@@ -8,6 +8,9 @@
 //! - [`redis_server`], [`nats_server`]: private servers on free ports, never the shared ones;
 //! - [`node`], [`balancer`]: the workspace binaries as children, on free ports, restartable;
 //! - [`cluster`]: all of them wired together, as `tether up` and the tests run them;
+//! - [`hist`]: latency histograms and their percentiles;
+//! - [`redis_client`]: a deadline-bound client (the `redis` crate) for tools reading what the
+//!   nodes wrote;
 //! - [`url`]: WebSocket URLs with the client id in the query;
 //! - [`wait`]: [`eventually`], the one poll-until-it-holds helper of tools and tests.
 #![deny(unsafe_code)]
@@ -16,10 +19,12 @@ pub mod balancer;
 pub mod bin;
 pub mod cluster;
 mod flags;
+pub mod hist;
 pub mod nats_server;
 pub mod node;
 pub mod ports;
 pub mod process;
+pub mod redis_client;
 pub mod redis_server;
 mod server;
 pub mod url;

@@ -416,7 +416,7 @@ async fn measure<W: Write>(
         let (stats, used, wall, machine_cpu, nodes_before, nodes_after, pub_received) = measured?;
         let secs = wall.as_secs_f64();
         let pct = |d: Duration| (d.as_secs_f64() / secs * 1000.0).round() / 10.0;
-        let mut h = new_histogram()?;
+        let mut h = new_histogram();
         add_pairs(&mut h, &stats.hist);
         let step = Step {
             rate,
@@ -570,7 +570,7 @@ async fn hop_run<W: Write>(
     let (stats, redis, wall) = measured?;
     pubs.close();
     fleet.close().await;
-    let mut h = new_histogram()?;
+    let mut h = new_histogram();
     add_pairs(&mut h, &stats.hist);
     Ok(Hop {
         rate: opts.hop_rate,

@@ -38,12 +38,12 @@ pub mod steady;
 pub mod worker;
 pub mod wsraw;
 
+pub use tether_kit::hist::{add_pairs, new_histogram, AtomicHist, Latency};
+
 use anyhow::{anyhow, bail, Context, Result};
-use hdrhistogram::Histogram;
 use serde::Serialize;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -138,100 +138,6 @@ pub fn metric_sum(text: &str, name: &str) -> f64 {
         .sum()
 }
 
-/// A latency histogram many tasks record into with one atomic add: exact below 128, then 64
-/// buckets per power of two (values within 1.6 %), in microseconds up to 2^42.
-#[derive(Debug)]
-pub struct AtomicHist {
-    buckets: Vec<AtomicU64>,
-}
-
-/// Buckets per power of two.
-const HALF: u64 = 64;
-/// Powers of two above 128 that get buckets.
-const SHIFTS: u64 = 36;
-const BUCKETS: u64 = 2 * HALF + SHIFTS * HALF;
-
-impl Default for AtomicHist {
-    fn default() -> Self {
-        Self { buckets: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect() }
-    }
-}
-
-impl AtomicHist {
-    fn index(v: u64) -> usize {
-        if v < 2 * HALF {
-            return v as usize;
-        }
-        // v = top << shift with top in [64, 128).
-        let shift = u64::from(63 - v.leading_zeros()) - 6;
-        let top = v >> shift;
-        (2 * HALF + (shift - 1) * HALF + (top - HALF)).min(BUCKETS - 1) as usize
-    }
-
-    /// The lowest value of bucket `i`.
-    fn value(i: usize) -> u64 {
-        let i = i as u64;
-        if i < 2 * HALF {
-            return i;
-        }
-        let k = i - 2 * HALF;
-        (k % HALF + HALF) << (k / HALF + 1)
-    }
-
-    pub fn record(&self, v: u64) {
-        self.buckets[Self::index(v)].fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Non-empty buckets as `(value, count)`, zeroing them when `reset`.
-    pub fn snapshot(&self, reset: bool) -> Vec<(u64, u64)> {
-        self.buckets
-            .iter()
-            .enumerate()
-            .filter_map(|(i, b)| {
-                let n = if reset { b.swap(0, Ordering::Relaxed) } else { b.load(Ordering::Relaxed) };
-                (n > 0).then(|| (Self::value(i), n))
-            })
-            .collect()
-    }
-}
-
-/// A fresh HDR histogram for microseconds (1 µs … 10 min, 3 significant digits).
-pub fn new_histogram() -> Result<Histogram<u64>> {
-    Histogram::new_with_bounds(1, 600_000_000, 3).map_err(|e| anyhow!("histogram: {e}"))
-}
-
-/// Adds `(value, count)` pairs (from [`AtomicHist::snapshot`]) to `h`.
-pub fn add_pairs(h: &mut Histogram<u64>, pairs: &[(u64, u64)]) {
-    for &(v, n) in pairs {
-        let _ = h.record_n(v.max(1), n);
-    }
-}
-
-/// p50/p99/p99.9/max of a histogram, in microseconds.
-#[derive(Debug, Clone, Copy, Default, Serialize)]
-pub struct Latency {
-    pub samples: u64,
-    pub p50_us: u64,
-    pub p99_us: u64,
-    pub p999_us: u64,
-    pub max_us: u64,
-}
-
-impl Latency {
-    pub fn of(h: &Histogram<u64>) -> Self {
-        if h.is_empty() {
-            return Self::default();
-        }
-        Self {
-            samples: h.len(),
-            p50_us: h.value_at_quantile(0.50),
-            p99_us: h.value_at_quantile(0.99),
-            p999_us: h.value_at_quantile(0.999),
-            max_us: h.max(),
-        }
-    }
-}
-
 /// The median of `xs` (mean of the middle two for an even count); `None` when empty.
 pub fn median(xs: &[f64]) -> Option<f64> {
     let mut v: Vec<f64> = xs.iter().copied().filter(|x| x.is_finite()).collect();
@@ -289,22 +195,6 @@ pub async fn run_cli(bench: args::BenchArgs) -> Result<i32> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn histogram_buckets_stay_within_two_percent() {
-        for v in [0u64, 1, 63, 64, 65, 100, 127, 128, 1000, 4097, 123_456, 9_999_999] {
-            let low = AtomicHist::value(AtomicHist::index(v));
-            assert!(low <= v, "{v} → bucket low {low}");
-            assert!(v - low <= v / 64 + 1, "{v} → bucket low {low}");
-        }
-        let h = AtomicHist::default();
-        h.record(100);
-        h.record(100);
-        h.record(5000);
-        let snap = h.snapshot(true);
-        assert_eq!(snap.iter().map(|p| p.1).sum::<u64>(), 3);
-        assert!(h.snapshot(false).is_empty(), "reset");
-    }
 
     #[test]
     fn splits_cover_everything_in_fair_runs() {

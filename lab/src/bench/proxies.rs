@@ -883,7 +883,7 @@ async fn fixed_rate(t: &Target, opts: &ProxiesOptions, secs: Duration) -> Result
                 Ok::<_, anyhow::Error>((sent, wr))
             };
             let reader = async move {
-                let mut h = new_histogram()?;
+                let mut h = new_histogram();
                 let mut received = 0u64;
                 let stop = end + Duration::from_secs(2);
                 loop {
@@ -917,7 +917,7 @@ async fn fixed_rate(t: &Target, opts: &ProxiesOptions, secs: Duration) -> Result
             Ok::<_, anyhow::Error>((h, sent, received))
         }));
     }
-    let mut all = new_histogram()?;
+    let mut all = new_histogram();
     let mut lost = 0u64;
     for task in tasks {
         let (h, sent, received) = task.await.map_err(|e| anyhow!("rate task: {e}"))??;
@@ -941,7 +941,7 @@ async fn setup_rate(t: &Target, opts: &ProxiesOptions, secs: Duration, slot: usi
         let sources = sources.clone();
         let addr = t.addr;
         tasks.push(tokio::spawn(async move {
-            let mut h: Histogram<u64> = new_histogram()?;
+            let mut h: Histogram<u64> = new_histogram();
             let (mut done, mut failed) = (0u64, 0u64);
             let mut k = l;
             let mut close = Vec::new();
@@ -970,7 +970,7 @@ async fn setup_rate(t: &Target, opts: &ProxiesOptions, secs: Duration, slot: usi
         }));
     }
     let started = Instant::now();
-    let mut all = new_histogram()?;
+    let mut all = new_histogram();
     let (mut done, mut failed) = (0, 0);
     for task in tasks {
         let (h, d, f) = task.await.map_err(|e| anyhow!("setup task: {e}"))??;

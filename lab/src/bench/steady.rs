@@ -649,7 +649,7 @@ async fn account<W: Write>(
     let n = sys.servers.len();
     let server: Duration = used[1..1 + n].iter().sum();
     let loadgen: Duration = used[1 + n..].iter().sum();
-    let mut h = new_histogram()?;
+    let mut h = new_histogram();
     add_pairs(&mut h, &tally.hist);
     let latency = Latency::of(&h);
     let accounting = accounting(&tally, drain);
