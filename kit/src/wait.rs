@@ -6,12 +6,9 @@ use std::future::Future;
 use std::time::Duration;
 use tokio::time::Instant;
 
-/// The first pause between two polls; it doubles up to [`MAX_POLL`], so a condition that holds
-/// quickly is seen quickly and a slow one (a hundred thousand connections to count) is not
-/// hammered.
-const FIRST_POLL: Duration = Duration::from_millis(10);
-/// The longest pause between two polls.
-const MAX_POLL: Duration = Duration::from_millis(100);
+/// The pause between two polls: short enough that a test sees a state change (a node going
+/// unready for a moment) while it lasts, long enough not to busy-loop on HTTP probes.
+const POLL_EVERY: Duration = Duration::from_millis(20);
 
 /// A condition did not hold within its deadline.
 #[derive(Debug, thiserror::Error)]
@@ -56,7 +53,6 @@ where
     Fut: Future<Output = P>,
 {
     let end = Instant::now() + deadline;
-    let mut pause = FIRST_POLL;
     loop {
         if let Some(v) = condition().await.ready() {
             return Ok(v);
@@ -65,8 +61,7 @@ where
         if now >= end {
             return Err(TimedOut { what: what.to_owned(), after: deadline });
         }
-        tokio::time::sleep(pause.min(end - now)).await;
-        pause = (pause * 2).min(MAX_POLL);
+        tokio::time::sleep(POLL_EVERY.min(end - now)).await;
     }
 }
 
