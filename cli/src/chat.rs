@@ -19,7 +19,7 @@
 //! what it sent — its own echo for a message, the answer to `presence` — before it hangs up.
 
 use crate::args::ChatArgs;
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, Context, Result};
 use futures_util::future::BoxFuture;
 use futures_util::stream::FuturesUnordered;
 use futures_util::StreamExt;
@@ -30,7 +30,7 @@ use tether_client::{
     Client, ClientConfig, Error as ClientError, Event, LeaveReason, Message, PresenceUser, Session as SessionKind,
     Status,
 };
-use tether_proto::id::validate_client_id;
+use tether_kit::url::connect_url;
 use tether_proto::wire::{validate_name, validate_room};
 use tokio::sync::mpsc;
 use tokio::time::{sleep_until, Instant};
@@ -93,30 +93,6 @@ pub async fn run_stdio(opts: ChatOptions) -> Result<i32> {
         .context("starting the stdin reader")?;
     let end = run(opts, rx, &mut std::io::stdout()).await?;
     Ok(end.exit_code())
-}
-
-/// The URL to connect to: `base`, with `client=ID` added to its query if given.
-pub fn connect_url(base: &str, client: Option<&str>) -> Result<String> {
-    let uri: http::Uri = base.parse().with_context(|| format!("{base:?} is not a valid URL"))?;
-    match uri.scheme_str() {
-        Some("ws") => {}
-        Some("wss") => bail!("{base}: wss:// is not supported (this build has no TLS); use ws://"),
-        _ => bail!("{base}: the URL must start with ws:// (e.g. ws://127.0.0.1:8080/ws)"),
-    }
-    if uri.authority().is_none() {
-        bail!("{base}: the URL has no host");
-    }
-    let Some(id) = client else {
-        return Ok(base.to_owned());
-    };
-    validate_client_id(id).with_context(|| format!("--client {id:?}"))?;
-    let sep = match uri.query() {
-        Some(q) if !q.is_empty() => "&",
-        Some(_) => "",
-        None if uri.path() == "/" && !base.ends_with('/') => "/?",
-        None => "?",
-    };
-    Ok(format!("{base}{sep}client={id}"))
 }
 
 /// The library configuration for `opts`, with every flag checked first so that a mistake is
@@ -805,14 +781,7 @@ mod tests {
     }
 
     #[test]
-    fn urls_are_checked_and_get_the_client_id() {
-        assert_eq!(connect_url("ws://h:1/ws", Some("alice")).expect("ok"), "ws://h:1/ws?client=alice");
-        assert_eq!(connect_url("ws://h:1/ws?x=1", Some("alice")).expect("ok"), "ws://h:1/ws?x=1&client=alice");
-        assert_eq!(connect_url("ws://h:1", Some("a")).expect("ok"), "ws://h:1/?client=a");
-        assert_eq!(connect_url("ws://h:1/ws", None).expect("ok"), "ws://h:1/ws");
-        assert!(connect_url("http://h:1/ws", None).is_err());
-        assert!(connect_url("not a url", None).is_err());
-        assert!(connect_url("ws://h:1/ws", Some("bad id")).is_err());
+    fn flags_are_checked_before_the_client_is_configured() {
         let opts = |name: &str| ChatOptions {
             url: "ws://h:1/ws".into(),
             client: Some("alice".into()),
@@ -822,5 +791,9 @@ mod tests {
         let cfg = client_config(&opts("Alice")).expect("valid");
         assert_eq!((cfg.client_id.as_deref(), cfg.name.as_deref()), (Some("alice"), Some("Alice")));
         assert!(client_config(&opts("")).is_err_and(|e| e.to_string().contains("--name")));
+        let bad_id = ChatOptions { client: Some("bad id".into()), ..opts("Alice") };
+        assert!(client_config(&bad_id).is_err_and(|e| e.to_string().contains("--client")));
+        let not_ws = ChatOptions { url: "http://h:1/ws".into(), ..opts("Alice") };
+        assert!(client_config(&not_ws).is_err());
     }
 }

@@ -2,44 +2,28 @@
 //! [`run`].
 //!
 //! Layout:
-//! - [`cluster`]: local clusters as child processes (private `redis-server`, `tether-node`s,
-//!   `tether-balancer`), killed on drop; shared by `up`, the benchmarks, `chaos` and the
-//!   workspace's end-to-end tests;
 //! - [`up`]: `tether up`, a cluster in the foreground until Ctrl-C;
 //! - [`chat`]: `tether chat`, a line-oriented WebSocket client for people and scripts;
-//! - [`bench`]: `tether bench rtt|idle|fanout|proxies`: round-trip latency, memory per idle
-//!   connection, room fan-out (also at steady rates, side by side with Socket.IO), and the
-//!   balancer against HAProxy and nginx;
-//! - [`chaos`]: `tether chaos`, nodes killed under load, every message accounted for;
-//! - [`compare`]: `tether compare`, single node vs sticky sessions vs the Redis and NATS
-//!   backbones on one workload: delivery, latency, highest sustained rate, node loss;
-//! - [`args`]: the clap definitions.
+//! - [`args`]: the clap definitions; the lab tools' arguments come from `tether-lab`.
+//!
+//! The lab tools (`tether bench`, `tether chaos`, `tether compare`) live in the `tether-lab`
+//! crate and the process supervision they share with `up` and the tests in `tether-kit`;
+//! this crate only dispatches to them.
 #![deny(unsafe_code)]
 
 pub mod args;
-pub mod bench;
-pub mod chaos;
 pub mod chat;
-pub mod cluster;
-pub mod compare;
 pub mod up;
 
-use args::{BenchKind, Cli, Command};
+use args::{Cli, Command};
 
 /// Runs one parsed command line and returns the process exit code.
 pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Up(args) => up::run(up::UpOptions::from(args)).await,
         Command::Chat(args) => chat::run_stdio(chat::ChatOptions::from(args)).await,
-        Command::Bench(bench) => match bench.kind {
-            BenchKind::Rtt(args) => bench::rtt::run_cli(args).await,
-            BenchKind::Idle(args) => bench::idle::run_cli(args).await,
-            BenchKind::Fanout(args) => bench::fanout::run_cli(args).await,
-            BenchKind::Proxies(args) => bench::proxies::run_cli(args).await,
-            BenchKind::EchoBackend(args) => bench::echo::run_cli(args).await,
-            BenchKind::Worker(args) => bench::worker::run_cli(args).await,
-        },
-        Command::Chaos(args) => chaos::run_cli(args).await,
-        Command::Compare(args) => compare::run_cli(args).await,
+        Command::Bench(args) => tether_lab::bench::run_cli(args).await,
+        Command::Chaos(args) => tether_lab::chaos::run_cli(args).await,
+        Command::Compare(args) => tether_lab::compare::run_cli(args).await,
     }
 }

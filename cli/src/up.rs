@@ -10,11 +10,11 @@
 //! scripts can read the URLs back (`balancer ws://…/ws`, `admin http://…/status` lines).
 
 use crate::args::UpArgs;
-use crate::cluster::{Cluster, ClusterLogs, ClusterOptions, StopReport, DEFAULT_READY_TIMEOUT};
 use anyhow::{Context, Result};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
+use tether_kit::{Cluster, ClusterLogs, ClusterOptions, StopReport, DEFAULT_READY_TIMEOUT};
 use tokio::signal::unix::{signal, SignalKind};
 
 /// What `tether up` runs.

@@ -7,7 +7,7 @@ use anyhow::Result;
 use common::{alive, wait_gone, Ws};
 use serde_json::json;
 use std::time::Duration;
-use tether::cluster::{Cluster, ClusterLogs, ClusterOptions, LogTarget, NodeProcess, RedisServer, SpawnOptions};
+use tether_kit::{Cluster, ClusterLogs, ClusterOptions, LogTarget, NodeProcess, RedisServer, SpawnOptions};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 

@@ -5,7 +5,7 @@
 //! - [`InProcessNode`]: a `tether-node` served in this process on a port-0 listener, with
 //!   its own runtime thread so that "killing" it drops every socket at once;
 //! - process fixtures (a real `redis-server` on a free port, node and balancer processes)
-//!   come from the `tether` crate's [`tether::cluster`] module, shared with `tether up`.
+//!   come from `tether-kit` ([`tether_kit::Cluster`] and the processes it is made of), shared with `tether up`.
 
 use anyhow::{anyhow, bail, Context, Result};
 use futures_util::{SinkExt, StreamExt};
@@ -18,8 +18,6 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tokio_util::sync::CancellationToken;
-
-pub use tether::cluster;
 
 /// Default deadline for anything a test waits for.
 pub const DEADLINE: Duration = Duration::from_secs(10);
@@ -283,15 +281,15 @@ pub enum Kind {
 /// A private backbone server (redis-server or nats-server with JetStream) for in-process
 /// nodes, so the same room/session tests run on every backbone that supports the feature.
 pub enum Backend {
-    Redis(cluster::RedisServer),
-    Nats(cluster::NatsServer),
+    Redis(tether_kit::RedisServer),
+    Nats(tether_kit::NatsServer),
 }
 
 impl Backend {
     pub async fn start(kind: Kind) -> Result<Self> {
         Ok(match kind {
-            Kind::Redis => Self::Redis(cluster::RedisServer::start().await?),
-            Kind::Nats => Self::Nats(cluster::NatsServer::start().await?),
+            Kind::Redis => Self::Redis(tether_kit::RedisServer::start().await?),
+            Kind::Nats => Self::Nats(tether_kit::NatsServer::start().await?),
         })
     }
 
@@ -354,22 +352,14 @@ macro_rules! on_every_backbone {
     };
 }
 
-/// Polls `check` until it returns `Some`, or fails after `DEADLINE`.
-pub async fn eventually<T, F, Fut>(what: &str, mut check: F) -> Result<T>
+/// [`tether_kit::eventually`] with this crate's [`DEADLINE`]: polls `check` until it returns
+/// `Some`.
+pub async fn eventually<T, F, Fut>(what: &str, check: F) -> Result<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
-    let end = tokio::time::Instant::now() + DEADLINE;
-    loop {
-        if let Some(v) = check().await {
-            return Ok(v);
-        }
-        if tokio::time::Instant::now() >= end {
-            bail!("gave up waiting for {what} after {DEADLINE:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    Ok(tether_kit::eventually(DEADLINE, what, check).await?)
 }
 
 /// `PUBSUB NUMSUB channel` on the given Redis.
@@ -434,10 +424,10 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
 
 /// A quiet cluster of real processes for tests: a private Redis, `node-1..node-N`, and a
 /// balancer health-checking every 100 ms (so failover tests do not wait on the default).
-pub async fn test_cluster(nodes: usize) -> Result<cluster::Cluster> {
-    cluster::Cluster::start(cluster::ClusterOptions {
+pub async fn test_cluster(nodes: usize) -> Result<tether_kit::Cluster> {
+    tether_kit::Cluster::start(tether_kit::ClusterOptions {
         nodes,
-        logs: cluster::ClusterLogs::Null,
+        logs: tether_kit::ClusterLogs::Null,
         balancer_args: vec!["--health-interval-ms".into(), "100".into()],
         ..Default::default()
     })

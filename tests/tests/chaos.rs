@@ -4,7 +4,7 @@
 
 use anyhow::Result;
 use std::time::Duration;
-use tether::chaos::{self, ChaosOptions};
+use tether_lab::chaos::{self, ChaosOptions};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_nodes_under_load_lose_and_duplicate_nothing() -> Result<()> {

@@ -20,7 +20,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tether::cluster::{Cluster, LogTarget, NodeProcess, RedisServer, SpawnOptions};
+use tether_kit::{Cluster, LogTarget, NodeProcess, RedisServer, SpawnOptions};
 use tether_tests::{eventually, http_get, HttpConn, WsClient, DEADLINE};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};

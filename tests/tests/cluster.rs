@@ -1,11 +1,11 @@
 //! The whole data path with real processes: `redis-server`, `tether-node`s and a
-//! `tether-balancer`, started by the same `tether::cluster` code `tether up` uses.
+//! `tether-balancer`, started by the same `tether_kit` code `tether up` uses.
 
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::time::Duration;
-use tether::cluster::{BalancerProcess, Cluster};
+use tether_kit::{BalancerProcess, Cluster};
 use tether_proto::hrw;
 use tether_tests::{eventually, HttpConn, WsClient};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -9,7 +9,7 @@ use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
-use tether::cluster::bin_path;
+use tether_kit::bin_path;
 use tokio::process::Command;
 
 /// `--quick` runs all four modes in well under a minute; this bounds a hung run, below

@@ -8,7 +8,7 @@ use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
-use tether::cluster::{BalancerProcess, LogTarget, NodeProcess, SpawnOptions};
+use tether_kit::{BalancerProcess, LogTarget, NodeProcess, SpawnOptions};
 use tether_tests::{eventually, http_get, HttpConn, WsClient, DEADLINE};
 use tokio::net::TcpStream;
 

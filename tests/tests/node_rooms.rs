@@ -3,7 +3,7 @@
 
 use anyhow::Result;
 use serde_json::{json, Value};
-use tether::cluster::RedisServer;
+use tether_kit::RedisServer;
 use tether_tests::{eventually, http_get, numsub, Backend, InProcessNode, Kind, WsClient};
 use tokio_tungstenite::tungstenite::Message;
 

@@ -3,7 +3,7 @@
 
 use anyhow::{Context, Result};
 use serde_json::{json, Value};
-use tether::cluster::RedisServer;
+use tether_kit::RedisServer;
 use tether_tests::{Backend, InProcessNode, Kind, WsClient};
 
 /// Seqs of the `message` frames `c` has received in `room`, in arrival order.

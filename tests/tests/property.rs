@@ -26,7 +26,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
-use tether::cluster::RedisServer;
+use tether_kit::RedisServer;
 use tether_proto::wire::{ErrorCode, MAX_NAME_CHARS, MAX_ROOM_LEN, NODE_FRAME_TYPES};
 use tether_tests::{eventually, http_get, InProcessNode, WsClient, DEADLINE};
 use tokio_tungstenite::tungstenite::Message;

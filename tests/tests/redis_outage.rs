@@ -11,7 +11,7 @@ use serde_json::json;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tether::cluster::RedisServer;
+use tether_kit::RedisServer;
 use tether_tests::{eventually, HttpConn, InProcessNode, WsClient, DEADLINE};
 use tokio_util::sync::CancellationToken;
 

@@ -5,7 +5,7 @@ use anyhow::{bail, Context, Result};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
-use tether::cluster::{LogTarget, NodeProcess, RedisServer, SpawnOptions};
+use tether_kit::{LogTarget, NodeProcess, RedisServer, SpawnOptions};
 use tether_tests::{eventually, http_get, Backend, InProcessNode, Kind, WsClient, DEADLINE};
 use tokio_tungstenite::tungstenite::Message;
 

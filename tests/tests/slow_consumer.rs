@@ -5,8 +5,8 @@
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 use std::time::Duration;
-use tether::bench::wsraw::{self, OP_CLOSE, OP_TEXT};
-use tether::cluster::{LogTarget, NodeProcess, RedisServer, SpawnOptions};
+use tether_kit::{LogTarget, NodeProcess, RedisServer, SpawnOptions};
+use tether_lab::bench::wsraw::{self, OP_CLOSE, OP_TEXT};
 use tether_tests::{http_get, WsClient, DEADLINE};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;

@@ -41,20 +41,13 @@ pub fn init_logging() {
     }
 }
 
-/// Polls `check` until it holds; panics after [`DEADLINE`].
-pub async fn eventually<F, Fut>(what: &str, mut check: F)
+/// [`tether_kit::eventually`] with this suite's [`DEADLINE`]; panics when it times out.
+pub async fn eventually<F, Fut>(what: &str, check: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
-    let deadline = tokio::time::Instant::now() + DEADLINE;
-    loop {
-        if check().await {
-            return;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    tether_kit::eventually(DEADLINE, what, check).await.unwrap_or_else(|e| panic!("{e}"));
 }
 
 /// Awaits `fut` for at most [`DEADLINE`].

@@ -93,17 +93,9 @@ pub fn alive(pid: u32) -> bool {
 
 /// Waits until none of `pids` is alive; fails after [`DEADLINE`].
 pub async fn wait_gone(pids: &[u32]) -> Result<()> {
-    let deadline = Instant::now() + DEADLINE;
-    loop {
-        let left: Vec<u32> = pids.iter().copied().filter(|p| alive(*p)).collect();
-        if left.is_empty() {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            bail!("still alive after {DEADLINE:?}: {left:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let what = format!("{pids:?} to be gone");
+    tether_kit::eventually(DEADLINE, &what, || async { pids.iter().all(|p| !alive(*p)) }).await?;
+    Ok(())
 }
 
 /// A plain HTTP/1.1 GET; returns (status, body).

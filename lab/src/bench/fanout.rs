@@ -24,13 +24,12 @@
 //! node started with `--backbone none`; the difference of the two, percentile by percentile,
 //! is what the backbone hop adds.
 
+use super::args::FanoutArgs;
 use super::procfs::{self, CpuMeter};
 use super::protocol::Protocol;
 use super::publish::Publishers;
 use super::worker::{Fleet, RoomSpec, WorkerSpec};
 use super::{add_pairs, http_get, metric_sum, new_histogram, source_addrs, split, Latency, MAX_PER_WORKER};
-use crate::args::FanoutArgs;
-use crate::cluster::{Cluster, ClusterLogs, ClusterOptions, NodeProcess, SpawnOptions};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use std::io::Write;
@@ -39,6 +38,7 @@ use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tether_kit::{Cluster, ClusterLogs, ClusterOptions, NodeProcess, SpawnOptions};
 
 /// Most clients behind the one balancer (two descriptors per tunnel, 20,000 per process).
 pub const MAX_CLIENTS: usize = super::MAX_TUNNELS_PER_PROXY - 100;
@@ -317,7 +317,7 @@ async fn measure<W: Write>(
     out: &mut W,
 ) -> Result<FanoutReport> {
     let admin = cluster.balancer().admin_addr();
-    super::idle::wait_for(Duration::from_secs(15), || async {
+    tether_kit::eventually(Duration::from_secs(15), "every node ready at the balancer", || async {
         metric_sum(&http_get(admin, "/metrics").await.unwrap_or_default(), "tether_balancer_node_ready") as usize
             == opts.nodes
     })
@@ -416,7 +416,7 @@ async fn measure<W: Write>(
         let (stats, used, wall, machine_cpu, nodes_before, nodes_after, pub_received) = measured?;
         let secs = wall.as_secs_f64();
         let pct = |d: Duration| (d.as_secs_f64() / secs * 1000.0).round() / 10.0;
-        let mut h = new_histogram()?;
+        let mut h = new_histogram();
         add_pairs(&mut h, &stats.hist);
         let step = Step {
             rate,
@@ -570,7 +570,7 @@ async fn hop_run<W: Write>(
     let (stats, redis, wall) = measured?;
     pubs.close();
     fleet.close().await;
-    let mut h = new_histogram()?;
+    let mut h = new_histogram();
     add_pairs(&mut h, &stats.hist);
     Ok(Hop {
         rate: opts.hop_rate,

@@ -11,8 +11,8 @@
 //! Ready line on stdout: `tether-echo ready listen=127.0.0.1:PORT`. It exits when its stdin
 //! closes, on SIGTERM and on Ctrl-C.
 
+use super::args::EchoArgs;
 use super::wsraw::{self, Decoder, OP_CLOSE, OP_PING, OP_PONG};
-use crate::args::EchoArgs;
 use anyhow::{Context, Result};
 use std::io;
 use std::net::SocketAddr;

@@ -22,10 +22,10 @@
 //! `tally LO HI` answers what was received of `LO..HI` against what this worker's clients
 //! should have received ([`TallySummary`]).
 
+use super::args::WorkerArgs;
 use super::protocol::{self, Protocol};
 use super::wsraw::{self, Decoder, Upgraded, OP_CLOSE, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT};
-use super::{tether_exe, AtomicHist, ChildProc};
-use crate::args::WorkerArgs;
+use super::{tether_exe, AtomicHist};
 use anyhow::{anyhow, bail, Context, Result};
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
@@ -34,6 +34,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
+use tether_kit::ChildProcess;
 use tether_proto::wire;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::Command;
@@ -508,7 +509,7 @@ pub struct Opened {
 }
 
 struct WorkerProc {
-    proc: ChildProc,
+    proc: ChildProcess,
     reports: mpsc::UnboundedReceiver<Report>,
     last: (u64, u64),
     ready: bool,
@@ -533,8 +534,8 @@ impl Fleet {
                 // One runtime thread per worker: there are several, on a machine with few cores.
                 .env("TOKIO_WORKER_THREADS", "1")
                 .stderr(std::process::Stdio::inherit());
-            let mut proc = ChildProc::spawn(&format!("worker-{}", k + 1), cmd)?;
-            let mut lines = proc.stdout.take().ok_or_else(|| anyhow!("worker stdout not piped"))?;
+            let mut proc = ChildProcess::spawn_piped(&format!("worker-{}", k + 1), cmd)?;
+            let mut lines = proc.take_stdout().ok_or_else(|| anyhow!("worker stdout not piped"))?;
             let (tx, reports) = mpsc::unbounded_channel();
             tokio::spawn(async move {
                 while let Ok(Some(line)) = lines.next_line().await {
@@ -577,8 +578,8 @@ impl Fleet {
                 }
                 Some(Report::Stats(_) | Report::Tracking | Report::Tally(_)) => {}
                 None => {
-                    let status = w.proc.child.wait().await.map(|s| s.to_string()).unwrap_or_default();
-                    bail!("{} exited while connecting ({status})", w.proc.label);
+                    let status = w.proc.wait().await.map(|s| s.to_string()).unwrap_or_default();
+                    bail!("{} exited while connecting ({status})", w.proc.label());
                 }
             }
             if printed.elapsed() >= Duration::from_secs(1) {
@@ -601,7 +602,7 @@ impl Fleet {
 
     /// The workers' pids (for their CPU time).
     pub fn pids(&self) -> Vec<u32> {
-        self.workers.iter().map(|w| w.proc.pid).collect()
+        self.workers.iter().map(|w| w.proc.pid()).collect()
     }
 
     /// Counters and latencies summed over the workers; `reset` zeroes frame counts and
@@ -638,8 +639,9 @@ impl Fleet {
     async fn ask<T>(&mut self, word: &str, pick: impl Fn(Report) -> Result<T, Report>) -> Result<Vec<T>> {
         let line = format!("{word}\n");
         for w in &mut self.workers {
-            let stdin = w.proc.stdin.as_mut().ok_or_else(|| anyhow!("{}: stdin closed", w.proc.label))?;
-            stdin.write_all(line.as_bytes()).await.with_context(|| format!("{}: sending `{word}`", w.proc.label))?;
+            let label = w.proc.label().to_owned();
+            let stdin = w.proc.stdin_mut().ok_or_else(|| anyhow!("{label}: stdin closed"))?;
+            stdin.write_all(line.as_bytes()).await.with_context(|| format!("{label}: sending `{word}`"))?;
             stdin.flush().await?;
         }
         let mut answers = Vec::with_capacity(self.workers.len());
@@ -652,12 +654,12 @@ impl Fleet {
                                 return Ok(t);
                             }
                         }
-                        None => bail!("{} exited", w.proc.label),
+                        None => bail!("{} exited", w.proc.label()),
                     }
                 }
             })
             .await
-            .map_err(|_| anyhow!("{}: no answer to `{word}` within 15 s", w.proc.label))??;
+            .map_err(|_| anyhow!("{}: no answer to `{word}` within 15 s", w.proc.label()))??;
             answers.push(answer);
         }
         Ok(answers)
@@ -666,7 +668,7 @@ impl Fleet {
     /// Tells every worker to close its connections and exit; kills stragglers.
     pub async fn close(mut self) {
         for w in &mut self.workers {
-            if let Some(stdin) = w.proc.stdin.as_mut() {
+            if let Some(stdin) = w.proc.stdin_mut() {
                 let _ = stdin.write_all(b"close\n").await;
             }
         }

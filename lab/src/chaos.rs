@@ -17,13 +17,13 @@
 //! rules and a real result.
 
 mod account;
+mod args;
 mod report;
 
 pub use account::{LostMessage, UnconfirmedSend};
+pub use args::ChaosArgs;
 pub use report::{ChaosReport, KillRecord, RunConfig, Sends, Spread};
 
-use crate::args::ChaosArgs;
-use crate::cluster::{Cluster, ClusterLogs, ClusterOptions, Persistence};
 use account::{Heads, SendLog, Sent, Shared};
 use anyhow::{bail, Context, Result};
 use futures_util::future::join_all;
@@ -35,8 +35,8 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
 use tether_client::{Client, ClientConfig, Error as ClientError, Status};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::TcpStream;
+use tether_kit::redis_client::RedisClient;
+use tether_kit::{Cluster, ClusterLogs, ClusterOptions, Persistence};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::{interval, sleep, sleep_until, timeout, Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
@@ -797,25 +797,11 @@ impl HeadStore {
 /// pipelined over one connection.
 async fn room_heads(port: u16, rooms: usize) -> Result<Heads> {
     let ask = async {
-        let mut stream = TcpStream::connect(("127.0.0.1", port)).await?;
-        let mut req = Vec::new();
-        for i in 0..rooms {
-            let key = format!("{KEY_PREFIX}room:{{{}}}:meta", room_name(i));
-            let parts = ["HMGET", key.as_str(), "seq", "epoch"];
-            req.extend_from_slice(format!("*{}\r\n", parts.len()).as_bytes());
-            for p in parts {
-                req.extend_from_slice(format!("${}\r\n{p}\r\n", p.len()).as_bytes());
-            }
-        }
-        stream.write_all(&req).await?;
-        let mut reader = BufReader::new(stream);
+        let mut redis = RedisClient::connect(&format!("redis://127.0.0.1:{port}/"), Duration::from_secs(2)).await?;
+        let keys: Vec<String> = (0..rooms).map(|i| format!("{KEY_PREFIX}room:{{{}}}:meta", room_name(i))).collect();
+        let replies = redis.hmget_each(&keys, &["seq", "epoch"]).await?;
         let mut heads = HashMap::new();
-        for i in 0..rooms {
-            let n = resp_header(&mut reader, '*').await?;
-            let mut fields = Vec::with_capacity(n);
-            for _ in 0..n {
-                fields.push(resp_bulk(&mut reader).await?);
-            }
+        for (i, fields) in replies.into_iter().enumerate() {
             let seq = fields.first().cloned().flatten().and_then(|s| s.parse::<u64>().ok()).unwrap_or(0);
             let epoch = fields.get(1).cloned().flatten();
             heads.insert(room_name(i), (epoch, seq));
@@ -823,31 +809,6 @@ async fn room_heads(port: u16, rooms: usize) -> Result<Heads> {
         anyhow::Ok(heads)
     };
     timeout(Duration::from_secs(2), ask).await.context("Redis did not answer within 2 s")?
-}
-
-async fn resp_header(r: &mut BufReader<TcpStream>, kind: char) -> Result<usize> {
-    let mut line = String::new();
-    r.read_line(&mut line).await?;
-    let line = line.trim_end();
-    let Some(n) = line.strip_prefix(kind) else {
-        bail!("unexpected Redis reply {line:?}");
-    };
-    Ok(n.parse::<i64>().map(|n| usize::try_from(n).unwrap_or(0))?)
-}
-
-async fn resp_bulk(r: &mut BufReader<TcpStream>) -> Result<Option<String>> {
-    let mut line = String::new();
-    r.read_line(&mut line).await?;
-    let Some(n) = line.trim_end().strip_prefix('$') else {
-        bail!("unexpected Redis reply {line:?}");
-    };
-    let Ok(n) = usize::try_from(n.parse::<i64>()?) else {
-        return Ok(None); // $-1: nil
-    };
-    let mut body = vec![0; n + 2];
-    r.read_exact(&mut body).await?;
-    body.truncate(n);
-    Ok(Some(String::from_utf8_lossy(&body).into_owned()))
 }
 
 #[cfg(test)]

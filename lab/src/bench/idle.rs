@@ -13,17 +13,19 @@
 //! sharing one port with `--reuse-port` when the balancer has that flag, else each on its own
 //! port with the clients spread over them (the report says which).
 
+use super::args::IdleArgs;
 use super::procfs;
 use super::worker::{Fleet, WorkerSpec};
 use super::{http_get, metric_sum, source_addrs, split, MAX_PER_WORKER, MAX_TUNNELS_PER_PROXY};
-use crate::args::IdleArgs;
-use crate::cluster::{bin_path, BalancerProcess, Cluster, ClusterLogs, ClusterOptions, SpawnOptions, BALANCER_BIN};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
+use tether_kit::{
+    bin_path, eventually, BalancerProcess, Cluster, ClusterLogs, ClusterOptions, SpawnOptions, BALANCER_BIN,
+};
 
 /// Most clients one node is given: it needs a descriptor per client plus a few of its own.
 pub const MAX_PER_NODE: usize = 19_600;
@@ -256,8 +258,8 @@ pub async fn run<W: Write>(opts: &IdleOptions, out: &mut W) -> Result<IdleReport
                 args.extend(["--listen".to_owned(), cluster.balancer().addr().to_string()]);
             }
             let stderr = match &opts.logs {
-                Some(d) => crate::cluster::LogTarget::File(d.join(format!("balancer-{b}.log"))),
-                None => crate::cluster::LogTarget::Null,
+                Some(d) => tether_kit::LogTarget::File(d.join(format!("balancer-{b}.log"))),
+                None => tether_kit::LogTarget::Null,
             };
             let spawn = SpawnOptions { stderr, ..SpawnOptions::default() };
             extra.push(BalancerProcess::start_with(&members, &args, &spawn).await.with_context(|| {
@@ -285,7 +287,7 @@ async fn measure<W: Write>(
     if opts.through_balancer {
         // Every balancer must see every node ready before the first client arrives.
         for b in &all_balancers {
-            wait_for(Duration::from_secs(15), || async {
+            eventually(Duration::from_secs(15), "every node ready at the balancer", || async {
                 let m = http_get(b.admin_addr(), "/metrics").await.unwrap_or_default();
                 metric_sum(&m, "tether_balancer_node_ready") as usize == opts.nodes
             })
@@ -344,7 +346,7 @@ async fn measure<W: Write>(
     writeln!(out, "  {} open, {} failed in {connect_secs:.1} s", opened.open, opened.failed)?;
     // Wait until the nodes count every client (the last upgrades may still be in their hands).
     let node_addrs: Vec<SocketAddr> = cluster.nodes().iter().map(|n| n.addr()).collect();
-    let counted = wait_for(Duration::from_secs(30), || async {
+    let counted = eventually(Duration::from_secs(30), "the nodes to count every client", || async {
         let mut sum = 0.0;
         for a in &node_addrs {
             sum += metric_sum(&http_get(*a, "/metrics").await.unwrap_or_default(), "tether_node_connections_active");
@@ -395,22 +397,4 @@ async fn measure<W: Write>(
         loadavg,
         processes: rows,
     })
-}
-
-/// Polls `check` every 100 ms until it holds, or fails after `within`.
-pub async fn wait_for<F, Fut>(within: Duration, mut check: F) -> Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + within;
-    loop {
-        if check().await {
-            return Ok(());
-        }
-        if Instant::now() >= deadline {
-            bail!("condition not met within {within:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
 }

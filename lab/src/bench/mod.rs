@@ -20,10 +20,11 @@
 //! [`procfs`] reads RSS and CPU time of any process from `/proc`; [`worker`] the
 //! load-generator child (`tether bench worker`, hidden) and its parent-side [`worker::Fleet`].
 //!
-//! Every child process here is started with its stdin piped and exits when that pipe closes,
-//! is killed on drop, and gets `SIGKILL` if the spawning thread dies: a benchmark that fails or
-//! is interrupted leaves nothing behind.
+//! Every child process here is a [`tether_kit::ChildProcess`] started with its stdin piped: it
+//! exits when that pipe closes, is killed on drop, and gets `SIGKILL` if the spawning thread
+//! dies: a benchmark that fails or is interrupted leaves nothing behind.
 
+pub mod args;
 pub mod echo;
 pub mod fanout;
 pub mod idle;
@@ -37,19 +38,16 @@ pub mod steady;
 pub mod worker;
 pub mod wsraw;
 
+pub use tether_kit::hist::{add_pairs, new_histogram, AtomicHist, Latency};
+
 use anyhow::{anyhow, bail, Context, Result};
-use hdrhistogram::Histogram;
 use serde::Serialize;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::process::{Child, ChildStdin, ChildStdout, Command};
-
-use crate::cluster::ReadyLine;
+use tokio::process::Command;
 
 /// The hard limit on open files of one process on the machines we measure on. Every process
 /// that holds connections is sized to stay under it.
@@ -64,14 +62,14 @@ pub const TEXT_BYTES: usize = 64;
 pub const CONNECTIONS_PER_SOURCE: usize = 2_000;
 
 /// The `tether` executable to re-run as a worker or echo backend: this one if it is `tether`,
-/// else the one [`crate::cluster::bin_path`] finds (tests run from their own binary).
+/// else the one [`tether_kit::bin_path`] finds (tests run from their own binary).
 pub fn tether_exe() -> Result<PathBuf> {
     if let Ok(exe) = std::env::current_exe() {
         if exe.file_name().is_some_and(|n| n == "tether") {
             return Ok(exe);
         }
     }
-    crate::cluster::bin_path("tether")
+    tether_kit::bin_path("tether")
 }
 
 /// `127.0.0.2 ..`: source addresses for `count` connections of load generator `worker`,
@@ -102,86 +100,6 @@ pub fn split(total: usize, max: usize) -> Vec<(usize, usize)> {
         })
         .collect()
 }
-
-/// A child process of a benchmark: killed on drop, stdin held open (our children exit when it
-/// closes), stdout handed over as lines after the ready line.
-#[derive(Debug)]
-pub struct ChildProc {
-    pub label: String,
-    pub child: Child,
-    pub pid: u32,
-    pub stdin: Option<ChildStdin>,
-    pub stdout: Option<Lines<BufReader<ChildStdout>>>,
-}
-
-impl ChildProc {
-    /// Spawns `cmd` in its own process group, stdin and stdout piped, killed on drop.
-    pub fn spawn(label: &str, mut cmd: Command) -> Result<Self> {
-        cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).kill_on_drop(true).process_group(0);
-        set_parent_death_signal(&mut cmd);
-        let program = cmd.as_std().get_program().to_string_lossy().into_owned();
-        let mut child = cmd.spawn().with_context(|| format!("{label}: spawning {program}"))?;
-        let pid = child.id().ok_or_else(|| anyhow!("{label}: exited before its pid was known"))?;
-        let stdin = child.stdin.take();
-        let stdout = child.stdout.take().map(|s| BufReader::new(s).lines());
-        Ok(Self { label: label.to_owned(), child, pid, stdin, stdout })
-    }
-
-    /// Reads stdout lines until `program`'s ready line (see [`ReadyLine`]), for up to `within`.
-    pub async fn ready_line(&mut self, program: &str, within: Duration) -> Result<ReadyLine> {
-        let lines = self.stdout.as_mut().ok_or_else(|| anyhow!("{}: stdout is not piped", self.label))?;
-        let mut seen = Vec::new();
-        let found = tokio::time::timeout(within, async {
-            while let Some(line) = lines.next_line().await? {
-                if let Some(ready) = ReadyLine::parse(&line, program) {
-                    return Ok(Some(ready));
-                }
-                seen.push(line);
-            }
-            Ok::<_, std::io::Error>(None)
-        })
-        .await;
-        match found {
-            Ok(Ok(Some(ready))) => Ok(ready),
-            Ok(Ok(None)) => {
-                let status = self.child.wait().await.map(|s| s.to_string()).unwrap_or_default();
-                bail!("{} exited before it was ready ({status}); stdout: {seen:?}", self.label)
-            }
-            Ok(Err(e)) => Err(anyhow!(e).context(format!("{}: reading stdout", self.label))),
-            Err(_) => bail!("{} printed no ready line within {within:?}; stdout: {seen:?}", self.label),
-        }
-    }
-
-    /// Keeps draining stdout in the background so the child never blocks on a full pipe.
-    pub fn drain_stdout(&mut self) {
-        if let Some(mut lines) = self.stdout.take() {
-            tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-        }
-    }
-
-    /// Closes stdin (our children then exit), waits up to `within`, kills after that.
-    pub async fn stop(&mut self, within: Duration) {
-        self.stdin.take();
-        if tokio::time::timeout(within, self.child.wait()).await.is_err() {
-            let _ = self.child.kill().await;
-        }
-    }
-}
-
-#[cfg(target_os = "linux")]
-#[allow(unsafe_code)]
-fn set_parent_death_signal(cmd: &mut Command) {
-    // SAFETY: the closure runs in the forked child before `exec`; it only calls `prctl`, which
-    // is async-signal-safe, and touches no memory shared with the parent.
-    unsafe {
-        cmd.pre_exec(|| {
-            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).map_err(std::io::Error::from)
-        });
-    }
-}
-
-#[cfg(not(target_os = "linux"))]
-fn set_parent_death_signal(_cmd: &mut Command) {}
 
 /// `GET path` over HTTP/1.0 from `addr`; the body, if the status is 200.
 pub async fn http_get(addr: SocketAddr, path: &str) -> Result<String> {
@@ -218,100 +136,6 @@ pub fn metric_sum(text: &str, name: &str) -> f64 {
             rest.split_whitespace().next()?.parse::<f64>().ok()
         })
         .sum()
-}
-
-/// A latency histogram many tasks record into with one atomic add: exact below 128, then 64
-/// buckets per power of two (values within 1.6 %), in microseconds up to 2^42.
-#[derive(Debug)]
-pub struct AtomicHist {
-    buckets: Vec<AtomicU64>,
-}
-
-/// Buckets per power of two.
-const HALF: u64 = 64;
-/// Powers of two above 128 that get buckets.
-const SHIFTS: u64 = 36;
-const BUCKETS: u64 = 2 * HALF + SHIFTS * HALF;
-
-impl Default for AtomicHist {
-    fn default() -> Self {
-        Self { buckets: (0..BUCKETS).map(|_| AtomicU64::new(0)).collect() }
-    }
-}
-
-impl AtomicHist {
-    fn index(v: u64) -> usize {
-        if v < 2 * HALF {
-            return v as usize;
-        }
-        // v = top << shift with top in [64, 128).
-        let shift = u64::from(63 - v.leading_zeros()) - 6;
-        let top = v >> shift;
-        (2 * HALF + (shift - 1) * HALF + (top - HALF)).min(BUCKETS - 1) as usize
-    }
-
-    /// The lowest value of bucket `i`.
-    fn value(i: usize) -> u64 {
-        let i = i as u64;
-        if i < 2 * HALF {
-            return i;
-        }
-        let k = i - 2 * HALF;
-        (k % HALF + HALF) << (k / HALF + 1)
-    }
-
-    pub fn record(&self, v: u64) {
-        self.buckets[Self::index(v)].fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Non-empty buckets as `(value, count)`, zeroing them when `reset`.
-    pub fn snapshot(&self, reset: bool) -> Vec<(u64, u64)> {
-        self.buckets
-            .iter()
-            .enumerate()
-            .filter_map(|(i, b)| {
-                let n = if reset { b.swap(0, Ordering::Relaxed) } else { b.load(Ordering::Relaxed) };
-                (n > 0).then(|| (Self::value(i), n))
-            })
-            .collect()
-    }
-}
-
-/// A fresh HDR histogram for microseconds (1 µs … 10 min, 3 significant digits).
-pub fn new_histogram() -> Result<Histogram<u64>> {
-    Histogram::new_with_bounds(1, 600_000_000, 3).map_err(|e| anyhow!("histogram: {e}"))
-}
-
-/// Adds `(value, count)` pairs (from [`AtomicHist::snapshot`]) to `h`.
-pub fn add_pairs(h: &mut Histogram<u64>, pairs: &[(u64, u64)]) {
-    for &(v, n) in pairs {
-        let _ = h.record_n(v.max(1), n);
-    }
-}
-
-/// p50/p99/p99.9/max of a histogram, in microseconds.
-#[derive(Debug, Clone, Copy, Default, Serialize)]
-pub struct Latency {
-    pub samples: u64,
-    pub p50_us: u64,
-    pub p99_us: u64,
-    pub p999_us: u64,
-    pub max_us: u64,
-}
-
-impl Latency {
-    pub fn of(h: &Histogram<u64>) -> Self {
-        if h.is_empty() {
-            return Self::default();
-        }
-        Self {
-            samples: h.len(),
-            p50_us: h.value_at_quantile(0.50),
-            p99_us: h.value_at_quantile(0.99),
-            p999_us: h.value_at_quantile(0.999),
-            max_us: h.max(),
-        }
-    }
 }
 
 /// The median of `xs` (mean of the middle two for an even count); `None` when empty.
@@ -355,25 +179,22 @@ pub async fn supports_flag(program: &Path, flag: &str) -> bool {
     matches!(out, Ok(Ok(o)) if String::from_utf8_lossy(&o.stdout).contains(flag))
 }
 
+/// Runs one `tether bench` subcommand and returns the process exit code.
+pub async fn run_cli(bench: args::BenchArgs) -> Result<i32> {
+    use args::BenchKind;
+    match bench.kind {
+        BenchKind::Rtt(args) => rtt::run_cli(args).await,
+        BenchKind::Idle(args) => idle::run_cli(args).await,
+        BenchKind::Fanout(args) => fanout::run_cli(args).await,
+        BenchKind::Proxies(args) => proxies::run_cli(args).await,
+        BenchKind::EchoBackend(args) => echo::run_cli(args).await,
+        BenchKind::Worker(args) => worker::run_cli(args).await,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn histogram_buckets_stay_within_two_percent() {
-        for v in [0u64, 1, 63, 64, 65, 100, 127, 128, 1000, 4097, 123_456, 9_999_999] {
-            let low = AtomicHist::value(AtomicHist::index(v));
-            assert!(low <= v, "{v} → bucket low {low}");
-            assert!(v - low <= v / 64 + 1, "{v} → bucket low {low}");
-        }
-        let h = AtomicHist::default();
-        h.record(100);
-        h.record(100);
-        h.record(5000);
-        let snap = h.snapshot(true);
-        assert_eq!(snap.iter().map(|p| p.1).sum::<u64>(), 3);
-        assert!(h.snapshot(false).is_empty(), "reset");
-    }
 
     #[test]
     fn splits_cover_everything_in_fair_runs() {

@@ -7,13 +7,13 @@ use super::report::{Memory, ModeReport, NodeLoss, PhaseFigures, StepReport};
 use super::workload::{warm_clients, StallProbe, Workload, WorkloadSpec};
 use super::{CompareOptions, Mode, Progress, JOIN_TIMEOUT, SINGLE_RESTART_DELAY};
 use crate::bench::{http_get, procfs};
-use crate::cluster::{Cluster, ClusterLogs};
 use anyhow::{anyhow, Context, Result};
 use futures_util::future::join_all;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Duration;
 use tether_client::Client;
+use tether_kit::{Cluster, ClusterLogs};
 use tokio::time::{interval, sleep, sleep_until, timeout, Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 

@@ -16,18 +16,20 @@
 //! other modes still run. `docs/COMPARISON.md` explains every figure.
 
 pub mod account;
+mod args;
 pub mod charts;
 mod phases;
 pub mod report;
 pub mod workload;
 
-use crate::args::CompareArgs;
+pub use args::CompareArgs;
+
 use crate::bench::procfs;
-use crate::cluster::{ClusterLogs, ClusterOptions};
 use anyhow::{bail, Context, Result};
 use report::{AddedLatency, CompareReport, Machine, ModeReport, RunParams};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use tether_kit::{ClusterLogs, ClusterOptions};
 use tokio::time::{timeout, Instant};
 
 /// Clients of a full run, and of `--quick`.
@@ -442,13 +444,25 @@ fn utc(unix_secs: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::args::{Cli, Command};
-    use clap::Parser;
+    use clap::{Parser, Subcommand};
+
+    /// `tether compare …` as the CLI composes it.
+    #[derive(Debug, Parser)]
+    #[command(name = "tether")]
+    struct Cli {
+        #[command(subcommand)]
+        command: Command,
+    }
+
+    #[derive(Debug, Subcommand)]
+    enum Command {
+        Compare(CompareArgs),
+    }
 
     fn parse(argv: &[&str]) -> CompareOptions {
         match Cli::try_parse_from(argv).map(|c| c.command) {
             Ok(Command::Compare(a)) => CompareOptions::from(a),
-            other => panic!("{other:?}"),
+            Err(e) => panic!("{e}"),
         }
     }
 

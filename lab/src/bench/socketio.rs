@@ -7,13 +7,12 @@
 //! binary's profile directory, else `~/.cache/tether/socketio/`), where `npm ci` installs the
 //! packages once; it runs again only when the lock file changed.
 
-use super::ChildProc;
-use crate::cluster::{find_on_path, LogTarget};
 use anyhow::{anyhow, bail, Context, Result};
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+use tether_kit::{find_on_path, ChildProcess, LogTarget};
 use tokio::process::Command;
 
 const SERVER_JS: &str = include_str!("../../../bench/socketio/server.js");
@@ -114,7 +113,7 @@ async fn run_quiet(cmd: &mut Command) -> Result<String> {
 #[derive(Debug)]
 pub struct SocketIoServer {
     name: String,
-    proc: ChildProc,
+    proc: ChildProcess,
     addr: SocketAddr,
 }
 
@@ -123,13 +122,12 @@ impl SocketIoServer {
     pub async fn start(name: &str, installed: &Installed, redis_url: &str, stderr: &LogTarget) -> Result<Self> {
         let mut cmd = Command::new(&installed.node);
         cmd.arg(&installed.server_js).arg("0").arg(redis_url).stderr(stderr.stdio()?);
-        let mut proc = ChildProc::spawn(name, cmd)?;
+        let mut proc = ChildProcess::spawn_piped(name, cmd)?;
         let ready = proc
-            .ready_line(PROGRAM, Duration::from_secs(20))
+            .await_ready(PROGRAM, Duration::from_secs(20), stderr)
             .await
-            .with_context(|| format!("{name}: the Socket.IO server did not start{}", stderr.hint()))?;
+            .with_context(|| format!("{name}: the Socket.IO server did not start"))?;
         let addr = ready.addr("listen")?;
-        proc.drain_stdout();
         Ok(Self { name: name.to_owned(), proc, addr })
     }
 
@@ -142,7 +140,7 @@ impl SocketIoServer {
     }
 
     pub fn pid(&self) -> u32 {
-        self.proc.pid
+        self.proc.pid()
     }
 
     /// Closes its stdin (it exits), kills it if it has not within 5 s.

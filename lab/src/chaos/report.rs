@@ -1,7 +1,6 @@
 //! The figures of a chaos run: [`ChaosReport`] (what `--json` writes) and its markdown table.
 
 use super::account::{LostMessage, UnconfirmedSend};
-use hdrhistogram::Histogram;
 use serde::Serialize;
 
 /// The run's parameters, as used.
@@ -48,9 +47,8 @@ pub struct Spread {
 
 impl Spread {
     pub(crate) fn of(samples_us: impl Iterator<Item = u64>) -> Self {
-        // 1 µs to 1 h at 3 significant digits; the bounds are constants that `new_with_bounds`
-        // accepts, so it cannot fail.
-        let mut h = Histogram::<u64>::new_with_bounds(1, 3_600_000_000, 3).expect("valid histogram bounds");
+        // 1 µs to 1 h at 3 significant digits.
+        let mut h = tether_kit::hist::histogram_up_to(3_600_000_000);
         for us in samples_us {
             h.saturating_record(us.max(1));
         }

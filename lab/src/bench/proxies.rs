@@ -24,12 +24,11 @@
 //! rotating from round to round, so that drift on a shared machine hits every target alike.
 //! Reported figures are medians over rounds, with ratios to HAProxy from the same run.
 
+use super::args::ProxiesArgs;
 use super::procfs::{self, CpuMeter};
 use super::worker::{Fleet, WorkerSpec};
 use super::wsraw::{self, Decoder, OP_BINARY, OP_CLOSE};
-use super::{median, new_histogram, source_addrs, split, tether_exe, ChildProc, Latency, MAX_PER_WORKER};
-use crate::args::ProxiesArgs;
-use crate::cluster::{bin_path, BALANCER_BIN};
+use super::{median, new_histogram, source_addrs, split, tether_exe, Latency, MAX_PER_WORKER};
 use anyhow::{anyhow, bail, Context, Result};
 use hdrhistogram::Histogram;
 use serde::Serialize;
@@ -39,6 +38,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+use tether_kit::ports::free_port;
+use tether_kit::{bin_path, ChildProcess, LogTarget, BALANCER_BIN};
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
@@ -124,7 +125,7 @@ struct Target {
     /// Version and thread set-up, for the report.
     setup: String,
     /// Keeps the process alive (killed on drop).
-    _proc: Option<ChildProc>,
+    _proc: Option<ChildProcess>,
 }
 
 impl Drop for Target {
@@ -133,7 +134,7 @@ impl Drop for Target {
         // on drop) would leave the worker running. Kill it first, while it is still provably
         // the master's child (so the pid cannot have been reused by someone else's process).
         if let (Kind::Nginx, Some(worker), Some(master)) = (self.kind, self.pid, self._proc.as_ref()) {
-            if children_of(master.pid).contains(&worker) {
+            if children_of(master.pid()).contains(&worker) {
                 if let Ok(pid) = i32::try_from(worker) {
                     let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
                 }
@@ -337,10 +338,9 @@ pub async fn run<W: Write>(opts: &ProxiesOptions, out: &mut W) -> Result<Proxies
     for k in 1..=2 {
         let mut cmd = Command::new(tether_exe()?);
         cmd.args(["bench", "echo-backend", "--listen", "127.0.0.1:0"]).env("TOKIO_WORKER_THREADS", "1");
-        let mut proc = ChildProc::spawn(&format!("echo-{k}"), cmd)?;
-        let ready = proc.ready_line(super::echo::PROGRAM, Duration::from_secs(10)).await?;
+        let mut proc = ChildProcess::spawn_piped(&format!("echo-{k}"), cmd)?;
+        let ready = proc.await_ready(super::echo::PROGRAM, Duration::from_secs(10), &LogTarget::Inherit).await?;
         let addr = ready.addr("listen")?;
-        proc.drain_stdout();
         backends.push((format!("echo-{k}"), addr, proc));
     }
     let backend_addrs: Vec<(String, SocketAddr)> = backends.iter().map(|(n, a, _)| (n.clone(), *a)).collect();
@@ -527,10 +527,6 @@ async fn install<W: Write>(packages: &[&str], out: &mut W) -> Result<()> {
     Ok(())
 }
 
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
 /// Waits until an upgrade through `addr` succeeds (the proxy is up and reaches a backend).
 async fn wait_upgrade(addr: SocketAddr, within: Duration) -> Result<()> {
     let deadline = Instant::now() + within;
@@ -565,16 +561,16 @@ async fn start_balancer(backends: &[(String, SocketAddr)], dir: &Path) -> Result
     for (name, addr) in backends {
         cmd.arg("--node").arg(format!("{name}={addr}"));
     }
-    let mut proc = ChildProc::spawn("balancer", cmd)?;
-    let ready = proc.ready_line(BALANCER_BIN, Duration::from_secs(10)).await?;
+    let mut proc = ChildProcess::spawn_piped("balancer", cmd)?;
+    let log = LogTarget::File(dir.join("balancer.log"));
+    let ready = proc.await_ready(BALANCER_BIN, Duration::from_secs(10), &log).await?;
     let addr = ready.addr("listen")?;
-    proc.drain_stdout();
     wait_upgrade(addr, Duration::from_secs(10)).await?;
-    let threads = procfs::sample(proc.pid).map(|s| s.threads).unwrap_or(0);
+    let threads = procfs::sample(proc.pid()).map(|s| s.threads).unwrap_or(0);
     Ok(Target {
         kind: Kind::Balancer,
         addr,
-        pid: Some(proc.pid),
+        pid: Some(proc.pid()),
         setup: if threads_flag {
             format!("--threads 1 ({threads} threads in all), RUST_LOG=warn")
         } else {
@@ -606,18 +602,18 @@ async fn start_haproxy(backends: &[(String, SocketAddr)], dir: &Path) -> Result<
     let path = super::write_file(dir, "haproxy.cfg", &conf)?;
     let mut cmd = Command::new(&program);
     cmd.arg("-f").arg(&path).arg("-db").stderr(log_file(dir, "haproxy.log")?);
-    let mut proc = ChildProc::spawn("haproxy", cmd)?;
+    let mut proc = ChildProcess::spawn_piped("haproxy", cmd)?;
     proc.drain_stdout();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
     wait_upgrade(addr, Duration::from_secs(10))
         .await
         .with_context(|| format!("see {}", dir.join("haproxy.log").display()))?;
     let version = version_of(&program, "-v").await;
-    let threads = procfs::sample(proc.pid).map(|s| s.threads).unwrap_or(0);
+    let threads = procfs::sample(proc.pid()).map(|s| s.threads).unwrap_or(0);
     Ok(Target {
         kind: Kind::Haproxy,
         addr,
-        pid: Some(proc.pid),
+        pid: Some(proc.pid()),
         setup: format!(
             "{version}; nbthread 1 ({threads} threads), balance url_param client + hash-type consistent, no logs"
         ),
@@ -647,14 +643,14 @@ async fn start_nginx(backends: &[(String, SocketAddr)], dir: &Path) -> Result<Ta
     let mut cmd = Command::new(&program);
     cmd.arg("-p").arg(dir).arg("-c").arg(&path).arg("-e").arg(dir.join("nginx-error.log"));
     cmd.stderr(log_file(dir, "nginx.log")?);
-    let mut proc = ChildProc::spawn("nginx", cmd)?;
+    let mut proc = ChildProcess::spawn_piped("nginx", cmd)?;
     proc.drain_stdout();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse()?;
     wait_upgrade(addr, Duration::from_secs(10))
         .await
         .with_context(|| format!("see {}", dir.join("nginx-error.log").display()))?;
     // The master (our child) only supervises; the worker does the proxying.
-    let worker = children_of(proc.pid).into_iter().next().ok_or_else(|| anyhow!("nginx has no worker process"))?;
+    let worker = children_of(proc.pid()).into_iter().next().ok_or_else(|| anyhow!("nginx has no worker process"))?;
     let version = version_of(&program, "-v").await;
     Ok(Target {
         kind: Kind::Nginx,
@@ -887,7 +883,7 @@ async fn fixed_rate(t: &Target, opts: &ProxiesOptions, secs: Duration) -> Result
                 Ok::<_, anyhow::Error>((sent, wr))
             };
             let reader = async move {
-                let mut h = new_histogram()?;
+                let mut h = new_histogram();
                 let mut received = 0u64;
                 let stop = end + Duration::from_secs(2);
                 loop {
@@ -921,7 +917,7 @@ async fn fixed_rate(t: &Target, opts: &ProxiesOptions, secs: Duration) -> Result
             Ok::<_, anyhow::Error>((h, sent, received))
         }));
     }
-    let mut all = new_histogram()?;
+    let mut all = new_histogram();
     let mut lost = 0u64;
     for task in tasks {
         let (h, sent, received) = task.await.map_err(|e| anyhow!("rate task: {e}"))??;
@@ -945,7 +941,7 @@ async fn setup_rate(t: &Target, opts: &ProxiesOptions, secs: Duration, slot: usi
         let sources = sources.clone();
         let addr = t.addr;
         tasks.push(tokio::spawn(async move {
-            let mut h: Histogram<u64> = new_histogram()?;
+            let mut h: Histogram<u64> = new_histogram();
             let (mut done, mut failed) = (0u64, 0u64);
             let mut k = l;
             let mut close = Vec::new();
@@ -974,7 +970,7 @@ async fn setup_rate(t: &Target, opts: &ProxiesOptions, secs: Duration, slot: usi
         }));
     }
     let started = Instant::now();
-    let mut all = new_histogram()?;
+    let mut all = new_histogram();
     let (mut done, mut failed) = (0, 0);
     for task in tasks {
         let (h, d, f) = task.await.map_err(|e| anyhow!("setup task: {e}"))??;

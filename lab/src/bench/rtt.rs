@@ -11,9 +11,7 @@
 //! The clock stops when the echo frame arrives, before it is parsed; the outgoing frame is
 //! serialised before the clock starts. Both connections disable Nagle's algorithm.
 
-use crate::args::RttArgs;
-use crate::chat::connect_url;
-use crate::cluster::{Cluster, ClusterLogs, ClusterOptions};
+use super::args::RttArgs;
 use anyhow::{anyhow, bail, Context, Result};
 use futures_util::{SinkExt, StreamExt};
 use hdrhistogram::Histogram;
@@ -21,6 +19,8 @@ use serde::Serialize;
 use std::io::Write;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
+use tether_kit::url::connect_url;
+use tether_kit::{Cluster, ClusterLogs, ClusterOptions};
 use tether_proto::wire::{decode_node_frame, ClientMsg, NodeFrame, NodeFrameError};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
@@ -221,11 +221,11 @@ async fn measure<W: Write>(opts: &RttOptions, targets: &Targets, out: &mut W) ->
         writeln!(out, "warm-up: {} messages per target", opts.warmup)?;
     }
 
-    let mut totals = [new_histogram()?, new_histogram()?];
+    let mut totals = [new_histogram(), new_histogram()];
     let mut rounds: [Vec<RoundReport>; 2] = [Vec::new(), Vec::new()];
     for round in 1..=opts.rounds {
         for (k, client) in [&mut direct, &mut balancer].into_iter().enumerate() {
-            let mut h = new_histogram()?;
+            let mut h = new_histogram();
             let started = Instant::now();
             for i in 0..opts.count {
                 let rtt = client.round_trip(&payload(client.label, round, i)).await?;
@@ -288,8 +288,8 @@ async fn measure<W: Write>(opts: &RttOptions, targets: &Targets, out: &mut W) ->
     })
 }
 
-fn new_histogram() -> Result<Histogram<u64>> {
-    Histogram::new_with_bounds(1, HIST_MAX_US, 3).map_err(|e| anyhow!("histogram: {e}"))
+fn new_histogram() -> Histogram<u64> {
+    tether_kit::hist::histogram_up_to(HIST_MAX_US)
 }
 
 /// A `MESSAGE_BYTES`-long text that names its target, round and index.
@@ -412,7 +412,7 @@ mod tests {
 
     #[test]
     fn summaries_read_the_histogram() {
-        let mut h = new_histogram().expect("histogram");
+        let mut h = new_histogram();
         for v in 1..=1000 {
             h.saturating_record(v);
         }

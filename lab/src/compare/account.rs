@@ -97,12 +97,7 @@ pub fn ratio(num: u64, den: u64) -> f64 {
     }
 }
 
-/// A fresh histogram for microseconds: 1 µs to 10 min, 3 significant digits.
-pub fn new_histogram() -> Histogram<u64> {
-    // The bounds are constants that satisfy `new_with_bounds`' rules (low ≥ 1, high ≥ 2·low,
-    // sigfig ≤ 5), so this cannot fail.
-    Histogram::new_with_bounds(1, 600_000_000, 3).expect("valid histogram bounds")
-}
+pub use tether_kit::hist::new_histogram;
 
 /// p50/p99/p99.9/max of a histogram, in microseconds: [`crate::bench::Latency`] under the
 /// keys `compare.json` promises (`p50`, `p99`, `p999`).

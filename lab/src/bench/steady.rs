@@ -22,14 +22,13 @@
 //!
 //! A step is *clean* when every message reached every member exactly once and p99 < 50 ms.
 
+use super::args::FanoutArgs;
 use super::procfs::{self, CpuMeter};
 use super::protocol::Protocol;
 use super::publish::Publishers;
 use super::socketio::{self, SocketIoServer};
 use super::worker::{Fleet, RoomSpec, TallySummary, WorkerSpec, MAX_TRACKED};
 use super::{add_pairs, new_histogram, source_addrs, split, Latency, MAX_PER_WORKER};
-use crate::args::FanoutArgs;
-use crate::cluster::{Cluster, ClusterLogs, ClusterOptions, LogTarget};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use std::io::Write;
@@ -37,6 +36,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
+use tether_kit::{Cluster, ClusterLogs, ClusterOptions, LogTarget};
 
 /// The default steps, published messages per second over all rooms.
 pub const DEFAULT_RATES: [f64; 5] = [1_000.0, 2_000.0, 4_000.0, 8_000.0, 16_000.0];
@@ -412,7 +412,7 @@ async fn measure<W: Write>(
 ) -> Result<SteadyReport> {
     if opts.through_balancer {
         let admin = cluster.balancer().admin_addr();
-        super::idle::wait_for(Duration::from_secs(15), || async {
+        tether_kit::eventually(Duration::from_secs(15), "every node ready at the balancer", || async {
             super::metric_sum(
                 &super::http_get(admin, "/metrics").await.unwrap_or_default(),
                 "tether_balancer_node_ready",
@@ -649,7 +649,7 @@ async fn account<W: Write>(
     let n = sys.servers.len();
     let server: Duration = used[1..1 + n].iter().sum();
     let loadgen: Duration = used[1 + n..].iter().sum();
-    let mut h = new_histogram()?;
+    let mut h = new_histogram();
     add_pairs(&mut h, &tally.hist);
     let latency = Latency::of(&h);
     let accounting = accounting(&tally, drain);

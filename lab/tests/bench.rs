@@ -4,8 +4,8 @@
 //! client connected, was counted by the servers, and that messages went round.
 
 use anyhow::Result;
-use tether::bench::fanout::{self, FanoutOptions};
-use tether::bench::idle::{self, IdleOptions};
+use tether_lab::bench::fanout::{self, FanoutOptions};
+use tether_lab::bench::idle::{self, IdleOptions};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_quick_counts_every_client_direct_and_through_the_balancer() -> Result<()> {

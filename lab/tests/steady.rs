@@ -8,7 +8,7 @@
 //! `scripts/deps.sh` installs them; without them the test fails, it does not skip.
 
 use anyhow::Result;
-use tether::bench::steady::{self, SteadyOptions, SteadyReport};
+use tether_lab::bench::steady::{self, SteadyOptions, SteadyReport};
 
 fn check_accounting(report: &SteadyReport, opts: &SteadyOptions, system: &str) {
     let table = report.table();
