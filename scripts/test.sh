@@ -8,6 +8,8 @@ cd "$(dirname "$0")/.."
 scripts/deps.sh
 echo "== cargo fmt --check" >&2
 cargo fmt --all -- --check
+echo "== structure: no sibling import cycles, no file over 800 lines, no main.rs over 80" >&2
+scripts/check-cycles.sh
 echo "== cargo clippy" >&2
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # End-to-end tests start real tether-node / tether-balancer / tether processes: build them first.

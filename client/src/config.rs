@@ -1,6 +1,6 @@
 //! What a [`Client`](crate::Client) connects to, as whom, and how patiently it reconnects.
 //!
-//! [`ClientConfig`] is plain data with defaults taken from `NOTES.md` (Centrifugo's 0.5 s →
+//! [`ClientConfig`] is plain data with defaults in the range Centrifugo's client uses (0.5 s →
 //! 20 s backoff); [`ClientConfig::validate`] runs inside [`Client::start`](crate::Client::start)
 //! before anything is spawned, so a bad URL or id is an error at once rather than an endless
 //! reconnect loop.

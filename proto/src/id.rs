@@ -1,6 +1,6 @@
 //! Client ids: the key the balancer hashes and the node keys sessions by.
 //!
-//! An id is 1–128 bytes of `[A-Za-z0-9._:-]` (see `DESIGN.md`, "Client identity"). Anything
+//! An id is 1–128 bytes of `[A-Za-z0-9._:-]` (`docs/PROTOCOL.md`, "Connecting"). Anything
 //! else is refused before the WebSocket upgrade, so a hostile id can never reach a Redis key
 //! or a log line unescaped.
 
