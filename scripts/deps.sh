@@ -46,6 +46,13 @@ fi
 command -v nats-server >/dev/null 2>&1 || die "nats-server still missing after install"
 say "nats-server: $(nats-server --version | head -n1)"
 
+# scripts/check-cycles.sh (the structure check in test.sh) reads the source tree with Python.
+if ! command -v python3 >/dev/null 2>&1; then
+  say "python3 not found"
+  apt_install python3
+fi
+command -v python3 >/dev/null 2>&1 || die "python3 still missing after install"
+
 # `tether bench fanout --steady --vs socketio` (and its smoke test) runs Socket.IO on Node.js;
 # the bench installs Socket.IO's pinned packages itself (npm ci into target/socketio).
 if ! command -v node >/dev/null 2>&1 || ! command -v npm >/dev/null 2>&1; then
