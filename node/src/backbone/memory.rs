@@ -85,8 +85,11 @@ impl Store {
 
     /// A node named `name` on this store, with its own hub.
     pub fn add_node(self: &Arc<Self>, name: &str) -> TestNode {
-        let hub = Arc::new(Hub::new(64));
-        let metrics = Metrics::new();
+        self.add_node_on(name, Arc::new(Hub::new(64)), Metrics::new())
+    }
+
+    /// A node named `name` on this store, delivering into `hub`.
+    pub fn add_node_on(self: &Arc<Self>, name: &str, hub: Arc<Hub>, metrics: Metrics) -> TestNode {
         let inbound = Arc::new(HubInbound::new(Arc::clone(&hub), metrics.clone()));
         let instance = tether_proto::backbone::instance_id(name);
         self.lock().nodes.push(Subscriber {

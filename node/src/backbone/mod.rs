@@ -34,7 +34,7 @@ pub mod nats;
 pub mod redis;
 
 #[cfg(test)]
-mod memory;
+pub(crate) mod memory;
 
 use crate::config::{BackboneKind, Config};
 use crate::hub::Hub;

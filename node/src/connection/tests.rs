@@ -4,127 +4,36 @@
 use super::{Client, Close, Now};
 use crate::backbone::inbound::HubInbound;
 use crate::backbone::local::LocalBackbone;
-use crate::backbone::{
-    Backbone, BackboneError, PresenceChange, PresenceEntry, Replay, Scope, SessionRecord, Unpublished,
-};
+use crate::backbone::memory::{MemoryBackbone, Store};
+use crate::backbone::{Backbone, BackboneError, SessionRecord};
 use crate::config::{BackboneKind, FileConfig};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::outbox::{frame_payload, Outbox};
 use crate::state::NodeState;
-use futures_util::future::{ready, BoxFuture, FutureExt};
 use serde_json::{json, Value};
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use tether_proto::wire::{CLOSE_POLICY, CLOSE_RESTART, CLOSE_TOO_BIG};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
-/// The `none` backbone, plus what a shared backbone adds and it lacks: stored sessions and a
-/// log per room to replay (epoch `e1`).
-struct Logged {
-    inner: LocalBackbone,
-    hub: Arc<Hub>,
-    metrics: Metrics,
-    sessions: Mutex<HashMap<String, SessionRecord>>,
-    logs: Mutex<HashMap<String, Vec<(u64, String)>>>,
-}
-
-impl Backbone for Logged {
-    fn publish_messages<'a>(&'a self, room: &'a str, prefixes: Vec<String>) -> BoxFuture<'a, Result<(), Unpublished>> {
-        let mut logs = self.logs.lock().unwrap();
-        let log = logs.entry(room.to_string()).or_default();
-        for prefix in prefixes {
-            let seq = log.len() as u64 + 1;
-            let frame = format!("{prefix}{seq},\"epoch\":\"e1\"}}");
-            log.push((seq, frame.clone()));
-            self.hub.deliver(room, &Utf8Bytes::from(frame), &self.metrics);
-        }
-        ready(Ok(())).boxed()
-    }
-    fn publish_event<'a>(&'a self, room: &'a str, json: String) -> BoxFuture<'a, Result<(), BackboneError>> {
-        self.inner.publish_event(room, json)
-    }
-    fn subscribe<'a>(&'a self, room: &'a str) -> BoxFuture<'a, Result<(), BackboneError>> {
-        self.inner.subscribe(room)
-    }
-    fn release<'a>(&'a self, room: &'a str) -> BoxFuture<'a, ()> {
-        self.inner.release(room)
-    }
-    fn load_session<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<SessionRecord>, BackboneError>> {
-        ready(Ok(self.sessions.lock().unwrap().get(id).cloned())).boxed()
-    }
-    fn save_session<'a>(&'a self, id: &'a str, s: &'a SessionRecord) -> BoxFuture<'a, Result<(), BackboneError>> {
-        self.sessions.lock().unwrap().insert(id.to_string(), s.clone());
-        ready(Ok(())).boxed()
-    }
-    fn touch_sessions<'a>(&'a self, ids: &'a [Arc<str>]) -> BoxFuture<'a, Result<(), BackboneError>> {
-        self.inner.touch_sessions(ids)
-    }
-    fn replay<'a>(&'a self, room: &'a str, after: u64) -> BoxFuture<'a, Result<Replay, BackboneError>> {
-        let logs = self.logs.lock().unwrap();
-        let log = logs.get(room).cloned().unwrap_or_default();
-        let head_seq = log.len() as u64;
-        let frames = log.into_iter().filter(|(seq, _)| *seq > after).collect();
-        ready(Ok(Replay { epoch: Some("e1".into()), head_seq, frames })).boxed()
-    }
-    fn presence_add<'a>(
-        &'a self,
-        scope: Scope<'a>,
-        conn: u64,
-        entry: &'a PresenceEntry,
-        event: Option<String>,
-    ) -> BoxFuture<'a, Result<(PresenceChange, Option<String>), BackboneError>> {
-        self.inner.presence_add(scope, conn, entry, event)
-    }
-    fn presence_rename<'a>(
-        &'a self,
-        scope: Scope<'a>,
-        conn: u64,
-        entry: &'a PresenceEntry,
-    ) -> BoxFuture<'a, Result<(), BackboneError>> {
-        self.inner.presence_rename(scope, conn, entry)
-    }
-    fn presence_remove<'a>(
-        &'a self,
-        scope: Scope<'a>,
-        conn: u64,
-        id: &'a str,
-        event: Option<String>,
-    ) -> BoxFuture<'a, Result<PresenceChange, BackboneError>> {
-        self.inner.presence_remove(scope, conn, id, event)
-    }
-    fn presence_list<'a>(&'a self, scope: Scope<'a>) -> BoxFuture<'a, Result<Vec<PresenceEntry>, BackboneError>> {
-        self.inner.presence_list(scope)
-    }
-    fn is_ready(&self) -> bool {
-        true
-    }
-}
-
-/// A node named `n1` over the `none` backbone (or, `logged`, over [`Logged`]), configured by
-/// `file` otherwise.
-fn node_with(file: FileConfig, logged: bool) -> (Arc<NodeState>, Option<Arc<Logged>>) {
+/// A node named `n1` over the `none` backbone (or, `shared`, over the in-memory shared
+/// backbone, which adds what `none` lacks: stored sessions and a log per room to replay),
+/// configured by `file` otherwise.
+fn node_with(file: FileConfig, shared: bool) -> (Arc<NodeState>, Option<Arc<MemoryBackbone>>) {
     let file = FileConfig { name: Some("n1".into()), backbone: Some(BackboneKind::None), ..file };
     let cfg = Arc::new(file.validate().expect("a valid test config"));
     let hub = Arc::new(Hub::new(cfg.send_queue_len));
     let metrics = Metrics::new();
-    let inbound = Arc::new(HubInbound::new(Arc::clone(&hub), metrics.clone()));
-    let inner = LocalBackbone::new(inbound, metrics.clone());
-    let (backbone, log): (Arc<dyn Backbone>, _) = if logged {
-        let l = Arc::new(Logged {
-            inner,
-            hub: Arc::clone(&hub),
-            metrics: metrics.clone(),
-            sessions: Mutex::default(),
-            logs: Mutex::default(),
-        });
-        (Arc::clone(&l) as Arc<dyn Backbone>, Some(l))
+    let (backbone, memory): (Arc<dyn Backbone>, _) = if shared {
+        let node = Store::new(Duration::from_secs(30)).add_node_on("n1", Arc::clone(&hub), metrics.clone());
+        (Arc::clone(&node.backbone) as Arc<dyn Backbone>, Some(node.backbone))
     } else {
-        (Arc::new(inner), None)
+        let inbound = Arc::new(HubInbound::new(Arc::clone(&hub), metrics.clone()));
+        (Arc::new(LocalBackbone::new(inbound, metrics.clone())), None)
     };
-    (Arc::new(NodeState::new(cfg, hub, backbone, metrics)), log)
+    (Arc::new(NodeState::new(cfg, hub, backbone, metrics)), memory)
 }
 
 fn node() -> Arc<NodeState> {
@@ -281,7 +190,7 @@ async fn bad_frames_are_answered_with_their_code_and_change_nothing() {
     let mut c = connected(&state, "a", now).await;
     send(&mut c, now, &[&join("r")]).await;
     said(&c);
-    let saved = log.sessions.lock().unwrap().get("a").cloned();
+    let saved = log.load_session("a").await.unwrap();
     send(
         &mut c,
         now,
@@ -303,8 +212,8 @@ async fn bad_frames_are_answered_with_their_code_and_change_nothing() {
         ["bad_json", "unknown_type", "missing_field", "invalid_room", "invalid_name", "missing_field", "bad_json"]
     );
     assert_eq!(state.hub.rooms(), ["r"]);
-    assert_eq!(log.sessions.lock().unwrap().get("a").cloned(), saved, "the session is as it was");
-    assert!(log.logs.lock().unwrap().is_empty(), "nothing was published");
+    assert_eq!(log.load_session("a").await.unwrap(), saved, "the session is as it was");
+    assert!(log.replay("r", 0).await.unwrap().frames.is_empty(), "nothing was published");
 }
 
 #[tokio::test]
@@ -317,8 +226,8 @@ async fn set_name_is_saved_and_shows_in_messages_and_presence() {
     send(&mut other, now, &[&join("r")]).await;
     send(&mut c, now, &[&join("r"), r#"{"type":"set_name","name":"Ann"}"#, &message("r", "hi")]).await;
     assert_eq!(
-        log.sessions.lock().unwrap().get("a"),
-        Some(&SessionRecord { name: Some("Ann".into()), rooms: vec!["r".into()] })
+        log.load_session("a").await.unwrap(),
+        Some(SessionRecord { name: Some("Ann".into()), rooms: vec!["r".into()] })
     );
     let frames = said(&c);
     assert_eq!(types(&frames), ["user_joined", "message"]);
@@ -341,8 +250,9 @@ async fn a_restored_session_holds_its_rooms_until_resume_replays_then_releases()
     let now = Instant::now();
     let mut b = connected(&state, "b", now).await;
     send(&mut b, now, &[&join("r"), &message("r", "m1"), &message("r", "m2")]).await;
+    let epoch = said(&b).iter().find(|f| f["type"] == "message").expect("b hears its messages")["epoch"].clone();
     let stored = SessionRecord { name: Some("ann".into()), rooms: vec!["r".into(), "not a room".into()] };
-    log.sessions.lock().unwrap().insert("a".into(), stored);
+    log.save_session("a", &stored).await.unwrap();
 
     let mut a = client(&state, "a", now);
     a.start(now).await;
@@ -356,14 +266,14 @@ async fn a_restored_session_holds_its_rooms_until_resume_replays_then_releases()
     assert!(said(&a).is_empty(), "held while the client has not resumed");
 
     // The client saw m1: m2 and m3 come from the log, the live m3 is not sent again.
-    send(&mut a, now, &[&json!({"type": "resume", "rooms": {"r": {"seq": 1, "epoch": "e1"}}}).to_string()]).await;
+    send(&mut a, now, &[&json!({"type": "resume", "rooms": {"r": {"seq": 1, "epoch": epoch}}}).to_string()]).await;
     let frames = said(&a);
     assert_eq!(types(&frames), ["message", "message", "resumed", "user_joined"]);
     assert_eq!((frames[0]["text"].as_str(), frames[0]["replay"].as_bool()), (Some("m2"), Some(true)));
     assert_eq!((frames[1]["text"].as_str(), frames[1]["seq"].as_u64()), (Some("m3"), Some(3)));
     assert_eq!(
         frames[2],
-        json!({"type": "resumed", "room": "r", "from_seq": 2, "to_seq": 3, "epoch": "e1", "complete": true})
+        json!({"type": "resumed", "room": "r", "from_seq": 2, "to_seq": 3, "epoch": epoch, "complete": true})
     );
     assert_eq!(frames[3]["user"], "ann");
     assert_eq!(a.grace_deadline(), None, "nothing holds any more");
@@ -378,7 +288,7 @@ async fn the_grace_passing_releases_rooms_not_resumed_as_they_are() {
     let now = Instant::now();
     let mut b = connected(&state, "b", now).await;
     send(&mut b, now, &[&join("r")]).await;
-    log.sessions.lock().unwrap().insert("a".into(), SessionRecord { name: None, rooms: vec!["r".into()] });
+    log.save_session("a", &SessionRecord { name: None, rooms: vec!["r".into()] }).await.unwrap();
     let mut a = client(&state, "a", now);
     a.start(now).await;
     assert_eq!(types(&said(&a)), ["connected"]);
