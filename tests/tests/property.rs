@@ -27,7 +27,7 @@ use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 use tether_kit::RedisServer;
-use tether_proto::wire::{ErrorCode, MAX_NAME_CHARS, MAX_ROOM_LEN, NODE_FRAME_TYPES};
+use tether_proto::wire::{ClientMsg, ErrorCode, MAX_NAME_CHARS, MAX_ROOM_LEN, NODE_FRAME_TYPES};
 use tether_tests::{eventually, http_get, InProcessNode, WsClient, DEADLINE};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -755,7 +755,7 @@ fn ids_of(v: &Value) -> BTreeSet<String> {
 async fn barrier<'w>(ws: &'w mut WsClient, names: &Names) -> Result<&'w [Value]> {
     let room = names.barrier();
     let from = ws.seen.len();
-    ws.send(json!({"type": "presence", "room": room})).await?;
+    ws.send_msg(&ClientMsg::Presence { room: room.clone() }).await?;
     let answer =
         ws.recv_until("the barrier's answer", |v| v["type"] == "presence" && v["room"] == room.as_str()).await?;
     ensure!(ids_of(&answer).is_empty(), "somebody is in the barrier room: {answer}");

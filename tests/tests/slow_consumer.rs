@@ -3,10 +3,10 @@
 //! its low-water mark for `slow_consumer_ms` (or passes the hard cap) is.
 
 use anyhow::{bail, Context, Result};
-use serde_json::json;
 use std::time::Duration;
 use tether_kit::{LogTarget, NodeProcess, RedisServer, SpawnOptions};
 use tether_lab::bench::wsraw::{self, OP_CLOSE, OP_TEXT};
+use tether_proto::wire::ClientMsg;
 use tether_tests::{http_get, WsClient, DEADLINE};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
@@ -49,7 +49,7 @@ async fn publisher(url: &str, room: &str, addr: std::net::SocketAddr) -> Result<
 
 /// `count` room messages of `text`, as masked client frames.
 fn messages(room: &str, text: &str, count: usize) -> Vec<u8> {
-    let payload = json!({"type":"message","room":room,"text":text}).to_string();
+    let payload = ClientMsg::Message { room: room.into(), text: text.into() }.to_json();
     let mut out = Vec::new();
     for i in 0..count {
         wsraw::encode(&mut out, OP_TEXT, payload.as_bytes(), Some(wsraw::mask_for(i as u64)));
