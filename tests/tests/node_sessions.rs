@@ -22,6 +22,27 @@ fn position(c: &WsClient, room: &str) -> ResumePoint {
     c.position(room).expect("a message")
 }
 
+/// `listener` and `poster` join `room` on `node`; `poster` sends `n` messages (`early-0`…),
+/// `listener` receives them all and closes. Returns the poster and where the listener left off.
+async fn heard_then_gone(
+    node: &InProcessNode,
+    room: &str,
+    listener: &str,
+    poster: &str,
+    n: usize,
+) -> Result<(WsClient, ResumePoint)> {
+    let (mut x, _) = WsClient::connect_ready(&node.ws_url(listener)).await?;
+    x.join(room).await?;
+    let (mut p, _) = WsClient::connect_ready(&node.ws_url(poster)).await?;
+    p.join(room).await?;
+    publish(&mut p, room, n, "early").await?;
+    let last = format!("early-{}", n - 1);
+    x.recv_until("the early messages", |v| v["text"] == last.as_str()).await?;
+    let pos = position(&x, room);
+    x.close().await;
+    Ok((p, pos))
+}
+
 async fn a_client_whose_node_died_is_restored_elsewhere_and_misses_nothing(kind: Kind) -> Result<()> {
     let backend = Backend::start(kind).await?;
     let mut n1 = backend.node("node-1", |_| {})?;
@@ -117,14 +138,7 @@ async fn replay_racing_live_traffic_has_no_gap_and_no_duplicate(kind: Kind) -> R
 async fn trimmed_history_is_reported_incomplete_not_hidden(kind: Kind) -> Result<()> {
     let backend = Backend::start(kind).await?;
     let n1 = backend.node("node-1", |cfg| cfg.history_len = 5)?;
-    let (mut x, _) = WsClient::connect_ready(&n1.ws_url("late")).await?;
-    x.join("busy").await?;
-    let (mut p, _) = WsClient::connect_ready(&n1.ws_url("talker")).await?;
-    p.join("busy").await?;
-    publish(&mut p, "busy", 2, "early").await?;
-    x.recv_until("early", |v| v["text"] == "early-1").await?;
-    let pos = position(&x, "busy");
-    x.close().await;
+    let (mut p, pos) = heard_then_gone(&n1, "busy", "late", "talker", 2).await?;
     publish(&mut p, "busy", 20, "missed").await?;
     let (mut x2, hello) = WsClient::connect_ready(&n1.ws_url("late")).await?;
     assert_eq!(hello["session"], "restored");
@@ -252,14 +266,7 @@ async fn with_signing_only_signed_ids_get_in(kind: Kind) -> Result<()> {
 async fn a_client_that_rejoins_then_resumes_gets_nothing_twice() -> Result<()> {
     let redis = RedisServer::start().await?;
     let n1 = InProcessNode::start("node-1", &redis.url(), |_| {})?;
-    let (mut x, _) = WsClient::connect_ready(&n1.ws_url("rejoiner")).await?;
-    x.join("r").await?;
-    let (mut p, _) = WsClient::connect_ready(&n1.ws_url("poster")).await?;
-    p.join("r").await?;
-    publish(&mut p, "r", 3, "early").await?;
-    x.recv_until("early", |v| v["text"] == "early-2").await?;
-    let pos = position(&x, "r");
-    x.close().await;
+    let (mut p, pos) = heard_then_gone(&n1, "r", "rejoiner", "poster", 3).await?;
     publish(&mut p, "r", 2, "missed").await?;
     // The session is gone (say, Redis lost it): the client gets a new one, joins again, and
     // hears a live message before its resume arrives.
