@@ -180,14 +180,14 @@ pub fn room() -> impl Strategy<Value = Room> {
 }
 
 pub fn bad_room() -> impl Strategy<Value = BadRoom> {
-    prop_oneof![
-        Just(BadRoom::Empty),
-        Just(BadRoom::Blank),
-        Just(BadRoom::Spaced),
-        Just(BadRoom::NoBreakSpace),
-        Just(BadRoom::Control),
-        Just(BadRoom::TooLong),
-    ]
+    proptest::sample::select(vec![
+        BadRoom::Empty,
+        BadRoom::Blank,
+        BadRoom::Spaced,
+        BadRoom::NoBreakSpace,
+        BadRoom::Control,
+        BadRoom::TooLong,
+    ])
 }
 
 pub fn resume() -> impl Strategy<Value = Resume> {
@@ -214,27 +214,27 @@ pub fn step(clients: usize, nodes: usize) -> impl Strategy<Value = Step> {
         1 => Just(Text::Number),
         1 => Just(Text::Missing),
     ];
-    let name = prop_oneof![
-        Just(Name::Plain),
-        Just(Name::Unicode),
-        Just(Name::Longest),
-        Just(Name::Empty),
-        Just(Name::TooLong),
-        Just(Name::Control),
-        Just(Name::Number),
-        Just(Name::Missing),
-    ];
-    let garbage = prop_oneof![
-        Just(Garbage::NotJson),
-        Just(Garbage::NotObject),
-        Just(Garbage::EmptyFrame),
-        Just(Garbage::NoType),
-        Just(Garbage::TypeNull),
-        Just(Garbage::TypeNumber),
-        Just(Garbage::UnknownType),
-        Just(Garbage::Binary),
-        Just(Garbage::Ping),
-    ];
+    let name = proptest::sample::select(vec![
+        Name::Plain,
+        Name::Unicode,
+        Name::Longest,
+        Name::Empty,
+        Name::TooLong,
+        Name::Control,
+        Name::Number,
+        Name::Missing,
+    ]);
+    let garbage = proptest::sample::select(vec![
+        Garbage::NotJson,
+        Garbage::NotObject,
+        Garbage::EmptyFrame,
+        Garbage::NoType,
+        Garbage::TypeNull,
+        Garbage::TypeNumber,
+        Garbage::UnknownType,
+        Garbage::Binary,
+        Garbage::Ping,
+    ]);
     prop_oneof![
         5 => (c.clone(), room()).prop_map(|(client, room)| Step::Join { client, room }),
         3 => (c.clone(), room()).prop_map(|(client, room)| Step::Leave { client, room }),
