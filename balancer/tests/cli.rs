@@ -46,48 +46,26 @@ fn run_to_exit_with_env(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, St
 
 #[test]
 fn prints_the_ready_line_serves_and_exits_zero_on_sigterm() {
-    let mut child = Command::new(BIN)
-        .env_remove(SIGNING_KEY_ENV)
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--admin",
-            "127.0.0.1:0",
-            "--node",
-            "node-1=127.0.0.1:1",
-            "--health-interval-ms",
-            "100",
-            "--log-format",
-            "json",
-        ])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let rest = line
-        .trim_end()
-        .strip_prefix("tether-balancer ready listen=")
-        .unwrap_or_else(|| panic!("unexpected ready line {line:?}"));
-    let (listen, admin) = rest.split_once(" admin=").unwrap();
-    let listen: std::net::SocketAddr = listen.parse().unwrap();
-    let admin: std::net::SocketAddr = admin.parse().unwrap();
+    let (child, listen, admin) = start_ready(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+        "--node",
+        "node-1=127.0.0.1:1",
+        "--health-interval-ms",
+        "100",
+        "--log-format",
+        "json",
+    ]);
     assert_ne!(listen.port(), 0);
     assert_ne!(admin.port(), 0);
 
-    let mut stream = std::net::TcpStream::connect(admin).unwrap();
-    stream.set_read_timeout(Some(DEADLINE)).unwrap();
-    stream.write_all(b"GET /status HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").unwrap();
-    let mut reply = String::new();
-    std::io::Read::read_to_string(&mut stream, &mut reply).unwrap();
+    let reply = get(admin, "/status");
     assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
     assert!(reply.contains("\"node-1\""), "{reply}");
 
-    let killed = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
-    assert!(killed.success());
-    let status = wait_with_deadline(&mut child);
-    assert_eq!(status.code(), Some(0));
+    stop(child);
 }
 
 #[test]

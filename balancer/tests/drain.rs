@@ -7,21 +7,8 @@ mod common;
 use common::*;
 use http::{Method, StatusCode};
 
-const NAMES: [&str; 3] = ["node-1", "node-2", "node-3"];
 /// WebSocket close code "service restart": reconnect now.
 const CLOSE_RESTART: u16 = 1012;
-
-async fn three_nodes() -> Vec<MockNode> {
-    let mut nodes = Vec::new();
-    for name in NAMES {
-        nodes.push(MockNode::start(name).await);
-    }
-    nodes
-}
-
-fn file_nodes(nodes: &[MockNode]) -> Vec<tether_balancer::FileNode> {
-    nodes.iter().map(MockNode::file_node).collect()
-}
 
 async fn admin_post(lb: &Balancer, path: &str) -> serde_json::Value {
     let (code, _, body) = http(lb.admin, Method::POST, path, &[]).await;

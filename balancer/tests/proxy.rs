@@ -10,20 +10,6 @@ use http::{Method, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-const NAMES: [&str; 3] = ["node-1", "node-2", "node-3"];
-
-async fn three_nodes() -> Vec<MockNode> {
-    let mut nodes = Vec::new();
-    for name in NAMES {
-        nodes.push(MockNode::start(name).await);
-    }
-    nodes
-}
-
-fn file_nodes(nodes: &[MockNode]) -> Vec<tether_balancer::FileNode> {
-    nodes.iter().map(MockNode::file_node).collect()
-}
-
 fn index_of(name: &str) -> usize {
     NAMES.iter().position(|n| *n == name).unwrap()
 }

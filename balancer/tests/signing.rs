@@ -9,20 +9,7 @@ use tether_balancer::config::Secret;
 use tether_proto::sign::SigningKey;
 use tokio_tungstenite::tungstenite;
 
-const NAMES: [&str; 3] = ["node-1", "node-2", "node-3"];
 const KEY: &str = "test-signing-key-0123456789";
-
-async fn three_nodes() -> Vec<MockNode> {
-    let mut nodes = Vec::new();
-    for name in NAMES {
-        nodes.push(MockNode::start(name).await);
-    }
-    nodes
-}
-
-fn file_nodes(nodes: &[MockNode]) -> Vec<tether_balancer::FileNode> {
-    nodes.iter().map(MockNode::file_node).collect()
-}
 
 async fn signed_balancer(nodes: &[MockNode]) -> Balancer {
     start_balancer(file_nodes(nodes), |f| {

@@ -6,7 +6,6 @@ use anyhow::{anyhow, Context, Result};
 use common::{Ws, DEADLINE};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use serde_json::json;
 use std::process::Stdio;
 use std::time::Duration;
 use tether_client::{Client, ClientConfig, Event};
@@ -84,10 +83,10 @@ async fn chat_in_a_pipe_joins_talks_and_hears_others() -> Result<()> {
     // Someone on another node, straight to it.
     let dave_node = &cluster.node_urls()[1].1;
     let mut dave = Ws::connect(dave_node, "dave-pipe").await?;
-    dave.send(json!({"type":"set_name","name":"Dave"})).await?;
+    dave.set_name("Dave").await?;
     dave.join("lobby").await?;
     out.until("[node-2] #lobby + Dave joined").await?;
-    dave.send(json!({"type":"message","room":"lobby","text":"hi carol"})).await?;
+    dave.say("lobby", "hi carol").await?;
     out.until("[node-2] #lobby Dave: hi carol (seq ").await?;
     stdin.write_all(b"second line\n").await?;
     dave.expect_message("lobby", "second line").await?;

@@ -5,7 +5,6 @@ mod common;
 
 use anyhow::Result;
 use common::{alive, wait_gone, Ws};
-use serde_json::json;
 use std::time::Duration;
 use tether_kit::{Cluster, ClusterLogs, ClusterOptions, LogTarget, NodeProcess, RedisServer, SpawnOptions};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -61,7 +60,7 @@ async fn nodes_share_rooms_through_redis_and_restart_on_their_port() -> Result<(
     let mut b = Ws::connect(&urls[1].1, "fixture-b").await?;
     a.join("fixtures").await?;
     b.join("fixtures").await?;
-    a.send(json!({"type":"message","room":"fixtures","text":"across"})).await?;
+    a.say("fixtures", "across").await?;
     let got = b.expect_message("fixtures", "across").await?;
     assert_eq!(got["server"], "node-1");
 

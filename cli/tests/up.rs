@@ -6,7 +6,6 @@ use anyhow::{anyhow, Context, Result};
 use common::{alive, http_get, wait_gone, Ws, DEADLINE};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-use serde_json::json;
 use std::net::SocketAddr;
 use std::process::Stdio;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -72,7 +71,7 @@ async fn up_serves_through_its_balancer_and_stops_cleanly_on_sigint() -> Result<
     // A client through the printed balancer URL gets its own message back.
     let mut client = Ws::connect(&ws_url, "up-e2e").await?;
     client.join("general").await?;
-    client.send(json!({"type":"message","room":"general","text":"through the balancer"})).await?;
+    client.say("general", "through the balancer").await?;
     client.expect_message("general", "through the balancer").await?;
     let (status, body) = http_get(admin, "/status").await?;
     assert_eq!(status, 200, "{body}");

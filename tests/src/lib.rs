@@ -12,7 +12,7 @@ use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
 use std::net::SocketAddr;
 use std::time::Duration;
-use tether_proto::wire::ClientMsg;
+use tether_proto::wire::{ClientMsg, ResumePoint};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::Message;
@@ -81,6 +81,43 @@ impl WsClient {
         self.send_text(msg.to_json()).await
     }
 
+    /// Sends a `message` to `room` (no wait: the sender's copy comes back like anyone's).
+    pub async fn say(&mut self, room: &str, text: impl Into<String>) -> Result<()> {
+        self.send_msg(&ClientMsg::Message { room: room.to_owned(), text: text.into() }).await
+    }
+
+    /// Sends a `leave` for `room`, without waiting for the `user_left`.
+    pub async fn leave(&mut self, room: &str) -> Result<()> {
+        self.send_msg(&ClientMsg::Leave { room: room.to_owned() }).await
+    }
+
+    /// Sends a `set_name`.
+    pub async fn set_name(&mut self, name: &str) -> Result<()> {
+        self.send_msg(&ClientMsg::SetName { name: name.to_owned() }).await
+    }
+
+    /// Sends a `resume` of these rooms, each from its point (see [`WsClient::position`]).
+    pub async fn resume(&mut self, rooms: impl IntoIterator<Item = (&str, ResumePoint)>) -> Result<()> {
+        let rooms = rooms.into_iter().map(|(room, point)| (room.to_owned(), point)).collect();
+        self.send_msg(&ClientMsg::Resume { rooms }).await
+    }
+
+    /// Where this client is in `room`: the `seq` and `epoch` of the last `message` it
+    /// received there, as a resume would name them; `None` before any.
+    pub fn position(&self, room: &str) -> Option<ResumePoint> {
+        let last = self.seen.iter().rfind(|v| v["type"] == "message" && v["room"] == room)?;
+        Some(ResumePoint { seq: last["seq"].as_u64()?, epoch: last["epoch"].as_str().map(String::from) })
+    }
+
+    /// The `seq`s of the `message` frames received in `room`, in arrival order.
+    pub fn seqs(&self, room: &str) -> Vec<u64> {
+        self.seen
+            .iter()
+            .filter(|v| v["type"] == "message" && v["room"] == room)
+            .filter_map(|v| v["seq"].as_u64())
+            .collect()
+    }
+
     /// Sends any JSON value: for frames no client library would build (malformed, unknown
     /// types, odd field types).
     pub async fn send(&mut self, v: Value) -> Result<()> {
@@ -91,12 +128,12 @@ impl WsClient {
         self.send_raw(Message::Text(text.into())).await
     }
 
-    /// Writes every frame, then flushes them together, within `DEADLINE`: they reach the
-    /// server as one burst.
-    pub async fn send_burst(&mut self, frames: impl IntoIterator<Item = Value>) -> Result<()> {
+    /// Writes every text frame, then flushes them together, within `DEADLINE`: they reach
+    /// the server as one burst.
+    pub async fn send_burst(&mut self, frames: impl IntoIterator<Item = String>) -> Result<()> {
         let burst = async {
-            for v in frames {
-                self.ws.feed(Message::Text(v.to_string().into())).await?;
+            for text in frames {
+                self.ws.feed(Message::Text(text.into())).await?;
             }
             self.ws.flush().await
         };

@@ -14,13 +14,13 @@
 //! the balancer's on top of it.
 
 use anyhow::{bail, Context, Result};
-use serde_json::json;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tether_kit::{Cluster, LogTarget, NodeProcess, RedisServer, SpawnOptions};
+use tether_proto::wire::ClientMsg;
 use tether_tests::{eventually, http_get, HttpConn, WsClient, DEADLINE};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -505,7 +505,7 @@ async fn a_stalled_reader_kicked_as_a_slow_consumer_is_reset_direct() -> Result<
     // The stalled reader: a small receive buffer; joins, then never reads again.
     let Raw { mut rx, mut tx } = connect_raw(node.addr(), "stalled", Some(4096)).await?;
     next_text(&mut rx).await.context("`connected`")?;
-    tx.write_all(&client_frame(true, 1, json!({"type":"join","room":"flood"}).to_string().as_bytes())).await?;
+    tx.write_all(&client_frame(true, 1, ClientMsg::Join { room: "flood".into() }.to_json().as_bytes())).await?;
     for _ in 0..16 {
         if next_text(&mut rx).await?.contains("user_joined") {
             break;
@@ -522,7 +522,7 @@ async fn a_stalled_reader_kicked_as_a_slow_consumer_is_reset_direct() -> Result<
     let kicked = async {
         // 10 KB each: 2,000 of them are 20 MB, far past any socket buffer and send queue.
         for i in 0..2000 {
-            publisher.send(json!({"type":"message","room":"flood","text":text})).await?;
+            publisher.say("flood", text.as_str()).await?;
             publisher.recv_until("own echo", |v| v["type"] == "message").await?;
             publisher.seen.clear();
             if i % 10 == 0 {

@@ -2,7 +2,7 @@
 //! `tether-balancer`, started by the same `tether_kit` code `tether up` uses.
 
 use anyhow::{bail, Context, Result};
-use serde_json::{json, Value};
+use serde_json::Value;
 use std::collections::HashMap;
 use std::time::Duration;
 use tether_kit::{BalancerProcess, Cluster};
@@ -59,19 +59,19 @@ async fn seed_scenario_through_the_balancer() -> Result<()> {
     let (mut bob, hello_b) = WsClient::connect_ready(&url(&c, &ids[1])).await?;
     assert_eq!(hello_a["server"], "node-1");
     assert_eq!(hello_b["server"], "node-2");
-    alice.send(json!({"type":"set_name","name":"Alice"})).await?;
-    bob.send(json!({"type":"set_name","name":"Bob"})).await?;
+    alice.set_name("Alice").await?;
+    bob.set_name("Bob").await?;
     alice.join("general").await?;
     bob.join("general").await?;
-    alice.send(json!({"type":"message","room":"general","text":"Hello from Server-1!"})).await?;
+    alice.say("general", "Hello from Server-1!").await?;
     for cl in [&mut alice, &mut bob] {
         cl.recv_until("alice's message", |v| v["type"] == "message" && v["from"] == "Alice").await?;
     }
-    bob.send(json!({"type":"message","room":"general","text":"Hello from Server-2!"})).await?;
+    bob.say("general", "Hello from Server-2!").await?;
     for cl in [&mut alice, &mut bob] {
         cl.recv_until("bob's message", |v| v["type"] == "message" && v["from"] == "Bob").await?;
     }
-    alice.send(json!({"type":"message","room":"general","text":"end"})).await?;
+    alice.say("general", "end").await?;
     for cl in [&mut alice, &mut bob] {
         cl.recv_until("marker", |v| v["type"] == "message" && v["text"] == "end").await?;
         let got: Vec<&Value> = cl.seen.iter().filter(|v| v["type"] == "message").collect();
@@ -180,7 +180,7 @@ async fn dead_node_clients_move_and_others_stay() -> Result<()> {
     // Nobody else moved: every original connection of the others still works where it was,
     // and a fresh connection of theirs lands on the same node.
     let (_, _, ws0) = &mut clients[0];
-    ws0.send(json!({"type":"message","room":"fo","text":"after the kill"})).await?;
+    ws0.say("fo", "after the kill").await?;
     for (id, node, ws) in clients.iter_mut() {
         ws.recv_until("post-kill message", |v| v["type"] == "message" && v["text"] == "after the kill")
             .await
@@ -195,7 +195,7 @@ async fn dead_node_clients_move_and_others_stay() -> Result<()> {
     c.node_mut("node-2").context("node-2")?.restart().await?;
     eventually("node-2 up again", || async { (status(&c).await.ok()?.get("node-2")? == "up").then_some(()) }).await?;
     let (_, _, ws0) = &mut clients[0];
-    ws0.send(json!({"type":"message","room":"fo","text":"after the return"})).await?;
+    ws0.say("fo", "after the return").await?;
     for (id, node, ws) in clients.iter_mut() {
         ws.recv_until("post-return message", |v| v["type"] == "message" && v["text"] == "after the return")
             .await
@@ -277,7 +277,7 @@ async fn garbage_bytes_at_every_port_crash_nothing() -> Result<()> {
         assert!(n.try_status()?.is_none(), "{} died", n.name());
     }
     assert!(c.balancer_mut().try_status()?.is_none(), "balancer died");
-    live.send(json!({"type":"message","room":"calm","text":"still fine"})).await?;
+    live.say("calm", "still fine").await?;
     live.recv_until("own message", |v| v["type"] == "message" && v["text"] == "still fine").await?;
     let (_n, hello) = WsClient::connect_ready(&url(&c, "newcomer")).await?;
     assert_eq!(hello["type"], "connected");

@@ -2,9 +2,10 @@
 //! under traffic, its client back through the balancer with everything it had.
 
 use anyhow::{Context, Result};
-use serde_json::{json, Value};
+use serde_json::json;
 use std::time::Duration;
 use tether_proto::hrw;
+use tether_proto::wire::ResumePoint;
 use tether_tests::WsClient;
 
 const NODES: [&str; 3] = ["node-1", "node-2", "node-3"];
@@ -14,16 +15,12 @@ fn id_on(node: &str, prefix: &str) -> String {
 }
 
 fn seqs(cs: &[&WsClient], room: &str) -> Vec<u64> {
-    cs.iter()
-        .flat_map(|c| c.seen.iter())
-        .filter(|v| v["type"] == "message" && v["room"] == room)
-        .filter_map(|v| v["seq"].as_u64())
-        .collect()
+    cs.iter().flat_map(|c| c.seqs(room)).collect()
 }
 
-fn position(c: &WsClient, room: &str) -> Value {
-    let last = c.seen.iter().rfind(|v| v["type"] == "message" && v["room"] == room);
-    last.map_or(json!(0), |m| json!({"seq": m["seq"], "epoch": m["epoch"]}))
+/// Where `c` is in `room`; from the start if it never got a message there.
+fn position(c: &WsClient, room: &str) -> ResumePoint {
+    c.position(room).unwrap_or(ResumePoint { seq: 0, epoch: None })
 }
 
 #[tokio::test]
@@ -34,7 +31,7 @@ async fn killed_nodes_client_is_restored_through_the_balancer_with_every_message
     let victim = id_on("node-2", "victim");
     let (mut v, hello) = WsClient::connect_ready(&url(&victim)).await?;
     assert_eq!(hello["server"], "node-2");
-    v.send(json!({"type":"set_name","name":"Vic"})).await?;
+    v.set_name("Vic").await?;
     v.join("one").await?;
     v.join("two").await?;
     let talker = id_on("node-1", "talker");
@@ -51,7 +48,7 @@ async fn killed_nodes_client_is_restored_through_the_balancer_with_every_message
         let (mut t2, _) = WsClient::connect_ready(&talk_url).await?;
         for i in 0..60 {
             for room in ["one", "two"] {
-                t2.send(json!({"type":"message","room":room,"text":format!("{room}-{i}")})).await?;
+                t2.say(room, format!("{room}-{i}")).await?;
             }
             t2.recv_until("own echo", |m| m["text"] == format!("two-{i}").as_str()).await?;
         }
@@ -69,13 +66,13 @@ async fn killed_nodes_client_is_restored_through_the_balancer_with_every_message
     assert_eq!(hello["rooms"], json!(["one", "two"]));
     let survivors = ["node-1", "node-3"];
     assert_eq!(hello["server"], survivors[hrw::rank(&survivors, &victim)[0]], "its next-ranked node");
-    v2.send(json!({"type":"resume","rooms":{"one":pos_one,"two":pos_two}})).await?;
+    v2.resume([("one", pos_one), ("two", pos_two)]).await?;
     for room in ["one", "two"] {
         let r = v2.recv_until("resumed", |m| m["type"] == "resumed" && m["room"] == room).await?;
         assert_eq!(r["complete"], true, "{r}");
     }
     // Right after the restore, its own message reaches the others.
-    v2.send(json!({"type":"message","room":"two","text":"back from the dead"})).await?;
+    v2.say("two", "back from the dead").await?;
     l.recv_until("victim's message", |m| m["text"] == "back from the dead").await?;
     chatter.await??;
     v2.recv_until("end of chatter", |m| m["text"] == "two-59").await?;
@@ -117,11 +114,11 @@ async fn drained_nodes_clients_get_1012_and_are_restored_elsewhere_then_undrain_
         let (mut back, hello) = WsClient::connect_ready(&url(id)).await?;
         assert_eq!(hello["server"], survivors[hrw::rank(&survivors, id)[0]], "{id} moved to its next node");
         assert_eq!((hello["session"].as_str(), &hello["rooms"]), (Some("restored"), &json!(["d"])));
-        back.send(json!({"type":"resume","rooms":{}})).await?;
+        back.resume([]).await?;
         back.close().await;
     }
     // The bystander never noticed anything but the others' moves.
-    bystander.send(json!({"type":"message","room":"d","text":"still here"})).await?;
+    bystander.say("d", "still here").await?;
     bystander.recv_until("own message", |v| v["text"] == "still here").await?;
 
     let (status, _) = admin.request(http::Method::POST, "/nodes/node-2/undrain").await?;

@@ -1,8 +1,8 @@
-//! Connection limits derived from the open-file limit (DESIGN.md, "Limits and defaults that
-//! hold under real load"): real node and balancer processes started with a low
-//! `RLIMIT_NOFILE` raise the soft limit to the hard one, derive `max_connections` from it,
-//! answer 503 with `Retry-After` past it, stay healthy, and do not spin or flood the log when
-//! accepts fail with EMFILE.
+//! Connection limits derived from the open-file limit (described in `docs/FAILOVER.md`,
+//! "Connection limits and file descriptors", and `docs/BALANCER.md`, "Connection limits"):
+//! real node and balancer processes started with a low `RLIMIT_NOFILE` raise the soft limit
+//! to the hard one, derive `max_connections` from it, answer 503 with `Retry-After` past it,
+//! stay healthy, and do not spin or flood the log when accepts fail with EMFILE.
 
 use anyhow::{bail, ensure, Context, Result};
 use serde_json::Value;

@@ -4,6 +4,7 @@
 use anyhow::Result;
 use serde_json::{json, Value};
 use tether_kit::RedisServer;
+use tether_proto::wire::ClientMsg;
 use tether_tests::{eventually, http_get, numsub, Backend, InProcessNode, Kind, WsClient};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -20,23 +21,23 @@ async fn two_nodes_share_a_room_exactly_once_in_seq_order(kind: Kind) -> Result<
     assert_eq!(hello["id"], "alice");
     assert_eq!(hello["session"], "new");
     let (mut bob, _) = WsClient::connect_ready(&n2.ws_url("bob")).await?;
-    alice.send(json!({"type":"set_name","name":"Alice"})).await?;
-    bob.send(json!({"type":"set_name","name":"Bob"})).await?;
+    alice.set_name("Alice").await?;
+    bob.set_name("Bob").await?;
     alice.join("general").await?;
     bob.join("general").await?;
     // Alice hears Bob join across nodes.
     alice.recv_until("bob joined", |v| v["type"] == "user_joined" && v["id"] == "bob").await?;
 
-    alice.send(json!({"type":"message","room":"general","text":"Hello from Server-1!"})).await?;
+    alice.say("general", "Hello from Server-1!").await?;
     for c in [&mut alice, &mut bob] {
         c.recv_until("alice's message", |v| v["type"] == "message" && v["id"] == "alice").await?;
     }
-    bob.send(json!({"type":"message","room":"general","text":"Hello from Server-2!"})).await?;
+    bob.say("general", "Hello from Server-2!").await?;
     for c in [&mut alice, &mut bob] {
         c.recv_until("bob's message", |v| v["type"] == "message" && v["id"] == "bob").await?;
     }
     // A marker after both messages proves nothing else (no duplicate) was in flight.
-    alice.send(json!({"type":"message","room":"general","text":"end"})).await?;
+    alice.say("general", "end").await?;
     for c in [&mut alice, &mut bob] {
         c.recv_until("marker", |v| v["type"] == "message" && v["text"] == "end").await?;
         let got = messages(c);
@@ -76,10 +77,12 @@ async fn a_burst_of_messages_is_published_in_runs_in_order_exactly_once(kind: Ki
     alice.join("burst").await?;
     bob.join("burst").await?;
     const COUNT: usize = 300;
+    let say = |room: &str, text: String| ClientMsg::Message { room: room.into(), text }.to_json();
     let frames = (0..COUNT).map(|i| match i {
-        100 => json!({"type":"message","room":"elsewhere","text":"not joined"}),
-        200 => json!({"type":"no_such_type"}),
-        _ => json!({"type":"message","room":"burst","text":format!("m{i}")}),
+        100 => say("elsewhere", "not joined".into()),
+        // Deliberately a type no client sends.
+        200 => json!({"type":"no_such_type"}).to_string(),
+        _ => say("burst", format!("m{i}")),
     });
     alice.send_burst(frames).await?;
     let last = format!("m{}", COUNT - 1);
@@ -122,7 +125,7 @@ async fn one_subscription_per_node_with_members_and_none_after_the_last_leaves()
     assert_eq!(numsub(&url, channel).await?, 2, "one per node");
 
     // Leaving: node-1 keeps its subscription while a2 is still there.
-    a1.send(json!({"type":"leave","room":"lobby"})).await?;
+    a1.leave("lobby").await?;
     a1.recv_until("own user_left", |v| v["type"] == "user_left" && v["id"] == "a1" && v["reason"] == "left").await?;
     b1.recv_until("a1 left", |v| v["type"] == "user_left" && v["id"] == "a1").await?;
     assert_eq!(numsub(&url, channel).await?, 2);
@@ -131,7 +134,7 @@ async fn one_subscription_per_node_with_members_and_none_after_the_last_leaves()
     b1.recv_until("a2 disconnected", |v| v["type"] == "user_left" && v["id"] == "a2" && v["reason"] == "disconnected")
         .await?;
     eventually("node-1 unsubscribed", || async { (numsub(&url, channel).await.ok()? == 1).then_some(()) }).await?;
-    b1.send(json!({"type":"leave","room":"lobby"})).await?;
+    b1.leave("lobby").await?;
     b1.recv_type("user_left").await?;
     eventually("no subscription left", || async { (numsub(&url, channel).await.ok()? == 0).then_some(()) }).await?;
     // And the room works again after being emptied.
@@ -152,6 +155,7 @@ async fn each_bad_input_gets_its_error_code_and_the_connection_keeps_working(kin
     let backend = Backend::start(kind).await?;
     let n1 = backend.node("node-1", |_| {})?;
     let (mut c, _) = WsClient::connect_ready(&n1.ws_url("carol")).await?;
+    // Malformed frames, spelt by hand on purpose: no client library can build them.
     expect_error(&mut c, "{not json", "bad_json").await?;
     expect_error(&mut c, "[1,2,3]", "bad_json").await?;
     expect_error(&mut c, r#"{"type":"dance"}"#, "unknown_type").await?;
@@ -162,13 +166,14 @@ async fn each_bad_input_gets_its_error_code_and_the_connection_keeps_working(kin
     expect_error(&mut c, r#"{"type":"join","room":"has space"}"#, "invalid_room").await?;
     expect_error(&mut c, r#"{"type":"join","room":""}"#, "invalid_room").await?;
     expect_error(&mut c, r#"{"type":"set_name","name":""}"#, "invalid_name").await?;
-    expect_error(&mut c, r#"{"type":"message","room":"general","text":"hi"}"#, "not_in_room").await?;
-    expect_error(&mut c, r#"{"type":"leave","room":"general"}"#, "not_in_room").await?;
+    let hi = ClientMsg::Message { room: "general".into(), text: "hi".into() };
+    expect_error(&mut c, &hi.to_json(), "not_in_room").await?;
+    expect_error(&mut c, &ClientMsg::Leave { room: "general".into() }.to_json(), "not_in_room").await?;
     c.send_raw(Message::Binary(vec![0xde, 0xad, 0xbe, 0xef].into())).await?;
     assert_eq!(c.recv_type("error").await?["code"], "bad_json");
     // Still fully usable.
     c.join("general").await?;
-    c.send(json!({"type":"message","room":"general","text":"still here"})).await?;
+    c.say("general", "still here").await?;
     c.recv_until("own message", |v| v["type"] == "message" && v["text"] == "still here").await?;
     Ok(())
 }
@@ -180,9 +185,9 @@ async fn an_oversized_frame_closes_with_1009_and_costs_nobody_else(kind: Kind) -
     let (mut other, _) = WsClient::connect_ready(&n1.ws_url("other")).await?;
     other.join("r").await?;
     let text = "x".repeat(2000);
-    big.send(json!({"type":"message","room":"r","text":text})).await?;
+    big.say("r", text).await?;
     assert_eq!(big.closed().await?, tether_tests::Closed::Code(1009, "message too big".into()));
-    other.send(json!({"type":"message","room":"r","text":"fine"})).await?;
+    other.say("r", "fine").await?;
     other.recv_until("own message", |v| v["type"] == "message" && v["text"] == "fine").await?;
     Ok(())
 }

@@ -4,26 +4,43 @@
 use anyhow::{Context, Result};
 use serde_json::{json, Value};
 use tether_kit::RedisServer;
+use tether_proto::wire::ResumePoint;
 use tether_tests::{Backend, InProcessNode, Kind, WsClient};
-
-/// Seqs of the `message` frames `c` has received in `room`, in arrival order.
-fn seqs(c: &WsClient, room: &str) -> Vec<u64> {
-    c.seen.iter().filter(|v| v["type"] == "message" && v["room"] == room).filter_map(|v| v["seq"].as_u64()).collect()
-}
 
 /// Sends `n` messages to `room` and waits until the sender has its own last one back.
 async fn publish(c: &mut WsClient, room: &str, n: usize, tag: &str) -> Result<()> {
     for i in 0..n {
-        c.send(json!({"type":"message","room":room,"text":format!("{tag}-{i}")})).await?;
+        c.say(room, format!("{tag}-{i}")).await?;
     }
     let last = format!("{tag}-{}", n - 1);
     c.recv_until("own last message", |v| v["type"] == "message" && v["text"] == last.as_str()).await?;
     Ok(())
 }
 
-fn position(c: &WsClient, room: &str) -> Value {
-    let last = c.seen.iter().rfind(|v| v["type"] == "message" && v["room"] == room).expect("a message");
-    json!({"seq": last["seq"], "epoch": last["epoch"]})
+/// Where `c` is in `room`, which it has had messages from.
+fn position(c: &WsClient, room: &str) -> ResumePoint {
+    c.position(room).expect("a message")
+}
+
+/// `listener` and `poster` join `room` on `node`; `poster` sends `n` messages (`early-0`…),
+/// `listener` receives them all and closes. Returns the poster and where the listener left off.
+async fn heard_then_gone(
+    node: &InProcessNode,
+    room: &str,
+    listener: &str,
+    poster: &str,
+    n: usize,
+) -> Result<(WsClient, ResumePoint)> {
+    let (mut x, _) = WsClient::connect_ready(&node.ws_url(listener)).await?;
+    x.join(room).await?;
+    let (mut p, _) = WsClient::connect_ready(&node.ws_url(poster)).await?;
+    p.join(room).await?;
+    publish(&mut p, room, n, "early").await?;
+    let last = format!("early-{}", n - 1);
+    x.recv_until("the early messages", |v| v["text"] == last.as_str()).await?;
+    let pos = position(&x, room);
+    x.close().await;
+    Ok((p, pos))
 }
 
 async fn a_client_whose_node_died_is_restored_elsewhere_and_misses_nothing(kind: Kind) -> Result<()> {
@@ -31,7 +48,7 @@ async fn a_client_whose_node_died_is_restored_elsewhere_and_misses_nothing(kind:
     let mut n1 = backend.node("node-1", |_| {})?;
     let n2 = backend.node("node-2", |_| {})?;
     let (mut x, _) = WsClient::connect_ready(&n1.ws_url("xavier")).await?;
-    x.send(json!({"type":"set_name","name":"Xavier"})).await?;
+    x.set_name("Xavier").await?;
     x.join("alpha").await?;
     x.join("beta").await?;
     let (mut p, _) = WsClient::connect_ready(&n2.ws_url("pub")).await?;
@@ -56,7 +73,7 @@ async fn a_client_whose_node_died_is_restored_elsewhere_and_misses_nothing(kind:
     assert_eq!(hello["rooms"], json!(["alpha", "beta"]));
     // Live traffic keeps flowing into the held rooms before the resume.
     publish(&mut p, "alpha", 2, "a3").await?;
-    x2.send(json!({"type":"resume","rooms":{"alpha":pos_a,"beta":pos_b}})).await?;
+    x2.resume([("alpha", pos_a), ("beta", pos_b)]).await?;
     for room in ["alpha", "beta"] {
         let r = x2.recv_until("resumed", |v| v["type"] == "resumed" && v["room"] == room).await?;
         assert_eq!(r["complete"], true, "{r}");
@@ -67,8 +84,8 @@ async fn a_client_whose_node_died_is_restored_elsewhere_and_misses_nothing(kind:
     x2.recv_until("beta tail", |v| v["text"] == "b4-0").await?;
     // Together, both connections saw every seq of each room exactly once, in order.
     for (room, total) in [("alpha", 15u64), ("beta", 8)] {
-        let mut all = seqs(&x, room);
-        all.extend(seqs(&x2, room));
+        let mut all = x.seqs(room);
+        all.extend(x2.seqs(room));
         assert_eq!(all, (1..=total).collect::<Vec<_>>(), "{room}");
     }
     let replayed: Vec<&Value> = x2.seen.iter().filter(|v| v["replay"] == true).collect();
@@ -76,7 +93,7 @@ async fn a_client_whose_node_died_is_restored_elsewhere_and_misses_nothing(kind:
     // messages that arrived live while the room was held (those are then not sent again).
     assert_eq!(replayed.len(), 7 + 2 + 4, "only what the client had not seen is a replay");
     // The restored member can talk at once.
-    x2.send(json!({"type":"message","room":"beta","text":"I'm back"})).await?;
+    x2.say("beta", "I'm back").await?;
     let m = p.recv_until("xavier's message", |v| v["text"] == "I'm back").await?;
     assert_eq!((m["from"].as_str(), m["server"].as_str()), (Some("Xavier"), Some("node-2")));
     Ok(())
@@ -108,12 +125,12 @@ async fn replay_racing_live_traffic_has_no_gap_and_no_duplicate(kind: Kind) -> R
         anyhow::Ok(())
     });
     started_rx.await?;
-    x2.send(json!({"type":"resume","rooms":{"race":pos}})).await?;
+    x2.resume([("race", pos)]).await?;
     flood.await??;
     let r = x2.recv_type("resumed").await?;
     assert_eq!(r["complete"], true);
     x2.recv_until("the flood's end", |v| v["text"] == "live-b-299").await?;
-    let got = seqs(&x2, "race");
+    let got = x2.seqs("race");
     let expected: Vec<u64> = (11..=410).collect();
     assert_eq!(got, expected, "contiguous after the resume point, once each");
     Ok(())
@@ -121,25 +138,18 @@ async fn replay_racing_live_traffic_has_no_gap_and_no_duplicate(kind: Kind) -> R
 async fn trimmed_history_is_reported_incomplete_not_hidden(kind: Kind) -> Result<()> {
     let backend = Backend::start(kind).await?;
     let n1 = backend.node("node-1", |cfg| cfg.history_len = 5)?;
-    let (mut x, _) = WsClient::connect_ready(&n1.ws_url("late")).await?;
-    x.join("busy").await?;
-    let (mut p, _) = WsClient::connect_ready(&n1.ws_url("talker")).await?;
-    p.join("busy").await?;
-    publish(&mut p, "busy", 2, "early").await?;
-    x.recv_until("early", |v| v["text"] == "early-1").await?;
-    let pos = position(&x, "busy");
-    x.close().await;
+    let (mut p, pos) = heard_then_gone(&n1, "busy", "late", "talker", 2).await?;
     publish(&mut p, "busy", 20, "missed").await?;
     let (mut x2, hello) = WsClient::connect_ready(&n1.ws_url("late")).await?;
     assert_eq!(hello["session"], "restored");
-    x2.send(json!({"type":"resume","rooms":{"busy":pos}})).await?;
+    x2.resume([("busy", pos)]).await?;
     let r = x2.recv_type("resumed").await?;
     assert_eq!(r["complete"], false, "{r}");
     assert_eq!((r["from_seq"].as_u64(), r["to_seq"].as_u64()), (Some(18), Some(22)), "{r}");
-    assert_eq!(seqs(&x2, "busy"), vec![18, 19, 20, 21, 22]);
+    assert_eq!(x2.seqs("busy"), vec![18, 19, 20, 21, 22]);
     // Nothing missed: an up-to-date position resumes complete with nothing replayed.
     let pos = position(&x2, "busy");
-    x2.send(json!({"type":"resume","rooms":{"busy":pos}})).await?;
+    x2.resume([("busy", pos)]).await?;
     let r = x2.recv_type("resumed").await?;
     assert_eq!(
         (r["complete"].as_bool(), r["from_seq"].as_u64(), r["to_seq"].as_u64()),
@@ -165,10 +175,10 @@ async fn a_new_epoch_is_reported_and_replayed_from_its_start() -> Result<()> {
     p.join("e").await?;
     publish(&mut p, "e", 2, "new").await?;
     let (mut x2, _) = WsClient::connect_ready(&n1.ws_url("ep")).await?;
-    x2.send(json!({"type":"resume","rooms":{"e":pos}})).await?;
+    x2.resume([("e", pos.clone())]).await?;
     let r = x2.recv_type("resumed").await?;
     assert_eq!(r["complete"], false);
-    assert_ne!(r["epoch"], pos["epoch"]);
+    assert_ne!(r["epoch"].as_str(), pos.epoch.as_deref());
     let texts: Vec<&str> =
         x2.seen.iter().filter(|v| v["type"] == "message").filter_map(|v| v["text"].as_str()).collect();
     assert_eq!(texts, ["new-0", "new-1"]);
@@ -190,7 +200,7 @@ async fn held_frames_are_released_after_the_grace_without_a_resume(kind: Kind) -
     x2.recv_until("held message", |v| v["text"] == "hello-0").await?;
     publish(&mut p, "g", 1, "after").await?;
     x2.recv_until("live message", |v| v["text"] == "after-0").await?;
-    assert_eq!(seqs(&x2, "g"), vec![1, 2]);
+    assert_eq!(x2.seqs("g"), vec![1, 2]);
     Ok(())
 }
 
@@ -201,7 +211,7 @@ async fn sessions_expire_after_the_last_connection_and_leave_is_remembered() -> 
     let (mut x, _) = WsClient::connect_ready(&n1.ws_url("ttl")).await?;
     x.join("a").await?;
     x.join("b").await?;
-    x.send(json!({"type":"leave","room":"a"})).await?;
+    x.leave("a").await?;
     x.recv_type("user_left").await?;
     x.close().await;
     let client = redis::Client::open(redis.url())?;
@@ -221,7 +231,7 @@ async fn resume_of_a_room_not_joined_is_not_in_room(kind: Kind) -> Result<()> {
     let backend = Backend::start(kind).await?;
     let n1 = backend.node("node-1", |_| {})?;
     let (mut x, _) = WsClient::connect_ready(&n1.ws_url("nr")).await?;
-    x.send(json!({"type":"resume","rooms":{"nowhere":3}})).await?;
+    x.resume([("nowhere", ResumePoint { seq: 3, epoch: None })]).await?;
     assert_eq!(x.recv_type("error").await?["code"], "not_in_room");
     Ok(())
 }
@@ -256,14 +266,7 @@ async fn with_signing_only_signed_ids_get_in(kind: Kind) -> Result<()> {
 async fn a_client_that_rejoins_then_resumes_gets_nothing_twice() -> Result<()> {
     let redis = RedisServer::start().await?;
     let n1 = InProcessNode::start("node-1", &redis.url(), |_| {})?;
-    let (mut x, _) = WsClient::connect_ready(&n1.ws_url("rejoiner")).await?;
-    x.join("r").await?;
-    let (mut p, _) = WsClient::connect_ready(&n1.ws_url("poster")).await?;
-    p.join("r").await?;
-    publish(&mut p, "r", 3, "early").await?;
-    x.recv_until("early", |v| v["text"] == "early-2").await?;
-    let pos = position(&x, "r");
-    x.close().await;
+    let (mut p, pos) = heard_then_gone(&n1, "r", "rejoiner", "poster", 3).await?;
     publish(&mut p, "r", 2, "missed").await?;
     // The session is gone (say, Redis lost it): the client gets a new one, joins again, and
     // hears a live message before its resume arrives.
@@ -275,10 +278,10 @@ async fn a_client_that_rejoins_then_resumes_gets_nothing_twice() -> Result<()> {
     x2.join("r").await?;
     publish(&mut p, "r", 1, "live").await?;
     x2.recv_until("live", |v| v["text"] == "live-0").await?;
-    x2.send(json!({"type":"resume","rooms":{"r":pos}})).await?;
+    x2.resume([("r", pos)]).await?;
     let r = x2.recv_type("resumed").await?;
     assert_eq!((r["from_seq"].as_u64(), r["to_seq"].as_u64(), r["complete"].as_bool()), (Some(4), Some(6), Some(true)));
-    let got = seqs(&x2, "r");
+    let got = x2.seqs("r");
     assert_eq!(got, vec![6, 4, 5], "the live one, then only what was missed: nothing twice");
     Ok(())
 }

@@ -2,8 +2,9 @@
 //! true when a node dies without a word.
 
 use anyhow::Result;
-use serde_json::{json, Value};
+use serde_json::Value;
 use std::time::{Duration, Instant};
+use tether_proto::wire::ClientMsg;
 use tether_tests::{Backend, Kind, WsClient};
 
 /// Presence TTL of these tests: 900 ms unless `TETHER_TEST_PRESENCE_TTL_MS` says otherwise
@@ -13,13 +14,19 @@ fn presence_ttl() -> Duration {
     Duration::from_millis(ms)
 }
 
+fn presence(room: &str) -> ClientMsg {
+    ClientMsg::Presence { room: room.into() }
+}
+
 fn fast(cfg: &mut tether_node::Config) {
     cfg.presence_ttl = presence_ttl();
 }
 
-async fn ids_in(c: &mut WsClient, request: Value, kind: &str) -> Result<Vec<String>> {
-    c.send(request).await?;
-    let answer = c.recv_type(kind).await?;
+/// Sends a `presence` or `online` request and returns the sorted ids of its answer (a frame
+/// of the request's own type).
+async fn ids_in(c: &mut WsClient, request: ClientMsg) -> Result<Vec<String>> {
+    c.send_msg(&request).await?;
+    let answer = c.recv_type(request.kind()).await?;
     let mut ids: Vec<String> =
         answer["users"].as_array().into_iter().flatten().filter_map(|u| u["id"].as_str().map(String::from)).collect();
     ids.sort();
@@ -33,30 +40,30 @@ async fn presence_and_online_span_every_node_and_two_tabs_are_one(kind: Kind) ->
     let (mut a, _) = WsClient::connect_ready(&n1.ws_url("ann")).await?;
     let (mut b, _) = WsClient::connect_ready(&n2.ws_url("ben")).await?;
     let (mut b_tab, _) = WsClient::connect_ready(&n1.ws_url("ben")).await?;
-    a.send(json!({"type":"set_name","name":"Ann"})).await?;
+    a.set_name("Ann").await?;
     a.join("lobby").await?;
     b.join("lobby").await?;
     b_tab.join("lobby").await?;
     for c in [&mut a, &mut b] {
-        assert_eq!(ids_in(c, json!({"type":"presence","room":"lobby"}), "presence").await?, ["ann", "ben"]);
-        assert_eq!(ids_in(c, json!({"type":"online"}), "online").await?, ["ann", "ben"]);
+        assert_eq!(ids_in(c, presence("lobby")).await?, ["ann", "ben"]);
+        assert_eq!(ids_in(c, ClientMsg::Online).await?, ["ann", "ben"]);
     }
-    a.send(json!({"type":"presence","room":"lobby"})).await?;
+    a.send_msg(&ClientMsg::Presence { room: "lobby".into() }).await?;
     let p = a.recv_type("presence").await?;
     let ann = p["users"].as_array().and_then(|u| u.iter().find(|u| u["id"] == "ann")).cloned().unwrap_or_default();
     assert_eq!((ann["user"].as_str(), ann["server"].as_str()), (Some("Ann"), Some("node-1")));
     // Closing one tab announces nothing: Ben is still there.
     b_tab.close().await;
-    a.send(json!({"type":"message","room":"lobby","text":"marker"})).await?;
+    a.say("lobby", "marker").await?;
     a.recv_until("marker", |v| v["text"] == "marker").await?;
     assert!(!a.seen.iter().any(|v| v["type"] == "user_left"), "{:?}", a.seen);
-    assert_eq!(ids_in(&mut a, json!({"type":"presence","room":"lobby"}), "presence").await?, ["ann", "ben"]);
+    assert_eq!(ids_in(&mut a, presence("lobby")).await?, ["ann", "ben"]);
     // The last tab going is announced at once, as `disconnected`.
     b.close().await;
     let left = a.recv_type("user_left").await?;
     assert_eq!((left["id"].as_str(), left["reason"].as_str()), (Some("ben"), Some("disconnected")));
-    assert_eq!(ids_in(&mut a, json!({"type":"presence","room":"lobby"}), "presence").await?, ["ann"]);
-    assert_eq!(ids_in(&mut a, json!({"type":"online"}), "online").await?, ["ann"]);
+    assert_eq!(ids_in(&mut a, presence("lobby")).await?, ["ann"]);
+    assert_eq!(ids_in(&mut a, ClientMsg::Online).await?, ["ann"]);
     Ok(())
 }
 
@@ -90,14 +97,14 @@ async fn a_dead_nodes_members_are_announced_once_cluster_wide_unless_they_came_b
     assert!(noticed < presence_ttl() + Duration::from_secs(3), "noticed after {noticed:?}");
     // Pub/sub keeps a channel's order: a marker published after the announcement arrives
     // after any duplicate of it would have.
-    back2.send(json!({"type":"message","room":"room","text":"after"})).await?;
+    back2.say("room", "after").await?;
     for cl in [&mut a, &mut c] {
         cl.recv_until("marker", |v| v["text"] == "after").await?;
         let downs: Vec<&Value> = cl.seen.iter().filter(|v| v["type"] == "user_left").collect();
         assert_eq!(downs.len(), 1, "exactly one announcement, for `gone` only: {downs:?}");
     }
-    assert_eq!(ids_in(&mut c, json!({"type":"presence","room":"room"}), "presence").await?, ["a1", "back", "c1"]);
-    assert_eq!(ids_in(&mut a, json!({"type":"online"}), "online").await?, ["a1", "back", "c1"]);
+    assert_eq!(ids_in(&mut c, presence("room")).await?, ["a1", "back", "c1"]);
+    assert_eq!(ids_in(&mut a, ClientMsg::Online).await?, ["a1", "back", "c1"]);
     // `gone` coming back later is announced as joined again.
     let (_gone2, _) = WsClient::connect_ready(&n1.ws_url("gone")).await?;
     let j = c.recv_until("gone rejoined", |v| v["type"] == "user_joined" && v["id"] == "gone").await?;

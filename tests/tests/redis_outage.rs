@@ -7,7 +7,6 @@
 //! stayed 200 after Redis died) are printed for the record; only generous bounds are asserted.
 
 use anyhow::{bail, Context, Result};
-use serde_json::json;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -60,7 +59,7 @@ async fn talk(mut c: WsClient, me: &'static str, log: Arc<Mutex<Log>>, stop: Can
         }
         let text = format!("{me}-{i}");
         let at = Instant::now();
-        c.send(json!({"type":"message","room":"r","text":text})).await?;
+        c.say("r", text.as_str()).await?;
         let end = at + DEADLINE;
         let ok = loop {
             let v = c
@@ -357,7 +356,7 @@ async fn a_node_that_cannot_publish_is_not_ready_even_while_subscribed() -> Resu
     let paused = Instant::now();
     let pause = Duration::from_millis(5000);
     let () = redis::cmd("CLIENT").arg("PAUSE").arg(pause.as_millis() as u64).arg("WRITE").query_async(&mut con).await?;
-    a.send(json!({"type":"message","room":"r","text":"while paused"})).await?;
+    a.say("r", "while paused").await?;
     let e = a.recv_until("the refusal", |v| v["type"] == "error").await?;
     assert_eq!(e["code"], "backbone_unavailable", "{e}");
     let refused = paused.elapsed();
@@ -366,7 +365,7 @@ async fn a_node_that_cannot_publish_is_not_ready_even_while_subscribed() -> Resu
     assert_eq!(status, 503, "/readyz must not say 200 right after a publish failed for want of Redis");
     eventually("ready again after the pause", || ready(n1.addr, 200)).await?;
     let back = paused.elapsed();
-    a.send(json!({"type":"message","room":"r","text":"after the pause"})).await?;
+    a.say("r", "after the pause").await?;
     b.recv_until("the message after the pause", |v| v["text"] == "after the pause").await?;
     eprintln!(
         "CLIENT PAUSE {} ms WRITE: publish refused after {} ms, /readyz 503 then, 200 again {} ms after the pause began",

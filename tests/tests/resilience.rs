@@ -3,9 +3,10 @@
 
 use anyhow::{bail, Context, Result};
 use futures_util::{SinkExt, StreamExt};
-use serde_json::{json, Value};
+use serde_json::Value;
 use std::time::{Duration, Instant};
 use tether_kit::{LogTarget, NodeProcess, RedisServer, SpawnOptions};
+use tether_proto::wire::ClientMsg;
 use tether_tests::{eventually, http_get, Backend, InProcessNode, Kind, WsClient, DEADLINE};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -33,7 +34,7 @@ async fn a_reader_that_stalls_is_closed_and_costs_nobody_else_anything() -> Resu
     let stream = socket.connect(node.addr()).await?;
     let (mut stalled, _) =
         tokio::time::timeout(DEADLINE, tokio_tungstenite::client_async(url("stalled"), stream)).await??;
-    stalled.send(Message::Text(json!({"type":"join","room":"flood"}).to_string().into())).await?;
+    stalled.send(Message::Text(ClientMsg::Join { room: "flood".into() }.to_json().into())).await?;
     let mut seen = Vec::new();
     loop {
         let next = tokio::time::timeout(DEADLINE, stalled.next())
@@ -76,7 +77,7 @@ async fn a_reader_that_stalls_is_closed_and_costs_nobody_else_anything() -> Resu
         .collect();
     let mut peak = before;
     for i in 0..COUNT {
-        tokio::time::timeout(DEADLINE, publisher.send(json!({"type":"message","room":"flood","text":text})))
+        tokio::time::timeout(DEADLINE, publisher.say("flood", text.as_str()))
             .await
             .with_context(|| format!("publishing message {i}"))??;
         publisher.recv_until("own echo", |v| v["type"] == "message").await?;
@@ -136,7 +137,7 @@ async fn a_join_sent_before_the_backbone_connects_waits_for_it() -> Result<()> {
         cfg.reconnect_max = Duration::from_millis(50);
     })?;
     let (mut early, _) = WsClient::connect_ready(&node.ws_url("early")).await?;
-    early.send(json!({"type":"join","room":"r"})).await?;
+    early.send_msg(&ClientMsg::Join { room: "r".into() }).await?;
     // The join's answer: `user_joined`, or an error about it (not the `session could not be
     // loaded` that a connect while Redis is down is told).
     let about_the_join =
@@ -154,7 +155,7 @@ async fn a_join_sent_before_the_backbone_connects_waits_for_it() -> Result<()> {
     // And the subscription it waited for is live: a second member hears the first one speak.
     let (mut other, _) = WsClient::connect_ready(&node.ws_url("other")).await?;
     other.join("r").await?;
-    early.send(json!({"type":"message","room":"r","text":"after the wait"})).await?;
+    early.say("r", "after the wait").await?;
     other.recv_until("the message", |v| v["text"] == "after the wait").await?;
     Ok(())
 }
@@ -173,7 +174,7 @@ async fn backbone_restart_under_traffic_drops_no_connection_and_loses_nothing_si
     a.join("r").await?;
     b.join("r").await?;
     for i in 0..5 {
-        a.send(json!({"type":"message","room":"r","text":format!("before-{i}")})).await?;
+        a.say("r", format!("before-{i}")).await?;
     }
     b.recv_until("the last message before the outage", |v| v["text"] == "before-4").await?;
     // And its own copy, which is its acknowledgement: Redis pushes a publish to each
@@ -185,7 +186,7 @@ async fn backbone_restart_under_traffic_drops_no_connection_and_loses_nothing_si
     for addr in [n1.addr, n2.addr] {
         eventually("unready", || async { (http_get(addr, "/readyz").await.ok()?.0 == 503).then_some(()) }).await?;
     }
-    a.send(json!({"type":"message","room":"r","text":"into the void"})).await?;
+    a.say("r", "into the void").await?;
     let e = a.recv_until("the refusal", |v| v["type"] == "error").await?;
     assert_eq!(e["code"], "backbone_unavailable", "{e}");
 
@@ -199,7 +200,7 @@ async fn backbone_restart_under_traffic_drops_no_connection_and_loses_nothing_si
     // message of a burst sent now is acknowledged and delivered across, in order.
     const AFTER: usize = 20;
     for i in 0..AFTER {
-        a.send(json!({"type":"message","room":"r","text":format!("after-{i}")})).await?;
+        a.say("r", format!("after-{i}")).await?;
     }
     b.recv_until("the last message after the restart", |v| v["text"] == format!("after-{}", AFTER - 1)).await?;
     let delivered = restarted.elapsed();
@@ -238,7 +239,7 @@ async fn messages_published_while_a_node_was_cut_off_reach_its_members_after_it_
     let (mut b, _) = WsClient::connect_ready(&n2.ws_url("listener")).await?;
     a.join("gap").await?;
     b.join("gap").await?;
-    a.send(json!({"type":"message","room":"gap","text":"before"})).await?;
+    a.say("gap", "before").await?;
     b.recv_until("before", |v| v["text"] == "before").await?;
 
     // Cut every subscriber connection: the nodes' pub/sub streams end and they reconnect
@@ -248,7 +249,7 @@ async fn messages_published_while_a_node_was_cut_off_reach_its_members_after_it_
     let killed: i64 = redis::cmd("CLIENT").arg("KILL").arg("TYPE").arg("pubsub").query_async(&mut con).await?;
     assert!(killed >= 2, "killed {killed} subscribers");
     for i in 0..20 {
-        a.send(json!({"type":"message","room":"gap","text":format!("gap-{i}")})).await?;
+        a.say("gap", format!("gap-{i}")).await?;
     }
     b.recv_until("last gap message", |v| v["text"] == "gap-19").await?;
     let got: Vec<&Value> = b.seen.iter().filter(|v| v["type"] == "message").collect();
@@ -276,7 +277,7 @@ async fn a_rate_limited_client_is_told_and_stays_connected() -> Result<()> {
     })?;
     let (mut c, _) = WsClient::connect_ready(&n1.ws_url("chatty")).await?;
     for _ in 0..20 {
-        c.send(json!({"type":"online"})).await?;
+        c.send_msg(&ClientMsg::Online).await?;
     }
     let mut limited = 0;
     let mut answered = 0;
@@ -292,7 +293,7 @@ async fn a_rate_limited_client_is_told_and_stays_connected() -> Result<()> {
     // Tokens come back with time: the same connection is served again.
     let end = Instant::now() + DEADLINE;
     loop {
-        c.send(json!({"type":"online"})).await?;
+        c.send_msg(&ClientMsg::Online).await?;
         let v = c.recv().await?;
         if v["type"] == "online" {
             break;

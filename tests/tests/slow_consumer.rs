@@ -3,10 +3,10 @@
 //! its low-water mark for `slow_consumer_ms` (or passes the hard cap) is.
 
 use anyhow::{bail, Context, Result};
-use serde_json::json;
 use std::time::Duration;
 use tether_kit::{LogTarget, NodeProcess, RedisServer, SpawnOptions};
 use tether_lab::bench::wsraw::{self, OP_CLOSE, OP_TEXT};
+use tether_proto::wire::ClientMsg;
 use tether_tests::{http_get, WsClient, DEADLINE};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::OwnedWriteHalf;
@@ -47,9 +47,25 @@ async fn publisher(url: &str, room: &str, addr: std::net::SocketAddr) -> Result<
     Ok((tx, echoes))
 }
 
+/// A reader `reader_id` in `room` on a socket with a `recv_buffer`-byte receive buffer, and a
+/// publisher in the same room (its write half and echo-discarding task).
+async fn reader_and_publisher(
+    node: &NodeProcess,
+    room: &str,
+    reader_id: &str,
+    recv_buffer: u32,
+) -> Result<(TcpStream, OwnedWriteHalf, JoinHandle<()>)> {
+    let url = |id: &str| format!("{}?client={id}", node.ws_url());
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.set_recv_buffer_size(recv_buffer)?;
+    let reader = joined(&url(reader_id), room, socket.connect(node.addr()).await?).await?;
+    let (tx, echoes) = publisher(&url("publisher"), room, node.addr()).await?;
+    Ok((reader, tx, echoes))
+}
+
 /// `count` room messages of `text`, as masked client frames.
 fn messages(room: &str, text: &str, count: usize) -> Vec<u8> {
-    let payload = json!({"type":"message","room":room,"text":text}).to_string();
+    let payload = ClientMsg::Message { room: room.into(), text: text.into() }.to_json();
     let mut out = Vec::new();
     for i in 0..count {
         wsraw::encode(&mut out, OP_TEXT, payload.as_bytes(), Some(wsraw::mask_for(i as u64)));
@@ -121,13 +137,9 @@ async fn slow_consumers(node: &NodeProcess) -> Result<String> {
 async fn a_healthy_reader_is_not_cut_by_a_burst() -> Result<()> {
     let redis = RedisServer::start().await?;
     let node = node(&redis).await?;
-    let url = |id: &str| format!("{}?client={id}", node.ws_url());
     // A reader that keeps reading, but whose receive buffer is not grown to tens of megabytes
     // (as a kernel does for an application that reads slowly): the burst waits in the node.
-    let socket = tokio::net::TcpSocket::new_v4()?;
-    socket.set_recv_buffer_size(64 * 1024)?;
-    let mut reader = joined(&url("reader"), "burst", socket.connect(node.addr()).await?).await?;
-    let (mut tx, _echoes) = publisher(&url("publisher"), "burst", node.addr()).await?;
+    let (mut reader, mut tx, _echoes) = reader_and_publisher(&node, "burst", "reader", 64 * 1024).await?;
     const COUNT: usize = 20_000;
     let reading = tokio::spawn(async move { read_all(&mut reader, COUNT, None).await });
     tokio::time::timeout(Duration::from_secs(60), tx.write_all(&messages("burst", &"b".repeat(1000), COUNT))).await??;
@@ -146,11 +158,7 @@ async fn a_healthy_reader_is_not_cut_by_a_burst() -> Result<()> {
 async fn a_reader_that_pauses_for_a_second_in_a_10_mb_s_stream_is_not_cut() -> Result<()> {
     let redis = RedisServer::start().await?;
     let node = node(&redis).await?;
-    let url = |id: &str| format!("{}?client={id}", node.ws_url());
-    let socket = tokio::net::TcpSocket::new_v4()?;
-    socket.set_recv_buffer_size(16 * 1024)?;
-    let mut reader = joined(&url("pauser"), "stream", socket.connect(node.addr()).await?).await?;
-    let (mut tx, _echoes) = publisher(&url("publisher"), "stream", node.addr()).await?;
+    let (mut reader, mut tx, _echoes) = reader_and_publisher(&node, "stream", "pauser", 16 * 1024).await?;
 
     const PER_SEC: usize = 200;
     const SECS: usize = 3;

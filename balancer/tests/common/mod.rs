@@ -58,6 +58,23 @@ pub async fn within<T>(what: &str, fut: impl Future<Output = T>) -> T {
 // ---------------------------------------------------------------------------------------------
 // Mock node
 
+/// The names of the usual three mock nodes, in the order [`three_nodes`] starts them.
+pub const NAMES: [&str; 3] = ["node-1", "node-2", "node-3"];
+
+/// The usual set-up: mock nodes `node-1`..`node-3`, ready.
+pub async fn three_nodes() -> Vec<MockNode> {
+    let mut nodes = Vec::new();
+    for name in NAMES {
+        nodes.push(MockNode::start(name).await);
+    }
+    nodes
+}
+
+/// The balancer's config entries for `nodes`.
+pub fn file_nodes(nodes: &[MockNode]) -> Vec<FileNode> {
+    nodes.iter().map(MockNode::file_node).collect()
+}
+
 struct MockState {
     name: String,
     ready: AtomicBool,

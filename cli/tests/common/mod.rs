@@ -6,6 +6,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::Value;
 use std::time::Duration;
+use tether_proto::wire::ClientMsg;
 use tokio::net::TcpStream;
 use tokio::time::{timeout_at, Instant};
 use tokio_tungstenite::tungstenite::Message;
@@ -28,9 +29,20 @@ impl Ws {
         Ok(Self { id: id.to_owned(), ws })
     }
 
-    pub async fn send(&mut self, frame: Value) -> Result<()> {
-        self.ws.send(Message::text(frame.to_string())).await?;
+    /// Sends a client frame, encoded as every client encodes it.
+    pub async fn send_msg(&mut self, msg: &ClientMsg) -> Result<()> {
+        self.ws.send(Message::text(msg.to_json())).await?;
         Ok(())
+    }
+
+    /// Sends a `message` to `room`.
+    pub async fn say(&mut self, room: &str, text: &str) -> Result<()> {
+        self.send_msg(&ClientMsg::Message { room: room.to_owned(), text: text.to_owned() }).await
+    }
+
+    /// Sends a `set_name`.
+    pub async fn set_name(&mut self, name: &str) -> Result<()> {
+        self.send_msg(&ClientMsg::SetName { name: name.to_owned() }).await
     }
 
     /// The first JSON frame for which `pred` holds, skipping others; fails after [`DEADLINE`].
@@ -59,8 +71,7 @@ impl Ws {
 
     /// Joins `room` and waits for its own `user_joined` (the join is then live everywhere).
     pub async fn join(&mut self, room: &str) -> Result<()> {
-        let join = tether_proto::wire::ClientMsg::Join { room: room.to_owned() }.to_json();
-        self.ws.send(Message::text(join)).await?;
+        self.send_msg(&ClientMsg::Join { room: room.to_owned() }).await?;
         let id = self.id.clone();
         let room = room.to_owned();
         self.expect("own user_joined", move |v| {
