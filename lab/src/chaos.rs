@@ -158,13 +158,14 @@ impl From<ChaosArgs> for ChaosOptions {
 }
 
 /// `tether chaos` on the command line: runs, prints the table, writes `--json`, and returns
-/// 1 when anything was lost or duplicated.
+/// 1 when anything was lost or duplicated, [`crate::EXIT_USAGE`] (64) for options that do not
+/// validate.
 pub async fn run_cli(args: ChaosArgs) -> Result<i32> {
     let json = args.json.clone();
     let opts = ChaosOptions::from(args);
     if let Err(e) = opts.validate() {
         eprintln!("tether chaos: {e}");
-        return Ok(2);
+        return Ok(crate::EXIT_USAGE.into());
     }
     let report = run(opts).await?;
     crate::bench::print_report(&format!("{}\n", report.table()), &report, json.as_deref())?;
