@@ -29,7 +29,7 @@ use super::procfs::{self, CpuMeter};
 use super::protocol::Protocol;
 use super::publish::Publishers;
 use super::worker::{Fleet, RoomSpec, WorkerSpec};
-use super::{add_pairs, http_get, metric_sum, new_histogram, source_addrs, split, Latency, MAX_PER_WORKER};
+use super::{add_pairs, http_get, metric_sum, new_histogram, source_addrs, split, Latency, MAX_CLIENTS, MAX_PER_WORKER};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use std::io::Write;
@@ -40,8 +40,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tether_kit::{Cluster, ClusterLogs, ClusterOptions, NodeProcess, SpawnOptions};
 
-/// Most clients behind the one balancer (two descriptors per tunnel, 20,000 per process).
-pub const MAX_CLIENTS: usize = super::MAX_TUNNELS_PER_PROXY - 100;
 /// The fan-out target, delivered messages per second.
 pub const TARGET_DELIVERED_PER_SEC: f64 = 500_000.0;
 /// The target for the backbone hop's p99 at 10,000 msg/s, µs.

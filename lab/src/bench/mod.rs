@@ -56,6 +56,9 @@ pub const FD_LIMIT: usize = 20_000;
 pub const MAX_PER_WORKER: usize = 9_000;
 /// Most tunnels one proxy process can hold: two descriptors each, plus listeners and logs.
 pub const MAX_TUNNELS_PER_PROXY: usize = 9_900;
+/// Most clients of `fanout` behind one balancer process (two descriptors per tunnel, 20,000 per
+/// process, with room for its listeners and logs).
+pub const MAX_CLIENTS: usize = MAX_TUNNELS_PER_PROXY - 100;
 /// Size of the texts the fan-out publishers send.
 pub const TEXT_BYTES: usize = 64;
 /// Connections sharing one 127.0.0.x source address (its ephemeral ports run out near 28,000).

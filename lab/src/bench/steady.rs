@@ -113,7 +113,7 @@ impl SteadyOptions {
         if self.ramp < Duration::from_secs(1) {
             bail!("the ramp before each step must be at least 1 s");
         }
-        let most = if self.through_balancer { super::fanout::MAX_CLIENTS } else { MAX_PER_SERVER * self.nodes };
+        let most = if self.through_balancer { super::MAX_CLIENTS } else { MAX_PER_SERVER * self.nodes };
         if clients + self.rooms > most {
             bail!(
                 "{clients} members + {} publishers exceed what {} hold ({most})",
