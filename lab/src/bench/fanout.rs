@@ -29,7 +29,9 @@ use super::procfs::{self, CpuMeter};
 use super::protocol::Protocol;
 use super::publish::Publishers;
 use super::worker::{Fleet, RoomSpec, WorkerSpec};
-use super::{add_pairs, http_get, metric_sum, new_histogram, source_addrs, split, Latency, MAX_CLIENTS, MAX_PER_WORKER};
+use super::{
+    add_pairs, http_get, metric_sum, new_histogram, source_addrs, split, Latency, MAX_CLIENTS, MAX_PER_WORKER,
+};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use std::io::Write;
