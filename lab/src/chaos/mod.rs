@@ -366,8 +366,8 @@ pub async fn run(opts: ChaosOptions) -> Result<ChaosReport> {
     }
     drop(cluster);
 
-    let ledger = std::mem::take(&mut *shared.ledger());
-    let tally = account::account(&logs, &ledger, heads.as_ref(), &sends, shared.origin_wall_ms);
+    let sightings = std::mem::take(&mut *shared.sightings());
+    let tally = account::account(&logs, &sightings, heads.as_ref(), &sends, shared.origin_wall_ms);
     let sum = |f: fn(&tether_client::StatsSnapshot) -> u64| stats.iter().map(f).sum::<u64>();
     let mut errors: BTreeMap<String, u64> = BTreeMap::new();
     for l in &logs {
@@ -571,11 +571,11 @@ fn progress(opts: &ChaosOptions, phase: &str, t: Duration, chaos: &Chaos, member
     }
     let ready = members.iter().filter(|m| matches!(m.client.status(), Status::Ready { .. })).count();
     let behind = {
-        let ledger = shared.ledger();
+        let sightings = shared.sightings();
         let mut behind = 0u64;
         for m in members.iter().filter(|m| matches!(m.client.status(), Status::Ready { .. })) {
             for room in &m.rooms {
-                let Some((epoch, head)) = ledger.rooms.get(room).and_then(|r| r.head()) else { continue };
+                let Some((epoch, head)) = sightings.rooms.get(room).and_then(|r| r.head()) else { continue };
                 let at = m.client.position(room).filter(|p| p.epoch == epoch).map_or(0, |p| p.seq);
                 behind += head.saturating_sub(at);
             }
