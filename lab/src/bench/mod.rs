@@ -15,7 +15,7 @@
 //!
 //! Support: [`wsraw`] is the minimal WebSocket codec the load side speaks (cheap enough that
 //! the load generator is not what gets measured), [`protocol`] what it speaks over it
-//! (Tether's frames or Socket.IO's), [`publish`] the fan-out publishers; [`echo`] the echo
+//! (Tether's frames or Socket.IO's), [`publish`] the fan-out publishers, [`rooms`] a fan-out run's members and publishers together; [`echo`] the echo
 //! backend of `proxies`;
 //! [`procfs`] reads RSS and CPU time of any process from `/proc`; [`worker`] the
 //! load-generator child (`tether bench worker`, hidden) and its parent-side [`worker::Fleet`].
@@ -32,6 +32,7 @@ pub mod procfs;
 pub mod protocol;
 pub mod proxies;
 pub mod publish;
+pub mod rooms;
 pub mod rtt;
 pub mod socketio;
 pub mod steady;
