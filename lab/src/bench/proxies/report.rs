@@ -155,3 +155,60 @@ pub(super) fn fmt_opt(v: Option<f64>, decimals: usize) -> String {
 fn fmt_load(l: Option<[f64; 3]>) -> String {
     l.map_or("unknown".to_owned(), |[a, b, c]| format!("{a:.2} {b:.2} {c:.2}"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_json_keeps_the_workload_sizes_at_the_top_level() {
+        let w = Workloads {
+            rounds: 3,
+            secs: 2.5,
+            echo_conns: 50,
+            rate_conns: 40,
+            rate: 1000.0,
+            setup_concurrency: 8,
+            idle: 9500,
+            message_bytes: 64,
+        };
+        let report = ProxiesReport {
+            bench: "proxies",
+            workloads: w,
+            cores: 2,
+            loadavg_start: None,
+            loadavg_end: None,
+            skipped: Vec::new(),
+            targets: vec![TargetFigures {
+                target: "direct".into(),
+                echo_per_sec: vec![3.0, 1.0, 2.0],
+                ..Default::default()
+            }],
+        };
+        let json = serde_json::to_value(&report).expect("encodes");
+        let keys: Vec<&str> = json.as_object().expect("an object").keys().map(String::as_str).collect();
+        for key in [
+            "bench",
+            "rounds",
+            "secs",
+            "echo_conns",
+            "rate_conns",
+            "rate",
+            "setup_concurrency",
+            "idle",
+            "message_bytes",
+            "cores",
+            "targets",
+        ] {
+            assert!(keys.contains(&key), "{key} in {keys:?}");
+        }
+        assert!(!keys.contains(&"workloads"), "{keys:?}");
+        assert_eq!(json["rounds"], 3);
+        let table = report.table();
+        assert!(
+            table.starts_with("3 round(s) of 2.5 s per target and workload; (a) 50 connections, 64-byte messages"),
+            "{table}"
+        );
+        assert!(table.contains("| (a) echo throughput, msg/s | 2 |"), "{table}");
+    }
+}
