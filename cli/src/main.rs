@@ -1,4 +1,7 @@
-//! `tether`: parse the command line, set up logging, run the subcommand, exit with its code.
+//! `tether`: parse the command line, set up logging, run the subcommand, exit with its code:
+//! 0 success, 1 a runtime failure (or what the subcommand returns, e.g. `chaos`'s 1 for a lost
+//! or duplicated message), [`tether_lab::EXIT_USAGE`] (64) for bad flags or an unknown
+//! subcommand, like `tether-node` and `tether-balancer`.
 #![forbid(unsafe_code)]
 
 use clap::Parser;
@@ -6,7 +9,17 @@ use std::process::ExitCode;
 use tether::args::{Cli, Command};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::from(tether_lab::EXIT_USAGE)
+            } else {
+                ExitCode::SUCCESS // --help, --version
+            };
+        }
+    };
     // `compare` provokes gaps and lost resumes on purpose and counts them itself; the client
     // library's warnings about each would bury its progress lines. `RUST_LOG` still wins.
     let default_filter = match cli.command {

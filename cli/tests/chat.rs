@@ -258,7 +258,7 @@ async fn compare_rejects_a_bad_flag_before_starting_anything() -> Result<()> {
     ] {
         let output = Command::new(env!("CARGO_BIN_EXE_tether")).args(args).arg("--out").arg(&out).output().await?;
         let err = String::from_utf8_lossy(&output.stderr);
-        assert_eq!(output.status.code(), Some(2), "{args:?}: {err}");
+        assert_eq!(output.status.code(), Some(64), "{args:?}: {err}");
         assert!(err.contains(names), "names the flag: {err}");
     }
     assert!(!out.exists(), "nothing was started or written");
@@ -270,7 +270,7 @@ async fn chaos_rejects_a_bad_flag_before_starting_anything() -> Result<()> {
     for args in [&["chaos", "--rate", "0"][..], &["chaos", "--duration", "0"], &["chaos", "--clients", "0"]] {
         let output = Command::new(env!("CARGO_BIN_EXE_tether")).args(args).output().await?;
         let err = String::from_utf8_lossy(&output.stderr);
-        assert_eq!(output.status.code(), Some(2), "{args:?}: {err}");
+        assert_eq!(output.status.code(), Some(64), "{args:?}: {err}");
         assert!(err.contains(args[1]), "names the flag: {err}");
     }
     Ok(())

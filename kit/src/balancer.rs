@@ -6,7 +6,6 @@ use crate::flags::{has_flag, without_flag};
 use crate::node::SpawnOptions;
 use crate::process::{set_nofile, ChildProcess};
 use anyhow::{Context, Result};
-use nix::sys::signal::Signal;
 use std::net::SocketAddr;
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
@@ -91,30 +90,7 @@ impl BalancerProcess {
         &self.nodes
     }
 
-    /// Its pid.
-    pub fn pid(&self) -> u32 {
-        self.proc.pid()
-    }
-
-    /// Its exit status if it has exited, `None` while it runs.
-    pub fn try_status(&mut self) -> Result<Option<ExitStatus>> {
-        self.proc.try_status()
-    }
-
-    /// `SIGKILL` and reap.
-    pub async fn kill(&mut self) -> Result<ExitStatus> {
-        self.proc.kill().await
-    }
-
-    /// `SIGTERM`: stop accepting, drain, exit.
-    pub fn terminate(&mut self) -> Result<()> {
-        self.proc.signal(Signal::SIGTERM)
-    }
-
-    /// Waits up to `within` for the exit; `None` if it still runs.
-    pub async fn wait_exit(&mut self, within: Duration) -> Result<Option<ExitStatus>> {
-        self.proc.wait_exit(within).await
-    }
+    crate::process::process_controls!(proc);
 
     /// Starts it again on the same two ports with the same nodes (killing it first).
     pub async fn restart(&mut self) -> Result<()> {

@@ -239,7 +239,7 @@ impl Cluster {
         let mut all = vec![&mut self.balancer.proc];
         all.extend(self.nodes.iter_mut().map(|n| &mut n.proc));
         // The servers last, Redis at the very end (see `shutdown`).
-        if let Some(proc) = self.nats.as_mut().and_then(|n| n.proc.as_mut()) {
+        if let Some(proc) = self.nats.as_mut().and_then(|n| n.srv.proc.as_mut()) {
             all.push(proc);
         }
         if let Some(proc) = self.redis.as_mut().and_then(RedisServer::process_mut) {
@@ -278,8 +278,8 @@ impl Cluster {
     /// for them to exit, `SIGKILL` for stragglers; then the same for Redis and NATS (last, so that the
     /// nodes can still clean up their presence on the way out).
     pub async fn shutdown(&mut self, grace: Duration) -> Result<Vec<StopReport>> {
-        let servers = usize::from(self.redis.as_ref().is_some_and(|r| r.proc.is_some()))
-            + usize::from(self.nats.as_ref().is_some_and(|n| n.proc.is_some()));
+        let servers = usize::from(self.redis.as_ref().is_some_and(|r| r.srv.proc.is_some()))
+            + usize::from(self.nats.as_ref().is_some_and(|n| n.srv.proc.is_some()));
         let mut all = self.owned();
         let redis = all.split_off(all.len() - servers);
         let mut reports = stop_gracefully(all, grace).await?;

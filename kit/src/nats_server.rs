@@ -3,7 +3,7 @@
 
 use crate::bin::find_on_path;
 use crate::process::ChildProcess;
-use crate::server::{on_a_free_port, until_ready, StartError};
+use crate::server::{on_a_free_port, until_ready, PortServer, StartError};
 use anyhow::{anyhow, Context, Result};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -21,10 +21,7 @@ const SHARED_NATS_PORT: u16 = 4222;
 #[derive(Debug)]
 pub struct NatsServer {
     // Before `dir`: the process dies before its store is removed.
-    pub(crate) proc: Option<ChildProcess>,
-    port: u16,
-    program: PathBuf,
-    logfile: PathBuf,
+    pub(crate) srv: PortServer,
     /// The `server_name` it was given: how a readiness probe knows it reached *this* server.
     server_name: String,
     dir: tempfile::TempDir,
@@ -53,7 +50,7 @@ impl NatsServer {
         })
         .await?;
         let server_name = name(port);
-        Ok(Self { proc: Some(proc), port, program, logfile, server_name, dir })
+        Ok(Self { srv: PortServer { proc: Some(proc), port, program, logfile }, server_name, dir })
     }
 
     /// Starts one, logging into its temporary directory.
@@ -61,46 +58,22 @@ impl NatsServer {
         Self::start_with(None).await
     }
 
-    /// Its port.
-    pub fn port(&self) -> u16 {
-        self.port
-    }
+    crate::server::port_server_accessors!(srv);
 
     /// `nats://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
-    }
-
-    /// Its pid, while it runs.
-    pub fn pid(&self) -> Option<u32> {
-        self.proc.as_ref().filter(|p| !p.has_exited()).map(ChildProcess::pid)
-    }
-
-    /// Where its log goes.
-    pub fn logfile(&self) -> &Path {
-        &self.logfile
-    }
-
-    /// `SIGKILL`s it and waits until it is gone (no-op if it is not running).
-    pub async fn kill(&mut self) -> Result<()> {
-        if let Some(proc) = self.proc.as_mut() {
-            proc.kill().await?;
-        }
-        Ok(())
+        format!("nats://127.0.0.1:{}", self.srv.port)
     }
 
     /// Starts it again on the same port (killing the running one first), with the same store
     /// directory. Fails if another process took the port meanwhile.
     pub async fn restart(&mut self) -> Result<()> {
-        self.kill().await?;
-        self.proc = None;
-        let proc = spawn_nats(&self.program, self.port, &self.server_name, self.dir.path(), &self.logfile)
+        let (name, dir) = (&self.server_name, self.dir.path());
+        self.srv
+            .restart("nats-server", |program, port, logfile| async move {
+                spawn_nats(&program, port, name, dir, &logfile).await
+            })
             .await
-            .map_err(|(StartError::ExitedEarly(e) | StartError::Fatal(e))| {
-                e.context(format!("restarting nats-server on port {}", self.port))
-            })?;
-        self.proc = Some(proc);
-        Ok(())
     }
 }
 

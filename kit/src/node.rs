@@ -5,7 +5,6 @@ use crate::bin::{bin_path, NODE_BIN};
 use crate::flags::{has_flag, without_flag};
 use crate::process::{set_nofile, ChildProcess, LogTarget, DEFAULT_READY_TIMEOUT};
 use anyhow::{bail, Context, Result};
-use nix::sys::signal::Signal;
 use std::net::SocketAddr;
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
@@ -110,30 +109,7 @@ impl NodeProcess {
         format!("http://{}", self.addr)
     }
 
-    /// Its pid (that of the current process after a restart).
-    pub fn pid(&self) -> u32 {
-        self.proc.pid()
-    }
-
-    /// Its exit status if it has exited, `None` while it runs.
-    pub fn try_status(&mut self) -> Result<Option<ExitStatus>> {
-        self.proc.try_status()
-    }
-
-    /// `SIGKILL` and reap: a crash, as far as the rest of the cluster can tell.
-    pub async fn kill(&mut self) -> Result<ExitStatus> {
-        self.proc.kill().await
-    }
-
-    /// `SIGTERM`: a graceful stop. Pair with [`NodeProcess::wait_exit`].
-    pub fn terminate(&mut self) -> Result<()> {
-        self.proc.signal(Signal::SIGTERM)
-    }
-
-    /// Waits up to `within` for the exit; `None` if it still runs.
-    pub async fn wait_exit(&mut self, within: Duration) -> Result<Option<ExitStatus>> {
-        self.proc.wait_exit(within).await
-    }
+    crate::process::process_controls!(proc);
 
     /// Starts it again with the same name, Redis and arguments on the same port (killing it
     /// first if it still runs). The old port is usually free again at once; if another process

@@ -432,6 +432,42 @@ pub async fn stop_gracefully(procs: Vec<&mut ChildProcess>, grace: Duration) -> 
     Ok(reports)
 }
 
+/// The process controls that a workspace binary's handle ([`NodeProcess`], [`BalancerProcess`])
+/// passes straight to its [`ChildProcess`] in field `$proc`: written once here, so the two
+/// handles cannot drift apart.
+///
+/// [`NodeProcess`]: crate::NodeProcess
+/// [`BalancerProcess`]: crate::BalancerProcess
+macro_rules! process_controls {
+    ($proc:ident) => {
+        /// Its pid (that of the current process after a restart).
+        pub fn pid(&self) -> u32 {
+            self.$proc.pid()
+        }
+
+        /// Its exit status if it has exited, `None` while it runs.
+        pub fn try_status(&mut self) -> Result<Option<ExitStatus>> {
+            self.$proc.try_status()
+        }
+
+        /// `SIGKILL` and reap: a crash, as far as the rest of the cluster can tell.
+        pub async fn kill(&mut self) -> Result<ExitStatus> {
+            self.$proc.kill().await
+        }
+
+        /// `SIGTERM`: a graceful stop (drain, then exit). Pair with `wait_exit`.
+        pub fn terminate(&mut self) -> Result<()> {
+            self.$proc.signal(nix::sys::signal::Signal::SIGTERM)
+        }
+
+        /// Waits up to `within` for the exit; `None` if it still runs.
+        pub async fn wait_exit(&mut self, within: Duration) -> Result<Option<ExitStatus>> {
+            self.$proc.wait_exit(within).await
+        }
+    };
+}
+pub(crate) use process_controls;
+
 #[cfg(test)]
 mod tests {
     use super::*;

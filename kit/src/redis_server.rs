@@ -4,7 +4,7 @@
 
 use crate::bin::find_on_path;
 use crate::process::ChildProcess;
-use crate::server::{on_a_free_port, until_ready, StartError};
+use crate::server::{on_a_free_port, until_ready, PortServer, StartError};
 use anyhow::{anyhow, Context, Result};
 use nix::sys::signal::Signal;
 use std::path::{Path, PathBuf};
@@ -35,10 +35,7 @@ pub enum Persistence {
 pub struct RedisServer {
     // Declared before `dir`: fields drop in order, so the process dies before its
     // directory is removed.
-    pub(crate) proc: Option<ChildProcess>,
-    port: u16,
-    program: PathBuf,
-    logfile: PathBuf,
+    pub(crate) srv: PortServer,
     /// Kept for restarts, which must reload what the first process wrote.
     persistence: Persistence,
     dir: tempfile::TempDir,
@@ -73,35 +70,14 @@ impl RedisServer {
             spawn_redis(&program, port, dir.path(), &logfile, persistence)
         })
         .await?;
-        Ok(Self { proc: Some(proc), port, program, logfile, persistence, dir })
+        Ok(Self { srv: PortServer { proc: Some(proc), port, program, logfile }, persistence, dir })
     }
 
-    /// Its port.
-    pub fn port(&self) -> u16 {
-        self.port
-    }
+    crate::server::port_server_accessors!(srv);
 
     /// `redis://127.0.0.1:PORT/`.
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
-    }
-
-    /// Its pid, while it runs.
-    pub fn pid(&self) -> Option<u32> {
-        self.proc.as_ref().filter(|p| !p.has_exited()).map(ChildProcess::pid)
-    }
-
-    /// Where its log goes.
-    pub fn logfile(&self) -> &Path {
-        &self.logfile
-    }
-
-    /// `SIGKILL`s it and waits until it is gone (no-op if it is not running).
-    pub async fn kill(&mut self) -> Result<()> {
-        if let Some(proc) = self.proc.as_mut() {
-            proc.kill().await?;
-        }
-        Ok(())
+        format!("redis://127.0.0.1:{}/", self.srv.port)
     }
 
     /// Whether it keeps its data across [`RedisServer::restart`].
@@ -111,7 +87,7 @@ impl RedisServer {
 
     /// Sends `SIGTERM` (without persistence Redis exits at once: nothing to save).
     pub fn terminate(&mut self) -> Result<()> {
-        match self.proc.as_mut() {
+        match self.srv.proc.as_mut() {
             Some(proc) => proc.signal(Signal::SIGTERM),
             None => Ok(()),
         }
@@ -119,7 +95,7 @@ impl RedisServer {
 
     /// Waits up to `within` for it to exit; `None` if it still runs.
     pub async fn wait_exit(&mut self, within: Duration) -> Result<Option<ExitStatus>> {
-        match self.proc.as_mut() {
+        match self.srv.proc.as_mut() {
             Some(proc) => proc.wait_exit(within).await,
             None => Ok(None),
         }
@@ -129,19 +105,16 @@ impl RedisServer {
     /// everything it had acknowledged under [`Persistence::AppendOnly`]. Fails if another
     /// process took the port meanwhile.
     pub async fn restart(&mut self) -> Result<()> {
-        self.kill().await?;
-        self.proc = None;
-        let proc = spawn_redis(&self.program, self.port, self.dir.path(), &self.logfile, self.persistence)
+        let (dir, persistence) = (self.dir.path(), self.persistence);
+        self.srv
+            .restart("redis-server", |program, port, logfile| async move {
+                spawn_redis(&program, port, dir, &logfile, persistence).await
+            })
             .await
-            .map_err(|(StartError::ExitedEarly(e) | StartError::Fatal(e))| {
-                e.context(format!("restarting redis-server on port {}", self.port))
-            })?;
-        self.proc = Some(proc);
-        Ok(())
     }
 
     pub(crate) fn process_mut(&mut self) -> Option<&mut ChildProcess> {
-        self.proc.as_mut()
+        self.srv.proc.as_mut()
     }
 }
 

@@ -1,11 +1,12 @@
 //! What starting `redis-server` and `nats-server` have in common: a free port that is never
 //! the machine's shared one, a readiness probe with a deadline, and a retry on another port
-//! when the server exits at once because someone took the port between our probe and its bind.
+//! when the server exits at once because someone took the port between our probe and its bind;
+//! once one runs, [`PortServer`]: its process, port and log, killed and restarted in place.
 
 use crate::ports::free_port;
 use crate::process::ChildProcess;
 use anyhow::{anyhow, Result};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 use tokio::time::{sleep, Instant};
 
@@ -94,3 +95,74 @@ pub(crate) fn log_tail(path: &Path) -> String {
         Err(_) => format!("no log at {}", path.display()),
     }
 }
+
+/// A server process we started, the port it owns and where it logs: what a running
+/// [`RedisServer`](crate::RedisServer) and [`NatsServer`](crate::NatsServer) have in common.
+#[derive(Debug)]
+pub(crate) struct PortServer {
+    /// `None` after a failed restart.
+    pub(crate) proc: Option<ChildProcess>,
+    pub(crate) port: u16,
+    pub(crate) program: PathBuf,
+    pub(crate) logfile: PathBuf,
+}
+
+impl PortServer {
+    /// Its pid, while it runs.
+    pub(crate) fn pid(&self) -> Option<u32> {
+        self.proc.as_ref().filter(|p| !p.has_exited()).map(ChildProcess::pid)
+    }
+
+    /// `SIGKILL`s it and waits until it is gone (no-op if it is not running).
+    pub(crate) async fn kill(&mut self) -> Result<()> {
+        if let Some(proc) = self.proc.as_mut() {
+            proc.kill().await?;
+        }
+        Ok(())
+    }
+
+    /// Kills it and starts it again on the same port with `spawn(program, port, logfile)`.
+    /// Fails (with no process left) if another process took the port meanwhile.
+    pub(crate) async fn restart<F, Fut>(&mut self, what: &str, spawn: F) -> Result<()>
+    where
+        F: FnOnce(PathBuf, u16, PathBuf) -> Fut,
+        Fut: std::future::Future<Output = Result<ChildProcess, StartError>>,
+    {
+        self.kill().await?;
+        self.proc = None;
+        let proc = spawn(self.program.clone(), self.port, self.logfile.clone()).await.map_err(
+            |(StartError::ExitedEarly(e) | StartError::Fatal(e))| {
+                e.context(format!("restarting {what} on port {}", self.port))
+            },
+        )?;
+        self.proc = Some(proc);
+        Ok(())
+    }
+}
+
+/// The public accessors of a server handle whose [`PortServer`] is field `$srv`: written once,
+/// for [`RedisServer`](crate::RedisServer) and [`NatsServer`](crate::NatsServer).
+macro_rules! port_server_accessors {
+    ($srv:ident) => {
+        /// Its port.
+        pub fn port(&self) -> u16 {
+            self.$srv.port
+        }
+
+        /// Its pid, while it runs.
+        pub fn pid(&self) -> Option<u32> {
+            self.$srv.pid()
+        }
+
+        /// Where its log goes.
+        pub fn logfile(&self) -> &Path {
+            &self.$srv.logfile
+        }
+
+        /// `SIGKILL`s it and waits until it is gone (no-op if it is not running).
+        pub async fn kill(&mut self) -> Result<()> {
+            self.$srv.kill().await
+        }
+    };
+}
+pub(crate) use port_server_accessors;

@@ -11,6 +11,11 @@
 //! The clusters they run come from `tether-kit`.
 #![deny(unsafe_code)]
 
+/// Exit code for bad flags or an unknown subcommand (sysexits' `EX_USAGE`), as `tether-node` and
+/// `tether-balancer` use: the lab tools return it when their options do not validate, and the
+/// `tether` binary when clap rejects the command line.
+pub const EXIT_USAGE: u8 = 64;
+
 pub mod bench;
 pub mod chaos;
 pub mod compare;

@@ -28,8 +28,9 @@ use super::args::FanoutArgs;
 use super::procfs::{self, CpuMeter};
 use super::protocol::Protocol;
 use super::publish::Publishers;
+use super::rooms::{self, RoomLoad, RoomLoadNames};
 use super::worker::{Fleet, RoomSpec, WorkerSpec};
-use super::{add_pairs, http_get, metric_sum, new_histogram, source_addrs, split, Latency, MAX_PER_WORKER};
+use super::{add_pairs, http_get, metric_sum, new_histogram, source_addrs, Latency, MAX_CLIENTS};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use std::io::Write;
@@ -40,8 +41,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tether_kit::{Cluster, ClusterLogs, ClusterOptions, NodeProcess, SpawnOptions};
 
-/// Most clients behind the one balancer (two descriptors per tunnel, 20,000 per process).
-pub const MAX_CLIENTS: usize = super::MAX_TUNNELS_PER_PROXY - 100;
 /// The fan-out target, delivered messages per second.
 pub const TARGET_DELIVERED_PER_SEC: f64 = 500_000.0;
 /// The target for the backbone hop's p99 at 10,000 msg/s, µs.
@@ -325,50 +324,18 @@ async fn measure<W: Write>(
     .context("the balancer did not see every node ready")?;
     let tag = format!("{}-{}", std::process::id(), super::unix_micros() % 1_000_000_000);
     let room_prefix = format!("fan-{tag}-");
-    let clients = opts.rooms * opts.members;
-    // At least two load generators, so that receiving can use both cores.
-    let per_worker = MAX_PER_WORKER.min(clients.div_ceil(2)).max(1);
     let targets: Vec<SocketAddr> =
         if opts.direct { cluster.nodes().iter().map(|n| n.addr()).collect() } else { vec![cluster.balancer().addr()] };
-    let specs: Vec<WorkerSpec> = split(clients, per_worker)
-        .into_iter()
-        .enumerate()
-        .map(|(k, (first, count))| WorkerSpec {
-            targets: targets.clone(),
-            sources: source_addrs(k, count),
-            id_prefix: format!("fan-{tag}-m"),
-            first: first as u64,
-            count: count as u64,
-            concurrency: 32,
-            rooms: Some(RoomSpec { prefix: room_prefix.clone(), count: opts.rooms as u64 }),
-            connect_timeout_ms: 60_000,
-            protocol: Protocol::Tether,
-        })
-        .collect();
-    writeln!(
-        out,
-        "connecting {} members ({} rooms × {}) {} from {} load generators; {}",
-        clients,
-        opts.rooms,
-        opts.members,
-        if opts.direct { "straight to the nodes" } else { "through the balancer" },
-        specs.len(),
-        procfs::loadavg_line()
-    )?;
     let loadavg = procfs::loadavg();
-    let (mut fleet, opened) = Fleet::start(specs, Duration::from_secs(600), out).await?;
-    writeln!(
-        out,
-        "  {} members joined, {} failed, in {:.1} s",
-        opened.open,
-        opened.failed,
-        opened.elapsed.as_secs_f64()
-    )?;
-    if opened.failed > 0 {
-        writeln!(out, "  first errors: {:?}", opened.errors)?;
-    }
-    let rooms: Vec<String> = (0..opts.rooms).map(|r| format!("{room_prefix}{r}")).collect();
-    let mut pubs = Publishers::connect(Protocol::Tether, &targets, &format!("fan-{tag}-p"), &rooms).await?;
+    let names = RoomLoadNames {
+        room_prefix: &room_prefix,
+        id_tag: &format!("fan-{tag}"),
+        lead: "",
+        how: if opts.direct { " straight to the nodes" } else { " through the balancer" },
+        first_worker: 0,
+    };
+    let RoomLoad { mut fleet, mut pubs, open } =
+        rooms::connect(Protocol::Tether, &targets, opts.rooms, opts.members, names, out).await?;
 
     let node_addrs: Vec<(String, SocketAddr)> =
         cluster.nodes().iter().map(|n| (n.name().to_owned(), n.addr())).collect();
@@ -478,7 +445,7 @@ async fn measure<W: Write>(
         nodes: opts.nodes,
         direct: opts.direct,
         node_threads: opts.threads_per_node(),
-        clients_open: opened.open,
+        clients_open: open,
         step_secs: opts.step.as_secs_f64(),
         cores: procfs::cores(),
         loadavg,

@@ -15,7 +15,7 @@
 //!
 //! Support: [`wsraw`] is the minimal WebSocket codec the load side speaks (cheap enough that
 //! the load generator is not what gets measured), [`protocol`] what it speaks over it
-//! (Tether's frames or Socket.IO's), [`publish`] the fan-out publishers; [`echo`] the echo
+//! (Tether's frames or Socket.IO's), [`publish`] the fan-out publishers, [`rooms`] a fan-out run's members and publishers together; [`echo`] the echo
 //! backend of `proxies`;
 //! [`procfs`] reads RSS and CPU time of any process from `/proc`; [`worker`] the
 //! load-generator child (`tether bench worker`, hidden) and its parent-side [`worker::Fleet`].
@@ -32,6 +32,7 @@ pub mod procfs;
 pub mod protocol;
 pub mod proxies;
 pub mod publish;
+pub mod rooms;
 pub mod rtt;
 pub mod socketio;
 pub mod steady;
@@ -56,6 +57,9 @@ pub const FD_LIMIT: usize = 20_000;
 pub const MAX_PER_WORKER: usize = 9_000;
 /// Most tunnels one proxy process can hold: two descriptors each, plus listeners and logs.
 pub const MAX_TUNNELS_PER_PROXY: usize = 9_900;
+/// Most clients of `fanout` behind one balancer process (two descriptors per tunnel, 20,000 per
+/// process, with room for its listeners and logs).
+pub const MAX_CLIENTS: usize = MAX_TUNNELS_PER_PROXY - 100;
 /// Size of the texts the fan-out publishers send.
 pub const TEXT_BYTES: usize = 64;
 /// Connections sharing one 127.0.0.x source address (its ephemeral ports run out near 28,000).

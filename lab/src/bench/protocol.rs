@@ -57,7 +57,7 @@ impl Protocol {
         match self {
             Self::Tether => {
                 if let Some(room) = room {
-                    super::worker::join(&mut up, id, room, i).await?;
+                    join_tether(&mut up, id, room, i).await?;
                 }
             }
             Self::SocketIo => {
@@ -128,6 +128,32 @@ fn number(b: &[u8]) -> Option<(u64, &[u8])> {
     let digits = b.iter().take_while(|c| c.is_ascii_digit()).count();
     let n = std::str::from_utf8(&b[..digits]).ok()?.parse().ok()?;
     Some((n, &b[digits..]))
+}
+
+/// Sends `join` and reads until this client's own `user_joined`.
+async fn join_tether(up: &mut Upgraded, id: &str, room: &str, i: u64) -> Result<()> {
+    let mut out = Vec::with_capacity(64);
+    let join = wire::ClientMsg::Join { room: room.to_owned() }.to_json();
+    wsraw::encode(&mut out, OP_TEXT, join.as_bytes(), Some(wsraw::mask_for(i)));
+    up.stream.write_all(&out).await?;
+    let mine = format!("\"id\":\"{id}\"");
+    loop {
+        while let Some(f) = up.decoder.next_frame()? {
+            let p = up.decoder.payload(&f);
+            if f.opcode == OP_CLOSE {
+                bail!("closed while joining");
+            }
+            if wire::frame_type(p) == Some(&b"user_joined"[..]) && wsraw::find(p, mine.as_bytes()).is_some() {
+                return Ok(());
+            }
+            if wire::frame_type(p) == Some(&b"error"[..]) {
+                bail!("join refused: {}", String::from_utf8_lossy(p));
+            }
+        }
+        if up.decoder.read_from(&mut up.stream, READ_CHUNK).await? == 0 {
+            bail!("closed while joining");
+        }
+    }
 }
 
 async fn send(up: &mut Upgraded, payload: &[u8], i: u64) -> Result<()> {

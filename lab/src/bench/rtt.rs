@@ -258,20 +258,8 @@ async fn measure<W: Write>(opts: &RttOptions, targets: &Targets, out: &mut W) ->
     balancer.close().await;
 
     let [d_rounds, b_rounds] = rounds;
-    let direct = TargetReport {
-        target: "direct".into(),
-        url: direct.url,
-        server: direct.server,
-        summary: Summary::of(&totals[0]),
-        rounds: d_rounds,
-    };
-    let balancer = TargetReport {
-        target: "balancer".into(),
-        url: balancer.url,
-        server: balancer.server,
-        summary: Summary::of(&totals[1]),
-        rounds: b_rounds,
-    };
+    let direct = direct.report(&totals[0], d_rounds);
+    let balancer = balancer.report(&totals[1], b_rounds);
     let ratio = |b: u64, d: u64| ((b as f64 / d.max(1) as f64) * 100.0).round() / 100.0;
     Ok(RttReport {
         bench: "rtt",
@@ -312,6 +300,18 @@ struct Client {
 }
 
 impl Client {
+    /// This target's part of the report: its connection, the figures over all its rounds
+    /// (`total`) and each round's.
+    fn report(&self, total: &Histogram<u64>, rounds: Vec<RoundReport>) -> TargetReport {
+        TargetReport {
+            target: self.label.into(),
+            url: self.url.clone(),
+            server: self.server.clone(),
+            summary: Summary::of(total),
+            rounds,
+        }
+    }
+
     /// Connects as `bench-rtt-LABEL-TAG`, joins room `bench-rtt-TAG-LABEL` and waits for its own
     /// `user_joined`, which says the node's subscription to the room is live.
     async fn connect(label: &'static str, base: &str, tag: &str) -> Result<Self> {

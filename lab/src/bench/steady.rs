@@ -26,9 +26,10 @@ use super::args::FanoutArgs;
 use super::procfs::{self, CpuMeter};
 use super::protocol::Protocol;
 use super::publish::Publishers;
+use super::rooms::{self, RoomLoad, RoomLoadNames};
 use super::socketio::{self, SocketIoServer};
-use super::worker::{Fleet, RoomSpec, TallySummary, WorkerSpec, MAX_TRACKED};
-use super::{add_pairs, new_histogram, source_addrs, split, Latency, MAX_PER_WORKER};
+use super::worker::{Fleet, TallySummary, MAX_TRACKED};
+use super::{add_pairs, new_histogram, Latency};
 use anyhow::{bail, Context, Result};
 use serde::Serialize;
 use std::io::Write;
@@ -113,7 +114,7 @@ impl SteadyOptions {
         if self.ramp < Duration::from_secs(1) {
             bail!("the ramp before each step must be at least 1 s");
         }
-        let most = if self.through_balancer { super::fanout::MAX_CLIENTS } else { MAX_PER_SERVER * self.nodes };
+        let most = if self.through_balancer { super::MAX_CLIENTS } else { MAX_PER_SERVER * self.nodes };
         if clients + self.rooms > most {
             bail!(
                 "{clients} members + {} publishers exceed what {} hold ({most})",
@@ -502,48 +503,12 @@ async fn connect<W: Write>(
     first_worker: usize,
     out: &mut W,
 ) -> Result<System> {
-    let clients = opts.rooms * opts.members;
     let room_prefix = format!("{tag}-r");
-    // At least two load generators, so that receiving can use both cores.
-    let per_worker = MAX_PER_WORKER.min(clients.div_ceil(2)).max(1);
-    let specs: Vec<WorkerSpec> = split(clients, per_worker)
-        .into_iter()
-        .enumerate()
-        .map(|(k, (first, count))| WorkerSpec {
-            targets: targets.to_vec(),
-            sources: source_addrs(first_worker + k, count),
-            id_prefix: format!("{tag}-m"),
-            first: first as u64,
-            count: count as u64,
-            concurrency: 32,
-            rooms: Some(RoomSpec { prefix: room_prefix.clone(), count: opts.rooms as u64 }),
-            connect_timeout_ms: 60_000,
-            protocol,
-        })
-        .collect();
-    writeln!(
-        out,
-        "{}: connecting {clients} members ({} rooms × {}) from {} load generators; {}",
-        protocol.label(),
-        opts.rooms,
-        opts.members,
-        specs.len(),
-        procfs::loadavg_line()
-    )?;
-    let (fleet, opened) = Fleet::start(specs, Duration::from_secs(600), out).await?;
-    writeln!(
-        out,
-        "  {} members joined, {} failed, in {:.1} s",
-        opened.open,
-        opened.failed,
-        opened.elapsed.as_secs_f64()
-    )?;
-    if opened.failed > 0 {
-        writeln!(out, "  first errors: {:?}", opened.errors)?;
-    }
-    let rooms: Vec<String> = (0..opts.rooms).map(|r| format!("{room_prefix}{r}")).collect();
-    let pubs = Publishers::connect(protocol, targets, &format!("{tag}-p"), &rooms).await?;
-    Ok(System { protocol, servers, fleet, pubs, open: opened.open, stopped: None })
+    let lead = format!("{}: ", protocol.label());
+    let names = RoomLoadNames { room_prefix: &room_prefix, id_tag: tag, lead: &lead, how: "", first_worker };
+    let RoomLoad { fleet, pubs, open } =
+        rooms::connect(protocol, targets, opts.rooms, opts.members, names, out).await?;
+    Ok(System { protocol, servers, fleet, pubs, open, stopped: None })
 }
 
 /// One rate on one system: ramp, measured window, drain, accounting.

@@ -35,7 +35,6 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tether_kit::ChildProcess;
-use tether_proto::wire;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::Command;
 use tokio::sync::mpsc;
@@ -396,32 +395,6 @@ async fn open_one(spec: &WorkerSpec, i: u64, shared: &Arc<Shared>) {
         }
         Ok(Err(e)) => shared.note_error(format!("{id} → {target}: {e:#}")),
         Err(_) => shared.note_error(format!("{id} → {target}: no upgrade/join within {} ms", spec.connect_timeout_ms)),
-    }
-}
-
-/// Sends `join` and reads until this client's own `user_joined`.
-pub(crate) async fn join(up: &mut Upgraded, id: &str, room: &str, i: u64) -> Result<()> {
-    let mut out = Vec::with_capacity(64);
-    let join = wire::ClientMsg::Join { room: room.to_owned() }.to_json();
-    wsraw::encode(&mut out, OP_TEXT, join.as_bytes(), Some(wsraw::mask_for(i)));
-    up.stream.write_all(&out).await?;
-    let mine = format!("\"id\":\"{id}\"");
-    loop {
-        while let Some(f) = up.decoder.next_frame()? {
-            let p = up.decoder.payload(&f);
-            if f.opcode == OP_CLOSE {
-                bail!("closed while joining");
-            }
-            if wire::frame_type(p) == Some(&b"user_joined"[..]) && wsraw::find(p, mine.as_bytes()).is_some() {
-                return Ok(());
-            }
-            if wire::frame_type(p) == Some(&b"error"[..]) {
-                bail!("join refused: {}", String::from_utf8_lossy(p));
-            }
-        }
-        if up.decoder.read_from(&mut up.stream, READ_CHUNK).await? == 0 {
-            bail!("closed while joining");
-        }
     }
 }
 

@@ -1,7 +1,7 @@
 //! What a chaos run observed, and the arithmetic that turns it into lost / duplicated.
 //!
 //! Three records feed the verdict:
-//! - the [`Ledger`], shared by every client's event task: each message anyone was handed,
+//! - the [`Sightings`], shared by every client's event task: each message anyone was handed,
 //!   by room and `(epoch, seq)` — a message exists iff it got a seq;
 //! - one [`ClientLog`] per client, kept by its event task alone: where each of its rooms
 //!   stood at its own join (`user_joined`'s `head_seq`/`epoch`), every `(epoch, seq)` its app
@@ -36,9 +36,9 @@ pub(crate) struct Seen {
     pub(crate) first_seen_ms: u64,
 }
 
-/// Everything seen of one room.
+/// Everything seen of one room (one entry of [`Sightings`]).
 #[derive(Debug, Default)]
-pub(crate) struct RoomLedger {
+pub(crate) struct RoomSightings {
     /// Epochs in the order they were first seen (join positions included). Epochs cannot
     /// be compared; this order is how "after the join" is decided across an epoch change.
     pub(crate) epochs: Vec<String>,
@@ -49,7 +49,7 @@ pub(crate) struct RoomLedger {
     pub(crate) conflicts: u64,
 }
 
-impl RoomLedger {
+impl RoomSightings {
     pub(crate) fn rank(&mut self, epoch: &str) -> usize {
         match self.epochs.iter().position(|e| e == epoch) {
             Some(i) => i,
@@ -67,21 +67,26 @@ impl RoomLedger {
     }
 }
 
-/// Every message anyone saw, by room.
+/// Every message any client was handed, by room and the `(epoch, seq)` its node assigned: the
+/// chaos run's own record, filled live by the clients' event tasks, and what decides whether a
+/// message exists at all (it got a seq). Not `compare`'s [`DeliveryView`]: that one is a
+/// read-only view keyed by the sender's own message ids, built after the fact from a send log.
+///
+/// [`DeliveryView`]: crate::compare::account::DeliveryView
 #[derive(Debug, Default)]
-pub(crate) struct Ledger {
-    pub(crate) rooms: HashMap<String, RoomLedger>,
+pub(crate) struct Sightings {
+    pub(crate) rooms: HashMap<String, RoomSightings>,
 }
 
 /// State shared by the event tasks, the publisher and the progress line. Counters are
-/// plain atomics; the ledger's lock is never held across an `.await`.
+/// plain atomics; the sightings' lock is never held across an `.await`.
 #[derive(Debug)]
 pub(crate) struct Shared {
     /// t = 0 of every `*_ms` figure: when the clients were started.
     pub(crate) origin: Instant,
     /// The same moment on the wall clock, to place the nodes' message timestamps.
     pub(crate) origin_wall_ms: u64,
-    pub(crate) ledger: Mutex<Ledger>,
+    pub(crate) sightings: Mutex<Sightings>,
     pub(crate) published: AtomicU64,
     pub(crate) delivered: AtomicU64,
     pub(crate) reconnects: AtomicU64,
@@ -94,7 +99,7 @@ impl Shared {
         Self {
             origin: Instant::now(),
             origin_wall_ms: wall_ms(),
-            ledger: Mutex::new(Ledger::default()),
+            sightings: Mutex::new(Sightings::default()),
             published: AtomicU64::new(0),
             delivered: AtomicU64::new(0),
             reconnects: AtomicU64::new(0),
@@ -107,9 +112,9 @@ impl Shared {
         u64::try_from(self.origin.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    pub(crate) fn ledger(&self) -> std::sync::MutexGuard<'_, Ledger> {
+    pub(crate) fn sightings(&self) -> std::sync::MutexGuard<'_, Sightings> {
         // Poisoned only by a panic mid-insert of plain data: still the best record we have.
-        self.ledger.lock().unwrap_or_else(|e| e.into_inner())
+        self.sightings.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -180,7 +185,7 @@ impl ClientLog {
 }
 
 /// Reads one client's events until its stream ends, recording everything in a
-/// [`ClientLog`] and the shared [`Ledger`].
+/// [`ClientLog`] and the shared [`Sightings`].
 pub(crate) async fn watch(
     id: String,
     rooms: Vec<String>,
@@ -194,8 +199,8 @@ pub(crate) async fn watch(
             Event::Message(m) => {
                 shared.delivered.fetch_add(1, Relaxed);
                 {
-                    let mut ledger = shared.ledger();
-                    let room = ledger.rooms.entry(m.room.clone()).or_default();
+                    let mut sightings = shared.sightings();
+                    let room = sightings.rooms.entry(m.room.clone()).or_default();
                     room.rank(&m.epoch);
                     let top = room.max_seq.entry(m.epoch.clone()).or_insert(0);
                     *top = (*top).max(m.seq);
@@ -237,7 +242,7 @@ pub(crate) async fn watch(
             // and restores, which must not excuse what was missed meanwhile.
             Event::UserJoined { room, id, head_seq, epoch, .. } if id == log.id && !log.joins.contains_key(&room) => {
                 if let Some(e) = &epoch {
-                    shared.ledger().rooms.entry(room.clone()).or_default().rank(e);
+                    shared.sightings().rooms.entry(room.clone()).or_default().rank(e);
                 }
                 log.note(ms, format!("joined {room} at head {head_seq:?} epoch {epoch:?}"));
                 log.joins.insert(room, JoinPoint { epoch, head_seq, at_ms: ms });
@@ -394,7 +399,7 @@ const EXAMPLES_KEPT: usize = 200;
 /// The verdict's arithmetic; see `docs/CHAOS.md` for the rules in words.
 pub(crate) fn account(
     logs: &[ClientLog],
-    ledger: &Ledger,
+    sightings: &Sightings,
     heads: Option<&Heads>,
     sends: &SendLog,
     origin_wall_ms: u64,
@@ -403,13 +408,13 @@ pub(crate) fn account(
     // Every published (epoch, seq) per room: what anyone saw, plus every seq Redis says
     // it assigned in the room's current epoch (a seq nobody saw is lost for all its members).
     let mut published: HashMap<&str, Vec<(String, u64)>> = HashMap::new();
-    let mut all_rooms: HashSet<&str> = ledger.rooms.keys().map(String::as_str).collect();
+    let mut all_rooms: HashSet<&str> = sightings.rooms.keys().map(String::as_str).collect();
     if let Some(h) = heads {
         all_rooms.extend(h.keys().map(String::as_str));
     }
-    let empty = RoomLedger::default();
+    let empty = RoomSightings::default();
     for room in &all_rooms {
-        let rl = ledger.rooms.get(*room).unwrap_or(&empty);
+        let rl = sightings.rooms.get(*room).unwrap_or(&empty);
         t.published += rl.msgs.len() as u64;
         t.seq_conflicts += rl.conflicts;
         let mut set: Vec<(String, u64)> = rl.msgs.keys().cloned().collect();
@@ -427,7 +432,7 @@ pub(crate) fn account(
     }
     // Epoch order per room, with epochs only Redis named appended last.
     let rank = |room: &str, epoch: &str| -> usize {
-        let rl = ledger.rooms.get(room).unwrap_or(&empty);
+        let rl = sightings.rooms.get(room).unwrap_or(&empty);
         rl.epochs.iter().position(|e| e == epoch).unwrap_or(usize::MAX)
     };
 
@@ -468,7 +473,7 @@ pub(crate) fn account(
                 client_lost += 1;
                 lost_keys.insert((room.as_str(), epoch.clone(), *seq));
                 if t.lost_examples.len() < EXAMPLES_KEPT {
-                    let seen = ledger.rooms.get(room).and_then(|rl| rl.msgs.get(&(epoch.clone(), *seq)));
+                    let seen = sightings.rooms.get(room).and_then(|rl| rl.msgs.get(&(epoch.clone(), *seq)));
                     t.lost_examples.push(lost_message(
                         log,
                         room,
@@ -490,7 +495,7 @@ pub(crate) fn account(
 
     // Sends against what was seen.
     let mut seqs_of_text: HashMap<&str, u64> = HashMap::new();
-    for rl in ledger.rooms.values() {
+    for rl in sightings.rooms.values() {
         for seen in rl.msgs.values() {
             *seqs_of_text.entry(seen.text.as_str()).or_default() += 1;
         }
@@ -570,8 +575,8 @@ mod tests {
         Seen { text: text.into(), sender: "s".into(), server: "n".into(), timestamp: 0, first_seen_ms: 0 }
     }
 
-    fn ledger(room: &str, msgs: &[(&str, u64, &str)]) -> Ledger {
-        let mut l = Ledger::default();
+    fn sightings(room: &str, msgs: &[(&str, u64, &str)]) -> Sightings {
+        let mut l = Sightings::default();
         let rl = l.rooms.entry(room.into()).or_default();
         for (e, s, text) in msgs {
             rl.rank(e);
@@ -590,7 +595,7 @@ mod tests {
 
     #[test]
     fn owed_is_everything_after_the_join_and_lost_is_owed_minus_delivered() {
-        let l = ledger("r", &[("e", 1, "a"), ("e", 2, "b"), ("e", 3, "c"), ("e", 4, "d")]);
+        let l = sightings("r", &[("e", 1, "a"), ("e", 2, "b"), ("e", 3, "c"), ("e", 4, "d")]);
         let late = client("r", (Some("e"), 2), &[("e", 3)]); // owed 3, 4; got 3
         let early = client("r", (None, 0), &[("e", 1), ("e", 2), ("e", 3), ("e", 4)]);
         let t = account(&[late, early], &l, None, &SendLog::default(), 0);
@@ -600,7 +605,7 @@ mod tests {
 
     #[test]
     fn a_seq_redis_assigned_but_nobody_saw_is_lost_for_every_member() {
-        let l = ledger("r", &[("e", 1, "a")]);
+        let l = sightings("r", &[("e", 1, "a")]);
         let heads: Heads = [("r".to_string(), (Some("e".to_string()), 2))].into();
         let c = client("r", (None, 0), &[("e", 1)]);
         let t = account(&[c], &l, Some(&heads), &SendLog::default(), 0);
@@ -610,7 +615,7 @@ mod tests {
 
     #[test]
     fn a_later_epoch_is_owed_entirely_an_earlier_one_not_at_all() {
-        let l = ledger("r", &[("old", 5, "a"), ("cur", 1, "b"), ("new", 1, "c")]);
+        let l = sightings("r", &[("old", 5, "a"), ("cur", 1, "b"), ("new", 1, "c")]);
         let c = client("r", (Some("cur"), 1), &[]);
         let t = account(&[c], &l, None, &SendLog::default(), 0);
         assert_eq!((t.expected, t.lost), (1, 1));
@@ -619,7 +624,7 @@ mod tests {
 
     #[test]
     fn sends_are_matched_against_what_was_seen() {
-        let l = ledger("r", &[("e", 1, "c:1"), ("e", 2, "c:1"), ("e", 3, "x:9")]);
+        let l = sightings("r", &[("e", 1, "c:1"), ("e", 2, "c:1"), ("e", 3, "x:9")]);
         let mut sends = SendLog::default();
         let sent = Sent { room: "r".into(), at_ms: 0, node: "n".into() };
         sends.written.insert("c:1".into(), sent.clone());

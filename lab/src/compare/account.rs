@@ -181,9 +181,13 @@ impl PhaseTally {
     }
 }
 
-/// The inputs of an accounting: the run's send log and what each client saw.
+/// The inputs of an accounting: the run's send log and what each client saw, borrowed for one
+/// phase's message ids. Unlike `chaos`'s `Sightings` (messages recorded as clients see them,
+/// keyed by room and the node's `(epoch, seq)`), this is a read-only view keyed by the
+/// sender's own message id: every message is known from the send log whether or not anyone
+/// received it.
 #[derive(Debug, Clone, Copy)]
-pub struct Ledger<'a> {
+pub struct DeliveryView<'a> {
     /// The whole send log; message id = index.
     pub sent: &'a [SentMsg],
     /// Members of each room (client indexes).
@@ -194,7 +198,7 @@ pub struct Ledger<'a> {
     pub timelines: &'a [Vec<Transition>],
 }
 
-impl<'a> Ledger<'a> {
+impl<'a> DeliveryView<'a> {
     /// Per client, how often it received each message of `ids` (indexed by `id - ids.start`).
     fn counts(&self, ids: &Range<u64>) -> Vec<Vec<u8>> {
         let len = usize::try_from(ids.end.saturating_sub(ids.start)).unwrap_or(0);
@@ -327,7 +331,7 @@ impl<'a> Ledger<'a> {
     }
 }
 
-/// The message accounting of a node loss (see [`Ledger::node_loss`]).
+/// The message accounting of a node loss (see [`DeliveryView::node_loss`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
 pub struct LossTally {
     /// Written messages some client received.
@@ -474,8 +478,8 @@ mod tests {
         ];
         // Sticky: message 0 reaches clients 0 and 1 (twice to client 1), message 1 only client 2.
         let receipts = vec![vec![got(0, 600)], vec![got(0, 700), got(0, 800)], vec![got(1, 1200)]];
-        let ledger = Ledger { sent: &log, room_members: &rooms, receipts: &receipts, timelines: &timelines };
-        let t = ledger.tally(0..3, 250, true);
+        let view = DeliveryView { sent: &log, room_members: &rooms, receipts: &receipts, timelines: &timelines };
+        let t = view.tally(0..3, 250, true);
         assert_eq!((t.issued, t.written, t.refused, t.written_in_window), (3, 2, 1, 2));
         assert_eq!(t.expected, 6, "two written messages × three members");
         assert_eq!(t.received, 3);
@@ -488,10 +492,10 @@ mod tests {
         assert_eq!(t.latency.len(), 4, "every live receipt is a latency sample, duplicates included");
         assert_eq!(t.latency.min(), 500);
         // A window that closed before the second write.
-        assert_eq!(ledger.tally(0..3, 150, false).written_in_window, 1);
-        assert_eq!(ledger.tally(0..3, 150, false).reach, None);
+        assert_eq!(view.tally(0..3, 150, false).written_in_window, 1);
+        assert_eq!(view.tally(0..3, 150, false).reach, None);
         // Another phase's range sees none of it.
-        assert_eq!(ledger.tally(3..3, 0, false).expected, 0);
+        assert_eq!(view.tally(3..3, 0, false).expected, 0);
     }
 
     #[test]
@@ -514,9 +518,9 @@ mod tests {
             vec![Receipt { msg: 1, at_us: 700, replay: true }],
             vec![got(0, 300), got(1, 700), got(1, 800)],
         ];
-        let ledger = Ledger { sent: &log, room_members: &rooms, receipts: &receipts, timelines: &timelines };
+        let view = DeliveryView { sent: &log, room_members: &rooms, receipts: &receipts, timelines: &timelines };
         let victims = [false, true, false];
-        let with_backbone = ledger.node_loss(0..4, true, &victims);
+        let with_backbone = view.node_loss(0..4, true, &victims);
         assert_eq!(
             with_backbone,
             LossTally {
@@ -533,13 +537,13 @@ mod tests {
         );
         // Without a backbone, message 0 was still owed to client 1: away at 200, it was coming
         // back to node-2, the sender's node.
-        let sticky = ledger.node_loss(0..4, false, &victims);
+        let sticky = view.node_loss(0..4, false, &victims);
         assert_eq!((sticky.owed, sticky.lost, sticky.lost_by_victims), (6, 1, 1));
         // Had it come back on node-3, that message would have been out of its reach.
         let mut elsewhere = timelines.clone();
         elsewhere[1][2] = up(400, "node-3");
-        let ledger = Ledger { timelines: &elsewhere, ..ledger };
-        let sticky = ledger.node_loss(0..4, false, &victims);
+        let view = DeliveryView { timelines: &elsewhere, ..view };
+        let sticky = view.node_loss(0..4, false, &victims);
         assert_eq!((sticky.owed, sticky.lost), (4, 0));
     }
 

@@ -282,12 +282,13 @@ impl Progress {
 }
 
 /// `tether compare` on the command line: runs, writes `--out`, prints the table. Exit code 0
-/// when every mode ran, 1 when one failed (the outputs are written either way), 2 for a bad flag.
+/// when every mode ran, 1 when one failed (the outputs are written either way),
+/// [`crate::EXIT_USAGE`] (64) for a bad flag.
 pub async fn run_cli(args: CompareArgs) -> Result<i32> {
     let opts = CompareOptions::from(args);
     if let Err(e) = opts.validate() {
         eprintln!("tether compare: {e}");
-        return Ok(2);
+        return Ok(crate::EXIT_USAGE.into());
     }
     let report = run(&opts).await?;
     let written = write_outputs(&report, &opts.out)?;

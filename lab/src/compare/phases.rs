@@ -217,7 +217,7 @@ async fn fixed_rate(mode: Mode, o: &CompareOptions, wl: &Workload, row: &mut Mod
     let (ids, stats) = publisher.finish(false).await?;
     let stall = probe.finish().await;
     let drained = wl.drain(FIXED, QUIET, FIXED_DRAIN).await;
-    let t = wl.run.with_ledger(&ids, |l| l.tally(ids.clone(), stats.ended_us, true));
+    let t = wl.run.with_delivery_view(&ids, |l| l.tally(ids.clone(), stats.ended_us, true));
     let latency = LatencyUs::of(&t.latency);
     row.delivery_ratio = Some(t.delivery_ratio());
     row.reach_ratio = t.reach_ratio();
@@ -280,7 +280,7 @@ async fn step_up(
             let (ids, stats) = publisher.finish(false).await?;
             let stall = probe.finish().await;
             let drained = wl.drain(phase, QUIET, drain_max).await;
-            let t = wl.run.with_ledger(&ids, |l| l.tally(ids.clone(), stats.ended_us, !mode.cross_node()));
+            let t = wl.run.with_delivery_view(&ids, |l| l.tally(ids.clone(), stats.ended_us, !mode.cross_node()));
             let window = (stats.ended_us.saturating_sub(stats.started_us) as f64 / 1e6).max(1e-3);
             let latency = LatencyUs::of(&t.latency);
             let figures = StepFigures {
@@ -434,7 +434,7 @@ async fn node_loss(
     loss.reconnect_ms = all(&reconnect_us);
     loss.recovered_ms = all(&recover_us);
 
-    let tally = run.with_ledger(&ids, |l| l.node_loss(ids.clone(), mode.cross_node(), &victims));
+    let tally = run.with_delivery_view(&ids, |l| l.node_loss(ids.clone(), mode.cross_node(), &victims));
     loss.set_tally(&tally);
     loss.nobody_ready = stats.nobody_ready;
     let stats_after = run.stats();

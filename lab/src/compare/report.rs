@@ -170,7 +170,7 @@ pub struct NodeLoss {
     /// Of those, how many were answered `"session":"restored"`.
     pub restored: u64,
     /// (member, message) deliveries owed and never received, after the drain (see
-    /// `Ledger::node_loss`).
+    /// `DeliveryView::node_loss`).
     pub lost: u64,
     /// Distinct messages behind those: at least one member they were owed to never got them.
     pub lost_messages: u64,

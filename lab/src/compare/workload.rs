@@ -10,7 +10,7 @@
 //! [`Workload`] owns the tasks: dropping it aborts them, which drops the last client
 //! handles and so stops every client — a mode that fails or times out leaves nothing running.
 
-use super::account::{message_text, parse_text, Ledger, Outcome, Receipt, SentMsg, Transition};
+use super::account::{message_text, parse_text, DeliveryView, Outcome, Receipt, SentMsg, Transition};
 use anyhow::{bail, Context, Result};
 use futures_util::future::join_all;
 use rand::rngs::StdRng;
@@ -137,13 +137,13 @@ impl Run {
         self.members.iter().map(|m| m.client.stats()).collect()
     }
 
-    /// Copies what an accounting of `ids` needs and hands it to `f` as a [`Ledger`].
-    pub fn with_ledger<T>(&self, ids: &Range<u64>, f: impl FnOnce(Ledger<'_>) -> T) -> T {
+    /// Copies what an accounting of `ids` needs and hands it to `f` as a [`DeliveryView`].
+    pub fn with_delivery_view<T>(&self, ids: &Range<u64>, f: impl FnOnce(DeliveryView<'_>) -> T) -> T {
         let sent = lock(&self.sent).clone();
         let receipts: Vec<Vec<Receipt>> =
             self.receipts.iter().map(|r| lock(r).iter().filter(|r| ids.contains(&r.msg)).copied().collect()).collect();
         let timelines = self.timelines();
-        f(Ledger { sent: &sent, room_members: &self.room_members, receipts: &receipts, timelines: &timelines })
+        f(DeliveryView { sent: &sent, room_members: &self.room_members, receipts: &receipts, timelines: &timelines })
     }
 
     fn register(&self, phase: usize, sender: usize, sender_node: Arc<str>) -> Job {

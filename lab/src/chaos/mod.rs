@@ -19,6 +19,7 @@
 mod account;
 mod args;
 mod report;
+mod schedule;
 
 pub use account::{LostMessage, UnconfirmedSend};
 pub use args::ChaosArgs;
@@ -29,6 +30,7 @@ use anyhow::{bail, Context, Result};
 use futures_util::future::join_all;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use schedule::Chaos;
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering::Relaxed;
@@ -158,13 +160,14 @@ impl From<ChaosArgs> for ChaosOptions {
 }
 
 /// `tether chaos` on the command line: runs, prints the table, writes `--json`, and returns
-/// 1 when anything was lost or duplicated.
+/// 1 when anything was lost or duplicated, [`crate::EXIT_USAGE`] (64) for options that do not
+/// validate.
 pub async fn run_cli(args: ChaosArgs) -> Result<i32> {
     let json = args.json.clone();
     let opts = ChaosOptions::from(args);
     if let Err(e) = opts.validate() {
         eprintln!("tether chaos: {e}");
-        return Ok(2);
+        return Ok(crate::EXIT_USAGE.into());
     }
     let report = run(opts).await?;
     crate::bench::print_report(&format!("{}\n", report.table()), &report, json.as_deref())?;
@@ -363,8 +366,8 @@ pub async fn run(opts: ChaosOptions) -> Result<ChaosReport> {
     }
     drop(cluster);
 
-    let ledger = std::mem::take(&mut *shared.ledger());
-    let tally = account::account(&logs, &ledger, heads.as_ref(), &sends, shared.origin_wall_ms);
+    let sightings = std::mem::take(&mut *shared.sightings());
+    let tally = account::account(&logs, &sightings, heads.as_ref(), &sends, shared.origin_wall_ms);
     let sum = |f: fn(&tether_client::StatsSnapshot) -> u64| stats.iter().map(f).sum::<u64>();
     let mut errors: BTreeMap<String, u64> = BTreeMap::new();
     for l in &logs {
@@ -561,156 +564,6 @@ fn record_send(log: &mut SendLog, done: Result<SendOutcome, tokio::task::JoinErr
     }
 }
 
-/// The kill schedule and what it did.
-struct Chaos {
-    rng: StdRng,
-    restart_delay: Duration,
-    kill_every: Duration,
-    next_kill: Option<Instant>,
-    /// A killed node waiting for its restart: (index, when).
-    pending: Option<(usize, Instant)>,
-    redis_kill_at: Option<Instant>,
-    redis_back_at: Option<Instant>,
-    kills: u64,
-    restart_failures: u64,
-    redis_restarts: u64,
-    log: Vec<KillRecord>,
-}
-
-impl Chaos {
-    fn new(opts: &ChaosOptions, load_start: Instant) -> Self {
-        Self {
-            rng: StdRng::seed_from_u64(opts.seed.wrapping_add(2)),
-            restart_delay: opts.restart_delay,
-            kill_every: opts.kill_every,
-            next_kill: (!opts.kill_every.is_zero()).then(|| load_start + opts.kill_every),
-            pending: None,
-            redis_kill_at: opts.redis_restart.then(|| load_start + opts.duration / 2),
-            redis_back_at: None,
-            kills: 0,
-            restart_failures: 0,
-            redis_restarts: 0,
-            log: Vec::new(),
-        }
-    }
-
-    /// Resolves when the next scheduled action is due (never, if none is).
-    async fn next_action(&self) {
-        let next = [self.next_kill, self.pending.map(|(_, at)| at), self.redis_kill_at, self.redis_back_at]
-            .into_iter()
-            .flatten()
-            .min();
-        match next {
-            Some(at) => sleep_until(at).await,
-            None => std::future::pending().await,
-        }
-    }
-
-    /// Does whatever is due now.
-    async fn act(&mut self, cluster: &mut Cluster, members: &[Member], shared: &Shared) -> Result<()> {
-        let now = Instant::now();
-        if self.pending.is_some_and(|(_, at)| at <= now) {
-            self.restart_node(cluster, shared).await;
-        }
-        if self.redis_back_at.is_some_and(|at| at <= now) {
-            self.restart_redis(cluster, shared).await?;
-        }
-        if self.redis_kill_at.is_some_and(|at| at <= now) {
-            self.redis_kill_at = None;
-            if let Some(redis) = cluster.redis_mut() {
-                let pid = redis.pid().unwrap_or(0);
-                redis.kill().await.context("killing Redis")?;
-                self.log.push(KillRecord {
-                    at_ms: shared.ms(),
-                    target: "redis".into(),
-                    pid,
-                    clients_on_it: 0,
-                    back_at_ms: None,
-                    restart_error: None,
-                });
-                self.redis_back_at = Some(Instant::now() + self.restart_delay);
-            }
-        }
-        if self.next_kill.is_some_and(|at| at <= now) {
-            self.next_kill = self.next_kill.map(|at| at + self.kill_every);
-            if self.pending.is_some() {
-                // The last victim is still down: bring it back first, never two at once.
-                self.restart_node(cluster, shared).await;
-            }
-            let i = self.rng.random_range(0..cluster.nodes().len());
-            let node = &mut cluster.nodes_mut()[i];
-            let pid = node.pid();
-            let name = node.name().to_string();
-            let on_it = members
-                .iter()
-                .filter(|m| matches!(m.client.status(), Status::Ready { server } if server == name))
-                .count() as u64;
-            node.kill().await.with_context(|| format!("killing {name}"))?;
-            self.kills += 1;
-            self.log.push(KillRecord {
-                at_ms: shared.ms(),
-                target: name,
-                pid,
-                clients_on_it: on_it,
-                back_at_ms: None,
-                restart_error: None,
-            });
-            self.pending = Some((i, Instant::now() + self.restart_delay));
-        }
-        Ok(())
-    }
-
-    async fn restart_node(&mut self, cluster: &mut Cluster, shared: &Shared) {
-        let Some((i, _)) = self.pending.take() else { return };
-        let node = &mut cluster.nodes_mut()[i];
-        let name = node.name().to_string();
-        let result = node.restart().await;
-        let record = self.log.iter_mut().rev().find(|k| k.target == name);
-        match result {
-            Ok(()) => {
-                if let Some(k) = record {
-                    k.back_at_ms = Some(shared.ms());
-                }
-            }
-            Err(e) => {
-                // The run goes on with one node fewer; the report says so.
-                self.restart_failures += 1;
-                tracing::error!(node = %name, error = %format!("{e:#}"), "restart failed");
-                if let Some(k) = record {
-                    k.restart_error = Some(format!("{e:#}"));
-                }
-            }
-        }
-    }
-
-    async fn restart_redis(&mut self, cluster: &mut Cluster, shared: &Shared) -> Result<()> {
-        self.redis_back_at = None;
-        if let Some(redis) = cluster.redis_mut() {
-            redis.restart().await.context("restarting Redis (the run cannot go on without it)")?;
-            self.redis_restarts += 1;
-            if let Some(k) = self.log.iter_mut().rev().find(|k| k.target == "redis") {
-                k.back_at_ms = Some(shared.ms());
-            }
-        }
-        Ok(())
-    }
-
-    /// After the load: whatever is still down comes back (no new kills).
-    async fn finish(&mut self, cluster: &mut Cluster, shared: &Shared) -> Result<()> {
-        self.next_kill = None;
-        self.redis_kill_at = None;
-        if let Some(at) = self.redis_back_at {
-            sleep_until(at).await;
-            self.restart_redis(cluster, shared).await?;
-        }
-        if let Some((_, at)) = self.pending {
-            sleep_until(at).await;
-            self.restart_node(cluster, shared).await;
-        }
-        Ok(())
-    }
-}
-
 /// One line on stderr: where the run stands.
 fn progress(opts: &ChaosOptions, phase: &str, t: Duration, chaos: &Chaos, members: &[Member], shared: &Shared) {
     if !opts.progress {
@@ -718,11 +571,11 @@ fn progress(opts: &ChaosOptions, phase: &str, t: Duration, chaos: &Chaos, member
     }
     let ready = members.iter().filter(|m| matches!(m.client.status(), Status::Ready { .. })).count();
     let behind = {
-        let ledger = shared.ledger();
+        let sightings = shared.sightings();
         let mut behind = 0u64;
         for m in members.iter().filter(|m| matches!(m.client.status(), Status::Ready { .. })) {
             for room in &m.rooms {
-                let Some((epoch, head)) = ledger.rooms.get(room).and_then(|r| r.head()) else { continue };
+                let Some((epoch, head)) = sightings.rooms.get(room).and_then(|r| r.head()) else { continue };
                 let at = m.client.position(room).filter(|p| p.epoch == epoch).map_or(0, |p| p.seq);
                 behind += head.saturating_sub(at);
             }
