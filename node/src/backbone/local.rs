@@ -3,7 +3,7 @@
 //! per-room counter in memory, under an epoch unique to this process.
 
 use super::inbound::Inbound;
-use super::{Backbone, BackboneError, PresenceChange, PresenceEntry, Replay, Scope, SessionRecord, Unpublished};
+use super::{Backbone, Call, PresenceChange, PresenceEntry, Replay, Scope, SessionRecord, Unpublished};
 use crate::metrics::Metrics;
 use dashmap::DashMap;
 use futures_util::future::{ready, BoxFuture, FutureExt};
@@ -100,12 +100,12 @@ impl Backbone for LocalBackbone {
         ready(Ok(())).boxed()
     }
 
-    fn publish_event<'a>(&'a self, room: &'a str, json: String) -> BoxFuture<'a, Result<(), BackboneError>> {
+    fn publish_event<'a>(&'a self, room: &'a str, json: String) -> Call<'a, ()> {
         self.deliver(room, json);
         ready(Ok(())).boxed()
     }
 
-    fn subscribe<'a>(&'a self, _room: &'a str) -> BoxFuture<'a, Result<(), BackboneError>> {
+    fn subscribe<'a>(&'a self, _room: &'a str) -> Call<'a, ()> {
         ready(Ok(())).boxed()
     }
 
@@ -114,20 +114,20 @@ impl Backbone for LocalBackbone {
     }
 
     /// Sessions cannot outlive a node without a shared store: every connection is new.
-    fn load_session<'a>(&'a self, _id: &'a str) -> BoxFuture<'a, Result<Option<SessionRecord>, BackboneError>> {
+    fn load_session<'a>(&'a self, _id: &'a str) -> Call<'a, Option<SessionRecord>> {
         ready(Ok(None)).boxed()
     }
 
-    fn save_session<'a>(&'a self, _id: &'a str, _s: &'a SessionRecord) -> BoxFuture<'a, Result<(), BackboneError>> {
+    fn save_session<'a>(&'a self, _id: &'a str, _s: &'a SessionRecord) -> Call<'a, ()> {
         ready(Ok(())).boxed()
     }
 
-    fn touch_sessions<'a>(&'a self, _ids: &'a [Arc<str>]) -> BoxFuture<'a, Result<(), BackboneError>> {
+    fn touch_sessions<'a>(&'a self, _ids: &'a [Arc<str>]) -> Call<'a, ()> {
         ready(Ok(())).boxed()
     }
 
     /// No log is kept: a resume reports what it missed as incomplete.
-    fn replay<'a>(&'a self, room: &'a str, _after: u64) -> BoxFuture<'a, Result<Replay, BackboneError>> {
+    fn replay<'a>(&'a self, room: &'a str, _after: u64) -> Call<'a, Replay> {
         let head_seq = self.seqs.get(room).map_or(0, |s| *s);
         ready(Ok(Replay { epoch: Some(self.epoch.clone()), head_seq, frames: Vec::new() })).boxed()
     }
@@ -138,7 +138,7 @@ impl Backbone for LocalBackbone {
         conn: u64,
         entry: &'a PresenceEntry,
         event: Option<String>,
-    ) -> BoxFuture<'a, Result<(PresenceChange, Option<String>), BackboneError>> {
+    ) -> Call<'a, (PresenceChange, Option<String>)> {
         let event = match (event, scope) {
             (Some(e), Scope::Room(room)) => {
                 let head = self.seqs.get(room).map_or(0, |s| *s);
@@ -153,12 +153,7 @@ impl Backbone for LocalBackbone {
         ready(Ok((change, event))).boxed()
     }
 
-    fn presence_rename<'a>(
-        &'a self,
-        scope: Scope<'a>,
-        conn: u64,
-        entry: &'a PresenceEntry,
-    ) -> BoxFuture<'a, Result<(), BackboneError>> {
+    fn presence_rename<'a>(&'a self, scope: Scope<'a>, conn: u64, entry: &'a PresenceEntry) -> Call<'a, ()> {
         self.presence.rename(scope, conn, entry);
         ready(Ok(())).boxed()
     }
@@ -169,7 +164,7 @@ impl Backbone for LocalBackbone {
         conn: u64,
         id: &'a str,
         event: Option<String>,
-    ) -> BoxFuture<'a, Result<PresenceChange, BackboneError>> {
+    ) -> Call<'a, PresenceChange> {
         let change = self.presence.remove(scope, conn, id);
         if let (PresenceChange::FirstOrLast, Some(event), Scope::Room(room)) = (change, event, scope) {
             self.deliver(room, event);
@@ -177,7 +172,7 @@ impl Backbone for LocalBackbone {
         ready(Ok(change)).boxed()
     }
 
-    fn presence_list<'a>(&'a self, scope: Scope<'a>) -> BoxFuture<'a, Result<Vec<PresenceEntry>, BackboneError>> {
+    fn presence_list<'a>(&'a self, scope: Scope<'a>) -> Call<'a, Vec<PresenceEntry>> {
         ready(Ok(self.presence.list(scope))).boxed()
     }
 

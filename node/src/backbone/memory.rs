@@ -5,7 +5,7 @@
 
 use super::inbound::{HubInbound, Inbound};
 use super::{
-    Backbone, BackboneError, PresenceChange, PresenceEntry, Reaped, Replay, Scope, SessionRecord, Unpublished,
+    Backbone, BackboneError, Call, PresenceChange, PresenceEntry, Reaped, Replay, Scope, SessionRecord, Unpublished,
 };
 use crate::hub::{Gate, Hub, Member};
 use crate::metrics::Metrics;
@@ -220,12 +220,12 @@ impl Backbone for MemoryBackbone {
         ready(Ok(())).boxed()
     }
 
-    fn publish_event<'a>(&'a self, room: &'a str, json: String) -> BoxFuture<'a, Result<(), BackboneError>> {
+    fn publish_event<'a>(&'a self, room: &'a str, json: String) -> Call<'a, ()> {
         self.store.lock().publish(room, &json);
         ready(Ok(())).boxed()
     }
 
-    fn subscribe<'a>(&'a self, room: &'a str) -> BoxFuture<'a, Result<(), BackboneError>> {
+    fn subscribe<'a>(&'a self, room: &'a str) -> Call<'a, ()> {
         let mut s = self.store.lock();
         let r = self.connected(&mut s).map(|()| {
             s.node(&self.instance).rooms.insert(room.to_string());
@@ -242,16 +242,16 @@ impl Backbone for MemoryBackbone {
         ready(()).boxed()
     }
 
-    fn load_session<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<SessionRecord>, BackboneError>> {
+    fn load_session<'a>(&'a self, id: &'a str) -> Call<'a, Option<SessionRecord>> {
         ready(Ok(self.store.lock().sessions.get(id).cloned())).boxed()
     }
 
-    fn save_session<'a>(&'a self, id: &'a str, session: &'a SessionRecord) -> BoxFuture<'a, Result<(), BackboneError>> {
+    fn save_session<'a>(&'a self, id: &'a str, session: &'a SessionRecord) -> Call<'a, ()> {
         self.store.lock().sessions.insert(id.to_string(), session.clone());
         ready(Ok(())).boxed()
     }
 
-    fn replay<'a>(&'a self, room: &'a str, after: u64) -> BoxFuture<'a, Result<Replay, BackboneError>> {
+    fn replay<'a>(&'a self, room: &'a str, after: u64) -> Call<'a, Replay> {
         let s = self.store.lock();
         let replay = s.rooms.get(room).map_or_else(Replay::default, |r| Replay {
             epoch: Some(r.epoch.clone()),
@@ -267,7 +267,7 @@ impl Backbone for MemoryBackbone {
         conn: u64,
         entry: &'a PresenceEntry,
         event: Option<String>,
-    ) -> BoxFuture<'a, Result<(PresenceChange, Option<String>), BackboneError>> {
+    ) -> Call<'a, (PresenceChange, Option<String>)> {
         let mut s = self.store.lock();
         let room = scope_room(scope);
         let event = event.map(|e| match room.as_deref().and_then(|r| s.rooms.get(r)) {
@@ -288,12 +288,7 @@ impl Backbone for MemoryBackbone {
         ready(Ok((change, event))).boxed()
     }
 
-    fn presence_rename<'a>(
-        &'a self,
-        scope: Scope<'a>,
-        conn: u64,
-        entry: &'a PresenceEntry,
-    ) -> BoxFuture<'a, Result<(), BackboneError>> {
+    fn presence_rename<'a>(&'a self, scope: Scope<'a>, conn: u64, entry: &'a PresenceEntry) -> Call<'a, ()> {
         let mut s = self.store.lock();
         if let Some(e) =
             s.presence.get_mut(&scope_room(scope)).and_then(|m| m.get_mut(&conn_field(&self.instance, conn)))
@@ -309,7 +304,7 @@ impl Backbone for MemoryBackbone {
         conn: u64,
         id: &'a str,
         event: Option<String>,
-    ) -> BoxFuture<'a, Result<PresenceChange, BackboneError>> {
+    ) -> Call<'a, PresenceChange> {
         let mut s = self.store.lock();
         let room = scope_room(scope);
         let entries = s.presence.entry(room.clone()).or_default();
@@ -324,7 +319,7 @@ impl Backbone for MemoryBackbone {
         ready(Ok(change)).boxed()
     }
 
-    fn presence_list<'a>(&'a self, scope: Scope<'a>) -> BoxFuture<'a, Result<Vec<PresenceEntry>, BackboneError>> {
+    fn presence_list<'a>(&'a self, scope: Scope<'a>) -> Call<'a, Vec<PresenceEntry>> {
         let s = self.store.lock();
         let list = s.presence.get(&scope_room(scope)).map(|m| m.values().cloned().collect()).unwrap_or_default();
         ready(Ok(list)).boxed()
@@ -334,13 +329,13 @@ impl Backbone for MemoryBackbone {
         self.store.lock().node(&self.instance).connected
     }
 
-    fn heartbeat(&self) -> BoxFuture<'_, Result<bool, BackboneError>> {
+    fn heartbeat(&self) -> Call<'_, bool> {
         let mut s = self.store.lock();
         let now = s.clock;
         ready(Ok(s.instances.insert(self.instance.clone(), now).is_none())).boxed()
     }
 
-    fn reap(&self) -> BoxFuture<'_, Result<Reaped, BackboneError>> {
+    fn reap(&self) -> Call<'_, Reaped> {
         let mut s = self.store.lock();
         let now = s.clock;
         let ttl = self.store.ttl;

@@ -144,6 +144,10 @@ pub struct Reaped {
     pub announced: u64,
 }
 
+/// What a backbone call returns: a boxed future (the trait is object-safe, the node holds an
+/// `Arc<dyn Backbone>`) of its answer or a [`BackboneError`].
+pub type Call<'a, T> = BoxFuture<'a, Result<T, BackboneError>>;
+
 /// What differs between backbones; the node calls it directly. Object-safe, so the node
 /// holds an `Arc<dyn Backbone>` chosen by configuration. Everything that is the same for
 /// every backbone (keeping presence, catching up) is written once above it, in [`keeper`]
@@ -155,11 +159,11 @@ pub trait Backbone: Send + Sync {
     fn publish_messages<'a>(&'a self, room: &'a str, prefixes: Vec<String>) -> BoxFuture<'a, Result<(), Unpublished>>;
 
     /// Publishes a membership event (no seq, not logged) to every subscribed node.
-    fn publish_event<'a>(&'a self, room: &'a str, json: String) -> BoxFuture<'a, Result<(), BackboneError>>;
+    fn publish_event<'a>(&'a self, room: &'a str, json: String) -> Call<'a, ()>;
 
     /// Makes sure this node receives `room`'s frames; returns once the subscription is live,
     /// so anything published afterwards reaches this node.
-    fn subscribe<'a>(&'a self, room: &'a str) -> BoxFuture<'a, Result<(), BackboneError>>;
+    fn subscribe<'a>(&'a self, room: &'a str) -> Call<'a, ()>;
 
     /// Drops the subscription to `room` if no local member is left (asked of the
     /// [`inbound::Inbound`] under the same lock as `subscribe` takes, so a concurrent join
@@ -167,15 +171,15 @@ pub trait Backbone: Send + Sync {
     fn release<'a>(&'a self, room: &'a str) -> BoxFuture<'a, ()>;
 
     /// The session stored for `id`, if any.
-    fn load_session<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<SessionRecord>, BackboneError>>;
+    fn load_session<'a>(&'a self, id: &'a str) -> Call<'a, Option<SessionRecord>>;
 
     /// Replaces the session of `id` and restarts its expiry.
-    fn save_session<'a>(&'a self, id: &'a str, session: &'a SessionRecord) -> BoxFuture<'a, Result<(), BackboneError>>;
+    fn save_session<'a>(&'a self, id: &'a str, session: &'a SessionRecord) -> Call<'a, ()>;
 
     /// Restarts the expiry of these sessions (their clients are connected). By default each
     /// stored session is read and written back, which restarts an expiry that counts from
     /// the last write.
-    fn touch_sessions<'a>(&'a self, ids: &'a [Arc<str>]) -> BoxFuture<'a, Result<(), BackboneError>> {
+    fn touch_sessions<'a>(&'a self, ids: &'a [Arc<str>]) -> Call<'a, ()> {
         async move {
             for id in ids {
                 if let Some(session) = self.load_session(id).await? {
@@ -188,7 +192,7 @@ pub trait Backbone: Send + Sync {
     }
 
     /// The logged frames of `room` with seq > `after`, with the room's epoch and head seq.
-    fn replay<'a>(&'a self, room: &'a str, after: u64) -> BoxFuture<'a, Result<Replay, BackboneError>>;
+    fn replay<'a>(&'a self, room: &'a str, after: u64) -> Call<'a, Replay>;
 
     /// Registers connection `conn` in `scope`; publishes `event` (a `user_joined`) to the
     /// room if this is the id's first connection there. The event is completed with the room's
@@ -199,15 +203,10 @@ pub trait Backbone: Send + Sync {
         conn: u64,
         entry: &'a PresenceEntry,
         event: Option<String>,
-    ) -> BoxFuture<'a, Result<(PresenceChange, Option<String>), BackboneError>>;
+    ) -> Call<'a, (PresenceChange, Option<String>)>;
 
     /// Updates the display name of an entry, nothing else.
-    fn presence_rename<'a>(
-        &'a self,
-        scope: Scope<'a>,
-        conn: u64,
-        entry: &'a PresenceEntry,
-    ) -> BoxFuture<'a, Result<(), BackboneError>>;
+    fn presence_rename<'a>(&'a self, scope: Scope<'a>, conn: u64, entry: &'a PresenceEntry) -> Call<'a, ()>;
 
     /// Removes connection `conn` from `scope`; publishes `event` (a `user_left`) if it was the
     /// id's last connection there.
@@ -217,10 +216,10 @@ pub trait Backbone: Send + Sync {
         conn: u64,
         id: &'a str,
         event: Option<String>,
-    ) -> BoxFuture<'a, Result<PresenceChange, BackboneError>>;
+    ) -> Call<'a, PresenceChange>;
 
     /// Every entry in `scope`, cluster-wide (one per connection; callers de-duplicate ids).
-    fn presence_list<'a>(&'a self, scope: Scope<'a>) -> BoxFuture<'a, Result<Vec<PresenceEntry>, BackboneError>>;
+    fn presence_list<'a>(&'a self, scope: Scope<'a>) -> Call<'a, Vec<PresenceEntry>>;
 
     /// Whether the backbone is connected (drives `/readyz`).
     fn is_ready(&self) -> bool;
@@ -229,14 +228,14 @@ pub trait Backbone: Send + Sync {
     /// instance was not registered (first beat, reaped as dead, or the backbone lost its
     /// data), so that [`keeper`] puts this node's presence entries back. By default there is
     /// nobody to tell: `false`.
-    fn heartbeat(&self) -> BoxFuture<'_, Result<bool, BackboneError>> {
+    fn heartbeat(&self) -> Call<'_, bool> {
         ready(Ok(false)).boxed()
     }
 
     /// Removes every instance silent for `presence_ttl`, with its presence entries, and
     /// publishes `user_left`/`node_down` for each client id left with no connection in a
     /// room — decided atomically, so each is announced once however many nodes reap.
-    fn reap(&self) -> BoxFuture<'_, Result<Reaped, BackboneError>> {
+    fn reap(&self) -> Call<'_, Reaped> {
         ready(Ok(Reaped::default())).boxed()
     }
 

@@ -37,7 +37,7 @@ use super::catch_up::{deliver_missed, flag_gap, has_gap};
 use super::inbound::Inbound;
 use super::keeper::Backoff;
 use super::{
-    Backbone, BackboneError, PresenceChange, PresenceEntry, Reaped, Replay, Scope, SessionRecord, Unpublished,
+    Backbone, BackboneError, Call, PresenceChange, PresenceEntry, Reaped, Replay, Scope, SessionRecord, Unpublished,
 };
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -585,11 +585,11 @@ impl Backbone for NatsBackbone {
         .boxed()
     }
 
-    fn publish_event<'a>(&'a self, room: &'a str, json: String) -> BoxFuture<'a, Result<(), BackboneError>> {
+    fn publish_event<'a>(&'a self, room: &'a str, json: String) -> Call<'a, ()> {
         self.publish_live(room, json).boxed()
     }
 
-    fn subscribe<'a>(&'a self, room: &'a str) -> BoxFuture<'a, Result<(), BackboneError>> {
+    fn subscribe<'a>(&'a self, room: &'a str) -> Call<'a, ()> {
         async move {
             let mut readers = self.readers.lock().await;
             if readers.contains_key(room) {
@@ -625,7 +625,7 @@ impl Backbone for NatsBackbone {
         .boxed()
     }
 
-    fn load_session<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<SessionRecord>, BackboneError>> {
+    fn load_session<'a>(&'a self, id: &'a str) -> Call<'a, Option<SessionRecord>> {
         async move {
             let Some(bytes) = self.session_bytes(self.session_subject(id)).await? else {
                 return Ok(None);
@@ -641,7 +641,7 @@ impl Backbone for NatsBackbone {
         .boxed()
     }
 
-    fn save_session<'a>(&'a self, id: &'a str, session: &'a SessionRecord) -> BoxFuture<'a, Result<(), BackboneError>> {
+    fn save_session<'a>(&'a self, id: &'a str, session: &'a SessionRecord) -> Call<'a, ()> {
         async move {
             let json = serde_json::to_vec(session).expect("sessions serialise");
             self.put_session(self.session_subject(id), Bytes::from(json)).await
@@ -650,7 +650,7 @@ impl Backbone for NatsBackbone {
     }
 
     /// Messages age from their last write, so touching is reading and writing back.
-    fn touch_sessions<'a>(&'a self, ids: &'a [Arc<str>]) -> BoxFuture<'a, Result<(), BackboneError>> {
+    fn touch_sessions<'a>(&'a self, ids: &'a [Arc<str>]) -> Call<'a, ()> {
         async move {
             for chunk in ids.chunks(REPLAY_CONCURRENCY) {
                 let touches = chunk.iter().map(|id| self.touch_one(self.session_subject(id)));
@@ -661,7 +661,7 @@ impl Backbone for NatsBackbone {
         .boxed()
     }
 
-    fn replay<'a>(&'a self, room: &'a str, after: u64) -> BoxFuture<'a, Result<Replay, BackboneError>> {
+    fn replay<'a>(&'a self, room: &'a str, after: u64) -> Call<'a, Replay> {
         async move {
             let Some(state) = self.stream_state(room).await? else {
                 return Ok(Replay::default());
@@ -679,7 +679,7 @@ impl Backbone for NatsBackbone {
         conn: u64,
         entry: &'a PresenceEntry,
         event: Option<String>,
-    ) -> BoxFuture<'a, Result<(PresenceChange, Option<String>), BackboneError>> {
+    ) -> Call<'a, (PresenceChange, Option<String>)> {
         async move {
             let event = match (event, scope) {
                 (Some(e), Scope::Room(room)) => Some(match self.head(room).await? {
@@ -697,12 +697,7 @@ impl Backbone for NatsBackbone {
         .boxed()
     }
 
-    fn presence_rename<'a>(
-        &'a self,
-        scope: Scope<'a>,
-        conn: u64,
-        entry: &'a PresenceEntry,
-    ) -> BoxFuture<'a, Result<(), BackboneError>> {
+    fn presence_rename<'a>(&'a self, scope: Scope<'a>, conn: u64, entry: &'a PresenceEntry) -> Call<'a, ()> {
         self.record_rename(scope, conn, entry).boxed()
     }
 
@@ -712,7 +707,7 @@ impl Backbone for NatsBackbone {
         conn: u64,
         id: &'a str,
         event: Option<String>,
-    ) -> BoxFuture<'a, Result<PresenceChange, BackboneError>> {
+    ) -> Call<'a, PresenceChange> {
         async move {
             let change = self.record_remove(scope, conn, id).await?;
             if let (PresenceChange::FirstOrLast, Some(event), Scope::Room(room)) = (change, event, scope) {
@@ -723,7 +718,7 @@ impl Backbone for NatsBackbone {
         .boxed()
     }
 
-    fn presence_list<'a>(&'a self, scope: Scope<'a>) -> BoxFuture<'a, Result<Vec<PresenceEntry>, BackboneError>> {
+    fn presence_list<'a>(&'a self, scope: Scope<'a>) -> Call<'a, Vec<PresenceEntry>> {
         self.record_list(scope).boxed()
     }
 
@@ -731,11 +726,11 @@ impl Backbone for NatsBackbone {
         self.is_connected()
     }
 
-    fn heartbeat(&self) -> BoxFuture<'_, Result<bool, BackboneError>> {
+    fn heartbeat(&self) -> Call<'_, bool> {
         self.beat().boxed()
     }
 
-    fn reap(&self) -> BoxFuture<'_, Result<Reaped, BackboneError>> {
+    fn reap(&self) -> Call<'_, Reaped> {
         async move {
             let (instances, announced) = self.reap_dead().await?;
             Ok(Reaped { instances, announced })

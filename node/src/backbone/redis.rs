@@ -39,7 +39,7 @@ mod scripts;
 use super::inbound::Inbound;
 use super::keeper::Backoff;
 use super::{
-    Backbone, BackboneError, PresenceChange, PresenceEntry, Reaped, Replay, Scope, SessionRecord, Unpublished,
+    Backbone, BackboneError, Call, PresenceChange, PresenceEntry, Reaped, Replay, Scope, SessionRecord, Unpublished,
 };
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -474,7 +474,7 @@ impl Backbone for RedisBackbone {
         .boxed()
     }
 
-    fn publish_event<'a>(&'a self, room: &'a str, json: String) -> BoxFuture<'a, Result<(), BackboneError>> {
+    fn publish_event<'a>(&'a self, room: &'a str, json: String) -> Call<'a, ()> {
         async move {
             let mut con = self.commands.clone();
             let channel = self.channel(room);
@@ -488,7 +488,7 @@ impl Backbone for RedisBackbone {
     /// While the subscriber is (re)connecting — a node that has just started, a Redis that
     /// blinked — waits for it up to the command timeout, as a command does through the
     /// connection manager, rather than failing at once.
-    fn subscribe<'a>(&'a self, room: &'a str) -> BoxFuture<'a, Result<(), BackboneError>> {
+    fn subscribe<'a>(&'a self, room: &'a str) -> Call<'a, ()> {
         async move {
             let deadline = tokio::time::Instant::now() + self.cfg.redis_timeout;
             loop {
@@ -534,7 +534,7 @@ impl Backbone for RedisBackbone {
         .boxed()
     }
 
-    fn load_session<'a>(&'a self, id: &'a str) -> BoxFuture<'a, Result<Option<SessionRecord>, BackboneError>> {
+    fn load_session<'a>(&'a self, id: &'a str) -> Call<'a, Option<SessionRecord>> {
         async move {
             let mut con = self.commands.clone();
             let (name, rooms): (Option<String>, Option<String>) = self
@@ -557,7 +557,7 @@ impl Backbone for RedisBackbone {
         .boxed()
     }
 
-    fn save_session<'a>(&'a self, id: &'a str, session: &'a SessionRecord) -> BoxFuture<'a, Result<(), BackboneError>> {
+    fn save_session<'a>(&'a self, id: &'a str, session: &'a SessionRecord) -> Call<'a, ()> {
         async move {
             let key = self.session_key(id);
             // Vec<String> always serialises.
@@ -574,7 +574,7 @@ impl Backbone for RedisBackbone {
         .boxed()
     }
 
-    fn touch_sessions<'a>(&'a self, ids: &'a [Arc<str>]) -> BoxFuture<'a, Result<(), BackboneError>> {
+    fn touch_sessions<'a>(&'a self, ids: &'a [Arc<str>]) -> Call<'a, ()> {
         async move {
             let ttl = self.cfg.session_ttl.as_millis() as i64;
             for chunk in ids.chunks(1000) {
@@ -590,7 +590,7 @@ impl Backbone for RedisBackbone {
         .boxed()
     }
 
-    fn replay<'a>(&'a self, room: &'a str, after: u64) -> BoxFuture<'a, Result<Replay, BackboneError>> {
+    fn replay<'a>(&'a self, room: &'a str, after: u64) -> Call<'a, Replay> {
         async move {
             let mut pipe = redis::pipe();
             pipe.atomic().cmd("HMGET").arg(self.keys.meta(room)).arg("seq").arg("epoch").xrange(
@@ -620,7 +620,7 @@ impl Backbone for RedisBackbone {
         conn: u64,
         entry: &'a PresenceEntry,
         event: Option<String>,
-    ) -> BoxFuture<'a, Result<(PresenceChange, Option<String>), BackboneError>> {
+    ) -> Call<'a, (PresenceChange, Option<String>)> {
         async move {
             let (ids, entries, channel, member) = self.presence_keys(scope, conn);
             let meta = match scope {
@@ -652,12 +652,7 @@ impl Backbone for RedisBackbone {
         .boxed()
     }
 
-    fn presence_rename<'a>(
-        &'a self,
-        scope: Scope<'a>,
-        conn: u64,
-        entry: &'a PresenceEntry,
-    ) -> BoxFuture<'a, Result<(), BackboneError>> {
+    fn presence_rename<'a>(&'a self, scope: Scope<'a>, conn: u64, entry: &'a PresenceEntry) -> Call<'a, ()> {
         async move {
             let (_, entries, _, _) = self.presence_keys(scope, conn);
             let json = serde_json::to_string(entry).expect("presence entries serialise");
@@ -681,7 +676,7 @@ impl Backbone for RedisBackbone {
         conn: u64,
         id: &'a str,
         event: Option<String>,
-    ) -> BoxFuture<'a, Result<PresenceChange, BackboneError>> {
+    ) -> Call<'a, PresenceChange> {
         async move {
             let (ids, entries, channel, member) = self.presence_keys(scope, conn);
             let mut call = self.presence_remove.prepare_invoke();
@@ -704,7 +699,7 @@ impl Backbone for RedisBackbone {
         .boxed()
     }
 
-    fn presence_list<'a>(&'a self, scope: Scope<'a>) -> BoxFuture<'a, Result<Vec<PresenceEntry>, BackboneError>> {
+    fn presence_list<'a>(&'a self, scope: Scope<'a>) -> Call<'a, Vec<PresenceEntry>> {
         async move {
             let (_, entries, _, _) = self.presence_keys(scope, 0);
             let mut con = self.commands.clone();
@@ -720,7 +715,7 @@ impl Backbone for RedisBackbone {
         self.health.borrow().ready()
     }
 
-    fn heartbeat(&self) -> BoxFuture<'_, Result<bool, BackboneError>> {
+    fn heartbeat(&self) -> Call<'_, bool> {
         async move {
             let mut con = self.commands.clone();
             let mut beat = self.heartbeat.prepare_invoke();
@@ -731,7 +726,7 @@ impl Backbone for RedisBackbone {
     }
 
     /// At most 16 instances per call: one script must not hold Redis for long.
-    fn reap(&self) -> BoxFuture<'_, Result<Reaped, BackboneError>> {
+    fn reap(&self) -> Call<'_, Reaped> {
         async move {
             let mut con = self.commands.clone();
             let mut reap = self.reap.prepare_invoke();
