@@ -11,7 +11,7 @@
 //! before anyone judges it dead. The reaping itself (find, remove, announce `node_down` once)
 //! is the backbone's atomic primitive, [`Backbone::reap`].
 
-use super::{Backbone, PresenceChange, PresenceEntry, Reaped, Scope};
+use super::{Backbone, PresenceChange, PresenceEntry, Reaped, Scope, Seat};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use rand::Rng;
@@ -113,7 +113,7 @@ impl Keeper {
                 tether_proto::wire::Event::UserJoined { room, user: &entry.user, id: &entry.id, server: &entry.server }
                     .to_json()
             });
-            match self.backbone.presence_add(scope, conn, &entry, event).await {
+            match self.backbone.presence_add(Seat { scope, conn }, &entry, event).await {
                 Ok((PresenceChange::Unchanged, _)) => {}
                 Ok(_) => restored += 1,
                 Err(e) => {

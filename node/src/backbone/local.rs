@@ -3,7 +3,7 @@
 //! per-room counter in memory, under an epoch unique to this process.
 
 use super::inbound::Inbound;
-use super::{Backbone, Call, PresenceChange, PresenceEntry, Replay, Scope, SessionRecord, Unpublished};
+use super::{Backbone, Call, Joined, PresenceChange, PresenceEntry, Replay, Scope, Seat, SessionRecord, Unpublished};
 use crate::metrics::Metrics;
 use dashmap::DashMap;
 use futures_util::future::{ready, BoxFuture, FutureExt};
@@ -132,13 +132,8 @@ impl Backbone for LocalBackbone {
         ready(Ok(Replay { epoch: Some(self.epoch.clone()), head_seq, frames: Vec::new() })).boxed()
     }
 
-    fn presence_add<'a>(
-        &'a self,
-        scope: Scope<'a>,
-        conn: u64,
-        entry: &'a PresenceEntry,
-        event: Option<String>,
-    ) -> Call<'a, (PresenceChange, Option<String>)> {
+    fn presence_add<'a>(&'a self, at: Seat<'a>, entry: &'a PresenceEntry, event: Option<String>) -> Call<'a, Joined> {
+        let Seat { scope, conn } = at;
         let event = match (event, scope) {
             (Some(e), Scope::Room(room)) => {
                 let head = self.seqs.get(room).map_or(0, |s| *s);
@@ -153,18 +148,14 @@ impl Backbone for LocalBackbone {
         ready(Ok((change, event))).boxed()
     }
 
-    fn presence_rename<'a>(&'a self, scope: Scope<'a>, conn: u64, entry: &'a PresenceEntry) -> Call<'a, ()> {
+    fn presence_rename<'a>(&'a self, at: Seat<'a>, entry: &'a PresenceEntry) -> Call<'a, ()> {
+        let Seat { scope, conn } = at;
         self.presence.rename(scope, conn, entry);
         ready(Ok(())).boxed()
     }
 
-    fn presence_remove<'a>(
-        &'a self,
-        scope: Scope<'a>,
-        conn: u64,
-        id: &'a str,
-        event: Option<String>,
-    ) -> Call<'a, PresenceChange> {
+    fn presence_remove<'a>(&'a self, at: Seat<'a>, id: &'a str, event: Option<String>) -> Call<'a, PresenceChange> {
+        let Seat { scope, conn } = at;
         let change = self.presence.remove(scope, conn, id);
         if let (PresenceChange::FirstOrLast, Some(event), Scope::Room(room)) = (change, event, scope) {
             self.deliver(room, event);

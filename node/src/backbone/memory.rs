@@ -5,7 +5,8 @@
 
 use super::inbound::{HubInbound, Inbound};
 use super::{
-    Backbone, BackboneError, Call, PresenceChange, PresenceEntry, Reaped, Replay, Scope, SessionRecord, Unpublished,
+    Backbone, BackboneError, Call, Joined, PresenceChange, PresenceEntry, Reaped, Replay, Scope, Seat, SessionRecord,
+    Unpublished,
 };
 use crate::hub::{Gate, Hub, Member};
 use crate::metrics::Metrics;
@@ -145,9 +146,9 @@ impl TestNode {
         self.hub.add(room, conn, Member { out: Arc::clone(&out), kick: CancellationToken::new() }, Gate::open());
         self.backbone.subscribe(room).await.unwrap();
         let entry = PresenceEntry { id: id.into(), user: id.into(), server: self.backbone.server.clone() };
-        self.backbone.presence_add(Scope::Online, conn, &entry, None).await.unwrap();
+        self.backbone.presence_add(Seat::online(conn), &entry, None).await.unwrap();
         let joined = Event::UserJoined { room, user: id, id, server: &entry.server }.to_json();
-        self.backbone.presence_add(Scope::Room(room), conn, &entry, Some(joined)).await.unwrap();
+        self.backbone.presence_add(Seat::room(room, conn), &entry, Some(joined)).await.unwrap();
         out.take_all();
         out
     }
@@ -261,13 +262,8 @@ impl Backbone for MemoryBackbone {
         ready(Ok(replay)).boxed()
     }
 
-    fn presence_add<'a>(
-        &'a self,
-        scope: Scope<'a>,
-        conn: u64,
-        entry: &'a PresenceEntry,
-        event: Option<String>,
-    ) -> Call<'a, (PresenceChange, Option<String>)> {
+    fn presence_add<'a>(&'a self, at: Seat<'a>, entry: &'a PresenceEntry, event: Option<String>) -> Call<'a, Joined> {
+        let Seat { scope, conn } = at;
         let mut s = self.store.lock();
         let room = scope_room(scope);
         let event = event.map(|e| match room.as_deref().and_then(|r| s.rooms.get(r)) {
@@ -288,7 +284,8 @@ impl Backbone for MemoryBackbone {
         ready(Ok((change, event))).boxed()
     }
 
-    fn presence_rename<'a>(&'a self, scope: Scope<'a>, conn: u64, entry: &'a PresenceEntry) -> Call<'a, ()> {
+    fn presence_rename<'a>(&'a self, at: Seat<'a>, entry: &'a PresenceEntry) -> Call<'a, ()> {
+        let Seat { scope, conn } = at;
         let mut s = self.store.lock();
         if let Some(e) =
             s.presence.get_mut(&scope_room(scope)).and_then(|m| m.get_mut(&conn_field(&self.instance, conn)))
@@ -298,13 +295,8 @@ impl Backbone for MemoryBackbone {
         ready(Ok(())).boxed()
     }
 
-    fn presence_remove<'a>(
-        &'a self,
-        scope: Scope<'a>,
-        conn: u64,
-        id: &'a str,
-        event: Option<String>,
-    ) -> Call<'a, PresenceChange> {
+    fn presence_remove<'a>(&'a self, at: Seat<'a>, id: &'a str, event: Option<String>) -> Call<'a, PresenceChange> {
+        let Seat { scope, conn } = at;
         let mut s = self.store.lock();
         let room = scope_room(scope);
         let entries = s.presence.entry(room.clone()).or_default();

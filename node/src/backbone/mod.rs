@@ -98,6 +98,30 @@ pub enum Scope<'a> {
     Online,
 }
 
+/// One connection's place in presence: a scope, and the connection's number on this node (a
+/// client id with two tabs has two seats in the same scope).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Seat<'a> {
+    pub scope: Scope<'a>,
+    pub conn: u64,
+}
+
+impl<'a> Seat<'a> {
+    /// Connection `conn`'s seat in `room`.
+    pub fn room(room: &'a str, conn: u64) -> Self {
+        Self { scope: Scope::Room(room), conn }
+    }
+
+    /// Connection `conn`'s seat in the cluster-wide `online` list.
+    pub fn online(conn: u64) -> Self {
+        Self { scope: Scope::Online, conn }
+    }
+}
+
+/// What [`Backbone::presence_add`] answers: what the change did, and the `user_joined` as it
+/// was completed with the room's position (published or not).
+pub type Joined = (PresenceChange, Option<String>);
+
 /// What a presence change did cluster-wide.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PresenceChange {
@@ -197,26 +221,14 @@ pub trait Backbone: Send + Sync {
     /// Registers connection `conn` in `scope`; publishes `event` (a `user_joined`) to the
     /// room if this is the id's first connection there. The event is completed with the room's
     /// position (`head_seq`, `epoch`) at that instant and returned, published or not.
-    fn presence_add<'a>(
-        &'a self,
-        scope: Scope<'a>,
-        conn: u64,
-        entry: &'a PresenceEntry,
-        event: Option<String>,
-    ) -> Call<'a, (PresenceChange, Option<String>)>;
+    fn presence_add<'a>(&'a self, at: Seat<'a>, entry: &'a PresenceEntry, event: Option<String>) -> Call<'a, Joined>;
 
     /// Updates the display name of an entry, nothing else.
-    fn presence_rename<'a>(&'a self, scope: Scope<'a>, conn: u64, entry: &'a PresenceEntry) -> Call<'a, ()>;
+    fn presence_rename<'a>(&'a self, at: Seat<'a>, entry: &'a PresenceEntry) -> Call<'a, ()>;
 
     /// Removes connection `conn` from `scope`; publishes `event` (a `user_left`) if it was the
     /// id's last connection there.
-    fn presence_remove<'a>(
-        &'a self,
-        scope: Scope<'a>,
-        conn: u64,
-        id: &'a str,
-        event: Option<String>,
-    ) -> Call<'a, PresenceChange>;
+    fn presence_remove<'a>(&'a self, at: Seat<'a>, id: &'a str, event: Option<String>) -> Call<'a, PresenceChange>;
 
     /// Every entry in `scope`, cluster-wide (one per connection; callers de-duplicate ids).
     fn presence_list<'a>(&'a self, scope: Scope<'a>) -> Call<'a, Vec<PresenceEntry>>;

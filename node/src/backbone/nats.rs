@@ -37,7 +37,8 @@ use super::catch_up::{deliver_missed, flag_gap, has_gap};
 use super::inbound::Inbound;
 use super::keeper::Backoff;
 use super::{
-    Backbone, BackboneError, Call, PresenceChange, PresenceEntry, Reaped, Replay, Scope, SessionRecord, Unpublished,
+    Backbone, BackboneError, Call, Joined, PresenceChange, PresenceEntry, Reaped, Replay, Scope, Seat, SessionRecord,
+    Unpublished,
 };
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -673,13 +674,8 @@ impl Backbone for NatsBackbone {
         .boxed()
     }
 
-    fn presence_add<'a>(
-        &'a self,
-        scope: Scope<'a>,
-        conn: u64,
-        entry: &'a PresenceEntry,
-        event: Option<String>,
-    ) -> Call<'a, (PresenceChange, Option<String>)> {
+    fn presence_add<'a>(&'a self, at: Seat<'a>, entry: &'a PresenceEntry, event: Option<String>) -> Call<'a, Joined> {
+        let Seat { scope, conn } = at;
         async move {
             let event = match (event, scope) {
                 (Some(e), Scope::Room(room)) => Some(match self.head(room).await? {
@@ -697,17 +693,13 @@ impl Backbone for NatsBackbone {
         .boxed()
     }
 
-    fn presence_rename<'a>(&'a self, scope: Scope<'a>, conn: u64, entry: &'a PresenceEntry) -> Call<'a, ()> {
+    fn presence_rename<'a>(&'a self, at: Seat<'a>, entry: &'a PresenceEntry) -> Call<'a, ()> {
+        let Seat { scope, conn } = at;
         self.record_rename(scope, conn, entry).boxed()
     }
 
-    fn presence_remove<'a>(
-        &'a self,
-        scope: Scope<'a>,
-        conn: u64,
-        id: &'a str,
-        event: Option<String>,
-    ) -> Call<'a, PresenceChange> {
+    fn presence_remove<'a>(&'a self, at: Seat<'a>, id: &'a str, event: Option<String>) -> Call<'a, PresenceChange> {
+        let Seat { scope, conn } = at;
         async move {
             let change = self.record_remove(scope, conn, id).await?;
             if let (PresenceChange::FirstOrLast, Some(event), Scope::Room(room)) = (change, event, scope) {

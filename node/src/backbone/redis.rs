@@ -39,7 +39,8 @@ mod scripts;
 use super::inbound::Inbound;
 use super::keeper::Backoff;
 use super::{
-    Backbone, BackboneError, Call, PresenceChange, PresenceEntry, Reaped, Replay, Scope, SessionRecord, Unpublished,
+    Backbone, BackboneError, Call, Joined, PresenceChange, PresenceEntry, Reaped, Replay, Scope, Seat, SessionRecord,
+    Unpublished,
 };
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -614,13 +615,8 @@ impl Backbone for RedisBackbone {
         .boxed()
     }
 
-    fn presence_add<'a>(
-        &'a self,
-        scope: Scope<'a>,
-        conn: u64,
-        entry: &'a PresenceEntry,
-        event: Option<String>,
-    ) -> Call<'a, (PresenceChange, Option<String>)> {
+    fn presence_add<'a>(&'a self, at: Seat<'a>, entry: &'a PresenceEntry, event: Option<String>) -> Call<'a, Joined> {
+        let Seat { scope, conn } = at;
         async move {
             let (ids, entries, channel, member) = self.presence_keys(scope, conn);
             let meta = match scope {
@@ -652,7 +648,8 @@ impl Backbone for RedisBackbone {
         .boxed()
     }
 
-    fn presence_rename<'a>(&'a self, scope: Scope<'a>, conn: u64, entry: &'a PresenceEntry) -> Call<'a, ()> {
+    fn presence_rename<'a>(&'a self, at: Seat<'a>, entry: &'a PresenceEntry) -> Call<'a, ()> {
+        let Seat { scope, conn } = at;
         async move {
             let (_, entries, _, _) = self.presence_keys(scope, conn);
             let json = serde_json::to_string(entry).expect("presence entries serialise");
@@ -670,13 +667,8 @@ impl Backbone for RedisBackbone {
         .boxed()
     }
 
-    fn presence_remove<'a>(
-        &'a self,
-        scope: Scope<'a>,
-        conn: u64,
-        id: &'a str,
-        event: Option<String>,
-    ) -> Call<'a, PresenceChange> {
+    fn presence_remove<'a>(&'a self, at: Seat<'a>, id: &'a str, event: Option<String>) -> Call<'a, PresenceChange> {
+        let Seat { scope, conn } = at;
         async move {
             let (ids, entries, channel, member) = self.presence_keys(scope, conn);
             let mut call = self.presence_remove.prepare_invoke();

@@ -10,7 +10,7 @@
 //! a `Client` over an outbox without a socket and the `none` backbone is tested as it is.
 
 use crate::backbone::{Backbone, BackboneError};
-use crate::backbone::{PresenceChange, PresenceEntry, Scope, SessionRecord, Unpublished};
+use crate::backbone::{PresenceChange, PresenceEntry, Scope, Seat, SessionRecord, Unpublished};
 use crate::hub::{Gate, GateState, Member};
 use crate::outbox::Outbox;
 use crate::state::NodeState;
@@ -242,7 +242,7 @@ impl Client {
     }
 
     async fn go_online(&self) {
-        if let Err(e) = self.backbone().presence_add(Scope::Online, self.conn, &self.presence_entry(), None).await {
+        if let Err(e) = self.backbone().presence_add(Seat::online(self.conn), &self.presence_entry(), None).await {
             debug!(error = %e, "could not register online presence");
         }
     }
@@ -255,7 +255,7 @@ impl Client {
     /// connection, or the error), for the caller to send when its order allows.
     async fn enter_presence(&self, room: &str) -> Option<String> {
         let joined = self.user_joined(room);
-        match self.backbone().presence_add(Scope::Room(room), self.conn, &self.presence_entry(), Some(joined)).await {
+        match self.backbone().presence_add(Seat::room(room, self.conn), &self.presence_entry(), Some(joined)).await {
             Ok((PresenceChange::FirstOrLast, _)) => None,
             Ok((_, event)) => Some(event.unwrap_or_else(|| self.user_joined(room))),
             Err(e) => {
@@ -274,7 +274,7 @@ impl Client {
     /// announces `user_left` with `reason`.
     async fn leave_presence(&self, room: &str, reason: LeaveReason) {
         let left = self.user_left(room, reason);
-        if let Err(e) = self.backbone().presence_remove(Scope::Room(room), self.conn, &self.id, Some(left)).await {
+        if let Err(e) = self.backbone().presence_remove(Seat::room(room, self.conn), &self.id, Some(left)).await {
             debug!(room, error = %e, "could not remove presence");
         }
     }
@@ -391,7 +391,7 @@ impl Client {
                 let entry = self.presence_entry();
                 let scopes = std::iter::once(Scope::Online).chain(self.rooms.keys().map(|r| Scope::Room(r)));
                 for scope in scopes {
-                    if let Err(e) = self.backbone().presence_rename(scope, self.conn, &entry).await {
+                    if let Err(e) = self.backbone().presence_rename(Seat { scope, conn: self.conn }, &entry).await {
                         debug!(error = %e, "could not rename presence");
                     }
                 }
@@ -574,7 +574,7 @@ impl Client {
             self.backbone().release(room).await;
             self.leave_presence(room, LeaveReason::Disconnected).await;
         }
-        if let Err(e) = self.backbone().presence_remove(Scope::Online, self.conn, &self.id, None).await {
+        if let Err(e) = self.backbone().presence_remove(Seat::online(self.conn), &self.id, None).await {
             debug!(error = %e, "could not remove online presence");
         }
         // The expiry counts from the end of the last connection.
