@@ -651,7 +651,8 @@ impl HeadStore {
 async fn room_heads(port: u16, rooms: usize) -> Result<Heads> {
     let ask = async {
         let mut redis = RedisClient::connect(&format!("redis://127.0.0.1:{port}/"), Duration::from_secs(2)).await?;
-        let keys: Vec<String> = (0..rooms).map(|i| format!("{KEY_PREFIX}room:{{{}}}:meta", room_name(i))).collect();
+        let layout = tether_proto::backbone::RedisKeys::new(KEY_PREFIX);
+        let keys: Vec<String> = (0..rooms).map(|i| layout.meta(&room_name(i))).collect();
         let replies = redis.hmget_each(&keys, &["seq", "epoch"]).await?;
         let mut heads = HashMap::new();
         for (i, fields) in replies.into_iter().enumerate() {
