@@ -32,3 +32,18 @@ fn help_and_version_exit_0_on_stdout() {
         assert!(!out.stdout.is_empty(), "{args:?} printed nothing");
     }
 }
+
+#[test]
+fn fanout_options_that_cannot_work_exit_64_before_anything_starts() {
+    for (args, names) in [
+        (&["bench", "fanout", "--rooms", "0"][..], "--rooms"),
+        (&["bench", "fanout", "--steady", "--members", "0"], "--members"),
+        (&["bench", "fanout", "--rooms", "100", "--members", "1000"], "exceed"),
+    ] {
+        let out = tether(args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {err}");
+        assert!(err.contains(names), "{args:?} names {names}: {err}");
+        assert!(!err.contains("starting"), "{args:?} started something: {err}");
+    }
+}

@@ -71,6 +71,21 @@ pub struct FanoutOptions {
 }
 
 impl FanoutOptions {
+    /// The options that cannot work, named (`tether bench fanout` exits 64 on them).
+    fn check(&self) -> Result<()> {
+        let clients = self.rooms * self.members;
+        if clients == 0 || self.rates.is_empty() {
+            bail!("--rooms, --members and --rates must not be empty or zero");
+        }
+        if clients + self.rooms > MAX_CLIENTS {
+            bail!(
+                "{clients} members + {} publishers exceed what one balancer process holds ({MAX_CLIENTS})",
+                self.rooms
+            );
+        }
+        Ok(())
+    }
+
     /// Worker threads of each node: `node_threads`, or else the machine's cores shared among
     /// the nodes (at least one each). The nodes stand for machines of their own; the node's
     /// own default, one worker per core, would run three nodes' six workers on two cores.
@@ -270,6 +285,10 @@ pub async fn run_cli(args: FanoutArgs) -> Result<i32> {
     }
     let json = args.json.clone();
     let opts = FanoutOptions::from(args);
+    if let Err(e) = opts.check() {
+        eprintln!("tether bench fanout: {e}");
+        return Ok(crate::EXIT_USAGE.into());
+    }
     let mut stdout = std::io::stdout();
     let report = run(&opts, &mut stdout).await?;
     println!();
@@ -279,13 +298,7 @@ pub async fn run_cli(args: FanoutArgs) -> Result<i32> {
 
 /// Runs the benchmark, printing progress to `out`.
 pub async fn run<W: Write>(opts: &FanoutOptions, out: &mut W) -> Result<FanoutReport> {
-    let clients = opts.rooms * opts.members;
-    if clients == 0 || opts.rates.is_empty() {
-        bail!("--rooms, --members and --rates must not be empty or zero");
-    }
-    if clients + opts.rooms > MAX_CLIENTS {
-        bail!("{clients} members + {} publishers exceed what one balancer process holds ({MAX_CLIENTS})", opts.rooms);
-    }
+    opts.check()?;
     let dir = tempfile::Builder::new().prefix("tether-bench-fanout-").tempdir()?;
     let node_conf = super::write_file(dir.path(), "node.toml", "max_connections = 19000\n")?;
     let bal_conf = super::write_file(dir.path(), "balancer.toml", "max_connections = 9950\n")?;

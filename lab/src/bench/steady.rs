@@ -334,6 +334,10 @@ impl SteadyReport {
 /// `tether bench fanout --steady …`: progress on stderr, the table on stdout.
 pub async fn run_cli(args: FanoutArgs) -> Result<i32> {
     let opts = SteadyOptions::from_args(&args);
+    if let Err(e) = opts.check() {
+        eprintln!("tether bench fanout: {e}");
+        return Ok(crate::EXIT_USAGE.into());
+    }
     let mut progress = std::io::stderr();
     let report = run(&opts, &mut progress).await?;
     super::print_report(&report.table(), &report, args.json.as_deref())?;
