@@ -76,12 +76,19 @@ impl RedisKeys {
 
     /// The room's counter hash (fields `seq`, `epoch`).
     pub fn meta(&self, room: &str) -> String {
-        format!("{}:meta", self.channel(room))
+        format!("{}room:{{{room}}}:meta", self.prefix)
     }
 
     /// The room's log stream (entry ids `SEQ-0`, field `f`).
     pub fn log(&self, room: &str) -> String {
-        format!("{}:log", self.channel(room))
+        format!("{}room:{{{room}}}:log", self.prefix)
+    }
+
+    /// A room's counter, log and channel together, as the publish step needs them (the
+    /// channel's name built once).
+    pub fn room(&self, room: &str) -> RoomKeys {
+        let channel = self.channel(room);
+        RoomKeys { meta: format!("{channel}:meta"), log: format!("{channel}:log"), channel }
     }
 
     /// A client's session hash.
@@ -89,13 +96,18 @@ impl RedisKeys {
         format!("{}session:{{{id}}}", self.prefix)
     }
 
-    /// A room's presence entries hash (`None`: the cluster-wide `online` list); its
-    /// per-client-id connection counts are in the same name + `:ids`.
+    /// A room's presence entries hash (`None`: the cluster-wide `online` list).
     pub fn presence(&self, room: Option<&str>) -> String {
         match room {
             Some(room) => format!("{}presence:{{{room}}}", self.prefix),
             None => format!("{}online", self.prefix),
         }
+    }
+
+    /// Its per-client-id connection counts: the presence hash's name + `:ids` (the presence
+    /// scripts derive it the same way).
+    pub fn presence_ids(presence: &str) -> String {
+        format!("{presence}:ids")
     }
 
     /// The position hash a `user_joined` in `room` is completed from (`online` has none,
@@ -121,6 +133,14 @@ impl RedisKeys {
     pub fn probe(&self, instance: &str) -> String {
         format!("{}probe:{{{instance}}}", self.prefix)
     }
+}
+
+/// One room's keys: see [`RedisKeys::room`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoomKeys {
+    pub meta: String,
+    pub log: String,
+    pub channel: String,
 }
 
 #[cfg(test)]
@@ -159,6 +179,9 @@ mod tests {
         assert_eq!(k.session("c"), "tether:session:{c}");
         assert_eq!(k.presence(Some("r")), "tether:presence:{r}");
         assert_eq!(k.presence(None), "tether:online");
+        assert_eq!(RedisKeys::presence_ids(&k.presence(Some("r"))), "tether:presence:{r}:ids");
+        let room = k.room("r");
+        assert_eq!((room.meta, room.log, room.channel), (k.meta("r"), k.log("r"), k.channel("r")));
         assert_eq!(k.position(Some("r")), "tether:room:{r}:meta");
         assert_eq!(k.position(None), "tether:online:meta");
         assert_eq!(k.instances(), "tether:instances");

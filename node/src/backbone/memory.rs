@@ -16,7 +16,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tether_proto::backbone::conn_field;
-use tether_proto::wire::{complete_joined, complete_message};
+use tether_proto::wire::{complete_joined, complete_message, MessageHead};
 use tether_proto::wire::{Event, LeaveReason};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
@@ -157,7 +157,11 @@ impl TestNode {
     pub async fn say(&self, room: &str, texts: &[&str]) {
         let prefixes = texts
             .iter()
-            .map(|t| format!("{{\"type\":\"message\",\"room\":\"{room}\",\"text\":\"{t}\",\"seq\":"))
+            .map(|text| {
+                let server = &self.backbone.server;
+                MessageHead { kind: "message", room, from: server, id: server, text, server, timestamp: 0 }
+                    .json_prefix()
+            })
             .collect();
         self.backbone.publish_messages(room, prefixes).await.unwrap();
     }

@@ -158,10 +158,6 @@ impl RedisBackbone {
         Ok(backbone)
     }
 
-    fn channel(&self, room: &str) -> String {
-        self.keys.channel(room)
-    }
-
     fn instance_set_key(&self) -> String {
         self.keys.instance_set(&self.instance)
     }
@@ -173,12 +169,8 @@ impl RedisBackbone {
             Scope::Online => None,
         };
         let entries = self.keys.presence(room);
-        let channel = room.map(|r| self.channel(r)).unwrap_or_default();
-        (format!("{entries}:ids"), entries, channel, instance_member(conn, room))
-    }
-
-    fn session_key(&self, id: &str) -> String {
-        self.keys.session(id)
+        let channel = room.map(|r| self.keys.channel(r)).unwrap_or_default();
+        (RedisKeys::presence_ids(&entries), entries, channel, instance_member(conn, room))
     }
 
     fn room_of<'c>(&self, channel: &'c str) -> Option<&'c str> {
@@ -367,7 +359,7 @@ impl RedisBackbone {
         let (mut sink, stream) = pubsub.split();
         let mut subs = self.subs.lock().await;
         let rooms: HashSet<String> = self.inbound.rooms().into_iter().collect();
-        let mut channels: Vec<String> = rooms.iter().map(|r| self.channel(r)).collect();
+        let mut channels: Vec<String> = rooms.iter().map(|r| self.keys.channel(r)).collect();
         channels.push(self.probe_channel());
         self.with_timeout(sink.subscribe(channels)).await?;
         self.metrics.rooms_subscribed.set(rooms.len() as i64);
@@ -455,10 +447,11 @@ impl Backbone for RedisBackbone {
             }
             let mut con = self.commands.clone();
             let mut invocation = self.publish.prepare_invoke();
+            let keys = self.keys.room(room);
             invocation
-                .key(self.keys.meta(room))
-                .key(self.keys.log(room))
-                .key(self.keys.channel(room))
+                .key(keys.meta)
+                .key(keys.log)
+                .key(keys.channel)
                 .arg(tether_proto::id::mint_client_id())
                 .arg(self.cfg.history_len)
                 .arg(self.cfg.log_ttl.as_millis() as u64);
@@ -478,7 +471,7 @@ impl Backbone for RedisBackbone {
     fn publish_event<'a>(&'a self, room: &'a str, json: String) -> Call<'a, ()> {
         async move {
             let mut con = self.commands.clone();
-            let channel = self.channel(room);
+            let channel = self.keys.channel(room);
             let _receivers: i64 =
                 self.command(redis::cmd("PUBLISH").arg(channel).arg(json).query_async(&mut con)).await?;
             Ok(())
@@ -500,7 +493,7 @@ impl Backbone for RedisBackbone {
                         return Ok(());
                     }
                     if let Some(sink) = subs.sink.as_mut() {
-                        self.with_timeout(sink.subscribe(self.channel(room))).await?;
+                        self.with_timeout(sink.subscribe(self.keys.channel(room))).await?;
                         subs.rooms.insert(room.to_string());
                         self.metrics.rooms_subscribed.set(subs.rooms.len() as i64);
                         return Ok(());
@@ -523,7 +516,7 @@ impl Backbone for RedisBackbone {
                 return;
             }
             self.metrics.rooms_subscribed.set(subs.rooms.len() as i64);
-            let channel = self.channel(room);
+            let channel = self.keys.channel(room);
             if let Some(sink) = subs.sink.as_mut() {
                 // A failure here means the connection is going away; the reconnect
                 // subscribes only rooms with members, so nothing leaks.
@@ -539,7 +532,7 @@ impl Backbone for RedisBackbone {
         async move {
             let mut con = self.commands.clone();
             let (name, rooms): (Option<String>, Option<String>) = self
-                .command(redis::cmd("HMGET").arg(self.session_key(id)).arg("name").arg("rooms").query_async(&mut con))
+                .command(redis::cmd("HMGET").arg(self.keys.session(id)).arg("name").arg("rooms").query_async(&mut con))
                 .await?;
             let Some(rooms) = rooms else {
                 return Ok(None);
@@ -560,7 +553,7 @@ impl Backbone for RedisBackbone {
 
     fn save_session<'a>(&'a self, id: &'a str, session: &'a SessionRecord) -> Call<'a, ()> {
         async move {
-            let key = self.session_key(id);
+            let key = self.keys.session(id);
             // Vec<String> always serialises.
             let rooms = serde_json::to_string(&session.rooms).expect("room names serialise");
             let mut pipe = redis::pipe();
@@ -581,7 +574,7 @@ impl Backbone for RedisBackbone {
             for chunk in ids.chunks(1000) {
                 let mut pipe = redis::pipe();
                 for id in chunk {
-                    pipe.pexpire(self.session_key(id), ttl).ignore();
+                    pipe.pexpire(self.keys.session(id), ttl).ignore();
                 }
                 let mut con = self.commands.clone();
                 self.command(pipe.query_async::<()>(&mut con)).await?;

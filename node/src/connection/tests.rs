@@ -14,7 +14,7 @@ use crate::state::NodeState;
 use serde_json::{json, Value};
 use std::sync::Arc;
 use std::time::Duration;
-use tether_proto::wire::{CLOSE_POLICY, CLOSE_RESTART, CLOSE_TOO_BIG};
+use tether_proto::wire::{ClientMsg, ResumePoint, CLOSE_POLICY, CLOSE_RESTART, CLOSE_TOO_BIG};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
@@ -75,11 +75,11 @@ async fn send(c: &mut Client, now: Instant, texts: &[&str]) {
 }
 
 fn join(room: &str) -> String {
-    json!({"type": "join", "room": room}).to_string()
+    ClientMsg::Join { room: room.into() }.to_json()
 }
 
 fn message(room: &str, text: &str) -> String {
-    json!({"type": "message", "room": room, "text": text}).to_string()
+    ClientMsg::Message { room: room.into(), text: text.into() }.to_json()
 }
 
 #[tokio::test]
@@ -132,9 +132,9 @@ async fn leaving_sending_to_or_resuming_a_room_not_joined_is_not_in_room() {
     let now = Instant::now();
     let mut c = connected(&state, "a", now).await;
     let texts = [
-        json!({"type": "leave", "room": "x"}).to_string(),
+        ClientMsg::Leave { room: "x".into() }.to_json(),
         message("x", "hi"),
-        json!({"type": "resume", "rooms": {"x": 3}}).to_string(),
+        ClientMsg::Resume { rooms: vec![("x".into(), ResumePoint { seq: 3, epoch: None })] }.to_json(),
     ];
     send(&mut c, now, &texts.iter().map(String::as_str).collect::<Vec<_>>()).await;
     let frames = said(&c);
@@ -224,7 +224,8 @@ async fn set_name_is_saved_and_shows_in_messages_and_presence() {
     let mut c = connected(&state, "a", now).await;
     let mut other = connected(&state, "b", now).await;
     send(&mut other, now, &[&join("r")]).await;
-    send(&mut c, now, &[&join("r"), r#"{"type":"set_name","name":"Ann"}"#, &message("r", "hi")]).await;
+    let set_name = ClientMsg::SetName { name: "Ann".into() }.to_json();
+    send(&mut c, now, &[&join("r"), &set_name, &message("r", "hi")]).await;
     assert_eq!(
         log.load_session("a").await.unwrap(),
         Some(SessionRecord { name: Some("Ann".into()), rooms: vec!["r".into()] })
@@ -232,7 +233,7 @@ async fn set_name_is_saved_and_shows_in_messages_and_presence() {
     let frames = said(&c);
     assert_eq!(types(&frames), ["user_joined", "message"]);
     assert_eq!(frames[1]["from"], "Ann");
-    send(&mut c, now, &[r#"{"type":"presence","room":"r"}"#, r#"{"type":"online"}"#]).await;
+    send(&mut c, now, &[&ClientMsg::Presence { room: "r".into() }.to_json(), &ClientMsg::Online.to_json()]).await;
     let frames = said(&c);
     let user = |id: &str, user: &str| json!({"id": id, "user": user, "server": "n1"});
     let mut users = frames[0]["users"].as_array().unwrap().clone();
@@ -266,7 +267,8 @@ async fn a_restored_session_holds_its_rooms_until_resume_replays_then_releases()
     assert!(said(&a).is_empty(), "held while the client has not resumed");
 
     // The client saw m1: m2 and m3 come from the log, the live m3 is not sent again.
-    send(&mut a, now, &[&json!({"type": "resume", "rooms": {"r": {"seq": 1, "epoch": epoch}}}).to_string()]).await;
+    let point = ResumePoint { seq: 1, epoch: epoch.as_str().map(String::from) };
+    send(&mut a, now, &[&ClientMsg::Resume { rooms: vec![("r".into(), point)] }.to_json()]).await;
     let frames = said(&a);
     assert_eq!(types(&frames), ["message", "message", "resumed", "user_joined"]);
     assert_eq!((frames[0]["text"].as_str(), frames[0]["replay"].as_bool()), (Some("m2"), Some(true)));
@@ -350,7 +352,7 @@ async fn disconnect_leaves_every_room_and_the_others_hear_it() {
     assert_eq!((frames[0]["id"].as_str(), frames[0]["reason"].as_str()), (Some("a"), Some("disconnected")));
     assert_eq!(state.hub.rooms(), ["r"]);
     assert_eq!(state.hub.client_ids().iter().map(|id| id.to_string()).collect::<Vec<_>>(), ["b"]);
-    send(&mut b, now, &[r#"{"type":"online"}"#]).await;
+    send(&mut b, now, &[&ClientMsg::Online.to_json()]).await;
     assert_eq!(said(&b)[0]["users"].as_array().map(Vec::len), Some(1));
 }
 
