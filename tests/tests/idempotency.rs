@@ -56,4 +56,37 @@ async fn a_resent_msg_id_is_published_once_on_any_node(kind: Kind) -> Result<()>
     Ok(())
 }
 
-tether_tests::on_every_backbone!(a_resent_msg_id_is_published_once_on_any_node);
+/// A burst of keyed messages (published together in one atomic step where the backbone can)
+/// with a repeat inside it and repeats of earlier ones: each id once, in order, and one
+/// `duplicate` per repeat.
+async fn a_burst_with_repeats_publishes_each_msg_id_once_in_order(kind: Kind) -> Result<()> {
+    let backend = Backend::start(kind).await?;
+    let n1 = backend.node("node-1", |_| {})?;
+    let (mut c, _) = WsClient::connect_ready(&n1.ws_url("burst")).await?;
+    c.join("b").await?;
+    let frame = |id: &str| keyed("b", id, id, json!({"id": id}));
+    c.send_burst(["k1", "k2", "k1", "k3"].map(|id| frame(id).to_string())).await?;
+    c.send_burst(["k2", "k4", "k3"].map(|id| frame(id).to_string())).await?;
+    c.recv_until("k4", |v| v["type"] == "message" && v["msg_id"] == "k4").await?;
+    while c_dups(&c.seen).len() < 3 {
+        c.recv_type("duplicate").await?;
+    }
+    let got: Vec<&str> =
+        c.seen.iter().filter(|v| v["type"] == "message").filter_map(|v| v["msg_id"].as_str()).collect();
+    assert_eq!(got, ["k1", "k2", "k3", "k4"], "each once, in order");
+    let seqs: Vec<u64> = c.seen.iter().filter(|v| v["type"] == "message").filter_map(|v| v["seq"].as_u64()).collect();
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "repeats take no seq: {seqs:?}");
+    let mut dups = c_dups(&c.seen);
+    dups.sort();
+    assert_eq!(dups, ["k1", "k2", "k3"]);
+    Ok(())
+}
+
+fn c_dups(seen: &[Value]) -> Vec<String> {
+    seen.iter().filter(|v| v["type"] == "duplicate").filter_map(|v| v["msg_id"].as_str().map(String::from)).collect()
+}
+
+tether_tests::on_every_backbone!(
+    a_resent_msg_id_is_published_once_on_any_node,
+    a_burst_with_repeats_publishes_each_msg_id_once_in_order
+);

@@ -202,6 +202,28 @@ pub trait Backbone: Send + Sync {
     /// (a client's message), `a:{idempotency_key}` (the server API).
     fn publish_one<'a>(&'a self, room: &'a str, prefix: String, key: Option<&'a str>) -> Call<'a, Published>;
 
+    /// [`publish_one`](Backbone::publish_one) for consecutive messages of one client to
+    /// `room`, each `(prefix, dedup key)`, in order; one answer per message. By default one
+    /// call each; a backbone with a batched atomic step overrides it.
+    fn publish_keyed<'a>(
+        &'a self,
+        room: &'a str,
+        messages: Vec<(String, String)>,
+    ) -> BoxFuture<'a, Result<Vec<Published>, Unpublished>> {
+        async move {
+            let mut out = Vec::with_capacity(messages.len());
+            for (published, (prefix, key)) in messages.into_iter().enumerate() {
+                out.push(
+                    self.publish_one(room, prefix, Some(&key))
+                        .await
+                        .map_err(|error| Unpublished { published, error })?,
+                );
+            }
+            Ok(out)
+        }
+        .boxed()
+    }
+
     /// Publishes a membership event (no seq, not logged) to every subscribed node.
     fn publish_event<'a>(&'a self, room: &'a str, json: String) -> Call<'a, ()>;
 
