@@ -90,7 +90,6 @@ fn unix_ms() -> u64 {
 
 /// Publishes `content` to `room` (already validated): the answer's JSON.
 async fn publish_to(room: &str, content: &Content, state: &NodeState, timestamp: u64) -> Answer {
-    #[cfg(any())] // PUBLISH-CORE-PENDING
     let head = MessageHead {
         kind: "message",
         room,
@@ -102,16 +101,12 @@ async fn publish_to(room: &str, content: &Content, state: &NodeState, timestamp:
         data: content.data.as_deref(),
         msg_id: None,
     };
-    #[cfg(any())] // PUBLISH-CORE-PENDING
     let key = content.idempotency_key.as_ref().map(|k| format!("a:{k}"));
-    #[cfg(any())] // PUBLISH-CORE-PENDING
     let published = state
         .backbone
         .publish_one(room, head.json_prefix(), key.as_deref())
         .await
         .map_err(|e| ApiError::backbone(&e))?;
-    let _ = (timestamp, MessageHead::json_prefix); // PUBLISH-CORE-PENDING
-    let published = Pending { seq: 0, epoch: String::new(), duplicate: false }; // PUBLISH-CORE-PENDING
     if !published.duplicate {
         state.metrics.messages_published.inc();
     }
@@ -171,9 +166,3 @@ pub async fn broadcast(body: BroadcastBody, state: &NodeState) -> Answer {
     }
     Ok(to_json(&Results { results }))
 }
-
-struct Pending {
-    seq: u64,
-    epoch: String,
-    duplicate: bool,
-} // PUBLISH-CORE-PENDING
