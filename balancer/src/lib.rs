@@ -11,6 +11,9 @@
 //! - `proxy`: per request — client id (query, header, cookie; minted when absent; checked
 //!   against the `signing_key` when one is set), node choice with failover along the
 //!   client's rank, forwarding with `X-Client-Id`/`X-Forwarded-For`;
+//! - `api`: `/api/` requests (the nodes' server API): no client id, any usable node round
+//!   robin, the buffered body sent again to the next node on a refused connect, a 503 or a
+//!   failed exchange;
 //! - `tunnel`: the upgraded byte tunnel, torn down as a whole when either side ends or its node
 //!   goes down, and closed with 1012 at a frame boundary when its node is drained (its byte
 //!   pump, its frame-aware drain and its lingering close are submodules);
@@ -41,6 +44,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 
 mod admin;
+mod api;
 pub mod cli;
 pub mod config;
 mod conn;
@@ -72,6 +76,8 @@ pub(crate) struct Shared {
     tracker: TaskTracker,
     /// Fired when the shutdown grace is over: whatever still runs is cut.
     hard_stop: CancellationToken,
+    /// Turns of the server API's round robin over nodes (see [`api`]).
+    api_turn: std::sync::atomic::AtomicUsize,
 }
 
 /// Runs the balancer on two bound listeners until `shutdown` fires, then stops accepting,
@@ -96,6 +102,7 @@ pub async fn run(
         client_slots,
         tracker: TaskTracker::new(),
         hard_stop: CancellationToken::new(),
+        api_turn: std::sync::atomic::AtomicUsize::new(0),
     });
 
     let health_stop = CancellationToken::new();

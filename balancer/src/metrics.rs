@@ -51,6 +51,8 @@ pub struct NodeLabels {
 pub enum Kind {
     ws,
     http,
+    /// The server API (`/api/`), forwarded to any node.
+    api,
 }
 
 /// Outcome of one health probe.

@@ -291,6 +291,18 @@ impl Pool {
         hrw::best(&self.names, client, |i| self.nodes[i].tier() == Some(wanted))
     }
 
+    /// The nodes to try for a server API request, in order: the `up` ones, starting at
+    /// `turn` (round robin), then the `unready` ones likewise (alive beats failing); never a
+    /// down or draining one.
+    pub fn api_order(&self, turn: usize) -> Vec<usize> {
+        let n = self.nodes.len();
+        let mut order = Vec::with_capacity(n);
+        for wanted in [Health::Up, Health::Unready] {
+            order.extend((0..n).map(|i| (turn + i) % n.max(1)).filter(|&i| self.nodes[i].tier() == Some(wanted)));
+        }
+        order
+    }
+
     /// The full preference order of `client` over all nodes, whatever their state.
     pub fn rank(&self, client: &str) -> Vec<&str> {
         hrw::rank(&self.names, client).into_iter().map(|i| self.names[i].as_str()).collect()
@@ -349,6 +361,23 @@ mod tests {
         assert_eq!(next_health(Health::Up, 0, &Probe::Unready(500), 2), (Health::Unready, 0));
         assert_eq!(next_health(Health::Unready, 0, &Probe::Ready, 2), (Health::Up, 0));
         assert_eq!(next_health(Health::Down, 0, &Probe::Ready, 1), (Health::Up, 0));
+    }
+
+    #[test]
+    fn api_requests_go_round_robin_over_up_nodes_then_unready_ones() {
+        let p = pool(3);
+        assert_eq!(p.api_order(0), [0, 1, 2]);
+        assert_eq!(p.api_order(1), [1, 2, 0]);
+        assert_eq!(p.api_order(5), [2, 0, 1]);
+        p.get(1).mark_down("refused");
+        assert_eq!(p.api_order(1), [2, 0]);
+        p.get(0).apply_probe(&Probe::Unready(503), 1);
+        assert_eq!(p.api_order(0), [2, 0], "up first, then unready");
+        p.get(2).set_draining(true);
+        assert_eq!(p.api_order(0), [0]);
+        p.get(0).mark_down("refused");
+        assert!(p.api_order(0).is_empty());
+        assert!(pool(0).api_order(3).is_empty());
     }
 
     #[test]

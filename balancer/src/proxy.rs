@@ -248,7 +248,7 @@ async fn connect_ranked(shared: &Shared, id: &str) -> Result<Upstream, NoUpstrea
     Err(NoUpstream::NoNode)
 }
 
-async fn connect(node: &Node, timeout: Duration) -> Result<TcpStream, Error> {
+pub(crate) async fn connect(node: &Node, timeout: Duration) -> Result<TcpStream, Error> {
     match tokio::time::timeout(timeout, TcpStream::connect(&node.addr)).await {
         Ok(Ok(stream)) => {
             // Chat frames are small and latency-bound.
@@ -304,7 +304,7 @@ fn prepare_upstream_request<B>(request: &mut Request<B>, id: &str, peer: IpAddr)
     Ok(())
 }
 
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     let listed: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -319,7 +319,7 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-fn append_forwarded_for(headers: &mut HeaderMap, peer: IpAddr) {
+pub(crate) fn append_forwarded_for(headers: &mut HeaderMap, peer: IpAddr) {
     let mut value = String::new();
     for earlier in headers.get_all(&X_FORWARDED_FOR) {
         if let Ok(earlier) = earlier.to_str() {

@@ -28,7 +28,7 @@ use crate::conn::ClientConn;
 use crate::metrics::Kind;
 use crate::proxy;
 use crate::response;
-use crate::{admin, Shared};
+use crate::{admin, api, Shared};
 
 /// Cap on concurrent admin connections: it is an operator's port, and a flood there must not
 /// take file descriptors from clients.
@@ -96,7 +96,17 @@ pub(crate) async fn serve_proxy(shared: Arc<Shared>, listener: TcpListener, shut
         let conn = Arc::new(ClientConn { peer, _permit: permit });
         let service = {
             let shared = Arc::clone(&shared);
-            service_fn(move |request| proxy::handle(Arc::clone(&shared), Arc::clone(&conn), request))
+            service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+                let (shared, conn) = (Arc::clone(&shared), Arc::clone(&conn));
+                async move {
+                    // The server API belongs to no client: any node, round robin (see `api`).
+                    if api::is_api(&request) && !proxy::is_upgrade(request.headers()) {
+                        api::handle(shared, conn, request).await
+                    } else {
+                        proxy::handle(shared, conn, request).await
+                    }
+                }
+            })
         };
         let connection = http_builder(&shared).serve_connection(TokioIo::new(stream), service).with_upgrades();
         let span = tracing::debug_span!("conn", %peer);

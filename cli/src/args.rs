@@ -171,6 +171,22 @@ mod tests {
     }
 
     #[test]
+    fn bench_api_flags_parse_and_bad_values_are_usage_errors() {
+        let api = |argv: &[&str]| match Cli::try_parse_from(argv).map(|c| c.command) {
+            Ok(Command::Bench(BenchArgs { kind: BenchKind::Api(a) })) => Ok(a),
+            Ok(other) => panic!("{other:?}"),
+            Err(e) => Err(e),
+        };
+        let a = api(&["tether", "bench", "api"]).expect("defaults");
+        assert_eq!((a.rate, a.duration, a.concurrency, a.nodes), (500.0, 10.0, 16, 3));
+        let a = api(&["tether", "bench", "api", "--rate", "50", "--duration", "2", "--concurrency", "4"]).expect("set");
+        assert_eq!((a.rate, a.duration, a.concurrency), (50.0, 2.0, 4));
+        for bad in [["--rate", "0"], ["--duration", "-1"], ["--concurrency", "0"], ["--nodes", "0"]] {
+            assert!(api(&["tether", "bench", "api", bad[0], bad[1]]).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
     fn bench_flags_parse_and_bad_values_are_usage_errors() {
         let fanout = Cli::try_parse_from(["tether", "bench", "fanout", "--rooms", "10", "--rates", "100,200.5,400"]);
         match fanout.map(|c| c.command) {

@@ -2,6 +2,7 @@
 //!
 //! - [`process`]: the one child-process guard ([`ChildProcess`]: own process group, killed
 //!   on drop and on the parent's death), ready lines, graceful stops;
+//! - [`api_client`]: a keep-alive HTTP/1.1 client of the nodes' server API;
 //! - [`bin`]: finding `tether-node`, `tether-balancer`, `tether` (`$TETHER_BIN_DIR`, next to
 //!   the executable, `PATH`) and other tools on `PATH`;
 //! - [`ports`]: free loopback ports;
@@ -15,6 +16,7 @@
 //! - [`wait`]: [`eventually`], the one poll-until-it-holds helper of tools and tests.
 #![deny(unsafe_code)]
 
+pub mod api_client;
 pub mod balancer;
 pub mod bin;
 pub mod cluster;
@@ -30,6 +32,7 @@ mod server;
 pub mod url;
 pub mod wait;
 
+pub use api_client::{ApiAnswer, ApiClient};
 pub use balancer::BalancerProcess;
 pub use bin::{bin_path, find_on_path, BALANCER_BIN, BIN_DIR_ENV, NODE_BIN};
 pub use cluster::{Cluster, ClusterLogs, ClusterOptions, DEFAULT_GRACE};

@@ -42,6 +42,9 @@ pub struct Args {
     /// config file and $TETHER_SIGNING_KEY.
     #[arg(long)]
     signing_key_file: Option<PathBuf>,
+    /// Turns the server API on with this key (overrides `[api] key` and $TETHER_API_KEY).
+    #[arg(long)]
+    api_key: Option<String>,
     /// NATS URL of the `nats` backbone (nats-server with JetStream).
     #[arg(long)]
     nats: Option<String>,
@@ -118,6 +121,9 @@ impl Args {
         file.signing_key_file = self.signing_key_file.or(file.signing_key_file);
         file.threads = self.threads.or(file.threads);
         file.max_connections = self.max_connections.or(file.max_connections);
+        if let Some(key) = self.api_key {
+            file.api.get_or_insert_with(Default::default).key = Some(key);
+        }
         // Before validating: the default max_connections is derived from the raised limit.
         raise_nofile_limit();
         let config = file.validate()?;

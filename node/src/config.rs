@@ -43,6 +43,12 @@ pub const DEFAULT_PRESENCE_TTL_MS: u64 = 3_000;
 pub const DEFAULT_PROBE_INTERVAL_MS: u64 = 2_000;
 /// Environment variable holding the signing key when no file is configured.
 pub const SIGNING_KEY_ENV: &str = "TETHER_SIGNING_KEY";
+/// Environment variable holding the server API key when neither the flag nor the file sets one.
+pub const API_KEY_ENV: &str = "TETHER_API_KEY";
+/// Longest API key accepted (a key is a secret string, not a file).
+pub const MAX_API_KEY_BYTES: usize = 1024;
+/// Shortest API key accepted: a guessable key is worse than none.
+pub const MIN_API_KEY_BYTES: usize = 16;
 
 /// Which backbone carries rooms between nodes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -105,6 +111,53 @@ pub struct FileConfig {
     pub signing_key_file: Option<std::path::PathBuf>,
     pub presence_ttl_ms: Option<u64>,
     pub probe_interval_ms: Option<u64>,
+    /// The server API (`docs/API.md`); off without a key.
+    pub api: Option<ApiFileConfig>,
+}
+
+/// The `[api]` table.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ApiFileConfig {
+    /// The key every `/api/` request must present.
+    pub key: Option<String>,
+}
+
+/// The server API's key. Its `Debug` hides it, so a logged `Config` never shows it; requests'
+/// keys are compared with it in constant time ([`ApiKey::matches`]).
+#[derive(Clone)]
+pub struct ApiKey {
+    /// SHA-256 of the key: comparing digests takes the same time whatever the lengths.
+    digest: [u8; 32],
+}
+
+impl ApiKey {
+    pub fn new(key: &str) -> Result<Self, String> {
+        if key.len() < MIN_API_KEY_BYTES || key.len() > MAX_API_KEY_BYTES {
+            return Err(format!("{}–{} bytes", MIN_API_KEY_BYTES, MAX_API_KEY_BYTES));
+        }
+        if key.bytes().any(|b| !(0x21..=0x7e).contains(&b)) {
+            return Err("printable ASCII without spaces (it travels in an HTTP header)".into());
+        }
+        Ok(Self { digest: Self::digest(key.as_bytes()) })
+    }
+
+    fn digest(key: &[u8]) -> [u8; 32] {
+        use sha2::Digest;
+        sha2::Sha256::digest(key).into()
+    }
+
+    /// Whether `given` is the key, in time that does not depend on where they differ.
+    pub fn matches(&self, given: &[u8]) -> bool {
+        use subtle::ConstantTimeEq;
+        bool::from(Self::digest(given).ct_eq(&self.digest))
+    }
+}
+
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ApiKey(…)")
+    }
 }
 
 /// A validated configuration with every default applied.
@@ -174,6 +227,8 @@ pub struct Config {
     /// How often the subscriber checks itself end to end (a silent subscription is
     /// re-established after three missed probes).
     pub probe_interval: Duration,
+    /// The server API's key (`[api] key`, `--api-key`, `TETHER_API_KEY`); `None`: the API is off.
+    pub api_key: Option<ApiKey>,
 }
 
 /// A configuration value that cannot be used.
@@ -289,6 +344,15 @@ impl FileConfig {
             ),
             (None, _) => None,
         };
+        let api_key = match self.api.and_then(|a| a.key) {
+            Some(key) => Some(ApiKey::new(&key).map_err(|e| invalid("api.key", e))?),
+            None => match std::env::var(API_KEY_ENV) {
+                Ok(key) if !key.is_empty() => {
+                    Some(ApiKey::new(&key).map_err(|e| invalid("api.key", format!("{API_KEY_ENV}: {e}")))?)
+                }
+                _ => None,
+            },
+        };
         if let Some(n) = self.max_connections {
             let ceiling = tether_proto::limits::MAX_CONNECTIONS_CEILING;
             if !(1..=ceiling).contains(&n) {
@@ -378,6 +442,7 @@ impl FileConfig {
                 self.probe_interval_ms,
                 DEFAULT_PROBE_INTERVAL_MS,
             )?),
+            api_key,
         })
     }
 }
@@ -403,6 +468,21 @@ fn hostname() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn api_keys_are_checked_and_compared_whole() {
+        let key = ApiKey::new("0123456789abcdef").unwrap();
+        assert!(key.matches(b"0123456789abcdef"));
+        assert!(!key.matches(b"0123456789abcde"));
+        assert!(!key.matches(b""));
+        assert!(ApiKey::new("short").is_err());
+        assert!(ApiKey::new("0123456789 abcdef").is_err());
+        assert_eq!(format!("{key:?}"), "ApiKey(…)");
+        let file = FileConfig::parse("[api]\nkey = \"x\"\n", "t").unwrap();
+        let err = file.validate().unwrap_err().to_string();
+        assert!(err.contains("api.key"), "{err}");
+        assert!(FileConfig::parse("[api]\nkee = \"x\"\n", "t").is_err(), "unknown fields are refused");
+    }
 
     #[test]
     fn shipped_config_parses_and_validates() {

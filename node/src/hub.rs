@@ -18,6 +18,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use tether_proto::wire::MessageMeta;
+use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
 
@@ -182,7 +183,24 @@ pub struct ClientInfo {
     pub id: Arc<str>,
     /// Display name, or the id when none was set.
     pub user: String,
+    /// The way into the connection's task, for what the server API asks of it (see
+    /// [`ConnCommand`]); `None` for a connection that takes no commands (state-machine tests).
+    pub commands: Option<mpsc::Sender<ConnCommand>>,
 }
+
+/// What the server API (through the backbone's control channel) asks of one connection; its
+/// task acts on it between frames.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConnCommand {
+    /// Close the connection with this close code and reason.
+    Close { code: u16, reason: String },
+    /// Leave `room` (members hear `user_left` with reason `removed`); stay connected.
+    Unsubscribe { room: String },
+}
+
+/// Commands one connection may have waiting: the API sends a handful at most, and a task
+/// that does not take them is closing anyway.
+pub const CONN_COMMANDS: usize = 16;
 
 /// Local members of every room that has any on this node.
 #[derive(Debug, Default)]
@@ -201,9 +219,28 @@ impl Hub {
         Self { hold_cap, ..Self::default() }
     }
 
-    pub fn register(&self, conn: u64, id: Arc<str>) {
+    pub fn register(&self, conn: u64, id: Arc<str>, commands: Option<mpsc::Sender<ConnCommand>>) {
         let user = id.to_string();
-        self.clients.insert(conn, ClientInfo { id, user });
+        self.clients.insert(conn, ClientInfo { id, user, commands });
+    }
+
+    /// Hands `command` to every local connection of client `id`; returns how many took it
+    /// (one whose command queue is full, or closed, is skipped and logged).
+    pub fn command(&self, id: &str, command: &ConnCommand) -> usize {
+        let targets: Vec<(u64, mpsc::Sender<ConnCommand>)> = self
+            .clients
+            .iter()
+            .filter(|e| &*e.value().id == id)
+            .filter_map(|e| e.value().commands.clone().map(|tx| (*e.key(), tx)))
+            .collect();
+        let mut taken = 0;
+        for (conn, tx) in targets {
+            match tx.try_send(command.clone()) {
+                Ok(()) => taken += 1,
+                Err(e) => tracing::debug!(id, conn, error = %e, "connection did not take a command"),
+            }
+        }
+        taken
     }
 
     /// Records a connection's display name (for presence re-registration).

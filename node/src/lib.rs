@@ -14,6 +14,8 @@
 //! - [`backbone`]: how frames travel between nodes (Redis pub/sub + streams, NATS
 //!   JetStream, or none), and what is the same above every backbone (presence keeping,
 //!   catch-up);
+//! - [`api`]: the server API (`/api/…`): publish, broadcast, presence, history, and acting on
+//!   clients cluster-wide through the backbone's control channel;
 //! - [`config`]: `configs/node.toml` and its validation;
 //! - [`cli`]: the binary's flags laid over the config, its start-up and exit codes;
 //! - [`metrics`]: every exported metric.
@@ -22,6 +24,7 @@
 //! runtime, bind and call [`run`].
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod backbone;
 pub mod cli;
 pub mod config;

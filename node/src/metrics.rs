@@ -12,6 +12,13 @@ pub struct CodeLabel {
     pub code: &'static str,
 }
 
+/// The server API's calls: by endpoint (`unknown` for a path that is none) and HTTP status.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ApiLabel {
+    pub endpoint: &'static str,
+    pub status: u16,
+}
+
 /// Counters and gauges; cheap to clone (they are `Arc`s inside).
 #[derive(Debug, Clone, Default)]
 pub struct Metrics {
@@ -36,6 +43,7 @@ pub struct Metrics {
     pub probe_failures: Counter,
     pub oversized_frames: Counter,
     pub client_errors: Family<CodeLabel, Counter>,
+    pub api_requests: Family<ApiLabel, Counter>,
     pub rooms_subscribed: Gauge,
     pub backbone_ready: Gauge,
     pub backbone_reconnects: Counter,
@@ -100,6 +108,7 @@ impl Metrics {
             r.register(name, help, c.clone());
         }
         r.register("client_errors", "Error frames sent to clients, by code", self.client_errors.clone());
+        r.register("api_requests", "Server API calls answered, by endpoint and HTTP status", self.api_requests.clone());
         r.register("connections_active", "Client WebSocket connections open now", self.connections_active.clone());
         r.register(
             "max_connections",

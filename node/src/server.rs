@@ -1,9 +1,11 @@
 //! The listener: accepts TCP connections, serves HTTP/1.1 on each (`/healthz`, `/readyz`,
-//! `/metrics`), and upgrades WebSocket requests on any path into a [`connection`].
+//! `/metrics`, the server API under `/api/`, handed to [`api`]), and upgrades WebSocket
+//! requests on any other path into a [`connection`].
 //!
 //! Shutdown is one token: the accept loop stops, every connection closes its client with 1012
 //! and leaves its rooms, and [`run`] waits for them up to `grace_period`.
 
+use crate::api;
 use crate::backbone;
 use crate::config::{Config, RETRY_AFTER_SECS};
 use crate::connection;
@@ -120,9 +122,14 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, state: Arc<NodeSt
     let _ = stream.set_nodelay(true);
     let io = TokioIo::new(stream);
     let svc_state = Arc::clone(&state);
-    let svc = service_fn(move |req| {
+    let svc = service_fn(move |req: Request<Incoming>| {
         let state = Arc::clone(&svc_state);
-        async move { Ok::<_, Infallible>(route(req, peer, state)) }
+        async move {
+            if req.uri().path().starts_with("/api/") {
+                return Ok::<_, Infallible>(api::handle(req, state).await);
+            }
+            Ok(route(req, peer, state))
+        }
     });
     let conn = http1::Builder::new()
         .timer(TokioTimer::new())

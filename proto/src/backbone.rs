@@ -31,6 +31,26 @@ pub struct PresenceEntry {
     pub server: String,
 }
 
+/// A command for every node, sent by the server API through the backbone's control channel
+/// (Redis: [`RedisKeys::control`]; NATS: subject `P.control`): each node acts on its own
+/// connections of `client`. Stored as this JSON (`{"cmd":"disconnect",…}`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum ControlCommand {
+    /// Close every connection of `client` with this close code and reason.
+    Disconnect { client: String, code: u16, reason: String },
+    /// Take every connection of `client` out of `room` (members hear `user_left`, reason
+    /// `removed`); the connections stay open.
+    Unsubscribe { client: String, room: String },
+}
+
+impl ControlCommand {
+    pub fn to_json(&self) -> String {
+        // An enum of strings and a number always serialises.
+        serde_json::to_string(self).expect("control commands serialise")
+    }
+}
+
 /// A node process' presence instance, `NAME#RANDOM`: new at every start, so a node restarted
 /// under the same name is a new instance (its predecessor's entries are reaped, not adopted).
 pub fn instance_id(node_name: &str) -> String {
@@ -140,6 +160,11 @@ impl RedisKeys {
     pub fn probe(&self, instance: &str) -> String {
         format!("{}probe:{{{instance}}}", self.prefix)
     }
+
+    /// The channel every node subscribes to for cluster-wide commands ([`ControlCommand`]).
+    pub fn control(&self) -> String {
+        format!("{}control", self.prefix)
+    }
 }
 
 /// One room's keys: see [`RedisKeys::room`].
@@ -194,5 +219,15 @@ mod tests {
         assert_eq!(k.instances(), "tether:instances");
         assert_eq!(k.instance_set("n#a"), "tether:instance:{n#a}");
         assert_eq!(k.probe("n#a"), "tether:probe:{n#a}");
+        assert_eq!(k.control(), "tether:control");
+    }
+
+    #[test]
+    fn control_commands_are_pinned() {
+        let d = ControlCommand::Disconnect { client: "a".into(), code: 4000, reason: "bye".into() };
+        assert_eq!(d.to_json(), r#"{"cmd":"disconnect","client":"a","code":4000,"reason":"bye"}"#);
+        let u = ControlCommand::Unsubscribe { client: "a".into(), room: "r".into() };
+        assert_eq!(u.to_json(), r#"{"cmd":"unsubscribe","client":"a","room":"r"}"#);
+        assert_eq!(serde_json::from_str::<ControlCommand>(&d.to_json()).unwrap(), d);
     }
 }

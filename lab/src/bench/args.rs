@@ -23,11 +23,36 @@ pub enum BenchKind {
     Fanout(FanoutArgs),
     /// tether-balancer against HAProxy and nginx (and direct) on echo workloads.
     Proxies(ProxiesArgs),
+    /// The server API: POST /api/publish through the balancer at a steady rate and at
+    /// saturation; call latency, throughput, publish → delivery latency.
+    Api(ApiArgs),
     /// A minimal WebSocket echo server (the backend of `bench proxies`).
     EchoBackend(EchoArgs),
     /// A load-generator child of `bench idle`/`fanout` (started by them, not by people).
     #[command(hide = true)]
     Worker(WorkerArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ApiArgs {
+    /// Calls per second of the steady phase, all connections together.
+    #[arg(long, default_value_t = 500.0, value_name = "N", value_parser = positive)]
+    pub rate: f64,
+    /// Seconds each phase (steady, saturation) runs.
+    #[arg(long, default_value_t = 10.0, value_name = "S", value_parser = positive)]
+    pub duration: f64,
+    /// Keep-alive HTTP/1.1 connections publishing at once.
+    #[arg(long, default_value_t = 16, value_name = "C", value_parser = clap::value_parser!(u16).range(1..=1024).map(usize::from))]
+    pub concurrency: usize,
+    /// Nodes behind the balancer.
+    #[arg(long, default_value_t = 3, value_name = "K", value_parser = clap::value_parser!(u16).range(1..=16).map(usize::from))]
+    pub nodes: usize,
+    /// Write the figures as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Write the servers' logs to DIR.
+    #[arg(long, value_name = "DIR")]
+    pub logs: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

@@ -9,6 +9,8 @@
 //! - [`steady`]: `fanout --steady`: fixed-rate steps with every delivery accounted for, server
 //!   CPU per delivery and tail latency, optionally side by side with Socket.IO 4 and its Redis
 //!   adapter ([`socketio`]) driven by the same load generator.
+//! - [`api`]: the server API's publish through the balancer: call latency and throughput at a
+//!   steady rate and at saturation, and publish → delivery latency to a WebSocket member.
 //! - [`proxies`]: the balancer against HAProxy and nginx (and a direct connection as the
 //!   floor) on the same echo workloads: throughput, latency at a fixed rate, upgrades per
 //!   second, memory per idle tunnel.
@@ -24,6 +26,7 @@
 //! exits when that pipe closes, is killed on drop, and gets `SIGKILL` if the spawning thread
 //! dies: a benchmark that fails or is interrupted leaves nothing behind.
 
+pub mod api;
 pub mod args;
 pub mod echo;
 pub mod fanout;
@@ -188,6 +191,7 @@ pub async fn run_cli(bench: args::BenchArgs) -> Result<i32> {
     use args::BenchKind;
     match bench.kind {
         BenchKind::Rtt(args) => rtt::run_cli(args).await,
+        BenchKind::Api(args) => api::run_cli(args).await,
         BenchKind::Idle(args) => idle::run_cli(args).await,
         BenchKind::Fanout(args) => fanout::run_cli(args).await,
         BenchKind::Proxies(args) => proxies::run_cli(args).await,

@@ -5,10 +5,12 @@
 //! cheap (the hub frames the bytes once and `try_send`s them to each member; it never waits
 //! on a client), so there is no channel hop and no copy per frame.
 
-use crate::hub::Hub;
+use crate::hub::{ConnCommand, Hub};
 use crate::metrics::Metrics;
 use std::sync::Arc;
+use tether_proto::backbone::ControlCommand;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
+use tracing::{debug, warn};
 
 /// What a backbone needs of the node it serves.
 pub trait Inbound: Send + Sync {
@@ -26,6 +28,11 @@ pub trait Inbound: Send + Sync {
     /// nothing yet): where a catch-up after a (re)subscription starts (see
     /// [`super::catch_up`]).
     fn positions(&self) -> Vec<(String, Option<(String, u64)>)>;
+
+    /// A command from the control channel (a [`ControlCommand`]'s JSON), for this node's
+    /// connections. Synchronous and cheap like [`Inbound::deliver`]: it only hands the command
+    /// to the connections' tasks.
+    fn control(&self, command: &str);
 }
 
 /// The node's [`Inbound`]: its hub.
@@ -55,5 +62,15 @@ impl Inbound for HubInbound {
 
     fn positions(&self) -> Vec<(String, Option<(String, u64)>)> {
         self.hub.positions()
+    }
+
+    fn control(&self, command: &str) {
+        let (client, command) = match serde_json::from_str::<ControlCommand>(command) {
+            Ok(ControlCommand::Disconnect { client, code, reason }) => (client, ConnCommand::Close { code, reason }),
+            Ok(ControlCommand::Unsubscribe { client, room }) => (client, ConnCommand::Unsubscribe { room }),
+            Err(e) => return warn!(error = %e, "unreadable control command; ignored"),
+        };
+        let taken = self.hub.command(&client, &command);
+        debug!(client, ?command, taken, "control command");
     }
 }

@@ -156,6 +156,16 @@ impl Backbone for LocalBackbone {
         ready(Ok(())).boxed()
     }
 
+    fn forget_session<'a>(&'a self, _id: &'a str) -> Call<'a, ()> {
+        ready(Ok(())).boxed()
+    }
+
+    /// This node is the whole cluster: the command comes straight back.
+    fn control(&self, command: String) -> Call<'_, ()> {
+        self.inbound.control(&command);
+        ready(Ok(())).boxed()
+    }
+
     /// No log is kept: a resume reports what it missed as incomplete.
     fn replay<'a>(&'a self, room: &'a str, _after: u64) -> Call<'a, Replay> {
         let head_seq = self.seqs.get(room).map_or(0, |s| *s);

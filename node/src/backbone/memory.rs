@@ -170,7 +170,7 @@ impl TestNode {
     /// presence online and in the room); returns its outbox, with nothing waiting.
     pub async fn join(&self, conn: u64, id: &str, room: &str) -> Arc<Outbox> {
         let out = Outbox::new(None, Limits::generous());
-        self.hub.register(conn, Arc::from(id));
+        self.hub.register(conn, Arc::from(id), None);
         self.hub.add(room, conn, Member { out: Arc::clone(&out), kick: CancellationToken::new() }, Gate::open());
         self.backbone.subscribe(room).await.unwrap();
         let entry = PresenceEntry { id: id.into(), user: id.into(), server: self.backbone.server.clone() };
@@ -285,6 +285,22 @@ impl Backbone for MemoryBackbone {
     fn save_session<'a>(&'a self, id: &'a str, session: &'a SessionRecord) -> Call<'a, ()> {
         self.store.lock().sessions.insert(id.to_string(), session.clone());
         ready(Ok(())).boxed()
+    }
+
+    fn forget_session<'a>(&'a self, id: &'a str) -> Call<'a, ()> {
+        self.store.lock().sessions.remove(id);
+        ready(Ok(())).boxed()
+    }
+
+    /// Every connected node of the store gets it, as every subscriber of the channel would.
+    fn control(&self, command: String) -> Call<'_, ()> {
+        let mut s = self.store.lock();
+        let r = self.connected(&mut s).map(|()| {
+            for n in s.nodes.iter().filter(|n| n.connected) {
+                n.inbound.control(&command);
+            }
+        });
+        ready(r).boxed()
     }
 
     fn replay<'a>(&'a self, room: &'a str, after: u64) -> Call<'a, Replay> {

@@ -257,6 +257,15 @@ pub trait Backbone: Send + Sync {
         .boxed()
     }
 
+    /// Deletes the session of `id` (the server API's `disconnect` with `forget`): its next
+    /// connection starts a new one.
+    fn forget_session<'a>(&'a self, id: &'a str) -> Call<'a, ()>;
+
+    /// Sends a control command (a `ControlCommand`'s JSON, `tether_proto::backbone`) to every
+    /// node, this one included, which hands it to its [`inbound::Inbound::control`]. At most
+    /// once, like the backbone's live frames: a node disconnected at that moment misses it.
+    fn control(&self, command: String) -> Call<'_, ()>;
+
     /// The logged frames of `room` with seq > `after`, with the room's epoch and head seq.
     fn replay<'a>(&'a self, room: &'a str, after: u64) -> Call<'a, Replay>;
 

@@ -31,6 +31,7 @@
 //! [`super::keeper`]. Frames are handed to the node through [`Inbound`]; holes are filled
 //! with the helpers of [`super::catch_up`].
 
+mod control;
 mod presence;
 
 use super::catch_up::{deliver_missed, flag_gap, has_gap};
@@ -171,6 +172,7 @@ impl NatsBackbone {
             });
         let client = options.connect(cfg.nats.as_str()).await.map_err(nats_err)?;
         let js = jetstream::new(client.clone());
+        let control_inbound = Arc::clone(&inbound);
         let backbone = Arc::new_cyclic(|me| Self {
             prefix: nats_prefix(&cfg.prefix),
             cfg,
@@ -187,6 +189,7 @@ impl NatsBackbone {
             shutdown,
             me: me.clone(),
         });
+        backbone.spawn_control_reader(control_inbound, backbone.shutdown.clone());
         // After a reconnect the streams may be new ones (NATS lost them): forget cached epochs.
         let weak = Arc::downgrade(&backbone);
         let mut changes = backbone.connected.clone();
@@ -681,6 +684,14 @@ impl Backbone for NatsBackbone {
             Ok(())
         }
         .boxed()
+    }
+
+    fn forget_session<'a>(&'a self, id: &'a str) -> Call<'a, ()> {
+        self.purge_session(id).boxed()
+    }
+
+    fn control(&self, command: String) -> Call<'_, ()> {
+        self.publish_control(command).boxed()
     }
 
     fn replay<'a>(&'a self, room: &'a str, after: u64) -> Call<'a, Replay> {

@@ -381,6 +381,8 @@ impl RedisBackbone {
         let rooms: HashSet<String> = self.inbound.rooms().into_iter().collect();
         let mut channels: Vec<String> = rooms.iter().map(|r| self.keys.channel(r)).collect();
         channels.push(self.probe_channel());
+        // Subscribed with the rooms, so it is back after every reconnect as they are.
+        channels.push(self.keys.control());
         self.with_timeout(sink.subscribe(channels)).await?;
         self.metrics.rooms_subscribed.set(rooms.len() as i64);
         subs.rooms = rooms;
@@ -417,6 +419,7 @@ impl RedisBackbone {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_probe = tokio::time::Instant::now();
         let probe_channel = self.probe_channel();
+        let control_channel = self.keys.control();
         loop {
             let msg = tokio::select! {
                 msg = stream.next() => msg,
@@ -441,6 +444,13 @@ impl RedisBackbone {
             let channel = msg.get_channel_name();
             if channel == probe_channel {
                 last_probe = tokio::time::Instant::now();
+                continue;
+            }
+            if channel == control_channel {
+                match std::str::from_utf8(msg.get_payload_bytes()) {
+                    Ok(command) => self.inbound.control(command),
+                    Err(_) => warn!("non-UTF-8 control command; dropped"),
+                }
                 continue;
             }
             self.metrics.frames_from_backbone.inc();
@@ -628,6 +638,27 @@ impl Backbone for RedisBackbone {
                 let mut con = self.commands.clone();
                 self.command(pipe.query_async::<()>(&mut con)).await?;
             }
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn forget_session<'a>(&'a self, id: &'a str) -> Call<'a, ()> {
+        async move {
+            let mut con = self.commands.clone();
+            let _deleted: i64 =
+                self.command(redis::cmd("DEL").arg(self.keys.session(id)).query_async(&mut con)).await?;
+            Ok(())
+        }
+        .boxed()
+    }
+
+    fn control(&self, command: String) -> Call<'_, ()> {
+        async move {
+            let mut con = self.commands.clone();
+            let channel = self.keys.control();
+            let _receivers: i64 =
+                self.command(redis::cmd("PUBLISH").arg(channel).arg(command).query_async(&mut con)).await?;
             Ok(())
         }
         .boxed()

@@ -11,34 +11,37 @@
 
 use crate::backbone::{Backbone, BackboneError};
 use crate::backbone::{PresenceChange, PresenceEntry, Scope, Seat, SessionRecord, Unpublished};
-use crate::hub::{Gate, GateState, Member};
+use crate::hub::{ConnCommand, Gate, GateState, Member, CONN_COMMANDS};
 use crate::outbox::Outbox;
 use crate::state::NodeState;
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use tether_proto::wire::{
     self, ClientMsg, ErrorCode, Event, LeaveReason, MessageHead, MessageMeta, ResumePoint, SessionKind, CLOSE_POLICY,
     CLOSE_RESTART, CLOSE_TOO_BIG,
 };
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
 /// The close frame the node ends a connection with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Close {
     pub code: u16,
-    pub reason: &'static str,
+    /// Ours are constants; the server API's `disconnect` brings its own.
+    pub reason: Cow<'static, str>,
 }
 
 impl Close {
     /// The hub found the client too slow (see [`crate::outbox`]).
-    pub const SLOW_CONSUMER: Self = Self { code: CLOSE_POLICY, reason: "slow consumer" };
+    pub const SLOW_CONSUMER: Self = Self { code: CLOSE_POLICY, reason: Cow::Borrowed("slow consumer") };
     /// The node is shutting down: reconnect (to another node).
-    pub const SHUTDOWN: Self = Self { code: CLOSE_RESTART, reason: "node shutting down" };
+    pub const SHUTDOWN: Self = Self { code: CLOSE_RESTART, reason: Cow::Borrowed("node shutting down") };
     /// A frame over `max_message_bytes`.
-    pub const TOO_BIG: Self = Self { code: CLOSE_TOO_BIG, reason: "message too big" };
+    pub const TOO_BIG: Self = Self { code: CLOSE_TOO_BIG, reason: Cow::Borrowed("message too big") };
 }
 
 /// When an input is handled, as read by the connection's task.
@@ -89,6 +92,9 @@ pub struct Client {
     /// While restored rooms hold frames waiting for `resume`: when to stop waiting.
     grace_until: Option<Instant>,
     rate: TokenBucket,
+    /// What the server API asks of this connection, until its task takes the receiver
+    /// ([`Client::take_commands`]).
+    commands: Option<mpsc::Receiver<ConnCommand>>,
 }
 
 impl Client {
@@ -96,8 +102,10 @@ impl Client {
     /// with the hub at once (session refresh and presence see it from now on). `now` starts
     /// the rate limit's clock.
     pub fn new(id: String, conn: u64, out: Arc<Outbox>, state: Arc<NodeState>, now: Instant) -> Self {
-        state.hub.register(conn, Arc::from(id.as_str()));
+        let (tx, rx) = mpsc::channel(CONN_COMMANDS);
+        state.hub.register(conn, Arc::from(id.as_str()), Some(tx));
         Self {
+            commands: Some(rx),
             id,
             name: None,
             rooms: BTreeMap::new(),
@@ -107,6 +115,23 @@ impl Client {
             grace_until: None,
             rate: TokenBucket { tokens: f64::from(state.cfg.rate_limit_burst), at: now },
             state,
+        }
+    }
+
+    /// The receiving end of this connection's commands (see [`ConnCommand`]), for its task;
+    /// `None` once taken.
+    pub fn take_commands(&mut self) -> Option<mpsc::Receiver<ConnCommand>> {
+        self.commands.take()
+    }
+
+    /// Acts on a command of the server API: the close to send when it ends the connection.
+    pub async fn command(&mut self, command: ConnCommand) -> Option<Close> {
+        match command {
+            ConnCommand::Close { code, reason } => Some(Close { code, reason: Cow::Owned(reason) }),
+            ConnCommand::Unsubscribe { room } => {
+                self.remove_from(&room).await;
+                None
+            }
         }
     }
 
@@ -453,16 +478,29 @@ impl Client {
     }
 
     async fn leave(&mut self, room: &str) {
-        if self.rooms.remove(room).is_none() {
+        if !self.rooms.contains_key(room) {
             return self.error(ErrorCode::NotInRoom, &format!("not in room {room}"));
         }
+        self.leave_for(room, LeaveReason::Left).await;
+    }
+
+    /// The server API took this client out of `room` (nothing happens if it is not in it):
+    /// a leave with reason `removed`, the session losing the room.
+    async fn remove_from(&mut self, room: &str) {
+        if self.rooms.contains_key(room) {
+            self.leave_for(room, LeaveReason::Removed).await;
+        }
+    }
+
+    async fn leave_for(&mut self, room: &str, reason: LeaveReason) {
+        self.rooms.remove(room);
         self.state.hub.remove(room, self.conn);
         self.backbone().release(room).await;
         self.save_session(&format!("left {room}")).await;
         // The leaver is no longer a member, so it is told directly; everyone else hears it
         // through the backbone (once its id's last connection in the room is gone).
-        self.send_text(self.user_left(room, LeaveReason::Left));
-        self.leave_presence(room, LeaveReason::Left).await;
+        self.send_text(self.user_left(room, reason));
+        self.leave_presence(room, reason).await;
     }
 
     fn message_head<'a>(&'a self, room: &'a str, body: Body<'a>, unix_ms: u64) -> MessageHead<'a> {

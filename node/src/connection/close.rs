@@ -44,7 +44,7 @@ pub(super) async fn goodbye(mut ws: Ws, close: Option<Close>) {
     let out = Arc::clone(&ws.get_ref().out);
     let sock = Arc::clone(&ws.get_ref().sock);
     let frame = |close: Close| {
-        Message::Close(Some(CloseFrame { code: CloseCode::from(close.code), reason: close.reason.into() }))
+        Message::Close(Some(CloseFrame { code: CloseCode::from(close.code), reason: close.reason.into_owned().into() }))
     };
     let clean = match close {
         Some(close) if close.code == CLOSE_POLICY => {

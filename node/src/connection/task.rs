@@ -3,6 +3,7 @@
 //! frame's handling waits on the backbone), and ends the socket with [`close::goodbye`].
 
 use super::{close, Client, Close, Now, Ws};
+use crate::hub::ConnCommand;
 use crate::outbox::{ClientIo, Outbox, Wire};
 use crate::state::NodeState;
 use bytes::Bytes;
@@ -10,6 +11,7 @@ use futures_util::{FutureExt, StreamExt};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 use tokio::net::TcpStream;
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
@@ -108,6 +110,8 @@ where
 async fn serve(client: &mut Client, ws: &mut Ws) -> Option<Close> {
     let kick = client.kick().clone();
     let out = Arc::clone(client.outbox());
+    // Taken once: `serve` runs once per connection. A client without one takes no commands.
+    let mut commands = client.take_commands();
     // `kick` is a child of the node's shutdown token, so this one wait covers both. It is
     // made once, not on every turn of the loop (a fresh wait registers with its token
     // again each time), and a second one would cost every idle client its size.
@@ -126,6 +130,16 @@ async fn serve(client: &mut Client, ws: &mut Ws) -> Option<Close> {
             _ = sleep_until_or_never(grace) => {
                 client.end_grace();
                 continue;
+            }
+            Some(command) = next_command(&mut commands) => {
+                let (close, stop) = writing_while(Box::pin(client.command(command)), &out, &mut kicked).await;
+                if let Some(stop) = stop {
+                    return stopped(client, stop);
+                }
+                match close {
+                    Some(close) => return Some(close),
+                    None => continue,
+                }
             }
             next = ws.next() => next,
         };
@@ -162,6 +176,17 @@ async fn serve(client: &mut Client, ws: &mut Ws) -> Option<Close> {
                 }
             }
         }
+    }
+}
+
+/// The next command for this connection; never, when it takes none (or its sender is gone).
+async fn next_command(commands: &mut Option<mpsc::Receiver<ConnCommand>>) -> Option<ConnCommand> {
+    match commands {
+        Some(rx) => match rx.recv().await {
+            Some(c) => Some(c),
+            None => std::future::pending().await,
+        },
+        None => std::future::pending().await,
     }
 }
 

@@ -25,11 +25,22 @@ pub enum ErrorCode {
     NotInRoom,
     RateLimited,
     BackboneUnavailable,
+    /// A frame or request body over `max_message_bytes` (the server API's 413; the WebSocket
+    /// closes with [`CLOSE_TOO_BIG`] instead).
+    TooLarge,
+    /// No or a wrong credential (the server API's 401).
+    Unauthorized,
+    /// A credential that does not allow this (403).
+    Forbidden,
+    /// The server API: no such endpoint, or the API is off (404).
+    NotFound,
+    /// The server API: the endpoint exists, not with this method (405).
+    MethodNotAllowed,
 }
 
 impl ErrorCode {
     /// Every code, in the order `docs/PROTOCOL.md` lists them.
-    pub const ALL: [ErrorCode; 9] = [
+    pub const ALL: [ErrorCode; 14] = [
         Self::BadJson,
         Self::UnknownType,
         Self::MissingField,
@@ -39,6 +50,11 @@ impl ErrorCode {
         Self::NotInRoom,
         Self::RateLimited,
         Self::BackboneUnavailable,
+        Self::TooLarge,
+        Self::Unauthorized,
+        Self::Forbidden,
+        Self::NotFound,
+        Self::MethodNotAllowed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -52,6 +68,11 @@ impl ErrorCode {
             Self::NotInRoom => "not_in_room",
             Self::RateLimited => "rate_limited",
             Self::BackboneUnavailable => "backbone_unavailable",
+            Self::TooLarge => "too_large",
+            Self::Unauthorized => "unauthorized",
+            Self::Forbidden => "forbidden",
+            Self::NotFound => "not_found",
+            Self::MethodNotAllowed => "method_not_allowed",
         }
     }
 

@@ -18,6 +18,8 @@ pub enum LeaveReason {
     Left,
     Disconnected,
     NodeDown,
+    /// Taken out of the room by the server API (`POST /api/unsubscribe`).
+    Removed,
 }
 
 impl LeaveReason {
@@ -26,6 +28,7 @@ impl LeaveReason {
             Self::Left => "left",
             Self::Disconnected => "disconnected",
             Self::NodeDown => "node_down",
+            Self::Removed => "removed",
         }
     }
 }

@@ -162,14 +162,19 @@ fn error_codes_are_spelled_as_documented() {
             "invalid_name",
             "not_in_room",
             "rate_limited",
-            "backbone_unavailable"
+            "backbone_unavailable",
+            "too_large",
+            "unauthorized",
+            "forbidden",
+            "not_found",
+            "method_not_allowed"
         ]
     );
     for code in ErrorCode::ALL {
         assert_eq!(serde_json::to_string(&code).unwrap(), format!("\"{code}\""));
         assert_eq!(ErrorCode::parse(code.as_str()), Some(code));
     }
-    assert_eq!(ErrorCode::parse("too_large"), None);
+    assert_eq!(ErrorCode::parse("no_such_code"), None);
     assert_eq!((CLOSE_POLICY, CLOSE_TOO_BIG, CLOSE_RESTART), (1008, 1009, 1012));
 }
 
