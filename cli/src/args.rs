@@ -35,6 +35,8 @@ pub enum Command {
     Chaos(ChaosArgs),
     /// Compare single node, sticky only, Redis and NATS backbones.
     Compare(CompareArgs),
+    /// Mint a JWT for development (HS256 from --secret, RS256/ES256 from --key) and print it.
+    Token(TokenArgs),
 }
 
 #[derive(Debug, Args)]
@@ -78,6 +80,36 @@ pub struct ChatArgs {
     /// Display name, sent with set_name once connected.
     #[arg(long)]
     pub name: Option<String>,
+    /// JWT to connect with (sent as ?token=…; see `tether token`).
+    #[arg(long, value_name = "JWT")]
+    pub token: Option<String>,
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("signer").required(true).args(["secret", "key"])))]
+pub struct TokenArgs {
+    /// HS256 shared secret (the node's `[auth] hs256_secret`).
+    #[arg(long, value_name = "S")]
+    pub secret: Option<String>,
+    /// PEM private key to sign with: RSA (RS256) or EC P-256 (ES256).
+    #[arg(long, value_name = "PEM")]
+    pub key: Option<PathBuf>,
+    /// Algorithm for --key (default: from the key: RSA → RS256, EC → ES256).
+    #[arg(long, requires = "key", value_parser = ["RS256", "ES256"])]
+    pub alg: Option<String>,
+    /// The client id (`sub`).
+    #[arg(long, value_name = "ID", value_parser = crate::token::parse_sub)]
+    pub sub: String,
+    /// Display name (`name`).
+    #[arg(long, value_name = "N", value_parser = crate::token::parse_name)]
+    pub name: Option<String>,
+    /// Room patterns the client may join (`rooms`), comma-separated; `*` matches any run.
+    /// Absent: every room.
+    #[arg(long, value_name = "a,b:*", value_delimiter = ',', value_parser = crate::token::parse_pattern)]
+    pub rooms: Option<Vec<String>>,
+    /// Lifetime: seconds, or a span such as 1h or 30m.
+    #[arg(long, value_name = "1h|SECS", default_value = "1h", value_parser = crate::token::parse_ttl)]
+    pub ttl: std::time::Duration,
 }
 
 #[cfg(test)]
@@ -89,6 +121,31 @@ mod tests {
     #[test]
     fn cli_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn token_flags_parse_and_misuse_is_a_usage_error() {
+        let ok = Cli::try_parse_from(["tether", "token", "--secret", "s", "--sub", "alice", "--rooms", "a,b:*", "--ttl", "2h"]);
+        match ok.map(|c| c.command) {
+            Ok(Command::Token(t)) => {
+                assert_eq!(t.rooms, Some(vec!["a".to_string(), "b:*".to_string()]));
+                assert_eq!(t.ttl, std::time::Duration::from_secs(7200));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(Cli::try_parse_from(["tether", "token", "--key", "k.pem", "--alg", "ES256", "--sub", "a"]).is_ok());
+        for argv in [
+            &["tether", "token", "--sub", "alice"][..],
+            &["tether", "token", "--secret", "s"],
+            &["tether", "token", "--secret", "s", "--key", "k", "--sub", "a"],
+            &["tether", "token", "--secret", "s", "--sub", "bad id"],
+            &["tether", "token", "--secret", "s", "--sub", "a", "--rooms", "a b"],
+            &["tether", "token", "--secret", "s", "--sub", "a", "--ttl", "0"],
+            &["tether", "token", "--secret", "s", "--sub", "a", "--alg", "RS256"],
+            &["tether", "token", "--key", "k", "--sub", "a", "--alg", "HS512"],
+        ] {
+            assert!(Cli::try_parse_from(argv).is_err(), "{argv:?}");
+        }
     }
 
     #[test]

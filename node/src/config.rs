@@ -103,6 +103,8 @@ pub struct FileConfig {
     pub signing_key_file: Option<std::path::PathBuf>,
     pub presence_ttl_ms: Option<u64>,
     pub probe_interval_ms: Option<u64>,
+    /// `[auth]`: JWT keys and policy (see [`crate::auth::config`]).
+    pub auth: Option<crate::auth::config::FileAuth>,
 }
 
 /// A validated configuration with every default applied.
@@ -169,6 +171,8 @@ pub struct Config {
     /// How often the subscriber checks itself end to end (a silent subscription is
     /// re-established after three missed probes).
     pub probe_interval: Duration,
+    /// When set, upgrades are checked for a JWT (see [`crate::auth`]).
+    pub auth: Option<std::sync::Arc<crate::auth::Verifier>>,
 }
 
 /// A configuration value that cannot be used.
@@ -296,7 +300,14 @@ impl FileConfig {
             tether_proto::limits::current_nofile(),
             FDS_PER_CONNECTION,
         );
+        let auth = self
+            .auth
+            .unwrap_or_default()
+            .validate(std::env::var(crate::auth::config::JWT_SECRET_ENV).ok())
+            .map_err(|(field, reason)| invalid(field, reason))?
+            .map(std::sync::Arc::new);
         Ok(Config {
+            auth,
             listen,
             name,
             redis,

@@ -75,6 +75,8 @@ impl Driver {
                 self.out.push(Event::Online { users });
             }
             NodeFrame::Error { code, message } => return self.on_error(code, message, conn),
+            // This library does not refresh tokens; a node answers only a client that did.
+            NodeFrame::Refreshed { .. } => {}
         }
         Ok(())
     }

@@ -44,6 +44,10 @@ pub enum ClientMsg {
         room: String,
     },
     Online,
+    /// A fresh JWT for this connection, before the current one expires.
+    Refresh {
+        token: String,
+    },
 }
 
 impl ClientMsg {
@@ -57,6 +61,7 @@ impl ClientMsg {
             Self::Resume { .. } => "resume",
             Self::Presence { .. } => "presence",
             Self::Online => "online",
+            Self::Refresh { .. } => "refresh",
         }
     }
 
@@ -85,6 +90,7 @@ impl Serialize for ClientMsg {
                 st.serialize_field("text", text)?;
             }
             Self::Resume { rooms } => st.serialize_field("rooms", &Points(rooms))?,
+            Self::Refresh { token } => st.serialize_field("token", token)?,
             Self::Online => {}
         }
         st.end()
@@ -141,6 +147,7 @@ pub fn decode(text: &str) -> Result<ClientMsg, ProtocolError> {
             ClientMsg::Message { room: r, text }
         }
         "online" => ClientMsg::Online,
+        "refresh" => ClientMsg::Refresh { token: take_str("token")? },
         "resume" => ClientMsg::Resume { rooms: resume_points(obj.remove("rooms"))? },
         other => {
             let mut shown: String = other.chars().take(40).collect();

@@ -10,6 +10,8 @@ pub const CLOSE_RESTART: u16 = 1012;
 pub const CLOSE_TOO_BIG: u16 = 1009;
 /// Close code: policy violation; used for slow consumers.
 pub const CLOSE_POLICY: u16 = 1008;
+/// Close code: the connection's token expired without a `refresh`.
+pub const CLOSE_TOKEN_EXPIRED: u16 = 4001;
 
 /// The `code` of an `error` frame. An oversized frame is not among them: it closes the
 /// connection with [`CLOSE_TOO_BIG`] instead of being answered.
@@ -25,11 +27,15 @@ pub enum ErrorCode {
     NotInRoom,
     RateLimited,
     BackboneUnavailable,
+    /// A token was refused: a `refresh` that did not verify, or named another client.
+    Unauthorized,
+    /// The token's claims do not allow it (a room outside its `rooms` patterns).
+    Forbidden,
 }
 
 impl ErrorCode {
     /// Every code, in the order `docs/PROTOCOL.md` lists them.
-    pub const ALL: [ErrorCode; 9] = [
+    pub const ALL: [ErrorCode; 11] = [
         Self::BadJson,
         Self::UnknownType,
         Self::MissingField,
@@ -39,6 +45,8 @@ impl ErrorCode {
         Self::NotInRoom,
         Self::RateLimited,
         Self::BackboneUnavailable,
+        Self::Unauthorized,
+        Self::Forbidden,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -52,6 +60,8 @@ impl ErrorCode {
             Self::NotInRoom => "not_in_room",
             Self::RateLimited => "rate_limited",
             Self::BackboneUnavailable => "backbone_unavailable",
+            Self::Unauthorized => "unauthorized",
+            Self::Forbidden => "forbidden",
         }
     }
 

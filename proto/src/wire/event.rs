@@ -96,6 +96,10 @@ pub enum Event<'a> {
         code: ErrorCode,
         message: &'a str,
     },
+    /// A `refresh` was accepted: the connection now expires at `exp` (Unix seconds).
+    Refreshed {
+        exp: u64,
+    },
 }
 
 impl Event<'_> {
@@ -184,6 +188,9 @@ pub enum NodeFrame {
         #[serde(default)]
         message: String,
     },
+    Refreshed {
+        exp: u64,
+    },
 }
 
 fn yes() -> bool {
@@ -195,8 +202,8 @@ fn left() -> String {
 }
 
 /// The `type`s [`NodeFrame`] knows.
-pub const NODE_FRAME_TYPES: [&str; 8] =
-    ["connected", "message", "user_joined", "user_left", "resumed", "presence", "online", "error"];
+pub const NODE_FRAME_TYPES: [&str; 9] =
+    ["connected", "message", "user_joined", "user_left", "resumed", "presence", "online", "error", "refreshed"];
 
 impl NodeFrame {
     /// The frame's JSON text.

@@ -25,7 +25,7 @@ pub mod validate;
 mod golden;
 
 pub use client::{decode, ClientMsg, ResumePoint};
-pub use codes::{ErrorCode, ProtocolError, CLOSE_POLICY, CLOSE_RESTART, CLOSE_TOO_BIG};
+pub use codes::{ErrorCode, ProtocolError, CLOSE_POLICY, CLOSE_RESTART, CLOSE_TOKEN_EXPIRED, CLOSE_TOO_BIG};
 pub use event::{
     complete_joined, decode_node_frame, Event, LeaveReason, NodeFrame, NodeFrameError, PresenceEntry, PresenceUser,
     SessionKind, NODE_FRAME_TYPES,
