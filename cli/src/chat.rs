@@ -50,7 +50,7 @@ pub struct ChatOptions {
 
 impl From<ChatArgs> for ChatOptions {
     fn from(a: ChatArgs) -> Self {
-        Self { url: crate::token::with_token_param(&a.url, a.token.as_deref()), client: a.client, name: a.name, linger: DEFAULT_LINGER }
+        Self { url: a.url, client: a.client, name: a.name, linger: DEFAULT_LINGER }
     }
 }
 

@@ -23,7 +23,11 @@ use args::{Cli, Command};
 pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Up(args) => up::run(up::UpOptions::from(args)).await,
-        Command::Chat(args) => chat::run_stdio(chat::ChatOptions::from(args)).await,
+        Command::Chat(mut args) => {
+            // A token rides in the query (`?token=`); the client library keeps it there.
+            args.url = token::with_token_param(&args.url, args.token.take().as_deref());
+            chat::run_stdio(chat::ChatOptions::from(args)).await
+        }
         Command::Bench(args) => tether_lab::bench::run_cli(args).await,
         Command::Chaos(args) => tether_lab::chaos::run_cli(args).await,
         Command::Compare(args) => tether_lab::compare::run_cli(args).await,

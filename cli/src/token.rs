@@ -7,38 +7,8 @@
 
 use crate::args::TokenArgs;
 use anyhow::{Context, Result};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 use tether_proto::token::{mint, Claims, MintKey};
-
-/// `--sub`: a client id.
-pub fn parse_sub(s: &str) -> Result<String, String> {
-    tether_proto::id::validate_client_id(s).map_err(|e| e.to_string())?;
-    Ok(s.to_string())
-}
-
-/// `--name`: a display name.
-pub fn parse_name(s: &str) -> Result<String, String> {
-    tether_proto::wire::validate_name(s).map_err(|e| e.message)?;
-    Ok(s.to_string())
-}
-
-/// One of `--rooms`: a room pattern (`*` matches any run of characters).
-pub fn parse_pattern(s: &str) -> Result<String, String> {
-    tether_proto::wire::validate_room(s).map_err(|e| e.message)?;
-    Ok(s.to_string())
-}
-
-/// `--ttl`: seconds (`3600`) or a humantime span (`1h`, `90s`, `2h 30m`); more than zero.
-pub fn parse_ttl(s: &str) -> Result<Duration, String> {
-    let d = match s.parse::<u64>() {
-        Ok(secs) => Duration::from_secs(secs),
-        Err(_) => humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e} (use SECS or e.g. 1h, 30m)"))?,
-    };
-    if d < Duration::from_secs(1) {
-        return Err("must be at least one second".into());
-    }
-    Ok(d)
-}
 
 /// The signing key `args` name: the secret, or the PEM file (its algorithm from `--alg`, else
 /// from the key itself: RSA → RS256, EC → ES256).
@@ -100,14 +70,6 @@ pub fn with_token_param(url: &str, token: Option<&str>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn ttls_parse_as_seconds_or_spans() {
-        assert_eq!(parse_ttl("3600"), Ok(Duration::from_secs(3600)));
-        assert_eq!(parse_ttl("1h"), Ok(Duration::from_secs(3600)));
-        assert_eq!(parse_ttl("2m 30s"), Ok(Duration::from_secs(150)));
-        assert!(parse_ttl("0").is_err() && parse_ttl("soon").is_err() && parse_ttl("-5").is_err());
-    }
 
     #[test]
     fn the_token_goes_into_the_query() {

@@ -73,15 +73,24 @@ fn claims() -> Claims {
 /// `(alg, [auth] table, token)` for each algorithm.
 fn cases(keys: &Keys) -> Vec<(&'static str, FileAuth, String)> {
     let read = |name: &str| std::fs::read(keys.path(name)).expect("key file");
-    let public = |name: &str| FileAuth { public_key: Some(keys.path(name)), leeway_secs: Some(0), ..Default::default() };
+    let public =
+        |name: &str| FileAuth { public_key: Some(keys.path(name)), leeway_secs: Some(0), ..Default::default() };
     vec![
         (
             "HS256",
             FileAuth { hs256_secret: Some(SECRET.into()), leeway_secs: Some(0), ..Default::default() },
             mint(&claims(), &MintKey::hs256(SECRET.as_bytes()).expect("secret")).expect("mint"),
         ),
-        ("RS256", public("rsa.pub.pem"), mint(&claims(), &MintKey::rs256_pem(&read("rsa.pem")).expect("rsa")).expect("mint")),
-        ("ES256", public("ec.pub.pem"), mint(&claims(), &MintKey::es256_pem(&read("ec.pem")).expect("ec")).expect("mint")),
+        (
+            "RS256",
+            public("rsa.pub.pem"),
+            mint(&claims(), &MintKey::rs256_pem(&read("rsa.pem")).expect("rsa")).expect("mint"),
+        ),
+        (
+            "ES256",
+            public("ec.pub.pem"),
+            mint(&claims(), &MintKey::es256_pem(&read("ec.pem")).expect("ec")).expect("mint"),
+        ),
     ]
 }
 

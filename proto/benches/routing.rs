@@ -40,7 +40,13 @@ fn routing(c: &mut Criterion) {
     let bearer = format!("Bearer {}", tether_proto::token::mint(&claims, &key).expect("mints"));
     g.bench_function("from_token", |b| {
         b.iter(|| {
-            extract_client_id(None, None, Some(black_box(bearer.as_bytes())), std::iter::empty(), &IdSource::DEFAULT_ORDER)
+            extract_client_id(
+                None,
+                None,
+                Some(black_box(bearer.as_bytes())),
+                std::iter::empty(),
+                &IdSource::DEFAULT_ORDER,
+            )
         })
     });
     g.finish();
@@ -62,10 +68,11 @@ fn routing(c: &mut Criterion) {
         let nodes = node_names(n);
         g.bench_with_input(BenchmarkId::from_parameter(n), &nodes, |b, nodes| {
             b.iter(|| {
-                let id = extract_client_id(black_box(Some(QUERY)), None, None, std::iter::empty(), &IdSource::DEFAULT_ORDER)
-                    .ok()
-                    .flatten()
-                    .unwrap_or(std::borrow::Cow::Borrowed("anonymous"));
+                let id =
+                    extract_client_id(black_box(Some(QUERY)), None, None, std::iter::empty(), &IdSource::DEFAULT_ORDER)
+                        .ok()
+                        .flatten()
+                        .unwrap_or(std::borrow::Cow::Borrowed("anonymous"));
                 hrw::best(nodes, &id, |i| i != 1)
             })
         });

@@ -114,14 +114,7 @@ pub fn extract_client_id<'a>(
     Ok(None)
 }
 
-/// The raw value of query parameter `name`. Ids never need percent-encoding (their alphabet
-/// is URL-safe), so a value containing `%` is returned as-is and then fails validation.
-pub fn query_param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
-    query.split('&').find_map(|pair| {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        (k == name).then_some(v)
-    })
-}
+pub use crate::query::query_param;
 
 /// The value of cookie `name` in one `Cookie:` header value (`a=1; b=2`).
 pub fn cookie_value<'a>(header: &'a [u8], name: &str) -> Option<&'a str> {
@@ -166,7 +159,8 @@ mod tests {
     fn extraction_follows_the_order() {
         let cookies = [b"x=1; tether_sid=fromcookie".as_slice()];
         let order = IdSource::DEFAULT_ORDER;
-        let got = extract_client_id(Some("a=1&client=fromquery"), Some(b"fromheader"), None, cookies.iter().copied(), &order);
+        let got =
+            extract_client_id(Some("a=1&client=fromquery"), Some(b"fromheader"), None, cookies.iter().copied(), &order);
         assert_eq!(got.unwrap().as_deref(), Some("fromquery"));
         let got = extract_client_id(Some("a=1"), Some(b"fromheader"), None, cookies.iter().copied(), &order);
         assert_eq!(got.unwrap().as_deref(), Some("fromheader"));
@@ -181,8 +175,13 @@ mod tests {
 
     #[test]
     fn a_bad_id_is_an_error_not_a_fallthrough() {
-        let got =
-            extract_client_id(Some("client=bad%20id"), Some(b"good"), None, std::iter::empty(), &IdSource::DEFAULT_ORDER);
+        let got = extract_client_id(
+            Some("client=bad%20id"),
+            Some(b"good"),
+            None,
+            std::iter::empty(),
+            &IdSource::DEFAULT_ORDER,
+        );
         assert!(got.is_err());
         let got = extract_client_id(None, Some(&[0xff, 0xfe]), None, std::iter::empty(), &IdSource::DEFAULT_ORDER);
         assert!(got.is_err());

@@ -168,7 +168,7 @@ pub fn mint(claims: &Claims, key: &MintKey) -> Result<String, MintError> {
 /// The token of a request: the `token` query parameter, else an `Authorization: Bearer` value.
 /// A token is base64url and dots, so it never needs percent-decoding.
 pub fn find_token<'a>(query: Option<&'a str>, authorization: Option<&'a [u8]>) -> Option<&'a str> {
-    query.and_then(|q| crate::id::query_param(q, TOKEN_PARAM)).filter(|t| !t.is_empty()).or_else(|| {
+    query.and_then(|q| crate::query::query_param(q, TOKEN_PARAM)).filter(|t| !t.is_empty()).or_else(|| {
         let value = std::str::from_utf8(authorization?).ok()?.trim();
         let (scheme, token) = value.split_once(' ')?;
         let token = token.trim();

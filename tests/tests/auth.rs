@@ -109,8 +109,12 @@ async fn connected(url: &str, headers: &[(&str, &str)]) -> Result<(WsClient, Val
 async fn hs256_rs256_and_es256_tokens_are_accepted_by_the_key_their_alg_names() -> Result<()> {
     let redis = RedisServer::start().await?;
     let keys = Keys::generate()?;
-    let rs_node = node("rs", &redis, keys.dir.path(), &format!("{}\npublic_key = {:?}", hs_auth(), keys.path("rsa.pub.pem"))).await?;
-    let es_node = node("es", &redis, keys.dir.path(), &format!("public_key = {:?}\nleeway_secs = 0", keys.path("ec.pub.pem"))).await?;
+    let rs_node =
+        node("rs", &redis, keys.dir.path(), &format!("{}\npublic_key = {:?}", hs_auth(), keys.path("rsa.pub.pem")))
+            .await?;
+    let es_node =
+        node("es", &redis, keys.dir.path(), &format!("public_key = {:?}\nleeway_secs = 0", keys.path("ec.pub.pem")))
+            .await?;
 
     let named = Claims { name: Some("Alice A.".into()), ..claims("alice", 60) };
     let (_a, hello) = connected(&format!("{}?token={}", rs_node.ws_url(), hs256(&named)), &[]).await?;
@@ -123,7 +127,8 @@ async fn hs256_rs256_and_es256_tokens_are_accepted_by_the_key_their_alg_names() 
     assert_eq!(hello["id"], "carol");
 
     // An alg the node has no key for is refused, whatever the signature.
-    let (status, body) = upgrade_status(&format!("{}?token={}", es_node.ws_url(), hs256(&claims("dave", 60))), &[]).await?;
+    let (status, body) =
+        upgrade_status(&format!("{}?token={}", es_node.ws_url(), hs256(&claims("dave", 60))), &[]).await?;
     assert_eq!(status, 401, "{body}");
     assert!(body.contains("HS256"), "{body}");
     let (status, _) = upgrade_status(&format!("{}?token={es}", rs_node.ws_url()), &[]).await?;
@@ -146,7 +151,9 @@ async fn missing_forged_expired_mismatched_and_unsigned_tokens_get_401_before_th
         &json!({"sub": "alice"}),
         &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes())?,
     )?;
-    let cases: Vec<(String, Vec<(&str, String)>, &str)> = vec![
+    // (url, extra headers, what the 401's body must say)
+    type Case<'a> = (String, Vec<(&'a str, String)>, &'a str);
+    let cases: Vec<Case> = vec![
         (format!("{url}?client=alice"), vec![], "required"),
         (url.clone(), vec![], "required"),
         (format!("{url}?token={forged}"), vec![], "signature"),
@@ -298,8 +305,7 @@ async fn the_balancer_routes_a_token_by_its_sub() -> Result<()> {
         let token = hs256(&claims(&sub, 60));
         let (_c, hello) = connected(&format!("{}?token={token}", balancer.ws_url()), &[]).await?;
         assert_eq!((&hello["id"], &hello["server"]), (&json!(sub), &route["node"]), "{hello} vs {route}");
-        let (_c, hello) =
-            connected(&balancer.ws_url(), &[("authorization", &format!("Bearer {token}"))]).await?;
+        let (_c, hello) = connected(&balancer.ws_url(), &[("authorization", &format!("Bearer {token}"))]).await?;
         assert_eq!(hello["server"], route["node"]);
         servers.insert(hello["server"].as_str().unwrap_or_default().to_owned());
     }

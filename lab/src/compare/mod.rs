@@ -427,7 +427,7 @@ fn machine() -> Machine {
 /// `YYYY-MM-DD HH:MM UTC` of a Unix time.
 fn utc(unix_secs: u64) -> String {
     let (mut days, secs) = (unix_secs / 86_400, unix_secs % 86_400);
-    let leap = |y: u64| (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
+    let leap = |y: u64| (y.is_multiple_of(4) && !y.is_multiple_of(100)) || y.is_multiple_of(400);
     let mut year = 1970;
     while days >= if leap(year) { 366 } else { 365 } {
         days -= if leap(year) { 366 } else { 365 };

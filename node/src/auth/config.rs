@@ -127,12 +127,16 @@ mod tests {
         let v = parse("[auth]\nhs256_secret = \"0123456789abcdef\"").unwrap().unwrap();
         assert!(v.required);
         assert_eq!(v.leeway, DEFAULT_LEEWAY_SECS);
-        let v = parse("[auth]\nhs256_secret = \"0123456789abcdef\"\nrequired = false\nleeway_secs = 0").unwrap().unwrap();
+        let v =
+            parse("[auth]\nhs256_secret = \"0123456789abcdef\"\nrequired = false\nleeway_secs = 0").unwrap().unwrap();
         assert!(!v.required);
         assert_eq!(parse("[auth]\nrequired = false").unwrap().map(|_| ()), None);
         assert_eq!(parse("[auth]\nrequired = true").unwrap_err().0, "auth.required");
         assert_eq!(parse("[auth]\nhs256_secret = \"short\"").unwrap_err().0, "auth.hs256_secret");
-        assert_eq!(parse("[auth]\nhs256_secret = \"0123456789abcdef\"\nleeway_secs = 9999").unwrap_err().0, "auth.leeway_secs");
+        assert_eq!(
+            parse("[auth]\nhs256_secret = \"0123456789abcdef\"\nleeway_secs = 9999").unwrap_err().0,
+            "auth.leeway_secs"
+        );
         assert_eq!(parse("[auth]\npublic_key = \"/nonexistent.pem\"").unwrap_err().0, "auth.public_key");
         let env = FileAuth::default().validate(Some("from-the-environment".into())).unwrap();
         assert!(env.is_some_and(|v| v.required));
@@ -142,6 +146,9 @@ mod tests {
     #[test]
     fn a_non_pem_public_key_is_refused_by_name() {
         assert_eq!(public_key(b"hello").unwrap_err().0, "auth.public_key");
-        assert_eq!(public_key(b"-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n").unwrap_err().0, "auth.public_key");
+        assert_eq!(
+            public_key(b"-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n").unwrap_err().0,
+            "auth.public_key"
+        );
     }
 }

@@ -174,7 +174,11 @@ fn says_alg_none(token: &str) -> bool {
 /// `client` query parameter, or `X-Client-Id`, which the balancer sets to the id it hashed)
 /// must be the token's `sub`. A `tether_sid` cookie is not an id claim here: the token names
 /// the client.
-pub fn admit(verifier: Option<&Verifier>, query: Option<&str>, headers: &HeaderMap) -> Result<Option<Grant>, AuthError> {
+pub fn admit(
+    verifier: Option<&Verifier>,
+    query: Option<&str>,
+    headers: &HeaderMap,
+) -> Result<Option<Grant>, AuthError> {
     let Some(verifier) = verifier else { return Ok(None) };
     let authorization = headers.get(header::AUTHORIZATION).map(HeaderValue::as_bytes);
     let Some(token) = token::find_token(query, authorization) else {
