@@ -96,7 +96,7 @@ pub struct TokenArgs {
     #[arg(long, value_name = "PEM")]
     pub key: Option<PathBuf>,
     /// Algorithm for --key (default: from the key: RSA → RS256, EC → ES256).
-    #[arg(long, requires = "key", value_parser = ["RS256", "ES256"])]
+    #[arg(long, conflicts_with = "secret", value_parser = ["RS256", "ES256"])]
     pub alg: Option<String>,
     /// The client id (`sub`).
     #[arg(long, value_name = "ID", value_parser = parse_sub)]
