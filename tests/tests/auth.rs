@@ -319,3 +319,38 @@ async fn the_balancer_routes_a_token_by_its_sub() -> Result<()> {
     assert_eq!(status, 401);
     Ok(())
 }
+
+/// `tether token` prints what a node accepts (HS256 from a secret, ES256 from a PEM key), with
+/// the claims asked for; bad input exits 64.
+#[tokio::test]
+async fn tokens_minted_by_the_cli_are_accepted() -> Result<()> {
+    let redis = RedisServer::start().await?;
+    let keys = Keys::generate()?;
+    let auth = format!("{}\npublic_key = {:?}", hs_auth(), keys.path("ec.pub.pem"));
+    let n = node("n", &redis, keys.dir.path(), &auth).await?;
+    let tether = tether_kit::bin::bin_path("tether")?;
+    let mint = |args: &[&str]| std::process::Command::new(&tether).arg("token").args(args).output();
+    let ec = keys.path("ec.pem").display().to_string();
+    for args in [
+        vec!["--secret", SECRET, "--sub", "ivy", "--name", "Ivy", "--rooms", "general,team:*", "--ttl", "10m"],
+        vec!["--key", ec.as_str(), "--sub", "ivy", "--name", "Ivy", "--rooms", "general,team:*"],
+    ] {
+        let out = mint(&args)?;
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        let token = String::from_utf8(out.stdout)?.trim().to_owned();
+        let (mut c, hello) = connected(&format!("{}?token={token}", n.ws_url()), &[]).await?;
+        assert_eq!((hello["id"].as_str(), hello["name"].as_str()), (Some("ivy"), Some("Ivy")));
+        c.join("team:blue").await?;
+        c.send_msg(&ClientMsg::Join { room: "random".into() }).await?;
+        assert_eq!(c.recv_type("error").await?["code"], "forbidden");
+    }
+    for args in [
+        &["--secret", SECRET, "--sub", "bad id"][..],
+        &["--key", "/nonexistent.pem", "--sub", "ivy"],
+        &["--sub", "ivy"],
+    ] {
+        let out = mint(args)?;
+        assert_eq!(out.status.code(), Some(64), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    Ok(())
+}
