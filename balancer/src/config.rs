@@ -352,8 +352,9 @@ fn hash_keys(keys: &[String]) -> Result<Vec<IdSource>, Error> {
     }
     let mut out = Vec::with_capacity(keys.len());
     for key in keys {
-        let source = IdSource::parse(key)
-            .ok_or_else(|| invalid("hash_keys", format!("unknown source {key:?}: use query, header or cookie")))?;
+        let source = IdSource::parse(key).ok_or_else(|| {
+            invalid("hash_keys", format!("unknown source {key:?}: use query, header, token or cookie"))
+        })?;
         if out.contains(&source) {
             return Err(invalid("hash_keys", format!("{key:?} is listed twice")));
         }

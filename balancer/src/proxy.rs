@@ -71,7 +71,8 @@ pub(crate) fn is_upgrade(headers: &HeaderMap) -> bool {
 }
 
 /// The request's client id, or a fresh one (`true` = minted here). With a signing key, a
-/// found id must verify and a minted one is signed.
+/// found id must verify (a token's `sub` too) and a minted one is signed. The `token` source
+/// reads a JWT's `sub` unverified: placement only, the node verifies the token.
 fn client_id(
     request: &Request<Incoming>,
     order: &[IdSource],
@@ -83,14 +84,15 @@ fn client_id(
     let found = extract_client_id(
         request.uri().query(),
         headers.get(CLIENT_ID_HEADER).map(HeaderValue::as_bytes),
+        headers.get(header::AUTHORIZATION).map(HeaderValue::as_bytes),
         cookies.iter().copied(),
         order,
     )?;
     Ok(match found {
-        Some(id) if key.is_some_and(|key| !key.verify(id)) => {
-            return Err(Error::UnsignedClientId { id: id.to_owned() })
+        Some(id) if key.is_some_and(|key| !key.verify(&id)) => {
+            return Err(Error::UnsignedClientId { id: id.into_owned() })
         }
-        Some(id) => (id.to_owned(), false),
+        Some(id) => (id.into_owned(), false),
         None => (key.map_or_else(mint_client_id, SigningKey::mint), true),
     })
 }

@@ -7,6 +7,7 @@
 use clap::{Args, Parser, Subcommand};
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 use tether_lab::bench::args::BenchArgs;
 use tether_lab::chaos::ChaosArgs;
 use tether_lab::compare::CompareArgs;
@@ -35,6 +36,8 @@ pub enum Command {
     Chaos(ChaosArgs),
     /// Compare single node, sticky only, Redis and NATS backbones.
     Compare(CompareArgs),
+    /// Mint a JWT for development (HS256 from --secret, RS256/ES256 from --key) and print it.
+    Token(TokenArgs),
 }
 
 #[derive(Debug, Args)]
@@ -78,6 +81,66 @@ pub struct ChatArgs {
     /// Display name, sent with set_name once connected.
     #[arg(long)]
     pub name: Option<String>,
+    /// JWT to connect with (sent as ?token=…; see `tether token`).
+    #[arg(long, value_name = "JWT")]
+    pub token: Option<String>,
+}
+
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("signer").required(true).args(["secret", "key"])))]
+pub struct TokenArgs {
+    /// HS256 shared secret (the node's `[auth] hs256_secret`).
+    #[arg(long, value_name = "S")]
+    pub secret: Option<String>,
+    /// PEM private key to sign with: RSA (RS256) or EC P-256 (ES256).
+    #[arg(long, value_name = "PEM")]
+    pub key: Option<PathBuf>,
+    /// Algorithm for --key (default: from the key: RSA → RS256, EC → ES256).
+    #[arg(long, conflicts_with = "secret", value_parser = ["RS256", "ES256"])]
+    pub alg: Option<String>,
+    /// The client id (`sub`).
+    #[arg(long, value_name = "ID", value_parser = parse_sub)]
+    pub sub: String,
+    /// Display name (`name`).
+    #[arg(long, value_name = "N", value_parser = parse_name)]
+    pub name: Option<String>,
+    /// Room patterns the client may join (`rooms`), comma-separated; `*` matches any run.
+    /// Absent: every room.
+    #[arg(long, value_name = "a,b:*", value_delimiter = ',', value_parser = parse_pattern)]
+    pub rooms: Option<Vec<String>>,
+    /// Lifetime: seconds, or a span such as 1h or 30m.
+    #[arg(long, value_name = "1h|SECS", default_value = "1h", value_parser = parse_ttl)]
+    pub ttl: Duration,
+}
+
+/// `--sub`: a client id.
+fn parse_sub(s: &str) -> Result<String, String> {
+    tether_proto::id::validate_client_id(s).map_err(|e| e.to_string())?;
+    Ok(s.to_string())
+}
+
+/// `--name`: a display name.
+fn parse_name(s: &str) -> Result<String, String> {
+    tether_proto::wire::validate_name(s).map_err(|e| e.message)?;
+    Ok(s.to_string())
+}
+
+/// One of `--rooms`: a room pattern (`*` matches any run of characters).
+fn parse_pattern(s: &str) -> Result<String, String> {
+    tether_proto::wire::validate_room(s).map_err(|e| e.message)?;
+    Ok(s.to_string())
+}
+
+/// `--ttl`: seconds (`3600`) or a humantime span (`1h`, `90s`, `2h 30m`); more than zero.
+fn parse_ttl(s: &str) -> Result<Duration, String> {
+    let d = match s.parse::<u64>() {
+        Ok(secs) => Duration::from_secs(secs),
+        Err(_) => humantime::parse_duration(s).map_err(|e| format!("{s:?}: {e} (use SECS or e.g. 1h, 30m)"))?,
+    };
+    if d < Duration::from_secs(1) {
+        return Err("must be at least one second".into());
+    }
+    Ok(d)
 }
 
 #[cfg(test)]
@@ -89,6 +152,42 @@ mod tests {
     #[test]
     fn cli_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn ttls_parse_as_seconds_or_spans() {
+        use std::time::Duration;
+        assert_eq!(parse_ttl("3600"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_ttl("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_ttl("2m 30s"), Ok(Duration::from_secs(150)));
+        assert!(parse_ttl("0").is_err() && parse_ttl("soon").is_err() && parse_ttl("-5").is_err());
+    }
+
+    #[test]
+    fn token_flags_parse_and_misuse_is_a_usage_error() {
+        let ok = Cli::try_parse_from([
+            "tether", "token", "--secret", "s", "--sub", "alice", "--rooms", "a,b:*", "--ttl", "2h",
+        ]);
+        match ok.map(|c| c.command) {
+            Ok(Command::Token(t)) => {
+                assert_eq!(t.rooms, Some(vec!["a".to_string(), "b:*".to_string()]));
+                assert_eq!(t.ttl, std::time::Duration::from_secs(7200));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(Cli::try_parse_from(["tether", "token", "--key", "k.pem", "--alg", "ES256", "--sub", "a"]).is_ok());
+        for argv in [
+            &["tether", "token", "--sub", "alice"][..],
+            &["tether", "token", "--secret", "s"],
+            &["tether", "token", "--secret", "s", "--key", "k", "--sub", "a"],
+            &["tether", "token", "--secret", "s", "--sub", "bad id"],
+            &["tether", "token", "--secret", "s", "--sub", "a", "--rooms", "a b"],
+            &["tether", "token", "--secret", "s", "--sub", "a", "--ttl", "0"],
+            &["tether", "token", "--secret", "s", "--sub", "a", "--alg", "RS256"],
+            &["tether", "token", "--key", "k", "--sub", "a", "--alg", "HS512"],
+        ] {
+            assert!(Cli::try_parse_from(argv).is_err(), "{argv:?}");
+        }
     }
 
     #[test]

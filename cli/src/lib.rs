@@ -4,6 +4,7 @@
 //! Layout:
 //! - [`up`]: `tether up`, a cluster in the foreground until Ctrl-C;
 //! - [`chat`]: `tether chat`, a line-oriented WebSocket client for people and scripts;
+//! - [`token`]: `tether token`, a development JWT;
 //! - [`args`]: the clap definitions; the lab tools' arguments come from `tether-lab`.
 //!
 //! The lab tools (`tether bench`, `tether chaos`, `tether compare`) live in the `tether-lab`
@@ -13,6 +14,7 @@
 
 pub mod args;
 pub mod chat;
+pub mod token;
 pub mod up;
 
 use args::{Cli, Command};
@@ -21,9 +23,14 @@ use args::{Cli, Command};
 pub async fn run(cli: Cli) -> anyhow::Result<i32> {
     match cli.command {
         Command::Up(args) => up::run(up::UpOptions::from(args)).await,
-        Command::Chat(args) => chat::run_stdio(chat::ChatOptions::from(args)).await,
+        Command::Chat(mut args) => {
+            // A token rides in the query (`?token=`); the client library keeps it there.
+            args.url = token::with_token_param(&args.url, args.token.take().as_deref());
+            chat::run_stdio(chat::ChatOptions::from(args)).await
+        }
         Command::Bench(args) => tether_lab::bench::run_cli(args).await,
         Command::Chaos(args) => tether_lab::chaos::run_cli(args).await,
         Command::Compare(args) => tether_lab::compare::run_cli(args).await,
+        Command::Token(args) => Ok(token::run(&args)),
     }
 }

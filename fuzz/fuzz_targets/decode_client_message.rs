@@ -51,7 +51,7 @@ fn rooms_of(msg: &ClientMsg) -> Vec<&str> {
         | ClientMsg::Presence { room }
         | ClientMsg::Message { room, .. } => vec![room.as_str()],
         ClientMsg::Resume { rooms } => rooms.iter().map(|(r, _)| r.as_str()).collect(),
-        ClientMsg::SetName { .. } | ClientMsg::Online => Vec::new(),
+        ClientMsg::SetName { .. } | ClientMsg::Online | ClientMsg::Refresh { .. } => Vec::new(),
     }
 }
 

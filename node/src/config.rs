@@ -111,6 +111,8 @@ pub struct FileConfig {
     pub signing_key_file: Option<std::path::PathBuf>,
     pub presence_ttl_ms: Option<u64>,
     pub probe_interval_ms: Option<u64>,
+    /// `[auth]`: JWT keys and policy (see [`crate::auth::config`]).
+    pub auth: Option<crate::auth::config::FileAuth>,
     /// The server API (`docs/API.md`); off without a key.
     pub api: Option<ApiFileConfig>,
 }
@@ -229,6 +231,8 @@ pub struct Config {
     pub probe_interval: Duration,
     /// The server API's key (`[api] key`, `--api-key`, `TETHER_API_KEY`); `None`: the API is off.
     pub api_key: Option<ApiKey>,
+    /// When set, upgrades are checked for a JWT (see [`crate::auth`]).
+    pub auth: Option<std::sync::Arc<crate::auth::Verifier>>,
 }
 
 /// A configuration value that cannot be used.
@@ -365,7 +369,14 @@ impl FileConfig {
             tether_proto::limits::current_nofile(),
             FDS_PER_CONNECTION,
         );
+        let auth = self
+            .auth
+            .unwrap_or_default()
+            .validate(std::env::var(crate::auth::config::JWT_SECRET_ENV).ok())
+            .map_err(|(field, reason)| invalid(field, reason))?
+            .map(std::sync::Arc::new);
         Ok(Config {
+            auth,
             listen,
             name,
             redis,

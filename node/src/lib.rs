@@ -3,6 +3,8 @@
 //! Layout, in the order a connection meets them:
 //! - [`server`]: the listener; HTTP/1.1 (`/healthz`, `/readyz`, `/metrics`) and the
 //!   WebSocket upgrade on any path; shutdown and drain;
+//! - [`auth`]: JWT verification of the upgrade (401 before any WebSocket) and of in-band
+//!   `refresh`; what a token grants a connection (name, rooms, expiry);
 //! - [`connection`]: one client connection: its state machine ([`connection::Client`]:
 //!   decodes frames, joins/leaves rooms, publishes messages, resumes) and the socket task
 //!   around it, which writes its outbox and closes it;
@@ -25,6 +27,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod auth;
 pub mod backbone;
 pub mod cli;
 pub mod config;

@@ -6,6 +6,7 @@
 //! and leaves its rooms, and [`run`] waits for them up to `grace_period`.
 
 use crate::api;
+use crate::auth;
 use crate::backbone;
 use crate::config::{Config, RETRY_AFTER_SECS};
 use crate::connection;
@@ -217,27 +218,24 @@ fn upgrade(mut req: Request<Incoming>, peer: SocketAddr, state: Arc<NodeState>) 
         return bad_request("Sec-WebSocket-Key is missing".into());
     };
     let accept = derive_accept_key(key.as_bytes());
-    let cookies: Vec<&[u8]> = req.headers().get_all(header::COOKIE).iter().map(HeaderValue::as_bytes).collect();
-    let found = id::extract_client_id(
-        req.uri().query(),
-        req.headers().get(id::CLIENT_ID_HEADER).map(HeaderValue::as_bytes),
-        cookies.iter().copied(),
-        &NODE_ID_ORDER,
-    );
-    let (client_id, minted) = match found {
-        Ok(Some(id)) => (id.to_string(), false),
-        Ok(None) => match &state.cfg.signing_key {
-            Some(key) => (key.mint(), true),
-            None => (id::mint_client_id(), true),
-        },
-        Err(e) => return bad_request(format!("bad client id: {e}")),
-    };
-    if let Some(key) = &state.cfg.signing_key {
-        if !key.verify(&client_id) {
-            state.metrics.client_errors.get_or_create(&crate::metrics::CodeLabel { code: "forged_id" }).inc();
-            return text(StatusCode::FORBIDDEN, "unsigned or forged client id\n");
+    // With JWT on, a verified token names the client (its `sub`), and any other id it is
+    // sent with must agree; without a token (allowed only when not `required`) ids work as
+    // before.
+    let grant = match auth::admit(state.cfg.auth.as_deref(), req.uri().query(), req.headers()) {
+        Ok(grant) => grant,
+        Err(e) => {
+            state.metrics.client_errors.get_or_create(&crate::metrics::CodeLabel { code: "unauthorized" }).inc();
+            debug!(%peer, reason = %e, "upgrade refused: 401");
+            return auth::unauthorized(&e);
         }
-    }
+    };
+    let (client_id, minted) = match &grant {
+        Some(grant) => (grant.sub.clone(), false),
+        None => match client_id(&req, &state) {
+            Ok(found) => found,
+            Err(refused) => return refused,
+        },
+    };
     if state.metrics.connections_active.get() >= state.cfg.max_connections as i64 {
         state.metrics.connections_refused.inc();
         return at_capacity(state.cfg.max_connections);
@@ -252,8 +250,8 @@ fn upgrade(mut req: Request<Incoming>, peer: SocketAddr, state: Arc<NodeState>) 
             // `serve_connection`), and what hyper had read past the request head.
             Ok(upgraded) => match upgraded.downcast::<TokioIo<TcpStream>>() {
                 Ok(parts) => {
-                    connection::run(parts.io.into_inner(), parts.read_buf, client_id, peer.to_string(), task_state)
-                        .await
+                    let sock = parts.io.into_inner();
+                    connection::run(sock, parts.read_buf, client_id, grant, peer.to_string(), task_state).await
                 }
                 Err(_) => warn!(%peer, "an upgraded connection is not a plain TCP stream; closed"),
             },
@@ -271,4 +269,33 @@ fn upgrade(mut req: Request<Incoming>, peer: SocketAddr, state: Arc<NodeState>) 
         h.insert(header::SET_COOKIE, cookie);
     }
     resp
+}
+
+/// The id of a request that no token names: found (and, with a signing key, verified) or
+/// minted here (`true`).
+#[allow(clippy::result_large_err)] // the refusal is the response itself
+fn client_id(req: &Request<Incoming>, state: &NodeState) -> Result<(String, bool), Response<Full<Bytes>>> {
+    let cookies: Vec<&[u8]> = req.headers().get_all(header::COOKIE).iter().map(HeaderValue::as_bytes).collect();
+    let found = id::extract_client_id(
+        req.uri().query(),
+        req.headers().get(id::CLIENT_ID_HEADER).map(HeaderValue::as_bytes),
+        None,
+        cookies.iter().copied(),
+        &NODE_ID_ORDER,
+    );
+    let (client_id, minted) = match found {
+        Ok(Some(id)) => (id.into_owned(), false),
+        Ok(None) => match &state.cfg.signing_key {
+            Some(key) => (key.mint(), true),
+            None => (id::mint_client_id(), true),
+        },
+        Err(e) => return Err(bad_request(format!("bad client id: {e}"))),
+    };
+    if let Some(key) = &state.cfg.signing_key {
+        if !key.verify(&client_id) {
+            state.metrics.client_errors.get_or_create(&crate::metrics::CodeLabel { code: "forged_id" }).inc();
+            return Err(text(StatusCode::FORBIDDEN, "unsigned or forged client id\n"));
+        }
+    }
+    Ok((client_id, minted))
 }

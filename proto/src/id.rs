@@ -5,6 +5,7 @@
 //! or a log line unescaped.
 
 use rand::RngCore;
+use std::borrow::Cow;
 
 /// Longest accepted client id, in bytes.
 pub const MAX_CLIENT_ID_LEN: usize = 128;
@@ -61,16 +62,20 @@ pub fn mint_client_id() -> String {
 pub enum IdSource {
     Query,
     Header,
+    /// The `sub` of a JWT (the `token` query parameter or `Authorization: Bearer`), read
+    /// without verification ([`crate::token::unverified_sub`]): for placement only.
+    Token,
     Cookie,
 }
 
 impl IdSource {
-    pub const DEFAULT_ORDER: [IdSource; 3] = [IdSource::Query, IdSource::Header, IdSource::Cookie];
+    pub const DEFAULT_ORDER: [IdSource; 4] = [IdSource::Query, IdSource::Header, IdSource::Token, IdSource::Cookie];
 
     pub fn parse(s: &str) -> Option<Self> {
         match s {
             "query" => Some(Self::Query),
             "header" => Some(Self::Header),
+            "token" => Some(Self::Token),
             "cookie" => Some(Self::Cookie),
             _ => None,
         }
@@ -78,39 +83,38 @@ impl IdSource {
 }
 
 /// Finds the client id of a request: the `client` query parameter, the `X-Client-Id` header,
-/// or the `tether_sid` cookie, tried in `order`.
+/// the `sub` of a token (the `token` query parameter or the `Authorization: Bearer` header
+/// value in `authorization`), or the `tether_sid` cookie, tried in `order`.
 ///
 /// Returns `Ok(None)` when no source carries an id, and an error naming the first source
 /// whose value breaks the rules (a bad id is never skipped in favour of a later source: the
-/// client meant it).
+/// client meant it). A token whose `sub` cannot be read at all carries no id here: placement
+/// does not judge tokens, the node refuses it with a 401 that says why.
 pub fn extract_client_id<'a>(
     query: Option<&'a str>,
     header: Option<&'a [u8]>,
+    authorization: Option<&'a [u8]>,
     cookies: impl Iterator<Item = &'a [u8]> + Clone,
     order: &[IdSource],
-) -> Result<Option<&'a str>, InvalidClientId> {
+) -> Result<Option<Cow<'a, str>>, InvalidClientId> {
     for source in order {
         let found = match source {
-            IdSource::Query => query.and_then(|q| query_param(q, "client")),
-            IdSource::Header => header.map(|h| std::str::from_utf8(h).unwrap_or("\u{fffd}")),
-            IdSource::Cookie => cookies.clone().find_map(|c| cookie_value(c, SESSION_COOKIE)),
+            IdSource::Query => query.and_then(|q| query_param(q, "client")).map(Cow::Borrowed),
+            IdSource::Header => header.map(|h| Cow::Borrowed(std::str::from_utf8(h).unwrap_or("\u{fffd}"))),
+            IdSource::Token => crate::token::find_token(query, authorization)
+                .and_then(|t| crate::token::unverified_sub(t).ok())
+                .map(Cow::Owned),
+            IdSource::Cookie => cookies.clone().find_map(|c| cookie_value(c, SESSION_COOKIE)).map(Cow::Borrowed),
         };
         if let Some(id) = found {
-            validate_client_id(id)?;
+            validate_client_id(&id)?;
             return Ok(Some(id));
         }
     }
     Ok(None)
 }
 
-/// The raw value of query parameter `name`. Ids never need percent-encoding (their alphabet
-/// is URL-safe), so a value containing `%` is returned as-is and then fails validation.
-pub fn query_param<'a>(query: &'a str, name: &str) -> Option<&'a str> {
-    query.split('&').find_map(|pair| {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        (k == name).then_some(v)
-    })
-}
+pub use crate::query::query_param;
 
 /// The value of cookie `name` in one `Cookie:` header value (`a=1; b=2`).
 pub fn cookie_value<'a>(header: &'a [u8], name: &str) -> Option<&'a str> {
@@ -155,25 +159,57 @@ mod tests {
     fn extraction_follows_the_order() {
         let cookies = [b"x=1; tether_sid=fromcookie".as_slice()];
         let order = IdSource::DEFAULT_ORDER;
-        let got = extract_client_id(Some("a=1&client=fromquery"), Some(b"fromheader"), cookies.iter().copied(), &order);
-        assert_eq!(got, Ok(Some("fromquery")));
-        let got = extract_client_id(Some("a=1"), Some(b"fromheader"), cookies.iter().copied(), &order);
-        assert_eq!(got, Ok(Some("fromheader")));
-        let got = extract_client_id(None, None, cookies.iter().copied(), &order);
-        assert_eq!(got, Ok(Some("fromcookie")));
-        let got = extract_client_id(None, None, std::iter::empty(), &order);
+        let got =
+            extract_client_id(Some("a=1&client=fromquery"), Some(b"fromheader"), None, cookies.iter().copied(), &order);
+        assert_eq!(got.unwrap().as_deref(), Some("fromquery"));
+        let got = extract_client_id(Some("a=1"), Some(b"fromheader"), None, cookies.iter().copied(), &order);
+        assert_eq!(got.unwrap().as_deref(), Some("fromheader"));
+        let got = extract_client_id(None, None, None, cookies.iter().copied(), &order);
+        assert_eq!(got.unwrap().as_deref(), Some("fromcookie"));
+        let got = extract_client_id(None, None, None, std::iter::empty(), &order);
         assert_eq!(got, Ok(None));
         let reordered = [IdSource::Cookie, IdSource::Query];
-        let got = extract_client_id(Some("client=q"), None, cookies.iter().copied(), &reordered);
-        assert_eq!(got, Ok(Some("fromcookie")));
+        let got = extract_client_id(Some("client=q"), None, None, cookies.iter().copied(), &reordered);
+        assert_eq!(got.unwrap().as_deref(), Some("fromcookie"));
     }
 
     #[test]
     fn a_bad_id_is_an_error_not_a_fallthrough() {
-        let got =
-            extract_client_id(Some("client=bad%20id"), Some(b"good"), std::iter::empty(), &IdSource::DEFAULT_ORDER);
+        let got = extract_client_id(
+            Some("client=bad%20id"),
+            Some(b"good"),
+            None,
+            std::iter::empty(),
+            &IdSource::DEFAULT_ORDER,
+        );
         assert!(got.is_err());
-        let got = extract_client_id(None, Some(&[0xff, 0xfe]), std::iter::empty(), &IdSource::DEFAULT_ORDER);
+        let got = extract_client_id(None, Some(&[0xff, 0xfe]), None, std::iter::empty(), &IdSource::DEFAULT_ORDER);
+        assert!(got.is_err());
+    }
+
+    #[test]
+    fn a_tokens_sub_is_an_id_source() {
+        let secret = crate::token::MintKey::hs256(b"s").unwrap();
+        let claims = |sub: &str| crate::token::Claims { sub: sub.into(), exp: 1, iat: None, name: None, rooms: None };
+        let token = crate::token::mint(&claims("alice"), &secret).unwrap();
+        let query = format!("token={token}");
+        let bearer = format!("Bearer {token}");
+        let order = IdSource::DEFAULT_ORDER;
+        let cookies = [b"tether_sid=fromcookie".as_slice()];
+        let got = extract_client_id(Some(&query), None, None, cookies.iter().copied(), &order);
+        assert_eq!(got, Ok(Some(Cow::Owned("alice".into()))));
+        let got = extract_client_id(None, None, Some(bearer.as_bytes()), cookies.iter().copied(), &order);
+        assert_eq!(got.unwrap().as_deref(), Some("alice"));
+        // The query's `client` and the header come first by default.
+        let both = format!("client=q&{query}");
+        let got = extract_client_id(Some(&both), None, None, std::iter::empty(), &order);
+        assert_eq!(got.unwrap().as_deref(), Some("q"));
+        // An unreadable token carries no id; a readable one with a bad sub is an error.
+        let got = extract_client_id(Some("token=garbage"), None, None, cookies.iter().copied(), &order);
+        assert_eq!(got.unwrap().as_deref(), Some("fromcookie"));
+        let bad = crate::token::mint(&claims("a b"), &secret).unwrap();
+        let bad = format!("token={bad}");
+        let got = extract_client_id(Some(&bad), None, None, std::iter::empty(), &order);
         assert!(got.is_err());
     }
 }

@@ -8,6 +8,9 @@
 //!   decode (client frames, node frames, the room message frame, error and close codes, room
 //!   and display-name rules);
 //! - [`sign`]: HMAC-signed client ids, so that knowing an id is not enough to forge one;
+//! - [`token`]: JWT claims, room patterns, minting, and the unverified `sub` read the
+//!   balancer places a client by (verification is the node's);
+//! - [`query`]: reading a query parameter (ids and tokens are URL-safe: no decoding);
 //! - [`logging`]: the tracing set-up shared by the binaries (`RUST_LOG`, `--log-format json`);
 //! - [`limits`]: the file-descriptor budget: raising `RLIMIT_NOFILE`, the `max_connections`
 //!   it allows, and the accept loops' back-off when descriptors run out;
@@ -20,5 +23,7 @@ pub mod hrw;
 pub mod id;
 pub mod limits;
 pub mod logging;
+pub mod query;
 pub mod sign;
+pub mod token;
 pub mod wire;

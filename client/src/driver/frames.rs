@@ -77,6 +77,8 @@ impl Driver {
             NodeFrame::Error { code, message } => return self.on_error(code, message, conn),
             // Only a message with a `msg_id` can be answered so; this client sends none.
             NodeFrame::Duplicate { .. } => {}
+            // This library does not refresh tokens; a node answers only a client that did.
+            NodeFrame::Refreshed { .. } => {}
         }
         Ok(())
     }

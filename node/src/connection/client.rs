@@ -9,6 +9,8 @@
 //! input happens at is passed in ([`Now`]): nothing here reads a clock or touches a socket, so
 //! a `Client` over an outbox without a socket and the `none` backbone is tested as it is.
 
+use super::access::Access;
+use crate::auth::Grant;
 use crate::backbone::{Backbone, BackboneError};
 use crate::backbone::{PresenceChange, PresenceEntry, Scope, Seat, SessionRecord, Unpublished};
 use crate::hub::{ConnCommand, Gate, GateState, Member, CONN_COMMANDS};
@@ -19,7 +21,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use tether_proto::wire::{
     self, ClientMsg, ErrorCode, Event, LeaveReason, MessageHead, MessageMeta, ResumePoint, SessionKind, CLOSE_POLICY,
-    CLOSE_RESTART, CLOSE_TOO_BIG,
+    CLOSE_RESTART, CLOSE_TOKEN_EXPIRED, CLOSE_TOO_BIG,
 };
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -42,6 +44,8 @@ impl Close {
     pub const SHUTDOWN: Self = Self { code: CLOSE_RESTART, reason: Cow::Borrowed("node shutting down") };
     /// A frame over `max_message_bytes`.
     pub const TOO_BIG: Self = Self { code: CLOSE_TOO_BIG, reason: Cow::Borrowed("message too big") };
+    /// The connection's token expired without a `refresh`.
+    pub const TOKEN_EXPIRED: Self = Self { code: CLOSE_TOKEN_EXPIRED, reason: Cow::Borrowed("token expired") };
 }
 
 /// When an input is handled, as read by the connection's task.
@@ -95,6 +99,8 @@ pub struct Client {
     /// What the server API asks of this connection, until its task takes the receiver
     /// ([`Client::take_commands`]).
     commands: Option<mpsc::Receiver<ConnCommand>>,
+    /// What the connection's token allows, and its expiry (none without a token).
+    access: Access,
 }
 
 impl Client {
@@ -114,6 +120,7 @@ impl Client {
             member: Member { out, kick: state.shutdown.child_token() },
             grace_until: None,
             rate: TokenBucket { tokens: f64::from(state.cfg.rate_limit_burst), at: now },
+            access: Access::default(),
             state,
         }
     }
@@ -149,6 +156,49 @@ impl Client {
     /// ([`Client::end_grace`]); `None` when none holds.
     pub fn grace_deadline(&self) -> Option<Instant> {
         self.grace_until
+    }
+
+    /// Applies the verified token the connection was admitted with, read at `now`: its name
+    /// becomes the display name (over a stored one), its rooms bound every join, its expiry
+    /// is the [`token_deadline`](Client::token_deadline). Called before [`start`](Client::start).
+    pub fn authorize(&mut self, grant: Grant, now: Now) {
+        if let Some(name) = &grant.name {
+            self.state.hub.set_user(self.conn, name);
+            self.name = Some(name.clone());
+        }
+        self.access.set(grant, now);
+    }
+
+    /// When the token runs out (`exp` + leeway): the connection is then closed 4001.
+    pub fn token_deadline(&self) -> Option<Instant> {
+        self.access.deadline()
+    }
+
+    /// The token's deadline passed without a `refresh`.
+    pub fn expired(&self) -> Close {
+        self.state.metrics.client_errors.get_or_create(&crate::metrics::CodeLabel { code: "token_expired" }).inc();
+        Close::TOKEN_EXPIRED
+    }
+
+    /// A `refresh`: a token that verifies and names this client replaces the old one (its
+    /// expiry and rooms apply from now; rooms already joined are kept), answered `refreshed`;
+    /// anything else is `unauthorized` and the old token stands.
+    fn refresh(&mut self, token: &str, now: Now) {
+        let Some(verifier) = self.state.cfg.auth.clone() else {
+            return self.error(ErrorCode::Unauthorized, "this node does not verify tokens");
+        };
+        match verifier.verify(token) {
+            Ok(grant) if grant.sub != self.id => {
+                let msg = format!("the token is for {:?}, not for this connection's {:?}", grant.sub, self.id);
+                self.error(ErrorCode::Unauthorized, &msg)
+            }
+            Ok(grant) => {
+                let exp = grant.exp;
+                self.access.set(grant, now);
+                self.send(&Event::Refreshed { exp });
+            }
+            Err(e) => self.error(ErrorCode::Unauthorized, &format!("refresh refused ({e}); the current token stands")),
+        }
     }
 
     fn backbone(&self) -> &dyn Backbone {
@@ -205,7 +255,7 @@ impl Client {
                 server: &self.state.cfg.name,
                 id: &self.id,
                 session: SessionKind::New,
-                name: None,
+                name: self.name.as_deref(),
                 rooms: Vec::new(),
             });
             if let Some(e) = load_error {
@@ -214,13 +264,18 @@ impl Client {
             return;
         };
         self.state.metrics.sessions_restored.inc();
-        self.name = stored.name;
+        // A token's name wins over the stored one.
+        if self.access.name().is_none() {
+            self.name = stored.name;
+        }
         if let Some(name) = &self.name {
             self.state.hub.set_user(self.conn, name);
         }
         let mut failed = Vec::new();
         for room in stored.rooms.into_iter().take(self.state.cfg.max_rooms_per_client) {
-            if wire::validate_room(&room).is_err() || self.rooms.contains_key(&room) {
+            // Rooms the token does not allow are not re-joined (they leave the session the
+            // next time it is written).
+            if wire::validate_room(&room).is_err() || self.rooms.contains_key(&room) || !self.access.allows(&room) {
                 continue;
             }
             let gate = Gate::holding();
@@ -390,7 +445,7 @@ impl Client {
                 }
                 Ok(msg) => {
                     self.publish(&mut pending).await;
-                    self.act(msg).await;
+                    self.act(msg, now).await;
                 }
                 Err((code, message)) => {
                     self.publish(&mut pending).await;
@@ -412,8 +467,11 @@ impl Client {
         wire::decode(text).map_err(|e| (e.code, e.message))
     }
 
-    async fn act(&mut self, msg: ClientMsg) {
+    async fn act(&mut self, msg: ClientMsg, now: Now) {
         match msg {
+            ClientMsg::SetName { .. } if self.access.name().is_some() => {
+                self.error(ErrorCode::Forbidden, "the display name comes from your token")
+            }
             ClientMsg::SetName { name } => {
                 self.state.hub.set_user(self.conn, &name);
                 self.name = Some(name);
@@ -437,7 +495,11 @@ impl Client {
                     self.resume(&room, point).await;
                 }
             }
+            ClientMsg::Presence { room } if !self.access.allows(&room) => {
+                self.error(ErrorCode::Forbidden, &format!("your token does not allow room {room}"))
+            }
             ClientMsg::Presence { room } => self.list_presence(Scope::Room(&room)).await,
+            ClientMsg::Refresh { token } => self.refresh(&token, now),
             ClientMsg::Online => self.list_presence(Scope::Online).await,
         }
     }
@@ -454,6 +516,9 @@ impl Client {
         if self.rooms.contains_key(&room) {
             // Already a member: confirm to this client alone, as the join would have.
             return self.send_text(self.user_joined(&room));
+        }
+        if !self.access.allows(&room) {
+            return self.error(ErrorCode::Forbidden, &format!("your token does not allow room {room}"));
         }
         if self.rooms.len() >= self.state.cfg.max_rooms_per_client {
             let msg = format!("already in {} rooms, the most one client may join", self.rooms.len());

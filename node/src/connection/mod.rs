@@ -19,8 +19,10 @@
 //!
 //! Fan-out never waits on this client. The connection closes with 1008 when the hub kicks a
 //! slow consumer (and is reset), with 1012 on node shutdown and with 1009 on an oversized
-//! frame (a lingering close: see [`close`]).
+//! frame (a lingering close: see [`close`]); with 4001 when its token expires unrefreshed
+//! ([`access`]).
 
+pub mod access;
 pub mod client;
 pub mod close;
 pub mod task;

@@ -3,6 +3,7 @@
 //! frame's handling waits on the backbone), and ends the socket with [`close::goodbye`].
 
 use super::{close, Client, Close, Now, Ws};
+use crate::auth::Grant;
 use crate::hub::ConnCommand;
 use crate::outbox::{ClientIo, Outbox, Wire};
 use crate::state::NodeState;
@@ -22,7 +23,14 @@ use tracing::{debug, debug_span, Instrument};
 /// bytes of the client's first frames that arrived with its upgrade request.
 ///
 /// One task per connection: it waits for the client's next frame, and for frames in its outbox.
-pub async fn run(sock: TcpStream, early: Bytes, client_id: String, peer: String, state: Arc<NodeState>) {
+pub async fn run(
+    sock: TcpStream,
+    early: Bytes,
+    client_id: String,
+    grant: Option<Grant>,
+    peer: String,
+    state: Arc<NodeState>,
+) {
     let conn = state.hub.next_conn_id();
     // Debug level: a span per idle connection costs memory (its fields, formatted) for
     // nothing when only info and above are logged.
@@ -40,6 +48,9 @@ pub async fn run(sock: TcpStream, early: Bytes, client_id: String, peer: String,
                 .await;
         drop(early);
         let mut client = Client::new(client_id, conn, out, Arc::clone(&state), Instant::now());
+        if let Some(grant) = grant {
+            client.authorize(grant, now());
+        }
         // The rarely-run steps are boxed: a connection's task is sized by its largest await
         // state, and an idle connection should pay only for waiting on its next frame.
         Box::pin(client.start(Instant::now())).await;
@@ -141,6 +152,7 @@ async fn serve(client: &mut Client, ws: &mut Ws) -> Option<Close> {
                     None => continue,
                 }
             }
+            _ = sleep_until_or_never(client.token_deadline()) => return Some(client.expired()),
             next = ws.next() => next,
         };
         // Text frames already received are handled together (consecutive messages to one

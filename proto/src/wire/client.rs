@@ -48,6 +48,10 @@ pub enum ClientMsg {
         room: String,
     },
     Online,
+    /// A fresh JWT for this connection, before the current one expires.
+    Refresh {
+        token: String,
+    },
 }
 
 impl ClientMsg {
@@ -66,6 +70,7 @@ impl ClientMsg {
             Self::Resume { .. } => "resume",
             Self::Presence { .. } => "presence",
             Self::Online => "online",
+            Self::Refresh { .. } => "refresh",
         }
     }
 
@@ -102,6 +107,7 @@ impl Serialize for ClientMsg {
                 }
             }
             Self::Resume { rooms } => st.serialize_field("rooms", &Points(rooms))?,
+            Self::Refresh { token } => st.serialize_field("token", token)?,
             Self::Online => {}
         }
         st.end()
@@ -165,6 +171,7 @@ pub fn decode(text: &str) -> Result<ClientMsg, ProtocolError> {
             ClientMsg::Message { room: r, text, data, msg_id }
         }
         "online" => ClientMsg::Online,
+        "refresh" => ClientMsg::Refresh { token: take_str(&mut obj, "token")? },
         "resume" => ClientMsg::Resume { rooms: resume_points(obj.remove("rooms"))? },
         other => {
             let mut shown: String = other.chars().take(40).collect();

@@ -10,6 +10,8 @@ pub const CLOSE_RESTART: u16 = 1012;
 pub const CLOSE_TOO_BIG: u16 = 1009;
 /// Close code: policy violation; used for slow consumers.
 pub const CLOSE_POLICY: u16 = 1008;
+/// Close code: the connection's token expired without a `refresh`.
+pub const CLOSE_TOKEN_EXPIRED: u16 = 4001;
 
 /// The `code` of an `error` frame. An oversized frame is not among them: it closes the
 /// connection with [`CLOSE_TOO_BIG`] instead of being answered.

@@ -107,6 +107,10 @@ pub enum Event<'a> {
         seq: u64,
         epoch: &'a str,
     },
+    /// A `refresh` was accepted: the connection now expires at `exp` (Unix seconds).
+    Refreshed {
+        exp: u64,
+    },
 }
 
 impl Event<'_> {
@@ -201,6 +205,9 @@ pub enum NodeFrame {
         #[serde(default)]
         message: String,
     },
+    Refreshed {
+        exp: u64,
+    },
 }
 
 fn yes() -> bool {
@@ -212,8 +219,18 @@ fn left() -> String {
 }
 
 /// The `type`s [`NodeFrame`] knows.
-pub const NODE_FRAME_TYPES: [&str; 9] =
-    ["connected", "message", "user_joined", "user_left", "resumed", "presence", "online", "duplicate", "error"];
+pub const NODE_FRAME_TYPES: [&str; 10] = [
+    "connected",
+    "message",
+    "user_joined",
+    "user_left",
+    "resumed",
+    "presence",
+    "online",
+    "duplicate",
+    "error",
+    "refreshed",
+];
 
 impl NodeFrame {
     /// The frame's JSON text.

@@ -59,6 +59,7 @@ fn client_frames_encode_to_their_golden_bytes_and_back() {
         (resume, r#"{"type":"resume","rooms":{"a":{"seq":41},"b":{"seq":3,"epoch":"e1"}}}"#),
         (ClientMsg::Presence { room: "general".into() }, r#"{"type":"presence","room":"general"}"#),
         (ClientMsg::Online, r#"{"type":"online"}"#),
+        (ClientMsg::Refresh { token: "h.p.s".into() }, r#"{"type":"refresh","token":"h.p.s"}"#),
     ];
     for (msg, golden) in cases {
         assert_eq!(msg.to_json(), golden);
@@ -121,6 +122,8 @@ fn the_decoder_names_the_fault() {
             "display names may not contain control characters",
         ),
         (r#"{"type":"resume"}"#, ErrorCode::MissingField, "`resume` needs field `rooms`"),
+        (r#"{"type":"refresh"}"#, ErrorCode::MissingField, "`refresh` needs field `token`"),
+        (r#"{"type":"refresh","token":1}"#, ErrorCode::InvalidField, "field `token` must be a string"),
         (r#"{"type":"resume","rooms":[]}"#, ErrorCode::InvalidField, "field `rooms` must be an object"),
         (
             r#"{"type":"resume","rooms":{"a":-1}}"#,
@@ -175,7 +178,7 @@ fn error_codes_are_spelled_as_documented() {
         assert_eq!(ErrorCode::parse(code.as_str()), Some(code));
     }
     assert_eq!(ErrorCode::parse("no_such_code"), None);
-    assert_eq!((CLOSE_POLICY, CLOSE_TOO_BIG, CLOSE_RESTART), (1008, 1009, 1012));
+    assert_eq!((CLOSE_POLICY, CLOSE_TOO_BIG, CLOSE_RESTART, CLOSE_TOKEN_EXPIRED), (1008, 1009, 1012, 4001));
 }
 
 /// Node frames as the node builds them ([`Event`]), each decoded to the owned form whose
@@ -253,6 +256,11 @@ fn node_events_have_their_golden_bytes_and_round_trip() {
             Event::Error { code: ErrorCode::NotInRoom, message: "not in room general" },
             r#"{"type":"error","code":"not_in_room","message":"not in room general"}"#,
         ),
+        (
+            Event::Error { code: ErrorCode::Forbidden, message: "your token does not allow room ops" },
+            r#"{"type":"error","code":"forbidden","message":"your token does not allow room ops"}"#,
+        ),
+        (Event::Refreshed { exp: 1_700_000_600 }, r#"{"type":"refreshed","exp":1700000600}"#),
     ];
     for (event, golden) in cases {
         assert_eq!(event.to_json(), golden);
