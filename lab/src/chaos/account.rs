@@ -6,10 +6,13 @@
 //! - one [`ClientLog`] per client, kept by its event task alone: where each of its rooms
 //!   stood at its own join (`user_joined`'s `head_seq`/`epoch`), every `(epoch, seq)` its app
 //!   was handed, and a timeline of connection events for the post-mortem of a loss;
-//! - the publisher's [`SendLog`]: every text written, every send refused.
+//! - the publisher's [`SendLog`]: every text written (with its `msg_id`), every send refused.
 //!
 //! [`account`] then says, for every (client, room), which published seqs the client was owed
-//! (everything after its join position) and which of those it never got.
+//! (everything after its join position) and which of those it never got, and for every
+//! message the library accepted whether it was published exactly once. [`in_flight`] follows
+//! the messages that were unconfirmed when their sender's connection dropped (the library
+//! lists them in `Disconnected`) to their fate, kill by kill.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -160,6 +163,10 @@ pub(crate) struct ClientLog {
     pub(crate) ready_us: Vec<u64>,
     pub(crate) rejected_by_node: u64,
     pub(crate) errors: BTreeMap<String, u64>,
+    /// The node of the current (or last) connection.
+    pub(crate) server: Option<String>,
+    /// Each connection loss with messages unconfirmed at that moment.
+    pub(crate) in_flight: Vec<LossInFlight>,
     /// `(ms, what)`: connects, losses, resumes, gaps, errors.
     pub(crate) timeline: Vec<(u64, String)>,
 }
@@ -182,6 +189,16 @@ impl ClientLog {
             }
         }
     }
+}
+
+/// One connection loss of a client, with what it had sent and not seen confirmed.
+#[derive(Debug, Clone)]
+pub(crate) struct LossInFlight {
+    pub(crate) at_ms: u64,
+    /// The node the connection was to.
+    pub(crate) server: Option<String>,
+    /// `msg_id`s, oldest first.
+    pub(crate) msg_ids: Vec<String>,
 }
 
 /// Reads one client's events until its stream ends, recording everything in a
@@ -249,6 +266,7 @@ pub(crate) async fn watch(
             }
             Event::Connected { server, session, rooms, attempt, since_disconnect, .. } => {
                 log.note(ms, format!("connected to {server}: {session:?} {rooms:?}, attempt {attempt}"));
+                log.server = Some(server);
                 if let Some(d) = since_disconnect {
                     shared.reconnects.fetch_add(1, Relaxed);
                     match session {
@@ -266,8 +284,14 @@ pub(crate) async fn watch(
                     log.ready_us.push(micros(d));
                 }
             }
-            Event::Disconnected { code, reason, .. } => {
-                log.note(ms, format!("disconnected: {code:?} {reason}"));
+            Event::Disconnected { code, reason, unconfirmed, .. } => {
+                log.note(ms, format!("disconnected: {code:?} {reason}; {} unconfirmed", unconfirmed.len()));
+                if !unconfirmed.is_empty() {
+                    log.in_flight.push(LossInFlight { at_ms: ms, server: log.server.clone(), msg_ids: unconfirmed });
+                }
+            }
+            Event::Duplicate { room, msg_id, seq, .. } => {
+                log.note(ms, format!("resend of {msg_id} to {room} answered duplicate (seq {seq})"));
             }
             Event::ConnectFailed { attempt, error, retry_in } => {
                 log.note(ms, format!("attempt {attempt} failed: {error} (retry in {retry_in:?})"));
@@ -324,6 +348,13 @@ pub(crate) struct SendLog {
     pub(crate) refused: HashMap<String, String>,
 }
 
+impl SendLog {
+    /// Text by `msg_id`, for the sends written.
+    pub(crate) fn texts_by_msg_id(&self) -> HashMap<&str, &str> {
+        self.written.iter().map(|(text, s)| (s.msg_id.as_str(), text.as_str())).collect()
+    }
+}
+
 /// One send written to a socket.
 #[derive(Debug, Clone)]
 pub(crate) struct Sent {
@@ -332,9 +363,12 @@ pub(crate) struct Sent {
     pub(crate) at_ms: u64,
     /// The node the sender was in sync with when the send was made.
     pub(crate) node: String,
+    /// The `msg_id` the library gave it.
+    pub(crate) msg_id: String,
 }
 
-/// A send written to a socket whose message nobody ever received.
+/// A send the library accepted whose message nobody ever received: lost, since the library
+/// resends what is unconfirmed until it is.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct UnconfirmedSend {
     pub text: String,
@@ -392,6 +426,10 @@ pub(crate) struct Tally {
     pub(crate) foreign_texts: u64,
     pub(crate) joins_missing: u64,
     pub(crate) joins_without_head: u64,
+    /// Texts of messages some owed member never got.
+    pub(crate) lost_texts: HashSet<String>,
+    /// How many seqs each text got.
+    pub(crate) seqs_of_text: HashMap<String, u64>,
 }
 
 const EXAMPLES_KEPT: usize = 200;
@@ -492,6 +530,11 @@ pub(crate) fn account(
         }
     }
     t.lost_distinct = lost_keys.len() as u64;
+    for (room, epoch, seq) in &lost_keys {
+        if let Some(seen) = sightings.rooms.get(*room).and_then(|rl| rl.msgs.get(&(epoch.clone(), *seq))) {
+            t.lost_texts.insert(seen.text.clone());
+        }
+    }
 
     // Sends against what was seen.
     let mut seqs_of_text: HashMap<&str, u64> = HashMap::new();
@@ -507,7 +550,7 @@ pub(crate) fn account(
             t.confirmed += 1;
         }
         if !seqs_of_text.contains_key(text.as_str()) {
-            t.unconfirmed += 1;
+            t.unconfirmed += 1; // never published: lost (the library resends until it is)
             if t.unconfirmed_examples.len() < EXAMPLES_KEPT {
                 t.unconfirmed_examples.push(UnconfirmedSend {
                     text: text.clone(),
@@ -525,7 +568,106 @@ pub(crate) fn account(
         .keys()
         .filter(|text| !sends.written.contains_key(**text) && !sends.refused.contains_key(**text))
         .count() as u64;
+    t.seqs_of_text = seqs_of_text.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
     t
+}
+
+/// What became of the messages in flight at connection losses.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct InFlightFate {
+    /// Distinct messages sent and not yet confirmed when their sender's connection dropped.
+    pub messages: u64,
+    /// Published once and delivered to every member owed it.
+    pub delivered_once: u64,
+    /// Published under more than one seq.
+    pub duplicated: u64,
+    /// Never published, or published and missed by some member owed it.
+    pub lost: u64,
+}
+
+impl InFlightFate {
+    fn add(&mut self, fate: Fate) {
+        self.messages += 1;
+        match fate {
+            Fate::Once => self.delivered_once += 1,
+            Fate::Duplicated => self.duplicated += 1,
+            Fate::Lost => self.lost += 1,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Fate {
+    Once,
+    Duplicated,
+    Lost,
+}
+
+/// In-flight messages per kill (in `kills` order) and in total.
+#[derive(Debug, Default)]
+pub(crate) struct InFlightTally {
+    /// For each entry of the kill log, the messages in flight on the victim at the kill.
+    pub(crate) per_kill: Vec<InFlightFate>,
+    /// Distinct messages in flight at any kill.
+    pub(crate) at_kills: InFlightFate,
+    /// Distinct messages in flight at connection losses no kill explains.
+    pub(crate) at_other_losses: InFlightFate,
+}
+
+/// A loss this long before a kill's record, or this long after it, is that kill's (the
+/// record is stamped once the victim is reaped; clients notice within milliseconds).
+const KILL_SLACK_BEFORE_MS: u64 = 1_000;
+const KILL_SLACK_AFTER_MS: u64 = 5_000;
+
+/// Follows every message the clients reported unconfirmed at a connection loss to its fate.
+/// A loss is a kill's when it was of a connection to the victim, within
+/// [`KILL_SLACK_BEFORE_MS`] before to [`KILL_SLACK_AFTER_MS`] after the kill.
+pub(crate) fn in_flight(logs: &[ClientLog], kills: &[(u64, &str)], sends: &SendLog, t: &Tally) -> InFlightTally {
+    let texts = sends.texts_by_msg_id();
+    let fate = |msg_id: &str| -> Fate {
+        let Some(text) = texts.get(msg_id) else {
+            return Fate::Lost; // not a send this run wrote down: cannot prove it arrived
+        };
+        match t.seqs_of_text.get(*text).copied().unwrap_or(0) {
+            0 => Fate::Lost,
+            1 if t.lost_texts.contains(*text) => Fate::Lost,
+            1 => Fate::Once,
+            _ => Fate::Duplicated,
+        }
+    };
+    let mut out = InFlightTally { per_kill: vec![InFlightFate::default(); kills.len()], ..Default::default() };
+    let mut at_kill: HashSet<&str> = HashSet::new();
+    let mut other: HashSet<&str> = HashSet::new();
+    let mut per_kill_seen: Vec<HashSet<&str>> = vec![HashSet::new(); kills.len()];
+    for log in logs {
+        for loss in &log.in_flight {
+            let kill = kills.iter().rposition(|(at, target)| {
+                Some(*target) == loss.server.as_deref()
+                    && loss.at_ms + KILL_SLACK_BEFORE_MS >= *at
+                    && loss.at_ms <= at + KILL_SLACK_AFTER_MS
+            });
+            for id in &loss.msg_ids {
+                match kill {
+                    Some(k) => {
+                        if per_kill_seen[k].insert(id) {
+                            out.per_kill[k].add(fate(id));
+                        }
+                        at_kill.insert(id);
+                    }
+                    None => {
+                        other.insert(id);
+                    }
+                }
+            }
+        }
+    }
+    for id in &at_kill {
+        out.at_kills.add(fate(id));
+    }
+    for id in other.iter().filter(|id| !at_kill.contains(*id)) {
+        out.at_other_losses.add(fate(id));
+    }
+    out
 }
 
 #[allow(clippy::too_many_arguments)] // the coordinates of one loss
@@ -626,12 +768,41 @@ mod tests {
     fn sends_are_matched_against_what_was_seen() {
         let l = sightings("r", &[("e", 1, "c:1"), ("e", 2, "c:1"), ("e", 3, "x:9")]);
         let mut sends = SendLog::default();
-        let sent = Sent { room: "r".into(), at_ms: 0, node: "n".into() };
-        sends.written.insert("c:1".into(), sent.clone());
-        sends.written.insert("c:2".into(), sent);
+        let sent = |id: &str| Sent { room: "r".into(), at_ms: 0, node: "n".into(), msg_id: id.into() };
+        sends.written.insert("c:1".into(), sent("m1"));
+        sends.written.insert("c:2".into(), sent("m2"));
         let mut c = client("r", (None, 0), &[("e", 1), ("e", 2), ("e", 3)]);
         c.echoes.insert("c:1".into());
         let t = account(&[c], &l, None, &sends, 0);
         assert_eq!((t.republished, t.confirmed, t.unconfirmed, t.foreign_texts), (1, 1, 1, 1));
+    }
+
+    #[test]
+    fn in_flight_messages_are_followed_to_their_fate_and_tied_to_the_kill_of_their_node() {
+        // c:1 published once, c:2 twice, c:3 never, c:4 once but missed by a member.
+        let l = sightings("r", &[("e", 1, "c:1"), ("e", 2, "c:2"), ("e", 3, "c:2"), ("e", 4, "c:4")]);
+        let mut sends = SendLog::default();
+        for (i, text) in ["c:1", "c:2", "c:3", "c:4"].iter().enumerate() {
+            let sent = Sent { room: "r".into(), at_ms: 0, node: "n1".into(), msg_id: format!("m{}", i + 1) };
+            sends.written.insert(text.to_string(), sent);
+        }
+        let mut sender = client("r", (None, 0), &[("e", 1), ("e", 2), ("e", 3), ("e", 4)]);
+        sender.in_flight.push(LossInFlight {
+            at_ms: 1_000,
+            server: Some("n1".into()),
+            msg_ids: ["m1", "m2", "m3"].map(String::from).to_vec(),
+        });
+        // A loss on another node at the same time is not that kill's.
+        sender.in_flight.push(LossInFlight { at_ms: 1_000, server: Some("n2".into()), msg_ids: vec!["m4".into()] });
+        let mut other = client("r", (None, 0), &[("e", 1), ("e", 2), ("e", 3)]);
+        other.id = "o".into();
+        let logs = [sender, other];
+        let t = account(&logs, &l, None, &sends, 0);
+        assert_eq!(t.lost, 1, "the other client missed seq 4");
+        let f = in_flight(&logs, &[(990, "n1"), (1_500, "n3")], &sends, &t);
+        let want = InFlightFate { messages: 3, delivered_once: 1, duplicated: 1, lost: 1 };
+        assert_eq!(f.per_kill, [want.clone(), InFlightFate::default()]);
+        assert_eq!(f.at_kills, want);
+        assert_eq!(f.at_other_losses, InFlightFate { messages: 1, lost: 1, ..Default::default() });
     }
 }
