@@ -383,7 +383,7 @@ impl<W: Write> Chat<'_, W> {
                 }
                 return Ok(None);
             }
-            Event::Disconnected { code, reason, will_retry } => {
+            Event::Disconnected { code, reason, will_retry, .. } => {
                 // Answers to requests of the lost connection will not come; joins are made
                 // again by the re-sync, so the input need not wait for them.
                 self.session.answers = 0;
@@ -606,6 +606,9 @@ pub fn format_event(ev: &Event) -> Option<String> {
             format!("! #{room}: the room's log was reset (epoch {old} -> {new}); earlier messages may be lost")
         }
         Event::Error { code, message } => format!("! {code}: {message}"),
+        Event::Duplicate { room, seq, .. } => {
+            format!("* #{room}: a message resent after the reconnect had been delivered already (seq {seq})")
+        }
         Event::Presence { room, users: list } => format!("* #{room} presence: {}", users(list)),
         Event::Online { users: list } => format!("* online: {}", users(list)),
         Event::Unknown(v) => v.to_string(),

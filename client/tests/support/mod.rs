@@ -6,6 +6,8 @@
 //! sent. Every wait has a deadline; nothing sleeps.
 #![allow(dead_code)] // each test binary uses a different part
 
+pub mod cut;
+
 use futures_util::{SinkExt, StreamExt};
 use std::time::Duration;
 use tether_client::{Client, ClientConfig, Event, Session};
