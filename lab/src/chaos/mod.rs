@@ -610,8 +610,9 @@ fn progress(opts: &ChaosOptions, phase: &str, t: Duration, chaos: &Chaos, member
         }
         behind
     };
+    let unconfirmed: usize = members.iter().map(|m| m.client.unconfirmed()).sum();
     eprintln!(
-        "[{phase} {:5.1}s] kills {}  ready {ready}/{}  published {}  delivered {}  behind {behind}  gaps {}  reconnects {}  rejected {}",
+        "[{phase} {:5.1}s] kills {}  ready {ready}/{}  published {}  delivered {}  behind {behind}  unconfirmed {unconfirmed}  gaps {}  reconnects {}  rejected {}",
         t.as_secs_f64(),
         chaos.kills,
         members.len(),
