@@ -647,10 +647,12 @@ impl Driver {
         }
         bump(&self.shared.stats.messages_sent);
         self.pending_changed();
-        let _ = reply.send(Ok(msg_id.clone()));
-        self.write_raw(ws, conn, WsMessage::text(json)).await?;
-        self.pending.written(&msg_id, conn.serial);
-        Ok(())
+        let written = self.write_raw(ws, conn, WsMessage::text(json)).await;
+        if written.is_ok() {
+            self.pending.written(&msg_id, conn.serial);
+        }
+        let _ = reply.send(Ok(msg_id));
+        written
     }
 
     /// Writes every unconfirmed message this connection has not written yet, oldest first.

@@ -18,10 +18,12 @@
 
 mod account;
 mod args;
+mod in_flight;
 mod report;
 mod schedule;
 
-pub use account::{InFlightFate, LostMessage, UnconfirmedSend};
+pub use account::{LostMessage, UnconfirmedSend};
+pub use in_flight::InFlightFate;
 pub use args::ChaosArgs;
 pub use report::{ChaosReport, KillRecord, RunConfig, Sends, Spread};
 
@@ -371,7 +373,7 @@ pub async fn run(opts: ChaosOptions) -> Result<ChaosReport> {
     let sightings = std::mem::take(&mut *shared.sightings());
     let tally = account::account(&logs, &sightings, heads.as_ref(), &sends, shared.origin_wall_ms);
     let kills: Vec<(u64, &str)> = chaos.log.iter().map(|k| (k.at_ms, k.target.as_str())).collect();
-    let flight = account::in_flight(&logs, &kills, &sends, &tally);
+    let flight = in_flight::follow(&logs, &kills, &sends, &tally);
     let mut kill_log = std::mem::take(&mut chaos.log);
     for (k, fate) in kill_log.iter_mut().zip(flight.per_kill) {
         k.in_flight = fate;

@@ -1,6 +1,7 @@
 //! The figures of a chaos run: [`ChaosReport`] (what `--json` writes) and its markdown table.
 
-use super::account::{InFlightFate, LostMessage, UnconfirmedSend};
+use super::account::{LostMessage, UnconfirmedSend};
+use super::in_flight::InFlightFate;
 use serde::Serialize;
 
 /// The run's parameters, as used.
