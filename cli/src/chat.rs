@@ -437,7 +437,11 @@ impl<W: Write> Chat<'_, W> {
                     resync.losses += 1;
                 }
             }
-            Event::UserJoined { .. } | Event::UserLeft { .. } | Event::Resumed { .. } | Event::Unknown(_) => {}
+            Event::UserJoined { .. }
+            | Event::UserLeft { .. }
+            | Event::Resumed { .. }
+            | Event::Duplicate { .. }
+            | Event::Unknown(_) => {}
         }
         if let Some(line) = format_event(&ev) {
             self.say(line)?;

@@ -27,6 +27,7 @@
 //! into [`start`]. The records it stores are in `tether_proto::backbone`.
 
 pub mod catch_up;
+pub mod dedup;
 pub mod inbound;
 pub mod keeper;
 pub mod local;
@@ -64,7 +65,9 @@ pub async fn start(
                 .await?
         }
         // One node alone: nobody else to keep presence for.
-        BackboneKind::None => return Ok(Arc::new(local::LocalBackbone::new(inbound, metrics))),
+        BackboneKind::None => {
+            return Ok(Arc::new(local::LocalBackbone::new(inbound, metrics, cfg.idempotency_ttl)));
+        }
     };
     keeper::Keeper::new(Arc::clone(&backbone), hub, metrics, cfg.name.clone(), instance, cfg.presence_ttl)
         .spawn(shutdown);
@@ -80,6 +83,16 @@ pub struct Replay {
     pub head_seq: u64,
     /// Logged frames with a greater seq than asked for, in seq order.
     pub frames: Vec<(u64, String)>,
+}
+
+/// What [`Backbone::publish_one`] did: the message's position, or — for a dedup key seen
+/// within `idempotency_ttl` — the position of the first message published with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Published {
+    pub seq: u64,
+    pub epoch: String,
+    /// Nothing was published: the key's first message already was.
+    pub duplicate: bool,
 }
 
 /// A publish of several messages that stopped partway: the first `published` of them were
@@ -181,6 +194,13 @@ pub trait Backbone: Send + Sync {
     /// the next seq of `room`, completes the frame (prefix + seq + epoch), logs it and
     /// publishes it to every subscribed node, each message atomically.
     fn publish_messages<'a>(&'a self, room: &'a str, prefixes: Vec<String>) -> BoxFuture<'a, Result<(), Unpublished>>;
+
+    /// Publishes one message like [`publish_messages`](Backbone::publish_messages) and answers
+    /// its seq and epoch. With `key` (a dedup key, scoped to the room here): when a message
+    /// with the same key was published within `idempotency_ttl`, nothing is published and the
+    /// first one's position comes back with `duplicate`. Keys in use: `c:{client}:{msg_id}`
+    /// (a client's message), `a:{idempotency_key}` (the server API).
+    fn publish_one<'a>(&'a self, room: &'a str, prefix: String, key: Option<&'a str>) -> Call<'a, Published>;
 
     /// Publishes a membership event (no seq, not logged) to every subscribed node.
     fn publish_event<'a>(&'a self, room: &'a str, json: String) -> Call<'a, ()>;

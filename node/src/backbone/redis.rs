@@ -39,8 +39,8 @@ mod scripts;
 use super::inbound::Inbound;
 use super::keeper::Backoff;
 use super::{
-    Backbone, BackboneError, Call, Joined, PresenceChange, PresenceEntry, Reaped, Replay, Scope, Seat, SessionRecord,
-    Unpublished,
+    Backbone, BackboneError, Call, Joined, PresenceChange, PresenceEntry, Published, Reaped, Replay, Scope, Seat,
+    SessionRecord, Unpublished,
 };
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -111,6 +111,26 @@ pub struct RedisBackbone {
 }
 
 impl RedisBackbone {
+    /// The atomic publish step for `prefixes` in `room` (with `key`: one message, published
+    /// only if the key is not remembered yet).
+    fn publish_invocation(&self, room: &str, key: Option<&str>, prefixes: Vec<String>) -> redis::ScriptInvocation<'_> {
+        let mut invocation = self.publish.prepare_invoke();
+        let keys = self.keys.room(room);
+        invocation.key(keys.meta).key(keys.log).key(keys.channel);
+        if let Some(key) = key {
+            invocation.key(self.keys.dedup(room, key));
+        }
+        invocation
+            .arg(tether_proto::id::mint_client_id())
+            .arg(self.cfg.history_len)
+            .arg(self.cfg.log_ttl.as_millis() as u64)
+            .arg(self.cfg.idempotency_ttl.as_millis() as u64);
+        for prefix in prefixes {
+            invocation.arg(prefix);
+        }
+        invocation
+    }
+
     /// Creates the backbone for node instance `instance` and starts its subscriber and
     /// command keeper tasks, which run until `shutdown`. Does not wait for Redis: a node
     /// starts (unready) while Redis is down.
@@ -446,24 +466,26 @@ impl Backbone for RedisBackbone {
                 return Ok(());
             }
             let mut con = self.commands.clone();
-            let mut invocation = self.publish.prepare_invoke();
-            let keys = self.keys.room(room);
-            invocation
-                .key(keys.meta)
-                .key(keys.log)
-                .key(keys.channel)
-                .arg(tether_proto::id::mint_client_id())
-                .arg(self.cfg.history_len)
-                .arg(self.cfg.log_ttl.as_millis() as u64);
-            for prefix in prefixes {
-                invocation.arg(prefix);
-            }
-            let _published: u64 = self
+            let invocation = self.publish_invocation(room, None, prefixes);
+            let _published: (u64, String, u8) = self
                 .command(invocation.invoke_async(&mut con))
                 .await
                 .map_err(|error| Unpublished { published: 0, error })?;
             self.metrics.messages_published.inc_by(count);
             Ok(())
+        }
+        .boxed()
+    }
+
+    fn publish_one<'a>(&'a self, room: &'a str, prefix: String, key: Option<&'a str>) -> Call<'a, Published> {
+        async move {
+            let mut con = self.commands.clone();
+            let invocation = self.publish_invocation(room, key, vec![prefix]);
+            let (seq, epoch, duplicate): (u64, String, u8) = self.command(invocation.invoke_async(&mut con)).await?;
+            if duplicate == 0 {
+                self.metrics.messages_published.inc();
+            }
+            Ok(Published { seq, epoch, duplicate: duplicate != 0 })
         }
         .boxed()
     }

@@ -350,12 +350,19 @@ impl Client {
         let mut pending = Pending::default();
         for text in std::iter::once(first).chain(rest) {
             match self.decode(text.as_str(), now.at) {
-                Ok(ClientMsg::Message { room, text }) if self.rooms.contains_key(&room) => {
+                Ok(ClientMsg::Message { room, text, data, msg_id: Some(msg_id) }) if self.rooms.contains_key(&room) => {
+                    // A message with an id of its own is published on its own, exactly once.
+                    self.publish(&mut pending).await;
+                    let head = Body { text: &text, data: data.as_deref(), msg_id: Some(&msg_id) };
+                    self.publish_once(&room, head, now.unix_ms).await;
+                }
+                Ok(ClientMsg::Message { room, text, data, msg_id: None }) if self.rooms.contains_key(&room) => {
                     if pending.room != room {
                         self.publish(&mut pending).await;
                         pending.room = room;
                     }
-                    let prefix = self.message_head(&pending.room, &text, now.unix_ms).json_prefix();
+                    let body = Body { text: &text, data: data.as_deref(), msg_id: None };
+                    let prefix = self.message_head(&pending.room, body, now.unix_ms).json_prefix();
                     pending.prefixes.push(prefix);
                 }
                 Ok(msg) => {
@@ -460,15 +467,35 @@ impl Client {
         self.leave_presence(room, LeaveReason::Left).await;
     }
 
-    fn message_head<'a>(&'a self, room: &'a str, text: &'a str, unix_ms: u64) -> MessageHead<'a> {
+    fn message_head<'a>(&'a self, room: &'a str, body: Body<'a>, unix_ms: u64) -> MessageHead<'a> {
         MessageHead {
             kind: "message",
             room,
             from: self.display(),
             id: &self.id,
-            text,
+            text: body.text,
             server: &self.state.cfg.name,
             timestamp: unix_ms,
+            data: body.data,
+            msg_id: body.msg_id,
+        }
+    }
+
+    /// Publishes a message carrying a `msg_id`, unless `(client, msg_id)` was published
+    /// within `idempotency_ttl` (a resend after a reconnect, perhaps to another node): then
+    /// the sender alone is told which message it was.
+    async fn publish_once(&self, room: &str, body: Body<'_>, unix_ms: u64) {
+        let msg_id = body.msg_id.unwrap_or_default();
+        let key = format!("c:{}:{msg_id}", self.id);
+        let prefix = self.message_head(room, body, unix_ms).json_prefix();
+        self.state.metrics.publish_batches.inc();
+        match self.backbone().publish_one(room, prefix, Some(&key)).await {
+            Ok(p) if p.duplicate => {
+                self.state.metrics.duplicates_suppressed.inc();
+                self.send(&Event::Duplicate { room, msg_id, seq: p.seq, epoch: &p.epoch });
+            }
+            Ok(_) => {}
+            Err(e) => self.error(ErrorCode::BackboneUnavailable, &format!("message {msg_id:?} not sent: {e}")),
         }
     }
 
@@ -584,6 +611,14 @@ impl Client {
         }
         self.state.hub.unregister(self.conn);
     }
+}
+
+/// What a client's `message` says, besides its room.
+#[derive(Clone, Copy)]
+struct Body<'a> {
+    text: &'a str,
+    data: Option<&'a serde_json::value::RawValue>,
+    msg_id: Option<&'a str>,
 }
 
 /// Consecutive messages of one client to one room, not yet published.

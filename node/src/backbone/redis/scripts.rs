@@ -5,15 +5,26 @@
 
 /// The atomic publish step, for one or more consecutive messages of one client to one room.
 ///
-/// KEYS: meta hash, log stream, channel. ARGV: a fresh epoch to use if the room has none,
-/// history length, log TTL in ms, then one frame prefix (ending in `"seq":`) per message.
-/// Each message gets the next seq, in order, and is logged, then published, before the next.
+/// KEYS: meta hash, log stream, channel, and for an idempotent publish of one message its
+/// dedup key. ARGV: a fresh epoch to use if the room has none, history length, log TTL in
+/// ms, dedup TTL in ms, then one frame prefix (ending in `"seq":`) per message. Each message
+/// gets the next seq, in order, and is logged, then published, before the next.
+///
+/// Returns {last seq, epoch, 0}; with a dedup key already set (the same message published
+/// within its TTL), nothing is done and {its seq, its epoch, 1} comes back.
 ///
 /// A counter that starts again at 1 means Redis lost the room's state (restart without
 /// persistence, eviction): the room gets a new epoch and its stale log, if any survived, is
 /// dropped, so `(epoch, seq)` never repeats.
 pub(super) const PUBLISH_LUA: &str = r#"
-local n = #ARGV - 3
+if KEYS[4] then
+  local seen = redis.call('GET', KEYS[4])
+  if seen then
+    local bar = string.find(seen, '|', 1, true)
+    return {tonumber(string.sub(seen, 1, bar - 1)), string.sub(seen, bar + 1), 1}
+  end
+end
+local n = #ARGV - 4
 local last = redis.call('HINCRBY', KEYS[1], 'seq', n)
 local first = last - n + 1
 local epoch
@@ -31,13 +42,16 @@ end
 local tail = ',"epoch":"' .. epoch .. '"}'
 for i = 1, n do
   local seq = first + i - 1
-  local frame = ARGV[3 + i] .. seq .. tail
+  local frame = ARGV[4 + i] .. seq .. tail
   redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[2], seq .. '-0', 'f', frame)
   redis.call('PUBLISH', KEYS[3], frame)
 end
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
-return n
+if KEYS[4] then
+  redis.call('SET', KEYS[4], last .. '|' .. epoch, 'PX', ARGV[4])
+end
+return {last, epoch, 0}
 "#;
 
 /// Registers one presence entry. KEYS: entries hash, ids hash, instance set, channel, room
