@@ -64,6 +64,7 @@ impl Member {
             }
         });
         tokio::time::timeout(DEADLINE, client.join(ROOM)).await.context("join in time")??;
+        tokio::time::timeout(DEADLINE, client.wait_ready()).await.context("in sync in time")??;
         Ok(Self { client, seen })
     }
 
