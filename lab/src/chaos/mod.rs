@@ -23,8 +23,8 @@ mod report;
 mod schedule;
 
 pub use account::{LostMessage, UnconfirmedSend};
-pub use in_flight::InFlightFate;
 pub use args::ChaosArgs;
+pub use in_flight::InFlightFate;
 pub use report::{ChaosReport, KillRecord, RunConfig, Sends, Spread};
 
 use account::{Heads, SendLog, Sent, Shared};
