@@ -383,7 +383,7 @@ impl<W: Write> Chat<'_, W> {
                 }
                 return Ok(None);
             }
-            Event::Disconnected { code, reason, will_retry } => {
+            Event::Disconnected { code, reason, will_retry, .. } => {
                 // Answers to requests of the lost connection will not come; joins are made
                 // again by the re-sync, so the input need not wait for them.
                 self.session.answers = 0;
@@ -438,6 +438,7 @@ impl<W: Write> Chat<'_, W> {
                 }
             }
             Event::UserJoined { .. } | Event::UserLeft { .. } | Event::Resumed { .. } | Event::Unknown(_) => {}
+            Event::Duplicate { .. } => {} // its echo came (or comes) as a message
         }
         if let Some(line) = format_event(&ev) {
             self.say(line)?;
@@ -606,6 +607,7 @@ pub fn format_event(ev: &Event) -> Option<String> {
             format!("! #{room}: the room's log was reset (epoch {old} -> {new}); earlier messages may be lost")
         }
         Event::Error { code, message } => format!("! {code}: {message}"),
+        Event::Duplicate { room, seq, .. } => format!("* #{room}: a resent message was in already (seq {seq})"),
         Event::Presence { room, users: list } => format!("* #{room} presence: {}", users(list)),
         Event::Online { users: list } => format!("* online: {}", users(list)),
         Event::Unknown(v) => v.to_string(),
@@ -613,8 +615,7 @@ pub fn format_event(ev: &Event) -> Option<String> {
     })
 }
 
-/// `[node-2] #general alice: hi (seq 7)`, with `, replay` for a message sent again after a
-/// reconnect.
+/// `[node-2] #general alice: hi (seq 7)`, with `, replay` for a message sent again after a reconnect.
 pub fn format_message(m: &Message) -> String {
     let replay = if m.replay { ", replay" } else { "" };
     format!("[{}] #{} {}: {} (seq {}{replay})", m.server, m.room, m.from, m.text, m.seq)

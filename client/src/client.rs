@@ -11,7 +11,7 @@ use crate::shared::{Command, Shared, Status, View};
 use crate::stats::{Stats, StatsSnapshot};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
-use tether_proto::wire::{validate_name, validate_room};
+use tether_proto::wire::{validate_name, validate_room, RawJson};
 use tokio::sync::{mpsc, oneshot, watch};
 
 /// Commands queued to the connection task before `Client` methods start waiting.
@@ -65,13 +65,28 @@ impl Client {
         self.request(|reply| Command::Leave(room.to_string(), reply)).await
     }
 
-    /// Sends a message to `room`. Resolves once the frame is written to the socket; the
-    /// message itself comes back as an [`Event::Message`] like everyone else's. Fails with
-    /// [`Error::NotConnected`] unless the client is [`Status::Ready`] — nothing is buffered
-    /// across a reconnect, so the app decides whether to retry.
+    /// Sends a text message to `room`; see [`Client::send_message`], which this is with
+    /// no `data`.
     pub async fn send(&self, room: &str, text: &str) -> Result<(), Error> {
+        self.send_message(room, Outgoing::text(text)).await.map(drop)
+    }
+
+    /// Sends a message to `room` and returns its `msg_id`. Resolves once the message is
+    /// queued and written to the socket (or queued for the next connection, if the write
+    /// failed); the message itself comes back as an [`Event::Message`] like everyone
+    /// else's, carrying that `msg_id`. Until then it is *unconfirmed*: after a reconnect it
+    /// is resent with the same `msg_id`, in order, and the node publishes it at most once.
+    ///
+    /// Fails with [`Error::NotConnected`] unless the client is [`Status::Ready`] (nothing is
+    /// queued then: the app decides), [`Error::NotJoined`], [`Error::TooLarge`] for a frame
+    /// over `max_message_bytes`, and [`Error::TooManyUnconfirmed`] when `max_unconfirmed`
+    /// messages (or `max_unconfirmed_bytes`) already wait for their confirmation.
+    pub async fn send_message(&self, room: &str, msg: Outgoing) -> Result<String, Error> {
         check_room(room)?;
-        self.request(|reply| Command::Send { room: room.to_string(), text: text.to_string(), reply }).await
+        let (tx, rx) = oneshot::channel();
+        let cmd = Command::Send { room: room.to_string(), text: msg.text, data: msg.data, reply: tx };
+        self.cmds.send(cmd).await.map_err(|_| Error::Closed)?;
+        rx.await.map_err(|_| Error::Closed)?
     }
 
     /// Sets the display name, now (when connected) and on every later new session.
@@ -122,6 +137,11 @@ impl Client {
         self.shared.view().rooms.get(room).cloned().flatten()
     }
 
+    /// Messages sent and not yet confirmed (each is resent after a reconnect).
+    pub fn unconfirmed(&self) -> usize {
+        usize::try_from(self.shared.stats.unconfirmed.load(std::sync::atomic::Ordering::Relaxed)).unwrap_or(usize::MAX)
+    }
+
     /// A snapshot of the counters.
     pub fn stats(&self) -> StatsSnapshot {
         self.shared.stats.snapshot()
@@ -153,6 +173,45 @@ impl Client {
         let (tx, rx) = oneshot::channel();
         self.cmds.send(make(tx)).await.map_err(|_| Error::Closed)?;
         rx.await.map_err(|_| Error::Closed)?
+    }
+}
+
+/// What [`Client::send_message`] sends: a text, JSON `data`, or both.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Outgoing {
+    text: String,
+    data: Option<RawJson>,
+}
+
+impl Outgoing {
+    /// A text message.
+    pub fn text(text: impl Into<String>) -> Self {
+        Self { text: text.into(), data: None }
+    }
+
+    /// A message whose payload is `data` (members get it as `data`, `text` empty).
+    pub fn data(data: &serde_json::Value) -> Self {
+        Self::text("").with_data(data)
+    }
+
+    /// A message whose payload is `json`, kept byte for byte (key order, number forms);
+    /// [`Error::InvalidData`] unless it is one JSON value.
+    pub fn raw_data(json: &str) -> Result<Self, Error> {
+        Self::text("").with_raw_data(json)
+    }
+
+    /// Adds `data` to the message.
+    pub fn with_data(mut self, data: &serde_json::Value) -> Self {
+        // A `Value` always serialises, and its text always parses back.
+        self.data = serde_json::value::to_raw_value(data).ok().map(RawJson);
+        self
+    }
+
+    /// Adds `json`, as written, to the message; [`Error::InvalidData`] unless it is one
+    /// JSON value.
+    pub fn with_raw_data(mut self, json: &str) -> Result<Self, Error> {
+        self.data = Some(RawJson::parse(json).map_err(|e| Error::InvalidData(e.to_string()))?);
+        Ok(self)
     }
 }
 

@@ -21,6 +21,12 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(15);
 /// Default of [`ClientConfig::event_buffer`].
 pub const DEFAULT_EVENT_BUFFER: usize = 1024;
+/// Default of [`ClientConfig::max_unconfirmed`].
+pub const DEFAULT_MAX_UNCONFIRMED: usize = 1000;
+/// Default of [`ClientConfig::max_unconfirmed_bytes`].
+pub const DEFAULT_MAX_UNCONFIRMED_BYTES: usize = 4 << 20;
+/// Default of [`ClientConfig::max_message_bytes`]: the node's own default.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 << 10;
 
 /// Everything a client needs to know before its first connection.
 #[derive(Debug, Clone)]
@@ -54,6 +60,15 @@ pub struct ClientConfig {
     /// Capacity of the event channel. When it is full the client stops reading the socket
     /// (backpressure towards the node) instead of dropping anything.
     pub event_buffer: usize,
+    /// Messages sent and not yet confirmed (echoed back, or answered `duplicate`) that the
+    /// client keeps for a resend after a reconnect. A `send` past it fails with
+    /// [`Error::TooManyUnconfirmed`](crate::Error::TooManyUnconfirmed).
+    pub max_unconfirmed: usize,
+    /// The same bound in bytes (room, text, data and msg_id of every waiting message).
+    pub max_unconfirmed_bytes: usize,
+    /// Largest `message` frame `send` accepts (the node's `max_message_bytes`: a frame
+    /// over it would close the connection with 1009 and, resent, close the next one too).
+    pub max_message_bytes: usize,
 }
 
 impl ClientConfig {
@@ -70,6 +85,9 @@ impl ClientConfig {
             max_attempts: None,
             ping_interval: Some(DEFAULT_PING_INTERVAL),
             event_buffer: DEFAULT_EVENT_BUFFER,
+            max_unconfirmed: DEFAULT_MAX_UNCONFIRMED,
+            max_unconfirmed_bytes: DEFAULT_MAX_UNCONFIRMED_BYTES,
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
         }
     }
 
@@ -102,6 +120,15 @@ impl ClientConfig {
         }
         if self.event_buffer == 0 {
             return Err(ConfigError::Zero("event_buffer"));
+        }
+        if self.max_unconfirmed == 0 {
+            return Err(ConfigError::Zero("max_unconfirmed"));
+        }
+        if self.max_unconfirmed_bytes == 0 {
+            return Err(ConfigError::Zero("max_unconfirmed_bytes"));
+        }
+        if self.max_message_bytes == 0 {
+            return Err(ConfigError::Zero("max_message_bytes"));
         }
         Ok(())
     }

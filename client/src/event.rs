@@ -131,6 +131,18 @@ pub enum Event {
         code: Option<u16>,
         reason: String,
         will_retry: bool,
+        /// The `msg_id`s sent and not confirmed when the connection dropped, oldest first:
+        /// they are resent, in this order, once the next connection is in sync.
+        unconfirmed: Vec<String>,
+    },
+    /// The node answered a (re)sent message with `duplicate`: a message with this `msg_id`
+    /// had already been published, as `(epoch, seq)`, and nothing was delivered again. The
+    /// message counts as confirmed; its echo comes (or came) like any other message.
+    Duplicate {
+        room: String,
+        msg_id: String,
+        seq: u64,
+        epoch: String,
     },
     /// A connection attempt failed; `retry_in: None` means the client gives up.
     ConnectFailed {

@@ -16,6 +16,8 @@
 //! - `driver`: the connection task — connect, serve, back off — and, in `driver::frames`,
 //!   what it does with each node frame (handshake, re-sync, delivery);
 //! - `outbox`: the task's queue of events to the app;
+//! - `pending`: the messages sent and not yet confirmed, each with its `msg_id`, resent
+//!   after a reconnect;
 //! - [`event`]: what the app receives ([`Event`], [`Message`]); the frames themselves are
 //!   encoded and decoded by `tether_proto::wire`;
 //! - `order`: per-room de-duplication, gap and epoch detection ([`Position`]);
@@ -53,10 +55,11 @@ pub mod error;
 pub mod event;
 mod order;
 mod outbox;
+mod pending;
 mod shared;
 mod stats;
 
-pub use client::Client;
+pub use client::{Client, Outgoing};
 pub use config::ClientConfig;
 pub use error::{ConfigError, Error};
 pub use event::{Event, LeaveReason, Message, PresenceUser, Session, UPGRADE_REFUSED};

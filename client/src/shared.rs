@@ -8,10 +8,13 @@ use crate::order::Position;
 use crate::stats::Stats;
 use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard};
+use tether_proto::wire::RawJson;
 use tokio::sync::{oneshot, watch};
 
 /// How a command's outcome gets back to the handle that sent it.
 pub(crate) type Reply = oneshot::Sender<Result<(), Error>>;
+/// A `send`'s outcome: the message's `msg_id` once it is queued for delivery.
+pub(crate) type SendReply = oneshot::Sender<Result<String, Error>>;
 
 /// Where the connection stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,7 +60,7 @@ impl Shared {
 pub(crate) enum Command {
     Join(String, Reply),
     Leave(String, Reply),
-    Send { room: String, text: String, reply: Reply },
+    Send { room: String, text: String, data: Option<RawJson>, reply: SendReply },
     SetName(String, Reply),
     Presence(String, Reply),
     Online(Reply),

@@ -29,6 +29,12 @@ pub(crate) struct Stats {
     pub(crate) malformed_frames: AtomicU64,
     pub(crate) invalid_frames: AtomicU64,
     pub(crate) events_discarded: AtomicU64,
+    pub(crate) messages_sent: AtomicU64,
+    pub(crate) messages_resent: AtomicU64,
+    pub(crate) confirmed_by_echo: AtomicU64,
+    pub(crate) confirmed_by_duplicate: AtomicU64,
+    pub(crate) unconfirmed_abandoned: AtomicU64,
+    pub(crate) unconfirmed: AtomicU64,
     last_reconnect_us: AtomicU64,
     last_recovery_us: AtomicU64,
 }
@@ -53,6 +59,12 @@ impl Default for Stats {
             malformed_frames: AtomicU64::new(0),
             invalid_frames: AtomicU64::new(0),
             events_discarded: AtomicU64::new(0),
+            messages_sent: AtomicU64::new(0),
+            messages_resent: AtomicU64::new(0),
+            confirmed_by_echo: AtomicU64::new(0),
+            confirmed_by_duplicate: AtomicU64::new(0),
+            unconfirmed_abandoned: AtomicU64::new(0),
+            unconfirmed: AtomicU64::new(0),
             last_reconnect_us: AtomicU64::new(NONE),
             last_recovery_us: AtomicU64::new(NONE),
         }
@@ -99,6 +111,12 @@ impl Stats {
             malformed_frames: self.malformed_frames.load(Relaxed),
             invalid_frames: self.invalid_frames.load(Relaxed),
             events_discarded: self.events_discarded.load(Relaxed),
+            messages_sent: self.messages_sent.load(Relaxed),
+            messages_resent: self.messages_resent.load(Relaxed),
+            confirmed_by_echo: self.confirmed_by_echo.load(Relaxed),
+            confirmed_by_duplicate: self.confirmed_by_duplicate.load(Relaxed),
+            unconfirmed_abandoned: self.unconfirmed_abandoned.load(Relaxed),
+            unconfirmed: self.unconfirmed.load(Relaxed),
             last_reconnect: duration(self.last_reconnect_us.load(Relaxed)),
             last_recovery: duration(self.last_recovery_us.load(Relaxed)),
         }
@@ -144,6 +162,19 @@ pub struct StatsSnapshot {
     pub invalid_frames: u64,
     /// Events dropped because the app had dropped its event receiver.
     pub events_discarded: u64,
+    /// Messages `send` accepted (each got a `msg_id` and waited for its confirmation).
+    pub messages_sent: u64,
+    /// Writes of a message again, after a reconnect (or a `backbone_unavailable`), with the
+    /// same `msg_id`.
+    pub messages_resent: u64,
+    /// Messages confirmed by their own echo (live or replayed).
+    pub confirmed_by_echo: u64,
+    /// Messages confirmed by a `duplicate` answer: a resend of one that had been published.
+    pub confirmed_by_duplicate: u64,
+    /// Unconfirmed messages given up because the app left their room.
+    pub unconfirmed_abandoned: u64,
+    /// Messages waiting for their confirmation now (a gauge, not a counter).
+    pub unconfirmed: u64,
     /// From losing a connection to the next `connected` frame, for the latest reconnect.
     pub last_reconnect: Option<Duration>,
     /// From losing a connection until the client was back in sync (rooms re-joined, every

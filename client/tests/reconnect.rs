@@ -6,40 +6,7 @@ mod support;
 use std::time::Duration;
 use support::*;
 use tether_client::{Client, Error, Event, Session, Status};
-use tokio::sync::mpsc;
 use tokio::time::Instant;
-
-/// Joins `room` through the mock: the client's `join` resolves on its own `user_joined`.
-async fn join(client: &Client, conn: &mut MockConn, room: &str) {
-    let node_side = async {
-        assert_eq!(conn.recv().await, join_frame(room));
-        conn.send(user_joined(room, "c1")).await;
-    };
-    let (joined, ()) = tokio::join!(client.join(room), node_side);
-    joined.expect("join");
-}
-
-/// Starts a client, accepts its first connection as a new session and waits until ready.
-async fn ready_client(
-    node: &mut MockNode,
-    cfg: Option<tether_client::ClientConfig>,
-) -> (Client, mpsc::Receiver<Event>, MockConn) {
-    let cfg = cfg.unwrap_or_else(|| config(&node.url));
-    let (client, mut events) = Client::start(cfg).expect("config");
-    let mut conn = node.accept().await;
-    conn.send(connected("c1", "new", &[])).await;
-    let first = next_event(&mut events).await;
-    assert!(
-        matches!(first, Event::Connected { session: Session::New, attempt: 1, since_disconnect: None, .. }),
-        "{first:?}"
-    );
-    tokio::time::timeout(DEADLINE, client.wait_ready()).await.expect("ready in time").expect("ready");
-    (client, events, conn)
-}
-
-async fn wait_disconnected(events: &mut mpsc::Receiver<Event>) -> Event {
-    events_until(events, |e| matches!(e, Event::Disconnected { .. })).await.pop().expect("at least one event")
-}
 
 #[tokio::test]
 async fn restored_session_gets_one_resume_with_every_position_and_no_join() {
@@ -132,7 +99,7 @@ async fn new_session_rejoins_then_resumes_and_live_frames_wait_for_the_replay() 
     assert!(resumed_at < live_at, "held live frame follows the replay");
     assert_eq!(client.stats().gaps, 0);
     client.send("a", "now").await.expect("ready again");
-    assert_eq!(c.recv().await, message_frame("a", "now"));
+    assert_eq!(c.recv_message().await.0, message_frame("a", "now"));
 }
 
 #[tokio::test]
@@ -319,7 +286,7 @@ async fn bad_frames_from_the_server_do_not_kill_the_client() {
     let stats = client.stats();
     assert_eq!((stats.invalid_frames, stats.unknown_frames, stats.malformed_frames), (3, 1, 2));
     client.send("a", "still here").await.expect("send");
-    assert_eq!(c.recv().await, message_frame("a", "still here"));
+    assert_eq!(c.recv_message().await.0, message_frame("a", "still here"));
 }
 
 #[tokio::test]
@@ -372,7 +339,7 @@ async fn send_while_disconnected_is_refused_not_buffered() {
     assert_eq!(c.expect("resume").await, support::resume(&[]));
     client.wait_ready().await.expect("ready");
     client.send("a", "after").await.expect("send");
-    assert_eq!(c.recv().await, message_frame("a", "after"), "the refused send was not buffered");
+    assert_eq!(c.recv_message().await.0, message_frame("a", "after"), "the refused send was not buffered");
 }
 
 #[tokio::test]
@@ -410,7 +377,7 @@ async fn a_slow_reader_loses_nothing_and_commands_still_work() {
     c.send(barrier()).await;
     // Nobody reads events now; the client must still take commands.
     client.send("a", "while blocked").await.expect("send");
-    assert_eq!(c.recv().await, message_frame("a", "while blocked"));
+    assert_eq!(c.recv_message().await.0, message_frame("a", "while blocked"));
     let seen = until_barrier(&mut events).await;
     let got: Vec<u64> = seqs(&seen).into_iter().map(|(_, s, _)| s).collect();
     assert_eq!(got, (1..=300).collect::<Vec<_>>());

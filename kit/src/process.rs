@@ -455,6 +455,18 @@ macro_rules! process_controls {
             self.$proc.kill().await
         }
 
+        /// `SIGSTOP`: the process stops running but keeps its sockets open, so what peers
+        /// write to it waits unread in the kernel — a node that has accepted bytes and not
+        /// acted on them, deterministically. [`thaw`](Self::thaw) or `kill` it after.
+        pub fn freeze(&mut self) -> Result<()> {
+            self.$proc.signal(nix::sys::signal::Signal::SIGSTOP)
+        }
+
+        /// `SIGCONT`: undoes [`freeze`](Self::freeze).
+        pub fn thaw(&mut self) -> Result<()> {
+            self.$proc.signal(nix::sys::signal::Signal::SIGCONT)
+        }
+
         /// `SIGTERM`: a graceful stop (drain, then exit). Pair with `wait_exit`.
         pub fn terminate(&mut self) -> Result<()> {
             self.$proc.signal(nix::sys::signal::Signal::SIGTERM)

@@ -75,8 +75,14 @@ impl Driver {
                 self.out.push(Event::Online { users });
             }
             NodeFrame::Error { code, message } => return self.on_error(code, message, conn),
-            // Only a message with a `msg_id` can be answered so; this client sends none.
-            NodeFrame::Duplicate { .. } => {}
+            NodeFrame::Duplicate { room, msg_id, seq, epoch } => {
+                if self.pending.confirm(&msg_id) {
+                    bump(&self.shared.stats.confirmed_by_duplicate);
+                    self.pending_changed();
+                    debug!(%room, %msg_id, seq, "resend answered duplicate: it had been published");
+                }
+                self.out.push(Event::Duplicate { room, msg_id, seq, epoch });
+            }
             // This library does not refresh tokens; a node answers only a client that did.
             NodeFrame::Refreshed { .. } => {}
         }
@@ -263,6 +269,13 @@ impl Driver {
     }
 
     fn on_message(&mut self, m: Message, conn: &Conn) -> Result<(), Ended> {
+        // Our own message back, live or replayed, held or not: it was published.
+        if let Some(msg_id) = m.msg_id.as_deref().filter(|_| self.id.as_deref() == Some(m.id.as_str())) {
+            if self.pending.confirm(msg_id) {
+                bump(&self.shared.stats.confirmed_by_echo);
+                self.pending_changed();
+            }
+        }
         let Some(room) = self.rooms.get_mut(&m.room) else {
             bump(&self.shared.stats.stray_messages);
             debug!(room = %m.room, seq = m.seq, "message for a room the app is not in dropped");
@@ -360,12 +373,18 @@ impl Driver {
         self.check_ready(conn);
     }
 
-    fn on_error(&mut self, code: String, message: String, conn: &Conn) -> Result<(), Ended> {
+    fn on_error(&mut self, code: String, message: String, conn: &mut Conn) -> Result<(), Ended> {
         self.out.push(Event::Error { code: code.clone(), message: message.clone() });
         if !conn.ready() {
             // During re-sync every request is ours; one that failed leaves the session
             // half-restored. Start over (with backoff) rather than serve it that way.
             return Err(self.lost(conn, None, format!("re-sync refused: {code}: {message}")));
+        }
+        if code == "backbone_unavailable" && self.pending.len() > 0 && conn.retry_at.is_none() {
+            // Some message (or a join) was refused unpublished; which one, the protocol does
+            // not say. Resending every unconfirmed one is safe — the node publishes a
+            // `msg_id` once — so do that after a pause rather than wait for a reconnect.
+            conn.retry_at = Some(Instant::now() + self.cfg.backoff_min);
         }
         if matches!(code.as_str(), "invalid_room" | "backbone_unavailable") {
             if let Some(room) = self.app_joins.pop_front() {

@@ -21,7 +21,8 @@ use crate::error::Error;
 use crate::event::{Event, Message, UPGRADE_REFUSED};
 use crate::order::Tracker;
 use crate::outbox::Outbox;
-use crate::shared::{Command, Reply, Shared, Status};
+use crate::pending::{Full, Pending};
+use crate::shared::{Command, Reply, SendReply, Shared, Status};
 use crate::stats::bump;
 use futures_util::{SinkExt, StreamExt};
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -29,7 +30,7 @@ use std::future::Future;
 use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
-use tether_proto::wire::{ClientMsg, CLOSE_RESTART};
+use tether_proto::wire::{ClientMsg, RawJson, CLOSE_RESTART};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{sleep, timeout, Instant};
@@ -89,6 +90,12 @@ enum Ended {
 
 /// Per-connection state, dropped with the connection.
 struct Conn {
+    /// This connection's serial number (1, 2, …): which messages it has written.
+    serial: u64,
+    /// The unconfirmed messages were resent once the connection got in sync.
+    resent: bool,
+    /// A `backbone_unavailable` came: resend what is unconfirmed at this instant.
+    retry_at: Option<Instant>,
     /// 1-based number of this attempt within the current (re)connection.
     attempt: u32,
     /// The node's name, once `connected` arrived.
@@ -138,6 +145,10 @@ pub(crate) struct Driver {
     ever_connected: bool,
     /// `close()` callers to answer once the socket is closed.
     closers: Vec<oneshot::Sender<()>>,
+    /// Messages sent and not yet confirmed, with their `msg_id`s.
+    pending: Pending,
+    /// Connections made so far (the serial of the latest).
+    conns: u64,
 }
 
 impl Driver {
@@ -147,6 +158,7 @@ impl Driver {
         cmds: mpsc::Receiver<Command>,
         events: mpsc::Sender<Event>,
     ) -> Self {
+        let pending = Pending::new(cfg.max_unconfirmed, cfg.max_unconfirmed_bytes);
         Self {
             backoff: Backoff::new(cfg.backoff_min, cfg.backoff_max, cfg.jitter),
             id: cfg.client_id.clone(),
@@ -162,6 +174,8 @@ impl Driver {
             lost_at: None,
             ever_connected: false,
             closers: Vec::new(),
+            pending,
+            conns: 0,
         }
     }
 
@@ -219,7 +233,8 @@ impl Driver {
             }
             if connected {
                 info!(?code, %reason, retry_in = ?delay, give_up, "disconnected");
-                self.out.push(Event::Disconnected { code, reason, will_retry: !give_up });
+                let unconfirmed = self.pending.ids();
+                self.out.push(Event::Disconnected { code, reason, will_retry: !give_up, unconfirmed });
             } else {
                 debug!(attempt, ?code, %reason, retry_in = ?delay, give_up, "connect failed");
                 self.out.push(Event::ConnectFailed { attempt, error: reason, retry_in: (!give_up).then_some(delay) });
@@ -291,7 +306,10 @@ impl Driver {
                 self.set_name_locally(name);
                 let _ = reply.send(Ok(()));
             }
-            Command::Send { reply, .. } | Command::Presence(_, reply) | Command::Online(reply) => {
+            Command::Send { reply, .. } => {
+                let _ = reply.send(Err(Error::NotConnected));
+            }
+            Command::Presence(_, reply) | Command::Online(reply) => {
                 let _ = reply.send(Err(Error::NotConnected));
             }
             Command::Close(_) => unreachable!("handled by the caller"),
@@ -313,13 +331,28 @@ impl Driver {
         }
         self.app_joins.retain(|r| r != room);
         self.shared.view().rooms.remove(room);
+        let dropped = self.pending.drop_room(room) as u64;
+        if dropped > 0 {
+            debug!(%room, dropped, "unconfirmed messages of a room left are not resent");
+            self.shared.stats.unconfirmed_abandoned.fetch_add(dropped, std::sync::atomic::Ordering::Relaxed);
+            self.pending_changed();
+        }
         true
+    }
+
+    /// Publishes the unconfirmed count to the handles.
+    pub(super) fn pending_changed(&self) {
+        self.shared.stats.unconfirmed.store(self.pending.len() as u64, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Serves one connection until it ends.
     async fn connection(&mut self, mut ws: Ws, attempt: u32) -> Ended {
         let now = Instant::now();
+        self.conns += 1;
         let mut conn = Conn {
+            serial: self.conns,
+            resent: false,
+            retry_at: None,
             attempt,
             server: None,
             rejoining: BTreeSet::new(),
@@ -332,8 +365,30 @@ impl Driver {
         let ping_every = self.cfg.ping_interval;
         let mut ping = pin!(sleep(ping_every.unwrap_or(Duration::MAX / 4)));
         let mut stuck = pin!(sleep(self.cfg.connect_timeout));
+        let mut retry = pin!(sleep(Duration::MAX / 4));
+        let mut retry_armed = false;
         let end = loop {
+            // Once in sync, and before any new command is served, what is unconfirmed goes
+            // out again, in order: the app's messages keep the order it sent them in.
+            if conn.ready() && !conn.resent {
+                conn.resent = true;
+                if let Err(end) = self.resend(&mut ws, &conn).await {
+                    break end;
+                }
+            }
+            if let Some(at) = conn.retry_at.filter(|_| !retry_armed) {
+                retry.as_mut().reset(at);
+                retry_armed = true;
+            }
             tokio::select! {
+                () = &mut retry, if retry_armed => {
+                    retry_armed = false;
+                    conn.retry_at = None;
+                    self.pending.forget_writes();
+                    if let Err(end) = self.resend(&mut ws, &conn).await {
+                        break end;
+                    }
+                }
                 cmd = self.cmds.recv() => match cmd {
                     None => break Ended::Stop,
                     Some(Command::Close(tx)) => {
@@ -463,9 +518,11 @@ impl Driver {
                 | Command::Leave(_, r)
                 | Command::SetName(_, r)
                 | Command::Presence(_, r)
-                | Command::Online(r)
-                | Command::Send { reply: r, .. } => {
+                | Command::Online(r) => {
                     let _ = r.send(Err(Error::Closed));
+                }
+                Command::Send { reply, .. } => {
+                    let _ = reply.send(Err(Error::Closed));
                 }
                 Command::Close(tx) => {
                     let _ = tx.send(());
@@ -528,21 +585,7 @@ impl Driver {
                 }
                 let _ = reply.send(Ok(()));
             }
-            Command::Send { room, text, reply } => {
-                if !conn.ready() {
-                    let _ = reply.send(Err(Error::NotConnected));
-                } else if !self.rooms.get(&room).is_some_and(|r| r.joined) {
-                    let _ = reply.send(Err(Error::NotJoined(room)));
-                } else {
-                    let frame = ClientMsg::text(room, text);
-                    let result = self.write(ws, conn, &frame).await;
-                    let _ = reply.send(match &result {
-                        Ok(()) => Ok(()),
-                        Err(_) => Err(Error::NotConnected),
-                    });
-                    result?;
-                }
-            }
+            Command::Send { room, text, data, reply } => self.send_message(room, text, data, reply, ws, conn).await?,
             Command::Presence(room, reply) => {
                 if !conn.ready() {
                     let _ = reply.send(Err(Error::NotConnected));
@@ -562,6 +605,69 @@ impl Driver {
                 }
             }
             Command::Close(_) => unreachable!("handled by the caller"),
+        }
+        Ok(())
+    }
+
+    /// A `send` on a connection: queue it with a fresh `msg_id`, then write it. Once queued
+    /// the message is the client's to deliver — a failed write only means it goes out again
+    /// on the next connection — so the app hears `Ok(msg_id)` either way.
+    async fn send_message(
+        &mut self,
+        room: String,
+        text: String,
+        data: Option<RawJson>,
+        reply: SendReply,
+        ws: &mut Ws,
+        conn: &mut Conn,
+    ) -> Result<(), Ended> {
+        if !conn.ready() {
+            let _ = reply.send(Err(Error::NotConnected));
+            return Ok(());
+        }
+        if !self.rooms.get(&room).is_some_and(|r| r.joined) {
+            let _ = reply.send(Err(Error::NotJoined(room)));
+            return Ok(());
+        }
+        let frame = match self.pending.push(room, text, data) {
+            Ok(m) => m.frame(),
+            Err(Full { count, bytes }) => {
+                let _ = reply.send(Err(Error::TooManyUnconfirmed { count, bytes }));
+                return Ok(());
+            }
+        };
+        let json = frame.to_json();
+        let ClientMsg::Message { msg_id: Some(msg_id), .. } = frame else {
+            unreachable!("PendingMsg::frame builds a message with its msg_id")
+        };
+        if json.len() > self.cfg.max_message_bytes {
+            self.pending.confirm(&msg_id); // not sent: take it back out
+            let _ = reply.send(Err(Error::TooLarge { bytes: json.len(), limit: self.cfg.max_message_bytes }));
+            return Ok(());
+        }
+        bump(&self.shared.stats.messages_sent);
+        self.pending_changed();
+        let written = self.write_raw(ws, conn, WsMessage::text(json)).await;
+        if written.is_ok() {
+            self.pending.written(&msg_id, conn.serial);
+        }
+        let _ = reply.send(Ok(msg_id));
+        written
+    }
+
+    /// Writes every unconfirmed message this connection has not written yet, oldest first.
+    async fn resend(&mut self, ws: &mut Ws, conn: &Conn) -> Result<(), Ended> {
+        let due = self.pending.due(conn.serial);
+        if !due.is_empty() {
+            info!(messages = due.len(), "resending unconfirmed messages");
+        }
+        for m in due {
+            if !self.rooms.get(&m.room).is_some_and(|r| r.joined) {
+                continue; // left meanwhile: `forget_room` dropped it, nothing to resend
+            }
+            self.write(ws, conn, &m.frame()).await?;
+            self.pending.written(&m.msg_id, conn.serial);
+            bump(&self.shared.stats.messages_resent);
         }
         Ok(())
     }

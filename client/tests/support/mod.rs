@@ -6,9 +6,11 @@
 //! sent. Every wait has a deadline; nothing sleeps.
 #![allow(dead_code)] // each test binary uses a different part
 
+pub mod cut;
+
 use futures_util::{SinkExt, StreamExt};
 use std::time::Duration;
-use tether_client::{ClientConfig, Event};
+use tether_client::{Client, ClientConfig, Event, Session};
 use tether_proto::wire::{decode, ClientMsg, NodeFrame, ResumePoint, RoomMessage, SessionKind};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -103,6 +105,17 @@ impl MockConn {
                 Some(Ok(WsMessage::Ping(_) | WsMessage::Pong(_))) => continue,
                 other => panic!("expected a text frame from the client, got {other:?}"),
             }
+        }
+    }
+
+    /// The next frame, which must be a `message`: the frame without its `msg_id`, and the
+    /// `msg_id` (every message the library sends has one).
+    pub async fn recv_message(&mut self) -> (ClientMsg, String) {
+        match self.recv().await {
+            ClientMsg::Message { room, text, data, msg_id: Some(id) } => {
+                (ClientMsg::Message { room, text, data, msg_id: None }, id)
+            }
+            other => panic!("expected a message with a msg_id, got {other:?}"),
         }
     }
 
@@ -246,8 +259,32 @@ pub fn set_name_frame(name: &str) -> ClientMsg {
     ClientMsg::SetName { name: name.into() }
 }
 
+/// A text `message` as the client sends it, less its `msg_id` (compare with
+/// [`MockConn::recv_message`]).
 pub fn message_frame(room: &str, text: &str) -> ClientMsg {
-    ClientMsg::text(room, text)
+    ClientMsg::Message { room: room.into(), text: text.into(), data: None, msg_id: None }
+}
+
+/// The echo of one of the client's own messages (`id` c1, with its `msg_id`).
+pub fn echo(room: &str, seq: u64, epoch: &str, text: &str, msg_id: &str, replay: bool) -> NodeFrame {
+    NodeFrame::Message(RoomMessage {
+        room: room.into(),
+        from: "c1".into(),
+        id: "c1".into(),
+        text: text.into(),
+        server: "mock-1".into(),
+        timestamp: 1,
+        data: None,
+        msg_id: Some(msg_id.into()),
+        seq,
+        epoch: epoch.into(),
+        replay,
+    })
+}
+
+/// The node's answer to a message whose `msg_id` was published already.
+pub fn duplicate(room: &str, msg_id: &str, seq: u64, epoch: &str) -> NodeFrame {
+    NodeFrame::Duplicate { room: room.into(), msg_id: msg_id.into(), seq, epoch: epoch.into() }
 }
 
 /// Defaults for tests: a fixed id, no jitter, short backoff, no pings.
@@ -297,4 +334,36 @@ pub fn seqs(events: &[Event]) -> Vec<(String, u64, bool)> {
             _ => None,
         })
         .collect()
+}
+
+/// Joins `room` through the mock: the client's `join` resolves on its own `user_joined`.
+pub async fn join(client: &Client, conn: &mut MockConn, room: &str) {
+    let node_side = async {
+        assert_eq!(conn.recv().await, join_frame(room));
+        conn.send(user_joined(room, "c1")).await;
+    };
+    let (joined, ()) = tokio::join!(client.join(room), node_side);
+    joined.expect("join");
+}
+
+/// Starts a client, accepts its first connection as a new session and waits until ready.
+pub async fn ready_client(
+    node: &mut MockNode,
+    cfg: Option<tether_client::ClientConfig>,
+) -> (Client, mpsc::Receiver<Event>, MockConn) {
+    let cfg = cfg.unwrap_or_else(|| config(&node.url));
+    let (client, mut events) = Client::start(cfg).expect("config");
+    let mut conn = node.accept().await;
+    conn.send(connected("c1", "new", &[])).await;
+    let first = next_event(&mut events).await;
+    assert!(
+        matches!(first, Event::Connected { session: Session::New, attempt: 1, since_disconnect: None, .. }),
+        "{first:?}"
+    );
+    tokio::time::timeout(DEADLINE, client.wait_ready()).await.expect("ready in time").expect("ready");
+    (client, events, conn)
+}
+
+pub async fn wait_disconnected(events: &mut mpsc::Receiver<Event>) -> Event {
+    events_until(events, |e| matches!(e, Event::Disconnected { .. })).await.pop().expect("at least one event")
 }

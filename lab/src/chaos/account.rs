@@ -6,10 +6,12 @@
 //! - one [`ClientLog`] per client, kept by its event task alone: where each of its rooms
 //!   stood at its own join (`user_joined`'s `head_seq`/`epoch`), every `(epoch, seq)` its app
 //!   was handed, and a timeline of connection events for the post-mortem of a loss;
-//! - the publisher's [`SendLog`]: every text written, every send refused.
+//! - the publisher's [`SendLog`]: every text written (with its `msg_id`), every send refused.
 //!
 //! [`account`] then says, for every (client, room), which published seqs the client was owed
-//! (everything after its join position) and which of those it never got.
+//! (everything after its join position) and which of those it never got, and for every
+//! message the library accepted whether it was published exactly once (what became of the
+//! messages in flight at each kill is `in_flight`'s).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -160,6 +162,10 @@ pub(crate) struct ClientLog {
     pub(crate) ready_us: Vec<u64>,
     pub(crate) rejected_by_node: u64,
     pub(crate) errors: BTreeMap<String, u64>,
+    /// The node of the current (or last) connection.
+    pub(crate) server: Option<String>,
+    /// Each connection loss with messages unconfirmed at that moment.
+    pub(crate) in_flight: Vec<LossInFlight>,
     /// `(ms, what)`: connects, losses, resumes, gaps, errors.
     pub(crate) timeline: Vec<(u64, String)>,
 }
@@ -182,6 +188,16 @@ impl ClientLog {
             }
         }
     }
+}
+
+/// One connection loss of a client, with what it had sent and not seen confirmed.
+#[derive(Debug, Clone)]
+pub(crate) struct LossInFlight {
+    pub(crate) at_ms: u64,
+    /// The node the connection was to.
+    pub(crate) server: Option<String>,
+    /// `msg_id`s, oldest first.
+    pub(crate) msg_ids: Vec<String>,
 }
 
 /// Reads one client's events until its stream ends, recording everything in a
@@ -249,6 +265,7 @@ pub(crate) async fn watch(
             }
             Event::Connected { server, session, rooms, attempt, since_disconnect, .. } => {
                 log.note(ms, format!("connected to {server}: {session:?} {rooms:?}, attempt {attempt}"));
+                log.server = Some(server);
                 if let Some(d) = since_disconnect {
                     shared.reconnects.fetch_add(1, Relaxed);
                     match session {
@@ -266,8 +283,14 @@ pub(crate) async fn watch(
                     log.ready_us.push(micros(d));
                 }
             }
-            Event::Disconnected { code, reason, .. } => {
-                log.note(ms, format!("disconnected: {code:?} {reason}"));
+            Event::Disconnected { code, reason, unconfirmed, .. } => {
+                log.note(ms, format!("disconnected: {code:?} {reason}; {} unconfirmed", unconfirmed.len()));
+                if !unconfirmed.is_empty() {
+                    log.in_flight.push(LossInFlight { at_ms: ms, server: log.server.clone(), msg_ids: unconfirmed });
+                }
+            }
+            Event::Duplicate { room, msg_id, seq, .. } => {
+                log.note(ms, format!("resend of {msg_id} to {room} answered duplicate (seq {seq})"));
             }
             Event::ConnectFailed { attempt, error, retry_in } => {
                 log.note(ms, format!("attempt {attempt} failed: {error} (retry in {retry_in:?})"));
@@ -324,6 +347,13 @@ pub(crate) struct SendLog {
     pub(crate) refused: HashMap<String, String>,
 }
 
+impl SendLog {
+    /// Text by `msg_id`, for the sends written.
+    pub(crate) fn texts_by_msg_id(&self) -> HashMap<&str, &str> {
+        self.written.iter().map(|(text, s)| (s.msg_id.as_str(), text.as_str())).collect()
+    }
+}
+
 /// One send written to a socket.
 #[derive(Debug, Clone)]
 pub(crate) struct Sent {
@@ -332,9 +362,12 @@ pub(crate) struct Sent {
     pub(crate) at_ms: u64,
     /// The node the sender was in sync with when the send was made.
     pub(crate) node: String,
+    /// The `msg_id` the library gave it.
+    pub(crate) msg_id: String,
 }
 
-/// A send written to a socket whose message nobody ever received.
+/// A send the library accepted whose message nobody ever received: lost, since the library
+/// resends what is unconfirmed until it is.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct UnconfirmedSend {
     pub text: String,
@@ -392,6 +425,10 @@ pub(crate) struct Tally {
     pub(crate) foreign_texts: u64,
     pub(crate) joins_missing: u64,
     pub(crate) joins_without_head: u64,
+    /// Texts of messages some owed member never got.
+    pub(crate) lost_texts: HashSet<String>,
+    /// How many seqs each text got.
+    pub(crate) seqs_of_text: HashMap<String, u64>,
 }
 
 const EXAMPLES_KEPT: usize = 200;
@@ -492,6 +529,11 @@ pub(crate) fn account(
         }
     }
     t.lost_distinct = lost_keys.len() as u64;
+    for (room, epoch, seq) in &lost_keys {
+        if let Some(seen) = sightings.rooms.get(*room).and_then(|rl| rl.msgs.get(&(epoch.clone(), *seq))) {
+            t.lost_texts.insert(seen.text.clone());
+        }
+    }
 
     // Sends against what was seen.
     let mut seqs_of_text: HashMap<&str, u64> = HashMap::new();
@@ -507,7 +549,7 @@ pub(crate) fn account(
             t.confirmed += 1;
         }
         if !seqs_of_text.contains_key(text.as_str()) {
-            t.unconfirmed += 1;
+            t.unconfirmed += 1; // never published: lost (the library resends until it is)
             if t.unconfirmed_examples.len() < EXAMPLES_KEPT {
                 t.unconfirmed_examples.push(UnconfirmedSend {
                     text: text.clone(),
@@ -525,6 +567,7 @@ pub(crate) fn account(
         .keys()
         .filter(|text| !sends.written.contains_key(**text) && !sends.refused.contains_key(**text))
         .count() as u64;
+    t.seqs_of_text = seqs_of_text.into_iter().map(|(k, v)| (k.to_string(), v)).collect();
     t
 }
 
@@ -568,14 +611,14 @@ fn lost_message(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod test_support {
     use super::*;
 
-    fn seen(text: &str) -> Seen {
+    pub(crate) fn seen(text: &str) -> Seen {
         Seen { text: text.into(), sender: "s".into(), server: "n".into(), timestamp: 0, first_seen_ms: 0 }
     }
 
-    fn sightings(room: &str, msgs: &[(&str, u64, &str)]) -> Sightings {
+    pub(crate) fn sightings(room: &str, msgs: &[(&str, u64, &str)]) -> Sightings {
         let mut l = Sightings::default();
         let rl = l.rooms.entry(room.into()).or_default();
         for (e, s, text) in msgs {
@@ -585,13 +628,19 @@ mod tests {
         l
     }
 
-    fn client(room: &str, join: (Option<&str>, u64), got: &[(&str, u64)]) -> ClientLog {
+    pub(crate) fn client(room: &str, join: (Option<&str>, u64), got: &[(&str, u64)]) -> ClientLog {
         let mut log = ClientLog { id: "c".into(), rooms: vec![room.into()], ..Default::default() };
         log.joins
             .insert(room.into(), JoinPoint { epoch: join.0.map(str::to_string), head_seq: Some(join.1), at_ms: 0 });
         log.delivered.insert(room.into(), got.iter().map(|(e, s)| (e.to_string(), *s)).collect());
         log
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_support::*;
+    use super::*;
 
     #[test]
     fn owed_is_everything_after_the_join_and_lost_is_owed_minus_delivered() {
@@ -626,9 +675,9 @@ mod tests {
     fn sends_are_matched_against_what_was_seen() {
         let l = sightings("r", &[("e", 1, "c:1"), ("e", 2, "c:1"), ("e", 3, "x:9")]);
         let mut sends = SendLog::default();
-        let sent = Sent { room: "r".into(), at_ms: 0, node: "n".into() };
-        sends.written.insert("c:1".into(), sent.clone());
-        sends.written.insert("c:2".into(), sent);
+        let sent = |id: &str| Sent { room: "r".into(), at_ms: 0, node: "n".into(), msg_id: id.into() };
+        sends.written.insert("c:1".into(), sent("m1"));
+        sends.written.insert("c:2".into(), sent("m2"));
         let mut c = client("r", (None, 0), &[("e", 1), ("e", 2), ("e", 3)]);
         c.echoes.insert("c:1".into());
         let t = account(&[c], &l, None, &sends, 0);

@@ -18,11 +18,13 @@
 
 mod account;
 mod args;
+mod in_flight;
 mod report;
 mod schedule;
 
 pub use account::{LostMessage, UnconfirmedSend};
 pub use args::ChaosArgs;
+pub use in_flight::InFlightFate;
 pub use report::{ChaosReport, KillRecord, RunConfig, Sends, Spread};
 
 use account::{Heads, SendLog, Sent, Shared};
@@ -36,7 +38,7 @@ use std::path::PathBuf;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::Duration;
-use tether_client::{Client, ClientConfig, Error as ClientError, Status};
+use tether_client::{Client, ClientConfig, Error as ClientError, Outgoing, Status};
 use tether_kit::redis_client::RedisClient;
 use tether_kit::{Cluster, ClusterLogs, ClusterOptions, Persistence};
 use tokio::task::{JoinHandle, JoinSet};
@@ -331,7 +333,9 @@ pub async fn run(opts: ChaosOptions) -> Result<ChaosReport> {
             heads = Some(h);
         }
         let (ready, behind) = drain_state(&members, heads.as_ref());
-        let caught_up = ready == members.len() && behind == 0 && heads.is_some();
+        // Unconfirmed messages are still being resent: not done until each is confirmed.
+        let unconfirmed: usize = members.iter().map(|m| m.client.unconfirmed()).sum();
+        let caught_up = ready == members.len() && behind == 0 && unconfirmed == 0 && heads.is_some();
         if caught_up && caught_up_before {
             break true;
         }
@@ -368,6 +372,12 @@ pub async fn run(opts: ChaosOptions) -> Result<ChaosReport> {
 
     let sightings = std::mem::take(&mut *shared.sightings());
     let tally = account::account(&logs, &sightings, heads.as_ref(), &sends, shared.origin_wall_ms);
+    let kills: Vec<(u64, &str)> = chaos.log.iter().map(|k| (k.at_ms, k.target.as_str())).collect();
+    let flight = in_flight::follow(&logs, &kills, &sends, &tally);
+    let mut kill_log = std::mem::take(&mut chaos.log);
+    for (k, fate) in kill_log.iter_mut().zip(flight.per_kill) {
+        k.in_flight = fate;
+    }
     let sum = |f: fn(&tether_client::StatsSnapshot) -> u64| stats.iter().map(f).sum::<u64>();
     let mut errors: BTreeMap<String, u64> = BTreeMap::new();
     for l in &logs {
@@ -398,7 +408,9 @@ pub async fn run(opts: ChaosOptions) -> Result<ChaosReport> {
         kills: chaos.kills,
         restart_failures: chaos.restart_failures,
         redis_restarts: chaos.redis_restarts,
-        kill_log: chaos.log,
+        kill_log,
+        in_flight_at_kills: flight.at_kills,
+        in_flight_at_other_losses: flight.at_other_losses,
         reconnects: sum(|s| s.reconnects),
         disconnects: sum(|s| s.disconnects),
         connect_failures: sum(|s| s.connect_failures),
@@ -415,6 +427,9 @@ pub async fn run(opts: ChaosOptions) -> Result<ChaosReport> {
             rejected_by_node: logs.iter().map(|l| l.rejected_by_node).sum(),
             confirmed: tally.confirmed,
             unconfirmed: tally.unconfirmed,
+            unconfirmed_at_end: sum(|s| s.unconfirmed),
+            resent: sum(|s| s.messages_resent),
+            confirmed_by_duplicate: sum(|s| s.confirmed_by_duplicate),
             refused_but_published: tally.refused_but_published,
         },
         published: tally.published,
@@ -467,6 +482,20 @@ fn failures(r: &ChaosReport) -> Vec<String> {
             "{} duplicates: {} frames the node sent twice, {} handed to an app twice, {} sends published twice",
             r.duplicated, r.duplicates_dropped, r.app_duplicates, r.republished
         ));
+    }
+    if r.sends.unconfirmed > 0 {
+        why.push(format!(
+            "{} sends the library accepted were never published ({} still unconfirmed at the end)",
+            r.sends.unconfirmed, r.sends.unconfirmed_at_end
+        ));
+    }
+    for (what, f) in [("kills", &r.in_flight_at_kills), ("other connection losses", &r.in_flight_at_other_losses)] {
+        if f.lost > 0 || f.duplicated > 0 {
+            why.push(format!(
+                "of {} messages in flight at {what}, {} lost and {} duplicated",
+                f.messages, f.lost, f.duplicated
+            ));
+        }
     }
     if r.seq_conflicts > 0 {
         why.push(format!("{} seqs carried two different messages", r.seq_conflicts));
@@ -527,7 +556,7 @@ async fn publish(
             let at = shared.ms();
             log.attempted += 1;
             inflight.spawn(async move {
-                let result = client.send(&room, &text).await;
+                let result = client.send_message(&room, Outgoing::text(text.clone())).await;
                 SendOutcome { text, room, at, node, result }
             });
         }
@@ -549,13 +578,14 @@ struct SendOutcome {
     at: u64,
     /// The sender's node when it sent.
     node: String,
-    result: Result<(), ClientError>,
+    /// The `msg_id` the library gave the message.
+    result: Result<String, ClientError>,
 }
 
 fn record_send(log: &mut SendLog, done: Result<SendOutcome, tokio::task::JoinError>) {
     match done {
-        Ok(SendOutcome { text, room, at, node, result: Ok(()) }) => {
-            log.written.insert(text, Sent { room, at_ms: at, node });
+        Ok(SendOutcome { text, room, at, node, result: Ok(msg_id) }) => {
+            log.written.insert(text, Sent { room, at_ms: at, node, msg_id });
         }
         Ok(SendOutcome { text, result: Err(e), .. }) => {
             log.refused.insert(text, e.to_string());
@@ -582,8 +612,9 @@ fn progress(opts: &ChaosOptions, phase: &str, t: Duration, chaos: &Chaos, member
         }
         behind
     };
+    let unconfirmed: usize = members.iter().map(|m| m.client.unconfirmed()).sum();
     eprintln!(
-        "[{phase} {:5.1}s] kills {}  ready {ready}/{}  published {}  delivered {}  behind {behind}  gaps {}  reconnects {}  rejected {}",
+        "[{phase} {:5.1}s] kills {}  ready {ready}/{}  published {}  delivered {}  behind {behind}  unconfirmed {unconfirmed}  gaps {}  reconnects {}  rejected {}",
         t.as_secs_f64(),
         chaos.kills,
         members.len(),

@@ -1,6 +1,7 @@
 //! The figures of a chaos run: [`ChaosReport`] (what `--json` writes) and its markdown table.
 
 use super::account::{LostMessage, UnconfirmedSend};
+use super::in_flight::InFlightFate;
 use serde::Serialize;
 
 /// The run's parameters, as used.
@@ -34,6 +35,9 @@ pub struct KillRecord {
     /// When it was back (ready line printed), ms; `None` if the restart failed.
     pub back_at_ms: Option<u64>,
     pub restart_error: Option<String>,
+    /// Messages its clients had sent and not seen confirmed when their connections to it
+    /// dropped, and what became of them.
+    pub in_flight: InFlightFate,
 }
 
 /// p50 / p99 / max of a set of durations, in ms.
@@ -89,9 +93,15 @@ pub struct Sends {
     pub rejected_by_node: u64,
     /// Written sends whose text came back to their sender.
     pub confirmed: u64,
-    /// Written sends nobody ever received: the node died (or Redis refused) before the
-    /// message got a seq. Not published, so not lost.
+    /// Written sends nobody ever received. The library resends every unconfirmed message
+    /// after a reconnect, so each of these is a loss.
     pub unconfirmed: u64,
+    /// Messages the clients still held unconfirmed when they were closed.
+    pub unconfirmed_at_end: u64,
+    /// Resends the libraries made (same `msg_id`), and how many of them the node answered
+    /// `duplicate` (it had published the first copy).
+    pub resent: u64,
+    pub confirmed_by_duplicate: u64,
     /// Sends the library reported failed that were published all the same.
     pub refused_but_published: u64,
 }
@@ -114,6 +124,11 @@ pub struct ChaosReport {
     pub restart_failures: u64,
     pub redis_restarts: u64,
     pub kill_log: Vec<KillRecord>,
+    /// Messages sent and unconfirmed when a kill dropped their sender's connection (distinct
+    /// over all kills), and their fate after the resend.
+    pub in_flight_at_kills: InFlightFate,
+    /// The same for connection losses no kill explains (a Redis restart, a slow consumer).
+    pub in_flight_at_other_losses: InFlightFate,
     /// `connected` frames after a client's first.
     pub reconnects: u64,
     pub disconnects: u64,
@@ -231,8 +246,12 @@ impl ChaosReport {
             ("messages published", assigned),
             (
                 "sends",
-                format!("{} written, {} confirmed by echo, {} unconfirmed", s.written, s.confirmed, s.unconfirmed),
+                format!(
+                    "{} written, {} confirmed by echo, {} resent ({} answered duplicate), {} never published",
+                    s.written, s.confirmed, s.resent, s.confirmed_by_duplicate, s.unconfirmed
+                ),
             ),
+            ("**in flight at kills**", in_flight_cell(&self.in_flight_at_kills, &self.in_flight_at_other_losses)),
             (
                 "rejected sends",
                 format!("{} not connected, {} backbone_unavailable", s.refused_not_connected, s.rejected_by_node),
@@ -249,4 +268,18 @@ impl ChaosReport {
         }
         out
     }
+}
+
+fn in_flight_cell(k: &InFlightFate, other: &InFlightFate) -> String {
+    let mut cell = format!(
+        "{} unconfirmed when the connection dropped: {} delivered exactly once after the resend, **{} duplicated**, **{} lost**",
+        k.messages, k.delivered_once, k.duplicated, k.lost
+    );
+    if other.messages > 0 {
+        cell.push_str(&format!(
+            " (other losses: {}: {} once, {} duplicated, {} lost)",
+            other.messages, other.delivered_once, other.duplicated, other.lost
+        ));
+    }
+    cell
 }

@@ -78,6 +78,7 @@ impl Chaos {
                     clients_on_it: 0,
                     back_at_ms: None,
                     restart_error: None,
+                    in_flight: Default::default(),
                 });
                 self.redis_back_at = Some(Instant::now() + self.restart_delay);
             }
@@ -105,6 +106,7 @@ impl Chaos {
                 clients_on_it: on_it,
                 back_at_ms: None,
                 restart_error: None,
+                in_flight: Default::default(),
             });
             self.pending = Some((i, Instant::now() + self.restart_delay));
         }
