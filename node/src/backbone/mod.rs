@@ -39,6 +39,7 @@ pub(crate) mod memory;
 use crate::config::{BackboneKind, Config};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
+use crate::webhooks::Webhooks;
 use futures_util::future::{ready, BoxFuture, FutureExt};
 use std::sync::Arc;
 pub use tether_proto::backbone::{PresenceEntry, SessionRecord};
@@ -46,25 +47,28 @@ use tokio_util::sync::CancellationToken;
 
 /// Starts the configured backbone, with the presence keeper above it (for the backbones that
 /// share presence), all running until `shutdown`. Does not wait for the backbone to be
-/// reachable: a node starts unready while it is away.
+/// reachable: a node starts unready while it is away. With `hooks`, the backbone decides
+/// webhook events in its presence steps and hands them there (configuration refuses
+/// webhooks on a backbone that cannot).
 pub async fn start(
     cfg: Arc<Config>,
     hub: Arc<Hub>,
     metrics: Metrics,
+    hooks: Option<Arc<Webhooks>>,
     shutdown: CancellationToken,
 ) -> Result<Arc<dyn Backbone>, BackboneError> {
     let inbound: Arc<dyn inbound::Inbound> = Arc::new(inbound::HubInbound::new(Arc::clone(&hub), metrics.clone()));
     let instance = tether_proto::backbone::instance_id(&cfg.name);
     let backbone: Arc<dyn Backbone> = match cfg.backbone {
         BackboneKind::Redis => {
-            redis::RedisBackbone::start(Arc::clone(&cfg), inbound, metrics.clone(), instance.clone(), shutdown.clone())?
+            redis::RedisBackbone::start(Arc::clone(&cfg), inbound, metrics.clone(), instance.clone(), hooks, shutdown.clone())?
         }
         BackboneKind::Nats => {
             nats::NatsBackbone::start(Arc::clone(&cfg), inbound, metrics.clone(), instance.clone(), shutdown.clone())
                 .await?
         }
         // One node alone: nobody else to keep presence for.
-        BackboneKind::None => return Ok(Arc::new(local::LocalBackbone::new(inbound, metrics))),
+        BackboneKind::None => return Ok(Arc::new(local::LocalBackbone::new(inbound, metrics, hooks))),
     };
     keeper::Keeper::new(Arc::clone(&backbone), hub, metrics, cfg.name.clone(), instance, cfg.presence_ttl)
         .spawn(shutdown);
@@ -159,6 +163,9 @@ impl BackboneError {
     }
 }
 
+/// The most pending webhook events one [`Backbone::claim_webhooks`] call claims.
+pub const CLAIM_BATCH: usize = 100;
+
 /// What the reaper did in one call.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Reaped {
@@ -249,6 +256,13 @@ pub trait Backbone: Send + Sync {
     /// room — decided atomically, so each is announced once however many nodes reap.
     fn reap(&self) -> Call<'_, Reaped> {
         ready(Ok(Reaped::default())).boxed()
+    }
+
+    /// Claims up to [`CLAIM_BATCH`] pending webhook events whose grace has run out — atomically,
+    /// so each goes to exactly one node — and hands them to the webhook sink; answers how
+    /// many. By default (no webhooks) there are none.
+    fn claim_webhooks(&self) -> Call<'_, usize> {
+        ready(Ok(0)).boxed()
     }
 
     /// A graceful stop: this instance is gone (its sessions removed their entries already).

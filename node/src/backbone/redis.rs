@@ -34,6 +34,7 @@
 //! The cluster-wide `online` list works the same way under `{prefix}online`. The reaper's
 //! keys are computed inside its script, so it needs a single Redis (not a Redis Cluster).
 
+mod hooks;
 mod scripts;
 
 use super::inbound::Inbound;
@@ -47,7 +48,8 @@ use crate::metrics::Metrics;
 use futures_util::future::{BoxFuture, FutureExt};
 use futures_util::StreamExt;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink};
-use scripts::{HEARTBEAT_LUA, PRESENCE_ADD_LUA, PRESENCE_REMOVE_LUA, PUBLISH_LUA, REAP_LUA};
+use hooks::RedisHooks;
+use scripts::{CLAIM_LUA, HEARTBEAT_LUA, PRESENCE_ADD_LUA, PRESENCE_REMOVE_LUA, PUBLISH_LUA, REAP_LUA};
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -93,6 +95,9 @@ pub struct RedisBackbone {
     presence_remove: redis::Script,
     heartbeat: redis::Script,
     reap: redis::Script,
+    claim: redis::Script,
+    /// Webhooks, when on: the presence scripts decide events and return them here.
+    hooks: Option<RedisHooks>,
     /// This process' presence instance: `NAME#RANDOM`, new at every start.
     instance: String,
     subs: tokio::sync::Mutex<Subs>,
@@ -119,6 +124,7 @@ impl RedisBackbone {
         inbound: Arc<dyn Inbound>,
         metrics: Metrics,
         instance: String,
+        hooks: Option<Arc<crate::webhooks::Webhooks>>,
         shutdown: CancellationToken,
     ) -> Result<Arc<Self>, BackboneError> {
         let client = redis::Client::open(cfg.redis.as_str())?;
@@ -134,6 +140,8 @@ impl RedisBackbone {
         let commands = ConnectionManager::new_lazy_with_config(client.clone(), manager_cfg)?;
         let keys = RedisKeys::new(&cfg.prefix);
         let backbone = Arc::new(Self {
+            hooks: hooks.map(|sink| RedisHooks::new(sink, &keys)),
+            claim: redis::Script::new(CLAIM_LUA),
             channel_head: keys.channel_head(),
             keys,
             cfg,
@@ -437,6 +445,14 @@ impl RedisBackbone {
     }
 }
 
+/// The room a scope names, `""` for `online` (what the presence scripts take for webhooks).
+fn scope_room<'a>(scope: Scope<'a>) -> &'a str {
+    match scope {
+        Scope::Room(room) => room,
+        Scope::Online => "",
+    }
+}
+
 impl Backbone for RedisBackbone {
     /// All of them in one script call: one round trip, however many.
     fn publish_messages<'a>(&'a self, room: &'a str, prefixes: Vec<String>) -> BoxFuture<'a, Result<(), Unpublished>> {
@@ -629,8 +645,14 @@ impl Backbone for RedisBackbone {
                 .arg(&entry.id)
                 .arg(member)
                 .arg(event.unwrap_or_default());
+            if let Some(h) = &self.hooks {
+                call.key(&h.pending).key(&h.data).arg(scope_room(scope));
+            }
             let mut con = self.commands.clone();
-            let (n, frame): (i64, String) = self.command(call.invoke_async(&mut con)).await?;
+            let (n, frame, decided): (i64, String, Vec<String>) = self.command(call.invoke_async(&mut con)).await?;
+            if let Some(h) = &self.hooks {
+                h.offer(decided);
+            }
             let change = match n {
                 -1 => PresenceChange::Unchanged,
                 1 => PresenceChange::FirstOrLast,
@@ -673,8 +695,14 @@ impl Backbone for RedisBackbone {
                 .arg(id)
                 .arg(member)
                 .arg(event.unwrap_or_default());
+            if let Some(h) = &self.hooks {
+                call.key(&h.pending).key(&h.data).arg(scope_room(scope)).arg(h.grace_ms);
+            }
             let mut con = self.commands.clone();
-            let n: i64 = self.command(call.invoke_async(&mut con)).await?;
+            let (n, decided): (i64, Vec<String>) = self.command(call.invoke_async(&mut con)).await?;
+            if let Some(h) = &self.hooks {
+                h.offer(decided);
+            }
             Ok(match n {
                 -1 => PresenceChange::Unchanged,
                 0 => PresenceChange::FirstOrLast,
@@ -719,8 +747,25 @@ impl Backbone for RedisBackbone {
                 .arg(self.keys.prefix())
                 .arg(self.cfg.presence_ttl.as_millis() as u64)
                 .arg(16);
+            if let Some(h) = &self.hooks {
+                reap.key(&h.pending).key(&h.data).arg(h.grace_ms);
+            }
             let (instances, announced) = self.command(reap.invoke_async::<(u64, u64)>(&mut con)).await?;
             Ok(Reaped { instances, announced })
+        }
+        .boxed()
+    }
+
+    fn claim_webhooks(&self) -> Call<'_, usize> {
+        async move {
+            let Some(h) = &self.hooks else { return Ok(0) };
+            let mut con = self.commands.clone();
+            let mut claim = self.claim.prepare_invoke();
+            claim.key(&h.pending).key(&h.data).arg(super::CLAIM_BATCH);
+            let claimed: Vec<String> = self.command(claim.invoke_async(&mut con)).await?;
+            let n = claimed.len();
+            h.offer(claimed);
+            Ok(n)
         }
         .boxed()
     }
