@@ -12,7 +12,9 @@
 //! - [`redis_client`]: a deadline-bound client (the `redis` crate) for tools reading what the
 //!   nodes wrote;
 //! - [`url`]: WebSocket URLs with the client id in the query;
-//! - [`wait`]: [`eventually`], the one poll-until-it-holds helper of tools and tests.
+//! - [`wait`]: [`eventually`], the one poll-until-it-holds helper of tools and tests;
+//! - [`webhook_receiver`]: an in-process webhook receiver that records and checks every
+//!   request, and can answer 500 or refuse connections for a while.
 #![deny(unsafe_code)]
 
 pub mod balancer;
@@ -29,6 +31,7 @@ pub mod redis_server;
 mod server;
 pub mod url;
 pub mod wait;
+pub mod webhook_receiver;
 
 pub use balancer::BalancerProcess;
 pub use bin::{bin_path, find_on_path, BALANCER_BIN, BIN_DIR_ENV, NODE_BIN};
@@ -38,4 +41,5 @@ pub use node::{NodeProcess, SpawnOptions};
 pub use process::{ChildProcess, LogTarget, ReadyLine, StopOutcome, StopReport, DEFAULT_READY_TIMEOUT};
 pub use redis_server::{Persistence, RedisServer};
 pub use server::SERVER_READY_TIMEOUT;
+pub use webhook_receiver::{Mode as ReceiverMode, Received, WebhookReceiver};
 pub use wait::{eventually, TimedOut};
