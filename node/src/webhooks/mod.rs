@@ -25,6 +25,8 @@ pub mod config;
 pub mod decide;
 pub mod deliver;
 pub mod event;
+#[cfg(test)]
+mod tests;
 
 use crate::backbone::Backbone;
 pub use config::{FileWebhooks, WebhooksConfig};
