@@ -41,5 +41,5 @@ pub use node::{NodeProcess, SpawnOptions};
 pub use process::{ChildProcess, LogTarget, ReadyLine, StopOutcome, StopReport, DEFAULT_READY_TIMEOUT};
 pub use redis_server::{Persistence, RedisServer};
 pub use server::SERVER_READY_TIMEOUT;
-pub use webhook_receiver::{Mode as ReceiverMode, Received, WebhookReceiver};
 pub use wait::{eventually, TimedOut};
+pub use webhook_receiver::{Mode as ReceiverMode, Received, WebhookReceiver};

@@ -129,7 +129,8 @@ async fn events_are_decided_once_through_joins_leaves_disconnects_and_a_node_kil
     }
     carol.join("side").await?;
     dave.join("side").await?;
-    let mut expected: Vec<_> = ["alice", "bob", "carol", "erin", "dave"].iter().map(|c| ev("client.online", c)).collect();
+    let mut expected: Vec<_> =
+        ["alice", "bob", "carol", "erin", "dave"].iter().map(|c| ev("client.online", c)).collect();
     expected.extend(["alice", "bob", "carol", "erin"].iter().map(|c| ev("member.joined", &format!("lobby {c}"))));
     expected.extend(["carol", "dave"].iter().map(|c| ev("member.joined", &format!("side {c}"))));
     expected.extend([ev("room.occupied", "lobby"), ev("room.occupied", "side")]);
@@ -206,8 +207,10 @@ async fn a_receiver_down_for_ten_seconds_gets_every_event_afterwards() -> Result
     b.leave("r").await?;
     b.recv_until("own user_left", |v| v["type"] == "user_left" && v["id"] == "b").await?;
     let down = tokio::time::Instant::now();
-    eventually(Duration::from_secs(6), "five seconds of refusing", || async { down.elapsed() >= Duration::from_secs(5) })
-        .await?;
+    eventually(Duration::from_secs(6), "five seconds of refusing", || async {
+        down.elapsed() >= Duration::from_secs(5)
+    })
+    .await?;
     ensure!(receiver.count() == 0, "nothing got through while refusing");
     receiver.set_mode(ReceiverMode::Fail(500)).await?;
     b.close().await;

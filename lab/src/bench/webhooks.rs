@@ -38,8 +38,10 @@ struct Run {
 pub async fn run_cli(args: WebhooksArgs) -> Result<i32> {
     let off = if args.compare_off { Some(run(&args, false).await?) } else { None };
     let on = run(&args, true).await?;
-    println!("tether bench webhooks: {} loops, {} node(s), {} rooms, grace {} ms, {:.0} s", args.clients, args.nodes,
-        args.rooms, args.grace_ms, args.duration);
+    println!(
+        "tether bench webhooks: {} loops, {} node(s), {} rooms, grace {} ms, {:.0} s",
+        args.clients, args.nodes, args.rooms, args.grace_ms, args.duration
+    );
     if let Some(off) = &off {
         println!("  webhooks off: {:>8.0} connect+join+close cycles/s", off.cycles as f64 / off.secs);
     }

@@ -60,9 +60,14 @@ pub async fn start(
     let inbound: Arc<dyn inbound::Inbound> = Arc::new(inbound::HubInbound::new(Arc::clone(&hub), metrics.clone()));
     let instance = tether_proto::backbone::instance_id(&cfg.name);
     let backbone: Arc<dyn Backbone> = match cfg.backbone {
-        BackboneKind::Redis => {
-            redis::RedisBackbone::start(Arc::clone(&cfg), inbound, metrics.clone(), instance.clone(), hooks, shutdown.clone())?
-        }
+        BackboneKind::Redis => redis::RedisBackbone::start(
+            Arc::clone(&cfg),
+            inbound,
+            metrics.clone(),
+            instance.clone(),
+            hooks,
+            shutdown.clone(),
+        )?,
         BackboneKind::Nats => {
             nats::NatsBackbone::start(Arc::clone(&cfg), inbound, metrics.clone(), instance.clone(), shutdown.clone())
                 .await?

@@ -69,7 +69,13 @@ impl Decider {
 
     /// `entry` got a seat in `scope`: `first_of_id` if its id had none there, `first_of_room`
     /// if the room had no id at all.
-    pub fn added(&mut self, scope: Scope<'_>, entry: &PresenceEntry, first_of_id: bool, first_of_room: bool) -> Vec<Decided> {
+    pub fn added(
+        &mut self,
+        scope: Scope<'_>,
+        entry: &PresenceEntry,
+        first_of_id: bool,
+        first_of_room: bool,
+    ) -> Vec<Decided> {
         let mut out = Vec::new();
         if !first_of_id {
             return out;

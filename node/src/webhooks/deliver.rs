@@ -64,7 +64,8 @@ pub fn spawn_workers(
         (None, _) => String::new(),
     };
     for _ in 0..cfg.workers {
-        let mut w = Worker { cfg: Arc::clone(&cfg), metrics: metrics.clone(), authority: authority.clone(), conn: None };
+        let mut w =
+            Worker { cfg: Arc::clone(&cfg), metrics: metrics.clone(), authority: authority.clone(), conn: None };
         let queue = Arc::clone(&queue);
         let stop = stop.clone();
         tokio::spawn(async move {

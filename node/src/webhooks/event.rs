@@ -125,7 +125,8 @@ mod tests {
     #[test]
     fn body_is_json_with_a_stable_shape_and_a_checkable_signature() {
         let at = SystemTime::UNIX_EPOCH + Duration::from_millis(1_700_000_000_123);
-        let ev = Decided::new(Kind::ClientOffline, serde_json::json!({"client":"a","name":"A","reason":"node_down"}), at);
+        let ev =
+            Decided::new(Kind::ClientOffline, serde_json::json!({"client":"a","name":"A","reason":"node_down"}), at);
         let out = Outgoing::build(&ev, b"key");
         let v: serde_json::Value = serde_json::from_slice(&out.body).unwrap();
         assert_eq!(v["id"], out.id.as_str());
@@ -153,7 +154,8 @@ mod tests {
         let ev = Decided::from_script(r#"room.vacated 1000 {"room":"r"}"#, now).unwrap();
         assert_eq!((ev.kind, ev.at), (Kind::RoomVacated, SystemTime::UNIX_EPOCH + Duration::from_secs(1)));
         assert_eq!(Decided::from_script(r#"member.joined - {"room":"r","client":"c"}"#, now).unwrap().at, now);
-        for bad in ["", "room.vacated", "room.gone 1 {}", "room.vacated x {}", "room.vacated 1 [1]", "room.vacated 1 {"] {
+        for bad in ["", "room.vacated", "room.gone 1 {}", "room.vacated x {}", "room.vacated 1 [1]", "room.vacated 1 {"]
+        {
             assert!(Decided::from_script(bad, now).is_none(), "{bad}");
         }
     }

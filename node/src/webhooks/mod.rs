@@ -127,13 +127,7 @@ impl Webhooks {
         let cfg = Arc::new(cfg);
         let (queue, rx) = mpsc::channel(cfg.queue_len);
         deliver::spawn_workers(Arc::clone(&cfg), metrics.clone(), rx, stop);
-        Arc::new(Self {
-            cfg,
-            queue,
-            metrics,
-            unlogged_drops: AtomicU64::new(0),
-            last_drop_log: Mutex::new(None),
-        })
+        Arc::new(Self { cfg, queue, metrics, unlogged_drops: AtomicU64::new(0), last_drop_log: Mutex::new(None) })
     }
 
     pub fn config(&self) -> &WebhooksConfig {

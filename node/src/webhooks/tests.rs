@@ -37,7 +37,10 @@ async fn a_dead_nodes_clients_are_reported_once_unless_they_return_within_the_gr
             (Kind::MemberJoined, "z".into()),
         ]
     );
-    assert_eq!(kinds_of(&b.backbone.take_decided()), [(Kind::ClientOnline, "y".into()), (Kind::MemberJoined, "y".into())]);
+    assert_eq!(
+        kinds_of(&b.backbone.take_decided()),
+        [(Kind::ClientOnline, "y".into()), (Kind::MemberJoined, "y".into())]
+    );
 
     // `a` dies; `b` keeps beating and reaps it.
     store.advance(Duration::from_secs(4));
