@@ -51,7 +51,7 @@ pub async fn run(listener: TcpListener, cfg: Config, shutdown: CancellationToken
             .map_err(|e| NodeError::Backbone(e.to_string()))?;
     if let Some(h) = &hooks {
         info!(url = %h.config().url, grace_ms = h.grace().as_millis() as u64, "webhooks on");
-        tokio::spawn(crate::webhooks::claim_loop(Arc::clone(&backbone), h.grace(), backbone_stop.clone()));
+        tokio::spawn(backbone::claim_loop(Arc::clone(&backbone), h.grace(), backbone_stop.clone()));
     }
     let state = Arc::new(NodeState::new(Arc::clone(&cfg), hub, backbone, metrics));
     let tracker = state.tracker.clone();

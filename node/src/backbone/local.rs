@@ -2,13 +2,13 @@
 //! members on other nodes never see them (the comparison's control group). Seqs come from a
 //! per-room counter in memory, under an epoch unique to this process.
 //!
-//! Webhooks are decided here too, by [`crate::webhooks::decide`]'s rules in memory: this
+//! Webhooks are decided here too, by [`super::decide`]'s rules in memory: this
 //! node's presence is the whole presence. Pending events die with the process.
 
+use super::decide::{leave_reason, Decider};
 use super::inbound::Inbound;
 use super::{Backbone, Call, Joined, PresenceChange, PresenceEntry, Replay, Scope, Seat, SessionRecord, Unpublished};
 use crate::metrics::Metrics;
-use crate::webhooks::decide::{leave_reason, Decider};
 use crate::webhooks::{Decided, Webhooks};
 use dashmap::DashMap;
 use futures_util::future::{ready, BoxFuture, FutureExt};

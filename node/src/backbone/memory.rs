@@ -2,9 +2,10 @@
 //! stands for the shared Redis or NATS of several nodes, with a clock the test moves, a
 //! switch that cuts one node's subscription off, and ways to make it trim or lose data.
 //! Each change happens under one lock, as the real backbones' atomic steps do. With
-//! [`Store::with_webhooks`] it also decides webhook events (by [`crate::webhooks::decide`]'s
+//! [`Store::with_webhooks`] it also decides webhook events (by [`super::decide`]'s
 //! rules, under that lock); each node keeps what it decided or claimed, for the test to read.
 
+use super::decide::{leave_reason, Decider};
 use super::inbound::{HubInbound, Inbound};
 use super::{
     Backbone, BackboneError, Call, Joined, PresenceChange, PresenceEntry, Reaped, Replay, Scope, Seat, SessionRecord,
@@ -13,7 +14,6 @@ use super::{
 use crate::hub::{Gate, Hub, Member};
 use crate::metrics::Metrics;
 use crate::outbox::{frame_payload, Limits, Outbox};
-use crate::webhooks::decide::{leave_reason, Decider};
 use crate::webhooks::Decided;
 use futures_util::future::{ready, BoxFuture, FutureExt};
 use std::collections::{BTreeMap, HashMap, HashSet};

@@ -27,6 +27,7 @@
 //! into [`start`]. The records it stores are in `tether_proto::backbone`.
 
 pub mod catch_up;
+pub mod decide;
 pub mod inbound;
 pub mod keeper;
 pub mod local;
@@ -35,6 +36,8 @@ pub mod redis;
 
 #[cfg(test)]
 pub(crate) mod memory;
+#[cfg(test)]
+mod webhook_tests;
 
 use crate::config::{BackboneKind, Config};
 use crate::hub::Hub;
@@ -273,5 +276,30 @@ pub trait Backbone: Send + Sync {
     /// A graceful stop: this instance is gone (its sessions removed their entries already).
     fn deregister(&self) -> BoxFuture<'_, ()> {
         ready(()).boxed()
+    }
+}
+
+/// Claims due pending events every [`crate::webhooks::claim_interval`] until `stop`; what this node claims,
+/// the backbone hands to the sink. Every node runs one: the claim is atomic, so each event
+/// goes to exactly one of them, and a node's death loses none of the pending ones.
+pub async fn claim_loop(backbone: Arc<dyn Backbone>, grace: std::time::Duration, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(crate::webhooks::claim_interval(grace));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        // A full batch means more may be due: claim again at once.
+        loop {
+            match backbone.claim_webhooks().await {
+                Ok(n) if n >= CLAIM_BATCH => continue,
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::debug!(error = %e, "claiming due webhook events failed; retrying next tick");
+                    break;
+                }
+            }
+        }
     }
 }

@@ -7,7 +7,7 @@
 //! `room.occupied`, an explicit leave's `member.left`) or records it as *pending* for
 //! `offline_grace_ms` (`client.offline`, `member.left` on a disconnect or a node's death,
 //! `room.vacated`), and a later change that undoes it within the grace cancels it. A pending
-//! event whose grace ran out is claimed by exactly one node ([`claim_loop`] runs on every
+//! event whose grace ran out is claimed by exactly one node (`backbone::claim_loop` runs on every
 //! node and asks the backbone, whose claim is atomic).
 //!
 //! What the backbone decides it hands to [`Webhooks::offer`] on the node that ran the step:
@@ -17,18 +17,12 @@
 //!
 //! - [`config`]: the `[webhooks]` table;
 //! - [`event`]: event types, the decided event, the body and its signature;
-//! - [`decide`]: the decision rules in memory, for the backbones without a shared store
-//!   (`none`, and the test-only memory backbone);
 //! - [`deliver`]: the workers.
 
 pub mod config;
-pub mod decide;
 pub mod deliver;
 pub mod event;
-#[cfg(test)]
-mod tests;
 
-use crate::backbone::Backbone;
 pub use config::{FileWebhooks, WebhooksConfig};
 pub use event::{Decided, Kind, Outgoing};
 use prometheus_client::encoding::EncodeLabelSet;
@@ -42,7 +36,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::warn;
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TypeLabel {
@@ -175,29 +169,4 @@ impl Webhooks {
 /// fifth of the grace, between 50 ms and 1 s — an event goes out at most that late.
 pub fn claim_interval(grace: Duration) -> Duration {
     (grace / 5).clamp(Duration::from_millis(50), Duration::from_secs(1))
-}
-
-/// Claims due pending events every [`claim_interval`] until `stop`; what this node claims,
-/// the backbone hands to the sink. Every node runs one: the claim is atomic, so each event
-/// goes to exactly one of them, and a node's death loses none of the pending ones.
-pub async fn claim_loop(backbone: Arc<dyn Backbone>, grace: Duration, stop: CancellationToken) {
-    let mut tick = tokio::time::interval(claim_interval(grace));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        // A full batch means more may be due: claim again at once.
-        loop {
-            match backbone.claim_webhooks().await {
-                Ok(n) if n >= crate::backbone::CLAIM_BATCH => continue,
-                Ok(_) => break,
-                Err(e) => {
-                    debug!(error = %e, "claiming due webhook events failed; retrying next tick");
-                    break;
-                }
-            }
-        }
-    }
 }

@@ -1,9 +1,9 @@
-//! The decisions across nodes, on the in-memory backbone: a dead node's clients are reported
-//! once, by a survivor, unless they came back within the grace.
+//! Webhook decisions across nodes, on the in-memory backbone: a dead node's clients are
+//! reported once, by a survivor, unless they came back within the grace.
 
-use super::{Decided, Kind};
 use crate::backbone::memory::Store;
 use crate::backbone::Backbone;
+use crate::webhooks::{Decided, Kind};
 use std::time::Duration;
 
 fn kinds_of(events: &[Decided]) -> Vec<(Kind, String)> {

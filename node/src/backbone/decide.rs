@@ -1,4 +1,4 @@
-//! The decision rules, in memory: what the Redis presence scripts do in Lua, for the
+//! Webhook decisions in memory: what the Redis presence scripts do in Lua, for the
 //! backbones whose presence is one process' (`none`) or a test's store (`memory`). Each call
 //! is made under the lock that makes its presence change atomic.
 //!
@@ -12,8 +12,8 @@
 //! - a room's last id going records a pending `room.vacated` (always graced);
 //! - a pending event whose due time has passed is claimed, once.
 
-use super::event::{Decided, Kind};
-use crate::backbone::{PresenceEntry, Scope};
+use super::{PresenceEntry, Scope};
+use crate::webhooks::{Decided, Kind};
 use serde_json::json;
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
