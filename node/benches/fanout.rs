@@ -86,7 +86,7 @@ fn ready(room: &Room) {
 
 /// decode → json_prefix → complete → deliver; returns how many members took the frame.
 fn one_message(room: &Room, seq: u64) -> usize {
-    let Ok(ClientMsg::Message { room: name, text }) = wire::decode(black_box(FRAME)) else {
+    let Ok(ClientMsg::Message { room: name, text, .. }) = wire::decode(black_box(FRAME)) else {
         panic!("the benchmark frame decodes as a message");
     };
     let timestamp = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
@@ -98,6 +98,8 @@ fn one_message(room: &Room, seq: u64) -> usize {
         text: &text,
         server: "node-1",
         timestamp,
+        data: None,
+        msg_id: None,
     };
     let mut frame = head.json_prefix();
     frame.push_str(&seq.to_string());
@@ -158,6 +160,8 @@ fn fanout(c: &mut Criterion) {
             text: "hello everyone, this is a 64-byte message..",
             server: "node-1",
             timestamp: 1_764_290_000_000,
+            data: None,
+            msg_id: None,
         };
         b.iter(|| black_box(&head).json_prefix())
     });

@@ -38,6 +38,7 @@ pub const DEFAULT_RECONNECT_MIN_MS: u64 = 50;
 pub const DEFAULT_RECONNECT_MAX_MS: u64 = 250;
 pub const DEFAULT_SESSION_TTL_SECS: u64 = 3600;
 pub const DEFAULT_RESUME_GRACE_MS: u64 = 1_000;
+pub const DEFAULT_IDEMPOTENCY_TTL_SECS: u64 = 300;
 pub const DEFAULT_PRESENCE_TTL_MS: u64 = 3_000;
 pub const DEFAULT_PROBE_INTERVAL_MS: u64 = 2_000;
 /// Environment variable holding the signing key when no file is configured.
@@ -100,6 +101,7 @@ pub struct FileConfig {
     pub reconnect_max_ms: Option<u64>,
     pub session_ttl_secs: Option<u64>,
     pub resume_grace_ms: Option<u64>,
+    pub idempotency_ttl_secs: Option<u64>,
     pub signing_key_file: Option<std::path::PathBuf>,
     pub presence_ttl_ms: Option<u64>,
     pub probe_interval_ms: Option<u64>,
@@ -163,6 +165,9 @@ pub struct Config {
     pub session_ttl: Duration,
     /// How long restored rooms hold live frames waiting for the client's `resume`.
     pub resume_grace: Duration,
+    /// How long a message's dedup key (a client's `msg_id`, an API `idempotency_key`) is
+    /// remembered: a repeat within it is answered with the first one's seq, not published.
+    pub idempotency_ttl: Duration,
     /// When set, only ids signed with this key are accepted (see `tether_proto::sign`).
     pub signing_key: Option<tether_proto::sign::SigningKey>,
     /// A node instance silent this long is dead: its members are announced `node_down`.
@@ -369,6 +374,11 @@ impl FileConfig {
                 "resume_grace_ms",
                 self.resume_grace_ms,
                 DEFAULT_RESUME_GRACE_MS,
+            )?),
+            idempotency_ttl: Duration::from_secs(nonzero(
+                "idempotency_ttl_secs",
+                self.idempotency_ttl_secs,
+                DEFAULT_IDEMPOTENCY_TTL_SECS,
             )?),
             signing_key,
             presence_ttl: {

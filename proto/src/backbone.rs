@@ -91,6 +91,13 @@ impl RedisKeys {
         RoomKeys { meta: format!("{channel}:meta"), log: format!("{channel}:log"), channel }
     }
 
+    /// Where a dedup key of an idempotent publish to `room` remembers the first message's
+    /// `seq|epoch`: in the room's hash slot, so the publish step stays one atomic script on
+    /// a Redis Cluster too.
+    pub fn dedup(&self, room: &str, key: &str) -> String {
+        format!("{}:dedup:{key}", self.channel(room))
+    }
+
     /// A client's session hash.
     pub fn session(&self, id: &str) -> String {
         format!("{}session:{{{id}}}", self.prefix)

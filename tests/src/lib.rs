@@ -83,7 +83,7 @@ impl WsClient {
 
     /// Sends a `message` to `room` (no wait: the sender's copy comes back like anyone's).
     pub async fn say(&mut self, room: &str, text: impl Into<String>) -> Result<()> {
-        self.send_msg(&ClientMsg::Message { room: room.to_owned(), text: text.into() }).await
+        self.send_msg(&ClientMsg::text(room, text)).await
     }
 
     /// Sends a `leave` for `room`, without waiting for the `user_left`.

@@ -77,7 +77,7 @@ async fn a_burst_of_messages_is_published_in_runs_in_order_exactly_once(kind: Ki
     alice.join("burst").await?;
     bob.join("burst").await?;
     const COUNT: usize = 300;
-    let say = |room: &str, text: String| ClientMsg::Message { room: room.into(), text }.to_json();
+    let say = |room: &str, text: String| ClientMsg::text(room, text).to_json();
     let frames = (0..COUNT).map(|i| match i {
         100 => say("elsewhere", "not joined".into()),
         // Deliberately a type no client sends.
@@ -166,7 +166,7 @@ async fn each_bad_input_gets_its_error_code_and_the_connection_keeps_working(kin
     expect_error(&mut c, r#"{"type":"join","room":"has space"}"#, "invalid_room").await?;
     expect_error(&mut c, r#"{"type":"join","room":""}"#, "invalid_room").await?;
     expect_error(&mut c, r#"{"type":"set_name","name":""}"#, "invalid_name").await?;
-    let hi = ClientMsg::Message { room: "general".into(), text: "hi".into() };
+    let hi = ClientMsg::text("general", "hi");
     expect_error(&mut c, &hi.to_json(), "not_in_room").await?;
     expect_error(&mut c, &ClientMsg::Leave { room: "general".into() }.to_json(), "not_in_room").await?;
     c.send_raw(Message::Binary(vec![0xde, 0xad, 0xbe, 0xef].into())).await?;

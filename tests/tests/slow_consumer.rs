@@ -65,7 +65,7 @@ async fn reader_and_publisher(
 
 /// `count` room messages of `text`, as masked client frames.
 fn messages(room: &str, text: &str, count: usize) -> Vec<u8> {
-    let payload = ClientMsg::Message { room: room.into(), text: text.into() }.to_json();
+    let payload = ClientMsg::text(room, text).to_json();
     let mut out = Vec::new();
     for i in 0..count {
         wsraw::encode(&mut out, OP_TEXT, payload.as_bytes(), Some(wsraw::mask_for(i as u64)));

@@ -37,7 +37,7 @@ impl Ws {
 
     /// Sends a `message` to `room`.
     pub async fn say(&mut self, room: &str, text: &str) -> Result<()> {
-        self.send_msg(&ClientMsg::Message { room: room.to_owned(), text: text.to_owned() }).await
+        self.send_msg(&ClientMsg::text(room, text)).await
     }
 
     /// Sends a `set_name`.

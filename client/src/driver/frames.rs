@@ -75,6 +75,8 @@ impl Driver {
                 self.out.push(Event::Online { users });
             }
             NodeFrame::Error { code, message } => return self.on_error(code, message, conn),
+            // Only a message with a `msg_id` can be answered so; this client sends none.
+            NodeFrame::Duplicate { .. } => {}
         }
         Ok(())
     }

@@ -534,7 +534,7 @@ impl Driver {
                 } else if !self.rooms.get(&room).is_some_and(|r| r.joined) {
                     let _ = reply.send(Err(Error::NotJoined(room)));
                 } else {
-                    let frame = ClientMsg::Message { room, text };
+                    let frame = ClientMsg::text(room, text);
                     let result = self.write(ws, conn, &frame).await;
                     let _ = reply.send(match &result {
                         Ok(()) => Ok(()),

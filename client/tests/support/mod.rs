@@ -174,6 +174,8 @@ fn message(room: &str, seq: u64, epoch: &str, replay: bool) -> NodeFrame {
         text: format!("m{seq}"),
         server: "mock-1".into(),
         timestamp: 1,
+        data: None,
+        msg_id: None,
         seq,
         epoch: epoch.into(),
         replay,
@@ -245,7 +247,7 @@ pub fn set_name_frame(name: &str) -> ClientMsg {
 }
 
 pub fn message_frame(room: &str, text: &str) -> ClientMsg {
-    ClientMsg::Message { room: room.into(), text: text.into() }
+    ClientMsg::text(room, text)
 }
 
 /// Defaults for tests: a fixed id, no jitter, short backoff, no pings.

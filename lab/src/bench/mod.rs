@@ -226,7 +226,7 @@ mod tests {
     fn stamps_round_trip_through_a_message_frame() {
         let text = protocol::text(unix_micros(), 7, TEXT_BYTES);
         assert_eq!(text.len(), 64);
-        let frame = tether_proto::wire::ClientMsg::Message { room: "r".into(), text }.to_json();
+        let frame = tether_proto::wire::ClientMsg::text("r", text).to_json();
         let (t, seq) = protocol::stamp_and_seq(frame.as_bytes()).expect("stamp");
         assert!(unix_micros() >= t);
         assert_eq!(seq, Some(7));

@@ -91,7 +91,7 @@ impl Protocol {
     /// The text payload of a frame publishing `text` to `room`.
     pub fn message(self, room: &str, text: &str) -> String {
         match self {
-            Self::Tether => wire::ClientMsg::Message { room: room.to_owned(), text: text.to_owned() }.to_json(),
+            Self::Tether => wire::ClientMsg::text(room, text).to_json(),
             Self::SocketIo => format!(r#"42["message",{{"room":"{room}","text":"{text}"}}]"#),
         }
     }

@@ -366,7 +366,7 @@ impl Client {
 
     /// Sends `text` to the room and returns the time until its own echo arrived.
     async fn round_trip(&mut self, text: &str) -> Result<Duration> {
-        let frame = Message::text(ClientMsg::Message { room: self.room.clone(), text: text.to_owned() }.to_json());
+        let frame = Message::text(ClientMsg::text(self.room.clone(), text).to_json());
         let deadline = tokio::time::Instant::now() + ECHO_TIMEOUT;
         let started = Instant::now();
         self.ws.send(frame).await.with_context(|| format!("{}: sending", self.label))?;

@@ -426,20 +426,10 @@ fn machine() -> Machine {
 
 /// `YYYY-MM-DD HH:MM UTC` of a Unix time.
 fn utc(unix_secs: u64) -> String {
-    let (mut days, secs) = (unix_secs / 86_400, unix_secs % 86_400);
-    let leap = |y: u64| (y % 4 == 0 && y % 100 != 0) || y % 400 == 0;
-    let mut year = 1970;
-    while days >= if leap(year) { 366 } else { 365 } {
-        days -= if leap(year) { 366 } else { 365 };
-        year += 1;
-    }
-    let lengths = [31, if leap(year) { 29 } else { 28 }, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31];
-    let mut month = 0;
-    while days >= lengths[month] {
-        days -= lengths[month];
-        month += 1;
-    }
-    format!("{year:04}-{:02}-{:02} {:02}:{:02} UTC", month + 1, days + 1, secs / 3600, secs % 3600 / 60)
+    let at = std::time::UNIX_EPOCH + std::time::Duration::from_secs(unix_secs);
+    // `YYYY-MM-DDTHH:MM:SSZ`: the date, and the time to the minute.
+    let stamp = humantime::format_rfc3339_seconds(at).to_string();
+    format!("{} {} UTC", &stamp[..10], &stamp[11..16])
 }
 
 #[cfg(test)]

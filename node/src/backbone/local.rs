@@ -6,8 +6,11 @@
 //! node's presence is the whole presence. Pending events die with the process.
 
 use super::decide::{leave_reason, Decider};
+use super::dedup::DedupCache;
 use super::inbound::Inbound;
-use super::{Backbone, Call, Joined, PresenceChange, PresenceEntry, Replay, Scope, Seat, SessionRecord, Unpublished};
+use super::{
+    Backbone, Call, Joined, PresenceChange, PresenceEntry, Published, Replay, Scope, Seat, SessionRecord, Unpublished,
+};
 use crate::metrics::Metrics;
 use crate::webhooks::{Decided, Webhooks};
 use dashmap::DashMap;
@@ -22,6 +25,7 @@ pub struct LocalBackbone {
     metrics: Metrics,
     epoch: String,
     seqs: DashMap<String, u64>,
+    dedup: DedupCache,
     /// Presence of this node's connections only: without a backbone nobody else is visible.
     presence: LocalPresence,
     hooks: Option<LocalHooks>,
@@ -125,7 +129,13 @@ fn scope_key(scope: Scope<'_>) -> String {
 }
 
 impl LocalBackbone {
-    pub fn new(inbound: Arc<dyn Inbound>, metrics: Metrics, hooks: Option<Arc<Webhooks>>) -> Self {
+    /// Dedup keys are remembered for `idempotency_ttl`.
+    pub fn new(
+        inbound: Arc<dyn Inbound>,
+        metrics: Metrics,
+        idempotency_ttl: std::time::Duration,
+        hooks: Option<Arc<Webhooks>>,
+    ) -> Self {
         let epoch = format!("local-{}", tether_proto::id::mint_client_id());
         metrics.backbone_ready.set(1);
         let hooks = hooks.map(|sink| LocalHooks {
@@ -133,7 +143,15 @@ impl LocalBackbone {
             sink,
             started: std::time::Instant::now(),
         });
-        Self { inbound, metrics, epoch, seqs: DashMap::new(), presence: LocalPresence::default(), hooks }
+        Self {
+            inbound,
+            metrics,
+            epoch,
+            seqs: DashMap::new(),
+            dedup: DedupCache::new(idempotency_ttl),
+            presence: LocalPresence::default(),
+            hooks,
+        }
     }
 
     fn offer(&self, decided: Vec<Decided>) {
@@ -159,6 +177,24 @@ impl Backbone for LocalBackbone {
         }
         drop(seq);
         ready(Ok(())).boxed()
+    }
+
+    fn publish_one<'a>(&'a self, room: &'a str, prefix: String, key: Option<&'a str>) -> Call<'a, Published> {
+        let now = std::time::Instant::now();
+        let key = key.map(|k| format!("{room}\n{k}"));
+        // Checked and remembered under the room counter's lock: two repeats racing publish once.
+        let mut seq = self.seqs.entry(room.to_string()).or_insert(0);
+        if let Some((seq, epoch)) = key.as_deref().and_then(|k| self.dedup.get(k, now)) {
+            return ready(Ok(Published { seq, epoch, duplicate: true })).boxed();
+        }
+        *seq += 1;
+        let at = *seq;
+        self.deliver(room, complete_message(&prefix, at, &self.epoch));
+        if let Some(key) = key {
+            self.dedup.insert(key, (at, self.epoch.clone()), now);
+        }
+        drop(seq);
+        ready(Ok(Published { seq: at, epoch: self.epoch.clone(), duplicate: false })).boxed()
     }
 
     fn publish_event<'a>(&'a self, room: &'a str, json: String) -> Call<'a, ()> {

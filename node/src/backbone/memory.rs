@@ -8,8 +8,8 @@
 use super::decide::{leave_reason, Decider};
 use super::inbound::{HubInbound, Inbound};
 use super::{
-    Backbone, BackboneError, Call, Joined, PresenceChange, PresenceEntry, Reaped, Replay, Scope, Seat, SessionRecord,
-    Unpublished,
+    Backbone, BackboneError, Call, Joined, PresenceChange, PresenceEntry, Published, Reaped, Replay, Scope, Seat,
+    SessionRecord, Unpublished,
 };
 use crate::hub::{Gate, Hub, Member};
 use crate::metrics::Metrics;
@@ -45,6 +45,9 @@ struct State {
     epochs: u64,
     /// Webhook decisions, when on; pending events are judged on `clock`.
     decider: Option<Decider>,
+    /// Room + dedup key → the position first published under it (never expires: a test's
+    /// store lives for one test).
+    dedup: HashMap<(String, String), (u64, String)>,
 }
 
 struct RoomLog {
@@ -63,6 +66,31 @@ struct Subscriber {
 impl State {
     fn node(&mut self, instance: &str) -> &mut Subscriber {
         self.nodes.iter_mut().find(|n| n.instance == instance).expect("a node of this store")
+    }
+
+    /// Logs and publishes one message per prefix, in order; answers the last seq and the epoch.
+    fn publish_messages(&mut self, room: &str, prefixes: Vec<String>) -> (u64, String) {
+        if !self.rooms.contains_key(room) {
+            self.epochs += 1;
+        }
+        let n = self.epochs;
+        let r = self.rooms.entry(room.to_string()).or_insert_with(|| RoomLog {
+            epoch: format!("e{n}"),
+            seq: 0,
+            log: Vec::new(),
+        });
+        let mut frames = Vec::new();
+        for prefix in prefixes {
+            r.seq += 1;
+            let frame = complete_message(&prefix, r.seq, &r.epoch);
+            r.log.push((r.seq, frame.clone()));
+            frames.push(frame);
+        }
+        let at = (r.seq, r.epoch.clone());
+        for f in frames {
+            self.publish(room, &f);
+        }
+        at
     }
 
     fn publish(&self, room: &str, frame: &str) {
@@ -176,8 +204,18 @@ impl TestNode {
             .iter()
             .map(|text| {
                 let server = &self.backbone.server;
-                MessageHead { kind: "message", room, from: server, id: server, text, server, timestamp: 0 }
-                    .json_prefix()
+                MessageHead {
+                    kind: "message",
+                    room,
+                    from: server,
+                    id: server,
+                    text,
+                    server,
+                    timestamp: 0,
+                    data: None,
+                    msg_id: None,
+                }
+                .json_prefix()
             })
             .collect();
         self.backbone.publish_messages(room, prefixes).await.unwrap();
@@ -229,28 +267,21 @@ impl MemoryBackbone {
 
 impl Backbone for MemoryBackbone {
     fn publish_messages<'a>(&'a self, room: &'a str, prefixes: Vec<String>) -> BoxFuture<'a, Result<(), Unpublished>> {
-        let mut s = self.store.lock();
-        let state = &mut *s;
-        if !state.rooms.contains_key(room) {
-            state.epochs += 1;
-        }
-        let n = state.epochs;
-        let r = state.rooms.entry(room.to_string()).or_insert_with(|| RoomLog {
-            epoch: format!("e{n}"),
-            seq: 0,
-            log: Vec::new(),
-        });
-        let mut frames = Vec::new();
-        for prefix in prefixes {
-            r.seq += 1;
-            let frame = complete_message(&prefix, r.seq, &r.epoch);
-            r.log.push((r.seq, frame.clone()));
-            frames.push(frame);
-        }
-        for f in frames {
-            state.publish(room, &f);
-        }
+        self.store.lock().publish_messages(room, prefixes);
         ready(Ok(())).boxed()
+    }
+
+    fn publish_one<'a>(&'a self, room: &'a str, prefix: String, key: Option<&'a str>) -> Call<'a, Published> {
+        let mut s = self.store.lock();
+        let key = key.map(|k| (room.to_string(), k.to_string()));
+        if let Some((seq, epoch)) = key.as_ref().and_then(|k| s.dedup.get(k)).cloned() {
+            return ready(Ok(Published { seq, epoch, duplicate: true })).boxed();
+        }
+        let (seq, epoch) = s.publish_messages(room, vec![prefix]);
+        if let Some(key) = key {
+            s.dedup.insert(key, (seq, epoch.clone()));
+        }
+        ready(Ok(Published { seq, epoch, duplicate: false })).boxed()
     }
 
     fn publish_event<'a>(&'a self, room: &'a str, json: String) -> Call<'a, ()> {

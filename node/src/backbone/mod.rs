@@ -28,6 +28,7 @@
 
 pub mod catch_up;
 pub mod decide;
+pub mod dedup;
 pub mod inbound;
 pub mod keeper;
 pub mod local;
@@ -76,7 +77,9 @@ pub async fn start(
                 .await?
         }
         // One node alone: nobody else to keep presence for.
-        BackboneKind::None => return Ok(Arc::new(local::LocalBackbone::new(inbound, metrics, hooks))),
+        BackboneKind::None => {
+            return Ok(Arc::new(local::LocalBackbone::new(inbound, metrics, cfg.idempotency_ttl, hooks)));
+        }
     };
     keeper::Keeper::new(Arc::clone(&backbone), hub, metrics, cfg.name.clone(), instance, cfg.presence_ttl)
         .spawn(shutdown);
@@ -92,6 +95,16 @@ pub struct Replay {
     pub head_seq: u64,
     /// Logged frames with a greater seq than asked for, in seq order.
     pub frames: Vec<(u64, String)>,
+}
+
+/// What [`Backbone::publish_one`] did: the message's position, or — for a dedup key seen
+/// within `idempotency_ttl` — the position of the first message published with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Published {
+    pub seq: u64,
+    pub epoch: String,
+    /// Nothing was published: the key's first message already was.
+    pub duplicate: bool,
 }
 
 /// A publish of several messages that stopped partway: the first `published` of them were
@@ -196,6 +209,35 @@ pub trait Backbone: Send + Sync {
     /// the next seq of `room`, completes the frame (prefix + seq + epoch), logs it and
     /// publishes it to every subscribed node, each message atomically.
     fn publish_messages<'a>(&'a self, room: &'a str, prefixes: Vec<String>) -> BoxFuture<'a, Result<(), Unpublished>>;
+
+    /// Publishes one message like [`publish_messages`](Backbone::publish_messages) and answers
+    /// its seq and epoch. With `key` (a dedup key, scoped to the room here): when a message
+    /// with the same key was published within `idempotency_ttl`, nothing is published and the
+    /// first one's position comes back with `duplicate`. Keys in use: `c:{client}:{msg_id}`
+    /// (a client's message), `a:{idempotency_key}` (the server API).
+    fn publish_one<'a>(&'a self, room: &'a str, prefix: String, key: Option<&'a str>) -> Call<'a, Published>;
+
+    /// [`publish_one`](Backbone::publish_one) for consecutive messages of one client to
+    /// `room`, each `(prefix, dedup key)`, in order; one answer per message. By default one
+    /// call each; a backbone with a batched atomic step overrides it.
+    fn publish_keyed<'a>(
+        &'a self,
+        room: &'a str,
+        messages: Vec<(String, String)>,
+    ) -> BoxFuture<'a, Result<Vec<Published>, Unpublished>> {
+        async move {
+            let mut out = Vec::with_capacity(messages.len());
+            for (published, (prefix, key)) in messages.into_iter().enumerate() {
+                out.push(
+                    self.publish_one(room, prefix, Some(&key))
+                        .await
+                        .map_err(|error| Unpublished { published, error })?,
+                );
+            }
+            Ok(out)
+        }
+        .boxed()
+    }
 
     /// Publishes a membership event (no seq, not logged) to every subscribed node.
     fn publish_event<'a>(&'a self, room: &'a str, json: String) -> Call<'a, ()>;

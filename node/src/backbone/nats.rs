@@ -37,8 +37,8 @@ use super::catch_up::{deliver_missed, flag_gap, has_gap};
 use super::inbound::Inbound;
 use super::keeper::Backoff;
 use super::{
-    Backbone, BackboneError, Call, Joined, PresenceChange, PresenceEntry, Reaped, Replay, Scope, Seat, SessionRecord,
-    Unpublished,
+    Backbone, BackboneError, Call, Joined, PresenceChange, PresenceEntry, Published, Reaped, Replay, Scope, Seat,
+    SessionRecord, Unpublished,
 };
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -302,6 +302,9 @@ impl NatsBackbone {
             max_age: self.cfg.log_ttl,
             discard: stream::DiscardPolicy::Old,
             allow_direct: true,
+            // Dedup keys (`Nats-Msg-Id`) are remembered this long; the window may not
+            // outlast the messages.
+            duplicate_window: self.cfg.idempotency_ttl.min(self.cfg.log_ttl),
             republish: Some(stream::Republish {
                 source: self.log_subject(room),
                 destination: self.live_subject(room),
@@ -349,18 +352,25 @@ impl NatsBackbone {
         Ok(self.ensure_stream(room).await?.epoch)
     }
 
-    /// Logs and publishes one message in `room`'s stream.
-    async fn publish_message(&self, room: &str, prefix: String) -> Result<(), BackboneError> {
+    /// Logs and publishes one message in `room`'s stream. With `key`, JetStream's own
+    /// deduplication (`Nats-Msg-Id`, within the stream's duplicate window) keeps a repeat out
+    /// of the log, and its acknowledgement names the first one's seq.
+    async fn publish_message(&self, room: &str, prefix: String, key: Option<&str>) -> Result<Published, BackboneError> {
         // Makes sure the room's stream exists: a room's first message creates it.
-        self.epoch(room).await?;
+        let mut epoch = self.epoch(room).await?;
         let payload = Bytes::from(prefix);
-        match self.publish_logged(room, payload.clone()).await {
+        let headers = key.map(|key| {
+            let mut h = async_nats::HeaderMap::new();
+            h.insert(async_nats::header::NATS_MESSAGE_ID, key);
+            h
+        });
+        let ack = match self.publish_logged(room, headers.clone(), payload.clone()).await {
             // No stream captured the subject, so nothing was stored: the stream was lost
             // (NATS restarted without it). Make sure of it and try once more.
             Err(PublishFailure::NoStream) => {
                 self.epochs.remove(room);
-                self.ensure_stream(room).await?;
-                self.publish_logged(room, payload).await
+                epoch = self.ensure_stream(room).await?.epoch;
+                self.publish_logged(room, headers, payload).await
             }
             other => other,
         }
@@ -368,15 +378,22 @@ impl NatsBackbone {
             PublishFailure::NoStream => BackboneError::Nats(format!("no stream for room {room:?}")),
             PublishFailure::Other(e) => e,
         })?;
-        self.metrics.messages_published.inc();
-        Ok(())
+        if !ack.duplicate {
+            self.metrics.messages_published.inc();
+        }
+        Ok(Published { seq: ack.sequence, epoch: epoch.to_string(), duplicate: ack.duplicate })
     }
 
-    /// Publishes to the room's log subject and waits for the stream's acknowledgement; returns
-    /// the seq it assigned.
-    async fn publish_logged(&self, room: &str, payload: Bytes) -> Result<u64, PublishFailure> {
-        match self.publish_acked(self.log_subject(room), None, payload).await.map_err(PublishFailure::Other)? {
-            Ok(ack) => Ok(ack.sequence),
+    /// Publishes to the room's log subject and waits for the stream's acknowledgement (the
+    /// seq it assigned, and whether it was a duplicate).
+    async fn publish_logged(
+        &self,
+        room: &str,
+        headers: Option<async_nats::HeaderMap>,
+        payload: Bytes,
+    ) -> Result<jetstream::publish::PublishAck, PublishFailure> {
+        match self.publish_acked(self.log_subject(room), headers, payload).await.map_err(PublishFailure::Other)? {
+            Ok(ack) => Ok(ack),
             Err(e) if e.kind() == jetstream::context::PublishErrorKind::StreamNotFound => Err(PublishFailure::NoStream),
             Err(e) => Err(PublishFailure::Other(nats_err(e))),
         }
@@ -579,11 +596,15 @@ impl Backbone for NatsBackbone {
     fn publish_messages<'a>(&'a self, room: &'a str, prefixes: Vec<String>) -> BoxFuture<'a, Result<(), Unpublished>> {
         async move {
             for (published, prefix) in prefixes.into_iter().enumerate() {
-                self.publish_message(room, prefix).await.map_err(|error| Unpublished { published, error })?;
+                self.publish_message(room, prefix, None).await.map_err(|error| Unpublished { published, error })?;
             }
             Ok(())
         }
         .boxed()
+    }
+
+    fn publish_one<'a>(&'a self, room: &'a str, prefix: String, key: Option<&'a str>) -> Call<'a, Published> {
+        self.publish_message(room, prefix, key).boxed()
     }
 
     fn publish_event<'a>(&'a self, room: &'a str, json: String) -> Call<'a, ()> {

@@ -40,8 +40,8 @@ mod scripts;
 use super::inbound::Inbound;
 use super::keeper::Backoff;
 use super::{
-    Backbone, BackboneError, Call, Joined, PresenceChange, PresenceEntry, Reaped, Replay, Scope, Seat, SessionRecord,
-    Unpublished,
+    Backbone, BackboneError, Call, Joined, PresenceChange, PresenceEntry, Published, Reaped, Replay, Scope, Seat,
+    SessionRecord, Unpublished,
 };
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -116,6 +116,26 @@ pub struct RedisBackbone {
 }
 
 impl RedisBackbone {
+    /// The atomic publish step for `prefixes` in `room`; with `dedup` (one key per prefix),
+    /// each is published only if its key is not remembered yet.
+    fn publish_invocation(&self, room: &str, dedup: Vec<String>, prefixes: Vec<String>) -> redis::ScriptInvocation<'_> {
+        let mut invocation = self.publish.prepare_invoke();
+        let keys = self.keys.room(room);
+        invocation.key(keys.meta).key(keys.log).key(keys.channel);
+        for key in dedup {
+            invocation.key(self.keys.dedup(room, &key));
+        }
+        invocation
+            .arg(tether_proto::id::mint_client_id())
+            .arg(self.cfg.history_len)
+            .arg(self.cfg.log_ttl.as_millis() as u64)
+            .arg(self.cfg.idempotency_ttl.as_millis() as u64);
+        for prefix in prefixes {
+            invocation.arg(prefix);
+        }
+        invocation
+    }
+
     /// Creates the backbone for node instance `instance` and starts its subscriber and
     /// command keeper tasks, which run until `shutdown`. Does not wait for Redis: a node
     /// starts (unready) while Redis is down.
@@ -462,24 +482,53 @@ impl Backbone for RedisBackbone {
                 return Ok(());
             }
             let mut con = self.commands.clone();
-            let mut invocation = self.publish.prepare_invoke();
-            let keys = self.keys.room(room);
-            invocation
-                .key(keys.meta)
-                .key(keys.log)
-                .key(keys.channel)
-                .arg(tether_proto::id::mint_client_id())
-                .arg(self.cfg.history_len)
-                .arg(self.cfg.log_ttl.as_millis() as u64);
-            for prefix in prefixes {
-                invocation.arg(prefix);
-            }
-            let _published: u64 = self
+            let invocation = self.publish_invocation(room, Vec::new(), prefixes);
+            let _published: Vec<(u64, String, u8)> = self
                 .command(invocation.invoke_async(&mut con))
                 .await
                 .map_err(|error| Unpublished { published: 0, error })?;
             self.metrics.messages_published.inc_by(count);
             Ok(())
+        }
+        .boxed()
+    }
+
+    fn publish_one<'a>(&'a self, room: &'a str, prefix: String, key: Option<&'a str>) -> Call<'a, Published> {
+        async move {
+            let mut con = self.commands.clone();
+            let keys = key.map(|k| vec![k.to_string()]).unwrap_or_default();
+            let invocation = self.publish_invocation(room, keys, vec![prefix]);
+            let answers: Vec<(u64, String, u8)> = self.command(invocation.invoke_async(&mut con)).await?;
+            let (seq, epoch, duplicate) = answers.into_iter().next().ok_or_else(|| {
+                BackboneError::Redis(redis::RedisError::from((
+                    redis::ErrorKind::Parse,
+                    "publish script answered nothing",
+                )))
+            })?;
+            if duplicate == 0 {
+                self.metrics.messages_published.inc();
+            }
+            Ok(Published { seq, epoch, duplicate: duplicate != 0 })
+        }
+        .boxed()
+    }
+
+    fn publish_keyed<'a>(
+        &'a self,
+        room: &'a str,
+        messages: Vec<(String, String)>,
+    ) -> BoxFuture<'a, Result<Vec<Published>, Unpublished>> {
+        async move {
+            let mut con = self.commands.clone();
+            let (prefixes, keys): (Vec<String>, Vec<String>) = messages.into_iter().unzip();
+            let invocation = self.publish_invocation(room, keys, prefixes);
+            let answers: Vec<(u64, String, u8)> = self
+                .command(invocation.invoke_async(&mut con))
+                .await
+                .map_err(|error| Unpublished { published: 0, error })?;
+            let published = answers.iter().filter(|(_, _, dup)| *dup == 0).count();
+            self.metrics.messages_published.inc_by(published as u64);
+            Ok(answers.into_iter().map(|(seq, epoch, dup)| Published { seq, epoch, duplicate: dup != 0 }).collect())
         }
         .boxed()
     }

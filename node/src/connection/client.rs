@@ -350,13 +350,18 @@ impl Client {
         let mut pending = Pending::default();
         for text in std::iter::once(first).chain(rest) {
             match self.decode(text.as_str(), now.at) {
-                Ok(ClientMsg::Message { room, text }) if self.rooms.contains_key(&room) => {
-                    if pending.room != room {
+                Ok(ClientMsg::Message { room, text, data, msg_id }) if self.rooms.contains_key(&room) => {
+                    // A batch is one room's, and all with `msg_id`s or all without.
+                    let keyed = msg_id.is_some();
+                    if pending.room != room || pending.keyed != keyed {
                         self.publish(&mut pending).await;
                         pending.room = room;
+                        pending.keyed = keyed;
                     }
-                    let prefix = self.message_head(&pending.room, &text, now.unix_ms).json_prefix();
+                    let body = Body { text: &text, data: data.as_deref(), msg_id: msg_id.as_deref() };
+                    let prefix = self.message_head(&pending.room, body, now.unix_ms).json_prefix();
                     pending.prefixes.push(prefix);
+                    pending.msg_ids.extend(msg_id);
                 }
                 Ok(msg) => {
                     self.publish(&mut pending).await;
@@ -460,20 +465,24 @@ impl Client {
         self.leave_presence(room, LeaveReason::Left).await;
     }
 
-    fn message_head<'a>(&'a self, room: &'a str, text: &'a str, unix_ms: u64) -> MessageHead<'a> {
+    fn message_head<'a>(&'a self, room: &'a str, body: Body<'a>, unix_ms: u64) -> MessageHead<'a> {
         MessageHead {
             kind: "message",
             room,
             from: self.display(),
             id: &self.id,
-            text,
+            text: body.text,
             server: &self.state.cfg.name,
             timestamp: unix_ms,
+            data: body.data,
+            msg_id: body.msg_id,
         }
     }
 
     /// Publishes the gathered messages, if any; each one not published is answered with an
-    /// error of its own.
+    /// error of its own. Messages with a `msg_id` are published once per `(client, msg_id)`
+    /// within `idempotency_ttl` (a resend after a reconnect, perhaps to another node, is not
+    /// published again): the sender alone is told which message a repeat was.
     async fn publish(&mut self, pending: &mut Pending) {
         if pending.prefixes.is_empty() {
             return;
@@ -481,9 +490,32 @@ impl Client {
         let prefixes = std::mem::take(&mut pending.prefixes);
         let count = prefixes.len();
         self.state.metrics.publish_batches.inc();
-        if let Err(Unpublished { published, error }) = self.backbone().publish_messages(&pending.room, prefixes).await {
-            for _ in published..count {
-                self.error(ErrorCode::BackboneUnavailable, &format!("message not sent: {error}"));
+        if !pending.keyed {
+            if let Err(Unpublished { published, error }) =
+                self.backbone().publish_messages(&pending.room, prefixes).await
+            {
+                for _ in published..count {
+                    self.error(ErrorCode::BackboneUnavailable, &format!("message not sent: {error}"));
+                }
+            }
+            return;
+        }
+        let msg_ids = std::mem::take(&mut pending.msg_ids);
+        let keyed = prefixes.into_iter().zip(msg_ids.iter().map(|m| format!("c:{}:{m}", self.id))).collect();
+        let room = pending.room.as_str();
+        match self.backbone().publish_keyed(room, keyed).await {
+            Ok(answers) => {
+                for (p, msg_id) in answers.iter().zip(&msg_ids) {
+                    if p.duplicate {
+                        self.state.metrics.duplicates_suppressed.inc();
+                        self.send(&Event::Duplicate { room, msg_id, seq: p.seq, epoch: &p.epoch });
+                    }
+                }
+            }
+            Err(Unpublished { published, error }) => {
+                for msg_id in msg_ids.iter().skip(published) {
+                    self.error(ErrorCode::BackboneUnavailable, &format!("message {msg_id:?} not sent: {error}"));
+                }
             }
         }
     }
@@ -586,9 +618,20 @@ impl Client {
     }
 }
 
-/// Consecutive messages of one client to one room, not yet published.
+/// What a client's `message` says, besides its room.
+#[derive(Clone, Copy)]
+struct Body<'a> {
+    text: &'a str,
+    data: Option<&'a serde_json::value::RawValue>,
+    msg_id: Option<&'a str>,
+}
+
+/// Consecutive messages of one client to one room, not yet published: all with a `msg_id`
+/// (`keyed`, one id per prefix) or all without.
 #[derive(Default)]
 struct Pending {
     room: String,
+    keyed: bool,
     prefixes: Vec<String>,
+    msg_ids: Vec<String>,
 }

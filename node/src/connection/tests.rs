@@ -31,7 +31,7 @@ fn node_with(file: FileConfig, shared: bool) -> (Arc<NodeState>, Option<Arc<Memo
         (Arc::clone(&node.backbone) as Arc<dyn Backbone>, Some(node.backbone))
     } else {
         let inbound = Arc::new(HubInbound::new(Arc::clone(&hub), metrics.clone()));
-        (Arc::new(LocalBackbone::new(inbound, metrics.clone(), None)), None)
+        (Arc::new(LocalBackbone::new(inbound, metrics.clone(), Duration::from_secs(300), None)), None)
     };
     (Arc::new(NodeState::new(cfg, hub, backbone, metrics)), memory)
 }
@@ -79,7 +79,7 @@ fn join(room: &str) -> String {
 }
 
 fn message(room: &str, text: &str) -> String {
-    ClientMsg::Message { room: room.into(), text: text.into() }.to_json()
+    ClientMsg::text(room, text).to_json()
 }
 
 #[tokio::test]

@@ -6,6 +6,7 @@
 //! [`ErrorCode`], which the node sends back in an `error` frame.
 
 use super::codes::{ErrorCode, ProtocolError};
+use super::message::RawJson;
 use super::validate::{validate_name, validate_room};
 use serde::ser::{SerializeMap, SerializeStruct};
 use serde::{Serialize, Serializer};
@@ -31,9 +32,12 @@ pub enum ClientMsg {
     Leave {
         room: String,
     },
+    /// `text` is `""` when the sender gave only `data`; at least one of them is there.
     Message {
         room: String,
         text: String,
+        data: Option<RawJson>,
+        msg_id: Option<String>,
     },
     /// Encoded as an object keyed by room, in this order; each point as `{"seq":N}` or
     /// `{"seq":N,"epoch":"…"}` (the node also reads a bare `N`).
@@ -47,6 +51,11 @@ pub enum ClientMsg {
 }
 
 impl ClientMsg {
+    /// A plain text `message` to `room` (no `data`, no `msg_id`).
+    pub fn text(room: impl Into<String>, text: impl Into<String>) -> Self {
+        Self::Message { room: room.into(), text: text.into(), data: None, msg_id: None }
+    }
+
     /// The frame's `type`.
     pub fn kind(&self) -> &'static str {
         match self {
@@ -72,7 +81,7 @@ impl Serialize for ClientMsg {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let fields = match self {
             Self::Online => 1,
-            Self::Message { .. } => 3,
+            Self::Message { .. } => 5,
             _ => 2,
         };
         let mut st = s.serialize_struct("ClientMsg", fields)?;
@@ -80,9 +89,17 @@ impl Serialize for ClientMsg {
         match self {
             Self::SetName { name } => st.serialize_field("name", name)?,
             Self::Join { room } | Self::Leave { room } | Self::Presence { room } => st.serialize_field("room", room)?,
-            Self::Message { room, text } => {
+            Self::Message { room, text, data, msg_id } => {
                 st.serialize_field("room", room)?;
-                st.serialize_field("text", text)?;
+                if !(text.is_empty() && data.is_some()) {
+                    st.serialize_field("text", text)?;
+                }
+                if let Some(data) = data {
+                    st.serialize_field("data", data)?;
+                }
+                if let Some(msg_id) = msg_id {
+                    st.serialize_field("msg_id", msg_id)?;
+                }
             }
             Self::Resume { rooms } => st.serialize_field("rooms", &Points(rooms))?,
             Self::Online => {}
@@ -107,6 +124,7 @@ impl Serialize for Points<'_> {
 /// Decodes one text frame. Unknown extra fields are ignored (forward compatibility); missing,
 /// mistyped or invalid ones are errors with the matching code.
 pub fn decode(text: &str) -> Result<ClientMsg, ProtocolError> {
+    let text_of_frame = text;
     let value: Value = serde_json::from_str(text)
         .map_err(|e| ProtocolError::new(ErrorCode::BadJson, format!("not valid JSON: {e}")))?;
     let Value::Object(mut obj) = value else {
@@ -117,28 +135,34 @@ pub fn decode(text: &str) -> Result<ClientMsg, ProtocolError> {
         Some(Value::String(s)) => s,
         Some(_) => return Err(ProtocolError::new(ErrorCode::InvalidField, "field `type` must be a string")),
     };
-    let mut take_str = |field: &'static str| -> Result<String, ProtocolError> {
-        match obj.remove(field) {
-            None | Some(Value::Null) => {
-                Err(ProtocolError::new(ErrorCode::MissingField, format!("`{kind}` needs field `{field}`")))
-            }
-            Some(Value::String(s)) => Ok(s),
-            Some(_) => Err(ProtocolError::new(ErrorCode::InvalidField, format!("field `{field}` must be a string"))),
-        }
-    };
-    let msg = match kind.as_str() {
+    let kind = kind.as_str();
+    let take_str = |obj: &mut serde_json::Map<String, Value>, field: &'static str| take_str(obj, kind, field);
+    let msg = match kind {
         "set_name" => {
-            let name = take_str("name")?;
+            let name = take_str(&mut obj, "name")?;
             validate_name(&name)?;
             ClientMsg::SetName { name }
         }
-        "join" => ClientMsg::Join { room: room(take_str("room")?)? },
-        "leave" => ClientMsg::Leave { room: room(take_str("room")?)? },
-        "presence" => ClientMsg::Presence { room: room(take_str("room")?)? },
+        "join" => ClientMsg::Join { room: room(take_str(&mut obj, "room")?)? },
+        "leave" => ClientMsg::Leave { room: room(take_str(&mut obj, "room")?)? },
+        "presence" => ClientMsg::Presence { room: room(take_str(&mut obj, "room")?)? },
         "message" => {
-            let r = room(take_str("room")?)?;
-            let text = take_str("text")?;
-            ClientMsg::Message { room: r, text }
+            let r = room(take_str(&mut obj, "room")?)?;
+            // `data` may be any JSON value, `null` included.
+            let has_data = obj.contains_key("data");
+            let text = match obj.get("text") {
+                None | Some(Value::Null) if has_data => String::new(),
+                _ => take_str(&mut obj, "text")?,
+            };
+            let msg_id = match obj.remove("msg_id") {
+                None | Some(Value::Null) => None,
+                Some(Value::String(s)) => Some(validate_msg_id(s)?),
+                Some(_) => return Err(ProtocolError::new(ErrorCode::InvalidField, "field `msg_id` must be a string")),
+            };
+            // The data's own bytes, read again from the frame: the parsed value would lose its
+            // key order and number forms.
+            let data = if has_data { Some(raw_data(text_of_frame)?) } else { None };
+            ClientMsg::Message { room: r, text, data, msg_id }
         }
         "online" => ClientMsg::Online,
         "resume" => ClientMsg::Resume { rooms: resume_points(obj.remove("rooms"))? },
@@ -151,6 +175,52 @@ pub fn decode(text: &str) -> Result<ClientMsg, ProtocolError> {
         }
     };
     Ok(msg)
+}
+
+/// Removes string field `field` of a `kind` frame.
+fn take_str(
+    obj: &mut serde_json::Map<String, Value>,
+    kind: &str,
+    field: &'static str,
+) -> Result<String, ProtocolError> {
+    match obj.remove(field) {
+        None | Some(Value::Null) => {
+            Err(ProtocolError::new(ErrorCode::MissingField, format!("`{kind}` needs field `{field}`")))
+        }
+        Some(Value::String(s)) => Ok(s),
+        Some(_) => Err(ProtocolError::new(ErrorCode::InvalidField, format!("field `{field}` must be a string"))),
+    }
+}
+
+/// Longest accepted `msg_id`, in bytes.
+pub const MAX_MSG_ID_LEN: usize = 64;
+
+/// A `msg_id` is 1–64 bytes without control characters.
+pub fn validate_msg_id(id: String) -> Result<String, ProtocolError> {
+    if id.is_empty() || id.len() > MAX_MSG_ID_LEN {
+        return Err(ProtocolError::new(
+            ErrorCode::InvalidField,
+            format!("field `msg_id` must be 1–{MAX_MSG_ID_LEN} bytes, not {}", id.len()),
+        ));
+    }
+    if id.chars().any(char::is_control) {
+        return Err(ProtocolError::new(ErrorCode::InvalidField, "field `msg_id` must not contain control characters"));
+    }
+    Ok(id)
+}
+
+/// The `data` field of a message frame, as written in it.
+fn raw_data(frame: &str) -> Result<RawJson, ProtocolError> {
+    #[derive(serde::Deserialize)]
+    struct DataOnly<'a> {
+        #[serde(borrow)]
+        data: &'a serde_json::value::RawValue,
+    }
+    match serde_json::from_str::<DataOnly<'_>>(frame) {
+        Ok(d) => RawJson::parse(d.data.get())
+            .map_err(|e| ProtocolError::new(ErrorCode::InvalidField, format!("field `data`: {e}"))),
+        Err(e) => Err(ProtocolError::new(ErrorCode::InvalidField, format!("field `data`: {e}"))),
+    }
 }
 
 fn room(name: String) -> Result<String, ProtocolError> {

@@ -96,6 +96,14 @@ pub enum Event<'a> {
         code: ErrorCode,
         message: &'a str,
     },
+    /// A `message` whose `(client, msg_id)` was published already: nothing was published
+    /// again; `seq`/`epoch` name the first one. Sent to the sender alone.
+    Duplicate {
+        room: &'a str,
+        msg_id: &'a str,
+        seq: u64,
+        epoch: &'a str,
+    },
 }
 
 impl Event<'_> {
@@ -177,6 +185,12 @@ pub enum NodeFrame {
         #[serde(default)]
         users: Vec<PresenceUser>,
     },
+    Duplicate {
+        room: String,
+        msg_id: String,
+        seq: u64,
+        epoch: String,
+    },
     Error {
         /// An [`ErrorCode`] ([`ErrorCode::parse`]), kept as text so a code this version does
         /// not know still reaches the reader.
@@ -195,8 +209,8 @@ fn left() -> String {
 }
 
 /// The `type`s [`NodeFrame`] knows.
-pub const NODE_FRAME_TYPES: [&str; 8] =
-    ["connected", "message", "user_joined", "user_left", "resumed", "presence", "online", "error"];
+pub const NODE_FRAME_TYPES: [&str; 9] =
+    ["connected", "message", "user_joined", "user_left", "resumed", "presence", "online", "duplicate", "error"];
 
 impl NodeFrame {
     /// The frame's JSON text.
@@ -225,6 +239,13 @@ pub enum NodeFrameError {
 
 /// Decodes one text frame from a node. Never panics.
 pub fn decode_node_frame(text: &str) -> Result<NodeFrame, NodeFrameError> {
+    // Room messages, the frames that come by the thousand, are read straight from the text:
+    // their `data` keeps its bytes (a `RawValue` cannot come out of a parsed `Value`).
+    if super::message::frame_type(text.as_bytes()) == Some(b"message") {
+        if let Ok(m) = serde_json::from_str::<RoomMessage>(text) {
+            return Ok(NodeFrame::Message(m));
+        }
+    }
     let value: Value = serde_json::from_str(text).map_err(|e| NodeFrameError::Invalid(format!("not JSON: {e}")))?;
     let Some(kind) = value.get("type").and_then(Value::as_str) else {
         return Err(if value.is_object() {
@@ -235,6 +256,15 @@ pub fn decode_node_frame(text: &str) -> Result<NodeFrame, NodeFrameError> {
     };
     if !NODE_FRAME_TYPES.contains(&kind) {
         return Err(NodeFrameError::Unknown(value));
+    }
+    if kind == "message" {
+        return match serde_json::from_str::<RoomMessage>(text) {
+            Ok(m) => Ok(NodeFrame::Message(m)),
+            Err(e) => {
+                let why = e.to_string();
+                Err(NodeFrameError::Malformed(value, why))
+            }
+        };
     }
     match NodeFrame::deserialize(&value) {
         Ok(frame) => Ok(frame),

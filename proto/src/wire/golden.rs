@@ -13,6 +13,8 @@ fn msg(replay: bool) -> RoomMessage {
         text: "hi \"you\"\n".into(),
         server: "node-1".into(),
         timestamp: 1_700_000_000_000,
+        data: None,
+        msg_id: None,
         seq: 42,
         epoch: "e1".into(),
         replay,
@@ -35,9 +37,24 @@ fn client_frames_encode_to_their_golden_bytes_and_back() {
         (ClientMsg::SetName { name: "Alice".into() }, r#"{"type":"set_name","name":"Alice"}"#),
         (ClientMsg::Join { room: "general".into() }, r#"{"type":"join","room":"general"}"#),
         (ClientMsg::Leave { room: "general".into() }, r#"{"type":"leave","room":"general"}"#),
+        (ClientMsg::text("general", "hi \"x\""), r#"{"type":"message","room":"general","text":"hi \"x\""}"#),
         (
-            ClientMsg::Message { room: "general".into(), text: "hi \"x\"".into() },
-            r#"{"type":"message","room":"general","text":"hi \"x\""}"#,
+            ClientMsg::Message {
+                room: "general".into(),
+                text: "hi".into(),
+                data: Some(RawJson::parse(r#"{"b":1,"a":[1.50,"x"]}"#).unwrap()),
+                msg_id: Some("m-1".into()),
+            },
+            r#"{"type":"message","room":"general","text":"hi","data":{"b":1,"a":[1.50,"x"]},"msg_id":"m-1"}"#,
+        ),
+        (
+            ClientMsg::Message {
+                room: "general".into(),
+                text: String::new(),
+                data: Some(RawJson::parse("null").unwrap()),
+                msg_id: None,
+            },
+            r#"{"type":"message","room":"general","data":null}"#,
         ),
         (resume, r#"{"type":"resume","rooms":{"a":{"seq":41},"b":{"seq":3,"epoch":"e1"}}}"#),
         (ClientMsg::Presence { room: "general".into() }, r#"{"type":"presence","room":"general"}"#),
@@ -63,7 +80,7 @@ fn the_bare_seq_resume_form_still_decodes() {
 fn extra_fields_are_ignored() {
     assert_eq!(
         decode(r#"{"type":"message","room":"general","text":"hi","extra":1}"#),
-        Ok(ClientMsg::Message { room: "general".into(), text: "hi".into() })
+        Ok(ClientMsg::text("general", "hi"))
     );
     assert_eq!(decode(r#"{"room":"g","type":"join"}"#), Ok(ClientMsg::Join { room: "g".into() }));
 }
@@ -284,6 +301,8 @@ fn message_frames_have_their_golden_bytes_and_round_trip() {
         text: "hi \"you\"\n",
         server: "node-1",
         timestamp: 1_700_000_000_000,
+        data: None,
+        msg_id: None,
     };
     let prefix = head.json_prefix();
     assert_eq!(
@@ -393,4 +412,54 @@ fn joined_completion_is_pinned_with_and_without_an_epoch() {
         complete_joined(joined, 0, None),
         r#"{"type":"user_joined","room":"r","user":"u","id":"i","server":"n","head_seq":0}"#
     );
+}
+
+/// A message with `data` and `msg_id`: both after `timestamp`, the data's bytes as the sender
+/// wrote them (key order, number forms), and the whole frame round-trips.
+#[test]
+fn data_and_msg_id_keep_their_bytes_through_decode_and_publish() {
+    let sent = r#"{"type":"message","room":"r","data":{"z":1,"a":{"n":[1e3,2.50]}},"msg_id":"k1"}"#;
+    let Ok(ClientMsg::Message { room, text, data, msg_id }) = decode(sent) else { panic!("did not decode") };
+    assert_eq!(text, "");
+    let data = data.expect("data");
+    assert_eq!(data.get(), r#"{"z":1,"a":{"n":[1e3,2.50]}}"#);
+    let head = MessageHead {
+        kind: "message",
+        room: &room,
+        from: "A",
+        id: "a",
+        text: &text,
+        server: "n1",
+        timestamp: 5,
+        data: Some(&data),
+        msg_id: msg_id.as_deref(),
+    };
+    let frame = complete_message(&head.json_prefix(), 7, "e1");
+    let golden = r#"{"type":"message","room":"r","from":"A","id":"a","text":"","server":"n1","timestamp":5,"data":{"z":1,"a":{"n":[1e3,2.50]}},"msg_id":"k1","seq":7,"epoch":"e1"}"#;
+    assert_eq!(frame, golden);
+    assert_eq!(MessageMeta::read(&frame), Some(MessageMeta { seq: 7, epoch: "e1" }));
+    let Ok(NodeFrame::Message(m)) = decode_node_frame(&frame) else { panic!("frame did not decode") };
+    assert_eq!(m.msg_id.as_deref(), Some("k1"));
+    assert_eq!(m.to_json(), golden);
+    let dup = Event::Duplicate { room: "r", msg_id: "k1", seq: 7, epoch: "e1" }.to_json();
+    assert_eq!(dup, r#"{"type":"duplicate","room":"r","msg_id":"k1","seq":7,"epoch":"e1"}"#);
+    assert_eq!(
+        decode_node_frame(&dup),
+        Ok(NodeFrame::Duplicate { room: "r".into(), msg_id: "k1".into(), seq: 7, epoch: "e1".into() })
+    );
+}
+
+#[test]
+fn bad_data_and_msg_id_are_named() {
+    let long = format!(r#"{{"type":"message","room":"r","text":"x","msg_id":"{}"}}"#, "m".repeat(65));
+    let cases: &[(&str, ErrorCode)] = &[
+        (r#"{"type":"message","room":"r"}"#, ErrorCode::MissingField),
+        (r#"{"type":"message","room":"r","text":"x","msg_id":""}"#, ErrorCode::InvalidField),
+        (r#"{"type":"message","room":"r","text":"x","msg_id":7}"#, ErrorCode::InvalidField),
+        (&long, ErrorCode::InvalidField),
+        (r#"{"type":"message","room":"r","text":1,"data":{}}"#, ErrorCode::InvalidField),
+    ];
+    for (frame, code) in cases {
+        assert_eq!(decode(frame).map_err(|e| e.code), Err(*code), "{frame}");
+    }
 }

@@ -10,6 +10,41 @@
 //! [`RoomMessage`] (through [`decode_node_frame`](super::decode_node_frame)).
 
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+/// A message's `data`: any JSON value, kept as the sender wrote it (the bytes are passed
+/// through, never re-serialised, so key order and number forms survive).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct RawJson(pub Box<RawValue>);
+
+impl RawJson {
+    /// Parses `json` (one JSON value) and keeps its text.
+    pub fn parse(json: &str) -> Result<Self, serde_json::Error> {
+        RawValue::from_string(json.to_owned()).map(Self)
+    }
+
+    /// The value as JSON text.
+    pub fn get(&self) -> &str {
+        self.0.get()
+    }
+}
+
+impl std::ops::Deref for RawJson {
+    type Target = RawValue;
+    fn deref(&self) -> &RawValue {
+        &self.0
+    }
+}
+
+/// Equal when the JSON texts are.
+impl PartialEq for RawJson {
+    fn eq(&self, other: &Self) -> bool {
+        self.get() == other.get()
+    }
+}
+
+impl Eq for RawJson {}
 
 /// The part of a room `message` frame known before publishing.
 #[derive(Debug, Clone, Serialize)]
@@ -22,6 +57,12 @@ pub struct MessageHead<'a> {
     pub text: &'a str,
     pub server: &'a str,
     pub timestamp: u64,
+    /// The message's JSON payload, when the sender gave one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data: Option<&'a RawValue>,
+    /// The sender's own id for the message (idempotent publish), echoed back.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub msg_id: Option<&'a str>,
 }
 
 impl MessageHead<'_> {
@@ -59,12 +100,20 @@ pub struct RoomMessage {
     pub from: String,
     /// Client id of the sender.
     pub id: String,
+    /// `""` when the sender gave only `data`.
+    #[serde(default)]
     pub text: String,
     /// The node the sender was connected to.
     pub server: String,
     /// Milliseconds since the Unix epoch, stamped by the sender's node.
     #[serde(default)]
     pub timestamp: u64,
+    /// The message's JSON payload, as the sender wrote it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<RawJson>,
+    /// The sender's id for the message, when it gave one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub msg_id: Option<String>,
     /// Position in the room's log, strictly increasing within `epoch`.
     pub seq: u64,
     /// The room log's epoch; a new one means the backbone lost the log and seqs restarted.
@@ -86,6 +135,8 @@ impl RoomMessage {
             text: &self.text,
             server: &self.server,
             timestamp: self.timestamp,
+            data: self.data.as_deref(),
+            msg_id: self.msg_id.as_deref(),
         };
         let frame = complete_message(&head.json_prefix(), self.seq, &self.epoch);
         if self.replay {

@@ -24,11 +24,13 @@ pub mod validate;
 #[cfg(test)]
 mod golden;
 
-pub use client::{decode, ClientMsg, ResumePoint};
+pub use client::{decode, validate_msg_id, ClientMsg, ResumePoint, MAX_MSG_ID_LEN};
 pub use codes::{ErrorCode, ProtocolError, CLOSE_POLICY, CLOSE_RESTART, CLOSE_TOO_BIG};
 pub use event::{
     complete_joined, decode_node_frame, Event, LeaveReason, NodeFrame, NodeFrameError, PresenceEntry, PresenceUser,
     SessionKind, NODE_FRAME_TYPES,
 };
-pub use message::{complete_message, frame_type, mark_replay, message_room, MessageHead, MessageMeta, RoomMessage};
+pub use message::{
+    complete_message, frame_type, mark_replay, message_room, MessageHead, MessageMeta, RawJson, RoomMessage,
+};
 pub use validate::{validate_name, validate_room, MAX_NAME_CHARS, MAX_ROOM_LEN};

@@ -5,39 +5,56 @@
 
 /// The atomic publish step, for one or more consecutive messages of one client to one room.
 ///
-/// KEYS: meta hash, log stream, channel. ARGV: a fresh epoch to use if the room has none,
-/// history length, log TTL in ms, then one frame prefix (ending in `"seq":`) per message.
-/// Each message gets the next seq, in order, and is logged, then published, before the next.
+/// KEYS: meta hash, log stream, channel, then — for messages with dedup keys — one dedup key
+/// per message (a batch is all keyed or all not). ARGV: a fresh epoch to use if the room has
+/// none, history length, log TTL in ms, dedup TTL in ms, then one frame prefix (ending in
+/// `"seq":`) per message. Each message gets the next seq, in order, and is logged, then
+/// published, before the next; a keyed one whose key is set already (published within its
+/// TTL) is skipped, and its first position answered instead.
+///
+/// Returns one {seq, epoch, duplicate (0|1)} per message.
 ///
 /// A counter that starts again at 1 means Redis lost the room's state (restart without
 /// persistence, eviction): the room gets a new epoch and its stale log, if any survived, is
 /// dropped, so `(epoch, seq)` never repeats.
 pub(super) const PUBLISH_LUA: &str = r#"
-local n = #ARGV - 3
-local last = redis.call('HINCRBY', KEYS[1], 'seq', n)
-local first = last - n + 1
-local epoch
-if first == 1 then
-  epoch = ARGV[1]
-  redis.call('HSET', KEYS[1], 'epoch', epoch)
-  redis.call('DEL', KEYS[2])
-else
-  epoch = redis.call('HGET', KEYS[1], 'epoch')
-  if not epoch then
-    epoch = ARGV[1]
-    redis.call('HSET', KEYS[1], 'epoch', epoch)
+local n = #ARGV - 4
+local keyed = #KEYS > 3
+local meta = redis.call('HMGET', KEYS[1], 'seq', 'epoch')
+local last = tonumber(meta[1] or '0')
+local epoch = meta[2]
+local out = {}
+local published = false
+for i = 1, n do
+  local seen = false
+  if keyed then seen = redis.call('GET', KEYS[3 + i]) end
+  if seen then
+    local bar = string.find(seen, '|', 1, true)
+    out[i] = {tonumber(string.sub(seen, 1, bar - 1)), string.sub(seen, bar + 1), 1}
+  else
+    last = last + 1
+    if last == 1 then
+      epoch = ARGV[1]
+      redis.call('HSET', KEYS[1], 'epoch', epoch)
+      redis.call('DEL', KEYS[2])
+    elseif not epoch then
+      epoch = ARGV[1]
+      redis.call('HSET', KEYS[1], 'epoch', epoch)
+    end
+    local frame = ARGV[4 + i] .. last .. ',"epoch":"' .. epoch .. '"}'
+    redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[2], last .. '-0', 'f', frame)
+    redis.call('PUBLISH', KEYS[3], frame)
+    if keyed then redis.call('SET', KEYS[3 + i], last .. '|' .. epoch, 'PX', ARGV[4]) end
+    out[i] = {last, epoch, 0}
+    published = true
   end
 end
-local tail = ',"epoch":"' .. epoch .. '"}'
-for i = 1, n do
-  local seq = first + i - 1
-  local frame = ARGV[3 + i] .. seq .. tail
-  redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[2], seq .. '-0', 'f', frame)
-  redis.call('PUBLISH', KEYS[3], frame)
+if published then
+  redis.call('HSET', KEYS[1], 'seq', last)
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+  redis.call('PEXPIRE', KEYS[2], ARGV[3])
 end
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-redis.call('PEXPIRE', KEYS[2], ARGV[3])
-return n
+return out
 "#;
 
 /// What the presence scripts share for webhooks (`docs/WEBHOOKS.md`), defined at the top of
