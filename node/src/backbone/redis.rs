@@ -36,6 +36,7 @@
 
 mod hooks;
 mod scripts;
+mod sessions;
 
 use super::inbound::Inbound;
 use super::keeper::Backoff;
@@ -594,59 +595,15 @@ impl Backbone for RedisBackbone {
     }
 
     fn load_session<'a>(&'a self, id: &'a str) -> Call<'a, Option<SessionRecord>> {
-        async move {
-            let mut con = self.commands.clone();
-            let (name, rooms): (Option<String>, Option<String>) = self
-                .command(redis::cmd("HMGET").arg(self.keys.session(id)).arg("name").arg("rooms").query_async(&mut con))
-                .await?;
-            let Some(rooms) = rooms else {
-                return Ok(None);
-            };
-            // A record we cannot read is treated as no record (and logged): the client then
-            // starts a new session instead of failing to connect.
-            let rooms: Vec<String> = match serde_json::from_str(&rooms) {
-                Ok(r) => r,
-                Err(e) => {
-                    warn!(id, error = %e, "unreadable session record; starting a new session");
-                    return Ok(None);
-                }
-            };
-            Ok(Some(SessionRecord { name, rooms }))
-        }
-        .boxed()
+        self.load_session_record(id).boxed()
     }
 
     fn save_session<'a>(&'a self, id: &'a str, session: &'a SessionRecord) -> Call<'a, ()> {
-        async move {
-            let key = self.keys.session(id);
-            // Vec<String> always serialises.
-            let rooms = serde_json::to_string(&session.rooms).expect("room names serialise");
-            let mut pipe = redis::pipe();
-            pipe.atomic().del(&key).ignore().hset(&key, "rooms", rooms).ignore();
-            if let Some(name) = &session.name {
-                pipe.hset(&key, "name", name).ignore();
-            }
-            pipe.pexpire(&key, self.cfg.session_ttl.as_millis() as i64).ignore();
-            let mut con = self.commands.clone();
-            self.command(pipe.query_async::<()>(&mut con)).await
-        }
-        .boxed()
+        self.save_session_record(id, session).boxed()
     }
 
     fn touch_sessions<'a>(&'a self, ids: &'a [Arc<str>]) -> Call<'a, ()> {
-        async move {
-            let ttl = self.cfg.session_ttl.as_millis() as i64;
-            for chunk in ids.chunks(1000) {
-                let mut pipe = redis::pipe();
-                for id in chunk {
-                    pipe.pexpire(self.keys.session(id), ttl).ignore();
-                }
-                let mut con = self.commands.clone();
-                self.command(pipe.query_async::<()>(&mut con)).await?;
-            }
-            Ok(())
-        }
-        .boxed()
+        self.touch_session_records(ids).boxed()
     }
 
     fn replay<'a>(&'a self, room: &'a str, after: u64) -> Call<'a, Replay> {
