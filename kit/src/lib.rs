@@ -13,7 +13,9 @@
 //! - [`redis_client`]: a deadline-bound client (the `redis` crate) for tools reading what the
 //!   nodes wrote;
 //! - [`url`]: WebSocket URLs with the client id in the query;
-//! - [`wait`]: [`eventually`], the one poll-until-it-holds helper of tools and tests.
+//! - [`wait`]: [`eventually`], the one poll-until-it-holds helper of tools and tests;
+//! - [`webhook_receiver`]: an in-process webhook receiver that records and checks every
+//!   request, and can answer 500 or refuse connections for a while.
 #![deny(unsafe_code)]
 
 pub mod api_client;
@@ -31,6 +33,7 @@ pub mod redis_server;
 mod server;
 pub mod url;
 pub mod wait;
+pub mod webhook_receiver;
 
 pub use api_client::{ApiAnswer, ApiClient};
 pub use balancer::BalancerProcess;
@@ -42,3 +45,4 @@ pub use process::{ChildProcess, LogTarget, ReadyLine, StopOutcome, StopReport, D
 pub use redis_server::{Persistence, RedisServer};
 pub use server::SERVER_READY_TIMEOUT;
 pub use wait::{eventually, TimedOut};
+pub use webhook_receiver::{Mode as ReceiverMode, Received, WebhookReceiver};

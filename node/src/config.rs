@@ -115,6 +115,8 @@ pub struct FileConfig {
     pub auth: Option<crate::auth::config::FileAuth>,
     /// The server API (`docs/API.md`); off without a key.
     pub api: Option<ApiFileConfig>,
+    /// `[webhooks]` (see `crate::webhooks::config`).
+    pub webhooks: Option<crate::webhooks::FileWebhooks>,
 }
 
 /// The `[api]` table.
@@ -233,6 +235,8 @@ pub struct Config {
     pub api_key: Option<ApiKey>,
     /// When set, upgrades are checked for a JWT (see [`crate::auth`]).
     pub auth: Option<std::sync::Arc<crate::auth::Verifier>>,
+    /// Signed webhooks, when `[webhooks] url` is set (Redis and `none` backbones only).
+    pub webhooks: Option<crate::webhooks::WebhooksConfig>,
 }
 
 /// A configuration value that cannot be used.
@@ -244,6 +248,8 @@ pub enum ConfigError {
     Parse { path: String, source: Box<toml::de::Error> },
     #[error("field `{field}`: {reason}")]
     Invalid { field: &'static str, reason: String },
+    #[error(transparent)]
+    Webhooks(#[from] crate::webhooks::config::WebhooksError),
 }
 
 fn invalid(field: &'static str, reason: impl Into<String>) -> ConfigError {
@@ -363,6 +369,15 @@ impl FileConfig {
                 return Err(invalid("max_connections", format!("{n} is outside 1..={ceiling}")));
             }
         }
+        let backbone = self.backbone.unwrap_or(BackboneKind::Redis);
+        let webhooks = self.webhooks.map(|w| w.validate()).transpose()?.flatten();
+        if webhooks.is_some() && backbone == BackboneKind::Nats {
+            return Err(invalid(
+                "webhooks",
+                "not supported with backbone = \"nats\" yet (its presence has no atomic step to decide \
+                 events in); use the redis backbone, or remove [webhooks]",
+            ));
+        }
         // Read at validation time: the binary raises the soft limit before it validates.
         let connection_limit = tether_proto::limits::ConnectionLimit::resolve(
             self.max_connections,
@@ -381,7 +396,7 @@ impl FileConfig {
             name,
             redis,
             nats,
-            backbone: self.backbone.unwrap_or(BackboneKind::Redis),
+            backbone,
             prefix,
             max_message_bytes,
             send_queue_len: nonzero_usize("send_queue_len", self.send_queue_len, DEFAULT_SEND_QUEUE_LEN)?,
@@ -454,6 +469,7 @@ impl FileConfig {
                 DEFAULT_PROBE_INTERVAL_MS,
             )?),
             api_key,
+            webhooks,
         })
     }
 }
@@ -551,6 +567,22 @@ mod tests {
         assert_eq!(FileConfig::parse("threads = 1", "t").unwrap().validate().unwrap().threads, 1);
         let err = FileConfig::parse("backbone = \"kafka\"", "t").unwrap_err().to_string();
         assert!(err.contains("backbone") || err.contains("kafka"), "{err}");
+    }
+
+    #[test]
+    fn webhooks_are_validated_and_refused_on_nats() {
+        let ok = "[webhooks]\nurl = \"http://127.0.0.1:9/h\"\nsecret = \"s\"\noffline_grace_ms = 200";
+        let cfg = FileConfig::parse(ok, "t").unwrap().validate().unwrap();
+        assert_eq!(cfg.webhooks.unwrap().offline_grace, Duration::from_millis(200));
+        let on_none = format!("backbone = \"none\"\n{ok}");
+        assert!(FileConfig::parse(&on_none, "t").unwrap().validate().unwrap().webhooks.is_some());
+        let on_nats = format!("backbone = \"nats\"\n{ok}");
+        let err = FileConfig::parse(&on_nats, "t").unwrap().validate().unwrap_err().to_string();
+        assert!(err.contains("webhooks") && err.contains("nats"), "{err}");
+        let https = "[webhooks]\nurl = \"https://h/\"\nsecret = \"s\"";
+        let err = FileConfig::parse(https, "t").unwrap().validate().unwrap_err().to_string();
+        assert!(err.contains("webhooks.url"), "{err}");
+        assert!(FileConfig::parse("", "t").unwrap().validate().unwrap().webhooks.is_none());
     }
 
     #[test]

@@ -20,6 +20,8 @@
 //!   clients cluster-wide through the backbone's control channel;
 //! - [`config`]: `configs/node.toml` and its validation;
 //! - [`cli`]: the binary's flags laid over the config, its start-up and exit codes;
+//! - [`webhooks`]: signed webhooks — the events the backbone decides once for the cluster,
+//!   their bounded queue and delivery with retries;
 //! - [`metrics`]: every exported metric.
 //!
 //! The binary (`main.rs`) only calls [`cli`]: parse the flags, load the config, start the
@@ -37,6 +39,7 @@ pub mod metrics;
 pub mod outbox;
 pub mod server;
 pub mod state;
+pub mod webhooks;
 
 pub use config::{Config, FileConfig};
 pub use server::run;

@@ -47,6 +47,8 @@ pub struct Metrics {
     pub rooms_subscribed: Gauge,
     pub backbone_ready: Gauge,
     pub backbone_reconnects: Counter,
+    /// `tether_webhook_*` (see `crate::webhooks`).
+    pub webhooks: crate::webhooks::WebhookMetrics,
 }
 
 impl Metrics {
@@ -56,7 +58,10 @@ impl Metrics {
 
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
-        let mut r = Registry::with_prefix("tether_node");
+        let mut root = Registry::default();
+        // The webhook metrics are `tether_webhook_*`, beside the node's `tether_node_*`.
+        self.webhooks.register(root.sub_registry_with_prefix("tether"));
+        let r = root.sub_registry_with_prefix("tether_node");
         let counters: [(&str, &str, &Counter); 17] = [
             ("connections", "Client WebSocket connections accepted", &self.connections_total),
             (
@@ -127,7 +132,7 @@ impl Metrics {
         );
         let mut out = String::new();
         // Writing into a String cannot fail.
-        encode(&mut out, &r).expect("encoding into a String");
+        encode(&mut out, &root).expect("encoding into a String");
         out
     }
 }

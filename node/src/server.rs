@@ -13,6 +13,7 @@ use crate::connection;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use crate::state::NodeState;
+use crate::webhooks::Webhooks;
 use crate::NodeError;
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
@@ -45,9 +46,16 @@ pub async fn run(listener: TcpListener, cfg: Config, shutdown: CancellationToken
     let metrics = Metrics::new();
     // The backbone outlives the connections: they still publish their `user_left` while draining.
     let backbone_stop = CancellationToken::new();
-    let backbone = backbone::start(Arc::clone(&cfg), Arc::clone(&hub), metrics.clone(), backbone_stop.clone())
-        .await
-        .map_err(|e| NodeError::Backbone(e.to_string()))?;
+    // Webhook delivery outlives the connections too: their last removals decide events.
+    let hooks = cfg.webhooks.clone().map(|w| Webhooks::start(w, metrics.webhooks.clone(), backbone_stop.clone()));
+    let backbone =
+        backbone::start(Arc::clone(&cfg), Arc::clone(&hub), metrics.clone(), hooks.clone(), backbone_stop.clone())
+            .await
+            .map_err(|e| NodeError::Backbone(e.to_string()))?;
+    if let Some(h) = &hooks {
+        info!(url = %h.config().url, grace_ms = h.grace().as_millis() as u64, "webhooks on");
+        tokio::spawn(backbone::claim_loop(Arc::clone(&backbone), h.grace(), backbone_stop.clone()));
+    }
     let state = Arc::new(NodeState::new(Arc::clone(&cfg), hub, backbone, metrics));
     let tracker = state.tracker.clone();
     tokio::spawn(refresh_sessions(Arc::clone(&state), backbone_stop.clone()));

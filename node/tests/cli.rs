@@ -53,6 +53,37 @@ fn a_bad_config_exits_64_naming_the_field() {
 }
 
 #[test]
+fn a_bad_webhooks_table_exits_64_naming_the_field() {
+    let dir = tempfile_dir();
+    for (i, (table, field)) in [
+        ("url = \"https://example.com/hook\"\nsecret = \"s\"", "webhooks.url"),
+        ("url = \"http://127.0.0.1:9/hook\"", "webhooks.secret"),
+        ("url = \"http://127.0.0.1:9/hook\"\nsecret = \"s\"\nevents = [\"client.gone\"]", "webhooks.events"),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let path = dir.join(format!("hooks-{i}.toml"));
+        std::fs::write(&path, format!("[webhooks]\n{table}\n")).unwrap();
+        let (code, stderr) = run_to_exit(&["--backbone", "none", "--config", path.to_str().unwrap()]);
+        assert_eq!(code, Some(64), "{table}: {stderr}");
+        assert!(stderr.contains(field), "{table}: names {field}: {stderr}");
+    }
+    let path = dir.join("hooks-nats.toml");
+    std::fs::write(&path, "[webhooks]\nurl = \"http://127.0.0.1:9/\"\nsecret = \"s\"\n").unwrap();
+    let (code, stderr) = run_to_exit(&["--backbone", "nats", "--config", path.to_str().unwrap()]);
+    assert_eq!(code, Some(64), "{stderr}");
+    assert!(stderr.contains("webhooks") && stderr.contains("nats"), "{stderr}");
+}
+
+/// A fresh directory for this process' config files.
+fn tempfile_dir() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("tether-node-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[test]
 fn an_address_in_use_is_a_runtime_failure_exiting_1() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = taken.local_addr().unwrap().to_string();

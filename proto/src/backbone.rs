@@ -156,6 +156,18 @@ impl RedisKeys {
         format!("{}instance:{{{instance}}}", self.prefix)
     }
 
+    /// Pending webhook events: a sorted set of event keys scored by due time (ms, Redis'
+    /// clock). Hash-tagged `{pending}` with [`RedisKeys::webhooks_pending_data`], so the claim
+    /// script touches one slot.
+    pub fn webhooks_pending(&self) -> String {
+        format!("{}webhooks:{{pending}}", self.prefix)
+    }
+
+    /// Each pending webhook event's stored form (`TYPE AT_MS DATA_JSON`), by event key.
+    pub fn webhooks_pending_data(&self) -> String {
+        format!("{}webhooks:{{pending}}:data", self.prefix)
+    }
+
     /// The channel an instance probes its own subscription on.
     pub fn probe(&self, instance: &str) -> String {
         format!("{}probe:{{{instance}}}", self.prefix)
@@ -220,6 +232,8 @@ mod tests {
         assert_eq!(k.instance_set("n#a"), "tether:instance:{n#a}");
         assert_eq!(k.probe("n#a"), "tether:probe:{n#a}");
         assert_eq!(k.control(), "tether:control");
+        assert_eq!(k.webhooks_pending(), "tether:webhooks:{pending}");
+        assert_eq!(k.webhooks_pending_data(), "tether:webhooks:{pending}:data");
     }
 
     #[test]

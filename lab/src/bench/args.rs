@@ -26,6 +26,9 @@ pub enum BenchKind {
     /// The server API: POST /api/publish through the balancer at a steady rate and at
     /// saturation; call latency, throughput, publish → delivery latency.
     Api(ApiArgs),
+    /// Webhook events/s: clients connecting, joining and leaving in a loop against a local
+    /// receiver; decided and delivered events/s, decision → delivery latency.
+    Webhooks(WebhooksArgs),
     /// A minimal WebSocket echo server (the backend of `bench proxies`).
     EchoBackend(EchoArgs),
     /// A load-generator child of `bench idle`/`fanout` (started by them, not by people).
@@ -214,6 +217,31 @@ pub struct WorkerArgs {
     /// The worker's job, as JSON (see `bench::worker::WorkerSpec`).
     #[arg(long, value_name = "JSON")]
     pub spec: String,
+}
+
+#[derive(Debug, Args)]
+pub struct WebhooksArgs {
+    /// Client loops running at once (each: connect, join, close, with a fresh id).
+    #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=5000).map(|n| n as usize))]
+    pub clients: usize,
+    /// Seconds of load.
+    #[arg(long, default_value_t = 10.0, value_parser = positive)]
+    pub duration: f64,
+    /// Nodes (the loops spread over them round robin).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=16).map(usize::from))]
+    pub nodes: usize,
+    /// Rooms the loops join (loop i joins room i mod ROOMS).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..).map(|n| n as usize))]
+    pub rooms: usize,
+    /// The offline grace (ms): graced events go out this much later.
+    #[arg(long, default_value_t = 200)]
+    pub grace_ms: u64,
+    /// Run with webhooks off too and show the connect/join/close rate side by side.
+    #[arg(long)]
+    pub compare_off: bool,
+    /// Write the processes' logs to DIR.
+    #[arg(long, value_name = "DIR")]
+    pub logs: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

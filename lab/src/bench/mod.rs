@@ -11,6 +11,9 @@
 //!   adapter ([`socketio`]) driven by the same load generator.
 //! - [`api`]: the server API's publish through the balancer: call latency and throughput at a
 //!   steady rate and at saturation, and publish → delivery latency to a WebSocket member.
+//! - [`webhooks`]: webhook events/s — decided and delivered — and decision → delivery
+//!   latency, with clients connecting and leaving in a loop; the presence path's cost with
+//!   webhooks on vs off.
 //! - [`proxies`]: the balancer against HAProxy and nginx (and a direct connection as the
 //!   floor) on the same echo workloads: throughput, latency at a fixed rate, upgrades per
 //!   second, memory per idle tunnel.
@@ -39,6 +42,7 @@ pub mod rooms;
 pub mod rtt;
 pub mod socketio;
 pub mod steady;
+pub mod webhooks;
 pub mod worker;
 pub mod wsraw;
 
@@ -195,6 +199,7 @@ pub async fn run_cli(bench: args::BenchArgs) -> Result<i32> {
         BenchKind::Idle(args) => idle::run_cli(args).await,
         BenchKind::Fanout(args) => fanout::run_cli(args).await,
         BenchKind::Proxies(args) => proxies::run_cli(args).await,
+        BenchKind::Webhooks(args) => webhooks::run_cli(args).await,
         BenchKind::EchoBackend(args) => echo::run_cli(args).await,
         BenchKind::Worker(args) => worker::run_cli(args).await,
     }

@@ -1,17 +1,22 @@
 //! `--backbone none`: sticky sessions alone. Frames go straight to this node's members;
 //! members on other nodes never see them (the comparison's control group). Seqs come from a
 //! per-room counter in memory, under an epoch unique to this process.
+//!
+//! Webhooks are decided here too, by [`super::decide`]'s rules in memory: this
+//! node's presence is the whole presence. Pending events die with the process.
 
+use super::decide::{leave_reason, Decider};
 use super::dedup::DedupCache;
 use super::inbound::Inbound;
 use super::{
     Backbone, Call, Joined, PresenceChange, PresenceEntry, Published, Replay, Scope, Seat, SessionRecord, Unpublished,
 };
 use crate::metrics::Metrics;
+use crate::webhooks::{Decided, Webhooks};
 use dashmap::DashMap;
 use futures_util::future::{ready, BoxFuture, FutureExt};
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use tether_proto::wire::{complete_joined, complete_message};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 
@@ -23,6 +28,21 @@ pub struct LocalBackbone {
     dedup: DedupCache,
     /// Presence of this node's connections only: without a backbone nobody else is visible.
     presence: LocalPresence,
+    hooks: Option<LocalHooks>,
+}
+
+/// Webhooks on one node: the sink, and the decisions' pending events on this node's clock.
+struct LocalHooks {
+    sink: Arc<Webhooks>,
+    decider: Mutex<Decider>,
+    started: std::time::Instant,
+}
+
+impl LocalHooks {
+    fn decide<T>(&self, f: impl FnOnce(&mut Decider, std::time::Duration) -> T) -> T {
+        let mut d = self.decider.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut d, self.started.elapsed())
+    }
 }
 
 /// Presence entries of this node's own connections, per scope: the `none` backbone's whole
@@ -33,15 +53,30 @@ struct LocalPresence {
 }
 
 impl LocalPresence {
-    fn add(&self, scope: Scope<'_>, conn: u64, entry: &PresenceEntry) -> PresenceChange {
+    /// Adds the entry; with `hooks`, decides its webhook events under the same shard lock.
+    fn add(
+        &self,
+        scope: Scope<'_>,
+        conn: u64,
+        entry: &PresenceEntry,
+        hooks: Option<&LocalHooks>,
+    ) -> (PresenceChange, Vec<Decided>) {
         let mut map = self.scopes.entry(scope_key(scope)).or_default();
-        if map.insert(conn, entry.clone()).is_some() {
+        let change = if map.insert(conn, entry.clone()).is_some() {
             PresenceChange::Unchanged
         } else if map.values().filter(|e| e.id == entry.id).count() == 1 {
             PresenceChange::FirstOrLast
         } else {
             PresenceChange::Shared
-        }
+        };
+        let decided = match hooks {
+            Some(h) if change == PresenceChange::FirstOrLast => {
+                let first_of_room = map.values().all(|e| e.id == entry.id);
+                h.decide(|d, _| d.added(scope, entry, true, first_of_room))
+            }
+            _ => Vec::new(),
+        };
+        (change, decided)
     }
 
     fn rename(&self, scope: Scope<'_>, conn: u64, entry: &PresenceEntry) {
@@ -52,18 +87,33 @@ impl LocalPresence {
         }
     }
 
-    fn remove(&self, scope: Scope<'_>, conn: u64, id: &str) -> PresenceChange {
+    /// Removes the entry; with `hooks`, decides its webhook events (for `reason`) under the
+    /// same shard lock.
+    fn remove(
+        &self,
+        scope: Scope<'_>,
+        conn: u64,
+        id: &str,
+        hooks: Option<(&LocalHooks, &str)>,
+    ) -> (PresenceChange, Vec<Decided>) {
         let key = scope_key(scope);
+        let mut decided = Vec::new();
         let change = match self.scopes.get_mut(&key) {
             None => PresenceChange::Unchanged,
             Some(mut map) => match map.remove(&conn) {
                 None => PresenceChange::Unchanged,
                 Some(_) if map.values().any(|e| e.id == id) => PresenceChange::Shared,
-                Some(_) => PresenceChange::FirstOrLast,
+                Some(gone) => {
+                    if let Some((h, reason)) = hooks {
+                        let empty = map.is_empty();
+                        decided = h.decide(|d, now| d.removed(now, scope, &gone, reason, true, empty));
+                    }
+                    PresenceChange::FirstOrLast
+                }
             },
         };
         self.scopes.remove_if(&key, |_, m| m.is_empty());
-        change
+        (change, decided)
     }
 
     fn list(&self, scope: Scope<'_>) -> Vec<PresenceEntry> {
@@ -80,9 +130,19 @@ fn scope_key(scope: Scope<'_>) -> String {
 
 impl LocalBackbone {
     /// Dedup keys are remembered for `idempotency_ttl`.
-    pub fn new(inbound: Arc<dyn Inbound>, metrics: Metrics, idempotency_ttl: std::time::Duration) -> Self {
+    pub fn new(
+        inbound: Arc<dyn Inbound>,
+        metrics: Metrics,
+        idempotency_ttl: std::time::Duration,
+        hooks: Option<Arc<Webhooks>>,
+    ) -> Self {
         let epoch = format!("local-{}", tether_proto::id::mint_client_id());
         metrics.backbone_ready.set(1);
+        let hooks = hooks.map(|sink| LocalHooks {
+            decider: Mutex::new(Decider::new(sink.grace())),
+            sink,
+            started: std::time::Instant::now(),
+        });
         Self {
             inbound,
             metrics,
@@ -90,6 +150,13 @@ impl LocalBackbone {
             seqs: DashMap::new(),
             dedup: DedupCache::new(idempotency_ttl),
             presence: LocalPresence::default(),
+            hooks,
+        }
+    }
+
+    fn offer(&self, decided: Vec<Decided>) {
+        if let (Some(h), false) = (&self.hooks, decided.is_empty()) {
+            h.sink.offer(decided);
         }
     }
 
@@ -181,7 +248,8 @@ impl Backbone for LocalBackbone {
             }
             (e, _) => e,
         };
-        let change = self.presence.add(scope, conn, entry);
+        let (change, decided) = self.presence.add(scope, conn, entry, self.hooks.as_ref());
+        self.offer(decided);
         if let (PresenceChange::FirstOrLast, Some(event), Scope::Room(room)) = (change, &event, scope) {
             self.deliver(room, event.clone());
         }
@@ -196,7 +264,10 @@ impl Backbone for LocalBackbone {
 
     fn presence_remove<'a>(&'a self, at: Seat<'a>, id: &'a str, event: Option<String>) -> Call<'a, PresenceChange> {
         let Seat { scope, conn } = at;
-        let change = self.presence.remove(scope, conn, id);
+        let reason = self.hooks.as_ref().map(|_| leave_reason(event.as_deref()));
+        let hooks = self.hooks.as_ref().zip(reason.as_deref());
+        let (change, decided) = self.presence.remove(scope, conn, id, hooks);
+        self.offer(decided);
         if let (PresenceChange::FirstOrLast, Some(event), Scope::Room(room)) = (change, event, scope) {
             self.deliver(room, event);
         }
@@ -209,5 +280,12 @@ impl Backbone for LocalBackbone {
 
     fn is_ready(&self) -> bool {
         true
+    }
+
+    fn claim_webhooks(&self) -> Call<'_, usize> {
+        let decided = self.hooks.as_ref().map(|h| h.decide(|d, now| d.claim_due(now))).unwrap_or_default();
+        let n = decided.len();
+        self.offer(decided);
+        ready(Ok(n)).boxed()
     }
 }

@@ -1,8 +1,11 @@
 //! A backbone in memory, for the tests of what is written above the trait: one [`Store`]
 //! stands for the shared Redis or NATS of several nodes, with a clock the test moves, a
 //! switch that cuts one node's subscription off, and ways to make it trim or lose data.
-//! Each change happens under one lock, as the real backbones' atomic steps do.
+//! Each change happens under one lock, as the real backbones' atomic steps do. With
+//! [`Store::with_webhooks`] it also decides webhook events (by [`super::decide`]'s
+//! rules, under that lock); each node keeps what it decided or claimed, for the test to read.
 
+use super::decide::{leave_reason, Decider};
 use super::inbound::{HubInbound, Inbound};
 use super::{
     Backbone, BackboneError, Call, Joined, PresenceChange, PresenceEntry, Published, Reaped, Replay, Scope, Seat,
@@ -11,6 +14,7 @@ use super::{
 use crate::hub::{Gate, Hub, Member};
 use crate::metrics::Metrics;
 use crate::outbox::{frame_payload, Limits, Outbox};
+use crate::webhooks::Decided;
 use futures_util::future::{ready, BoxFuture, FutureExt};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -39,6 +43,8 @@ struct State {
     sessions: HashMap<String, SessionRecord>,
     nodes: Vec<Subscriber>,
     epochs: u64,
+    /// Webhook decisions, when on; pending events are judged on `clock`.
+    decider: Option<Decider>,
     /// Room + dedup key → the position first published under it (never expires: a test's
     /// store lives for one test).
     dedup: HashMap<(String, String), (u64, String)>,
@@ -108,6 +114,12 @@ impl Store {
         Arc::new(Self { ttl, state: Mutex::new(State::default()) })
     }
 
+    /// A store that also decides webhook events, with `grace` on its clock.
+    pub fn with_webhooks(ttl: Duration, grace: Duration) -> Arc<Self> {
+        let state = State { decider: Some(Decider::new(grace)), ..State::default() };
+        Arc::new(Self { ttl, state: Mutex::new(state) })
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap()
     }
@@ -127,7 +139,12 @@ impl Store {
             rooms: HashSet::new(),
             connected: true,
         });
-        let backbone = Arc::new(MemoryBackbone { store: Arc::clone(self), instance, server: name.to_string() });
+        let backbone = Arc::new(MemoryBackbone {
+            store: Arc::clone(self),
+            instance,
+            server: name.to_string(),
+            decided: Mutex::new(Vec::new()),
+        });
         TestNode { hub, metrics, inbound, backbone }
     }
 
@@ -225,9 +242,20 @@ pub struct MemoryBackbone {
     store: Arc<Store>,
     instance: String,
     server: String,
+    /// The webhook events this node decided or claimed, in order.
+    decided: Mutex<Vec<Decided>>,
 }
 
 impl MemoryBackbone {
+    /// Takes the webhook events this node decided or claimed so far.
+    pub fn take_decided(&self) -> Vec<Decided> {
+        std::mem::take(&mut *self.decided.lock().unwrap())
+    }
+
+    fn keep(&self, decided: Vec<Decided>) {
+        self.decided.lock().unwrap().extend(decided);
+    }
+
     fn connected(&self, s: &mut State) -> Result<(), BackboneError> {
         if s.node(&self.instance).connected {
             Ok(())
@@ -329,6 +357,10 @@ impl Backbone for MemoryBackbone {
         } else {
             PresenceChange::Shared
         };
+        let first_of_room = entries.values().all(|e| e.id == entry.id);
+        if let (PresenceChange::FirstOrLast, Some(d)) = (change, s.decider.as_mut()) {
+            self.keep(d.added(scope, entry, true, first_of_room));
+        }
         if let (PresenceChange::FirstOrLast, Some(e), Some(r)) = (change, &event, &room) {
             s.publish(r, e);
         }
@@ -350,11 +382,19 @@ impl Backbone for MemoryBackbone {
         let Seat { scope, conn } = at;
         let mut s = self.store.lock();
         let room = scope_room(scope);
-        let entries = s.presence.entry(room.clone()).or_default();
+        let now = s.clock;
+        let state = &mut *s;
+        let entries = state.presence.entry(room.clone()).or_default();
         let change = match entries.remove(&conn_field(&self.instance, conn)) {
             None => PresenceChange::Unchanged,
             Some(_) if entries.values().any(|e| e.id == id) => PresenceChange::Shared,
-            Some(_) => PresenceChange::FirstOrLast,
+            Some(gone) => {
+                if let Some(d) = state.decider.as_mut() {
+                    let reason = leave_reason(event.as_deref());
+                    self.keep(d.removed(now, scope, &gone, &reason, true, entries.is_empty()));
+                }
+                PresenceChange::FirstOrLast
+            }
         };
         if let (PresenceChange::FirstOrLast, Some(e), Some(r)) = (change, &event, &room) {
             s.publish(r, e);
@@ -385,14 +425,21 @@ impl Backbone for MemoryBackbone {
         let dead: Vec<String> =
             s.instances.iter().filter(|(_, beat)| now - **beat > ttl).map(|(i, _)| i.clone()).collect();
         let mut announced = Vec::new();
+        let state = &mut *s;
+        let decider = &mut state.decider;
         for inst in &dead {
-            s.instances.remove(inst);
+            state.instances.remove(inst);
             let head = format!("{inst}/");
-            for (room, entries) in s.presence.iter_mut() {
+            for (room, entries) in state.presence.iter_mut() {
                 let gone: Vec<String> = entries.keys().filter(|f| f.starts_with(&head)).cloned().collect();
                 for field in gone {
                     let e = entries.remove(&field).expect("listed just now");
-                    if let Some(room) = room.as_deref().filter(|_| !entries.values().any(|o| o.id == e.id)) {
+                    let last = !entries.values().any(|o| o.id == e.id);
+                    if let (true, Some(d)) = (last, decider.as_mut()) {
+                        let scope = room.as_deref().map_or(Scope::Online, Scope::Room);
+                        self.keep(d.removed(now, scope, &e, "node_down", true, entries.is_empty()));
+                    }
+                    if let Some(room) = room.as_deref().filter(|_| last) {
                         let reason = LeaveReason::NodeDown;
                         let left = Event::UserLeft { room, user: &e.user, id: &e.id, server: &e.server, reason };
                         announced.push((room.to_string(), left.to_json()));
@@ -404,6 +451,15 @@ impl Backbone for MemoryBackbone {
             s.publish(room, event);
         }
         ready(Ok(Reaped { instances: dead.len() as u64, announced: announced.len() as u64 })).boxed()
+    }
+
+    fn claim_webhooks(&self) -> Call<'_, usize> {
+        let mut s = self.store.lock();
+        let now = s.clock;
+        let claimed = s.decider.as_mut().map(|d| d.claim_due(now)).unwrap_or_default();
+        let n = claimed.len();
+        self.keep(claimed);
+        ready(Ok(n)).boxed()
     }
 
     fn deregister(&self) -> BoxFuture<'_, ()> {

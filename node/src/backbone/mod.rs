@@ -27,6 +27,7 @@
 //! into [`start`]. The records it stores are in `tether_proto::backbone`.
 
 pub mod catch_up;
+pub mod decide;
 pub mod dedup;
 pub mod inbound;
 pub mod keeper;
@@ -36,10 +37,13 @@ pub mod redis;
 
 #[cfg(test)]
 pub(crate) mod memory;
+#[cfg(test)]
+mod webhook_tests;
 
 use crate::config::{BackboneKind, Config};
 use crate::hub::Hub;
 use crate::metrics::Metrics;
+use crate::webhooks::Webhooks;
 use futures_util::future::{ready, BoxFuture, FutureExt};
 use std::sync::Arc;
 pub use tether_proto::backbone::{PresenceEntry, SessionRecord};
@@ -47,26 +51,34 @@ use tokio_util::sync::CancellationToken;
 
 /// Starts the configured backbone, with the presence keeper above it (for the backbones that
 /// share presence), all running until `shutdown`. Does not wait for the backbone to be
-/// reachable: a node starts unready while it is away.
+/// reachable: a node starts unready while it is away. With `hooks`, the backbone decides
+/// webhook events in its presence steps and hands them there (configuration refuses
+/// webhooks on a backbone that cannot).
 pub async fn start(
     cfg: Arc<Config>,
     hub: Arc<Hub>,
     metrics: Metrics,
+    hooks: Option<Arc<Webhooks>>,
     shutdown: CancellationToken,
 ) -> Result<Arc<dyn Backbone>, BackboneError> {
     let inbound: Arc<dyn inbound::Inbound> = Arc::new(inbound::HubInbound::new(Arc::clone(&hub), metrics.clone()));
     let instance = tether_proto::backbone::instance_id(&cfg.name);
     let backbone: Arc<dyn Backbone> = match cfg.backbone {
-        BackboneKind::Redis => {
-            redis::RedisBackbone::start(Arc::clone(&cfg), inbound, metrics.clone(), instance.clone(), shutdown.clone())?
-        }
+        BackboneKind::Redis => redis::RedisBackbone::start(
+            Arc::clone(&cfg),
+            inbound,
+            metrics.clone(),
+            instance.clone(),
+            hooks,
+            shutdown.clone(),
+        )?,
         BackboneKind::Nats => {
             nats::NatsBackbone::start(Arc::clone(&cfg), inbound, metrics.clone(), instance.clone(), shutdown.clone())
                 .await?
         }
         // One node alone: nobody else to keep presence for.
         BackboneKind::None => {
-            return Ok(Arc::new(local::LocalBackbone::new(inbound, metrics, cfg.idempotency_ttl)));
+            return Ok(Arc::new(local::LocalBackbone::new(inbound, metrics, cfg.idempotency_ttl, hooks)));
         }
     };
     keeper::Keeper::new(Arc::clone(&backbone), hub, metrics, cfg.name.clone(), instance, cfg.presence_ttl)
@@ -171,6 +183,9 @@ impl BackboneError {
         }
     }
 }
+
+/// The most pending webhook events one [`Backbone::claim_webhooks`] call claims.
+pub const CLAIM_BATCH: usize = 100;
 
 /// What the reaper did in one call.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -302,8 +317,40 @@ pub trait Backbone: Send + Sync {
         ready(Ok(Reaped::default())).boxed()
     }
 
+    /// Claims up to [`CLAIM_BATCH`] pending webhook events whose grace has run out — atomically,
+    /// so each goes to exactly one node — and hands them to the webhook sink; answers how
+    /// many. By default (no webhooks) there are none.
+    fn claim_webhooks(&self) -> Call<'_, usize> {
+        ready(Ok(0)).boxed()
+    }
+
     /// A graceful stop: this instance is gone (its sessions removed their entries already).
     fn deregister(&self) -> BoxFuture<'_, ()> {
         ready(()).boxed()
+    }
+}
+
+/// Claims due pending events every [`crate::webhooks::claim_interval`] until `stop`; what this node claims,
+/// the backbone hands to the sink. Every node runs one: the claim is atomic, so each event
+/// goes to exactly one of them, and a node's death loses none of the pending ones.
+pub async fn claim_loop(backbone: Arc<dyn Backbone>, grace: std::time::Duration, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(crate::webhooks::claim_interval(grace));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        // A full batch means more may be due: claim again at once.
+        loop {
+            match backbone.claim_webhooks().await {
+                Ok(n) if n >= CLAIM_BATCH => continue,
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::debug!(error = %e, "claiming due webhook events failed; retrying next tick");
+                    break;
+                }
+            }
+        }
     }
 }

@@ -34,7 +34,10 @@
 //! The cluster-wide `online` list works the same way under `{prefix}online`. The reaper's
 //! keys are computed inside its script, so it needs a single Redis (not a Redis Cluster).
 
+mod hooks;
+mod publish;
 mod scripts;
+mod sessions;
 
 use super::inbound::Inbound;
 use super::keeper::Backoff;
@@ -46,8 +49,9 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use futures_util::future::{BoxFuture, FutureExt};
 use futures_util::StreamExt;
+use hooks::RedisHooks;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink};
-use scripts::{HEARTBEAT_LUA, PRESENCE_ADD_LUA, PRESENCE_REMOVE_LUA, PUBLISH_LUA, REAP_LUA};
+use scripts::{CLAIM_LUA, HEARTBEAT_LUA, PRESENCE_ADD_LUA, PRESENCE_REMOVE_LUA, PUBLISH_LUA, REAP_LUA};
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -93,6 +97,9 @@ pub struct RedisBackbone {
     presence_remove: redis::Script,
     heartbeat: redis::Script,
     reap: redis::Script,
+    claim: redis::Script,
+    /// Webhooks, when on: the presence scripts decide events and return them here.
+    hooks: Option<RedisHooks>,
     /// This process' presence instance: `NAME#RANDOM`, new at every start.
     instance: String,
     subs: tokio::sync::Mutex<Subs>,
@@ -111,34 +118,12 @@ pub struct RedisBackbone {
 }
 
 impl RedisBackbone {
-    /// The atomic publish step for `prefixes` in `room`; with `dedup` (one key per prefix),
-    /// each is published only if its key is not remembered yet.
-    fn publish_invocation(&self, room: &str, dedup: Vec<String>, prefixes: Vec<String>) -> redis::ScriptInvocation<'_> {
-        let mut invocation = self.publish.prepare_invoke();
-        let keys = self.keys.room(room);
-        invocation.key(keys.meta).key(keys.log).key(keys.channel);
-        for key in dedup {
-            invocation.key(self.keys.dedup(room, &key));
-        }
-        invocation
-            .arg(tether_proto::id::mint_client_id())
-            .arg(self.cfg.history_len)
-            .arg(self.cfg.log_ttl.as_millis() as u64)
-            .arg(self.cfg.idempotency_ttl.as_millis() as u64);
-        for prefix in prefixes {
-            invocation.arg(prefix);
-        }
-        invocation
-    }
-
-    /// Creates the backbone for node instance `instance` and starts its subscriber and
-    /// command keeper tasks, which run until `shutdown`. Does not wait for Redis: a node
-    /// starts (unready) while Redis is down.
     pub fn start(
         cfg: Arc<Config>,
         inbound: Arc<dyn Inbound>,
         metrics: Metrics,
         instance: String,
+        hooks: Option<Arc<crate::webhooks::Webhooks>>,
         shutdown: CancellationToken,
     ) -> Result<Arc<Self>, BackboneError> {
         let client = redis::Client::open(cfg.redis.as_str())?;
@@ -154,6 +139,8 @@ impl RedisBackbone {
         let commands = ConnectionManager::new_lazy_with_config(client.clone(), manager_cfg)?;
         let keys = RedisKeys::new(&cfg.prefix);
         let backbone = Arc::new(Self {
+            hooks: hooks.map(|sink| RedisHooks::new(sink, &keys)),
+            claim: redis::Script::new(CLAIM_LUA),
             channel_head: keys.channel_head(),
             keys,
             cfg,
@@ -467,21 +454,19 @@ impl RedisBackbone {
     }
 }
 
+/// The room a scope names, `""` for `online` (what the presence scripts take for webhooks).
+fn scope_room<'a>(scope: Scope<'a>) -> &'a str {
+    match scope {
+        Scope::Room(room) => room,
+        Scope::Online => "",
+    }
+}
+
 impl Backbone for RedisBackbone {
     /// All of them in one script call: one round trip, however many.
     fn publish_messages<'a>(&'a self, room: &'a str, prefixes: Vec<String>) -> BoxFuture<'a, Result<(), Unpublished>> {
         async move {
-            let count = prefixes.len() as u64;
-            if count == 0 {
-                return Ok(());
-            }
-            let mut con = self.commands.clone();
-            let invocation = self.publish_invocation(room, Vec::new(), prefixes);
-            let _published: Vec<(u64, String, u8)> = self
-                .command(invocation.invoke_async(&mut con))
-                .await
-                .map_err(|error| Unpublished { published: 0, error })?;
-            self.metrics.messages_published.inc_by(count);
+            self.publish_step(room, Vec::new(), prefixes).await.map_err(|error| Unpublished { published: 0, error })?;
             Ok(())
         }
         .boxed()
@@ -489,40 +474,25 @@ impl Backbone for RedisBackbone {
 
     fn publish_one<'a>(&'a self, room: &'a str, prefix: String, key: Option<&'a str>) -> Call<'a, Published> {
         async move {
-            let mut con = self.commands.clone();
             let keys = key.map(|k| vec![k.to_string()]).unwrap_or_default();
-            let invocation = self.publish_invocation(room, keys, vec![prefix]);
-            let answers: Vec<(u64, String, u8)> = self.command(invocation.invoke_async(&mut con)).await?;
-            let (seq, epoch, duplicate) = answers.into_iter().next().ok_or_else(|| {
-                BackboneError::Redis(redis::RedisError::from((
-                    redis::ErrorKind::Parse,
-                    "publish script answered nothing",
-                )))
-            })?;
-            if duplicate == 0 {
-                self.metrics.messages_published.inc();
-            }
-            Ok(Published { seq, epoch, duplicate: duplicate != 0 })
+            let answer = self.publish_step(room, keys, vec![prefix]).await?.into_iter().next();
+            answer.ok_or_else(|| {
+                let nothing = (redis::ErrorKind::Parse, "publish script answered nothing");
+                BackboneError::Redis(redis::RedisError::from(nothing))
+            })
         }
         .boxed()
     }
 
+    /// The whole batch in one script call, each key checked and set in it.
     fn publish_keyed<'a>(
         &'a self,
         room: &'a str,
         messages: Vec<(String, String)>,
     ) -> BoxFuture<'a, Result<Vec<Published>, Unpublished>> {
         async move {
-            let mut con = self.commands.clone();
             let (prefixes, keys): (Vec<String>, Vec<String>) = messages.into_iter().unzip();
-            let invocation = self.publish_invocation(room, keys, prefixes);
-            let answers: Vec<(u64, String, u8)> = self
-                .command(invocation.invoke_async(&mut con))
-                .await
-                .map_err(|error| Unpublished { published: 0, error })?;
-            let published = answers.iter().filter(|(_, _, dup)| *dup == 0).count();
-            self.metrics.messages_published.inc_by(published as u64);
-            Ok(answers.into_iter().map(|(seq, epoch, dup)| Published { seq, epoch, duplicate: dup != 0 }).collect())
+            self.publish_step(room, keys, prefixes).await.map_err(|error| Unpublished { published: 0, error })
         }
         .boxed()
     }
@@ -588,59 +558,15 @@ impl Backbone for RedisBackbone {
     }
 
     fn load_session<'a>(&'a self, id: &'a str) -> Call<'a, Option<SessionRecord>> {
-        async move {
-            let mut con = self.commands.clone();
-            let (name, rooms): (Option<String>, Option<String>) = self
-                .command(redis::cmd("HMGET").arg(self.keys.session(id)).arg("name").arg("rooms").query_async(&mut con))
-                .await?;
-            let Some(rooms) = rooms else {
-                return Ok(None);
-            };
-            // A record we cannot read is treated as no record (and logged): the client then
-            // starts a new session instead of failing to connect.
-            let rooms: Vec<String> = match serde_json::from_str(&rooms) {
-                Ok(r) => r,
-                Err(e) => {
-                    warn!(id, error = %e, "unreadable session record; starting a new session");
-                    return Ok(None);
-                }
-            };
-            Ok(Some(SessionRecord { name, rooms }))
-        }
-        .boxed()
+        self.load_session_record(id).boxed()
     }
 
     fn save_session<'a>(&'a self, id: &'a str, session: &'a SessionRecord) -> Call<'a, ()> {
-        async move {
-            let key = self.keys.session(id);
-            // Vec<String> always serialises.
-            let rooms = serde_json::to_string(&session.rooms).expect("room names serialise");
-            let mut pipe = redis::pipe();
-            pipe.atomic().del(&key).ignore().hset(&key, "rooms", rooms).ignore();
-            if let Some(name) = &session.name {
-                pipe.hset(&key, "name", name).ignore();
-            }
-            pipe.pexpire(&key, self.cfg.session_ttl.as_millis() as i64).ignore();
-            let mut con = self.commands.clone();
-            self.command(pipe.query_async::<()>(&mut con)).await
-        }
-        .boxed()
+        self.save_session_record(id, session).boxed()
     }
 
     fn touch_sessions<'a>(&'a self, ids: &'a [Arc<str>]) -> Call<'a, ()> {
-        async move {
-            let ttl = self.cfg.session_ttl.as_millis() as i64;
-            for chunk in ids.chunks(1000) {
-                let mut pipe = redis::pipe();
-                for id in chunk {
-                    pipe.pexpire(self.keys.session(id), ttl).ignore();
-                }
-                let mut con = self.commands.clone();
-                self.command(pipe.query_async::<()>(&mut con)).await?;
-            }
-            Ok(())
-        }
-        .boxed()
+        self.touch_session_records(ids).boxed()
     }
 
     fn forget_session<'a>(&'a self, id: &'a str) -> Call<'a, ()> {
@@ -709,8 +635,14 @@ impl Backbone for RedisBackbone {
                 .arg(&entry.id)
                 .arg(member)
                 .arg(event.unwrap_or_default());
+            if let Some(h) = &self.hooks {
+                call.key(&h.pending).key(&h.data).arg(scope_room(scope));
+            }
             let mut con = self.commands.clone();
-            let (n, frame): (i64, String) = self.command(call.invoke_async(&mut con)).await?;
+            let (n, frame, decided): (i64, String, Vec<String>) = self.command(call.invoke_async(&mut con)).await?;
+            if let Some(h) = &self.hooks {
+                h.offer(decided);
+            }
             let change = match n {
                 -1 => PresenceChange::Unchanged,
                 1 => PresenceChange::FirstOrLast,
@@ -753,8 +685,14 @@ impl Backbone for RedisBackbone {
                 .arg(id)
                 .arg(member)
                 .arg(event.unwrap_or_default());
+            if let Some(h) = &self.hooks {
+                call.key(&h.pending).key(&h.data).arg(scope_room(scope)).arg(h.grace_ms);
+            }
             let mut con = self.commands.clone();
-            let n: i64 = self.command(call.invoke_async(&mut con)).await?;
+            let (n, decided): (i64, Vec<String>) = self.command(call.invoke_async(&mut con)).await?;
+            if let Some(h) = &self.hooks {
+                h.offer(decided);
+            }
             Ok(match n {
                 -1 => PresenceChange::Unchanged,
                 0 => PresenceChange::FirstOrLast,
@@ -799,8 +737,25 @@ impl Backbone for RedisBackbone {
                 .arg(self.keys.prefix())
                 .arg(self.cfg.presence_ttl.as_millis() as u64)
                 .arg(16);
+            if let Some(h) = &self.hooks {
+                reap.key(&h.pending).key(&h.data).arg(h.grace_ms);
+            }
             let (instances, announced) = self.command(reap.invoke_async::<(u64, u64)>(&mut con)).await?;
             Ok(Reaped { instances, announced })
+        }
+        .boxed()
+    }
+
+    fn claim_webhooks(&self) -> Call<'_, usize> {
+        async move {
+            let Some(h) = &self.hooks else { return Ok(0) };
+            let mut con = self.commands.clone();
+            let mut claim = self.claim.prepare_invoke();
+            claim.key(&h.pending).key(&h.data).arg(super::CLAIM_BATCH);
+            let claimed: Vec<String> = self.command(claim.invoke_async(&mut con)).await?;
+            let n = claimed.len();
+            h.offer(claimed);
+            Ok(n)
         }
         .boxed()
     }

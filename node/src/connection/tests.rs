@@ -31,7 +31,7 @@ fn node_with(file: FileConfig, shared: bool) -> (Arc<NodeState>, Option<Arc<Memo
         (Arc::clone(&node.backbone) as Arc<dyn Backbone>, Some(node.backbone))
     } else {
         let inbound = Arc::new(HubInbound::new(Arc::clone(&hub), metrics.clone()));
-        (Arc::new(LocalBackbone::new(inbound, metrics.clone(), Duration::from_secs(300))), None)
+        (Arc::new(LocalBackbone::new(inbound, metrics.clone(), Duration::from_secs(300), None)), None)
     };
     (Arc::new(NodeState::new(cfg, hub, backbone, metrics)), memory)
 }
