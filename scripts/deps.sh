@@ -3,7 +3,7 @@
 # missing through apt (Debian/Ubuntu) and saying so. Fails — never skips — when something
 # cannot be had.
 #
-#   scripts/deps.sh            check and install: cargo, redis-server, nats-server, node + npm, cargo-nextest
+#   scripts/deps.sh            check and install: cargo, redis-server, nats-server, python3, openssl, node + npm, cargo-nextest
 set -euo pipefail
 
 say() { printf 'deps: %s\n' "$*" >&2; }
@@ -52,6 +52,13 @@ if ! command -v python3 >/dev/null 2>&1; then
   apt_install python3
 fi
 command -v python3 >/dev/null 2>&1 || die "python3 still missing after install"
+
+# The JWT tests and benchmark generate their RS256/ES256 test keys with openssl.
+if ! command -v openssl >/dev/null 2>&1; then
+  say "openssl not found"
+  apt_install openssl
+fi
+command -v openssl >/dev/null 2>&1 || die "openssl still missing after install"
 
 # `tether bench fanout --steady --vs socketio` (and its smoke test) runs Socket.IO on Node.js;
 # the bench installs Socket.IO's pinned packages itself (npm ci into target/socketio).
