@@ -95,7 +95,10 @@ async fn cluster(backbone: Backbone, node_args: Vec<String>) -> Result<Cluster> 
         nodes: 3,
         nats: matches!(backbone, Backbone::Nats),
         node_args,
-        balancer_args: vec!["--health-interval-ms".into(), "100".into()],
+        // Slow enough that a frozen node is not noticed (and its tunnels cut) between the
+        // freeze and the kill, however loaded the machine: the kill itself is noticed at once
+        // (its refused connects), so failover does not wait for a probe.
+        balancer_args: vec!["--health-interval-ms".into(), "2000".into()],
         logs: ClusterLogs::Null,
         ..ClusterOptions::default()
     })
