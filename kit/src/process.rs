@@ -154,6 +154,37 @@ impl ChildProcess {
     }
 
     /// Sends `sig` unless the process has already been reaped.
+    /// Waits up to `within` until every thread of the process is stopped (state `T` in
+    /// `/proc/PID/task/*/stat`), after a `SIGSTOP`.
+    pub fn wait_stopped(&self, within: Duration) -> Result<()> {
+        let deadline = std::time::Instant::now() + within;
+        let stopped = |stat: &str| {
+            // `PID (COMM) STATE …`: the state follows the last `)`.
+            stat.rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().next())
+                .is_some_and(|st| st == "T" || st == "t")
+        };
+        loop {
+            let tasks = std::fs::read_dir(format!("/proc/{}/task", self.pid))
+                .with_context(|| format!("{}: listing its threads", self.label))?;
+            let mut all = true;
+            for task in tasks.flatten() {
+                let stat = std::fs::read_to_string(task.path().join("stat")).unwrap_or_default();
+                if !stat.is_empty() && !stopped(&stat) {
+                    all = false;
+                    break;
+                }
+            }
+            if all {
+                return Ok(());
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(anyhow!("{}: not stopped {within:?} after SIGSTOP", self.label));
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
     pub fn signal(&mut self, sig: Signal) -> Result<()> {
         if self.try_status()?.is_some() {
             return Ok(());
@@ -458,8 +489,11 @@ macro_rules! process_controls {
         /// `SIGSTOP`: the process stops running but keeps its sockets open, so what peers
         /// write to it waits unread in the kernel — a node that has accepted bytes and not
         /// acted on them, deterministically. [`thaw`](Self::thaw) or `kill` it after.
+        /// Returns once every thread of it has stopped (a signal is delivered asynchronously:
+        /// until then it could still read what a test sends right after).
         pub fn freeze(&mut self) -> Result<()> {
-            self.$proc.signal(nix::sys::signal::Signal::SIGSTOP)
+            self.$proc.signal(nix::sys::signal::Signal::SIGSTOP)?;
+            self.$proc.wait_stopped(std::time::Duration::from_secs(5))
         }
 
         /// `SIGCONT`: undoes [`freeze`](Self::freeze).
