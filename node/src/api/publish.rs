@@ -107,9 +107,6 @@ async fn publish_to(room: &str, content: &Content, state: &NodeState, timestamp:
         .publish_one(room, head.json_prefix(), key.as_deref())
         .await
         .map_err(|e| ApiError::backbone(&e))?;
-    if !published.duplicate {
-        state.metrics.messages_published.inc();
-    }
     Ok(to_json(&Published { room, seq: published.seq, epoch: &published.epoch, duplicate: published.duplicate }))
 }
 

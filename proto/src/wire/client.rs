@@ -216,18 +216,16 @@ pub fn validate_msg_id(id: String) -> Result<String, ProtocolError> {
     Ok(id)
 }
 
-/// The `data` field of a message frame, as written in it.
+/// The `data` field of a message frame, as written in it: read straight into its own buffer
+/// (one pass over the frame, no second validation of the data).
 fn raw_data(frame: &str) -> Result<RawJson, ProtocolError> {
     #[derive(serde::Deserialize)]
-    struct DataOnly<'a> {
-        #[serde(borrow)]
-        data: &'a serde_json::value::RawValue,
+    struct DataOnly {
+        data: Box<serde_json::value::RawValue>,
     }
-    match serde_json::from_str::<DataOnly<'_>>(frame) {
-        Ok(d) => RawJson::parse(d.data.get())
-            .map_err(|e| ProtocolError::new(ErrorCode::InvalidField, format!("field `data`: {e}"))),
-        Err(e) => Err(ProtocolError::new(ErrorCode::InvalidField, format!("field `data`: {e}"))),
-    }
+    serde_json::from_str::<DataOnly>(frame)
+        .map(|d| RawJson(d.data))
+        .map_err(|e| ProtocolError::new(ErrorCode::InvalidField, format!("field `data`: {e}")))
 }
 
 fn room(name: String) -> Result<String, ProtocolError> {
