@@ -5,6 +5,7 @@
 //! - [`api_client`]: a keep-alive HTTP/1.1 client of the nodes' server API;
 //! - [`bin`]: finding `tether-node`, `tether-balancer`, `tether` (`$TETHER_BIN_DIR`, next to
 //!   the executable, `PATH`) and other tools on `PATH`;
+//! - [`certs`]: a development CA, the certificates it signs, and `wss://` client configs;
 //! - [`ports`]: free loopback ports;
 //! - [`redis_server`], [`nats_server`]: private servers on free ports, never the shared ones;
 //! - [`node`], [`balancer`]: the workspace binaries as children, on free ports, restartable;
@@ -21,6 +22,7 @@
 pub mod api_client;
 pub mod balancer;
 pub mod bin;
+pub mod certs;
 pub mod cluster;
 mod flags;
 pub mod hist;
