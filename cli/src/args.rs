@@ -63,6 +63,16 @@ pub struct UpArgs {
     /// Start a private nats-server and run the nodes on the NATS backbone.
     #[arg(long)]
     pub nats: bool,
+    /// Serve wss:// and https:// on the balancer's client port, with a development certificate
+    /// for localhost / 127.0.0.1 / ::1 signed by a CA made for the purpose (printed: clients
+    /// must trust it, e.g. `tether chat --ca DIR/ca.pem`).
+    #[arg(long)]
+    pub tls: bool,
+    /// Where --tls keeps the CA and certificate (ca.pem, cert.pem, key.pem): reused when they
+    /// are there, so a browser or client told to trust the CA once keeps trusting it; created
+    /// otherwise [default: a fresh temporary directory, removed at exit].
+    #[arg(long, value_name = "DIR", requires = "tls")]
+    pub tls_dir: Option<PathBuf>,
     /// Extra argument for every node (repeatable), e.g. `--node-arg=--backbone=none`.
     #[arg(long = "node-arg", value_name = "ARG", allow_hyphen_values = true)]
     pub node_args: Vec<String>,
@@ -84,6 +94,10 @@ pub struct ChatArgs {
     /// JWT to connect with (sent as ?token=…; see `tether token`).
     #[arg(long, value_name = "JWT")]
     pub token: Option<String>,
+    /// For wss:// URLs: trust the CA certificates in this PEM file (e.g. the one `tether up
+    /// --tls` prints) instead of the system's roots.
+    #[arg(long, value_name = "PEM")]
+    pub ca: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]

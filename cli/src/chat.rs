@@ -46,11 +46,13 @@ pub struct ChatOptions {
     pub name: Option<String>,
     /// After the input ends, the longest wait for answers still outstanding.
     pub linger: Duration,
+    /// `--ca`: the CA file wss:// connections trust instead of the system's roots.
+    pub ca: Option<std::path::PathBuf>,
 }
 
 impl From<ChatArgs> for ChatOptions {
     fn from(a: ChatArgs) -> Self {
-        Self { url: a.url, client: a.client, name: a.name, linger: DEFAULT_LINGER }
+        Self { url: a.url, client: a.client, name: a.name, linger: DEFAULT_LINGER, ca: a.ca }
     }
 }
 
@@ -105,6 +107,9 @@ fn client_config(opts: &ChatOptions) -> Result<ClientConfig> {
     let mut cfg = ClientConfig::new(opts.url.clone());
     cfg.client_id = opts.client.clone();
     cfg.name = opts.name.clone();
+    if let Some(ca) = &opts.ca {
+        cfg.tls = Some(tether_kit::certs::client_config_from_file(ca).context("--ca")?);
+    }
     Ok(cfg)
 }
 
@@ -788,6 +793,7 @@ mod tests {
             client: Some("alice".into()),
             name: Some(name.into()),
             linger: DEFAULT_LINGER,
+            ca: None,
         };
         let cfg = client_config(&opts("Alice")).expect("valid");
         assert_eq!((cfg.client_id.as_deref(), cfg.name.as_deref()), (Some("alice"), Some("Alice")));
@@ -796,5 +802,9 @@ mod tests {
         assert!(client_config(&bad_id).is_err_and(|e| e.to_string().contains("--client")));
         let not_ws = ChatOptions { url: "http://h:1/ws".into(), ..opts("Alice") };
         assert!(client_config(&not_ws).is_err());
+        let no_ca = ChatOptions { url: "wss://h:1/ws".into(), ca: Some("/nonexistent/ca.pem".into()), ..opts("Alice") };
+        assert!(client_config(&no_ca).is_err_and(|e| e.to_string().contains("--ca")));
+        let tls = ChatOptions { url: "wss://h:1/ws".into(), ..opts("Alice") };
+        assert!(client_config(&tls).expect("wss is accepted").tls.is_none(), "system roots by default");
     }
 }

@@ -14,6 +14,7 @@ use anyhow::{Context, Result};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
+use tether_kit::certs::{CertFiles, DevCa};
 use tether_kit::{Cluster, ClusterLogs, ClusterOptions, StopReport, DEFAULT_READY_TIMEOUT};
 use tokio::signal::unix::{signal, SignalKind};
 
@@ -31,6 +32,9 @@ pub struct UpOptions {
     pub balancer_args: Vec<String>,
     /// Run the nodes on a private nats-server instead of Redis.
     pub nats: bool,
+    /// `--tls`: wss:// on the balancer with a development certificate; `Some(dir)` when
+    /// `--tls-dir` names where it lives.
+    pub tls: Option<Option<PathBuf>>,
 }
 
 impl From<UpArgs> for UpOptions {
@@ -46,6 +50,7 @@ impl From<UpArgs> for UpOptions {
             node_args: a.node_args,
             balancer_args: a.balancer_args,
             nats: a.nats,
+            tls: a.tls.then_some(a.tls_dir),
         }
     }
 }
@@ -61,13 +66,22 @@ pub async fn run(opts: UpOptions) -> Result<i32> {
         Some(dir) => ClusterLogs::Dir(dir.clone()),
         None => ClusterLogs::Inherit,
     };
+    // Kept until the cluster has stopped: a temporary directory goes with it.
+    let tls = match &opts.tls {
+        Some(dir) => Some(DevTls::prepare(dir.as_deref())?),
+        None => None,
+    };
+    let mut balancer_args = opts.balancer_args.clone();
+    if let Some(tls) = &tls {
+        balancer_args.extend(tls.balancer_args());
+    }
     let cluster_opts = ClusterOptions {
         nodes: opts.nodes,
         redis: opts.redis.clone(),
         balancer_listen: Some(opts.listen),
         balancer_admin: Some(opts.admin),
         node_args: opts.node_args.clone(),
-        balancer_args: opts.balancer_args.clone(),
+        balancer_args,
         logs,
         ready_timeout: DEFAULT_READY_TIMEOUT,
         redis_persistence: Default::default(),
@@ -79,7 +93,7 @@ pub async fn run(opts: UpOptions) -> Result<i32> {
         _ = sigint.recv() => { eprintln!("tether up: interrupted while starting; nothing left running"); return Ok(130) }
         _ = sigterm.recv() => { eprintln!("tether up: terminated while starting; nothing left running"); return Ok(143) }
     };
-    print!("{}", summary(&cluster, &opts));
+    print!("{}", summary(&cluster, &opts, tls.as_ref()));
 
     let mut died = false;
     let signal_name = loop {
@@ -121,11 +135,65 @@ async fn kill_now(cluster: &mut Cluster) -> Result<Vec<StopReport>> {
     cluster.kill_all().await
 }
 
+/// The development certificate of `tether up --tls`: a CA made for the purpose and a leaf for
+/// localhost / 127.0.0.1 / ::1 it signed, as PEM files the balancer reads (`--tls-cert`,
+/// `--tls-key`) and clients trust (`ca.pem`).
+pub struct DevTls {
+    files: CertFiles,
+    /// Whether the files were there already (`--tls-dir` from an earlier run).
+    reused: bool,
+    /// The temporary directory holding them when no `--tls-dir` was given.
+    _tmp: Option<tempfile::TempDir>,
+}
+
+impl DevTls {
+    /// Reuses `dir`'s `ca.pem`, `cert.pem` and `key.pem` when all three are there; otherwise
+    /// makes a CA and a certificate and writes them to `dir` (or a fresh temporary directory).
+    pub fn prepare(dir: Option<&std::path::Path>) -> Result<Self> {
+        let (dir, tmp) = match dir {
+            Some(dir) => (dir.to_path_buf(), None),
+            None => {
+                let tmp = tempfile::Builder::new()
+                    .prefix("tether-up-tls-")
+                    .tempdir()
+                    .context("creating a directory for the development certificate")?;
+                (tmp.path().to_path_buf(), Some(tmp))
+            }
+        };
+        let files = CertFiles { ca: dir.join("ca.pem"), cert: dir.join("cert.pem"), key: dir.join("key.pem") };
+        if [&files.ca, &files.cert, &files.key].iter().all(|p| p.is_file()) {
+            return Ok(Self { files, reused: true, _tmp: tmp });
+        }
+        let ca = DevCa::generate("Tether development CA (tether up --tls)")?;
+        let files =
+            ca.write(&dir).with_context(|| format!("writing the development certificate to {}", dir.display()))?;
+        Ok(Self { files, reused: false, _tmp: tmp })
+    }
+
+    /// The balancer flags that serve this certificate.
+    pub fn balancer_args(&self) -> [String; 4] {
+        [
+            "--tls-cert".to_owned(),
+            self.files.cert.display().to_string(),
+            "--tls-key".to_owned(),
+            self.files.key.display().to_string(),
+        ]
+    }
+
+    /// The CA certificate clients must trust.
+    pub fn ca(&self) -> &std::path::Path {
+        &self.files.ca
+    }
+}
+
 /// The start-up banner: where everything listens and what to try.
-pub fn summary(cluster: &Cluster, opts: &UpOptions) -> String {
+pub fn summary(cluster: &Cluster, opts: &UpOptions, tls: Option<&DevTls>) -> String {
     use std::fmt::Write;
     let mut s = String::new();
-    let ws = cluster.ws_url();
+    let ws = match tls {
+        Some(_) => format!("wss://{}/ws", cluster.balancer().addr()),
+        None => cluster.ws_url(),
+    };
     let admin = cluster.admin_url();
     let _ = writeln!(
         s,
@@ -152,13 +220,27 @@ pub fn summary(cluster: &Cluster, opts: &UpOptions) -> String {
     }
     let _ = writeln!(s, "  {:<9} {:<34} (pid {})", "balancer", ws, cluster.balancer().pid());
     let _ = writeln!(s, "  {:<9} {admin}/status", "admin");
+    if let Some(tls) = tls {
+        let ca = tls.ca().display();
+        let how = if tls.reused { "reused" } else { "made for this run" };
+        let _ = writeln!(s, "  {:<9} {ca} (development CA, {how}: trust it to connect)", "ca");
+    }
     if let Some(dir) = &opts.logs {
         let _ = writeln!(s, "  {:<9} {}/*.log", "logs", dir.display());
     }
     let _ = writeln!(s);
     let _ = writeln!(s, "Try:");
-    let _ = writeln!(s, "  tether chat {ws} --name alice");
-    let _ = writeln!(s, "  websocat '{ws}?client=alice'");
+    match tls {
+        Some(tls) => {
+            let ca = tls.ca().display();
+            let _ = writeln!(s, "  tether chat {ws} --ca {ca} --name alice");
+            let _ = writeln!(s, "  SSL_CERT_FILE={ca} websocat '{ws}?client=alice'");
+        }
+        None => {
+            let _ = writeln!(s, "  tether chat {ws} --name alice");
+            let _ = writeln!(s, "  websocat '{ws}?client=alice'");
+        }
+    }
     let _ = writeln!(s, "      {{\"type\":\"set_name\",\"name\":\"Alice\"}}");
     let _ = writeln!(s, "      {{\"type\":\"join\",\"room\":\"general\"}}");
     let _ = writeln!(s, "      {{\"type\":\"message\",\"room\":\"general\",\"text\":\"hello\"}}");

@@ -5,6 +5,7 @@
 //! before anything is spawned, so a bad URL or id is an error at once rather than an endless
 //! reconnect loop.
 
+use std::sync::Arc;
 use std::time::Duration;
 use tether_proto::id::validate_client_id;
 use tether_proto::wire::validate_name;
@@ -31,7 +32,7 @@ pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 << 10;
 /// Everything a client needs to know before its first connection.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
-    /// `ws://HOST[:PORT]/PATH[?QUERY]` of a balancer or a node. The client adds
+    /// `ws://` or `wss://HOST[:PORT]/PATH[?QUERY]` of a balancer or a node. The client adds
     /// `client=ID` to the query itself; a `client` parameter already in the URL is taken as
     /// [`client_id`](Self::client_id) when that is unset.
     pub url: String,
@@ -69,6 +70,9 @@ pub struct ClientConfig {
     /// Largest `message` frame `send` accepts (the node's `max_message_bytes`: a frame
     /// over it would close the connection with 1009 and, resent, close the next one too).
     pub max_message_bytes: usize,
+    /// TLS settings of `wss://` connections (which CAs to trust; ALPN). `None`: rustls with
+    /// the system's root certificates. Ignored for `ws://`.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl ClientConfig {
@@ -88,6 +92,7 @@ impl ClientConfig {
             max_unconfirmed: DEFAULT_MAX_UNCONFIRMED,
             max_unconfirmed_bytes: DEFAULT_MAX_UNCONFIRMED_BYTES,
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            tls: None,
         }
     }
 
@@ -175,11 +180,8 @@ fn base_url(url: &str) -> Result<(String, Option<String>), ConfigError> {
     let bad = |why| ConfigError::Url(url.to_string(), why);
     let uri: http::Uri = url.parse().map_err(|_| bad("not a valid URL"))?;
     match uri.scheme_str() {
-        Some("ws") => {}
-        // The workspace builds tokio-tungstenite without a TLS backend; refusing here beats
-        // a reconnect loop that can never succeed.
-        Some("wss") => return Err(bad("wss:// needs TLS, which this build does not include")),
-        _ => return Err(bad("the scheme must be ws://")),
+        Some("ws" | "wss") => {}
+        _ => return Err(bad("the scheme must be ws:// or wss://")),
     }
     if uri.host().is_none() {
         return Err(bad("no host"));
@@ -253,7 +255,7 @@ mod tests {
         c.url = "http://h/ws".into();
         assert!(matches!(c.validate(), Err(ConfigError::Url(..))));
         c.url = "wss://h/ws".into();
-        assert!(matches!(c.validate(), Err(ConfigError::Url(..))));
+        assert_eq!(c.validate(), Ok(()));
         let mut c = ok;
         c.backoff_max = Duration::from_millis(1);
         assert!(matches!(c.validate(), Err(ConfigError::BackoffOrder { .. })));

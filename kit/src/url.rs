@@ -8,9 +8,8 @@ use tether_proto::id::validate_client_id;
 pub fn connect_url(base: &str, client: Option<&str>) -> Result<String> {
     let uri: http::Uri = base.parse().with_context(|| format!("{base:?} is not a valid URL"))?;
     match uri.scheme_str() {
-        Some("ws") => {}
-        Some("wss") => bail!("{base}: wss:// is not supported (this build has no TLS); use ws://"),
-        _ => bail!("{base}: the URL must start with ws:// (e.g. ws://127.0.0.1:8080/ws)"),
+        Some("ws" | "wss") => {}
+        _ => bail!("{base}: the URL must start with ws:// or wss:// (e.g. ws://127.0.0.1:8080/ws)"),
     }
     if uri.authority().is_none() {
         bail!("{base}: the URL has no host");

@@ -29,6 +29,18 @@ impl Ws {
         Ok(Self { id: id.to_owned(), ws })
     }
 
+    /// Connects to `base` (a `wss://…/ws` URL) as client `id`, trusting only the CA in the
+    /// PEM file `ca`.
+    pub async fn connect_tls(base: &str, id: &str, ca: &std::path::Path) -> Result<Self> {
+        let url = format!("{base}?client={id}");
+        let tls = tether_kit::certs::client_config_from_file(ca)?;
+        let connector = tokio_tungstenite::Connector::Rustls(tls);
+        let (ws, _) = tokio_tungstenite::connect_async_tls_with_config(url.as_str(), None, false, Some(connector))
+            .await
+            .with_context(|| format!("connecting to {url}"))?;
+        Ok(Self { id: id.to_owned(), ws })
+    }
+
     /// Sends a client frame, encoded as every client encodes it.
     pub async fn send_msg(&mut self, msg: &ClientMsg) -> Result<()> {
         self.ws.send(Message::text(msg.to_json())).await?;

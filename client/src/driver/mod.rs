@@ -197,7 +197,12 @@ impl Driver {
             self.set_status(Status::Connecting { attempt });
             let url = connect_url(&self.cfg.url, self.id.as_deref());
             debug!(%url, attempt, "connecting");
-            let connect = timeout(self.cfg.connect_timeout, tokio_tungstenite::connect_async(url));
+            // `wss://` with the configured TLS settings, else the system's roots; `ws://` ignores them.
+            let tls = self.cfg.tls.clone().map(tokio_tungstenite::Connector::Rustls);
+            let connect = timeout(
+                self.cfg.connect_timeout,
+                tokio_tungstenite::connect_async_tls_with_config(url, None, false, tls),
+            );
             let Some(result) = self.offline(connect).await else {
                 break;
             };
