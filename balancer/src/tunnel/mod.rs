@@ -47,14 +47,17 @@ use std::sync::Arc;
 use bytes::Bytes;
 use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
+use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::conn::ClientConn;
 use crate::pool::ActiveGuard;
 use crate::quiet::Quiet;
+use crate::tls::ClientStream;
 
 mod drain;
 mod linger;
@@ -125,37 +128,95 @@ pub(crate) async fn run(
         _ = stops.node_down.cancelled() => return,
         _ = stops.hard_stop.cancelled() => return,
     };
-    let (Some(client), Some(node)) = (into_tcp(client), into_tcp(node)) else {
-        // Both sides are served over `TokioIo<TcpStream>` (see `server` and `proxy`): only a
-        // change there gets here.
-        warn!("an upgraded connection is not a plain TCP stream; tunnel closed");
+    let (Some((client, client_early)), Some(node)) = (into_client(client), into_node(node)) else {
+        // The client side is served over `TokioIo<ClientStream>` (see `server`), the node's
+        // over `TokioIo<TcpStream>` (see `proxy`): only a change there gets here.
+        warn!("an upgraded connection is not of the expected stream type; tunnel closed");
         return;
     };
-    copy(client, node, websocket, &stops, guard).await;
+    // Each kind of client stream has its own instance of `copy`: a plain tunnel's is exactly
+    // the zero-buffer copy over two bare sockets; a TLS one's splits the TLS stream.
+    match client {
+        ClientStream::Plain(tcp) => {
+            copy((tcp, client_early), node, websocket, &stops, guard).await;
+        }
+        ClientStream::Tls(tls) => {
+            Box::pin(copy((tls, client_early), node, websocket, &stops, guard)).await;
+        }
+    }
     // The client's socket closed when `copy` returned; its slot is given back now.
     drop(conn);
 }
 
-/// The TCP stream under an upgraded connection, and what hyper had read from it past the
-/// HTTP head (a client's first frames sent along with its request; a node's first frames
-/// sent along with its 101).
-fn into_tcp(upgraded: Upgraded) -> Option<(TcpStream, Bytes)> {
+/// The client's stream under an upgraded connection, and what hyper had read from it past
+/// the HTTP head (its first frames sent along with its request; decrypted, over TLS).
+fn into_client(upgraded: Upgraded) -> Option<(ClientStream, Bytes)> {
+    let parts = upgraded.downcast::<TokioIo<ClientStream>>().ok()?;
+    Some((parts.io.into_inner(), parts.read_buf))
+}
+
+/// The TCP stream under the node's upgraded connection, and what hyper had read from it past
+/// the 101's head (the node's first frames sent along with it).
+fn into_node(upgraded: Upgraded) -> Option<(TcpStream, Bytes)> {
     let parts = upgraded.downcast::<TokioIo<TcpStream>>().ok()?;
     Some((parts.io.into_inner(), parts.read_buf))
+}
+
+/// The client's end of a tunnel, as [`copy`] needs it: two halves that both directions can
+/// use at once in the tunnel's one task, and a way to make its close a reset.
+pub(crate) trait ClientSide {
+    type Rx<'a>: AsyncRead + Unpin
+    where
+        Self: 'a;
+    type Tx<'a>: AsyncWrite + Unpin
+    where
+        Self: 'a;
+    /// The read and write halves, borrowed for the copy.
+    fn halves(&mut self) -> (Self::Rx<'_>, Self::Tx<'_>);
+    /// Makes the coming close a reset (`SO_LINGER` 0) rather than a FIN queued behind data a
+    /// stalled client never takes.
+    fn reset_on_close(&self);
+}
+
+/// A plain client: the socket's own borrowed halves, no allocation, no lock.
+impl ClientSide for TcpStream {
+    type Rx<'a> = tokio::net::tcp::ReadHalf<'a>;
+    type Tx<'a> = tokio::net::tcp::WriteHalf<'a>;
+    fn halves(&mut self) -> (Self::Rx<'_>, Self::Tx<'_>) {
+        self.split()
+    }
+    fn reset_on_close(&self) {
+        let _ = self.set_zero_linger();
+    }
+}
+
+/// A TLS client: one rustls session serves both directions, so it is shared between the two
+/// halves through `tokio::io::split` (one small allocation per tunnel, an uncontended lock
+/// per poll: both halves run in the same task). Shutting the write half down sends
+/// `close_notify`, then the FIN.
+impl ClientSide for Box<TlsStream<TcpStream>> {
+    type Rx<'a> = tokio::io::ReadHalf<&'a mut TlsStream<TcpStream>>;
+    type Tx<'a> = tokio::io::WriteHalf<&'a mut TlsStream<TcpStream>>;
+    fn halves(&mut self) -> (Self::Rx<'_>, Self::Tx<'_>) {
+        tokio::io::split(&mut **self)
+    }
+    fn reset_on_close(&self) {
+        let _ = self.get_ref().0.set_zero_linger();
+    }
 }
 
 /// The tunnel proper, once both sides are plain TCP streams; returns why it ended. The node's
 /// connection (and `guard`) are let go as soon as the copy ends; the client's lingers when the
 /// node's side ended first (see [`End::lingers`]).
-async fn copy(
-    (mut client, client_early): (TcpStream, Bytes),
+async fn copy<C: ClientSide>(
+    (mut client, client_early): (C, Bytes),
     (mut node, node_early): (TcpStream, Bytes),
     websocket: bool,
     stops: &Stops,
     guard: Arc<ActiveGuard>,
 ) -> End {
     debug!("tunnel open");
-    let (mut client_rx, mut client_tx) = client.split();
+    let (mut client_rx, mut client_tx) = client.halves();
     let (mut node_rx, mut node_tx) = node.split();
     // Not a WebSocket: no frames to respect, so a drain cuts at once.
     let (frame_drain, cut_drain) = if websocket { (Some(&stops.drain), None) } else { (None, Some(&stops.drain)) };
@@ -219,11 +280,14 @@ async fn copy(
             }
         })
         .await;
-    } else if matches!(end, End::Drained(false)) {
+    }
+    // Let go of the halves (a TLS stream's share the session) before the stream itself.
+    drop((client_rx, client_tx));
+    if matches!(end, End::Drained(false)) {
         // Its frame cut in the middle, the client cannot read the rest of the WebSocket; and it
         // may have stopped reading, so that a FIN would wait behind unsent bytes (the socket
         // kept in FIN-WAIT-1): a reset frees it at once.
-        let _ = client.set_zero_linger();
+        client.reset_on_close();
     }
     // Returning closes the client's socket.
     end
