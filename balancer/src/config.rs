@@ -612,6 +612,64 @@ mod tests {
     }
 
     #[test]
+    fn tls_needs_both_files_readable_pem_and_a_key_that_matches_the_certificate() {
+        use tether_kit::certs::{DevCa, LOCAL_NAMES};
+        let dir = tempfile::tempdir().unwrap();
+        let ca = DevCa::generate("test CA").unwrap();
+        let files = ca.write(dir.path()).unwrap();
+        let other_key = dir.path().join("other-key.pem");
+        std::fs::write(&other_key, ca.leaf(&LOCAL_NAMES).unwrap().key_pem).unwrap();
+        let garbage = dir.path().join("garbage.pem");
+        std::fs::write(&garbage, "-----BEGIN CERTIFICATE-----\nnot base64 !!!\n-----END CERTIFICATE-----\n").unwrap();
+        let missing = dir.path().join("missing.pem");
+        let toml = |cert: Option<&Path>, key: Option<&Path>| {
+            let mut table = String::from("[tls]\n");
+            if let Some(cert) = cert {
+                table.push_str(&format!("cert = {:?}\n", cert.to_str().unwrap()));
+            }
+            if let Some(key) = key {
+                table.push_str(&format!("key = {:?}\n", key.to_str().unwrap()));
+            }
+            // `[tls]` goes after the top-level keys and before `[[nodes]]`.
+            FileConfig::parse(&format!("{table}[[nodes]]\nname = \"a\"\naddr = \"127.0.0.1:9001\"\n")).unwrap()
+        };
+
+        let good = toml(Some(&files.cert), Some(&files.key)).validate().unwrap();
+        let tls = good.tls.expect("tls on");
+        assert_eq!((tls.cert.as_path(), tls.key.as_path()), (files.cert.as_path(), files.key.as_path()));
+        assert!(toml(None, None).validate().unwrap().tls.is_none(), "an empty [tls] is no TLS");
+
+        let refused = |cert: Option<&Path>, key: Option<&Path>| match toml(cert, key).validate() {
+            Err(Error::Config { field, reason }) => (field, reason),
+            other => panic!("expected a config error, got {other:?}"),
+        };
+        // One without the other.
+        assert_eq!(refused(Some(&files.cert), None).0, "tls.key");
+        assert_eq!(refused(None, Some(&files.key)).0, "tls.cert");
+        // A missing file, garbage, the wrong kind of PEM, a key of another certificate: each
+        // names the field and the file.
+        for (cert, key, field, named) in [
+            (&missing, &files.key, "tls.cert", &missing),
+            (&files.cert, &missing, "tls.key", &missing),
+            (&garbage, &files.key, "tls.cert", &garbage),
+            (&files.cert, &garbage, "tls.key", &garbage),
+            (&files.key, &files.key, "tls.cert", &files.key),
+            (&files.cert, &other_key, "tls.key", &other_key),
+        ] {
+            let (got, reason) = refused(Some(cert), Some(key));
+            assert_eq!(got, field, "{reason}");
+            assert!(reason.contains(named.to_str().unwrap()), "{reason}");
+        }
+        assert!(refused(Some(&files.cert), Some(&other_key)).1.contains("does not match"));
+        assert!(FileConfig::parse("[tls]\ncertificate = \"x\"\n").is_err(), "unknown keys in [tls]");
+
+        // The flags replace the file's table.
+        let mut file = toml(Some(&missing), Some(&missing));
+        file.apply(Overrides { tls: Some((files.cert.clone(), files.key.clone())), ..Overrides::default() });
+        assert!(file.validate().unwrap().tls.is_some());
+    }
+
+    #[test]
     fn unknown_keys_are_refused() {
         let err = FileConfig::parse("listne = \"127.0.0.1:1\"").unwrap_err();
         assert!(err.to_string().contains("listne"), "{err}");

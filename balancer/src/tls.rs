@@ -51,7 +51,7 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, Error
     let cert_pem = read_pem("tls.cert", cert)?;
     let chain = CertificateDer::pem_slice_iter(&cert_pem)
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| file_error("tls.cert", cert, format!("not a PEM certificate chain: {e}")))?;
+        .map_err(|e| file_error("tls.cert", cert, format!("not a PEM certificate chain: {}", pem_error(&e))))?;
     if chain.is_empty() {
         return Err(file_error("tls.cert", cert, "no CERTIFICATE block found".into()));
     }
@@ -59,7 +59,7 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, Error
     let key_der = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| {
         let why = match e {
             rustls_pki_types::pem::Error::NoItemsFound => "no PRIVATE KEY block found".to_owned(),
-            other => format!("not a PEM private key: {other}"),
+            other => format!("not a PEM private key: {}", pem_error(&other)),
         };
         file_error("tls.key", key, why)
     })?;
@@ -77,6 +77,18 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, Error
         })?;
     config.alpn_protocols = vec![ALPN_HTTP1.to_vec()];
     Ok(Arc::new(config))
+}
+
+/// A PEM error for an operator: the markers it names as text, not as byte lists.
+fn pem_error(e: &rustls_pki_types::pem::Error) -> String {
+    use rustls_pki_types::pem::Error as Pem;
+    match e {
+        Pem::MissingSectionEnd { end_marker } => {
+            format!("a section does not end (no \"-----END {}-----\" line)", String::from_utf8_lossy(end_marker))
+        }
+        Pem::IllegalSectionStart { line } => format!("bad section start {:?}", String::from_utf8_lossy(line)),
+        other => other.to_string(),
+    }
 }
 
 fn file_error(field: &str, path: &Path, reason: String) -> Error {
