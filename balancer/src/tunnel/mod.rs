@@ -407,6 +407,60 @@ mod tests {
         assert!(tunnel.await.unwrap(), "the tunnel ended on the node's side");
     }
 
+    /// A TLS connection over loopback: the balancer's side (as the tunnel gets it) and the
+    /// client's.
+    async fn tls_pair() -> (Box<TlsStream<TcpStream>>, tokio_rustls::client::TlsStream<TcpStream>) {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = tether_kit::certs::DevCa::generate("tunnel test CA").unwrap();
+        let files = ca.write(dir.path()).unwrap();
+        let server = crate::tls::server_config(&files.cert, &files.key).unwrap();
+        let client = tether_kit::certs::client_config(ca.cert_pem()).unwrap();
+        let (near, far) = tcp_pair().await;
+        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+        let (client, server) = tokio::join!(
+            tokio_rustls::TlsConnector::from(client).connect(name, near),
+            tokio_rustls::TlsAcceptor::from(server).accept(far),
+        );
+        (Box::new(server.unwrap()), client.unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_nodes_close_frame_reaches_a_tls_client_that_is_still_sending_then_close_notify() {
+        let stops = stops();
+        let ((client, client_peer), (node, mut node_peer)) = (tls_pair().await, tcp_pair().await);
+        let (mut client_rx, mut client_tx) = tokio::io::split(client_peer);
+        let stop = CancellationToken::new();
+        let flooding = {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let chunk = vec![0x5au8; 64 * 1024];
+                for _ in 0..4096 {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        written = client_tx.write_all(&chunk) => if written.is_err() { return },
+                    }
+                }
+            })
+        };
+        let tunnel = tokio::spawn(async move {
+            let end = copy((client, Bytes::new()), (node, Bytes::new()), true, &stops, guard()).await;
+            matches!(end, End::NodeGone(_) | End::NodeClosed(_))
+        });
+        let mut some = vec![0u8; 100_000];
+        node_peer.read_exact(&mut some).await.unwrap();
+        node_peer.write_all(&node_close(1009)).await.unwrap();
+        drop(node_peer);
+        // The frame, then a clean end of the TLS stream (close_notify): no reset, no
+        // truncation error.
+        let mut got = Vec::new();
+        let end = client_rx.read_to_end(&mut got).await;
+        assert_eq!(got, node_close(1009));
+        assert!(end.is_ok(), "{end:?}");
+        stop.cancel();
+        flooding.await.unwrap();
+        assert!(tunnel.await.unwrap(), "the tunnel ended on the node's side");
+    }
+
     #[tokio::test]
     async fn a_node_marked_down_still_gets_its_last_bytes_out() {
         let stops = stops();
