@@ -492,6 +492,7 @@ mod tests {
         assert_eq!(config.hash_keys, IdSource::DEFAULT_ORDER.to_vec());
         assert_eq!(config.rise, DEFAULT_RISE);
         assert!(config.signing_key.is_none(), "shipped commented out");
+        assert!(config.tls.is_none(), "shipped commented out");
         assert!(!config.reuse_port);
         assert_eq!(config.threads, std::thread::available_parallelism().unwrap().get(), "shipped commented out");
     }

@@ -24,16 +24,24 @@
 //! its rank. The node's own 1012 (when it shuts down) needs nothing of the sort: it is just
 //! bytes passing through.
 //!
-//! **An idle tunnel holds no buffer.** Most tunnels are idle most of the time, so what one
-//! costs at rest is what the balancer costs per client. hyper hands back both original
-//! `TcpStream`s (plus any bytes it had read past the HTTP heads, which are written out first
-//! and dropped), and both directions run in the tunnel's one task. Each direction waits until
+//! **An idle (plain) tunnel holds no buffer.** Most tunnels are idle most of the time, so
+//! what one costs at rest is what the balancer costs per client. hyper hands back both
+//! original `TcpStream`s (plus any bytes it had read past the HTTP heads, which are written
+//! out first and dropped), and both directions run in the tunnel's one task. Each direction waits until
 //! its source is readable, reads into a scratch buffer that belongs to the worker thread
 //! ([`pump::SCRATCH_BYTES`]), and writes those bytes to the other side within the same poll. Only
 //! when the other side cannot take them all does the rest move into a buffer of the tunnel's
 //! own, freed once written — that tunnel is not idle, its reader is slow. What an idle tunnel
 //! keeps is its task (about 1.5 KB of state), the two sockets' registrations, and the shared
 //! handles of its node and client connection.
+//!
+//! **Over TLS** the client's side is a rustls session over the socket ([`ClientSide`] for
+//! `Box<TlsStream>`): one session serves both directions, so it is shared between them with
+//! `tokio::io::split` (a small allocation and an uncontended lock per poll), and the bytes
+//! pass through rustls's own record buffers on the way — a TLS tunnel is not free at rest
+//! the way a plain one is. Everything else is the same code: frame-aware drain, lingering
+//! close (its half-close is `close_notify`, then the FIN), the reset after a cut drain. Plain
+//! tunnels have their own instance of [`copy`] over the bare `TcpStream`, unchanged.
 //!
 //! Here: the tunnel's life ([`run`]: upgrades, copy, teardown, how each end closes). Below it:
 //! - [`mod@pump`]: one direction's copy through the thread's scratch buffer;
