@@ -31,6 +31,9 @@ struct Status<'a> {
     /// The soft `RLIMIT_NOFILE` in force (after the start-up raise), when known.
     #[serde(skip_serializing_if = "Option::is_none")]
     nofile_limit: Option<u64>,
+    /// How the latest SIGHUP reload went; absent before the first one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reload: Option<crate::reload::Outcome>,
 }
 
 #[derive(Serialize)]
@@ -97,6 +100,7 @@ pub(crate) async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> R
 }
 
 fn status(shared: &Shared) -> Status<'_> {
+    let config = shared.config();
     Status {
         nodes: shared
             .pool
@@ -111,10 +115,11 @@ fn status(shared: &Shared) -> Status<'_> {
             })
             .collect(),
         active_connections: shared.pool.active_connections(),
-        client_connections: shared.config.max_connections.saturating_sub(shared.client_slots.available_permits()),
-        max_connections: shared.config.max_connections,
-        max_connections_source: shared.config.connection_limit.source(),
-        nofile_limit: shared.config.connection_limit.nofile,
+        client_connections: config.max_connections.saturating_sub(shared.client_slots.available_permits()),
+        max_connections: config.max_connections,
+        max_connections_source: config.connection_limit.source(),
+        nofile_limit: config.connection_limit.nofile,
+        reload: shared.reload_outcome(),
     }
 }
 
@@ -137,7 +142,7 @@ fn route(shared: &Shared, query: Option<&str>) -> Response<Body> {
             addr: &node.addr,
             state: node.state_str(),
             rank: shared.pool.rank(client),
-            signed: shared.config.signing_key.as_ref().map(|key| key.verify(client)),
+            signed: shared.config().signing_key.as_ref().map(|key| key.verify(client)),
         },
     )
 }

@@ -73,7 +73,8 @@ async fn forward(shared: &Shared, peer: IpAddr, request: Request<Incoming>) -> R
     let turn = shared.api_turn.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     for index in shared.pool.api_order(turn) {
         let node = shared.pool.get(index);
-        let stream = match connect(node, shared.config.connect_timeout).await {
+        let connect_timeout = shared.config().connect_timeout;
+        let stream = match connect(node, connect_timeout).await {
             Ok(stream) => stream,
             Err(e) => {
                 node.metrics.connect_failures.inc();

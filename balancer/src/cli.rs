@@ -22,7 +22,7 @@ use crate::{Config, Error, FileConfig, Overrides};
 pub const EXIT_USAGE: u8 = 64;
 
 /// Sticky WebSocket/HTTP load balancer for Tether nodes.
-#[derive(Debug, Parser)]
+#[derive(Debug, Clone, Parser)]
 #[command(name = "tether-balancer", version, about)]
 pub struct Args {
     /// TOML config file (see configs/balancer.toml); flags override it.
@@ -56,6 +56,13 @@ pub struct Args {
     /// `signing_key_file` and over $TETHER_SIGNING_KEY.
     #[arg(long, value_name = "FILE")]
     pub signing_key_file: Option<PathBuf>,
+    /// PEM certificate chain (leaf first) for the client listener, which then speaks TLS only
+    /// (wss/https); needs --tls-key. Replaces the file's [tls]. Read again on SIGHUP.
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert's leaf; needs --tls-cert.
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
     /// Log line format on stderr.
     #[arg(long, value_name = "FORMAT", default_value = "text")]
     pub log_format: LogFormat,
@@ -97,8 +104,15 @@ pub fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
 }
 
 /// The config from the file named by `--config` (or the defaults), the flags applied over it,
-/// validated. An error here is the operator's: exit [`EXIT_USAGE`].
+/// validated (certificate files read and checked). An error here is the operator's: exit
+/// [`EXIT_USAGE`] at start; on SIGHUP, the reload is refused and the running config stays.
 pub fn load_config(args: &Args) -> Result<Config, Error> {
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some((cert.clone(), key.clone())),
+        (None, None) => None,
+        (Some(_), None) => return Err(flag_needs("--tls-cert", "--tls-key")),
+        (None, Some(_)) => return Err(flag_needs("--tls-key", "--tls-cert")),
+    };
     let mut file = match &args.config {
         Some(path) => FileConfig::load(path)?,
         None => FileConfig::default(),
@@ -114,14 +128,20 @@ pub fn load_config(args: &Args) -> Result<Config, Error> {
         max_connections: args.max_connections,
         signing_key_file: args.signing_key_file.clone(),
         signing_key_env: signing_key_from_env()?,
+        tls,
     });
     file.validate()
 }
 
+fn flag_needs(given: &str, missing: &str) -> Error {
+    Error::Config { field: given.into(), reason: format!("needs {missing} as well (give both or neither)") }
+}
+
 /// Binds both listeners, installs the signal handlers, prints the ready line and runs the
-/// balancer until SIGTERM or SIGINT (and the shutdown grace) is over. An error here is a
-/// runtime one: exit 1.
-pub async fn serve(config: Config) -> anyhow::Result<()> {
+/// balancer until SIGTERM or SIGINT (and the shutdown grace) is over; each SIGHUP meanwhile
+/// loads the config again from `args` (see [`crate::reload`]). An error here is a runtime
+/// one: exit 1.
+pub async fn serve(args: Args, config: Config) -> anyhow::Result<()> {
     let listener = bind_listener(config.listen, config.reuse_port)
         .with_context(|| format!("binding listen address {}", config.listen))?;
     // Never shared: drain and status are per process, so each needs its own admin address.
@@ -129,16 +149,25 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         bind_listener(config.admin, false).with_context(|| format!("binding admin address {}", config.admin))?;
     let listen_addr = listener.local_addr()?;
     let admin_addr = admin.local_addr()?;
-    // Signal handlers go in before the ready line: a SIGTERM right after it is a graceful stop.
-    let (term, int) = {
+    // Signal handlers go in before the ready line: a SIGTERM right after it is a graceful
+    // stop, a SIGHUP a reload (not the default action, which would kill the process).
+    let (term, int, hup) = {
         use tokio::signal::unix::{signal, SignalKind};
         (
             signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
             signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+            signal(SignalKind::hangup()).context("installing the SIGHUP handler")?,
         )
     };
     let shutdown = CancellationToken::new();
     tokio::spawn(on_signal(term, int, shutdown.clone()));
+    // One pending reload at most: SIGHUPs that arrive while one is being loaded fold into it
+    // (the signal stream itself coalesces them too).
+    let (reload_tx, reloads) = tokio::sync::mpsc::channel(1);
+    tokio::spawn(on_hangup(hup, args, reload_tx, shutdown.clone()));
+    if let Some(tls) = &config.tls {
+        info!(cert = %tls.cert.display(), key = %tls.key.display(), "client listener speaks TLS only (wss/https)");
+    }
     {
         // Other tools wait for and parse exactly this line.
         let mut out = std::io::stdout().lock();
@@ -146,7 +175,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         out.flush()?;
     }
 
-    crate::run(listener, admin, config, shutdown).await?;
+    crate::run_with_reloads(listener, admin, config, shutdown, reloads).await?;
     info!("stopped");
     Ok(())
 }
@@ -162,4 +191,37 @@ async fn on_signal(
         _ = int.recv() => info!(signal = "SIGINT", "shutdown requested"),
     }
     shutdown.cancel();
+}
+
+/// On each SIGHUP, loads the config as at start (the same file, the same flags) and sends
+/// the result to the running balancer, until shutdown.
+async fn on_hangup(
+    mut hup: tokio::signal::unix::Signal,
+    args: Args,
+    reloads: tokio::sync::mpsc::Sender<Result<Config, Error>>,
+    shutdown: CancellationToken,
+) {
+    let args = std::sync::Arc::new(args);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            got = hup.recv() => if got.is_none() { return },
+        }
+        info!(signal = "SIGHUP", config = ?args.config, "reload requested");
+        // File reads (the TOML, the certificates): off the runtime's threads.
+        let loaded = {
+            let args = std::sync::Arc::clone(&args);
+            tokio::task::spawn_blocking(move || load_config(&args)).await
+        };
+        let loaded = match loaded {
+            Ok(loaded) => loaded,
+            Err(e) => {
+                warn!(error = %e, "reload: loading the config panicked; keeping the running one");
+                continue;
+            }
+        };
+        if reloads.send(loaded).await.is_err() {
+            return;
+        }
+    }
 }

@@ -95,8 +95,22 @@ pub struct FileConfig {
     /// skipped by serde.
     #[serde(skip)]
     pub signing_key_env: Option<Secret>,
+    /// `[tls]`: certificate and key files; present (with both) = the client listener is
+    /// wss/https only.
+    pub tls: Option<FileTls>,
     #[serde(default)]
     pub nodes: Vec<FileNode>,
+}
+
+/// The `[tls]` table: PEM files for the client listener. Both or neither.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileTls {
+    /// The certificate chain, leaf first (PEM; relative paths are relative to the working
+    /// directory).
+    pub cert: Option<PathBuf>,
+    /// The leaf's private key (PEM: PKCS#8, PKCS#1 or SEC1).
+    pub key: Option<PathBuf>,
 }
 
 /// One `[[nodes]]` entry.
@@ -128,6 +142,9 @@ pub struct Overrides {
     pub signing_key_file: Option<PathBuf>,
     /// The value of [`SIGNING_KEY_ENV`] (see [`signing_key_from_env`]).
     pub signing_key_env: Option<Secret>,
+    /// `--tls-cert FILE --tls-key FILE` (the CLI refuses one without the other): replace the
+    /// file's `[tls]`.
+    pub tls: Option<(PathBuf, PathBuf)>,
 }
 
 /// A validated configuration.
@@ -168,8 +185,21 @@ pub struct Config {
     /// When set, client ids must carry its signature (unsigned or forged ones get 403) and
     /// minted ids are signed with it. Its `Debug` is redacted.
     pub signing_key: Option<SigningKey>,
+    /// When set, the client listener speaks TLS only (wss/https): the files it came from and
+    /// the rustls config made from them (read again on every reload).
+    pub tls: Option<TlsSettings>,
     /// The nodes, in file order (order does not affect routing: ranking is by name).
     pub nodes: Vec<NodeConfig>,
+}
+
+/// The client listener's TLS: where the certificate and key came from, and the server config
+/// built from them at validation ([`crate::tls::server_config`]).
+#[derive(Debug, Clone)]
+pub struct TlsSettings {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Shared by every handshake made while this config is live; a reload builds a new one.
+    pub server: std::sync::Arc<rustls::ServerConfig>,
 }
 
 /// A validated node entry.
@@ -227,6 +257,9 @@ impl FileConfig {
         }
         if o.signing_key_env.is_some() {
             self.signing_key_env = o.signing_key_env;
+        }
+        if let Some((cert, key)) = o.tls {
+            self.tls = Some(FileTls { cert: Some(cert), key: Some(key) });
         }
     }
 
@@ -295,6 +328,7 @@ impl FileConfig {
             reuse_port: self.reuse_port.unwrap_or(false),
             threads,
             signing_key: signing_key(self.signing_key_file.as_deref(), self.signing_key_env.as_ref())?,
+            tls: tls(self.tls.as_ref())?,
             nodes: nodes(&self.nodes)?,
         })
     }
@@ -333,6 +367,22 @@ fn signing_key(file: Option<&Path>, env: Option<&Secret>) -> Result<Option<Signi
         }
         _ => Ok(None),
     }
+}
+
+/// `[tls]`: both files or neither; the files are read and checked (PEM, a key that matches
+/// the certificate) here, so a bad one fails at start-up, or fails a reload, naming it.
+fn tls(file: Option<&FileTls>) -> Result<Option<TlsSettings>, Error> {
+    let Some(file) = file else { return Ok(None) };
+    let (cert, key) = match (&file.cert, &file.key) {
+        (None, None) => return Ok(None),
+        (Some(cert), Some(key)) => (cert, key),
+        (Some(_), None) => return Err(invalid("tls.key", "missing: tls.cert needs a key (set both or neither)")),
+        (None, Some(_)) => {
+            return Err(invalid("tls.cert", "missing: tls.key needs a certificate (set both or neither)"))
+        }
+    };
+    let server = crate::tls::server_config(cert, key)?;
+    Ok(Some(TlsSettings { cert: cert.clone(), key: key.clone(), server }))
 }
 
 fn socket_addr(field: &str, value: &str) -> Result<SocketAddr, Error> {
@@ -442,6 +492,7 @@ mod tests {
         assert_eq!(config.hash_keys, IdSource::DEFAULT_ORDER.to_vec());
         assert_eq!(config.rise, DEFAULT_RISE);
         assert!(config.signing_key.is_none(), "shipped commented out");
+        assert!(config.tls.is_none(), "shipped commented out");
         assert!(!config.reuse_port);
         assert_eq!(config.threads, std::thread::available_parallelism().unwrap().get(), "shipped commented out");
     }
@@ -559,6 +610,64 @@ mod tests {
         // ...and the environment's key cannot come from the file.
         assert!(FileConfig::parse("signing_key_env = \"x\"").is_err());
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn tls_needs_both_files_readable_pem_and_a_key_that_matches_the_certificate() {
+        use tether_kit::certs::{DevCa, LOCAL_NAMES};
+        let dir = tempfile::tempdir().unwrap();
+        let ca = DevCa::generate("test CA").unwrap();
+        let files = ca.write(dir.path()).unwrap();
+        let other_key = dir.path().join("other-key.pem");
+        std::fs::write(&other_key, ca.leaf(&LOCAL_NAMES).unwrap().key_pem).unwrap();
+        let garbage = dir.path().join("garbage.pem");
+        std::fs::write(&garbage, "-----BEGIN CERTIFICATE-----\nnot base64 !!!\n-----END CERTIFICATE-----\n").unwrap();
+        let missing = dir.path().join("missing.pem");
+        let toml = |cert: Option<&Path>, key: Option<&Path>| {
+            let mut table = String::from("[tls]\n");
+            if let Some(cert) = cert {
+                table.push_str(&format!("cert = {:?}\n", cert.to_str().unwrap()));
+            }
+            if let Some(key) = key {
+                table.push_str(&format!("key = {:?}\n", key.to_str().unwrap()));
+            }
+            // `[tls]` goes after the top-level keys and before `[[nodes]]`.
+            FileConfig::parse(&format!("{table}[[nodes]]\nname = \"a\"\naddr = \"127.0.0.1:9001\"\n")).unwrap()
+        };
+
+        let good = toml(Some(&files.cert), Some(&files.key)).validate().unwrap();
+        let tls = good.tls.expect("tls on");
+        assert_eq!((tls.cert.as_path(), tls.key.as_path()), (files.cert.as_path(), files.key.as_path()));
+        assert!(toml(None, None).validate().unwrap().tls.is_none(), "an empty [tls] is no TLS");
+
+        let refused = |cert: Option<&Path>, key: Option<&Path>| match toml(cert, key).validate() {
+            Err(Error::Config { field, reason }) => (field, reason),
+            other => panic!("expected a config error, got {other:?}"),
+        };
+        // One without the other.
+        assert_eq!(refused(Some(&files.cert), None).0, "tls.key");
+        assert_eq!(refused(None, Some(&files.key)).0, "tls.cert");
+        // A missing file, garbage, the wrong kind of PEM, a key of another certificate: each
+        // names the field and the file.
+        for (cert, key, field, named) in [
+            (&missing, &files.key, "tls.cert", &missing),
+            (&files.cert, &missing, "tls.key", &missing),
+            (&garbage, &files.key, "tls.cert", &garbage),
+            (&files.cert, &garbage, "tls.key", &garbage),
+            (&files.key, &files.key, "tls.cert", &files.key),
+            (&files.cert, &other_key, "tls.key", &other_key),
+        ] {
+            let (got, reason) = refused(Some(cert), Some(key));
+            assert_eq!(got, field, "{reason}");
+            assert!(reason.contains(named.to_str().unwrap()), "{reason}");
+        }
+        assert!(refused(Some(&files.cert), Some(&other_key)).1.contains("does not match"));
+        assert!(FileConfig::parse("[tls]\ncertificate = \"x\"\n").is_err(), "unknown keys in [tls]");
+
+        // The flags replace the file's table.
+        let mut file = toml(Some(&missing), Some(&missing));
+        file.apply(Overrides { tls: Some((files.cert.clone(), files.key.clone())), ..Overrides::default() });
+        assert!(file.validate().unwrap().tls.is_some());
     }
 
     #[test]

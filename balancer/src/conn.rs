@@ -11,6 +11,9 @@ use tokio::sync::OwnedSemaphorePermit;
 pub(crate) struct ClientConn {
     /// Appended to `X-Forwarded-For`.
     pub peer: SocketAddr,
+    /// Whether the client reached us over TLS (the listener had `[tls]` when it was accepted):
+    /// what `X-Forwarded-Proto` says to the node (`https` / `http`).
+    pub tls: bool,
     /// The connection's slot under `max_connections`; a tunnel keeps a reference, so an
     /// upgraded connection still counts after hyper has let go of it.
     pub _permit: OwnedSemaphorePermit,

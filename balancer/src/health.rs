@@ -25,28 +25,52 @@ use crate::Shared;
 pub const READYZ_PATH: &str = "/readyz";
 
 /// Probes node `index` until `stop` fires.
+/// The interval, timeout and `rise` are the live config's, read at every probe: a reload
+/// changes them for the next one.
 pub(crate) async fn check_loop(shared: Arc<Shared>, index: usize, stop: CancellationToken) {
-    let config = &shared.config;
     let node = shared.pool.get(index);
-    let mut ticker = tokio::time::interval(config.health_interval);
-    // A slow probe delays the next one rather than causing a burst of catch-up probes.
-    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut interval = shared.config().health_interval;
+    let mut ticker = ticker(interval);
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = ticker.tick() => {}
         }
+        let (timeout, rise, now) = {
+            let config = shared.config();
+            (config.health_timeout, config.rise, config.health_interval)
+        };
+        if now != interval {
+            // Reloaded: the next probe is one new interval from this one.
+            interval = now;
+            ticker = ticker_after(interval);
+        }
         let probe = tokio::select! {
             _ = stop.cancelled() => return,
-            p = probe(node, config.health_timeout) => p,
+            p = probe(node, timeout) => p,
         };
         debug!(node = %node.name, ?probe, "probe");
         let Some(probe) = probe else {
             // Out of descriptors ourselves: that says nothing about the node.
             continue;
         };
-        node.apply_probe(&probe, config.rise);
+        node.apply_probe(&probe, rise);
     }
+}
+
+/// Ticks at once, then every `every`; a slow probe delays the next one rather than causing a
+/// burst of catch-up probes.
+fn ticker(every: Duration) -> tokio::time::Interval {
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    ticker
+}
+
+/// [`ticker`], first tick one period from now.
+fn ticker_after(every: Duration) -> tokio::time::Interval {
+    let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    ticker
 }
 
 /// One probe: connect, `GET /readyz`, read the status line — all within `timeout`. `None`

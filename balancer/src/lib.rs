@@ -5,9 +5,13 @@
 //!
 //! Layout, in the order a connection meets it:
 //! - [`config`]: the TOML file, flag overrides, validation into [`Config`];
+//! - `reload`: SIGHUP — a freshly loaded [`Config`] swapped in for new connections, the
+//!   settings that need a restart kept as they are, the outcome shown in `/status`;
 //! - `server`: accept loops for the client and admin listeners, connection cap (503 with
 //!   `Retry-After` past it), back-off when descriptors run out, hyper set-up, graceful
 //!   shutdown of each connection;
+//! - `tls`: the listener's rustls config from the `[tls]` PEM files, the handshake each
+//!   connection makes before hyper sees it, and the plain-or-TLS client stream;
 //! - `proxy`: per request — client id (query, header, cookie; minted when absent; checked
 //!   against the `signing_key` when one is set), node choice with failover along the
 //!   client's rank, forwarding with `X-Client-Id`/`X-Forwarded-For`;
@@ -35,8 +39,9 @@
 //! choose the ports.
 #![forbid(unsafe_code)]
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
+use arc_swap::ArcSwap;
 use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -55,18 +60,25 @@ pub mod metrics;
 mod pool;
 mod proxy;
 mod quiet;
+pub mod reload;
 mod response;
 mod server;
+mod tls;
 mod tunnel;
 
-pub use config::{Config, FileConfig, FileNode, NodeConfig, Overrides};
+pub use config::{Config, FileConfig, FileNode, FileTls, NodeConfig, Overrides};
 pub use error::Error;
 pub use server::bind_listener;
 
 /// State shared by every task of one [`run`].
 #[derive(Debug)]
 pub(crate) struct Shared {
-    config: Config,
+    /// The config in force, read through [`Shared::config`]. A reload swaps it whole; the
+    /// settings that need a restart are carried over from the running one (see [`reload`]),
+    /// so every field of it always says what is actually in force.
+    config: ArcSwap<Config>,
+    /// How the latest reload went (`/status`); `None` before the first.
+    reload: Mutex<Option<reload::Outcome>>,
     pool: pool::Pool,
     metrics: metrics::Metrics,
     /// One permit per open client connection (tunnels included), `max_connections` in all.
@@ -80,14 +92,41 @@ pub(crate) struct Shared {
     api_turn: std::sync::atomic::AtomicUsize,
 }
 
+impl Shared {
+    /// The live config: a snapshot, cheap to take (no lock), to be dropped soon (not held
+    /// across an `.await`: a reload would otherwise keep the old one alive).
+    pub(crate) fn config(&self) -> arc_swap::Guard<Arc<Config>> {
+        self.config.load()
+    }
+
+    /// How the latest reload went, if one was tried.
+    pub(crate) fn reload_outcome(&self) -> Option<reload::Outcome> {
+        // A panic while holding this lock leaves a plain value behind: still readable.
+        self.reload.lock().unwrap_or_else(std::sync::PoisonError::into_inner).clone()
+    }
+}
+
 /// Runs the balancer on two bound listeners until `shutdown` fires, then stops accepting,
 /// lets open connections and tunnels finish for up to `config.grace_period`, cuts the rest,
-/// and returns.
+/// and returns. No reloads: see [`run_with_reloads`].
 pub async fn run(
     listener: TcpListener,
     admin: TcpListener,
     config: Config,
     shutdown: CancellationToken,
+) -> Result<(), Error> {
+    let (_, none) = tokio::sync::mpsc::channel(1);
+    run_with_reloads(listener, admin, config, shutdown, none).await
+}
+
+/// [`run`], taking new configs from `reloads` while it runs (each one freshly loaded the way
+/// the first was, or the error that loading it gave): see [`reload`].
+pub async fn run_with_reloads(
+    listener: TcpListener,
+    admin: TcpListener,
+    config: Config,
+    shutdown: CancellationToken,
+    mut reloads: reload::Reloads,
 ) -> Result<(), Error> {
     let listen_addr = listener.local_addr().map_err(Error::Listener)?;
     let admin_addr = admin.local_addr().map_err(Error::Listener)?;
@@ -96,7 +135,8 @@ pub async fn run(
     metrics.max_connections.set(i64::try_from(config.max_connections).unwrap_or(i64::MAX));
     let client_slots = Arc::new(tokio::sync::Semaphore::new(config.max_connections));
     let shared = Arc::new(Shared {
-        config,
+        config: ArcSwap::from_pointee(config),
+        reload: Mutex::new(None),
         pool,
         metrics,
         client_slots,
@@ -113,14 +153,31 @@ pub async fn run(
     info!(addr = %listen_addr, nodes = shared.pool.nodes().len(), "proxy listening");
     info!(addr = %admin_addr, "admin listening");
 
+    let reloading = {
+        let shared = Arc::clone(&shared);
+        let shutdown = shutdown.clone();
+        async move {
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    loaded = reloads.recv() => match loaded {
+                        Some(loaded) => reload::apply(&shared, loaded),
+                        // Nobody sends reloads: nothing more to do until shutdown.
+                        None => return,
+                    },
+                }
+            }
+        }
+    };
     tokio::join!(
         server::serve_proxy(Arc::clone(&shared), listener, shutdown.clone()),
         server::serve_admin(Arc::clone(&shared), admin, shutdown.clone()),
+        reloading,
     );
 
     // Both listeners are closed now. Probes go on during the grace period, so tunnels to a
     // node that dies meanwhile are still closed.
-    let grace = shared.config.grace_period;
+    let grace = shared.config().grace_period;
     info!(
         open = shared.tracker.len(),
         grace_ms = grace.as_millis() as u64,

@@ -38,7 +38,7 @@ fn main() -> ExitCode {
         .context("starting the runtime")
         // Spawned rather than run by `block_on`, so that with N threads all the work (accepting
         // included) is on those N, not on this one besides.
-        .and_then(|runtime| runtime.block_on(async { tokio::spawn(cli::serve(config)).await })?);
+        .and_then(|runtime| runtime.block_on(async { tokio::spawn(cli::serve(args, config)).await })?);
     match served {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

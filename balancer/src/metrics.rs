@@ -39,6 +39,12 @@ pub const MAX_CONNECTIONS: &str = "tether_balancer_max_connections";
 /// `tether_balancer_accept_errors_total{listener="proxy|admin"}`: accepts that failed for want
 /// of resources (EMFILE, ENFILE); each is followed by a pause.
 pub const ACCEPT_ERRORS: &str = "tether_balancer_accept_errors";
+/// `tether_balancer_tls_handshake_failures_total{reason="error|timeout"}`: client connections
+/// on a TLS listener dropped before HTTP because the handshake failed (a plain-HTTP client, a
+/// bad ClientHello, no common version or ALPN) or did not finish within `header_read_timeout`.
+pub const TLS_HANDSHAKE_FAILURES: &str = "tether_balancer_tls_handshake_failures";
+/// `tether_balancer_config_reloads_total{result="ok|failed"}`: SIGHUP reloads attempted.
+pub const CONFIG_RELOADS: &str = "tether_balancer_config_reloads";
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct NodeLabels {
@@ -62,6 +68,32 @@ pub enum CheckResult {
     ready,
     unready,
     failed,
+}
+
+/// Why a TLS handshake failed.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)] // the variant names are the label values
+pub enum TlsFailure {
+    error,
+    timeout,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TlsFailureLabels {
+    pub reason: TlsFailure,
+}
+
+/// How a reload went.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)] // the variant names are the label values
+pub enum ReloadResult {
+    ok,
+    failed,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReloadLabels {
+    pub result: ReloadResult,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -104,6 +136,8 @@ pub struct Metrics {
     pub rejected_connections: Counter,
     pub max_connections: Gauge,
     accept_errors: Family<ListenerLabels, Counter>,
+    tls_handshake_failures: Family<TlsFailureLabels, Counter>,
+    reloads: Family<ReloadLabels, Counter>,
 }
 
 #[derive(Debug, Default)]
@@ -160,7 +194,24 @@ impl Metrics {
             "Accepts that failed for want of resources (EMFILE, ENFILE), by listener",
             accept_errors.clone(),
         );
-        Self { registry, nodes, requests, rejected_connections, max_connections, accept_errors }
+        let tls_handshake_failures = Family::<TlsFailureLabels, Counter>::default();
+        registry.register(
+            TLS_HANDSHAKE_FAILURES,
+            "Client connections dropped because the TLS handshake failed or timed out",
+            tls_handshake_failures.clone(),
+        );
+        let reloads = Family::<ReloadLabels, Counter>::default();
+        registry.register(CONFIG_RELOADS, "Configuration reloads (SIGHUP), by result", reloads.clone());
+        Self {
+            registry,
+            nodes,
+            requests,
+            rejected_connections,
+            max_connections,
+            accept_errors,
+            tls_handshake_failures,
+            reloads,
+        }
     }
 
     /// Creates (once, at start-up) the handles for one node.
@@ -191,6 +242,16 @@ impl Metrics {
         self.accept_errors.get_or_create(&ListenerLabels { listener }).inc();
     }
 
+    /// Counts one failed TLS handshake.
+    pub fn tls_handshake_failed(&self, reason: TlsFailure) {
+        self.tls_handshake_failures.get_or_create(&TlsFailureLabels { reason }).inc();
+    }
+
+    /// Counts one reload attempt.
+    pub fn reloaded(&self, result: ReloadResult) {
+        self.reloads.get_or_create(&ReloadLabels { result }).inc();
+    }
+
     /// The OpenMetrics text exposition of every metric.
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -215,6 +276,8 @@ mod tests {
         m.rejected_connections.inc();
         m.max_connections.set(96);
         m.accept_error("proxy");
+        m.tls_handshake_failed(TlsFailure::error);
+        m.reloaded(ReloadResult::failed);
         let text = m.encode();
         for needle in [
             "tether_balancer_connections_total{node=\"node-1\"} 1",
@@ -225,6 +288,8 @@ mod tests {
             "tether_balancer_rejected_connections_total 1",
             "tether_balancer_max_connections 96",
             "tether_balancer_accept_errors_total{listener=\"proxy\"} 1",
+            "tether_balancer_tls_handshake_failures_total{reason=\"error\"} 1",
+            "tether_balancer_config_reloads_total{result=\"failed\"} 1",
         ] {
             assert!(text.contains(needle), "missing {needle:?} in\n{text}");
         }

@@ -103,8 +103,12 @@ async fn forward(
     kind: Kind,
     mut request: Request<Incoming>,
 ) -> Response<Body> {
-    let config = &shared.config;
-    let (id, minted) = match client_id(&request, &config.hash_keys, config.signing_key.as_ref()) {
+    // The live config's settings at this request's start (a reload swaps it whole).
+    let found = {
+        let config = shared.config();
+        client_id(&request, &config.hash_keys, config.signing_key.as_ref())
+    };
+    let (id, minted) = match found {
         Ok(found) => found,
         Err(e) => {
             // Refused before any upgrade or node contact.
@@ -171,7 +175,8 @@ async fn forward(
             "tunnel",
             peer = %conn.peer,
             client = %id,
-            node = %node.name
+            node = %node.name,
+            tls = conn.tls
         );
         shared.tracker.spawn(
             tunnel::run(client_upgrade, node_upgrade, websocket, stops, guard, Arc::clone(conn))
@@ -231,7 +236,8 @@ async fn connect_ranked(shared: &Shared, id: &str) -> Result<Upstream, NoUpstrea
             // Drained between `pick` and here: not a failure, just no longer a candidate.
             continue;
         }
-        match connect(node, shared.config.connect_timeout).await {
+        let connect_timeout = shared.config().connect_timeout;
+        match connect(node, connect_timeout).await {
             Ok(stream) => return Ok(Upstream { index, stream, down, drain }),
             Err(Error::NodeConnect { source, .. }) if is_out_of_descriptors(&source) => {
                 debug!(error = %source, "upstream connect: out of file descriptors; refusing with 503");

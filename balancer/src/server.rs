@@ -12,6 +12,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::{pin, Pin};
 use std::sync::Arc;
+use std::time::Duration;
 
 use http::StatusCode;
 use tether_proto::limits::{is_per_connection, AcceptBackoff};
@@ -28,6 +29,8 @@ use crate::conn::ClientConn;
 use crate::metrics::Kind;
 use crate::proxy;
 use crate::response;
+use crate::tls::{self, ClientStream};
+use crate::Config;
 use crate::{admin, api, Shared};
 
 /// Cap on concurrent admin connections: it is an operator's port, and a flood there must not
@@ -56,7 +59,9 @@ pub fn bind_listener(addr: SocketAddr, reuse_port: bool) -> io::Result<TcpListen
     socket.listen(LISTEN_BACKLOG)
 }
 
-/// Serves the client-facing listener until `shutdown` fires.
+/// Serves the client-facing listener until `shutdown` fires. Each connection reads the live
+/// config once, when it is accepted: its TLS (and certificate), header limits and timeouts
+/// stay those for its whole life, whatever a reload does meanwhile.
 pub(crate) async fn serve_proxy(shared: Arc<Shared>, listener: TcpListener, shutdown: CancellationToken) {
     let limit = Arc::clone(&shared.client_slots);
     // Refusals being answered at once: each holds a descriptor from the reserve for a moment,
@@ -75,17 +80,22 @@ pub(crate) async fn serve_proxy(shared: Arc<Shared>, listener: TcpListener, shut
                 let kind = if proxy::is_upgrade(request.headers()) { Kind::ws } else { Kind::http };
                 shared.metrics.request(kind, StatusCode::SERVICE_UNAVAILABLE.as_u16());
                 std::future::ready(Ok::<_, std::convert::Infallible>(response::at_capacity(
-                    shared.config.max_connections,
+                    shared.config().max_connections,
                 )))
             })
         };
-        let mut builder = http_builder(&shared);
+        let accepted = Accepted::new(&shared.config());
+        let mut builder = accepted.builder.clone();
         builder.keep_alive(false);
-        let connection = builder.serve_connection(TokioIo::new(stream), service);
         let (shutdown, hard_stop) = (shutdown.clone(), shared.hard_stop.clone());
-        shared.tracker.spawn(
+        let shared = Arc::clone(&shared);
+        shared.tracker.clone().spawn(
             async move {
-                drive(connection, |c| c.graceful_shutdown(), shutdown, hard_stop).await;
+                // Over TLS the 503 is only readable after a handshake; it is bounded like any.
+                if let Some(stream) = accepted.stream(stream, &shared, &hard_stop).await {
+                    let connection = builder.serve_connection(TokioIo::new(stream), service);
+                    drive(connection, |c| c.graceful_shutdown(), shutdown, hard_stop).await;
+                }
                 drop(permit);
             }
             .instrument(tracing::debug_span!("refused", %peer)),
@@ -93,28 +103,77 @@ pub(crate) async fn serve_proxy(shared: Arc<Shared>, listener: TcpListener, shut
     };
     accept_loop(&shared, listener, limit, &shutdown, "proxy", refuse, |stream, peer, permit| {
         let _ = stream.set_nodelay(true);
-        let conn = Arc::new(ClientConn { peer, _permit: permit });
-        let service = {
-            let shared = Arc::clone(&shared);
-            service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
-                let (shared, conn) = (Arc::clone(&shared), Arc::clone(&conn));
-                async move {
-                    // The server API belongs to no client: any node, round robin (see `api`).
-                    if api::is_api(&request) && !proxy::is_upgrade(request.headers()) {
-                        api::handle(shared, conn, request).await
-                    } else {
-                        proxy::handle(shared, conn, request).await
-                    }
-                }
-            })
-        };
-        let connection = http_builder(&shared).serve_connection(TokioIo::new(stream), service).with_upgrades();
+        let accepted = Accepted::new(&shared.config());
         let span = tracing::debug_span!("conn", %peer);
-        shared.tracker.spawn(
-            drive(connection, |c| c.graceful_shutdown(), shutdown.clone(), shared.hard_stop.clone()).instrument(span),
+        let (shutdown, hard_stop) = (shutdown.clone(), shared.hard_stop.clone());
+        let shared = Arc::clone(&shared);
+        shared.tracker.clone().spawn(
+            async move {
+                let Some(stream) = accepted.stream(stream, &shared, &hard_stop).await else {
+                    return;
+                };
+                let conn = Arc::new(ClientConn { peer, tls: stream.is_tls(), _permit: permit });
+                let service = {
+                    let shared = Arc::clone(&shared);
+                    service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+                        let (shared, conn) = (Arc::clone(&shared), Arc::clone(&conn));
+                        async move {
+                            // The server API belongs to no client: any node, round robin (see `api`).
+                            if api::is_api(&request) && !proxy::is_upgrade(request.headers()) {
+                                api::handle(shared, conn, request).await
+                            } else {
+                                proxy::handle(shared, conn, request).await
+                            }
+                        }
+                    })
+                };
+                let connection = accepted.builder.serve_connection(TokioIo::new(stream), service).with_upgrades();
+                drive(connection, |c| c.graceful_shutdown(), shutdown, hard_stop).await;
+            }
+            .instrument(span),
         );
     })
     .await;
+}
+
+/// What an accepted client connection takes from the live config when it is accepted.
+struct Accepted {
+    /// hyper's settings (header timeout and size).
+    builder: http1::Builder,
+    /// The TLS server config when the listener speaks TLS.
+    tls: Option<Arc<rustls::ServerConfig>>,
+    /// Bound of the TLS handshake: `header_read_timeout`, as for the request head that follows.
+    handshake_timeout: Duration,
+}
+
+impl Accepted {
+    fn new(config: &Config) -> Self {
+        Self {
+            builder: http_builder(config),
+            tls: config.tls.as_ref().map(|tls| Arc::clone(&tls.server)),
+            handshake_timeout: config.header_read_timeout,
+        }
+    }
+
+    /// The stream hyper serves: the socket itself, or TLS over it once the handshake is done
+    /// (`None`: it failed, timed out, or the shutdown grace ran out first; the socket closes).
+    async fn stream(
+        self: &Accepted,
+        stream: TcpStream,
+        shared: &Shared,
+        hard_stop: &CancellationToken,
+    ) -> Option<ClientStream> {
+        let Some(tls) = &self.tls else {
+            return Some(ClientStream::Plain(stream));
+        };
+        // Boxed: a handshake's state is large and lives only until it is done; a plain
+        // connection's task must not carry room for it.
+        let handshake = Box::pin(tls::handshake(Arc::clone(tls), stream, self.handshake_timeout, &shared.metrics));
+        tokio::select! {
+            done = handshake => done.map(|tls| ClientStream::Tls(Box::new(tls))),
+            _ = hard_stop.cancelled() => None,
+        }
+    }
 }
 
 /// Serves the admin listener until `shutdown` fires.
@@ -126,7 +185,7 @@ pub(crate) async fn serve_admin(shared: Arc<Shared>, listener: TcpListener, shut
             let shared = Arc::clone(&shared);
             service_fn(move |request| admin::handle(Arc::clone(&shared), request))
         };
-        let connection = http_builder(&shared).serve_connection(TokioIo::new(stream), service);
+        let connection = http_builder(&shared.config()).serve_connection(TokioIo::new(stream), service);
         let span = tracing::debug_span!("admin_conn", %peer);
         let (shutdown, hard_stop) = (shutdown.clone(), shared.hard_stop.clone());
         shared.tracker.spawn(
@@ -140,8 +199,7 @@ pub(crate) async fn serve_admin(shared: Arc<Shared>, listener: TcpListener, shut
     .await;
 }
 
-fn http_builder(shared: &Shared) -> http1::Builder {
-    let config = &shared.config;
+fn http_builder(config: &Config) -> http1::Builder {
     let mut builder = http1::Builder::new();
     builder
         .timer(TokioTimer::new())
@@ -154,7 +212,7 @@ fn http_builder(shared: &Shared) -> http1::Builder {
 /// How many refusals the client listener answers (503) at once: a quarter of the descriptor
 /// reserve, at least one.
 fn refusals_at_once(shared: &Shared) -> usize {
-    usize::try_from(shared.config.connection_limit.reserve() / 4).unwrap_or(usize::MAX).max(1)
+    usize::try_from(shared.config().connection_limit.reserve() / 4).unwrap_or(usize::MAX).max(1)
 }
 
 /// Accepts until `shutdown`; hands each connection that fits under `limit` to `serve`, and

@@ -80,6 +80,12 @@ fn bad_flags_and_config_exit_64_naming_the_field() {
         (&["--node", "a=127.0.0.1:1", "--log-format", "xml"], "log-format"),
         (&["--no-such-flag"], "--no-such-flag"),
         (&["--node", "a=127.0.0.1:1", "--threads", "0"], "threads"),
+        (&["--node", "a=127.0.0.1:1", "--tls-cert", "cert.pem"], "--tls-cert"),
+        (&["--node", "a=127.0.0.1:1", "--tls-key", "key.pem"], "--tls-key"),
+        (
+            &["--node", "a=127.0.0.1:1", "--tls-cert", "/no/such/cert.pem", "--tls-key", "/no/such/key.pem"],
+            "/no/such/cert.pem",
+        ),
     ];
     for (args, field) in cases {
         let (code, stderr) = run_to_exit(args);

@@ -506,6 +506,12 @@ macro_rules! process_controls {
             self.$proc.signal(nix::sys::signal::Signal::SIGTERM)
         }
 
+        /// `SIGHUP`: a balancer reloads its config (and certificate files). Asynchronous: wait
+        /// on what the reload shows (`/status`'s `reload`) to know it happened.
+        pub fn hangup(&mut self) -> Result<()> {
+            self.$proc.signal(nix::sys::signal::Signal::SIGHUP)
+        }
+
         /// Waits up to `within` for the exit; `None` if it still runs.
         pub async fn wait_exit(&mut self, within: Duration) -> Result<Option<ExitStatus>> {
             self.$proc.wait_exit(within).await

@@ -24,16 +24,24 @@
 //! its rank. The node's own 1012 (when it shuts down) needs nothing of the sort: it is just
 //! bytes passing through.
 //!
-//! **An idle tunnel holds no buffer.** Most tunnels are idle most of the time, so what one
-//! costs at rest is what the balancer costs per client. hyper hands back both original
-//! `TcpStream`s (plus any bytes it had read past the HTTP heads, which are written out first
-//! and dropped), and both directions run in the tunnel's one task. Each direction waits until
+//! **An idle (plain) tunnel holds no buffer.** Most tunnels are idle most of the time, so
+//! what one costs at rest is what the balancer costs per client. hyper hands back both
+//! original `TcpStream`s (plus any bytes it had read past the HTTP heads, which are written
+//! out first and dropped), and both directions run in the tunnel's one task. Each direction waits until
 //! its source is readable, reads into a scratch buffer that belongs to the worker thread
 //! ([`pump::SCRATCH_BYTES`]), and writes those bytes to the other side within the same poll. Only
 //! when the other side cannot take them all does the rest move into a buffer of the tunnel's
 //! own, freed once written — that tunnel is not idle, its reader is slow. What an idle tunnel
 //! keeps is its task (about 1.5 KB of state), the two sockets' registrations, and the shared
 //! handles of its node and client connection.
+//!
+//! **Over TLS** the client's side is a rustls session over the socket ([`ClientSide`] for
+//! `Box<TlsStream>`): one session serves both directions, so it is shared between them with
+//! `tokio::io::split` (a small allocation and an uncontended lock per poll), and the bytes
+//! pass through rustls's own record buffers on the way — a TLS tunnel is not free at rest
+//! the way a plain one is. Everything else is the same code: frame-aware drain, lingering
+//! close (its half-close is `close_notify`, then the FIN), the reset after a cut drain. Plain
+//! tunnels have their own instance of [`copy`] over the bare `TcpStream`, unchanged.
 //!
 //! Here: the tunnel's life ([`run`]: upgrades, copy, teardown, how each end closes). Below it:
 //! - [`mod@pump`]: one direction's copy through the thread's scratch buffer;
@@ -47,14 +55,17 @@ use std::sync::Arc;
 use bytes::Bytes;
 use hyper::upgrade::{OnUpgrade, Upgraded};
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio::time::Instant;
+use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::conn::ClientConn;
 use crate::pool::ActiveGuard;
 use crate::quiet::Quiet;
+use crate::tls::ClientStream;
 
 mod drain;
 mod linger;
@@ -125,37 +136,95 @@ pub(crate) async fn run(
         _ = stops.node_down.cancelled() => return,
         _ = stops.hard_stop.cancelled() => return,
     };
-    let (Some(client), Some(node)) = (into_tcp(client), into_tcp(node)) else {
-        // Both sides are served over `TokioIo<TcpStream>` (see `server` and `proxy`): only a
-        // change there gets here.
-        warn!("an upgraded connection is not a plain TCP stream; tunnel closed");
+    let (Some((client, client_early)), Some(node)) = (into_client(client), into_node(node)) else {
+        // The client side is served over `TokioIo<ClientStream>` (see `server`), the node's
+        // over `TokioIo<TcpStream>` (see `proxy`): only a change there gets here.
+        warn!("an upgraded connection is not of the expected stream type; tunnel closed");
         return;
     };
-    copy(client, node, websocket, &stops, guard).await;
+    // Each kind of client stream has its own instance of `copy`: a plain tunnel's is exactly
+    // the zero-buffer copy over two bare sockets; a TLS one's splits the TLS stream.
+    match client {
+        ClientStream::Plain(tcp) => {
+            copy((tcp, client_early), node, websocket, &stops, guard).await;
+        }
+        ClientStream::Tls(tls) => {
+            Box::pin(copy((tls, client_early), node, websocket, &stops, guard)).await;
+        }
+    }
     // The client's socket closed when `copy` returned; its slot is given back now.
     drop(conn);
 }
 
-/// The TCP stream under an upgraded connection, and what hyper had read from it past the
-/// HTTP head (a client's first frames sent along with its request; a node's first frames
-/// sent along with its 101).
-fn into_tcp(upgraded: Upgraded) -> Option<(TcpStream, Bytes)> {
+/// The client's stream under an upgraded connection, and what hyper had read from it past
+/// the HTTP head (its first frames sent along with its request; decrypted, over TLS).
+fn into_client(upgraded: Upgraded) -> Option<(ClientStream, Bytes)> {
+    let parts = upgraded.downcast::<TokioIo<ClientStream>>().ok()?;
+    Some((parts.io.into_inner(), parts.read_buf))
+}
+
+/// The TCP stream under the node's upgraded connection, and what hyper had read from it past
+/// the 101's head (the node's first frames sent along with it).
+fn into_node(upgraded: Upgraded) -> Option<(TcpStream, Bytes)> {
     let parts = upgraded.downcast::<TokioIo<TcpStream>>().ok()?;
     Some((parts.io.into_inner(), parts.read_buf))
+}
+
+/// The client's end of a tunnel, as [`copy`] needs it: two halves that both directions can
+/// use at once in the tunnel's one task, and a way to make its close a reset.
+pub(crate) trait ClientSide {
+    type Rx<'a>: AsyncRead + Unpin
+    where
+        Self: 'a;
+    type Tx<'a>: AsyncWrite + Unpin
+    where
+        Self: 'a;
+    /// The read and write halves, borrowed for the copy.
+    fn halves(&mut self) -> (Self::Rx<'_>, Self::Tx<'_>);
+    /// Makes the coming close a reset (`SO_LINGER` 0) rather than a FIN queued behind data a
+    /// stalled client never takes.
+    fn reset_on_close(&self);
+}
+
+/// A plain client: the socket's own borrowed halves, no allocation, no lock.
+impl ClientSide for TcpStream {
+    type Rx<'a> = tokio::net::tcp::ReadHalf<'a>;
+    type Tx<'a> = tokio::net::tcp::WriteHalf<'a>;
+    fn halves(&mut self) -> (Self::Rx<'_>, Self::Tx<'_>) {
+        self.split()
+    }
+    fn reset_on_close(&self) {
+        let _ = self.set_zero_linger();
+    }
+}
+
+/// A TLS client: one rustls session serves both directions, so it is shared between the two
+/// halves through `tokio::io::split` (one small allocation per tunnel, an uncontended lock
+/// per poll: both halves run in the same task). Shutting the write half down sends
+/// `close_notify`, then the FIN.
+impl ClientSide for Box<TlsStream<TcpStream>> {
+    type Rx<'a> = tokio::io::ReadHalf<&'a mut TlsStream<TcpStream>>;
+    type Tx<'a> = tokio::io::WriteHalf<&'a mut TlsStream<TcpStream>>;
+    fn halves(&mut self) -> (Self::Rx<'_>, Self::Tx<'_>) {
+        tokio::io::split(&mut **self)
+    }
+    fn reset_on_close(&self) {
+        let _ = self.get_ref().0.set_zero_linger();
+    }
 }
 
 /// The tunnel proper, once both sides are plain TCP streams; returns why it ended. The node's
 /// connection (and `guard`) are let go as soon as the copy ends; the client's lingers when the
 /// node's side ended first (see [`End::lingers`]).
-async fn copy(
-    (mut client, client_early): (TcpStream, Bytes),
+async fn copy<C: ClientSide>(
+    (mut client, client_early): (C, Bytes),
     (mut node, node_early): (TcpStream, Bytes),
     websocket: bool,
     stops: &Stops,
     guard: Arc<ActiveGuard>,
 ) -> End {
     debug!("tunnel open");
-    let (mut client_rx, mut client_tx) = client.split();
+    let (mut client_rx, mut client_tx) = client.halves();
     let (mut node_rx, mut node_tx) = node.split();
     // Not a WebSocket: no frames to respect, so a drain cuts at once.
     let (frame_drain, cut_drain) = if websocket { (Some(&stops.drain), None) } else { (None, Some(&stops.drain)) };
@@ -219,11 +288,14 @@ async fn copy(
             }
         })
         .await;
-    } else if matches!(end, End::Drained(false)) {
+    }
+    // Let go of the halves (a TLS stream's share the session) before the stream itself.
+    drop((client_rx, client_tx));
+    if matches!(end, End::Drained(false)) {
         // Its frame cut in the middle, the client cannot read the rest of the WebSocket; and it
         // may have stopped reading, so that a FIN would wait behind unsent bytes (the socket
         // kept in FIN-WAIT-1): a reset frees it at once.
-        let _ = client.set_zero_linger();
+        client.reset_on_close();
     }
     // Returning closes the client's socket.
     end
@@ -336,6 +408,60 @@ mod tests {
         drop(node_peer);
         // The client gets the frame, then end of stream: no reset.
         let (got, end) = read_all(&mut client_rx).await;
+        assert_eq!(got, node_close(1009));
+        assert!(end.is_ok(), "{end:?}");
+        stop.cancel();
+        flooding.await.unwrap();
+        assert!(tunnel.await.unwrap(), "the tunnel ended on the node's side");
+    }
+
+    /// A TLS connection over loopback: the balancer's side (as the tunnel gets it) and the
+    /// client's.
+    async fn tls_pair() -> (Box<TlsStream<TcpStream>>, tokio_rustls::client::TlsStream<TcpStream>) {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = tether_kit::certs::DevCa::generate("tunnel test CA").unwrap();
+        let files = ca.write(dir.path()).unwrap();
+        let server = crate::tls::server_config(&files.cert, &files.key).unwrap();
+        let client = tether_kit::certs::client_config(ca.cert_pem()).unwrap();
+        let (near, far) = tcp_pair().await;
+        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+        let (client, server) = tokio::join!(
+            tokio_rustls::TlsConnector::from(client).connect(name, near),
+            tokio_rustls::TlsAcceptor::from(server).accept(far),
+        );
+        (Box::new(server.unwrap()), client.unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_nodes_close_frame_reaches_a_tls_client_that_is_still_sending_then_close_notify() {
+        let stops = stops();
+        let ((client, client_peer), (node, mut node_peer)) = (tls_pair().await, tcp_pair().await);
+        let (mut client_rx, mut client_tx) = tokio::io::split(client_peer);
+        let stop = CancellationToken::new();
+        let flooding = {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let chunk = vec![0x5au8; 64 * 1024];
+                for _ in 0..4096 {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        written = client_tx.write_all(&chunk) => if written.is_err() { return },
+                    }
+                }
+            })
+        };
+        let tunnel = tokio::spawn(async move {
+            let end = copy((client, Bytes::new()), (node, Bytes::new()), true, &stops, guard()).await;
+            matches!(end, End::NodeGone(_) | End::NodeClosed(_))
+        });
+        let mut some = vec![0u8; 100_000];
+        node_peer.read_exact(&mut some).await.unwrap();
+        node_peer.write_all(&node_close(1009)).await.unwrap();
+        drop(node_peer);
+        // The frame, then a clean end of the TLS stream (close_notify): no reset, no
+        // truncation error.
+        let mut got = Vec::new();
+        let end = client_rx.read_to_end(&mut got).await;
         assert_eq!(got, node_close(1009));
         assert!(end.is_ok(), "{end:?}");
         stop.cancel();
