@@ -2,7 +2,8 @@
 //!
 //! This is where a client connection begins: accepted, counted against its listener's cap
 //! (beyond it on the client listener: answered 503 with `Retry-After` and closed; on the admin
-//! listener: closed at once), then served by hyper until it ends, is upgraded into a tunnel,
+//! listener: closed at once), put through the TLS handshake in its own task when the live
+//! config has `[tls]` (see [`crate::tls`]), then served by hyper until it ends, is upgraded into a tunnel,
 //! or shutdown asks it to finish its in-flight request and close. An accept error never ends
 //! the loop: per-connection errors are skipped, resource exhaustion (EMFILE and friends) backs
 //! off, doubling up to a second, and is logged at most once per 10 s.
@@ -157,12 +158,7 @@ impl Accepted {
 
     /// The stream hyper serves: the socket itself, or TLS over it once the handshake is done
     /// (`None`: it failed, timed out, or the shutdown grace ran out first; the socket closes).
-    async fn stream(
-        self: &Accepted,
-        stream: TcpStream,
-        shared: &Shared,
-        hard_stop: &CancellationToken,
-    ) -> Option<ClientStream> {
+    async fn stream(&self, stream: TcpStream, shared: &Shared, hard_stop: &CancellationToken) -> Option<ClientStream> {
         let Some(tls) = &self.tls else {
             return Some(ClientStream::Plain(stream));
         };

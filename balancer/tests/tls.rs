@@ -107,6 +107,27 @@ async fn wss_connect(
     within("a wss handshake", connecting).await.map(|(ws, _)| ws)
 }
 
+/// [`wss_connect`] to `/ws{query}` with extra headers.
+async fn wss_connect_with(
+    addr: SocketAddr,
+    config: &Arc<ClientConfig>,
+    query: &str,
+    headers: &[(&str, &str)],
+) -> Result<Ws, tokio_tungstenite::tungstenite::Error> {
+    let mut request = format!("wss://{HOST}:{}/ws{query}", addr.port()).into_client_request().unwrap();
+    for (k, v) in headers {
+        request.headers_mut().append(http::HeaderName::from_bytes(k.as_bytes()).unwrap(), v.parse().unwrap());
+    }
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let connecting = tokio_tungstenite::client_async_tls_with_config(
+        request,
+        tcp,
+        None,
+        Some(Connector::Rustls(Arc::clone(config))),
+    );
+    within("a wss handshake", connecting).await.map(|(ws, _)| ws)
+}
+
 /// [`wss_connect`] that must succeed; returns the socket after the node's hello.
 async fn wss_for(addr: SocketAddr, config: &Arc<ClientConfig>, client: &str) -> (Ws, Hello) {
     let mut ws = wss_connect(addr, Arc::clone(config), client).await.unwrap_or_else(|e| panic!("wss {client}: {e}"));
@@ -286,10 +307,11 @@ impl LiveFiles {
         std::fs::rename(&tmp, path).unwrap();
     }
 
-    fn config_file(&self) -> std::path::PathBuf {
+    /// Writes the balancer's config file (with `extra` top-level keys) and returns its path.
+    fn config_file(&self, extra: &str) -> std::path::PathBuf {
         let path = self.dir.path().join("balancer.toml");
         let text = format!(
-            "health_interval_ms = 100\nrise = 1\ngrace_period_ms = 1000\n\n[tls]\ncert = {:?}\nkey = {:?}\n",
+            "health_interval_ms = 100\nrise = 1\ngrace_period_ms = 1000\n{extra}\n[tls]\ncert = {:?}\nkey = {:?}\n",
             self.cert.to_str().unwrap(),
             self.key.to_str().unwrap()
         );
@@ -314,7 +336,7 @@ async fn sighup_swaps_the_certificate_under_50_open_tunnels_and_refuses_a_broken
     let trusts_new = client_config(new_ca.cert_pem()).unwrap();
     let files = LiveFiles::new();
     files.install(&old_ca);
-    let config = files.config_file();
+    let config = files.config_file("");
     let node_list: Vec<(String, SocketAddr)> = nodes.iter().map(|n| (n.name.clone(), n.addr)).collect();
     let mut balancer =
         BalancerProcess::start(&node_list, &["--config".to_owned(), config.to_str().unwrap().to_owned()])
@@ -331,8 +353,14 @@ async fn sighup_swaps_the_certificate_under_50_open_tunnels_and_refuses_a_broken
     }
     assert!(wss_connect(addr, Arc::clone(&trusts_new), "too-early").await.is_err(), "new CA before the reload");
 
-    // A certificate from another CA, and SIGHUP.
+    // The id comes from the query first (the default `hash_keys`).
+    let header_id = [("x-client-id", "from-header")];
+    let mut ws = wss_connect_with(addr, &trusts_old, "?client=from-query", &header_id).await.unwrap();
+    assert_eq!(hello(&mut ws).await.client, "from-query");
+
+    // A certificate from another CA, the header first, and SIGHUP.
     files.install(&new_ca);
+    files.config_file("hash_keys = [\"header\", \"query\"]");
     balancer.hangup().unwrap();
     eventually("/status to show a good reload", || async { reload_status(admin).await["ok"] == true }).await;
     let reload = reload_status(admin).await;
@@ -345,6 +373,9 @@ async fn sighup_swaps_the_certificate_under_50_open_tunnels_and_refuses_a_broken
     }
     let (mut fresh, _) = wss_for(addr, &trusts_new, "after-reload").await;
     echo(&mut fresh, "new certificate").await;
+    // The reloaded settings hold for new connections: the header's id wins now.
+    let mut ws = wss_connect_with(addr, &trusts_new, "?client=from-query", &header_id).await.unwrap();
+    assert_eq!(hello(&mut ws).await.client, "from-header");
     assert!(wss_connect(addr, Arc::clone(&trusts_old), "old-trust").await.is_err(), "old CA after the reload");
 
     // A broken certificate: the reload is refused, the second certificate stays.
