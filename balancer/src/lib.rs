@@ -6,11 +6,16 @@
 //! Layout, in the order a connection meets it:
 //! - [`config`]: the TOML file, flag overrides, validation into [`Config`];
 //! - `server`: accept loops for the client and admin listeners, connection cap (503 with
-//!   `Retry-After` past it), back-off when descriptors run out, hyper set-up, graceful
-//!   shutdown of each connection;
+//!   `Retry-After` past it), back-off when descriptors run out, then per client connection:
+//!   PROXY header → per-IP check → [TLS] → hyper, and graceful shutdown of each connection;
+//! - `proxy_protocol`: the PROXY protocol header (v1/v2) naming the real client, read to its
+//!   last byte and no further;
+//! - `per_ip`: the per-source-address connection cap and connect-rate bucket (429 past them),
+//!   in a table bounded under many addresses;
 //! - `proxy`: per request — client id (query, header, cookie; minted when absent; checked
 //!   against the `signing_key` when one is set), node choice with failover along the
-//!   client's rank, forwarding with `X-Client-Id`/`X-Forwarded-For`;
+//!   client's rank, forwarding with `X-Client-Id`, `X-Forwarded-For`, `X-Real-IP` and
+//!   `X-Forwarded-Proto`;
 //! - `api`: `/api/` requests (the nodes' server API): no client id, any usable node round
 //!   robin, the buffered body sent again to the next node on a refused connect, a 503 or a
 //!   failed exchange;
@@ -52,8 +57,10 @@ mod error;
 mod frames;
 mod health;
 pub mod metrics;
+mod per_ip;
 mod pool;
 mod proxy;
+mod proxy_protocol;
 mod quiet;
 mod response;
 mod server;
@@ -78,6 +85,9 @@ pub(crate) struct Shared {
     hard_stop: CancellationToken,
     /// Turns of the server API's round robin over nodes (see [`api`]).
     api_turn: std::sync::atomic::AtomicUsize,
+    /// Open connections and connect buckets per source address (see [`per_ip`]); its limits
+    /// are read from `config` at each check.
+    per_ip: Arc<per_ip::PerIp>,
 }
 
 /// Runs the balancer on two bound listeners until `shutdown` fires, then stops accepting,
@@ -95,6 +105,8 @@ pub async fn run(
     let pool = pool::Pool::new(&config.nodes, &metrics);
     metrics.max_connections.set(i64::try_from(config.max_connections).unwrap_or(i64::MAX));
     let client_slots = Arc::new(tokio::sync::Semaphore::new(config.max_connections));
+    let per_ip =
+        Arc::new(per_ip::PerIp::new(per_ip::table_cap(config.max_connections), metrics.per_ip_entries.clone()));
     let shared = Arc::new(Shared {
         config,
         pool,
@@ -103,6 +115,7 @@ pub async fn run(
         tracker: TaskTracker::new(),
         hard_stop: CancellationToken::new(),
         api_turn: std::sync::atomic::AtomicUsize::new(0),
+        per_ip,
     });
 
     let health_stop = CancellationToken::new();

@@ -2,8 +2,11 @@
 //!
 //! This is where a client connection begins: accepted, counted against its listener's cap
 //! (beyond it on the client listener: answered 503 with `Retry-After` and closed; on the admin
-//! listener: closed at once), then served by hyper until it ends, is upgraded into a tunnel,
-//! or shutdown asks it to finish its in-flight request and close. An accept error never ends
+//! listener: closed at once). On the client listener it then meets, in this order: its PROXY
+//! header when `proxy_protocol` requires one (missing or bad: closed, nothing reaches a node),
+//! the per-IP limits on the real address (over: 429 with `Retry-After`), [TLS], and hyper,
+//! which serves it until it ends, is upgraded into a tunnel, or shutdown asks it to finish its
+//! in-flight request and close. An accept error never ends
 //! the loop: per-connection errors are skipped, resource exhaustion (EMFILE and friends) backs
 //! off, doubling up to a second, and is logged at most once per 10 s.
 
@@ -13,7 +16,6 @@ use std::net::SocketAddr;
 use std::pin::{pin, Pin};
 use std::sync::Arc;
 
-use http::StatusCode;
 use tether_proto::limits::{is_per_connection, AcceptBackoff};
 
 use hyper::server::conn::http1;
@@ -22,13 +24,12 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn, Instrument};
+use tracing::{debug, field, warn, Instrument};
 
 use crate::conn::ClientConn;
 use crate::metrics::Kind;
-use crate::proxy;
 use crate::response;
-use crate::{admin, api, Shared};
+use crate::{admin, api, per_ip, proxy, proxy_protocol, Shared};
 
 /// Cap on concurrent admin connections: it is an operator's port, and a flood there must not
 /// take file descriptors from clients.
@@ -69,52 +70,120 @@ pub(crate) async fn serve_proxy(shared: Arc<Shared>, listener: TcpListener, shut
             return;
         };
         debug!(%peer, "connection limit reached; answering 503");
-        let service = {
-            let shared = Arc::clone(&shared);
-            service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
-                let kind = if proxy::is_upgrade(request.headers()) { Kind::ws } else { Kind::http };
-                shared.metrics.request(kind, StatusCode::SERVICE_UNAVAILABLE.as_u16());
-                std::future::ready(Ok::<_, std::convert::Infallible>(response::at_capacity(
-                    shared.config.max_connections,
-                )))
-            })
-        };
-        let mut builder = http_builder(&shared);
-        builder.keep_alive(false);
-        let connection = builder.serve_connection(TokioIo::new(stream), service);
-        let (shutdown, hard_stop) = (shutdown.clone(), shared.hard_stop.clone());
-        shared.tracker.spawn(
+        let (shared, shutdown) = (Arc::clone(&shared), shutdown.clone());
+        shared.tracker.clone().spawn(
             async move {
-                drive(connection, |c| c.graceful_shutdown(), shutdown, hard_stop).await;
+                let mut stream = stream;
+                // Even a refusal reads the PROXY header first: hyper must not take it for a
+                // request.
+                if read_proxy_header(&shared, &mut stream, peer).await.is_some() {
+                    let max = shared.config.max_connections;
+                    answer(&shared, stream, move || response::at_capacity(max), shutdown).await;
+                }
                 drop(permit);
             }
             .instrument(tracing::debug_span!("refused", %peer)),
         );
     };
     accept_loop(&shared, listener, limit, &shutdown, "proxy", refuse, |stream, peer, permit| {
-        let _ = stream.set_nodelay(true);
-        let conn = Arc::new(ClientConn { peer, _permit: permit });
-        let service = {
-            let shared = Arc::clone(&shared);
-            service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
-                let (shared, conn) = (Arc::clone(&shared), Arc::clone(&conn));
-                async move {
-                    // The server API belongs to no client: any node, round robin (see `api`).
-                    if api::is_api(&request) && !proxy::is_upgrade(request.headers()) {
-                        api::handle(shared, conn, request).await
-                    } else {
-                        proxy::handle(shared, conn, request).await
-                    }
-                }
-            })
-        };
-        let connection = http_builder(&shared).serve_connection(TokioIo::new(stream), service).with_upgrades();
-        let span = tracing::debug_span!("conn", %peer);
-        shared.tracker.spawn(
-            drive(connection, |c| c.graceful_shutdown(), shutdown.clone(), shared.hard_stop.clone()).instrument(span),
-        );
+        let span = tracing::debug_span!("conn", peer = field::Empty, socket_peer = %peer);
+        shared
+            .tracker
+            .spawn(serve_client(Arc::clone(&shared), stream, peer, permit, shutdown.clone()).instrument(span));
     })
     .await;
+}
+
+/// One client connection, in the order it meets the front door: the PROXY header (when the
+/// listener requires one), the per-IP limits on the address that header names, [TLS], then
+/// hyper until the connection ends or is upgraded into a tunnel.
+async fn serve_client(
+    shared: Arc<Shared>,
+    mut stream: TcpStream,
+    socket_peer: SocketAddr,
+    permit: OwnedSemaphorePermit,
+    shutdown: CancellationToken,
+) {
+    let _ = stream.set_nodelay(true);
+    let Some(peer) = read_proxy_header(&shared, &mut stream, socket_peer).await else {
+        return;
+    };
+    tracing::Span::current().record("peer", field::display(peer));
+
+    let limits = per_ip::Limits::from_config(&shared.config);
+    let per_ip = if limits.any() {
+        match shared.per_ip.admit(peer.ip(), limits, tokio::time::Instant::now()) {
+            Ok(guard) => Some(guard),
+            Err(refusal) => {
+                shared.metrics.per_ip_refused(refusal.reason);
+                debug!(reason = ?refusal.reason, retry_after = refusal.retry_after_secs, "per-IP limit; answering 429");
+                // Answered while holding the connection's `max_connections` slot: the answer
+                // is bounded by `header_read_timeout`, like any request head.
+                answer(&shared, stream, move || response::per_ip_limit(refusal), shutdown).await;
+                return;
+            }
+        }
+    } else {
+        None
+    };
+
+    // TLS goes here (the seam for the TLS listener): a handshake on `stream`, after the PROXY
+    // header and the per-IP check, before hyper; it sets `tls`.
+    let conn = Arc::new(ClientConn { peer, socket_peer, tls: false, _permit: permit, _per_ip: per_ip });
+    let service = {
+        let shared = Arc::clone(&shared);
+        service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+            let (shared, conn) = (Arc::clone(&shared), Arc::clone(&conn));
+            async move {
+                // The server API belongs to no client: any node, round robin (see `api`).
+                if api::is_api(&request) && !proxy::is_upgrade(request.headers()) {
+                    api::handle(shared, conn, request).await
+                } else {
+                    proxy::handle(shared, conn, request).await
+                }
+            }
+        })
+    };
+    let connection = http_builder(&shared).serve_connection(TokioIo::new(stream), service).with_upgrades();
+    drive(connection, |c| c.graceful_shutdown(), shutdown, shared.hard_stop.clone()).await;
+}
+
+/// The client's real address: from the PROXY header the listener requires (`None`, counted
+/// and logged, when the header is missing or bad: the caller closes the connection), else the
+/// socket's peer.
+async fn read_proxy_header(shared: &Shared, stream: &mut TcpStream, socket_peer: SocketAddr) -> Option<SocketAddr> {
+    let mode = shared.config.proxy_protocol;
+    match proxy_protocol::read_header(stream, mode, shared.config.header_read_timeout).await {
+        Ok(named) => Some(named.unwrap_or(socket_peer)),
+        Err(reason) => {
+            shared.metrics.proxy_protocol_refused(reason);
+            debug!(?reason, mode = mode.as_str(), "no valid PROXY header; closing");
+            None
+        }
+    }
+}
+
+/// Serves one answer the balancer writes itself (a 503 or 429) to the connection's request,
+/// counted like any answer, then closes.
+async fn answer(
+    shared: &Arc<Shared>,
+    stream: TcpStream,
+    make: impl Fn() -> hyper::Response<response::Body> + Send + Sync + 'static,
+    shutdown: CancellationToken,
+) {
+    let service = {
+        let shared = Arc::clone(shared);
+        service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+            let kind = if proxy::is_upgrade(request.headers()) { Kind::ws } else { Kind::http };
+            let response = make();
+            shared.metrics.request(kind, response.status().as_u16());
+            std::future::ready(Ok::<_, std::convert::Infallible>(response))
+        })
+    };
+    let mut builder = http_builder(shared);
+    builder.keep_alive(false);
+    let connection = builder.serve_connection(TokioIo::new(stream), service);
+    drive(connection, |c| c.graceful_shutdown(), shutdown, shared.hard_stop.clone()).await;
 }
 
 /// Serves the admin listener until `shutdown` fires.
