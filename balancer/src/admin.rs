@@ -28,6 +28,14 @@ struct Status<'a> {
     max_connections: usize,
     /// `rlimit_nofile` (derived from the open-file limit) or `configured`.
     max_connections_source: &'static str,
+    /// Per-IP limits (0 = off) beside the global one.
+    max_connections_per_ip: u32,
+    connect_rate_per_ip: f64,
+    connect_burst_per_ip: u32,
+    /// Source addresses (IPv6: /64s) the per-IP table tracks now.
+    per_ip_entries: usize,
+    /// `off`, `v1`, `v2` or `any`.
+    proxy_protocol: &'static str,
     /// The soft `RLIMIT_NOFILE` in force (after the start-up raise), when known.
     #[serde(skip_serializing_if = "Option::is_none")]
     nofile_limit: Option<u64>,
@@ -118,6 +126,11 @@ fn status(shared: &Shared) -> Status<'_> {
         client_connections: config.max_connections.saturating_sub(shared.client_slots.available_permits()),
         max_connections: config.max_connections,
         max_connections_source: config.connection_limit.source(),
+        max_connections_per_ip: config.max_connections_per_ip,
+        connect_rate_per_ip: config.connect_rate_per_ip,
+        connect_burst_per_ip: config.connect_burst_per_ip,
+        per_ip_entries: shared.per_ip.len(),
+        proxy_protocol: config.proxy_protocol.as_str(),
         nofile_limit: config.connection_limit.nofile,
         reload: shared.reload_outcome(),
     }

@@ -10,7 +10,6 @@
 //! `idempotency_key` (an exchange that failed after the node published looks the same as one
 //! that failed before); `docs/API.md` says so.
 
-use std::net::IpAddr;
 use std::sync::Arc;
 
 use http::header::{self, HeaderValue};
@@ -23,7 +22,7 @@ use tracing::{debug, Instrument};
 
 use crate::conn::ClientConn;
 use crate::metrics::Kind;
-use crate::proxy::{append_forwarded_for, connect, strip_hop_by_hop};
+use crate::proxy::{connect, set_forwarded, strip_hop_by_hop};
 use crate::response::{full, Body};
 use crate::{Error, Shared};
 
@@ -43,7 +42,7 @@ pub(crate) async fn handle(
     request: Request<Incoming>,
 ) -> Result<Response<Body>, std::convert::Infallible> {
     let span = tracing::debug_span!("api", path = %request.uri().path());
-    let response = forward(&shared, conn.peer.ip(), request).instrument(span).await;
+    let response = forward(&shared, &conn, request).instrument(span).await;
     shared.metrics.request(Kind::api, response.status().as_u16());
     Ok(response)
 }
@@ -56,7 +55,7 @@ fn error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
     r
 }
 
-async fn forward(shared: &Shared, peer: IpAddr, request: Request<Incoming>) -> Response<Body> {
+async fn forward(shared: &Shared, conn: &ClientConn, request: Request<Incoming>) -> Response<Body> {
     let (mut parts, body) = request.into_parts();
     let body = match Limited::new(body, API_BODY_LIMIT).collect().await {
         Ok(collected) => collected.to_bytes(),
@@ -69,7 +68,7 @@ async fn forward(shared: &Shared, peer: IpAddr, request: Request<Incoming>) -> R
     let path = parts.uri.path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
     parts.uri = Uri::from(path);
     strip_hop_by_hop(&mut parts.headers);
-    append_forwarded_for(&mut parts.headers, peer);
+    set_forwarded(&mut parts.headers, conn.peer.ip(), conn.tls);
     let turn = shared.api_turn.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     for index in shared.pool.api_order(turn) {
         let node = shared.pool.get(index);

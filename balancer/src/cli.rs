@@ -63,6 +63,22 @@ pub struct Args {
     /// PEM private key of --tls-cert's leaf; needs --tls-cert.
     #[arg(long, value_name = "FILE")]
     pub tls_key: Option<PathBuf>,
+    /// PROXY protocol header every client connection must start with: off, v1, v2 or any
+    /// [default: off]. Only for a listener behind a load balancer that sends it.
+    #[arg(long, value_name = "off|v1|v2|any")]
+    pub proxy_protocol: Option<String>,
+    /// Client connections open at once per source address (IPv6: per /64); past it 429
+    /// with Retry-After: 1 [default: 0 = no cap].
+    #[arg(long, value_name = "N")]
+    pub max_connections_per_ip: Option<u32>,
+    /// New client connections per second per source address (token bucket refill); past it
+    /// 429 with Retry-After [default: 0 = no limit].
+    #[arg(long, value_name = "PER_SEC")]
+    pub connect_rate_per_ip: Option<f64>,
+    /// Size of that bucket: connections an address may open at once after a rest
+    /// [default: the rate rounded up, at least 1].
+    #[arg(long, value_name = "N")]
+    pub connect_burst_per_ip: Option<u32>,
     /// Log line format on stderr.
     #[arg(long, value_name = "FORMAT", default_value = "text")]
     pub log_format: LogFormat,
@@ -129,6 +145,10 @@ pub fn load_config(args: &Args) -> Result<Config, Error> {
         signing_key_file: args.signing_key_file.clone(),
         signing_key_env: signing_key_from_env()?,
         tls,
+        proxy_protocol: args.proxy_protocol.clone(),
+        max_connections_per_ip: args.max_connections_per_ip,
+        connect_rate_per_ip: args.connect_rate_per_ip,
+        connect_burst_per_ip: args.connect_burst_per_ip,
     });
     file.validate()
 }

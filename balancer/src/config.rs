@@ -14,6 +14,7 @@ use serde::Deserialize;
 use tether_proto::id::IdSource;
 use tether_proto::sign::SigningKey;
 
+pub use crate::proxy_protocol::ProxyProtocol;
 use crate::Error;
 
 /// Client-facing listener when neither the file nor `--listen` names one.
@@ -51,6 +52,9 @@ pub const MAX_NODE_NAME_LEN: usize = 64;
 /// Upper bound of `threads`: far more than any machine this runs on has cores; it catches a
 /// typo before tokio tries to start that many threads.
 pub const MAX_THREADS: usize = 1024;
+/// Upper bound of `connect_rate_per_ip` (per second) and of `connect_burst_per_ip`: far above
+/// what one address should ever open; it catches a typo (and keeps the bucket arithmetic exact).
+pub const MAX_PER_IP_RATE: f64 = 1_000_000.0;
 /// Environment variable holding the id-signing key itself (the nodes read the same one). A
 /// `signing_key_file` (file or flag) wins over it; an empty value counts as unset.
 pub const SIGNING_KEY_ENV: &str = "TETHER_SIGNING_KEY";
@@ -98,6 +102,17 @@ pub struct FileConfig {
     /// `[tls]`: certificate and key files; present (with both) = the client listener is
     /// wss/https only.
     pub tls: Option<FileTls>,
+    /// `off` (default), `v1`, `v2` or `any`: the PROXY protocol header every client
+    /// connection must start with (see `proxy_protocol`).
+    pub proxy_protocol: Option<String>,
+    /// Client connections open at once per source address (IPv6: per /64); 0 or absent = no cap.
+    pub max_connections_per_ip: Option<u32>,
+    /// New client connections per second per source address (a token bucket's refill); 0 or
+    /// absent = no limit.
+    pub connect_rate_per_ip: Option<f64>,
+    /// The bucket's size: connections an address may open at once after a rest; default
+    /// max(1, `connect_rate_per_ip` rounded up).
+    pub connect_burst_per_ip: Option<u32>,
     #[serde(default)]
     pub nodes: Vec<FileNode>,
 }
@@ -145,6 +160,14 @@ pub struct Overrides {
     /// `--tls-cert FILE --tls-key FILE` (the CLI refuses one without the other): replace the
     /// file's `[tls]`.
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// `--proxy-protocol`.
+    pub proxy_protocol: Option<String>,
+    /// `--max-connections-per-ip`.
+    pub max_connections_per_ip: Option<u32>,
+    /// `--connect-rate-per-ip`.
+    pub connect_rate_per_ip: Option<f64>,
+    /// `--connect-burst-per-ip`.
+    pub connect_burst_per_ip: Option<u32>,
 }
 
 /// A validated configuration.
@@ -188,6 +211,18 @@ pub struct Config {
     /// When set, the client listener speaks TLS only (wss/https): the files it came from and
     /// the rustls config made from them (read again on every reload).
     pub tls: Option<TlsSettings>,
+    /// The PROXY protocol header required at the start of every client connection (`Off`:
+    /// none is read). The address it names is the client's for logs, per-IP limits and the
+    /// forwarded headers.
+    pub proxy_protocol: ProxyProtocol,
+    /// Cap on client connections open at once per source address (IPv6: per /64); 0 = none.
+    /// Past it: 429 with `Retry-After: 1`.
+    pub max_connections_per_ip: u32,
+    /// Token-bucket refill, new connections per second per source address; 0 = no limit. An
+    /// empty bucket: 429 with `Retry-After` until the next token.
+    pub connect_rate_per_ip: f64,
+    /// The bucket's size (at least 1).
+    pub connect_burst_per_ip: u32,
     /// The nodes, in file order (order does not affect routing: ranking is by name).
     pub nodes: Vec<NodeConfig>,
 }
@@ -261,6 +296,18 @@ impl FileConfig {
         if let Some((cert, key)) = o.tls {
             self.tls = Some(FileTls { cert: Some(cert), key: Some(key) });
         }
+        if o.proxy_protocol.is_some() {
+            self.proxy_protocol = o.proxy_protocol;
+        }
+        if o.max_connections_per_ip.is_some() {
+            self.max_connections_per_ip = o.max_connections_per_ip;
+        }
+        if o.connect_rate_per_ip.is_some() {
+            self.connect_rate_per_ip = o.connect_rate_per_ip;
+        }
+        if o.connect_burst_per_ip.is_some() {
+            self.connect_burst_per_ip = o.connect_burst_per_ip;
+        }
     }
 
     /// Checks every field and fills in defaults.
@@ -307,6 +354,28 @@ impl FileConfig {
         if !(1..=MAX_THREADS).contains(&threads) {
             return Err(invalid("threads", format!("{threads} is outside 1..={MAX_THREADS}")));
         }
+        let proxy_protocol = match self.proxy_protocol.as_deref() {
+            None => ProxyProtocol::Off,
+            Some(value) => ProxyProtocol::parse(value).ok_or_else(|| {
+                invalid("proxy_protocol", format!("{value:?} is not one of {}", ProxyProtocol::NAMES.join(", ")))
+            })?,
+        };
+        let connect_rate_per_ip = self.connect_rate_per_ip.unwrap_or(0.0);
+        if !(0.0..=MAX_PER_IP_RATE).contains(&connect_rate_per_ip) {
+            return Err(invalid(
+                "connect_rate_per_ip",
+                format!("{connect_rate_per_ip} is outside 0..={MAX_PER_IP_RATE} (per second)"),
+            ));
+        }
+        // In range, so the cast is exact.
+        let default_burst = (connect_rate_per_ip.ceil() as u32).max(1);
+        let connect_burst_per_ip = self.connect_burst_per_ip.unwrap_or(default_burst);
+        if !(1..=MAX_PER_IP_RATE as u32).contains(&connect_burst_per_ip) {
+            return Err(invalid(
+                "connect_burst_per_ip",
+                format!("{connect_burst_per_ip} is outside 1..={}", MAX_PER_IP_RATE as u32),
+            ));
+        }
         Ok(Config {
             listen,
             admin,
@@ -329,6 +398,10 @@ impl FileConfig {
             threads,
             signing_key: signing_key(self.signing_key_file.as_deref(), self.signing_key_env.as_ref())?,
             tls: tls(self.tls.as_ref())?,
+            proxy_protocol,
+            max_connections_per_ip: self.max_connections_per_ip.unwrap_or(0),
+            connect_rate_per_ip,
+            connect_burst_per_ip,
             nodes: nodes(&self.nodes)?,
         })
     }
@@ -527,6 +600,14 @@ mod tests {
             ("hash_keys = [\"query\", \"query\"]", "hash_keys"),
             ("listen = \"localhost\"", "listen"),
             ("admin = \"1.2.3.4:x\"", "admin"),
+            ("proxy_protocol = \"v3\"", "proxy_protocol"),
+            ("proxy_protocol = \"\"", "proxy_protocol"),
+            ("connect_rate_per_ip = -1", "connect_rate_per_ip"),
+            ("connect_rate_per_ip = nan", "connect_rate_per_ip"),
+            ("connect_rate_per_ip = inf", "connect_rate_per_ip"),
+            ("connect_rate_per_ip = 1e9", "connect_rate_per_ip"),
+            ("connect_burst_per_ip = 0", "connect_burst_per_ip"),
+            ("connect_burst_per_ip = 4000000000", "connect_burst_per_ip"),
         ];
         for (line, field) in cases {
             let file = FileConfig::parse(&with_nodes(line)).unwrap();
@@ -668,6 +749,46 @@ mod tests {
         let mut file = toml(Some(&missing), Some(&missing));
         file.apply(Overrides { tls: Some((files.cert.clone(), files.key.clone())), ..Overrides::default() });
         assert!(file.validate().unwrap().tls.is_some());
+    }
+
+    #[test]
+    fn front_door_keys_default_off_and_flags_override_them() {
+        let config = FileConfig::parse(&with_nodes("")).unwrap().validate().unwrap();
+        assert_eq!(config.proxy_protocol, ProxyProtocol::Off);
+        assert_eq!((config.max_connections_per_ip, config.connect_rate_per_ip), (0, 0.0));
+        assert_eq!(config.connect_burst_per_ip, 1);
+
+        let mut file = FileConfig::parse(&with_nodes(
+            "proxy_protocol = \"v1\"\nmax_connections_per_ip = 8\nconnect_rate_per_ip = 2.5",
+        ))
+        .unwrap();
+        let config = file.validate().unwrap();
+        assert_eq!(config.proxy_protocol, ProxyProtocol::V1);
+        assert_eq!(config.max_connections_per_ip, 8);
+        assert_eq!(config.connect_burst_per_ip, 3, "default burst: the rate rounded up");
+        // An integer rate is accepted too.
+        assert_eq!(
+            FileConfig::parse(&with_nodes("connect_rate_per_ip = 10"))
+                .unwrap()
+                .validate()
+                .unwrap()
+                .connect_burst_per_ip,
+            10
+        );
+
+        file.apply(Overrides {
+            proxy_protocol: Some("any".into()),
+            max_connections_per_ip: Some(2),
+            connect_rate_per_ip: Some(0.5),
+            connect_burst_per_ip: Some(5),
+            ..Overrides::default()
+        });
+        let config = file.validate().unwrap();
+        assert_eq!(config.proxy_protocol, ProxyProtocol::Any);
+        assert_eq!(
+            (config.max_connections_per_ip, config.connect_rate_per_ip, config.connect_burst_per_ip),
+            (2, 0.5, 5)
+        );
     }
 
     #[test]

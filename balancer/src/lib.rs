@@ -8,13 +8,19 @@
 //! - `reload`: SIGHUP — a freshly loaded [`Config`] swapped in for new connections, the
 //!   settings that need a restart kept as they are, the outcome shown in `/status`;
 //! - `server`: accept loops for the client and admin listeners, connection cap (503 with
-//!   `Retry-After` past it), back-off when descriptors run out, hyper set-up, graceful
-//!   shutdown of each connection;
+//!   `Retry-After` past it), back-off when descriptors run out, then per client connection:
+//!   PROXY header → per-IP check → TLS handshake → hyper, and graceful shutdown of each
+//!   connection;
+//! - `proxy_protocol`: the PROXY protocol header (v1/v2) naming the real client, read to its
+//!   last byte and no further;
+//! - `per_ip`: the per-source-address connection cap and connect-rate bucket (429 past them),
+//!   in a table bounded under many addresses;
 //! - `tls`: the listener's rustls config from the `[tls]` PEM files, the handshake each
 //!   connection makes before hyper sees it, and the plain-or-TLS client stream;
 //! - `proxy`: per request — client id (query, header, cookie; minted when absent; checked
 //!   against the `signing_key` when one is set), node choice with failover along the
-//!   client's rank, forwarding with `X-Client-Id`/`X-Forwarded-For`;
+//!   client's rank, forwarding with `X-Client-Id`, `X-Forwarded-For`, `X-Real-IP` and
+//!   `X-Forwarded-Proto`;
 //! - `api`: `/api/` requests (the nodes' server API): no client id, any usable node round
 //!   robin, the buffered body sent again to the next node on a refused connect, a 503 or a
 //!   failed exchange;
@@ -57,8 +63,10 @@ mod error;
 mod frames;
 mod health;
 pub mod metrics;
+mod per_ip;
 mod pool;
 mod proxy;
+mod proxy_protocol;
 mod quiet;
 pub mod reload;
 mod response;
@@ -90,6 +98,9 @@ pub(crate) struct Shared {
     hard_stop: CancellationToken,
     /// Turns of the server API's round robin over nodes (see [`api`]).
     api_turn: std::sync::atomic::AtomicUsize,
+    /// Open connections and connect buckets per source address (see [`per_ip`]); its limits
+    /// are read from `config` at each check.
+    per_ip: Arc<per_ip::PerIp>,
 }
 
 impl Shared {
@@ -134,6 +145,8 @@ pub async fn run_with_reloads(
     let pool = pool::Pool::new(&config.nodes, &metrics);
     metrics.max_connections.set(i64::try_from(config.max_connections).unwrap_or(i64::MAX));
     let client_slots = Arc::new(tokio::sync::Semaphore::new(config.max_connections));
+    let per_ip =
+        Arc::new(per_ip::PerIp::new(per_ip::table_cap(config.max_connections), metrics.per_ip_entries.clone()));
     let shared = Arc::new(Shared {
         config: ArcSwap::from_pointee(config),
         reload: Mutex::new(None),
@@ -143,6 +156,7 @@ pub async fn run_with_reloads(
         tracker: TaskTracker::new(),
         hard_stop: CancellationToken::new(),
         api_turn: std::sync::atomic::AtomicUsize::new(0),
+        per_ip,
     });
 
     let health_stop = CancellationToken::new();

@@ -45,6 +45,26 @@ pub const ACCEPT_ERRORS: &str = "tether_balancer_accept_errors";
 pub const TLS_HANDSHAKE_FAILURES: &str = "tether_balancer_tls_handshake_failures";
 /// `tether_balancer_config_reloads_total{result="ok|failed"}`: SIGHUP reloads attempted.
 pub const CONFIG_RELOADS: &str = "tether_balancer_config_reloads";
+/// `tether_balancer_proxy_protocol_refused_total{reason="missing|wrong_version|invalid|timeout|closed"}`:
+/// client connections closed because they did not start with the PROXY header the listener
+/// requires (nothing of them reached a node).
+pub const PROXY_PROTOCOL_REFUSED: &str = "tether_balancer_proxy_protocol_refused";
+/// `tether_balancer_per_ip_refused_total{reason="connections|rate"}`: client connections
+/// answered 429 because their source address had `max_connections_per_ip` open, or had used
+/// up its `connect_rate_per_ip` bucket.
+pub const PER_IP_REFUSED: &str = "tether_balancer_per_ip_refused";
+/// `tether_balancer_per_ip_entries`: source addresses (IPv6: /64s) the per-IP table tracks now.
+pub const PER_IP_ENTRIES: &str = "tether_balancer_per_ip_entries";
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProxyRefusedLabels {
+    pub reason: crate::proxy_protocol::Refused,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PerIpLabels {
+    pub reason: crate::per_ip::Reason,
+}
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct NodeLabels {
@@ -138,6 +158,9 @@ pub struct Metrics {
     accept_errors: Family<ListenerLabels, Counter>,
     tls_handshake_failures: Family<TlsFailureLabels, Counter>,
     reloads: Family<ReloadLabels, Counter>,
+    proxy_protocol_refused: Family<ProxyRefusedLabels, Counter>,
+    per_ip_refused: Family<PerIpLabels, Counter>,
+    pub per_ip_entries: Gauge,
 }
 
 #[derive(Debug, Default)]
@@ -202,6 +225,24 @@ impl Metrics {
         );
         let reloads = Family::<ReloadLabels, Counter>::default();
         registry.register(CONFIG_RELOADS, "Configuration reloads (SIGHUP), by result", reloads.clone());
+        let proxy_protocol_refused = Family::<ProxyRefusedLabels, Counter>::default();
+        registry.register(
+            PROXY_PROTOCOL_REFUSED,
+            "Client connections closed for a missing, wrong or malformed PROXY protocol header, by reason",
+            proxy_protocol_refused.clone(),
+        );
+        let per_ip_refused = Family::<PerIpLabels, Counter>::default();
+        registry.register(
+            PER_IP_REFUSED,
+            "Client connections answered 429 by a per-IP limit, by reason",
+            per_ip_refused.clone(),
+        );
+        let per_ip_entries = Gauge::default();
+        registry.register(
+            PER_IP_ENTRIES,
+            "Source addresses (IPv6: /64s) the per-IP table tracks now",
+            per_ip_entries.clone(),
+        );
         Self {
             registry,
             nodes,
@@ -211,6 +252,9 @@ impl Metrics {
             accept_errors,
             tls_handshake_failures,
             reloads,
+            proxy_protocol_refused,
+            per_ip_refused,
+            per_ip_entries,
         }
     }
 
@@ -252,6 +296,16 @@ impl Metrics {
         self.reloads.get_or_create(&ReloadLabels { result }).inc();
     }
 
+    /// Counts one connection closed for its PROXY header.
+    pub fn proxy_protocol_refused(&self, reason: crate::proxy_protocol::Refused) {
+        self.proxy_protocol_refused.get_or_create(&ProxyRefusedLabels { reason }).inc();
+    }
+
+    /// Counts one connection refused by a per-IP limit.
+    pub fn per_ip_refused(&self, reason: crate::per_ip::Reason) {
+        self.per_ip_refused.get_or_create(&PerIpLabels { reason }).inc();
+    }
+
     /// The OpenMetrics text exposition of every metric.
     pub fn encode(&self) -> String {
         let mut out = String::new();
@@ -278,6 +332,9 @@ mod tests {
         m.accept_error("proxy");
         m.tls_handshake_failed(TlsFailure::error);
         m.reloaded(ReloadResult::failed);
+        m.proxy_protocol_refused(crate::proxy_protocol::Refused::wrong_version);
+        m.per_ip_refused(crate::per_ip::Reason::rate);
+        m.per_ip_entries.set(7);
         let text = m.encode();
         for needle in [
             "tether_balancer_connections_total{node=\"node-1\"} 1",
@@ -290,6 +347,9 @@ mod tests {
             "tether_balancer_accept_errors_total{listener=\"proxy\"} 1",
             "tether_balancer_tls_handshake_failures_total{reason=\"error\"} 1",
             "tether_balancer_config_reloads_total{result=\"failed\"} 1",
+            "tether_balancer_proxy_protocol_refused_total{reason=\"wrong_version\"} 1",
+            "tether_balancer_per_ip_refused_total{reason=\"rate\"} 1",
+            "tether_balancer_per_ip_entries 7",
         ] {
             assert!(text.contains(needle), "missing {needle:?} in\n{text}");
         }

@@ -32,6 +32,8 @@ use crate::response::{empty, out_of_descriptors, text_response, Body};
 use crate::{tunnel, Error, Shared};
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
@@ -138,7 +140,7 @@ async fn forward(
     let guard = Arc::new(ActiveGuard::new(node));
 
     let client_upgrade = (kind == Kind::ws).then(|| hyper::upgrade::on(&mut request));
-    if let Err(e) = prepare_upstream_request(&mut request, &id, conn.peer.ip()) {
+    if let Err(e) = prepare_upstream_request(&mut request, &id, conn.peer.ip(), conn.tls) {
         return text_response(StatusCode::BAD_REQUEST, e);
     }
 
@@ -174,6 +176,7 @@ async fn forward(
         let tunnel_span = tracing::debug_span!(
             "tunnel",
             peer = %conn.peer,
+            socket_peer = %conn.socket_peer,
             client = %id,
             node = %node.name,
             tls = conn.tls
@@ -294,8 +297,13 @@ async fn drive_upstream(
 
 /// Turns the client's request into the node's: origin-form URI, hop-by-hop headers dropped
 /// (the upgrade pair restored for WebSockets), `X-Client-Id` set to the chosen id whatever the
-/// client sent, and the client's address appended to `X-Forwarded-For`.
-fn prepare_upstream_request<B>(request: &mut Request<B>, id: &str, peer: IpAddr) -> Result<(), &'static str> {
+/// client sent, and the client's address given (see [`set_forwarded`]).
+fn prepare_upstream_request<B>(
+    request: &mut Request<B>,
+    id: &str,
+    peer: IpAddr,
+    tls: bool,
+) -> Result<(), &'static str> {
     let path = request.uri().path_and_query().cloned().unwrap_or_else(|| PathAndQuery::from_static("/"));
     *request.uri_mut() = Uri::from(path);
 
@@ -308,8 +316,23 @@ fn prepare_upstream_request<B>(request: &mut Request<B>, id: &str, peer: IpAddr)
     }
     let id = HeaderValue::from_str(id).map_err(|_| "client id is not a header value")?;
     headers.insert(HeaderName::from_static(CLIENT_ID_HEADER), id);
-    append_forwarded_for(headers, peer);
+    set_forwarded(headers, peer, tls);
     Ok(())
+}
+
+/// Tells the node who the client is: its real address (from the PROXY header, else the
+/// socket) appended to `X-Forwarded-For`, and `X-Real-IP` and `X-Forwarded-Proto` set —
+/// replacing whatever the client sent, which a node trusting us must not believe.
+/// `X-Forwarded-For` is appended rather than replaced because the earlier entries are the
+/// chain the client came through; a node reads it from the right, past its trusted proxies.
+pub(crate) fn set_forwarded(headers: &mut HeaderMap, peer: IpAddr, tls: bool) {
+    let peer = peer.to_canonical();
+    append_forwarded_for(headers, peer);
+    // An address always makes a valid header value.
+    if let Ok(value) = HeaderValue::from_str(&peer.to_string()) {
+        headers.insert(X_REAL_IP, value);
+    }
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(if tls { "https" } else { "http" }));
 }
 
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
@@ -327,7 +350,7 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-pub(crate) fn append_forwarded_for(headers: &mut HeaderMap, peer: IpAddr) {
+fn append_forwarded_for(headers: &mut HeaderMap, peer: IpAddr) {
     let mut value = String::new();
     for earlier in headers.get_all(&X_FORWARDED_FOR) {
         if let Ok(earlier) = earlier.to_str() {
@@ -370,7 +393,7 @@ mod tests {
             ],
             "http://example/ws?client=alice",
         );
-        prepare_upstream_request(&mut r, "alice", "10.0.0.9".parse().unwrap()).unwrap();
+        prepare_upstream_request(&mut r, "alice", "10.0.0.9".parse().unwrap(), false).unwrap();
         assert_eq!(r.uri(), "/ws?client=alice");
         let h = r.headers();
         assert_eq!(h["connection"], "upgrade");
@@ -394,11 +417,33 @@ mod tests {
             ],
             "/api",
         );
-        prepare_upstream_request(&mut r, "bob", "::1".parse().unwrap()).unwrap();
+        prepare_upstream_request(&mut r, "bob", "::1".parse().unwrap(), true).unwrap();
         let h = r.headers();
         assert!(!h.contains_key("upgrade"), "no Connection: upgrade, no upgrade");
         assert!(!h.contains_key("transfer-encoding"));
         assert_eq!(h["x-forwarded-for"], "1.1.1.1, 2.2.2.2, ::1");
+        assert_eq!(h["x-real-ip"], "::1");
+        assert_eq!(h["x-forwarded-proto"], "https");
+    }
+
+    #[test]
+    fn real_ip_and_proto_replace_what_the_client_sent() {
+        let mut r = request(
+            &[
+                ("x-real-ip", "6.6.6.6"),
+                ("x-real-ip", "7.7.7.7"),
+                ("x-forwarded-proto", "https"),
+                ("x-forwarded-for", "6.6.6.6"),
+            ],
+            "/",
+        );
+        // An IPv4-mapped address is written as the IPv4 it is.
+        prepare_upstream_request(&mut r, "carol", "::ffff:203.0.113.5".parse().unwrap(), false).unwrap();
+        let h = r.headers();
+        let real: Vec<_> = h.get_all("x-real-ip").iter().collect();
+        assert_eq!(real, ["203.0.113.5"]);
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-for"], "6.6.6.6, 203.0.113.5");
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The responses the balancer writes itself, rather than forwards from a node: their body
 //! type, plain-text answers, and the two 503s of a balancer short of connections or of file
-//! descriptors. Both listeners (`proxy`, `admin`) and the accept loop (`server`) use them.
+//! descriptors, and the 429 of a per-IP limit. Both listeners (`proxy`, `admin`) and the accept loop (`server`) use them.
 
 use bytes::Bytes;
 use http::header::{self, HeaderValue};
@@ -37,6 +37,19 @@ pub(crate) fn at_capacity(max_connections: usize) -> Response<Body> {
         format!("balancer is at max_connections ({max_connections}); retry in {RETRY_AFTER_SECS} s"),
     );
     response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+    response
+}
+
+/// The answer to a connection over a per-IP limit: 429 with `Retry-After` (1 s for the
+/// connection cap, until the next token for the rate); the connection then closes.
+pub(crate) fn per_ip_limit(refusal: crate::per_ip::Refusal) -> Response<Body> {
+    let what = match refusal.reason {
+        crate::per_ip::Reason::connections => "too many connections from your address (max_connections_per_ip)",
+        crate::per_ip::Reason::rate => "too many new connections from your address (connect_rate_per_ip)",
+    };
+    let secs = refusal.retry_after_secs;
+    let mut response = text_response(StatusCode::TOO_MANY_REQUESTS, format!("{what}; retry in {secs} s"));
+    response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
     response
 }
 

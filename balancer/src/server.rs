@@ -2,9 +2,12 @@
 //!
 //! This is where a client connection begins: accepted, counted against its listener's cap
 //! (beyond it on the client listener: answered 503 with `Retry-After` and closed; on the admin
-//! listener: closed at once), put through the TLS handshake in its own task when the live
-//! config has `[tls]` (see [`crate::tls`]), then served by hyper until it ends, is upgraded into a tunnel,
-//! or shutdown asks it to finish its in-flight request and close. An accept error never ends
+//! listener: closed at once). On the client listener it then meets, in this order: its PROXY
+//! header when `proxy_protocol` requires one (missing or bad: closed, nothing reaches a node),
+//! the per-IP limits on the real address (over: 429 with `Retry-After`), the TLS handshake
+//! when the live config has `[tls]` (see [`crate::tls`]), and hyper, which serves it until it
+//! ends, is upgraded into a tunnel, or shutdown asks it to finish its in-flight request and
+//! close. An accept error never ends
 //! the loop: per-connection errors are skipped, resource exhaustion (EMFILE and friends) backs
 //! off, doubling up to a second, and is logged at most once per 10 s.
 
@@ -13,9 +16,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::pin::{pin, Pin};
 use std::sync::Arc;
-use std::time::Duration;
 
-use http::StatusCode;
 use tether_proto::limits::{is_per_connection, AcceptBackoff};
 
 use hyper::server::conn::http1;
@@ -24,15 +25,14 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn, Instrument};
+use tracing::{debug, field, warn, Instrument};
 
 use crate::conn::ClientConn;
 use crate::metrics::Kind;
-use crate::proxy;
 use crate::response;
 use crate::tls::{self, ClientStream};
 use crate::Config;
-use crate::{admin, api, Shared};
+use crate::{admin, api, per_ip, proxy, proxy_protocol, Shared};
 
 /// Cap on concurrent admin connections: it is an operator's port, and a flood there must not
 /// take file descriptors from clients.
@@ -75,27 +75,16 @@ pub(crate) async fn serve_proxy(shared: Arc<Shared>, listener: TcpListener, shut
             return;
         };
         debug!(%peer, "connection limit reached; answering 503");
-        let service = {
-            let shared = Arc::clone(&shared);
-            service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
-                let kind = if proxy::is_upgrade(request.headers()) { Kind::ws } else { Kind::http };
-                shared.metrics.request(kind, StatusCode::SERVICE_UNAVAILABLE.as_u16());
-                std::future::ready(Ok::<_, std::convert::Infallible>(response::at_capacity(
-                    shared.config().max_connections,
-                )))
-            })
-        };
-        let accepted = Accepted::new(&shared.config());
-        let mut builder = accepted.builder.clone();
-        builder.keep_alive(false);
-        let (shutdown, hard_stop) = (shutdown.clone(), shared.hard_stop.clone());
-        let shared = Arc::clone(&shared);
+        let accepted = Accepted::new(shared.config().clone());
+        let (shared, shutdown) = (Arc::clone(&shared), shutdown.clone());
         shared.tracker.clone().spawn(
             async move {
-                // Over TLS the 503 is only readable after a handshake; it is bounded like any.
-                if let Some(stream) = accepted.stream(stream, &shared, &hard_stop).await {
-                    let connection = builder.serve_connection(TokioIo::new(stream), service);
-                    drive(connection, |c| c.graceful_shutdown(), shutdown, hard_stop).await;
+                let mut stream = stream;
+                // Even a refusal reads the PROXY header first: hyper must not take it for a
+                // request.
+                if read_proxy_header(&shared, &accepted, &mut stream, peer).await.is_some() {
+                    let max = accepted.config.max_connections;
+                    answer(&shared, &accepted, stream, move || response::at_capacity(max), shutdown).await;
                 }
                 drop(permit);
             }
@@ -103,73 +92,150 @@ pub(crate) async fn serve_proxy(shared: Arc<Shared>, listener: TcpListener, shut
         );
     };
     accept_loop(&shared, listener, limit, &shutdown, "proxy", refuse, |stream, peer, permit| {
-        let _ = stream.set_nodelay(true);
-        let accepted = Accepted::new(&shared.config());
-        let span = tracing::debug_span!("conn", %peer);
-        let (shutdown, hard_stop) = (shutdown.clone(), shared.hard_stop.clone());
-        let shared = Arc::clone(&shared);
-        shared.tracker.clone().spawn(
-            async move {
-                let Some(stream) = accepted.stream(stream, &shared, &hard_stop).await else {
-                    return;
-                };
-                let conn = Arc::new(ClientConn { peer, tls: stream.is_tls(), _permit: permit });
-                let service = {
-                    let shared = Arc::clone(&shared);
-                    service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
-                        let (shared, conn) = (Arc::clone(&shared), Arc::clone(&conn));
-                        async move {
-                            // The server API belongs to no client: any node, round robin (see `api`).
-                            if api::is_api(&request) && !proxy::is_upgrade(request.headers()) {
-                                api::handle(shared, conn, request).await
-                            } else {
-                                proxy::handle(shared, conn, request).await
-                            }
-                        }
-                    })
-                };
-                let connection = accepted.builder.serve_connection(TokioIo::new(stream), service).with_upgrades();
-                drive(connection, |c| c.graceful_shutdown(), shutdown, hard_stop).await;
-            }
-            .instrument(span),
+        let accepted = Accepted::new(shared.config().clone());
+        let span = tracing::debug_span!("conn", peer = field::Empty, socket_peer = %peer);
+        shared.tracker.spawn(
+            serve_client(Arc::clone(&shared), accepted, stream, peer, permit, shutdown.clone()).instrument(span),
         );
     })
     .await;
 }
 
-/// What an accepted client connection takes from the live config when it is accepted.
+/// What an accepted client connection takes from the live config when it is accepted: it
+/// keeps those settings (PROXY mode, TLS certificate, header limits, timeouts) for its whole
+/// life, whatever a reload does meanwhile.
 struct Accepted {
+    config: Arc<Config>,
     /// hyper's settings (header timeout and size).
     builder: http1::Builder,
-    /// The TLS server config when the listener speaks TLS.
-    tls: Option<Arc<rustls::ServerConfig>>,
-    /// Bound of the TLS handshake: `header_read_timeout`, as for the request head that follows.
-    handshake_timeout: Duration,
 }
 
 impl Accepted {
-    fn new(config: &Config) -> Self {
-        Self {
-            builder: http_builder(config),
-            tls: config.tls.as_ref().map(|tls| Arc::clone(&tls.server)),
-            handshake_timeout: config.header_read_timeout,
-        }
+    fn new(config: Arc<Config>) -> Self {
+        Self { builder: http_builder(&config), config }
     }
 
     /// The stream hyper serves: the socket itself, or TLS over it once the handshake is done
-    /// (`None`: it failed, timed out, or the shutdown grace ran out first; the socket closes).
-    async fn stream(&self, stream: TcpStream, shared: &Shared, hard_stop: &CancellationToken) -> Option<ClientStream> {
-        let Some(tls) = &self.tls else {
+    /// (`None`: it failed, timed out — bounded by `header_read_timeout`, as the request head
+    /// that follows — or the shutdown grace ran out first; the socket closes).
+    async fn stream(&self, stream: TcpStream, shared: &Shared) -> Option<ClientStream> {
+        let Some(tls) = &self.config.tls else {
             return Some(ClientStream::Plain(stream));
         };
+        let timeout = self.config.header_read_timeout;
         // Boxed: a handshake's state is large and lives only until it is done; a plain
         // connection's task must not carry room for it.
-        let handshake = Box::pin(tls::handshake(Arc::clone(tls), stream, self.handshake_timeout, &shared.metrics));
+        let handshake = Box::pin(tls::handshake(Arc::clone(&tls.server), stream, timeout, &shared.metrics));
         tokio::select! {
             done = handshake => done.map(|tls| ClientStream::Tls(Box::new(tls))),
-            _ = hard_stop.cancelled() => None,
+            _ = shared.hard_stop.cancelled() => None,
         }
     }
+}
+
+/// One client connection, in the order it meets the front door: the PROXY header (when the
+/// listener requires one), the per-IP limits on the address that header names, the TLS
+/// handshake (when the listener speaks TLS), then hyper until the connection ends or is
+/// upgraded into a tunnel.
+async fn serve_client(
+    shared: Arc<Shared>,
+    accepted: Accepted,
+    mut stream: TcpStream,
+    socket_peer: SocketAddr,
+    permit: OwnedSemaphorePermit,
+    shutdown: CancellationToken,
+) {
+    let _ = stream.set_nodelay(true);
+    let Some(peer) = read_proxy_header(&shared, &accepted, &mut stream, socket_peer).await else {
+        return;
+    };
+    tracing::Span::current().record("peer", field::display(peer));
+
+    let limits = per_ip::Limits::from_config(&accepted.config);
+    let per_ip = if limits.any() {
+        match shared.per_ip.admit(peer.ip(), limits, tokio::time::Instant::now()) {
+            Ok(guard) => Some(guard),
+            Err(refusal) => {
+                shared.metrics.per_ip_refused(refusal.reason);
+                debug!(reason = ?refusal.reason, retry_after = refusal.retry_after_secs, "per-IP limit; answering 429");
+                // Answered while holding the connection's `max_connections` slot: the answer
+                // is bounded by `header_read_timeout`, like any request head.
+                answer(&shared, &accepted, stream, move || response::per_ip_limit(refusal), shutdown).await;
+                return;
+            }
+        }
+    } else {
+        None
+    };
+
+    let Some(stream) = accepted.stream(stream, &shared).await else {
+        return;
+    };
+    let conn = Arc::new(ClientConn { peer, socket_peer, tls: stream.is_tls(), _permit: permit, _per_ip: per_ip });
+    let service = {
+        let shared = Arc::clone(&shared);
+        service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+            let (shared, conn) = (Arc::clone(&shared), Arc::clone(&conn));
+            async move {
+                // The server API belongs to no client: any node, round robin (see `api`).
+                if api::is_api(&request) && !proxy::is_upgrade(request.headers()) {
+                    api::handle(shared, conn, request).await
+                } else {
+                    proxy::handle(shared, conn, request).await
+                }
+            }
+        })
+    };
+    let connection = accepted.builder.serve_connection(TokioIo::new(stream), service).with_upgrades();
+    drive(connection, |c| c.graceful_shutdown(), shutdown, shared.hard_stop.clone()).await;
+}
+
+/// The client's real address: from the PROXY header the listener requires (`None`, counted
+/// and logged, when the header is missing or bad: the caller closes the connection), else the
+/// socket's peer.
+async fn read_proxy_header(
+    shared: &Shared,
+    accepted: &Accepted,
+    stream: &mut TcpStream,
+    socket_peer: SocketAddr,
+) -> Option<SocketAddr> {
+    let mode = accepted.config.proxy_protocol;
+    match proxy_protocol::read_header(stream, mode, accepted.config.header_read_timeout).await {
+        Ok(named) => Some(named.unwrap_or(socket_peer)),
+        Err(reason) => {
+            shared.metrics.proxy_protocol_refused(reason);
+            debug!(?reason, mode = mode.as_str(), "no valid PROXY header; closing");
+            None
+        }
+    }
+}
+
+/// Serves one answer the balancer writes itself (a 503 or 429) to the connection's request,
+/// counted like any answer, then closes. Over TLS the answer is only readable after a
+/// handshake, which is bounded like any.
+async fn answer(
+    shared: &Arc<Shared>,
+    accepted: &Accepted,
+    stream: TcpStream,
+    make: impl Fn() -> hyper::Response<response::Body> + Send + Sync + 'static,
+    shutdown: CancellationToken,
+) {
+    let Some(stream) = accepted.stream(stream, shared).await else {
+        return;
+    };
+    let service = {
+        let shared = Arc::clone(shared);
+        service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+            let kind = if proxy::is_upgrade(request.headers()) { Kind::ws } else { Kind::http };
+            let response = make();
+            shared.metrics.request(kind, response.status().as_u16());
+            std::future::ready(Ok::<_, std::convert::Infallible>(response))
+        })
+    };
+    let mut builder = accepted.builder.clone();
+    builder.keep_alive(false);
+    let connection = builder.serve_connection(TokioIo::new(stream), service);
+    drive(connection, |c| c.graceful_shutdown(), shutdown, shared.hard_stop.clone()).await;
 }
 
 /// Serves the admin listener until `shutdown` fires.

@@ -55,6 +55,11 @@ pub struct Args {
     /// the soft RLIMIT_NOFILE, once raised to the hard limit, less a reserve of up to 256].
     #[arg(long)]
     max_connections: Option<usize>,
+    /// Peers whose X-Real-IP / X-Forwarded-For name the client: CIDRs or addresses,
+    /// comma-separated or repeated; replaces the file's `trusted_proxies` [default:
+    /// 127.0.0.0/8,::1/128]. An empty value trusts nobody.
+    #[arg(long, value_name = "CIDR,...", value_delimiter = ',', num_args = 0..)]
+    trusted_proxies: Option<Vec<String>>,
     /// Log format on stderr: text or json. Filter with RUST_LOG.
     #[arg(long, default_value = "text")]
     pub log_format: LogFormat,
@@ -121,6 +126,10 @@ impl Args {
         file.signing_key_file = self.signing_key_file.or(file.signing_key_file);
         file.threads = self.threads.or(file.threads);
         file.max_connections = self.max_connections.or(file.max_connections);
+        if let Some(list) = self.trusted_proxies {
+            // `--trusted-proxies ""` (or given without a value) trusts nobody.
+            file.trusted_proxies = Some(list.into_iter().filter(|s| !s.trim().is_empty()).collect());
+        }
         if let Some(key) = self.api_key {
             file.api.get_or_insert_with(Default::default).key = Some(key);
         }

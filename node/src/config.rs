@@ -111,6 +111,9 @@ pub struct FileConfig {
     pub signing_key_file: Option<std::path::PathBuf>,
     pub presence_ttl_ms: Option<u64>,
     pub probe_interval_ms: Option<u64>,
+    /// Peers (CIDRs or addresses) whose `X-Real-IP`/`X-Forwarded-For` name the client;
+    /// absent = loopback (`127.0.0.0/8`, `::1/128`), `[]` = nobody.
+    pub trusted_proxies: Option<Vec<String>>,
     /// `[auth]`: JWT keys and policy (see [`crate::auth::config`]).
     pub auth: Option<crate::auth::config::FileAuth>,
     /// The server API (`docs/API.md`); off without a key.
@@ -231,6 +234,9 @@ pub struct Config {
     /// How often the subscriber checks itself end to end (a silent subscription is
     /// re-established after three missed probes).
     pub probe_interval: Duration,
+    /// TCP peers believed when they say who the client is (`X-Real-IP`, else
+    /// `X-Forwarded-For`): a balancer in front of the node. Anyone else is the client itself.
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     /// The server API's key (`[api] key`, `--api-key`, `TETHER_API_KEY`); `None`: the API is off.
     pub api_key: Option<ApiKey>,
     /// When set, upgrades are checked for a JWT (see [`crate::auth`]).
@@ -370,6 +376,11 @@ impl FileConfig {
             }
         }
         let backbone = self.backbone.unwrap_or(BackboneKind::Redis);
+        let trusted_proxies = match &self.trusted_proxies {
+            Some(list) => crate::client_addr::parse_trusted_proxies(list),
+            None => crate::client_addr::parse_trusted_proxies(&crate::client_addr::DEFAULT_TRUSTED_PROXIES),
+        }
+        .map_err(|(i, reason)| invalid("trusted_proxies", format!("entry {i}: {reason}")))?;
         let webhooks = self.webhooks.map(|w| w.validate()).transpose()?.flatten();
         if webhooks.is_some() && backbone == BackboneKind::Nats {
             return Err(invalid(
@@ -391,6 +402,7 @@ impl FileConfig {
             .map_err(|(field, reason)| invalid(field, reason))?
             .map(std::sync::Arc::new);
         Ok(Config {
+            trusted_proxies,
             auth,
             listen,
             name,
@@ -524,6 +536,24 @@ mod tests {
         assert!(!cfg.connection_limit.configured);
         let nofile = tether_proto::limits::current_nofile().expect("readable on Linux");
         assert_eq!(cfg.max_connections, tether_proto::limits::derive_max_connections(nofile, FDS_PER_CONNECTION));
+    }
+
+    #[test]
+    fn trusted_proxies_default_to_loopback_and_bad_entries_are_named() {
+        let cfg = FileConfig::parse("", "t").unwrap().validate().unwrap();
+        let nets: Vec<String> = cfg.trusted_proxies.iter().map(ToString::to_string).collect();
+        assert_eq!(nets, ["127.0.0.0/8", "::1/128"]);
+        let cfg = FileConfig::parse("trusted_proxies = []", "t").unwrap().validate().unwrap();
+        assert!(cfg.trusted_proxies.is_empty());
+        let cfg =
+            FileConfig::parse("trusted_proxies = [\"10.0.0.0/8\", \"192.0.2.1\"]", "t").unwrap().validate().unwrap();
+        assert_eq!(cfg.trusted_proxies.len(), 2);
+        let err = FileConfig::parse("trusted_proxies = [\"10.0.0.0/8\", \"nope\"]", "t")
+            .unwrap()
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("trusted_proxies") && err.contains("entry 1") && err.contains("nope"), "{err}");
     }
 
     #[test]

@@ -3,6 +3,8 @@
 //! Layout, in the order a connection meets them:
 //! - [`server`]: the listener; HTTP/1.1 (`/healthz`, `/readyz`, `/metrics`) and the
 //!   WebSocket upgrade on any path; shutdown and drain;
+//! - [`client_addr`]: the client's address — the TCP peer, or what a trusted proxy (the
+//!   balancer, `trusted_proxies`) says in `X-Real-IP`/`X-Forwarded-For`;
 //! - [`auth`]: JWT verification of the upgrade (401 before any WebSocket) and of in-band
 //!   `refresh`; what a token grants a connection (name, rooms, expiry);
 //! - [`connection`]: one client connection: its state machine ([`connection::Client`]:
@@ -32,6 +34,7 @@ pub mod api;
 pub mod auth;
 pub mod backbone;
 pub mod cli;
+pub mod client_addr;
 pub mod config;
 pub mod connection;
 pub mod hub;

@@ -237,6 +237,8 @@ fn upgrade(mut req: Request<Incoming>, peer: SocketAddr, state: Arc<NodeState>) 
             return auth::unauthorized(&e);
         }
     };
+    // Who the client is: the TCP peer, or whom a trusted proxy (the balancer) names.
+    let client_addr = crate::client_addr::resolve(peer, req.headers(), &state.cfg.trusted_proxies);
     let (client_id, minted) = match &grant {
         Some(grant) => (grant.sub.clone(), false),
         None => match client_id(&req, &state) {
@@ -259,7 +261,8 @@ fn upgrade(mut req: Request<Incoming>, peer: SocketAddr, state: Arc<NodeState>) 
             Ok(upgraded) => match upgraded.downcast::<TokioIo<TcpStream>>() {
                 Ok(parts) => {
                     let sock = parts.io.into_inner();
-                    connection::run(sock, parts.read_buf, client_id, grant, peer.to_string(), task_state).await
+                    debug!(peer = %client_addr, tcp_peer = %peer, client = %client_id, "websocket accepted");
+                    connection::run(sock, parts.read_buf, client_id, grant, client_addr.to_string(), task_state).await
                 }
                 Err(_) => warn!(%peer, "an upgraded connection is not a plain TCP stream; closed"),
             },

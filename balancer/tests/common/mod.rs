@@ -218,6 +218,10 @@ async fn mock_service(state: Arc<MockState>, mut req: Request<Incoming>) -> Resu
         "server": state.name,
         "client": text("x-client-id"),
         "xff": text("x-forwarded-for"),
+        "real_ip": text("x-real-ip"),
+        "proto": text("x-forwarded-proto"),
+        // Every header as received, each name with all its values in order.
+        "headers": header_map_json(req.headers()),
         "path": req.uri().to_string(),
     })
     .to_string();
@@ -288,6 +292,19 @@ async fn mock_service(state: Arc<MockState>, mut req: Request<Incoming>) -> Resu
     h.insert(header::SEC_WEBSOCKET_ACCEPT, derive_accept_key(key.as_bytes()).parse().unwrap());
     h.insert("x-node", state.name.parse().unwrap());
     Ok(r)
+}
+
+fn header_map_json(headers: &HeaderMap) -> Value {
+    let mut map = serde_json::Map::new();
+    for name in headers.keys() {
+        let values: Vec<Value> = headers
+            .get_all(name)
+            .iter()
+            .map(|v| Value::from(String::from_utf8_lossy(v.as_bytes()).into_owned()))
+            .collect();
+        map.insert(name.as_str().to_owned(), Value::Array(values));
+    }
+    Value::Object(map)
 }
 
 /// Payload sizes of a streaming mock node's frames, in turn: every length encoding (7-bit,
@@ -436,6 +453,22 @@ pub struct Hello {
     pub server: String,
     pub client: String,
     pub xff: String,
+    /// `X-Real-IP` and `X-Forwarded-Proto` as the node received them.
+    pub real_ip: String,
+    pub proto: String,
+}
+
+impl Hello {
+    pub fn from_json(v: &Value) -> Self {
+        let text = |k: &str| v[k].as_str().unwrap_or_else(|| panic!("{k} missing in {v}")).to_owned();
+        Hello {
+            server: text("server"),
+            client: text("client"),
+            xff: text("xff"),
+            real_ip: text("real_ip"),
+            proto: text("proto"),
+        }
+    }
 }
 
 /// Opens a WebSocket through `addr` at `/ws{query}` with extra headers.
@@ -455,11 +488,7 @@ pub async fn ws_connect(
 pub async fn hello(ws: &mut Ws) -> Hello {
     let msg = within("hello frame", ws.next()).await.expect("stream ended before hello").expect("hello frame");
     let v: Value = serde_json::from_str(msg.to_text().unwrap()).unwrap();
-    Hello {
-        server: v["server"].as_str().unwrap().to_owned(),
-        client: v["client"].as_str().unwrap().to_owned(),
-        xff: v["xff"].as_str().unwrap().to_owned(),
-    }
+    Hello::from_json(&v)
 }
 
 /// Opens a WebSocket for `client` and returns it with the node's hello.
