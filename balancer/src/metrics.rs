@@ -40,6 +40,20 @@ pub const MAX_CONNECTIONS: &str = "tether_balancer_max_connections";
 /// of resources (EMFILE, ENFILE); each is followed by a pause.
 pub const ACCEPT_ERRORS: &str = "tether_balancer_accept_errors";
 
+/// `tether_balancer_upgrades_total{result="ok|failed"}`: upgrade attempts this process made.
+pub const UPGRADES: &str = "tether_balancer_upgrades";
+/// `tether_balancer_upgrade_tunnels_handed_over_total`: tunnels this process handed to its
+/// successor (acknowledged).
+pub const UPGRADE_HANDED_OVER: &str = "tether_balancer_upgrade_tunnels_handed_over";
+/// `tether_balancer_upgrade_tunnels_adopted_total`: tunnels this process took over from the
+/// process it replaced.
+pub const UPGRADE_ADOPTED: &str = "tether_balancer_upgrade_tunnels_adopted";
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpgradeLabels {
+    pub result: &'static str,
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct NodeLabels {
     pub node: String,
@@ -104,6 +118,9 @@ pub struct Metrics {
     pub rejected_connections: Counter,
     pub max_connections: Gauge,
     accept_errors: Family<ListenerLabels, Counter>,
+    upgrades: Family<UpgradeLabels, Counter>,
+    pub handed_over: Counter,
+    pub adopted: Counter,
 }
 
 #[derive(Debug, Default)]
@@ -160,7 +177,28 @@ impl Metrics {
             "Accepts that failed for want of resources (EMFILE, ENFILE), by listener",
             accept_errors.clone(),
         );
-        Self { registry, nodes, requests, rejected_connections, max_connections, accept_errors }
+        let upgrades = Family::<UpgradeLabels, Counter>::default();
+        registry.register(UPGRADES, "Upgrade attempts of this process, by result", upgrades.clone());
+        let handed_over = Counter::default();
+        registry.register(UPGRADE_HANDED_OVER, "Tunnels handed to the next process on upgrade", handed_over.clone());
+        let adopted = Counter::default();
+        registry.register(UPGRADE_ADOPTED, "Tunnels taken over from the previous process", adopted.clone());
+        Self {
+            registry,
+            nodes,
+            requests,
+            rejected_connections,
+            max_connections,
+            accept_errors,
+            upgrades,
+            handed_over,
+            adopted,
+        }
+    }
+
+    /// Counts one upgrade attempt.
+    pub fn upgrade(&self, ok: bool) {
+        self.upgrades.get_or_create(&UpgradeLabels { result: if ok { "ok" } else { "failed" } }).inc();
     }
 
     /// Creates (once, at start-up) the handles for one node.

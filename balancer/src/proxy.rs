@@ -173,8 +173,14 @@ async fn forward(
             client = %id,
             node = %node.name
         );
+        // Plain TCP on both sides: an upgrade can hand it over.
+        let movable = tunnel::Movable {
+            tunnels: Arc::clone(&shared.process.tunnels),
+            client_id: id.as_str().into(),
+            node: node.name.as_str().into(),
+        };
         shared.tracker.spawn(
-            tunnel::run(client_upgrade, node_upgrade, websocket, stops, guard, Arc::clone(conn))
+            tunnel::run(client_upgrade, node_upgrade, websocket, stops, guard, Arc::clone(conn), Some(movable))
                 .instrument(tunnel_span),
         );
         // The node's 101 headers (Upgrade, Connection, Sec-WebSocket-*) go back unchanged.

@@ -53,6 +53,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::conn::ClientConn;
+use crate::frames::FrameTracker;
 use crate::pool::ActiveGuard;
 use crate::quiet::Quiet;
 
@@ -60,8 +61,10 @@ mod drain;
 mod linger;
 mod pump;
 
+pub(crate) use drain::DRAIN_FRAME_DEADLINE;
 use drain::{fired, pump_from_node, FromNode};
-use linger::{linger, CLOSE_LINGER};
+use linger::linger;
+pub(crate) use linger::CLOSE_LINGER;
 use pump::{pump, Fault};
 
 /// What, besides either side hanging up, ends a tunnel.
@@ -73,6 +76,41 @@ pub(crate) struct Stops {
     pub drain: CancellationToken,
     /// Fired when the shutdown grace period is over.
     pub hard_stop: CancellationToken,
+}
+
+/// What a tunnel has read from one side and not yet written to the other, and where the
+/// node→client stream stands between frames: all the state of a tunnel besides its two
+/// sockets. It lives outside the copy's futures (which only borrow it), so that a copy cut
+/// short by a park leaves it exact, and an upgrade can carry it to the new process. Two empty
+/// `Bytes` and a tracker: no buffer while idle.
+#[derive(Debug, Default)]
+pub(crate) struct Flow {
+    /// The client's bytes, read, not yet written to the node.
+    pub to_node: Bytes,
+    /// The node's bytes, read (and followed by `frames`), not yet written to the client.
+    pub to_client: Bytes,
+    /// Frame boundaries of the node→client stream, up to the end of `to_client`.
+    pub frames: FrameTracker,
+}
+
+impl Flow {
+    /// A fresh tunnel's flow: what hyper read past each side's HTTP head goes out first.
+    fn new(client_early: Bytes, node_early: Bytes) -> Self {
+        let mut frames = FrameTracker::new();
+        frames.advance(&node_early);
+        Self { to_node: client_early, to_client: node_early, frames }
+    }
+}
+
+/// A tunnel that may be handed to a new process on an upgrade ([`crate::upgrade`]): plain TCP
+/// on both sides. A TLS tunnel is not (its session keys live in this process): it stays, and
+/// is drained when the old process retires.
+pub(crate) struct Movable {
+    pub tunnels: Arc<crate::upgrade::Tunnels>,
+    /// Carried over with the tunnel, for the new process's logs.
+    pub client_id: Box<str>,
+    /// The node's name: the new process finds the node (its signals, its counts) by it.
+    pub node: Box<str>,
 }
 
 /// Why a tunnel ended, for the log and for how the client's side closes (copy results carry
@@ -90,6 +128,8 @@ enum End {
     Drained(bool),
     NodeDown,
     Shutdown,
+    /// Parked for an upgrade: not an end, the copy stopped with [`Flow`] exact.
+    Park,
 }
 
 impl End {
@@ -103,6 +143,7 @@ impl End {
 /// Waits for both upgrades, then copies until the first end. The guard and the client
 /// connection's slot are held for as long as the tunnel lives. `websocket`: the node switched
 /// to WebSocket, so a drain can close it with a frame; any other protocol is cut on drain.
+/// `movable`: the tunnel may be handed over on an upgrade.
 pub(crate) async fn run(
     client: OnUpgrade,
     node: OnUpgrade,
@@ -110,7 +151,10 @@ pub(crate) async fn run(
     stops: Stops,
     guard: Arc<ActiveGuard>,
     conn: Arc<ClientConn>,
+    movable: Option<Movable>,
 ) {
+    // Counted from now: an upgrade waits for tunnels still being set up, to hand them over too.
+    let live = movable.as_ref().map(|m| m.tunnels.live());
     let upgrades = async { tokio::try_join!(client, node) };
     // A drain during the upgrades is not watched here: the client has (or is about to have)
     // its 101, so it gets its close frame from the pump, at once.
@@ -125,13 +169,64 @@ pub(crate) async fn run(
         _ = stops.node_down.cancelled() => return,
         _ = stops.hard_stop.cancelled() => return,
     };
-    let (Some(client), Some(node)) = (into_tcp(client), into_tcp(node)) else {
+    let (Some((client, client_early)), Some((node, node_early))) = (into_tcp(client), into_tcp(node)) else {
         // Both sides are served over `TokioIo<TcpStream>` (see `server` and `proxy`): only a
         // change there gets here.
         warn!("an upgraded connection is not a plain TCP stream; tunnel closed");
         return;
     };
-    copy(client, node, websocket, &stops, guard).await;
+    let flow = Flow::new(client_early, node_early);
+    serve(client, node, flow, websocket, stops, Some(guard), conn, movable, live).await;
+}
+
+/// Runs a tunnel whose both sides are plain TCP streams, from `flow` on: a new one (from
+/// [`run`]) or one handed over by the process this one replaced ([`crate::upgrade`]). Parks it
+/// when an upgrade asks (movable tunnels only), and either lets it go (the new process has
+/// taken it) or copies on (the upgrade failed, or the node is draining: a drain finishes here).
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn serve(
+    mut client: TcpStream,
+    mut node: TcpStream,
+    mut flow: Flow,
+    websocket: bool,
+    stops: Stops,
+    mut guard: Option<Arc<ActiveGuard>>,
+    conn: Arc<ClientConn>,
+    movable: Option<Movable>,
+    mut live: Option<crate::upgrade::Live>,
+) {
+    if live.is_none() {
+        live = movable.as_ref().map(|m| m.tunnels.live());
+    }
+    let mut park = movable.as_ref().map(|m| m.tunnels.park_signal());
+    loop {
+        match copy(client, node, &mut flow, websocket, &stops, park.as_ref(), &mut guard).await {
+            Ok(_) => break,
+            Err((c, n)) => {
+                (client, node) = (c, n);
+                let Some(m) = &movable else { break };
+                if stops.drain.is_cancelled() {
+                    // A drain in progress finishes here, at its frame boundary.
+                    park = None;
+                    live = None;
+                    continue;
+                }
+                match m.tunnels.offer(&client, &node, &flow, websocket, m, conn.peer, live.take()).await {
+                    crate::upgrade::Verdict::Taken => {
+                        debug!("tunnel handed over to the new process");
+                        // Only this process's descriptors close: the new one has its own.
+                        return;
+                    }
+                    crate::upgrade::Verdict::Resume(signal) => {
+                        debug!("not handed over; tunnel resumed");
+                        live = signal.as_ref().map(|_| m.tunnels.live());
+                        park = signal;
+                    }
+                }
+            }
+        }
+    }
+    drop(live);
     // The client's socket closed when `copy` returned; its slot is given back now.
     drop(conn);
 }
@@ -144,37 +239,42 @@ fn into_tcp(upgraded: Upgraded) -> Option<(TcpStream, Bytes)> {
     Some((parts.io.into_inner(), parts.read_buf))
 }
 
-/// The tunnel proper, once both sides are plain TCP streams; returns why it ended. The node's
+/// The tunnel proper, once both sides are plain TCP streams; returns why it ended, or both
+/// streams back when `park` fired (with `flow` exact: nothing read is lost). The node's
 /// connection (and `guard`) are let go as soon as the copy ends; the client's lingers when the
 /// node's side ended first (see [`End::lingers`]).
 async fn copy(
-    (mut client, client_early): (TcpStream, Bytes),
-    (mut node, node_early): (TcpStream, Bytes),
+    mut client: TcpStream,
+    mut node: TcpStream,
+    flow: &mut Flow,
     websocket: bool,
     stops: &Stops,
-    guard: Arc<ActiveGuard>,
-) -> End {
+    park: Option<&CancellationToken>,
+    guard: &mut Option<Arc<ActiveGuard>>,
+) -> Result<End, (TcpStream, TcpStream)> {
     debug!("tunnel open");
-    let (mut client_rx, mut client_tx) = client.split();
-    let (mut node_rx, mut node_tx) = node.split();
     // Not a WebSocket: no frames to respect, so a drain cuts at once.
     let (frame_drain, cut_drain) = if websocket { (Some(&stops.drain), None) } else { (None, Some(&stops.drain)) };
-    let stopped = pin!(async {
-        tokio::select! {
-            _ = stops.node_down.cancelled() => End::NodeDown,
-            _ = fired(cut_drain) => End::Drained(false),
-            _ = stops.hard_stop.cancelled() => End::Shutdown,
-        }
-    });
-    // The stop signals are polled only when one of them fires, not for every message.
-    let quiet = Quiet::new();
     // `linger_until`: the node's side is over, the client's may not be; one bound for both
     // the rest of the node's bytes and the linger. (Made after the copy, not kept through it.)
     let (end, linger_until) = {
+        let (mut client_rx, mut client_tx) = client.split();
+        let (mut node_rx, mut node_tx) = node.split();
+        let Flow { to_node, to_client, frames } = flow;
+        let stopped = pin!(async {
+            tokio::select! {
+                _ = stops.node_down.cancelled() => End::NodeDown,
+                _ = fired(cut_drain) => End::Drained(false),
+                _ = stops.hard_stop.cancelled() => End::Shutdown,
+                _ = fired(park) => End::Park,
+            }
+        });
+        // The stop signals are polled only when one of them fires, not for every message.
+        let quiet = Quiet::new();
         // Outside the `select!`, so that it can run on when the node's side failed first.
-        let mut from_node = pin!(pump_from_node(node_early, &mut node_rx, &mut client_tx, frame_drain));
+        let mut from_node = pin!(pump_from_node(to_client, frames, &mut node_rx, &mut client_tx, frame_drain));
         let end = tokio::select! {
-            r = pump(client_early, &mut client_rx, &mut node_tx) => match r {
+            r = pump(to_node, &mut client_rx, &mut node_tx) => match r {
                 Ok(bytes) => End::ClientClosed(Ok(bytes)),
                 Err(Fault::Read(e)) => End::ClientClosed(Err(e)),
                 Err(Fault::Write(e)) => End::NodeGone(e),
@@ -196,6 +296,10 @@ async fn copy(
         (end, until)
     };
     match &end {
+        End::Park => {
+            debug!("tunnel parked for an upgrade");
+            return Err((client, node));
+        }
         End::ClientClosed(Ok(bytes)) => debug!(bytes, "tunnel closed by the client"),
         End::NodeClosed(Ok(bytes)) => debug!(bytes, "tunnel closed by the node"),
         End::ClientClosed(Err(e)) | End::ClientFailed(e) => debug!(error = %e, "tunnel failed on the client side"),
@@ -209,7 +313,8 @@ async fn copy(
     }
     // The node's side is done with in every case: its connection closes here.
     drop(node);
-    drop(guard);
+    drop(guard.take());
+    let (mut client_rx, mut client_tx) = client.split();
     if end.lingers() {
         // Boxed: it runs once per tunnel, at its end, and must not weigh on an idle tunnel.
         Box::pin(async {
@@ -226,7 +331,7 @@ async fn copy(
         let _ = client.set_zero_linger();
     }
     // Returning closes the client's socket.
-    end
+    Ok(end)
 }
 
 /// The [`End`] of the node→client direction.
@@ -325,7 +430,8 @@ mod tests {
         let stop = CancellationToken::new();
         let flooding = tokio::spawn(flood(client_tx, stop.clone()));
         let tunnel = tokio::spawn(async move {
-            let end = copy((client, Bytes::new()), (node, Bytes::new()), true, &stops, guard()).await;
+            let end =
+                copy(client, node, &mut Flow::default(), true, &stops, None, &mut Some(guard())).await.ok().unwrap();
             matches!(end, End::NodeGone(_) | End::NodeClosed(_))
         });
         // The node takes some of the flood, answers with its close frame and hangs up with the
@@ -349,10 +455,9 @@ mod tests {
         let node_down = stops.node_down.clone();
         let ((client, client_peer), (node, mut node_peer)) = (tcp_pair().await, tcp_pair().await);
         let (mut client_rx, client_tx) = client_peer.into_split();
-        let tunnel =
-            tokio::spawn(
-                async move { copy((client, Bytes::new()), (node, Bytes::new()), true, &stops, guard()).await },
-            );
+        let tunnel = tokio::spawn(async move {
+            copy(client, node, &mut Flow::default(), true, &stops, None, &mut Some(guard())).await.ok().unwrap()
+        });
         // A node shutting down: marked down (its listener closed) just before its 1012.
         node_down.cancel();
         tokio::task::yield_now().await;
@@ -373,10 +478,9 @@ mod tests {
         let ((client, client_peer), (node, _node_peer)) = (tcp_pair().await, tcp_pair().await);
         let (mut client_rx, _client_tx) = client_peer.into_split();
         // Not a WebSocket: a drain cuts it at once.
-        let tunnel =
-            tokio::spawn(
-                async move { copy((client, Bytes::new()), (node, Bytes::new()), false, &stops, guard()).await },
-            );
+        let tunnel = tokio::spawn(async move {
+            copy(client, node, &mut Flow::default(), false, &stops, None, &mut Some(guard())).await.ok().unwrap()
+        });
         drain.cancel();
         assert!(matches!(tunnel.await.unwrap(), End::Drained(false)));
         let (got, end) = read_all(&mut client_rx).await;
@@ -388,7 +492,9 @@ mod tests {
     async fn an_idle_tunnel_holds_only_a_small_task_state() {
         let stops = stops();
         let ((client, mut client_peer), (node, mut node_peer)) = (tcp_pair().await, tcp_pair().await);
-        let tunnel = copy((client, Bytes::new()), (node, Bytes::new()), true, &stops, guard());
+        let mut flow = Flow::default();
+        let mut guard = Some(guard());
+        let tunnel = copy(client, node, &mut flow, true, &stops, None, &mut guard);
         // The whole state of a tunnel, whatever it is doing, is this future (plus the sockets'
         // registrations): no copy buffer lives in it. Guards against a buffer (or a large
         // timer) creeping back in.
@@ -407,6 +513,6 @@ mod tests {
             drop(client_peer);
         };
         let (end, ()) = tokio::join!(tunnel, peers);
-        assert!(matches!(end, End::ClientClosed(Ok(4))));
+        assert!(matches!(end, Ok(End::ClientClosed(Ok(4)))));
     }
 }
