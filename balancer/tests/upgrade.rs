@@ -136,38 +136,36 @@ struct Chatter {
     task: JoinHandle<Result<u64, String>>,
 }
 
-fn chatter(addr: std::net::SocketAddr, i: usize, stop: Arc<AtomicBool>) -> impl std::future::Future<Output = Chatter> {
-    async move {
-        let client = format!("chat-{i}");
-        let (mut ws, _) = ws_for(addr, &client).await;
-        let rounds = Arc::new(AtomicU64::new(0));
-        let counter = Arc::clone(&rounds);
-        let task = tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_millis(40));
-            let mut n = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                tick.tick().await;
-                let sent = [format!("{client}:{n}"), format!("{client}:{}:{}", n + 1, "x".repeat((n % 7) as usize * 100))];
-                for text in &sent {
-                    ws.send(Message::text(text.clone())).await.map_err(|e| format!("{client}: send {n}: {e}"))?;
-                }
-                for text in &sent {
-                    let got = tokio::time::timeout(Duration::from_secs(10), ws.next())
-                        .await
-                        .map_err(|_| format!("{client}: no echo of {n} within 10 s"))?;
-                    match got {
-                        Some(Ok(Message::Text(back))) if back.as_str() == text => {}
-                        other => return Err(format!("{client}: expected echo {text:?}, got {other:?}")),
-                    }
-                }
-                n += 2;
-                counter.fetch_add(1, Ordering::Relaxed);
+async fn chatter(addr: std::net::SocketAddr, i: usize, stop: Arc<AtomicBool>) -> Chatter {
+    let client = format!("chat-{i}");
+    let (mut ws, _) = ws_for(addr, &client).await;
+    let rounds = Arc::new(AtomicU64::new(0));
+    let counter = Arc::clone(&rounds);
+    let task = tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(40));
+        let mut n = 0u64;
+        while !stop.load(Ordering::Relaxed) {
+            tick.tick().await;
+            let sent = [format!("{client}:{n}"), format!("{client}:{}:{}", n + 1, "x".repeat((n % 7) as usize * 100))];
+            for text in &sent {
+                ws.send(Message::text(text.clone())).await.map_err(|e| format!("{client}: send {n}: {e}"))?;
             }
-            let _ = ws.close(None).await;
-            Ok(n)
-        });
-        Chatter { rounds, task }
-    }
+            for text in &sent {
+                let got = tokio::time::timeout(Duration::from_secs(10), ws.next())
+                    .await
+                    .map_err(|_| format!("{client}: no echo of {n} within 10 s"))?;
+                match got {
+                    Some(Ok(Message::Text(back))) if back.as_str() == text => {}
+                    other => return Err(format!("{client}: expected echo {text:?}, got {other:?}")),
+                }
+            }
+            n += 2;
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
+        let _ = ws.close(None).await;
+        Ok(n)
+    });
+    Chatter { rounds, task }
 }
 
 /// Waits until every chatter has done `more` rounds past what it had done when called.
@@ -284,7 +282,8 @@ async fn a_broken_or_silent_new_binary_leaves_the_old_process_serving() {
     balancer.post_upgrade().await;
     eventually("the timed-out upgrade to show in /status", || async {
         let s = balancer.status().await.unwrap();
-        s["upgrade"]["error"].as_str().is_some_and(|e| e.contains("did not connect within 3s")) && s["upgrade"]["ok"] == false
+        s["upgrade"]["error"].as_str().is_some_and(|e| e.contains("did not connect within 3s"))
+            && s["upgrade"]["ok"] == false
     })
     .await;
     let s = balancer.status().await.unwrap();

@@ -366,6 +366,7 @@ where
 mod tests {
     use super::*;
     use crate::frames::close_frame;
+    use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// A node's whole binary frame of three bytes, unmasked.
@@ -486,6 +487,111 @@ mod tests {
         let (got, end) = read_all(&mut client_rx).await;
         assert!(got.is_empty());
         assert_eq!(end.map_err(|e| e.kind()), Err(io::ErrorKind::ConnectionReset));
+    }
+
+    /// [`tcp_pair`] with small kernel buffers (set before the handshake, so that the windows
+    /// are small from the start): a peer that does not read blocks the tunnel after a few KB.
+    async fn small_tcp_pair() -> (TcpStream, TcpStream) {
+        let small = || {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.set_send_buffer_size(4096).unwrap();
+            socket.set_recv_buffer_size(4096).unwrap();
+            socket
+        };
+        let listening = small();
+        listening.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = listening.listen(1).unwrap();
+        let near = small().connect(listener.local_addr().unwrap()).await.unwrap();
+        let (far, _) = listener.accept().await.unwrap();
+        (near, far)
+    }
+
+    /// Writes `bytes` in 4 KB pieces, counting what went out in `progress`; keeps the stream
+    /// open until `done`.
+    async fn write_counted(
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+        bytes: Arc<Vec<u8>>,
+        progress: Arc<std::sync::atomic::AtomicUsize>,
+        done: CancellationToken,
+    ) {
+        for chunk in bytes.chunks(4096) {
+            to.write_all(chunk).await.unwrap();
+            progress.fetch_add(chunk.len(), std::sync::atomic::Ordering::SeqCst);
+        }
+        done.cancelled().await;
+    }
+
+    #[tokio::test]
+    async fn a_parked_tunnel_resumes_with_its_bytes_in_flight_both_ways() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let stops = stops();
+        let ((client, client_peer), (node, node_peer)) = (small_tcp_pair().await, small_tcp_pair().await);
+        // Up: arbitrary bytes; down: whole WebSocket frames (the tracker must follow them).
+        let up: Arc<Vec<u8>> = Arc::new((0..600_000u32).map(|i| (i.wrapping_mul(31) % 251) as u8).collect());
+        let mut down = Vec::new();
+        for i in 0..500u32 {
+            down.extend_from_slice(&[0x82, 126, 0x03, 0xe8]);
+            down.extend((0..1000u32).map(|j| ((i * 7 + j) % 253) as u8));
+        }
+        let down = Arc::new(down);
+        let (mut client_rx, client_tx) = client_peer.into_split();
+        let (mut node_rx, node_tx) = node_peer.into_split();
+        let done = CancellationToken::new();
+        let (up_progress, down_progress) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let writers = [
+            tokio::spawn(write_counted(client_tx, Arc::clone(&up), Arc::clone(&up_progress), done.clone())),
+            tokio::spawn(write_counted(node_tx, Arc::clone(&down), Arc::clone(&down_progress), done.clone())),
+        ];
+        let park = CancellationToken::new();
+        let mut flow = Flow::default();
+        let mut guard = Some(guard());
+        let parked = {
+            let copying = copy(client, node, &mut flow, true, &stops, Some(&park), &mut guard);
+            // Nobody reads: both directions stall with bytes read and not written. Park then.
+            let stalled = async {
+                let mut last = (usize::MAX, usize::MAX);
+                let mut still = 0;
+                tether_kit::eventually(Duration::from_secs(10), "both directions to stall", || {
+                    let now = (up_progress.load(Ordering::SeqCst), down_progress.load(Ordering::SeqCst));
+                    still = if now == last && now.0 > 0 && now.1 > 0 { still + 1 } else { 0 };
+                    last = now;
+                    std::future::ready(still >= 3)
+                })
+                .await
+                .unwrap();
+                park.cancel();
+                std::future::pending::<()>().await
+            };
+            tokio::select! {
+                r = copying => r,
+                () = stalled => unreachable!(),
+            }
+        };
+        let Err((client, node)) = parked else { panic!("the tunnel ended instead of parking") };
+        let written = (up_progress.load(Ordering::SeqCst), down_progress.load(Ordering::SeqCst));
+        assert!(written.0 < up.len() && written.1 < down.len(), "the writers were not blocked: {written:?}");
+        assert!(
+            !flow.to_node.is_empty() || !flow.to_client.is_empty(),
+            "parked with nothing in flight: the test did not test it"
+        );
+        eprintln!("parked with {} bytes to the node, {} to the client", flow.to_node.len(), flow.to_client.len());
+        // Resumed (as the old process does when a hand-off fails, or the new one with what it
+        // was sent): every byte arrives once, in order.
+        let readers = async {
+            let mut got_up = vec![0u8; up.len()];
+            node_rx.read_exact(&mut got_up).await.unwrap();
+            let mut got_down = vec![0u8; down.len()];
+            client_rx.read_exact(&mut got_down).await.unwrap();
+            assert!(got_up == *up, "client→node bytes differ");
+            assert!(got_down == *down, "node→client bytes differ");
+            done.cancel();
+        };
+        let (end, ()) = tokio::join!(copy(client, node, &mut flow, true, &stops, None, &mut guard), readers);
+        assert!(matches!(end, Ok(End::ClientClosed(Ok(_))) | Ok(End::NodeClosed(Ok(_)))));
+        assert!(flow.frames.at_boundary(), "the tracker followed every frame exactly once");
+        for writer in writers {
+            writer.await.unwrap();
+        }
     }
 
     #[tokio::test]

@@ -377,7 +377,7 @@ mod tests {
             to_node: Bytes::from(vec![i; 100 * usize::from(i)]),
             to_client: Bytes::from(vec![i + 100; 7]),
             frames,
-            websocket: i % 2 == 0,
+            websocket: i.is_multiple_of(2),
             client_id: format!("client-{i}"),
             node_name: "node-1".into(),
             peer: "10.1.2.3:4567".parse().unwrap(),
@@ -390,7 +390,7 @@ mod tests {
             assert_eq!(t.to_node, vec![i; 100 * usize::from(i)]);
             assert_eq!(t.to_client, vec![i + 100; 7]);
             assert_eq!(t.frames, frames);
-            assert_eq!(t.websocket, i % 2 == 0);
+            assert_eq!(t.websocket, i.is_multiple_of(2));
             assert_eq!(t.client_id, format!("client-{i}"));
             assert_eq!(t.peer.to_string(), "10.1.2.3:4567");
         }
