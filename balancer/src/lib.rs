@@ -84,8 +84,9 @@ pub(crate) struct Shared {
     api_turn: std::sync::atomic::AtomicUsize,
     /// Pid, start time, generation, and the upgrade machinery (see [`upgrade`]).
     process: upgrade::Process,
-    /// Duplicates of the client and admin listeners' descriptors, for an upgrade's hand-off.
-    listener_fds: (std::os::fd::OwnedFd, std::os::fd::OwnedFd),
+    /// Duplicates of the client and admin listeners' descriptors, for an upgrade's hand-off;
+    /// let go with the listeners (a duplicate would keep the port open after shutdown).
+    listener_fds: std::sync::Mutex<Option<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)>>,
 }
 
 /// Runs the balancer on two bound listeners until `shutdown` fires, then stops accepting,
@@ -141,7 +142,7 @@ pub async fn run_with(
         hard_stop: CancellationToken::new(),
         api_turn: std::sync::atomic::AtomicUsize::new(0),
         process: upgrade::Process::new(generation, start.launch),
-        listener_fds,
+        listener_fds: std::sync::Mutex::new(Some(listener_fds)),
     });
 
     let health_stop = CancellationToken::new();
@@ -172,6 +173,8 @@ pub async fn run_with(
     if let Some(signals) = signals {
         signals.abort();
     }
+    // The listeners are closed: so must be their duplicates (the port closes with them).
+    drop(shared.listener_fds.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take());
 
     // Both listeners are closed now. Probes go on during the grace period, so tunnels to a
     // node that dies meanwhile are still closed.

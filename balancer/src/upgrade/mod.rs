@@ -372,12 +372,18 @@ async fn attempt(shared: &Arc<Shared>) -> Result<u64, String> {
             }
         };
         wire::tune(socket.as_fd());
+        let (client, admin) = {
+            let fds = shared.listener_fds.lock().unwrap_or_else(PoisonError::into_inner);
+            let (client, admin) = fds.as_ref().ok_or("the listeners are closed")?;
+            let dup = |fd: &OwnedFd| fd.try_clone().map_err(|e| format!("listener descriptor: {e}"));
+            (dup(client)?, dup(admin)?)
+        };
         let hello = Message::Hello {
             generation: process.generation + 1,
             from_pid: process.pid,
             draining: shared.pool.nodes().iter().filter(|n| n.is_draining()).map(|n| n.name.clone()).collect(),
-            client: shared.listener_fds.0.try_clone().map_err(|e| format!("listener descriptor: {e}"))?,
-            admin: shared.listener_fds.1.try_clone().map_err(|e| format!("listener descriptor: {e}"))?,
+            client,
+            admin,
         };
         wire::send(&socket, &hello).await.map_err(|e| format!("sending hello: {e}"))?;
         drop(hello);
