@@ -299,3 +299,67 @@ async fn a_broken_or_silent_new_binary_leaves_the_old_process_serving() {
     every_chatter_progresses(&chatters, 2).await;
     finish(chatters, &stop).await;
 }
+
+/// A "new binary" that speaks the hand-off far enough to confirm, then dies on the first batch
+/// of tunnels without acknowledging it.
+const DIES_AFTER_READY: &str = r#"
+import json, os, socket, struct, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+s.connect(os.environ["TETHER_UPGRADE_SOCKET"])
+s.recvmsg(1 << 20, socket.CMSG_SPACE(253 * 4))  # hello and the listeners
+meta = json.dumps({"pid": os.getpid()}).encode()
+s.send(struct.pack(">4sHBBI", b"TBHO", 1, 2, 0, len(meta)) + meta)
+msg = s.recvmsg(1 << 20, socket.CMSG_SPACE(253 * 4))[0]
+assert msg[:4] == b"TBHO" and msg[6] == 3, msg[:8]
+sys.exit(3)
+"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_process_that_dies_mid_hand_off_leaves_every_tunnel_in_the_old_one() {
+    let python = tether_kit::find_on_path("python3").expect("this test needs python3 on PATH");
+    let nodes = three_nodes().await;
+    let balancer = Installed::start(&nodes, "dies").await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let chatters = start_chatters(balancer.addr, 20, &stop).await;
+    every_chatter_progresses(&chatters, 2).await;
+    let pid = balancer.status().await.unwrap()["pid"].as_u64().unwrap();
+
+    balancer.replace_with_script(&format!("exec {} - <<'PY'\n{DIES_AFTER_READY}\nPY", python.display()));
+    balancer.post_upgrade().await;
+    let error = std::sync::Mutex::new(String::new());
+    let (error_ref, balancer_ref) = (&error, &balancer);
+    eventually("the broken hand-off to show in /status", || async move {
+        let s = balancer_ref.status().await.unwrap();
+        match s.get("upgrade") {
+            Some(u) if u["ok"] == false => {
+                *error_ref.lock().unwrap() = u["error"].as_str().unwrap().to_owned();
+                true
+            }
+            _ => false,
+        }
+    })
+    .await;
+    let error = error.into_inner().unwrap();
+    // Seen either as the socket closing under the wait for the ack, or as the exit.
+    assert!(error.contains("ack of batch 1") || error.contains("exited (exit status: 3)"), "{error}");
+    let s = balancer.status().await.unwrap();
+    assert_eq!((s["pid"].as_u64(), s["generation"].as_u64()), (Some(pid), Some(1)), "{s}");
+    // The parked tunnels resumed where they stopped, and the old process accepts again.
+    every_chatter_progresses(&chatters, 2).await;
+    assert_eq!(s["client_connections"], 20, "{s}");
+    let (mut ws, _) = ws_for(balancer.addr, "after-the-failure").await;
+    common::echo(&mut ws, "still accepting").await;
+    drop(ws);
+
+    // The next attempt moves them all (the park signal was re-armed).
+    balancer.replace_with(Path::new(BIN));
+    balancer.post_upgrade().await;
+    balancer.wait_generation(2).await;
+    eventually("the old process to exit", || async { exited(pid) }).await;
+    eventually("all 20 tunnels in the new process", || async {
+        balancer.status().await.is_some_and(|s| s["client_connections"] == 20)
+    })
+    .await;
+    every_chatter_progresses(&chatters, 2).await;
+    finish(chatters, &stop).await;
+}
