@@ -155,11 +155,14 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let generation = inherit.as_ref().map_or(1, |i| i.generation);
     let fresh = inherit.is_none();
     // Signal handlers go in before the ready line: a SIGTERM right after it is a graceful stop.
-    let (term, int) = {
+    let (term, int, _usr2) = {
         use tokio::signal::unix::{signal, SignalKind};
         (
             signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
             signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+            // Installed before the ready line too, so that an early SIGUSR2 cannot kill the
+            // process (its default action); `run_with` acts on the ones that follow.
+            signal(SignalKind::user_defined2()).context("installing the SIGUSR2 handler")?,
         )
     };
     let shutdown = CancellationToken::new();

@@ -162,8 +162,10 @@ pub async fn run_with(
     {
         let (stop, retire) = (stop.clone(), shared.process.retire.clone());
         tokio::spawn(async move {
-            retire.cancelled().await;
-            stop.cancel();
+            tokio::select! {
+                _ = retire.cancelled() => stop.cancel(),
+                _ = stop.cancelled() => {}
+            }
         });
     }
     tokio::join!(
