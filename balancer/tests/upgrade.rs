@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{file_nodes, http, three_nodes, ws_for, MockNode};
+use common::{expect_close_code, http, ids_ranking_first, three_nodes, ws_for, MockNode, NAMES};
 use futures_util::{SinkExt, StreamExt};
 use http::{Method, StatusCode};
 use serde_json::Value;
@@ -29,6 +29,17 @@ where
     Fut: std::future::Future<Output = bool>,
 {
     tether_kit::eventually(DEADLINE, what, check).await.unwrap_or_else(|e| panic!("{e}"));
+}
+
+/// The config file: the upgrade durations and the nodes (in the file, not in flags, so that a
+/// test can change them for the next process).
+fn config_toml<'a>(nodes: impl Iterator<Item = &'a MockNode>, timeout_secs: u64) -> String {
+    let mut toml = format!("upgrade_timeout_secs = {timeout_secs}\nupgrade_drain_secs = 5\ngrace_period_ms = 1000\n");
+    for node in nodes {
+        let node = node.file_node();
+        toml.push_str(&format!("[[nodes]]\nname = \"{}\"\naddr = \"{}\"\n", node.name, node.addr));
+    }
+    toml
 }
 
 /// A balancer binary copied into a temp dir, its process group killed when dropped (the
@@ -57,14 +68,10 @@ impl Installed {
         let exe = dir.join("tether-balancer");
         std::fs::copy(BIN, &exe).unwrap();
         let config = dir.join("balancer.toml");
-        let toml = format!("upgrade_timeout_secs = {timeout_secs}\nupgrade_drain_secs = 5\ngrace_period_ms = 1000\n");
-        std::fs::write(&config, toml).unwrap();
+        std::fs::write(&config, config_toml(nodes.iter(), timeout_secs)).unwrap();
         let mut cmd = Command::new(&exe);
         cmd.arg("--config").arg(&config).args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"]);
         cmd.args(["--health-interval-ms", "100", "--threads", "2"]);
-        for node in file_nodes(nodes) {
-            cmd.arg("--node").arg(format!("{}={}", node.name, node.addr));
-        }
         cmd.stdout(std::process::Stdio::piped()).env("XDG_RUNTIME_DIR", &dir);
         let mut proc = ChildProcess::spawn("balancer", cmd).unwrap();
         let ready = proc.await_ready("tether-balancer", DEADLINE, &LogTarget::Inherit).await.unwrap();
@@ -364,4 +371,38 @@ async fn a_new_process_that_dies_mid_hand_off_leaves_every_tunnel_in_the_old_one
     .await;
     every_chatter_progresses(&chatters, 2).await;
     finish(chatters, &stop).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tunnels_of_a_node_no_longer_configured_close_1012_in_the_new_process() {
+    let nodes = three_nodes().await;
+    let balancer = Installed::start(&nodes, "dropped", 10).await;
+    let mut kept = Vec::new();
+    for id in ids_ranking_first(&NAMES, 0, 3) {
+        kept.push(ws_for(balancer.addr, &id).await.0);
+    }
+    let mut dropped = Vec::new();
+    for id in ids_ranking_first(&NAMES, 1, 3) {
+        let (ws, hello) = ws_for(balancer.addr, &id).await;
+        assert_eq!(hello.server, NAMES[1]);
+        dropped.push(ws);
+    }
+    // The next process runs without node-2.
+    let config = config_toml(nodes.iter().filter(|n| n.name != NAMES[1]), 10);
+    std::fs::write(balancer.dir.join("balancer.toml"), config).unwrap();
+    let pid = balancer.status().await.unwrap()["pid"].as_u64().unwrap();
+    let kill = std::process::Command::new("kill").args(["-USR2", &pid.to_string()]).status().unwrap();
+    assert!(kill.success());
+    balancer.wait_generation(2).await;
+    for ws in &mut dropped {
+        assert_eq!(expect_close_code(ws).await, 1012);
+    }
+    for ws in &mut kept {
+        common::echo(ws, "my node is still configured").await;
+    }
+    let s = balancer.status().await.unwrap();
+    let names: Vec<&str> = s["nodes"].as_array().unwrap().iter().map(|n| n["name"].as_str().unwrap()).collect();
+    assert_eq!(names, [NAMES[0], NAMES[2]], "{s}");
+    assert_eq!(s["nodes"][0]["active_connections"], 3, "{s}");
+    eventually("the old process to exit", || async { exited(pid) }).await;
 }

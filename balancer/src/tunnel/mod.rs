@@ -35,7 +35,17 @@
 //! keeps is its task (about 1.5 KB of state), the two sockets' registrations, and the shared
 //! handles of its node and client connection.
 //!
-//! Here: the tunnel's life ([`run`]: upgrades, copy, teardown, how each end closes). Below it:
+//! **A tunnel can be parked and moved.** For a zero-downtime upgrade ([`crate::upgrade`]) a
+//! plain tunnel ([`Movable`]) stops its copy when the park signal fires and hands its state to
+//! the new process. That state is a [`Flow`]: the bytes each direction has read and not yet
+//! written, and the node→client frame tracker. It lives outside the copy's futures, which only
+//! borrow it, and the pumps keep it exact at every await (what is written is taken off its
+//! front in the same poll), so a copy dropped at any point loses and repeats nothing: the same
+//! tunnel, or another process, copies on from it. An idle tunnel's `Flow` is two empty `Bytes`
+//! and a tracker — no buffer.
+//!
+//! Here: the tunnel's life ([`run`]: upgrades, copy, teardown, how each end closes; [`serve`]:
+//! the copy, parked and resumed or handed over). Below it:
 //! - [`mod@pump`]: one direction's copy through the thread's scratch buffer;
 //! - [`drain`]: the node→client direction, frame-aware, with the drain's 1012;
 //! - [`mod@linger`]: the lingering close of the client's side.
@@ -372,8 +382,9 @@ mod tests {
     /// A node's whole binary frame of three bytes, unmasked.
     const SMALL_FRAME: [u8; 5] = [0x82, 3, b'x', b'x', b'x'];
 
-    /// Bound of [`an_idle_tunnel_holds_only_a_small_task_state`]: the future is about 1.3 KB
-    /// today, and Tokio rounds a task's allocation up to a multiple of 128 bytes.
+    /// Bound of [`an_idle_tunnel_holds_only_a_small_task_state`]: the future is about 1.1 KB
+    /// today (its pending bytes and frame tracker are borrowed from the caller's [`Flow`]), and
+    /// Tokio rounds a task's allocation up to a multiple of 128 bytes.
     const TUNNEL_STATE_LIMIT: usize = 1536;
 
     /// Two connected TCP streams on 127.0.0.1.
