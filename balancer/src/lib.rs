@@ -141,7 +141,7 @@ pub async fn run_with(
         tracker: TaskTracker::new(),
         hard_stop: CancellationToken::new(),
         api_turn: std::sync::atomic::AtomicUsize::new(0),
-        process: upgrade::Process::new(generation, start.launch),
+        process: upgrade::Process::new(generation, start.launch, start.inherit.is_some()),
         listener_fds: std::sync::Mutex::new(Some(listener_fds)),
     });
 

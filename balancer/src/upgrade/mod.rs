@@ -122,14 +122,16 @@ pub(crate) enum Refused {
 }
 
 impl Process {
-    pub fn new(generation: u64, launch: Option<Launch>) -> Self {
+    /// `adopting`: this process is taking tunnels over from an older one; it refuses to
+    /// upgrade itself until that is over (see [`adopt`]).
+    pub fn new(generation: u64, launch: Option<Launch>, adopting: bool) -> Self {
         Self {
             pid: std::process::id(),
             started_at: now_rfc3339(),
             generation,
             launch,
             last: Mutex::new(None),
-            running: AtomicBool::new(false),
+            running: AtomicBool::new(adopting),
             retired: AtomicBool::new(false),
             retire: CancellationToken::new(),
             accepting: watch::Sender::new(true),
@@ -630,6 +632,8 @@ pub(crate) async fn adopt(shared: Arc<Shared>, inherit: Inherit) {
         // still can); the tunnels adopted so far are served here.
         Err(e) => warn!(error = %e, from_pid, "upgrade: the hand-off broke off"),
     }
+    // Only now may this process be upgraded in turn.
+    shared.process.running.store(false, Ordering::Release);
 }
 
 /// Tells systemd (when `NOTIFY_SOCKET` is set) that this process is ready; after a takeover,
