@@ -488,6 +488,8 @@ mod tests {
         assert!(!config.connection_limit.configured);
         assert_eq!(config.max_header_bytes, DEFAULT_MAX_HEADER_BYTES);
         assert_eq!(config.grace_period, Duration::from_millis(DEFAULT_GRACE_PERIOD_MS));
+        assert_eq!(config.upgrade_timeout, Duration::from_secs(DEFAULT_UPGRADE_TIMEOUT_SECS));
+        assert_eq!(config.upgrade_drain, Duration::from_secs(DEFAULT_UPGRADE_DRAIN_SECS));
     }
 
     #[test]
@@ -508,6 +510,9 @@ mod tests {
             ("hash_keys = [\"query\", \"query\"]", "hash_keys"),
             ("listen = \"localhost\"", "listen"),
             ("admin = \"1.2.3.4:x\"", "admin"),
+            ("upgrade_timeout_secs = 0", "upgrade_timeout_secs"),
+            ("upgrade_timeout_secs = 86401", "upgrade_timeout_secs"),
+            ("upgrade_drain_secs = 86401", "upgrade_drain_secs"),
         ];
         for (line, field) in cases {
             let file = FileConfig::parse(&with_nodes(line)).unwrap();
