@@ -1,5 +1,5 @@
-//! The admin listener's endpoints: `/status`, `/route`, `/metrics`, node drain/undrain and a
-//! small HTML page. It runs on its own port so that operators and Prometheus never compete
+//! The admin listener's endpoints: `/status`, `/route`, `/metrics`, node drain/undrain,
+//! `POST /upgrade` and a small HTML page. It runs on its own port so that operators and Prometheus never compete
 //! with clients, and it only reads the pool (drain flags aside): nothing here blocks routing.
 
 use std::convert::Infallible;
@@ -42,6 +42,14 @@ struct Status<'a> {
     /// How the latest SIGHUP reload went; absent before the first one.
     #[serde(skip_serializing_if = "Option::is_none")]
     reload: Option<crate::reload::Outcome>,
+    pid: u32,
+    /// RFC 3339, UTC.
+    started_at: &'a str,
+    /// 1 for a fresh start, +1 per upgrade.
+    generation: u64,
+    /// The latest upgrade attempt of this process, once there was one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    upgrade: Option<crate::upgrade::Attempt>,
 }
 
 #[derive(Serialize)]
@@ -85,6 +93,8 @@ pub(crate) async fn handle(shared: Arc<Shared>, request: Request<Incoming>) -> R
     let method = request.method();
     let response = match path {
         "/" | "/status" | "/route" | "/metrics" if method != Method::GET => method_not_allowed("GET"),
+        "/upgrade" if method != Method::POST => method_not_allowed("POST"),
+        "/upgrade" => upgrade(&shared),
         "/" => html(&shared),
         "/status" => json(StatusCode::OK, &status(&shared)),
         "/route" => route(&shared, request.uri().query()),
@@ -133,6 +143,32 @@ fn status(shared: &Shared) -> Status<'_> {
         proxy_protocol: config.proxy_protocol.as_str(),
         nofile_limit: config.connection_limit.nofile,
         reload: shared.reload_outcome(),
+        pid: shared.process.pid,
+        started_at: &shared.process.started_at,
+        generation: shared.process.generation,
+        upgrade: shared.process.last_attempt(),
+    }
+}
+
+#[derive(Serialize)]
+struct UpgradeStarted {
+    upgrade: &'static str,
+    pid: u32,
+    generation: u64,
+}
+
+/// `POST /upgrade`: starts one in the background (202); its outcome shows in `/status`.
+fn upgrade(shared: &Arc<Shared>) -> Response<Body> {
+    use crate::upgrade::{Process, Refused};
+    match Process::request(shared) {
+        Ok(()) => json(
+            StatusCode::ACCEPTED,
+            &UpgradeStarted { upgrade: "started", pid: shared.process.pid, generation: shared.process.generation },
+        ),
+        Err(Refused::InProgress) => error(StatusCode::CONFLICT, "an upgrade is already in progress"),
+        Err(Refused::Unavailable) => {
+            error(StatusCode::SERVICE_UNAVAILABLE, "this balancer was not started as a binary that can upgrade")
+        }
     }
 }
 

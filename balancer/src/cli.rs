@@ -1,7 +1,7 @@
 //! The `tether-balancer` binary's command line and start-up, in the library so that `main`
 //! stays parse, build, run: the flags ([`Args`]), the config they make ([`load_config`]), the
 //! log lines about descriptor limits ([`log_limits`]), the runtime ([`runtime`]), and serving
-//! until a signal ([`serve`]). Exit codes: [`EXIT_USAGE`] (64) for bad flags or config, 1 for
+//! until a signal or an upgrade ([`serve`]). Exit codes: [`EXIT_USAGE`] (64) for bad flags or config, 1 for
 //! a runtime failure.
 
 use std::io::Write as _;
@@ -157,26 +157,54 @@ fn flag_needs(given: &str, missing: &str) -> Error {
     Error::Config { field: given.into(), reason: format!("needs {missing} as well (give both or neither)") }
 }
 
-/// Binds both listeners, installs the signal handlers, prints the ready line and runs the
-/// balancer until SIGTERM or SIGINT (and the shutdown grace) is over; each SIGHUP meanwhile
-/// loads the config again from `args` (see [`crate::reload`]). An error here is a runtime
-/// one: exit 1.
+/// Binds both listeners (or, started by an upgrade — [`crate::upgrade::SOCKET_ENV`] set —
+/// takes them from the process it replaces), installs the signal handlers, prints the ready
+/// line and runs the balancer until SIGTERM or SIGINT (and the shutdown grace) is over, or
+/// until an upgrade (`SIGUSR2`, `POST /upgrade`) has handed everything to a new process. An
+/// error here is a runtime one: exit 1. Each SIGHUP meanwhile loads the config again from
+/// `args` (see [`crate::reload`]).
 pub async fn serve(args: Args, config: Config) -> anyhow::Result<()> {
-    let listener = bind_listener(config.listen, config.reuse_port)
-        .with_context(|| format!("binding listen address {}", config.listen))?;
-    // Never shared: drain and status are per process, so each needs its own admin address.
-    let admin =
-        bind_listener(config.admin, false).with_context(|| format!("binding admin address {}", config.admin))?;
+    // Read now: once the file at this path is replaced, `/proc/self/exe` says " (deleted)".
+    let launch = match crate::Launch::from_env() {
+        Ok(launch) => Some(launch),
+        Err(e) => {
+            warn!(error = %e, "cannot tell this binary's path: upgrades are off");
+            None
+        }
+    };
+    let inherited = match std::env::var_os(crate::upgrade::SOCKET_ENV) {
+        Some(path) => Some(crate::upgrade::inherit(std::path::Path::new(&path)).await?),
+        None => None,
+    };
+    let (listener, admin, inherit) = match inherited {
+        Some((inherit, listener, admin)) => {
+            info!(from_pid = inherit.from_pid, generation = inherit.generation, "taking over from the old process");
+            (listener, admin, Some(inherit))
+        }
+        None => {
+            let listener = bind_listener(config.listen, config.reuse_port)
+                .with_context(|| format!("binding listen address {}", config.listen))?;
+            // Never shared: drain and status are per process, so each needs its own admin address.
+            let admin = bind_listener(config.admin, false)
+                .with_context(|| format!("binding admin address {}", config.admin))?;
+            (listener, admin, None)
+        }
+    };
     let listen_addr = listener.local_addr()?;
     let admin_addr = admin.local_addr()?;
+    let generation = inherit.as_ref().map_or(1, |i| i.generation);
+    let fresh = inherit.is_none();
     // Signal handlers go in before the ready line: a SIGTERM right after it is a graceful
     // stop, a SIGHUP a reload (not the default action, which would kill the process).
-    let (term, int, hup) = {
+    let (term, int, hup, _usr2) = {
         use tokio::signal::unix::{signal, SignalKind};
         (
             signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
             signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
             signal(SignalKind::hangup()).context("installing the SIGHUP handler")?,
+            // Installed before the ready line too, so that an early SIGUSR2 cannot kill the
+            // process (its default action); `run_with` acts on the ones that follow.
+            signal(SignalKind::user_defined2()).context("installing the SIGUSR2 handler")?,
         )
     };
     let shutdown = CancellationToken::new();
@@ -189,13 +217,17 @@ pub async fn serve(args: Args, config: Config) -> anyhow::Result<()> {
         info!(cert = %tls.cert.display(), key = %tls.key.display(), "client listener speaks TLS only (wss/https)");
     }
     {
-        // Other tools wait for and parse exactly this line.
+        // Other tools wait for and parse exactly this line (`k=v` pairs).
         let mut out = std::io::stdout().lock();
-        writeln!(out, "tether-balancer ready listen={listen_addr} admin={admin_addr}")?;
+        writeln!(out, "tether-balancer ready listen={listen_addr} admin={admin_addr} generation={generation}")?;
         out.flush()?;
     }
+    if fresh {
+        // A takeover tells systemd once it has the tunnels (see `upgrade::adopt`).
+        crate::upgrade::notify_ready(false);
+    }
 
-    crate::run_with_reloads(listener, admin, config, shutdown, reloads).await?;
+    crate::run_with(listener, admin, config, shutdown, crate::Start { launch, inherit }, reloads).await?;
     info!("stopped");
     Ok(())
 }

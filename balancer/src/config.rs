@@ -35,6 +35,14 @@ pub const DEFAULT_GRACE_PERIOD_MS: u64 = 10_000;
 /// while a plain request is forwarded), the node's. `max_connections` defaults to what the soft
 /// `RLIMIT_NOFILE` allows less a reserve, halved (see `tether_proto::limits`).
 pub const FDS_PER_CONNECTION: u64 = 2;
+/// How long an upgrade's new process may take to start, take the listeners and confirm, and
+/// then to acknowledge each batch of tunnels, before the upgrade is abandoned.
+pub const DEFAULT_UPGRADE_TIMEOUT_SECS: u64 = 10;
+/// After an upgrade, how long what could not move (TLS tunnels, keep-alive requests) may stay
+/// in the old process before its tunnels are closed 1012 at a frame boundary.
+pub const DEFAULT_UPGRADE_DRAIN_SECS: u64 = 600;
+/// Upper bound of both upgrade durations: a day.
+pub const MAX_UPGRADE_SECS: u64 = 86_400;
 /// Seconds a client refused at `max_connections` is told to wait (`Retry-After`).
 pub const RETRY_AFTER_SECS: u64 = 5;
 /// Upper bound of `max_connections` (far above what one process's file descriptors allow; it
@@ -94,6 +102,10 @@ pub struct FileConfig {
     /// File whose content, trimmed, is the key that signs client ids (relative paths are
     /// relative to the working directory).
     pub signing_key_file: Option<PathBuf>,
+    /// Seconds the new process of an upgrade has to confirm (and to acknowledge each batch).
+    pub upgrade_timeout_secs: Option<u64>,
+    /// Seconds unmovable tunnels may stay in the old process after an upgrade.
+    pub upgrade_drain_secs: Option<u64>,
     /// The key itself, from [`SIGNING_KEY_ENV`]; used when no `signing_key_file` is set. Never
     /// read from the file (a key does not belong in a config that gets checked in), hence
     /// skipped by serde.
@@ -223,6 +235,10 @@ pub struct Config {
     pub connect_rate_per_ip: f64,
     /// The bucket's size (at least 1).
     pub connect_burst_per_ip: u32,
+    /// How long an upgrade's new process has to confirm, and to acknowledge each batch.
+    pub upgrade_timeout: Duration,
+    /// How long unmovable tunnels stay in the old process after an upgrade.
+    pub upgrade_drain: Duration,
     /// The nodes, in file order (order does not affect routing: ranking is by name).
     pub nodes: Vec<NodeConfig>,
 }
@@ -402,6 +418,13 @@ impl FileConfig {
             max_connections_per_ip: self.max_connections_per_ip.unwrap_or(0),
             connect_rate_per_ip,
             connect_burst_per_ip,
+            upgrade_timeout: upgrade_secs(
+                "upgrade_timeout_secs",
+                self.upgrade_timeout_secs,
+                DEFAULT_UPGRADE_TIMEOUT_SECS,
+                1,
+            )?,
+            upgrade_drain: upgrade_secs("upgrade_drain_secs", self.upgrade_drain_secs, DEFAULT_UPGRADE_DRAIN_SECS, 0)?,
             nodes: nodes(&self.nodes)?,
         })
     }
@@ -467,6 +490,15 @@ fn nonzero_ms(field: &str, value: Option<u64>, default: u64) -> Result<Duration,
         0 => Err(invalid(field, "must be greater than 0")),
         ms => Ok(Duration::from_millis(ms)),
     }
+}
+
+/// An upgrade duration in whole seconds, within `min..=`[`MAX_UPGRADE_SECS`].
+fn upgrade_secs(field: &str, value: Option<u64>, default: u64, min: u64) -> Result<Duration, Error> {
+    let secs = value.unwrap_or(default);
+    if !(min..=MAX_UPGRADE_SECS).contains(&secs) {
+        return Err(invalid(field, format!("{secs} is outside {min}..={MAX_UPGRADE_SECS}")));
+    }
+    Ok(Duration::from_secs(secs))
 }
 
 fn hash_keys(keys: &[String]) -> Result<Vec<IdSource>, Error> {
@@ -580,6 +612,8 @@ mod tests {
         assert!(!config.connection_limit.configured);
         assert_eq!(config.max_header_bytes, DEFAULT_MAX_HEADER_BYTES);
         assert_eq!(config.grace_period, Duration::from_millis(DEFAULT_GRACE_PERIOD_MS));
+        assert_eq!(config.upgrade_timeout, Duration::from_secs(DEFAULT_UPGRADE_TIMEOUT_SECS));
+        assert_eq!(config.upgrade_drain, Duration::from_secs(DEFAULT_UPGRADE_DRAIN_SECS));
     }
 
     #[test]
@@ -608,6 +642,9 @@ mod tests {
             ("connect_rate_per_ip = 1e9", "connect_rate_per_ip"),
             ("connect_burst_per_ip = 0", "connect_burst_per_ip"),
             ("connect_burst_per_ip = 4000000000", "connect_burst_per_ip"),
+            ("upgrade_timeout_secs = 0", "upgrade_timeout_secs"),
+            ("upgrade_timeout_secs = 86401", "upgrade_timeout_secs"),
+            ("upgrade_drain_secs = 86401", "upgrade_drain_secs"),
         ];
         for (line, field) in cases {
             let file = FileConfig::parse(&with_nodes(line)).unwrap();

@@ -41,6 +41,11 @@ pub enum Error {
     #[error("node {node}: {source}")]
     NodeHttp { node: String, source: hyper::Error },
 
+    /// Us: taking over from the process this one replaces failed at `step` (connecting to
+    /// its hand-off socket, reading its `hello`, using the listeners it sent).
+    #[error("upgrade hand-off ({step}): {source}")]
+    Handoff { step: &'static str, source: std::io::Error },
+
     /// Us: a listener handed to [`crate::run`] is unusable.
     #[error("listener: {0}")]
     Listener(std::io::Error),

@@ -39,9 +39,53 @@ pub struct FrameTracker {
     payload_len: u64,
 }
 
+/// A [`FrameTracker`]'s whole state, as the upgrade hand-off carries it to the new process
+/// (so that it can still close a handed-over tunnel at a frame boundary).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FrameState {
+    pub payload_left: u64,
+    pub header_seen: u8,
+    pub header_len: u8,
+    pub len_end: u8,
+    pub payload_len: u64,
+}
+
 impl FrameTracker {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// The state to carry over to another process.
+    pub fn state(&self) -> FrameState {
+        FrameState {
+            payload_left: self.payload_left,
+            header_seen: self.header_seen,
+            header_len: self.header_len,
+            len_end: self.len_end,
+            payload_len: self.payload_len,
+        }
+    }
+
+    /// A tracker resuming from `state`; `None` when the state is inconsistent (a header
+    /// position past the header's end, an impossible header length), so that a corrupt
+    /// hand-off cannot make the tracker misbehave.
+    pub fn from_state(state: FrameState) -> Option<Self> {
+        let header_ok = match state.header_seen {
+            0 => true,
+            1 => state.header_len == 2,
+            seen => {
+                matches!(state.len_end, 2 | 4 | 10)
+                    && (state.header_len == state.len_end || state.header_len == state.len_end + 4)
+                    && seen < state.header_len
+            }
+        };
+        (header_ok && (state.header_seen == 0 || state.payload_left == 0)).then_some(Self {
+            payload_left: state.payload_left,
+            header_seen: state.header_seen,
+            header_len: state.header_len,
+            len_end: state.len_end,
+            payload_len: state.payload_len,
+        })
     }
 
     /// Whether the bytes seen so far end exactly at the end of a frame (or nothing was seen).
@@ -277,6 +321,31 @@ mod tests {
         assert_eq!(t.payload_left(), 70_000 - 90);
         t.advance(&f[100..]);
         assert!(t.at_boundary());
+    }
+
+    #[test]
+    fn a_trackers_state_carries_over_at_every_cut() {
+        let (bytes, ends) = stream();
+        for cut in (0..bytes.len()).step_by(4999).chain(1..24) {
+            let mut t = FrameTracker::new();
+            t.advance(&bytes[..cut]);
+            let mut resumed = FrameTracker::from_state(t.state()).expect("a real state is accepted");
+            assert_eq!(resumed, t);
+            let mut found = Vec::new();
+            for (i, b) in bytes[cut..].iter().enumerate() {
+                resumed.advance(std::slice::from_ref(b));
+                if resumed.at_boundary() {
+                    found.push(cut + i + 1);
+                }
+            }
+            let expected: Vec<usize> = ends.iter().copied().filter(|&e| e > cut).collect();
+            assert_eq!(found, expected, "cut at {cut}");
+        }
+        // Inconsistent states are refused.
+        let bad = FrameState { header_seen: 7, header_len: 4, len_end: 4, ..FrameState::default() };
+        assert!(FrameTracker::from_state(bad).is_none());
+        let bad = FrameState { header_seen: 1, header_len: 9, ..FrameState::default() };
+        assert!(FrameTracker::from_state(bad).is_none());
     }
 
     #[test]

@@ -66,6 +66,20 @@ pub struct PerIpLabels {
     pub reason: crate::per_ip::Reason,
 }
 
+/// `tether_balancer_upgrades_total{result="ok|failed"}`: upgrade attempts this process made.
+pub const UPGRADES: &str = "tether_balancer_upgrades";
+/// `tether_balancer_upgrade_tunnels_handed_over_total`: tunnels this process handed to its
+/// successor (acknowledged).
+pub const UPGRADE_HANDED_OVER: &str = "tether_balancer_upgrade_tunnels_handed_over";
+/// `tether_balancer_upgrade_tunnels_adopted_total`: tunnels this process took over from the
+/// process it replaced.
+pub const UPGRADE_ADOPTED: &str = "tether_balancer_upgrade_tunnels_adopted";
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpgradeLabels {
+    pub result: &'static str,
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct NodeLabels {
     pub node: String,
@@ -161,6 +175,9 @@ pub struct Metrics {
     proxy_protocol_refused: Family<ProxyRefusedLabels, Counter>,
     per_ip_refused: Family<PerIpLabels, Counter>,
     pub per_ip_entries: Gauge,
+    upgrades: Family<UpgradeLabels, Counter>,
+    pub handed_over: Counter,
+    pub adopted: Counter,
 }
 
 #[derive(Debug, Default)]
@@ -243,6 +260,12 @@ impl Metrics {
             "Source addresses (IPv6: /64s) the per-IP table tracks now",
             per_ip_entries.clone(),
         );
+        let upgrades = Family::<UpgradeLabels, Counter>::default();
+        registry.register(UPGRADES, "Upgrade attempts of this process, by result", upgrades.clone());
+        let handed_over = Counter::default();
+        registry.register(UPGRADE_HANDED_OVER, "Tunnels handed to the next process on upgrade", handed_over.clone());
+        let adopted = Counter::default();
+        registry.register(UPGRADE_ADOPTED, "Tunnels taken over from the previous process", adopted.clone());
         Self {
             registry,
             nodes,
@@ -255,7 +278,15 @@ impl Metrics {
             proxy_protocol_refused,
             per_ip_refused,
             per_ip_entries,
+            upgrades,
+            handed_over,
+            adopted,
         }
+    }
+
+    /// Counts one upgrade attempt.
+    pub fn upgrade(&self, ok: bool) {
+        self.upgrades.get_or_create(&UpgradeLabels { result: if ok { "ok" } else { "failed" } }).inc();
     }
 
     /// Creates (once, at start-up) the handles for one node.

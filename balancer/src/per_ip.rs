@@ -169,6 +169,21 @@ impl PerIp {
         result.map(|()| Guard { table: Arc::clone(self), key, limits })
     }
 
+    /// Counts a connection from `ip` that is already open — a tunnel taken over from the
+    /// process this one replaced — without checking either limit or taking a token: it was
+    /// admitted once, and an upgrade must not refuse (or bill) what is already there.
+    pub fn hold(self: &Arc<Self>, ip: IpAddr, limits: Limits) -> Guard {
+        let key = Key::of(ip);
+        let now = Instant::now();
+        let mut table = self.lock();
+        if !table.contains_key(&key) && table.len() >= self.cap {
+            sweep(&mut table, self.cap, &limits, now);
+        }
+        table.entry(key).or_insert(Entry { open: 0, tokens: f64::from(limits.burst), at: now }).open += 1;
+        self.entries.set(i64::try_from(table.len()).unwrap_or(i64::MAX));
+        Guard { table: Arc::clone(self), key, limits }
+    }
+
     fn release(&self, key: Key, limits: &Limits) {
         let mut table = self.lock();
         let now = Instant::now();
@@ -252,6 +267,19 @@ mod tests {
     }
 
     const CAP2: Limits = Limits { max_connections: 2, rate: 0.0, burst: 1 };
+
+    #[test]
+    fn a_held_connection_counts_against_the_cap_without_a_refusal_or_a_token() {
+        let t = table(100);
+        let limits = Limits { max_connections: 1, rate: 1.0, burst: 1 };
+        let held = t.hold(ip("192.0.2.9"), limits);
+        let again = t.hold(ip("192.0.2.9"), limits);
+        // Two held past a cap of one: the cap refuses the next, the bucket was not touched.
+        let refused = t.admit(ip("192.0.2.9"), limits, Instant::now()).unwrap_err();
+        assert_eq!(refused.reason, Reason::connections);
+        drop((held, again));
+        assert!(t.admit(ip("192.0.2.9"), limits, Instant::now()).is_ok(), "its token is still there");
+    }
 
     #[test]
     fn ipv6_is_keyed_by_its_64_and_mapped_ipv4_as_ipv4() {

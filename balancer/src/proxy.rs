@@ -181,8 +181,16 @@ async fn forward(
             node = %node.name,
             tls = conn.tls
         );
+        // Plain TCP on both sides: an upgrade can hand it over. A TLS session cannot move to
+        // another process: its tunnel stays in this one through an upgrade (drained after
+        // `upgrade_drain_secs`).
+        let movable = (!conn.tls).then(|| tunnel::Movable {
+            tunnels: Arc::clone(&shared.process.tunnels),
+            client_id: id.as_str().into(),
+            node: node.name.as_str().into(),
+        });
         shared.tracker.spawn(
-            tunnel::run(client_upgrade, node_upgrade, websocket, stops, guard, Arc::clone(conn))
+            tunnel::run(client_upgrade, node_upgrade, websocket, stops, guard, Arc::clone(conn), movable)
                 .instrument(tunnel_span),
         );
         // The node's 101 headers (Upgrade, Connection, Sec-WebSocket-*) go back unchanged.

@@ -2,7 +2,7 @@
 //!
 //! The binary ([`crate::cli`]) answers a SIGHUP by loading the config exactly as at start —
 //! the same `--config` file, the same flags over it, the certificate files read again — and
-//! hands the result to [`crate::run_with_reloads`], which [`apply`]s it here:
+//! hands the result to [`crate::run_with`], which [`apply`]s it here:
 //!
 //! - **It failed** (the file does not parse, a value is refused, a certificate or key is bad
 //!   or they do not match): the running config stays, the reason is logged at warn, and
@@ -33,7 +33,7 @@ use crate::metrics::ReloadResult;
 use crate::{Config, Error, Shared};
 
 /// Freshly loaded configs, one per reload request (or the error loading it gave), for
-/// [`crate::run_with_reloads`]. The binary sends one per SIGHUP.
+/// [`crate::run_with`]. The binary sends one per SIGHUP.
 pub type Reloads = tokio::sync::mpsc::Receiver<Result<Config, Error>>;
 
 /// How the latest reload went, as `/status` shows it under `"reload"`.

@@ -289,9 +289,18 @@ async fn accept_loop(
     mut serve: impl FnMut(TcpStream, SocketAddr, OwnedSemaphorePermit),
 ) {
     let mut backoff = AcceptBackoff::new();
+    // Paused while an upgrade hands over: the new process accepts on the same sockets.
+    let mut accepting = shared.process.accepting.subscribe();
     loop {
+        if !*accepting.borrow_and_update() {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = accepting.changed() => continue,
+            }
+        }
         let accepted = tokio::select! {
             _ = shutdown.cancelled() => return,
+            _ = accepting.changed() => continue,
             accepted = listener.accept() => accepted,
         };
         let (stream, peer) = match accepted {

@@ -177,9 +177,14 @@ fn start_ready(args: &[&str]) -> (std::process::Child, std::net::SocketAddr, std
         .unwrap();
     let mut line = String::new();
     BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let Some((listen, admin)) =
-        line.trim_end().strip_prefix("tether-balancer ready listen=").and_then(|r| r.split_once(" admin="))
-    else {
+    // `k=v` pairs after the prefix (a generation follows the addresses).
+    let field = |key: &str| {
+        line.trim_end()
+            .strip_prefix("tether-balancer ready ")?
+            .split_whitespace()
+            .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('='))
+    };
+    let (Some(listen), Some(admin)) = (field("listen"), field("admin")) else {
         let _ = child.kill();
         panic!("no ready line from {args:?}: {line:?}");
     };

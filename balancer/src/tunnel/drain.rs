@@ -15,7 +15,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::pump::{poll_step, write_whole, Fault, Step};
+use super::pump::{poll_step, write_pending, Fault, Step};
 use crate::frames::{close_frame, FrameTracker};
 use crate::quiet::Quiet;
 
@@ -45,7 +45,8 @@ pub(super) enum FromNode {
 /// and returns `Drained(false)`. Bytes of the node's next frame that were already read are
 /// dropped. Without a `drain` token it is a plain copy.
 pub(super) async fn pump_from_node<R, W>(
-    early: Bytes,
+    pending: &mut Bytes,
+    frames: &mut FrameTracker,
     from: &mut R,
     to: &mut W,
     drain: Option<&CancellationToken>,
@@ -54,30 +55,29 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut frames = FrameTracker::new();
     let mut total = 0u64;
     // Set when the drain is first noticed: everything left must be done by then.
     let mut deadline: Option<Instant> = None;
-    if !early.is_empty() {
-        // The node's first bytes, as if they were its first read.
-        if drain.is_some_and(CancellationToken::is_cancelled) {
-            deadline = Some(Instant::now() + DRAIN_FRAME_DEADLINE);
-        }
-        let len = keep(&mut frames, deadline.is_some(), &early);
-        if !Box::pin(write_step(to, &early[..len], drain, &mut deadline)).await? {
-            return Ok(FromNode::Drained(false));
-        }
-        total += len as u64;
-    }
-    drop(early);
     // One wait for the drain for the whole tunnel, polled only when the drain fires (see
     // `Quiet`): not a fresh registration with the node's token for every message.
     let quiet = drain.map(|_| Quiet::new());
     let mut drained = pin!(fired(drain));
     loop {
+        if !pending.is_empty() {
+            // Bytes already followed by `frames` (the node's early bytes, the rest of a step
+            // the client could not take at once, or what a parked tunnel had in flight).
+            if deadline.is_none() && drain.is_some_and(CancellationToken::is_cancelled) {
+                deadline = Some(Instant::now() + DRAIN_FRAME_DEADLINE);
+            }
+            let len = pending.len() as u64;
+            if !Box::pin(write_step(to, pending, drain, &mut deadline)).await? {
+                return Ok(FromNode::Drained(false));
+            }
+            total += len;
+        }
         if deadline.is_some() && frames.at_boundary() {
-            let close = close_frame(CLOSE_RESTART, DRAIN_REASON);
-            let sent = Box::pin(write_step(to, &close, drain, &mut deadline)).await?;
+            let mut close = Bytes::from(close_frame(CLOSE_RESTART, DRAIN_REASON));
+            let sent = Box::pin(write_step(to, &mut close, drain, &mut deadline)).await?;
             return Ok(FromNode::Drained(sent));
         }
         let draining = deadline.is_some();
@@ -91,16 +91,15 @@ where
                 continue;
             }
             _ = until(deadline) => return Ok(FromNode::Drained(false)),
-            step = poll_fn(|cx| poll_step(cx, from, to, |bytes| keep(&mut frames, draining, bytes))) => step?,
+            step = poll_fn(|cx| poll_step(cx, from, to, |bytes| keep(frames, draining, bytes))) => step?,
         };
         match step {
             Step::Eof => return Ok(FromNode::Eof(total)),
             Step::Copied(n) => total += n as u64,
             Step::Blocked { kept, rest } => {
-                if !Box::pin(write_step(to, &rest, drain, &mut deadline)).await? {
-                    return Ok(FromNode::Drained(false));
-                }
-                total += kept as u64;
+                total += (kept - rest.len()) as u64;
+                // Written at the top of the loop; kept there so that a park sees it.
+                *pending = Bytes::from(rest);
             }
         }
     }
@@ -123,14 +122,14 @@ fn keep(frames: &mut FrameTracker, draining: bool, bytes: &[u8]) -> usize {
 /// and its timer and waits must not weigh on the state every tunnel carries all its life.
 async fn write_step<W>(
     to: &mut W,
-    bytes: &[u8],
+    bytes: &mut Bytes,
     drain: Option<&CancellationToken>,
     deadline: &mut Option<Instant>,
 ) -> Result<bool, Fault>
 where
     W: AsyncWrite + Unpin,
 {
-    let mut write = std::pin::pin!(write_whole(to, bytes));
+    let mut write = std::pin::pin!(write_pending(to, bytes));
     loop {
         tokio::select! {
             biased;
@@ -183,6 +182,24 @@ mod tests {
         out
     }
 
+    /// [`pump_from_node`] as a tunnel starts it: `early` bytes from the node's 101, followed by
+    /// the tracker before they become pending.
+    async fn from_node<R, W>(
+        early: Bytes,
+        from: &mut R,
+        to: &mut W,
+        drain: Option<&CancellationToken>,
+    ) -> Result<FromNode, Fault>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let mut frames = FrameTracker::new();
+        frames.advance(&early);
+        let mut pending = early;
+        pump_from_node(&mut pending, &mut frames, from, to, drain).await
+    }
+
     fn drain_close() -> Vec<u8> {
         close_frame(CLOSE_RESTART, DRAIN_REASON)
     }
@@ -194,7 +211,7 @@ mod tests {
         let drain = CancellationToken::new();
         let pumping = {
             let drain = drain.clone();
-            tokio::spawn(async move { pump_from_node(Bytes::new(), &mut from, &mut to, Some(&drain)).await })
+            tokio::spawn(async move { from_node(Bytes::new(), &mut from, &mut to, Some(&drain)).await })
         };
         let first = frame(10, b'a');
         node.write_all(&first).await.unwrap();
@@ -216,7 +233,7 @@ mod tests {
         let (mut to, mut client) = tokio::io::duplex(64);
         let drain = CancellationToken::new();
         drain.cancel();
-        let end = pump_from_node(Bytes::new(), &mut from, &mut to, Some(&drain)).await;
+        let end = from_node(Bytes::new(), &mut from, &mut to, Some(&drain)).await;
         assert_eq!(end.unwrap(), FromNode::Drained(true));
         drop(to);
         let mut got = Vec::new();
@@ -235,7 +252,7 @@ mod tests {
         node.write_all(&big[..35_000]).await.unwrap();
         let pumping = {
             let drain = drain.clone();
-            tokio::spawn(async move { pump_from_node(Bytes::new(), &mut from, &mut to, Some(&drain)).await })
+            tokio::spawn(async move { from_node(Bytes::new(), &mut from, &mut to, Some(&drain)).await })
         };
         let mut got = vec![0u8; 35_000];
         client.read_exact(&mut got).await.unwrap();
@@ -259,7 +276,7 @@ mod tests {
         node.write_all(&big[..100]).await.unwrap();
         let pumping = {
             let drain = drain.clone();
-            tokio::spawn(async move { pump_from_node(Bytes::new(), &mut from, &mut to, Some(&drain)).await })
+            tokio::spawn(async move { from_node(Bytes::new(), &mut from, &mut to, Some(&drain)).await })
         };
         let mut got = vec![0u8; 100];
         client.read_exact(&mut got).await.unwrap();
@@ -283,7 +300,7 @@ mod tests {
         node.write_all(&frame(5000, b'e')).await.unwrap();
         let pumping = {
             let drain = drain.clone();
-            tokio::spawn(async move { pump_from_node(Bytes::new(), &mut from, &mut to, Some(&drain)).await })
+            tokio::spawn(async move { from_node(Bytes::new(), &mut from, &mut to, Some(&drain)).await })
         };
         tokio::task::yield_now().await;
         let start = Instant::now();
@@ -307,7 +324,7 @@ mod tests {
             client.read_to_end(&mut got).await.unwrap();
             got
         });
-        let end = pump_from_node(Bytes::new(), &mut from, &mut to, None).await;
+        let end = from_node(Bytes::new(), &mut from, &mut to, None).await;
         drop(to);
         writer.await.unwrap();
         assert_eq!(end.unwrap(), FromNode::Eof(payload.len() as u64));
@@ -324,7 +341,7 @@ mod tests {
         let drain = CancellationToken::new();
         let pumping = {
             let drain = drain.clone();
-            tokio::spawn(async move { pump_from_node(early, &mut from, &mut to, Some(&drain)).await })
+            tokio::spawn(async move { from_node(early, &mut from, &mut to, Some(&drain)).await })
         };
         let mut got = vec![0u8; first.len() + 100];
         client.read_exact(&mut got).await.unwrap();

@@ -43,7 +43,18 @@
 //! close (its half-close is `close_notify`, then the FIN), the reset after a cut drain. Plain
 //! tunnels have their own instance of [`copy`] over the bare `TcpStream`, unchanged.
 //!
-//! Here: the tunnel's life ([`run`]: upgrades, copy, teardown, how each end closes). Below it:
+//!
+//! **A tunnel can be parked and moved.** For a zero-downtime upgrade ([`crate::upgrade`]) a
+//! plain tunnel ([`Movable`]) stops its copy when the park signal fires and hands its state to
+//! the new process. That state is a [`Flow`]: the bytes each direction has read and not yet
+//! written, and the node→client frame tracker. It lives outside the copy's futures, which only
+//! borrow it, and the pumps keep it exact at every await (what is written is taken off its
+//! front in the same poll), so a copy dropped at any point loses and repeats nothing: the same
+//! tunnel, or another process, copies on from it. An idle tunnel's `Flow` is two empty `Bytes`
+//! and a tracker — no buffer.
+//!
+//! Here: the tunnel's life ([`run`]: upgrades, copy, teardown, how each end closes; [`serve`]:
+//! the copy, parked and resumed or handed over). Below it:
 //! - [`mod@pump`]: one direction's copy through the thread's scratch buffer;
 //! - [`drain`]: the node→client direction, frame-aware, with the drain's 1012;
 //! - [`mod@linger`]: the lingering close of the client's side.
@@ -63,6 +74,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use crate::conn::ClientConn;
+use crate::frames::FrameTracker;
 use crate::pool::ActiveGuard;
 use crate::quiet::Quiet;
 use crate::tls::ClientStream;
@@ -71,8 +83,10 @@ mod drain;
 mod linger;
 mod pump;
 
+pub(crate) use drain::DRAIN_FRAME_DEADLINE;
 use drain::{fired, pump_from_node, FromNode};
-use linger::{linger, CLOSE_LINGER};
+use linger::linger;
+pub(crate) use linger::CLOSE_LINGER;
 use pump::{pump, Fault};
 
 /// What, besides either side hanging up, ends a tunnel.
@@ -84,6 +98,41 @@ pub(crate) struct Stops {
     pub drain: CancellationToken,
     /// Fired when the shutdown grace period is over.
     pub hard_stop: CancellationToken,
+}
+
+/// What a tunnel has read from one side and not yet written to the other, and where the
+/// node→client stream stands between frames: all the state of a tunnel besides its two
+/// sockets. It lives outside the copy's futures (which only borrow it), so that a copy cut
+/// short by a park leaves it exact, and an upgrade can carry it to the new process. Two empty
+/// `Bytes` and a tracker: no buffer while idle.
+#[derive(Debug, Default)]
+pub(crate) struct Flow {
+    /// The client's bytes, read, not yet written to the node.
+    pub to_node: Bytes,
+    /// The node's bytes, read (and followed by `frames`), not yet written to the client.
+    pub to_client: Bytes,
+    /// Frame boundaries of the node→client stream, up to the end of `to_client`.
+    pub frames: FrameTracker,
+}
+
+impl Flow {
+    /// A fresh tunnel's flow: what hyper read past each side's HTTP head goes out first.
+    fn new(client_early: Bytes, node_early: Bytes) -> Self {
+        let mut frames = FrameTracker::new();
+        frames.advance(&node_early);
+        Self { to_node: client_early, to_client: node_early, frames }
+    }
+}
+
+/// A tunnel that may be handed to a new process on an upgrade ([`crate::upgrade`]): plain TCP
+/// on both sides. A TLS tunnel is not (its session keys live in this process): it stays, and
+/// is drained when the old process retires.
+pub(crate) struct Movable {
+    pub tunnels: Arc<crate::upgrade::Tunnels>,
+    /// Carried over with the tunnel, for the new process's logs.
+    pub client_id: Box<str>,
+    /// The node's name: the new process finds the node (its signals, its counts) by it.
+    pub node: Box<str>,
 }
 
 /// Why a tunnel ended, for the log and for how the client's side closes (copy results carry
@@ -101,6 +150,8 @@ enum End {
     Drained(bool),
     NodeDown,
     Shutdown,
+    /// Parked for an upgrade: not an end, the copy stopped with [`Flow`] exact.
+    Park,
 }
 
 impl End {
@@ -114,6 +165,7 @@ impl End {
 /// Waits for both upgrades, then copies until the first end. The guard and the client
 /// connection's slot are held for as long as the tunnel lives. `websocket`: the node switched
 /// to WebSocket, so a drain can close it with a frame; any other protocol is cut on drain.
+/// `movable`: the tunnel may be handed over on an upgrade.
 pub(crate) async fn run(
     client: OnUpgrade,
     node: OnUpgrade,
@@ -121,7 +173,10 @@ pub(crate) async fn run(
     stops: Stops,
     guard: Arc<ActiveGuard>,
     conn: Arc<ClientConn>,
+    movable: Option<Movable>,
 ) {
+    // Counted from now: an upgrade waits for tunnels still being set up, to hand them over too.
+    let live = movable.as_ref().map(|m| m.tunnels.live());
     let upgrades = async { tokio::try_join!(client, node) };
     // A drain during the upgrades is not watched here: the client has (or is about to have)
     // its 101, so it gets its close frame from the pump, at once.
@@ -136,22 +191,78 @@ pub(crate) async fn run(
         _ = stops.node_down.cancelled() => return,
         _ = stops.hard_stop.cancelled() => return,
     };
-    let (Some((client, client_early)), Some(node)) = (into_client(client), into_node(node)) else {
+    let (Some((client, client_early)), Some((node, node_early))) = (into_client(client), into_node(node)) else {
         // The client side is served over `TokioIo<ClientStream>` (see `server`), the node's
         // over `TokioIo<TcpStream>` (see `proxy`): only a change there gets here.
         warn!("an upgraded connection is not of the expected stream type; tunnel closed");
         return;
     };
+    let flow = Flow::new(client_early, node_early);
     // Each kind of client stream has its own instance of `copy`: a plain tunnel's is exactly
-    // the zero-buffer copy over two bare sockets; a TLS one's splits the TLS stream.
+    // the zero-buffer copy over two bare sockets, and can be parked and handed over; a TLS
+    // one's splits the TLS stream, and stays in this process (its session cannot move).
     match client {
         ClientStream::Plain(tcp) => {
-            copy((tcp, client_early), node, websocket, &stops, guard).await;
+            serve(tcp, node, flow, websocket, stops, Some(guard), conn, movable, live).await;
         }
         ClientStream::Tls(tls) => {
-            Box::pin(copy((tls, client_early), node, websocket, &stops, guard)).await;
+            drop((movable, live));
+            let (mut flow, mut guard) = (flow, Some(guard));
+            let _ = Box::pin(copy(tls, node, &mut flow, websocket, &stops, None, &mut guard)).await;
+            // The client's socket closed when `copy` returned; its slot is given back now.
+            drop(conn);
         }
     }
+}
+
+/// Runs a tunnel whose both sides are plain TCP streams, from `flow` on: a new one (from
+/// [`run`]) or one handed over by the process this one replaced ([`crate::upgrade`]). Parks it
+/// when an upgrade asks (movable tunnels only), and either lets it go (the new process has
+/// taken it) or copies on (the upgrade failed, or the node is draining: a drain finishes here).
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn serve(
+    mut client: TcpStream,
+    mut node: TcpStream,
+    mut flow: Flow,
+    websocket: bool,
+    stops: Stops,
+    mut guard: Option<Arc<ActiveGuard>>,
+    conn: Arc<ClientConn>,
+    movable: Option<Movable>,
+    mut live: Option<crate::upgrade::Live>,
+) {
+    if live.is_none() {
+        live = movable.as_ref().map(|m| m.tunnels.live());
+    }
+    let mut park = movable.as_ref().map(|m| m.tunnels.park_signal());
+    loop {
+        match copy(client, node, &mut flow, websocket, &stops, park.as_ref(), &mut guard).await {
+            Ok(_) => break,
+            Err((c, n)) => {
+                (client, node) = (c, n);
+                let Some(m) = &movable else { break };
+                if stops.drain.is_cancelled() {
+                    // A drain in progress finishes here, at its frame boundary.
+                    park = None;
+                    live = None;
+                    continue;
+                }
+                match m.tunnels.offer(&client, &node, &flow, websocket, m, conn.peer, live.take()).await {
+                    crate::upgrade::Verdict::Taken => {
+                        debug!("tunnel handed over to the new process");
+                        // Only this process's descriptors close: the new one has its own.
+                        return;
+                    }
+                    crate::upgrade::Verdict::Resume(signal) => {
+                        debug!("not handed over; tunnel resumed");
+                        live = signal.as_ref().map(|_| m.tunnels.live());
+                        park = signal;
+                    }
+                }
+            }
+        }
+    }
+    drop(live);
     // The client's socket closed when `copy` returned; its slot is given back now.
     drop(conn);
 }
@@ -213,37 +324,42 @@ impl ClientSide for Box<TlsStream<TcpStream>> {
     }
 }
 
-/// The tunnel proper, once both sides are plain TCP streams; returns why it ended. The node's
-/// connection (and `guard`) are let go as soon as the copy ends; the client's lingers when the
-/// node's side ended first (see [`End::lingers`]).
+/// The tunnel proper, once the client's side is a [`ClientSide`] and the node's a TCP stream;
+/// returns why it ended, or both streams back when `park` fired (with `flow` exact: nothing
+/// read is lost). The node's connection (and `guard`) are let go as soon as the copy ends; the
+/// client's lingers when the node's side ended first (see [`End::lingers`]).
 async fn copy<C: ClientSide>(
-    (mut client, client_early): (C, Bytes),
-    (mut node, node_early): (TcpStream, Bytes),
+    mut client: C,
+    mut node: TcpStream,
+    flow: &mut Flow,
     websocket: bool,
     stops: &Stops,
-    guard: Arc<ActiveGuard>,
-) -> End {
+    park: Option<&CancellationToken>,
+    guard: &mut Option<Arc<ActiveGuard>>,
+) -> Result<End, (C, TcpStream)> {
     debug!("tunnel open");
-    let (mut client_rx, mut client_tx) = client.halves();
-    let (mut node_rx, mut node_tx) = node.split();
     // Not a WebSocket: no frames to respect, so a drain cuts at once.
     let (frame_drain, cut_drain) = if websocket { (Some(&stops.drain), None) } else { (None, Some(&stops.drain)) };
-    let stopped = pin!(async {
-        tokio::select! {
-            _ = stops.node_down.cancelled() => End::NodeDown,
-            _ = fired(cut_drain) => End::Drained(false),
-            _ = stops.hard_stop.cancelled() => End::Shutdown,
-        }
-    });
-    // The stop signals are polled only when one of them fires, not for every message.
-    let quiet = Quiet::new();
     // `linger_until`: the node's side is over, the client's may not be; one bound for both
     // the rest of the node's bytes and the linger. (Made after the copy, not kept through it.)
     let (end, linger_until) = {
+        let (mut client_rx, mut client_tx) = client.halves();
+        let (mut node_rx, mut node_tx) = node.split();
+        let Flow { to_node, to_client, frames } = flow;
+        let stopped = pin!(async {
+            tokio::select! {
+                _ = stops.node_down.cancelled() => End::NodeDown,
+                _ = fired(cut_drain) => End::Drained(false),
+                _ = stops.hard_stop.cancelled() => End::Shutdown,
+                _ = fired(park) => End::Park,
+            }
+        });
+        // The stop signals are polled only when one of them fires, not for every message.
+        let quiet = Quiet::new();
         // Outside the `select!`, so that it can run on when the node's side failed first.
-        let mut from_node = pin!(pump_from_node(node_early, &mut node_rx, &mut client_tx, frame_drain));
+        let mut from_node = pin!(pump_from_node(to_client, frames, &mut node_rx, &mut client_tx, frame_drain));
         let end = tokio::select! {
-            r = pump(client_early, &mut client_rx, &mut node_tx) => match r {
+            r = pump(to_node, &mut client_rx, &mut node_tx) => match r {
                 Ok(bytes) => End::ClientClosed(Ok(bytes)),
                 Err(Fault::Read(e)) => End::ClientClosed(Err(e)),
                 Err(Fault::Write(e)) => End::NodeGone(e),
@@ -265,6 +381,10 @@ async fn copy<C: ClientSide>(
         (end, until)
     };
     match &end {
+        End::Park => {
+            debug!("tunnel parked for an upgrade");
+            return Err((client, node));
+        }
         End::ClientClosed(Ok(bytes)) => debug!(bytes, "tunnel closed by the client"),
         End::NodeClosed(Ok(bytes)) => debug!(bytes, "tunnel closed by the node"),
         End::ClientClosed(Err(e)) | End::ClientFailed(e) => debug!(error = %e, "tunnel failed on the client side"),
@@ -278,7 +398,8 @@ async fn copy<C: ClientSide>(
     }
     // The node's side is done with in every case: its connection closes here.
     drop(node);
-    drop(guard);
+    drop(guard.take());
+    let (mut client_rx, mut client_tx) = client.halves();
     if end.lingers() {
         // Boxed: it runs once per tunnel, at its end, and must not weigh on an idle tunnel.
         Box::pin(async {
@@ -298,7 +419,7 @@ async fn copy<C: ClientSide>(
         client.reset_on_close();
     }
     // Returning closes the client's socket.
-    end
+    Ok(end)
 }
 
 /// The [`End`] of the node→client direction.
@@ -333,13 +454,15 @@ where
 mod tests {
     use super::*;
     use crate::frames::close_frame;
+    use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     /// A node's whole binary frame of three bytes, unmasked.
     const SMALL_FRAME: [u8; 5] = [0x82, 3, b'x', b'x', b'x'];
 
-    /// Bound of [`an_idle_tunnel_holds_only_a_small_task_state`]: the future is about 1.3 KB
-    /// today, and Tokio rounds a task's allocation up to a multiple of 128 bytes.
+    /// Bound of [`an_idle_tunnel_holds_only_a_small_task_state`]: the future is about 1.1 KB
+    /// today (its pending bytes and frame tracker are borrowed from the caller's [`Flow`]), and
+    /// Tokio rounds a task's allocation up to a multiple of 128 bytes.
     const TUNNEL_STATE_LIMIT: usize = 1536;
 
     /// Two connected TCP streams on 127.0.0.1.
@@ -397,7 +520,8 @@ mod tests {
         let stop = CancellationToken::new();
         let flooding = tokio::spawn(flood(client_tx, stop.clone()));
         let tunnel = tokio::spawn(async move {
-            let end = copy((client, Bytes::new()), (node, Bytes::new()), true, &stops, guard()).await;
+            let end =
+                copy(client, node, &mut Flow::default(), true, &stops, None, &mut Some(guard())).await.ok().unwrap();
             matches!(end, End::NodeGone(_) | End::NodeClosed(_))
         });
         // The node takes some of the flood, answers with its close frame and hangs up with the
@@ -451,8 +575,8 @@ mod tests {
             })
         };
         let tunnel = tokio::spawn(async move {
-            let end = copy((client, Bytes::new()), (node, Bytes::new()), true, &stops, guard()).await;
-            matches!(end, End::NodeGone(_) | End::NodeClosed(_))
+            let end = copy(client, node, &mut Flow::default(), true, &stops, None, &mut Some(guard())).await;
+            matches!(end, Ok(End::NodeGone(_) | End::NodeClosed(_)))
         });
         let mut some = vec![0u8; 100_000];
         node_peer.read_exact(&mut some).await.unwrap();
@@ -475,10 +599,9 @@ mod tests {
         let node_down = stops.node_down.clone();
         let ((client, client_peer), (node, mut node_peer)) = (tcp_pair().await, tcp_pair().await);
         let (mut client_rx, client_tx) = client_peer.into_split();
-        let tunnel =
-            tokio::spawn(
-                async move { copy((client, Bytes::new()), (node, Bytes::new()), true, &stops, guard()).await },
-            );
+        let tunnel = tokio::spawn(async move {
+            copy(client, node, &mut Flow::default(), true, &stops, None, &mut Some(guard())).await.ok().unwrap()
+        });
         // A node shutting down: marked down (its listener closed) just before its 1012.
         node_down.cancel();
         tokio::task::yield_now().await;
@@ -499,10 +622,9 @@ mod tests {
         let ((client, client_peer), (node, _node_peer)) = (tcp_pair().await, tcp_pair().await);
         let (mut client_rx, _client_tx) = client_peer.into_split();
         // Not a WebSocket: a drain cuts it at once.
-        let tunnel =
-            tokio::spawn(
-                async move { copy((client, Bytes::new()), (node, Bytes::new()), false, &stops, guard()).await },
-            );
+        let tunnel = tokio::spawn(async move {
+            copy(client, node, &mut Flow::default(), false, &stops, None, &mut Some(guard())).await.ok().unwrap()
+        });
         drain.cancel();
         assert!(matches!(tunnel.await.unwrap(), End::Drained(false)));
         let (got, end) = read_all(&mut client_rx).await;
@@ -510,11 +632,118 @@ mod tests {
         assert_eq!(end.map_err(|e| e.kind()), Err(io::ErrorKind::ConnectionReset));
     }
 
+    /// [`tcp_pair`] with small kernel buffers (set before the handshake, so that the windows
+    /// are small from the start): a peer that does not read blocks the tunnel after a few KB.
+    async fn small_tcp_pair() -> (TcpStream, TcpStream) {
+        let small = || {
+            let socket = tokio::net::TcpSocket::new_v4().unwrap();
+            socket.set_send_buffer_size(4096).unwrap();
+            socket.set_recv_buffer_size(4096).unwrap();
+            socket
+        };
+        let listening = small();
+        listening.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = listening.listen(1).unwrap();
+        let near = small().connect(listener.local_addr().unwrap()).await.unwrap();
+        let (far, _) = listener.accept().await.unwrap();
+        (near, far)
+    }
+
+    /// Writes `bytes` in 4 KB pieces, counting what went out in `progress`; keeps the stream
+    /// open until `done`.
+    async fn write_counted(
+        mut to: tokio::net::tcp::OwnedWriteHalf,
+        bytes: Arc<Vec<u8>>,
+        progress: Arc<std::sync::atomic::AtomicUsize>,
+        done: CancellationToken,
+    ) {
+        for chunk in bytes.chunks(4096) {
+            to.write_all(chunk).await.unwrap();
+            progress.fetch_add(chunk.len(), std::sync::atomic::Ordering::SeqCst);
+        }
+        done.cancelled().await;
+    }
+
+    #[tokio::test]
+    async fn a_parked_tunnel_resumes_with_its_bytes_in_flight_both_ways() {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        let stops = stops();
+        let ((client, client_peer), (node, node_peer)) = (small_tcp_pair().await, small_tcp_pair().await);
+        // Up: arbitrary bytes; down: whole WebSocket frames (the tracker must follow them).
+        let up: Arc<Vec<u8>> = Arc::new((0..600_000u32).map(|i| (i.wrapping_mul(31) % 251) as u8).collect());
+        let mut down = Vec::new();
+        for i in 0..500u32 {
+            down.extend_from_slice(&[0x82, 126, 0x03, 0xe8]);
+            down.extend((0..1000u32).map(|j| ((i * 7 + j) % 253) as u8));
+        }
+        let down = Arc::new(down);
+        let (mut client_rx, client_tx) = client_peer.into_split();
+        let (mut node_rx, node_tx) = node_peer.into_split();
+        let done = CancellationToken::new();
+        let (up_progress, down_progress) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+        let writers = [
+            tokio::spawn(write_counted(client_tx, Arc::clone(&up), Arc::clone(&up_progress), done.clone())),
+            tokio::spawn(write_counted(node_tx, Arc::clone(&down), Arc::clone(&down_progress), done.clone())),
+        ];
+        let park = CancellationToken::new();
+        let mut flow = Flow::default();
+        let mut guard = Some(guard());
+        let parked = {
+            let copying = copy(client, node, &mut flow, true, &stops, Some(&park), &mut guard);
+            // Nobody reads: both directions stall with bytes read and not written. Park then.
+            let stalled = async {
+                let mut last = (usize::MAX, usize::MAX);
+                let mut still = 0;
+                tether_kit::eventually(Duration::from_secs(10), "both directions to stall", || {
+                    let now = (up_progress.load(Ordering::SeqCst), down_progress.load(Ordering::SeqCst));
+                    still = if now == last && now.0 > 0 && now.1 > 0 { still + 1 } else { 0 };
+                    last = now;
+                    std::future::ready(still >= 3)
+                })
+                .await
+                .unwrap();
+                park.cancel();
+                std::future::pending::<()>().await
+            };
+            tokio::select! {
+                r = copying => r,
+                () = stalled => unreachable!(),
+            }
+        };
+        let Err((client, node)) = parked else { panic!("the tunnel ended instead of parking") };
+        let written = (up_progress.load(Ordering::SeqCst), down_progress.load(Ordering::SeqCst));
+        assert!(written.0 < up.len() && written.1 < down.len(), "the writers were not blocked: {written:?}");
+        assert!(
+            !flow.to_node.is_empty() || !flow.to_client.is_empty(),
+            "parked with nothing in flight: the test did not test it"
+        );
+        eprintln!("parked with {} bytes to the node, {} to the client", flow.to_node.len(), flow.to_client.len());
+        // Resumed (as the old process does when a hand-off fails, or the new one with what it
+        // was sent): every byte arrives once, in order.
+        let readers = async {
+            let mut got_up = vec![0u8; up.len()];
+            node_rx.read_exact(&mut got_up).await.unwrap();
+            let mut got_down = vec![0u8; down.len()];
+            client_rx.read_exact(&mut got_down).await.unwrap();
+            assert!(got_up == *up, "client→node bytes differ");
+            assert!(got_down == *down, "node→client bytes differ");
+            done.cancel();
+        };
+        let (end, ()) = tokio::join!(copy(client, node, &mut flow, true, &stops, None, &mut guard), readers);
+        assert!(matches!(end, Ok(End::ClientClosed(Ok(_))) | Ok(End::NodeClosed(Ok(_)))));
+        assert!(flow.frames.at_boundary(), "the tracker followed every frame exactly once");
+        for writer in writers {
+            writer.await.unwrap();
+        }
+    }
+
     #[tokio::test]
     async fn an_idle_tunnel_holds_only_a_small_task_state() {
         let stops = stops();
         let ((client, mut client_peer), (node, mut node_peer)) = (tcp_pair().await, tcp_pair().await);
-        let tunnel = copy((client, Bytes::new()), (node, Bytes::new()), true, &stops, guard());
+        let mut flow = Flow::default();
+        let mut guard = Some(guard());
+        let tunnel = copy(client, node, &mut flow, true, &stops, None, &mut guard);
         // The whole state of a tunnel, whatever it is doing, is this future (plus the sockets'
         // registrations): no copy buffer lives in it. Guards against a buffer (or a large
         // timer) creeping back in.
@@ -533,6 +762,6 @@ mod tests {
             drop(client_peer);
         };
         let (end, ()) = tokio::join!(tunnel, peers);
-        assert!(matches!(end, End::ClientClosed(Ok(4))));
+        assert!(matches!(end, Ok(End::ClientClosed(Ok(4)))));
     }
 }

@@ -12,7 +12,7 @@ use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 /// Size of the scratch buffer every copy reads into. There is one per worker thread, not one
@@ -96,35 +96,49 @@ fn with_scratch<T>(f: impl FnOnce(&mut [u8]) -> T) -> T {
     })
 }
 
-/// Writes and flushes `bytes` whole.
-pub(super) async fn write_whole<W>(to: &mut W, bytes: &[u8]) -> Result<(), Fault>
+/// Writes and flushes `pending` whole, taking each chunk the destination accepts off its front
+/// as it goes. Cancel-safe: dropped at any point, `pending` holds exactly the bytes not yet
+/// written (this is what lets an upgrade park a tunnel whose destination is slow). Once all is
+/// written `pending` is emptied for good, letting go of its allocation (hyper's read buffer,
+/// for a tunnel's first bytes).
+pub(super) async fn write_pending<W>(to: &mut W, pending: &mut Bytes) -> Result<(), Fault>
 where
     W: AsyncWrite + Unpin,
 {
-    to.write_all(bytes).await.map_err(Fault::Write)?;
+    while !pending.is_empty() {
+        let written = poll_fn(|cx| Pin::new(&mut *to).poll_write(cx, pending)).await.map_err(Fault::Write)?;
+        if written == 0 {
+            return Err(Fault::Write(io::ErrorKind::WriteZero.into()));
+        }
+        // In the same poll as the write that took them: a cancellation cannot fall in between.
+        pending.advance(written);
+    }
+    *pending = Bytes::new();
     to.flush().await.map_err(Fault::Write)
 }
 
-/// Copies `from` into `to` until end of stream, after writing out `early` (bytes of `from`
-/// read before the tunnel began); returns the bytes copied.
-pub(super) async fn pump<R, W>(early: Bytes, from: &mut R, to: &mut W) -> Result<u64, Fault>
+/// Copies `from` into `to` until end of stream, after writing out `pending` (bytes of `from`
+/// read but not yet written: hyper's early bytes, or what a parked tunnel had in flight);
+/// returns the bytes written. Cancel-safe in the same way as [`write_pending`]: whatever was
+/// read and not written when it is dropped is in `pending`.
+pub(super) async fn pump<R, W>(pending: &mut Bytes, from: &mut R, to: &mut W) -> Result<u64, Fault>
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut total = early.len() as u64;
-    if !early.is_empty() {
-        Box::pin(write_whole(to, &early)).await?;
-    }
-    // It may pin hyper's whole read buffer: not to be kept for the tunnel's life.
-    drop(early);
+    let mut total = 0u64;
     loop {
+        if !pending.is_empty() {
+            let len = pending.len() as u64;
+            Box::pin(write_pending(to, pending)).await?;
+            total += len;
+        }
         match poll_fn(|cx| poll_step(cx, from, to, <[u8]>::len)).await? {
             Step::Eof => return Ok(total),
             Step::Copied(n) => total += n as u64,
             Step::Blocked { kept, rest } => {
-                Box::pin(write_whole(to, &rest)).await?;
-                total += kept as u64;
+                total += (kept - rest.len()) as u64;
+                *pending = Bytes::from(rest);
             }
         }
     }
@@ -151,7 +165,7 @@ mod tests {
             d.read_to_end(&mut got).await.unwrap();
             got
         });
-        let copied = pump(Bytes::new(), &mut b, &mut c).await.unwrap();
+        let copied = pump(&mut Bytes::new(), &mut b, &mut c).await.unwrap();
         drop(c);
         writer.await.unwrap();
         assert_eq!(copied, payload.len() as u64);
@@ -164,7 +178,7 @@ mod tests {
         let (mut c, mut d) = tokio::io::duplex(64);
         a.write_all(b" and after").await.unwrap();
         drop(a);
-        let copied = pump(Bytes::from_static(b"before"), &mut b, &mut c).await.unwrap();
+        let copied = pump(&mut Bytes::from_static(b"before"), &mut b, &mut c).await.unwrap();
         drop(c);
         let mut got = Vec::new();
         d.read_to_end(&mut got).await.unwrap();
