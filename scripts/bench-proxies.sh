@@ -5,6 +5,7 @@
 #   scripts/bench-proxies.sh            # the default run (~5 minutes), a markdown table at the end
 #   scripts/bench-proxies.sh --quick    # smoke run, < 20 s after the build
 #   scripts/bench-proxies.sh --json out.json --rounds 5   # any `tether bench proxies` flag
+#   scripts/bench-proxies.sh --tls --json tls.json        # every proxy terminates TLS (wss clients)
 #
 # Builds the binaries in release, installs haproxy and nginx from Debian packages when they are
 # missing (apt-get update once, then apt-get install -y), then runs `tether bench proxies`,

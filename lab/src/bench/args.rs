@@ -191,6 +191,19 @@ pub struct ProxiesArgs {
     /// Message size in bytes, (a) and (b).
     #[arg(long, default_value_t = 64, value_name = "BYTES", value_parser = clap::value_parser!(u32).range(16..=65_536).map(|n| n as usize))]
     pub message_bytes: usize,
+    /// Every proxy terminates TLS on its client side (same ECDSA P-256 certificate for all;
+    /// clients offer only TLS 1.3 with TLS_AES_128_GCM_SHA256 and X25519); backends stay
+    /// plain, and so does `direct` (the floor).
+    #[arg(long)]
+    pub tls: bool,
+    /// With --tls: clients and proxies keep and resume TLS sessions (otherwise every connect
+    /// is a full hand-shake).
+    #[arg(long, requires = "tls")]
+    pub tls_resume: bool,
+    /// (c) connection set-ups per second of the fixed-rate pass (hand-shake latency and proxy
+    /// CPU per set-up at a steady rate); 0 skips it [default: 300 with --tls, else 0].
+    #[arg(long, value_name = "N", value_parser = non_negative)]
+    pub connect_rate: Option<f64>,
     /// Do not apt-get install haproxy/nginx when missing (skip those targets instead).
     #[arg(long)]
     pub no_install: bool,

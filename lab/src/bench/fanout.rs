@@ -532,6 +532,7 @@ async fn hop_run<W: Write>(
         rooms: Some(RoomSpec { prefix: room_prefix.clone(), count: HOP_ROOMS as u64 }),
         connect_timeout_ms: 30_000,
         protocol: Protocol::Tether,
+        tls: None,
     };
     let (mut fleet, _) = Fleet::start(vec![spec], Duration::from_secs(60), out).await?;
     let rooms: Vec<String> = (0..HOP_ROOMS).map(|r| format!("{room_prefix}{r}")).collect();

@@ -329,6 +329,7 @@ async fn measure<W: Write>(
             rooms: None,
             connect_timeout_ms: 60_000,
             protocol: super::protocol::Protocol::Tether,
+            tls: None,
         })
         .collect();
     let workers = specs.len();

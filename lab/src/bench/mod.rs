@@ -22,6 +22,7 @@
 //! the load generator is not what gets measured), [`protocol`] what it speaks over it
 //! (Tether's frames or Socket.IO's), [`publish`] the fan-out publishers, [`rooms`] a fan-out run's members and publishers together; [`echo`] the echo
 //! backend of `proxies`;
+//! [`tls`] the certificate the proxies terminate TLS with and the load side's `wss` client;
 //! [`procfs`] reads RSS and CPU time of any process from `/proc`; [`worker`] the
 //! load-generator child (`tether bench worker`, hidden) and its parent-side [`worker::Fleet`].
 //!
@@ -42,6 +43,7 @@ pub mod rooms;
 pub mod rtt;
 pub mod socketio;
 pub mod steady;
+pub mod tls;
 pub mod webhooks;
 pub mod worker;
 pub mod wsraw;

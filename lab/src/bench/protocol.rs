@@ -13,12 +13,12 @@
 //! sequence number over all rooms of one run (message `s` goes to room `s % rooms`), by which
 //! every delivery is accounted for.
 
+use super::tls::ClientTls;
 use super::wsraw::{self, Upgraded, OP_CLOSE, OP_PING, OP_PONG, OP_TEXT};
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 use std::net::{IpAddr, SocketAddr};
 use tether_proto::wire;
-use tokio::io::AsyncWriteExt;
 
 /// Read size while connecting.
 const READ_CHUNK: usize = 8192;
@@ -53,7 +53,20 @@ impl Protocol {
         room: Option<&str>,
         i: u64,
     ) -> Result<Upgraded> {
-        let mut up = wsraw::connect(target, source, &self.path(id)).await?;
+        self.open_with(target, source, id, room, i, None).await
+    }
+
+    /// [`Protocol::open`], over TLS when `tls` is given.
+    pub async fn open_with(
+        self,
+        target: SocketAddr,
+        source: Option<IpAddr>,
+        id: &str,
+        room: Option<&str>,
+        i: u64,
+        tls: Option<&ClientTls>,
+    ) -> Result<Upgraded> {
+        let (mut up, _) = wsraw::connect_with(target, source, &self.path(id), tls).await?;
         match self {
             Self::Tether => {
                 if let Some(room) = room {
@@ -135,7 +148,7 @@ async fn join_tether(up: &mut Upgraded, id: &str, room: &str, i: u64) -> Result<
     let mut out = Vec::with_capacity(64);
     let join = wire::ClientMsg::Join { room: room.to_owned() }.to_json();
     wsraw::encode(&mut out, OP_TEXT, join.as_bytes(), Some(wsraw::mask_for(i)));
-    up.stream.write_all(&out).await?;
+    wsraw::send(&mut up.stream, &out).await?;
     let mine = format!("\"id\":\"{id}\"");
     loop {
         while let Some(f) = up.decoder.next_frame()? {
@@ -159,7 +172,7 @@ async fn join_tether(up: &mut Upgraded, id: &str, room: &str, i: u64) -> Result<
 async fn send(up: &mut Upgraded, payload: &[u8], i: u64) -> Result<()> {
     let mut out = Vec::with_capacity(payload.len() + 8);
     wsraw::encode(&mut out, OP_TEXT, payload, Some(wsraw::mask_for(i)));
-    up.stream.write_all(&out).await?;
+    wsraw::send(&mut up.stream, &out).await?;
     Ok(())
 }
 
@@ -174,7 +187,7 @@ async fn wait_for(up: &mut Upgraded, i: u64, done: impl Fn(&[u8]) -> bool, what:
                 OP_PING => wsraw::encode(&mut reply, OP_PONG, p, Some(wsraw::mask_for(i))),
                 OP_TEXT if done(p) => {
                     if !reply.is_empty() {
-                        up.stream.write_all(&reply).await?;
+                        wsraw::send(&mut up.stream, &reply).await?;
                     }
                     return Ok(());
                 }
@@ -184,7 +197,7 @@ async fn wait_for(up: &mut Upgraded, i: u64, done: impl Fn(&[u8]) -> bool, what:
             }
         }
         if !reply.is_empty() {
-            up.stream.write_all(&reply).await?;
+            wsraw::send(&mut up.stream, &reply).await?;
         }
         if up.decoder.read_from(&mut up.stream, READ_CHUNK).await? == 0 {
             bail!("closed while waiting for {what}");

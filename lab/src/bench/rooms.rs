@@ -61,6 +61,7 @@ pub async fn connect<W: Write>(
             rooms: Some(RoomSpec { prefix: room_prefix.to_owned(), count: rooms as u64 }),
             connect_timeout_ms: 60_000,
             protocol,
+            tls: None,
         })
         .collect();
     writeln!(

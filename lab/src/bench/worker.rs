@@ -24,7 +24,8 @@
 
 use super::args::WorkerArgs;
 use super::protocol::{self, Protocol};
-use super::wsraw::{self, Decoder, Upgraded, OP_CLOSE, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT};
+use super::tls::{ClientTls, TlsSpec};
+use super::wsraw::{self, Decoder, Stream, Upgraded, OP_CLOSE, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT};
 use super::{tether_exe, AtomicHist};
 use anyhow::{anyhow, bail, Context, Result};
 use futures_util::StreamExt;
@@ -70,6 +71,10 @@ pub struct WorkerSpec {
     /// What the clients speak.
     #[serde(default)]
     pub protocol: Protocol,
+    /// Speak `wss`: the CA to trust and whether to resume sessions (`tether bench proxies
+    /// --tls`). Absent: plain TCP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsSpec>,
 }
 
 impl WorkerSpec {
@@ -326,12 +331,14 @@ pub async fn run(spec: WorkerSpec) -> Result<i32> {
         bail!("a worker needs at least one target");
     }
     let shared = Arc::new(Shared::default());
+    // One client config for all connections (sessions, when resumed, are shared through it).
+    let tls = spec.tls.as_ref().map(ClientTls::new).transpose()?;
     let started = Instant::now();
     let opening = {
-        let (shared, spec) = (Arc::clone(&shared), spec.clone());
+        let (shared, spec, tls) = (Arc::clone(&shared), spec.clone(), tls.clone());
         async move {
             futures_util::stream::iter(spec.first..spec.first + spec.count)
-                .for_each_concurrent(spec.concurrency.max(1), |i| open_one(&spec, i, &shared))
+                .for_each_concurrent(spec.concurrency.max(1), |i| open_one(&spec, i, &shared, tls.as_ref()))
                 .await;
         }
     };
@@ -381,12 +388,12 @@ pub async fn run(spec: WorkerSpec) -> Result<i32> {
     Ok(0)
 }
 
-async fn open_one(spec: &WorkerSpec, i: u64, shared: &Arc<Shared>) {
+async fn open_one(spec: &WorkerSpec, i: u64, shared: &Arc<Shared>, tls: Option<&ClientTls>) {
     let id = format!("{}{i}", spec.id_prefix);
     let target = spec.targets[spec.target_of(i)];
     let source = (!spec.sources.is_empty()).then(|| spec.sources[(i % spec.sources.len() as u64) as usize]);
     let room = spec.rooms.as_ref().map(|r| format!("{}{}", r.prefix, i % r.count.max(1)));
-    let attempt = spec.protocol.open(target, source, &id, room.as_deref(), i);
+    let attempt = spec.protocol.open_with(target, source, &id, room.as_deref(), i, tls);
     match tokio::time::timeout(Duration::from_millis(spec.connect_timeout_ms), attempt).await {
         Ok(Ok(up)) => {
             shared.open.fetch_add(1, Ordering::Relaxed);
@@ -444,17 +451,18 @@ async fn hold(mut up: Upgraded, i: u64, shared: Arc<Shared>, parse: Option<Proto
             shared.frames.fetch_add(frames, Ordering::Relaxed);
         }
         if !out.is_empty() {
-            if up.stream.write_all(&out).await.is_err() {
+            if wsraw::send(&mut up.stream, &out).await.is_err() {
                 break true;
             }
             out.clear();
         }
-        if up.decoder.pending() == 0 {
+        if let (0, Stream::Plain(tcp)) = (up.decoder.pending(), &up.stream) {
             // Idle clients wait without a read buffer: tens of thousands of them per worker.
+            // (Not over TLS: the session may hold decrypted bytes the socket no longer shows.)
             up.decoder = Decoder::default();
             tokio::select! {
                 _ = shared.stop.cancelled() => break false,
-                r = up.stream.readable() => if r.is_err() { break true },
+                r = tcp.readable() => if r.is_err() { break true },
             }
         }
         let read = tokio::select! {
@@ -666,6 +674,7 @@ mod tests {
             rooms: Some(RoomSpec { prefix: "r".to_owned(), count: rooms }),
             connect_timeout_ms: 1,
             protocol: Protocol::SocketIo,
+            tls: None,
         }
     }
 

@@ -8,13 +8,20 @@
 //! trusts the peer to be one of ours or a proxy in front of one of ours.
 //!
 //! [`connect`] does the client side of the upgrade (from a chosen 127.0.0.x source
-//! address, so one load generator is not limited to one address' ephemeral ports);
-//! [`Decoder`] cuts frames out of a read buffer, unmasking in place; [`encode`] writes one.
+//! address, so one load generator is not limited to one address' ephemeral ports), over
+//! plain TCP or — [`connect_with`] and a [`ClientTls`] — over TLS (`wss`, for `tether bench
+//! proxies --tls`); [`Decoder`] cuts frames out of a read buffer, unmasking in place;
+//! [`encode`] writes one. A [`Stream`] is either kind of connection: the plain one is the bare
+//! `TcpStream`, exactly as before TLS existed here.
 
+use super::tls::ClientTls;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpSocket, TcpStream};
 
 pub const OP_CONTINUATION: u8 = 0x0;
@@ -151,17 +158,119 @@ impl Decoder {
     }
 }
 
+/// A client connection: plain TCP, or TLS over TCP.
+pub enum Stream {
+    Plain(TcpStream),
+    /// Boxed: a TLS session is large, and most connections of most benches are plain.
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+impl Stream {
+    /// The TCP connection of a plain stream; an error for TLS (for code that only speaks
+    /// plain WebSocket and splits the socket itself).
+    pub fn into_tcp(self) -> io::Result<TcpStream> {
+        match self {
+            Self::Plain(s) => Ok(s),
+            Self::Tls(_) => {
+                Err(io::Error::new(io::ErrorKind::Unsupported, "a TLS stream where plain TCP was expected"))
+            }
+        }
+    }
+
+    /// The TLS session of a TLS stream.
+    pub fn tls(&self) -> Option<&rustls::ClientConnection> {
+        match self {
+            Self::Plain(_) => None,
+            Self::Tls(s) => Some(s.get_ref().1),
+        }
+    }
+}
+
+impl AsyncRead for Stream {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Stream {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_flush(cx),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            Self::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Writes all of `bytes` and flushes. Over TLS the flush matters: tokio-rustls may accept
+/// the last bytes into its session buffer when the socket is full and send them only on the
+/// next write or flush (on a `TcpStream` the flush is a no-op).
+pub async fn send<W: AsyncWrite + Unpin>(w: &mut W, bytes: &[u8]) -> io::Result<()> {
+    w.write_all(bytes).await?;
+    w.flush().await
+}
+
 /// A client connection right after a successful upgrade.
 pub struct Upgraded {
-    pub stream: TcpStream,
+    pub stream: Stream,
     /// Bytes that followed the 101 response in the same reads (a node's first frame often does).
     pub decoder: Decoder,
+}
+
+/// How long the steps of one [`connect_with`] took, from the start of the TCP connect.
+#[derive(Debug, Clone, Copy)]
+pub struct Timings {
+    /// Until the TLS hand-shake was complete (`None` for plain TCP).
+    pub tls: Option<Duration>,
+    /// Until the `101`.
+    pub upgraded: Duration,
 }
 
 /// Connects to `target` from `source` (port chosen by the kernel), sends the upgrade request
 /// for `path` (which may carry a query), and waits for `101`. Anything else is an error that
 /// quotes the response's status line.
 pub async fn connect(target: SocketAddr, source: Option<IpAddr>, path: &str) -> io::Result<Upgraded> {
+    Ok(connect_with(target, source, path, None).await?.0)
+}
+
+/// [`connect`], over TLS when `tls` is given (the hand-shake completes before the upgrade
+/// request is sent); also says how long the steps took.
+pub async fn connect_with(
+    target: SocketAddr,
+    source: Option<IpAddr>,
+    path: &str,
+    tls: Option<&ClientTls>,
+) -> io::Result<(Upgraded, Timings)> {
+    let started = Instant::now();
+    let tcp = tcp_connect(target, source).await?;
+    let (mut stream, tls_time) = match tls {
+        None => (Stream::Plain(tcp), None),
+        Some(tls) => {
+            let s = tls.handshake(tcp).await?;
+            (Stream::Tls(Box::new(s)), Some(started.elapsed()))
+        }
+    };
+    let decoder = upgrade(&mut stream, target, path).await?;
+    Ok((Upgraded { stream, decoder }, Timings { tls: tls_time, upgraded: started.elapsed() }))
+}
+
+async fn tcp_connect(target: SocketAddr, source: Option<IpAddr>) -> io::Result<TcpStream> {
     let socket = if target.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
     if let Some(ip) = source {
         // Without this, `bind(ip, 0)` reserves a port number for the socket's whole life, and
@@ -173,13 +282,18 @@ pub async fn connect(target: SocketAddr, source: Option<IpAddr>, path: &str) -> 
             .map_err(io::Error::from)?;
         socket.bind(SocketAddr::new(ip, 0))?;
     }
-    let mut stream = socket.connect(target).await?;
+    let stream = socket.connect(target).await?;
     stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// Sends the upgrade request and reads the response head; the decoder holds what followed it.
+async fn upgrade(stream: &mut Stream, target: SocketAddr, path: &str) -> io::Result<Decoder> {
     let request = format!(
         "GET {path} HTTP/1.1\r\nHost: {target}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Key: {HANDSHAKE_KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
     );
-    stream.write_all(request.as_bytes()).await?;
+    send(stream, request.as_bytes()).await?;
     let mut head = Vec::with_capacity(512);
     let mut chunk = [0u8; 1024];
     let end = loop {
@@ -199,7 +313,7 @@ pub async fn connect(target: SocketAddr, source: Option<IpAddr>, path: &str) -> 
     if !status.starts_with(b"HTTP/1.1 101") {
         return Err(io::Error::other(format!("upgrade refused: {}", String::from_utf8_lossy(status))));
     }
-    Ok(Upgraded { stream, decoder: Decoder::with_bytes(&head[end..]) })
+    Ok(Decoder::with_bytes(&head[end..]))
 }
 
 /// Position of `needle` in `hay`.

@@ -18,7 +18,17 @@
 //! * (b) fixed rate: C connections together sending R messages per second at evenly spread
 //!   times; latency from each send to its echo (p50/p99/p99.9);
 //! * (c) connection setup: K concurrent loops of connect → upgrade → close handshake →
-//!   hang-up: complete cycles per second, and the upgrade's latency.
+//!   hang-up: complete cycles per second, the upgrade's latency and the proxy's CPU per
+//!   cycle; then (with `--connect-rate`, on by default with `--tls`) set-ups at a fixed,
+//!   moderate rate: hand-shake and upgrade latency p50/p99 and the proxy's CPU per set-up,
+//!   which is what one sizes a front door by.
+//!
+//! With `--tls` every proxy terminates TLS on its client side with the same certificate
+//! ([`super::tls`]: an ECDSA P-256 leaf of a CA made for the run; HAProxy `bind … ssl crt`,
+//! nginx `listen … ssl`, the balancer `--tls-cert/--tls-key`), the backends stay plain, and
+//! the clients — the in-process ones and the idle workers alike — speak `wss` offering one
+//! suite only, without resumption unless `--tls-resume`. `direct` stays plain: it is the
+//! floor, what the backend costs without any proxy or TLS.
 //!
 //! (a)–(c) run in rounds; in each round every target runs once, the starting target
 //! rotating from round to round, so that drift on a shared machine hits every target alike.
@@ -33,6 +43,7 @@ pub use report::{ProxiesReport, TargetFigures};
 use super::args::ProxiesArgs;
 use super::procfs;
 use super::tether_exe;
+use super::tls::{self as tlsmod, ClientTls, ServerFiles, TlsSpec};
 use anyhow::{bail, Result};
 use report::fmt_opt;
 use serde::Serialize;
@@ -43,7 +54,7 @@ use std::time::Duration;
 use targets::{find_program, install, start_balancer, start_haproxy, start_nginx, Target};
 use tether_kit::{ChildProcess, LogTarget};
 use tokio::process::Command;
-use workloads::{echo_closed_loop, fixed_rate, idle, setup_rate};
+use workloads::{connect_fixed_rate, echo_closed_loop, fixed_rate, idle, setup_rate};
 
 /// What `tether bench proxies` runs.
 #[derive(Debug, Clone)]
@@ -66,6 +77,40 @@ pub struct Workloads {
     pub setup_concurrency: usize,
     pub idle: usize,
     pub message_bytes: usize,
+    /// (c) at a fixed rate: set-ups per second (0: not run).
+    pub connect_rate: f64,
+    /// Proxies terminate TLS; clients speak `wss`.
+    pub tls: bool,
+    /// With `tls`: sessions are kept and resumed.
+    pub tls_resume: bool,
+}
+
+/// The TLS of one run: the servers' files and the clients' config.
+pub(crate) struct RunTls {
+    pub(crate) files: ServerFiles,
+    pub(crate) spec: TlsSpec,
+    pub(crate) client: ClientTls,
+}
+
+impl RunTls {
+    fn new(dir: &std::path::Path, resume: bool) -> Result<Self> {
+        let files = tlsmod::server_files(dir)?;
+        let spec = TlsSpec { ca_pem: files.ca_pem.clone(), resume };
+        let client = ClientTls::new(&spec)?;
+        Ok(Self { files, spec, client })
+    }
+}
+
+/// What a `--tls` run's report says about the TLS it measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct TlsReport {
+    /// What every client offered.
+    pub offered: &'static str,
+    pub certificate: &'static str,
+    /// Sessions kept and resumed (`--tls-resume`).
+    pub resume: bool,
+    /// How `direct` was measured.
+    pub direct: &'static str,
 }
 
 impl ProxiesOptions {
@@ -80,15 +125,24 @@ impl ProxiesOptions {
             setup_concurrency: a.setup_concurrency,
             idle: a.idle,
             message_bytes: a.message_bytes,
+            connect_rate: a.connect_rate.unwrap_or(if a.tls { DEFAULT_TLS_CONNECT_RATE } else { 0.0 }),
+            tls: a.tls,
+            tls_resume: a.tls_resume,
         };
         if a.quick {
             w.rounds = 1;
             w.secs = 0.5;
             w.idle = w.idle.min(200);
+            w.connect_rate = w.connect_rate.min(200.0);
         }
         Ok(Self { targets, workloads: w, install: !a.no_install, logs: a.logs })
     }
 }
+
+/// Set-ups per second of (c)'s fixed-rate pass with `--tls`: a steady load well below what
+/// any of the proxies saturates at on two cores, so that latency is the hand-shake's, not a
+/// queue's.
+pub const DEFAULT_TLS_CONNECT_RATE: f64 = 300.0;
 
 /// A target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -142,6 +196,7 @@ pub async fn run<W: Write>(opts: &ProxiesOptions, out: &mut W) -> Result<Proxies
         }
         None => tmp.path().to_path_buf(),
     };
+    let tls = if opts.workloads.tls { Some(RunTls::new(&dir, opts.workloads.tls_resume)?) } else { None };
     let loadavg_start = procfs::loadavg();
     writeln!(out, "{}", procfs::loadavg_line())?;
     let mut skipped = Vec::new();
@@ -181,16 +236,25 @@ pub async fn run<W: Write>(opts: &ProxiesOptions, out: &mut W) -> Result<Proxies
                 kind,
                 addr: backend_addrs[0].1,
                 pid: None,
-                setup: format!("straight to {} (the floor; no proxy)", backend_addrs[0].0),
+                setup: format!(
+                    "straight to {} (the floor; no proxy{})",
+                    backend_addrs[0].0,
+                    if tls.is_some() { ", plain: no TLS" } else { "" }
+                ),
+                tls: None,
+                negotiated: None,
                 _proc: None,
             }),
-            Kind::Balancer => start_balancer(&backend_addrs, &dir).await,
-            Kind::Haproxy => start_haproxy(&backend_addrs, &dir).await,
-            Kind::Nginx => start_nginx(&backend_addrs, &dir).await,
+            Kind::Balancer => start_balancer(&backend_addrs, &dir, tls.as_ref()).await,
+            Kind::Haproxy => start_haproxy(&backend_addrs, &dir, tls.as_ref()).await,
+            Kind::Nginx => start_nginx(&backend_addrs, &dir, tls.as_ref()).await,
         };
         match t {
             Ok(t) => {
                 writeln!(out, "{:<16} {}  {}", t.kind.label(), t.addr, t.setup)?;
+                if let Some(n) = &t.negotiated {
+                    writeln!(out, "{:<16} TLS: {n}", "")?;
+                }
                 targets.push(t);
             }
             Err(e) => {
@@ -200,17 +264,22 @@ pub async fn run<W: Write>(opts: &ProxiesOptions, out: &mut W) -> Result<Proxies
         }
     }
     if targets.is_empty() {
-        bail!("no target could be started");
+        bail!("no target could be started: {}", skipped.join("; "));
     }
     let mut figs: Vec<TargetFigures> = targets
         .iter()
-        .map(|t| TargetFigures { target: t.kind.label().to_owned(), setup: t.setup.clone(), ..Default::default() })
+        .map(|t| TargetFigures {
+            target: t.kind.label().to_owned(),
+            setup: t.setup.clone(),
+            tls: t.negotiated.clone(),
+            ..Default::default()
+        })
         .collect();
     let secs = Duration::from_secs_f64(opts.workloads.secs);
 
     writeln!(out, "\n(d) {} idle tunnels per target (fresh processes, once each)", opts.workloads.idle)?;
     for (k, t) in targets.iter().enumerate() {
-        match idle(t, opts.workloads.idle, out).await {
+        match idle(t, opts.workloads.idle, tls.as_ref().map(|t| &t.spec), out).await {
             Ok((kib, open)) => {
                 writeln!(out, "  {:<16} {open} open, {}", t.kind.label(), fmt_opt(kib, 2) + " KiB per tunnel")?;
                 if let Some(kib) = kib {
@@ -273,20 +342,68 @@ pub async fn run<W: Write>(opts: &ProxiesOptions, out: &mut W) -> Result<Proxies
             let k = (j + round as usize) % n;
             let t = &targets[k];
             match setup_rate(t, opts, secs, round as usize * n + j).await {
-                Ok((per_sec, lat, failed)) => {
+                Ok(r) => {
                     writeln!(
                         out,
-                        "  (c) {:<16} {per_sec:>8.0} cycles/s  upgrade p50 {} µs  p99 {} µs{}",
+                        "  (c) {:<16} {:>8.0} cycles/s  upgrade p50 {} µs  p99 {} µs  proxy CPU {} µs/cycle{}{}",
                         t.kind.label(),
-                        lat.p50_us,
-                        lat.p99_us,
-                        if failed > 0 { format!("  ({failed} failed)") } else { String::new() }
+                        r.per_sec,
+                        r.upgrade.p50_us,
+                        r.upgrade.p99_us,
+                        fmt_opt(r.cpu_us_per_cycle, 1),
+                        if r.failed > 0 { format!("  ({} failed)", r.failed) } else { String::new() },
+                        if r.resumed > 0 { format!("  ({} resumed)", r.resumed) } else { String::new() },
                     )?;
-                    figs[k].setups_per_sec.push(per_sec);
-                    figs[k].upgrade_p50_us.push(lat.p50_us as f64);
-                    figs[k].upgrade_p99_us.push(lat.p99_us as f64);
+                    figs[k].setups_per_sec.push(r.per_sec);
+                    figs[k].upgrade_p50_us.push(r.upgrade.p50_us as f64);
+                    figs[k].upgrade_p99_us.push(r.upgrade.p99_us as f64);
+                    if let Some(c) = r.cpu_us_per_cycle {
+                        figs[k].setup_cpu_us_per_cycle.push(c);
+                    }
+                    if let Some(c) = r.cpu_percent {
+                        figs[k].setup_cpu_percent.push(c);
+                    }
+                    figs[k].resumed += r.resumed;
                 }
                 Err(e) => note(&mut figs[k], out, "(c)", e)?,
+            }
+        }
+        if opts.workloads.connect_rate > 0.0 {
+            for j in 0..n {
+                let k = (j + round as usize) % n;
+                let t = &targets[k];
+                match connect_fixed_rate(t, opts.workloads.connect_rate, secs, 40 + round as usize * n + j).await {
+                    Ok(r) => {
+                        let hs = r.handshake.as_ref().map_or(String::new(), |h| {
+                            format!("hand-shake p50 {} µs  p99 {} µs  ", h.p50_us, h.p99_us)
+                        });
+                        writeln!(
+                            out,
+                            "  (c) {:<16} {:>8.0} set-ups/s  {hs}upgrade p50 {} µs  p99 {} µs  proxy CPU {} µs/set-up{}{}",
+                            t.kind.label(),
+                            r.achieved,
+                            r.upgrade.p50_us,
+                            r.upgrade.p99_us,
+                            fmt_opt(r.cpu_us_per_cycle, 1),
+                            if r.failed > 0 { format!("  ({} failed)", r.failed) } else { String::new() },
+                            if r.resumed > 0 { format!("  ({} resumed)", r.resumed) } else { String::new() },
+                        )?;
+                        let f = &mut figs[k];
+                        f.rate_setups_per_sec.push(r.achieved);
+                        if let Some(h) = r.handshake {
+                            f.handshake_p50_us.push(h.p50_us as f64);
+                            f.handshake_p99_us.push(h.p99_us as f64);
+                        }
+                        f.rate_upgrade_p50_us.push(r.upgrade.p50_us as f64);
+                        f.rate_upgrade_p99_us.push(r.upgrade.p99_us as f64);
+                        if let Some(c) = r.cpu_us_per_cycle {
+                            f.rate_cpu_us_per_setup.push(c);
+                        }
+                        f.resumed += r.resumed;
+                        f.rate_failed += r.failed;
+                    }
+                    Err(e) => note(&mut figs[k], out, "(c) fixed rate", e)?,
+                }
             }
         }
         out.flush()?;
@@ -300,6 +417,12 @@ pub async fn run<W: Write>(opts: &ProxiesOptions, out: &mut W) -> Result<Proxies
         loadavg_start,
         loadavg_end: procfs::loadavg(),
         skipped,
+        tls: tls.as_ref().map(|t| TlsReport {
+            offered: tlsmod::PINNED,
+            certificate: tlsmod::CERT_KIND,
+            resume: t.spec.resume,
+            direct: "plain (no TLS): the floor",
+        }),
         targets: figs,
     })
 }

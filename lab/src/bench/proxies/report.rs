@@ -1,8 +1,9 @@
 //! The report of `tether bench proxies`: per-target figures (one value per round), the
 //! markdown table of their medians with ratios to HAProxy, and the verdicts against the
-//! balancer's targets.
+//! balancer's targets. With `--tls`, the TLS rows (hand-shake latency and CPU per set-up at a
+//! fixed rate) and what each target negotiated.
 
-use super::{Kind, Workloads};
+use super::{Kind, TlsReport, Workloads};
 use crate::bench::median;
 use serde::Serialize;
 
@@ -11,6 +12,8 @@ use serde::Serialize;
 pub struct TargetFigures {
     pub target: String,
     pub setup: String,
+    /// What a TLS hand-shake with it negotiated (`None`: plain).
+    pub tls: Option<String>,
     pub echo_per_sec: Vec<f64>,
     pub cpu_us_per_echo: Vec<f64>,
     pub cpu_percent: Vec<f64>,
@@ -21,6 +24,21 @@ pub struct TargetFigures {
     pub setups_per_sec: Vec<f64>,
     pub upgrade_p50_us: Vec<f64>,
     pub upgrade_p99_us: Vec<f64>,
+    /// (c) at saturation: the proxy's CPU per connection cycle, and its share of a core.
+    pub setup_cpu_us_per_cycle: Vec<f64>,
+    pub setup_cpu_percent: Vec<f64>,
+    /// (c) at a fixed rate: completed set-ups/s, TCP connect + TLS hand-shake latency, connect
+    /// → `101` latency, and the proxy's CPU per set-up.
+    pub rate_setups_per_sec: Vec<f64>,
+    pub handshake_p50_us: Vec<f64>,
+    pub handshake_p99_us: Vec<f64>,
+    pub rate_upgrade_p50_us: Vec<f64>,
+    pub rate_upgrade_p99_us: Vec<f64>,
+    pub rate_cpu_us_per_setup: Vec<f64>,
+    /// Set-ups of the fixed-rate pass that failed or timed out (all rounds).
+    pub rate_failed: u64,
+    /// TLS hand-shakes of (c) that resumed a session (0 unless `--tls-resume`).
+    pub resumed: u64,
     pub idle_kib_per_tunnel: Vec<f64>,
     pub idle_open: Vec<f64>,
     pub errors: Vec<String>,
@@ -37,6 +55,8 @@ pub struct ProxiesReport {
     pub loadavg_start: Option<[f64; 3]>,
     pub loadavg_end: Option<[f64; 3]>,
     pub skipped: Vec<String>,
+    /// `None` for a plain run.
+    pub tls: Option<TlsReport>,
     pub targets: Vec<TargetFigures>,
 }
 
@@ -45,7 +65,8 @@ type Field = fn(&TargetFigures) -> &Vec<f64>;
 /// `(label, field, lower is better, decimals)` for each table row.
 type Row = (&'static str, Field, bool, usize);
 
-const ROWS: [Row; 11] = [
+/// Rows no target has a value for are left out (the fixed-rate set-ups of a plain run).
+const ROWS: [Row; 18] = [
     ("(a) echo throughput, msg/s", |t| &t.echo_per_sec, false, 0),
     ("(a) proxy CPU per echo, µs", |t| &t.cpu_us_per_echo, true, 2),
     ("(a) proxy CPU, % of a core", |t| &t.cpu_percent, true, 0),
@@ -55,6 +76,13 @@ const ROWS: [Row; 11] = [
     ("(b) achieved rate, msg/s", |t| &t.rate_achieved, false, 0),
     ("(c) connection cycles (upgrades)/s", |t| &t.setups_per_sec, false, 0),
     ("(c) upgrade latency p50, µs", |t| &t.upgrade_p50_us, true, 0),
+    ("(c) proxy CPU per cycle, µs", |t| &t.setup_cpu_us_per_cycle, true, 1),
+    ("(c) fixed rate: set-ups/s achieved", |t| &t.rate_setups_per_sec, false, 0),
+    ("(c) fixed rate: TCP + TLS hand-shake p50, µs", |t| &t.handshake_p50_us, true, 0),
+    ("(c) fixed rate: TCP + TLS hand-shake p99, µs", |t| &t.handshake_p99_us, true, 0),
+    ("(c) fixed rate: connect → 101 p50, µs", |t| &t.rate_upgrade_p50_us, true, 0),
+    ("(c) fixed rate: connect → 101 p99, µs", |t| &t.rate_upgrade_p99_us, true, 0),
+    ("(c) fixed rate: proxy CPU per set-up, µs", |t| &t.rate_cpu_us_per_setup, true, 1),
     ("(d) RSS growth per idle tunnel, KiB", |t| &t.idle_kib_per_tunnel, true, 2),
     ("(d) idle tunnels open", |t| &t.idle_open, false, 0),
 ];
@@ -66,7 +94,7 @@ impl ProxiesReport {
         let mut s = format!(
             "{} round(s) of {:.1} s per target and workload; (a) {} connections, {}-byte messages; (b) {} \
              connections, {:.0} msg/s; (c) {} concurrent; (d) {} idle tunnels. {} cores; load average at start \
-             {}, at end {}.\n\n",
+             {}, at end {}.\n",
             w.rounds,
             w.secs,
             w.echo_conns,
@@ -79,8 +107,31 @@ impl ProxiesReport {
             fmt_load(self.loadavg_start),
             fmt_load(self.loadavg_end),
         );
+        if w.connect_rate > 0.0 {
+            s.push_str(&format!(
+                "(c) fixed rate: {:.0} set-ups/s for {:.1} s per target and round, each timed from its TCP connect.\n",
+                w.connect_rate, w.secs
+            ));
+        }
+        if let Some(tls) = &self.tls {
+            s.push_str(&format!(
+                "TLS: every proxy terminates it with the same certificate ({}); clients offer {}; session resumption \
+                 {}; direct is {}.\n",
+                tls.certificate,
+                tls.offered,
+                if tls.resume { "on (--tls-resume)" } else { "off: every connect is a full hand-shake" },
+                tls.direct
+            ));
+        }
+        s.push('\n');
         for t in &self.targets {
             s.push_str(&format!("- {}: {}\n", t.target, t.setup));
+            if let Some(n) = &t.tls {
+                s.push_str(&format!(
+                    "  - negotiated: {n}{}\n",
+                    if t.resumed > 0 { format!("; {} hand-shakes resumed", t.resumed) } else { String::new() }
+                ));
+            }
         }
         for skip in &self.skipped {
             s.push_str(&format!("- skipped: {skip}\n"));
@@ -101,6 +152,9 @@ impl ProxiesReport {
         }
         s.push('\n');
         for (name, field, _, decimals) in ROWS {
+            if self.targets.iter().all(|t| field(t).is_empty()) {
+                continue;
+            }
             s.push_str(&format!("| {name} |"));
             for t in &self.targets {
                 s.push_str(&format!(" {} |", fmt_opt(median(field(t)), decimals)));
@@ -118,13 +172,18 @@ impl ProxiesReport {
         }
         if let (Some(h), Some(b)) = (haproxy, self.targets.iter().find(|t| t.target == Kind::Balancer.label())) {
             s.push_str("\nTargets (tether-balancer against HAProxy, same run):\n");
-            let checks: [(&str, Field, bool); 4] = [
+            let checks: [(&str, Field, bool); 6] = [
                 ("throughput ≥ 1.0× HAProxy", |t| &t.echo_per_sec, false),
                 ("p99 ≤ HAProxy", |t| &t.p99_us, true),
                 ("CPU per echo ≤ HAProxy", |t| &t.cpu_us_per_echo, true),
                 ("idle memory per tunnel ≤ HAProxy", |t| &t.idle_kib_per_tunnel, true),
+                ("TLS hand-shake p99 ≤ HAProxy", |t| &t.handshake_p99_us, true),
+                ("CPU per set-up ≤ HAProxy", |t| &t.rate_cpu_us_per_setup, true),
             ];
             for (what, field, lower) in checks {
+                if field(b).is_empty() && field(h).is_empty() {
+                    continue;
+                }
                 let line = match (median(field(b)), median(field(h))) {
                     (Some(bv), Some(hv)) if hv > 0.0 => {
                         let ok = if lower { bv <= hv } else { bv >= hv };
@@ -171,6 +230,9 @@ mod tests {
             setup_concurrency: 8,
             idle: 9500,
             message_bytes: 64,
+            connect_rate: 0.0,
+            tls: false,
+            tls_resume: false,
         };
         let report = ProxiesReport {
             bench: "proxies",
@@ -179,6 +241,7 @@ mod tests {
             loadavg_start: None,
             loadavg_end: None,
             skipped: Vec::new(),
+            tls: None,
             targets: vec![TargetFigures {
                 target: "direct".into(),
                 echo_per_sec: vec![3.0, 1.0, 2.0],
