@@ -32,7 +32,6 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::Connector;
 
 /// The name the test certificates are for, and that clients ask for (SNI).
-const HOST: &str = "localhost";
 
 /// A test CA and its certificate files in a directory of their own.
 struct Certs {
@@ -94,19 +93,6 @@ async fn https_get(
     .await
 }
 
-/// Opens `wss://localhost:PORT/ws?client=ID` trusting what `config` trusts.
-async fn wss_connect(
-    addr: SocketAddr,
-    config: Arc<ClientConfig>,
-    client: &str,
-) -> Result<Ws, tokio_tungstenite::tungstenite::Error> {
-    let request = format!("wss://{HOST}:{}/ws?client={client}", addr.port()).into_client_request().unwrap();
-    let tcp = TcpStream::connect(addr).await.unwrap();
-    let connecting =
-        tokio_tungstenite::client_async_tls_with_config(request, tcp, None, Some(Connector::Rustls(config)));
-    within("a wss handshake", connecting).await.map(|(ws, _)| ws)
-}
-
 /// [`wss_connect`] to `/ws{query}` with extra headers.
 async fn wss_connect_with(
     addr: SocketAddr,
@@ -126,14 +112,6 @@ async fn wss_connect_with(
         Some(Connector::Rustls(Arc::clone(config))),
     );
     within("a wss handshake", connecting).await.map(|(ws, _)| ws)
-}
-
-/// [`wss_connect`] that must succeed; returns the socket after the node's hello.
-async fn wss_for(addr: SocketAddr, config: &Arc<ClientConfig>, client: &str) -> (Ws, Hello) {
-    let mut ws = wss_connect(addr, Arc::clone(config), client).await.unwrap_or_else(|e| panic!("wss {client}: {e}"));
-    let hello = hello(&mut ws).await;
-    assert_eq!(hello.client, client);
-    (ws, hello)
 }
 
 fn tls_table(files: &CertFiles) -> Option<FileTls> {

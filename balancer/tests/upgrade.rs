@@ -34,7 +34,13 @@ where
 /// The config file: the upgrade durations and the nodes (in the file, not in flags, so that a
 /// test can change them for the next process).
 fn config_toml<'a>(nodes: impl Iterator<Item = &'a MockNode>, timeout_secs: u64) -> String {
+    config_toml_with(nodes, timeout_secs, "")
+}
+
+/// [`config_toml`] with `tables` (e.g. `[tls]`) between the top-level keys and the nodes.
+fn config_toml_with<'a>(nodes: impl Iterator<Item = &'a MockNode>, timeout_secs: u64, tables: &str) -> String {
     let mut toml = format!("upgrade_timeout_secs = {timeout_secs}\nupgrade_drain_secs = 5\ngrace_period_ms = 1000\n");
+    toml.push_str(tables);
     for node in nodes {
         let node = node.file_node();
         toml.push_str(&format!("[[nodes]]\nname = \"{}\"\naddr = \"{}\"\n", node.name, node.addr));
@@ -62,13 +68,18 @@ impl Drop for Installed {
 impl Installed {
     /// Installs and starts it; `timeout_secs` is its `upgrade_timeout_secs`.
     async fn start(nodes: &[MockNode], test: &str, timeout_secs: u64) -> Self {
+        Self::start_with(nodes, test, timeout_secs, "").await
+    }
+
+    /// [`Installed::start`] with `tables` in its config (see [`config_toml_with`]).
+    async fn start_with(nodes: &[MockNode], test: &str, timeout_secs: u64, tables: &str) -> Self {
         let dir = std::env::temp_dir().join(format!("tether-upgrade-{test}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let exe = dir.join("tether-balancer");
         std::fs::copy(BIN, &exe).unwrap();
         let config = dir.join("balancer.toml");
-        std::fs::write(&config, config_toml(nodes.iter(), timeout_secs)).unwrap();
+        std::fs::write(&config, config_toml_with(nodes.iter(), timeout_secs, tables)).unwrap();
         let mut cmd = Command::new(&exe);
         cmd.arg("--config").arg(&config).args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"]);
         cmd.args(["--health-interval-ms", "100", "--threads", "2"]);
@@ -405,4 +416,55 @@ async fn tunnels_of_a_node_no_longer_configured_close_1012_in_the_new_process() 
     assert_eq!(names, [NAMES[0], NAMES[2]], "{s}");
     assert_eq!(s["nodes"][0]["active_connections"], 3, "{s}");
     eventually("the old process to exit", || async { exited(pid) }).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_tunnels_stay_in_the_old_process_then_close_1012_after_the_upgrade_drain() {
+    let nodes = three_nodes().await;
+    let certs = tempfile::tempdir().unwrap();
+    let ca = tether_kit::certs::DevCa::generate("upgrade test CA").unwrap();
+    let files = ca.write(certs.path()).unwrap();
+    let trust = tether_kit::certs::client_config(ca.cert_pem()).unwrap();
+    let tls = format!("[tls]\ncert = {:?}\nkey = {:?}\n", files.cert.to_str().unwrap(), files.key.to_str().unwrap());
+    let balancer = Installed::start_with(&nodes, "tls", 10, &tls).await;
+    let mut old = Vec::new();
+    for i in 0..3 {
+        let (mut ws, hello) = common::wss_for(balancer.addr, &trust, &format!("tls-old-{i}")).await;
+        assert_eq!(hello.proto, "https", "X-Forwarded-Proto of a TLS client");
+        common::echo(&mut ws, "before").await;
+        old.push(ws);
+    }
+    let pid = balancer.status().await.unwrap()["pid"].as_u64().unwrap();
+    balancer.post_upgrade().await;
+    let new_pid = balancer.wait_generation(2).await;
+    assert_ne!(new_pid, pid);
+    // The old process still runs those TLS tunnels (a TLS session cannot move)...
+    assert!(!exited(pid), "the old process keeps its TLS tunnels");
+    for ws in &mut old {
+        common::echo(ws, "still in the old process").await;
+    }
+    // ...while new clients are served by the new one.
+    let (mut fresh, _) = common::wss_for(balancer.addr, &trust, "tls-new").await;
+    common::echo(&mut fresh, "in the new process").await;
+    let s = balancer.status().await.unwrap();
+    assert_eq!((s["generation"].as_u64(), s["client_connections"].as_u64()), (Some(2), Some(1)), "{s}");
+    // After `upgrade_drain_secs` (5 here) the old ones are told to reconnect, at a frame
+    // boundary, and the old process exits.
+    for ws in &mut old {
+        // Longer than the harness's bound: the drain itself takes 5 s.
+        let code = tokio::time::timeout(DEADLINE, async {
+            loop {
+                match ws.next().await {
+                    Some(Ok(Message::Close(frame))) => return frame.map(|f| u16::from(f.code)),
+                    Some(Ok(_)) => {}
+                    other => panic!("no close frame: {other:?}"),
+                }
+            }
+        })
+        .await
+        .expect("a close frame within the drain");
+        assert_eq!(code, Some(1012));
+    }
+    eventually("the old process to exit", || async { exited(pid) }).await;
+    common::echo(&mut fresh, "unaffected").await;
 }

@@ -567,3 +567,35 @@ pub fn ids_ranking_first(names: &[&str], target: usize, count: usize) -> Vec<Str
         .take(count)
         .collect()
 }
+
+// ---------------------------------------------------------------------------------------------
+// wss clients
+
+/// The name the test certificates are for (`tether_kit::certs::LOCAL_NAMES`), as clients ask
+/// for it.
+pub const HOST: &str = "localhost";
+
+/// Opens `wss://localhost:PORT/ws?client=ID` trusting what `config` trusts.
+pub async fn wss_connect(
+    addr: SocketAddr,
+    config: Arc<rustls::ClientConfig>,
+    client: &str,
+) -> Result<Ws, tokio_tungstenite::tungstenite::Error> {
+    let request = format!("wss://{HOST}:{}/ws?client={client}", addr.port()).into_client_request().unwrap();
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let connecting = tokio_tungstenite::client_async_tls_with_config(
+        request,
+        tcp,
+        None,
+        Some(tokio_tungstenite::Connector::Rustls(config)),
+    );
+    within("a wss handshake", connecting).await.map(|(ws, _)| ws)
+}
+
+/// [`wss_connect`] that must succeed; returns the socket after the node's hello.
+pub async fn wss_for(addr: SocketAddr, config: &Arc<rustls::ClientConfig>, client: &str) -> (Ws, Hello) {
+    let mut ws = wss_connect(addr, Arc::clone(config), client).await.unwrap_or_else(|e| panic!("wss {client}: {e}"));
+    let hello = hello(&mut ws).await;
+    assert_eq!(hello.client, client);
+    (ws, hello)
+}
