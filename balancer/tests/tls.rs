@@ -31,8 +31,6 @@ use tokio_rustls::TlsConnector;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::Connector;
 
-/// The name the test certificates are for, and that clients ask for (SNI).
-
 /// A test CA and its certificate files in a directory of their own.
 struct Certs {
     ca: DevCa,
