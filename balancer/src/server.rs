@@ -30,6 +30,8 @@ use tracing::{debug, field, warn, Instrument};
 use crate::conn::ClientConn;
 use crate::metrics::Kind;
 use crate::response;
+use tokio_util::either::Either;
+
 use crate::tls::{self, ClientStream};
 use crate::Config;
 use crate::{admin, api, per_ip, proxy, proxy_protocol, Shared};
@@ -120,14 +122,14 @@ impl Accepted {
     /// that follows — or the shutdown grace ran out first; the socket closes).
     async fn stream(&self, stream: TcpStream, shared: &Shared) -> Option<ClientStream> {
         let Some(tls) = &self.config.tls else {
-            return Some(ClientStream::Plain(stream));
+            return Some(Either::Left(stream));
         };
         let timeout = self.config.header_read_timeout;
         // Boxed: a handshake's state is large and lives only until it is done; a plain
         // connection's task must not carry room for it.
         let handshake = Box::pin(tls::handshake(Arc::clone(&tls.server), stream, timeout, &shared.metrics));
         tokio::select! {
-            done = handshake => done.map(|tls| ClientStream::Tls(Box::new(tls))),
+            done = handshake => done.map(|tls| Either::Right(Box::new(tls))),
             _ = shared.hard_stop.cancelled() => None,
         }
     }
@@ -171,7 +173,7 @@ async fn serve_client(
     let Some(stream) = accepted.stream(stream, &shared).await else {
         return;
     };
-    let conn = Arc::new(ClientConn { peer, socket_peer, tls: stream.is_tls(), _permit: permit, _per_ip: per_ip });
+    let conn = Arc::new(ClientConn { peer, socket_peer, tls: tls::is_tls(&stream), _permit: permit, _per_ip: per_ip });
     let service = {
         let shared = Arc::clone(&shared);
         service_fn(move |request: hyper::Request<hyper::body::Incoming>| {

@@ -78,6 +78,7 @@ use crate::frames::FrameTracker;
 use crate::pool::ActiveGuard;
 use crate::quiet::Quiet;
 use crate::tls::ClientStream;
+use tokio_util::either::Either;
 
 mod drain;
 mod linger;
@@ -202,10 +203,10 @@ pub(crate) async fn run(
     // the zero-buffer copy over two bare sockets, and can be parked and handed over; a TLS
     // one's splits the TLS stream, and stays in this process (its session cannot move).
     match client {
-        ClientStream::Plain(tcp) => {
+        Either::Left(tcp) => {
             serve(tcp, node, flow, websocket, stops, Some(guard), conn, movable, live).await;
         }
-        ClientStream::Tls(tls) => {
+        Either::Right(tls) => {
             drop((movable, live));
             let (mut flow, mut guard) = (flow, Some(guard));
             let _ = Box::pin(copy(tls, node, &mut flow, websocket, &stops, None, &mut guard)).await;

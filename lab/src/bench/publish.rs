@@ -63,7 +63,7 @@ impl Publishers {
                     .await
                     .with_context(|| format!("publisher {id}: no join within 30 s"))??;
             let mut dec = up.decoder;
-            let (mut read, write) = up.stream.into_tcp()?.into_split();
+            let (mut read, write) = wsraw::into_tcp(up.stream)?.into_split();
             let write = Arc::new(Mutex::new(write));
             let (received, tally, stop, writer) =
                 (Arc::clone(&received), Arc::clone(&tally), stop.clone(), Arc::clone(&write));

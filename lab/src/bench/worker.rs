@@ -25,7 +25,7 @@
 use super::args::WorkerArgs;
 use super::protocol::{self, Protocol};
 use super::tls::{ClientTls, TlsSpec};
-use super::wsraw::{self, Decoder, Stream, Upgraded, OP_CLOSE, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT};
+use super::wsraw::{self, Decoder, Upgraded, OP_CLOSE, OP_CONTINUATION, OP_PING, OP_PONG, OP_TEXT};
 use super::{tether_exe, AtomicHist};
 use anyhow::{anyhow, bail, Context, Result};
 use futures_util::StreamExt;
@@ -39,6 +39,7 @@ use tether_kit::ChildProcess;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::process::Command;
 use tokio::sync::mpsc;
+use tokio_util::either::Either;
 use tokio_util::sync::CancellationToken;
 
 /// Read size of a busy client.
@@ -456,7 +457,7 @@ async fn hold(mut up: Upgraded, i: u64, shared: Arc<Shared>, parse: Option<Proto
             }
             out.clear();
         }
-        if let (0, Stream::Plain(tcp)) = (up.decoder.pending(), &up.stream) {
+        if let (0, Either::Left(tcp)) = (up.decoder.pending(), &up.stream) {
             // Idle clients wait without a read buffer: tens of thousands of them per worker.
             // (Not over TLS: the session may hold decrypted bytes the socket no longer shows.)
             up.decoder = Decoder::default();

@@ -18,11 +18,11 @@ use super::tls::ClientTls;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::Range;
-use std::pin::Pin;
-use std::task::{Context, Poll};
+
 use std::time::{Duration, Instant};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
+use tokio_util::either::Either;
 
 pub const OP_CONTINUATION: u8 = 0x0;
 pub const OP_TEXT: u8 = 0x1;
@@ -158,63 +158,27 @@ impl Decoder {
     }
 }
 
-/// A client connection: plain TCP, or TLS over TCP.
-pub enum Stream {
-    Plain(TcpStream),
-    /// Boxed: a TLS session is large, and most connections of most benches are plain.
-    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
-}
+/// A client connection: plain TCP (`Left`), or TLS over TCP (`Right`; boxed: a TLS session
+/// is large, and most connections of most benches are plain). tokio-util's `Either` passes
+/// reads and writes to whichever it is.
+pub type Stream = Either<TcpStream, Box<tokio_rustls::client::TlsStream<TcpStream>>>;
 
-impl Stream {
-    /// The TCP connection of a plain stream; an error for TLS (for code that only speaks
-    /// plain WebSocket and splits the socket itself).
-    pub fn into_tcp(self) -> io::Result<TcpStream> {
-        match self {
-            Self::Plain(s) => Ok(s),
-            Self::Tls(_) => {
-                Err(io::Error::new(io::ErrorKind::Unsupported, "a TLS stream where plain TCP was expected"))
-            }
-        }
-    }
-
-    /// The TLS session of a TLS stream.
-    pub fn tls(&self) -> Option<&rustls::ClientConnection> {
-        match self {
-            Self::Plain(_) => None,
-            Self::Tls(s) => Some(s.get_ref().1),
+/// The TCP connection of a plain stream; an error for TLS (for code that only speaks plain
+/// WebSocket and splits the socket itself).
+pub fn into_tcp(stream: Stream) -> io::Result<TcpStream> {
+    match stream {
+        Either::Left(s) => Ok(s),
+        Either::Right(_) => {
+            Err(io::Error::new(io::ErrorKind::Unsupported, "a TLS stream where plain TCP was expected"))
         }
     }
 }
 
-impl AsyncRead for Stream {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Self::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Self::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl AsyncWrite for Stream {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Self::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Self::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Self::Plain(s) => Pin::new(s).poll_flush(cx),
-            Self::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Self::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Self::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
+/// The TLS session of a TLS stream.
+pub fn tls_session(stream: &Stream) -> Option<&rustls::ClientConnection> {
+    match stream {
+        Either::Left(_) => None,
+        Either::Right(s) => Some(s.get_ref().1),
     }
 }
 
@@ -260,10 +224,10 @@ pub async fn connect_with(
     let started = Instant::now();
     let tcp = tcp_connect(target, source).await?;
     let (mut stream, tls_time) = match tls {
-        None => (Stream::Plain(tcp), None),
+        None => (Either::Left(tcp), None),
         Some(tls) => {
             let s = tls.handshake(tcp).await?;
-            (Stream::Tls(Box::new(s)), Some(started.elapsed()))
+            (Either::Right(Box::new(s)), Some(started.elapsed()))
         }
     };
     let decoder = upgrade(&mut stream, target, path).await?;

@@ -107,7 +107,7 @@ pub(super) async fn wait_upgrade(
             tokio::time::timeout(Duration::from_secs(1), wsraw::connect_with(addr, None, "/ws?client=probe", tls))
                 .await;
         match attempt {
-            Ok(Ok((up, _))) => return Ok(up.stream.tls().map(|c| Negotiated::of(c).to_string())),
+            Ok(Ok((up, _))) => return Ok(wsraw::tls_session(&up.stream).map(|c| Negotiated::of(c).to_string())),
             Ok(Err(e)) if Instant::now() >= deadline => bail!("no {how} through {addr}: {e}"),
             Err(_) if Instant::now() >= deadline => bail!("no {how} through {addr}: timed out"),
             _ => tokio::time::sleep(Duration::from_millis(50)).await,

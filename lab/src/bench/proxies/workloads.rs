@@ -10,7 +10,7 @@ use super::ProxiesOptions;
 use crate::bench::procfs::{self, CpuMeter};
 use crate::bench::tls::{self, TlsSpec};
 use crate::bench::worker::{Fleet, WorkerSpec};
-use crate::bench::wsraw::{self, Decoder, Stream, OP_BINARY, OP_CLOSE};
+use crate::bench::wsraw::{self, Decoder, OP_BINARY, OP_CLOSE};
 use crate::bench::{new_histogram, source_addrs, split, Latency, MAX_PER_WORKER};
 use anyhow::{anyhow, bail, Context, Result};
 use hdrhistogram::Histogram;
@@ -20,6 +20,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_util::either::Either;
 
 /// Source addresses for in-process load (disjoint from the workers' 127.0.10+.x).
 pub(super) fn local_sources(slot: usize, n: usize) -> Vec<IpAddr> {
@@ -204,11 +205,11 @@ pub(super) async fn fixed_rate(t: &Target, opts: &ProxiesOptions, secs: Duration
             // A plain socket splits into its owned halves, as before TLS; a TLS session is one
             // state machine for both directions and splits behind a lock.
             match c.stream {
-                Stream::Plain(tcp) => {
+                Either::Left(tcp) => {
                     let (rd, wr) = tcp.into_split();
                     job.run(rd, wr, c.decoder, mask).await
                 }
-                Stream::Tls(s) => {
+                Either::Right(s) => {
                     let (rd, wr) = tokio::io::split(s);
                     job.run(rd, wr, c.decoder, mask).await
                 }
@@ -316,7 +317,7 @@ impl RateJob {
 /// handshake → hang-up. Its timings, and whether the TLS session was resumed.
 async fn cycle(t: &Endpoint, source: IpAddr, path: &str, close: &[u8]) -> Result<(wsraw::Timings, bool)> {
     let (mut up, timings) = wsraw::connect_with(t.addr, Some(source), path, t.tls.as_ref()).await?;
-    let resumed = up.stream.tls().is_some_and(tls::resumed);
+    let resumed = wsraw::tls_session(&up.stream).is_some_and(tls::resumed);
     wsraw::send(&mut up.stream, close).await?;
     // Until the close reply and the hang-up (or an error: the cycle is over).
     while read_one(&mut up.stream, &mut up.decoder).await.unwrap_or(false) {}
