@@ -3,7 +3,7 @@
 # missing through apt (Debian/Ubuntu) and saying so. Fails — never skips — when something
 # cannot be had.
 #
-#   scripts/deps.sh            check and install: cargo, redis-server, nats-server, python3, openssl, node + npm, cargo-nextest
+#   scripts/deps.sh            check and install: cargo, redis-server, nats-server, python3, openssl, haproxy, node + npm, cargo-nextest
 set -euo pipefail
 
 say() { printf 'deps: %s\n' "$*" >&2; }
@@ -59,6 +59,14 @@ if ! command -v openssl >/dev/null 2>&1; then
   apt_install openssl
 fi
 command -v openssl >/dev/null 2>&1 || die "openssl still missing after install"
+
+# `tether bench proxies --tls` and its smoke test measure HAProxy terminating TLS (Debian puts
+# it in /usr/sbin, which a non-root PATH may lack).
+if ! command -v haproxy >/dev/null 2>&1 && [ ! -x /usr/sbin/haproxy ]; then
+  say "haproxy not found"
+  apt_install haproxy
+fi
+{ command -v haproxy >/dev/null 2>&1 || [ -x /usr/sbin/haproxy ]; } || die "haproxy still missing after install"
 
 # `tether bench fanout --steady --vs socketio` (and its smoke test) runs Socket.IO on Node.js;
 # the bench installs Socket.IO's pinned packages itself (npm ci into target/socketio).
