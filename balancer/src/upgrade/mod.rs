@@ -387,12 +387,12 @@ async fn attempt(shared: &Arc<Shared>) -> Result<u64, String> {
             client,
             admin,
         };
-        wire::send(&socket, &hello).await.map_err(|e| format!("sending hello: {e}"))?;
+        wire::send(&socket, &hello, wire::VERSION).await.map_err(|e| format!("sending hello: {e}"))?;
         drop(hello);
         tokio::select! {
             got = wire::recv(&socket) => match got {
-                Ok(Message::Ready { pid }) => info!(pid, "upgrade: the new process is serving"),
-                Ok(other) => return Err(format!("expected ready, got {}", other.name())),
+                Ok((_, Message::Ready { pid })) => info!(pid, "upgrade: the new process is serving"),
+                Ok((_, other)) => return Err(format!("expected ready, got {}", other.name())),
                 Err(e) => return Err(format!("waiting for ready: {e}")),
             },
             status = child.wait() => return Err(exited(status)),
@@ -478,7 +478,9 @@ async fn hand_over(
     if !batch.is_empty() {
         moved += send_batch(socket, tunnels, &mut batch, &mut batches, timeout, child).await?;
     }
-    wire::send(socket, &Message::Done { batches, tunnels: moved }).await.map_err(|e| format!("sending done: {e}"))?;
+    wire::send(socket, &Message::Done { batches, tunnels: moved }, wire::VERSION)
+        .await
+        .map_err(|e| format!("sending done: {e}"))?;
     shared.metrics.handed_over.inc_by(moved);
     Ok(moved)
 }
@@ -499,15 +501,15 @@ async fn send_batch(
     let (records, replies): (Vec<_>, Vec<_>) = batch.drain(..).map(|o| (o.record, o.reply)).unzip();
     let count = records.len();
     let message = Message::Tunnels { batch: number, tunnels: records };
-    let sent = wire::send(socket, &message).await;
+    let sent = wire::send(socket, &message, wire::VERSION).await;
     // This process's duplicates close now; the tunnels keep their own until taken.
     drop(message);
     let acked = match sent {
         Err(e) => Err(format!("sending batch {number}: {e}")),
         Ok(()) => tokio::select! {
             got = tokio::time::timeout(timeout, wire::recv(socket)) => match got {
-                Ok(Ok(Message::Ack { batch, adopted })) if batch == number => Ok(adopted),
-                Ok(Ok(other)) => Err(format!("expected the ack of batch {number}, got {}", other.name())),
+                Ok(Ok((_, Message::Ack { batch, adopted }))) if batch == number => Ok(adopted),
+                Ok(Ok((_, other))) => Err(format!("expected the ack of batch {number}, got {}", other.name())),
                 Ok(Err(e)) => Err(format!("waiting for the ack of batch {number}: {e}")),
                 Err(_) => Err(format!("batch {number} not acknowledged within {}s", timeout.as_secs())),
             },
@@ -555,6 +557,8 @@ async fn kill(child: &mut tokio::process::Child) {
 #[derive(Debug)]
 pub struct Inherit {
     socket: tokio::net::UnixStream,
+    /// The hand-off format version the old process spoke: every answer goes in it.
+    version: u16,
     pub generation: u64,
     pub from_pid: u32,
     pub draining: Vec<String>,
@@ -573,7 +577,8 @@ pub async fn inherit(path: &Path) -> Result<(Inherit, tokio::net::TcpListener, t
     rustix::io::ioctl_fionbio(&fd, true).map_err(io::Error::from).map_err(fail("connect"))?;
     wire::tune(fd.as_fd());
     let socket = wire::registered(fd).map_err(fail("connect"))?;
-    let hello = tokio::time::timeout(Duration::from_secs(30), wire::recv(&socket))
+    // Answered in the version it came in: the old process may be an older release.
+    let (version, hello) = tokio::time::timeout(Duration::from_secs(30), wire::recv(&socket))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no hello"))
         .and_then(|r| r)
@@ -591,18 +596,18 @@ pub async fn inherit(path: &Path) -> Result<(Inherit, tokio::net::TcpListener, t
     };
     let client = listener(client).map_err(fail("listeners"))?;
     let admin = listener(admin).map_err(fail("listeners"))?;
-    Ok((Inherit { socket, generation, from_pid, draining }, client, admin))
+    Ok((Inherit { socket, version, generation, from_pid, draining }, client, admin))
 }
 
 /// Confirms to the old process, then adopts its tunnels batch by batch until `done`. Runs in
 /// the background of the new process's [`crate::run`].
 pub(crate) async fn adopt(shared: Arc<Shared>, inherit: Inherit) {
-    let Inherit { socket, from_pid, .. } = inherit;
+    let Inherit { socket, version, from_pid, .. } = inherit;
     let result = async {
-        wire::send(&socket, &Message::Ready { pid: shared.process.pid }).await?;
+        wire::send(&socket, &Message::Ready { pid: shared.process.pid }, version).await?;
         let mut total = 0u64;
         loop {
-            match wire::recv(&socket).await? {
+            match wire::recv(&socket).await?.1 {
                 Message::Tunnels { batch, tunnels } => {
                     let count = tunnels.len();
                     for record in tunnels {
@@ -610,7 +615,7 @@ pub(crate) async fn adopt(shared: Arc<Shared>, inherit: Inherit) {
                     }
                     total += count as u64;
                     shared.metrics.adopted.inc_by(count as u64);
-                    wire::send(&socket, &Message::Ack { batch, adopted: count }).await?;
+                    wire::send(&socket, &Message::Ack { batch, adopted: count }, version).await?;
                 }
                 Message::Done { .. } => return Ok::<_, io::Error>(total),
                 other => {

@@ -151,8 +151,16 @@ fn bad(what: impl std::fmt::Display) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, format!("hand-off: {what}"))
 }
 
-/// A message as bytes, and the descriptors that go with it (borrowed from the message).
-pub fn encode(message: &Message) -> io::Result<(Vec<u8>, Vec<BorrowedFd<'_>>)> {
+/// A message as bytes in format `version`, and the descriptors that go with it (borrowed from
+/// the message). Every version this build reads ([`OLDEST_VERSION`]`..=`[`VERSION`]) it can
+/// also write: the new process answers in the version the old one spoke (see [`recv`]), so
+/// that release N+1 can confirm to, and acknowledge, release N.
+pub fn encode(message: &Message, version: u16) -> io::Result<(Vec<u8>, Vec<BorrowedFd<'_>>)> {
+    if !(OLDEST_VERSION..=VERSION).contains(&version) {
+        return Err(bad(format!(
+            "cannot write format version {version} (this build writes {OLDEST_VERSION}..={VERSION})"
+        )));
+    }
     let mut blob = Vec::new();
     let mut fds: Vec<BorrowedFd<'_>> = Vec::new();
     let meta = match message {
@@ -194,7 +202,7 @@ pub fn encode(message: &Message) -> io::Result<(Vec<u8>, Vec<BorrowedFd<'_>>)> {
     }
     let mut out = Vec::with_capacity(HEADER + meta.len() + blob.len());
     out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&VERSION.to_be_bytes());
+    out.extend_from_slice(&version.to_be_bytes());
     out.push(message.kind());
     out.push(0);
     out.extend_from_slice(&u32::try_from(meta.len()).map_err(bad)?.to_be_bytes());
@@ -209,7 +217,7 @@ pub fn encode(message: &Message) -> io::Result<(Vec<u8>, Vec<BorrowedFd<'_>>)> {
 /// A message from its bytes and the descriptors that came with it. Refuses anything that is
 /// not exactly a message of a version this build knows, naming what is wrong; descriptors of a
 /// refused message are closed.
-pub fn decode(bytes: &[u8], fds: Vec<OwnedFd>) -> io::Result<Message> {
+pub fn decode(bytes: &[u8], fds: Vec<OwnedFd>) -> io::Result<(u16, Message)> {
     if bytes.len() < HEADER || &bytes[..4] != MAGIC {
         return Err(bad("not a hand-off message (bad magic)"));
     }
@@ -273,7 +281,7 @@ pub fn decode(bytes: &[u8], fds: Vec<OwnedFd>) -> io::Result<Message> {
         }
         other => return Err(bad(format!("unknown message kind {other} (format version {version})"))),
     };
-    Ok(message)
+    Ok((version, message))
 }
 
 /// Raises the socket's buffers so that a message of [`MAX_MESSAGE`] fits in one datagram.
@@ -289,9 +297,9 @@ pub fn registered(fd: OwnedFd) -> io::Result<UnixStream> {
     UnixStream::from_std(std::os::unix::net::UnixStream::from(fd))
 }
 
-/// Sends one message on a [`registered`] socket.
-pub async fn send(socket: &UnixStream, message: &Message) -> io::Result<()> {
-    let (bytes, fds) = encode(message)?;
+/// Sends one message, in format `version`, on a [`registered`] socket.
+pub async fn send(socket: &UnixStream, message: &Message, version: u16) -> io::Result<()> {
+    let (bytes, fds) = encode(message, version)?;
     let fd = socket.as_fd();
     socket
         .async_io(Interest::WRITABLE, || {
@@ -309,9 +317,9 @@ pub async fn send(socket: &UnixStream, message: &Message) -> io::Result<()> {
         .await
 }
 
-/// Receives one message; an error at end of stream (the other process closed the socket or
-/// died).
-pub async fn recv(socket: &UnixStream) -> io::Result<Message> {
+/// Receives one message and the format version it came in; an error at end of stream (the
+/// other process closed the socket or died).
+pub async fn recv(socket: &UnixStream) -> io::Result<(u16, Message)> {
     let mut buf = vec![0u8; MAX_MESSAGE];
     let fd = socket.as_fd();
     let (len, fds) = socket
@@ -347,9 +355,11 @@ mod tests {
     }
 
     fn round_trip(message: &Message) -> Message {
-        let (bytes, fds) = encode(message).unwrap();
+        let (bytes, fds) = encode(message, VERSION).unwrap();
         let dups = fds.iter().map(|fd| fd.try_clone_to_owned().unwrap()).collect();
-        decode(&bytes, dups).unwrap()
+        let (version, message) = decode(&bytes, dups).unwrap();
+        assert_eq!(version, VERSION);
+        message
     }
 
     #[test]
@@ -398,11 +408,14 @@ mod tests {
 
     #[test]
     fn an_unknown_version_or_kind_is_refused_with_a_clear_error() {
-        let (mut bytes, _) = encode(&Message::Ready { pid: 1 }).unwrap();
+        let (mut bytes, _) = encode(&Message::Ready { pid: 1 }, VERSION).unwrap();
         bytes[4..6].copy_from_slice(&2u16.to_be_bytes());
         let e = decode(&bytes, Vec::new()).unwrap_err().to_string();
         assert!(e.contains("version 2 is unknown") && e.contains("1..=1"), "{e}");
-        let (mut bytes, _) = encode(&Message::Ready { pid: 1 }).unwrap();
+        // Nor does this build write a version it does not know.
+        let e = encode(&Message::Ready { pid: 1 }, VERSION + 1).unwrap_err().to_string();
+        assert!(e.contains("cannot write format version 2"), "{e}");
+        let (mut bytes, _) = encode(&Message::Ready { pid: 1 }, VERSION).unwrap();
         bytes[6] = 42;
         let e = decode(&bytes, Vec::new()).unwrap_err().to_string();
         assert!(e.contains("unknown message kind 42"), "{e}");
@@ -423,7 +436,7 @@ mod tests {
             node_name: "n".into(),
             peer: "127.0.0.1:1".parse().unwrap(),
         };
-        let (bytes, _) = encode(&Message::Tunnels { batch: 1, tunnels: vec![record] }).unwrap();
+        let (bytes, _) = encode(&Message::Tunnels { batch: 1, tunnels: vec![record] }, VERSION).unwrap();
         // Without its descriptors.
         let e = decode(&bytes, vec![fd()]).unwrap_err().to_string();
         assert!(e.contains("descriptor 1 missing"), "{e}");
