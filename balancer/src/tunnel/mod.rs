@@ -82,6 +82,7 @@ use tokio_util::either::Either;
 
 mod drain;
 mod linger;
+pub(crate) mod park;
 mod pump;
 
 pub(crate) use drain::DRAIN_FRAME_DEADLINE;
@@ -125,11 +126,11 @@ impl Flow {
     }
 }
 
-/// A tunnel that may be handed to a new process on an upgrade ([`crate::upgrade`]): plain TCP
+/// A tunnel that may be handed to a new process on an upgrade ([`park`]): plain TCP
 /// on both sides. A TLS tunnel is not (its session keys live in this process): it stays, and
 /// is drained when the old process retires.
 pub(crate) struct Movable {
-    pub tunnels: Arc<crate::upgrade::Tunnels>,
+    pub tunnels: Arc<park::Tunnels>,
     /// Carried over with the tunnel, for the new process's logs.
     pub client_id: Box<str>,
     /// The node's name: the new process finds the node (its signals, its counts) by it.
@@ -230,7 +231,7 @@ pub(crate) async fn serve(
     mut guard: Option<Arc<ActiveGuard>>,
     conn: Arc<ClientConn>,
     movable: Option<Movable>,
-    mut live: Option<crate::upgrade::Live>,
+    mut live: Option<park::Live>,
 ) {
     if live.is_none() {
         live = movable.as_ref().map(|m| m.tunnels.live());
@@ -249,12 +250,12 @@ pub(crate) async fn serve(
                     continue;
                 }
                 match m.tunnels.offer(&client, &node, &flow, websocket, m, conn.peer, live.take()).await {
-                    crate::upgrade::Verdict::Taken => {
+                    park::Verdict::Taken => {
                         debug!("tunnel handed over to the new process");
                         // Only this process's descriptors close: the new one has its own.
                         return;
                     }
-                    crate::upgrade::Verdict::Resume(signal) => {
+                    park::Verdict::Resume(signal) => {
                         debug!("not handed over; tunnel resumed");
                         live = signal.as_ref().map(|_| m.tunnels.live());
                         park = signal;

@@ -30,14 +30,14 @@ use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use rustix::net::{AddressFamily, SocketAddrUnix, SocketFlags, SocketType};
 use serde::Serialize;
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot, watch, Semaphore};
+use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn, Instrument};
@@ -45,12 +45,13 @@ use tracing::{info, warn, Instrument};
 use crate::conn::ClientConn;
 use crate::frames::FrameTracker;
 use crate::pool::ActiveGuard;
+use crate::tunnel::park::{Offer, TunnelRecord, Tunnels, Verdict};
 use crate::tunnel::{self, Flow, Movable, Stops};
 use crate::{Error, Shared};
 
 pub(crate) mod wire;
 
-use wire::{Message, TunnelRecord};
+use wire::Message;
 
 /// Environment variable naming the hand-off socket: set by the old process for the new one.
 pub const SOCKET_ENV: &str = "TETHER_UPGRADE_SOCKET";
@@ -189,123 +190,6 @@ impl Process {
 /// Now, as RFC 3339 UTC to the second.
 fn now_rfc3339() -> String {
     humantime::format_rfc3339_seconds(SystemTime::now()).to_string()
-}
-
-// ---------------------------------------------------------------------------------------------
-// Parking
-
-/// The meeting point of the tunnels and an upgrade under way: the park signal every movable
-/// tunnel watches, where parked tunnels offer themselves, and how many may still do so.
-#[derive(Debug, Default)]
-pub(crate) struct Tunnels {
-    /// Fired when a hand-off starts; replaced by a fresh one when it fails.
-    park: Mutex<CancellationToken>,
-    /// Open while a hand-off collects tunnels.
-    offers: Mutex<Option<mpsc::UnboundedSender<Offer>>>,
-    /// Movable tunnels running (or being set up) that have not offered themselves.
-    live: AtomicUsize,
-}
-
-/// One movable tunnel not yet offered; counted in [`Tunnels`] while it lives.
-#[derive(Debug)]
-pub(crate) struct Live(Arc<Tunnels>);
-
-impl Drop for Live {
-    fn drop(&mut self) {
-        self.0.live.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
-/// A parked tunnel's offer: duplicates of its sockets and its flow, and where to answer.
-#[derive(Debug)]
-pub(crate) struct Offer {
-    record: TunnelRecord,
-    reply: oneshot::Sender<Verdict>,
-}
-
-/// The answer to a parked tunnel.
-#[derive(Debug)]
-pub(crate) enum Verdict {
-    /// The new process has it: let go of the sockets (this process's descriptors only).
-    Taken,
-    /// Copy on, watching this park signal (`None`: never park again).
-    Resume(Option<CancellationToken>),
-}
-
-impl Tunnels {
-    pub fn live(self: &Arc<Self>) -> Live {
-        self.live.fetch_add(1, Ordering::AcqRel);
-        Live(Arc::clone(self))
-    }
-
-    pub fn park_signal(&self) -> CancellationToken {
-        self.park.lock().unwrap_or_else(PoisonError::into_inner).clone()
-    }
-
-    /// Offers a parked tunnel to the hand-off and waits for the verdict. The tunnel keeps its
-    /// own sockets meanwhile, so whatever happens to the hand-off it can copy on.
-    #[allow(clippy::too_many_arguments)]
-    pub async fn offer(
-        &self,
-        client: &TcpStream,
-        node: &TcpStream,
-        flow: &Flow,
-        websocket: bool,
-        movable: &Movable,
-        peer: std::net::SocketAddr,
-        live: Option<Live>,
-    ) -> Verdict {
-        let (Ok(client_fd), Ok(node_fd)) = (client.as_fd().try_clone_to_owned(), node.as_fd().try_clone_to_owned())
-        else {
-            // Out of descriptors: this one stays.
-            return Verdict::Resume(None);
-        };
-        let record = TunnelRecord {
-            client: client_fd,
-            node: node_fd,
-            to_node: flow.to_node.clone(),
-            to_client: flow.to_client.clone(),
-            frames: flow.frames.state(),
-            websocket,
-            client_id: movable.client_id.to_string(),
-            node_name: movable.node.to_string(),
-            peer,
-        };
-        let (reply, verdict) = oneshot::channel();
-        let sent = match &*self.offers.lock().unwrap_or_else(PoisonError::into_inner) {
-            Some(offers) => offers.send(Offer { record, reply }).is_ok(),
-            None => false,
-        };
-        // Only once the offer is queued: the hand-off ends when none is live and none queued.
-        drop(live);
-        if !sent {
-            // No hand-off under way (it ended before this tunnel parked): stay here.
-            return Verdict::Resume(None);
-        }
-        verdict.await.unwrap_or(Verdict::Resume(None))
-    }
-
-    /// Opens the hand-off and fires the park signal.
-    fn begin(&self) -> mpsc::UnboundedReceiver<Offer> {
-        let (tx, rx) = mpsc::unbounded_channel();
-        *self.offers.lock().unwrap_or_else(PoisonError::into_inner) = Some(tx);
-        self.park.lock().unwrap_or_else(PoisonError::into_inner).cancel();
-        rx
-    }
-
-    /// Closes the hand-off; after a failure, arms a fresh park signal for the next attempt
-    /// (once: a second call keeps the fresh one, which resumed tunnels may already hold).
-    fn end(&self, ok: bool) {
-        *self.offers.lock().unwrap_or_else(PoisonError::into_inner) = None;
-        let mut park = self.park.lock().unwrap_or_else(PoisonError::into_inner);
-        if !ok && park.is_cancelled() {
-            *park = CancellationToken::new();
-        }
-    }
-
-    fn quiet(&self) -> bool {
-        self.live.load(Ordering::Acquire) == 0
-    }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ use tokio::io::Interest;
 use tokio::net::UnixStream;
 
 use crate::frames::FrameState;
+use crate::tunnel::park::TunnelRecord;
 
 /// First bytes of every message.
 pub const MAGIC: &[u8; 4] = b"TBHO";
@@ -61,21 +62,6 @@ pub enum Message {
     Tunnels { batch: u64, tunnels: Vec<TunnelRecord> },
     Ack { batch: u64, adopted: usize },
     Done { batches: u64, tunnels: u64 },
-}
-
-/// One tunnel as it travels: both sockets, the bytes in flight each way, and where the
-/// node→client stream stands between frames.
-#[derive(Debug)]
-pub struct TunnelRecord {
-    pub client: OwnedFd,
-    pub node: OwnedFd,
-    pub to_node: Bytes,
-    pub to_client: Bytes,
-    pub frames: FrameState,
-    pub websocket: bool,
-    pub client_id: String,
-    pub node_name: String,
-    pub peer: SocketAddr,
 }
 
 impl Message {
