@@ -26,7 +26,8 @@
 //!   failed exchange;
 //! - `tunnel`: the upgraded byte tunnel, torn down as a whole when either side ends or its node
 //!   goes down, and closed with 1012 at a frame boundary when its node is drained (its byte
-//!   pump, its frame-aware drain and its lingering close are submodules);
+//!   pump, its frame-aware drain, its lingering close and where it parks for an upgrade are
+//!   submodules);
 //! - `quiet`: how a tunnel waits for its stop signals without polling them per message;
 //! - `frames`: the WebSocket frame-boundary tracker the tunnel uses for that, and the close
 //!   frame it injects;
