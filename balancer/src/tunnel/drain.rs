@@ -182,8 +182,8 @@ mod tests {
         out
     }
 
-    /// [`pump_from_node`] as a tunnel starts it: `early` bytes from the node's 101, followed by
-    /// the tracker before they become pending.
+    /// [`pump_from_node`] as a tunnel starts it: `early` bytes from the node's 101 pending, in
+    /// the tunnel's own [`Flow`](super::super::Flow).
     async fn from_node<R, W>(
         early: Bytes,
         from: &mut R,
@@ -194,10 +194,8 @@ mod tests {
         R: AsyncRead + Unpin,
         W: AsyncWrite + Unpin,
     {
-        let mut frames = FrameTracker::new();
-        frames.advance(&early);
-        let mut pending = early;
-        pump_from_node(&mut pending, &mut frames, from, to, drain).await
+        let super::super::Flow { mut to_client, mut frames, .. } = super::super::Flow::new(Bytes::new(), early);
+        pump_from_node(&mut to_client, &mut frames, from, to, drain).await
     }
 
     fn drain_close() -> Vec<u8> {

@@ -345,14 +345,13 @@ pub async fn run<W: Write>(opts: &ProxiesOptions, out: &mut W) -> Result<Proxies
                 Ok(r) => {
                     writeln!(
                         out,
-                        "  (c) {:<16} {:>8.0} cycles/s  upgrade p50 {} µs  p99 {} µs  proxy CPU {} µs/cycle{}{}",
+                        "  (c) {:<16} {:>8.0} cycles/s  upgrade p50 {} µs  p99 {} µs  proxy CPU {} µs/cycle{}",
                         t.kind.label(),
                         r.per_sec,
                         r.upgrade.p50_us,
                         r.upgrade.p99_us,
                         fmt_opt(r.cpu_us_per_cycle, 1),
-                        if r.failed > 0 { format!("  ({} failed)", r.failed) } else { String::new() },
-                        if r.resumed > 0 { format!("  ({} resumed)", r.resumed) } else { String::new() },
+                        outcomes(r.failed, r.resumed),
                     )?;
                     figs[k].setups_per_sec.push(r.per_sec);
                     figs[k].upgrade_p50_us.push(r.upgrade.p50_us as f64);
@@ -379,14 +378,13 @@ pub async fn run<W: Write>(opts: &ProxiesOptions, out: &mut W) -> Result<Proxies
                         });
                         writeln!(
                             out,
-                            "  (c) {:<16} {:>8.0} set-ups/s  {hs}upgrade p50 {} µs  p99 {} µs  proxy CPU {} µs/set-up{}{}",
+                            "  (c) {:<16} {:>8.0} set-ups/s  {hs}upgrade p50 {} µs  p99 {} µs  proxy CPU {} µs/set-up{}",
                             t.kind.label(),
                             r.achieved,
                             r.upgrade.p50_us,
                             r.upgrade.p99_us,
                             fmt_opt(r.cpu_us_per_cycle, 1),
-                            if r.failed > 0 { format!("  ({} failed)", r.failed) } else { String::new() },
-                            if r.resumed > 0 { format!("  ({} resumed)", r.resumed) } else { String::new() },
+                            outcomes(r.failed, r.resumed),
                         )?;
                         let f = &mut figs[k];
                         f.rate_setups_per_sec.push(r.achieved);
@@ -433,4 +431,16 @@ fn note<W: Write>(f: &mut TargetFigures, out: &mut W, what: &str, e: anyhow::Err
         f.errors.push(format!("{what}: {e:#}"));
     }
     Ok(())
+}
+
+/// The tail of a (c) progress line: failed and resumed set-ups, each only when there were any.
+fn outcomes(failed: u64, resumed: u64) -> String {
+    let mut tail = String::new();
+    if failed > 0 {
+        tail.push_str(&format!("  ({failed} failed)"));
+    }
+    if resumed > 0 {
+        tail.push_str(&format!("  ({resumed} resumed)"));
+    }
+    tail
 }
