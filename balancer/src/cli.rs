@@ -79,6 +79,15 @@ pub struct Args {
     /// [default: the rate rounded up, at least 1].
     #[arg(long, value_name = "N")]
     pub connect_burst_per_ip: Option<u32>,
+    /// What a tunnel does when its node dies, is drained or closes 1012: reconnect (the
+    /// client's connection closes and it reconnects) or rehome (the balancer moves it to the
+    /// next node without a close) [default: reconnect].
+    #[arg(long, value_name = "reconnect|rehome")]
+    pub failover: Option<String>,
+    /// Bytes of a client's frames a re-homing tunnel may hold while it switches nodes; past
+    /// it the client is closed 1008 [default: 1048576].
+    #[arg(long, value_name = "N")]
+    pub rehome_buffer_bytes: Option<usize>,
     /// Log line format on stderr.
     #[arg(long, value_name = "FORMAT", default_value = "text")]
     pub log_format: LogFormat,
@@ -149,6 +158,8 @@ pub fn load_config(args: &Args) -> Result<Config, Error> {
         max_connections_per_ip: args.max_connections_per_ip,
         connect_rate_per_ip: args.connect_rate_per_ip,
         connect_burst_per_ip: args.connect_burst_per_ip,
+        failover: args.failover.clone(),
+        rehome_buffer_bytes: args.rehome_buffer_bytes,
     });
     file.validate()
 }

@@ -63,6 +63,46 @@ pub const MAX_THREADS: usize = 1024;
 /// Upper bound of `connect_rate_per_ip` (per second) and of `connect_burst_per_ip`: far above
 /// what one address should ever open; it catches a typo (and keeps the bucket arithmetic exact).
 pub const MAX_PER_IP_RATE: f64 = 1_000_000.0;
+/// Bytes of client frames a re-homing tunnel may hold while it switches nodes (and of frames it
+/// keeps whole while reading them); past it the client is closed 1008 (see [`Failover`]).
+pub const DEFAULT_REHOME_BUFFER_BYTES: usize = 1024 * 1024;
+/// Bounds of `rehome_buffer_bytes`: below the lower one a default-sized message (64 KiB) may not
+/// fit; above the upper one one client could pin a lot of memory.
+pub const REHOME_BUFFER_RANGE: std::ops::RangeInclusive<usize> = 64 * 1024..=64 * 1024 * 1024;
+/// How long one switch of a re-homing tunnel may take, over every node it tries, before the
+/// client is closed 1012 after all (it then reconnects by itself, if it can).
+pub const DEFAULT_REHOME_TIMEOUT_MS: u64 = 10_000;
+
+/// What a tunnel does when its node dies, is drained, or closes 1012.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Failover {
+    /// The client's connection closes (1012 on a drain), and the client reconnects.
+    #[default]
+    Reconnect,
+    /// The balancer keeps the client's connection open and moves it to the next node in its
+    /// rank: resumes its rooms, resends what it had in flight (see `tunnel::rehome`).
+    Rehome,
+}
+
+impl Failover {
+    pub const NAMES: [&'static str; 2] = ["reconnect", "rehome"];
+
+    pub fn parse(value: &str) -> Option<Self> {
+        match value {
+            "reconnect" => Some(Self::Reconnect),
+            "rehome" => Some(Self::Rehome),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Reconnect => "reconnect",
+            Self::Rehome => "rehome",
+        }
+    }
+}
+
 /// Environment variable holding the id-signing key itself (the nodes read the same one). A
 /// `signing_key_file` (file or flag) wins over it; an empty value counts as unset.
 pub const SIGNING_KEY_ENV: &str = "TETHER_SIGNING_KEY";
@@ -125,6 +165,12 @@ pub struct FileConfig {
     /// The bucket's size: connections an address may open at once after a rest; default
     /// max(1, `connect_rate_per_ip` rounded up).
     pub connect_burst_per_ip: Option<u32>,
+    /// `reconnect` (default) or `rehome` (see [`Failover`]).
+    pub failover: Option<String>,
+    /// Bytes a re-homing tunnel may hold of a client's frames (see [`DEFAULT_REHOME_BUFFER_BYTES`]).
+    pub rehome_buffer_bytes: Option<usize>,
+    /// Milliseconds one switch may take (see [`DEFAULT_REHOME_TIMEOUT_MS`]).
+    pub rehome_timeout_ms: Option<u64>,
     #[serde(default)]
     pub nodes: Vec<FileNode>,
 }
@@ -180,6 +226,10 @@ pub struct Overrides {
     pub connect_rate_per_ip: Option<f64>,
     /// `--connect-burst-per-ip`.
     pub connect_burst_per_ip: Option<u32>,
+    /// `--failover`.
+    pub failover: Option<String>,
+    /// `--rehome-buffer-bytes`.
+    pub rehome_buffer_bytes: Option<usize>,
 }
 
 /// A validated configuration.
@@ -239,6 +289,14 @@ pub struct Config {
     pub upgrade_timeout: Duration,
     /// How long unmovable tunnels stay in the old process after an upgrade.
     pub upgrade_drain: Duration,
+    /// What a tunnel does when its node goes away (new tunnels take the setting in force
+    /// when they open).
+    pub failover: Failover,
+    /// Bytes of client frames a re-homing tunnel holds at most (during a switch, and of one
+    /// frame while reading it).
+    pub rehome_buffer_bytes: usize,
+    /// Longest one switch may take before the client is closed 1012.
+    pub rehome_timeout: Duration,
     /// The nodes, in file order (order does not affect routing: ranking is by name).
     pub nodes: Vec<NodeConfig>,
 }
@@ -324,6 +382,12 @@ impl FileConfig {
         if o.connect_burst_per_ip.is_some() {
             self.connect_burst_per_ip = o.connect_burst_per_ip;
         }
+        if o.failover.is_some() {
+            self.failover = o.failover;
+        }
+        if o.rehome_buffer_bytes.is_some() {
+            self.rehome_buffer_bytes = o.rehome_buffer_bytes;
+        }
     }
 
     /// Checks every field and fills in defaults.
@@ -392,6 +456,23 @@ impl FileConfig {
                 format!("{connect_burst_per_ip} is outside 1..={}", MAX_PER_IP_RATE as u32),
             ));
         }
+        let failover = match self.failover.as_deref() {
+            None => Failover::Reconnect,
+            Some(value) => Failover::parse(value).ok_or_else(|| {
+                invalid("failover", format!("{value:?} is not one of {}", Failover::NAMES.join(", ")))
+            })?,
+        };
+        let rehome_buffer_bytes = self.rehome_buffer_bytes.unwrap_or(DEFAULT_REHOME_BUFFER_BYTES);
+        if !REHOME_BUFFER_RANGE.contains(&rehome_buffer_bytes) {
+            return Err(invalid(
+                "rehome_buffer_bytes",
+                format!(
+                    "{rehome_buffer_bytes} is outside {}..={}",
+                    REHOME_BUFFER_RANGE.start(),
+                    REHOME_BUFFER_RANGE.end()
+                ),
+            ));
+        }
         Ok(Config {
             listen,
             admin,
@@ -425,6 +506,9 @@ impl FileConfig {
                 1,
             )?,
             upgrade_drain: upgrade_secs("upgrade_drain_secs", self.upgrade_drain_secs, DEFAULT_UPGRADE_DRAIN_SECS, 0)?,
+            failover,
+            rehome_buffer_bytes,
+            rehome_timeout: nonzero_ms("rehome_timeout_ms", self.rehome_timeout_ms, DEFAULT_REHOME_TIMEOUT_MS)?,
             nodes: nodes(&self.nodes)?,
         })
     }

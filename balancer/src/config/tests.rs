@@ -280,3 +280,27 @@ fn flags_override_the_file_and_node_flags_replace_its_nodes() {
     assert_eq!(names, ["x", "y"]);
     assert_eq!(field_of(parse_node_flag("nonsense").unwrap_err()), "--node");
 }
+
+#[test]
+fn failover_defaults_to_reconnect_and_rehome_keys_are_checked() {
+    let config = FileConfig::parse(&with_nodes("")).unwrap().validate().unwrap();
+    assert_eq!(config.failover, Failover::Reconnect);
+    assert_eq!(config.rehome_buffer_bytes, DEFAULT_REHOME_BUFFER_BYTES);
+    assert_eq!(config.rehome_timeout, Duration::from_millis(DEFAULT_REHOME_TIMEOUT_MS));
+    let text = with_nodes("failover = \"rehome\"\nrehome_buffer_bytes = 200000\nrehome_timeout_ms = 3000");
+    let config = FileConfig::parse(&text).unwrap().validate().unwrap();
+    assert_eq!((config.failover, config.rehome_buffer_bytes), (Failover::Rehome, 200_000));
+    assert_eq!(config.rehome_timeout, Duration::from_secs(3));
+    for (bad, field) in [
+        ("failover = \"teleport\"", "failover"),
+        ("rehome_buffer_bytes = 10", "rehome_buffer_bytes"),
+        ("rehome_timeout_ms = 0", "rehome_timeout_ms"),
+    ] {
+        let err = FileConfig::parse(&with_nodes(bad)).unwrap().validate().unwrap_err();
+        assert_eq!(field_of(err), field, "{bad}");
+    }
+    // The flags win over the file.
+    let mut file = FileConfig::parse(&with_nodes("failover = \"rehome\"")).unwrap();
+    file.apply(Overrides { failover: Some("reconnect".into()), ..Overrides::default() });
+    assert_eq!(file.validate().unwrap().failover, Failover::Reconnect);
+}

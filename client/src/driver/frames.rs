@@ -74,7 +74,7 @@ impl Driver {
             NodeFrame::Online { users } => {
                 self.out.push(Event::Online { users });
             }
-            NodeFrame::Error { code, message } => return self.on_error(code, message, conn),
+            NodeFrame::Error { code, message, .. } => return self.on_error(code, message, conn),
             NodeFrame::Duplicate { room, msg_id, seq, epoch } => {
                 if self.pending.confirm(&msg_id) {
                     bump(&self.shared.stats.confirmed_by_duplicate);
@@ -85,6 +85,12 @@ impl Driver {
             }
             // This library does not refresh tokens; a node answers only a client that did.
             NodeFrame::Refreshed { .. } => {}
+            // A balancer in rehome mode moved this connection to another node and resumed its
+            // rooms itself: nothing for the library to redo, only the server's name changes.
+            NodeFrame::Rehomed { from, server, rooms } => {
+                info!(%from, %server, rooms = rooms.len(), "the balancer moved this connection to another node");
+                conn.server = Some(server);
+            }
         }
         Ok(())
     }

@@ -229,7 +229,7 @@ pub fn resumed(room: &str, from: u64, to: u64, epoch: &str, complete: bool) -> N
 }
 
 pub fn error(code: &str, message: &str) -> NodeFrame {
-    NodeFrame::Error { code: code.into(), message: message.into() }
+    NodeFrame::Error { code: code.into(), message: message.into(), msg_id: None }
 }
 
 /// A marker frame: once the app has seen its answer, the client has processed everything

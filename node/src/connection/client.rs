@@ -20,8 +20,8 @@ use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use tether_proto::wire::{
-    self, ClientMsg, ErrorCode, Event, LeaveReason, MessageHead, MessageMeta, ResumePoint, SessionKind, CLOSE_POLICY,
-    CLOSE_RESTART, CLOSE_TOKEN_EXPIRED, CLOSE_TOO_BIG,
+    self, ClientMsg, ClientPeek, ErrorCode, Event, LeaveReason, MessageHead, MessageMeta, ResumePoint, SessionKind,
+    CLOSE_POLICY, CLOSE_RESTART, CLOSE_TOKEN_EXPIRED, CLOSE_TOO_BIG,
 };
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -219,8 +219,14 @@ impl Client {
     }
 
     fn error(&self, code: ErrorCode, message: &str) {
+        self.refuse(code, message, None);
+    }
+
+    /// An error about a `message` that carried `msg_id`: named in the frame, so that a
+    /// resending client (or a re-homing balancer) knows that message is settled.
+    fn refuse(&self, code: ErrorCode, message: &str, msg_id: Option<&str>) {
         self.state.metrics.client_errors.get_or_create(&crate::metrics::CodeLabel { code: code.as_str() }).inc();
-        self.send(&Event::Error { code, message });
+        self.send(&Event::Error { code, message, msg_id });
     }
 
     fn session_record(&self) -> SessionRecord {
@@ -345,7 +351,7 @@ impl Client {
                     .client_errors
                     .get_or_create(&crate::metrics::CodeLabel { code: "backbone_unavailable" })
                     .inc();
-                Some(Event::Error { code: ErrorCode::BackboneUnavailable, message: &message }.to_json())
+                Some(Event::Error { code: ErrorCode::BackboneUnavailable, message: &message, msg_id: None }.to_json())
             }
         }
     }
@@ -449,7 +455,8 @@ impl Client {
                 }
                 Err((code, message)) => {
                     self.publish(&mut pending).await;
-                    self.error(code, &message);
+                    let peek = ClientPeek::read(text.as_str());
+                    self.refuse(code, &message, peek.as_ref().and_then(ClientPeek::message_msg_id));
                 }
             }
         }
@@ -487,8 +494,8 @@ impl Client {
             ClientMsg::Join { room } => self.join(room).await,
             ClientMsg::Leave { room } => self.leave(&room).await,
             // Messages to joined rooms never get here: `handle` gathers them.
-            ClientMsg::Message { room, .. } => {
-                self.error(ErrorCode::NotInRoom, &format!("join {room} before sending to it"))
+            ClientMsg::Message { room, msg_id, .. } => {
+                self.refuse(ErrorCode::NotInRoom, &format!("join {room} before sending to it"), msg_id.as_deref())
             }
             ClientMsg::Resume { rooms } => {
                 for (room, point) in rooms {
@@ -617,7 +624,8 @@ impl Client {
             }
             Err(Unpublished { published, error }) => {
                 for msg_id in msg_ids.iter().skip(published) {
-                    self.error(ErrorCode::BackboneUnavailable, &format!("message {msg_id:?} not sent: {error}"));
+                    let message = format!("message {msg_id:?} not sent: {error}");
+                    self.refuse(ErrorCode::BackboneUnavailable, &message, Some(msg_id));
                 }
             }
         }

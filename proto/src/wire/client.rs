@@ -184,6 +184,51 @@ pub fn decode(text: &str) -> Result<ClientMsg, ProtocolError> {
     Ok(msg)
 }
 
+/// The few fields of a client frame that a balancer re-homing it needs (and the node, to name
+/// a refused message's `msg_id`), read without building the whole [`ClientMsg`]: other fields
+/// are skipped, strings are borrowed unless they hold escapes.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+pub struct ClientPeek<'a> {
+    #[serde(rename = "type", borrow)]
+    pub kind: std::borrow::Cow<'a, str>,
+    #[serde(default, borrow)]
+    pub room: Option<std::borrow::Cow<'a, str>>,
+    /// Present and a string; whether it is a *valid* `msg_id` is [`validate_msg_id`]'s call.
+    #[serde(default, borrow, deserialize_with = "lenient_str")]
+    pub msg_id: Option<std::borrow::Cow<'a, str>>,
+}
+
+impl<'a> ClientPeek<'a> {
+    /// `None` when `text` is not a JSON object with a string `type`.
+    pub fn read(text: &'a str) -> Option<Self> {
+        serde_json::from_str(text).ok()
+    }
+
+    /// The `msg_id` of a `message` frame, when it has a valid one.
+    pub fn message_msg_id(&self) -> Option<&str> {
+        let id = self.msg_id.as_deref().filter(|_| self.kind == "message")?;
+        (!id.is_empty() && id.len() <= MAX_MSG_ID_LEN && !id.chars().any(char::is_control)).then_some(id)
+    }
+}
+
+/// A string field read as `None` when it is absent, `null` or not a string (the decoder
+/// proper reports the wrong type; a peek only wants the string).
+fn lenient_str<'de, D>(d: D) -> Result<Option<std::borrow::Cow<'de, str>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum Maybe<'a> {
+        Str(#[serde(borrow)] std::borrow::Cow<'a, str>),
+        Other(serde::de::IgnoredAny),
+    }
+    Ok(match <Option<Maybe<'de>> as serde::Deserialize>::deserialize(d)? {
+        Some(Maybe::Str(s)) => Some(s),
+        _ => None,
+    })
+}
+
 /// Removes string field `field` of a `kind` frame.
 fn take_str(
     obj: &mut serde_json::Map<String, Value>,

@@ -95,9 +95,13 @@ pub enum Event<'a> {
     Online {
         users: Vec<PresenceEntry<'a>>,
     },
+    /// `msg_id`: when the refused frame was a `message` with one (so that whoever resends
+    /// unconfirmed messages knows this one is settled).
     Error {
         code: ErrorCode,
         message: &'a str,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        msg_id: Option<&'a str>,
     },
     /// A `message` whose `(client, msg_id)` was published already: nothing was published
     /// again; `seq`/`epoch` name the first one. Sent to the sender alone.
@@ -110,6 +114,14 @@ pub enum Event<'a> {
     /// A `refresh` was accepted: the connection now expires at `exp` (Unix seconds).
     Refreshed {
         exp: u64,
+    },
+    /// Sent by a balancer in `failover = "rehome"` mode, instead of the new node's
+    /// `connected`: the client's connection moved from node `from` to `server`, its `rooms`
+    /// were resumed, and nothing was lost.
+    Rehomed {
+        from: &'a str,
+        server: &'a str,
+        rooms: Vec<&'a str>,
     },
 }
 
@@ -204,9 +216,21 @@ pub enum NodeFrame {
         code: String,
         #[serde(default)]
         message: String,
+        /// The refused `message`'s `msg_id`, when it had one.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        msg_id: Option<String>,
     },
     Refreshed {
         exp: u64,
+    },
+    /// The balancer moved the connection to another node without closing it (rehome mode).
+    Rehomed {
+        #[serde(default)]
+        from: String,
+        #[serde(default)]
+        server: String,
+        #[serde(default)]
+        rooms: Vec<String>,
     },
 }
 
@@ -219,7 +243,7 @@ fn left() -> String {
 }
 
 /// The `type`s [`NodeFrame`] knows.
-pub const NODE_FRAME_TYPES: [&str; 10] = [
+pub const NODE_FRAME_TYPES: [&str; 11] = [
     "connected",
     "message",
     "user_joined",
@@ -230,6 +254,7 @@ pub const NODE_FRAME_TYPES: [&str; 10] = [
     "duplicate",
     "error",
     "refreshed",
+    "rehomed",
 ];
 
 impl NodeFrame {

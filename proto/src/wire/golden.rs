@@ -253,11 +253,19 @@ fn node_events_have_their_golden_bytes_and_round_trip() {
             r#"{"type":"online","users":[{"id":"alice","user":"Alice","server":"node-1"}]}"#,
         ),
         (
-            Event::Error { code: ErrorCode::NotInRoom, message: "not in room general" },
+            Event::Error { code: ErrorCode::NotInRoom, message: "not in room general", msg_id: None },
             r#"{"type":"error","code":"not_in_room","message":"not in room general"}"#,
         ),
         (
-            Event::Error { code: ErrorCode::Forbidden, message: "your token does not allow room ops" },
+            Event::Error { code: ErrorCode::RateLimited, message: "slow down", msg_id: Some("m-1") },
+            r#"{"type":"error","code":"rate_limited","message":"slow down","msg_id":"m-1"}"#,
+        ),
+        (
+            Event::Rehomed { from: "node-1", server: "node-2", rooms: vec!["general", "ops"] },
+            r#"{"type":"rehomed","from":"node-1","server":"node-2","rooms":["general","ops"]}"#,
+        ),
+        (
+            Event::Error { code: ErrorCode::Forbidden, message: "your token does not allow room ops", msg_id: None },
             r#"{"type":"error","code":"forbidden","message":"your token does not allow room ops"}"#,
         ),
         (Event::Refreshed { exp: 1_700_000_600 }, r#"{"type":"refreshed","exp":1700000600}"#),
@@ -381,7 +389,7 @@ fn node_frames_are_read_leniently() {
     );
     assert_eq!(
         decode_node_frame(r#"{"type":"error","code":"from_the_future"}"#),
-        Ok(NodeFrame::Error { code: "from_the_future".into(), message: String::new() })
+        Ok(NodeFrame::Error { code: "from_the_future".into(), message: String::new(), msg_id: None })
     );
     let Ok(NodeFrame::Message(m)) = decode_node_frame(
         r#"{"type":"message","room":"g","from":"A","id":"a","text":"t","server":"n","seq":7,"epoch":"e","new":1}"#,
@@ -475,4 +483,30 @@ fn bad_data_and_msg_id_are_named() {
     for (frame, code) in cases {
         assert_eq!(decode(frame).map_err(|e| e.code), Err(*code), "{frame}");
     }
+}
+
+#[test]
+fn rehomed_decodes_and_a_peek_reads_type_room_and_msg_id() {
+    let frame = r#"{"type":"rehomed","from":"node-1","server":"node-2","rooms":["general"]}"#;
+    assert_eq!(
+        decode_node_frame(frame),
+        Ok(NodeFrame::Rehomed { from: "node-1".into(), server: "node-2".into(), rooms: vec!["general".into()] })
+    );
+    let error = r#"{"type":"error","code":"rate_limited","message":"m","msg_id":"x-1"}"#;
+    let Ok(NodeFrame::Error { msg_id, .. }) = decode_node_frame(error) else { panic!("error did not decode") };
+    assert_eq!(msg_id.as_deref(), Some("x-1"));
+
+    let peek = ClientPeek::read(r#"{"type":"message","room":"g\"1","text":"hi","msg_id":"m-1"}"#).unwrap();
+    assert_eq!((peek.kind.as_ref(), peek.room.as_deref()), ("message", Some("g\"1")));
+    assert_eq!(peek.message_msg_id(), Some("m-1"));
+    // Not a string, empty, or on another kind of frame: no msg_id to name.
+    for frame in [
+        r#"{"type":"message","room":"g","msg_id":7}"#,
+        r#"{"type":"message","room":"g","msg_id":""}"#,
+        r#"{"type":"join","room":"g","msg_id":"m"}"#,
+    ] {
+        assert_eq!(ClientPeek::read(frame).and_then(|p| p.message_msg_id().map(str::to_owned)), None, "{frame}");
+    }
+    assert!(ClientPeek::read("[1]").is_none());
+    assert!(ClientPeek::read(r#"{"room":"g"}"#).is_none());
 }

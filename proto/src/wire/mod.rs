@@ -24,7 +24,7 @@ pub mod validate;
 #[cfg(test)]
 mod golden;
 
-pub use client::{decode, validate_msg_id, ClientMsg, ResumePoint, MAX_MSG_ID_LEN};
+pub use client::{decode, validate_msg_id, ClientMsg, ClientPeek, ResumePoint, MAX_MSG_ID_LEN};
 pub use codes::{ErrorCode, ProtocolError, CLOSE_POLICY, CLOSE_RESTART, CLOSE_TOKEN_EXPIRED, CLOSE_TOO_BIG};
 pub use event::{
     complete_joined, decode_node_frame, Event, LeaveReason, NodeFrame, NodeFrameError, PresenceEntry, PresenceUser,
