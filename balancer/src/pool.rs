@@ -291,6 +291,14 @@ impl Pool {
         hrw::best(&self.names, client, |i| self.nodes[i].tier() == Some(wanted))
     }
 
+    /// [`Pool::pick`] leaving out the nodes in `except` (a re-homing tunnel's node that just
+    /// failed it, before a probe has said so).
+    pub fn pick_except(&self, client: &str, except: &[usize]) -> Option<usize> {
+        let usable = |i: usize, wanted: Health| !except.contains(&i) && self.nodes[i].tier() == Some(wanted);
+        let wanted = if (0..self.nodes.len()).any(|i| usable(i, Health::Up)) { Health::Up } else { Health::Unready };
+        hrw::best(&self.names, client, |i| usable(i, wanted))
+    }
+
     /// The nodes to try for a server API request, in order: the `up` ones, starting at
     /// `turn` (round robin), then the `unready` ones likewise (alive beats failing); never a
     /// down or draining one.

@@ -25,6 +25,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, field, warn, Instrument};
 
+use crate::config::Failover;
 use crate::conn::ClientConn;
 use crate::metrics::Kind;
 use crate::pool::{ActiveGuard, Node};
@@ -143,6 +144,12 @@ async fn forward(
     if let Err(e) = prepare_upstream_request(&mut request, &id, conn.peer.ip(), conn.tls) {
         return text_response(StatusCode::BAD_REQUEST, e);
     }
+    // Re-homing reads the frames it forwards: no extension (compression) may change them,
+    // and a new node gets the same request again.
+    let redial = (kind == Kind::ws && shared.config().failover == Failover::Rehome).then(|| {
+        request.headers_mut().remove(header::SEC_WEBSOCKET_EXTENSIONS);
+        tunnel::rehome::Redial { uri: request.uri().clone(), headers: request.headers().clone() }
+    });
 
     let (mut sender, upstream) = match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await {
         Ok(pair) => pair,
@@ -184,15 +191,32 @@ async fn forward(
         // Plain TCP on both sides: an upgrade can hand it over. A TLS session cannot move to
         // another process: its tunnel stays in this one through an upgrade (drained after
         // `upgrade_drain_secs`).
-        let movable = (!conn.tls).then(|| tunnel::Movable {
-            tunnels: Arc::clone(&shared.process.tunnels),
-            client_id: id.as_str().into(),
-            node: node.name.as_str().into(),
-        });
-        shared.tracker.spawn(
-            tunnel::run(client_upgrade, node_upgrade, websocket, stops, guard, Arc::clone(conn), movable)
-                .instrument(tunnel_span),
-        );
+        match redial.filter(|_| websocket) {
+            Some(redial) => {
+                let setup = tunnel::rehome::Setup {
+                    shared: Arc::clone(shared),
+                    id: id.clone(),
+                    index,
+                    guard,
+                    redial,
+                    conn: Arc::clone(conn),
+                    down: stops.node_down,
+                    drain: stops.drain,
+                };
+                shared.tracker.spawn(tunnel::rehome::run(client_upgrade, node_upgrade, setup).instrument(tunnel_span));
+            }
+            None => {
+                let movable = (!conn.tls).then(|| tunnel::Movable {
+                    tunnels: Arc::clone(&shared.process.tunnels),
+                    client_id: id.as_str().into(),
+                    node: node.name.as_str().into(),
+                });
+                shared.tracker.spawn(
+                    tunnel::run(client_upgrade, node_upgrade, websocket, stops, guard, Arc::clone(conn), movable)
+                        .instrument(tunnel_span),
+                );
+            }
+        }
         // The node's 101 headers (Upgrade, Connection, Sec-WebSocket-*) go back unchanged.
         let (parts, _) = response.into_parts();
         Response::from_parts(parts, empty())
