@@ -12,13 +12,17 @@
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
+use std::time::Duration;
+
 use arc_swap::ArcSwap;
 use tether_proto::hrw;
+use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::NodeConfig;
 use crate::metrics::{CheckResult, Metrics, NodeMetrics};
+use crate::Error;
 
 /// What the health checks (and failed connects) say about a node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -319,6 +323,23 @@ impl Pool {
     /// Open upstream connections over all nodes.
     pub fn active_connections(&self) -> i64 {
         self.nodes.iter().map(|n| n.metrics.active.get()).sum()
+    }
+}
+
+/// A TCP connection to `node`, within `timeout` (failures name the node and its address).
+pub(crate) async fn connect(node: &Node, timeout: Duration) -> Result<TcpStream, Error> {
+    match tokio::time::timeout(timeout, TcpStream::connect(&node.addr)).await {
+        Ok(Ok(stream)) => {
+            // Chat frames are small and latency-bound.
+            let _ = stream.set_nodelay(true);
+            Ok(stream)
+        }
+        Ok(Err(source)) => Err(Error::NodeConnect { node: node.name.clone(), addr: node.addr.clone(), source }),
+        Err(_) => Err(Error::NodeConnectTimeout {
+            node: node.name.clone(),
+            addr: node.addr.clone(),
+            timeout_ms: timeout.as_millis(),
+        }),
     }
 }
 

@@ -9,7 +9,6 @@
 use std::convert::Infallible;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
@@ -28,7 +27,7 @@ use tracing::{debug, field, warn, Instrument};
 use crate::config::Failover;
 use crate::conn::ClientConn;
 use crate::metrics::Kind;
-use crate::pool::{ActiveGuard, Node};
+use crate::pool::{connect, ActiveGuard, Node};
 use crate::response::{empty, out_of_descriptors, text_response, Body};
 use crate::{tunnel, Error, Shared};
 
@@ -289,22 +288,6 @@ async fn connect_ranked(shared: &Shared, id: &str) -> Result<Upstream, NoUpstrea
         }
     }
     Err(NoUpstream::NoNode)
-}
-
-pub(crate) async fn connect(node: &Node, timeout: Duration) -> Result<TcpStream, Error> {
-    match tokio::time::timeout(timeout, TcpStream::connect(&node.addr)).await {
-        Ok(Ok(stream)) => {
-            // Chat frames are small and latency-bound.
-            let _ = stream.set_nodelay(true);
-            Ok(stream)
-        }
-        Ok(Err(source)) => Err(Error::NodeConnect { node: node.name.clone(), addr: node.addr.clone(), source }),
-        Err(_) => Err(Error::NodeConnectTimeout {
-            node: node.name.clone(),
-            addr: node.addr.clone(),
-            timeout_ms: timeout.as_millis(),
-        }),
-    }
 }
 
 /// Keeps the upstream HTTP connection going until it ends (or hands itself over to a tunnel),

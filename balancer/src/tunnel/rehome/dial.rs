@@ -13,8 +13,8 @@ use tether_proto::limits::is_out_of_descriptors;
 use tokio::net::TcpStream;
 use tracing::debug;
 
+use crate::pool::connect;
 use crate::pool::ActiveGuard;
-use crate::proxy::connect;
 use crate::{Error, Shared};
 
 /// What a re-homing tunnel sends a new node: the upgrade request the first node got.
