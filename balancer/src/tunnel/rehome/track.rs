@@ -409,3 +409,156 @@ fn unescaped(raw: &str) -> Cow<'_, str> {
 fn peek(text: &str) -> NodePeek<'_> {
     serde_json::from_str(text).unwrap_or_default()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::tunnel::rehome::wsframe::header;
+
+    const MASK: [u8; 4] = [9, 8, 7, 6];
+
+    /// A client's text frame (masked), and its header.
+    fn client_frame(text: &str) -> (Header, Vec<u8>) {
+        let frame = encode(OP_TEXT, text.as_bytes(), Some(MASK));
+        (header(&frame).unwrap(), frame)
+    }
+
+    /// What a node frame does to the tracker.
+    fn node(t: &mut Tracker, text: &str) -> Down {
+        let frame = encode(OP_TEXT, text.as_bytes(), None);
+        let h = header(&frame).unwrap();
+        t.on_node_frame(&h, &frame[h.header_len..])
+    }
+
+    fn message(room: &str, id: &str, msg_id: &str, seq: u64) -> String {
+        format!(
+            r#"{{"type":"message","room":"{room}","from":"{id}","id":"{id}","text":"t","server":"n1","timestamp":1,"msg_id":"{msg_id}","seq":{seq},"epoch":"E"}}"#
+        )
+    }
+
+    /// The JSON text of a frame the tracker made for a node.
+    fn text_of(frame: &[u8]) -> String {
+        let h = header(frame).unwrap();
+        String::from_utf8(unmask(&frame[h.header_len..], h.mask).into_owned()).unwrap()
+    }
+
+    #[test]
+    fn a_message_without_msg_id_gets_one_and_stays_unconfirmed_until_its_echo() {
+        let mut t = Tracker::new("alice");
+        let (h, frame) = client_frame(r#"{"type":"message","room":"g","text":"hi"} "#);
+        let up = t.on_client_frame(&h, &frame);
+        assert!(up.tracked);
+        let sent: serde_json::Value = serde_json::from_str(&text_of(&up.frame)).unwrap();
+        let msg_id = sent["msg_id"].as_str().unwrap().to_string();
+        assert!(msg_id.starts_with("tb-"), "{sent}");
+        assert_eq!((sent["room"].as_str(), sent["text"].as_str()), (Some("g"), Some("hi")));
+        assert!(t.unconfirmed_bytes() > 0);
+        // Someone else's message with that msg_id confirms nothing; its own echo does.
+        assert_eq!(node(&mut t, &message("g", "bob", &msg_id, 1)), Down::Forward);
+        assert!(t.unconfirmed_bytes() > 0);
+        assert_eq!(node(&mut t, &message("g", "alice", &msg_id, 2)), Down::Forward);
+        assert_eq!(t.unconfirmed_bytes(), 0);
+        // A frame with its own valid msg_id goes on unchanged; other frames are untracked.
+        let (h, frame) = client_frame(r#"{"type":"message","room":"g","text":"x","msg_id":"m-1"}"#);
+        let up = t.on_client_frame(&h, &frame);
+        assert!(up.tracked && up.frame[..] == frame[..]);
+        let (h, frame) = client_frame(r#"{"type":"join","room":"h"}"#);
+        assert!(!t.on_client_frame(&h, &frame).tracked);
+        // An error naming it settles it too.
+        assert_eq!(
+            node(&mut t, r#"{"type":"error","code":"rate_limited","message":"m","msg_id":"m-1"}"#),
+            Down::Forward
+        );
+        assert_eq!(t.unconfirmed_bytes(), 0);
+    }
+
+    #[test]
+    fn messages_at_or_below_a_rooms_position_are_dropped() {
+        let mut t = Tracker::new("alice");
+        assert_eq!(node(&mut t, &message("g", "bob", "a", 5)), Down::Forward);
+        assert_eq!(node(&mut t, &message("g", "bob", "b", 5)), Down::Drop);
+        assert_eq!(node(&mut t, &message("g", "bob", "c", 4)), Down::Drop);
+        assert_eq!(node(&mut t, &message("g", "bob", "d", 6)), Down::Forward);
+        // Another epoch starts over.
+        let other = message("g", "bob", "e", 1).replace("\"E\"", "\"F\"");
+        assert_eq!(node(&mut t, &other), Down::Forward);
+    }
+
+    #[test]
+    fn a_switch_resumes_rooms_resends_in_order_and_hides_its_own_answers() {
+        let mut t = Tracker::new("alice");
+        node(&mut t, r#"{"type":"connected","server":"n1","id":"alice","session":"new","name":null,"rooms":[]}"#);
+        node(
+            &mut t,
+            r#"{"type":"user_joined","room":"quiet","user":"alice","id":"alice","server":"n1","head_seq":3,"epoch":"Q"}"#,
+        );
+        node(&mut t, &message("g", "bob", "x", 7));
+        let mut queue = VecDeque::new();
+        for text in [
+            r#"{"type":"message","room":"g","text":"one","msg_id":"m-1"}"#,
+            r#"{"type":"set_name","name":"Al"}"#,
+            r#"{"type":"message","room":"g","text":"two","msg_id":"m-2"}"#,
+        ] {
+            let (h, frame) = client_frame(text);
+            queue.push_back(t.on_client_frame(&h, &frame));
+        }
+        // The first message was written to the old node; the rest were still queued.
+        queue.pop_front();
+        t.expect_connected();
+        assert!(t.is_awaiting_connected());
+        let connected =
+            r#"{"type":"connected","server":"n2","id":"alice","session":"restored","name":null,"rooms":["g"]}"#;
+        assert_eq!(node(&mut t, connected), Down::Connected);
+        let (server, restored, rooms) = t.take_connected().unwrap();
+        assert!(restored);
+        let (rehomed, resent) = t.restart(server, &rooms, &mut queue);
+        assert_eq!(resent, 2);
+        let texts: Vec<String> = queue.iter().map(|u| text_of(&u.frame)).collect();
+        // "quiet" was not restored: joined again, then every room resumed, then the
+        // client's frames in its order.
+        assert_eq!(texts[0], r#"{"type":"join","room":"quiet"}"#);
+        assert_eq!(texts[1], r#"{"type":"resume","rooms":{"g":{"seq":7,"epoch":"E"},"quiet":{"seq":3,"epoch":"Q"}}}"#);
+        assert!(
+            texts[2].contains("\"one\"") && texts[3].contains("set_name") && texts[4].contains("\"two\""),
+            "{texts:?}"
+        );
+        assert_eq!(texts.len(), 5);
+        assert_eq!(text_of(&rehomed), r#"{"type":"rehomed","from":"n1","server":"n2","rooms":["g","quiet"]}"#);
+        // The node's answers to the balancer's own frames stay with it; a gap does not.
+        let joined = r#"{"type":"user_joined","room":"quiet","user":"alice","id":"alice","server":"n2","head_seq":3,"epoch":"Q"}"#;
+        assert_eq!(node(&mut t, joined), Down::Drop);
+        assert_eq!(node(&mut t, r#"{"type":"duplicate","room":"g","msg_id":"m-1","seq":8,"epoch":"E"}"#), Down::Drop);
+        assert_eq!(
+            node(&mut t, r#"{"type":"resumed","room":"g","from_seq":8,"to_seq":8,"epoch":"E","complete":true}"#),
+            Down::Drop
+        );
+        assert_eq!(
+            node(&mut t, r#"{"type":"resumed","room":"quiet","from_seq":4,"to_seq":9,"epoch":"Q","complete":false}"#),
+            Down::Forward
+        );
+        // A second switch resends what is still unconfirmed (m-2), once.
+        let mut queue = VecDeque::new();
+        t.expect_connected();
+        node(&mut t, connected);
+        let (server, _, rooms) = t.take_connected().unwrap();
+        let (_, resent) = t.restart(server, &rooms, &mut queue);
+        assert_eq!(resent, 1);
+        assert_eq!(queue.iter().filter(|u| text_of(&u.frame).contains("\"two\"")).count(), 1);
+    }
+
+    #[test]
+    fn a_nodes_1012_switches_unless_the_client_is_closing() {
+        let mut t = Tracker::new("alice");
+        let close = encode(OP_CLOSE, &[0x03, 0xf4], None);
+        let h = header(&close).unwrap();
+        assert_eq!(t.on_node_frame(&h, &close[2..]), Down::Switch);
+        let other = encode(OP_CLOSE, &[0x03, 0xf0], None);
+        assert_eq!(t.on_node_frame(&header(&other).unwrap(), &other[2..]), Down::Closing);
+        let (h, frame) = {
+            let f = encode(OP_CLOSE, &[0x03, 0xe8], Some(MASK));
+            (header(&f).unwrap(), f)
+        };
+        t.on_client_frame(&h, &frame);
+        assert_eq!(t.on_node_frame(&header(&close).unwrap(), &close[2..]), Down::Closing);
+    }
+}
