@@ -491,6 +491,11 @@ impl Rehome {
             // The client has part of a frame the dead node never finished.
             return Err(End::Broken);
         }
+        if shared.process.is_retired() {
+            // An upgrade's old process drains every node at its end: the client reconnects,
+            // to the new process.
+            return Err(End::Close(1012, "balancer restarting"));
+        }
         self.down_partial = Vec::new();
         self.node_closing = false;
         self.written = 0;
