@@ -120,3 +120,62 @@ async fn moved_without_a_close(loss: Loss) -> Result<()> {
     assert!(!v.seen.iter().any(|m| m["type"] == "connected" && m["server"] != "node-2"), "no second connected");
     Ok(())
 }
+
+#[tokio::test]
+async fn a_tls_client_is_re_homed_the_same_way() -> Result<()> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let dir = tempfile::tempdir()?;
+    let ca = tether_kit::certs::DevCa::generate("rehome test CA")?;
+    let files = ca.write(dir.path())?;
+    let mut args: Vec<String> = ["--health-interval-ms", "100", "--failover", "rehome"].map(String::from).to_vec();
+    args.extend([
+        "--tls-cert".into(),
+        files.cert.display().to_string(),
+        "--tls-key".into(),
+        files.key.display().to_string(),
+    ]);
+    let mut c = tether_kit::Cluster::start(tether_kit::ClusterOptions {
+        nodes: 3,
+        logs: tether_kit::ClusterLogs::Null,
+        balancer_args: args,
+        ..Default::default()
+    })
+    .await?;
+    let tls = tether_kit::certs::client_config(ca.cert_pem())?;
+    let port = c.balancer().addr().port();
+    let connect = |id: String| {
+        let tls = tls.clone();
+        async move {
+            let request = format!("wss://localhost:{port}/ws?client={id}").into_client_request()?;
+            let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+            let (ws, response) = tokio_tungstenite::client_async_tls_with_config(
+                request,
+                tcp,
+                None,
+                Some(tokio_tungstenite::Connector::Rustls(tls)),
+            )
+            .await?;
+            let mut client = WsClient::from_stream(ws, response.headers().clone());
+            let hello = client.recv_type("connected").await?;
+            anyhow::Ok((client, hello))
+        }
+    };
+    let (mut v, hello) = connect(id_on("node-2", "tls-victim")).await?;
+    assert_eq!(hello["server"], "node-2");
+    v.join("room").await?;
+    let (mut t, _) = connect(id_on("node-1", "tls-talker")).await?;
+    t.join("room").await?;
+    t.say("room", "before").await?;
+    v.recv_until("before", |m| m["text"] == "before").await?;
+    c.node_mut("node-2").context("node-2")?.kill().await?;
+    t.say("room", "during").await?;
+    let rehomed = v.recv_until("rehomed", |m| m["type"] == "rehomed").await?;
+    assert_eq!(rehomed["from"], "node-2");
+    v.say("room", "after").await?;
+    v.recv_until("during", |m| m["text"] == "during").await?;
+    t.recv_until("after", |m| m["text"] == "after").await?;
+    let texts: Vec<&str> =
+        v.seen.iter().filter(|m| m["type"] == "message").filter_map(|m| m["text"].as_str()).collect();
+    assert_eq!(texts.iter().filter(|t| **t == "during").count(), 1, "{texts:?}");
+    Ok(())
+}

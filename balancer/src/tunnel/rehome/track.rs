@@ -217,8 +217,10 @@ impl Tracker {
             }
             if let Ok(Echo { id, msg_id: Some(msg_id) }) = serde_json::from_str::<Echo>(text) {
                 if *id == *self.client_id {
+                    // Its `msg_id` stays in `resent`: when the dead node had published it, this
+                    // echo comes in the replay and the node's `duplicate` answer to the resend
+                    // follows — for the balancer, not the client.
                     self.confirm(&msg_id);
-                    self.resent.remove(msg_id.as_ref());
                 }
             }
         }
@@ -527,6 +529,9 @@ mod tests {
         // The node's answers to the balancer's own frames stay with it; a gap does not.
         let joined = r#"{"type":"user_joined","room":"quiet","user":"alice","id":"alice","server":"n2","head_seq":3,"epoch":"Q"}"#;
         assert_eq!(node(&mut t, joined), Down::Drop);
+        // m-1 had been published by the old node: its echo comes in the replay, then the
+        // answer to the resend.
+        assert_eq!(node(&mut t, &message("g", "alice", "m-1", 8)), Down::Forward);
         assert_eq!(node(&mut t, r#"{"type":"duplicate","room":"g","msg_id":"m-1","seq":8,"epoch":"E"}"#), Down::Drop);
         assert_eq!(
             node(&mut t, r#"{"type":"resumed","room":"g","from_seq":8,"to_seq":8,"epoch":"E","complete":true}"#),
