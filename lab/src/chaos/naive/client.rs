@@ -4,7 +4,7 @@
 //! and reads whatever comes. A close frame or the end of the TCP stream ends it for good: that
 //! is the event the run counts, because a naive client never comes back.
 
-use super::report::CloseSeen;
+use super::report::{CloseSeen, LeakedFrame};
 use crate::chaos::account::{ClientLog, Sent, Shared};
 use futures_util::{SinkExt, StreamExt};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -23,6 +23,8 @@ use tokio_util::sync::CancellationToken;
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// After our own close at the end: how long to read on for the server's answer.
 const CLOSE_WAIT: Duration = Duration::from_secs(2);
+/// Leaked frames kept per client.
+const LEAKED_PER_CLIENT: usize = 10;
 
 /// A `message` the publisher asks a client to send.
 #[derive(Debug)]
@@ -116,6 +118,8 @@ pub(super) struct ClientRun {
     pub(super) echo_without_balancer_msg_id: u64,
     /// Text frames that did not decode as node frames.
     pub(super) bad_frames: u64,
+    /// `duplicate`, complete `resumed` and second `connected` frames, as received (a few).
+    pub(super) leaked: Vec<LeakedFrame>,
     pub(super) errors: BTreeMap<String, u64>,
 }
 
@@ -301,6 +305,16 @@ impl State {
                 return;
             }
         };
+        let leaked = match &frame {
+            NodeFrame::Duplicate { .. } => true,
+            NodeFrame::Resumed { complete, .. } => *complete,
+            NodeFrame::Connected { .. } => self.connected,
+            _ => false,
+        };
+        if leaked && self.run.leaked.len() < LEAKED_PER_CLIENT {
+            let (client, server) = (self.id.clone(), self.live.server());
+            self.run.leaked.push(LeakedFrame { client, at_ms: ms, server, frame: text.to_string() });
+        }
         match frame {
             NodeFrame::Message(m) => self.on_message(ms, m),
             NodeFrame::UserJoined { room, id, head_seq, epoch, .. } if id == self.id => {

@@ -17,7 +17,7 @@ mod client;
 mod report;
 mod schedule;
 
-pub use report::{CloseSeen, NaiveAction, NaiveReport, NaiveSends};
+pub use report::{CloseSeen, LeakedFrame, NaiveAction, NaiveReport, NaiveSends};
 
 use super::account::{self, ClientLog, Heads, SendLog, Shared};
 use super::{plan_rooms, round1, ChaosOptions, HeadStore, RunConfig, UnconfirmedSend};
@@ -39,6 +39,8 @@ use tokio_util::sync::CancellationToken;
 
 /// Sends kept as examples in the report.
 const EXAMPLES_KEPT: usize = 200;
+/// Leaked frames kept in the report.
+const LEAKED_KEPT: usize = 50;
 
 /// `tether chaos --naive` on the command line: runs, prints the table, writes `--json`, and
 /// returns 1 when a client saw a close, or anything was lost or duplicated (or another of
@@ -306,6 +308,12 @@ pub async fn run(opts: ChaosOptions) -> Result<NaiveReport> {
         incomplete_resumes: sum(|r| r.incomplete_resumes),
         duplicate_answers: sum(|r| r.duplicate_answers),
         bad_frames: sum(|r| r.bad_frames),
+        leaked_frames: {
+            let mut all: Vec<LeakedFrame> = runs.iter().flat_map(|r| r.leaked.iter().cloned()).collect();
+            all.sort_by_key(|f| f.at_ms);
+            all.truncate(LEAKED_KEPT);
+            all
+        },
         joins_missing: tally.joins_missing,
         errors,
         failures: Vec::new(),

@@ -21,6 +21,19 @@ pub struct CloseSeen {
     pub reason: String,
 }
 
+/// A frame that rehome mode is to keep from the client (a `duplicate` answer, a complete
+/// `resumed`, a second `connected`) and that reached it all the same.
+#[derive(Debug, Clone, Serialize)]
+pub struct LeakedFrame {
+    pub client: String,
+    /// ms since the clients were started.
+    pub at_ms: u64,
+    /// The node the client was on by its last `connected`/`rehomed`.
+    pub server: String,
+    /// The frame as received.
+    pub frame: String,
+}
+
 /// One thing the schedule did to a node.
 #[derive(Debug, Clone, Serialize)]
 pub struct NaiveAction {
@@ -126,6 +139,9 @@ pub struct NaiveReport {
     pub incomplete_resumes: u64,
     pub duplicate_answers: u64,
     pub bad_frames: u64,
+    /// Up to 50 of the `duplicate`, complete `resumed` and second `connected` frames that
+    /// reached clients, as received.
+    pub leaked_frames: Vec<LeakedFrame>,
     pub joins_missing: u64,
     pub errors: BTreeMap<String, u64>,
     /// Why the run failed; empty when it passed.
@@ -273,8 +289,11 @@ impl NaiveReport {
             (
                 "resumed / duplicate frames seen",
                 format!(
-                    "{} resumed ({} incomplete), {} duplicate",
-                    self.resumed_seen, self.incomplete_resumes, self.duplicate_answers
+                    "{} resumed ({} incomplete), {} duplicate{}",
+                    self.resumed_seen,
+                    self.incomplete_resumes,
+                    self.duplicate_answers,
+                    if self.leaked_frames.is_empty() { "" } else { " (see leaked_frames in --json)" }
                 ),
             ),
         ];
