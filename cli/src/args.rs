@@ -242,6 +242,14 @@ mod tests {
             assert!(Cli::try_parse_from(argv).is_err(), "{argv:?}");
         }
         assert!(Cli::try_parse_from(["tether", "chaos", "--kill-every", "0"]).is_ok());
+        // Naive mode: its failover flag needs it, takes two values, and excludes a Redis restart.
+        assert!(Cli::try_parse_from(["tether", "chaos", "--naive", "--failover", "reconnect"]).is_ok());
+        for bad in
+            [&["--failover", "rehome"][..], &["--naive", "--failover", "sometimes"], &["--naive", "--redis-restart"]]
+        {
+            let argv: Vec<&str> = ["tether", "chaos"].iter().chain(bad).copied().collect();
+            assert!(Cli::try_parse_from(&argv).is_err(), "{argv:?}");
+        }
     }
 
     #[test]

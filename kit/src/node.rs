@@ -111,6 +111,12 @@ impl NodeProcess {
 
     crate::process::process_controls!(proc);
 
+    /// Waits up to `within` for `GET /readyz` to answer 200 (its backbone is connected: it
+    /// prints its ready line before that).
+    pub async fn wait_ready(&self, within: Duration) -> Result<()> {
+        wait_node_ready(&self.name, self.addr, Instant::now() + within).await
+    }
+
     /// Starts it again with the same name, Redis and arguments on the same port (killing it
     /// first if it still runs). The old port is usually free again at once; if another process
     /// took it meanwhile, this fails.

@@ -17,7 +17,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use tether_client::{Event, Session, UPGRADE_REFUSED};
+use tether_client::{Event, Message as RoomMessage, Session, UPGRADE_REFUSED};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 
@@ -171,10 +171,82 @@ pub(crate) struct ClientLog {
 }
 
 impl ClientLog {
-    fn note(&mut self, ms: u64, what: String) {
+    pub(crate) fn new(id: String, rooms: Vec<String>) -> Self {
+        Self { id, rooms, ..Self::default() }
+    }
+
+    pub(crate) fn note(&mut self, ms: u64, what: String) {
         if self.timeline.len() < TIMELINE_MAX {
             self.timeline.push((ms, what));
         }
+    }
+
+    /// A room message handed to the app (the client library's `Event::Message`, or a naive
+    /// client's decoded frame): into the shared [`Sightings`] and this client's deliveries,
+    /// counting a second delivery of an `(epoch, seq)` and a seq at or below the last one.
+    pub(crate) fn record_message(&mut self, shared: &Shared, ms: u64, m: RoomMessage) {
+        shared.delivered.fetch_add(1, Relaxed);
+        {
+            let mut sightings = shared.sightings();
+            let room = sightings.rooms.entry(m.room.clone()).or_default();
+            room.rank(&m.epoch);
+            let top = room.max_seq.entry(m.epoch.clone()).or_insert(0);
+            *top = (*top).max(m.seq);
+            match room.msgs.get(&(m.epoch.clone(), m.seq)) {
+                Some(seen) => {
+                    if seen.text != m.text {
+                        room.conflicts += 1;
+                    }
+                }
+                None => {
+                    let seen = Seen {
+                        text: m.text.clone(),
+                        sender: m.id.clone(),
+                        server: m.server.clone(),
+                        timestamp: m.timestamp,
+                        first_seen_ms: ms,
+                    };
+                    room.msgs.insert((m.epoch.clone(), m.seq), seen);
+                    shared.published.fetch_add(1, Relaxed);
+                }
+            }
+        }
+        if m.id == self.id {
+            self.echoes.insert(m.text.clone());
+        }
+        let key = (m.epoch.clone(), m.seq);
+        if !self.delivered.entry(m.room.clone()).or_default().insert(key.clone()) {
+            self.app_duplicates += 1;
+            return; // a second copy is a duplicate, not also an out-of-order delivery
+        }
+        if let Some((e, s)) = self.last.get(&m.room) {
+            if *e == m.epoch && *s >= m.seq {
+                self.app_out_of_order += 1;
+                return; // the last stays the highest seen
+            }
+        }
+        self.first.entry(m.room.clone()).or_insert_with(|| key.clone());
+        self.last.insert(m.room, key);
+    }
+
+    /// The client's own `user_joined` for `room`. Only the first is its join point: later ones
+    /// are re-joins and restores, which must not excuse what was missed meanwhile.
+    pub(crate) fn record_own_join(
+        &mut self,
+        shared: &Shared,
+        ms: u64,
+        room: String,
+        head_seq: Option<u64>,
+        epoch: Option<String>,
+    ) {
+        if self.joins.contains_key(&room) {
+            return;
+        }
+        if let Some(e) = &epoch {
+            shared.sightings().rooms.entry(room.clone()).or_default().rank(e);
+        }
+        self.note(ms, format!("joined {room} at head {head_seq:?} epoch {epoch:?}"));
+        self.joins.insert(room, JoinPoint { epoch, head_seq, at_ms: ms });
     }
 
     /// The join point of `room`, falling back to "just before the first delivered".
@@ -208,60 +280,13 @@ pub(crate) async fn watch(
     mut events: mpsc::Receiver<Event>,
     shared: std::sync::Arc<Shared>,
 ) -> ClientLog {
-    let mut log = ClientLog { id, rooms, ..ClientLog::default() };
+    let mut log = ClientLog::new(id, rooms);
     while let Some(ev) = events.recv().await {
         let ms = shared.ms();
         match ev {
-            Event::Message(m) => {
-                shared.delivered.fetch_add(1, Relaxed);
-                {
-                    let mut sightings = shared.sightings();
-                    let room = sightings.rooms.entry(m.room.clone()).or_default();
-                    room.rank(&m.epoch);
-                    let top = room.max_seq.entry(m.epoch.clone()).or_insert(0);
-                    *top = (*top).max(m.seq);
-                    match room.msgs.get(&(m.epoch.clone(), m.seq)) {
-                        Some(seen) => {
-                            if seen.text != m.text {
-                                room.conflicts += 1;
-                            }
-                        }
-                        None => {
-                            let seen = Seen {
-                                text: m.text.clone(),
-                                sender: m.id.clone(),
-                                server: m.server.clone(),
-                                timestamp: m.timestamp,
-                                first_seen_ms: ms,
-                            };
-                            room.msgs.insert((m.epoch.clone(), m.seq), seen);
-                            shared.published.fetch_add(1, Relaxed);
-                        }
-                    }
-                }
-                if m.id == log.id {
-                    log.echoes.insert(m.text.clone());
-                }
-                let key = (m.epoch.clone(), m.seq);
-                if !log.delivered.entry(m.room.clone()).or_default().insert(key.clone()) {
-                    log.app_duplicates += 1;
-                }
-                if let Some((e, s)) = log.last.get(&m.room) {
-                    if *e == m.epoch && *s >= m.seq {
-                        log.app_out_of_order += 1;
-                    }
-                }
-                log.first.entry(m.room.clone()).or_insert_with(|| key.clone());
-                log.last.insert(m.room, key);
-            }
-            // Only the first own join of a room is its join point: later ones are re-joins
-            // and restores, which must not excuse what was missed meanwhile.
-            Event::UserJoined { room, id, head_seq, epoch, .. } if id == log.id && !log.joins.contains_key(&room) => {
-                if let Some(e) = &epoch {
-                    shared.sightings().rooms.entry(room.clone()).or_default().rank(e);
-                }
-                log.note(ms, format!("joined {room} at head {head_seq:?} epoch {epoch:?}"));
-                log.joins.insert(room, JoinPoint { epoch, head_seq, at_ms: ms });
+            Event::Message(m) => log.record_message(&shared, ms, m),
+            Event::UserJoined { room, id, head_seq, epoch, .. } if id == log.id => {
+                log.record_own_join(&shared, ms, room, head_seq, epoch);
             }
             Event::Connected { server, session, rooms, attempt, since_disconnect, .. } => {
                 log.note(ms, format!("connected to {server}: {session:?} {rooms:?}, attempt {attempt}"));
@@ -669,6 +694,24 @@ mod tests {
         let t = account(&[c], &l, None, &SendLog::default(), 0);
         assert_eq!((t.expected, t.lost), (1, 1));
         assert_eq!(t.lost_examples[0].epoch, "new");
+    }
+
+    #[test]
+    fn a_second_copy_is_a_duplicate_and_an_older_seq_is_out_of_order() {
+        let shared = Shared::new();
+        let mut log = ClientLog::new("c".into(), vec!["r".into()]);
+        let msg = |seq: u64| -> RoomMessage {
+            let frame = format!(
+                r#"{{"type":"message","room":"r","from":"s","id":"s","text":"t{seq}","server":"n","timestamp":0,"seq":{seq},"epoch":"e"}}"#
+            );
+            serde_json::from_str(&frame).expect("a room message")
+        };
+        for seq in [1, 3, 3, 2, 4] {
+            log.record_message(&shared, 0, msg(seq));
+        }
+        assert_eq!((log.app_duplicates, log.app_out_of_order), (1, 1));
+        assert_eq!(log.delivered["r"].len(), 4);
+        assert_eq!(log.last["r"], ("e".to_string(), 4), "the last is the highest seen");
     }
 
     #[test]

@@ -42,6 +42,14 @@ pub struct ChaosArgs {
     /// Longest wait after the load for every client to catch up.
     #[arg(long, default_value_t = 15.0, value_name = "SECS", value_parser = positive)]
     pub drain_timeout: f64,
+    /// Plain WebSocket clients (no reconnect) through a balancer with --failover rehome;
+    /// the schedule adds drains and one rolling SIGTERM restart; any close a client sees fails the run.
+    #[arg(long, conflicts_with = "redis_restart")]
+    pub naive: bool,
+    /// With --naive: the balancer's failover mode; reconnect is the contrast run (clients closed).
+    #[arg(long, default_value = "rehome", value_name = "MODE", requires = "naive",
+          value_parser = clap::builder::PossibleValuesParser::new(["rehome", "reconnect"]))]
+    pub failover: String,
     /// Write each process' log to DIR/NAME.log (silenced otherwise).
     #[arg(long, value_name = "DIR")]
     pub logs: Option<PathBuf>,

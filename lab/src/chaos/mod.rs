@@ -19,6 +19,7 @@
 mod account;
 mod args;
 mod in_flight;
+pub mod naive;
 mod report;
 mod schedule;
 
@@ -90,6 +91,12 @@ pub struct ChaosOptions {
     pub logs: Option<PathBuf>,
     /// Print the start-up lines and one progress line per second on stderr.
     pub progress: bool,
+    /// Plain WebSocket clients without reconnect logic, the balancer in `failover = "rehome"`
+    /// mode, drains and a rolling restart beside the kills ([`naive`]).
+    pub naive: bool,
+    /// The balancer's `--failover` in naive mode: `rehome` (the point of the run) or
+    /// `reconnect` (a contrast run: what naive clients suffer without it).
+    pub failover: String,
 }
 
 impl Default for ChaosOptions {
@@ -108,6 +115,8 @@ impl Default for ChaosOptions {
             seed: 1,
             logs: None,
             progress: true,
+            naive: false,
+            failover: "rehome".into(),
         }
     }
 }
@@ -136,6 +145,12 @@ impl ChaosOptions {
         if self.nats && self.redis_restart {
             bail!("--redis-restart does not apply with --nats");
         }
+        if !["rehome", "reconnect"].contains(&self.failover.as_str()) {
+            bail!("--failover must be rehome or reconnect, not {:?}", self.failover);
+        }
+        if self.naive && self.redis_restart {
+            bail!("--redis-restart does not apply with --naive (its clients never retry a refused send)");
+        }
         Ok(())
     }
 }
@@ -157,6 +172,8 @@ impl From<ChaosArgs> for ChaosOptions {
             seed,
             logs: a.logs,
             progress: true,
+            naive: a.naive,
+            failover: a.failover,
         }
     }
 }
@@ -170,6 +187,9 @@ pub async fn run_cli(args: ChaosArgs) -> Result<i32> {
     if let Err(e) = opts.validate() {
         eprintln!("tether chaos: {e}");
         return Ok(crate::EXIT_USAGE.into());
+    }
+    if opts.naive {
+        return naive::run_cli(opts, json.as_deref()).await;
     }
     let report = run(opts).await?;
     crate::bench::print_report(&format!("{}\n", report.table()), &report, json.as_deref())?;
