@@ -22,7 +22,8 @@ use tracing::{debug, Instrument};
 
 use crate::conn::ClientConn;
 use crate::metrics::Kind;
-use crate::proxy::{connect, set_forwarded, strip_hop_by_hop};
+use crate::pool::connect;
+use crate::proxy::{set_forwarded, strip_hop_by_hop};
 use crate::response::{full, Body};
 use crate::{Error, Shared};
 

@@ -75,6 +75,21 @@ pub const UPGRADE_HANDED_OVER: &str = "tether_balancer_upgrade_tunnels_handed_ov
 /// process it replaced.
 pub const UPGRADE_ADOPTED: &str = "tether_balancer_upgrade_tunnels_adopted";
 
+/// `tether_balancer_rehomes_total{reason="down|drain|restart",result="ok|failed"}`: switches
+/// of re-homing tunnels (`failover = "rehome"`) to another node, by what set them off (the
+/// node died or was marked down, was drained, or closed 1012) and how they ended (`failed`:
+/// the client was closed after all).
+pub const REHOMES: &str = "tether_balancer_rehomes";
+/// `tether_balancer_rehome_resent_total`: client messages re-homing tunnels sent again to the
+/// new node (unconfirmed by the old one); the node publishes each at most once.
+pub const REHOME_RESENT: &str = "tether_balancer_rehome_resent";
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RehomeLabels {
+    pub reason: &'static str,
+    pub result: &'static str,
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct UpgradeLabels {
     pub result: &'static str,
@@ -178,6 +193,8 @@ pub struct Metrics {
     upgrades: Family<UpgradeLabels, Counter>,
     pub handed_over: Counter,
     pub adopted: Counter,
+    rehomes: Family<RehomeLabels, Counter>,
+    pub rehome_resent: Counter,
 }
 
 #[derive(Debug, Default)]
@@ -266,6 +283,18 @@ impl Metrics {
         registry.register(UPGRADE_HANDED_OVER, "Tunnels handed to the next process on upgrade", handed_over.clone());
         let adopted = Counter::default();
         registry.register(UPGRADE_ADOPTED, "Tunnels taken over from the previous process", adopted.clone());
+        let rehomes = Family::<RehomeLabels, Counter>::default();
+        registry.register(
+            REHOMES,
+            "Switches of re-homing tunnels to another node, by cause and result",
+            rehomes.clone(),
+        );
+        let rehome_resent = Counter::default();
+        registry.register(
+            REHOME_RESENT,
+            "Client messages resent to a new node by re-homing tunnels",
+            rehome_resent.clone(),
+        );
         Self {
             registry,
             nodes,
@@ -281,7 +310,14 @@ impl Metrics {
             upgrades,
             handed_over,
             adopted,
+            rehomes,
+            rehome_resent,
         }
+    }
+
+    /// Counts one switch of a re-homing tunnel.
+    pub fn rehomed(&self, reason: &'static str, ok: bool) {
+        self.rehomes.get_or_create(&RehomeLabels { reason, result: if ok { "ok" } else { "failed" } }).inc();
     }
 
     /// Counts one upgrade attempt.

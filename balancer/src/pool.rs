@@ -12,13 +12,17 @@
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 
+use std::time::Duration;
+
 use arc_swap::ArcSwap;
 use tether_proto::hrw;
+use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::NodeConfig;
 use crate::metrics::{CheckResult, Metrics, NodeMetrics};
+use crate::Error;
 
 /// What the health checks (and failed connects) say about a node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -291,6 +295,14 @@ impl Pool {
         hrw::best(&self.names, client, |i| self.nodes[i].tier() == Some(wanted))
     }
 
+    /// [`Pool::pick`] leaving out the nodes in `except` (a re-homing tunnel's node that just
+    /// failed it, before a probe has said so).
+    pub fn pick_except(&self, client: &str, except: &[usize]) -> Option<usize> {
+        let usable = |i: usize, wanted: Health| !except.contains(&i) && self.nodes[i].tier() == Some(wanted);
+        let wanted = if (0..self.nodes.len()).any(|i| usable(i, Health::Up)) { Health::Up } else { Health::Unready };
+        hrw::best(&self.names, client, |i| usable(i, wanted))
+    }
+
     /// The nodes to try for a server API request, in order: the `up` ones, starting at
     /// `turn` (round robin), then the `unready` ones likewise (alive beats failing); never a
     /// down or draining one.
@@ -311,6 +323,23 @@ impl Pool {
     /// Open upstream connections over all nodes.
     pub fn active_connections(&self) -> i64 {
         self.nodes.iter().map(|n| n.metrics.active.get()).sum()
+    }
+}
+
+/// A TCP connection to `node`, within `timeout` (failures name the node and its address).
+pub(crate) async fn connect(node: &Node, timeout: Duration) -> Result<TcpStream, Error> {
+    match tokio::time::timeout(timeout, TcpStream::connect(&node.addr)).await {
+        Ok(Ok(stream)) => {
+            // Chat frames are small and latency-bound.
+            let _ = stream.set_nodelay(true);
+            Ok(stream)
+        }
+        Ok(Err(source)) => Err(Error::NodeConnect { node: node.name.clone(), addr: node.addr.clone(), source }),
+        Err(_) => Err(Error::NodeConnectTimeout {
+            node: node.name.clone(),
+            addr: node.addr.clone(),
+            timeout_ms: timeout.as_millis(),
+        }),
     }
 }
 

@@ -9,7 +9,6 @@
 use std::convert::Infallible;
 use std::net::IpAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::uri::PathAndQuery;
@@ -25,9 +24,10 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, field, warn, Instrument};
 
+use crate::config::Failover;
 use crate::conn::ClientConn;
 use crate::metrics::Kind;
-use crate::pool::{ActiveGuard, Node};
+use crate::pool::{connect, ActiveGuard, Node};
 use crate::response::{empty, out_of_descriptors, text_response, Body};
 use crate::{tunnel, Error, Shared};
 
@@ -143,6 +143,12 @@ async fn forward(
     if let Err(e) = prepare_upstream_request(&mut request, &id, conn.peer.ip(), conn.tls) {
         return text_response(StatusCode::BAD_REQUEST, e);
     }
+    // Re-homing reads the frames it forwards: no extension (compression) may change them,
+    // and a new node gets the same request again.
+    let redial = (kind == Kind::ws && shared.config().failover == Failover::Rehome).then(|| {
+        request.headers_mut().remove(header::SEC_WEBSOCKET_EXTENSIONS);
+        tunnel::rehome::Redial { uri: request.uri().clone(), headers: request.headers().clone() }
+    });
 
     let (mut sender, upstream) = match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await {
         Ok(pair) => pair,
@@ -184,15 +190,32 @@ async fn forward(
         // Plain TCP on both sides: an upgrade can hand it over. A TLS session cannot move to
         // another process: its tunnel stays in this one through an upgrade (drained after
         // `upgrade_drain_secs`).
-        let movable = (!conn.tls).then(|| tunnel::Movable {
-            tunnels: Arc::clone(&shared.process.tunnels),
-            client_id: id.as_str().into(),
-            node: node.name.as_str().into(),
-        });
-        shared.tracker.spawn(
-            tunnel::run(client_upgrade, node_upgrade, websocket, stops, guard, Arc::clone(conn), movable)
-                .instrument(tunnel_span),
-        );
+        match redial.filter(|_| websocket) {
+            Some(redial) => {
+                let setup = tunnel::rehome::Setup {
+                    shared: Arc::clone(shared),
+                    id: id.clone(),
+                    index,
+                    guard,
+                    redial,
+                    conn: Arc::clone(conn),
+                    down: stops.node_down,
+                    drain: stops.drain,
+                };
+                shared.tracker.spawn(tunnel::rehome::run(client_upgrade, node_upgrade, setup).instrument(tunnel_span));
+            }
+            None => {
+                let movable = (!conn.tls).then(|| tunnel::Movable {
+                    tunnels: Arc::clone(&shared.process.tunnels),
+                    client_id: id.as_str().into(),
+                    node: node.name.as_str().into(),
+                });
+                shared.tracker.spawn(
+                    tunnel::run(client_upgrade, node_upgrade, websocket, stops, guard, Arc::clone(conn), movable)
+                        .instrument(tunnel_span),
+                );
+            }
+        }
         // The node's 101 headers (Upgrade, Connection, Sec-WebSocket-*) go back unchanged.
         let (parts, _) = response.into_parts();
         Response::from_parts(parts, empty())
@@ -265,22 +288,6 @@ async fn connect_ranked(shared: &Shared, id: &str) -> Result<Upstream, NoUpstrea
         }
     }
     Err(NoUpstream::NoNode)
-}
-
-pub(crate) async fn connect(node: &Node, timeout: Duration) -> Result<TcpStream, Error> {
-    match tokio::time::timeout(timeout, TcpStream::connect(&node.addr)).await {
-        Ok(Ok(stream)) => {
-            // Chat frames are small and latency-bound.
-            let _ = stream.set_nodelay(true);
-            Ok(stream)
-        }
-        Ok(Err(source)) => Err(Error::NodeConnect { node: node.name.clone(), addr: node.addr.clone(), source }),
-        Err(_) => Err(Error::NodeConnectTimeout {
-            node: node.name.clone(),
-            addr: node.addr.clone(),
-            timeout_ms: timeout.as_millis(),
-        }),
-    }
 }
 
 /// Keeps the upstream HTTP connection going until it ends (or hands itself over to a tunnel),

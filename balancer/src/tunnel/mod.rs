@@ -84,6 +84,7 @@ mod drain;
 mod linger;
 pub(crate) mod park;
 mod pump;
+pub(crate) mod rehome;
 
 pub(crate) use drain::DRAIN_FRAME_DEADLINE;
 use drain::{fired, pump_from_node, FromNode};

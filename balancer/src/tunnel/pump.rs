@@ -86,7 +86,7 @@ where
 }
 
 /// Runs `f` on this thread's scratch buffer.
-fn with_scratch<T>(f: impl FnOnce(&mut [u8]) -> T) -> T {
+pub(super) fn with_scratch<T>(f: impl FnOnce(&mut [u8]) -> T) -> T {
     // Polls never run during thread-local destruction, so `with` cannot fail here.
     SCRATCH.with(|cell| match cell.try_borrow_mut() {
         Ok(mut buf) => f(&mut buf),
