@@ -29,6 +29,10 @@ pub enum BenchKind {
     /// Webhook events/s: clients connecting, joining and leaving in a loop against a local
     /// receiver; decided and delivered events/s, decision → delivery latency.
     Webhooks(WebhooksArgs),
+    /// The balancer's `--failover rehome` against `reconnect`: CPU per proxied frame and
+    /// latency at fixed rates, and the switch time of clients when their node is killed or
+    /// drained.
+    Rehome(RehomeArgs),
     /// A minimal WebSocket echo server (the backend of `bench proxies`).
     EchoBackend(EchoArgs),
     /// A load-generator child of `bench idle`/`fanout` (started by them, not by people).
@@ -214,6 +218,50 @@ pub struct ProxiesArgs {
     #[arg(long, value_name = "FILE")]
     pub json: Option<PathBuf>,
     /// Keep the proxies' configuration and logs in DIR.
+    #[arg(long, value_name = "DIR")]
+    pub logs: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct RehomeArgs {
+    /// Nodes behind both balancers (2 or 3) [default: 3; --quick 2].
+    #[arg(long, value_name = "K", value_parser = clap::value_parser!(u16).range(2..=3).map(usize::from))]
+    pub nodes: Option<usize>,
+    /// (a) rooms per balancer [default: 4].
+    #[arg(long, value_name = "R", value_parser = clap::value_parser!(u32).range(1..=100).map(|n| n as usize))]
+    pub rooms: Option<usize>,
+    /// (a) clients per room, one of which publishes [default: 25].
+    #[arg(long, value_name = "M", value_parser = clap::value_parser!(u32).range(1..=500).map(|n| n as usize))]
+    pub members: Option<usize>,
+    /// (a) room-message deliveries per second of each step, all clients together
+    /// [default: 2000,5000].
+    #[arg(long, value_name = "A,B", value_delimiter = ',', value_parser = positive)]
+    pub rates: Option<Vec<f64>>,
+    /// (a) rounds; each measures both modes at every rate, the order alternating [default: 3].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=50))]
+    pub rounds: Option<u32>,
+    /// (a) seconds measured per mode, rate and round [default: 5].
+    #[arg(long, value_name = "SECS", value_parser = positive)]
+    pub step_secs: Option<f64>,
+    /// (b) clients on the node that is killed or drained [default: 100].
+    #[arg(long, value_name = "K", value_parser = clap::value_parser!(u32).range(1..=2000).map(|n| n as usize))]
+    pub clients: Option<usize>,
+    /// (b) messages per second the publishers send to those clients' rooms [default: 100].
+    #[arg(long, value_name = "MSG_PER_S", value_parser = positive)]
+    pub switch_rate: Option<f64>,
+    /// (b) SIGKILL rounds (the node is restarted between them) [default: 5].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(0..=50))]
+    pub kills: Option<u32>,
+    /// (b) drain rounds (the node is undrained between them) [default: 3].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(0..=50))]
+    pub drains: Option<u32>,
+    /// Smoke run: 2 nodes, 10 clients per balancer, one short step, 2 kills and 1 drain.
+    #[arg(long)]
+    pub quick: bool,
+    /// Write the figures as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// Write the servers' logs to DIR.
     #[arg(long, value_name = "DIR")]
     pub logs: Option<PathBuf>,
 }

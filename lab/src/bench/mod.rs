@@ -17,6 +17,9 @@
 //! - [`proxies`]: the balancer against HAProxy and nginx (and a direct connection as the
 //!   floor) on the same echo workloads: throughput, latency at a fixed rate, upgrades per
 //!   second, memory per idle tunnel.
+//! - [`rehome`]: the balancer's `--failover rehome` against `reconnect`: CPU per proxied frame
+//!   and latency at fixed rates, and how long clients take to be rehomed when their node is
+//!   killed or drained.
 //!
 //! Support: [`wsraw`] is the minimal WebSocket codec the load side speaks (cheap enough that
 //! the load generator is not what gets measured), [`protocol`] what it speaks over it
@@ -39,6 +42,7 @@ pub mod procfs;
 pub mod protocol;
 pub mod proxies;
 pub mod publish;
+pub mod rehome;
 pub mod rooms;
 pub mod rtt;
 pub mod socketio;
@@ -202,6 +206,7 @@ pub async fn run_cli(bench: args::BenchArgs) -> Result<i32> {
         BenchKind::Fanout(args) => fanout::run_cli(args).await,
         BenchKind::Proxies(args) => proxies::run_cli(args).await,
         BenchKind::Webhooks(args) => webhooks::run_cli(args).await,
+        BenchKind::Rehome(args) => rehome::run_cli(args).await,
         BenchKind::EchoBackend(args) => echo::run_cli(args).await,
         BenchKind::Worker(args) => worker::run_cli(args).await,
     }
