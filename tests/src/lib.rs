@@ -69,6 +69,15 @@ impl WsClient {
         self.ws
     }
 
+    /// The TCP socket under a plain `ws://` connection, for a test that writes raw bytes (half
+    /// a frame, say) between two whole frames of its own.
+    pub fn tcp_mut(&mut self) -> Option<&mut TcpStream> {
+        match self.ws.get_mut() {
+            MaybeTlsStream::Plain(tcp) => Some(tcp),
+            _ => None,
+        }
+    }
+
     /// Connects and reads the `connected` frame.
     pub async fn connect_ready(url: &str) -> Result<(Self, Value)> {
         let mut c = Self::connect(url).await?;

@@ -196,6 +196,9 @@ pub struct ClientPeek<'a> {
     /// Present and a string; whether it is a *valid* `msg_id` is [`validate_msg_id`]'s call.
     #[serde(default, borrow, deserialize_with = "lenient_str")]
     pub msg_id: Option<std::borrow::Cow<'a, str>>,
+    /// A `refresh` frame's token.
+    #[serde(default, borrow, deserialize_with = "lenient_str")]
+    pub token: Option<std::borrow::Cow<'a, str>>,
 }
 
 impl<'a> ClientPeek<'a> {

@@ -6,7 +6,8 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use http::{HeaderMap, Request, StatusCode, Uri};
+use http::header::AUTHORIZATION;
+use http::{HeaderMap, HeaderValue, Request, StatusCode, Uri};
 use http_body_util::Empty;
 use hyper_util::rt::TokioIo;
 use tether_proto::limits::is_out_of_descriptors;
@@ -22,6 +23,49 @@ use crate::{Error, Shared};
 pub(crate) struct Redial {
     pub uri: Uri,
     pub headers: HeaderMap,
+}
+
+impl Redial {
+    /// The upgrade request for the next node: the first one, but with `token` (one the client
+    /// refreshed since, a node accepted it) in place of the token it carried, wherever it
+    /// carried one (the `token` query parameter, `Authorization: Bearer`).
+    fn request(&self, token: Option<&str>) -> Request<Empty<Bytes>> {
+        let mut uri = self.uri.clone();
+        let mut headers = self.headers.clone();
+        if let Some(token) = token {
+            if let Some(query) =
+                uri.query().filter(|q| q.split('&').any(|pair| pair.split('=').next() == Some("token")))
+            {
+                let query: Vec<String> = query
+                    .split('&')
+                    .map(|pair| match pair.split('=').next() {
+                        Some("token") => format!("token={token}"),
+                        _ => pair.to_owned(),
+                    })
+                    .collect();
+                let mut parts = uri.clone().into_parts();
+                let with = format!("{}?{}", uri.path(), query.join("&"));
+                if let Ok(pq) = http::uri::PathAndQuery::try_from(with) {
+                    parts.path_and_query = Some(pq);
+                    if let Ok(changed) = Uri::from_parts(parts) {
+                        uri = changed;
+                    }
+                }
+            }
+            let bearer = headers
+                .get(AUTHORIZATION)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.len() > 7 && v[..7].eq_ignore_ascii_case("bearer "));
+            if bearer {
+                if let Ok(value) = HeaderValue::try_from(format!("Bearer {token}")) {
+                    headers.insert(AUTHORIZATION, value);
+                }
+            }
+        }
+        let mut request = Request::get(uri).body(Empty::<Bytes>::new()).expect("a GET with a valid URI");
+        *request.headers_mut() = headers;
+        request
+    }
 }
 
 /// A node's WebSocket, opened.
@@ -43,12 +87,14 @@ pub(super) enum NoDial {
     Refused(StatusCode),
 }
 
-/// Connects the best node for `id` not in `except`, and upgrades; a node that fails (connect,
-/// HTTP, a non-101 answer other than a 4xx) is added to `except` and the next one tried.
+/// Connects the best node for `id` not in `except`, and upgrades (with the client's refreshed
+/// `token`, if any); a node that fails (connect, HTTP, a non-101 answer other than a 4xx) is
+/// added to `except` and the next one tried.
 pub(super) async fn dial(
     shared: &Shared,
     id: &str,
     redial: &Redial,
+    token: Option<&str>,
     except: &mut Vec<usize>,
 ) -> Result<Dialed, NoDial> {
     while let Some(index) = shared.pool.pick_except(id, except) {
@@ -76,7 +122,7 @@ pub(super) async fn dial(
             }
         };
         let guard = Arc::new(ActiveGuard::new(node));
-        match tokio::time::timeout(answer_timeout, upgrade(stream, redial)).await {
+        match tokio::time::timeout(answer_timeout, upgrade(stream, redial.request(token))).await {
             Ok(Ok(Answer::Switched(stream, early))) => return Ok(Dialed { index, stream, early, guard }),
             Ok(Ok(Answer::Status(status))) if status.is_client_error() => return Err(NoDial::Refused(status)),
             Ok(Ok(Answer::Status(status))) => debug!(node = %node.name, %status, "rehome: upgrade not accepted"),
@@ -93,10 +139,8 @@ enum Answer {
     Status(StatusCode),
 }
 
-async fn upgrade(stream: TcpStream, redial: &Redial) -> Result<Answer, hyper::Error> {
+async fn upgrade(stream: TcpStream, request: Request<Empty<Bytes>>) -> Result<Answer, hyper::Error> {
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-    let mut request = Request::get(redial.uri.clone()).body(Empty::<Bytes>::new()).expect("a GET with a known URI");
-    *request.headers_mut() = redial.headers.clone();
     // The connection is driven here, alongside the request: it ends when it hands the
     // socket over (or fails).
     let exchange = async {
@@ -123,5 +167,39 @@ async fn upgrade(stream: TcpStream, redial: &Redial) -> Result<Answer, hyper::Er
             // Only a change in how this module builds the connection gets here.
             Err(_) => Ok(Answer::Status(StatusCode::BAD_GATEWAY)),
         },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn redial(uri: &str, bearer: Option<&str>) -> Redial {
+        let mut headers = HeaderMap::new();
+        headers.insert("x-other", HeaderValue::from_static("kept"));
+        if let Some(b) = bearer {
+            headers.insert(AUTHORIZATION, HeaderValue::try_from(format!("Bearer {b}")).unwrap());
+        }
+        Redial { uri: uri.parse().unwrap(), headers }
+    }
+
+    #[test]
+    fn the_request_is_the_first_one_without_a_refreshed_token() {
+        let r = redial("/ws?client=a&token=old", Some("old"));
+        let req = r.request(None);
+        assert_eq!(req.uri(), "/ws?client=a&token=old");
+        assert_eq!(req.headers()[AUTHORIZATION], "Bearer old");
+        assert_eq!(req.headers()["x-other"], "kept");
+    }
+
+    #[test]
+    fn a_refreshed_token_replaces_the_old_one_where_it_was() {
+        let req = redial("/ws?client=a&token=old&x=1", None).request(Some("new.tok-en_"));
+        assert_eq!(req.uri(), "/ws?client=a&token=new.tok-en_&x=1");
+        assert!(req.headers().get(AUTHORIZATION).is_none(), "no header added");
+        let req = redial("/ws?client=a", Some("old")).request(Some("new"));
+        assert_eq!(req.uri(), "/ws?client=a", "no query parameter added");
+        assert_eq!(req.headers()[AUTHORIZATION], "Bearer new");
+        assert_eq!(req.headers()["x-other"], "kept");
     }
 }

@@ -500,11 +500,13 @@ impl Rehome {
         self.node_closing = false;
         self.written = 0;
         self.switching = true;
+        // A token the client refreshed since its upgrade replaces the one it carried.
+        let token = self.t.token.clone();
         loop {
             let dialed = {
                 let (mut crx, mut ctx) = client.halves();
                 tokio::select! {
-                    dialed = dial(shared, id, redial, &mut except) => dialed,
+                    dialed = dial(shared, id, redial, token.as_deref(), &mut except) => dialed,
                     ev = poll_fn(|cx| self.poll_io(cx, &mut crx, &mut ctx, None)) => match ev {
                         Ev::End(end) => return Err(end),
                         // Without a node there is nothing else to stop for.

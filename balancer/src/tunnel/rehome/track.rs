@@ -88,6 +88,8 @@ struct NodePeek<'a> {
     #[serde(default, borrow)]
     msg_id: Option<Cow<'a, str>>,
     #[serde(default, borrow)]
+    code: Option<Cow<'a, str>>,
+    #[serde(default, borrow)]
     reason: Option<Cow<'a, str>>,
     #[serde(default, borrow)]
     epoch: Option<Cow<'a, str>>,
@@ -126,7 +128,16 @@ pub struct Tracker {
     pub server: Box<str>,
     /// The client sent a close frame: the node's answer and hang-up end the tunnel.
     pub client_closing: bool,
+    /// Tokens of `refresh` frames the node has not answered yet, oldest first.
+    refreshes: VecDeque<Box<str>>,
+    /// The last token a node accepted in a `refresh`: a switch presents it instead of the one
+    /// the client connected with (which may have expired since).
+    pub token: Option<Box<str>>,
 }
+
+/// Refreshes awaiting their answer that a tracker keeps (a client sending more at once is
+/// odd; the oldest are forgotten).
+const MAX_PENDING_REFRESHES: usize = 4;
 
 impl Tracker {
     pub fn new(client_id: &str) -> Self {
@@ -145,6 +156,8 @@ impl Tracker {
             unconfirmed_bytes: 0,
             resent: HashSet::new(),
             resuming: HashSet::new(),
+            refreshes: VecDeque::new(),
+            token: None,
             rejoining: HashSet::new(),
             awaiting_connected: None,
             server: "".into(),
@@ -181,8 +194,19 @@ impl Tracker {
             Some(b"user_left") => self.on_left(text),
             Some(b"duplicate") => self.on_duplicate(text),
             Some(b"error") => {
-                if let Some(msg_id) = peek(text).msg_id {
+                let p = peek(text);
+                if let Some(msg_id) = p.msg_id {
                     self.confirm(&msg_id);
+                } else if p.code.as_deref() == Some("unauthorized") {
+                    // The answer to the oldest refresh (a refused one), or to something else
+                    // when none is pending.
+                    self.refreshes.pop_front();
+                }
+                Down::Forward
+            }
+            Some(b"refreshed") => {
+                if let Some(token) = self.refreshes.pop_front() {
+                    self.token = Some(token);
                 }
                 Down::Forward
             }
@@ -309,7 +333,14 @@ impl Tracker {
         }
         let payload = unmask(&frame[h.header_len..], h.mask);
         let Ok(text) = std::str::from_utf8(&payload) else { return plain(frame) };
-        let Some(peek) = ClientPeek::read(text).filter(|p| p.kind == "message") else { return plain(frame) };
+        let Some(peek) = ClientPeek::read(text) else { return plain(frame) };
+        if peek.kind == "refresh" {
+            self.on_refresh(peek.token.as_deref());
+            return plain(frame);
+        }
+        if peek.kind != "message" {
+            return plain(frame);
+        }
         let (msg_id, frame) = match (peek.message_msg_id(), &peek.msg_id) {
             (Some(id), _) => (Box::from(id), Bytes::copy_from_slice(frame)),
             // An invalid `msg_id`: the node refuses the message; nothing to track.
@@ -327,6 +358,21 @@ impl Tracker {
         self.unconfirmed_bytes += frame.len();
         self.unconfirmed.push_back(Unconfirmed { no, msg_id, frame: frame.clone() });
         Up { no, frame, tracked: true }
+    }
+
+    /// A client's `refresh`: its token awaits the node's answer. Only a token that can stand
+    /// in a URL as it is (a JWT's base64url parts and dots) is kept: one that cannot would
+    /// not verify anyway.
+    fn on_refresh(&mut self, token: Option<&str>) {
+        let Some(token) = token else { return };
+        let plain = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '=');
+        if token.is_empty() || !token.chars().all(plain) {
+            return;
+        }
+        if self.refreshes.len() == MAX_PENDING_REFRESHES {
+            self.refreshes.pop_front();
+        }
+        self.refreshes.push_back(token.into());
     }
 
     /// A new node answered 101: its `connected` is awaited (an empty `session` marks it
@@ -472,6 +518,30 @@ mod tests {
             Down::Forward
         );
         assert_eq!(t.unconfirmed_bytes(), 0);
+    }
+
+    #[test]
+    fn a_refreshed_token_counts_once_a_node_accepted_it() {
+        let mut t = Tracker::new("alice");
+        let refresh = |t: &mut Tracker, token: &str| {
+            let (h, frame) = client_frame(&format!(r#"{{"type":"refresh","token":"{token}"}}"#));
+            assert!(!t.on_client_frame(&h, &frame).tracked);
+        };
+        refresh(&mut t, "first.ok");
+        assert_eq!(t.token, None, "not before the answer");
+        assert_eq!(node(&mut t, r#"{"type":"refreshed","exp":99}"#), Down::Forward);
+        assert_eq!(t.token.as_deref(), Some("first.ok"));
+        // A refused refresh changes nothing; answers pair with refreshes in order.
+        refresh(&mut t, "bad.sig");
+        refresh(&mut t, "second.ok");
+        node(&mut t, r#"{"type":"error","code":"unauthorized","message":"signature"}"#);
+        assert_eq!(t.token.as_deref(), Some("first.ok"));
+        node(&mut t, r#"{"type":"refreshed","exp":100}"#);
+        assert_eq!(t.token.as_deref(), Some("second.ok"));
+        // A token that could not stand in a URL as it is is not kept.
+        refresh(&mut t, "a&b=c");
+        node(&mut t, r#"{"type":"refreshed","exp":101}"#);
+        assert_eq!(t.token.as_deref(), Some("second.ok"));
     }
 
     #[test]
