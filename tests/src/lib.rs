@@ -408,6 +408,28 @@ where
     Ok(tether_kit::eventually(DEADLINE, what, check).await?)
 }
 
+/// The first id `{prefix}-N` whose rank order over `nodes` starts with `order` (its first
+/// node, or its first few): how a test puts a client where it wants it.
+pub fn id_ranked(nodes: &[&str], prefix: &str, order: &[&str]) -> String {
+    (0..)
+        .map(|i| format!("{prefix}-{i}"))
+        .find(|id| tether_proto::hrw::rank(nodes, id).iter().zip(order).all(|(&i, want)| nodes[i] == *want))
+        .expect("an id")
+}
+
+/// A node's state (`up`, `down`, `draining`…) in the balancer's `/status`.
+pub async fn node_state(c: &tether_kit::Cluster, name: &str) -> Option<String> {
+    let mut admin = HttpConn::connect(c.balancer().admin_addr()).await.ok()?;
+    let status = admin.get_json("/status").await.ok()?;
+    let node = status["nodes"].as_array()?.iter().find(|n| n["name"] == name)?;
+    node["state"].as_str().map(str::to_owned)
+}
+
+/// Waits until the balancer shows node `name` up.
+pub async fn until_up(c: &tether_kit::Cluster, name: &str) -> Result<()> {
+    eventually(&format!("{name} up"), || async { (node_state(c, name).await? == "up").then_some(()) }).await
+}
+
 /// `PUBSUB NUMSUB channel` on the given Redis.
 pub async fn numsub(redis_url: &str, channel: &str) -> Result<i64> {
     let client = redis::Client::open(redis_url)?;

@@ -19,9 +19,9 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-use tether_kit::{Cluster, LogTarget, NodeProcess, RedisServer, SpawnOptions};
+use tether_kit::{LogTarget, NodeProcess, RedisServer, SpawnOptions};
 use tether_proto::wire::ClientMsg;
-use tether_tests::{eventually, http_get, HttpConn, WsClient, DEADLINE};
+use tether_tests::{eventually, http_get, until_up, HttpConn, WsClient, DEADLINE};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpSocket;
@@ -375,17 +375,6 @@ fn expect_1012(round: usize, ends: &[(Ending, u64)], reason: &str) -> Result<()>
         bail!("{} of {} streamers did not get 1012 {reason:?}:\n{}", bad.len(), ends.len(), bad.join("\n"));
     }
     Ok(())
-}
-
-async fn node_state(c: &Cluster, name: &str) -> Option<String> {
-    let mut admin = HttpConn::connect(c.balancer().admin_addr()).await.ok()?;
-    let status = admin.get_json("/status").await.ok()?;
-    let node = status["nodes"].as_array()?.iter().find(|n| n["name"] == name)?;
-    node["state"].as_str().map(str::to_owned)
-}
-
-async fn until_up(c: &Cluster, name: &str) -> Result<()> {
-    eventually(&format!("{name} up"), || async { (node_state(c, name).await? == "up").then_some(()) }).await
 }
 
 #[tokio::test]

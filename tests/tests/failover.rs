@@ -11,7 +11,7 @@ use tether_tests::WsClient;
 const NODES: [&str; 3] = ["node-1", "node-2", "node-3"];
 
 fn id_on(node: &str, prefix: &str) -> String {
-    (0..).map(|i| format!("{prefix}-{i}")).find(|id| NODES[hrw::rank(&NODES, id)[0]] == node).expect("an id")
+    tether_tests::id_ranked(&NODES, prefix, &[node])
 }
 
 fn seqs(cs: &[&WsClient], room: &str) -> Vec<u64> {

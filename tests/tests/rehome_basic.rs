@@ -4,13 +4,12 @@
 
 use anyhow::{Context, Result};
 use std::collections::BTreeSet;
-use tether_proto::hrw;
 use tether_tests::WsClient;
 
 const NODES: [&str; 3] = ["node-1", "node-2", "node-3"];
 
 fn id_on(node: &str, prefix: &str) -> String {
-    (0..).map(|i| format!("{prefix}-{i}")).find(|id| NODES[hrw::rank(&NODES, id)[0]] == node).expect("an id")
+    tether_tests::id_ranked(&NODES, prefix, &[node])
 }
 
 async fn rehome_cluster() -> Result<tether_kit::Cluster> {

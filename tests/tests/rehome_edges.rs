@@ -15,18 +15,13 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use tether_kit::{BalancerProcess, Cluster, ClusterLogs, ClusterOptions, NodeProcess, RedisServer};
-use tether_proto::hrw;
-use tether_tests::{Closed, HttpConn, WsClient};
+use tether_tests::{Closed, WsClient};
 use tokio::io::AsyncWriteExt;
 
 const NODES: [&str; 3] = ["node-1", "node-2", "node-3"];
 
-/// The first id `{prefix}-N` whose rank order starts with `order`.
 fn id_ranked(prefix: &str, order: &[&str]) -> String {
-    (0..)
-        .map(|i| format!("{prefix}-{i}"))
-        .find(|id| hrw::rank(&NODES, id).iter().zip(order).all(|(&i, want)| NODES[i] == *want))
-        .expect("an id")
+    tether_tests::id_ranked(&NODES, prefix, order)
 }
 
 async fn cluster(balancer: &[&str]) -> Result<Cluster> {
@@ -65,17 +60,6 @@ async fn await_texts(c: &mut WsClient, texts: &BTreeSet<String>) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// Waits until the balancer would route `id` to `node` (it is up there again).
-async fn routed_to(c: &Cluster, id: &str, node: &str) -> Result<()> {
-    let admin = c.balancer().admin_addr();
-    tether_tests::eventually(&format!("{id} routed to {node}"), || async move {
-        let mut a = HttpConn::connect(admin).await.ok()?;
-        let r = a.get_json(&format!("/route?client={id}")).await.ok()?;
-        (r["node"] == node).then_some(())
-    })
-    .await
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -134,14 +118,13 @@ async fn a_rolling_restart_of_every_node_disconnects_nobody_and_loses_nothing() 
     traffic(0).await?;
 
     for node in NODES {
-        let first = id_ranked("probe", &[node]);
         let before = total.load(Ordering::SeqCst);
         let n = c.node_mut(node).context("node")?;
         n.terminate()?;
         ensure!(n.wait_exit(std::time::Duration::from_secs(15)).await?.is_some(), "{node} did not exit on SIGTERM");
         n.restart().await?;
         n.wait_ready(tether_tests::DEADLINE).await?;
-        routed_to(&c, &first, node).await?;
+        tether_tests::until_up(&c, node).await?;
         traffic(before).await?;
     }
     stop.cancel();
