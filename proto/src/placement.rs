@@ -66,12 +66,11 @@ impl HashKeys {
         if entries.is_empty() {
             return Err(BadHashKeys::Empty);
         }
-        let mut id_order = Vec::new();
+        let mut id_order: Vec<IdSource> = Vec::new();
         let mut place_by: Vec<String> = Vec::new();
         for entry in entries.iter().map(AsRef::as_ref) {
             if let Some(name) = entry.strip_prefix(QUERY_PREFIX) {
-                check_param_name(name)
-                    .map_err(|reason| BadHashKeys::BadParam { entry: entry.to_owned(), reason })?;
+                check_param_name(name).map_err(|reason| BadHashKeys::BadParam { entry: entry.to_owned(), reason })?;
                 if let Some(first) = id_order.first() {
                     return Err(BadHashKeys::PlacementAfterId {
                         entry: entry.to_owned(),

@@ -110,7 +110,12 @@ async fn compare_quick_measures_every_mode_and_writes_table_json_and_charts() ->
     assert_eq!(field("routed", &["delivery_ratio"]).as_f64(), Some(1.0), "{}", why("routed"));
     assert_eq!(field("routed", &["rooms_split"]).as_u64(), Some(0), "{}", why("routed"));
     assert!(field("routed", &["node_loss", "clients_on_node"]).as_u64().is_some_and(|n| n > 0), "{}", why("routed"));
-    assert_eq!(field("routed", &["node_loss", "restored"]).as_u64(), Some(0), "no backbone, no session: {}", why("routed"));
+    assert_eq!(
+        field("routed", &["node_loss", "restored"]).as_u64(),
+        Some(0),
+        "no backbone, no session: {}",
+        why("routed")
+    );
     assert_eq!(field("redis", &["delivery_ratio"]).as_f64(), Some(1.0), "{}", why("redis"));
     assert!(field("redis", &["node_loss", "restored"]).as_u64().is_some_and(|n| n > 0), "{}", why("redis"));
     assert_eq!(field("redis", &["node_loss", "lost"]).as_u64(), Some(0), "{}", why("redis"));

@@ -74,7 +74,11 @@ async fn a_rooms_members_share_one_node_and_reach_each_other_without_a_backbone(
     // connection), and for a client alone.
     let mut admin = HttpConn::connect(c.balancer().admin_addr()).await?;
     let r = admin.get_json(&format!("/route?room={room}")).await?;
-    assert_eq!((r["node"].as_str(), r["placed_by"].as_str(), r["key"].as_str()), (Some("node-2"), Some("query:room"), Some(room.as_str())), "{r}");
+    assert_eq!(
+        (r["node"].as_str(), r["placed_by"].as_str(), r["key"].as_str()),
+        (Some("node-2"), Some("query:room"), Some(room.as_str())),
+        "{r}"
+    );
     assert!(r.get("client").is_none(), "{r}");
     assert_eq!(r["rank"][0], "node-2");
     let r = admin.get_json(&format!("/route?client={alice_id}&room={room}")).await?;
@@ -118,8 +122,7 @@ async fn a_rooms_members_follow_it_to_its_next_node_reconnecting_or_rehomed() ->
     }
     members[0].say(&room, "after the move").await?;
     for m in &mut members {
-        m.recv_until("the message after the move", |v| v["type"] == "message" && v["text"] == "after the move")
-            .await?;
+        m.recv_until("the message after the move", |v| v["type"] == "message" && v["text"] == "after the move").await?;
     }
     // A new connection to the room (a client that reconnects by itself) goes there too, and
     // `/route` says so.

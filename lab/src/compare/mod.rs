@@ -154,7 +154,11 @@ impl Mode {
         }
         ClusterOptions {
             nodes: self.nodes(),
-            node_args: if matches!(self, Self::Single | Self::Sticky | Self::Routed) { no_backbone } else { Vec::new() },
+            node_args: if matches!(self, Self::Single | Self::Sticky | Self::Routed) {
+                no_backbone
+            } else {
+                Vec::new()
+            },
             nats: self == Self::Nats,
             balancer_args,
             logs,

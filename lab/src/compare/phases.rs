@@ -72,9 +72,10 @@ pub(super) async fn run_mode(
         }
     };
     p.say(format!("cluster up in {:.1} s; balancer {}", t0.elapsed().as_secs_f64(), cluster.ws_url()));
-    let warm = warm_clients(&cluster.ws_url(), warm_count(mode, o.clients), o.rooms, mode.by_room(), seed, JOIN_TIMEOUT)
-        .await
-        .context("connecting the warm-up clients")?;
+    let warm =
+        warm_clients(&cluster.ws_url(), warm_count(mode, o.clients), o.rooms, mode.by_room(), seed, JOIN_TIMEOUT)
+            .await
+            .context("connecting the warm-up clients")?;
     let rss_before = nodes_rss(&cluster).context("reading the nodes' memory")?;
     let t0 = Instant::now();
     let spec = WorkloadSpec {

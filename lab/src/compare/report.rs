@@ -476,11 +476,8 @@ impl CompareReport {
                 stalls.join(", ")
             );
         }
-        let split: Vec<String> = self
-            .modes
-            .iter()
-            .filter_map(|m| m.rooms_split.map(|n| format!("{} {n} of {}", m.mode, r.rooms)))
-            .collect();
+        let split: Vec<String> =
+            self.modes.iter().filter_map(|m| m.rooms_split.map(|n| format!("{} {n} of {}", m.mode, r.rooms))).collect();
         if !split.is_empty() {
             let _ = writeln!(
                 s,

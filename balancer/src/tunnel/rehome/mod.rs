@@ -227,7 +227,8 @@ async fn serve<C: ClientSide>(mut client: C, node: TcpStream, client_early: Byte
                 let from = link.take().map(|l| l.index);
                 let started = Instant::now();
                 let deadline = started + switch_timeout;
-                let switched = r.switch(&mut client, &shared, &place, &redial, from.into_iter().collect(), deadline).await;
+                let switched =
+                    r.switch(&mut client, &shared, &place, &redial, from.into_iter().collect(), deadline).await;
                 shared.metrics.rehomed(cause.as_str(), switched.is_ok());
                 match switched {
                     Ok((new, resent)) => {
