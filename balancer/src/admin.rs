@@ -63,14 +63,24 @@ struct NodeStatus<'a> {
 
 #[derive(Serialize)]
 struct Route<'a> {
-    client: &'a str,
+    /// The client id asked about; absent when only a placement key was given.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    client: Option<&'a str>,
+    /// `query:NAME` when the answer is for a placement key (the value of query parameter NAME,
+    /// which `hash_keys` ranks nodes by instead of the id); absent when placed by the id.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    placed_by: Option<String>,
+    /// That placement key.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key: Option<&'a str>,
     node: &'a str,
     addr: &'a str,
     state: &'static str,
-    /// The client's full preference order, whatever the nodes' states.
+    /// The key's full preference order, whatever the nodes' states.
     rank: Vec<&'a str>,
     /// Whether the id carries the signing key's signature; only present when a key is set
-    /// (the proxy refuses unsigned ids with 403, this endpoint answers for any valid id).
+    /// and a client id was given (the proxy refuses unsigned ids with 403, this endpoint
+    /// answers for any valid id).
     #[serde(skip_serializing_if = "Option::is_none")]
     signed: Option<bool>,
 }
@@ -172,14 +182,24 @@ fn upgrade(shared: &Arc<Shared>) -> Response<Body> {
     }
 }
 
+/// `GET /route?client=ID`, and — when `hash_keys` names `query:NAME` — `GET /route?NAME=KEY`:
+/// the node a connection with that query would go to now. As for a connection, a placement
+/// key present wins over the id.
 fn route(shared: &Shared, query: Option<&str>) -> Response<Body> {
-    let Some(client) = query.and_then(|q| query_param(q, "client")) else {
-        return error(StatusCode::BAD_REQUEST, "missing query parameter client");
-    };
-    if let Err(e) = validate_client_id(client) {
+    let config = shared.config();
+    let client = query.and_then(|q| query_param(q, "client"));
+    if let Some(Err(e)) = client.map(validate_client_id) {
         return error(StatusCode::BAD_REQUEST, &e.to_string());
     }
-    let Some(index) = shared.pool.pick(client) else {
+    let placement = match config.hash_keys.placement_key(query) {
+        Ok(found) => found,
+        Err(e) => return error(StatusCode::BAD_REQUEST, &e.to_string()),
+    };
+    let Some(key) = placement.map(|(_, key)| key).or(client) else {
+        let also: String = config.hash_keys.place_by.iter().map(|name| format!(" or {name}")).collect();
+        return error(StatusCode::BAD_REQUEST, &format!("missing query parameter client{also}"));
+    };
+    let Some(index) = shared.pool.pick(key) else {
         return error(StatusCode::SERVICE_UNAVAILABLE, "no node available");
     };
     let node = shared.pool.get(index);
@@ -187,11 +207,13 @@ fn route(shared: &Shared, query: Option<&str>) -> Response<Body> {
         StatusCode::OK,
         &Route {
             client,
+            placed_by: placement.map(|(name, _)| format!("{}{name}", tether_proto::placement::QUERY_PREFIX)),
+            key: placement.map(|(_, key)| key),
             node: &node.name,
             addr: &node.addr,
             state: node.state_str(),
-            rank: shared.pool.rank(client),
-            signed: shared.config().signing_key.as_ref().map(|key| key.verify(client)),
+            rank: shared.pool.rank(key),
+            signed: client.and_then(|c| config.signing_key.as_ref().map(|key| key.verify(c))),
         },
     )
 }

@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
-use tether_proto::id::IdSource;
+use tether_proto::placement::HashKeys;
 use tether_proto::sign::SigningKey;
 
 pub use crate::proxy_protocol::ProxyProtocol;
@@ -247,8 +247,9 @@ pub struct Config {
     pub connect_timeout: Duration,
     /// Consecutive answered probes that bring a `down` node back.
     pub rise: u32,
-    /// Where the client id is looked for, first match wins.
-    pub hash_keys: Vec<IdSource>,
+    /// Where the client id is looked for (first match wins), and the query parameters whose
+    /// value, when a request carries one, is the key its node is ranked by instead of the id.
+    pub hash_keys: HashKeys,
     /// How long tunnels may run on after shutdown starts.
     pub grace_period: Duration,
     /// Cap on open client connections, tunnels included; past it clients get 503 with
@@ -395,7 +396,7 @@ impl FileConfig {
         let listen = socket_addr("listen", self.listen.as_deref().unwrap_or(DEFAULT_LISTEN))?;
         let admin = socket_addr("admin", self.admin.as_deref().unwrap_or(DEFAULT_ADMIN))?;
         let hash_keys = match &self.hash_keys {
-            None => IdSource::DEFAULT_ORDER.to_vec(),
+            None => HashKeys::default(),
             Some(keys) => hash_keys(keys)?,
         };
         // Read at validation time: the binary raises the soft limit before it validates.
@@ -585,21 +586,8 @@ fn upgrade_secs(field: &str, value: Option<u64>, default: u64, min: u64) -> Resu
     Ok(Duration::from_secs(secs))
 }
 
-fn hash_keys(keys: &[String]) -> Result<Vec<IdSource>, Error> {
-    if keys.is_empty() {
-        return Err(invalid("hash_keys", "must name at least one source"));
-    }
-    let mut out = Vec::with_capacity(keys.len());
-    for key in keys {
-        let source = IdSource::parse(key).ok_or_else(|| {
-            invalid("hash_keys", format!("unknown source {key:?}: use query, header, token or cookie"))
-        })?;
-        if out.contains(&source) {
-            return Err(invalid("hash_keys", format!("{key:?} is listed twice")));
-        }
-        out.push(source);
-    }
-    Ok(out)
+fn hash_keys(keys: &[String]) -> Result<HashKeys, Error> {
+    HashKeys::parse(keys).map_err(|e| invalid("hash_keys", e.to_string()))
 }
 
 fn nodes(entries: &[FileNode]) -> Result<Vec<NodeConfig>, Error> {

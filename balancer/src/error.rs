@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use tether_proto::id::InvalidClientId;
+use tether_proto::placement::InvalidPlacementKey;
 
 /// Everything that can go wrong in the balancer.
 #[derive(Debug, thiserror::Error)]
@@ -23,6 +24,11 @@ pub enum Error {
     /// Client: the request carries a client id that breaks the alphabet or length rules.
     #[error("bad client id: {0}")]
     ClientId(#[from] InvalidClientId),
+
+    /// Client: a `query:NAME` placement parameter of `hash_keys` is present but unusable
+    /// (empty, too long).
+    #[error("bad placement key: {0}")]
+    PlacementKey(#[from] InvalidPlacementKey),
 
     /// Client: a `signing_key` is set and the request's id does not carry its signature
     /// (answered with 403; the message is what the client reads, so it does not echo the id).

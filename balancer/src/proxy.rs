@@ -108,9 +108,12 @@ async fn forward(
     // The live config's settings at this request's start (a reload swaps it whole).
     let found = {
         let config = shared.config();
-        client_id(&request, &config.hash_keys, config.signing_key.as_ref())
+        client_id(&request, &config.hash_keys.id_order, config.signing_key.as_ref()).and_then(|(id, minted)| {
+            let place = config.hash_keys.placement_key(request.uri().query())?.map(|(_, key)| key.to_owned());
+            Ok((id, minted, place))
+        })
     };
-    let (id, minted) = match found {
+    let (id, minted, place) = match found {
         Ok(found) => found,
         Err(e) => {
             // Refused before any upgrade or node contact.
@@ -129,8 +132,11 @@ async fn forward(
     };
     let span = tracing::Span::current();
     span.record("client", id.as_str());
+    // What the node is ranked by: the placement key when `hash_keys` names one and the
+    // request carries it (every client of a room on one node), else the client id.
+    let place = place.unwrap_or_else(|| id.clone());
 
-    let Upstream { index, stream, down, drain } = match connect_ranked(shared, &id).await {
+    let Upstream { index, stream, down, drain } = match connect_ranked(shared, &place).await {
         Ok(upstream) => upstream,
         Err(NoUpstream::NoNode) => return text_response(StatusCode::SERVICE_UNAVAILABLE, "no node available"),
         Err(NoUpstream::OutOfDescriptors) => return out_of_descriptors(),
@@ -195,6 +201,7 @@ async fn forward(
                 let setup = tunnel::rehome::Setup {
                     shared: Arc::clone(shared),
                     id: id.clone(),
+                    place,
                     index,
                     guard,
                     redial,
@@ -255,8 +262,9 @@ enum NoUpstream {
     OutOfDescriptors,
 }
 
-/// Connects to the client's best usable node, and on a failed connect marks that node down
-/// and tries the next one in the client's rank — unless the connect failed because the
+/// Connects to the best usable node for placement key `id` (the client id, or the value of a
+/// `query:NAME` placement parameter), and on a failed connect marks that node down
+/// and tries the next one in the key's rank — unless the connect failed because the
 /// balancer is out of file descriptors, which says nothing about the node.
 async fn connect_ranked(shared: &Shared, id: &str) -> Result<Upstream, NoUpstream> {
     // Every failure marks one node down (or finds it drained), so this ends; the bound only

@@ -124,7 +124,7 @@ mod tests {
         assert_eq!(new.connection_limit, running.connection_limit);
         // The live ones are the new file's.
         assert_eq!(new.connect_timeout.as_millis(), 200);
-        assert_eq!(new.hash_keys, [tether_proto::id::IdSource::Header]);
+        assert_eq!(new.hash_keys.id_order, [tether_proto::id::IdSource::Header]);
 
         let mut same = config("listen = \"127.0.0.1:1000\"\nthreads = 2\nmax_connections = 10");
         assert!(keep_restart_only(&running, &mut same).is_empty());

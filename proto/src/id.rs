@@ -80,6 +80,16 @@ impl IdSource {
             _ => None,
         }
     }
+
+    /// The `hash_keys` name of the source (what [`IdSource::parse`] reads).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Query => "query",
+            Self::Header => "header",
+            Self::Token => "token",
+            Self::Cookie => "cookie",
+        }
+    }
 }
 
 /// Finds the client id of a request: the `client` query parameter, the `X-Client-Id` header,

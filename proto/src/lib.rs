@@ -2,6 +2,8 @@
 //!
 //! Layout:
 //! - [`id`]: client ids — the alphabet the balancer and nodes accept, and minting new ones;
+//! - [`placement`]: the balancer's `hash_keys` read — id sources, and `query:NAME`
+//!   parameters whose value (a room, say) is the key the rendezvous hash ranks instead of the id;
 //! - [`hrw`]: rendezvous (highest random weight) ranking of nodes for a client id, with a
 //!   fixed, specified hash so that every balancer process, release and machine agrees;
 //! - [`wire`]: the JSON protocol between clients and nodes, both directions, encode and
@@ -23,6 +25,7 @@ pub mod hrw;
 pub mod id;
 pub mod limits;
 pub mod logging;
+pub mod placement;
 pub mod query;
 pub mod sign;
 pub mod token;

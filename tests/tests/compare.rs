@@ -1,8 +1,10 @@
 //! `tether compare --quick` as a user runs it: the real binary, which starts its own clusters
-//! (single node, sticky sessions, Redis, NATS) one after the other. The figures must say what
-//! the approaches promise: every backbone — and the single server — delivers everything,
-//! sticky sessions alone do not, and the Redis backbone survives a node loss with sessions
-//! restored and nothing lost. The table, the JSON and both charts must be written.
+//! (single node, sticky sessions, routed by room, Redis, NATS) one after the other. The figures
+//! must say what the approaches promise: every backbone — and the single server — delivers
+//! everything, sticky sessions alone do not, routing by room does without a backbone (no room
+//! split over nodes) but restores no session when a node dies, and the Redis backbone survives
+//! a node loss with sessions restored and nothing lost. The table, the JSON and both charts
+//! must be written.
 
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
@@ -77,7 +79,7 @@ async fn compare_quick_measures_every_mode_and_writes_table_json_and_charts() ->
 
     let json = check_file(&out, "compare.json", 500, &["\"modes\""]).with_context(|| context.clone())?;
     let report: Value = serde_json::from_str(&json).with_context(|| format!("compare.json is not JSON\n{context}"))?;
-    check_file(&out, "compare.md", 1000, &["| approach |", "`single`", "`sticky`", "`redis`", "`nats`"])
+    check_file(&out, "compare.md", 1000, &["| approach |", "`single`", "`sticky`", "`routed`", "`redis`", "`nats`"])
         .with_context(|| context.clone())?;
     for svg in ["latency-cdf.svg", "max-rate.svg"] {
         check_file(&out, svg, 2000, &["<svg", "<text"]).with_context(|| context.clone())?;
@@ -93,7 +95,7 @@ async fn compare_quick_measures_every_mode_and_writes_table_json_and_charts() ->
     let why =
         |name: &str| format!("{name}: {}\n{context}", mode(&report, name).map_or("absent".into(), |m| m.to_string()));
 
-    for name in ["single", "sticky", "redis"] {
+    for name in ["single", "sticky", "routed", "redis"] {
         assert!(field(name, &["error"]).is_null(), "{}", why(name));
     }
     assert_eq!(field("single", &["delivery_ratio"]).as_f64(), Some(1.0), "{}", why("single"));
@@ -103,10 +105,21 @@ async fn compare_quick_measures_every_mode_and_writes_table_json_and_charts() ->
         "sticky sessions alone cannot reach every member: {}",
         why("sticky")
     );
+    assert!(field("sticky", &["rooms_split"]).as_u64().is_some_and(|n| n > 0), "{}", why("sticky"));
+    // Routed by room: no backbone, yet every member of a room shares its node.
+    assert_eq!(field("routed", &["delivery_ratio"]).as_f64(), Some(1.0), "{}", why("routed"));
+    assert_eq!(field("routed", &["rooms_split"]).as_u64(), Some(0), "{}", why("routed"));
+    assert!(field("routed", &["node_loss", "clients_on_node"]).as_u64().is_some_and(|n| n > 0), "{}", why("routed"));
+    assert_eq!(
+        field("routed", &["node_loss", "restored"]).as_u64(),
+        Some(0),
+        "no backbone, no session: {}",
+        why("routed")
+    );
     assert_eq!(field("redis", &["delivery_ratio"]).as_f64(), Some(1.0), "{}", why("redis"));
     assert!(field("redis", &["node_loss", "restored"]).as_u64().is_some_and(|n| n > 0), "{}", why("redis"));
     assert_eq!(field("redis", &["node_loss", "lost"]).as_u64(), Some(0), "{}", why("redis"));
-    for name in ["single", "sticky", "redis"] {
+    for name in ["single", "sticky", "routed", "redis"] {
         let l = field(name, &["latency_us"]);
         let p50 = l["p50"].as_u64().unwrap_or(0);
         assert!(p50 > 0 && p50 <= l["p99"].as_u64().unwrap_or(0), "{}", why(name));

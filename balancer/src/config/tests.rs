@@ -1,5 +1,6 @@
 //! Tests of [`super`] (`config.rs`), kept apart so that the module itself stays readable.
 use super::*;
+use tether_proto::id::IdSource;
 
 fn field_of(err: Error) -> String {
     match err {
@@ -21,7 +22,7 @@ fn shipped_config_file_parses_and_validates() {
     let names: Vec<_> = config.nodes.iter().map(|n| n.name.as_str()).collect();
     assert_eq!(names, ["node-1", "node-2", "node-3"]);
     assert_eq!(config.nodes[2].addr, "127.0.0.1:9003");
-    assert_eq!(config.hash_keys, IdSource::DEFAULT_ORDER.to_vec());
+    assert_eq!(config.hash_keys, HashKeys::default());
     assert_eq!(config.rise, DEFAULT_RISE);
     assert!(config.signing_key.is_none(), "shipped commented out");
     assert!(config.tls.is_none(), "shipped commented out");
@@ -59,6 +60,10 @@ fn bad_values_are_rejected_naming_the_field() {
         ("hash_keys = []", "hash_keys"),
         ("hash_keys = [\"query\", \"body\"]", "hash_keys"),
         ("hash_keys = [\"query\", \"query\"]", "hash_keys"),
+        ("hash_keys = [\"query:\"]", "hash_keys"),
+        ("hash_keys = [\"query:a b\"]", "hash_keys"),
+        ("hash_keys = [\"query:client\"]", "hash_keys"),
+        ("hash_keys = [\"cookie\", \"query:room\"]", "hash_keys"),
         ("listen = \"localhost\"", "listen"),
         ("admin = \"1.2.3.4:x\"", "admin"),
         ("proxy_protocol = \"v3\"", "proxy_protocol"),
@@ -77,6 +82,19 @@ fn bad_values_are_rejected_naming_the_field() {
         let file = FileConfig::parse(&with_nodes(line)).unwrap();
         assert_eq!(field_of(file.validate().unwrap_err()), field, "{line}");
     }
+}
+
+#[test]
+fn a_query_placement_key_is_read_and_the_id_keeps_its_sources() {
+    let config = FileConfig::parse(&with_nodes("hash_keys = [\"query:room\"]")).unwrap().validate().unwrap();
+    assert_eq!(config.hash_keys.place_by, ["room"]);
+    assert_eq!(config.hash_keys.id_order, IdSource::DEFAULT_ORDER, "ids still come from the usual sources");
+    let config =
+        FileConfig::parse(&with_nodes("hash_keys = [\"query:room\", \"header\"]")).unwrap().validate().unwrap();
+    assert_eq!(config.hash_keys.id_order, [IdSource::Header]);
+    let err = FileConfig::parse(&with_nodes("hash_keys = [\"query:\"]")).unwrap().validate().unwrap_err();
+    let text = err.to_string();
+    assert!(text.starts_with("config: hash_keys: ") && text.contains("empty"), "{text}");
 }
 
 #[test]

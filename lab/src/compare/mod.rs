@@ -4,6 +4,8 @@
 //! - `single`: one node, no backbone — the baseline;
 //! - `sticky`: three nodes, no backbone — sticky sessions alone, a room reaches only the
 //!   members on the sender's node;
+//! - `routed`: three nodes, no backbone, the balancer placing by room (`hash_keys =
+//!   ["query:room"]`, clients on `/ws?room=R`) — every member of a room on one node;
 //! - `redis`: three nodes on the Redis backbone;
 //! - `nats`: three nodes on the NATS backbone.
 //!
@@ -67,7 +69,9 @@ pub const JOIN_TIMEOUT: Duration = Duration::from_secs(20);
 /// The balancer's health-check period in every mode: a restarted node is taken back within it.
 pub const HEALTH_INTERVAL_MS: u64 = 200;
 /// The run order and the default `--modes`.
-pub const ALL_MODES: [Mode; 4] = [Mode::Single, Mode::Sticky, Mode::Redis, Mode::Nats];
+pub const ALL_MODES: [Mode; 5] = [Mode::Single, Mode::Sticky, Mode::Routed, Mode::Redis, Mode::Nats];
+/// The balancer's config in `routed` mode: place by the `room` query parameter.
+pub const ROUTED_BALANCER_TOML: &str = "hash_keys = [\"query:room\"]\n";
 
 /// One scaling approach.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
@@ -76,6 +80,8 @@ pub enum Mode {
     Single,
     /// Three nodes, no backbone: sticky sessions alone.
     Sticky,
+    /// Three nodes, no backbone, the balancer pinning by room: a room's members share a node.
+    Routed,
     /// Three nodes on the Redis backbone.
     Redis,
     /// Three nodes on the NATS backbone.
@@ -87,6 +93,7 @@ impl Mode {
         match self {
             Self::Single => "single",
             Self::Sticky => "sticky",
+            Self::Routed => "routed",
             Self::Redis => "redis",
             Self::Nats => "nats",
         }
@@ -97,6 +104,7 @@ impl Mode {
         match self {
             Self::Single => "Single server",
             Self::Sticky => "Sticky sessions",
+            Self::Routed => "Shared-nothing + routing",
             Self::Redis => "Redis Pub/Sub",
             Self::Nats => "NATS",
         }
@@ -106,7 +114,7 @@ impl Mode {
     pub fn processes(self) -> &'static str {
         match self {
             Self::Single => "1 node",
-            Self::Sticky => "3 nodes",
+            Self::Sticky | Self::Routed => "3 nodes",
             Self::Redis => "3 nodes + Redis",
             Self::Nats => "3 nodes + NATS",
         }
@@ -119,19 +127,40 @@ impl Mode {
         }
     }
 
-    /// Whether a message reaches members on every node (without a backbone, only the sender's
-    /// node; with a single node, that is everyone).
+    /// Whether a message is owed to every member of its room. Without a backbone it reaches
+    /// only the sender's node: sticky sessions owe it to the members there. A single node has
+    /// everyone; `routed` places every member of a room on one node, so it owes every member
+    /// too — a member placed elsewhere would count as a loss, not be excused.
     pub fn cross_node(self) -> bool {
         !matches!(self, Self::Sticky)
     }
 
-    fn cluster_options(self, logs: ClusterLogs) -> ClusterOptions {
+    /// Whether clients connect with `?room=R` (the balancer places them by it).
+    pub fn by_room(self) -> bool {
+        self == Self::Routed
+    }
+
+    /// The balancer's config file, when the mode needs one (written before the cluster starts).
+    pub fn balancer_toml(self) -> Option<&'static str> {
+        self.by_room().then_some(ROUTED_BALANCER_TOML)
+    }
+
+    /// The mode's cluster; `balancer_config` is the file holding [`Mode::balancer_toml`].
+    fn cluster_options(self, logs: ClusterLogs, balancer_config: Option<&Path>) -> ClusterOptions {
         let no_backbone = vec!["--backbone".to_owned(), "none".to_owned()];
+        let mut balancer_args = vec!["--health-interval-ms".into(), HEALTH_INTERVAL_MS.to_string()];
+        if let Some(file) = balancer_config {
+            balancer_args.extend(["--config".to_owned(), file.display().to_string()]);
+        }
         ClusterOptions {
             nodes: self.nodes(),
-            node_args: if matches!(self, Self::Single | Self::Sticky) { no_backbone } else { Vec::new() },
+            node_args: if matches!(self, Self::Single | Self::Sticky | Self::Routed) {
+                no_backbone
+            } else {
+                Vec::new()
+            },
             nats: self == Self::Nats,
-            balancer_args: vec!["--health-interval-ms".into(), HEALTH_INTERVAL_MS.to_string()],
+            balancer_args,
             logs,
             ..ClusterOptions::default()
         }
@@ -188,7 +217,7 @@ impl CompareOptions {
     /// Rejects values no run can use; the error names the flag.
     pub fn validate(&self) -> Result<()> {
         if self.modes.is_empty() {
-            bail!("--modes: name at least one of single, sticky, redis, nats");
+            bail!("--modes: name at least one of single, sticky, routed, redis, nats");
         }
         if self.clients == 0 {
             bail!("--clients must be at least 1");
@@ -514,15 +543,22 @@ mod tests {
 
     #[test]
     fn modes_map_to_their_clusters() {
-        let o = Mode::Sticky.cluster_options(ClusterLogs::Null);
+        let o = Mode::Sticky.cluster_options(ClusterLogs::Null, None);
         assert_eq!((o.nodes, o.nats), (3, false));
         assert_eq!(o.node_args, ["--backbone", "none"]);
-        let o = Mode::Single.cluster_options(ClusterLogs::Null);
+        let o = Mode::Single.cluster_options(ClusterLogs::Null, None);
         assert_eq!((o.nodes, o.node_args.len()), (1, 2));
-        let o = Mode::Redis.cluster_options(ClusterLogs::Null);
+        let o = Mode::Redis.cluster_options(ClusterLogs::Null, None);
         assert!(o.node_args.is_empty() && !o.nats);
-        assert!(Mode::Nats.cluster_options(ClusterLogs::Null).nats);
+        assert!(Mode::Nats.cluster_options(ClusterLogs::Null, None).nats);
         assert!(!Mode::Sticky.cross_node() && Mode::Single.cross_node() && Mode::Redis.cross_node());
+        let o = Mode::Routed.cluster_options(ClusterLogs::Null, Some(Path::new("/tmp/b.toml")));
+        assert_eq!((o.nodes, o.nats), (3, false));
+        assert_eq!(o.node_args, ["--backbone", "none"]);
+        assert!(o.balancer_args.ends_with(&["--config".to_owned(), "/tmp/b.toml".to_owned()]), "{o:?}");
+        assert!(Mode::Routed.cross_node() && Mode::Routed.by_room() && !Mode::Sticky.by_room());
+        assert!(Mode::Routed.balancer_toml().is_some_and(|t| t.contains("query:room")));
+        assert!(ALL_MODES.iter().filter(|m| m.balancer_toml().is_some()).eq([&Mode::Routed]));
     }
 
     #[test]

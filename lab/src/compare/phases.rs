@@ -54,7 +54,17 @@ pub(super) async fn run_mode(
         ClusterLogs::Dir(dir) => Some(dir.clone()),
         _ => None,
     };
-    let mut cluster = match Cluster::start(mode.cluster_options(logs)).await {
+    let balancer_config = match mode.balancer_toml() {
+        Some(text) => {
+            let dir = log_dir.clone().unwrap_or_else(std::env::temp_dir);
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            let file = dir.join(format!("balancer-{}-{}.toml", mode.name(), std::process::id()));
+            std::fs::write(&file, text).with_context(|| format!("writing {}", file.display()))?;
+            Some(file)
+        }
+        None => None,
+    };
+    let mut cluster = match Cluster::start(mode.cluster_options(logs, balancer_config.as_deref())).await {
         Ok(c) => c,
         Err(e) => {
             let said = log_dir.as_deref().and_then(last_error_line).map(|l| format!("; {l}")).unwrap_or_default();
@@ -62,9 +72,10 @@ pub(super) async fn run_mode(
         }
     };
     p.say(format!("cluster up in {:.1} s; balancer {}", t0.elapsed().as_secs_f64(), cluster.ws_url()));
-    let warm = warm_clients(&cluster.ws_url(), warm_count(mode, o.clients), o.rooms, seed, JOIN_TIMEOUT)
-        .await
-        .context("connecting the warm-up clients")?;
+    let warm =
+        warm_clients(&cluster.ws_url(), warm_count(mode, o.clients), o.rooms, mode.by_room(), seed, JOIN_TIMEOUT)
+            .await
+            .context("connecting the warm-up clients")?;
     let rss_before = nodes_rss(&cluster).context("reading the nodes' memory")?;
     let t0 = Instant::now();
     let spec = WorkloadSpec {
@@ -73,6 +84,7 @@ pub(super) async fn run_mode(
         rooms: o.rooms,
         // One phase per step trial: a first and a possible second.
         phases: FIRST_STEP + 2 * o.steps.len(),
+        by_room: mode.by_room(),
         seed,
         join_timeout: JOIN_TIMEOUT,
     };
@@ -184,7 +196,19 @@ async fn connections_and_memory(
     ));
     row.connections_per_node = per_node;
     row.memory = Some(memory);
+    row.rooms_split = Some(rooms_split(&wl.run.nodes_now(), &wl.run.room_members));
     Ok(())
+}
+
+/// Rooms whose members are connected to more than one node, given each client's node now
+/// and each room's members: without a backbone, a message in such a room misses the members
+/// on the other nodes.
+fn rooms_split(nodes: &[Option<String>], room_members: &[Vec<usize>]) -> u64 {
+    let split = room_members.iter().filter(|members| {
+        let mut on = members.iter().filter_map(|&c| nodes.get(c).and_then(Option::as_deref));
+        on.next().is_some_and(|first| on.any(|n| n != first))
+    });
+    split.count() as u64
 }
 
 /// The fixed-rate phase; returns its share of what the mode can deliver (the step-up's
@@ -486,6 +510,15 @@ mod tests {
     use super::super::account::Transition;
     use super::*;
     use std::sync::Arc;
+
+    #[test]
+    fn a_room_is_split_when_its_members_are_on_two_nodes() {
+        let on = |n: &[Option<&str>]| n.iter().map(|s| s.map(str::to_owned)).collect::<Vec<_>>();
+        let rooms = vec![vec![0, 1], vec![2, 3], vec![4]];
+        assert_eq!(rooms_split(&on(&[Some("a"), Some("a"), Some("a"), Some("b"), Some("c")]), &rooms), 1);
+        assert_eq!(rooms_split(&on(&[Some("a"), Some("b"), Some("a"), Some("b"), None]), &rooms), 2);
+        assert_eq!(rooms_split(&on(&[Some("a"), None, None, Some("b"), None]), &rooms), 0, "unconnected: no node");
+    }
 
     #[test]
     fn the_first_connection_after_the_kill_counts() {

@@ -59,7 +59,7 @@ pub struct RunParams {
 /// when the mode failed before measuring it; `error` says why.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ModeReport {
-    /// `single`, `sticky`, `redis` or `nats`.
+    /// `single`, `sticky`, `routed`, `redis` or `nats`.
     pub mode: String,
     /// The seed table's row name.
     pub approach: String,
@@ -96,6 +96,10 @@ pub struct ModeReport {
     /// Balancer `/status` `active_connections` per node once every client had joined.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub connections_per_node: BTreeMap<String, u64>,
+    /// Rooms whose members were connected to more than one node once every client had joined
+    /// (without a backbone, a message there misses the members on the other nodes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rooms_split: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub memory: Option<Memory>,
     /// `(µs, fraction at or below)` of the fixed phase's latencies: the CDF chart's data.
@@ -371,8 +375,9 @@ impl CompareReport {
     pub fn node_loss_table(&self) -> String {
         let mut s = String::from(
             "| mode | node killed | its clients | reconnected | sessions restored | deliveries lost (by moved clients; messages) \
-             | duplicates seen / suppressed | unconfirmed | refused sends | kill → all connected | kill → all in sync |\n\
-             |:--|:--|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n",
+             | duplicates seen / suppressed | unconfirmed | refused sends | kill → all connected | kill → all in sync \
+             | resumes incomplete / gaps noticed |\n\
+             |:--|:--|--:|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n",
         );
         let mut any = false;
         for m in &self.modes {
@@ -385,7 +390,7 @@ impl CompareReport {
             };
             let _ = writeln!(
                 s,
-                "| {} | {node} | {} | {} | {} | {} ({}; {}) | {} / {} | {} | {} | {} | {} |",
+                "| {} | {node} | {} | {} | {} | {} ({}; {}) | {} / {} | {} | {} | {} | {} | {} / {} |",
                 m.mode,
                 l.clients_on_node,
                 l.reconnected,
@@ -399,6 +404,8 @@ impl CompareReport {
                 l.refused,
                 l.reconnect_ms.map_or(DASH.into(), |v| format!("{:.2} s", v as f64 / 1e3)),
                 l.recovered_ms.map_or(DASH.into(), |v| format!("{:.2} s", v as f64 / 1e3)),
+                l.incomplete_resumes,
+                l.gaps_noticed,
             );
         }
         if any {
@@ -450,8 +457,10 @@ impl CompareReport {
         s.push_str(
             "\nDelivery: member deliveries received ÷ (messages × members of the room) in the fixed phase. \
              Latency: send → receipt, every member, fixed phase. Node loss: a message is lost when some member \
-             received it (it has a seq) and a member it was owed to never did, after the drain; without a backbone \
-             a message is owed only to the members on the sender's node.\n\n\
+             received it (it has a seq) and a member it was owed to never did, after the drain; with sticky sessions \
+             and no backbone a message is owed only to the members on the sender's node (`routed` owes it to every \
+             member: they share a node). \"Resumes incomplete\": clients that came back to a node without their \
+             rooms' history.\n\n\
              ![latency CDF](latency-cdf.svg)\n\n![max sustained rate](max-rate.svg)\n",
         );
         let stalls: Vec<String> = self
@@ -465,6 +474,16 @@ impl CompareReport {
                 "\nLongest stall of the load generator itself during the fixed phase (this process not scheduled): \
                  {}. A p99 near it says more about the machine than about the approach.",
                 stalls.join(", ")
+            );
+        }
+        let split: Vec<String> =
+            self.modes.iter().filter_map(|m| m.rooms_split.map(|n| format!("{} {n} of {}", m.mode, r.rooms))).collect();
+        if !split.is_empty() {
+            let _ = writeln!(
+                s,
+                "\nRooms whose members were on more than one node once every client had joined: {}. Without a \
+                 backbone a message in such a room misses the members on the other nodes.",
+                split.join(", ")
             );
         }
         let steps = self.steps_table();
@@ -491,6 +510,10 @@ fn loss_cells(l: &NodeLoss) -> (String, String) {
     );
     if l.duplicates > 0 {
         let _ = write!(loss, ", {} duplicated", l.duplicates);
+    }
+    if l.incomplete_resumes > 0 {
+        // The room's log was gone where the client came back (no backbone): history lost.
+        let _ = write!(loss, ", {} resumes incomplete", l.incomplete_resumes);
     }
     if let Some(e) = &l.restart_error {
         let _ = write!(loss, " (restart failed: {})", cell(e));
@@ -652,6 +675,24 @@ mod tests {
         assert!(md.contains("latency-cdf.svg") && md.contains("max-rate.svg"));
         assert!(md.contains("## Step-up") && md.contains("**stop**: p99 80.00 ms"), "{md}");
         assert!(md.contains("## Node loss") && md.contains("| redis | node-2 | 10 | 10 | 10 | 0 (0; 0) |"), "{md}");
+        assert!(!md.contains("Rooms whose members"), "no mode measured it: {md}");
+    }
+
+    #[test]
+    fn lost_history_and_split_rooms_are_reported() {
+        let mut routed = measured("routed", "Shared-nothing + routing", 1.0, 300);
+        routed.rooms_split = Some(0);
+        if let Some(l) = routed.node_loss.as_mut() {
+            (l.restored, l.lost, l.incomplete_resumes, l.gaps_noticed) = (0, 12, 10, 3);
+        }
+        let mut sticky = measured("sticky", "Sticky sessions", 0.4, 300);
+        sticky.rooms_split = Some(3);
+        let r = report(vec![sticky, routed]);
+        let table = r.table();
+        assert!(table.contains("0/10 restored, 12 of 1,650 deliveries lost, 10 resumes incomplete"), "{table}");
+        let md = r.markdown();
+        assert!(md.contains("more than one node once every client had joined: sticky 3 of 3, routed 0 of 3."), "{md}");
+        assert!(md.contains("| routed | node-2 | 10 | 10 | 0 | 12 (0; 0) |") && md.contains("| 10 / 3 |"), "{md}");
     }
 
     #[test]

@@ -42,6 +42,16 @@ fn room_name(r: usize) -> String {
     format!("compare-{r}")
 }
 
+/// The URL a member of `room` connects to: the balancer's, plus `room=` when the balancer
+/// places clients by room (room names here are URL-safe as they are).
+fn member_url(url: &str, room: &str, by_room: bool) -> String {
+    match (by_room, url.contains('?')) {
+        (false, _) => url.to_owned(),
+        (true, false) => format!("{url}?room={room}"),
+        (true, true) => format!("{url}&room={room}"),
+    }
+}
+
 /// Locks a mutex of plain data; a panic elsewhere mid-update leaves data still worth reading.
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -182,6 +192,8 @@ pub struct WorkloadSpec {
     pub rooms: usize,
     /// How many phase counters to keep (phase ids are `0..phases`).
     pub phases: usize,
+    /// Connect with `?room=R` (the `routed` mode's balancer places by it).
+    pub by_room: bool,
     /// Seeds the client ids.
     pub seed: u64,
     /// Longest wait for every client to connect and join.
@@ -192,11 +204,18 @@ pub struct WorkloadSpec {
 /// their joins: they pay each node's one-time costs (worker threads, buffers, room
 /// subscriptions) before memory is measured, so that the workload's own connections show
 /// their marginal cost. Their events are read and dropped.
-pub async fn warm_clients(url: &str, n: usize, rooms: usize, seed: u64, within: Duration) -> Result<Vec<Client>> {
+pub async fn warm_clients(
+    url: &str,
+    n: usize,
+    rooms: usize,
+    by_room: bool,
+    seed: u64,
+    within: Duration,
+) -> Result<Vec<Client>> {
     let mut rng = StdRng::seed_from_u64(seed ^ 0x5741_524d);
     let mut clients = Vec::with_capacity(n);
     for i in 0..n {
-        let mut cfg = ClientConfig::new(url.to_owned());
+        let mut cfg = ClientConfig::new(member_url(url, &room_name(i % rooms.max(1)), by_room));
         cfg.client_id = Some(format!("cmp-warm-{i}-{:08x}", rng.random::<u32>()));
         let (client, mut events) = Client::start(cfg).context("client configuration")?;
         tokio::spawn(async move { while events.recv().await.is_some() {} });
@@ -244,7 +263,7 @@ impl Workload {
         let mut inputs = Vec::with_capacity(spec.clients);
         for i in 0..spec.clients {
             let id = format!("cmp-{tag:08x}-{i}-{:08x}", rng.random::<u32>());
-            let mut cfg = ClientConfig::new(spec.url.clone());
+            let mut cfg = ClientConfig::new(member_url(&spec.url, &rooms[i % spec.rooms], spec.by_room));
             cfg.client_id = Some(id.clone());
             cfg.name = Some(format!("c{i}"));
             cfg.backoff_min = BACKOFF_MIN;
@@ -525,5 +544,17 @@ async fn receive(run: Arc<Run>, i: usize, mut events: mpsc::Receiver<Event>) {
             Event::Closed => break,
             _ => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn members_carry_their_room_only_when_placed_by_it() {
+        assert_eq!(member_url("ws://h/ws", "compare-2", false), "ws://h/ws");
+        assert_eq!(member_url("ws://h/ws", "compare-2", true), "ws://h/ws?room=compare-2");
+        assert_eq!(member_url("ws://h/ws?x=1", "compare-0", true), "ws://h/ws?x=1&room=compare-0");
     }
 }

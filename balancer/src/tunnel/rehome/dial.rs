@@ -87,17 +87,18 @@ pub(super) enum NoDial {
     Refused(StatusCode),
 }
 
-/// Connects the best node for `id` not in `except`, and upgrades (with the client's refreshed
+/// Connects the best node for placement key `place` (the client id, or the value of its
+/// `query:NAME` placement parameter) not in `except`, and upgrades (with the client's refreshed
 /// `token`, if any); a node that fails (connect, HTTP, a non-101 answer other than a 4xx) is
 /// added to `except` and the next one tried.
 pub(super) async fn dial(
     shared: &Shared,
-    id: &str,
+    place: &str,
     redial: &Redial,
     token: Option<&str>,
     except: &mut Vec<usize>,
 ) -> Result<Dialed, NoDial> {
-    while let Some(index) = shared.pool.pick_except(id, except) {
+    while let Some(index) = shared.pool.pick_except(place, except) {
         let node = shared.pool.get(index);
         let (connect_timeout, answer_timeout) = {
             let config = shared.config();

@@ -63,6 +63,9 @@ const RETRY_PAUSE: Duration = Duration::from_millis(200);
 pub(crate) struct Setup {
     pub shared: Arc<Shared>,
     pub id: String,
+    /// What the client's nodes are ranked by (its id, or its placement key): a switch goes to
+    /// the next node in that rank, so a client placed by room follows its room.
+    pub place: String,
     /// The node the client's upgrade went to.
     pub index: usize,
     pub guard: Arc<ActiveGuard>,
@@ -180,7 +183,7 @@ pub(crate) async fn run(client: OnUpgrade, node: OnUpgrade, setup: Setup) {
 }
 
 async fn serve<C: ClientSide>(mut client: C, node: TcpStream, client_early: Bytes, node_early: Bytes, setup: Setup) {
-    let Setup { shared, id, index, guard, redial, conn, down, drain } = setup;
+    let Setup { shared, id, place, index, guard, redial, conn, down, drain } = setup;
     let hard_stop = shared.hard_stop.clone();
     let (bound, switch_timeout) = {
         let config = shared.config();
@@ -224,7 +227,8 @@ async fn serve<C: ClientSide>(mut client: C, node: TcpStream, client_early: Byte
                 let from = link.take().map(|l| l.index);
                 let started = Instant::now();
                 let deadline = started + switch_timeout;
-                let switched = r.switch(&mut client, &shared, &id, &redial, from.into_iter().collect(), deadline).await;
+                let switched =
+                    r.switch(&mut client, &shared, &place, &redial, from.into_iter().collect(), deadline).await;
                 shared.metrics.rehomed(cause.as_str(), switched.is_ok());
                 match switched {
                     Ok((new, resent)) => {
@@ -482,7 +486,7 @@ impl Rehome {
         &mut self,
         client: &mut C,
         shared: &Shared,
-        id: &str,
+        place: &str,
         redial: &Redial,
         mut except: Vec<usize>,
         deadline: Instant,
@@ -506,7 +510,7 @@ impl Rehome {
             let dialed = {
                 let (mut crx, mut ctx) = client.halves();
                 tokio::select! {
-                    dialed = dial(shared, id, redial, token.as_deref(), &mut except) => dialed,
+                    dialed = dial(shared, place, redial, token.as_deref(), &mut except) => dialed,
                     ev = poll_fn(|cx| self.poll_io(cx, &mut crx, &mut ctx, None)) => match ev {
                         Ev::End(end) => return Err(end),
                         // Without a node there is nothing else to stop for.
