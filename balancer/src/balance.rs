@@ -82,7 +82,7 @@ pub enum Placing {
 /// usable ones: `ceil(factor × placed / nodes)`.
 pub fn capacity(factor_milli: u64, placed: u64, nodes: usize) -> u64 {
     let nodes = nodes.max(1) as u64;
-    (factor_milli.saturating_mul(placed)).div_ceil(1000 * nodes)
+    factor_milli.saturating_mul(placed).div_ceil(1000 * nodes)
 }
 
 /// The node for `client` among `names` for which `usable` holds, `load` giving each node's

@@ -20,7 +20,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::balance::{self, Balance, Placing};
+use crate::balance::{choose as choose_node, Balance, Placing};
 use crate::config::NodeConfig;
 use crate::metrics::{CheckResult, Metrics, NodeMetrics};
 use crate::Error;
@@ -321,7 +321,7 @@ impl Pool {
         let usable = |i: usize, wanted: Health| !except.contains(&i) && self.nodes[i].tier() == Some(wanted);
         let wanted = if (0..self.nodes.len()).any(|i| usable(i, Health::Up)) { Health::Up } else { Health::Unready };
         let load = |i: usize| u64::try_from(self.nodes[i].metrics.active.get()).unwrap_or(0);
-        balance::choose(&self.names, client, balance, placing, |i| usable(i, wanted), load)
+        choose_node(&self.names, client, balance, placing, |i| usable(i, wanted), load)
     }
 
     /// The nodes to try for a server API request, in order: the `up` ones, starting at
