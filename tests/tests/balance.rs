@@ -358,9 +358,18 @@ async fn paced_rehomes_exactly_its_clients_back_without_loss(c: &mut Cluster) ->
             let mut sent = 0usize;
             // Bounded: at 50 a second, far past any scenario's length.
             while sent < 20_000 && !talking.is_cancelled() {
-                tick.tick().await;
-                talker.say(room, format!("m-{sent}")).await?;
-                sent += 1;
+                // Reading meanwhile: a talker that never reads would become a slow consumer.
+                tokio::select! {
+                    _ = tick.tick() => {
+                        talker.say(room, format!("m-{sent}")).await?;
+                        sent += 1;
+                    }
+                    frame = talker.recv_within(MOVE_DEADLINE) => {
+                        frame?;
+                        // Only the reading matters; keep memory flat.
+                        talker.seen.clear();
+                    }
+                }
             }
             talker.say(room, "end").await?;
             anyhow::Ok(sent)
