@@ -23,6 +23,7 @@ struct Status<'a> {
     nodes: Vec<NodeStatus<'a>>,
     /// Open upstream connections over all nodes.
     active_connections: i64,
+    placement: Placement,
     /// Open client connections (tunnels included), out of `max_connections`.
     client_connections: usize,
     max_connections: usize,
@@ -59,6 +60,26 @@ struct NodeStatus<'a> {
     state: &'static str,
     active_connections: i64,
     total_connections: u64,
+    /// Clients waiting for their turn to move here (a paced rebalance in progress).
+    rebalance_pending: i64,
+    /// Clients a paced rebalance moved here so far.
+    rebalance_moves: u64,
+}
+
+/// How connections are placed and whether returning nodes take clients back.
+#[derive(Serialize)]
+struct Placement {
+    /// `hrw` or `bounded`.
+    balance: &'static str,
+    /// Under `bounded`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    load_factor: Option<f64>,
+    /// `off` or `paced`.
+    rebalance: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rebalance_per_sec: Option<f64>,
+    /// Nodes a paced rebalance is moving clients to now.
+    rebalancing: Vec<String>,
 }
 
 #[derive(Serialize)]
@@ -140,9 +161,21 @@ fn status(shared: &Shared) -> Status<'_> {
                 state: n.state_str(),
                 active_connections: n.metrics.active.get(),
                 total_connections: n.metrics.connections.get(),
+                rebalance_pending: n.metrics.rebalance_pending.get(),
+                rebalance_moves: n.metrics.rebalance_moves.get(),
             })
             .collect(),
         active_connections: shared.pool.active_connections(),
+        placement: Placement {
+            balance: config.balance.as_str(),
+            load_factor: config.balance.load_factor(),
+            rebalance: config.rebalance.as_str(),
+            rebalance_per_sec: match config.rebalance {
+                crate::rebalance::Rebalance::Paced { per_sec } => Some(per_sec),
+                crate::rebalance::Rebalance::Off => None,
+            },
+            rebalancing: shared.rebalancer.returning(),
+        },
         client_connections: config.max_connections.saturating_sub(shared.client_slots.available_permits()),
         max_connections: config.max_connections,
         max_connections_source: config.connection_limit.source(),
@@ -199,7 +232,7 @@ fn route(shared: &Shared, query: Option<&str>) -> Response<Body> {
         let also: String = config.hash_keys.place_by.iter().map(|name| format!(" or {name}")).collect();
         return error(StatusCode::BAD_REQUEST, &format!("missing query parameter client{also}"));
     };
-    let Some(index) = shared.pool.pick(key) else {
+    let Some(index) = shared.pool.pick(key, config.balance) else {
         return error(StatusCode::SERVICE_UNAVAILABLE, "no node available");
     };
     let node = shared.pool.get(index);
@@ -223,6 +256,12 @@ fn drain(shared: &Shared, name: &str, on: bool) -> Response<Body> {
         return error(StatusCode::NOT_FOUND, "unknown node");
     };
     let changed = node.set_draining(on);
+    if changed && !on && node.health() == crate::pool::Health::Up {
+        // Undrained: available again, as a node that comes back up is.
+        if let Some(index) = shared.pool.nodes().iter().position(|n| n.name == name) {
+            crate::rebalance::node_available(shared, index);
+        }
+    }
     json(StatusCode::OK, &Drained { node: &node.name, state: node.state_str(), changed })
 }
 

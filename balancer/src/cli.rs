@@ -88,6 +88,21 @@ pub struct Args {
     /// it the client is closed 1008 [default: 1048576].
     #[arg(long, value_name = "N")]
     pub rehome_buffer_bytes: Option<usize>,
+    /// How a new connection's node is chosen: hrw (the client's best-ranked usable node) or
+    /// bounded (the first one in its rank within ceil(load_factor × mean)) [default: hrw].
+    #[arg(long, value_name = "hrw|bounded")]
+    pub balance: Option<String>,
+    /// Under --balance bounded: no node above ceil(load_factor × mean); at least 1.0
+    /// [default: 1.25].
+    #[arg(long, value_name = "F")]
+    pub load_factor: Option<f64>,
+    /// What a node that comes back gets: off (only new connections) or paced (the clients
+    /// that rank it first move back to it, at most --rebalance-per-sec) [default: off].
+    #[arg(long, value_name = "off|paced")]
+    pub rebalance: Option<String>,
+    /// Under --rebalance paced: clients moved per second at most [default: 10].
+    #[arg(long, value_name = "PER_SEC")]
+    pub rebalance_per_sec: Option<f64>,
     /// Log line format on stderr.
     #[arg(long, value_name = "FORMAT", default_value = "text")]
     pub log_format: LogFormat,
@@ -160,6 +175,10 @@ pub fn load_config(args: &Args) -> Result<Config, Error> {
         connect_burst_per_ip: args.connect_burst_per_ip,
         failover: args.failover.clone(),
         rehome_buffer_bytes: args.rehome_buffer_bytes,
+        balance: args.balance.clone(),
+        load_factor: args.load_factor,
+        rebalance: args.rebalance.clone(),
+        rebalance_per_sec: args.rebalance_per_sec,
     });
     file.validate()
 }

@@ -14,7 +14,9 @@ use serde::Deserialize;
 use tether_proto::placement::HashKeys;
 use tether_proto::sign::SigningKey;
 
+pub use crate::balance::Balance;
 pub use crate::proxy_protocol::ProxyProtocol;
+pub use crate::rebalance::Rebalance;
 use crate::Error;
 
 /// Client-facing listener when neither the file nor `--listen` names one.
@@ -171,6 +173,14 @@ pub struct FileConfig {
     pub rehome_buffer_bytes: Option<usize>,
     /// Milliseconds one switch may take (see [`DEFAULT_REHOME_TIMEOUT_MS`]).
     pub rehome_timeout_ms: Option<u64>,
+    /// `hrw` (default) or `bounded` (see [`Balance`]).
+    pub balance: Option<String>,
+    /// Under `bounded`: no node above `ceil(load_factor × mean)`; at least 1.0, default 1.25.
+    pub load_factor: Option<f64>,
+    /// `off` (default) or `paced` (see [`Rebalance`]).
+    pub rebalance: Option<String>,
+    /// Under `paced`: clients moved per second at most; default 10.
+    pub rebalance_per_sec: Option<f64>,
     #[serde(default)]
     pub nodes: Vec<FileNode>,
 }
@@ -230,6 +240,14 @@ pub struct Overrides {
     pub failover: Option<String>,
     /// `--rehome-buffer-bytes`.
     pub rehome_buffer_bytes: Option<usize>,
+    /// `--balance`.
+    pub balance: Option<String>,
+    /// `--load-factor`.
+    pub load_factor: Option<f64>,
+    /// `--rebalance`.
+    pub rebalance: Option<String>,
+    /// `--rebalance-per-sec`.
+    pub rebalance_per_sec: Option<f64>,
 }
 
 /// A validated configuration.
@@ -298,6 +316,10 @@ pub struct Config {
     pub rehome_buffer_bytes: usize,
     /// Longest one switch may take before the client is closed 1012.
     pub rehome_timeout: Duration,
+    /// How a new connection's node is chosen: plain HRW, or HRW within a load bound.
+    pub balance: Balance,
+    /// Whether a node that returns takes back, gradually, the clients that rank it first.
+    pub rebalance: Rebalance,
     /// The nodes, in file order (order does not affect routing: ranking is by name).
     pub nodes: Vec<NodeConfig>,
 }
@@ -389,6 +411,18 @@ impl FileConfig {
         if o.rehome_buffer_bytes.is_some() {
             self.rehome_buffer_bytes = o.rehome_buffer_bytes;
         }
+        if o.balance.is_some() {
+            self.balance = o.balance;
+        }
+        if o.load_factor.is_some() {
+            self.load_factor = o.load_factor;
+        }
+        if o.rebalance.is_some() {
+            self.rebalance = o.rebalance;
+        }
+        if o.rebalance_per_sec.is_some() {
+            self.rebalance_per_sec = o.rebalance_per_sec;
+        }
     }
 
     /// Checks every field and fills in defaults.
@@ -474,6 +508,10 @@ impl FileConfig {
                 ),
             ));
         }
+        let balance =
+            Balance::from_settings(self.balance.as_deref(), self.load_factor).map_err(|(f, r)| invalid(f, r))?;
+        let rebalance = Rebalance::from_settings(self.rebalance.as_deref(), self.rebalance_per_sec)
+            .map_err(|(f, r)| invalid(f, r))?;
         Ok(Config {
             listen,
             admin,
@@ -510,6 +548,8 @@ impl FileConfig {
             failover,
             rehome_buffer_bytes,
             rehome_timeout: nonzero_ms("rehome_timeout_ms", self.rehome_timeout_ms, DEFAULT_REHOME_TIMEOUT_MS)?,
+            balance,
+            rebalance,
             nodes: nodes(&self.nodes)?,
         })
     }

@@ -54,7 +54,9 @@ pub(crate) async fn check_loop(shared: Arc<Shared>, index: usize, stop: Cancella
             // Out of descriptors ourselves: that says nothing about the node.
             continue;
         };
-        node.apply_probe(&probe, rise);
+        if node.apply_probe(&probe, rise) {
+            crate::rebalance::node_available(&shared, index);
+        }
     }
 }
 

@@ -32,6 +32,9 @@
 //! - `frames`: the WebSocket frame-boundary tracker the tunnel uses for that, and the close
 //!   frame it injects;
 //! - `pool`: node states (`up|unready|down|draining`), the routing choice, the state machine;
+//! - `balance`: the choice policy the pool applies (plain HRW, or HRW within a load bound);
+//! - `rebalance`: the paced return of clients to a node that comes back (one dispatcher
+//!   task granting moves at `rebalance_per_sec`; the tunnels move themselves);
 //! - `health`: the `GET /readyz` probes that drive that state machine;
 //! - `admin`: `/status`, `/route`, `/metrics`, drain/undrain, the HTML page;
 //! - `metrics`: every Prometheus metric name, in one place;
@@ -59,6 +62,7 @@ use tracing::{info, warn};
 
 mod admin;
 mod api;
+pub mod balance;
 pub mod cli;
 pub mod config;
 mod conn;
@@ -71,6 +75,7 @@ mod pool;
 mod proxy;
 mod proxy_protocol;
 mod quiet;
+pub mod rebalance;
 pub mod reload;
 mod response;
 mod server;
@@ -108,6 +113,8 @@ pub(crate) struct Shared {
     per_ip: Arc<per_ip::PerIp>,
     /// Pid, start time, generation, and the upgrade machinery (see [`upgrade`]).
     process: upgrade::Process,
+    /// The paced rebalance's token, the nodes it moves clients to, its dispatcher's queue.
+    rebalancer: rebalance::Rebalancer,
     /// Duplicates of the client and admin listeners' descriptors, for an upgrade's hand-off;
     /// let go with the listeners (a duplicate would keep the port open after shutdown).
     listener_fds: std::sync::Mutex<Option<(std::os::fd::OwnedFd, std::os::fd::OwnedFd)>>,
@@ -188,6 +195,7 @@ pub async fn run_with(
         api_turn: std::sync::atomic::AtomicUsize::new(0),
         per_ip,
         process: upgrade::Process::new(generation, start.launch, start.inherit.is_some()),
+        rebalancer: rebalance::Rebalancer::default(),
         listener_fds: std::sync::Mutex::new(Some(listener_fds)),
     });
 
@@ -196,6 +204,7 @@ pub async fn run_with(
     for index in 0..shared.pool.nodes().len() {
         checks.spawn(health::check_loop(Arc::clone(&shared), index, health_stop.clone()));
     }
+    checks.spawn(rebalance::dispatch(Arc::clone(&shared), health_stop.clone()));
     info!(addr = %listen_addr, nodes = shared.pool.nodes().len(), generation, "proxy listening");
     info!(addr = %admin_addr, "admin listening");
     if let Some(inherit) = start.inherit {

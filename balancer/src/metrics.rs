@@ -84,6 +84,13 @@ pub const REHOMES: &str = "tether_balancer_rehomes";
 /// new node (unconfirmed by the old one); the node publishes each at most once.
 pub const REHOME_RESENT: &str = "tether_balancer_rehome_resent";
 
+/// `tether_balancer_rebalance_moves_total{node}`: clients a paced rebalance moved to this node
+/// (turns granted: the tunnel then re-homes, or closes its client 1012 `rebalance`).
+pub const REBALANCE_MOVES: &str = "tether_balancer_rebalance_moves";
+/// `tether_balancer_rebalance_pending{node}`: clients waiting for their turn to move to this
+/// node; above 0 while a rebalance onto it is in progress.
+pub const REBALANCE_PENDING: &str = "tether_balancer_rebalance_pending";
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RehomeLabels {
     pub reason: &'static str,
@@ -174,6 +181,10 @@ pub struct NodeMetrics {
     pub state_changes: Counter,
     /// Probes by outcome, indexed by [`CheckResult`] as `usize`.
     pub checks: [Counter; 3],
+    /// Clients moved here by a paced rebalance.
+    pub rebalance_moves: Counter,
+    /// Clients waiting for their turn to move here.
+    pub rebalance_pending: Gauge,
 }
 
 /// The registry and the handles that are not per node.
@@ -207,6 +218,8 @@ struct NodeFamilies {
     draining: Family<NodeLabels, Gauge>,
     state_changes: Family<NodeLabels, Counter>,
     checks: Family<CheckLabels, Counter>,
+    rebalance_moves: Family<NodeLabels, Counter>,
+    rebalance_pending: Family<NodeLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -233,6 +246,16 @@ impl Metrics {
         registry.register(NODE_DRAINING, "1 while the node is drained by an operator", nodes.draining.clone());
         registry.register(NODE_STATE_CHANGES, "Health state flips of a node", nodes.state_changes.clone());
         registry.register(HEALTH_CHECKS, "Health probes of a node, by outcome", nodes.checks.clone());
+        registry.register(
+            REBALANCE_MOVES,
+            "Clients a paced rebalance moved to the node",
+            nodes.rebalance_moves.clone(),
+        );
+        registry.register(
+            REBALANCE_PENDING,
+            "Clients waiting for their turn to move to the node (a rebalance in progress)",
+            nodes.rebalance_pending.clone(),
+        );
         registry.register(REQUESTS, "Answers given to clients, by kind and HTTP status", requests.clone());
         registry.register(
             REJECTED_CONNECTIONS,
@@ -340,6 +363,8 @@ impl Metrics {
                 let labels = CheckLabels { node: name.to_owned(), result };
                 self.nodes.checks.get_or_create(&labels).clone()
             }),
+            rebalance_moves: self.nodes.rebalance_moves.get_or_create(&l).clone(),
+            rebalance_pending: self.nodes.rebalance_pending.get_or_create(&l).clone(),
         }
     }
 

@@ -20,6 +20,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::balance::{choose as choose_node, Balance, Placing};
 use crate::config::NodeConfig;
 use crate::metrics::{CheckResult, Metrics, NodeMetrics};
 use crate::Error;
@@ -113,6 +114,9 @@ pub struct Node {
     /// Whether the current `down` period has fired `down_signal` (a definitive failure); a
     /// down by timeout alone has not, and a later definitive failure still fires it.
     tunnels_cut: AtomicBool,
+    /// Set when the node goes down, cleared when it is next `up`: that flip is a *return*,
+    /// which may start a paced rebalance onto it ([`crate::rebalance`]).
+    was_down: AtomicBool,
     /// Cancelled (and replaced) when an operator drains the node; like `down_signal`, each
     /// tunnel holds the token current when it connected.
     drain_signal: ArcSwap<CancellationToken>,
@@ -134,6 +138,7 @@ impl Node {
             transition: Mutex::new(0),
             down_signal: ArcSwap::from_pointee(CancellationToken::new()),
             tunnels_cut: AtomicBool::new(false),
+            was_down: AtomicBool::new(false),
             drain_signal: ArcSwap::from_pointee(CancellationToken::new()),
             metrics,
         }
@@ -184,8 +189,9 @@ impl Node {
         self.set_health(Health::Down, reason, false);
     }
 
-    /// Feeds one probe result into the state machine.
-    pub fn apply_probe(&self, probe: &Probe, rise: u32) {
+    /// Feeds one probe result into the state machine; `true` when it brought the node back
+    /// `up` after it was `down` (a return: see [`crate::rebalance::node_available`]).
+    pub fn apply_probe(&self, probe: &Probe, rise: u32) -> bool {
         let result = match probe {
             Probe::Ready => CheckResult::ready,
             Probe::Unready(_) => CheckResult::unready,
@@ -201,12 +207,16 @@ impl Node {
             Probe::Failed(why) | Probe::TimedOut(why) => why.clone(),
         };
         self.set_health(next, &reason, !matches!(probe, Probe::TimedOut(_)));
+        next == Health::Up && self.was_down.swap(false, Ordering::AcqRel)
     }
 
     /// Sets the health; logs only on a flip. A definitive `down` (`cut_tunnels`) fires the
     /// down signal once per down period. Called with `transition` held.
     fn set_health(&self, next: Health, reason: &str, cut_tunnels: bool) {
         let prev = Health::from_u8(self.health.swap(next as u8, Ordering::AcqRel));
+        if next == Health::Down {
+            self.was_down.store(true, Ordering::Release);
+        }
         if next != Health::Down {
             self.tunnels_cut.store(false, Ordering::Release);
         } else if cut_tunnels && !self.tunnels_cut.swap(true, Ordering::AcqRel) {
@@ -250,7 +260,7 @@ impl Node {
     }
 
     /// The routing tier of this node: `None` when it must not take new clients.
-    fn tier(&self) -> Option<Health> {
+    pub(crate) fn tier(&self) -> Option<Health> {
         match self.health() {
             _ if self.is_draining() => None,
             Health::Down => None,
@@ -286,21 +296,32 @@ impl Pool {
     }
 
     /// Where `client` goes now: the best-ranked node among the `up` ones, or, when none is
-    /// up, among the `unready` ones (alive beats failing). `None` when no node is usable.
+    /// up, among the `unready` ones (alive beats failing), chosen by `balance`
+    /// ([`crate::balance`]). `None` when no node is usable.
     ///
     /// Walking the rank by calling this again after each failed connect (which marks the node
-    /// down) yields exactly `hrw::rank` order restricted to usable nodes, without allocating.
-    pub fn pick(&self, client: &str) -> Option<usize> {
-        let wanted = if self.nodes.iter().any(|n| n.tier() == Some(Health::Up)) { Health::Up } else { Health::Unready };
-        hrw::best(&self.names, client, |i| self.nodes[i].tier() == Some(wanted))
+    /// down) yields exactly the rank order restricted to usable nodes, without allocating.
+    pub fn pick(&self, client: &str, balance: Balance) -> Option<usize> {
+        self.choose(client, &[], balance, Placing::New)
     }
 
     /// [`Pool::pick`] leaving out the nodes in `except` (a re-homing tunnel's node that just
-    /// failed it, before a probe has said so).
-    pub fn pick_except(&self, client: &str, except: &[usize]) -> Option<usize> {
+    /// failed it, before a probe has said so). Under `bounded` the bound holds here too: a
+    /// re-homing tunnel has let go of its old node before it asks, so it is placed as new.
+    pub fn pick_except(&self, client: &str, except: &[usize], balance: Balance) -> Option<usize> {
+        self.choose(client, except, balance, Placing::New)
+    }
+
+    /// Where `client`, open on node `from`, would go if it were placed again now.
+    pub fn pick_moving(&self, client: &str, from: usize, balance: Balance) -> Option<usize> {
+        self.choose(client, &[], balance, Placing::Moving(from))
+    }
+
+    fn choose(&self, client: &str, except: &[usize], balance: Balance, placing: Placing) -> Option<usize> {
         let usable = |i: usize, wanted: Health| !except.contains(&i) && self.nodes[i].tier() == Some(wanted);
         let wanted = if (0..self.nodes.len()).any(|i| usable(i, Health::Up)) { Health::Up } else { Health::Unready };
-        hrw::best(&self.names, client, |i| usable(i, wanted))
+        let load = |i: usize| u64::try_from(self.nodes[i].metrics.active.get()).unwrap_or(0);
+        choose_node(&self.names, client, balance, placing, |i| usable(i, wanted), load)
     }
 
     /// The nodes to try for a server API request, in order: the `up` ones, starting at
@@ -350,9 +371,23 @@ pub struct ActiveGuard(NodeMetrics);
 
 impl ActiveGuard {
     pub fn new(node: &Node) -> Self {
-        node.metrics.connections.inc();
+        let guard = Self::reserve(node);
+        guard.opened();
+        guard
+    }
+
+    /// Counts the connection as open before it is (between the choice of its node and the
+    /// connect), so that connections placed at the same moment see each other in the loads
+    /// `balance = "bounded"` weighs; dropped if the connect fails. [`ActiveGuard::opened`]
+    /// then counts it in the node's total.
+    pub fn reserve(node: &Node) -> Self {
         node.metrics.active.inc();
         Self(node.metrics.clone())
+    }
+
+    /// The reserved connection is open.
+    pub fn opened(&self) {
+        self.0.connections.inc();
     }
 }
 
@@ -414,25 +449,25 @@ mod tests {
         let pool = pool(3);
         let id = "client-42";
         let rank = hrw::rank(&pool.names, id);
-        assert_eq!(pool.pick(id), Some(rank[0]));
+        assert_eq!(pool.pick(id, Balance::Hrw), Some(rank[0]));
 
         pool.get(rank[0]).mark_down("test");
-        assert_eq!(pool.pick(id), Some(rank[1]));
+        assert_eq!(pool.pick(id, Balance::Hrw), Some(rank[1]));
 
         // An unready node loses to any up one, even one ranked below it.
         pool.get(rank[1]).apply_probe(&Probe::Unready(503), 1);
-        assert_eq!(pool.pick(id), Some(rank[2]));
+        assert_eq!(pool.pick(id, Balance::Hrw), Some(rank[2]));
 
         // With no node up, the alive unready one is used rather than failing.
         pool.get(rank[2]).set_draining(true);
-        assert_eq!(pool.pick(id), Some(rank[1]));
+        assert_eq!(pool.pick(id, Balance::Hrw), Some(rank[1]));
         assert_eq!(pool.get(rank[2]).state_str(), "draining");
 
         pool.get(rank[1]).mark_down("test");
-        assert_eq!(pool.pick(id), None);
+        assert_eq!(pool.pick(id, Balance::Hrw), None);
 
         pool.get(rank[2]).set_draining(false);
-        assert_eq!(pool.pick(id), Some(rank[2]));
+        assert_eq!(pool.pick(id, Balance::Hrw), Some(rank[2]));
     }
 
     #[test]
@@ -459,7 +494,7 @@ mod tests {
         let open = node.down_signal();
         node.mark_suspect("connect timed out");
         assert_eq!(node.health(), Health::Down);
-        assert_eq!(pool.pick("anyone"), None, "no new clients while it does not answer");
+        assert_eq!(pool.pick("anyone", Balance::Hrw), None, "no new clients while it does not answer");
         node.apply_probe(&Probe::TimedOut("probe timed out".into()), 2);
         assert!(!open.is_cancelled(), "an overloaded node keeps its live clients");
         // Proof that it is gone (a refused connect) closes them, once.
@@ -502,7 +537,7 @@ mod tests {
         assert!(!node.set_draining(true));
         node.apply_probe(&Probe::Ready, 1);
         assert_eq!(node.state_str(), "draining");
-        assert_eq!(pool.pick("x"), None);
+        assert_eq!(pool.pick("x", Balance::Hrw), None);
         node.set_draining(false);
         assert_eq!(node.state_str(), "up");
     }

@@ -28,6 +28,7 @@ use crate::config::Failover;
 use crate::conn::ClientConn;
 use crate::metrics::Kind;
 use crate::pool::{connect, ActiveGuard, Node};
+use crate::rebalance::Ticket;
 use crate::response::{empty, out_of_descriptors, text_response, Body};
 use crate::{tunnel, Error, Shared};
 
@@ -136,14 +137,17 @@ async fn forward(
     // request carries it (every client of a room on one node), else the client id.
     let place = place.unwrap_or_else(|| id.clone());
 
-    let Upstream { index, stream, down, drain } = match connect_ranked(shared, &place).await {
+    // Taken before the connect, as the node's signals are: a node that comes back meanwhile
+    // (this client placed without it) still moves it.
+    let rebalance_signal = (kind == Kind::ws).then(|| Ticket::signal_if_paced(shared)).flatten();
+    let Upstream { index, stream, down, drain, guard } = match connect_ranked(shared, &place).await {
         Ok(upstream) => upstream,
         Err(NoUpstream::NoNode) => return text_response(StatusCode::SERVICE_UNAVAILABLE, "no node available"),
         Err(NoUpstream::OutOfDescriptors) => return out_of_descriptors(),
     };
     let node = shared.pool.get(index);
     span.record("node", node.name.as_str());
-    let guard = Arc::new(ActiveGuard::new(node));
+    let guard = Arc::new(guard);
 
     let client_upgrade = (kind == Kind::ws).then(|| hyper::upgrade::on(&mut request));
     if let Err(e) = prepare_upstream_request(&mut request, &id, conn.peer.ip(), conn.tls) {
@@ -181,7 +185,8 @@ async fn forward(
         // another upgraded protocol is simply cut on drain.
         let websocket =
             response.headers().get(header::UPGRADE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
-        let stops = tunnel::Stops { node_down: down, drain, hard_stop: shared.hard_stop.clone() };
+        let mut stops = tunnel::Stops::new(down, drain, shared.hard_stop.clone());
+        stops.rebalance = Ticket::new(shared, &id, index, rebalance_signal.filter(|_| websocket)).map(Arc::new);
         // Debug level: the span lives as long as the tunnel, and a tunnel logs only at debug
         // (bar a can't-happen warning), so at the default level an info span would cost
         // memory per tunnel and a registry enter and exit per poll, for nothing.
@@ -208,6 +213,7 @@ async fn forward(
                     conn: Arc::clone(conn),
                     down: stops.node_down,
                     drain: stops.drain,
+                    rebalance: stops.rebalance,
                 };
                 shared.tracker.spawn(tunnel::rehome::run(client_upgrade, node_upgrade, setup).instrument(tunnel_span));
             }
@@ -252,6 +258,8 @@ struct Upstream {
     stream: TcpStream,
     down: CancellationToken,
     drain: CancellationToken,
+    /// Counted on the node from its choice on (see [`ActiveGuard::reserve`]).
+    guard: ActiveGuard,
 }
 
 /// Why [`connect_ranked`] found no upstream.
@@ -270,7 +278,7 @@ async fn connect_ranked(shared: &Shared, id: &str) -> Result<Upstream, NoUpstrea
     // Every failure marks one node down (or finds it drained), so this ends; the bound only
     // guards against probes reviving nodes as fast as connects fail.
     for _ in 0..shared.pool.nodes().len() {
-        let index = shared.pool.pick(id).ok_or(NoUpstream::NoNode)?;
+        let index = shared.pool.pick(id, shared.config().balance).ok_or(NoUpstream::NoNode)?;
         let node = shared.pool.get(index);
         let down = node.down_signal();
         let drain = node.drain_signal();
@@ -279,8 +287,12 @@ async fn connect_ranked(shared: &Shared, id: &str) -> Result<Upstream, NoUpstrea
             continue;
         }
         let connect_timeout = shared.config().connect_timeout;
+        let guard = ActiveGuard::reserve(node);
         match connect(node, connect_timeout).await {
-            Ok(stream) => return Ok(Upstream { index, stream, down, drain }),
+            Ok(stream) => {
+                guard.opened();
+                return Ok(Upstream { index, stream, down, drain, guard });
+            }
             Err(Error::NodeConnect { source, .. }) if is_out_of_descriptors(&source) => {
                 debug!(error = %source, "upstream connect: out of file descriptors; refusing with 503");
                 return Err(NoUpstream::OutOfDescriptors);

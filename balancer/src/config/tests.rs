@@ -322,3 +322,34 @@ fn failover_defaults_to_reconnect_and_rehome_keys_are_checked() {
     file.apply(Overrides { failover: Some("reconnect".into()), ..Overrides::default() });
     assert_eq!(file.validate().unwrap().failover, Failover::Reconnect);
 }
+
+#[test]
+fn balance_and_rebalance_default_to_the_seeds_promise_and_are_checked() {
+    let config = FileConfig::parse(&with_nodes("")).unwrap().validate().unwrap();
+    assert_eq!(config.balance, Balance::Hrw);
+    assert_eq!(config.rebalance, Rebalance::Off);
+    let text = with_nodes("balance = \"bounded\"\nload_factor = 1.5\nrebalance = \"paced\"\nrebalance_per_sec = 4");
+    let config = FileConfig::parse(&text).unwrap().validate().unwrap();
+    assert_eq!(config.balance, Balance::Bounded { factor_milli: 1500 });
+    assert_eq!(config.rebalance, Rebalance::Paced { per_sec: 4.0 });
+    for (bad, field) in [
+        ("balance = \"least\"", "balance"),
+        ("balance = \"bounded\"\nload_factor = 0.5", "load_factor"),
+        ("load_factor = 0.99", "load_factor"),
+        ("rebalance = \"now\"", "rebalance"),
+        ("rebalance = \"paced\"\nrebalance_per_sec = 0", "rebalance_per_sec"),
+        ("rebalance_per_sec = -3", "rebalance_per_sec"),
+    ] {
+        let err = FileConfig::parse(&with_nodes(bad)).unwrap().validate().unwrap_err();
+        assert_eq!(field_of(err), field, "{bad}");
+    }
+    let mut file = FileConfig::parse(&with_nodes("balance = \"bounded\"")).unwrap();
+    file.apply(Overrides {
+        balance: Some("hrw".into()),
+        rebalance: Some("paced".into()),
+        rebalance_per_sec: Some(2.0),
+        ..Overrides::default()
+    });
+    let config = file.validate().unwrap();
+    assert_eq!((config.balance, config.rebalance), (Balance::Hrw, Rebalance::Paced { per_sec: 2.0 }));
+}

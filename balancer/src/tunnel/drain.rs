@@ -41,7 +41,7 @@ pub(super) enum FromNode {
 
 /// Copies the node's bytes to the client like [`pump`](super::pump::pump), following frame
 /// boundaries. Once `drain` fires it forwards only the rest of the frame in progress, then
-/// writes a 1012 close frame and returns — all within [`DRAIN_FRAME_DEADLINE`], or it gives up
+/// writes a 1012 close frame (with `reason`) and returns — all within [`DRAIN_FRAME_DEADLINE`], or it gives up
 /// and returns `Drained(false)`. Bytes of the node's next frame that were already read are
 /// dropped. Without a `drain` token it is a plain copy.
 pub(super) async fn pump_from_node<R, W>(
@@ -50,6 +50,7 @@ pub(super) async fn pump_from_node<R, W>(
     from: &mut R,
     to: &mut W,
     drain: Option<&CancellationToken>,
+    reason: &str,
 ) -> Result<FromNode, Fault>
 where
     R: AsyncRead + Unpin,
@@ -76,7 +77,7 @@ where
             total += len;
         }
         if deadline.is_some() && frames.at_boundary() {
-            let mut close = Bytes::from(close_frame(CLOSE_RESTART, DRAIN_REASON));
+            let mut close = Bytes::from(close_frame(CLOSE_RESTART, reason));
             let sent = Box::pin(write_step(to, &mut close, drain, &mut deadline)).await?;
             return Ok(FromNode::Drained(sent));
         }
@@ -195,7 +196,7 @@ mod tests {
         W: AsyncWrite + Unpin,
     {
         let super::super::Flow { mut to_client, mut frames, .. } = super::super::Flow::new(Bytes::new(), early);
-        pump_from_node(&mut to_client, &mut frames, from, to, drain).await
+        pump_from_node(&mut to_client, &mut frames, from, to, drain, DRAIN_REASON).await
     }
 
     fn drain_close() -> Vec<u8> {

@@ -77,6 +77,7 @@ use crate::conn::ClientConn;
 use crate::frames::FrameTracker;
 use crate::pool::ActiveGuard;
 use crate::quiet::Quiet;
+use crate::rebalance::{self, Ticket, REBALANCE_REASON};
 use crate::tls::ClientStream;
 use tokio_util::either::Either;
 
@@ -86,7 +87,7 @@ pub(crate) mod park;
 mod pump;
 pub(crate) mod rehome;
 
-pub(crate) use drain::DRAIN_FRAME_DEADLINE;
+pub(crate) use drain::{DRAIN_FRAME_DEADLINE, DRAIN_REASON};
 use drain::{fired, pump_from_node, FromNode};
 use linger::linger;
 pub(crate) use linger::CLOSE_LINGER;
@@ -101,6 +102,37 @@ pub(crate) struct Stops {
     pub drain: CancellationToken,
     /// Fired when the shutdown grace period is over.
     pub hard_stop: CancellationToken,
+    /// With `rebalance = "paced"`: the client's ticket to move when a node it ranks first
+    /// becomes available ([`rebalance`]). Only WebSocket tunnels move.
+    pub rebalance: Option<Arc<Ticket>>,
+    /// Reason of the 1012 close frame `drain` leads to: [`DRAIN_REASON`], or
+    /// [`REBALANCE_REASON`] once a rebalance moves the client (see [`Stops::move_out`]).
+    pub drain_reason: &'static str,
+}
+
+impl Stops {
+    pub fn new(node_down: CancellationToken, drain: CancellationToken, hard_stop: CancellationToken) -> Self {
+        Self { node_down, drain, hard_stop, rebalance: None, drain_reason: DRAIN_REASON }
+    }
+
+    /// A rebalance granted this tunnel its move: from now on it closes its client 1012
+    /// (`rebalance`) at the next frame boundary, exactly as a drain of its node would.
+    fn move_out(&mut self) {
+        let moved = CancellationToken::new();
+        moved.cancel();
+        self.drain = moved;
+        self.drain_reason = REBALANCE_REASON;
+        self.rebalance = None;
+    }
+}
+
+/// Why [`copy`] stopped with both streams still open.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Paused {
+    /// For an upgrade's hand-off.
+    Park,
+    /// A rebalance moves this client: the copy goes on into a drain.
+    Move,
 }
 
 /// What a tunnel has read from one side and not yet written to the other, and where the
@@ -155,6 +187,8 @@ enum End {
     Shutdown,
     /// Parked for an upgrade: not an end, the copy stopped with [`Flow`] exact.
     Park,
+    /// A rebalance granted this tunnel its move: not an end either, it goes on into a drain.
+    Move,
 }
 
 impl End {
@@ -208,10 +242,19 @@ pub(crate) async fn run(
         Either::Left(tcp) => {
             serve(tcp, node, flow, websocket, stops, Some(guard), conn, movable, live).await;
         }
-        Either::Right(tls) => {
+        Either::Right(mut tls) => {
             drop((movable, live));
-            let (mut flow, mut guard) = (flow, Some(guard));
-            let _ = Box::pin(copy(tls, node, &mut flow, websocket, &stops, None, &mut guard)).await;
+            let (mut flow, mut guard, mut stops, mut node) = (flow, Some(guard), stops, node);
+            // Bounded: after a move the tunnel drains, and a drain never pauses again.
+            for _ in 0..2 {
+                match Box::pin(copy(tls, node, &mut flow, websocket, &stops, None, &mut guard)).await {
+                    Err((t, n, Paused::Move)) => {
+                        (tls, node) = (t, n);
+                        stops.move_out();
+                    }
+                    _ => break,
+                }
+            }
             // The client's socket closed when `copy` returned; its slot is given back now.
             drop(conn);
         }
@@ -228,7 +271,7 @@ pub(crate) async fn serve(
     mut node: TcpStream,
     mut flow: Flow,
     websocket: bool,
-    stops: Stops,
+    mut stops: Stops,
     mut guard: Option<Arc<ActiveGuard>>,
     conn: Arc<ClientConn>,
     movable: Option<Movable>,
@@ -241,8 +284,13 @@ pub(crate) async fn serve(
     loop {
         match copy(client, node, &mut flow, websocket, &stops, park.as_ref(), &mut guard).await {
             Ok(_) => break,
-            Err((c, n)) => {
+            Err((c, n, paused)) => {
                 (client, node) = (c, n);
+                if paused == Paused::Move {
+                    // On into the drain that closes the client 1012 `rebalance`.
+                    stops.move_out();
+                    continue;
+                }
                 let Some(m) = &movable else { break };
                 if stops.drain.is_cancelled() {
                     // A drain in progress finishes here, at its frame boundary.
@@ -328,8 +376,8 @@ impl ClientSide for Box<TlsStream<TcpStream>> {
 }
 
 /// The tunnel proper, once the client's side is a [`ClientSide`] and the node's a TCP stream;
-/// returns why it ended, or both streams back when `park` fired (with `flow` exact: nothing
-/// read is lost). The node's connection (and `guard`) are let go as soon as the copy ends; the
+/// returns why it ended, or both streams back when `park` fired or a rebalance granted this
+/// tunnel its move (with `flow` exact: nothing read is lost). The node's connection (and `guard`) are let go as soon as the copy ends; the
 /// client's lingers when the node's side ended first (see [`End::lingers`]).
 async fn copy<C: ClientSide>(
     mut client: C,
@@ -339,7 +387,7 @@ async fn copy<C: ClientSide>(
     stops: &Stops,
     park: Option<&CancellationToken>,
     guard: &mut Option<Arc<ActiveGuard>>,
-) -> Result<End, (C, TcpStream)> {
+) -> Result<End, (C, TcpStream, Paused)> {
     debug!("tunnel open");
     // Not a WebSocket: no frames to respect, so a drain cuts at once.
     let (frame_drain, cut_drain) = if websocket { (Some(&stops.drain), None) } else { (None, Some(&stops.drain)) };
@@ -349,18 +397,26 @@ async fn copy<C: ClientSide>(
         let (mut client_rx, mut client_tx) = client.halves();
         let (mut node_rx, mut node_tx) = node.split();
         let Flow { to_node, to_client, frames } = flow;
+        // Boxed, and only with a ticket: most tunnels never move, and `off` costs nothing.
+        let mut mover = stops
+            .rebalance
+            .as_ref()
+            .filter(|_| websocket)
+            .map(|ticket| Box::pin(rebalance::wanted(ticket, ticket.node)));
         let stopped = pin!(async {
             tokio::select! {
                 _ = stops.node_down.cancelled() => End::NodeDown,
                 _ = fired(cut_drain) => End::Drained(false),
                 _ = stops.hard_stop.cancelled() => End::Shutdown,
                 _ = fired(park) => End::Park,
+                _ = moved(mover.as_mut().map(|m| m.as_mut())) => End::Move,
             }
         });
         // The stop signals are polled only when one of them fires, not for every message.
         let quiet = Quiet::new();
         // Outside the `select!`, so that it can run on when the node's side failed first.
-        let mut from_node = pin!(pump_from_node(to_client, frames, &mut node_rx, &mut client_tx, frame_drain));
+        let mut from_node =
+            pin!(pump_from_node(to_client, frames, &mut node_rx, &mut client_tx, frame_drain, stops.drain_reason));
         let end = tokio::select! {
             r = pump(to_node, &mut client_rx, &mut node_tx) => match r {
                 Ok(bytes) => End::ClientClosed(Ok(bytes)),
@@ -386,7 +442,11 @@ async fn copy<C: ClientSide>(
     match &end {
         End::Park => {
             debug!("tunnel parked for an upgrade");
-            return Err((client, node));
+            return Err((client, node, Paused::Park));
+        }
+        End::Move => {
+            debug!("tunnel moving: a rebalance wants its client on the node that came back");
+            return Err((client, node, Paused::Move));
         }
         End::ClientClosed(Ok(bytes)) => debug!(bytes, "tunnel closed by the client"),
         End::NodeClosed(Ok(bytes)) => debug!(bytes, "tunnel closed by the node"),
@@ -423,6 +483,16 @@ async fn copy<C: ClientSide>(
     }
     // Returning closes the client's socket.
     Ok(end)
+}
+
+/// Waits until `mover` resolves (a rebalance granted the move); forever without one.
+async fn moved<F: std::future::Future>(mover: Option<Pin<&mut F>>) {
+    match mover {
+        Some(mover) => {
+            mover.await;
+        }
+        None => std::future::pending().await,
+    }
 }
 
 /// The [`End`] of the node→client direction.
@@ -477,11 +547,7 @@ mod tests {
     }
 
     fn stops() -> Stops {
-        Stops {
-            node_down: CancellationToken::new(),
-            drain: CancellationToken::new(),
-            hard_stop: CancellationToken::new(),
-        }
+        Stops::new(CancellationToken::new(), CancellationToken::new(), CancellationToken::new())
     }
 
     fn guard() -> Arc<ActiveGuard> {
@@ -713,7 +779,7 @@ mod tests {
                 () = stalled => unreachable!(),
             }
         };
-        let Err((client, node)) = parked else { panic!("the tunnel ended instead of parking") };
+        let Err((client, node, Paused::Park)) = parked else { panic!("the tunnel ended instead of parking") };
         let written = (up_progress.load(Ordering::SeqCst), down_progress.load(Ordering::SeqCst));
         assert!(written.0 < up.len() && written.1 < down.len(), "the writers were not blocked: {written:?}");
         assert!(

@@ -583,13 +583,13 @@ fn adopt_one(shared: &Arc<Shared>, record: TunnelRecord) {
             if node.is_draining() {
                 drain.cancel();
             }
-            (Some(Arc::new(ActiveGuard::new(node))), Stops { node_down: node.down_signal(), drain, hard_stop })
+            (Some(Arc::new(ActiveGuard::new(node))), Stops::new(node.down_signal(), drain, hard_stop))
         }
         None => {
             // No longer in the config: closed 1012 at the next frame boundary.
             let drain = CancellationToken::new();
             drain.cancel();
-            (None, Stops { node_down: CancellationToken::new(), drain, hard_stop })
+            (None, Stops::new(CancellationToken::new(), drain, hard_stop))
         }
     };
     let flow = Flow { to_node: record.to_node, to_client: record.to_client, frames };

@@ -98,14 +98,18 @@ pub(super) async fn dial(
     token: Option<&str>,
     except: &mut Vec<usize>,
 ) -> Result<Dialed, NoDial> {
-    while let Some(index) = shared.pool.pick_except(place, except) {
+    while let Some(index) = shared.pool.pick_except(place, except, shared.config().balance) {
         let node = shared.pool.get(index);
         let (connect_timeout, answer_timeout) = {
             let config = shared.config();
             (config.connect_timeout, config.connect_timeout + config.health_timeout)
         };
+        let guard = ActiveGuard::reserve(node);
         let stream = match connect(node, connect_timeout).await {
-            Ok(stream) => stream,
+            Ok(stream) => {
+                guard.opened();
+                stream
+            }
             Err(Error::NodeConnect { source, .. }) if is_out_of_descriptors(&source) => {
                 // The balancer's own shortage, no node's fault: none is marked down.
                 debug!(error = %source, "rehome: connect: out of file descriptors");
@@ -122,7 +126,7 @@ pub(super) async fn dial(
                 continue;
             }
         };
-        let guard = Arc::new(ActiveGuard::new(node));
+        let guard = Arc::new(guard);
         match tokio::time::timeout(answer_timeout, upgrade(stream, redial.request(token))).await {
             Ok(Ok(Answer::Switched(stream, early))) => return Ok(Dialed { index, stream, early, guard }),
             Ok(Ok(Answer::Status(status))) if status.is_client_error() => return Err(NoDial::Refused(status)),

@@ -51,6 +51,8 @@ use super::{into_client, into_node, linger, ClientSide, CLOSE_LINGER};
 use crate::conn::ClientConn;
 use crate::frames::close_frame;
 use crate::pool::ActiveGuard;
+use crate::quiet::Quiet;
+use crate::rebalance::{self, Ticket};
 use crate::Shared;
 use dial::{dial, Dialed, NoDial};
 use track::{Down, Tracker, Up};
@@ -74,6 +76,8 @@ pub(crate) struct Setup {
     /// That node's signals, as taken before connecting to it.
     pub down: CancellationToken,
     pub drain: CancellationToken,
+    /// With `rebalance = "paced"`: the client's ticket to move to a node that comes back.
+    pub rebalance: Option<Arc<Ticket>>,
 }
 
 /// The node under the tunnel now.
@@ -94,6 +98,8 @@ enum Cause {
     Drain,
     /// It closed 1012 (shutting down).
     Restart,
+    /// A paced rebalance moves the client to a node that came back (the old one is fine).
+    Rebalance,
 }
 
 impl Cause {
@@ -102,6 +108,7 @@ impl Cause {
             Self::Down => "down",
             Self::Drain => "drain",
             Self::Restart => "restart",
+            Self::Rebalance => "rebalance",
         }
     }
 }
@@ -183,7 +190,7 @@ pub(crate) async fn run(client: OnUpgrade, node: OnUpgrade, setup: Setup) {
 }
 
 async fn serve<C: ClientSide>(mut client: C, node: TcpStream, client_early: Bytes, node_early: Bytes, setup: Setup) {
-    let Setup { shared, id, place, index, guard, redial, conn, down, drain } = setup;
+    let Setup { shared, id, place, index, guard, redial, conn, down, drain, rebalance: ticket } = setup;
     let hard_stop = shared.hard_stop.clone();
     let (bound, switch_timeout) = {
         let config = shared.config();
@@ -211,10 +218,14 @@ async fn serve<C: ClientSide>(mut client: C, node: TcpStream, client_early: Byte
             None => {
                 let (mut crx, mut ctx) = client.halves();
                 let mut halves = current.stream.split();
+                // Made again after each switch (rare): it asks where the client is now. Polled
+                // only when its token fires ([`Quiet`]): that token is the whole balancer's.
+                let mut mover = ticket.as_deref().map(|t| (Quiet::new(), Box::pin(rebalance::wanted(t, current.index))));
                 tokio::select! {
                     ev = poll_fn(|cx| r.poll_io(cx, &mut crx, &mut ctx, Some(&mut halves))) => ev,
                     _ = current.down.cancelled() => Ev::Switch(Cause::Down),
                     _ = current.drain.cancelled() => Ev::Switch(Cause::Drain),
+                    () = granted(mover.as_mut()) => Ev::Switch(Cause::Rebalance),
                     _ = hard_stop.cancelled() => Ev::End(End::Shutdown),
                 }
             }
@@ -225,10 +236,12 @@ async fn serve<C: ClientSide>(mut client: C, node: TcpStream, client_early: Byte
             Ev::Connected => {}
             Ev::Switch(cause) => {
                 let from = link.take().map(|l| l.index);
+                // A move leaves a node that is fine: it stays a candidate (should the node
+                // moved to fail, the client goes back rather than further down its rank).
+                let except = if matches!(cause, Cause::Rebalance) { Vec::new() } else { from.into_iter().collect() };
                 let started = Instant::now();
                 let deadline = started + switch_timeout;
-                let switched =
-                    r.switch(&mut client, &shared, &place, &redial, from.into_iter().collect(), deadline).await;
+                let switched = r.switch(&mut client, &shared, &place, &redial, except, deadline).await;
                 shared.metrics.rehomed(cause.as_str(), switched.is_ok());
                 match switched {
                     Ok((new, resent)) => {
@@ -580,6 +593,17 @@ impl Rehome {
             self.switching = false;
             return Ok((link, resent));
         }
+    }
+}
+
+/// Waits until a rebalance grants `mover` its move (polling it only when it woke); forever
+/// without one.
+async fn granted<F: std::future::Future>(mover: Option<&mut (Arc<Quiet>, Pin<Box<F>>)>) {
+    match mover {
+        Some((quiet, mover)) => {
+            quiet.wait(mover.as_mut()).await;
+        }
+        None => std::future::pending().await,
     }
 }
 
