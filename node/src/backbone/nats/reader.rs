@@ -139,14 +139,17 @@ impl NatsBackbone {
     /// delivered from its start.
     async fn check_head(&self, room: &str, state: &mut StreamState, last: u64) -> Result<u64, BackboneError> {
         let now = self.ensure_stream(room).await?;
-        let mut last = last;
-        if now.epoch != state.epoch {
+        let from = if now.epoch == state.epoch {
+            last
+        } else {
             warn!(room, "room stream was re-created (new epoch); delivering it from its start");
-            last = 0;
-        }
-        let to = now.head;
+            0
+        };
+        // The state moves on only once filled: a failed fill is tried again from the same place.
+        let filled = self.fill(room, from, now.head, &now).await;
+        let filled = filled.ok_or_else(|| BackboneError::Nats("reading the room log".into()))?;
         *state = now;
-        self.fill(room, last, to, state).await.ok_or_else(|| BackboneError::Nats("reading the room log".into()))
+        Ok(filled)
     }
 
     /// Delivers the logged messages `after+1..=to` that never arrived live; returns the new
