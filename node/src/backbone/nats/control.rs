@@ -62,7 +62,8 @@ impl NatsBackbone {
                 let stream = msg.subject.rsplit('.').next().unwrap_or_default();
                 let Some(room) = room_of_stream(&backbone.prefix, stream) else { continue };
                 info!(room, stream, "room stream has a new leader");
-                if let Some(reader) = backbone.readers.lock().await.get(&room) {
+                let readers = backbone.readers.lock().await;
+                if let Some(reader) = readers.get(&room) {
                     reader.recheck.notify_one();
                 }
             }

@@ -134,7 +134,7 @@ impl NatsBackbone {
     /// behind what was acknowledged); `None` only when the leader does not have it either.
     async fn message_at(
         &self,
-        stream: &stream::Stream,
+        stream: &stream::Stream<()>,
         seq: u64,
     ) -> Result<Option<jetstream::message::StreamMessage>, BackboneError> {
         if let Some(m) = self.direct(stream.direct_get(seq)).await? {
