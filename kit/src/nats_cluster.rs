@@ -215,7 +215,8 @@ impl NatsCluster {
     pub async fn stream_names(&self) -> Result<Vec<String>> {
         use futures_util::TryStreamExt;
         let js = self.jetstream().await?;
-        let names = timeout(PROBE_TIMEOUT, js.stream_names().try_collect()).await.context("stream names timed out")??;
+        let names =
+            timeout(PROBE_TIMEOUT, js.stream_names().try_collect()).await.context("stream names timed out")??;
         Ok(names)
     }
 
@@ -284,9 +285,7 @@ impl NatsCluster {
         }
         let client = timeout(
             PROBE_TIMEOUT,
-            async_nats::ConnectOptions::new()
-                .ignore_discovered_servers()
-                .connect(format!("nats://127.0.0.1:{port}")),
+            async_nats::ConnectOptions::new().ignore_discovered_servers().connect(format!("nats://127.0.0.1:{port}")),
         )
         .await
         .context("connecting timed out")??;

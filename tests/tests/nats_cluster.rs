@@ -20,7 +20,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tether_kit::{Cluster, ClusterLogs, ClusterOptions, NatsCluster, NodeProcess};
+use tether_kit::{Cluster, ClusterLogs, ClusterOptions, LogTarget, NatsCluster, NodeProcess, SpawnOptions};
 use tether_proto::wire::ClientMsg;
 use tether_tests::{id_ranked, HttpConn, WsClient};
 use tokio_util::sync::CancellationToken;
@@ -108,7 +108,8 @@ struct OlderStreams {
 /// A node with `--nats-replicas 1` (as an older deployment) creates a room stream, the
 /// sessions and the presence streams with one copy each; then it stops.
 async fn older_streams_are_scaled_up(nats: &NatsCluster) -> Result<OlderStreams> {
-    let node = NodeProcess::start("node-old", NO_REDIS, &nats_args(nats, Some(1))).await?;
+    let quiet = SpawnOptions { stderr: LogTarget::Null, ..Default::default() };
+    let node = NodeProcess::start_with("node-old", NO_REDIS, &nats_args(nats, Some(1)), &quiet).await?;
     let room = "legacy";
     let id = "legacy-1".to_owned();
     let (mut ws, _) = WsClient::connect_ready(&format!("ws://{}/ws?client={id}", node.addr())).await?;
@@ -135,7 +136,8 @@ impl OlderStreams {
         ws.close().await;
         let names = nats.stream_names().await?;
         let ours: Vec<&String> = names.iter().filter(|n| n.starts_with("tether_")).collect();
-        for kind in ["tether_sessions", "tether_presence", &tether_node::backbone::nats::room_stream(PREFIX, self.room)] {
+        for kind in ["tether_sessions", "tether_presence", &tether_node::backbone::nats::room_stream(PREFIX, self.room)]
+        {
             assert!(names.iter().any(|n| n == kind), "{kind} among {names:?}");
         }
         for name in ours {
@@ -186,7 +188,8 @@ async fn cross_node_delivery_presence_and_resume(c: &Cluster) -> Result<()> {
     b2.resume([(room, point.clone())]).await?;
     let resumed = b2.recv_until("resumed", |v| v["type"] == "resumed" && v["room"] == room).await?;
     assert_eq!(resumed["complete"], true, "{resumed}");
-    let texts: Vec<&str> = b2.seen.iter().filter(|v| v["type"] == "message").filter_map(|v| v["text"].as_str()).collect();
+    let texts: Vec<&str> =
+        b2.seen.iter().filter(|v| v["type"] == "message").filter_map(|v| v["text"].as_str()).collect();
     assert_eq!(texts, ["a2", "a3", "a4"], "what Ben missed, once, in order");
     let seqs = b2.seqs(room);
     assert_eq!(seqs, (point.seq + 1..=point.seq + 3).collect::<Vec<_>>());

@@ -56,9 +56,9 @@ use base64::Engine;
 use bytes::Bytes;
 use dashmap::DashMap;
 use futures_util::future::{BoxFuture, FutureExt};
-use streams::REPLAY_CONCURRENCY;
 use std::collections::HashMap;
 use std::sync::Arc;
+use streams::REPLAY_CONCURRENCY;
 use tether_proto::wire::complete_joined;
 use tokio::sync::{watch, Mutex, Notify, OnceCell};
 use tokio_util::sync::CancellationToken;
@@ -420,7 +420,6 @@ impl NatsBackbone {
         }
         Ok(())
     }
-
 }
 
 /// Each room's `(epoch, last seq)` as a NATS backbone with key prefix `prefix` keeps it
