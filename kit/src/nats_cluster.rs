@@ -72,6 +72,9 @@ impl NatsCluster {
             bail!("a NATS cluster needs at least 2 servers, not {servers}");
         }
         let program = nats_program()?;
+        if let Some(d) = &log_dir {
+            std::fs::create_dir_all(d).with_context(|| format!("creating log directory {}", d.display()))?;
+        }
         let dir = tempfile::Builder::new()
             .prefix("tether-nats-cluster-")
             .tempdir()

@@ -25,6 +25,7 @@ fn colour(mode: &str) -> RGBColor {
         "sticky" => RGBColor(0xd9, 0x5f, 0x02),
         "redis" => RGBColor(0xc0, 0x1c, 0x28),
         "nats" => RGBColor(0x1b, 0x6a, 0xc9),
+        "nats-cluster" => RGBColor(0x26, 0xa2, 0x69),
         _ => RGBColor(0x7a, 0x7a, 0x7a),
     }
 }

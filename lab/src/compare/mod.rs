@@ -67,7 +67,9 @@ pub const JOIN_TIMEOUT: Duration = Duration::from_secs(20);
 /// The balancer's health-check period in every mode: a restarted node is taken back within it.
 pub const HEALTH_INTERVAL_MS: u64 = 200;
 /// The run order and the default `--modes`.
-pub const ALL_MODES: [Mode; 4] = [Mode::Single, Mode::Sticky, Mode::Redis, Mode::Nats];
+pub const ALL_MODES: [Mode; 5] = [Mode::Single, Mode::Sticky, Mode::Redis, Mode::Nats, Mode::NatsCluster];
+/// Servers of the `nats-cluster` mode's NATS cluster (each stream replicated on all three).
+pub const NATS_CLUSTER_SERVERS: usize = 3;
 
 /// One scaling approach.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
@@ -80,6 +82,8 @@ pub enum Mode {
     Redis,
     /// Three nodes on the NATS backbone.
     Nats,
+    /// Three nodes on a 3-server NATS cluster, every stream with three replicas.
+    NatsCluster,
 }
 
 impl Mode {
@@ -89,6 +93,7 @@ impl Mode {
             Self::Sticky => "sticky",
             Self::Redis => "redis",
             Self::Nats => "nats",
+            Self::NatsCluster => "nats-cluster",
         }
     }
 
@@ -99,6 +104,7 @@ impl Mode {
             Self::Sticky => "Sticky sessions",
             Self::Redis => "Redis Pub/Sub",
             Self::Nats => "NATS",
+            Self::NatsCluster => "NATS cluster (R3)",
         }
     }
 
@@ -109,6 +115,7 @@ impl Mode {
             Self::Sticky => "3 nodes",
             Self::Redis => "3 nodes + Redis",
             Self::Nats => "3 nodes + NATS",
+            Self::NatsCluster => "3 nodes + 3 NATS",
         }
     }
 
@@ -125,11 +132,20 @@ impl Mode {
         !matches!(self, Self::Sticky)
     }
 
-    fn cluster_options(self, logs: ClusterLogs) -> ClusterOptions {
+    /// The cluster this mode runs on; `nats_cluster` is the URL list of the NATS cluster the
+    /// `nats-cluster` mode's nodes use (started by the caller, see `phases::run_mode`).
+    fn cluster_options(self, logs: ClusterLogs, nats_cluster: Option<String>) -> ClusterOptions {
         let no_backbone = vec!["--backbone".to_owned(), "none".to_owned()];
+        let node_args = match (self, nats_cluster) {
+            (Self::Single | Self::Sticky, _) => no_backbone,
+            (Self::NatsCluster, Some(url)) => ["--backbone", "nats", "--nats", &url].map(String::from).into(),
+            _ => Vec::new(),
+        };
         ClusterOptions {
             nodes: self.nodes(),
-            node_args: if matches!(self, Self::Single | Self::Sticky) { no_backbone } else { Vec::new() },
+            // The nodes of a NATS cluster mode use no Redis: none is started.
+            redis: (self == Self::NatsCluster).then(|| "redis://127.0.0.1:1/".to_owned()),
+            node_args,
             nats: self == Self::Nats,
             balancer_args: vec!["--health-interval-ms".into(), HEALTH_INTERVAL_MS.to_string()],
             logs,
@@ -514,14 +530,18 @@ mod tests {
 
     #[test]
     fn modes_map_to_their_clusters() {
-        let o = Mode::Sticky.cluster_options(ClusterLogs::Null);
+        let o = Mode::Sticky.cluster_options(ClusterLogs::Null, None);
         assert_eq!((o.nodes, o.nats), (3, false));
         assert_eq!(o.node_args, ["--backbone", "none"]);
-        let o = Mode::Single.cluster_options(ClusterLogs::Null);
+        let o = Mode::Single.cluster_options(ClusterLogs::Null, None);
         assert_eq!((o.nodes, o.node_args.len()), (1, 2));
-        let o = Mode::Redis.cluster_options(ClusterLogs::Null);
+        let o = Mode::Redis.cluster_options(ClusterLogs::Null, None);
         assert!(o.node_args.is_empty() && !o.nats);
-        assert!(Mode::Nats.cluster_options(ClusterLogs::Null).nats);
+        assert!(Mode::Nats.cluster_options(ClusterLogs::Null, None).nats);
+        let o = Mode::NatsCluster.cluster_options(ClusterLogs::Null, Some("nats://a:1,nats://b:2".into()));
+        assert_eq!(o.node_args, ["--backbone", "nats", "--nats", "nats://a:1,nats://b:2"]);
+        assert!(!o.nats && o.redis.is_some(), "neither a private nats-server nor a Redis");
+        assert_eq!(Mode::NatsCluster.name(), "nats-cluster");
         assert!(!Mode::Sticky.cross_node() && Mode::Single.cross_node() && Mode::Redis.cross_node());
     }
 
