@@ -7,15 +7,15 @@ use std::path::PathBuf;
 
 #[derive(Debug, Args)]
 pub struct CompareArgs {
-    /// Smoke run for CI: 30 clients in 3 rooms, a 2 s fixed phase, 0.5 s steps (all four modes
-    /// in well under a minute).
+    /// Smoke run for CI: 30 clients in 3 rooms, a 2 s fixed phase, 0.5 s steps (all five modes
+    /// in about a minute).
     #[arg(long)]
     pub quick: bool,
     /// Output directory (created): compare.md, compare.json, latency-cdf.svg, max-rate.svg.
     #[arg(long, default_value = "./compare-out", value_name = "DIR")]
     pub out: PathBuf,
-    /// Modes to run (always in the order single, sticky, redis, nats).
-    #[arg(long, value_delimiter = ',', default_value = "single,sticky,redis,nats", value_name = "LIST")]
+    /// Modes to run (always in the order single, sticky, redis, nats, nats-cluster).
+    #[arg(long, value_delimiter = ',', default_value = "single,sticky,redis,nats,nats-cluster", value_name = "LIST")]
     pub modes: Vec<super::Mode>,
     /// Clients, each in one room [default: 90; --quick 30].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=5_000).map(|n| n as usize))]
