@@ -30,12 +30,7 @@ pub struct NatsServer {
 impl NatsServer {
     /// Starts one, logging into its temporary directory (or to `logfile`).
     pub async fn start_with(logfile: Option<PathBuf>) -> Result<Self> {
-        let program = find_on_path("nats-server").ok_or_else(|| {
-            anyhow!(
-                "nats-server not found on PATH; install it with `scripts/deps.sh` \
-                 or `apt-get install nats-server`"
-            )
-        })?;
+        let program = nats_program()?;
         let dir = tempfile::Builder::new()
             .prefix("tether-nats-")
             .tempdir()
@@ -46,7 +41,7 @@ impl NatsServer {
         let (proc, port) = on_a_free_port("nats-server", SHARED_NATS_PORT, |port| {
             let server_name = name(port);
             let (program, dir, logfile) = (&program, dir.path(), &logfile);
-            async move { spawn_nats(program, port, &server_name, dir, logfile).await }
+            async move { spawn_nats(program, port, &server_name, dir, logfile, &[]).await }
         })
         .await?;
         let server_name = name(port);
@@ -71,26 +66,35 @@ impl NatsServer {
         let (name, dir) = (&self.server_name, self.dir.path());
         self.srv
             .restart("nats-server", |program, port, logfile| async move {
-                spawn_nats(&program, port, name, dir, &logfile).await
+                spawn_nats(&program, port, name, dir, &logfile, &[]).await
             })
             .await
     }
 }
 
-/// Runs `nats-server -js` on `port` and waits until its INFO line names `server_name` and
-/// says JetStream is on.
-async fn spawn_nats(
+/// The `nats-server` executable on `PATH`, or an error saying how to install it.
+pub(crate) fn nats_program() -> Result<PathBuf> {
+    find_on_path("nats-server").ok_or_else(|| {
+        anyhow!("nats-server not found on PATH; install it with `scripts/deps.sh` or `apt-get install nats-server`")
+    })
+}
+
+/// Runs `nats-server -js` on `port` (with `extra` arguments: cluster flags, say), its store
+/// under `dir`, and waits until its INFO line names `server_name` and says JetStream is on.
+pub(crate) async fn spawn_nats(
     program: &Path,
     port: u16,
     server_name: &str,
     dir: &Path,
     logfile: &Path,
+    extra: &[String],
 ) -> Result<ChildProcess, StartError> {
     let mut cmd = Command::new(program);
     cmd.args(["-a", "127.0.0.1", "-p", &port.to_string(), "-n", server_name, "-js", "-sd"])
         .arg(dir.join("jetstream"))
         .arg("-l")
         .arg(logfile)
+        .args(extra)
         .stdout(Stdio::null())
         .stderr(Stdio::null());
     let proc = ChildProcess::spawn("nats", cmd).map_err(StartError::Fatal)?;
@@ -104,7 +108,7 @@ async fn spawn_nats(
 }
 
 /// The JSON of the `INFO` line a NATS server sends first on a new connection.
-async fn nats_info(port: u16) -> Option<serde_json::Value> {
+pub(crate) async fn nats_info(port: u16) -> Option<serde_json::Value> {
     let ask = async {
         let stream = TcpStream::connect(("127.0.0.1", port)).await.ok()?;
         let mut reader = BufReader::new(stream);

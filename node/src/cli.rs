@@ -45,9 +45,14 @@ pub struct Args {
     /// Turns the server API on with this key (overrides `[api] key` and $TETHER_API_KEY).
     #[arg(long)]
     api_key: Option<String>,
-    /// NATS URL of the `nats` backbone (nats-server with JetStream).
+    /// NATS server URL(s) of the `nats` backbone (nats-server with JetStream); several
+    /// comma-separated for a cluster: nats://a:4222,nats://b:4222,...
     #[arg(long)]
     nats: Option<String>,
+    /// Replicas of every JetStream stream the backbone creates, 1-5 [default: 3 when --nats
+    /// lists 3+ servers, else 1].
+    #[arg(long)]
+    nats_replicas: Option<usize>,
     /// Runtime worker threads [default: one per core].
     #[arg(long)]
     threads: Option<usize>,
@@ -122,6 +127,7 @@ impl Args {
         file.name = self.name.or(file.name);
         file.redis = self.redis.or(file.redis);
         file.nats = self.nats.or(file.nats);
+        file.nats_replicas = self.nats_replicas.or(file.nats_replicas);
         file.backbone = self.backbone.or(file.backbone);
         file.signing_key_file = self.signing_key_file.or(file.signing_key_file);
         file.threads = self.threads.or(file.threads);

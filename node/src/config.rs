@@ -41,6 +41,13 @@ pub const DEFAULT_RESUME_GRACE_MS: u64 = 1_000;
 pub const DEFAULT_IDEMPOTENCY_TTL_SECS: u64 = 300;
 pub const DEFAULT_PRESENCE_TTL_MS: u64 = 3_000;
 pub const DEFAULT_PROBE_INTERVAL_MS: u64 = 2_000;
+/// JetStream replicas when `nats` lists at least this many servers (a cluster that can lose
+/// one and keep a majority of every stream)...
+pub const NATS_CLUSTER_REPLICAS: usize = 3;
+/// ...and below that: one copy, as on a single server.
+pub const NATS_SINGLE_REPLICAS: usize = 1;
+/// JetStream's own ceiling on a stream's replicas.
+pub const MAX_NATS_REPLICAS: usize = 5;
 /// Environment variable holding the signing key when no file is configured.
 pub const SIGNING_KEY_ENV: &str = "TETHER_SIGNING_KEY";
 /// Environment variable holding the server API key when neither the flag nor the file sets one.
@@ -82,6 +89,9 @@ pub struct FileConfig {
     pub name: Option<String>,
     pub redis: Option<String>,
     pub nats: Option<String>,
+    /// Copies of every JetStream stream the NATS backbone creates (1–5; default 3 when
+    /// `nats` lists 3+ servers, else 1).
+    pub nats_replicas: Option<usize>,
     pub backbone: Option<BackboneKind>,
     pub prefix: Option<String>,
     pub max_message_bytes: Option<usize>,
@@ -176,8 +186,11 @@ pub struct Config {
     pub name: String,
     /// Redis URL (used by the `redis` backbone).
     pub redis: String,
-    /// NATS URL (used by the `nats` backbone).
+    /// NATS server URLs, comma-separated: one server or several of a cluster (used by the
+    /// `nats` backbone; see [`nats_servers`]).
     pub nats: String,
+    /// Replicas of every stream the NATS backbone creates (rooms, sessions, presence).
+    pub nats_replicas: usize,
     pub backbone: BackboneKind,
     /// Prefix of every Redis key and channel.
     pub prefix: String,
@@ -289,8 +302,27 @@ impl FileConfig {
             return Err(invalid("redis", format!("{redis:?} is not a redis:// URL")));
         }
         let nats = self.nats.unwrap_or_else(|| DEFAULT_NATS.to_string());
-        if !(nats.starts_with("nats://") || nats.starts_with("tls://")) {
-            return Err(invalid("nats", format!("{nats:?} is not a nats:// URL")));
+        let servers = nats_servers(&nats);
+        if servers.is_empty() {
+            return Err(invalid("nats", "no server URL given"));
+        }
+        for (i, url) in servers.iter().enumerate() {
+            let scheme_ok = url.starts_with("nats://") || url.starts_with("tls://");
+            if let Some(reason) = match url.parse::<async_nats::ServerAddr>() {
+                _ if !scheme_ok => Some("not a nats:// or tls:// URL".to_string()),
+                Err(e) => Some(e.to_string()),
+                Ok(_) => None,
+            } {
+                return Err(invalid("nats", format!("server {} of {} ({url:?}): {reason}", i + 1, servers.len())));
+            }
+        }
+        let nats_replicas = self.nats_replicas.unwrap_or(if servers.len() >= NATS_CLUSTER_REPLICAS {
+            NATS_CLUSTER_REPLICAS
+        } else {
+            NATS_SINGLE_REPLICAS
+        });
+        if !(1..=MAX_NATS_REPLICAS).contains(&nats_replicas) {
+            return Err(invalid("nats_replicas", format!("{nats_replicas} is outside 1..={MAX_NATS_REPLICAS}")));
         }
         let prefix = self.prefix.unwrap_or_else(|| DEFAULT_PREFIX.to_string());
         if prefix.chars().any(|c| c.is_whitespace() || c == '{' || c == '}') {
@@ -408,6 +440,7 @@ impl FileConfig {
             name,
             redis,
             nats,
+            nats_replicas,
             backbone,
             prefix,
             max_message_bytes,
@@ -493,6 +526,11 @@ impl Config {
             .validate()
             .expect("defaults are valid")
     }
+}
+
+/// The server URLs of a `nats` value: comma-separated, blanks around them ignored.
+pub fn nats_servers(list: &str) -> Vec<&str> {
+    list.split(',').map(str::trim).filter(|s| !s.is_empty()).collect()
 }
 
 fn hostname() -> String {
@@ -613,6 +651,31 @@ mod tests {
         let err = FileConfig::parse(https, "t").unwrap().validate().unwrap_err().to_string();
         assert!(err.contains("webhooks.url"), "{err}");
         assert!(FileConfig::parse("", "t").unwrap().validate().unwrap().webhooks.is_none());
+    }
+
+    #[test]
+    fn nats_lists_every_server_and_replicas_follow_its_length() {
+        let parse = |text: &str| FileConfig::parse(text, "t").unwrap().validate();
+        let cfg = parse("").unwrap();
+        assert_eq!((nats_servers(&cfg.nats), cfg.nats_replicas), (vec![DEFAULT_NATS], 1));
+        let cfg = parse("nats = \"nats://a:1, nats://b:2,nats://c:3\"").unwrap();
+        assert_eq!(nats_servers(&cfg.nats), ["nats://a:1", "nats://b:2", "nats://c:3"]);
+        assert_eq!(cfg.nats_replicas, 3);
+        assert_eq!(parse("nats = \"nats://a:1,nats://b:2\"").unwrap().nats_replicas, 1);
+        let cfg = parse("nats = \"nats://a:1,nats://b:2,nats://c:3\"\nnats_replicas = 1").unwrap();
+        assert_eq!(cfg.nats_replicas, 1);
+        for bad in ["nats_replicas = 0", "nats_replicas = 6"] {
+            let err = parse(bad).unwrap_err().to_string();
+            assert!(err.contains("nats_replicas") && err.contains("1..=5"), "{bad}: {err}");
+        }
+        for (bad, names) in [
+            ("nats = \"nats://a:1,http://b:2\"", "server 2 of 2"),
+            ("nats = \"nats://a:1,nats://b:notaport\"", "server 2 of 2"),
+            ("nats = \" , \"", "no server"),
+        ] {
+            let err = parse(bad).unwrap_err().to_string();
+            assert!(err.contains("`nats`") && err.contains(names), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -16,7 +16,7 @@ use tokio::process::Command;
 
 /// `--quick` runs all four modes in well under a minute; this bounds a hung run, below
 /// nextest's own limit (`.config/nextest.toml`: 4 × 30 s) so that this error is the one seen.
-const RUN_LIMIT: Duration = Duration::from_secs(100);
+const RUN_LIMIT: Duration = Duration::from_secs(150);
 
 struct Outcome {
     status: std::process::ExitStatus,
@@ -79,8 +79,13 @@ async fn compare_quick_measures_every_mode_and_writes_table_json_and_charts() ->
 
     let json = check_file(&out, "compare.json", 500, &["\"modes\""]).with_context(|| context.clone())?;
     let report: Value = serde_json::from_str(&json).with_context(|| format!("compare.json is not JSON\n{context}"))?;
-    check_file(&out, "compare.md", 1000, &["| approach |", "`single`", "`sticky`", "`routed`", "`redis`", "`nats`"])
-        .with_context(|| context.clone())?;
+    check_file(
+        &out,
+        "compare.md",
+        1000,
+        &["| approach |", "`single`", "`sticky`", "`routed`", "`redis`", "`nats`", "`nats-cluster`"],
+    )
+    .with_context(|| context.clone())?;
     for svg in ["latency-cdf.svg", "max-rate.svg"] {
         check_file(&out, svg, 2000, &["<svg", "<text"]).with_context(|| context.clone())?;
     }
@@ -127,6 +132,8 @@ async fn compare_quick_measures_every_mode_and_writes_table_json_and_charts() ->
     }
     // Last, so that everything above is known to hold while the NATS backbone is on its way.
     assert_eq!(field("nats", &["delivery_ratio"]).as_f64(), Some(1.0), "{}", why("nats"));
+    assert_eq!(field("nats-cluster", &["delivery_ratio"]).as_f64(), Some(1.0), "{}", why("nats-cluster"));
+    assert_eq!(field("nats-cluster", &["node_loss", "lost"]).as_u64(), Some(0), "{}", why("nats-cluster"));
 
     let _ = std::fs::remove_dir_all(&out);
     Ok(())

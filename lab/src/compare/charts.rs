@@ -26,6 +26,7 @@ fn colour(mode: &str) -> RGBColor {
         "routed" => RGBColor(0x1a, 0x8a, 0x3a),
         "redis" => RGBColor(0xc0, 0x1c, 0x28),
         "nats" => RGBColor(0x1b, 0x6a, 0xc9),
+        "nats-cluster" => RGBColor(0x26, 0xa2, 0x69),
         _ => RGBColor(0x7a, 0x7a, 0x7a),
     }
 }

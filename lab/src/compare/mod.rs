@@ -69,9 +69,11 @@ pub const JOIN_TIMEOUT: Duration = Duration::from_secs(20);
 /// The balancer's health-check period in every mode: a restarted node is taken back within it.
 pub const HEALTH_INTERVAL_MS: u64 = 200;
 /// The run order and the default `--modes`.
-pub const ALL_MODES: [Mode; 5] = [Mode::Single, Mode::Sticky, Mode::Routed, Mode::Redis, Mode::Nats];
+pub const ALL_MODES: [Mode; 6] = [Mode::Single, Mode::Sticky, Mode::Routed, Mode::Redis, Mode::Nats, Mode::NatsCluster];
 /// The balancer's config in `routed` mode: place by the `room` query parameter.
 pub const ROUTED_BALANCER_TOML: &str = "hash_keys = [\"query:room\"]\n";
+/// Servers of the `nats-cluster` mode's NATS cluster (each stream replicated on all three).
+pub const NATS_CLUSTER_SERVERS: usize = 3;
 
 /// One scaling approach.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, clap::ValueEnum)]
@@ -86,6 +88,8 @@ pub enum Mode {
     Redis,
     /// Three nodes on the NATS backbone.
     Nats,
+    /// Three nodes on a 3-server NATS cluster, every stream with three replicas.
+    NatsCluster,
 }
 
 impl Mode {
@@ -96,6 +100,7 @@ impl Mode {
             Self::Routed => "routed",
             Self::Redis => "redis",
             Self::Nats => "nats",
+            Self::NatsCluster => "nats-cluster",
         }
     }
 
@@ -107,6 +112,7 @@ impl Mode {
             Self::Routed => "Shared-nothing + routing",
             Self::Redis => "Redis Pub/Sub",
             Self::Nats => "NATS",
+            Self::NatsCluster => "NATS cluster (R3)",
         }
     }
 
@@ -117,6 +123,7 @@ impl Mode {
             Self::Sticky | Self::Routed => "3 nodes",
             Self::Redis => "3 nodes + Redis",
             Self::Nats => "3 nodes + NATS",
+            Self::NatsCluster => "3 nodes + 3 NATS",
         }
     }
 
@@ -145,20 +152,30 @@ impl Mode {
         self.by_room().then_some(ROUTED_BALANCER_TOML)
     }
 
-    /// The mode's cluster; `balancer_config` is the file holding [`Mode::balancer_toml`].
-    fn cluster_options(self, logs: ClusterLogs, balancer_config: Option<&Path>) -> ClusterOptions {
+    /// The mode's cluster; `balancer_config` is the file holding [`Mode::balancer_toml`];
+    /// `nats_cluster` is the URL list of the NATS cluster the `nats-cluster` mode's nodes use
+    /// (started by the caller, see `phases::run_mode`).
+    fn cluster_options(
+        self,
+        logs: ClusterLogs,
+        balancer_config: Option<&Path>,
+        nats_cluster: Option<String>,
+    ) -> ClusterOptions {
         let no_backbone = vec!["--backbone".to_owned(), "none".to_owned()];
         let mut balancer_args = vec!["--health-interval-ms".into(), HEALTH_INTERVAL_MS.to_string()];
         if let Some(file) = balancer_config {
             balancer_args.extend(["--config".to_owned(), file.display().to_string()]);
         }
+        let node_args = match (self, nats_cluster) {
+            (Self::Single | Self::Sticky | Self::Routed, _) => no_backbone,
+            (Self::NatsCluster, Some(url)) => ["--backbone", "nats", "--nats", &url].map(String::from).into(),
+            _ => Vec::new(),
+        };
         ClusterOptions {
             nodes: self.nodes(),
-            node_args: if matches!(self, Self::Single | Self::Sticky | Self::Routed) {
-                no_backbone
-            } else {
-                Vec::new()
-            },
+            // The nodes of a NATS cluster mode use no Redis: none is started.
+            redis: (self == Self::NatsCluster).then(|| "redis://127.0.0.1:1/".to_owned()),
+            node_args,
             nats: self == Self::Nats,
             balancer_args,
             logs,
@@ -551,8 +568,12 @@ mod tests {
         let o = Mode::Redis.cluster_options(ClusterLogs::Null, None);
         assert!(o.node_args.is_empty() && !o.nats);
         assert!(Mode::Nats.cluster_options(ClusterLogs::Null, None).nats);
+        let o = Mode::NatsCluster.cluster_options(ClusterLogs::Null, None, Some("nats://a:1,nats://b:2".into()));
+        assert_eq!(o.node_args, ["--backbone", "nats", "--nats", "nats://a:1,nats://b:2"]);
+        assert!(!o.nats && o.redis.is_some(), "neither a private nats-server nor a Redis");
+        assert_eq!(Mode::NatsCluster.name(), "nats-cluster");
         assert!(!Mode::Sticky.cross_node() && Mode::Single.cross_node() && Mode::Redis.cross_node());
-        let o = Mode::Routed.cluster_options(ClusterLogs::Null, Some(Path::new("/tmp/b.toml")));
+        let o = Mode::Routed.cluster_options(ClusterLogs::Null, Some(Path::new("/tmp/b.toml")), None);
         assert_eq!((o.nodes, o.nats), (3, false));
         assert_eq!(o.node_args, ["--backbone", "none"]);
         assert!(o.balancer_args.ends_with(&["--config".to_owned(), "/tmp/b.toml".to_owned()]), "{o:?}");

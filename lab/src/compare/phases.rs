@@ -64,7 +64,16 @@ pub(super) async fn run_mode(
         }
         None => None,
     };
-    let mut cluster = match Cluster::start(mode.cluster_options(logs, balancer_config.as_deref())).await {
+    // Declared before the cluster, so dropped after it: the nodes go first.
+    let nats_cluster = match mode {
+        Mode::NatsCluster => Some(
+            tether_kit::NatsCluster::start_with(super::NATS_CLUSTER_SERVERS, log_dir.clone())
+                .await
+                .context("starting the NATS cluster")?,
+        ),
+        _ => None,
+    };
+    let mut cluster = match Cluster::start(mode.cluster_options(logs, balancer_config.as_deref(), nats_cluster.as_ref().map(|n| n.url()))).await {
         Ok(c) => c,
         Err(e) => {
             let said = log_dir.as_deref().and_then(last_error_line).map(|l| format!("; {l}")).unwrap_or_default();

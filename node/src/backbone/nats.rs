@@ -26,15 +26,23 @@
 //! reconnect it compares with the stream's head. So members get every logged message in
 //! order even across a NATS outage.
 //!
+//! `nats` may list several servers of one NATS cluster (`nats://a:4222,nats://b:4222,…`): the
+//! client connects to one, and when it is lost reconnects to another (the list, and the
+//! servers the cluster announces). Every stream is created with `nats_replicas` copies
+//! (`nats/streams.rs`), so a room's log, sessions and presence outlive one server's loss;
+//! the readers' hole filling covers what was republished during the reconnect, and a stream
+//! whose leader moved is checked against its log (`nats/reader.rs`, `nats/control.rs`).
+//!
 //! Presence is cluster-wide, as under Redis: compare-and-set records in a stream, heartbeats
 //! and a reaper announcing a dead node's members once (`nats/presence.rs`), run by
 //! [`super::keeper`]. Frames are handed to the node through [`Inbound`]; holes are filled
-//! with the helpers of [`super::catch_up`].
+//! with the helpers of [`super::catch_up`] (by `nats/reader.rs`).
 
 mod control;
 mod presence;
+mod reader;
+mod streams;
 
-use super::catch_up::{deliver_missed, flag_gap, has_gap};
 use super::inbound::Inbound;
 use super::keeper::Backoff;
 use super::{
@@ -48,19 +56,16 @@ use base64::Engine;
 use bytes::Bytes;
 use dashmap::DashMap;
 use futures_util::future::{BoxFuture, FutureExt};
-use futures_util::{stream as fstream, StreamExt};
 use std::collections::HashMap;
 use std::sync::Arc;
-use tether_proto::wire::{complete_joined, complete_message};
-use tokio::sync::{watch, Mutex, OnceCell};
-use tokio_tungstenite::tungstenite::Utf8Bytes;
+use streams::REPLAY_CONCURRENCY;
+use tether_proto::wire::complete_joined;
+use tokio::sync::{watch, Mutex, Notify, OnceCell};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 /// The header a republished message carries its stream sequence in.
 const SEQ_HEADER: &str = "Nats-Sequence";
-/// Log messages fetched concurrently during a replay.
-const REPLAY_CONCURRENCY: usize = 32;
 
 /// A room's stream as last seen: its epoch (creation time) and head.
 #[derive(Debug, Clone)]
@@ -95,8 +100,11 @@ pub struct NatsBackbone {
     me: std::sync::Weak<Self>,
 }
 
+#[derive(Clone)]
 struct Reader {
     stop: CancellationToken,
+    /// Told when the room's stream gets a new leader (see `control.rs`).
+    recheck: Arc<Notify>,
 }
 
 fn token(s: &str) -> String {
@@ -115,6 +123,24 @@ fn nats_prefix(prefix: &str) -> String {
     } else {
         p
     }
+}
+
+/// The JetStream stream holding `room`'s log for a node whose `prefix` (the config key) is
+/// `prefix`: for tools and tests that look at the streams themselves.
+pub fn room_stream(prefix: &str, room: &str) -> String {
+    room_stream_name(&nats_prefix(prefix), room)
+}
+
+/// The stream of `room` under the NATS prefix `prefix` (see [`nats_prefix`]).
+fn room_stream_name(prefix: &str, room: &str) -> String {
+    format!("{prefix}_room_{}", token(room))
+}
+
+/// The room whose stream is called `name`, if it is one of ours under `prefix`.
+fn room_of_stream(prefix: &str, name: &str) -> Option<String> {
+    let t = name.strip_prefix(prefix)?.strip_prefix("_room_")?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(t).ok()?;
+    String::from_utf8(bytes).ok()
 }
 
 fn no_such_stream(e: &jetstream::context::GetStreamError) -> bool {
@@ -170,7 +196,7 @@ impl NatsBackbone {
                     }
                 }
             });
-        let client = options.connect(cfg.nats.as_str()).await.map_err(nats_err)?;
+        let client = options.connect(crate::config::nats_servers(&cfg.nats)).await.map_err(nats_err)?;
         let js = jetstream::new(client.clone());
         let control_inbound = Arc::clone(&inbound);
         let backbone = Arc::new_cyclic(|me| Self {
@@ -190,6 +216,7 @@ impl NatsBackbone {
             me: me.clone(),
         });
         backbone.spawn_control_reader(control_inbound, backbone.shutdown.clone());
+        backbone.spawn_leader_watch();
         // After a reconnect the streams may be new ones (NATS lost them): forget cached epochs.
         let weak = Arc::downgrade(&backbone);
         let mut changes = backbone.connected.clone();
@@ -205,7 +232,7 @@ impl NatsBackbone {
     }
 
     fn stream_name(&self, room: &str) -> String {
-        format!("{}_room_{}", self.prefix, token(room))
+        room_stream_name(&self.prefix, room)
     }
 
     fn log_subject(&self, room: &str) -> String {
@@ -283,43 +310,6 @@ impl NatsBackbone {
             Ok(()) if self.is_connected() => Ok(()),
             _ => Err(BackboneError::NotConnected),
         }
-    }
-
-    fn state_of(info: &stream::Info) -> StreamState {
-        StreamState {
-            epoch: Arc::from(info.created.unix_timestamp_nanos().to_string()),
-            head: info.state.last_sequence,
-            first: info.state.first_sequence,
-        }
-    }
-
-    /// Creates the room's stream if it does not exist (idempotent across nodes: the same
-    /// configuration) and returns its state.
-    async fn ensure_stream(&self, room: &str) -> Result<StreamState, BackboneError> {
-        self.ensure_connected().await?;
-        let config = stream::Config {
-            name: self.stream_name(room),
-            subjects: vec![self.log_subject(room)],
-            storage: stream::StorageType::Memory,
-            max_messages: i64::try_from(self.cfg.history_len).unwrap_or(i64::MAX),
-            max_age: self.cfg.log_ttl,
-            discard: stream::DiscardPolicy::Old,
-            allow_direct: true,
-            // Dedup keys (`Nats-Msg-Id`) are remembered this long; the window may not
-            // outlast the messages.
-            duplicate_window: self.cfg.idempotency_ttl.min(self.cfg.log_ttl),
-            republish: Some(stream::Republish {
-                source: self.log_subject(room),
-                destination: self.live_subject(room),
-                headers_only: false,
-            }),
-            ..Default::default()
-        };
-        // The stream comes with the info its lookup (or creation) answered, read just now.
-        let stream = self.timed(self.js.get_or_create_stream(config)).await?;
-        let state = Self::state_of(stream.cached_info());
-        self.epochs.insert(room.to_string(), Arc::clone(&state.epoch));
-        Ok(state)
     }
 
     /// The room's stream state, or `None` if it has no stream (nothing was ever said there).
@@ -408,53 +398,6 @@ impl NatsBackbone {
         self.timed(self.client.publish(self.live_subject(room), Bytes::from(json))).await
     }
 
-    /// Logged frames of `room` with seq in `from..=to`, completed with `epoch`, in seq order.
-    /// Messages already trimmed are skipped (the caller sees the hole by the seqs).
-    async fn fetch(&self, room: &str, from: u64, to: u64, epoch: &str) -> Result<Vec<(u64, String)>, BackboneError> {
-        if from > to {
-            return Ok(Vec::new());
-        }
-        let stream = self.timed(self.js.get_stream_no_info(self.stream_name(room))).await?;
-        let stream = &stream;
-        let gets = fstream::iter(from..=to)
-            .map(|seq| async move { Ok(self.direct(stream.direct_get(seq)).await?.map(|m| (seq, m.payload))) })
-            .buffered(REPLAY_CONCURRENCY);
-        let got: Vec<Result<Option<(u64, Bytes)>, BackboneError>> = gets.collect().await;
-        let mut frames = Vec::with_capacity(got.len());
-        for item in got {
-            if let Some((seq, payload)) = item? {
-                match std::str::from_utf8(&payload) {
-                    Ok(prefix) => frames.push((seq, complete_message(prefix, seq, epoch))),
-                    Err(_) => warn!(room, seq, "non-UTF-8 message in the room log; skipped"),
-                }
-            }
-        }
-        Ok(frames)
-    }
-
-    /// The sessions stream: one subject per client id, only its last message kept, each
-    /// `session_ttl` old at most. (A stream rather than a KV bucket: the KV API of the
-    /// client crate cannot create buckets on the 2.9 servers Debian ships, whose account-info
-    /// reply it does not parse; this is the same storage a bucket would use.)
-    async fn sessions(&self) -> Result<&stream::Stream, BackboneError> {
-        self.ensure_connected().await?;
-        self.sessions
-            .get_or_try_init(|| async {
-                let config = stream::Config {
-                    name: format!("{}_sessions", self.prefix),
-                    subjects: vec![format!("{}.session.*", self.prefix)],
-                    storage: stream::StorageType::Memory,
-                    max_messages_per_subject: 1,
-                    max_age: self.cfg.session_ttl,
-                    discard: stream::DiscardPolicy::Old,
-                    allow_direct: true,
-                    ..Default::default()
-                };
-                self.timed(self.js.get_or_create_stream(config)).await
-            })
-            .await
-    }
-
     fn session_subject(&self, id: &str) -> String {
         format!("{}.session.{}", self.prefix, token(id))
     }
@@ -477,89 +420,6 @@ impl NatsBackbone {
         }
         Ok(())
     }
-
-    /// One room's reader: delivers what its live subject brings, in seq order, filling any
-    /// hole from the stream first; runs until released or shut down.
-    async fn read_room(
-        self: Arc<Self>,
-        room: String,
-        mut sub: async_nats::Subscriber,
-        mut state: StreamState,
-        stop: CancellationToken,
-    ) {
-        let mut connected = self.connected.clone();
-        connected.mark_unchanged();
-        // The last seq delivered (or known to be before this node's subscription).
-        let mut last = state.head;
-        loop {
-            let msg = tokio::select! {
-                _ = stop.cancelled() => break,
-                _ = self.shutdown.cancelled() => break,
-                changed = connected.changed() => {
-                    if changed.is_err() {
-                        break;
-                    }
-                    // After a reconnect: anything republished meanwhile was lost to us.
-                    match self.ensure_stream(&room).await {
-                        Ok(now) => {
-                            if now.epoch != state.epoch {
-                                warn!(room, "room stream was re-created (new epoch); delivering it from its start");
-                                last = 0;
-                            }
-                            let to = now.head;
-                            state = now;
-                            last = self.fill(&room, last, to, &state).await.unwrap_or(last);
-                        }
-                        Err(e) => warn!(room, error = %e, "could not check the room stream after reconnecting"),
-                    }
-                    continue;
-                }
-                msg = sub.next() => msg,
-            };
-            let Some(msg) = msg else { break };
-            self.metrics.frames_from_backbone.inc();
-            let seq = msg.headers.as_ref().and_then(|h| h.get(SEQ_HEADER)).and_then(|v| v.as_str().parse::<u64>().ok());
-            let Ok(text) = std::str::from_utf8(&msg.payload) else {
-                warn!(room, "non-UTF-8 frame on a room subject; dropped");
-                continue;
-            };
-            let Some(seq) = seq else {
-                // A membership event: no seq, not logged.
-                self.inbound.deliver(&room, &Utf8Bytes::from(text));
-                continue;
-            };
-            if seq <= last {
-                // Delivered already, by a fill or before this node subscribed.
-                continue;
-            }
-            if seq > last + 1 {
-                last = self.fill(&room, last, seq - 1, &state).await.unwrap_or(last);
-            }
-            self.inbound.deliver(&room, &Utf8Bytes::from(complete_message(text, seq, &state.epoch)));
-            last = last.max(seq);
-        }
-        debug!(room, "room reader stopped");
-    }
-
-    /// Delivers the logged messages `after+1..=to` that never arrived live; returns the new
-    /// last seq, or `None` if the log could not be read (the next message tries again).
-    async fn fill(&self, room: &str, after: u64, to: u64, state: &StreamState) -> Option<u64> {
-        if to <= after {
-            return Some(after);
-        }
-        let frames = match self.fetch(room, after + 1, to, &state.epoch).await {
-            Ok(f) => f,
-            Err(e) => {
-                warn!(room, after, to, error = %e, "could not read the room log to fill a hole");
-                return None;
-            }
-        };
-        if has_gap(after, to, &frames) {
-            flag_gap(&self.metrics, room, after);
-        }
-        deliver_missed(self.inbound.as_ref(), &self.metrics, room, frames);
-        Some(to)
-    }
 }
 
 /// Each room's `(epoch, last seq)` as a NATS backbone with key prefix `prefix` keeps it
@@ -570,12 +430,12 @@ pub async fn room_heads(
     prefix: &str,
     rooms: &[String],
 ) -> Result<HashMap<String, (Option<String>, u64)>, BackboneError> {
-    let client = async_nats::connect(url).await.map_err(nats_err)?;
+    let client = async_nats::connect(crate::config::nats_servers(url)).await.map_err(nats_err)?;
     let js = jetstream::new(client);
     let prefix = nats_prefix(prefix);
     let mut heads = HashMap::with_capacity(rooms.len());
     for room in rooms {
-        let head = match js.get_stream(format!("{prefix}_room_{}", token(room))).await {
+        let head = match js.get_stream(room_stream_name(&prefix, room)).await {
             Ok(stream) => {
                 let state = NatsBackbone::state_of(stream.cached_info());
                 (Some(state.epoch.to_string()), state.head)
@@ -625,10 +485,10 @@ impl Backbone for NatsBackbone {
             // Once the server has our SUB, everything republished afterwards reaches us.
             self.timed(self.client.flush()).await?;
             let state = self.ensure_stream(room).await?;
-            let stop = CancellationToken::new();
+            let reader = Reader { stop: CancellationToken::new(), recheck: Arc::new(Notify::new()) };
             let me = self.me.upgrade().ok_or(BackboneError::NotConnected)?;
-            tokio::spawn(me.read_room(room.to_string(), sub, state, stop.clone()));
-            readers.insert(room.to_string(), Reader { stop });
+            tokio::spawn(me.read_room(room.to_string(), sub, state, reader.clone()));
+            readers.insert(room.to_string(), reader);
             self.metrics.rooms_subscribed.set(readers.len() as i64);
             Ok(())
         }
@@ -778,6 +638,11 @@ mod tests {
             assert!(t.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'), "{room} → {t}");
         }
         assert_ne!(token("a.b"), token("a_b"));
+        for room in ["general", "a_room_b", "ünï", ""] {
+            assert_eq!(room_of_stream("app", &room_stream_name("app", room)).as_deref(), Some(room));
+        }
+        assert_eq!(room_of_stream("app", "app_sessions"), None);
+        assert_eq!(room_of_stream("app", "other_room_Z2VuZXJhbA"), None);
     }
 
     #[test]

@@ -1,15 +1,20 @@
 //! The NATS backbone's control path and session deletion: server API commands on the plain
 //! subject `P.control`, which every node subscribes to from its start (the client crate
 //! re-subscribes it after each reconnect), and `forget` as a purge of one session subject.
+//! Also JetStream's leader-election advisories, subscribed to the same way: a room stream
+//! with a new leader makes that room's reader check the log (`nats.rs`, `read_room`).
 
-use super::NatsBackbone;
+use super::{room_of_stream, NatsBackbone};
 use crate::backbone::inbound::Inbound;
 use crate::backbone::BackboneError;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
+
+/// The advisory JetStream sends when a stream elects a leader (the stream's name ends it).
+const LEADER_ELECTED: &str = "$JS.EVENT.ADVISORY.STREAM.LEADER_ELECTED.*";
 
 impl NatsBackbone {
     pub(super) fn control_subject(&self) -> String {
@@ -34,6 +39,32 @@ impl NatsBackbone {
                 match std::str::from_utf8(&msg.payload) {
                     Ok(command) => inbound.control(command),
                     Err(_) => debug!("non-UTF-8 control command; dropped"),
+                }
+            }
+        });
+    }
+
+    /// Starts the watch of stream leader elections: each one of a room stream this node
+    /// reads tells that room's reader to check its stream, until shutdown.
+    pub(super) fn spawn_leader_watch(&self) {
+        let (client, me, shutdown) = (self.client.clone(), self.me.clone(), self.shutdown.clone());
+        tokio::spawn(async move {
+            let mut sub = match client.subscribe(LEADER_ELECTED).await {
+                Ok(sub) => sub,
+                Err(e) => return warn!(subject = LEADER_ELECTED, error = %e, "cannot watch stream leader elections"),
+            };
+            loop {
+                let msg = tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    m = sub.next() => m,
+                };
+                let (Some(msg), Some(backbone)) = (msg, me.upgrade()) else { return };
+                let stream = msg.subject.rsplit('.').next().unwrap_or_default();
+                let Some(room) = room_of_stream(&backbone.prefix, stream) else { continue };
+                info!(room, stream, "room stream has a new leader");
+                let readers = backbone.readers.lock().await;
+                if let Some(reader) = readers.get(&room) {
+                    reader.recheck.notify_one();
                 }
             }
         });

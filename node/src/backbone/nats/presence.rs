@@ -72,7 +72,7 @@ impl NatsBackbone {
                     allow_direct: true,
                     ..Default::default()
                 };
-                self.timed(self.js.get_or_create_stream(config)).await
+                self.ensure(config).await
             })
             .await
     }
