@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
+use tether_proto::backbone::check_host_port;
 use tether_proto::id::IdSource;
 use tether_proto::sign::SigningKey;
 
@@ -629,28 +630,6 @@ fn check_node_name(name: &str) -> Result<(), String> {
         return Err(format!("{name:?} contains {c:?}; allowed are A-Z a-z 0-9 . _ -"));
     }
     Ok(())
-}
-
-/// `host:port` with a non-zero port; the host may be a name (resolved at connect time), an IPv4
-/// address or a bracketed IPv6 address.
-fn check_host_port(addr: &str) -> Result<(), String> {
-    if addr.parse::<SocketAddr>().is_ok() {
-        return Ok(());
-    }
-    let bad = || format!("{addr:?} is not HOST:PORT");
-    let (host, port) = addr.rsplit_once(':').ok_or_else(bad)?;
-    let port: u16 = port.parse().map_err(|_| bad())?;
-    if port == 0 {
-        return Err(format!("{addr:?} has port 0"));
-    }
-    let host_ok = !host.is_empty()
-        && host.len() <= 253
-        && host.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
-    if host_ok {
-        Ok(())
-    } else {
-        Err(bad())
-    }
 }
 
 #[cfg(test)]

@@ -33,6 +33,7 @@
 
 mod control;
 mod presence;
+mod registry;
 
 use super::catch_up::{deliver_missed, flag_gap, has_gap};
 use super::inbound::Inbound;
@@ -44,13 +45,13 @@ use super::{
 use crate::config::Config;
 use crate::metrics::Metrics;
 use async_nats::jetstream::{self, stream};
-use base64::Engine;
 use bytes::Bytes;
 use dashmap::DashMap;
 use futures_util::future::{BoxFuture, FutureExt};
 use futures_util::{stream as fstream, StreamExt};
 use std::collections::HashMap;
 use std::sync::Arc;
+use tether_proto::backbone::{nats_prefix, nats_token as token, NodeRecord};
 use tether_proto::wire::{complete_joined, complete_message};
 use tokio::sync::{watch, Mutex, OnceCell};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
@@ -97,24 +98,6 @@ pub struct NatsBackbone {
 
 struct Reader {
     stop: CancellationToken,
-}
-
-fn token(s: &str) -> String {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s.as_bytes())
-}
-
-/// The prefix as a name part NATS accepts everywhere (subjects, streams, buckets).
-fn nats_prefix(prefix: &str) -> String {
-    let p: String = prefix
-        .trim_end_matches([':', '.'])
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
-        .collect();
-    if p.is_empty() {
-        "tether".to_string()
-    } else {
-        p
-    }
 }
 
 fn no_such_stream(e: &jetstream::context::GetStreamError) -> bool {
@@ -762,28 +745,15 @@ impl Backbone for NatsBackbone {
         .boxed()
     }
 
+    fn announce<'a>(&'a self, record: &'a NodeRecord) -> Call<'a, ()> {
+        self.announce_record(record).boxed()
+    }
+
+    fn withdraw<'a>(&'a self, record: &'a NodeRecord) -> Call<'a, ()> {
+        self.withdraw_record(record).boxed()
+    }
+
     fn deregister(&self) -> BoxFuture<'_, ()> {
         self.drop_heartbeat().boxed()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn any_room_name_is_one_valid_token() {
-        for room in ["general", "a.b", "x>*", "ünï", "a/b\\c"] {
-            let t = token(room);
-            assert!(t.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'), "{room} → {t}");
-        }
-        assert_ne!(token("a.b"), token("a_b"));
-    }
-
-    #[test]
-    fn prefix_becomes_a_safe_name_part() {
-        assert_eq!(nats_prefix("tether:"), "tether");
-        assert_eq!(nats_prefix("app.one:"), "app_one");
-        assert_eq!(nats_prefix(":"), "tether");
     }
 }
