@@ -20,7 +20,7 @@ const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0;
 
 #[derive(Serialize)]
 struct Status<'a> {
-    nodes: Vec<NodeStatus<'a>>,
+    nodes: Vec<NodeStatus>,
     /// Open upstream connections over all nodes.
     active_connections: i64,
     /// Open client connections (tunnels included), out of `max_connections`.
@@ -53,12 +53,15 @@ struct Status<'a> {
 }
 
 #[derive(Serialize)]
-struct NodeStatus<'a> {
-    name: &'a str,
-    addr: &'a str,
+struct NodeStatus {
+    name: String,
+    addr: String,
     state: &'static str,
     active_connections: i64,
     total_connections: u64,
+    /// The registry instance of a discovered node; absent for a static one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    instance: Option<String>,
 }
 
 #[derive(Serialize)]
@@ -68,7 +71,7 @@ struct Route<'a> {
     addr: &'a str,
     state: &'static str,
     /// The client's full preference order, whatever the nodes' states.
-    rank: Vec<&'a str>,
+    rank: Vec<String>,
     /// Whether the id carries the signing key's signature; only present when a key is set
     /// (the proxy refuses unsigned ids with 403, this endpoint answers for any valid id).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -125,11 +128,12 @@ fn status(shared: &Shared) -> Status<'_> {
             .nodes()
             .iter()
             .map(|n| NodeStatus {
-                name: &n.name,
-                addr: &n.addr,
+                name: n.name.clone(),
+                addr: n.addr.clone(),
                 state: n.state_str(),
                 active_connections: n.metrics.active.get(),
                 total_connections: n.metrics.connections.get(),
+                instance: n.instance.clone(),
             })
             .collect(),
         active_connections: shared.pool.active_connections(),
@@ -220,8 +224,8 @@ fn html(shared: &Shared) -> Response<Body> {
         let _ = writeln!(
             page,
             "<tr><td>{}</td><td>{}</td><td class=\"{state}\">{state}</td><td>{}</td><td>{}</td></tr>",
-            escape(n.name),
-            escape(n.addr),
+            escape(&n.name),
+            escape(&n.addr),
             n.active_connections,
             n.total_connections,
             state = n.state,

@@ -88,6 +88,14 @@ pub struct Args {
     /// it the client is closed 1008 [default: 1048576].
     #[arg(long, value_name = "N")]
     pub rehome_buffer_bytes: Option<usize>,
+    /// Follow the node registry the nodes announce themselves in: redis://…,
+    /// redis+cluster://H:P,H:P or nats://A,nats://B (overrides `discover`). Static --node
+    /// entries still apply and win over a discovered node of the same name.
+    #[arg(long, value_name = "URL")]
+    pub discover: Option<String>,
+    /// The nodes' key prefix, for --discover (overrides `discover_prefix`) [default: tether:].
+    #[arg(long, value_name = "PREFIX")]
+    pub discover_prefix: Option<String>,
     /// Log line format on stderr.
     #[arg(long, value_name = "FORMAT", default_value = "text")]
     pub log_format: LogFormat,
@@ -160,6 +168,8 @@ pub fn load_config(args: &Args) -> Result<Config, Error> {
         connect_burst_per_ip: args.connect_burst_per_ip,
         failover: args.failover.clone(),
         rehome_buffer_bytes: args.rehome_buffer_bytes,
+        discover: args.discover.clone(),
+        discover_prefix: args.discover_prefix.clone(),
     });
     file.validate()
 }

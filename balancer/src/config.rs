@@ -172,6 +172,11 @@ pub struct FileConfig {
     pub rehome_buffer_bytes: Option<usize>,
     /// Milliseconds one switch may take (see [`DEFAULT_REHOME_TIMEOUT_MS`]).
     pub rehome_timeout_ms: Option<u64>,
+    /// The node registry to follow (see `crate::discovery`): `redis://…`,
+    /// `redis+cluster://…` or `nats://…`.
+    pub discover: Option<String>,
+    /// The nodes' `prefix`, for `discover` (default `tether:`).
+    pub discover_prefix: Option<String>,
     #[serde(default)]
     pub nodes: Vec<FileNode>,
 }
@@ -231,6 +236,10 @@ pub struct Overrides {
     pub failover: Option<String>,
     /// `--rehome-buffer-bytes`.
     pub rehome_buffer_bytes: Option<usize>,
+    /// `--discover`.
+    pub discover: Option<String>,
+    /// `--discover-prefix`.
+    pub discover_prefix: Option<String>,
 }
 
 /// A validated configuration.
@@ -298,8 +307,10 @@ pub struct Config {
     pub rehome_buffer_bytes: usize,
     /// Longest one switch may take before the client is closed 1012.
     pub rehome_timeout: Duration,
-    /// The nodes, in file order (order does not affect routing: ranking is by name).
+    /// The static nodes, in file order (order does not affect routing: ranking is by name).
     pub nodes: Vec<NodeConfig>,
+    /// The node registry followed for more nodes, if any.
+    pub discover: Option<crate::discovery::Discover>,
 }
 
 /// The client listener's TLS: where the certificate and key came from, and the server config
@@ -389,6 +400,12 @@ impl FileConfig {
         if o.rehome_buffer_bytes.is_some() {
             self.rehome_buffer_bytes = o.rehome_buffer_bytes;
         }
+        if o.discover.is_some() {
+            self.discover = o.discover;
+        }
+        if o.discover_prefix.is_some() {
+            self.discover_prefix = o.discover_prefix;
+        }
     }
 
     /// Checks every field and fills in defaults.
@@ -412,6 +429,7 @@ impl FileConfig {
                 format!("{max_connections} is outside 1..={MAX_CONNECTIONS_LIMIT}"),
             ));
         }
+        let discover = discover(self.discover.as_deref(), self.discover_prefix.as_deref())?;
         let rise = self.rise.unwrap_or(DEFAULT_RISE);
         if rise == 0 {
             return Err(invalid("rise", "must be greater than 0"));
@@ -510,7 +528,8 @@ impl FileConfig {
             failover,
             rehome_buffer_bytes,
             rehome_timeout: nonzero_ms("rehome_timeout_ms", self.rehome_timeout_ms, DEFAULT_REHOME_TIMEOUT_MS)?,
-            nodes: nodes(&self.nodes)?,
+            nodes: nodes(&self.nodes, discover.is_some())?,
+            discover,
         })
     }
 }
@@ -603,9 +622,25 @@ fn hash_keys(keys: &[String]) -> Result<Vec<IdSource>, Error> {
     Ok(out)
 }
 
-fn nodes(entries: &[FileNode]) -> Result<Vec<NodeConfig>, Error> {
-    if entries.is_empty() {
-        return Err(invalid("nodes", "no nodes configured (add [[nodes]] entries or --node NAME=HOST:PORT)"));
+/// `discover` and `discover_prefix`: a registry URL ([`crate::discovery::Source::parse`]) and
+/// a prefix as the nodes accept it (no whitespace or braces).
+fn discover(url: Option<&str>, prefix: Option<&str>) -> Result<Option<crate::discovery::Discover>, Error> {
+    let prefix = prefix.unwrap_or(crate::discovery::DEFAULT_PREFIX);
+    if prefix.chars().any(|c| c.is_whitespace() || c == '{' || c == '}') {
+        return Err(invalid("discover_prefix", format!("{prefix:?}: no whitespace or braces")));
+    }
+    let Some(url) = url else { return Ok(None) };
+    let source = crate::discovery::Source::parse(url).map_err(|reason| invalid("discover", reason))?;
+    Ok(Some(crate::discovery::Discover { source, prefix: prefix.to_owned() }))
+}
+
+/// The static nodes; none is fine when a registry is followed.
+fn nodes(entries: &[FileNode], discovering: bool) -> Result<Vec<NodeConfig>, Error> {
+    if entries.is_empty() && !discovering {
+        return Err(invalid(
+            "nodes",
+            "no nodes configured (add [[nodes]] entries, --node NAME=HOST:PORT, or --discover URL)",
+        ));
     }
     let mut seen = HashSet::new();
     let mut out = Vec::with_capacity(entries.len());
@@ -621,13 +656,14 @@ fn nodes(entries: &[FileNode]) -> Result<Vec<NodeConfig>, Error> {
 }
 
 /// Node names go into metric labels, admin URLs and the HTML page, so they keep to a small,
-/// URL- and label-safe alphabet.
-fn check_node_name(name: &str) -> Result<(), String> {
+/// URL- and label-safe alphabet (`:` included: a node's default name is `HOSTNAME:PORT`).
+/// Discovered names are held to it too.
+pub(crate) fn check_node_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > MAX_NODE_NAME_LEN {
         return Err(format!("{name:?} must be 1-{MAX_NODE_NAME_LEN} bytes"));
     }
-    if let Some(c) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
-        return Err(format!("{name:?} contains {c:?}; allowed are A-Z a-z 0-9 . _ -"));
+    if let Some(c) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':'))) {
+        return Err(format!("{name:?} contains {c:?}; allowed are A-Z a-z 0-9 . _ - :"));
     }
     Ok(())
 }

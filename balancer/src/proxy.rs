@@ -137,7 +137,7 @@ async fn forward(
     };
     let node = shared.pool.get(index);
     span.record("node", node.name.as_str());
-    let guard = Arc::new(ActiveGuard::new(node));
+    let guard = Arc::new(ActiveGuard::new(&node));
 
     let client_upgrade = (kind == Kind::ws).then(|| hyper::upgrade::on(&mut request));
     if let Err(e) = prepare_upstream_request(&mut request, &id, conn.peer.ip(), conn.tls) {
@@ -152,7 +152,7 @@ async fn forward(
 
     let (mut sender, upstream) = match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await {
         Ok(pair) => pair,
-        Err(source) => return bad_gateway(node, source),
+        Err(source) => return bad_gateway(&node, source),
     };
     let upstream_span = tracing::debug_span!("upstream", node = %node.name, client = %id);
     shared.tracker.spawn(
@@ -161,7 +161,7 @@ async fn forward(
 
     let mut response = match sender.send_request(request).await {
         Ok(response) => response,
-        Err(source) => return bad_gateway(node, source),
+        Err(source) => return bad_gateway(&node, source),
     };
 
     let mut out = if response.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -261,7 +261,7 @@ enum NoUpstream {
 async fn connect_ranked(shared: &Shared, id: &str) -> Result<Upstream, NoUpstream> {
     // Every failure marks one node down (or finds it drained), so this ends; the bound only
     // guards against probes reviving nodes as fast as connects fail.
-    for _ in 0..shared.pool.nodes().len() {
+    for _ in 0..shared.pool.slots() {
         let index = shared.pool.pick(id).ok_or(NoUpstream::NoNode)?;
         let node = shared.pool.get(index);
         let down = node.down_signal();
@@ -271,7 +271,7 @@ async fn connect_ranked(shared: &Shared, id: &str) -> Result<Upstream, NoUpstrea
             continue;
         }
         let connect_timeout = shared.config().connect_timeout;
-        match connect(node, connect_timeout).await {
+        match connect(&node, connect_timeout).await {
             Ok(stream) => return Ok(Upstream { index, stream, down, drain }),
             Err(Error::NodeConnect { source, .. }) if is_out_of_descriptors(&source) => {
                 debug!(error = %source, "upstream connect: out of file descriptors; refusing with 503");

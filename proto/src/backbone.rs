@@ -209,7 +209,7 @@ pub const PRUNE_AFTER: Duration = Duration::from_secs(60);
 /// instance (new at every start; a restart under the same name is the same node to balancers,
 /// with fresh health). Stored as this JSON (`{"name","addr","instance"}`); in Redis with
 /// `"at"` (ms, Redis' clock) appended by the announce script.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct NodeRecord {
     pub name: String,
     pub addr: String,

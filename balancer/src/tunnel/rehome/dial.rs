@@ -103,7 +103,7 @@ pub(super) async fn dial(
             let config = shared.config();
             (config.connect_timeout, config.connect_timeout + config.health_timeout)
         };
-        let stream = match connect(node, connect_timeout).await {
+        let stream = match connect(&node, connect_timeout).await {
             Ok(stream) => stream,
             Err(Error::NodeConnect { source, .. }) if is_out_of_descriptors(&source) => {
                 // The balancer's own shortage, no node's fault: none is marked down.
@@ -121,7 +121,7 @@ pub(super) async fn dial(
                 continue;
             }
         };
-        let guard = Arc::new(ActiveGuard::new(node));
+        let guard = Arc::new(ActiveGuard::new(&node));
         match tokio::time::timeout(answer_timeout, upgrade(stream, redial.request(token))).await {
             Ok(Ok(Answer::Switched(stream, early))) => return Ok(Dialed { index, stream, early, guard }),
             Ok(Ok(Answer::Status(status))) if status.is_client_error() => return Err(NoDial::Refused(status)),
