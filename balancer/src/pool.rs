@@ -30,8 +30,6 @@ use tracing::{info, warn};
 
 mod members;
 
-pub use members::Changes;
-
 use crate::config::NodeConfig;
 use crate::metrics::{CheckResult, Metrics, NodeMetrics};
 use crate::Error;

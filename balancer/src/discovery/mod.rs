@@ -159,7 +159,8 @@ impl Follower {
                 Err(format!("no answer within {} ms", READ_TIMEOUT.as_millis()))
             }
         };
-        let metrics = &self.shared.metrics;
+        let shared = Arc::clone(&self.shared);
+        let metrics = &shared.metrics;
         metrics.discovery_read(read.is_ok());
         let found = match read {
             Ok(found) => found,
@@ -176,13 +177,13 @@ impl Follower {
             info!(registry = %self.reader.discover.source, "node registry readable again");
         }
         let valid: Vec<NodeRecord> = found.into_iter().filter(|r| self.usable(r)).collect();
-        let changes = self.shared.pool.apply_discovered(&valid, metrics);
+        let changes = shared.pool.apply_discovered(&valid, metrics);
         for index in changes.added {
-            self.checks.spawn(crate::health::check_loop(Arc::clone(&self.shared), index, self.stop.clone()));
+            self.checks.spawn(crate::health::check_loop(Arc::clone(&shared), index, self.stop.clone()));
         }
         metrics.discovery_changed("joined", changes.joined.len());
         metrics.discovery_changed("left", changes.left.len());
-        metrics.discovered_nodes.set(self.shared.pool.discovered() as i64);
+        metrics.discovered_nodes.set(shared.pool.discovered() as i64);
     }
 
     /// Whether a record can be routed to: a name and an address the balancer accepts of
@@ -200,15 +201,16 @@ impl Follower {
 
     /// Rounds every [`POLL_INTERVAL`] until `stop`; then its health checks end too.
     pub(crate) async fn run(mut self) {
+        let stop = self.stop.clone();
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + POLL_INTERVAL, POLL_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = self.stop.cancelled() => break,
+                _ = stop.cancelled() => break,
                 _ = tick.tick() => {}
             }
             tokio::select! {
-                _ = self.stop.cancelled() => break,
+                _ = stop.cancelled() => break,
                 _ = self.round() => {}
             }
         }
