@@ -395,7 +395,7 @@ mod tests {
         assert_eq!(r.redis_value(), r#"{"name":"n1","addr":"10.0.0.5:9001","instance":"n1#abc","at":"#);
         let stored = format!("{}1700000000123}}", r.redis_value());
         let read = Announced::parse(&stored).unwrap();
-        assert_eq!((read.record, read.at), (r, 1_700_000_000_123));
+        assert_eq!((read.record.clone(), read.at), (r, 1_700_000_000_123));
         assert!(read.is_fresh(1_700_000_000_123 + 1500) && !read.is_fresh(1_700_000_000_123 + 1501));
         assert!(read.is_fresh(0), "a clock behind the entry: fresh, not an underflow");
         assert_eq!(Announced::parse("garbage"), None);
