@@ -320,11 +320,7 @@ impl Metrics {
         let discovery_reads = Family::<DiscoveryReadLabels, Counter>::default();
         registry.register(DISCOVERY_READS, "Reads of the node registry, by result", discovery_reads.clone());
         let discovery_changes = Family::<DiscoveryChangeLabels, Counter>::default();
-        registry.register(
-            DISCOVERY_CHANGES,
-            "Nodes that joined or left the node registry",
-            discovery_changes.clone(),
-        );
+        registry.register(DISCOVERY_CHANGES, "Nodes that joined or left the node registry", discovery_changes.clone());
         let discovered_nodes = Gauge::default();
         registry.register(DISCOVERED_NODES, "Discovered nodes present now", discovered_nodes.clone());
         Self {

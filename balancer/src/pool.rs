@@ -360,7 +360,11 @@ impl Pool {
     /// The full preference order of `client` over the present nodes, whatever their state.
     pub fn rank(&self, client: &str) -> Vec<String> {
         let set = self.members.load();
-        hrw::rank(&set.names, client).into_iter().filter(|&i| !set.nodes[i].is_gone()).map(|i| set.names[i].clone()).collect()
+        hrw::rank(&set.names, client)
+            .into_iter()
+            .filter(|&i| !set.nodes[i].is_gone())
+            .map(|i| set.names[i].clone())
+            .collect()
     }
 
     /// Open upstream connections over all nodes.

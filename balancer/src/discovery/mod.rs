@@ -72,7 +72,9 @@ impl Reader {
                 let config = redis::AsyncConnectionConfig::new()
                     .set_connection_timeout(Some(READ_TIMEOUT))
                     .set_response_timeout(Some(READ_TIMEOUT));
-                Conn::Redis(client.get_multiplexed_async_connection_with_config(&config).await.map_err(|e| e.to_string())?)
+                Conn::Redis(
+                    client.get_multiplexed_async_connection_with_config(&config).await.map_err(|e| e.to_string())?,
+                )
             }
             Source::RedisCluster(seeds) => {
                 let client = redis::cluster::ClusterClient::builder(seeds.clone())
