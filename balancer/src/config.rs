@@ -310,7 +310,7 @@ pub struct Config {
     /// The static nodes, in file order (order does not affect routing: ranking is by name).
     pub nodes: Vec<NodeConfig>,
     /// The node registry followed for more nodes, if any.
-    pub discover: Option<crate::discovery::Discover>,
+    pub discover: Option<Discover>,
 }
 
 /// The client listener's TLS: where the certificate and key came from, and the server config
@@ -429,7 +429,7 @@ impl FileConfig {
                 format!("{max_connections} is outside 1..={MAX_CONNECTIONS_LIMIT}"),
             ));
         }
-        let discover = discover(self.discover.as_deref(), self.discover_prefix.as_deref())?;
+        let discover = discover::validate(self.discover.as_deref(), self.discover_prefix.as_deref())?;
         let rise = self.rise.unwrap_or(DEFAULT_RISE);
         if rise == 0 {
             return Err(invalid("rise", "must be greater than 0"));
@@ -622,18 +622,6 @@ fn hash_keys(keys: &[String]) -> Result<Vec<IdSource>, Error> {
     Ok(out)
 }
 
-/// `discover` and `discover_prefix`: a registry URL ([`crate::discovery::Source::parse`]) and
-/// a prefix as the nodes accept it (no whitespace or braces).
-fn discover(url: Option<&str>, prefix: Option<&str>) -> Result<Option<crate::discovery::Discover>, Error> {
-    let prefix = prefix.unwrap_or(crate::discovery::DEFAULT_PREFIX);
-    if prefix.chars().any(|c| c.is_whitespace() || c == '{' || c == '}') {
-        return Err(invalid("discover_prefix", format!("{prefix:?}: no whitespace or braces")));
-    }
-    let Some(url) = url else { return Ok(None) };
-    let source = crate::discovery::Source::parse(url).map_err(|reason| invalid("discover", reason))?;
-    Ok(Some(crate::discovery::Discover { source, prefix: prefix.to_owned() }))
-}
-
 /// The static nodes; none is fine when a registry is followed.
 fn nodes(entries: &[FileNode], discovering: bool) -> Result<Vec<NodeConfig>, Error> {
     if entries.is_empty() && !discovering {
@@ -667,6 +655,10 @@ pub(crate) fn check_node_name(name: &str) -> Result<(), String> {
     }
     Ok(())
 }
+
+mod discover;
+
+pub use discover::{Discover, Source};
 
 #[cfg(test)]
 mod tests;

@@ -10,11 +10,11 @@
 //! checks still follow each node). Discovered nodes are health-checked like static ones; the
 //! checks of new slots are started here.
 //!
-//! Layout: `source`, the URL; `from_redis` and `from_nats`, one read of each registry.
+//! Layout: `from_redis` and `from_nats`, one read of each registry; the URL is parsed in
+//! `config::discover`.
 
 mod from_nats;
 mod from_redis;
-pub mod source;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,9 +26,7 @@ use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-pub use source::Source;
-
-use crate::config::check_node_name;
+use crate::config::{check_node_name, Discover, Source};
 use crate::Shared;
 
 /// Time between two reads of the registry. With the nodes' 500 ms announcements and 1.5 s
@@ -39,17 +37,6 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(250);
 /// Deadline of one read, connecting included: a registry that does not answer is an
 /// outage, and the set stays as it is.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(1);
-
-/// The prefix the nodes' keys and subjects are under, when not configured.
-pub const DEFAULT_PREFIX: &str = "tether:";
-
-/// What to follow: the registry and the nodes' key prefix.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Discover {
-    pub source: Source,
-    /// The nodes' `prefix` (Redis keys; NATS names are derived from it as the nodes do).
-    pub prefix: String,
-}
 
 /// A live connection to the registry.
 enum Conn {

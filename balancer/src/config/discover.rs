@@ -1,6 +1,30 @@
-//! Where discovery reads the node registry from: the `--discover` URL, checked at start-up.
+//! `discover` and `discover_prefix`: where discovery (`crate::discovery`) reads the node
+//! registry from, checked at start-up.
 
 use std::fmt;
+
+/// The prefix the nodes' keys and subjects are under, when not configured.
+pub const DEFAULT_PREFIX: &str = "tether:";
+
+/// What to follow: the registry and the nodes' key prefix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Discover {
+    pub source: Source,
+    /// The nodes' `prefix` (Redis keys; NATS names are derived from it as the nodes do).
+    pub prefix: String,
+}
+
+/// `discover` and `discover_prefix`: a registry URL ([`Source::parse`]) and
+/// a prefix as the nodes accept it (no whitespace or braces).
+pub(super) fn validate(url: Option<&str>, prefix: Option<&str>) -> Result<Option<Discover>, crate::Error> {
+    let prefix = prefix.unwrap_or(DEFAULT_PREFIX);
+    if prefix.chars().any(|c| c.is_whitespace() || c == '{' || c == '}') {
+        return Err(super::invalid("discover_prefix", format!("{prefix:?}: no whitespace or braces")));
+    }
+    let Some(url) = url else { return Ok(None) };
+    let source = Source::parse(url).map_err(|reason| super::invalid("discover", reason))?;
+    Ok(Some(Discover { source, prefix: prefix.to_owned() }))
+}
 
 /// A registry to follow (see [`Source::parse`]).
 #[derive(Clone, PartialEq, Eq)]
