@@ -20,7 +20,7 @@ const METRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0;
 
 #[derive(Serialize)]
 struct Status<'a> {
-    nodes: Vec<NodeStatus<'a>>,
+    nodes: Vec<NodeStatus>,
     /// Open upstream connections over all nodes.
     active_connections: i64,
     placement: Placement,
@@ -54,9 +54,9 @@ struct Status<'a> {
 }
 
 #[derive(Serialize)]
-struct NodeStatus<'a> {
-    name: &'a str,
-    addr: &'a str,
+struct NodeStatus {
+    name: String,
+    addr: String,
     state: &'static str,
     active_connections: i64,
     total_connections: u64,
@@ -64,6 +64,9 @@ struct NodeStatus<'a> {
     rebalance_pending: i64,
     /// Clients a paced rebalance moved here so far.
     rebalance_moves: u64,
+    /// The registry instance of a discovered node; absent for a static one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    instance: Option<String>,
 }
 
 /// How connections are placed and whether returning nodes take clients back.
@@ -97,8 +100,8 @@ struct Route<'a> {
     node: &'a str,
     addr: &'a str,
     state: &'static str,
-    /// The key's full preference order, whatever the nodes' states.
-    rank: Vec<&'a str>,
+    /// The client's full preference order, whatever the nodes' states.
+    rank: Vec<String>,
     /// Whether the id carries the signing key's signature; only present when a key is set
     /// and a client id was given (the proxy refuses unsigned ids with 403, this endpoint
     /// answers for any valid id).
@@ -156,13 +159,14 @@ fn status(shared: &Shared) -> Status<'_> {
             .nodes()
             .iter()
             .map(|n| NodeStatus {
-                name: &n.name,
-                addr: &n.addr,
+                name: n.name.clone(),
+                addr: n.addr.clone(),
                 state: n.state_str(),
                 active_connections: n.metrics.active.get(),
                 total_connections: n.metrics.connections.get(),
                 rebalance_pending: n.metrics.rebalance_pending.get(),
                 rebalance_moves: n.metrics.rebalance_moves.get(),
+                instance: n.instance.clone(),
             })
             .collect(),
         active_connections: shared.pool.active_connections(),
@@ -281,8 +285,8 @@ fn html(shared: &Shared) -> Response<Body> {
         let _ = writeln!(
             page,
             "<tr><td>{}</td><td>{}</td><td class=\"{state}\">{state}</td><td>{}</td><td>{}</td></tr>",
-            escape(n.name),
-            escape(n.addr),
+            escape(&n.name),
+            escape(&n.addr),
             n.active_connections,
             n.total_connections,
             state = n.state,

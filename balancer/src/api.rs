@@ -74,7 +74,7 @@ async fn forward(shared: &Shared, conn: &ClientConn, request: Request<Incoming>)
     for index in shared.pool.api_order(turn) {
         let node = shared.pool.get(index);
         let connect_timeout = shared.config().connect_timeout;
-        let stream = match connect(node, connect_timeout).await {
+        let stream = match connect(&node, connect_timeout).await {
             Ok(stream) => stream,
             Err(e) => {
                 node.metrics.connect_failures.inc();

@@ -103,6 +103,14 @@ pub struct Args {
     /// Under --rebalance paced: clients moved per second at most [default: 10].
     #[arg(long, value_name = "PER_SEC")]
     pub rebalance_per_sec: Option<f64>,
+    /// Follow the node registry the nodes announce themselves in: redis://…,
+    /// redis+cluster://H:P,H:P or nats://A,nats://B (overrides `discover`). Static --node
+    /// entries still apply and win over a discovered node of the same name.
+    #[arg(long, value_name = "URL")]
+    pub discover: Option<String>,
+    /// The nodes' key prefix, for --discover (overrides `discover_prefix`) [default: tether:].
+    #[arg(long, value_name = "PREFIX")]
+    pub discover_prefix: Option<String>,
     /// Log line format on stderr.
     #[arg(long, value_name = "FORMAT", default_value = "text")]
     pub log_format: LogFormat,
@@ -179,6 +187,8 @@ pub fn load_config(args: &Args) -> Result<Config, Error> {
         load_factor: args.load_factor,
         rebalance: args.rebalance.clone(),
         rebalance_per_sec: args.rebalance_per_sec,
+        discover: args.discover.clone(),
+        discover_prefix: args.discover_prefix.clone(),
     });
     file.validate()
 }

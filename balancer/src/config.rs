@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use tether_proto::placement::HashKeys;
+use tether_proto::backbone::check_host_port;
 use tether_proto::sign::SigningKey;
 
 pub use crate::balance::Balance;
@@ -181,6 +182,11 @@ pub struct FileConfig {
     pub rebalance: Option<String>,
     /// Under `paced`: clients moved per second at most; default 10.
     pub rebalance_per_sec: Option<f64>,
+    /// The node registry to follow (see `crate::discovery`): `redis://…`,
+    /// `redis+cluster://…` or `nats://…`.
+    pub discover: Option<String>,
+    /// The nodes' `prefix`, for `discover` (default `tether:`).
+    pub discover_prefix: Option<String>,
     #[serde(default)]
     pub nodes: Vec<FileNode>,
 }
@@ -248,6 +254,10 @@ pub struct Overrides {
     pub rebalance: Option<String>,
     /// `--rebalance-per-sec`.
     pub rebalance_per_sec: Option<f64>,
+    /// `--discover`.
+    pub discover: Option<String>,
+    /// `--discover-prefix`.
+    pub discover_prefix: Option<String>,
 }
 
 /// A validated configuration.
@@ -320,8 +330,10 @@ pub struct Config {
     pub balance: Balance,
     /// Whether a node that returns takes back, gradually, the clients that rank it first.
     pub rebalance: Rebalance,
-    /// The nodes, in file order (order does not affect routing: ranking is by name).
+    /// The static nodes, in file order (order does not affect routing: ranking is by name).
     pub nodes: Vec<NodeConfig>,
+    /// The node registry followed for more nodes, if any.
+    pub discover: Option<Discover>,
 }
 
 /// The client listener's TLS: where the certificate and key came from, and the server config
@@ -423,6 +435,12 @@ impl FileConfig {
         if o.rebalance_per_sec.is_some() {
             self.rebalance_per_sec = o.rebalance_per_sec;
         }
+        if o.discover.is_some() {
+            self.discover = o.discover;
+        }
+        if o.discover_prefix.is_some() {
+            self.discover_prefix = o.discover_prefix;
+        }
     }
 
     /// Checks every field and fills in defaults.
@@ -446,6 +464,7 @@ impl FileConfig {
                 format!("{max_connections} is outside 1..={MAX_CONNECTIONS_LIMIT}"),
             ));
         }
+        let discover = discover::validate(self.discover.as_deref(), self.discover_prefix.as_deref())?;
         let rise = self.rise.unwrap_or(DEFAULT_RISE);
         if rise == 0 {
             return Err(invalid("rise", "must be greater than 0"));
@@ -550,7 +569,8 @@ impl FileConfig {
             rehome_timeout: nonzero_ms("rehome_timeout_ms", self.rehome_timeout_ms, DEFAULT_REHOME_TIMEOUT_MS)?,
             balance,
             rebalance,
-            nodes: nodes(&self.nodes)?,
+            nodes: nodes(&self.nodes, discover.is_some())?,
+            discover,
         })
     }
 }
@@ -630,9 +650,13 @@ fn hash_keys(keys: &[String]) -> Result<HashKeys, Error> {
     HashKeys::parse(keys).map_err(|e| invalid("hash_keys", e.to_string()))
 }
 
-fn nodes(entries: &[FileNode]) -> Result<Vec<NodeConfig>, Error> {
-    if entries.is_empty() {
-        return Err(invalid("nodes", "no nodes configured (add [[nodes]] entries or --node NAME=HOST:PORT)"));
+/// The static nodes; none is fine when a registry is followed.
+fn nodes(entries: &[FileNode], discovering: bool) -> Result<Vec<NodeConfig>, Error> {
+    if entries.is_empty() && !discovering {
+        return Err(invalid(
+            "nodes",
+            "no nodes configured (add [[nodes]] entries, --node NAME=HOST:PORT, or --discover URL)",
+        ));
     }
     let mut seen = HashSet::new();
     let mut out = Vec::with_capacity(entries.len());
@@ -648,38 +672,21 @@ fn nodes(entries: &[FileNode]) -> Result<Vec<NodeConfig>, Error> {
 }
 
 /// Node names go into metric labels, admin URLs and the HTML page, so they keep to a small,
-/// URL- and label-safe alphabet.
-fn check_node_name(name: &str) -> Result<(), String> {
+/// URL- and label-safe alphabet (`:` included: a node's default name is `HOSTNAME:PORT`).
+/// Discovered names are held to it too.
+pub(crate) fn check_node_name(name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > MAX_NODE_NAME_LEN {
         return Err(format!("{name:?} must be 1-{MAX_NODE_NAME_LEN} bytes"));
     }
-    if let Some(c) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
-        return Err(format!("{name:?} contains {c:?}; allowed are A-Z a-z 0-9 . _ -"));
+    if let Some(c) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':'))) {
+        return Err(format!("{name:?} contains {c:?}; allowed are A-Z a-z 0-9 . _ - :"));
     }
     Ok(())
 }
 
-/// `host:port` with a non-zero port; the host may be a name (resolved at connect time), an IPv4
-/// address or a bracketed IPv6 address.
-fn check_host_port(addr: &str) -> Result<(), String> {
-    if addr.parse::<SocketAddr>().is_ok() {
-        return Ok(());
-    }
-    let bad = || format!("{addr:?} is not HOST:PORT");
-    let (host, port) = addr.rsplit_once(':').ok_or_else(bad)?;
-    let port: u16 = port.parse().map_err(|_| bad())?;
-    if port == 0 {
-        return Err(format!("{addr:?} has port 0"));
-    }
-    let host_ok = !host.is_empty()
-        && host.len() <= 253
-        && host.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
-    if host_ok {
-        Ok(())
-    } else {
-        Err(bad())
-    }
-}
+mod discover;
+
+pub use discover::{Discover, Source};
 
 #[cfg(test)]
 mod tests;

@@ -27,8 +27,10 @@ pub const READYZ_PATH: &str = "/readyz";
 /// Probes node `index` until `stop` fires.
 /// The interval, timeout and `rise` are the live config's, read at every probe: a reload
 /// changes them for the next one.
+/// The node is looked up in its slot at every probe: a discovered node found again under a
+/// new instance is a new node in the same slot. A tombstone (a node that left the registry)
+/// is not probed.
 pub(crate) async fn check_loop(shared: Arc<Shared>, index: usize, stop: CancellationToken) {
-    let node = shared.pool.get(index);
     let mut interval = shared.config().health_interval;
     let mut ticker = ticker(interval);
     loop {
@@ -45,9 +47,13 @@ pub(crate) async fn check_loop(shared: Arc<Shared>, index: usize, stop: Cancella
             interval = now;
             ticker = ticker_after(interval);
         }
+        let node = shared.pool.get(index);
+        if node.is_gone() {
+            continue;
+        }
         let probe = tokio::select! {
             _ = stop.cancelled() => return,
-            p = probe(node, timeout) => p,
+            p = probe(&node, timeout) => p,
         };
         debug!(node = %node.name, ?probe, "probe");
         let Some(probe) = probe else {

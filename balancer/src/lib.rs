@@ -36,6 +36,7 @@
 //! - `rebalance`: the paced return of clients to a node that comes back (one dispatcher
 //!   task granting moves at `rebalance_per_sec`; the tunnels move themselves);
 //! - `health`: the `GET /readyz` probes that drive that state machine;
+//! - `discovery`: following the node registry (`--discover`): nodes join and leave the pool;
 //! - `admin`: `/status`, `/route`, `/metrics`, drain/undrain, the HTML page;
 //! - `metrics`: every Prometheus metric name, in one place;
 //! - [`Error`]: what went wrong and whose fault it was;
@@ -66,6 +67,7 @@ pub mod balance;
 pub mod cli;
 pub mod config;
 mod conn;
+mod discovery;
 mod error;
 mod frames;
 mod health;
@@ -201,10 +203,18 @@ pub async fn run_with(
 
     let health_stop = CancellationToken::new();
     let mut checks = JoinSet::new();
-    for index in 0..shared.pool.nodes().len() {
+    for index in 0..shared.pool.slots() {
         checks.spawn(health::check_loop(Arc::clone(&shared), index, health_stop.clone()));
     }
     checks.spawn(rebalance::dispatch(Arc::clone(&shared), health_stop.clone()));
+    if let Some(discover) = shared.config().discover.clone() {
+        // One read before serving (bounded by its timeout): the first clients, and tunnels
+        // inherited from an older process, find the discovered nodes already there.
+        info!(registry = %discover.source, prefix = %discover.prefix, "following the node registry");
+        let mut follower = discovery::Follower::new(Arc::clone(&shared), discover, health_stop.clone());
+        follower.round().await;
+        checks.spawn(follower.run());
+    }
     info!(addr = %listen_addr, nodes = shared.pool.nodes().len(), generation, "proxy listening");
     info!(addr = %admin_addr, "admin listening");
     if let Some(inherit) = start.inherit {

@@ -97,6 +97,25 @@ pub struct RehomeLabels {
     pub result: &'static str,
 }
 
+/// `tether_balancer_discovery_reads_total{result="ok|failed"}`: reads of the node registry
+/// (`--discover`); a failed one keeps the node set as it was.
+pub const DISCOVERY_READS: &str = "tether_balancer_discovery_reads";
+/// `tether_balancer_discovery_changes_total{change="joined|left"}`: nodes that joined (new,
+/// back, or under a new instance) or left the registry.
+pub const DISCOVERY_CHANGES: &str = "tether_balancer_discovery_changes";
+/// `tether_balancer_discovered_nodes`: discovered nodes present now (static ones not counted).
+pub const DISCOVERED_NODES: &str = "tether_balancer_discovered_nodes";
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DiscoveryReadLabels {
+    pub result: &'static str,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DiscoveryChangeLabels {
+    pub change: &'static str,
+}
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct UpgradeLabels {
     pub result: &'static str,
@@ -206,6 +225,9 @@ pub struct Metrics {
     pub adopted: Counter,
     rehomes: Family<RehomeLabels, Counter>,
     pub rehome_resent: Counter,
+    discovery_reads: Family<DiscoveryReadLabels, Counter>,
+    discovery_changes: Family<DiscoveryChangeLabels, Counter>,
+    pub discovered_nodes: Gauge,
 }
 
 #[derive(Debug, Default)]
@@ -318,7 +340,16 @@ impl Metrics {
             "Client messages resent to a new node by re-homing tunnels",
             rehome_resent.clone(),
         );
+        let discovery_reads = Family::<DiscoveryReadLabels, Counter>::default();
+        registry.register(DISCOVERY_READS, "Reads of the node registry, by result", discovery_reads.clone());
+        let discovery_changes = Family::<DiscoveryChangeLabels, Counter>::default();
+        registry.register(DISCOVERY_CHANGES, "Nodes that joined or left the node registry", discovery_changes.clone());
+        let discovered_nodes = Gauge::default();
+        registry.register(DISCOVERED_NODES, "Discovered nodes present now", discovered_nodes.clone());
         Self {
+            discovery_reads,
+            discovery_changes,
+            discovered_nodes,
             registry,
             nodes,
             requests,
@@ -341,6 +372,16 @@ impl Metrics {
     /// Counts one switch of a re-homing tunnel.
     pub fn rehomed(&self, reason: &'static str, ok: bool) {
         self.rehomes.get_or_create(&RehomeLabels { reason, result: if ok { "ok" } else { "failed" } }).inc();
+    }
+
+    /// Counts one read of the node registry.
+    pub fn discovery_read(&self, ok: bool) {
+        self.discovery_reads.get_or_create(&DiscoveryReadLabels { result: if ok { "ok" } else { "failed" } }).inc();
+    }
+
+    /// Counts nodes that joined (`joined`) or left (`left`) the registry.
+    pub fn discovery_changed(&self, change: &'static str, by: usize) {
+        self.discovery_changes.get_or_create(&DiscoveryChangeLabels { change }).inc_by(by as u64);
     }
 
     /// Counts one upgrade attempt.

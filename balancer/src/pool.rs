@@ -1,6 +1,14 @@
 //! The node pool: each node's state (`up`, `unready`, `down`, `draining`), its counters, and
 //! the choice of a node for a client id.
 //!
+//! The set of nodes is a snapshot behind an `ArcSwap`: static nodes from the config, plus the
+//! ones discovery found (`crate::discovery`, applied in `members`). Slots are append-only, so
+//! a node's index stays valid for the balancer's life (tunnels and health checks keep one): a
+//! node that leaves the registry becomes a *tombstone* (out of routing and of `/status`), and
+//! one found again under the same name takes its old slot back. HRW ranks the present nodes
+//! only, so a join moves just the clients that now rank the newcomer first, and a departure
+//! just the departed node's clients.
+//!
 //! This is consulted once per client connection, before the upstream connect. Reads are plain
 //! atomic loads — no lock on the hot path. State changes (health probes, failed connects,
 //! admin drain) are rare and go through a small per-node mutex so that a flip is decided, and
@@ -21,6 +29,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::balance::{choose as choose_node, Balance, Placing};
+mod members;
+
 use crate::config::NodeConfig;
 use crate::metrics::{CheckResult, Metrics, NodeMetrics};
 use crate::Error;
@@ -122,6 +132,10 @@ pub struct Node {
     drain_signal: ArcSwap<CancellationToken>,
     /// Counters and gauges; also the source of `/status`'s connection counts.
     pub metrics: NodeMetrics,
+    /// The registry instance it was discovered as; `None` for a static node.
+    pub instance: Option<String>,
+    /// Set when a discovered node left the registry: a tombstone, routed to by no one.
+    gone: AtomicBool,
 }
 
 impl Node {
@@ -141,7 +155,14 @@ impl Node {
             was_down: AtomicBool::new(false),
             drain_signal: ArcSwap::from_pointee(CancellationToken::new()),
             metrics,
+            instance: None,
+            gone: AtomicBool::new(false),
         }
+    }
+
+    /// Whether it left the registry (a tombstone); static nodes never do.
+    pub fn is_gone(&self) -> bool {
+        self.gone.load(Ordering::Acquire)
     }
 
     pub fn health(&self) -> Health {
@@ -262,37 +283,60 @@ impl Node {
     /// The routing tier of this node: `None` when it must not take new clients.
     pub(crate) fn tier(&self) -> Option<Health> {
         match self.health() {
-            _ if self.is_draining() => None,
+            _ if self.is_draining() || self.is_gone() => None,
             Health::Down => None,
             h => Some(h),
         }
     }
 }
 
-/// All nodes, in config order, plus their names in the form HRW ranks.
+/// One snapshot of the node set: every slot, in the order the nodes were first seen (config
+/// order, then discovery order), plus their names in the form HRW ranks. Tombstones stay in
+/// it, so indexes never move.
+#[derive(Debug)]
+struct Members {
+    nodes: Vec<Arc<Node>>,
+    names: Vec<String>,
+}
+
+/// All nodes (see the module docs): read through a snapshot, changed only by discovery.
 #[derive(Debug)]
 pub struct Pool {
-    nodes: Vec<Node>,
-    names: Vec<String>,
+    members: ArcSwap<Members>,
+    /// Serialises changes of the set, so that two never start from the same snapshot.
+    edit: Mutex<()>,
 }
 
 impl Pool {
     pub fn new(configs: &[NodeConfig], metrics: &Metrics) -> Self {
-        let nodes: Vec<Node> = configs.iter().map(|c| Node::new(c, metrics.node(&c.name))).collect();
+        let nodes: Vec<Arc<Node>> = configs.iter().map(|c| Arc::new(Node::new(c, metrics.node(&c.name)))).collect();
         let names = configs.iter().map(|c| c.name.clone()).collect();
-        Self { nodes, names }
+        Self { members: ArcSwap::from_pointee(Members { nodes, names }), edit: Mutex::new(()) }
     }
 
-    pub fn nodes(&self) -> &[Node] {
-        &self.nodes
+    /// The present nodes (tombstones left out), in slot order.
+    pub fn nodes(&self) -> Vec<Arc<Node>> {
+        self.members.load().nodes.iter().filter(|n| !n.is_gone()).cloned().collect()
     }
 
-    pub fn get(&self, index: usize) -> &Node {
-        &self.nodes[index]
+    /// How many slots there are (tombstones included): every index below it is valid.
+    pub fn slots(&self) -> usize {
+        self.members.load().nodes.len()
     }
 
-    pub fn by_name(&self, name: &str) -> Option<&Node> {
-        self.nodes.iter().find(|n| n.name == name)
+    /// The node in slot `index` now (a node found again may have replaced the one there).
+    pub fn get(&self, index: usize) -> Arc<Node> {
+        Arc::clone(&self.members.load().nodes[index])
+    }
+
+    /// The node of that name, tombstone or not.
+    pub fn by_name(&self, name: &str) -> Option<Arc<Node>> {
+        self.members.load().nodes.iter().find(|n| n.name == name).cloned()
+    }
+
+    /// The slot of the node called `name`, if the set has one.
+    pub fn slot_index(&self, name: &str) -> Option<usize> {
+        self.members.load().nodes.iter().position(|n| n.name == name)
     }
 
     /// Where `client` goes now: the best-ranked node among the `up` ones, or, when none is
@@ -318,32 +362,39 @@ impl Pool {
     }
 
     fn choose(&self, client: &str, except: &[usize], balance: Balance, placing: Placing) -> Option<usize> {
-        let usable = |i: usize, wanted: Health| !except.contains(&i) && self.nodes[i].tier() == Some(wanted);
-        let wanted = if (0..self.nodes.len()).any(|i| usable(i, Health::Up)) { Health::Up } else { Health::Unready };
-        let load = |i: usize| u64::try_from(self.nodes[i].metrics.active.get()).unwrap_or(0);
-        choose_node(&self.names, client, balance, placing, |i| usable(i, wanted), load)
+        let set = self.members.load();
+        let usable = |i: usize, wanted: Health| !except.contains(&i) && set.nodes[i].tier() == Some(wanted);
+        let wanted = if (0..set.nodes.len()).any(|i| usable(i, Health::Up)) { Health::Up } else { Health::Unready };
+        let load = |i: usize| u64::try_from(set.nodes[i].metrics.active.get()).unwrap_or(0);
+        choose_node(&set.names, client, balance, placing, |i| usable(i, wanted), load)
     }
 
     /// The nodes to try for a server API request, in order: the `up` ones, starting at
     /// `turn` (round robin), then the `unready` ones likewise (alive beats failing); never a
     /// down or draining one.
     pub fn api_order(&self, turn: usize) -> Vec<usize> {
-        let n = self.nodes.len();
+        let set = self.members.load();
+        let n = set.nodes.len();
         let mut order = Vec::with_capacity(n);
         for wanted in [Health::Up, Health::Unready] {
-            order.extend((0..n).map(|i| (turn + i) % n.max(1)).filter(|&i| self.nodes[i].tier() == Some(wanted)));
+            order.extend((0..n).map(|i| (turn + i) % n.max(1)).filter(|&i| set.nodes[i].tier() == Some(wanted)));
         }
         order
     }
 
-    /// The full preference order of `client` over all nodes, whatever their state.
-    pub fn rank(&self, client: &str) -> Vec<&str> {
-        hrw::rank(&self.names, client).into_iter().map(|i| self.names[i].as_str()).collect()
+    /// The full preference order of `client` over the present nodes, whatever their state.
+    pub fn rank(&self, client: &str) -> Vec<String> {
+        let set = self.members.load();
+        hrw::rank(&set.names, client)
+            .into_iter()
+            .filter(|&i| !set.nodes[i].is_gone())
+            .map(|i| set.names[i].clone())
+            .collect()
     }
 
     /// Open upstream connections over all nodes.
     pub fn active_connections(&self) -> i64 {
-        self.nodes.iter().map(|n| n.metrics.active.get()).sum()
+        self.nodes().iter().map(|n| n.metrics.active.get()).sum()
     }
 }
 
@@ -448,7 +499,7 @@ mod tests {
     fn pick_prefers_up_then_unready_and_never_down_or_draining() {
         let pool = pool(3);
         let id = "client-42";
-        let rank = hrw::rank(&pool.names, id);
+        let rank = hrw::rank(&pool.members.load().names, id);
         assert_eq!(pool.pick(id, Balance::Hrw), Some(rank[0]));
 
         pool.get(rank[0]).mark_down("test");

@@ -162,7 +162,7 @@ async fn forward(
 
     let (mut sender, upstream) = match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await {
         Ok(pair) => pair,
-        Err(source) => return bad_gateway(node, source),
+        Err(source) => return bad_gateway(&node, source),
     };
     let upstream_span = tracing::debug_span!("upstream", node = %node.name, client = %id);
     shared.tracker.spawn(
@@ -171,7 +171,7 @@ async fn forward(
 
     let mut response = match sender.send_request(request).await {
         Ok(response) => response,
-        Err(source) => return bad_gateway(node, source),
+        Err(source) => return bad_gateway(&node, source),
     };
 
     let mut out = if response.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -277,7 +277,7 @@ enum NoUpstream {
 async fn connect_ranked(shared: &Shared, id: &str) -> Result<Upstream, NoUpstream> {
     // Every failure marks one node down (or finds it drained), so this ends; the bound only
     // guards against probes reviving nodes as fast as connects fail.
-    for _ in 0..shared.pool.nodes().len() {
+    for _ in 0..shared.pool.slots() {
         let index = shared.pool.pick(id, shared.config().balance).ok_or(NoUpstream::NoNode)?;
         let node = shared.pool.get(index);
         let down = node.down_signal();
@@ -287,8 +287,8 @@ async fn connect_ranked(shared: &Shared, id: &str) -> Result<Upstream, NoUpstrea
             continue;
         }
         let connect_timeout = shared.config().connect_timeout;
-        let guard = ActiveGuard::reserve(node);
-        match connect(node, connect_timeout).await {
+        let guard = ActiveGuard::reserve(&node);
+        match connect(&node, connect_timeout).await {
             Ok(stream) => {
                 guard.opened();
                 return Ok(Upstream { index, stream, down, drain, guard });

@@ -14,9 +14,9 @@
 //!
 //! Some settings cannot change in a running process: the addresses it listens on, its
 //! threads, `SO_REUSEPORT`, `max_connections` (the connection semaphore and the descriptor
-//! budget are sized once), the node list (health checks and metrics are per node, made at
-//! start), and whether the listener speaks TLS at all (clients would break; the certificate
-//! itself does reload). When a reload changes one of those, the new value is *not* applied: the
+//! budget are sized once), the static node list (health checks and metrics are per node,
+//! made at start) and the registry followed (`discover`), and whether the listener speaks
+//! TLS at all (clients would break; the certificate itself does reload). When a reload changes one of those, the new value is *not* applied: the
 //! running one is carried into the new config, so the live config always says what is in
 //! force, and a warning names the setting as needing a restart (or an upgrade).
 //!
@@ -90,7 +90,7 @@ fn keep_restart_only(running: &Config, new: &mut Config) -> Vec<&'static str> {
             }
         )*};
     }
-    restart_only!(listen, admin, threads, reuse_port, nodes, max_connections);
+    restart_only!(listen, admin, threads, reuse_port, nodes, discover, max_connections);
     // Where `max_connections` came from goes with it (it was reported once, under that name).
     new.connection_limit = running.connection_limit;
     // TLS on or off is the listener's protocol; its certificate and key do reload.

@@ -29,6 +29,10 @@ pub struct Args {
     /// Address to listen on, e.g. 127.0.0.1:9001 (port 0 picks a free one).
     #[arg(long)]
     listen: Option<String>,
+    /// HOST:PORT announced in the node registry for balancers to dial (default: the listen
+    /// address; required when listening on 0.0.0.0 or [::]).
+    #[arg(long)]
+    advertise: Option<String>,
     /// Node name shown to clients as `server` (default: hostname:port).
     #[arg(long)]
     name: Option<String>,
@@ -124,6 +128,7 @@ impl Args {
         };
         let derived_name = self.name.is_none() && file.name.is_none();
         file.listen = self.listen.or(file.listen);
+        file.advertise = self.advertise.or(file.advertise);
         file.name = self.name.or(file.name);
         file.redis = self.redis.or(file.redis);
         file.nats = self.nats.or(file.nats);

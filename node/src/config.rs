@@ -86,6 +86,10 @@ impl std::str::FromStr for BackboneKind {
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     pub listen: Option<String>,
+    /// `HOST:PORT` announced in the node registry (default: the listen address).
+    pub advertise: Option<String>,
+    /// Whether to announce this node in the node registry (default true).
+    pub announce: Option<bool>,
     pub name: Option<String>,
     pub redis: Option<String>,
     pub nats: Option<String>,
@@ -182,6 +186,12 @@ impl std::fmt::Debug for ApiKey {
 pub struct Config {
     /// Address to bind (the binary binds it; `run` takes a bound listener).
     pub listen: SocketAddr,
+    /// The `HOST:PORT` balancers should dial, announced in the node registry; `None`: the
+    /// address actually bound (so port 0 announces the port it got).
+    pub advertise: Option<String>,
+    /// Whether this node announces itself in its backbone's node registry (never with the
+    /// `none` backbone: it has none).
+    pub announce: bool,
     /// This node's name, shown to clients as `server`.
     pub name: String,
     /// Redis URL (used by the `redis` backbone).
@@ -275,6 +285,29 @@ fn invalid(field: &'static str, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid { field, reason: reason.into() }
 }
 
+/// The `advertise` address: checked when given; required when the listen address is every
+/// interface (0.0.0.0 or [::] is no address to dial) and the node announces itself.
+fn advertise(value: Option<String>, listen: SocketAddr, announce: bool) -> Result<Option<String>, ConfigError> {
+    let Some(addr) = value else {
+        if announce && listen.ip().is_unspecified() {
+            return Err(invalid(
+                "advertise",
+                format!(
+                    "required when listening on {listen} (every interface): the HOST:PORT balancers should dial \
+                     (--advertise), or announce = false"
+                ),
+            ));
+        }
+        return Ok(None);
+    };
+    tether_proto::backbone::check_host_port(&addr).map_err(|reason| invalid("advertise", reason))?;
+    let host = addr.rsplit_once(':').map_or("", |(h, _)| h).trim_start_matches('[').trim_end_matches(']');
+    if host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_unspecified()) {
+        return Err(invalid("advertise", format!("{addr:?} is every interface, not an address to dial")));
+    }
+    Ok(Some(addr))
+}
+
 impl FileConfig {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path)
@@ -324,6 +357,9 @@ impl FileConfig {
         if !(1..=MAX_NATS_REPLICAS).contains(&nats_replicas) {
             return Err(invalid("nats_replicas", format!("{nats_replicas} is outside 1..={MAX_NATS_REPLICAS}")));
         }
+        let backbone = self.backbone.unwrap_or(BackboneKind::Redis);
+        let announce = self.announce.unwrap_or(true) && backbone != BackboneKind::None;
+        let advertise = advertise(self.advertise, listen, announce)?;
         let prefix = self.prefix.unwrap_or_else(|| DEFAULT_PREFIX.to_string());
         if prefix.chars().any(|c| c.is_whitespace() || c == '{' || c == '}') {
             return Err(invalid("prefix", "no whitespace or braces (braces are the room hash tag)"));
@@ -407,7 +443,6 @@ impl FileConfig {
                 return Err(invalid("max_connections", format!("{n} is outside 1..={ceiling}")));
             }
         }
-        let backbone = self.backbone.unwrap_or(BackboneKind::Redis);
         let trusted_proxies = match &self.trusted_proxies {
             Some(list) => crate::client_addr::parse_trusted_proxies(list),
             None => crate::client_addr::parse_trusted_proxies(&crate::client_addr::DEFAULT_TRUSTED_PROXIES),
@@ -437,6 +472,8 @@ impl FileConfig {
             trusted_proxies,
             auth,
             listen,
+            advertise,
+            announce,
             name,
             redis,
             nats,
@@ -592,6 +629,24 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("trusted_proxies") && err.contains("entry 1") && err.contains("nope"), "{err}");
+    }
+
+    #[test]
+    fn advertise_is_required_on_every_interface_and_checked() {
+        let v = |toml: &str| FileConfig::parse(toml, "t").unwrap().validate();
+        let err = v("listen = \"0.0.0.0:9001\"").unwrap_err().to_string();
+        assert!(err.contains("advertise") && err.contains("required"), "{err}");
+        assert!(v("listen = \"[::]:9001\"").unwrap_err().to_string().contains("advertise"));
+        let cfg = v("listen = \"0.0.0.0:9001\"\nadvertise = \"10.1.2.3:9001\"").unwrap();
+        assert_eq!((cfg.advertise.as_deref(), cfg.announce), (Some("10.1.2.3:9001"), true));
+        // Not announcing (or no registry at all): nothing to advertise.
+        assert!(!v("listen = \"0.0.0.0:9001\"\nannounce = false").unwrap().announce);
+        assert!(!v("listen = \"0.0.0.0:9001\"\nbackbone = \"none\"").unwrap().announce);
+        for bad in ["0.0.0.0:9001", "[::]:1", "host:0", "nohost"] {
+            let err = v(&format!("advertise = \"{bad}\"")).unwrap_err().to_string();
+            assert!(err.contains("advertise"), "{bad}: {err}");
+        }
+        assert_eq!(v("").unwrap().advertise, None, "default: the address bound");
     }
 
     #[test]

@@ -48,10 +48,17 @@ pub async fn run(listener: TcpListener, cfg: Config, shutdown: CancellationToken
     let backbone_stop = CancellationToken::new();
     // Webhook delivery outlives the connections too: their last removals decide events.
     let hooks = cfg.webhooks.clone().map(|w| Webhooks::start(w, metrics.webhooks.clone(), backbone_stop.clone()));
-    let backbone =
+    let backbone::Started { backbone, instance } =
         backbone::start(Arc::clone(&cfg), Arc::clone(&hub), metrics.clone(), hooks.clone(), backbone_stop.clone())
             .await
             .map_err(|e| NodeError::Backbone(e.to_string()))?;
+    let local = listener.local_addr().map_err(NodeError::Io)?;
+    // Stopped with the accept loop (not with the backbone): withdrawn before the drain.
+    let announcing = cfg.announce.then(|| {
+        let addr = cfg.advertise.clone().unwrap_or_else(|| local.to_string());
+        let record = backbone::NodeRecord { name: cfg.name.clone(), addr, instance };
+        backbone::registry::spawn(Arc::clone(&backbone), record, cfg.redis_timeout, shutdown.child_token())
+    });
     if let Some(h) = &hooks {
         info!(url = %h.config().url, grace_ms = h.grace().as_millis() as u64, "webhooks on");
         tokio::spawn(backbone::claim_loop(Arc::clone(&backbone), h.grace(), backbone_stop.clone()));
@@ -59,7 +66,6 @@ pub async fn run(listener: TcpListener, cfg: Config, shutdown: CancellationToken
     let state = Arc::new(NodeState::new(Arc::clone(&cfg), hub, backbone, metrics));
     let tracker = state.tracker.clone();
     tokio::spawn(refresh_sessions(Arc::clone(&state), backbone_stop.clone()));
-    let local = listener.local_addr().map_err(NodeError::Io)?;
     info!(node = %cfg.name, listen = %local, backbone = ?cfg.backbone, "node serving");
     state.metrics.max_connections.set(i64::try_from(cfg.max_connections).unwrap_or(i64::MAX));
     let mut backoff = limits::AcceptBackoff::new();
@@ -90,6 +96,10 @@ pub async fn run(listener: TcpListener, cfg: Config, shutdown: CancellationToken
                 }
             }
         }
+    }
+    // Out of the registry first, so balancers stop choosing this node while it still answers.
+    if let Some(task) = announcing {
+        let _ = task.await;
     }
     // Closed before the clients are told to go: one that reconnects at once must find this
     // node refusing (the balancer then tries the next), not accepting and then gone.

@@ -11,8 +11,14 @@
 //! - Node instances: [`instance_id`], and the names derived from it ([`conn_field`],
 //!   [`instance_member`]).
 //! - [`RedisKeys`]: the Redis key and channel layout (`docs/PROTOCOL.md` describes it).
+//! - The node registry, which balancers started with `--discover` read: [`NodeRecord`] (what
+//!   a node announces), its timing ([`ANNOUNCE_INTERVAL`], [`STALE_AFTER`]), its Redis hash
+//!   ([`RedisKeys::nodes`]) and its NATS stream ([`NatsRegistry`]); and the NATS name parts
+//!   ([`nats_prefix`], [`nats_token`]) every NATS name is built from.
 
+use base64::Engine as _;
 use serde::{Deserialize, Serialize};
+use std::time::Duration;
 
 /// What a client's session keeps between connections: written on every change, so that a
 /// node killed without warning loses nothing of it. Under NATS it is stored as this JSON;
@@ -179,6 +185,151 @@ impl RedisKeys {
     }
 }
 
+impl RedisKeys {
+    /// The node registry: a hash, field = node name, value = [`NodeRecord::redis_value`]
+    /// completed by the announce script with the time of the announcement on Redis' clock.
+    /// One key, so the registry works unchanged on a Redis Cluster.
+    pub fn nodes(&self) -> String {
+        format!("{}nodes", self.prefix)
+    }
+}
+
+/// How often a node renews its registry entry.
+pub const ANNOUNCE_INTERVAL: Duration = Duration::from_millis(500);
+
+/// An entry not renewed for this long (on the backbone's clock) is a dead node's: balancers
+/// drop it. Three announce intervals: one late announcement is not a death.
+pub const STALE_AFTER: Duration = Duration::from_millis(1500);
+
+/// A Redis registry entry this old is deleted by the next announcement of any node, so the
+/// hash does not keep the names of nodes long gone.
+pub const PRUNE_AFTER: Duration = Duration::from_secs(60);
+
+/// What a node announces in the registry: who it is, where balancers should dial it, and its
+/// instance (new at every start; a restart under the same name is the same node to balancers,
+/// with fresh health). Stored as this JSON (`{"name","addr","instance"}`); in Redis with
+/// `"at"` (ms, Redis' clock) appended by the announce script.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub name: String,
+    pub addr: String,
+    pub instance: String,
+}
+
+/// A registry entry as read back from Redis: the record and when it was last announced.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Announced {
+    #[serde(flatten)]
+    pub record: NodeRecord,
+    /// Milliseconds since the epoch on Redis' clock.
+    pub at: u64,
+}
+
+impl NodeRecord {
+    pub fn to_json(&self) -> String {
+        // Three strings always serialise.
+        serde_json::to_string(self).expect("node records serialise")
+    }
+
+    /// The record's JSON without its closing brace, ending in `,"at":`: the announce script
+    /// appends the time and the brace (as the publish script completes a frame's seq).
+    pub fn redis_value(&self) -> String {
+        let mut json = self.to_json();
+        json.pop();
+        json.push_str(",\"at\":");
+        json
+    }
+}
+
+impl Announced {
+    /// Parses a registry hash value; `None` for one that is not a record.
+    pub fn parse(value: &str) -> Option<Self> {
+        serde_json::from_str(value).ok()
+    }
+
+    /// Whether it was renewed within [`STALE_AFTER`] of `now_ms` (the same clock).
+    pub fn is_fresh(&self, now_ms: u64) -> bool {
+        now_ms.saturating_sub(self.at) <= STALE_AFTER.as_millis() as u64
+    }
+}
+
+/// Whether `addr` is a `HOST:PORT` a balancer can dial: a non-zero port, and a host that is
+/// an IPv4 address, a bracketed IPv6 address or a DNS name (resolved at connect time). The
+/// reason, when it is not. Used for the balancer's nodes, static or discovered, and for the
+/// address a node announces.
+pub fn check_host_port(addr: &str) -> Result<(), String> {
+    if let Ok(sock) = addr.parse::<std::net::SocketAddr>() {
+        return if sock.port() == 0 { Err(format!("{addr:?} has port 0")) } else { Ok(()) };
+    }
+    let bad = || format!("{addr:?} is not HOST:PORT");
+    let (host, port) = addr.rsplit_once(':').ok_or_else(bad)?;
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    if port == 0 {
+        return Err(format!("{addr:?} has port 0"));
+    }
+    let host_ok = !host.is_empty()
+        && host.len() <= 253
+        && host.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
+    if host_ok {
+        Ok(())
+    } else {
+        Err(bad())
+    }
+}
+
+/// A configured key prefix as a name part NATS accepts everywhere (subjects, streams):
+/// anything but letters, digits, `-` and `_` becomes `_`; trailing `:`/`.` dropped;
+/// `tether` when nothing is left.
+pub fn nats_prefix(prefix: &str) -> String {
+    let p: String = prefix
+        .trim_end_matches([':', '.'])
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+        .collect();
+    if p.is_empty() {
+        "tether".to_string()
+    } else {
+        p
+    }
+}
+
+/// Any string (a room, a client id, a node name) as one valid NATS subject token: unpadded
+/// base64url.
+pub fn nats_token(s: &str) -> String {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s.as_bytes())
+}
+
+/// The NATS registry: a stream (memory, one message per subject, messages older than
+/// [`STALE_AFTER`] expired by the server, on its clock) with one subject per node holding its
+/// [`NodeRecord`] JSON.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NatsRegistry {
+    /// `P` of [`nats_prefix`].
+    prefix: String,
+}
+
+impl NatsRegistry {
+    /// The registry under a configured key prefix (made NATS-safe here).
+    pub fn new(prefix: &str) -> Self {
+        Self { prefix: nats_prefix(prefix) }
+    }
+
+    /// `P_nodes`.
+    pub fn stream(&self) -> String {
+        format!("{}_nodes", self.prefix)
+    }
+
+    /// `P.node.*`: every node's subject.
+    pub fn subjects(&self) -> String {
+        format!("{}.node.*", self.prefix)
+    }
+
+    /// `P.node.TOKEN`: node `name`'s subject.
+    pub fn subject(&self, name: &str) -> String {
+        format!("{}.node.{}", self.prefix, nats_token(name))
+    }
+}
+
 /// One room's keys: see [`RedisKeys::room`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RoomKeys {
@@ -234,6 +385,49 @@ mod tests {
         assert_eq!(k.control(), "tether:control");
         assert_eq!(k.webhooks_pending(), "tether:webhooks:{pending}");
         assert_eq!(k.webhooks_pending_data(), "tether:webhooks:{pending}:data");
+        assert_eq!(k.nodes(), "tether:nodes");
+    }
+
+    #[test]
+    fn registry_records_are_pinned() {
+        let r = NodeRecord { name: "n1".into(), addr: "10.0.0.5:9001".into(), instance: "n1#abc".into() };
+        assert_eq!(r.to_json(), r#"{"name":"n1","addr":"10.0.0.5:9001","instance":"n1#abc"}"#);
+        assert_eq!(r.redis_value(), r#"{"name":"n1","addr":"10.0.0.5:9001","instance":"n1#abc","at":"#);
+        let stored = format!("{}1700000000123}}", r.redis_value());
+        let read = Announced::parse(&stored).unwrap();
+        assert_eq!((read.record.clone(), read.at), (r, 1_700_000_000_123));
+        assert!(read.is_fresh(1_700_000_000_123 + 1500) && !read.is_fresh(1_700_000_000_123 + 1501));
+        assert!(read.is_fresh(0), "a clock behind the entry: fresh, not an underflow");
+        assert_eq!(Announced::parse("garbage"), None);
+        let nats = NatsRegistry::new("tether:");
+        assert_eq!((nats.stream(), nats.subjects()), ("tether_nodes".to_string(), "tether.node.*".to_string()));
+        assert_eq!(nats.subject("n1"), "tether.node.bjE");
+    }
+
+    #[test]
+    fn dialable_addresses() {
+        for ok in ["127.0.0.1:9001", "[::1]:9001", "node-1.internal:80", "n_1:1"] {
+            assert_eq!(check_host_port(ok), Ok(()), "{ok}");
+        }
+        for bad in ["127.0.0.1:0", "host:0", "host", ":9001", "ho st:1", "host:99999", "[::1]:0"] {
+            assert!(check_host_port(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn any_name_is_one_valid_nats_token() {
+        for room in ["general", "a.b", "x>*", "ünï", "a/b\\c"] {
+            let t = nats_token(room);
+            assert!(t.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'), "{room} → {t}");
+        }
+        assert_ne!(nats_token("a.b"), nats_token("a_b"));
+    }
+
+    #[test]
+    fn prefix_becomes_a_safe_nats_name_part() {
+        assert_eq!(nats_prefix("tether:"), "tether");
+        assert_eq!(nats_prefix("app.one:"), "app_one");
+        assert_eq!(nats_prefix(":"), "tether");
     }
 
     #[test]

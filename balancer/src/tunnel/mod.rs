@@ -554,7 +554,7 @@ mod tests {
         let metrics = crate::metrics::Metrics::new();
         let nodes = [crate::config::NodeConfig { name: "n".into(), addr: "127.0.0.1:1".into() }];
         let pool = crate::pool::Pool::new(&nodes, &metrics);
-        Arc::new(ActiveGuard::new(pool.get(0)))
+        Arc::new(ActiveGuard::new(&pool.get(0)))
     }
 
     /// A close frame with `code`, as a node sends it.

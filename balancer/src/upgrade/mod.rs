@@ -583,7 +583,7 @@ fn adopt_one(shared: &Arc<Shared>, record: TunnelRecord) {
             if node.is_draining() {
                 drain.cancel();
             }
-            (Some(Arc::new(ActiveGuard::new(node))), Stops::new(node.down_signal(), drain, hard_stop))
+            (Some(Arc::new(ActiveGuard::new(&node))), Stops::new(node.down_signal(), drain, hard_stop))
         }
         None => {
             // No longer in the config: closed 1012 at the next frame boundary.

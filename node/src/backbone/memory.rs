@@ -19,7 +19,7 @@ use futures_util::future::{ready, BoxFuture, FutureExt};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tether_proto::backbone::conn_field;
+use tether_proto::backbone::{conn_field, NodeRecord};
 use tether_proto::wire::{complete_joined, complete_message, MessageHead};
 use tether_proto::wire::{Event, LeaveReason};
 use tokio_tungstenite::tungstenite::Utf8Bytes;
@@ -48,6 +48,8 @@ struct State {
     /// Room + dedup key → the position first published under it (never expires: a test's
     /// store lives for one test).
     dedup: HashMap<(String, String), (u64, String)>,
+    /// The node registry: name → the record last announced and how many times it was.
+    registry: BTreeMap<String, (NodeRecord, u64)>,
 }
 
 struct RoomLog {
@@ -146,6 +148,11 @@ impl Store {
             decided: Mutex::new(Vec::new()),
         });
         TestNode { hub, metrics, inbound, backbone }
+    }
+
+    /// The node registry, by name: each record with its count of announcements.
+    pub fn registry(&self) -> Vec<(NodeRecord, u64)> {
+        self.lock().registry.values().cloned().collect()
     }
 
     pub fn advance(&self, by: Duration) {
@@ -465,5 +472,20 @@ impl Backbone for MemoryBackbone {
     fn deregister(&self) -> BoxFuture<'_, ()> {
         self.store.lock().instances.remove(&self.instance);
         ready(()).boxed()
+    }
+
+    fn announce<'a>(&'a self, record: &'a NodeRecord) -> Call<'a, ()> {
+        let mut s = self.store.lock();
+        let entry = s.registry.entry(record.name.clone()).or_insert_with(|| (record.clone(), 0));
+        *entry = (record.clone(), entry.1 + 1);
+        ready(Ok(())).boxed()
+    }
+
+    fn withdraw<'a>(&'a self, record: &'a NodeRecord) -> Call<'a, ()> {
+        let mut s = self.store.lock();
+        if s.registry.get(&record.name).is_some_and(|(r, _)| r.instance == record.instance) {
+            s.registry.remove(&record.name);
+        }
+        ready(Ok(())).boxed()
     }
 }

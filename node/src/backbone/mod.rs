@@ -20,6 +20,8 @@
 //!   jitter;
 //! - [`catch_up`]: after a reconnect, delivering from each room's log what was missed, and
 //!   flagging a gap when the log no longer holds it;
+//! - [`registry`]: announcing this node in the backbone's node registry while it serves,
+//!   and withdrawing it on a graceful stop (balancers started with `--discover` follow it);
 //! - [`inbound`]: the node's side of delivery. Backbones do not hold the hub: they hand what
 //!   they receive to an [`inbound::Inbound`], synchronously, from their receiving task.
 //!
@@ -34,6 +36,7 @@ pub mod keeper;
 pub mod local;
 pub mod nats;
 pub mod redis;
+pub mod registry;
 
 #[cfg(test)]
 pub(crate) mod memory;
@@ -46,7 +49,7 @@ use crate::metrics::Metrics;
 use crate::webhooks::Webhooks;
 use futures_util::future::{ready, BoxFuture, FutureExt};
 use std::sync::Arc;
-pub use tether_proto::backbone::{PresenceEntry, SessionRecord};
+pub use tether_proto::backbone::{NodeRecord, PresenceEntry, SessionRecord};
 use tokio_util::sync::CancellationToken;
 
 /// Starts the configured backbone, with the presence keeper above it (for the backbones that
@@ -60,7 +63,7 @@ pub async fn start(
     metrics: Metrics,
     hooks: Option<Arc<Webhooks>>,
     shutdown: CancellationToken,
-) -> Result<Arc<dyn Backbone>, BackboneError> {
+) -> Result<Started, BackboneError> {
     let inbound: Arc<dyn inbound::Inbound> = Arc::new(inbound::HubInbound::new(Arc::clone(&hub), metrics.clone()));
     let instance = tether_proto::backbone::instance_id(&cfg.name);
     let backbone: Arc<dyn Backbone> = match cfg.backbone {
@@ -78,12 +81,20 @@ pub async fn start(
         }
         // One node alone: nobody else to keep presence for.
         BackboneKind::None => {
-            return Ok(Arc::new(local::LocalBackbone::new(inbound, metrics, cfg.idempotency_ttl, hooks)));
+            let backbone = Arc::new(local::LocalBackbone::new(inbound, metrics, cfg.idempotency_ttl, hooks));
+            return Ok(Started { backbone, instance });
         }
     };
-    keeper::Keeper::new(Arc::clone(&backbone), hub, metrics, cfg.name.clone(), instance, cfg.presence_ttl)
+    keeper::Keeper::new(Arc::clone(&backbone), hub, metrics, cfg.name.clone(), instance.clone(), cfg.presence_ttl)
         .spawn(shutdown);
-    Ok(backbone)
+    Ok(Started { backbone, instance })
+}
+
+/// What [`start`] started: the backbone, and this process' instance id (its presence and
+/// registry entries are under it).
+pub struct Started {
+    pub backbone: Arc<dyn Backbone>,
+    pub instance: String,
 }
 
 /// A room's log after some seq, read in one consistent snapshot.
@@ -327,6 +338,20 @@ pub trait Backbone: Send + Sync {
     /// A graceful stop: this instance is gone (its sessions removed their entries already).
     fn deregister(&self) -> BoxFuture<'_, ()> {
         ready(()).boxed()
+    }
+
+    /// Writes (or renews) `record` in the node registry, timed on the backbone's clock, for
+    /// balancers started with `--discover` ([`registry`] calls it every
+    /// `tether_proto::backbone::ANNOUNCE_INTERVAL`). By default there is no registry (the
+    /// `none` backbone): nothing to do.
+    fn announce<'a>(&'a self, _record: &'a NodeRecord) -> Call<'a, ()> {
+        ready(Ok(())).boxed()
+    }
+
+    /// Removes `record` from the node registry (a graceful stop), unless another instance of
+    /// the same name has replaced it there meanwhile.
+    fn withdraw<'a>(&'a self, _record: &'a NodeRecord) -> Call<'a, ()> {
+        ready(Ok(())).boxed()
     }
 }
 

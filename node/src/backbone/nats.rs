@@ -42,6 +42,7 @@ mod control;
 mod presence;
 mod reader;
 mod streams;
+mod registry;
 
 use super::inbound::Inbound;
 use super::keeper::Backoff;
@@ -59,6 +60,7 @@ use futures_util::future::{BoxFuture, FutureExt};
 use std::collections::HashMap;
 use std::sync::Arc;
 use streams::REPLAY_CONCURRENCY;
+use tether_proto::backbone::{nats_prefix, nats_token as token, NodeRecord};
 use tether_proto::wire::complete_joined;
 use tokio::sync::{watch, Mutex, Notify, OnceCell};
 use tokio_util::sync::CancellationToken;
@@ -105,24 +107,6 @@ struct Reader {
     stop: CancellationToken,
     /// Told when the room's stream gets a new leader (see `control.rs`).
     recheck: Arc<Notify>,
-}
-
-fn token(s: &str) -> String {
-    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(s.as_bytes())
-}
-
-/// The prefix as a name part NATS accepts everywhere (subjects, streams, buckets).
-fn nats_prefix(prefix: &str) -> String {
-    let p: String = prefix
-        .trim_end_matches([':', '.'])
-        .chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
-        .collect();
-    if p.is_empty() {
-        "tether".to_string()
-    } else {
-        p
-    }
 }
 
 /// The JetStream stream holding `room`'s log for a node whose `prefix` (the config key) is
@@ -622,6 +606,14 @@ impl Backbone for NatsBackbone {
         .boxed()
     }
 
+    fn announce<'a>(&'a self, record: &'a NodeRecord) -> Call<'a, ()> {
+        self.announce_record(record).boxed()
+    }
+
+    fn withdraw<'a>(&'a self, record: &'a NodeRecord) -> Call<'a, ()> {
+        self.withdraw_record(record).boxed()
+    }
+
     fn deregister(&self) -> BoxFuture<'_, ()> {
         self.drop_heartbeat().boxed()
     }
@@ -643,12 +635,5 @@ mod tests {
         }
         assert_eq!(room_of_stream("app", "app_sessions"), None);
         assert_eq!(room_of_stream("app", "other_room_Z2VuZXJhbA"), None);
-    }
-
-    #[test]
-    fn prefix_becomes_a_safe_name_part() {
-        assert_eq!(nats_prefix("tether:"), "tether");
-        assert_eq!(nats_prefix("app.one:"), "app_one");
-        assert_eq!(nats_prefix(":"), "tether");
     }
 }

@@ -36,6 +36,7 @@
 
 mod hooks;
 mod publish;
+pub mod registry;
 mod scripts;
 mod sessions;
 
@@ -55,7 +56,7 @@ use scripts::{CLAIM_LUA, HEARTBEAT_LUA, PRESENCE_ADD_LUA, PRESENCE_REMOVE_LUA, P
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use tether_proto::backbone::{conn_field, instance_member, RedisKeys};
+use tether_proto::backbone::{conn_field, instance_member, NodeRecord, RedisKeys};
 use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
@@ -758,6 +759,16 @@ impl Backbone for RedisBackbone {
             Ok(n)
         }
         .boxed()
+    }
+
+    fn announce<'a>(&'a self, record: &'a NodeRecord) -> Call<'a, ()> {
+        let mut con = self.commands.clone();
+        async move { self.command(registry::announce(&mut con, &self.keys, record)).await.map(drop) }.boxed()
+    }
+
+    fn withdraw<'a>(&'a self, record: &'a NodeRecord) -> Call<'a, ()> {
+        let mut con = self.commands.clone();
+        async move { self.command(registry::withdraw(&mut con, &self.keys, record)).await.map(drop) }.boxed()
     }
 
     fn deregister(&self) -> BoxFuture<'_, ()> {

@@ -104,8 +104,8 @@ pub(super) async fn dial(
             let config = shared.config();
             (config.connect_timeout, config.connect_timeout + config.health_timeout)
         };
-        let guard = ActiveGuard::reserve(node);
-        let stream = match connect(node, connect_timeout).await {
+        let guard = ActiveGuard::reserve(&node);
+        let stream = match connect(&node, connect_timeout).await {
             Ok(stream) => {
                 guard.opened();
                 stream

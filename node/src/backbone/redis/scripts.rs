@@ -273,3 +273,30 @@ end
 return {#dead, announced}
 "#
 );
+
+/// Announces a node in the registry (`tether_proto::backbone::RedisKeys::nodes`) and prunes
+/// entries not renewed for ARGV[3] ms — all on Redis' clock. KEYS: the registry hash. ARGV:
+/// node name, its record's value up to `"at":` (`NodeRecord::redis_value`), prune age in ms.
+/// Returns Redis' time of the announcement (ms).
+pub(super) const ANNOUNCE_LUA: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2] .. now .. '}')
+local all = redis.call('HGETALL', KEYS[1])
+for i = 1, #all, 2 do
+  local at = tonumber(string.match(all[i + 1], '"at":(%d+)}$') or '0')
+  if now - at > tonumber(ARGV[3]) then redis.call('HDEL', KEYS[1], all[i]) end
+end
+return now
+"#;
+
+/// Withdraws a node from the registry, only while the entry is still the given instance's (a
+/// successor under the same name may have announced already). KEYS: the registry hash. ARGV:
+/// node name, the record's `"instance":…` member as JSON. Returns 1 if removed.
+pub(super) const WITHDRAW_LUA: &str = r#"
+local v = redis.call('HGET', KEYS[1], ARGV[1])
+if v and string.find(v, ARGV[2], 1, true) then
+  return redis.call('HDEL', KEYS[1], ARGV[1])
+end
+return 0
+"#;
