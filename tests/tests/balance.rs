@@ -91,10 +91,10 @@ async fn nodes_status(admin: &mut HttpConn) -> Result<BTreeMap<String, (String, 
 }
 
 async fn until_state(b: &BalancerProcess, node: &str, state: &str) -> Result<()> {
-    let mut admin = HttpConn::connect(b.admin_addr()).await?;
-    tether_kit::eventually(MOVE_DEADLINE, &format!("{node} {state}"), || {
-        let admin = &mut admin;
-        async move { (nodes_status(admin).await.ok()?.get(node)?.0 == state).then_some(()) }
+    let addr = b.admin_addr();
+    tether_kit::eventually(MOVE_DEADLINE, &format!("{node} {state}"), || async move {
+        let mut admin = HttpConn::connect(addr).await.ok()?;
+        (nodes_status(&mut admin).await.ok()?.get(node)?.0 == state).then_some(())
     })
     .await?;
     Ok(())
