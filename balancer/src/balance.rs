@@ -169,11 +169,8 @@ mod tests {
     #[test]
     fn filling_with_ids_that_prefer_one_node_never_passes_the_bound() {
         // Every id ranks node-1 first: found by trying (as `tether_tests::id_ranked` does).
-        let ids: Vec<String> = (0..)
-            .map(|i| format!("c{i}"))
-            .filter(|id| hrw::rank(&NODES, id)[0] == 0)
-            .take(200)
-            .collect();
+        let ids: Vec<String> =
+            (0..).map(|i| format!("c{i}")).filter(|id| hrw::rank(&NODES, id)[0] == 0).take(200).collect();
         for f in [1.0, 1.1, 1.25, 2.0] {
             let mut loads = [0u64; 3];
             for (k, id) in ids.iter().enumerate() {

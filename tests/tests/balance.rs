@@ -271,7 +271,9 @@ async fn paced_moves_exactly_its_clients_back_at_its_rate(c: &mut Cluster) -> Re
     c.node_mut("node-2").context("node-2")?.kill().await?;
     let moved_off = |s: &[Seen]| {
         fans.iter().all(|f| {
-            s.iter().any(|e| matches!(e, Seen::Connected { id, server, at } if id == f && server != "node-2" && *at > killed))
+            s.iter().any(
+                |e| matches!(e, Seen::Connected { id, server, at } if id == f && server != "node-2" && *at > killed),
+            )
         })
     };
     journal.until("node-2's clients reconnected elsewhere", moved_off).await?;
@@ -280,7 +282,8 @@ async fn paced_moves_exactly_its_clients_back_at_its_rate(c: &mut Cluster) -> Re
     let back = Instant::now();
     let moved_back = |s: &[Seen]| {
         fans.iter().all(|f| {
-            s.iter().any(|e| matches!(e, Seen::Connected { id, server, at } if id == f && server == "node-2" && *at > back))
+            s.iter()
+                .any(|e| matches!(e, Seen::Connected { id, server, at } if id == f && server == "node-2" && *at > back))
         })
     };
     journal.until("node-2's clients back on node-2", moved_back).await?;
@@ -299,7 +302,10 @@ async fn paced_moves_exactly_its_clients_back_at_its_rate(c: &mut Cluster) -> Re
         }
     }
     assert_eq!(times.len(), FANS, "each of node-2's clients moved back exactly once");
-    assert!(journal.seen.iter().all(|s| !matches!(s, Seen::Closed { .. }) || fans.contains(s.id())), "others untouched");
+    assert!(
+        journal.seen.iter().all(|s| !matches!(s, Seen::Closed { .. }) || fans.contains(s.id())),
+        "others untouched"
+    );
     assert_paced(&mut times);
     let mut admin = HttpConn::connect(b.admin_addr()).await?;
     let status = nodes_status(&mut admin).await?;
@@ -313,7 +319,12 @@ async fn paced_moves_exactly_its_clients_back_at_its_rate(c: &mut Cluster) -> Re
 
 /// A client under `failover = "rehome"`: never reconnects, reports each `rehomed` frame, and
 /// is handed back when `stop` fires.
-async fn staying(mut ws: WsClient, id: String, tx: mpsc::UnboundedSender<Seen>, stop: CancellationToken) -> Result<WsClient> {
+async fn staying(
+    mut ws: WsClient,
+    id: String,
+    tx: mpsc::UnboundedSender<Seen>,
+    stop: CancellationToken,
+) -> Result<WsClient> {
     loop {
         let frame = tokio::select! {
             frame = ws.recv_within(MOVE_DEADLINE * 4) => frame.with_context(|| format!("{id}"))?,
@@ -321,7 +332,12 @@ async fn staying(mut ws: WsClient, id: String, tx: mpsc::UnboundedSender<Seen>, 
         };
         if frame["type"] == "rehomed" {
             let text = |k: &str| frame[k].as_str().unwrap_or_default().to_owned();
-            let _ = tx.send(Seen::Rehomed { id: id.clone(), from: text("from"), server: text("server"), at: Instant::now() });
+            let _ = tx.send(Seen::Rehomed {
+                id: id.clone(),
+                from: text("from"),
+                server: text("server"),
+                at: Instant::now(),
+            });
         }
     }
 }
@@ -378,14 +394,17 @@ async fn paced_rehomes_exactly_its_clients_back_without_loss(c: &mut Cluster) ->
 
     c.node_mut("node-2").context("node-2")?.kill().await?;
     let first = |s: &[Seen]| {
-        fans.iter().all(|f| s.iter().any(|e| matches!(e, Seen::Rehomed { id, from, .. } if id == f && from == "node-2")))
+        fans.iter()
+            .all(|f| s.iter().any(|e| matches!(e, Seen::Rehomed { id, from, .. } if id == f && from == "node-2")))
     };
     journal.until("node-2's clients re-homed off it", first).await?;
     c.node_mut("node-2").context("node-2")?.restart().await?;
     let back = Instant::now();
     let second = |s: &[Seen]| {
         fans.iter().all(|f| {
-            s.iter().any(|e| matches!(e, Seen::Rehomed { id, server, at, .. } if id == f && server == "node-2" && *at > back))
+            s.iter().any(
+                |e| matches!(e, Seen::Rehomed { id, server, at, .. } if id == f && server == "node-2" && *at > back),
+            )
         })
     };
     journal.until("node-2's clients re-homed back onto it", second).await?;

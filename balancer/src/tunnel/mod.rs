@@ -87,8 +87,8 @@ pub(crate) mod park;
 mod pump;
 pub(crate) mod rehome;
 
-pub(crate) use drain::{DRAIN_FRAME_DEADLINE, DRAIN_REASON};
 use drain::{fired, pump_from_node, FromNode};
+pub(crate) use drain::{DRAIN_FRAME_DEADLINE, DRAIN_REASON};
 use linger::linger;
 pub(crate) use linger::CLOSE_LINGER;
 use pump::{pump, Fault};
