@@ -277,6 +277,7 @@ async fn paced_moves_exactly_its_clients_back_at_its_rate(c: &mut Cluster) -> Re
         })
     };
     journal.until("node-2's clients reconnected elsewhere", moved_off).await?;
+    until_state(&b, "node-2", "down").await?;
 
     c.node_mut("node-2").context("node-2")?.restart().await?;
     let back = Instant::now();
@@ -388,6 +389,8 @@ async fn paced_rehomes_exactly_its_clients_back_without_loss(c: &mut Cluster) ->
                 }
             }
             talker.say(room, "end").await?;
+            // Kept open until the node has it: a tunnel closed right after a frame may drop it.
+            talker.recv_until("own end", |m| m["text"] == "end").await?;
             anyhow::Ok(sent)
         })
     };
@@ -398,6 +401,8 @@ async fn paced_rehomes_exactly_its_clients_back_without_loss(c: &mut Cluster) ->
             .all(|f| s.iter().any(|e| matches!(e, Seen::Rehomed { id, from, .. } if id == f && from == "node-2")))
     };
     journal.until("node-2's clients re-homed off it", first).await?;
+    // Its return is a return only once the balancer saw it gone.
+    until_state(&b, "node-2", "down").await?;
     c.node_mut("node-2").context("node-2")?.restart().await?;
     let back = Instant::now();
     let second = |s: &[Seen]| {
