@@ -328,7 +328,7 @@ async fn staying(
 ) -> Result<WsClient> {
     loop {
         let frame = tokio::select! {
-            frame = ws.recv_within(MOVE_DEADLINE * 4) => frame.with_context(|| format!("{id}"))?,
+            frame = ws.recv_within(MOVE_DEADLINE * 4) => frame.with_context(|| id.clone())?,
             _ = stop.cancelled() => return Ok(ws),
         };
         if frame["type"] == "rehomed" {
