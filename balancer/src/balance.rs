@@ -120,6 +120,49 @@ pub fn choose<S: AsRef<str>>(
     hrw::best(names, client, |i| usable(i) && own(i) < cap).or_else(|| hrw::best(names, client, usable))
 }
 
+/// `rebalance_per_sec` when the file does not set one.
+pub const DEFAULT_REBALANCE_PER_SEC: f64 = 10.0;
+/// Largest accepted `rebalance_per_sec`: beyond it, pacing means nothing; it catches a typo.
+pub const MAX_REBALANCE_PER_SEC: f64 = 100_000.0;
+
+/// The rebalance policy (`rebalance`, `rebalance_per_sec`).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum Rebalance {
+    /// A returning node gets new connections only.
+    #[default]
+    Off,
+    /// A returning node takes back the clients that rank it first, this many per second.
+    Paced { per_sec: f64 },
+}
+
+impl Rebalance {
+    pub const NAMES: [&'static str; 2] = ["off", "paced"];
+
+    /// From the file's (or the flags') `rebalance` and `rebalance_per_sec`:
+    /// `Err((field, reason))`.
+    pub fn from_settings(rebalance: Option<&str>, per_sec: Option<f64>) -> Result<Self, (&'static str, String)> {
+        let per_sec = per_sec.unwrap_or(DEFAULT_REBALANCE_PER_SEC);
+        if !per_sec.is_finite() || per_sec <= 0.0 || per_sec > MAX_REBALANCE_PER_SEC {
+            return Err((
+                "rebalance_per_sec",
+                format!("{per_sec} must be greater than 0 and at most {MAX_REBALANCE_PER_SEC}"),
+            ));
+        }
+        match rebalance.unwrap_or("off") {
+            "off" => Ok(Self::Off),
+            "paced" => Ok(Self::Paced { per_sec }),
+            other => Err(("rebalance", format!("{other:?} is not one of {}", Self::NAMES.join(", ")))),
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Off => "off",
+            Self::Paced { .. } => "paced",
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -169,11 +212,8 @@ mod tests {
     #[test]
     fn filling_with_ids_that_prefer_one_node_never_passes_the_bound() {
         // Every id ranks node-1 first: found by trying (as `tether_tests::id_ranked` does).
-        let ids: Vec<String> = (0..)
-            .map(|i| format!("c{i}"))
-            .filter(|id| hrw::rank(&NODES, id)[0] == 0)
-            .take(200)
-            .collect();
+        let ids: Vec<String> =
+            (0..).map(|i| format!("c{i}")).filter(|id| hrw::rank(&NODES, id)[0] == 0).take(200).collect();
         for f in [1.0, 1.1, 1.25, 2.0] {
             let mut loads = [0u64; 3];
             for (k, id) in ids.iter().enumerate() {
@@ -205,5 +245,16 @@ mod tests {
         loads[rank[1]] = 3;
         let l = loads;
         assert_eq!(choose(&NODES, id, bounded(1.25), moving, |_| true, |i| l[i]), Some(rank[1]), "stays");
+    }
+
+    #[test]
+    fn settings_are_checked_and_default_to_off() {
+        assert_eq!(Rebalance::from_settings(None, None), Ok(Rebalance::Off));
+        assert_eq!(Rebalance::from_settings(Some("paced"), None), Ok(Rebalance::Paced { per_sec: 10.0 }));
+        assert_eq!(Rebalance::from_settings(Some("paced"), Some(2.5)), Ok(Rebalance::Paced { per_sec: 2.5 }));
+        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY, 1e9] {
+            assert_eq!(Rebalance::from_settings(Some("paced"), Some(bad)).unwrap_err().0, "rebalance_per_sec");
+        }
+        assert_eq!(Rebalance::from_settings(Some("eager"), None).unwrap_err().0, "rebalance");
     }
 }

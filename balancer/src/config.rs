@@ -16,8 +16,8 @@ use tether_proto::backbone::check_host_port;
 use tether_proto::sign::SigningKey;
 
 pub use crate::balance::Balance;
+pub use crate::balance::Rebalance;
 pub use crate::proxy_protocol::ProxyProtocol;
-pub use crate::rebalance::Rebalance;
 use crate::Error;
 
 /// Client-facing listener when neither the file nor `--listen` names one.

@@ -32,53 +32,12 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 
+pub use crate::balance::{Rebalance, DEFAULT_REBALANCE_PER_SEC, MAX_REBALANCE_PER_SEC};
 use crate::pool::Health;
 use crate::Shared;
 
-/// `rebalance_per_sec` when the file does not set one.
-pub const DEFAULT_REBALANCE_PER_SEC: f64 = 10.0;
-/// Largest accepted `rebalance_per_sec`: beyond it, pacing means nothing; it catches a typo.
-pub const MAX_REBALANCE_PER_SEC: f64 = 100_000.0;
 /// Reason of the close frame sent to a client moved back by a rebalance (reconnect mode).
 pub const REBALANCE_REASON: &str = "rebalance";
-
-/// The rebalance policy (`rebalance`, `rebalance_per_sec`).
-#[derive(Debug, Clone, Copy, PartialEq, Default)]
-pub enum Rebalance {
-    /// A returning node gets new connections only.
-    #[default]
-    Off,
-    /// A returning node takes back the clients that rank it first, this many per second.
-    Paced { per_sec: f64 },
-}
-
-impl Rebalance {
-    pub const NAMES: [&'static str; 2] = ["off", "paced"];
-
-    /// From the file's (or the flags') `rebalance` and `rebalance_per_sec`:
-    /// `Err((field, reason))`.
-    pub fn from_settings(rebalance: Option<&str>, per_sec: Option<f64>) -> Result<Self, (&'static str, String)> {
-        let per_sec = per_sec.unwrap_or(DEFAULT_REBALANCE_PER_SEC);
-        if !per_sec.is_finite() || per_sec <= 0.0 || per_sec > MAX_REBALANCE_PER_SEC {
-            return Err((
-                "rebalance_per_sec",
-                format!("{per_sec} must be greater than 0 and at most {MAX_REBALANCE_PER_SEC}"),
-            ));
-        }
-        match rebalance.unwrap_or("off") {
-            "off" => Ok(Self::Off),
-            "paced" => Ok(Self::Paced { per_sec }),
-            other => Err(("rebalance", format!("{other:?} is not one of {}", Self::NAMES.join(", ")))),
-        }
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Off => "off",
-            Self::Paced { .. } => "paced",
-        }
-    }
-}
 
 /// The balancer's rebalance state: the token every tunnel holds, the nodes being rebalanced
 /// onto, and the dispatcher's queue.
@@ -262,21 +221,5 @@ pub(crate) async fn dispatch(shared: Arc<Shared>, stop: CancellationToken) {
             _ = stop.cancelled() => return,
             () = tokio::time::sleep(Duration::from_secs_f64(1.0 / per_sec)) => {}
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn settings_are_checked_and_default_to_off() {
-        assert_eq!(Rebalance::from_settings(None, None), Ok(Rebalance::Off));
-        assert_eq!(Rebalance::from_settings(Some("paced"), None), Ok(Rebalance::Paced { per_sec: 10.0 }));
-        assert_eq!(Rebalance::from_settings(Some("paced"), Some(2.5)), Ok(Rebalance::Paced { per_sec: 2.5 }));
-        for bad in [0.0, -1.0, f64::NAN, f64::INFINITY, 1e9] {
-            assert_eq!(Rebalance::from_settings(Some("paced"), Some(bad)).unwrap_err().0, "rebalance_per_sec");
-        }
-        assert_eq!(Rebalance::from_settings(Some("eager"), None).unwrap_err().0, "rebalance");
     }
 }

@@ -91,10 +91,10 @@ async fn nodes_status(admin: &mut HttpConn) -> Result<BTreeMap<String, (String, 
 }
 
 async fn until_state(b: &BalancerProcess, node: &str, state: &str) -> Result<()> {
-    let mut admin = HttpConn::connect(b.admin_addr()).await?;
-    tether_kit::eventually(MOVE_DEADLINE, &format!("{node} {state}"), || {
-        let admin = &mut admin;
-        async move { (nodes_status(admin).await.ok()?.get(node)?.0 == state).then_some(()) }
+    let addr = b.admin_addr();
+    tether_kit::eventually(MOVE_DEADLINE, &format!("{node} {state}"), || async move {
+        let mut admin = HttpConn::connect(addr).await.ok()?;
+        (nodes_status(&mut admin).await.ok()?.get(node)?.0 == state).then_some(())
     })
     .await?;
     Ok(())
@@ -271,16 +271,20 @@ async fn paced_moves_exactly_its_clients_back_at_its_rate(c: &mut Cluster) -> Re
     c.node_mut("node-2").context("node-2")?.kill().await?;
     let moved_off = |s: &[Seen]| {
         fans.iter().all(|f| {
-            s.iter().any(|e| matches!(e, Seen::Connected { id, server, at } if id == f && server != "node-2" && *at > killed))
+            s.iter().any(
+                |e| matches!(e, Seen::Connected { id, server, at } if id == f && server != "node-2" && *at > killed),
+            )
         })
     };
     journal.until("node-2's clients reconnected elsewhere", moved_off).await?;
+    until_state(&b, "node-2", "down").await?;
 
     c.node_mut("node-2").context("node-2")?.restart().await?;
     let back = Instant::now();
     let moved_back = |s: &[Seen]| {
         fans.iter().all(|f| {
-            s.iter().any(|e| matches!(e, Seen::Connected { id, server, at } if id == f && server == "node-2" && *at > back))
+            s.iter()
+                .any(|e| matches!(e, Seen::Connected { id, server, at } if id == f && server == "node-2" && *at > back))
         })
     };
     journal.until("node-2's clients back on node-2", moved_back).await?;
@@ -299,7 +303,10 @@ async fn paced_moves_exactly_its_clients_back_at_its_rate(c: &mut Cluster) -> Re
         }
     }
     assert_eq!(times.len(), FANS, "each of node-2's clients moved back exactly once");
-    assert!(journal.seen.iter().all(|s| !matches!(s, Seen::Closed { .. }) || fans.contains(s.id())), "others untouched");
+    assert!(
+        journal.seen.iter().all(|s| !matches!(s, Seen::Closed { .. }) || fans.contains(s.id())),
+        "others untouched"
+    );
     assert_paced(&mut times);
     let mut admin = HttpConn::connect(b.admin_addr()).await?;
     let status = nodes_status(&mut admin).await?;
@@ -313,15 +320,25 @@ async fn paced_moves_exactly_its_clients_back_at_its_rate(c: &mut Cluster) -> Re
 
 /// A client under `failover = "rehome"`: never reconnects, reports each `rehomed` frame, and
 /// is handed back when `stop` fires.
-async fn staying(mut ws: WsClient, id: String, tx: mpsc::UnboundedSender<Seen>, stop: CancellationToken) -> Result<WsClient> {
+async fn staying(
+    mut ws: WsClient,
+    id: String,
+    tx: mpsc::UnboundedSender<Seen>,
+    stop: CancellationToken,
+) -> Result<WsClient> {
     loop {
         let frame = tokio::select! {
-            frame = ws.recv_within(MOVE_DEADLINE * 4) => frame.with_context(|| format!("{id}"))?,
+            frame = ws.recv_within(MOVE_DEADLINE * 4) => frame.with_context(|| id.clone())?,
             _ = stop.cancelled() => return Ok(ws),
         };
         if frame["type"] == "rehomed" {
             let text = |k: &str| frame[k].as_str().unwrap_or_default().to_owned();
-            let _ = tx.send(Seen::Rehomed { id: id.clone(), from: text("from"), server: text("server"), at: Instant::now() });
+            let _ = tx.send(Seen::Rehomed {
+                id: id.clone(),
+                from: text("from"),
+                server: text("server"),
+                at: Instant::now(),
+            });
         }
     }
 }
@@ -372,20 +389,27 @@ async fn paced_rehomes_exactly_its_clients_back_without_loss(c: &mut Cluster) ->
                 }
             }
             talker.say(room, "end").await?;
+            // Kept open until the node has it: a tunnel closed right after a frame may drop it.
+            talker.recv_until("own end", |m| m["text"] == "end").await?;
             anyhow::Ok(sent)
         })
     };
 
     c.node_mut("node-2").context("node-2")?.kill().await?;
     let first = |s: &[Seen]| {
-        fans.iter().all(|f| s.iter().any(|e| matches!(e, Seen::Rehomed { id, from, .. } if id == f && from == "node-2")))
+        fans.iter()
+            .all(|f| s.iter().any(|e| matches!(e, Seen::Rehomed { id, from, .. } if id == f && from == "node-2")))
     };
     journal.until("node-2's clients re-homed off it", first).await?;
+    // Its return is a return only once the balancer saw it gone.
+    until_state(&b, "node-2", "down").await?;
     c.node_mut("node-2").context("node-2")?.restart().await?;
     let back = Instant::now();
     let second = |s: &[Seen]| {
         fans.iter().all(|f| {
-            s.iter().any(|e| matches!(e, Seen::Rehomed { id, server, at, .. } if id == f && server == "node-2" && *at > back))
+            s.iter().any(
+                |e| matches!(e, Seen::Rehomed { id, server, at, .. } if id == f && server == "node-2" && *at > back),
+            )
         })
     };
     journal.until("node-2's clients re-homed back onto it", second).await?;

@@ -125,7 +125,7 @@ mod tests {
         assert_eq!(present(&pool), [("b".to_string(), "127.0.0.1:2".to_string())]);
         assert_eq!(pool.slots(), 2, "slots stay");
         assert!(pool.rank("x").iter().all(|n| n == "b"), "a tombstone is not ranked");
-        assert_eq!(pool.pick("anyone"), Some(1));
+        assert_eq!(pool.pick("anyone", crate::balance::Balance::Hrw), Some(1));
 
         // Back under a new instance and address: its old slot, fresh state.
         let a2 = record("a", 3, "a#2");

@@ -560,14 +560,14 @@ mod tests {
 
     #[test]
     fn modes_map_to_their_clusters() {
-        let o = Mode::Sticky.cluster_options(ClusterLogs::Null, None);
+        let o = Mode::Sticky.cluster_options(ClusterLogs::Null, None, None);
         assert_eq!((o.nodes, o.nats), (3, false));
         assert_eq!(o.node_args, ["--backbone", "none"]);
-        let o = Mode::Single.cluster_options(ClusterLogs::Null, None);
+        let o = Mode::Single.cluster_options(ClusterLogs::Null, None, None);
         assert_eq!((o.nodes, o.node_args.len()), (1, 2));
-        let o = Mode::Redis.cluster_options(ClusterLogs::Null, None);
+        let o = Mode::Redis.cluster_options(ClusterLogs::Null, None, None);
         assert!(o.node_args.is_empty() && !o.nats);
-        assert!(Mode::Nats.cluster_options(ClusterLogs::Null, None).nats);
+        assert!(Mode::Nats.cluster_options(ClusterLogs::Null, None, None).nats);
         let o = Mode::NatsCluster.cluster_options(ClusterLogs::Null, None, Some("nats://a:1,nats://b:2".into()));
         assert_eq!(o.node_args, ["--backbone", "nats", "--nats", "nats://a:1,nats://b:2"]);
         assert!(!o.nats && o.redis.is_some(), "neither a private nats-server nor a Redis");

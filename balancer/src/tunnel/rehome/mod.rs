@@ -220,7 +220,8 @@ async fn serve<C: ClientSide>(mut client: C, node: TcpStream, client_early: Byte
                 let mut halves = current.stream.split();
                 // Made again after each switch (rare): it asks where the client is now. Polled
                 // only when its token fires ([`Quiet`]): that token is the whole balancer's.
-                let mut mover = ticket.as_deref().map(|t| (Quiet::new(), Box::pin(rebalance::wanted(t, current.index))));
+                let mut mover =
+                    ticket.as_deref().map(|t| (Quiet::new(), Box::pin(rebalance::wanted(t, current.index))));
                 tokio::select! {
                     ev = poll_fn(|cx| r.poll_io(cx, &mut crx, &mut ctx, Some(&mut halves))) => ev,
                     _ = current.down.cancelled() => Ev::Switch(Cause::Down),
