@@ -240,7 +240,7 @@ impl RedisCluster {
                 break;
             }
             let port = to.to_string();
-            let mut args = vec!["MIGRATE", "127.0.0.1", &port, "", "0", "5000", "KEYS"];
+            let mut args: Vec<&str> = vec!["MIGRATE", "127.0.0.1", port.as_str(), "", "0", "5000", "KEYS"];
             args.extend(keys.iter().map(String::as_str));
             command(from, &args).await?;
         }
@@ -263,7 +263,9 @@ impl RedisCluster {
                 if !(info.contains("cluster_state:ok") && info.contains("cluster_slots_ok:16384")) {
                     return false;
                 }
-                let Ok(repl) = command(port, &["INFO", "replication"]).await.and_then(|v| text(&v)) else { return false };
+                let Ok(repl) = command(port, &["INFO", "replication"]).await.and_then(|v| text(&v)) else {
+                    return false;
+                };
                 !repl.contains("role:slave") || repl.contains("master_link_status:up")
             })
             .await?;

@@ -272,7 +272,9 @@ fn cluster_seeds(url: &str) -> Result<Option<Vec<String>>, String> {
     let mut seeds = Vec::new();
     for (i, entry) in list.split(',').enumerate() {
         let entry = entry.trim();
-        let bad = |why: &str| format!("{url:?}: seed {} ({entry:?}) {why}; expected redis+cluster://HOST:PORT,HOST:PORT,…", i + 1);
+        let bad = |why: &str| {
+            format!("{url:?}: seed {} ({entry:?}) {why}; expected redis+cluster://HOST:PORT,HOST:PORT,…", i + 1)
+        };
         let Some((host, port)) = entry.rsplit_once(':') else { return Err(bad("has no port")) };
         if host.is_empty() || host.contains(['/', '@', '?', ' ']) {
             return Err(bad("is not a host name or address"));
@@ -656,12 +658,22 @@ mod tests {
 
     #[test]
     fn redis_cluster_urls_list_seeds_and_bad_lists_are_refused() {
-        let cfg = FileConfig::parse("redis = \"redis+cluster://127.0.0.1:7000,h2:7001\"", "t").unwrap().validate().unwrap();
+        let cfg =
+            FileConfig::parse("redis = \"redis+cluster://127.0.0.1:7000,h2:7001\"", "t").unwrap().validate().unwrap();
         let seeds = cfg.redis_cluster.unwrap();
         assert_eq!(seeds, vec!["redis://127.0.0.1:7000/".to_string(), "redis://h2:7001/".to_string()]);
         assert!(FileConfig::parse("", "t").unwrap().validate().unwrap().redis_cluster.is_none());
-        for bad in ["redis+cluster://", "redis+cluster://h1", "redis+cluster://h1:7000,", "redis+cluster://h1:0", "redis+cluster://:7000", "redis+cluster://h1:99999", "redis+cluster://u@h1:7000"] {
-            let err = FileConfig::parse(&format!("redis = \"{bad}\""), "t").unwrap().validate().unwrap_err().to_string();
+        for bad in [
+            "redis+cluster://",
+            "redis+cluster://h1",
+            "redis+cluster://h1:7000,",
+            "redis+cluster://h1:0",
+            "redis+cluster://:7000",
+            "redis+cluster://h1:99999",
+            "redis+cluster://u@h1:7000",
+        ] {
+            let err =
+                FileConfig::parse(&format!("redis = \"{bad}\""), "t").unwrap().validate().unwrap_err().to_string();
             assert!(err.contains("redis") && err.contains("HOST:PORT"), "{bad}: {err}");
         }
         let hooks = "redis = \"redis+cluster://h1:7000\"\n[webhooks]\nurl = \"http://127.0.0.1:9/h\"\nsecret = \"s\"";

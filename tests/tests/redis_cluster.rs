@@ -259,7 +259,9 @@ async fn failover_under_traffic(rc: &mut RedisCluster, dir: &Path) -> Result<()>
     let replayed: Vec<&Value> = r.seen.iter().filter(|v| v["replay"] == true).collect();
     assert!(replayed.iter().all(|v| v["epoch"] != old.0.as_str() || v["seq"].as_u64() > Some(old.1)));
     assert!(replayed.iter().any(|v| v["text"] == "s2-end"), "the new epoch's messages are replayed too");
-    eventually("the old master's slots served", || async { rc.master_of_slot(slot).await.ok().filter(|p| *p != victim) })
-        .await?;
+    eventually("the old master's slots served", || async {
+        rc.master_of_slot(slot).await.ok().filter(|p| *p != victim)
+    })
+    .await?;
     Ok(())
 }

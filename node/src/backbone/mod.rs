@@ -67,15 +67,17 @@ pub async fn start(
     let instance = tether_proto::backbone::instance_id(&cfg.name);
     let backbone: Arc<dyn Backbone> = match (cfg.backbone, cfg.redis_cluster.clone()) {
         // Configuration refuses webhooks here.
-        (BackboneKind::Redis, Some(seeds)) => redis_cluster::RedisClusterBackbone::start(
-            Arc::clone(&cfg),
-            seeds,
-            inbound,
-            metrics.clone(),
-            instance.clone(),
-            shutdown.clone(),
-        )
-        .await?,
+        (BackboneKind::Redis, Some(seeds)) => {
+            redis_cluster::RedisClusterBackbone::start(
+                Arc::clone(&cfg),
+                seeds,
+                inbound,
+                metrics.clone(),
+                instance.clone(),
+                shutdown.clone(),
+            )
+            .await?
+        }
         (BackboneKind::Redis, None) => redis::RedisBackbone::start(
             Arc::clone(&cfg),
             inbound,

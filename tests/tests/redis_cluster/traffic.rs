@@ -4,7 +4,7 @@
 //! what they saw.
 
 use anyhow::{bail, Context, Result};
-use serde_json::{json, Value};
+use serde_json::json;
 use std::collections::HashMap;
 use std::time::Duration;
 use tether_tests::WsClient;
@@ -164,9 +164,4 @@ pub fn each_once(ws: &WsClient, room: &str, sent: &[Sent]) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// Whether a frame is the `error` a refused message gets.
-pub fn refused(v: &Value) -> bool {
-    v["type"] == "error" && v["code"] == "backbone_unavailable"
 }

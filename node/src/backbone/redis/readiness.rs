@@ -60,14 +60,6 @@ impl Readiness {
         self.health.borrow().ready()
     }
 
-    pub fn now(&self) -> Health {
-        *self.health.borrow()
-    }
-
-    pub fn watch(&self) -> watch::Receiver<Health> {
-        self.health.subscribe()
-    }
-
     /// `fut` with the command deadline.
     pub async fn with_timeout<T>(&self, fut: impl Future<Output = redis::RedisResult<T>>) -> Result<T, BackboneError> {
         match tokio::time::timeout(self.timeout, fut).await {
@@ -160,9 +152,10 @@ impl Readiness {
     /// Waits (up to the command deadline) until commands answer.
     pub async fn until_commands_answer(&self) -> Result<(), BackboneError> {
         let mut health = self.health.subscribe();
-        match tokio::time::timeout(self.timeout, health.wait_for(|h| h.commands)).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(_)) => Err(BackboneError::NotConnected),
+        let answered = tokio::time::timeout(self.timeout, health.wait_for(|h| h.commands)).await.map(|r| r.is_ok());
+        match answered {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(BackboneError::NotConnected),
             Err(_) => Err(BackboneError::Timeout(self.timeout)),
         }
     }

@@ -189,8 +189,7 @@ return {n, frame, hooks}
 /// `room.vacated` of a return within the grace.
 /// Returns {the id's connection count or -1 if the entry already existed, the event, the
 /// webhook events decided}.
-pub(crate) const PRESENCE_ADD_LUA: &str =
-    presence_add_lua!("PUBLISH", "redis.call('SADD', KEYS[3], ARGV[4])\n");
+pub(crate) const PRESENCE_ADD_LUA: &str = presence_add_lua!("PUBLISH", "redis.call('SADD', KEYS[3], ARGV[4])\n");
 
 /// [`PRESENCE_ADD_LUA`] for a Redis Cluster: `SPUBLISH`, and no instance-set write (the
 /// node `SADD`s it first: a member without an entry is harmless to the reaper).
@@ -250,8 +249,7 @@ return {0, hooks}
 /// `member.left` is emitted at once; a room's last id going records a pending `room.vacated`.
 /// Returns {the id's remaining count, or -1 if the entry was already gone (say, reaped), the
 /// webhook events decided}.
-pub(crate) const PRESENCE_REMOVE_LUA: &str =
-    presence_remove_lua!("PUBLISH", "redis.call('SREM', KEYS[3], ARGV[3])\n");
+pub(crate) const PRESENCE_REMOVE_LUA: &str = presence_remove_lua!("PUBLISH", "redis.call('SREM', KEYS[3], ARGV[3])\n");
 
 /// [`PRESENCE_REMOVE_LUA`] for a Redis Cluster: `SPUBLISH`, and the instance-set member is
 /// left to the node (it `SREM`s it after).

@@ -26,8 +26,7 @@ use super::keeper::Backoff;
 use super::redis::calls;
 use super::redis::readiness::Readiness;
 use super::redis::scripts::{
-    HEARTBEAT_LUA, REAP_CLAIM_LUA, REAP_ENTRY_LUA, SHARDED_PRESENCE_ADD_LUA, SHARDED_PRESENCE_REMOVE_LUA,
-    SPUBLISH_LUA,
+    HEARTBEAT_LUA, REAP_CLAIM_LUA, REAP_ENTRY_LUA, SHARDED_PRESENCE_ADD_LUA, SHARDED_PRESENCE_REMOVE_LUA, SPUBLISH_LUA,
 };
 use super::{
     Backbone, BackboneError, Call, Joined, PresenceChange, PresenceEntry, Published, Reaped, Replay, Scope, Seat,
@@ -194,8 +193,9 @@ impl Backbone for RedisClusterBackbone {
     fn publish_event<'a>(&'a self, room: &'a str, json: String) -> Call<'a, ()> {
         async move {
             let mut con = self.commands.clone();
-            let publish = redis::cmd("SPUBLISH").arg(self.keys.channel(room)).arg(json).exec_async(&mut con);
-            self.readiness.command(publish).await
+            self.readiness
+                .command(redis::cmd("SPUBLISH").arg(self.keys.channel(room)).arg(json).exec_async(&mut con))
+                .await
         }
         .boxed()
     }
@@ -250,8 +250,9 @@ impl Backbone for RedisClusterBackbone {
             stream::iter(ids.iter().map(Ok::<_, BackboneError>))
                 .try_for_each_concurrent(TOUCH_CONCURRENCY, |id| async move {
                     let mut con = self.commands.clone();
-                    let touch = redis::cmd("PEXPIRE").arg(self.keys.session(id)).arg(ttl).exec_async(&mut con);
-                    self.readiness.command(touch).await
+                    self.readiness
+                        .command(redis::cmd("PEXPIRE").arg(self.keys.session(id)).arg(ttl).exec_async(&mut con))
+                        .await
                 })
                 .await
         }
@@ -270,7 +271,9 @@ impl Backbone for RedisClusterBackbone {
     fn control(&self, command: String) -> Call<'_, ()> {
         async move {
             let mut con = self.commands.clone();
-            self.readiness.command(redis::cmd("PUBLISH").arg(self.keys.control()).arg(command).exec_async(&mut con)).await
+            self.readiness
+                .command(redis::cmd("PUBLISH").arg(self.keys.control()).arg(command).exec_async(&mut con))
+                .await
         }
         .boxed()
     }
@@ -301,7 +304,8 @@ impl Backbone for RedisClusterBackbone {
         async move {
             let mut con = self.commands.clone();
             let entries = self.presence_keys(scope).entries;
-            let values: Vec<String> = self.readiness.command(redis::cmd("HVALS").arg(entries).query_async(&mut con)).await?;
+            let values: Vec<String> =
+                self.readiness.command(redis::cmd("HVALS").arg(entries).query_async(&mut con)).await?;
             Ok(calls::entries_of(values))
         }
         .boxed()
@@ -329,11 +333,15 @@ impl Backbone for RedisClusterBackbone {
         async move {
             // Two slots: two commands.
             let mut con = self.commands.clone();
-            let zrem = redis::cmd("ZREM").arg(self.keys.instances()).arg(&self.instance).exec_async(&mut con);
-            let _ = self.readiness.command(zrem).await;
+            let _ = self
+                .readiness
+                .command(redis::cmd("ZREM").arg(self.keys.instances()).arg(&self.instance).exec_async(&mut con))
+                .await;
             let mut con = self.commands.clone();
-            let del = redis::cmd("DEL").arg(self.keys.instance_set(&self.instance)).exec_async(&mut con);
-            let _ = self.readiness.command(del).await;
+            let _ = self
+                .readiness
+                .command(redis::cmd("DEL").arg(self.keys.instance_set(&self.instance)).exec_async(&mut con))
+                .await;
         }
         .boxed()
     }

@@ -66,8 +66,9 @@ impl RedisClusterBackbone {
         let k = self.presence_keys(scope);
         let member = Self::member(scope, conn);
         let mut con = self.commands.clone();
-        let track = redis::cmd("SADD").arg(self.keys.instance_set(&self.instance)).arg(&member).exec_async(&mut con);
-        self.readiness.command(track).await?;
+        self.readiness
+            .command(redis::cmd("SADD").arg(self.keys.instance_set(&self.instance)).arg(&member).exec_async(&mut con))
+            .await?;
         let mut call = self.presence_add.prepare_invoke();
         call.key(&k.entries)
             .key(&k.ids)
@@ -81,7 +82,8 @@ impl RedisClusterBackbone {
             .arg(member)
             .arg(event.unwrap_or_default());
         let mut con = self.commands.clone();
-        let (n, frame, _hooks): (i64, String, Vec<String>) = self.readiness.command(call.invoke_async(&mut con)).await?;
+        let (n, frame, _hooks): (i64, String, Vec<String>) =
+            self.readiness.command(call.invoke_async(&mut con)).await?;
         Ok((calls::added(n), (!frame.is_empty()).then_some(frame)))
     }
 
@@ -115,8 +117,9 @@ impl RedisClusterBackbone {
         let mut con = self.commands.clone();
         let (n, _hooks): (i64, Vec<String>) = self.readiness.command(call.invoke_async(&mut con)).await?;
         let mut con = self.commands.clone();
-        let untrack = redis::cmd("SREM").arg(self.keys.instance_set(&self.instance)).arg(&member).exec_async(&mut con);
-        self.readiness.command(untrack).await?;
+        self.readiness
+            .command(redis::cmd("SREM").arg(self.keys.instance_set(&self.instance)).arg(&member).exec_async(&mut con))
+            .await?;
         Ok(calls::removed(n))
     }
 
@@ -142,7 +145,8 @@ impl RedisClusterBackbone {
     async fn reap_instance(&self, inst: &str) -> Result<u64, BackboneError> {
         let set = self.keys.instance_set(inst);
         let mut con = self.commands.clone();
-        let members: Vec<String> = self.readiness.command(redis::cmd("SMEMBERS").arg(&set).query_async(&mut con)).await?;
+        let members: Vec<String> =
+            self.readiness.command(redis::cmd("SMEMBERS").arg(&set).query_async(&mut con)).await?;
         let mut announced = 0;
         for m in &members {
             let Some((conn, room)) = m.split_once('|') else { continue };

@@ -138,10 +138,10 @@ impl RedisClusterBackbone {
     /// Reads the slot map through the command connection.
     pub(super) async fn fetch_map(&self) -> Result<SlotMap, BackboneError> {
         let mut con = self.commands.clone();
-        let routing = redis::cluster_routing::RoutingInfo::SingleNode(
-            redis::cluster_routing::SingleNodeRoutingInfo::Random,
-        );
-        let answer = self.readiness.command(con.route_command(redis::cmd("CLUSTER").arg("SLOTS").to_owned(), routing)).await?;
+        let routing =
+            redis::cluster_routing::RoutingInfo::SingleNode(redis::cluster_routing::SingleNodeRoutingInfo::Random);
+        let answer =
+            self.readiness.command(con.route_command(redis::cmd("CLUSTER").arg("SLOTS").to_owned(), routing)).await?;
         SlotMap::parse(&answer).ok_or(BackboneError::NotConnected)
     }
 
@@ -300,7 +300,8 @@ impl RedisClusterBackbone {
         let Some(shard) = st.shards.get(master) else { return };
         self.shared.releasing.lock().expect("releasing lock").insert(channel.to_string());
         let mut con = shard.con.clone();
-        if let Err(e) = self.readiness.with_timeout(redis::cmd("SUNSUBSCRIBE").arg(channel).exec_async(&mut con)).await {
+        if let Err(e) = self.readiness.with_timeout(redis::cmd("SUNSUBSCRIBE").arg(channel).exec_async(&mut con)).await
+        {
             // The connection is going away; the next resync subscribes only rooms with members.
             debug!(channel, error = %e, "unsubscribe failed");
             self.shared.releasing.lock().expect("releasing lock").remove(channel);
@@ -417,8 +418,7 @@ impl RedisClusterBackbone {
                     let mut con = self.commands.clone();
                     let (channel, timeout) = (probe.clone(), self.cfg.redis_timeout);
                     tokio::spawn(async move {
-                        let publish = redis::cmd("SPUBLISH").arg(channel).arg("probe").exec_async(&mut con);
-                        let _ = tokio::time::timeout(timeout, publish).await;
+                        let _ = tokio::time::timeout(timeout, redis::cmd("SPUBLISH").arg(channel).arg("probe").exec_async(&mut con)).await;
                     });
                     continue;
                 }

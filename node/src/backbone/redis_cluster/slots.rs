@@ -126,7 +126,8 @@ mod tests {
 
     #[test]
     fn a_slot_map_covers_every_slot_or_is_refused() {
-        let entry = |s: i64, e: i64, port: i64| Value::Array(vec![Value::Int(s), Value::Int(e), node("127.0.0.1", port)]);
+        let entry =
+            |s: i64, e: i64, port: i64| Value::Array(vec![Value::Int(s), Value::Int(e), node("127.0.0.1", port)]);
         let whole = Value::Array(vec![entry(8192, 16383, 2), entry(0, 8191, 1)]);
         let map = SlotMap::parse(&whole).unwrap();
         assert_eq!(map.master_of(0), Some("127.0.0.1:1"));
