@@ -63,6 +63,26 @@ pub(crate) fn replay_pipe(keys: &RedisKeys, room: &str, after: u64) -> redis::Pi
     pipe
 }
 
+/// [`replay_pipe`] as one script, for a Redis Cluster: redis-rs' cluster connection does not
+/// follow a `MOVED` answered to a `MULTI` (the transaction is aborted and its slot map is not
+/// refreshed), but it does for a script. KEYS: meta hash, log stream. ARGV: the first
+/// stream id to read. Answers as [`replay_pipe`] does.
+pub(crate) const REPLAY_LUA: &str = r#"
+return {redis.call('HMGET', KEYS[1], 'seq', 'epoch'), redis.call('XRANGE', KEYS[2], ARGV[1], '+')}
+"#;
+
+/// The call of [`REPLAY_LUA`] for `room` after `after`.
+pub(crate) fn replay_call<'s>(
+    script: &'s redis::Script,
+    keys: &RedisKeys,
+    room: &str,
+    after: u64,
+) -> redis::ScriptInvocation<'s> {
+    let mut call = script.prepare_invoke();
+    call.key(keys.meta(room)).key(keys.log(room)).arg(format!("{}-0", after.saturating_add(1)));
+    call
+}
+
 /// What [`replay_pipe`] answers.
 pub(crate) type ReplayAnswer = ((Option<u64>, Option<String>), StreamRangeReply);
 
@@ -111,6 +131,34 @@ pub(crate) fn session_write(keys: &RedisKeys, id: &str, session: &SessionRecord,
     }
     pipe.pexpire(&key, cfg.session_ttl.as_millis() as i64).ignore();
     pipe
+}
+
+/// [`session_write`] as one script, for a Redis Cluster (see [`REPLAY_LUA`] for why).
+/// KEYS: the session hash. ARGV: rooms JSON, TTL in ms, the name (absent: none).
+pub(crate) const SESSION_WRITE_LUA: &str = r#"
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], 'rooms', ARGV[1])
+if ARGV[3] then redis.call('HSET', KEYS[1], 'name', ARGV[3]) end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 0
+"#;
+
+/// The call of [`SESSION_WRITE_LUA`] for `id`'s `session`.
+pub(crate) fn session_write_call<'s>(
+    script: &'s redis::Script,
+    keys: &RedisKeys,
+    id: &str,
+    session: &SessionRecord,
+    cfg: &Config,
+) -> redis::ScriptInvocation<'s> {
+    let mut call = script.prepare_invoke();
+    // Vec<String> always serialises.
+    let rooms = serde_json::to_string(&session.rooms).expect("room names serialise");
+    call.key(keys.session(id)).arg(rooms).arg(cfg.session_ttl.as_millis() as u64);
+    if let Some(name) = &session.name {
+        call.arg(name);
+    }
+    call
 }
 
 /// A presence entry as stored.

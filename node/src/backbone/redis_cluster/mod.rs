@@ -56,6 +56,8 @@ pub struct RedisClusterBackbone {
     presence_add: redis::Script,
     presence_remove: redis::Script,
     rename: redis::Script,
+    replay: redis::Script,
+    session_write: redis::Script,
     heartbeat: redis::Script,
     reap_claim: redis::Script,
     reap_entry: redis::Script,
@@ -106,6 +108,8 @@ impl RedisClusterBackbone {
             presence_add: redis::Script::new(SHARDED_PRESENCE_ADD_LUA),
             presence_remove: redis::Script::new(SHARDED_PRESENCE_REMOVE_LUA),
             rename: redis::Script::new(calls::RENAME_LUA),
+            replay: redis::Script::new(calls::REPLAY_LUA),
+            session_write: redis::Script::new(calls::SESSION_WRITE_LUA),
             heartbeat: redis::Script::new(HEARTBEAT_LUA),
             reap_claim: redis::Script::new(REAP_CLAIM_LUA),
             reap_entry: redis::Script::new(REAP_ENTRY_LUA),
@@ -236,9 +240,9 @@ impl Backbone for RedisClusterBackbone {
 
     fn save_session<'a>(&'a self, id: &'a str, session: &'a SessionRecord) -> Call<'a, ()> {
         async move {
-            let pipe = calls::session_write(&self.keys, id, session, &self.cfg);
+            let call = calls::session_write_call(&self.session_write, &self.keys, id, session, &self.cfg);
             let mut con = self.commands.clone();
-            self.readiness.command(pipe.query_async::<()>(&mut con)).await
+            self.readiness.command(call.invoke_async::<i64>(&mut con)).await.map(drop)
         }
         .boxed()
     }
@@ -281,8 +285,8 @@ impl Backbone for RedisClusterBackbone {
     fn replay<'a>(&'a self, room: &'a str, after: u64) -> Call<'a, Replay> {
         async move {
             let mut con = self.commands.clone();
-            let answer =
-                self.readiness.command(calls::replay_pipe(&self.keys, room, after).query_async(&mut con)).await?;
+            let call = calls::replay_call(&self.replay, &self.keys, room, after);
+            let answer = self.readiness.command(call.invoke_async(&mut con)).await?;
             Ok(calls::replay_of(room, answer))
         }
         .boxed()
