@@ -35,10 +35,7 @@ async fn nodes_on(rc: &RedisCluster, dir: &Path, prefix: &str) -> Result<Cluster
         nodes: NODES.len(),
         redis: Some(rc.url()),
         node_args: vec!["--config".into(), config.display().to_string()],
-        logs: match std::env::var_os("TETHER_TEST_LOGS") {
-            Some(d) => ClusterLogs::Dir(Path::new(&d).join(prefix.trim_end_matches(':'))),
-            None => ClusterLogs::Null,
-        },
+        logs: ClusterLogs::Null,
         balancer_args: vec!["--health-interval-ms".into(), "100".into()],
         ..Default::default()
     })
@@ -119,15 +116,16 @@ async fn delivery_resume_sessions_presence(rc: &RedisCluster, dir: &Path) -> Res
             assert_eq!(cl.seqs(room), [1, 2]);
         }
     }
-    let ann = a.seen.iter().find(|v| v["type"] == "message" && v["id"] != "server").context("a message")?;
-    assert_eq!(ann["from"], "Ann");
+    let ida = a.id_hint().context("a's id")?;
+    let ann = b.seen.iter().find(|v| v["type"] == "message" && v["id"] == ida.as_str()).context("a's message")?;
+    assert_eq!(ann["from"], "Ann", "the display name travels with the message");
 
     // Presence across nodes, in a room and online.
     a.send(json!({"type": "presence", "room": rooms[0]})).await?;
     let p = a.recv_type("presence").await?;
     let mut ids: Vec<&str> = p["users"].as_array().context("users")?.iter().filter_map(|u| u["id"].as_str()).collect();
     ids.sort_unstable();
-    let (ida, idb) = (a.id_hint().context("a's id")?, b.id_hint().context("b's id")?);
+    let idb = b.id_hint().context("b's id")?;
     let mut want = vec![ida.as_str(), idb.as_str()];
     want.sort_unstable();
     assert_eq!(ids, want);
