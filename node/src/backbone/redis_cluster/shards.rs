@@ -350,6 +350,11 @@ impl RedisClusterBackbone {
         self.unsubscribe_on(&st, &master, &self.keys.channel(room)).await;
     }
 
+    /// Whether this node unsubscribed `channel` itself (and forgets that it did).
+    fn released(&self, channel: &str) -> bool {
+        self.shared.releasing.lock().expect("releasing lock").remove(channel)
+    }
+
     fn hold(&self, room: &str) {
         self.shared.held.lock().expect("held lock").entry(room.to_string()).or_default();
     }
@@ -442,10 +447,9 @@ impl RedisClusterBackbone {
                         _ => warn!("non-UTF-8 control command; dropped"),
                     }
                 }
-                (PushKind::SUnsubscribe, Some(channel)) => {
-                    if !self.shared.releasing.lock().expect("releasing lock").remove(&channel) {
-                        break "Redis unsubscribed a room (its slot moved)";
-                    }
+                // Not one this node asked for: the slot moved.
+                (PushKind::SUnsubscribe, Some(channel)) if !self.released(&channel) => {
+                    break "Redis unsubscribed a room (its slot moved)";
                 }
                 (PushKind::Disconnection, _) => break "connection closed",
                 _ => {}
