@@ -376,21 +376,13 @@ fn scope_room<'a>(scope: Scope<'a>) -> &'a str {
 impl Backbone for RedisBackbone {
     /// All of them in one script call: one round trip, however many.
     fn publish_messages<'a>(&'a self, room: &'a str, prefixes: Vec<String>) -> BoxFuture<'a, Result<(), Unpublished>> {
-        async move {
-            self.publish_step(room, Vec::new(), prefixes).await.map_err(|error| Unpublished { published: 0, error })?;
-            Ok(())
-        }
-        .boxed()
+        async move { self.publish_step(room, Vec::new(), prefixes).await.map(drop).map_err(calls::unpublished) }.boxed()
     }
 
     fn publish_one<'a>(&'a self, room: &'a str, prefix: String, key: Option<&'a str>) -> Call<'a, Published> {
         async move {
             let keys = key.map(|k| vec![k.to_string()]).unwrap_or_default();
-            let answer = self.publish_step(room, keys, vec![prefix]).await?.into_iter().next();
-            answer.ok_or_else(|| {
-                let nothing = (redis::ErrorKind::Parse, "publish script answered nothing");
-                BackboneError::Redis(redis::RedisError::from(nothing))
-            })
+            calls::only(self.publish_step(room, keys, vec![prefix]).await?)
         }
         .boxed()
     }
@@ -403,7 +395,7 @@ impl Backbone for RedisBackbone {
     ) -> BoxFuture<'a, Result<Vec<Published>, Unpublished>> {
         async move {
             let (prefixes, keys): (Vec<String>, Vec<String>) = messages.into_iter().unzip();
-            self.publish_step(room, keys, prefixes).await.map_err(|error| Unpublished { published: 0, error })
+            self.publish_step(room, keys, prefixes).await.map_err(calls::unpublished)
         }
         .boxed()
     }

@@ -4,8 +4,10 @@
 //! `ConnectionManager`, a cluster connection) through its own deadline and health
 //! bookkeeping; everything here is connection-free.
 
-use crate::backbone::{PresenceChange, Published, Replay, SessionRecord};
+use super::readiness::Readiness;
+use crate::backbone::{BackboneError, PresenceChange, Published, Replay, SessionRecord, Unpublished};
 use crate::config::Config;
+use crate::metrics::Metrics;
 use redis::streams::StreamRangeReply;
 use tether_proto::backbone::{PresenceEntry, RedisKeys};
 use tracing::warn;
@@ -45,10 +47,31 @@ pub(crate) fn publish_call<'s>(
     invocation
 }
 
-/// The publish script's answers as positions, with how many were published (not duplicates).
-pub(crate) fn published(answers: PublishAnswers) -> (u64, Vec<Published>) {
+/// Runs a [`publish_call`] on `con` through `readiness`, counts what it published (not
+/// duplicates) and answers one position per message.
+pub(crate) async fn run_publish(
+    call: redis::ScriptInvocation<'_>,
+    con: &mut impl redis::aio::ConnectionLike,
+    readiness: &Readiness,
+    metrics: &Metrics,
+) -> Result<Vec<Published>, BackboneError> {
+    let answers: PublishAnswers = readiness.command(call.invoke_async(con)).await?;
     let fresh = answers.iter().filter(|(_, _, dup)| *dup == 0).count() as u64;
-    (fresh, answers.into_iter().map(|(seq, epoch, dup)| Published { seq, epoch, duplicate: dup != 0 }).collect())
+    metrics.messages_published.inc_by(fresh);
+    Ok(answers.into_iter().map(|(seq, epoch, dup)| Published { seq, epoch, duplicate: dup != 0 }).collect())
+}
+
+/// The one position a one-message publish step answered.
+pub(crate) fn only(answers: Vec<Published>) -> Result<Published, BackboneError> {
+    answers.into_iter().next().ok_or_else(|| {
+        let nothing = (redis::ErrorKind::Parse, "publish script answered nothing");
+        BackboneError::Redis(redis::RedisError::from(nothing))
+    })
+}
+
+/// A publish step failed as a whole (one script call): nothing of the batch was published.
+pub(crate) fn unpublished(error: BackboneError) -> Unpublished {
+    Unpublished { published: 0, error }
 }
 
 /// The one read of a room's replay: its meta (`seq`, `epoch`) and its log after `after`, in one

@@ -16,11 +16,8 @@ impl RedisBackbone {
         if prefixes.is_empty() {
             return Ok(Vec::new());
         }
-        let invocation = calls::publish_call(&self.publish, &self.keys, &self.cfg, room, dedup, &[], prefixes);
+        let call = calls::publish_call(&self.publish, &self.keys, &self.cfg, room, dedup, &[], prefixes);
         let mut con = self.commands.clone();
-        let answers: calls::PublishAnswers = self.command(invocation.invoke_async(&mut con)).await?;
-        let (fresh, published) = calls::published(answers);
-        self.metrics.messages_published.inc_by(fresh);
-        Ok(published)
+        calls::run_publish(call, &mut con, &self.readiness, &self.metrics).await
     }
 }

@@ -152,32 +152,21 @@ impl RedisClusterBackbone {
             None => (String::new(), String::new()),
         };
         let extra = [seen_epoch, seen_seq];
-        let invocation = calls::publish_call(&self.publish, &self.keys, &self.cfg, room, dedup, &extra, prefixes);
+        let call = calls::publish_call(&self.publish, &self.keys, &self.cfg, room, dedup, &extra, prefixes);
         let mut con = self.commands.clone();
-        let answers: calls::PublishAnswers = self.readiness.command(invocation.invoke_async(&mut con)).await?;
-        let (fresh, published) = calls::published(answers);
-        self.metrics.messages_published.inc_by(fresh);
-        Ok(published)
+        calls::run_publish(call, &mut con, &self.readiness, &self.metrics).await
     }
 }
 
 impl Backbone for RedisClusterBackbone {
     fn publish_messages<'a>(&'a self, room: &'a str, prefixes: Vec<String>) -> BoxFuture<'a, Result<(), Unpublished>> {
-        async move {
-            self.publish_step(room, Vec::new(), prefixes).await.map_err(|error| Unpublished { published: 0, error })?;
-            Ok(())
-        }
-        .boxed()
+        async move { self.publish_step(room, Vec::new(), prefixes).await.map(drop).map_err(calls::unpublished) }.boxed()
     }
 
     fn publish_one<'a>(&'a self, room: &'a str, prefix: String, key: Option<&'a str>) -> Call<'a, Published> {
         async move {
             let keys = key.map(|k| vec![k.to_string()]).unwrap_or_default();
-            let answer = self.publish_step(room, keys, vec![prefix]).await?.into_iter().next();
-            answer.ok_or_else(|| {
-                let nothing = (redis::ErrorKind::Parse, "publish script answered nothing");
-                BackboneError::Redis(redis::RedisError::from(nothing))
-            })
+            calls::only(self.publish_step(room, keys, vec![prefix]).await?)
         }
         .boxed()
     }
@@ -189,7 +178,7 @@ impl Backbone for RedisClusterBackbone {
     ) -> BoxFuture<'a, Result<Vec<Published>, Unpublished>> {
         async move {
             let (prefixes, keys): (Vec<String>, Vec<String>) = messages.into_iter().unzip();
-            self.publish_step(room, keys, prefixes).await.map_err(|error| Unpublished { published: 0, error })
+            self.publish_step(room, keys, prefixes).await.map_err(calls::unpublished)
         }
         .boxed()
     }
