@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::Deserialize;
-use tether_proto::placement::HashKeys;
 use tether_proto::backbone::check_host_port;
+use tether_proto::placement::HashKeys;
 use tether_proto::sign::SigningKey;
 
 pub use crate::balance::Balance;

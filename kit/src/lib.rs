@@ -9,6 +9,8 @@
 //! - [`ports`]: free loopback ports;
 //! - [`redis_server`], [`nats_server`]: private servers on free ports, never the shared ones;
 //! - [`nats_cluster`]: a private NATS JetStream cluster (N routed servers), ready for R3 streams;
+//! - [`redis_cluster`]: a private Redis Cluster (masters and replicas), with the failures
+//!   its tests inject: a master killed, a replica stopped, a slot migrated;
 //! - [`node`], [`balancer`]: the workspace binaries as children, on free ports, restartable;
 //! - [`cluster`]: all of them wired together, as `tether up` and the tests run them;
 //! - [`hist`]: latency histograms and their percentiles;
@@ -33,6 +35,7 @@ pub mod node;
 pub mod ports;
 pub mod process;
 pub mod redis_client;
+pub mod redis_cluster;
 pub mod redis_server;
 mod server;
 pub mod url;
@@ -47,6 +50,7 @@ pub use nats_cluster::{NatsCluster, StreamPeers};
 pub use nats_server::NatsServer;
 pub use node::{NodeProcess, SpawnOptions};
 pub use process::{ChildProcess, LogTarget, ReadyLine, StopOutcome, StopReport, DEFAULT_READY_TIMEOUT};
+pub use redis_cluster::RedisCluster;
 pub use redis_server::{Persistence, RedisServer};
 pub use server::SERVER_READY_TIMEOUT;
 pub use wait::{eventually, TimedOut};

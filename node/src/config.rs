@@ -196,6 +196,9 @@ pub struct Config {
     pub name: String,
     /// Redis URL (used by the `redis` backbone).
     pub redis: String,
+    /// With `redis = "redis+cluster://h1:p1,h2:p2,…"`: the seed nodes' `redis://h:p/` URLs,
+    /// and the `redis` backbone is a Redis Cluster (the rest of it discovered).
+    pub redis_cluster: Option<Vec<String>>,
     /// NATS server URLs, comma-separated: one server or several of a cluster (used by the
     /// `nats` backbone; see [`nats_servers`]).
     pub nats: String,
@@ -281,6 +284,32 @@ pub enum ConfigError {
     Webhooks(#[from] crate::webhooks::config::WebhooksError),
 }
 
+/// The scheme of a Redis Cluster backbone's URL.
+pub const REDIS_CLUSTER_SCHEME: &str = "redis+cluster://";
+
+/// `redis+cluster://h1:p1,h2:p2,…` → the seeds as `redis://h:p/` (`None` for another scheme).
+/// Every entry must be `HOST:PORT` with a port in 1..=65535; no user, path or query.
+fn cluster_seeds(url: &str) -> Result<Option<Vec<String>>, String> {
+    let Some(list) = url.strip_prefix(REDIS_CLUSTER_SCHEME) else { return Ok(None) };
+    let list = list.strip_suffix('/').unwrap_or(list);
+    let mut seeds = Vec::new();
+    for (i, entry) in list.split(',').enumerate() {
+        let entry = entry.trim();
+        let bad = |why: &str| {
+            format!("{url:?}: seed {} ({entry:?}) {why}; expected redis+cluster://HOST:PORT,HOST:PORT,…", i + 1)
+        };
+        let Some((host, port)) = entry.rsplit_once(':') else { return Err(bad("has no port")) };
+        if host.is_empty() || host.contains(['/', '@', '?', ' ']) {
+            return Err(bad("is not a host name or address"));
+        }
+        match port.parse::<u16>() {
+            Ok(p) if p > 0 => seeds.push(format!("redis://{host}:{p}/")),
+            _ => return Err(bad("has a bad port")),
+        }
+    }
+    Ok(Some(seeds))
+}
+
 fn invalid(field: &'static str, reason: impl Into<String>) -> ConfigError {
     ConfigError::Invalid { field, reason: reason.into() }
 }
@@ -331,8 +360,11 @@ impl FileConfig {
             return Err(invalid("name", format!("{name:?}: 1–64 bytes, no whitespace or control characters")));
         }
         let redis = self.redis.unwrap_or_else(|| DEFAULT_REDIS.to_string());
-        if !(redis.starts_with("redis://") || redis.starts_with("rediss://") || redis.starts_with("unix://")) {
-            return Err(invalid("redis", format!("{redis:?} is not a redis:// URL")));
+        let redis_cluster = cluster_seeds(&redis).map_err(|reason| invalid("redis", reason))?;
+        if redis_cluster.is_none()
+            && !(redis.starts_with("redis://") || redis.starts_with("rediss://") || redis.starts_with("unix://"))
+        {
+            return Err(invalid("redis", format!("{redis:?} is not a redis:// or redis+cluster:// URL")));
         }
         let nats = self.nats.unwrap_or_else(|| DEFAULT_NATS.to_string());
         let servers = nats_servers(&nats);
@@ -456,6 +488,14 @@ impl FileConfig {
                  events in); use the redis backbone, or remove [webhooks]",
             ));
         }
+        if webhooks.is_some() && backbone == BackboneKind::Redis && redis_cluster.is_some() {
+            return Err(invalid(
+                "webhooks",
+                "not supported on a Redis Cluster backbone yet (a webhook event is decided in the same \
+                 atomic step as the presence change, and the pending events live in another slot than \
+                 the room's); use a single Redis, or remove [webhooks]",
+            ));
+        }
         // Read at validation time: the binary raises the soft limit before it validates.
         let connection_limit = tether_proto::limits::ConnectionLimit::resolve(
             self.max_connections,
@@ -476,6 +516,7 @@ impl FileConfig {
             announce,
             name,
             redis,
+            redis_cluster,
             nats,
             nats_replicas,
             backbone,
@@ -731,6 +772,31 @@ mod tests {
             let err = parse(bad).unwrap_err().to_string();
             assert!(err.contains("`nats`") && err.contains(names), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn redis_cluster_urls_list_seeds_and_bad_lists_are_refused() {
+        let cfg =
+            FileConfig::parse("redis = \"redis+cluster://127.0.0.1:7000,h2:7001\"", "t").unwrap().validate().unwrap();
+        let seeds = cfg.redis_cluster.unwrap();
+        assert_eq!(seeds, vec!["redis://127.0.0.1:7000/".to_string(), "redis://h2:7001/".to_string()]);
+        assert!(FileConfig::parse("", "t").unwrap().validate().unwrap().redis_cluster.is_none());
+        for bad in [
+            "redis+cluster://",
+            "redis+cluster://h1",
+            "redis+cluster://h1:7000,",
+            "redis+cluster://h1:0",
+            "redis+cluster://:7000",
+            "redis+cluster://h1:99999",
+            "redis+cluster://u@h1:7000",
+        ] {
+            let err =
+                FileConfig::parse(&format!("redis = \"{bad}\""), "t").unwrap().validate().unwrap_err().to_string();
+            assert!(err.contains("redis") && err.contains("HOST:PORT"), "{bad}: {err}");
+        }
+        let hooks = "redis = \"redis+cluster://h1:7000\"\n[webhooks]\nurl = \"http://127.0.0.1:9/h\"\nsecret = \"s\"";
+        let err = FileConfig::parse(hooks, "t").unwrap().validate().unwrap_err().to_string();
+        assert!(err.contains("webhooks") && err.contains("Redis Cluster"), "{err}");
     }
 
     #[test]

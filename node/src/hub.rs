@@ -321,6 +321,11 @@ impl Hub {
             .collect()
     }
 
+    /// The (epoch, seq) of the last message delivered in `room`, if any.
+    pub fn position(&self, room: &str) -> Option<(String, u64)> {
+        self.rooms.get(room).and_then(|e| e.value().last.clone())
+    }
+
     /// Offers `frame` to every local member of `room`; returns how many accepted it.
     pub fn deliver(&self, room: &str, frame: &Utf8Bytes, metrics: &Metrics) -> usize {
         let meta = MessageMeta::read(frame.as_str());

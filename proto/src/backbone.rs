@@ -137,6 +137,13 @@ impl RedisKeys {
         }
     }
 
+    /// The cluster-wide `online` list on a Redis Cluster backbone: `{prefix}{online}`,
+    /// hash-tagged so that its `:ids` and `:meta` ([`RedisKeys::presence_ids`], the position
+    /// hash) share its slot and each presence step stays one script in one slot.
+    pub fn sharded_online(&self) -> String {
+        format!("{}{{online}}", self.prefix)
+    }
+
     /// Its per-client-id connection counts: the presence hash's name + `:ids` (the presence
     /// scripts derive it the same way).
     pub fn presence_ids(presence: &str) -> String {
@@ -374,6 +381,7 @@ mod tests {
         assert_eq!(k.session("c"), "tether:session:{c}");
         assert_eq!(k.presence(Some("r")), "tether:presence:{r}");
         assert_eq!(k.presence(None), "tether:online");
+        assert_eq!(k.sharded_online(), "tether:{online}");
         assert_eq!(RedisKeys::presence_ids(&k.presence(Some("r"))), "tether:presence:{r}:ids");
         let room = k.room("r");
         assert_eq!((room.meta, room.log, room.channel), (k.meta("r"), k.log("r"), k.channel("r")));

@@ -15,7 +15,12 @@ pub struct CompareArgs {
     #[arg(long, default_value = "./compare-out", value_name = "DIR")]
     pub out: PathBuf,
     /// Modes to run (always in the order single, sticky, routed, redis, nats, nats-cluster).
-    #[arg(long, value_delimiter = ',', default_value = "single,sticky,routed,redis,nats,nats-cluster", value_name = "LIST")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "single,sticky,routed,redis,nats,nats-cluster",
+        value_name = "LIST"
+    )]
     pub modes: Vec<super::Mode>,
     /// Clients, each in one room [default: 90; --quick 30].
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=5_000).map(|n| n as usize))]

@@ -73,7 +73,13 @@ pub(super) async fn run_mode(
         ),
         _ => None,
     };
-    let mut cluster = match Cluster::start(mode.cluster_options(logs, balancer_config.as_deref(), nats_cluster.as_ref().map(|n| n.url()))).await {
+    let mut cluster = match Cluster::start(mode.cluster_options(
+        logs,
+        balancer_config.as_deref(),
+        nats_cluster.as_ref().map(|n| n.url()),
+    ))
+    .await
+    {
         Ok(c) => c,
         Err(e) => {
             let said = log_dir.as_deref().and_then(last_error_line).map(|l| format!("; {l}")).unwrap_or_default();

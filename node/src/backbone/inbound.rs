@@ -29,6 +29,12 @@ pub trait Inbound: Send + Sync {
     /// [`super::catch_up`]).
     fn positions(&self) -> Vec<(String, Option<(String, u64)>)>;
 
+    /// The last `(epoch, seq)` delivered in `room` (what a publish may tell the backbone it
+    /// has seen). By default looked up in [`Inbound::positions`].
+    fn position(&self, room: &str) -> Option<(String, u64)> {
+        self.positions().into_iter().find(|(r, _)| r == room).and_then(|(_, p)| p)
+    }
+
     /// A command from the control channel (a [`ControlCommand`]'s JSON), for this node's
     /// connections. Synchronous and cheap like [`Inbound::deliver`]: it only hands the command
     /// to the connections' tasks.
@@ -62,6 +68,10 @@ impl Inbound for HubInbound {
 
     fn positions(&self) -> Vec<(String, Option<(String, u64)>)> {
         self.hub.positions()
+    }
+
+    fn position(&self, room: &str) -> Option<(String, u64)> {
+        self.hub.position(room)
     }
 
     fn control(&self, command: &str) {

@@ -173,6 +173,17 @@ impl Store {
         self.lock().rooms.remove(room);
     }
 
+    /// Gives `room` a new epoch, keeping its counter and log (what a Redis Cluster backbone
+    /// does when another master answers for the room: seqs go on, the old frames stay).
+    pub fn new_epoch_keeping_log(&self, room: &str) {
+        let mut s = self.lock();
+        s.epochs += 1;
+        let n = s.epochs;
+        if let Some(r) = s.rooms.get_mut(room) {
+            r.epoch = format!("e{n}");
+        }
+    }
+
     /// Trims `room`'s log to the entries after `seq`.
     pub fn trim(&self, room: &str, seq: u64) {
         if let Some(r) = self.lock().rooms.get_mut(room) {
@@ -254,6 +265,11 @@ pub struct MemoryBackbone {
 }
 
 impl MemoryBackbone {
+    /// The store this node shares with the others.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
     /// Takes the webhook events this node decided or claimed so far.
     pub fn take_decided(&self) -> Vec<Decided> {
         std::mem::take(&mut *self.decided.lock().unwrap())

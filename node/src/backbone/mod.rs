@@ -9,6 +9,8 @@
 //! - [`redis::RedisBackbone`]: Redis pub/sub for live frames; a Lua script assigns each
 //!   message its per-room `seq`, appends it to the room's log stream and publishes it, in
 //!   one atomic step, so every node sees a room's messages in seq order;
+//! - [`redis_cluster::RedisClusterBackbone`]: the same on a Redis Cluster, with sharded
+//!   pub/sub, following slot moves and failovers;
 //! - [`nats::NatsBackbone`]: NATS, with a JetStream stream per room for seq and log,
 //!   republished to a plain subject per room; sessions and presence in streams;
 //! - [`local::LocalBackbone`]: no backbone at all (`--backbone none`): sticky sessions
@@ -25,8 +27,7 @@
 //! - [`inbound`]: the node's side of delivery. Backbones do not hold the hub: they hand what
 //!   they receive to an [`inbound::Inbound`], synchronously, from their receiving task.
 //!
-//! Another backbone (say Redis Cluster) is a new module implementing [`Backbone`], plugged
-//! into [`start`]. The records it stores are in `tether_proto::backbone`.
+//! Another backbone is a new module implementing [`Backbone`], plugged into [`start`]. The records it stores are in `tether_proto::backbone`.
 
 pub mod catch_up;
 pub mod decide;
@@ -36,6 +37,7 @@ pub mod keeper;
 pub mod local;
 pub mod nats;
 pub mod redis;
+pub mod redis_cluster;
 pub mod registry;
 
 #[cfg(test)]
@@ -66,8 +68,20 @@ pub async fn start(
 ) -> Result<Started, BackboneError> {
     let inbound: Arc<dyn inbound::Inbound> = Arc::new(inbound::HubInbound::new(Arc::clone(&hub), metrics.clone()));
     let instance = tether_proto::backbone::instance_id(&cfg.name);
-    let backbone: Arc<dyn Backbone> = match cfg.backbone {
-        BackboneKind::Redis => redis::RedisBackbone::start(
+    let backbone: Arc<dyn Backbone> = match (cfg.backbone, cfg.redis_cluster.clone()) {
+        // Configuration refuses webhooks here.
+        (BackboneKind::Redis, Some(seeds)) => {
+            redis_cluster::RedisClusterBackbone::start(
+                Arc::clone(&cfg),
+                seeds,
+                inbound,
+                metrics.clone(),
+                instance.clone(),
+                shutdown.clone(),
+            )
+            .await?
+        }
+        (BackboneKind::Redis, None) => redis::RedisBackbone::start(
             Arc::clone(&cfg),
             inbound,
             metrics.clone(),
@@ -75,12 +89,12 @@ pub async fn start(
             hooks,
             shutdown.clone(),
         )?,
-        BackboneKind::Nats => {
+        (BackboneKind::Nats, _) => {
             nats::NatsBackbone::start(Arc::clone(&cfg), inbound, metrics.clone(), instance.clone(), shutdown.clone())
                 .await?
         }
         // One node alone: nobody else to keep presence for.
-        BackboneKind::None => {
+        (BackboneKind::None, _) => {
             let backbone = Arc::new(local::LocalBackbone::new(inbound, metrics, cfg.idempotency_ttl, hooks));
             return Ok(Started { backbone, instance });
         }

@@ -41,8 +41,8 @@
 mod control;
 mod presence;
 mod reader;
-mod streams;
 mod registry;
+mod streams;
 
 use super::inbound::Inbound;
 use super::keeper::Backoff;

@@ -34,10 +34,12 @@
 //! The cluster-wide `online` list works the same way under `{prefix}online`. The reaper's
 //! keys are computed inside its script, so it needs a single Redis (not a Redis Cluster).
 
+pub(crate) mod calls;
 mod hooks;
 mod publish;
+pub(crate) mod readiness;
 pub mod registry;
-mod scripts;
+pub(crate) mod scripts;
 mod sessions;
 
 use super::inbound::Inbound;
@@ -51,31 +53,16 @@ use crate::metrics::Metrics;
 use futures_util::future::{BoxFuture, FutureExt};
 use futures_util::StreamExt;
 use hooks::RedisHooks;
+use readiness::{Health, Readiness};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig, PubSubSink};
 use scripts::{CLAIM_LUA, HEARTBEAT_LUA, PRESENCE_ADD_LUA, PRESENCE_REMOVE_LUA, PUBLISH_LUA, REAP_LUA};
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use tether_proto::backbone::{conn_field, instance_member, NodeRecord, RedisKeys};
 use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Utf8Bytes;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
-
-/// The state readiness derives from, changed at the moment it changes.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-struct Health {
-    /// Subscribed to every room with local members (and the probe channel), and caught up.
-    subscribed: bool,
-    /// The command connection's last command (or the keeper's probe) succeeded.
-    commands: bool,
-}
-
-impl Health {
-    fn ready(self) -> bool {
-        self.subscribed && self.commands
-    }
-}
 
 /// Subscription state, changed only under its async mutex so that subscribe, release and
 /// the re-subscription after a reconnect never interleave.
@@ -108,12 +95,7 @@ pub struct RedisBackbone {
     /// is, so a waiter woken by `true` finds the sink. (Joins wait on this, not on readiness.)
     connected: watch::Sender<bool>,
     /// What `/readyz` says, derived from the two connections' actual state.
-    health: watch::Sender<Health>,
-    /// Bumped whenever the command connection is seen failing: a command that started
-    /// before a failure and succeeds after it says nothing about the connection now.
-    command_failures: AtomicU64,
-    /// Tells the command keeper to probe now (the subscriber just reached Redis).
-    probe_now: tokio::sync::Notify,
+    readiness: Readiness,
     /// `{prefix}room:{` — what every channel of ours starts with.
     channel_head: String,
 }
@@ -139,7 +121,9 @@ impl RedisBackbone {
             .set_number_of_retries(0);
         let commands = ConnectionManager::new_lazy_with_config(client.clone(), manager_cfg)?;
         let keys = RedisKeys::new(&cfg.prefix);
+        let readiness = Readiness::new(metrics.clone(), cfg.redis.clone(), cfg.redis_timeout);
         let backbone = Arc::new(Self {
+            readiness,
             hooks: hooks.map(|sink| RedisHooks::new(sink, &keys)),
             claim: redis::Script::new(CLAIM_LUA),
             channel_head: keys.channel_head(),
@@ -157,9 +141,6 @@ impl RedisBackbone {
             instance,
             subs: tokio::sync::Mutex::new(Subs { sink: None, rooms: HashSet::new() }),
             connected: watch::Sender::new(false),
-            health: watch::Sender::new(Health::default()),
-            command_failures: AtomicU64::new(0),
-            probe_now: tokio::sync::Notify::new(),
         });
         tokio::spawn(Arc::clone(&backbone).subscriber(shutdown.clone()));
         tokio::spawn(Arc::clone(&backbone).command_keeper(shutdown));
@@ -189,60 +170,19 @@ impl RedisBackbone {
         &self,
         fut: impl std::future::Future<Output = redis::RedisResult<T>>,
     ) -> Result<T, BackboneError> {
-        match tokio::time::timeout(self.cfg.redis_timeout, fut).await {
-            Ok(r) => Ok(r?),
-            Err(_) => Err(BackboneError::Timeout(self.cfg.redis_timeout)),
-        }
+        self.readiness.with_timeout(fut).await
     }
 
-    /// A command on the command connection, with its deadline; its outcome is what
-    /// readiness knows of that connection. A failure that says the connection is unusable
-    /// (I/O: refused, dropped, timed out; or no answer by the deadline) makes the node unready
-    /// at once and wakes the keeper; a success makes it ready again at once, unless the
-    /// connection was seen failing after this command started.
+    /// A command on the command connection, through [`Readiness::command`].
     async fn command<T>(
         &self,
         fut: impl std::future::Future<Output = redis::RedisResult<T>>,
     ) -> Result<T, BackboneError> {
-        let failures = self.command_failures.load(Ordering::Acquire);
-        let result = self.with_timeout(fut).await;
-        match &result {
-            Ok(_) => {
-                // A read first: every publish passes here, and the write lock is needed only
-                // on the one success after a failure.
-                if !self.health.borrow().commands && self.command_failures.load(Ordering::Acquire) == failures {
-                    self.set_health(|h| h.commands = true);
-                }
-            }
-            Err(e) if e.is_connection_failure() => self.commands_failed(),
-            Err(_) => {}
-        }
-        result
+        self.readiness.command(fut).await
     }
 
-    /// The command connection is not known to work (any more): unready until it is shown to.
-    fn commands_failed(&self) {
-        self.command_failures.fetch_add(1, Ordering::AcqRel);
-        self.set_health(|h| h.commands = false);
-    }
-
-    /// Changes the health; `/readyz` and the metric follow at once.
     fn set_health(&self, change: impl FnOnce(&mut Health)) {
-        self.health.send_if_modified(|h| {
-            let before = *h;
-            let was = h.ready();
-            change(h);
-            let now = h.ready();
-            if was != now {
-                self.metrics.backbone_ready.set(i64::from(now));
-                if now {
-                    info!(redis = %self.cfg.redis, "backbone ready: subscribed, caught up, commands answered");
-                } else {
-                    info!(redis = %self.cfg.redis, subscribed = h.subscribed, commands = h.commands, "backbone not ready");
-                }
-            }
-            *h != before
-        });
+        self.readiness.set(change)
     }
 
     fn backoff(&self) -> Backoff {
@@ -252,32 +192,9 @@ impl RedisBackbone {
     /// Whenever the command connection is not known to work, probes it — a `PUBLISH` to
     /// this instance's probe channel, the command publishing depends on — with the
     /// reconnect backoff until it answers; until shutdown.
-    ///
-    /// A probe that fails is retried once at once: `ConnectionManager` answers the first
-    /// command after a failure with that failure (a dead connection, or the last attempt's
-    /// refusal, however old) and only then starts a new attempt, which the second awaits.
     async fn command_keeper(self: Arc<Self>, shutdown: CancellationToken) {
-        let mut health = self.health.subscribe();
-        loop {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                r = health.wait_for(|h| !h.commands) => if r.is_err() { return },
-            }
-            let mut backoff = self.backoff();
-            loop {
-                if self.probe_commands().await.is_ok() || self.probe_commands().await.is_ok() {
-                    break;
-                }
-                let wait = backoff.next_wait();
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(wait) => {}
-                    _ = self.probe_now.notified() => {}
-                    // A client's command got through meanwhile.
-                    r = health.wait_for(|h| h.commands) => if r.is_err() { return } else { break },
-                }
-            }
-        }
+        let probe = || async { self.probe_commands().await.map(drop) };
+        self.readiness.keep_commands(probe, || self.backoff(), shutdown).await
     }
 
     async fn probe_commands(&self) -> Result<i64, BackboneError> {
@@ -307,7 +224,7 @@ impl RedisBackbone {
                     self.connected.send_replace(true);
                     info!(redis = %self.cfg.redis, "backbone subscriber connected");
                     // Redis answers again: the keeper need not wait out its backoff.
-                    self.probe_now.notify_one();
+                    self.readiness.probe_now.notify_one();
                     let caught_up = tokio::select! {
                         _ = shutdown.cancelled() => return,
                         r = self.catch_up_when_commands_answer() => r,
@@ -341,7 +258,7 @@ impl RedisBackbone {
                     // Whatever cut the subscription may have cut the command connection too,
                     // which redis-rs notices only at its next command: it must prove itself
                     // again (the keeper probes it now) before the node says ready.
-                    self.commands_failed();
+                    self.readiness.commands_failed();
                     warn!(redis = %self.cfg.redis, "backbone subscriber lost its connection; reconnecting");
                 }
                 Err(e) => {
@@ -387,13 +304,7 @@ impl RedisBackbone {
     /// connection). Fails — and the subscriber starts over — when the command connection
     /// cannot answer, so a gap is never left unfilled behind a node that says it is ready.
     async fn catch_up_when_commands_answer(&self) -> Result<(), BackboneError> {
-        let mut health = self.health.subscribe();
-        let answered = match tokio::time::timeout(self.cfg.redis_timeout, health.wait_for(|h| h.commands)).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(_)) => Err(BackboneError::NotConnected),
-            Err(_) => Err(BackboneError::Timeout(self.cfg.redis_timeout)),
-        };
-        answered?;
+        self.readiness.until_commands_answer().await?;
         super::catch_up::catch_up(self, self.inbound.as_ref(), &self.metrics).await
     }
 
@@ -466,21 +377,13 @@ fn scope_room<'a>(scope: Scope<'a>) -> &'a str {
 impl Backbone for RedisBackbone {
     /// All of them in one script call: one round trip, however many.
     fn publish_messages<'a>(&'a self, room: &'a str, prefixes: Vec<String>) -> BoxFuture<'a, Result<(), Unpublished>> {
-        async move {
-            self.publish_step(room, Vec::new(), prefixes).await.map_err(|error| Unpublished { published: 0, error })?;
-            Ok(())
-        }
-        .boxed()
+        async move { self.publish_step(room, Vec::new(), prefixes).await.map(drop).map_err(calls::unpublished) }.boxed()
     }
 
     fn publish_one<'a>(&'a self, room: &'a str, prefix: String, key: Option<&'a str>) -> Call<'a, Published> {
         async move {
             let keys = key.map(|k| vec![k.to_string()]).unwrap_or_default();
-            let answer = self.publish_step(room, keys, vec![prefix]).await?.into_iter().next();
-            answer.ok_or_else(|| {
-                let nothing = (redis::ErrorKind::Parse, "publish script answered nothing");
-                BackboneError::Redis(redis::RedisError::from(nothing))
-            })
+            calls::only(self.publish_step(room, keys, vec![prefix]).await?)
         }
         .boxed()
     }
@@ -493,7 +396,7 @@ impl Backbone for RedisBackbone {
     ) -> BoxFuture<'a, Result<Vec<Published>, Unpublished>> {
         async move {
             let (prefixes, keys): (Vec<String>, Vec<String>) = messages.into_iter().unzip();
-            self.publish_step(room, keys, prefixes).await.map_err(|error| Unpublished { published: 0, error })
+            self.publish_step(room, keys, prefixes).await.map_err(calls::unpublished)
         }
         .boxed()
     }
@@ -593,24 +496,9 @@ impl Backbone for RedisBackbone {
 
     fn replay<'a>(&'a self, room: &'a str, after: u64) -> Call<'a, Replay> {
         async move {
-            let mut pipe = redis::pipe();
-            pipe.atomic().cmd("HMGET").arg(self.keys.meta(room)).arg("seq").arg("epoch").xrange(
-                self.keys.log(room),
-                format!("{}-0", after.saturating_add(1)),
-                "+",
-            );
             let mut con = self.commands.clone();
-            let ((seq, epoch), range): ((Option<u64>, Option<String>), redis::streams::StreamRangeReply) =
-                self.command(pipe.query_async(&mut con)).await?;
-            let mut frames = Vec::with_capacity(range.ids.len());
-            for entry in range.ids {
-                let seq = entry.id.split('-').next().and_then(|s| s.parse::<u64>().ok());
-                match (seq, entry.get::<String>("f")) {
-                    (Some(seq), Some(frame)) => frames.push((seq, frame)),
-                    _ => warn!(room, id = %entry.id, "malformed log entry skipped"),
-                }
-            }
-            Ok(Replay { epoch, head_seq: seq.unwrap_or(0), frames })
+            let answer = self.command(calls::replay_pipe(&self.keys, room, after).query_async(&mut con)).await?;
+            Ok(calls::replay_of(room, answer))
         }
         .boxed()
     }
@@ -623,8 +511,7 @@ impl Backbone for RedisBackbone {
                 Scope::Room(room) => self.keys.position(Some(room)),
                 Scope::Online => self.keys.position(None),
             };
-            // A struct of three strings always serialises.
-            let json = serde_json::to_string(entry).expect("presence entries serialise");
+            let json = calls::entry_json(entry);
             let mut call = self.presence_add.prepare_invoke();
             call.key(entries)
                 .key(ids)
@@ -644,12 +531,7 @@ impl Backbone for RedisBackbone {
             if let Some(h) = &self.hooks {
                 h.offer(decided);
             }
-            let change = match n {
-                -1 => PresenceChange::Unchanged,
-                1 => PresenceChange::FirstOrLast,
-                _ => PresenceChange::Shared,
-            };
-            Ok((change, (!frame.is_empty()).then_some(frame)))
+            Ok((calls::added(n), (!frame.is_empty()).then_some(frame)))
         }
         .boxed()
     }
@@ -658,13 +540,10 @@ impl Backbone for RedisBackbone {
         let Seat { scope, conn } = at;
         async move {
             let (_, entries, _, _) = self.presence_keys(scope, conn);
-            let json = serde_json::to_string(entry).expect("presence entries serialise");
+            let json = calls::entry_json(entry);
             let field = conn_field(&self.instance, conn);
             let mut con = self.commands.clone();
-            // HSET XX semantics: only an existing entry is renamed (never resurrected).
-            let script = redis::Script::new(
-                "if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 1 then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end return 0",
-            );
+            let script = redis::Script::new(calls::RENAME_LUA);
             let mut call = script.prepare_invoke();
             call.key(entries).arg(field).arg(json);
             self.command(call.invoke_async::<i64>(&mut con)).await?;
@@ -694,11 +573,7 @@ impl Backbone for RedisBackbone {
             if let Some(h) = &self.hooks {
                 h.offer(decided);
             }
-            Ok(match n {
-                -1 => PresenceChange::Unchanged,
-                0 => PresenceChange::FirstOrLast,
-                _ => PresenceChange::Shared,
-            })
+            Ok(calls::removed(n))
         }
         .boxed()
     }
@@ -708,7 +583,7 @@ impl Backbone for RedisBackbone {
             let (_, entries, _, _) = self.presence_keys(scope, 0);
             let mut con = self.commands.clone();
             let values: Vec<String> = self.command(redis::cmd("HVALS").arg(entries).query_async(&mut con)).await?;
-            Ok(values.iter().filter_map(|v| serde_json::from_str(v).ok()).collect())
+            Ok(calls::entries_of(values))
         }
         .boxed()
     }
@@ -716,7 +591,7 @@ impl Backbone for RedisBackbone {
     /// Subscribed (every room, caught up) and the command connection answering: the node
     /// can publish and receive. Both halves are set and cleared where their state changes.
     fn is_ready(&self) -> bool {
-        self.health.borrow().ready()
+        self.readiness.ready()
     }
 
     fn heartbeat(&self) -> Call<'_, bool> {

@@ -654,7 +654,18 @@ impl Client {
                 Err(e) => return self.resume_failed(room, &gate, &e),
             };
         }
-        let frames: Vec<&(u64, String)> = replay.frames.iter().filter(|(seq, _)| *seq > after).collect();
+        // A log kept across a new epoch (a Redis Cluster failover: seqs go on, the log stays)
+        // still holds the asked epoch's frames: those after the position are new to the
+        // client, those up to it are not. A log started again holds none of them.
+        let asked = point.epoch.as_deref().filter(|_| epoch_changed);
+        let frames: Vec<&(u64, String)> = replay
+            .frames
+            .iter()
+            .filter(|(seq, frame)| match (asked, MessageMeta::read(frame)) {
+                (Some(asked), Some(meta)) if meta.epoch == asked => meta.seq > point.seq,
+                _ => *seq > after,
+            })
+            .collect();
         let (from_seq, to_seq) = match (frames.first(), frames.last()) {
             (Some((first, _)), Some((last, _))) => (*first, *last),
             _ => (after + 1, after),
@@ -670,7 +681,8 @@ impl Client {
         let epoch = replay.epoch.as_deref().unwrap_or_default();
         let mut replayed = 0u64;
         for (seq, frame) in &frames {
-            if g.covers(epoch, *seq) {
+            let own = MessageMeta::read(frame).map_or(epoch, |m| m.epoch);
+            if g.covers(own, *seq) {
                 self.state.metrics.duplicates_suppressed.inc();
                 continue;
             }

@@ -284,6 +284,33 @@ async fn a_restored_session_holds_its_rooms_until_resume_replays_then_releases()
 }
 
 #[tokio::test]
+async fn a_resume_across_an_epoch_that_kept_its_log_replays_after_the_point_then_the_new_epoch() {
+    let (state, log) = node_with(FileConfig::default(), true);
+    let log = log.unwrap();
+    let now = Instant::now();
+    let mut b = connected(&state, "b", now).await;
+    send(&mut b, now, &[&join("r"), &message("r", "m1"), &message("r", "m2"), &message("r", "m3")]).await;
+    let old = said(&b).iter().find(|f| f["type"] == "message").expect("b hears its messages")["epoch"].clone();
+    log.store().new_epoch_keeping_log("r");
+    send(&mut b, now, &[&message("r", "m4")]).await;
+    let mut a = connected(&state, "a", now).await;
+    send(&mut a, now, &[&join("r")]).await;
+    said(&a);
+    let point = ResumePoint { seq: 1, epoch: old.as_str().map(String::from) };
+    send(&mut a, now, &[&ClientMsg::Resume { rooms: vec![("r".into(), point)] }.to_json()]).await;
+    let frames = said(&a);
+    let replayed: Vec<(&str, u64)> = frames
+        .iter()
+        .filter(|f| f["type"] == "message")
+        .map(|f| (f["text"].as_str().unwrap_or_default(), f["seq"].as_u64().unwrap_or_default()))
+        .collect();
+    assert_eq!(replayed, [("m2", 2), ("m3", 3), ("m4", 4)], "the old epoch after the point, then the new one");
+    assert_ne!(frames[2]["epoch"], old, "m4 is in the new epoch");
+    let resumed = frames.iter().find(|f| f["type"] == "resumed").expect("resumed");
+    assert_eq!(resumed["complete"], false, "{resumed}");
+}
+
+#[tokio::test]
 async fn the_grace_passing_releases_rooms_not_resumed_as_they_are() {
     let (state, log) = node_with(FileConfig::default(), true);
     let log = log.unwrap();
