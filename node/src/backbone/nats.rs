@@ -91,6 +91,9 @@ pub struct NatsBackbone {
     readers: Mutex<HashMap<String, Reader>>,
     /// The sessions stream, once made sure of.
     sessions: OnceCell<stream::Stream>,
+    /// Whether the registry stream has been made sure of (created, or scaled to
+    /// `nats_replicas`) since this process started.
+    registry_checked: std::sync::atomic::AtomicBool,
     /// The presence stream, once made sure of (see `presence.rs`).
     presence_stream: OnceCell<stream::Stream>,
     /// This process' presence instance: `NAME#RANDOM`, new at every start.
@@ -193,6 +196,7 @@ impl NatsBackbone {
             epochs: DashMap::new(),
             readers: Mutex::new(HashMap::new()),
             sessions: OnceCell::new(),
+            registry_checked: std::sync::atomic::AtomicBool::new(false),
             presence_stream: OnceCell::new(),
             instance,
             connected,

@@ -8,11 +8,12 @@ use super::{nats_err, NatsBackbone};
 use crate::backbone::BackboneError;
 use async_nats::jetstream::stream;
 use bytes::Bytes;
+use std::sync::atomic::Ordering;
 use tether_proto::backbone::{NatsRegistry, NodeRecord, STALE_AFTER};
 
 impl NatsBackbone {
-    /// Makes sure the registry stream exists (the same configuration from every node, so
-    /// creating it is idempotent) and returns it.
+    /// Makes sure the registry stream exists with `nats_replicas` copies (the same
+    /// configuration from every node, so creating it is idempotent) and returns it.
     async fn registry_stream(&self, names: &NatsRegistry) -> Result<stream::Stream, BackboneError> {
         self.ensure_connected().await?;
         let config = stream::Config {
@@ -25,13 +26,19 @@ impl NatsBackbone {
             allow_direct: true,
             ..Default::default()
         };
-        self.timed(self.js.get_or_create_stream(config)).await
+        let stream = self.ensure(config).await?;
+        self.registry_checked.store(true, Ordering::Release);
+        Ok(stream)
     }
 
-    /// Writes this node's record. The stream is made sure of only when the write is refused
-    /// (first announcement, or NATS lost it): one publish per announcement otherwise.
+    /// Writes this node's record. The stream is made sure of at the first announcement (so
+    /// one an older deployment made with fewer copies is scaled) and again whenever the write
+    /// is refused (NATS lost it): one publish per announcement otherwise.
     pub(super) async fn announce_record(&self, record: &NodeRecord) -> Result<(), BackboneError> {
         let names = NatsRegistry::new(&self.cfg.prefix);
+        if !self.registry_checked.load(Ordering::Acquire) {
+            self.registry_stream(&names).await?;
+        }
         let subject = names.subject(&record.name);
         let payload = Bytes::from(record.to_json());
         if self.publish_acked(subject.clone(), None, payload.clone()).await?.is_ok() {
