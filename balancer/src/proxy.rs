@@ -186,7 +186,7 @@ async fn forward(
         let websocket =
             response.headers().get(header::UPGRADE).is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"));
         let mut stops = tunnel::Stops::new(down, drain, shared.hard_stop.clone());
-        stops.rebalance = Ticket::new(shared, &id, index, rebalance_signal.filter(|_| websocket)).map(Arc::new);
+        stops.rebalance = Ticket::new(shared, &place, index, rebalance_signal.filter(|_| websocket)).map(Arc::new);
         // Debug level: the span lives as long as the tunnel, and a tunnel logs only at debug
         // (bar a can't-happen warning), so at the default level an info span would cost
         // memory per tunnel and a registry enter and exit per poll, for nothing.

@@ -64,8 +64,9 @@ struct Mover {
     go: oneshot::Sender<()>,
 }
 
-/// What a tunnel needs to take part: its client id and the token as it was before its
-/// upstream connect (so that a node returning meanwhile is not missed). Only made when
+/// What a tunnel needs to take part: what its client is ranked by (the client id, or its
+/// placement key under `hash_keys = ["query:NAME"]`, so a room's members move with the room)
+/// and the token as it was before its upstream connect (so that a node returning meanwhile is not missed). Only made when
 /// `rebalance = "paced"`.
 #[derive(Debug)]
 pub(crate) struct Ticket {
