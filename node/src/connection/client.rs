@@ -729,13 +729,16 @@ impl Client {
             self.backbone().release(room).await;
             self.leave_presence(room, LeaveReason::Disconnected).await;
         }
-        if let Err(e) = self.backbone().presence_remove(Seat::online(self.conn), &self.id, None).await {
-            debug!(error = %e, "could not remove online presence");
-        }
-        // The expiry counts from the end of the last connection.
+        // The expiry counts from the end of the last connection. Touched before the online
+        // entry goes: the server API's `disconnect` with `forget` deletes the session once
+        // presence lists no connection, and a touch after that (a read and a write back, on
+        // some backbones) would bring the session back.
         let id: [Arc<str>; 1] = [Arc::from(self.id.as_str())];
         if let Err(e) = self.backbone().touch_sessions(&id).await {
             debug!(error = %e, "could not restart the session's expiry");
+        }
+        if let Err(e) = self.backbone().presence_remove(Seat::online(self.conn), &self.id, None).await {
+            debug!(error = %e, "could not remove online presence");
         }
         self.state.hub.unregister(self.conn);
     }
